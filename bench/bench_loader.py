@@ -1,0 +1,132 @@
+"""Throughput of DistributedLoader against a raw np.memmap read of the same shard.
+
+Builds a data dir of ~20M synthetic tokens (uint16, documents of 200..8000 tokens) with
+IndexedShardWriter, then reads batches of ``--batch`` x ``--seq-len`` (+1) tokens:
+
+* ``raw memmap``: contiguous (seq_len+1)-token slices of the .bin in order, stacked into an
+  int64 torch tensor (a lower bound on the cost of any loader);
+* ``TokenDataset + DistributedLoader`` with and without background prefetch.
+
+Prints a table; with ``--record`` appends it (machine, versions, command) to bench/RESULTS.md.
+Run: ``python bench/bench_loader.py --record``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, describe_data, ensure_builtin
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def build_shards(out: Path, tokens: int, vocab: int, shards: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    per_shard = tokens // shards
+    for k in range(shards):
+        with IndexedShardWriter(out / f"bench_{k:02d}", np.uint16) as w:
+            while w.num_tokens < per_shard:
+                w.add_document(rng.integers(4, vocab, size=int(rng.integers(200, 8000)), dtype=np.uint16))
+
+
+def time_batches(fn, n: int) -> float:
+    fn()  # warm-up (page cache, epoch build)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=20_000_000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        data = ensure_builtin("shakespeare", tmp / "cache", 2048, progress=False)
+        t_builtin = time.perf_counter() - t0
+        tok_path = describe_data(data).tokenizer_path
+        shard_dir = tmp / "shards"
+        build_shards(shard_dir, args.tokens, 2048)
+        info = describe_data(shard_dir, tok_path)
+
+        t0 = time.perf_counter()
+        ds = TokenDataset(info, args.seq_len, "train", valid_fraction=0.01, seed=0)
+        t_startup = time.perf_counter() - t0
+
+        B, S = args.batch, args.seq_len
+        flat = info.shards[0].tokens
+        pos = [0]
+
+        def raw():
+            rows = []
+            for _ in range(B):
+                if pos[0] + S + 1 > len(flat):
+                    pos[0] = 0
+                rows.append(flat[pos[0] : pos[0] + S + 1])
+                pos[0] += S
+            return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+        rows = [("raw memmap, contiguous slices", time_batches(raw, args.batches))]
+        for prefetch in (0, 2):
+            loader = DistributedLoader(ds, B, prefetch=prefetch)
+            rows.append((f"DistributedLoader prefetch={prefetch}", time_batches(loader.next_batch, args.batches)))
+            loader.close()
+
+    toks = args.batches * B * (S + 1)
+    lines = [
+        f"data: {info.num_tokens / 1e6:.1f}M tokens in {len(info.shards)} shards, {info.num_documents} docs; "
+        f"batch {B} x {S + 1} tokens, {args.batches} batches",
+        f"TokenDataset startup: {t_startup * 1e3:.1f} ms; ensure_builtin('shakespeare', vocab 2048) cold: {t_builtin:.1f} s",
+        "",
+        "| reader | tokens/s | ms/batch |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {toks / t / 1e6:.1f}M | {t / args.batches * 1e3:.2f} |" for name, t in rows]
+    print("\n".join(lines))
+    if args.record:
+        record(lines)
+
+
+def record(lines: list[str]) -> None:
+    header = "" if RESULTS.exists() else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else header
+    if "## Data loader" not in text:
+        text = text.rstrip("\n") + "\n\n## Data loader\n"
+    entry = [
+        "",
+        f"### {time.strftime('%Y-%m-%d')} — `python bench/bench_loader.py --record`",
+        "",
+        f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+        "",
+        *lines,
+        "",
+    ]
+    # insert at the end of the Data loader section
+    start = text.index("## Data loader")
+    nxt = text.find("\n## ", start + 1)
+    end = len(text) if nxt == -1 else nxt + 1
+    text = text[:end].rstrip("\n") + "\n" + "\n".join(entry) + "\n" + text[end:]
+    tmp = RESULTS.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

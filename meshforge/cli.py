@@ -1,0 +1,127 @@
+"""The ``meshforge`` command: subcommands only; the work lives in the package's rooms."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, describe, load_config
+
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .data_pipeline.errors import DataError
+    from .pretrain.checkpoint import CheckpointError
+    from .tokenizers import TokenizerError
+
+    return (ConfigError, DataError, CheckpointError, TokenizerError)
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.help_config:
+        print(describe(load_config(args.config, rest)))
+        return 0
+    cfg = load_config(args.config, rest)
+    from .pretrain.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
+    from .pretrain.generate import generate_from_checkpoint
+
+    print(generate_from_checkpoint(args.checkpoint, args.prompt, args.max_new_tokens, args.top_k, args.temperature,
+                                   args.seed, args.device))
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .tokenizers import train_tokenizer
+
+    path = train_tokenizer(
+        args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
+        byte_fallback=not args.no_byte_fallback, split_digits=not args.no_split_digits,
+        special_tokens=args.special_tokens, n_reserved=args.reserved,
+        input_sentence_size=args.input_sentence_size, num_threads=args.threads, text_field=args.text_field,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data_pipeline.prepare import prepare_data
+
+    manifest = prepare_data(
+        args.input, args.tokenizer, args.output, workers=args.workers, text_field=args.text_field,
+        hf_dataset=args.hf_dataset, hf_split=args.hf_split, docs_per_shard=args.docs_per_shard,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['num_documents']} documents, "
+          f"{manifest['num_tokens']} tokens to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshforge", description="Pretrain transformer language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model; extra --section.key value pairs override the config")
+    p.add_argument("--config", default=None, help="TOML preset: a path or a name in configs/ (default: built-in small)")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its value and meaning")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or an output dir (its newest checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a sentencepiece model")
+    p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .jsonl.gz files")
+    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--no-byte-fallback", action="store_true")
+    p.add_argument("--no-split-digits", action="store_true")
+    p.add_argument("--special-tokens", nargs="*", default=[], help="extra user-defined symbols")
+    p.add_argument("--reserved", type=int, default=0, help="number of <reserved_i> tokens to add")
+    p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many sentences (0: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize text into Megatron-format indexed shards")
+    p.add_argument("--input", nargs="*", default=[], help=".txt (one document per file), .jsonl, .jsonl.gz")
+    p.add_argument("--hf-dataset", default=None, help="a local Hugging Face dataset saved with save_to_disk")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--docs-per-shard", type=int, default=0, help="0: one shard per input file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dir")
+    p.set_defaults(func=cmd_data_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.func is not cmd_train:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest)
+    except _user_errors() as e:
+        print(f"meshforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""The job config tree: dataclasses, TOML presets, dotted CLI overrides, validation.
+
+A job is one :class:`JobConfig` with the sections ``model``, ``parallel``, ``data``,
+``optim``, ``train``, ``checkpoint`` and ``logging``. It is built from the dataclass
+defaults (which are the small CPU preset), then a TOML preset, then ``--section.key value``
+overrides, in that order. Unknown keys and values of the wrong type are errors that name
+the key; :func:`validate` checks the relations between fields before any heavy work starts.
+
+Every field carries a docstring (the string literal under it); ``meshforge train
+--help-config`` prints them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+"""Where named presets (``--config small``) are looked up."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown key, wrong type, or inconsistent values."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "decoder"
+    """Model family from the registry in ``meshforge.models`` (``decoder``)."""
+    vocab_size: int = 2048
+    """Size of the embedding/output vocabulary; must be at least the tokenizer's vocab size."""
+    dim: int = 192
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 6
+    """Number of query heads; ``dim`` must divide by it."""
+    n_kv_heads: int = 0
+    """Number of key/value heads for grouped-query attention; 0 means ``n_heads`` (plain MHA)."""
+    ffn_dim: int = 0
+    """Hidden width of the SwiGLU feed-forward; 0 means 8/3 * dim rounded up to ``ffn_multiple_of``."""
+    ffn_multiple_of: int = 64
+    """Rounding multiple for the derived ``ffn_dim``."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (RoPE tables are built for this length)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output projection."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        raw = int(8 * self.dim / 3)
+        m = self.ffn_multiple_of
+        return m * ((raw + m - 1) // m)
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (the outer dim of HSDP)."""
+    dp_shard: int = -1
+    """Sharded data-parallel degree (FSDP2/ZeRO); -1 takes the rest of the world."""
+    cp: int = 1
+    """Context-parallel degree (reserved; must be 1 for now)."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence parallel)."""
+    ep: int = 1
+    """Expert-parallel degree (reserved for MoE models; must be 1 for now)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:shakespeare"
+    """A prepared data dir (``meshforge data prepare`` output, with manifest.json), or ``builtin:shakespeare``."""
+    tokenizer: str = ""
+    """Sentencepiece model file; empty means the tokenizer recorded in the data manifest."""
+    seq_len: int = 128
+    """Tokens per training sample (each sample holds seq_len+1 tokens: inputs and shifted targets)."""
+    valid_fraction: float = 0.02
+    """Fraction of documents held out for validation (chosen deterministically by document)."""
+    builtin_vocab_size: int = 2048
+    """Vocab size of the tokenizer trained for a ``builtin:`` corpus on first use."""
+    cache_dir: str = ""
+    """Where ``builtin:`` corpora are prepared; empty means $MESHFORGE_CACHE or ~/.cache/meshforge."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    schedule: str = "cosine"
+    """LR schedule after warmup: ``cosine``, ``wsd`` (warmup-stable-decay), ``constant``."""
+    warmup_steps: int = 30
+    """Linear warmup steps from 0 to ``lr``."""
+    decay_fraction: float = 0.2
+    """For ``wsd``: fraction of all steps spent in the final decay."""
+    wsd_decay: str = "linear"
+    """For ``wsd``: shape of the final decay, ``linear`` or ``sqrt`` (1 - sqrt)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    """Number of optimizer steps."""
+    global_batch_size: int = 16
+    """Samples per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 16
+    """Samples per forward/backward on one rank; gradient accumulation makes up the rest."""
+    seed: int = 1234
+    """Seed of model init and of the data order."""
+    output_dir: str = "runs/small"
+    """Where checkpoints, metrics.jsonl and TensorBoard logs go."""
+    device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``."""
+    dtype: str = "auto"
+    """Autocast dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    z_loss_coef: float = 1e-4
+    """Coefficient of the output z-loss (log of the softmax normaliser, squared); 0 disables it."""
+    eval_interval: int = 100
+    """Run validation every this many steps (and at the last step); 0 disables it."""
+    eval_batches: int = 4
+    """Global batches per validation."""
+    sample_prompt: str = "ROMEO:"
+    """Prompt for the text sample generated at the end of training; empty disables it."""
+    sample_tokens: int = 48
+    """Tokens to generate for the end-of-training sample."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200
+    """Save a checkpoint every this many steps (and at the last step); 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints; older ones are deleted after a newer one is complete."""
+    resume: bool = True
+    """Resume automatically from the newest complete checkpoint in the output dir."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under <output_dir>/tb."""
+    log_interval: int = 10
+    """Print a metrics line every this many steps (metrics.jsonl gets every step)."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallelism degrees on the device mesh."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def describe(cfg: JobConfig | None = None) -> str:
+    """Every key with its current value and docstring, for ``--help-config``."""
+    cfg = cfg or JobConfig()
+    lines = []
+    for sec in dataclasses.fields(JobConfig):
+        section = getattr(cfg, sec.name)
+        docs = field_docs(type(section))
+        lines.append(f"[{sec.name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"  {sec.name}.{f.name} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(JobConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(JobConfig)}
+
+
+def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
+    """Return ``value`` as ``typ`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (from_cli and str(value).lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, args[0], from_cli)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_cli and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every field has one of the types above
+        raise ConfigError(f"{key}: unsupported field type {typ}")
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(sorted(choices))}")
+
+
+def _set(cfg: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
+    parts = dotted.split(".")
+    sections = _section_types()
+    if len(parts) != 2:
+        raise ConfigError(f"config key '{dotted}' must look like section.key (sections: {', '.join(sections)})")
+    sec, name = parts
+    if sec not in sections:
+        raise _unknown(sec, list(sections))
+    section = getattr(cfg, sec)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise _unknown(dotted, list(hints))
+    setattr(section, name, _coerce(dotted, value, hints[name], from_cli))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset path, or the name of a file in ``configs/`` (with or without ``.toml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (REPO_CONFIGS / name_or_path, REPO_CONFIGS / f"{name_or_path}.toml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in REPO_CONFIGS.glob("*.toml"))
+    raise ConfigError(f"config file '{name_or_path}' not found (presets: {', '.join(known) or 'none'})")
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
+    """Defaults, then the TOML preset, then the overrides; then :func:`validate`.
+
+    ``overrides`` is either ``["--model.dim", "256", ...]`` (CLI form) or a dict of
+    dotted keys to typed values.
+    """
+    cfg = JobConfig()
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for sec, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key '{sec}' must be a [section] table")
+            for key, value in table.items():
+                _set(cfg, f"{sec}.{key}", value, from_cli=False)
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            _set(cfg, key, value, from_cli=False)
+    elif overrides:
+        for key, value in parse_cli_overrides(overrides):
+            _set(cfg, key, value, from_cli=True)
+    validate(cfg)
+    return cfg
+
+
+def parse_cli_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``["--a.b", "1", "--c.d=x"]`` -> ``[("a.b", "1"), ("c.d", "x")]``."""
+    out = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '{arg}' has no value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        out.append((key, value))
+    return out
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> JobConfig:
+    """Rebuild a config saved with :func:`config_to_dict` (checked like a preset)."""
+    cfg = JobConfig()
+    for sec, table in data.items():
+        for key, value in table.items():
+            _set(cfg, f"{sec}.{key}", value, from_cli=False)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- validation
+
+CHOICES = {
+    "model.family": ("decoder",),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "optim.wsd_decay": ("linear", "sqrt"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "bf16", "fp32"),
+}
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check value ranges and the relations between fields that need no world size."""
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    m, t, d = cfg.model, cfg.train, cfg.data
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip, "train.eval_interval": t.eval_interval,
+        "train.z_loss_coef": t.z_loss_coef, "checkpoint.interval": cfg.checkpoint.interval,
+        "logging.log_interval": cfg.logging.log_interval, "train.sample_tokens": t.sample_tokens,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dim model.dim/model.n_heads = {m.head_dim} must be even for RoPE")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) is beyond the model's positions (model.max_seq_len = {m.max_seq_len}); "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    if not 0.0 <= d.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size ({t.micro_batch_size})"
+        )
+    for name in ("pp", "dp_replicate", "cp", "tp", "ep"):
+        if getattr(cfg.parallel, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(cfg.parallel, name)}")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
+    if not t.output_dir:
+        raise ConfigError("train.output_dir must be set")
+
+
+# --------------------------------------------------------------------------- identity
+
+RUN_IDENTITY_KEYS = ("model", "data.path", "data.seq_len", "data.valid_fraction", "data.tokenizer", "train.seed",
+                     "train.global_batch_size")
+"""Keys that make two runs 'the same run' for resuming: changing them in an existing
+output dir is refused. Steps, intervals, logging and parallel layout may change."""
+
+
+def run_identity(cfg: JobConfig) -> dict[str, Any]:
+    flat = {}
+    full = config_to_dict(cfg)
+    for key in RUN_IDENTITY_KEYS:
+        if "." in key:
+            sec, name = key.split(".")
+            flat[key] = full[sec][name]
+        else:
+            for name, value in full[key].items():
+                flat[f"{key}.{name}"] = value
+    return flat
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

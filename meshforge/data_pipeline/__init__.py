@@ -1,0 +1,33 @@
+"""Data pipeline: raw text -> indexed shards + manifest -> samples -> distributed batches."""
+
+from meshforge.data_pipeline.builtin import (
+    BUILTIN_CORPORA,
+    BUILTIN_PREFIX,
+    ensure_builtin,
+    resolve_cache_dir,
+    resolve_data_path,
+)
+from meshforge.data_pipeline.dataset import TokenDataset
+from meshforge.data_pipeline.errors import DataError
+from meshforge.data_pipeline.indexed import IndexedShard, IndexedShardWriter, dtype_for_vocab
+from meshforge.data_pipeline.loader import DistributedLoader
+from meshforge.data_pipeline.prepare import DataInfo, describe_data, load_manifest, open_shards, prepare_data
+
+__all__ = [
+    "BUILTIN_CORPORA",
+    "BUILTIN_PREFIX",
+    "DataError",
+    "DataInfo",
+    "DistributedLoader",
+    "IndexedShard",
+    "IndexedShardWriter",
+    "TokenDataset",
+    "describe_data",
+    "dtype_for_vocab",
+    "ensure_builtin",
+    "load_manifest",
+    "open_shards",
+    "prepare_data",
+    "resolve_cache_dir",
+    "resolve_data_path",
+]

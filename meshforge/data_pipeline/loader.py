@@ -1,0 +1,93 @@
+"""The resumable distributed loader: this DP rank's slice of the global sample order.
+
+Global batch ``b`` holds dataset samples ``[b*G, (b+1)*G)``; DP rank ``r`` of ``dp`` reads
+the contiguous slice ``[r*G/dp, (r+1)*G/dp)`` of it. The data seen depends only on the
+dataset and ``G``, never on the DP degree, and the position is one number (global samples
+consumed), so a run can resume on a different DP degree and continue the same order.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from meshforge.data_pipeline.errors import DataError
+
+
+class DistributedLoader:
+    """Yields ``[G/dp, seq_len+1]`` LongTensors for one DP rank; optional thread prefetch.
+
+    ``prefetch`` batches ahead are read in one background thread; prefetching never changes
+    the batches or :meth:`state_dict` (which counts only batches returned).
+    """
+
+    def __init__(self, dataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, prefetch: int = 2):
+        if global_batch_size < 1:
+            raise DataError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is not a rank of dp_size {dp_size}")
+        if global_batch_size % dp_size:
+            raise DataError(
+                f"global_batch_size {global_batch_size} does not divide by dp_size {dp_size}: "
+                f"choose a global batch that is a multiple of the data-parallel degree"
+            )
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.local_batch_size = global_batch_size // dp_size
+        self.prefetch = max(0, int(prefetch))
+        self.consumed_samples = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshforge-loader") if self.prefetch else None
+        self._pending: dict[int, Future] = {}
+
+    def _read(self, consumed: int) -> "torch.Tensor":
+        """This rank's slice of the global batch starting at sample ``consumed``."""
+        import torch  # imported here so tokenizing worker processes need not load torch
+
+        first = consumed + self.dp_rank * self.local_batch_size
+        rows = [self.dataset[first + k] for k in range(self.local_batch_size)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
+
+    def next_batch(self) -> "torch.Tensor":
+        pos = self.consumed_samples
+        fut = self._pending.pop(pos, None)
+        batch = fut.result() if fut is not None else self._read(pos)
+        self.consumed_samples = pos + self.global_batch_size
+        if self._pool is not None:
+            for k in range(1, self.prefetch + 1):
+                ahead = pos + k * self.global_batch_size
+                if ahead not in self._pending:
+                    self._pending[ahead] = self._pool.submit(self._read, ahead)
+        return batch
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": int(self.consumed_samples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        consumed = int(state["consumed_samples"])
+        if consumed < 0:
+            raise DataError(f"consumed_samples must be >= 0, got {consumed}")
+        self._drop_pending()
+        self.consumed_samples = consumed
+
+    def _drop_pending(self) -> None:
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (also done when the loader is garbage collected)."""
+        self._drop_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)

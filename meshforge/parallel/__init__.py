@@ -1,0 +1,36 @@
+"""Parallelism: build the named device mesh and apply each parallelism to a built model.
+
+Order of application (DESIGN.md): pipeline split -> TP/SP -> expert sharding ->
+activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
+``parallelize`` only decides which steps run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..config import JobConfig
+from .data_parallel import apply_fsdp
+from .mesh import MESH_DIMS, Degrees, resolve_degrees
+
+
+def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
+    """The job's mesh with dims ``pp, dp_replicate, dp_shard, cp, tp``; None for one process."""
+    if d.world_size == 1:
+        return None
+    shape = tuple(getattr(d, name) for name in MESH_DIMS)
+    return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig) -> nn.Module:
+    if mesh is None:
+        return model
+    if d.dp > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
+        model = apply_fsdp(model, dp_mesh)
+    return model
+
+
+__all__ = ["build_mesh", "parallelize", "resolve_degrees", "Degrees"]

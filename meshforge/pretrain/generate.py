@@ -1,0 +1,98 @@
+"""Text generation from a trained decoder: greedy or top-k sampling.
+
+No KV cache: each new token reruns the (last ``max_seq_len`` tokens of the) sequence,
+which is plenty for samples from small models and keeps the model code plain.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..tokenizers import Tokenizer
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    max_seq_len: int,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    eos_id: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """Extend ``prompt_ids``; ``temperature == 0`` (or ``top_k == 1``) is greedy."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([ids[-max_seq_len:]], device=device)
+        logits = model(context)[0, -1].float().cpu()
+        if temperature <= 0 or top_k == 1:
+            next_id = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        ids.append(next_id)
+        if eos_id is not None and next_id == eos_id:
+            break
+    model.train(was_training)
+    return ids
+
+
+def generate_text(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> str:
+    """The prompt followed by the generated continuation, as text."""
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt encodes to no tokens")
+    max_seq_len = model.cfg.max_seq_len
+    ids = generate_ids(model, prompt_ids, max_new_tokens, max_seq_len, top_k, temperature, tokenizer.eos_id, seed,
+                       device)
+    return tokenizer.decode(ids)
+
+
+def generate_from_checkpoint(
+    checkpoint: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> str:
+    """Load a checkpoint (or an output dir's newest) with its own config and tokenizer, and generate."""
+    from ..config import config_from_dict
+    from ..models import build_model
+    from ..tokenizers import load_tokenizer
+    from .checkpoint import CheckpointError, find_checkpoint, load_model_weights, read_meta
+
+    path = find_checkpoint(checkpoint)
+    meta = read_meta(path)
+    if "config" not in meta:
+        raise CheckpointError(f"checkpoint {path} has no config in meta.json")
+    cfg = config_from_dict(meta["config"])
+    tok_file = path / "tokenizer.model"
+    if not tok_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no tokenizer.model")
+    tokenizer = load_tokenizer(tok_file)
+    model = build_model(cfg.model, device, init=False)
+    # RoPE tables are buffers, not weights: fill them by a normal init, then load the weights.
+    model.init_weights()
+    load_model_weights(path, model)
+    return generate_text(model, tokenizer, prompt, max_new_tokens, top_k, temperature, seed, device)

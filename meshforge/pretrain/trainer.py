@@ -1,0 +1,248 @@
+"""The training loop: wire config, data, model, parallelism, optimizer, metrics, checkpoints.
+
+``train(cfg)`` is what ``meshforge train`` runs. The order of work is fixed so that bad
+input fails before anything is written:
+
+1. environment, device, parallel degrees (config errors),
+2. data and tokenizer (data errors: missing, corrupt, vocab mismatch),
+3. output dir ownership (checkpoint errors: another run's checkpoints),
+4. only then: process groups, model, output files, the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import JobConfig, config_to_dict, fingerprint, run_identity
+from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
+from ..models import build_model, flops_per_token
+from ..parallel import build_mesh, parallelize
+from ..parallel.mesh import Degrees, check_job, resolve_degrees
+from .checkpoint import Checkpointer, load_checkpoint
+from .data import TrainData, prepare_train_data
+from .generate import generate_text
+from .losses import lm_loss
+from .metrics import MetricsLogger, peak_flops
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports back (rank 0 fills all of it)."""
+
+    output_dir: Path
+    final_step: int
+    losses: list[float] = field(default_factory=list)
+    """Training loss of each step run in this process (not of resumed-over steps)."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    sample: str = ""
+
+
+def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
+    name = cfg.train.dtype
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if name == "bf16" else None
+
+
+class Trainer:
+    """One training run; ``run()`` executes it. Build with :func:`train` or directly."""
+
+    def __init__(self, cfg: JobConfig, env: DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or discover()
+        self.device = resolve_device(cfg.train.device, self.env)
+        self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
+        check_job(cfg, self.degrees)
+        self.output_dir = Path(cfg.train.output_dir)
+        self.identity = run_identity(cfg)
+        self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank)
+        # Everything above only reads. Validate data and output dir before writing anything.
+        self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume)
+        init_distributed(self.env, self.device)
+        self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.mesh = build_mesh(self.degrees, self.device)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, self.device)
+        self.n_params = model.num_params(exclude_embeddings=True)
+        if not cfg.model.tie_embeddings:
+            self.n_params = model.num_params() - model.tok_embeddings.weight.numel()
+        self.model = parallelize(model, self.mesh, self.degrees, cfg)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.step = 0
+        if self.resume_from is not None:
+            meta = load_checkpoint(self.resume_from, self.model, self.optimizer, self.env.rank)
+            self.scheduler.load_state_dict(meta["scheduler"])
+            self.data.train_loader.load_state_dict(meta["loader"])
+            self.step = meta["step"]
+        self.checkpointer.clean_partial()
+        self.metrics = MetricsLogger(self.output_dir, self.env.is_main, cfg.logging.tensorboard, self.step)
+        if self.env.is_main:
+            (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
+        self.peak = peak_flops(self.device)
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _forward_loss(self, batch: torch.Tensor):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        with self._autocast():
+            logits = self.model(inputs)
+        return lm_loss(logits, targets, self.cfg.train.z_loss_coef)
+
+    def _all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.env.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.env.world_size
+        return value
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
+        micro = batch.split(cfg.train.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        z_sum = torch.zeros((), device=self.device)
+        for mb in micro:
+            parts = self._forward_loss(mb)
+            (parts.total / len(micro)).backward()
+            loss_sum += parts.ce.detach()
+            z_sum += parts.z_loss.detach()
+        if cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        return {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr, "grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        loader = self.data.valid_loader_factory()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.train.eval_batches):
+            batch = loader.next_batch().to(self.device)
+            total += self._forward_loss(batch).ce
+        self.model.train()
+        return self._all_mean(total / self.cfg.train.eval_batches).item()
+
+    def _checkpoint(self) -> None:
+        meta = {
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.data.train_loader.state_dict(),
+            "config": config_to_dict(self.cfg),
+            "identity": self.identity,
+            "identity_fingerprint": fingerprint(self.identity),
+            "world_size": self.env.world_size,
+        }
+        self.checkpointer.save(self.step, self.model, self.optimizer, meta, {"tokenizer.model": self.data.tokenizer_path})
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> TrainResult:
+        self._setup()
+        cfg, t = self.cfg, self.cfg.train
+        result = TrainResult(self.output_dir, self.step)
+        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        bar = None
+        if self.env.is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            if self.step == 0 and t.eval_interval:
+                result.val_losses[0] = self.evaluate()  # the starting point of the curve
+                self.metrics.log({"step": 0, "val_loss": result.val_losses[0]})
+                _print(bar, f"step      0 | val_loss {result.val_losses[0]:.4f}")
+            while self.step < t.steps:
+                start = time.perf_counter()
+                record = self.train_step()
+                elapsed = time.perf_counter() - start
+                self.step += 1
+                record = {"step": self.step, **record, "tokens_per_s": tokens_per_step / elapsed,
+                          "step_time_s": elapsed}
+                if self.peak:
+                    record["mfu"] = self.flops_per_token * tokens_per_step / elapsed / (self.peak * self.env.world_size)
+                last = self.step == t.steps
+                if t.eval_interval and (self.step % t.eval_interval == 0 or last):
+                    record["val_loss"] = self.evaluate()
+                    result.val_losses[self.step] = record["val_loss"]
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}")
+                result.losses.append(record["loss"])
+                self.metrics.log(record)
+                self._report(bar, record)
+                if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                    self._checkpoint()
+            result.final_step = self.step
+            if self.env.is_main and t.sample_prompt and t.sample_tokens:
+                result.sample = self.sample(t.sample_prompt, t.sample_tokens)
+                self.metrics.text("sample", result.sample, self.step)
+                _print(bar, f"sample> {result.sample}")
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+        return result
+
+    def _report(self, bar, record: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+        log_every = self.cfg.logging.log_interval
+        if self.env.is_main and (("val_loss" in record) or (log_every and record["step"] % log_every == 0)):
+            parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
+                     f"gnorm {record['grad_norm']:.3f}", f"tok/s {record['tokens_per_s']:,.0f}"]
+            if "mfu" in record:
+                parts.append(f"mfu {100 * record['mfu']:.1f}%")
+            if "val_loss" in record:
+                parts.append(f"val_loss {record['val_loss']:.4f}")
+            _print(bar, " | ".join(parts))
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """Generate from the trained model on rank 0 (the model must be unsharded)."""
+        if self.env.world_size > 1:
+            return ""  # sharded weights: use `meshforge generate` on the checkpoint instead
+        return generate_text(self.model, self.data.tokenizer, prompt, max_new_tokens, top_k=40, temperature=0.8,
+                             seed=self.cfg.train.seed, device=self.device)
+
+
+def _print(bar, text: str) -> None:
+    if bar is not None:
+        bar.write(text)
+    else:
+        print(text, flush=True)
+
+
+def train(cfg: JobConfig) -> TrainResult:
+    """Run a training job in this process (one rank of it under torchrun)."""
+    try:
+        return Trainer(cfg).run()
+    finally:
+        shutdown_distributed()

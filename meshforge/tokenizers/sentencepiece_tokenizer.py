@@ -1,0 +1,236 @@
+"""Train and load sentencepiece tokenizers with one fixed id scheme.
+
+Id scheme (every tokenizer meshforge trains): ``pad=0, unk=1, bos=2, eos=3``, then the
+user-defined symbols (``special_tokens`` followed by ``<reserved_0>``, ``<reserved_1>``, ...),
+then the 256 byte pieces when ``byte_fallback`` is on, then the learned pieces.
+
+Text is not normalized (``identity`` rule), whitespace is kept as is and no dummy prefix is
+added, so ``decode(encode(text)) == text`` for any text when byte fallback is on.
+Training reads sentences from an iterator and writes the model into memory, so the model
+bytes do not depend on temporary file names: the same input and settings give the same
+file (and the same :attr:`Tokenizer.fingerprint`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+_TRAIN_SEED = 1234
+_MIN_LEARNED_PIECES = 8
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained or loaded (bad input, settings or model file)."""
+
+
+class Tokenizer:
+    """A loaded sentencepiece model behind meshforge's small tokenizer interface."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        if not self.path.is_file():
+            raise TokenizerError(f"tokenizer model {self.path} does not exist: pass the path of a sentencepiece .model file")
+        data = self.path.read_bytes()
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except Exception as exc:  # sentencepiece raises RuntimeError/OSError on bad bytes
+            raise TokenizerError(
+                f"{self.path} is not a sentencepiece model ({exc}): pass a .model file written by sentencepiece"
+            ) from None
+        if self._sp.get_piece_size() <= 0:
+            raise TokenizerError(f"{self.path} is not a sentencepiece model (empty vocabulary): retrain it")
+        self.fingerprint = hashlib.sha256(data).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    @property
+    def bos_id(self) -> int:
+        return int(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._sp.eos_id())
+
+    @property
+    def pad_id(self) -> int:
+        return int(self._sp.pad_id())
+
+    @property
+    def unk_id(self) -> int:
+        return int(self._sp.unk_id())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no BOS/EOS is added."""
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
+        """Token ids of each text (no BOS/EOS), using ``num_threads`` sentencepiece threads."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        return int(self._sp.piece_to_id(piece))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a sentencepiece model file; :class:`TokenizerError` if missing or not a model."""
+    return Tokenizer(path)
+
+
+def iter_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one input file: a whole .txt file, or the ``text_field`` of each JSON line.
+
+    Lines that are not JSON objects with a string ``text_field`` are skipped here; the data
+    pipeline counts them separately.
+    """
+    name = path.name
+    if name.endswith(".txt"):
+        yield path.read_text(encoding="utf-8")
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get(text_field), str):
+                yield rec[text_field]
+
+
+def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    if not inputs:
+        raise TokenizerError("no tokenizer training inputs given: pass .txt, .jsonl or .jsonl.gz files")
+    paths = []
+    for p in inputs:
+        path = Path(p)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer training input {path} does not exist: check the path")
+        if not (path.name.endswith(".txt") or path.name.endswith(".jsonl") or path.name.endswith(".jsonl.gz")):
+            raise TokenizerError(f"tokenizer training input {path} is not .txt, .jsonl or .jsonl.gz: convert it first")
+        paths.append(path)
+    return paths
+
+
+def _sentences(paths: list[Path], text_field: str) -> list[str]:
+    """Non-empty lines of all documents (sentencepiece trains on lines)."""
+    out = []
+    for path in paths:
+        for text in iter_texts(path, text_field):
+            out.extend(line for line in text.split("\n") if line.strip())
+    return out
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    model_prefix: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    split_digits: bool = True,
+    special_tokens: Sequence[str] = (),
+    n_reserved: int = 0,
+    input_sentence_size: int = 0,
+    character_coverage: float = 0.9995,
+    num_threads: int = 2,
+    text_field: str = "text",
+) -> Path:
+    """Train a sentencepiece model on text files and write ``<model_prefix>.model`` atomically.
+
+    ``inputs`` are .txt (one document per file) or .jsonl/.jsonl.gz files (``text_field`` of
+    each line). ``special_tokens`` and ``n_reserved`` reserved tokens (``<reserved_i>``) become
+    user-defined symbols right after the four fixed ids. ``input_sentence_size`` > 0 trains on
+    a seeded sample of that many lines. Returns the path of the written model file.
+    """
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"model_type {model_type!r} is not supported: use one of {', '.join(MODEL_TYPES)}")
+    if n_reserved < 0:
+        raise TokenizerError(f"n_reserved must be >= 0, got {n_reserved}")
+    user_symbols = list(special_tokens) + [f"<reserved_{i}>" for i in range(n_reserved)]
+    if len(set(user_symbols)) != len(user_symbols):
+        raise TokenizerError(f"special tokens must be unique, got {user_symbols}: remove the duplicates")
+    fixed = 4 + len(user_symbols) + (256 if byte_fallback else 0)
+    if vocab_size < fixed + _MIN_LEARNED_PIECES:
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small: the fixed pieces (4 control, {len(user_symbols)} special, "
+            f"{256 if byte_fallback else 0} bytes) need {fixed}; use at least {fixed + _MIN_LEARNED_PIECES}"
+        )
+    paths = _check_inputs(inputs)
+    sentences = _sentences(paths, text_field)
+    if not sentences:
+        raise TokenizerError(f"tokenizer training inputs {[str(p) for p in paths]} hold no text: check text_field={text_field!r}")
+
+    out_path = Path(f"{model_prefix}.model")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(_TRAIN_SEED)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            split_digits=split_digits,
+            user_defined_symbols=user_symbols,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            character_coverage=character_coverage,
+            num_threads=num_threads,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_by_whitespace=True,
+            max_sentence_length=16384,
+            hard_vocab_limit=True,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        if "smaller than required_chars" in reason:
+            advice = "use a larger vocab_size or a lower character_coverage"
+        else:
+            advice = "use a smaller vocab_size or more text"
+        raise TokenizerError(
+            f"sentencepiece could not train a {vocab_size}-piece {model_type} model on {len(sentences)} lines "
+            f"({reason}): {advice}"
+        ) from None
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.getvalue())
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out_path

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install meshforge into the current Python environment (use a venv): the CPU build of
+# PyTorch first (an unpinned torch would pull a multi-GB CUDA build), then meshforge with
+# its test extras. On a GPU machine, install your CUDA torch first and skip the pin with
+# MESHFORGE_TORCH=skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ "${MESHFORGE_TORCH:-}" != "skip" ]; then
+  "$PY" -m pip install -q "torch==${MESHFORGE_TORCH:-2.13.0}"
+fi
+"$PY" -m pip install -q -e ".[test]"

@@ -1,0 +1,62 @@
+"""Shared data fixtures: small real corpora and a real sentencepiece model per session."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from meshforge.data_pipeline.builtin import BUILTIN_CORPORA
+
+
+def builtin_docs(n: int, max_chars: int = 1500, skip: int = 0) -> list[str]:
+    """The first ``n`` documents of the built-in corpus (after ``skip``), cut to ``max_chars``."""
+    out = []
+    with gzip.open(BUILTIN_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < skip:
+                continue
+            if len(out) == n:
+                break
+            out.append(json.loads(line)["text"][:max_chars])
+    return out
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({field: t}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """~60 KB of real text as one jsonl file, with some numbers mixed in."""
+    d = tmp_path_factory.mktemp("corpus")
+    docs = builtin_docs(40)
+    docs += [f"In the year {1500 + i} there were {i * 37} players and {i * 11} plays." for i in range(40)]
+    return write_jsonl(d / "small.jsonl", docs)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory, small_corpus) -> Path:
+    """A real 400-piece BPE sentencepiece model (byte fallback, digit splitting)."""
+    from meshforge.tokenizers import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    return train_tokenizer([small_corpus], d / "tiny", vocab_size=400, special_tokens=["<|sep|>"], n_reserved=2)
+
+
+@pytest.fixture(scope="session")
+def corpus_docs():
+    """``corpus_docs(n, max_chars=1500, skip=0)``: documents cut from the built-in corpus."""
+    return builtin_docs
+
+
+@pytest.fixture(scope="session")
+def jsonl_writer():
+    """``jsonl_writer(path, texts, field="text")``: write a .jsonl or .jsonl.gz file."""
+    return write_jsonl

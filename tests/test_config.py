@@ -1,0 +1,96 @@
+"""Config loading: presets, overrides, unknown keys, wrong types, cross-field checks."""
+
+import dataclasses
+
+import pytest
+
+from meshforge.config import ConfigError, JobConfig, describe, field_docs, load_config, parse_cli_overrides
+from meshforge.parallel.mesh import resolve_degrees
+
+
+def test_small_preset_equals_defaults():
+    assert load_config("small") == JobConfig()
+    assert load_config("configs/small.toml") == JobConfig()
+
+
+def test_cli_overrides_are_typed():
+    cfg = load_config("small", ["--model.n_layers", "3", "--optim.lr=1e-3", "--model.qk_norm", "true",
+                                "--train.output_dir", "/tmp/x"])
+    assert cfg.model.n_layers == 3 and cfg.optim.lr == 1e-3 and cfg.model.qk_norm is True
+    assert cfg.train.output_dir == "/tmp/x"
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.n_layer'.*did you mean 'n_layers'"):
+        load_config(None, ["--model.n_layer", "3"])
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config(None, ["--modle.dim", "3"])
+
+
+def test_unknown_key_in_toml(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
+        load_config(str(p))
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"model.n_layers: expected int, got 'four'"):
+        load_config(None, ["--model.n_layers", "four"])
+    with pytest.raises(ConfigError, match=r"model.qk_norm: expected bool"):
+        load_config(None, ["--model.qk_norm", "maybe"])
+
+
+def test_wrong_type_in_toml(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[model]\ndim = "wide"\n')
+    with pytest.raises(ConfigError, match=r"model.dim: expected int, got 'wide'"):
+        load_config(str(p))
+
+
+def test_seq_len_beyond_positions():
+    with pytest.raises(ConfigError, match=r"data.seq_len \(2048\) is beyond the model's positions"):
+        load_config(None, ["--data.seq_len", "2048", "--model.max_seq_len", "1024"])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.n_heads", "5"], "must divide by model.n_heads"),
+    (["--model.n_kv_heads", "4"], "must divide by model.n_kv_heads"),
+    (["--train.micro_batch_size", "5"], "must divide by train.micro_batch_size"),
+    (["--optim.schedule", "linear"], "optim.schedule = 'linear' is not one of"),
+    (["--train.steps", "0"], "train.steps must be positive"),
+    (["--parallel.dp_shard", "0"], "parallel.dp_shard must be"),
+])
+def test_invalid_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_missing_preset():
+    with pytest.raises(ConfigError, match="config file 'nope' not found"):
+        load_config("nope")
+
+
+def test_override_syntax():
+    assert parse_cli_overrides(["--a.b", "1", "--c.d=x"]) == [("a.b", "1"), ("c.d", "x")]
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_cli_overrides(["--a.b"])
+
+
+def test_every_field_has_a_docstring():
+    for sec in dataclasses.fields(JobConfig):
+        cls = type(getattr(JobConfig(), sec.name))
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without docstring: {missing}"
+    assert "model.dim = 192" in describe()
+
+
+def test_mesh_degrees():
+    cfg = load_config(None, {"parallel.tp": 2})
+    d = resolve_degrees(cfg.parallel, 8)
+    assert (d.dp_shard, d.dp) == (4, 4)
+    with pytest.raises(ConfigError, match=r"world size 6 does not divide by pp\*dp_replicate\*cp\*tp = 1\*1\*1\*4"):
+        resolve_degrees(load_config(None, {"parallel.tp": 4}).parallel, 6)
+    with pytest.raises(ConfigError, match=r"= 4 but the world size is 2"):
+        resolve_degrees(load_config(None, {"parallel.dp_shard": 4}).parallel, 2)

@@ -1,0 +1,94 @@
+"""Sentencepiece training and loading with real models."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshforge.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TokenizerError, load_tokenizer, train_tokenizer
+
+UNUSUAL = "Ünïcödé  spaces\ttab\nnew line — “quotes” ﬁ ligature, 日本語, 한국어, emoji 🦜🚀, math 𝔘 ∮, zero\u200bwidth, é"
+
+
+def test_bpe_fixed_ids_and_vocab(tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    assert tok.vocab_size == 400
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2, 3)
+    ids = tok.encode("To be, or not to be")
+    assert ids and tok.bos_id not in ids and tok.eos_id not in ids
+    assert tok.path == tiny_tokenizer.resolve()
+    assert len(tok.fingerprint) == 64
+
+
+def test_byte_fallback_roundtrip_unusual_unicode(tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    ids = tok.encode(UNUSUAL)
+    assert tok.unk_id not in ids
+    assert tok.decode(ids) == UNUSUAL
+    assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)
+
+
+def test_unigram_trains_and_roundtrips(tmp_path, small_corpus):
+    path = train_tokenizer([small_corpus], tmp_path / "uni", vocab_size=400, model_type="unigram")
+    tok = load_tokenizer(path)
+    assert tok.vocab_size == 400
+    assert tok.decode(tok.encode(UNUSUAL)) == UNUSUAL
+
+
+def _max_digits_per_piece(tok, text):
+    return max(sum(c.isdigit() for c in tok.id_to_piece(i)) for i in tok.encode(text))
+
+
+def test_digit_splitting(tmp_path, small_corpus, tiny_tokenizer, jsonl_writer):
+    numbers = ["2024 1999 2024 31415 2024 1999 " * 4 for _ in range(200)]
+    src = jsonl_writer(tmp_path / "nums.jsonl", numbers)
+    split = load_tokenizer(train_tokenizer([src, small_corpus], tmp_path / "split", vocab_size=350))
+    joined = load_tokenizer(train_tokenizer([src, small_corpus], tmp_path / "joined", vocab_size=350, split_digits=False))
+    assert _max_digits_per_piece(split, "2024 31415") == 1
+    assert _max_digits_per_piece(joined, "2024 31415") > 1
+    assert _max_digits_per_piece(load_tokenizer(tiny_tokenizer), "In the year 1537") == 1
+
+
+def test_special_and_reserved_tokens(tiny_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer)
+    assert [tok.piece_to_id(p) for p in ("<|sep|>", "<reserved_0>", "<reserved_1>")] == [4, 5, 6]
+    ids = tok.encode("good night<|sep|>sweet prince")
+    assert ids.count(4) == 1
+
+
+def test_retrain_gives_same_fingerprint(tmp_path, small_corpus, tiny_tokenizer):
+    again = train_tokenizer([small_corpus], tmp_path / "again", vocab_size=400, special_tokens=["<|sep|>"], n_reserved=2)
+    assert load_tokenizer(again).fingerprint == load_tokenizer(tiny_tokenizer).fingerprint
+    other = train_tokenizer([small_corpus], tmp_path / "other", vocab_size=410, special_tokens=["<|sep|>"], n_reserved=2)
+    assert load_tokenizer(other).fingerprint != load_tokenizer(tiny_tokenizer).fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.model", "other.model"]  # no temp files left
+
+
+def test_txt_and_gz_inputs_with_text_field(tmp_path, corpus_docs, jsonl_writer):
+    docs = corpus_docs(10)
+    (tmp_path / "a.txt").write_text(docs[0])
+    gz = jsonl_writer(tmp_path / "b.jsonl.gz", docs[1:], field="body")
+    tok = load_tokenizer(train_tokenizer([tmp_path / "a.txt", gz], tmp_path / "m", vocab_size=350, text_field="body"))
+    assert tok.vocab_size == 350
+
+
+def test_errors(tmp_path, small_corpus):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        train_tokenizer([tmp_path / "nope.txt"], tmp_path / "m", vocab_size=400)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    with pytest.raises(TokenizerError, match="hold no text"):
+        train_tokenizer([empty], tmp_path / "m", vocab_size=400)
+    with pytest.raises(TokenizerError, match="too small"):
+        train_tokenizer([small_corpus], tmp_path / "m", vocab_size=200)
+    with pytest.raises(TokenizerError, match="smaller vocab_size"):
+        train_tokenizer([small_corpus], tmp_path / "m", vocab_size=60000)
+    with pytest.raises(TokenizerError, match="model_type"):
+        train_tokenizer([small_corpus], tmp_path / "m", vocab_size=400, model_type="wordpiece")
+    assert not (tmp_path / "m.model").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
+    with pytest.raises(TokenizerError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"this is not a model")
+    with pytest.raises(TokenizerError, match="not a sentencepiece model"):
+        load_tokenizer(bad)
