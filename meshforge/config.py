@@ -95,6 +95,36 @@ class ParallelConfig:
     """Tensor-parallel degree (with sequence parallel)."""
     ep: int = 1
     """Expert-parallel degree (reserved for MoE models; must be 1 for now)."""
+    loss_parallel: bool = True
+    """With tp > 1: compute the loss on vocab-sharded logits without gathering them."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: ``gpipe``, ``1f1b``, ``interleaved_1f1b``, ``zero_bubble`` (interleaved zero-bubble)."""
+    pp_microbatches: int = 0
+    """Microbatches per pipeline step; 0 means 2 * (stages per rank * pp)."""
+    pp_stages_per_rank: int = 0
+    """Virtual stages per pipeline rank; 0 means 1 for gpipe/1f1b and 2 for the interleaved schedules."""
+    pp_split: str = ""
+    """First layer of each stage after the first, comma separated (e.g. ``"3,6"``); empty means balanced."""
+    dp_backend: str = "fsdp2"
+    """Data-parallel backend: ``fsdp2`` (torch FSDP2) or ``deepspeed`` (DeepSpeed engine)."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered params after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+    fsdp_cpu_offload: bool = False
+    """FSDP2: keep sharded params, grads and optimizer state on the CPU."""
+    param_dtype: str = "auto"
+    """FSDP2 mixed precision compute dtype for params: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp32``; reductions stay fp32."""
+    zero_stage: int = 1
+    """DeepSpeed: ZeRO stage 1, 2 or 3."""
+    offload_optimizer: str = "none"
+    """DeepSpeed: offload optimizer state to ``none``, ``cpu`` or ``nvme``."""
+    offload_param: str = "none"
+    """DeepSpeed ZeRO-3: offload parameters to ``none``, ``cpu`` or ``nvme``."""
+    nvme_path: str = ""
+    """DeepSpeed: directory for NVMe offload files."""
+    activation_checkpointing: str = "none"
+    """Activation checkpointing per block: ``none``, ``full``, ``selective`` (save matmul outputs, recompute the rest)."""
+    compile: str = "auto"
+    """``torch.compile`` each block: ``auto`` (on for GPU, off for CPU), ``on``, ``off``."""
 
 
 @dataclass
@@ -386,6 +416,13 @@ CHOICES = {
     "optim.wsd_decay": ("linear", "sqrt"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "bf16", "fp32"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
+    "parallel.dp_backend": ("fsdp2", "deepspeed"),
+    "parallel.param_dtype": ("auto", "bf16", "fp32"),
+    "parallel.offload_optimizer": ("none", "cpu", "nvme"),
+    "parallel.offload_param": ("none", "cpu", "nvme"),
+    "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.compile": ("auto", "on", "off"),
 }
 
 
@@ -439,6 +476,10 @@ def validate(cfg: JobConfig) -> None:
     for name in ("pp", "dp_replicate", "cp", "tp", "ep"):
         if getattr(cfg.parallel, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(cfg.parallel, name)}")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.pp_microbatches < 0 or cfg.parallel.pp_stages_per_rank < 0:
+        raise ConfigError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
     if not t.output_dir:

@@ -60,3 +60,43 @@ def corpus_docs():
 def jsonl_writer():
     """``jsonl_writer(path, texts, field="text")``: write a .jsonl or .jsonl.gz file."""
     return write_jsonl
+
+
+# --------------------------------------------------------------------------- training data
+
+
+def _corpus_slice(path: Path, start: int, n_docs: int) -> Path:
+    with gzip.open(BUILTIN_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
+        lines = f.readlines()[start:start + n_docs]
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared data dir: 150 Shakespeare documents, a 512-token BPE tokenizer."""
+    from meshforge.data_pipeline.prepare import prepare_data
+    from meshforge.tokenizers import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    corpus = _corpus_slice(root / "corpus.jsonl", 0, 150)
+    tok = train_tokenizer([corpus], root / "tok", 512)
+    prepare_data([str(corpus)], str(tok), str(root / "data"), progress=False)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory) -> Path:
+    """A tokenizer of the same size trained on other documents (a different fingerprint)."""
+    from meshforge.tokenizers import train_tokenizer
+
+    root = tmp_path_factory.mktemp("other_tok")
+    return train_tokenizer([_corpus_slice(root / "corpus.jsonl", 600, 100)], root / "tok", 512)
+
+
+@pytest.fixture(scope="session")
+def single_process_ref(tiny_data, tmp_path_factory):
+    """The single-process reference run every parallel layout is compared with."""
+    from parallel_harness import train_layout
+
+    return train_layout(tiny_data, tmp_path_factory.mktemp("ref") / "run", 1)

@@ -25,39 +25,6 @@ from meshforge.pretrain.trainer import Trainer
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _corpus_slice(path: Path, start: int, n_docs: int) -> Path:
-    import gzip
-
-    from meshforge.data_pipeline.builtin import BUILTIN_CORPORA
-
-    with gzip.open(BUILTIN_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
-        lines = f.readlines()[start:start + n_docs]
-    path.write_text("".join(lines))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A prepared data dir: 150 Shakespeare documents, a 512-token BPE tokenizer."""
-    from meshforge.data_pipeline.prepare import prepare_data
-    from meshforge.tokenizers import train_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny_data")
-    corpus = _corpus_slice(root / "corpus.jsonl", 0, 150)
-    tok = train_tokenizer([corpus], root / "tok", 512)
-    prepare_data([str(corpus)], str(tok), str(root / "data"), progress=False)
-    return root / "data"
-
-
-@pytest.fixture(scope="session")
-def other_tokenizer(tmp_path_factory) -> Path:
-    """A tokenizer of the same size trained on other documents (a different fingerprint)."""
-    from meshforge.tokenizers import train_tokenizer
-
-    root = tmp_path_factory.mktemp("other_tok")
-    return train_tokenizer([_corpus_slice(root / "corpus.jsonl", 600, 100)], root / "tok", 512)
-
-
 def tiny_cfg(data_dir: Path, out: Path, **over):
     base = {"data.path": str(data_dir), "train.output_dir": str(out)}
     return load_config("tiny-test", {**base, **over})

@@ -27,10 +27,19 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig) -> nn.Module:
     if mesh is None:
         return model
+    p = cfg.parallel
     if d.dp > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
-        model = apply_fsdp(model, dp_mesh)
+        model = apply_fsdp(model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype(p.param_dtype, mesh),
+                           p.fsdp_cpu_offload)
     return model
+
+
+def param_dtype(name: str, mesh: DeviceMesh) -> torch.dtype | None:
+    """FSDP2 compute dtype: bf16 on GPU for ``auto``; None keeps the params' own fp32."""
+    if name == "auto":
+        name = "bf16" if mesh.device_type == "cuda" else "fp32"
+    return torch.bfloat16 if name == "bf16" else None
 
 
 __all__ = ["build_mesh", "parallelize", "resolve_degrees", "Degrees"]

@@ -1,19 +1,36 @@
-"""Data parallelism with FSDP2 (``fully_shard``): ZeRO-3 by default, HSDP on a 2-D dp mesh.
+"""Data parallelism with FSDP2 (``fully_shard``): ZeRO-3 or ZeRO-2-like, HSDP on a 2-D mesh.
 
 Each transformer block becomes one FSDP unit (its parameters are all-gathered together
-and resharded after its forward), then the root wraps what is left (embeddings, final
-norm, output).
+and, for ZeRO-3, resharded after its forward), then the root wraps what is left
+(embeddings, final norm, output). With a 2-D ``(dp_replicate, dp_shard)`` mesh FSDP2
+shards within ``dp_shard`` and replicates across ``dp_replicate`` (HSDP).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
-    for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Shard ``model`` over ``dp_mesh``; ``param_dtype`` (e.g. bf16) is the compute dtype, reductions stay fp32."""
+    kwargs = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward}
+    if param_dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        # pinned host memory needs an accelerator; on a CPU-only job offload is a plain copy
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's params are needed again right away by backward: never reshard it.
+        fully_shard(block, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(blocks) - 1})
+    fully_shard(model, **kwargs)
     return model

@@ -54,16 +54,37 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> Degrees:
 
 def check_job(cfg: JobConfig, d: Degrees) -> None:
     """Relations between the degrees and the model/batch, named with their numbers."""
-    m, t = cfg.model, cfg.train
+    m, t, p = cfg.model, cfg.train, cfg.parallel
     if d.cp != 1:
         raise ConfigError(f"parallel.cp = {d.cp}: context parallelism is not implemented yet; use 1")
     if d.ep != 1:
         raise ConfigError(f"parallel.ep = {d.ep}: expert parallelism needs an MoE model; use 1")
-    if d.tp > 1 or d.pp > 1:
-        raise ConfigError(f"tensor/pipeline parallel (tp={d.tp}, pp={d.pp}) are not implemented yet; use 1")
+    if d.tp > 1:
+        for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
+                            ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
+            if value % d.tp:
+                raise ConfigError(f"{name} = {value} does not divide by parallel.tp = {d.tp}")
+    if d.pp > 1:
+        stages = d.pp * pipeline_stages_per_rank(p)
+        if m.n_layers < stages:
+            raise ConfigError(
+                f"model.n_layers = {m.n_layers} cannot cover {stages} pipeline stages "
+                f"(parallel.pp = {d.pp} x {pipeline_stages_per_rank(p)} stages per rank)"
+            )
+        if m.tie_embeddings:
+            raise ConfigError("pipeline parallel needs untied embeddings (set model.tie_embeddings = false): "
+                              "the embedding and the output live on different stages")
+    if p.dp_backend == "deepspeed" and (d.tp > 1 or d.pp > 1 or d.dp_replicate > 1):
+        raise ConfigError("parallel.dp_backend = 'deepspeed' supports data parallelism only (tp = pp = dp_replicate = 1)")
     if t.global_batch_size % (t.micro_batch_size * d.dp):
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must divide by micro_batch_size * data-parallel "
             f"degree ({t.micro_batch_size} * {d.dp} = {t.micro_batch_size * d.dp})"
         )
-    del m
+
+
+def pipeline_stages_per_rank(p: ParallelConfig) -> int:
+    """Virtual stages per pipeline rank (``pp_stages_per_rank``, else by schedule)."""
+    if p.pp_stages_per_rank:
+        return p.pp_stages_per_rank
+    return 2 if p.pp_schedule in ("interleaved_1f1b", "zero_bubble") else 1

@@ -14,7 +14,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig
-from ..data_pipeline.builtin import ensure_builtin, resolve_cache_dir
+from ..data_pipeline.builtin import resolve_data_path
 from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.loader import DistributedLoader
@@ -22,9 +22,6 @@ from ..data_pipeline.prepare import describe_data
 from ..launch.env import DistEnv
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
-
-BUILTIN_PREFIX = "builtin:"
-
 
 @dataclass
 class TrainData:
@@ -41,18 +38,14 @@ def dp_coordinates(rank: int, d: Degrees) -> tuple[int, int]:
 
 
 def resolve_data_dir(cfg: JobConfig, env: DistEnv) -> Path:
-    path = cfg.data.path
-    if not path.startswith(BUILTIN_PREFIX):
-        return Path(path)
-    name = path[len(BUILTIN_PREFIX):]
-    cache = resolve_cache_dir(cfg.data.cache_dir)
-    distributed = dist.is_available() and dist.is_initialized()
+    """The data dir, preparing a ``builtin:`` corpus on rank 0 first (the others then find it ready)."""
+    d = cfg.data
     if env.is_main:
-        data_dir = ensure_builtin(name, cache, cfg.data.builtin_vocab_size, progress=cfg.train.progress)
-    if distributed:
+        data_dir = resolve_data_path(d.path, d.cache_dir, d.builtin_vocab_size, progress=cfg.train.progress)
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if not env.is_main:
-        data_dir = ensure_builtin(name, cache, cfg.data.builtin_vocab_size, progress=False)
+        data_dir = resolve_data_path(d.path, d.cache_dir, d.builtin_vocab_size, progress=False)
     return Path(data_dir)
 
 

@@ -25,6 +25,7 @@ from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
 from ..models import build_model, flops_per_token
 from ..parallel import build_mesh, parallelize
+from ..parallel.grad_norm import clip_grad_norm
 from ..parallel.mesh import Degrees, check_job, resolve_degrees
 from .checkpoint import Checkpointer, load_checkpoint
 from .data import TrainData, prepare_train_data
@@ -128,17 +129,12 @@ class Trainer:
             (parts.total / len(micro)).backward()
             loss_sum += parts.ce.detach()
             z_sum += parts.z_loss.detach()
-        if cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
         return {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr, "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
