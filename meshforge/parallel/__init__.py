@@ -12,6 +12,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import JobConfig
+from .activation_checkpoint import apply_activation_checkpointing
+from .compile import apply_compile, compile_enabled
 from .data_parallel import apply_fsdp
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
 
@@ -25,10 +27,12 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig) -> nn.Module:
-    if mesh is None:
-        return model
     p = cfg.parallel
-    if d.dp > 1:
+    device_type = next(model.parameters()).device.type
+    model = apply_activation_checkpointing(model, p.activation_checkpointing)
+    if compile_enabled(p.compile, device_type):
+        model = apply_compile(model)
+    if mesh is not None and d.dp > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
         model = apply_fsdp(model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype(p.param_dtype, mesh),
                            p.fsdp_cpu_offload)
