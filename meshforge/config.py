@@ -63,6 +63,28 @@ class ModelConfig:
     """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
     init_std: float = 0.02
     """Standard deviation of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
+    moe_experts: int = 0
+    """Routed experts in each MoE feed-forward; 0 means a dense model."""
+    moe_top_k: int = 2
+    """Experts each token is routed to."""
+    moe_shared_experts: int = 0
+    """Always-active shared experts (DeepSeek-style), each of width ``moe_ffn_dim``."""
+    moe_ffn_dim: int = 0
+    """Hidden width of each expert; 0 means the dense ``ffn_dim`` rule."""
+    moe_dense_layers: int = 0
+    """The first this many layers keep a dense feed-forward."""
+    moe_score: str = "softmax"
+    """Router score function: ``softmax`` or ``sigmoid``."""
+    moe_norm_topk: bool = True
+    """Renormalise each token's top-k router weights to sum to 1."""
+    moe_capacity_factor: float = 0.0
+    """0 routes dropless; otherwise each expert takes at most ceil(factor * tokens * top_k / experts) tokens and drops the lowest-probability rest."""
+    moe_aux_loss_coef: float = 0.01
+    """Coefficient of the load-balancing loss (Switch/GShard form); 0 disables it."""
+    moe_z_loss_coef: float = 0.001
+    """Coefficient of the router z-loss (ST-MoE); 0 disables it."""
+    moe_bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): step size of the per-expert routing bias update; 0 disables it."""
 
     @property
     def kv_heads(self) -> int:
@@ -71,6 +93,13 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_ffn_dim or self.hidden_dim
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe_experts > 0 and layer_id >= self.moe_dense_layers
 
     @property
     def hidden_dim(self) -> int:
@@ -413,6 +442,7 @@ def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
 CHOICES = {
     "model.family": ("decoder",),
     "optim.schedule": ("cosine", "wsd", "constant"),
+    "model.moe_score": ("softmax", "sigmoid"),
     "optim.wsd_decay": ("linear", "sqrt"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "bf16", "fp32"),
@@ -458,6 +488,11 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"head dim model.dim/model.n_heads = {m.head_dim} must be even for RoPE")
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
+    if m.moe_experts:
+        if not 1 <= m.moe_top_k <= m.moe_experts:
+            raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
+        if m.moe_capacity_factor < 0 or m.moe_bias_update_rate < 0 or m.moe_shared_experts < 0:
+            raise ConfigError("model.moe_capacity_factor, moe_bias_update_rate and moe_shared_experts must be >= 0")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) is beyond the model's positions (model.max_seq_len = {m.max_seq_len}); "

@@ -17,15 +17,16 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import Attention, FeedForward, RMSNorm, init_linear, output_std, rope_tables
+from .moe import MoE
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -37,7 +38,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -75,10 +76,15 @@ class Decoder(nn.Module):
                 if isinstance(module, RMSNorm):
                     module.reset_parameters()
             attn, ffn = block.attention, block.feed_forward
-            for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+            for lin in (attn.wq, attn.wk, attn.wv):
                 init_linear(lin, cfg.init_std)
-            for lin in (attn.wo, ffn.w2):
-                init_linear(lin, out_std)
+            init_linear(attn.wo, out_std)
+            if isinstance(ffn, MoE):
+                ffn.init_weights(cfg.init_std, out_std)
+            else:
+                init_linear(ffn.w1, cfg.init_std)
+                init_linear(ffn.w3, cfg.init_std)
+                init_linear(ffn.w2, out_std)
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None and not cfg.tie_embeddings:

@@ -1,0 +1,201 @@
+"""Sparse Mixture-of-Experts feed-forward (Switch / ST-MoE / Mixtral / DeepSeek style).
+
+For the tokens x_1..x_N of a batch (flattened), with E experts and top-k routing:
+
+    logits = x W_r^T                      (fp32)
+    s      = softmax(logits) | sigmoid(logits)
+    S_t    = top-k of (s_t + b)            (b: aux-loss-free bias, 0 unless enabled)
+    g_t,e  = s_t,e for e in S_t            (renormalised to sum 1 if norm_topk)
+    y_t    = sum_{e in S_t} g_t,e FFN_e(x_t) + sum_shared FFN_s(x_t)
+
+Capacity routing keeps, per expert, the ceil(cf * N * k / E) assignments with the highest
+router probability and drops the rest (their share of y_t is simply absent).
+
+Losses (added to the training loss through the gradient, see :class:`AuxLossToGrad`):
+
+    load balance = E * sum_e f_e P_e      f_e: fraction of the N*k assignments to e,
+                                           P_e: mean router probability of e
+    router z     = mean_t logsumexp(logits_t)^2
+
+The experts are one module (:class:`GroupedExperts`) taking tokens already sorted by
+expert plus the count per expert, so expert parallelism can wrap it with an all-to-all
+without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import FeedForward, init_linear
+
+
+class AuxLossToGrad(torch.autograd.Function):
+    """Identity on ``x``; in backward, also sends gradient ``scale`` into ``aux``.
+
+    This adds ``scale * aux`` to whatever loss is differentiated, wherever the loss is
+    computed (another pipeline stage included), without changing any output.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=grad.device), None
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights; input tokens sorted by expert."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, dim] sorted by expert, counts [E_local] tokens per expert -> [M, dim]."""
+        if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
+            offs = torch.cumsum(counts, 0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs))
+            h = h * torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
+        outs = []
+        for e, chunk in enumerate(torch.split(x, counts.tolist())):
+            h = F.silu(chunk @ self.w1[e].T) * (chunk @ self.w3[e].T)
+            outs.append(h @ self.w2[e].T)
+        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[1])
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for w, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
+            nn.init.trunc_normal_(w, mean=0.0, std=s, a=-3 * s, b=3 * s)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.moe_experts
+        self.top_k = cfg.moe_top_k
+        self.score = cfg.moe_score
+        self.norm_topk = cfg.moe_norm_topk
+        self.capacity_factor = cfg.moe_capacity_factor
+        self.aux_coef = cfg.moe_aux_loss_coef
+        self.z_coef = cfg.moe_z_loss_coef
+        self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
+        self.experts = GroupedExperts(cfg.moe_experts, cfg.dim, cfg.expert_dim)
+        self.shared = (FeedForward(cfg.dim, cfg.expert_dim * cfg.moe_shared_experts)
+                       if cfg.moe_shared_experts else None)
+        self.register_buffer("route_bias", torch.zeros(cfg.moe_experts), persistent=True)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.moe_experts), persistent=False)
+        self.aux_grad_scale = 1.0
+        """Weight of this layer's aux losses in the gradient (the trainer sets 1/microbatches)."""
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def route(self, x: torch.Tensor):
+        """-> (expert ids [N, k], weights [N, k], fp32 logits [N, E], probabilities [N, E])."""
+        logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        chosen = (probs + self.route_bias).topk(self.top_k, dim=-1).indices
+        weights = probs.gather(1, chosen)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
+        return chosen, weights, logits, probs
+
+    def keep_mask(self, expert_ids: torch.Tensor, expert_probs: torch.Tensor, n_tokens: int) -> torch.Tensor | None:
+        """Capacity routing: per expert, keep the highest-probability assignments (None = dropless)."""
+        if not self.capacity_factor:
+            return None
+        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+        flat_e, flat_w = expert_ids.flatten(), expert_probs.detach().flatten()
+        # order by expert, then by decreasing weight; rank within the expert decides
+        order = torch.argsort(flat_e * 2.0 - flat_w.clamp(0, 1), stable=True)
+        counts = torch.bincount(flat_e, minlength=self.n_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device) - starts[flat_e[order]]
+        return (rank < capacity).view_as(expert_ids)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        n = x.shape[0]
+        expert_ids, weights, logits, probs = self.route(x)
+        keep = self.keep_mask(expert_ids, probs.gather(1, expert_ids), n)
+
+        flat_e = expert_ids.flatten()
+        flat_tok = torch.arange(n, device=x.device).repeat_interleave(self.top_k)
+        flat_w = weights.flatten()
+        if keep is not None:
+            kept = keep.flatten()
+            flat_e, flat_tok, flat_w = flat_e[kept], flat_tok[kept], flat_w[kept]
+        order = torch.argsort(flat_e, stable=True)
+        counts = torch.bincount(flat_e, minlength=self.n_experts)
+        expert_out = self.experts(x[flat_tok[order]], counts)
+        y = torch.zeros_like(x, dtype=expert_out.dtype)
+        y.index_add_(0, flat_tok[order], expert_out * flat_w[order, None].to(expert_out.dtype))
+        if self.shared is not None:
+            y = y + self.shared(x)
+
+        assigned = torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
+        balance = self.n_experts * torch.sum(assigned / (n * self.top_k) * probs.mean(0))
+        z = torch.logsumexp(logits, -1).square().mean()
+        self._record(counts, assigned, balance, z, n)
+        aux = self.aux_coef * balance + self.z_coef * z
+        if self.training and (self.aux_coef or self.z_coef) and torch.is_grad_enabled():
+            y = AuxLossToGrad.apply(y, aux, self.aux_grad_scale)
+        return y.to(x.dtype).view(shape)
+
+    @torch.no_grad()
+    def _record(self, kept_counts, assigned, balance, z, n_tokens) -> None:
+        self.tokens_per_expert += kept_counts.float()
+        s = self.stats
+        for key, value in (("aux_loss", balance.detach()), ("z_loss", z.detach()),
+                           ("dropped", (assigned.sum() - kept_counts.sum()).float()),
+                           ("assigned", assigned.sum()), ("passes", torch.ones((), device=balance.device))):
+            s[key] = s[key] + value if key in s else value.clone()
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        init_linear(self.router, std)
+        self.experts.init_weights(std, out_std)
+        if self.shared is not None:
+            for lin in (self.shared.w1, self.shared.w3):
+                init_linear(lin, std)
+            init_linear(self.shared.w2, out_std)
+        self.route_bias.zero_()
+        self.tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded."""
+        self.route_bias += rate * torch.sign(load.float().mean() - load.float())
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def pop_moe_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Sums since the last call, per MoE layer, as tensors (so the trainer can all-reduce them);
+    clears them. Keys: ``<layer>/aux_loss``, ``z_loss``, ``dropped``, ``assigned``, ``passes``, ``load``."""
+    out = {}
+    for name, layer in moe_layers(model):
+        for key, value in layer.stats.items():
+            out[f"{name}/{key}"] = value
+        out[f"{name}/load"] = layer.tokens_per_expert.clone()
+        layer.stats = {}
+        layer.tokens_per_expert.zero_()
+    return out
+
+
+def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
+    for _, layer in moe_layers(model):
+        layer.aux_grad_scale = scale
