@@ -60,7 +60,8 @@ def test_prepare_txt_jsonl_gz(tmp_path, mixed_inputs, tiny_tokenizer):
     assert m == load_manifest(out)
     assert m["format"] == "meshforge-indexed-v1"
     assert m["num_documents"] == 12 and m["num_tokens"] == sum(len(w) for w in want)
-    assert m["skipped_records"] == {"empty": 2, "invalid_json": 1, "missing_field": 1}
+    assert m["skipped_records"] == {"empty": 2, "invalid_utf8": 0, "invalid_json": 1, "missing_field": 1,
+                                    "non_string_field": 0}
     assert [s["documents"] for s in m["shards"]] == [1, 2, 9]  # one shard per non-empty input
     assert [s["documents"] for s in m["sources"]] == [1, 0, 2, 9]
     assert m["dtype"] == "uint16" and m["append_eos"] is True
@@ -104,19 +105,19 @@ def test_workers_output_identical(tmp_path, small_corpus, tiny_tokenizer):
     assert [s["documents"] for s in m1["shards"]] == [25, 25, 25, 5]
     assert m1["shards"] == m2["shards"]
     for name in sorted(p.name for p in (tmp_path / "w1").iterdir()):
-        if name != "manifest.json":
+        if name.startswith("shard_") or name == "tokenizer.model":
             assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
 def test_refuses_to_overwrite_manifest(tmp_path, small_corpus, tiny_tokenizer):
     out = tmp_path / "data"
     prepare_data([str(small_corpus)], str(tiny_tokenizer), str(out), progress=False)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     other = tmp_path / "other.txt"
     other.write_text("Something else entirely.")
     with pytest.raises(DataError, match="already holds prepared data"):
         prepare_data([str(other)], str(tiny_tokenizer), str(out), progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     m = prepare_data([str(other)], str(tiny_tokenizer), str(out), progress=False, overwrite=True)
     assert m["num_documents"] == 1 and load_manifest(out)["num_documents"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other.txt"]
@@ -181,7 +182,7 @@ def test_load_manifest_errors(tmp_path, prepared):
 def test_open_shards_checks_counts(prepared):
     m = load_manifest(prepared)
     m["shards"][1]["tokens"] += 1
-    with pytest.raises(DataError, match="shard_00001.*manifest says"):
+    with pytest.raises(DataError, match="shard_00000_0001.*manifest says"):
         open_shards(prepared, m)
 
 

@@ -92,3 +92,47 @@ def test_errors(tmp_path, small_corpus):
     bad.write_bytes(b"this is not a model")
     with pytest.raises(TokenizerError, match="not a sentencepiece model"):
         load_tokenizer(bad)
+
+
+def test_llama_preset_keeps_whitespace_and_splits_digits(tmp_path, small_corpus):
+    from meshforge.cli import main
+
+    assert main(["tokenizer", "train", "--preset", "llama", "--input", str(small_corpus), "--model-prefix",
+                 str(tmp_path / "ll"), "--vocab-size", "400"]) == 0
+    tok = load_tokenizer(tmp_path / "ll.model")
+    text = "  two  leading spaces,\ttabs\t and 12345 digits  \n\n"
+    assert tok.decode(tok.encode(text)) == text
+    assert _max_digits_per_piece(tok, "12345 67890") == 1
+    assert tok.decode(tok.encode(UNUSUAL)) == UNUSUAL  # byte fallback
+    assert tok.fingerprint == load_tokenizer(train_tokenizer([small_corpus], tmp_path / "plain", 400)).fingerprint
+
+
+def test_t5_preset_has_100_sentinels(tmp_path, small_corpus):
+    path = train_tokenizer([small_corpus], tmp_path / "t5", vocab_size=500, preset="t5", special_tokens=["<|sep|>"])
+    tok = load_tokenizer(path)
+    assert [tok.piece_to_id(f"<extra_id_{i}>") for i in (0, 1, 99)] == [4, 5, 103]
+    assert tok.piece_to_id("<|sep|>") == 104
+    assert tok.encode("a<extra_id_7>b").count(11) == 1
+    assert tok.decode(tok.encode(UNUSUAL)) == UNUSUAL
+    import sentencepiece.sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    assert proto.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM and not proto.trainer_spec.split_digits
+    with pytest.raises(TokenizerError, match="preset 'gpt' is unknown"):
+        train_tokenizer([small_corpus], tmp_path / "x", vocab_size=500, preset="gpt")
+
+
+def test_input_sentence_size_samples_reproducibly(tmp_path, small_corpus):
+    from meshforge.tokenizers.sentencepiece_tokenizer import _sentences
+
+    everything, seen = _sentences([small_corpus], "text")
+    sample, seen2 = _sentences([small_corpus], "text", 150)
+    assert seen == seen2 == len(everything) > 300
+    assert len(sample) == 150 and set(sample) <= set(everything) and sample == _sentences([small_corpus], "text", 150)[0]
+    assert sample != everything[:150]  # a sample from the whole corpus, shuffled
+    assert _sentences([small_corpus], "text", 10 ** 6)[0] == everything  # small corpus: all lines, in order
+    a = train_tokenizer([small_corpus], tmp_path / "a", vocab_size=350, input_sentence_size=150)
+    b = train_tokenizer([small_corpus], tmp_path / "b", vocab_size=350, input_sentence_size=150)
+    full = train_tokenizer([small_corpus], tmp_path / "full", vocab_size=350)
+    assert load_tokenizer(a).fingerprint == load_tokenizer(b).fingerprint != load_tokenizer(full).fingerprint

@@ -1,5 +1,6 @@
 """Data pipeline: raw text -> indexed shards + manifest -> samples -> distributed batches."""
 
+from meshforge.data_pipeline.blend import BlendedDataset, blend_order, parse_blend
 from meshforge.data_pipeline.builtin import (
     BUILTIN_CORPORA,
     BUILTIN_PREFIX,
@@ -11,22 +12,35 @@ from meshforge.data_pipeline.dataset import TokenDataset
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.indexed import IndexedShard, IndexedShardWriter, dtype_for_vocab
 from meshforge.data_pipeline.loader import DistributedLoader
-from meshforge.data_pipeline.prepare import DataInfo, describe_data, load_manifest, open_shards, prepare_data
+from meshforge.data_pipeline.prepare import (
+    DataInfo,
+    default_node_rank,
+    describe_data,
+    load_manifest,
+    merge_manifest,
+    open_shards,
+    prepare_data,
+)
 
 __all__ = [
     "BUILTIN_CORPORA",
     "BUILTIN_PREFIX",
+    "BlendedDataset",
     "DataError",
     "DataInfo",
     "DistributedLoader",
     "IndexedShard",
     "IndexedShardWriter",
     "TokenDataset",
+    "blend_order",
+    "default_node_rank",
     "describe_data",
     "dtype_for_vocab",
     "ensure_builtin",
     "load_manifest",
+    "merge_manifest",
     "open_shards",
+    "parse_blend",
     "prepare_data",
     "resolve_cache_dir",
     "resolve_data_path",

@@ -24,7 +24,9 @@ from meshforge.tokenizers import train_tokenizer
 _CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
 BUILTIN_CORPORA = {"shakespeare": _CORPUS_DIR / "shakespeare.jsonl.gz"}
 BUILTIN_PREFIX = "builtin:"
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
+BUILTIN_SENTINELS = 32
+"""``<extra_id_0..31>``: the built-in tokenizer carries T5 sentinels so encoder-decoders train on it too."""
 
 
 def _tokenizer_settings(vocab_size: int) -> dict:
@@ -38,6 +40,7 @@ def _tokenizer_settings(vocab_size: int) -> dict:
         "character_coverage": 0.9995,
         "num_threads": 2,
         "append_eos": True,
+        "special_tokens": [f"<extra_id_{i}>" for i in range(BUILTIN_SENTINELS)],
     }
 
 
@@ -94,6 +97,7 @@ def ensure_builtin(name: str, cache_dir: str | Path, vocab_size: int, progress: 
                     input_sentence_size=settings["input_sentence_size"],
                     character_coverage=settings["character_coverage"],
                     num_threads=settings["num_threads"],
+                    special_tokens=settings["special_tokens"],
                 )
                 prepare_data([str(BUILTIN_CORPORA[name])], str(model), str(out), workers=1,
                              append_eos=settings["append_eos"], progress=progress)

@@ -7,6 +7,11 @@ split never changes between runs). For each epoch the split's documents are shuf
 samples of ``seq_len + 1`` tokens with stride ``seq_len`` (consecutive samples share one
 token, as Megatron does); the epoch's samples are then shuffled with the same generator.
 Sample ``i`` (any ``i >= 0``) is sample ``i % len`` of epoch ``i // len``.
+
+With ``return_segments=True`` a sample is ``(tokens, segments)``: ``segments`` (int32, same
+length) numbers the documents the positions come from, 0, 1, 2, ... within the sample, so a
+model can keep attention inside documents. Boundaries come from the shards' document index
+(not from EOS tokens, which Megatron-written data may lack).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class TokenDataset:
         split: str = "train",
         valid_fraction: float = 0.02,
         seed: int = 0,
+        return_segments: bool = False,
     ):
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -62,6 +68,7 @@ class TokenDataset:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.info = data if isinstance(data, DataInfo) else describe_data(data)
         self.seq_len, self.split, self.seed = seq_len, split, seed
+        self.return_segments = return_segments
         self._tokens = [s.tokens for s in self.info.shards]
 
         starts, lengths, shard_ids = [], [], []
@@ -109,7 +116,7 @@ class TokenDataset:
                 self._epochs.popitem(last=False)
             return built
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         i = int(i)
         if i < 0:
             raise IndexError(f"sample index must be >= 0, got {i}")
@@ -118,17 +125,22 @@ class TokenDataset:
         start = int(samples[j]) * self.seq_len
         end = start + self.seq_len + 1
         out = np.empty(self.seq_len + 1, dtype=np.int64)
-        pos = start
+        segments = np.empty(self.seq_len + 1, dtype=np.int32) if self.return_segments else None
+        pos, seg = start, 0
         d = int(np.searchsorted(offsets, start, side="right")) - 1
         while pos < end:
             doc = order[d]
             in_doc = pos - int(offsets[d])
             take = min(end - pos, int(offsets[d + 1]) - pos)
-            s = int(self._starts[doc]) + in_doc
-            out[pos - start : pos - start + take] = self._tokens[self._shard[doc]][s : s + take]
+            if take > 0:  # empty documents (possible in Megatron data) take no positions
+                s = int(self._starts[doc]) + in_doc
+                out[pos - start : pos - start + take] = self._tokens[self._shard[doc]][s : s + take]
+                if segments is not None:
+                    segments[pos - start : pos - start + take] = seg
+                    seg += 1
             pos += take
             d += 1
-        return out
+        return out if segments is None else (out, segments)
 
     def document_ids(self) -> np.ndarray:
         """Global ids of this split's documents."""

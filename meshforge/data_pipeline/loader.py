@@ -4,6 +4,8 @@ Global batch ``b`` holds dataset samples ``[b*G, (b+1)*G)``; DP rank ``r`` of ``
 the contiguous slice ``[r*G/dp, (r+1)*G/dp)`` of it. The data seen depends only on the
 dataset and ``G``, never on the DP degree, and the position is one number (global samples
 consumed), so a run can resume on a different DP degree and continue the same order.
+For a :class:`~meshforge.data_pipeline.blend.BlendedDataset` the state also carries the
+blend history, so a changed blend applies from the resume point (see ``blend.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from meshforge.data_pipeline.errors import DataError
 
 class DistributedLoader:
     """Yields ``[G/dp, seq_len+1]`` LongTensors for one DP rank; optional thread prefetch.
+
+    A dataset whose samples are ``(tokens, segments)`` tuples (``return_segments=True``)
+    gives ``(tokens [B, T+1] int64, segments [B, T+1] int32)`` batches instead.
 
     ``prefetch`` batches ahead are read in one background thread; prefetching never changes
     the batches or :meth:`state_dict` (which counts only batches returned).
@@ -47,6 +52,9 @@ class DistributedLoader:
 
         first = consumed + self.dp_rank * self.local_batch_size
         rows = [self.dataset[first + k] for k in range(self.local_batch_size)]
+        if isinstance(rows[0], tuple):
+            tokens = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64, copy=False))
+            return tokens, torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int32, copy=False))
         return torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
 
     def next_batch(self) -> "torch.Tensor":
@@ -66,13 +74,20 @@ class DistributedLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": int(self.consumed_samples)}
+        """``{"consumed_samples": n}``, plus ``"blend"`` (its history) for a blended dataset."""
+        state = {"consumed_samples": int(self.consumed_samples)}
+        if hasattr(self.dataset, "consumed_per_source"):
+            state["blend"] = self.dataset.state_dict(self.consumed_samples)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; a blended dataset continues each source where it was."""
         consumed = int(state["consumed_samples"])
         if consumed < 0:
             raise DataError(f"consumed_samples must be >= 0, got {consumed}")
         self._drop_pending()
+        if hasattr(self.dataset, "consumed_per_source"):
+            self.dataset.load_state_dict(consumed, state.get("blend"))
         self.consumed_samples = consumed
 
     def _drop_pending(self) -> None:

@@ -26,6 +26,16 @@ import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
+T5_SENTINELS = 100
+PRESETS = {
+    "llama": {"model_type": "bpe", "byte_fallback": True, "split_digits": True, "sentinels": 0},
+    "t5": {"model_type": "unigram", "byte_fallback": True, "split_digits": False, "sentinels": T5_SENTINELS},
+}
+"""Named recipes. ``llama``: BPE, byte fallback, digits split, whitespace kept as is (as
+LLaMA's tokenizer). ``t5``: unigram with ``<extra_id_0>`` .. ``<extra_id_99>`` sentinels
+(user-defined symbols right after the four fixed ids, so ``<extra_id_i>`` is id ``4 + i``;
+T5 itself puts them at the top of the vocab) and byte fallback. Whitespace and text are never
+normalised (every meshforge tokenizer), so ``decode(encode(t)) == t``."""
 _TRAIN_SEED = 1234
 _MIN_LEARNED_PIECES = 8
 
@@ -136,36 +146,71 @@ def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _sentences(paths: list[Path], text_field: str) -> list[str]:
-    """Non-empty lines of all documents (sentencepiece trains on lines)."""
-    out = []
+def _lines(paths: list[Path], text_field: str) -> Iterator[str]:
     for path in paths:
         for text in iter_texts(path, text_field):
-            out.extend(line for line in text.split("\n") if line.strip())
-    return out
+            yield from (line for line in text.split("\n") if line.strip())
+
+
+def _sentences(paths: list[Path], text_field: str, sample: int = 0) -> tuple[list[str], int]:
+    """(training lines, lines seen): non-empty lines of all documents (sentencepiece trains on lines).
+
+    With ``sample`` > 0 and more lines than that, a seeded reservoir sample of ``sample`` lines
+    in shuffled order: memory stays bounded by ``sample`` however large the corpus is.
+    """
+    if sample <= 0:
+        out = list(_lines(paths, text_field))
+        return out, len(out)
+    import random
+
+    rng = random.Random(_TRAIN_SEED)
+    out, seen = [], 0
+    for line in _lines(paths, text_field):
+        seen += 1
+        if len(out) < sample:
+            out.append(line)
+        else:
+            j = rng.randrange(seen)
+            if j < sample:
+                out[j] = line
+    if seen > sample:
+        rng.shuffle(out)
+    return out, seen
 
 
 def train_tokenizer(
     inputs: Sequence[str | Path],
     model_prefix: str | Path,
     vocab_size: int,
-    model_type: str = "bpe",
-    byte_fallback: bool = True,
-    split_digits: bool = True,
+    model_type: str | None = None,
+    byte_fallback: bool | None = None,
+    split_digits: bool | None = None,
     special_tokens: Sequence[str] = (),
     n_reserved: int = 0,
     input_sentence_size: int = 0,
     character_coverage: float = 0.9995,
     num_threads: int = 2,
     text_field: str = "text",
+    preset: str | None = None,
 ) -> Path:
     """Train a sentencepiece model on text files and write ``<model_prefix>.model`` atomically.
 
     ``inputs`` are .txt (one document per file) or .jsonl/.jsonl.gz files (``text_field`` of
     each line). ``special_tokens`` and ``n_reserved`` reserved tokens (``<reserved_i>``) become
     user-defined symbols right after the four fixed ids. ``input_sentence_size`` > 0 trains on
-    a seeded sample of that many lines. Returns the path of the written model file.
+    a seeded sample of that many lines (reservoir sampling, then shuffled). ``preset`` (see
+    :data:`PRESETS`) sets ``model_type``, ``byte_fallback``, ``split_digits`` and sentinels;
+    arguments given explicitly win. Without a preset the defaults are the ``llama`` recipe.
+    Returns the path of the written model file.
     """
+    if preset is not None and preset not in PRESETS:
+        raise TokenizerError(f"tokenizer preset {preset!r} is unknown: use one of {', '.join(PRESETS)}")
+    recipe = PRESETS[preset or "llama"]
+    model_type = recipe["model_type"] if model_type is None else model_type
+    byte_fallback = recipe["byte_fallback"] if byte_fallback is None else byte_fallback
+    split_digits = recipe["split_digits"] if split_digits is None else split_digits
+    special_tokens = [f"<extra_id_{i}>" for i in range(recipe["sentinels"])] + [
+        t for t in special_tokens if not (recipe["sentinels"] and t.startswith("<extra_id_"))]
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type {model_type!r} is not supported: use one of {', '.join(MODEL_TYPES)}")
     if n_reserved < 0:
@@ -180,7 +225,7 @@ def train_tokenizer(
             f"{256 if byte_fallback else 0} bytes) need {fixed}; use at least {fixed + _MIN_LEARNED_PIECES}"
         )
     paths = _check_inputs(inputs)
-    sentences = _sentences(paths, text_field)
+    sentences, _ = _sentences(paths, text_field, input_sentence_size)
     if not sentences:
         raise TokenizerError(f"tokenizer training inputs {[str(p) for p in paths]} hold no text: check text_field={text_field!r}")
 
@@ -197,8 +242,8 @@ def train_tokenizer(
             byte_fallback=byte_fallback,
             split_digits=split_digits,
             user_defined_symbols=user_symbols,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # sampled above, reproducibly and in bounded memory
+            shuffle_input_sentence=False,
             character_coverage=character_coverage,
             num_threads=num_threads,
             pad_id=PAD_ID,
