@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .decoder import Decoder
+from .encoder_decoder import EncoderDecoder
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelSpec:
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "decoder": ModelSpec("decoder", Decoder),
+    "encoder_decoder": ModelSpec("encoder_decoder", EncoderDecoder),
 }
 
 
@@ -43,6 +45,32 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", init: bool
     return model
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, in forward order: the units that parallel/ wraps (checkpointing,
+    compile, FSDP). A decoder (or a pipeline stage of one) keeps them in ``layers``; an
+    encoder-decoder in ``encoder.layers`` then ``decoder.layers``."""
+    if hasattr(model, "encoder") and hasattr(model, "decoder"):
+        return [*model.encoder.layers.values(), *model.decoder.layers.values()]
+    return list(model.layers.values())
+
+
+def active_params(model: nn.Module, cfg: ModelConfig) -> int:
+    """Parameters a token passes through: no input embedding (a lookup), only top-k (+ shared)
+    experts of each MoE layer. The N of the 6N FLOPs rule."""
+    from .moe import GroupedExperts
+
+    n = 0
+    for name, p in model.named_parameters():  # a tied embedding counts once, as the output
+        if name.startswith("tok_embeddings.") and not cfg.tie_embeddings:
+            continue
+        n += p.numel()
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            per_expert = sum(p.numel() for p in m.parameters()) // cfg.moe_experts
+            n -= per_expert * (cfg.moe_experts - cfg.moe_top_k)
+    return n
+
+
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12 * L * H * Q * T (PaLM appendix B).
 
@@ -52,4 +80,4 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
-__all__ = ["Decoder", "MODEL_SPECS", "ModelSpec", "build_model", "flops_per_token"]
+__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "flops_per_token", "transformer_blocks"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import Attention, FeedForward, RMSNorm, init_linear, output_std, rope_tables
+from .layers import Attention, FeedForward, RMSNorm, document_mask, init_linear, output_std, rope_tables
 from .moe import MoE
 
 
@@ -26,10 +26,11 @@ class DecoderBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim,
+                                                                                       cfg.ffn_activation)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask=mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -50,13 +51,18 @@ class Decoder(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage) -> logits [B, T, V]."""
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage) -> logits [B, T, V].
+
+        ``segments`` [B, T] (document id per position) restricts attention to each token's
+        own document; without it attention is plainly causal.
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seqlen = h.shape[1]
         cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        mask = None if segments is None else document_mask(segments, use_flex=segments.is_cuda)
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, cos, sin) if mask is None else block(h, cos, sin, mask=mask)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -8,10 +8,12 @@ the projections column-wise (fewer local heads) needs no change here.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +61,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        """``mask``: None (causal), a boolean [B, 1, T, T] mask, or a FlexAttention BlockMask."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
@@ -68,21 +71,51 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, torch.Tensor):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+def document_mask(segments: torch.Tensor, use_flex: bool):
+    """Causal attention within documents: position i sees j iff j <= i and both are in the same
+    document (``segments`` [B, T] holds a document id per position).
 
-    def __init__(self, dim: int, hidden_dim: int):
+    A dense boolean [B, 1, T, T] mask for SDPA, or a FlexAttention BlockMask (which skips
+    whole blocks across documents: the fast path on GPU).
+    """
+    bsz, seqlen = segments.shape
+    if use_flex:
+        def same_doc_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+
+        return create_block_mask(same_doc_causal, bsz, None, seqlen, seqlen, device=segments.device)
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segments.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
+
+GATE_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": partial(F.gelu, approximate="tanh"),
+}
+
+
+class FeedForward(nn.Module):
+    """Gated feed-forward: w2(act(w1 x) * w3 x) -- SwiGLU with silu, T5 v1.1 gated-GELU with gelu."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
+        self.act = GATE_ACTIVATIONS[activation]
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 def init_linear(linear: nn.Linear, std: float) -> None:

@@ -52,6 +52,11 @@ class AuxLossToGrad(torch.autograd.Function):
         return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=grad.device), None
 
 
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded, DTensor) weight held by this process."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights; input tokens sorted by expert."""
 
@@ -62,17 +67,22 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [M, dim] sorted by expert, counts [E_local] tokens per expert -> [M, dim]."""
+        """x [M, dim] sorted by expert, counts [E_local] tokens per expert -> [M, dim].
+
+        The weights may be sharded over experts by expert parallelism: only this rank's
+        experts (the local part of the weights) take part, and ``counts`` has one entry each.
+        """
+        w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
         if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs))
-            h = h * torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
+            h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs))
+            h = h * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
         outs = []
         for e, chunk in enumerate(torch.split(x, counts.tolist())):
-            h = F.silu(chunk @ self.w1[e].T) * (chunk @ self.w3[e].T)
-            outs.append(h @ self.w2[e].T)
-        return torch.cat(outs) if outs else x.new_zeros(0, self.w2.shape[1])
+            h = F.silu(chunk @ w1[e].T) * (chunk @ w3[e].T)
+            outs.append(h @ w2[e].T)
+        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
 
     def init_weights(self, std: float, out_std: float) -> None:
         for w, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):

@@ -15,25 +15,45 @@ from ..config import JobConfig
 from .activation_checkpoint import apply_activation_checkpointing
 from .compile import apply_compile, compile_enabled
 from .data_parallel import apply_fsdp
+from .expert_parallel import apply_ep, apply_expert_fsdp, build_ep_mesh, expert_dp_mesh
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
+from .tensor_parallel import apply_tp
 
 
 def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
     """The job's mesh with dims ``pp, dp_replicate, dp_shard, cp, tp``; None for one process."""
     if d.world_size == 1:
         return None
+    if d.ep > 1:  # dp_shard split into dp_shard_mod_ep x dp_shard_in_ep, re-flattened as dp_shard and ep
+        return build_ep_mesh(d, device.type)
     shape = tuple(getattr(d, name) for name in MESH_DIMS)
     return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig) -> nn.Module:
+    if mesh is not None and d.pp > 1:
+        # Pipeline split first; every later step then runs on each stage module of this rank
+        # (returns a PipelineModel: this rank's stages under the original parameter names).
+        from dataclasses import replace
+
+        from .pipeline import apply_pipeline
+
+        stage_degrees = replace(d, pp=1)
+        return apply_pipeline(model, mesh, d, cfg, lambda stage: parallelize(stage, mesh, stage_degrees, cfg))
     p = cfg.parallel
     device_type = next(model.parameters()).device.type
+    if mesh is not None and d.tp > 1:
+        model = apply_tp(model, mesh["tp"], p)  # params become DTensors on the tp sub-mesh
+    if mesh is not None and d.ep > 1:
+        model = apply_ep(model, mesh["ep"])  # expert weights become Shard(0) DTensors on the ep sub-mesh
     model = apply_activation_checkpointing(model, p.activation_checkpointing)
     if compile_enabled(p.compile, device_type):
         model = apply_compile(model)
-    if mesh is not None and d.dp > 1:
+    if mesh is not None and d.dp > 1 and p.dp_backend == "fsdp2":  # "deepspeed": the trainer wraps it in an engine
         dp_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
+        if d.ep > 1:  # experts first: FSDP over the dp ranks outside their ep group; the blocks take the rest
+            apply_expert_fsdp(model, expert_dp_mesh(mesh, d), p.fsdp_reshard_after_forward,
+                              param_dtype(p.param_dtype, mesh), p.fsdp_cpu_offload)
         model = apply_fsdp(model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype(p.param_dtype, mesh),
                            p.fsdp_cpu_offload)
     return model

@@ -18,6 +18,8 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from ..models import transformer_blocks
+
 _aten = torch.ops.aten
 
 SAVE_OPS = {
@@ -37,10 +39,10 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
-    """Checkpoint every block of ``model.layers`` in ``mode`` (``none``, ``full``, ``selective``)."""
+    """Checkpoint every transformer block of ``model`` in ``mode`` (``none``, ``full``, ``selective``)."""
     if mode == "none":
         return model
-    for block in model.layers.values():
+    for block in transformer_blocks(model):
         if mode == "full":
             checkpoint(block)
         elif mode == "selective":

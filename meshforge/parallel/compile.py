@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..models import transformer_blocks
+
 
 def compile_enabled(setting: str, device_type: str) -> bool:
     """``auto`` compiles on GPU only; CPU runs stay eager (and fast to start)."""
@@ -15,6 +17,6 @@ def compile_enabled(setting: str, device_type: str) -> bool:
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    for block in model.layers.values():
+    for block in transformer_blocks(model):
         block.compile(fullgraph=True)
     return model

@@ -13,6 +13,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from ..models import transformer_blocks
+
 
 def apply_fsdp(
     model: nn.Module,
@@ -28,7 +30,7 @@ def apply_fsdp(
     if cpu_offload:
         # pinned host memory needs an accelerator; on a CPU-only job offload is a plain copy
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dp_mesh.device_type == "cuda")
-    blocks = list(model.layers.values())
+    blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
         # The last block's params are needed again right away by backward: never reshard it.
         fully_shard(block, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(blocks) - 1})

@@ -41,5 +41,10 @@ def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | No
     parameters = [p for p in parameters if p.grad is not None]
     norm = total_grad_norm(parameters, pp_group)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        # one foreach call per mesh: DTensors on different meshes (expert weights on ep) cannot share one
+        by_mesh: dict = defaultdict(list)
+        for p in parameters:
+            by_mesh[getattr(p.grad, "device_mesh", None)].append(p)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return norm

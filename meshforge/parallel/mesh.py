@@ -57,9 +57,21 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if d.cp != 1:
         raise ConfigError(f"parallel.cp = {d.cp}: context parallelism is not implemented yet; use 1")
-    if d.ep != 1:
-        raise ConfigError(f"parallel.ep = {d.ep}: expert parallelism needs an MoE model; use 1")
+    if d.ep > 1:  # expert parallel borrows its ranks from dp_shard x cp
+        if not m.moe_experts:
+            raise ConfigError(f"parallel.ep = {d.ep}: expert parallelism needs an MoE model "
+                              "(model.moe_experts > 0); use parallel.ep = 1 for a dense model")
+        if (d.dp_shard * d.cp) % d.ep:
+            raise ConfigError(f"parallel.ep = {d.ep} must divide dp_shard*cp = {d.dp_shard}*{d.cp} = "
+                              f"{d.dp_shard * d.cp} (expert parallel borrows its ranks from them)")
+        if m.moe_experts % d.ep:
+            raise ConfigError(f"model.moe_experts = {m.moe_experts} does not divide by parallel.ep = {d.ep}")
+        if p.dp_backend != "fsdp2":
+            raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
     if d.tp > 1:
+        if m.family != "decoder" or m.moe_experts:
+            raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plan covers the dense decoder only "
+                              f"(model.family = {m.family!r}, model.moe_experts = {m.moe_experts}); use parallel.tp = 1")
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
                             ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
             if value % d.tp:
@@ -74,6 +86,9 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
         if m.tie_embeddings:
             raise ConfigError("pipeline parallel needs untied embeddings (set model.tie_embeddings = false): "
                               "the embedding and the output live on different stages")
+    if cfg.data.document_mask and (d.tp > 1 or d.pp > 1):
+        raise ConfigError(f"data.document_mask works with data and expert parallelism only so far (parallel.tp = "
+                          f"{d.tp}, parallel.pp = {d.pp}); use tp = pp = 1 or turn the mask off")
     if p.dp_backend == "deepspeed" and (d.tp > 1 or d.pp > 1 or d.dp_replicate > 1):
         raise ConfigError("parallel.dp_backend = 'deepspeed' supports data parallelism only (tp = pp = dp_replicate = 1)")
     if t.global_batch_size % (t.micro_batch_size * d.dp):

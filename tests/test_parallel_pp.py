@@ -1,0 +1,176 @@
+"""Pipeline parallel (every schedule, uneven split, x FSDP2, x TP, resume) against one process.
+
+The reference is a single-process run with untied embeddings (pipeline parallel needs them:
+the embedding and the output projection live on different stages). Every run also
+evaluates at steps 0, 5 and 10, so the forward-only schedule is checked against the
+reference's validation loss, including the switch between eval and train at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from meshforge.cli import main as cli_main
+from meshforge.config import ConfigError, load_config
+from meshforge.parallel.mesh import resolve_degrees
+from meshforge.parallel.pipeline import plan_pipeline, split_layers
+from parallel_harness import PARITY_ARGS, assert_parity, read_result, run_ranks, train_layout
+
+PP_ARGS = ("--model.tie_embeddings", "false", "--train.eval_interval", "5")
+"""What every run here adds to PARITY_ARGS (the reference too)."""
+
+
+def _metric(out, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def _assert_pp_parity(ref, got) -> None:
+    """Losses and final params (the harness), plus validation losses, z-losses and gradient norms.
+
+    The gradient norm is what catches a wrong loss scale: AdamW's update barely depends
+    on the scale of the gradient, so losses and weights alone could still agree.
+    """
+    assert_parity(ref, got)
+    loss_diff = max(abs(a - b) / abs(a) for a, b in zip(ref.losses, got.losses))
+    param_diff = max(((got.params[k] - v).abs().max() / v.abs().max()).item() for k, v in ref.params.items())
+    print(f"\n{got.output_dir.name}: max rel diff loss {loss_diff:.2e}, params {param_diff:.2e}", end=" ")
+    for key, steps in (("val_loss", [0, 5, 10]), ("grad_norm", list(range(1, 11))), ("z_loss", list(range(1, 11)))):
+        want, have = _metric(ref.output_dir, key), _metric(got.output_dir, key)
+        assert sorted(want) == sorted(have) == steps, key
+        for step, v in want.items():
+            assert have[step] == pytest.approx(v, rel=1e-5), (key, step)
+        print(f"{key} {max(abs(have[k] - v) / abs(v) for k, v in want.items() if v):.2e}", end=" ")
+
+
+@pytest.fixture(scope="module")
+def untied_ref(tiny_data, tmp_path_factory):
+    """The single-process reference with untied embeddings."""
+    return train_layout(tiny_data, tmp_path_factory.mktemp("pp_ref") / "ref", 1, *PP_ARGS)
+
+
+@pytest.mark.parametrize("name, world, overrides", [
+    ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
+    # layers 0 | 1 2 3: uneven, and the last stage holds three blocks plus the head
+    ("pp2-1f1b-uneven-split", 2, ("--parallel.pp_schedule", "1f1b", "--parallel.pp_split", "1")),
+    ("pp2-interleaved-1f1b", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
+    ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
+    ("pp2xfsdp2", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
+    ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    ("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+])
+def test_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, untied_ref, tmp_path):
+    got = train_layout(tiny_data, tmp_path / name, world, "--parallel.pp", "2", *PP_ARGS, *overrides)
+    _assert_pp_parity(untied_ref, got)
+
+
+def test_pipeline_checkpoint_resumes_in_one_process(tiny_data, untied_ref, tmp_path):
+    """pp2 trains 5 steps and checkpoints; one process continues to step 10 from it."""
+    out = tmp_path / "run"
+    common = ["train", *PARITY_ARGS, *PP_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out)]
+    run_ranks(2, [*common, "--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--train.steps", "5"])
+    assert (out / "checkpoints" / "step_00000005").is_dir()
+    run_ranks(1, common)  # train.steps back to 10: resumes at step 5 without pipeline
+    _assert_pp_parity(untied_ref, read_result(out))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_too_few_layers_fails_before_process_groups(tiny_data, tmp_path, monkeypatch, capsys):
+    # World size 2 with nobody else running: creating a process group would hang, so
+    # returning at all proves the check came first.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    code = cli_main(["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
+                     "--model.tie_embeddings", "false", "--model.n_layers", "3", "--parallel.pp", "2",
+                     "--parallel.pp_schedule", "interleaved_1f1b"])
+    assert code == 2
+    assert "model.n_layers = 3 cannot cover 4 pipeline stages (parallel.pp = 2 x 2 stages per rank)" \
+        in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_pipeline_split_fails_before_process_groups(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    code = cli_main(["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
+                     "--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp", "2",
+                     "--parallel.pp_split", "4"])
+    assert code == 2
+    assert "split points must increase strictly within 1..3" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_split_layers():
+    assert split_layers(4, 2) == ((0, 2), (2, 4))
+    assert split_layers(7, 3) == ((0, 3), (3, 5), (5, 7))  # the first stages take the remainder
+    assert split_layers(8, 3, "3,6") == ((0, 3), (3, 6), (6, 8))
+    for bad in ("3", "3,3", "0,4", "x,4", "3,8"):
+        with pytest.raises(ConfigError):
+            split_layers(8, 3, bad)
+
+
+def _plan(world, *overrides):
+    cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "8",
+                                    "--train.global_batch_size", "8", "--train.micro_batch_size", "2", *overrides])
+    return plan_pipeline(cfg, resolve_degrees(cfg.parallel, world))
+
+
+def test_pipeline_plan():
+    plan = _plan(2, "--parallel.pp", "2")
+    assert (plan.n_stages, plan.n_microbatches, plan.schedule) == (2, 4, "1f1b")
+    assert plan.stages_of_rank(1) == [1]
+    plan = _plan(4, "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b")
+    # dp 2: local batch 4 in micro batches of 2; loop placement of 4 stages on 2 ranks
+    assert (plan.n_stages, plan.n_microbatches) == (4, 2)
+    assert plan.stages_of_rank(0) == [0, 2] and plan.stages_of_rank(1) == [1, 3]
+    assert plan.layer_ranges == ((0, 2), (2, 4), (4, 6), (6, 8))
+    assert _plan(2, "--parallel.pp", "2", "--parallel.pp_microbatches", "8").n_microbatches == 8
+    with pytest.raises(ConfigError, match="must divide the local batch"):
+        _plan(2, "--parallel.pp", "2", "--parallel.pp_microbatches", "3")
+    with pytest.raises(ConfigError, match="fewer than parallel.pp = 4"):
+        _plan(4, "--parallel.pp", "4", "--train.micro_batch_size", "4")
+    with pytest.raises(ConfigError, match="runs one stage per rank"):
+        _plan(2, "--parallel.pp", "2", "--parallel.pp_stages_per_rank", "2")
+    with pytest.raises(ConfigError, match="dense decoder only"):
+        _plan(2, "--parallel.pp", "2", "--model.moe_experts", "4")
+    cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp", "2",
+                                    "--parallel.pp_schedule", "zero_bubble", "--parallel.compile", "auto"])
+    plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cpu")  # auto: no compile on CPU
+    with pytest.raises(ConfigError, match="set parallel.compile = off"):
+        plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cuda")
+
+
+def test_split_keeps_names_and_weights():
+    """Stages of every rank together hold exactly the full model's parameters, by name and value."""
+    from meshforge.models import build_model
+    from meshforge.parallel.pipeline import PipelineModel, split_model
+
+    cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "5",
+                                    "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"])
+    plan = plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2))
+    torch.manual_seed(0)
+    full = {k: v.clone() for k, v in build_model(cfg.model).state_dict().items()}
+    seen = {}
+    for rank in range(2):
+        torch.manual_seed(0)
+        parts = split_model(build_model(cfg.model), plan, rank)
+        view = PipelineModel(parts, plan.stages_of_rank(rank), plan)
+        sd = view.state_dict()
+        assert not seen.keys() & sd.keys()
+        seen.update(sd)
+        x = torch.randint(0, cfg.model.vocab_size, (2, 8))
+        assert (parts[0].tok_embeddings is not None) == (rank == 0)
+        assert (parts[-1].output is not None) == (rank == 1)
+        if rank == 0:
+            assert parts[0](x).shape == (2, 8, cfg.model.dim)  # hidden states out of stage 0
+    assert seen.keys() == full.keys()
+    for k, v in full.items():
+        torch.testing.assert_close(seen[k], v, rtol=0, atol=0)
