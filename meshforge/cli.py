@@ -12,9 +12,10 @@ from .config import ConfigError, describe, load_config
 def _user_errors() -> tuple[type[Exception], ...]:
     from .data_pipeline.errors import DataError
     from .pretrain.checkpoint import CheckpointError
+    from .pretrain.faults import TrainingDiverged
     from .tokenizers import TokenizerError
 
-    return (ConfigError, DataError, CheckpointError, TokenizerError)
+    return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged)
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
@@ -24,7 +25,11 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = load_config(args.config, rest)
     from .pretrain.trainer import train
 
-    train(cfg)
+    result = train(cfg)
+    if result.preempted:
+        from .pretrain.faults import EXIT_PREEMPTED
+
+        return EXIT_PREEMPTED  # a job script requeues on this status; the rerun resumes
     return 0
 
 
@@ -41,25 +46,50 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     path = train_tokenizer(
         args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
-        byte_fallback=not args.no_byte_fallback, split_digits=not args.no_split_digits,
+        byte_fallback=False if args.no_byte_fallback else None, split_digits=False if args.no_split_digits else None,
         special_tokens=args.special_tokens, n_reserved=args.reserved,
         input_sentence_size=args.input_sentence_size, num_threads=args.threads, text_field=args.text_field,
+        preset=args.preset,
     )
     print(f"wrote {path}")
     return 0
 
 
 def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
-    from .data_pipeline.prepare import prepare_data
+    from .data_pipeline.prepare import default_node_rank, prepare_data
 
+    env_rank, env_nodes = default_node_rank() if args.node_rank is None or args.num_nodes is None else (0, 1)
+    node_rank = env_rank if args.node_rank is None else args.node_rank
+    num_nodes = env_nodes if args.num_nodes is None else args.num_nodes
     manifest = prepare_data(
         args.input, args.tokenizer, args.output, workers=args.workers, text_field=args.text_field,
-        hf_dataset=args.hf_dataset, hf_split=args.hf_split, docs_per_shard=args.docs_per_shard,
-        overwrite=args.overwrite,
+        hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
+        hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard,
+        overwrite=args.overwrite, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
     )
-    print(f"wrote {len(manifest['shards'])} shards, {manifest['num_documents']} documents, "
-          f"{manifest['num_tokens']} tokens to {args.output}")
+    if manifest.get("format") == "meshforge-node-partial-v1":
+        print(f"node {node_rank} of {num_nodes}: {len(manifest['slices'])} slices, {manifest['num_documents']} documents, "
+              f"{manifest['num_tokens']} tokens in {args.output}; run `meshforge data merge-manifest {args.output}` "
+              f"once every node is done")
+    else:
+        print(f"wrote {len(manifest['shards'])} shards, {manifest['num_documents']} documents, "
+              f"{manifest['num_tokens']} tokens to {args.output} (skipped records: {manifest['skipped_records']})")
     return 0
+
+
+def cmd_data_merge(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data_pipeline.prepare import merge_manifest
+
+    manifest = merge_manifest(args.dir, verify=args.verify)
+    print(f"wrote {args.dir}/manifest.json: {len(manifest['shards'])} shards, {manifest['num_documents']} documents, "
+          f"{manifest['num_tokens']} tokens")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace, rest: list[str]) -> int:
+    from .launch.launcher import run_launch
+
+    return run_launch(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,28 +116,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .jsonl.gz files")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.add_argument("--preset", choices=("llama", "t5"), default=None,
+                   help="llama: BPE, byte fallback, digits split; t5: unigram + 100 <extra_id_i> sentinels")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="default: the preset's (bpe)")
     p.add_argument("--no-byte-fallback", action="store_true")
     p.add_argument("--no-split-digits", action="store_true")
     p.add_argument("--special-tokens", nargs="*", default=[], help="extra user-defined symbols")
     p.add_argument("--reserved", type=int, default=0, help="number of <reserved_i> tokens to add")
-    p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many sentences (0: all)")
+    p.add_argument("--input-sentence-size", type=int, default=0,
+                   help="train on a seeded, shuffled sample of this many lines (0: all); bounds memory on large corpora")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="tokenize text into Megatron-format indexed shards")
-    p.add_argument("--input", nargs="*", default=[], help=".txt (one document per file), .jsonl, .jsonl.gz")
-    p.add_argument("--hf-dataset", default=None, help="a local Hugging Face dataset saved with save_to_disk")
+    p.add_argument("--input", nargs="*", default=[],
+                   help="files or globs: .txt (one document per file), .jsonl, .jsonl.gz, .jsonl.zst, .parquet")
+    p.add_argument("--hf-dataset", default=None, help="a local Hugging Face dataset (save_to_disk dir, or data files with --hf-streaming)")
     p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-streaming", action="store_true", help="read --hf-dataset with load_dataset(dir, streaming=True)")
+    p.add_argument("--hf-rows-per-slice", type=int, default=0, help="cut a saved HF dataset into slices of this many rows")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
     p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--text-field", default="text")
-    p.add_argument("--docs-per-shard", type=int, default=0, help="0: one shard per input file")
+    p.add_argument("--docs-per-shard", type=int, default=0, help="0: one shard per input slice")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dir")
+    p.add_argument("--node-rank", type=int, default=None, help="this node (default: $RANK, or MPI rank, or 0)")
+    p.add_argument("--num-nodes", type=int, default=None, help="nodes sharing the work (default: $WORLD_SIZE, MPI size, or 1)")
+    p.add_argument("--no-merge", action="store_true", help="never write manifest.json here; use merge-manifest")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("merge-manifest", help="write manifest.json once every node of a prepare is done")
+    p.add_argument("dir", help="the output dir of `meshforge data prepare`")
+    p.add_argument("--verify", action="store_true", help="re-hash every shard against its recorded sha256")
+    p.set_defaults(func=cmd_data_merge)
+
+    from .launch.launcher import add_launch_arguments
+
+    p = sub.add_parser("launch", help="start a job with torchrun, SLURM (--slurm) or mpiexec (--mpi): "
+                       "meshforge launch --nodes N --gpus-per-node G [--slurm|--mpi] -- train ...")
+    add_launch_arguments(p)
+    p.set_defaults(func=cmd_launch)
     return parser
 
 

@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     family: str = "decoder"
-    """Model family from the registry in ``meshforge.models`` (``decoder``)."""
+    """Model family from the registry in ``meshforge.models``: ``decoder`` or ``encoder_decoder`` (T5-style)."""
     vocab_size: int = 2048
     """Size of the embedding/output vocabulary; must be at least the tokenizer's vocab size."""
     dim: int = 192
@@ -63,6 +63,18 @@ class ModelConfig:
     """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
     init_std: float = 0.02
     """Standard deviation of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
+    n_decoder_layers: int = 0
+    """Encoder-decoder only: decoder blocks (``n_layers`` counts the encoder's); 0 means ``n_layers``."""
+    position_encoding: str = "rope"
+    """``rope``, or ``relative`` (T5 bucketed relative position bias; encoder-decoder only)."""
+    rel_pos_buckets: int = 32
+    """Relative position bias: number of buckets."""
+    rel_pos_max_distance: int = 128
+    """Relative position bias: distance beyond which all positions share the last bucket."""
+    ffn_activation: str = "silu"
+    """Gate activation of the gated feed-forward: ``silu`` (SwiGLU) or ``gelu`` (tanh GELU, T5 v1.1 gated-GELU)."""
+    attn_scale: float = 0.0
+    """Attention logit scale; 0 means 1/sqrt(head_dim). T5 uses 1 (the scale is folded into its init)."""
     moe_experts: int = 0
     """Routed experts in each MoE feed-forward; 0 means a dense model."""
     moe_top_k: int = 2
@@ -166,10 +178,22 @@ class DataConfig:
     """Tokens per training sample (each sample holds seq_len+1 tokens: inputs and shifted targets)."""
     valid_fraction: float = 0.02
     """Fraction of documents held out for validation (chosen deterministically by document)."""
+    objective: str = "auto"
+    """Training objective: ``lm`` (next token), ``span_corruption`` (T5), or ``auto`` (lm for decoders, span_corruption for encoder-decoders)."""
+    noise_density: float = 0.15
+    """Span corruption: fraction of tokens masked."""
+    mean_noise_span: float = 3.0
+    """Span corruption: mean length of a masked span."""
+    decoder_seq_len: int = 0
+    """Encoder-decoder: decoder (target) length; 0 derives it from data.seq_len (the encoder length) as T5 does."""
+    document_mask: bool = False
+    """Decoder LM: attend only within each document of a packed sample (positions carry document ids; FlexAttention on GPU, a dense mask on CPU)."""
     builtin_vocab_size: int = 2048
     """Vocab size of the tokenizer trained for a ``builtin:`` corpus on first use."""
     cache_dir: str = ""
     """Where ``builtin:`` corpora are prepared; empty means $MESHFORGE_CACHE or ~/.cache/meshforge."""
+    blend: str = ""
+    """Blend of data dirs ``"0.7:data/web,0.3:data/books"`` (weights normalised); when set, data.path is not used. May change on resume: the new blend applies from the resume point."""
 
 
 @dataclass
@@ -226,6 +250,12 @@ class TrainConfig:
     """Tokens to generate for the end-of-training sample."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (no update, counted in the metrics); this many in a row stop the run with the newest checkpoint intact."""
+    spike_sigmas: float = 6.0
+    """Flag (log) a loss more than this many standard deviations above the mean of the last 50 steps; 0 turns it off."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every collective: a rank that died or hangs makes the others fail with an error naming the operation instead of waiting forever."""
 
 
 @dataclass
@@ -236,6 +266,8 @@ class CheckpointConfig:
     """Keep this many newest checkpoints; older ones are deleted after a newer one is complete."""
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in the output dir."""
+    on_preemption: bool = True
+    """On SIGTERM or SIGUSR1 (SLURM's warning before the time limit, ``scancel --signal``): finish the step, write a checkpoint and exit with status 42 so the job script can requeue; the restart resumes from it."""
 
 
 @dataclass
@@ -440,7 +472,10 @@ def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- validation
 
 CHOICES = {
-    "model.family": ("decoder",),
+    "model.family": ("decoder", "encoder_decoder"),
+    "model.position_encoding": ("rope", "relative"),
+    "model.ffn_activation": ("silu", "gelu"),
+    "data.objective": ("auto", "lm", "span_corruption"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "model.moe_score": ("softmax", "sigmoid"),
     "optim.wsd_decay": ("linear", "sqrt"),
@@ -488,6 +523,8 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"head dim model.dim/model.n_heads = {m.head_dim} must be even for RoPE")
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
+    if m.family == "decoder" and m.position_encoding != "rope":
+        raise ConfigError("model.position_encoding = 'relative' is for encoder_decoder models; decoders use rope")
     if m.moe_experts:
         if not 1 <= m.moe_top_k <= m.moe_experts:
             raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
@@ -498,6 +535,16 @@ def validate(cfg: JobConfig) -> None:
             f"data.seq_len ({d.seq_len}) is beyond the model's positions (model.max_seq_len = {m.max_seq_len}); "
             "lower data.seq_len or raise model.max_seq_len"
         )
+    if not 0.0 < d.noise_density < 1.0 or d.mean_noise_span < 1.0:
+        raise ConfigError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
+                          f"{d.noise_density} and {d.mean_noise_span}")
+    objective = resolve_objective(cfg)
+    if (objective == "span_corruption") != (m.family == "encoder_decoder"):
+        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: span_corruption "
+                          "trains encoder_decoder models, lm trains decoders")
+    if d.document_mask and objective != "lm":
+        raise ConfigError("data.document_mask applies to the decoder LM objective; span corruption windows are "
+                          "corrupted across document boundaries as in T5 (set data.document_mask = false)")
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
@@ -517,8 +564,18 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
+    if t.max_nonfinite_steps < 1 or t.spike_sigmas < 0 or t.collective_timeout_s <= 0:
+        raise ConfigError(f"train.max_nonfinite_steps must be >= 1, train.spike_sigmas >= 0 and "
+                          f"train.collective_timeout_s > 0 (got {t.max_nonfinite_steps}, {t.spike_sigmas}, "
+                          f"{t.collective_timeout_s})")
     if not t.output_dir:
         raise ConfigError("train.output_dir must be set")
+
+
+def resolve_objective(cfg: JobConfig) -> str:
+    if cfg.data.objective != "auto":
+        return cfg.data.objective
+    return "span_corruption" if cfg.model.family == "encoder_decoder" else "lm"
 
 
 # --------------------------------------------------------------------------- identity

@@ -3,6 +3,9 @@
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -41,3 +44,135 @@ def test_spike_detector():
     assert not any(flags)
     assert d.update(5.0)
     assert not d.update(3.01)
+
+
+# --------------------------------------------------------------------------- in the trainer
+
+from meshforge.config import load_config  # noqa: E402
+from meshforge.pretrain import trainer as trainer_mod  # noqa: E402
+from meshforge.pretrain.checkpoint import list_checkpoints, load_model_weights  # noqa: E402
+from meshforge.pretrain.metrics import read_metrics  # noqa: E402
+from parallel_harness import PARITY_ARGS, REPO, free_port, read_result  # noqa: E402
+
+
+def _poison(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the loss (and so every gradient) NaN on the given 1-based steps."""
+    original = trainer_mod.Trainer._forward_loss
+
+    def forward_loss(self, batch):
+        parts = original(self, batch)
+        if self.model.training and self.step + 1 in bad_steps:
+            parts.total = parts.total * float("nan")
+            parts.ce = parts.ce * float("nan")
+        return parts
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_forward_loss", forward_loss)
+
+
+def _weights(ckpt):
+    from meshforge.config import config_from_dict
+    from meshforge.models import build_model
+    from meshforge.pretrain.checkpoint import read_meta
+
+    model = build_model(config_from_dict(read_meta(ckpt)["config"]).model, "cpu")
+    load_model_weights(ckpt, model)
+    return model.state_dict()
+
+
+def test_non_finite_step_is_skipped_without_an_update(tiny_data, tmp_path, monkeypatch):
+    _poison(monkeypatch, {3})
+    out = tmp_path / "run"
+    trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data),
+                                                "--train.output_dir", str(out), "--train.steps", "5",
+                                                "--checkpoint.interval", "1", "--checkpoint.keep_last", "10"]))
+    records = {r["step"]: r for r in read_metrics(out) if "loss" in r}
+    assert records[3].get("skipped") == 1 and records[3]["skipped_total"] == 1 and math.isnan(records[3]["loss"])
+    assert all("skipped" not in records[s] and math.isfinite(records[s]["loss"]) for s in (1, 2, 4, 5))
+    ckpts = {int(p.name.split("_")[1]): p for p in list_checkpoints(out / "checkpoints")}
+    w2, w3, w4 = (_weights(ckpts[s]) for s in (2, 3, 4))
+    for name in w2:  # step 3 changed nothing; step 4 trained again
+        torch.testing.assert_close(w3[name], w2[name], rtol=0, atol=0)
+    assert any(not torch.equal(w4[name], w3[name]) for name in w3)
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    from meshforge.cli import main as cli_main
+
+    _poison(monkeypatch, {4, 5, 6})
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--config", "tiny-test", *PARITY_ARGS[2:], "--data.path", str(tiny_data),
+                   "--train.output_dir", str(out), "--checkpoint.interval", "3", "--train.max_nonfinite_steps", "3"])
+    assert rc == 2
+    assert "3 consecutive steps with non-finite loss" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
+    assert all(math.isfinite(v.abs().max().item()) for v in _weights(out / "checkpoints" / "step_00000003").values())
+
+
+def test_loss_spike_is_logged(tiny_data, tmp_path, monkeypatch):
+    original = trainer_mod.Trainer._forward_loss
+
+    def forward_loss(self, batch):
+        parts = original(self, batch)
+        if self.model.training and self.step + 1 == 14:
+            parts.ce = parts.ce * 50  # reported loss only: the update stays the same
+        return parts
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_forward_loss", forward_loss)
+    out = tmp_path / "run"
+    trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data),
+                                                "--train.output_dir", str(out), "--train.steps", "16"]))
+    spikes = [r["step"] for r in read_metrics(out) if r.get("loss_spike")]
+    assert spikes == [14]
+
+
+def _start_ranks(world: int, args: list[str]) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "meshforge", *args], env=env, cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return procs
+
+
+def _wait_for_step(out, step: int, procs, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    path = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and any(r.get("step", 0) >= step and "loss" in r for r in read_metrics(out)):
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank ended early: " + b"".join(p.stderr.read() for p in procs).decode()[-3000:])
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_sigterm_to_one_rank_checkpoints_all_and_resume_matches_uninterrupted(tiny_data, tmp_path):
+    """SIGTERM reaches rank 1 only (as a stray signal might); both ranks agree to stop after the step,
+    write one checkpoint and exit 42; the rerun resumes and ends with the same losses and weights."""
+    steps = "60"
+    common = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.steps", steps]
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    procs = _start_ranks(2, [*common, "--train.output_dir", str(out)])
+    _wait_for_step(out, 3, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [42, 42], [p.stderr.read().decode()[-2000:] for p in procs]
+    stopped = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "checkpoints")]
+    assert len(stopped) == 1 and 3 <= stopped[0] < int(steps), stopped
+    procs = _start_ranks(2, [*common, "--train.output_dir", str(out)])
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    procs = _start_ranks(2, [*common, "--train.output_dir", str(ref_out)])
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+
+    def by_step(o):
+        return {r["step"]: r["loss"] for r in read_metrics(o) if "loss" in r}
+
+    got, want = by_step(out), by_step(ref_out)
+    assert sorted(got) == sorted(want) == list(range(1, int(steps) + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit-identical continuation
+    a, b = read_result(out), read_result(ref_out)
+    for name, p in b.params.items():
+        assert torch.equal(a.params[name], p), name

@@ -1,17 +1,38 @@
-"""Who am I in the job: rank, world size, local rank, from the launcher's environment.
+"""Who am I in the job: rank, world size, local rank, whichever launcher started us.
 
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A process
-started without a launcher is rank 0 of a world of 1.
+:func:`discover` reads, in this order:
+
+1. torchrun (or anything that sets its variables): RANK / WORLD_SIZE / LOCAL_RANK /
+   MASTER_ADDR / MASTER_PORT. Explicit variables always win, so torchrun inside an srun
+   step, or a hand-made environment, is taken as it is.
+2. a SLURM ``srun`` task: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID; the master
+   is the step's first host, the port derived from the job id (:mod:`.slurm`).
+3. an MPI launcher (``mpiexec``/``mpirun``): rank and size from mpi4py's COMM_WORLD, the
+   local rank from a shared-memory split, rank 0's hostname and a free port broadcast
+   (:mod:`.mpi`). When srun starts MPI ranks (``srun --mpi=pmi2``) both agree; when
+   ``mpiexec`` runs inside an allocation its ranks are not srun's tasks, so MPI wins then.
+4. otherwise rank 0 of a world of 1.
+
+``MESHFORGE_LAUNCHER=torchrun|slurm|mpi|none`` forces one. For a job of more than one
+process, :func:`discover` writes RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT into the environment (not overwriting MASTER_ADDR/MASTER_PORT
+a user set), so ``torch.distributed.init_process_group`` with the default ``env://``
+rendezvous works the same however the job started, and a second call returns the same.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from . import mpi, slurm
+
+LAUNCHERS = ("torchrun", "slurm", "mpi", "none")
 
 
 @dataclass(frozen=True)
@@ -22,29 +43,83 @@ class DistEnv:
     """Number of processes in the job."""
     local_rank: int
     """Rank on this node (selects the GPU)."""
+    local_world_size: int | None = None
+    """Processes on this node, when the launcher says."""
+    launcher: str = "none"
+    """Who started the job: torchrun, slurm, mpi or none."""
+    master_addr: str | None = None
+    master_port: int | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def discover() -> DistEnv:
-    """Read the launcher's environment (torchrun style variables)."""
-    def num(name: str, default: int) -> int:
-        value = os.environ.get(name)
-        if value is None or value == "":
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+def _num(environ, name: str, default: int | None) -> int | None:
+    value = environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
-    world = num("WORLD_SIZE", 1)
-    rank = num("RANK", 0)
-    local = num("LOCAL_RANK", rank)
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+def detect_launcher(environ=None) -> str:
+    """Which launcher started this process (see the module docs for the order)."""
+    environ = os.environ if environ is None else environ
+    forced = environ.get("MESHFORGE_LAUNCHER", "").strip().lower()
+    if forced:
+        if forced not in LAUNCHERS:
+            raise ValueError(f"MESHFORGE_LAUNCHER={forced!r}: expected one of {', '.join(LAUNCHERS)}")
+        return forced
+    if environ.get("RANK", "").strip() and environ.get("WORLD_SIZE", "").strip():
+        return "torchrun"
+    mpi_size = mpi.mpi_world_size_hint(environ)
+    if slurm.in_srun_step(environ):
+        ntasks = _num(environ, "SLURM_STEP_NUM_TASKS", None) or _num(environ, "SLURM_NTASKS", None)
+        if mpi_size is None or mpi_size == ntasks:
+            return "slurm"
+    if mpi_size is not None:
+        return "mpi"
+    return "none"
+
+
+def discover(environ: MutableMapping[str, str] | None = None) -> DistEnv:
+    """This process's place in the job; exports the torchrun variables for ``env://``."""
+    environ = os.environ if environ is None else environ
+    launcher = detect_launcher(environ)
+    user_addr = environ.get("MASTER_ADDR") or None
+    user_port = _num(environ, "MASTER_PORT", None)
+
+    if launcher == "torchrun":
+        world = _num(environ, "WORLD_SIZE", 1)
+        rank = _num(environ, "RANK", 0)
+        env = DistEnv(rank=rank, world_size=world, local_rank=_num(environ, "LOCAL_RANK", rank),
+                      local_world_size=_num(environ, "LOCAL_WORLD_SIZE", None), launcher="torchrun",
+                      master_addr=user_addr, master_port=user_port)
+    elif launcher == "slurm":
+        task = slurm.read_slurm(environ)
+        env = DistEnv(rank=task.rank, world_size=task.world_size, local_rank=task.local_rank,
+                      local_world_size=task.local_world_size, launcher="slurm",
+                      master_addr=user_addr or task.master_addr, master_port=user_port or task.master_port)
+    elif launcher == "mpi":
+        r = mpi.read_mpi(user_addr, user_port)
+        env = DistEnv(rank=r.rank, world_size=r.world_size, local_rank=r.local_rank,
+                      local_world_size=r.local_world_size, launcher="mpi",
+                      master_addr=r.master_addr, master_port=r.master_port)
+    else:
+        env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="none")
+
+    if not 0 <= env.rank < env.world_size:
+        raise ValueError(f"rank {env.rank} is outside world size {env.world_size} (launcher: {env.launcher})")
+    if env.world_size > 1 and launcher != "torchrun":
+        environ.update({
+            "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size or 1),
+            "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
+        })
+    return env
 
 
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
@@ -61,12 +136,18 @@ def shutdown_distributed() -> None:
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:
-    """``auto`` picks this process's GPU when CUDA is present, else the CPU."""
+    """``auto`` picks this process's GPU when CUDA is present, else the CPU.
+
+    The GPU is ``local_rank`` modulo the visible devices: with all of a node's GPUs visible
+    that is the local rank; where the launcher gives each task its own GPU
+    (``srun --gpus-per-task=1``, CUDA_VISIBLE_DEVICES of length 1) it is device 0.
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = env.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")

@@ -154,8 +154,14 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         meta: dict[str, Any],
         files: dict[str, Path] | None = None,
+        engine=None,
     ) -> Path:
-        """Write checkpoint ``step`` atomically; collective over all ranks."""
+        """Write checkpoint ``step`` atomically; collective over all ranks.
+
+        With a DeepSpeed ``engine`` (``model``/``optimizer`` unused), the engine writes its own
+        files into ``deepspeed/`` and DCP gets the full fp32 weights under ``model``, so every
+        reader of model weights works unchanged.
+        """
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -163,8 +169,14 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if engine is not None:
+            from ..parallel.deepspeed_engine import full_model_state_dict, save_engine
+
+            save_engine(engine, tmp)
+            dcp.save({"model": full_model_state_dict(engine)}, checkpoint_id=str(tmp))
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
@@ -191,17 +203,49 @@ class Checkpointer:
         _barrier()
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
-    """Load model + optimizer (any saved layout) and this rank's RNG; return meta.json."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                    engine=None) -> dict:
+    """Load model + optimizer (any saved layout; a DeepSpeed ``engine``: the same layout) and this rank's RNG; return meta.json."""
     meta = read_meta(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if engine is not None:
+        from ..parallel.deepspeed_engine import load_engine
+
+        load_engine(engine, path)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
+
+
+def check_resume_backend(path: Path | None, dp_backend: str, zero_stage: int, world_size: int) -> None:
+    """Refuse, before any process group, a resume the data-parallel backend cannot do.
+
+    FSDP2 and DeepSpeed checkpoints hold their optimizer state in different formats, and a
+    DeepSpeed checkpoint's ZeRO partitions belong to the dp degree and stage that wrote it.
+    """
+    if path is None:
+        return
+    saved = read_meta(path).get("config", {}).get("parallel", {})
+    backend = saved.get("dp_backend", "fsdp2")
+    if backend != dp_backend:
+        raise CheckpointError(
+            f"checkpoint {path} was written with parallel.dp_backend = '{backend}' and cannot be resumed with "
+            f"'{dp_backend}' (their optimizer states differ); resume with parallel.dp_backend = '{backend}' or choose "
+            "another train.output_dir (its model weights stay readable, e.g. by `meshforge generate`)"
+        )
+    if backend == "deepspeed":
+        meta = read_meta(path)
+        theirs = (meta.get("world_size"), saved.get("zero_stage"))
+        if theirs != (world_size, zero_stage):
+            raise CheckpointError(
+                f"DeepSpeed checkpoint {path} was written by {theirs[0]} ranks with ZeRO stage {theirs[1]}; "
+                f"resuming it needs the same layout (here {world_size} ranks, stage {zero_stage})"
+            )
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:

@@ -2,7 +2,10 @@
 
 Resolves ``builtin:`` corpora (prepared once into the cache, rank 0 first), checks the
 shards and the tokenizer against each other and against the model, and slices the
-global sample order for this data-parallel rank.
+global sample order for this data-parallel rank. With ``data.blend`` every listed data dir
+must share one tokenizer; the blended order is cached under ``<cache_dir>/blend`` (built by
+whichever rank gets the file lock first) and the train loader's state carries the blend
+history, so a changed blend applies from the resume point.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Callable
 import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig
-from ..data_pipeline.builtin import resolve_data_path
+from ..data_pipeline.blend import BlendedDataset, parse_blend
+from ..data_pipeline.builtin import resolve_cache_dir, resolve_data_path
 from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.loader import DistributedLoader
@@ -22,6 +26,7 @@ from ..data_pipeline.prepare import describe_data
 from ..launch.env import DistEnv
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
+from .objectives import LMObjective, SpanCorruptionObjective, build_objective
 
 @dataclass
 class TrainData:
@@ -30,6 +35,8 @@ class TrainData:
     train_loader: DistributedLoader
     valid_loader_factory: Callable[[], DistributedLoader]
     """A fresh loader over the validation split from its start (the same samples every eval)."""
+    objective: LMObjective | SpanCorruptionObjective
+    """What a sample is and how a batch becomes model inputs and targets."""
 
 
 def dp_coordinates(rank: int, d: Degrees) -> tuple[int, int]:
@@ -37,21 +44,58 @@ def dp_coordinates(rank: int, d: Degrees) -> tuple[int, int]:
     return (rank // (d.cp * d.tp)) % d.dp, d.dp
 
 
-def resolve_data_dir(cfg: JobConfig, env: DistEnv) -> Path:
+def resolve_data_dir(cfg: JobConfig, env: DistEnv, path: str | None = None) -> Path:
     """The data dir, preparing a ``builtin:`` corpus on rank 0 first (the others then find it ready)."""
     d = cfg.data
+    path = d.path if path is None else path
     if env.is_main:
-        data_dir = resolve_data_path(d.path, d.cache_dir, d.builtin_vocab_size, progress=cfg.train.progress)
+        data_dir = resolve_data_path(path, d.cache_dir, d.builtin_vocab_size, progress=cfg.train.progress)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if not env.is_main:
-        data_dir = resolve_data_path(d.path, d.cache_dir, d.builtin_vocab_size, progress=False)
+        data_dir = resolve_data_path(path, d.cache_dir, d.builtin_vocab_size, progress=False)
     return Path(data_dir)
 
 
+def _blend_sources(cfg: JobConfig, env: DistEnv) -> tuple[list, list[tuple[float, str]]]:
+    """(DataInfo per blend item, parsed blend); every item must use the same tokenizer."""
+    items = parse_blend(cfg.data.blend)
+    infos = [describe_data(resolve_data_dir(cfg, env, path), cfg.data.tokenizer) for _, path in items]
+    prints = {i.tokenizer_fingerprint for i in infos}
+    if len(prints) > 1:
+        raise DataError(
+            "data.blend mixes data tokenized with different tokenizers: "
+            + ", ".join(f"{p} ({str(i.tokenizer_fingerprint)[:12]})" for (_, p), i in zip(items, infos))
+            + "; re-prepare them with one tokenizer"
+        )
+    return infos, items
+
+
+def _dataset(cfg: JobConfig, infos, items, split: str, objective, prepare: int = 0):
+    """The raw windows of one split (one data dir or a blend), turned into samples by the objective."""
+    d = cfg.data
+
+    def tokens(info) -> TokenDataset:
+        return TokenDataset(info, objective.window, split, d.valid_fraction, cfg.train.seed,
+                            return_segments=d.document_mask)
+
+    if not items:
+        return objective.wrap(tokens(infos[0]))
+    sources = {path: tokens(info) for info, (_, path) in zip(infos, items)}
+    cache = resolve_cache_dir(d.cache_dir) / "blend"
+    blend = BlendedDataset(sources, {path: w for w, path in items}, cache_dir=cache)
+    if prepare:
+        blend.prepare(prepare)  # build/load the cached order now
+    return objective.wrap(blend)
+
+
 def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainData:
-    data_dir = resolve_data_dir(cfg, env)
-    info = describe_data(data_dir, cfg.data.tokenizer)
+    if cfg.data.blend:
+        infos, items = _blend_sources(cfg, env)
+    else:
+        infos, items = [describe_data(resolve_data_dir(cfg, env), cfg.data.tokenizer)], []
+    info = infos[0]
+    data_dir = info.data_dir
     tokenizer = load_tokenizer(info.tokenizer_path)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
@@ -65,9 +109,10 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
         )
     d = cfg.data
     dp_rank, dp_size = dp_coordinates(env.rank, degrees)
-    train_ds = TokenDataset(info, d.seq_len, "train", d.valid_fraction, cfg.train.seed)
+    objective = build_objective(cfg, tokenizer)
+    train_ds = _dataset(cfg, infos, items, "train", objective, cfg.train.steps * cfg.train.global_batch_size)
     train_loader = DistributedLoader(train_ds, cfg.train.global_batch_size, dp_rank, dp_size)
-    valid_ds = TokenDataset(info, d.seq_len, "valid", d.valid_fraction, cfg.train.seed) if d.valid_fraction else None
+    valid_ds = _dataset(cfg, infos, items, "valid", objective) if d.valid_fraction else None
 
     def valid_loader() -> DistributedLoader:
         if valid_ds is None:
@@ -76,4 +121,4 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
 
     if cfg.train.eval_interval and valid_ds is None:
         raise ConfigError("train.eval_interval > 0 needs data.valid_fraction > 0 (or set train.eval_interval = 0)")
-    return TrainData(tokenizer, Path(info.tokenizer_path), train_loader, valid_loader)
+    return TrainData(tokenizer, Path(info.tokenizer_path), train_loader, valid_loader, objective)

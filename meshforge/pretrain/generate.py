@@ -32,19 +32,50 @@ def generate_ids(
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-max_seq_len:]], device=device)
         logits = model(context)[0, -1].float().cpu()
-        if temperature <= 0 or top_k == 1:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        next_id = _pick(logits, top_k, temperature, gen)
         ids.append(next_id)
         if eos_id is not None and next_id == eos_id:
             break
     model.train(was_training)
     return ids
+
+
+@torch.no_grad()
+def generate_seq2seq_ids(
+    model: nn.Module,
+    src_ids: list[int],
+    max_new_tokens: int,
+    start_id: int,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    eos_id: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[int]:
+    """Encoder-decoder: encode ``src_ids`` once, then decode from ``start_id``; returns the decoded ids."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    enc = model.encode(torch.tensor([src_ids], device=device))
+    out = [start_id]
+    for _ in range(max_new_tokens):
+        logits = model.decode(enc, torch.tensor([out], device=device))[0, -1].float().cpu()
+        next_id = _pick(logits, top_k, temperature, gen)
+        out.append(next_id)
+        if eos_id is not None and next_id == eos_id:
+            break
+    model.train(was_training)
+    return out[1:]
+
+
+def _pick(logits: torch.Tensor, top_k: int, temperature: float, gen: torch.Generator) -> int:
+    if temperature <= 0 or top_k == 1:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
 
 
 def generate_text(
@@ -57,10 +88,18 @@ def generate_text(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> str:
-    """The prompt followed by the generated continuation, as text."""
+    """The prompt followed by the generated continuation, as text.
+
+    For an encoder-decoder the prompt is a corrupted text with sentinels (``<extra_id_0>``
+    ...) and the result is the decoder's output: each sentinel followed by its filling.
+    """
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
+    if hasattr(model, "encode"):
+        out = generate_seq2seq_ids(model, prompt_ids + [tokenizer.eos_id], max_new_tokens, tokenizer.pad_id, top_k,
+                                   temperature, tokenizer.eos_id, seed, device)
+        return tokenizer.decode([i for i in out if i != tokenizer.eos_id])
     max_seq_len = model.cfg.max_seq_len
     ids = generate_ids(model, prompt_ids, max_new_tokens, max_seq_len, top_k, temperature, tokenizer.eos_id, seed,
                        device)

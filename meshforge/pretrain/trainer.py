@@ -23,14 +23,19 @@ import torch.distributed as dist
 
 from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
-from ..models import build_model, flops_per_token
+from ..models import active_params, build_model, flops_per_token
 from ..parallel import build_mesh, parallelize
 from ..parallel.grad_norm import clip_grad_norm
+from ..parallel.loss_parallel import lm_loss_fn
+from ..parallel.deepspeed_engine import build_deepspeed_engine, check_deepspeed
 from ..parallel.mesh import Degrees, check_job, resolve_degrees
-from .checkpoint import Checkpointer, load_checkpoint
+from ..parallel.pipeline import PipelineRunner, build_runner, plan_pipeline
+from .checkpoint import Checkpointer, check_resume_backend, load_checkpoint
 from .data import TrainData, prepare_train_data
 from .generate import generate_text
-from .losses import lm_loss
+from ..models.moe import set_aux_grad_scale
+from .faults import EXIT_PREEMPTED, NonFiniteGuard, PreemptionWatcher, SpikeDetector, TrainingDiverged
+from .moe_metrics import moe_step
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_optimizer, build_scheduler
 
@@ -45,6 +50,8 @@ class TrainResult:
     """Training loss of each step run in this process (not of resumed-over steps)."""
     val_losses: dict[int, float] = field(default_factory=dict)
     sample: str = ""
+    preempted: bool = False
+    """The run stopped early on a preemption signal, after writing a checkpoint."""
 
 
 def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
@@ -63,12 +70,17 @@ class Trainer:
         self.device = resolve_device(cfg.train.device, self.env)
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
         check_job(cfg, self.degrees)
+        if cfg.parallel.dp_backend == "deepspeed":
+            check_deepspeed(cfg, self.degrees)
+        if self.degrees.pp > 1:
+            plan_pipeline(cfg, self.degrees, self.device.type)  # stage split + microbatches: ConfigError before any process group
         self.output_dir = Path(cfg.train.output_dir)
         self.identity = run_identity(cfg)
         self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank)
         # Everything above only reads. Validate data and output dir before writing anything.
         self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume)
-        init_distributed(self.env, self.device)
+        check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
+        init_distributed(self.env, self.device, cfg.train.collective_timeout_s)
         self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
 
     # ------------------------------------------------------------------ setup
@@ -78,16 +90,25 @@ class Trainer:
         self.mesh = build_mesh(self.degrees, self.device)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.device)
-        self.n_params = model.num_params(exclude_embeddings=True)
-        if not cfg.model.tie_embeddings:
-            self.n_params = model.num_params() - model.tok_embeddings.weight.numel()
+        self.n_params = active_params(model, cfg.model)
         self.model = parallelize(model, self.mesh, self.degrees, cfg)
+        self.pipeline: PipelineRunner | None = None
+        if self.degrees.pp > 1:  # self.model is this rank's PipelineModel; the runner drives its stages
+            self.pipeline = build_runner(self.model, self.mesh, self.device, lm_loss_fn(cfg, self.degrees.tp),
+                                         cfg.train.z_loss_coef, self._autocast)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.engine = None
+        if cfg.parallel.dp_backend == "deepspeed":  # the engine runs ZeRO, backward and the optimizer step
+            self.engine, self.optimizer = build_deepspeed_engine(self.model, self.optimizer, cfg, self.degrees.dp,
+                                                                 self.device)
+            self.model = self.engine
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.step = 0
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        self.spikes = SpikeDetector(sigmas=cfg.train.spike_sigmas) if cfg.train.spike_sigmas else None
         if self.resume_from is not None:
-            meta = load_checkpoint(self.resume_from, self.model, self.optimizer, self.env.rank)
+            meta = load_checkpoint(self.resume_from, self.model, self.optimizer, self.env.rank, engine=self.engine)
             self.scheduler.load_state_dict(meta["scheduler"])
             self.data.train_loader.load_state_dict(meta["loader"])
             self.step = meta["step"]
@@ -105,11 +126,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _forward_loss(self, batch: torch.Tensor):
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    def _to_device(self, batch):
+        """A loader batch (a tensor, or a tuple of them) on this rank's device."""
+        if isinstance(batch, (tuple, list)):
+            return tuple(b.to(self.device, non_blocking=True) for b in batch)
+        return batch.to(self.device, non_blocking=True)
+
+    def _micro_batches(self, batch) -> list:
+        mbs = self.cfg.train.micro_batch_size
+        if isinstance(batch, tuple):
+            return list(zip(*(b.split(mbs) for b in batch)))
+        return list(batch.split(mbs))
+
+    def _forward_loss(self, batch):
+        args, targets = self.data.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
         with self._autocast():
-            logits = self.model(inputs)
-        return lm_loss(logits, targets, self.cfg.train.z_loss_coef)
+            logits = self.model(*args)
+        # tp > 1 with parallel.loss_parallel: logits are vocab-sharded DTensors, never gathered
+        loss_fn = lm_loss_fn(self.cfg, self.degrees.tp)
+        return loss_fn(logits, targets, self.cfg.train.z_loss_coef)
 
     def _all_mean(self, value: torch.Tensor) -> torch.Tensor:
         if self.env.world_size > 1:
@@ -119,9 +154,13 @@ class Trainer:
         return value
 
     def train_step(self) -> dict:
+        if self.pipeline is not None:
+            return self._pipeline_train_step()
+        if self.engine is not None:
+            return self._deepspeed_train_step()
         cfg = self.cfg
-        batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
-        micro = batch.split(cfg.train.micro_batch_size)
+        micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
+        set_aux_grad_scale(self.model, 1.0 / len(micro))
         loss_sum = torch.zeros((), device=self.device)
         z_sum = torch.zeros((), device=self.device)
         for mb in micro:
@@ -130,21 +169,71 @@ class Trainer:
             loss_sum += parts.ce.detach()
             z_sum += parts.z_loss.detach()
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro))
-        return {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr, "grad_norm": float(grad_norm)}
+        record = self._update(losses, grad_norm)
+        record.update(moe_step(self.model, cfg.model.moe_bias_update_rate, reduce=self.degrees.pp == 1))
+        return record
+
+    def _update(self, losses: torch.Tensor, grad_norm) -> dict:
+        """Step the optimizer unless the (global) loss or gradient norm is not finite; then the
+        update is skipped and counted (every rank agrees: both values are already reduced)."""
+        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": float(grad_norm)}
+        if self.nonfinite.check(self.step + 1, record["loss"], record["grad_norm"]):
+            self.optimizer.step()
+        else:
+            record["skipped"] = 1
+            record["skipped_total"] = self.nonfinite.total_skipped
+        self.scheduler.step()  # the LR stays a function of the step, skipped or not
+        self.optimizer.zero_grad(set_to_none=True)
+        return record
+
+    def _deepspeed_train_step(self) -> dict:
+        """One step on the DeepSpeed engine: it divides each micro-batch loss by the accumulation
+        steps (so the gradient is that of the global-batch mean), reduces, clips and steps at the last."""
+        cfg = self.cfg
+        micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
+        assert len(micro) == self.engine.gradient_accumulation_steps(), (len(micro), self.engine.gradient_accumulation_steps())
+        set_aux_grad_scale(self.model, 1.0 / len(micro))
+        loss_sum = torch.zeros((), device=self.device)
+        z_sum = torch.zeros((), device=self.device)
+        lr = self.scheduler.get_last_lr()[0]
+        for mb in micro:
+            parts = self._forward_loss(mb)
+            self.engine.backward(parts.total)
+            self.engine.step()  # the optimizer steps only at the accumulation boundary
+            loss_sum += parts.ce.detach()
+            z_sum += parts.z_loss.detach()
+        self.scheduler.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro))
+        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr,
+                  "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
+        if not math.isfinite(record["loss"]):  # the engine has stepped already: nothing left to skip
+            raise TrainingDiverged(f"non-finite loss {record['loss']} at step {self.step + 1} under the DeepSpeed "
+                                   "engine, which applies the update itself; resume from the newest checkpoint with "
+                                   "a lower LR, or use parallel.dp_backend = 'fsdp2' to skip such steps")
+        record.update(moe_step(self.model, cfg.model.moe_bias_update_rate))
+        return record
+
+    def _pipeline_train_step(self) -> dict:
+        """One step under pipeline parallel: the schedule runs every microbatch's forward and backward."""
+        cfg = self.cfg
+        batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
+        losses = self.pipeline.train_step(batch)  # global means, on every rank
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group)
+        return self._update(losses, grad_norm)
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        if self.pipeline is not None:  # forward-only schedule; the mean is already global
+            loader = self.data.valid_loader_factory()
+            return self.pipeline.eval_losses(loader.next_batch() for _ in range(self.cfg.train.eval_batches))
         self.model.eval()
         loader = self.data.valid_loader_factory()
         total = torch.zeros((), device=self.device)
         for _ in range(self.cfg.train.eval_batches):
-            batch = loader.next_batch().to(self.device)
-            total += self._forward_loss(batch).ce
+            total += self._forward_loss(self._to_device(loader.next_batch())).ce
         self.model.train()
         return self._all_mean(total / self.cfg.train.eval_batches).item()
 
@@ -157,7 +246,8 @@ class Trainer:
             "identity_fingerprint": fingerprint(self.identity),
             "world_size": self.env.world_size,
         }
-        self.checkpointer.save(self.step, self.model, self.optimizer, meta, {"tokenizer.model": self.data.tokenizer_path})
+        self.checkpointer.save(self.step, self.model, self.optimizer, meta, {"tokenizer.model": self.data.tokenizer_path},
+                               engine=self.engine)
 
     # ------------------------------------------------------------------ loop
 
@@ -165,12 +255,13 @@ class Trainer:
         self._setup()
         cfg, t = self.cfg, self.cfg.train
         result = TrainResult(self.output_dir, self.step)
-        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        tokens_per_step = t.global_batch_size * self.data.objective.tokens_per_sample()
         bar = None
         if self.env.is_main and t.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.preemption = PreemptionWatcher() if cfg.checkpoint.on_preemption else None
         try:
             if self.step == 0 and t.eval_interval:
                 result.val_losses[0] = self.evaluate()  # the starting point of the curve
@@ -189,19 +280,36 @@ class Trainer:
                 if t.eval_interval and (self.step % t.eval_interval == 0 or last):
                     record["val_loss"] = self.evaluate()
                     result.val_losses[self.step] = record["val_loss"]
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {self.step}")
+                if self.spikes is not None and self.spikes.update(record["loss"]):
+                    record["loss_spike"] = 1
+                    _print(bar, f"step {self.step:>6} | loss spike: {record['loss']:.4f}")
+                if record.get("skipped"):
+                    _print(bar, f"step {self.step:>6} | non-finite loss/gradient: update skipped "
+                                f"({self.nonfinite.consecutive} in a row, {self.nonfinite.total_skipped} in all)")
                 result.losses.append(record["loss"])
                 self.metrics.log(record)
                 self._report(bar, record)
-                if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                saved = last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+                if saved:
                     self._checkpoint()
+                if self.preemption is not None and self.preemption.should_stop(self.device):
+                    if not saved:
+                        self._checkpoint()
+                    if self.env.is_main:
+                        _print(bar, f"step {self.step:>6} | preemption signal: checkpoint written, exiting with "
+                                    f"status {EXIT_PREEMPTED} (resume by rerunning the same command)")
+                    result.preempted = True
+                    break
             result.final_step = self.step
-            if self.env.is_main and t.sample_prompt and t.sample_tokens:
+            if self.env.is_main and t.sample_prompt and t.sample_tokens and not result.preempted:
                 result.sample = self.sample(t.sample_prompt, t.sample_tokens)
                 self.metrics.text("sample", result.sample, self.step)
                 _print(bar, f"sample> {result.sample}")
         finally:
+            # After a preemption the handler stays: the job is exiting, and a second SIGTERM (srun
+            # stopping the other tasks once one exits) must not kill a rank mid-shutdown.
+            if self.preemption is not None and not result.preempted:
+                self.preemption.restore()
             if bar is not None:
                 bar.close()
             self.metrics.close()

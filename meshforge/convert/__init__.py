@@ -1,0 +1,1 @@
+"""Checkpoint conversion between meshforge and other formats."""

@@ -1,0 +1,299 @@
+"""``meshforge launch``: start a job with torchrun, SLURM (sbatch + srun) or MPI (mpiexec).
+
+Everything after ``--`` is the meshforge command each rank runs (``train --config ...``).
+Inside the job every rank finds its place with :func:`meshforge.launch.env.discover`,
+whichever launcher started it, so the command is the same in all three modes.
+
+SLURM layout: one ``srun`` task per GPU (``--ntasks-per-node = --gpus-per-node``), not one
+torchrun per node. SLURM then starts, signals, accounts for and kills every rank itself:
+``--signal=TERM@120`` reaches each rank directly (the trainer checkpoints and exits with
+EXIT_PREEMPTED, and the script requeues the job), ``--kill-on-bad-exit`` stops the step
+when one rank dies, and there is no second rendezvous service whose port has to be agreed
+on. What torchrun-per-node would add (elastic restarts inside the allocation) is covered by
+``--requeue`` plus the trainer's automatic resume from its newest checkpoint.
+
+Nothing here imports torch: generating a script or a command line is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_PREEMPTED = 42
+"""The trainer's exit status after a preemption checkpoint (meshforge.pretrain.faults.EXIT_PREEMPTED)."""
+PREEMPT_WARNING_S = 120
+"""``--signal=TERM@120``: SIGTERM two minutes before the time limit, time for a checkpoint."""
+
+
+class LaunchError(ValueError):
+    """A launch request that cannot work (says what to change)."""
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1,
+                   help="processes per node, one per GPU (default 1)")
+    p.add_argument("--cpu", action="store_true",
+                   help="a CPU job: --gpus-per-node processes per node, but ask the scheduler for no GPUs")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--slurm", action="store_true", help="write an sbatch script (srun, one task per GPU)")
+    mode.add_argument("--mpi", action="store_true", help="run with mpiexec (ranks find each other with mpi4py)")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun/mpiexec command instead of running it")
+    p.add_argument("--python", default=sys.executable, help="Python that runs meshforge on the nodes "
+                   "(default: this one)")
+    g = p.add_argument_group("torchrun (default mode)")
+    g.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT of the rendezvous (node 0's address); required with --nodes > 1")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank (0..nodes-1)")
+    g.add_argument("--rdzv-id", default="meshforge", help="job id for the rendezvous (default meshforge)")
+    g = p.add_argument_group("SLURM (--slurm)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--time", default=None, help="time limit, [D-]HH:MM:SS")
+    g.add_argument("--account", default=None)
+    g.add_argument("--job-name", default="meshforge")
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="an extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    g.add_argument("--script", default=None, help="where to write the sbatch script (default ./JOB_NAME.sbatch)")
+    g.add_argument("--log-dir", default=None, help="where SLURM writes JOB_NAME-JOBID.out (default: cwd)")
+    g.add_argument("--submit", action="store_true", help="submit the script with sbatch")
+    g.add_argument("--wait", action="store_true", help="with --submit: wait until the job ends; exit with its status")
+    g = p.add_argument_group("MPI (--mpi)")
+    g.add_argument("--hosts", default=None, help="comma-separated hosts, one per node (default: the MPI default)")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="after --: the meshforge command each rank runs, e.g. -- train --config small")
+
+
+@dataclass
+class Plan:
+    """What to run: an argv (torchrun/mpiexec/sbatch) and, for SLURM, a script to write first."""
+    argv: list[str]
+    script: str | None = None
+    script_path: Path | None = None
+    env: dict[str, str] | None = None
+
+
+def rank_command(args: argparse.Namespace) -> list[str]:
+    """``python -m meshforge <command...>`` from what followed ``--``."""
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if cmd and cmd[0] == "meshforge":
+        cmd = cmd[1:]
+    if not cmd:
+        raise LaunchError("nothing to launch: give the meshforge command after --, e.g. "
+                          "`meshforge launch --gpus-per-node 8 -- train --config small`")
+    if cmd[0] == "launch":
+        raise LaunchError("the command after -- is what each rank runs; it cannot be `launch` itself")
+    return cmd
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes {args.nodes}: need at least 1")
+    if args.gpus_per_node < 1:
+        raise LaunchError(f"--gpus-per-node {args.gpus_per_node}: need at least 1 process per node")
+
+
+def torchrun_plan(args: argparse.Namespace) -> Plan:
+    cmd = rank_command(args)
+    argv = [args.python, "-m", "torch.distributed.run"]
+    if args.nodes == 1 and args.rdzv_endpoint is None:
+        argv += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.gpus_per_node)]
+    else:
+        if args.rdzv_endpoint is None:
+            raise LaunchError(f"--nodes {args.nodes} needs --rdzv-endpoint HOST:PORT (a port on node 0 that every "
+                              "node can reach), and run the same command on every node; or use --slurm / --mpi")
+        if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", args.rdzv_endpoint):
+            raise LaunchError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT")
+        if args.node_rank is not None and not 0 <= args.node_rank < args.nodes:
+            raise LaunchError(f"--node-rank {args.node_rank} is outside --nodes {args.nodes}")
+        argv += ["--nnodes", str(args.nodes), "--nproc-per-node", str(args.gpus_per_node),
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+        if args.node_rank is not None:
+            argv += ["--node-rank", str(args.node_rank)]
+    return Plan(argv + ["-m", "meshforge", *cmd])
+
+
+def mpi_flavor(mpiexec: str) -> str:
+    """``mpich`` (hydra: MPICH, Intel MPI, the PyPI mpich) or ``openmpi``, from ``mpiexec --version``."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=20)
+        text = out.stdout + out.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return "mpich"
+    return "openmpi" if ("Open MPI" in text or "OpenRTE" in text) else "mpich"
+
+
+def mpi_plan(args: argparse.Namespace) -> Plan:
+    cmd = rank_command(args)
+    beside = Path(args.python).parent / "mpiexec"  # a venv's own (pip install mpich) comes first
+    mpiexec = str(beside) if beside.exists() else (shutil.which("mpiexec") or shutil.which("mpirun") or "mpiexec")
+    flavor = mpi_flavor(mpiexec) if os.path.isabs(mpiexec) else "mpich"
+    n = args.nodes * args.gpus_per_node
+    hosts = [h for h in (args.hosts or "").split(",") if h]
+    if hosts and len(hosts) != args.nodes:
+        raise LaunchError(f"--hosts names {len(hosts)} hosts but --nodes is {args.nodes}")
+    omp = os.environ.get("OMP_NUM_THREADS", "1")
+    if flavor == "openmpi":
+        argv = [mpiexec, "-n", str(n), "--map-by", f"ppr:{args.gpus_per_node}:node", "-x", f"OMP_NUM_THREADS={omp}"]
+        if hosts:
+            argv += ["--host", ",".join(f"{h}:{args.gpus_per_node}" for h in hosts)]
+    else:
+        argv = [mpiexec, "-n", str(n), "-ppn", str(args.gpus_per_node), "-genv", "OMP_NUM_THREADS", omp]
+        if hosts:
+            argv += ["-hosts", ",".join(hosts)]
+    return Plan(argv + [args.python, "-m", "meshforge", *cmd])
+
+
+def sbatch_script(args: argparse.Namespace) -> str:
+    """The batch script: one srun task per GPU, preemption warning, requeue on a preemption exit."""
+    if args.time and not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", args.time):
+        raise LaunchError(f"--time {args.time!r}: expected [D-]HH:MM:SS")
+    cmd = rank_command(args)
+    log_dir = Path(args.log_dir or ".").resolve()
+    lines = [
+        "#!/bin/bash",
+        "# written by `meshforge launch --slurm`; submit with sbatch",
+        f"#SBATCH --job-name={args.job_name}",
+        f"#SBATCH --nodes={args.nodes}",
+        f"#SBATCH --ntasks-per-node={args.gpus_per_node}",
+    ]
+    if not args.cpu:
+        lines.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
+    if args.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={args.cpus_per_task}")
+    for flag, value in (("partition", args.partition), ("account", args.account), ("time", args.time)):
+        if value:
+            lines.append(f"#SBATCH --{flag}={value}")
+    lines += [
+        f"#SBATCH --signal=TERM@{PREEMPT_WARNING_S}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={log_dir / '%x-%j.out'}",
+        f"#SBATCH --chdir={Path.cwd()}",
+        *(f"#SBATCH {extra}" for extra in args.sbatch_arg),
+        "",
+        "# Each srun task is one rank; meshforge reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the",
+        "# node list itself (meshforge/launch/env.py): rendezvous on the first node, port from the job id.",
+        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
+        'echo "meshforge: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (restart ${SLURM_RESTART_COUNT:-0})"',
+        "rc=0",
+        "srun --kill-on-bad-exit=1 " + shlex.join([args.python, "-m", "meshforge", *cmd]) + " || rc=$?",
+        f"if [ \"$rc\" -eq {EXIT_PREEMPTED} ]; then",
+        "  # SIGTERM before the time limit (or scancel --signal=TERM): the trainer saved a checkpoint;",
+        "  # requeue, and the next run resumes from it",
+        '  echo "meshforge: preempted, requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "  exit 0",
+        "fi",
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def slurm_plan(args: argparse.Namespace) -> Plan:
+    script = sbatch_script(args)
+    path = Path(args.script or f"{args.job_name}.sbatch").resolve()
+    argv = ["sbatch", "--parsable", str(path)]
+    return Plan(argv, script=script, script_path=path)
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "SPECIAL_EXIT"}
+
+
+def job_state(job: str) -> tuple[str, int] | None:
+    """(JobState, exit status) from ``scontrol show job``; None once SLURM has forgotten the job."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=60)
+    state = re.search(r"\bJobState=(\S+)", out.stdout)
+    if out.returncode != 0 or state is None:
+        return None
+    code = re.search(r"\bExitCode=(\d+):(\d+)", out.stdout)
+    rc = int(code.group(1)) if code else 0
+    if code and int(code.group(2)):
+        rc = 128 + int(code.group(2))  # killed by a signal
+    return state.group(1), rc
+
+
+def wait_for_job(job: str, poll_s: float = 1.0) -> tuple[str, int]:
+    """Poll until the job ends (a requeued job is waited for again); return its state and exit status.
+
+    Polls ``scontrol`` every second instead of ``sbatch --wait``, whose back-off can leave a
+    finished job unnoticed for half a minute.
+    """
+    import time
+
+    last = None
+    while True:
+        got = job_state(job)
+        if got is None:
+            if last is None:
+                raise LaunchError(f"SLURM does not know job {job}")
+            return "GONE", 0 if last == "COMPLETED" else 1
+        last = got[0]
+        if last in FINAL_STATES:
+            rc = got[1]
+            if last != "COMPLETED" and rc == 0:
+                rc = 1  # cancelled, timed out, node failure: a failure even without an exit status
+            return last, rc
+        time.sleep(poll_s)
+
+
+def plan_launch(args: argparse.Namespace) -> Plan:
+    _check_counts(args)
+    if args.wait and not args.submit:
+        raise LaunchError("--wait only makes sense with --submit")
+    if args.slurm:
+        return slurm_plan(args)
+    if args.submit:
+        raise LaunchError("--submit is for --slurm")
+    if args.mpi:
+        return mpi_plan(args)
+    return torchrun_plan(args)
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    """The ``meshforge launch`` command."""
+    try:
+        plan = plan_launch(args)
+    except LaunchError as e:
+        print(f"meshforge launch: error: {e}", file=sys.stderr)
+        return 2
+    if plan.script is not None:
+        plan.script_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.script_path.write_text(plan.script)
+        plan.script_path.chmod(0o755)
+        print(f"wrote {plan.script_path}")
+        if not args.submit:
+            print(f"submit with: sbatch {shlex.quote(str(plan.script_path))}")
+            return 0
+        if shutil.which("sbatch") is None:
+            print("meshforge launch: error: sbatch not found; is this a SLURM login node?", file=sys.stderr)
+            return 2
+        out = subprocess.run(plan.argv, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            return out.returncode
+        job = out.stdout.strip().split(";")[0]  # --parsable: JOBID[;CLUSTER]
+        print(f"submitted job {job}", flush=True)
+        if not args.wait:
+            return 0
+        state, rc = wait_for_job(job)
+        print(f"job {job} {state} (exit {rc})", flush=True)
+        return rc
+    print(shlex.join(plan.argv), flush=True)
+    if args.dry_run:
+        return 0
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    os.execvpe(plan.argv[0], plan.argv, env)
+    return 0  # not reached
