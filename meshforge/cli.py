@@ -18,6 +18,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged)
 
 
+def _job_failures() -> tuple[type[Exception], ...]:
+    """Failures of the job rather than of its input: one line and exit status 1, not a traceback."""
+    from .pretrain.faults import CollectiveError
+
+    return (CollectiveError,)
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.help_config:
         print(describe(load_config(args.config, rest)))
@@ -171,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"meshforge: error: {e}", file=sys.stderr)
         return 2
+    except _job_failures() as e:
+        print(f"meshforge: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

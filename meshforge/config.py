@@ -145,7 +145,7 @@ class ParallelConfig:
     pp_stages_per_rank: int = 0
     """Virtual stages per pipeline rank; 0 means 1 for gpipe/1f1b and 2 for the interleaved schedules."""
     pp_split: str = ""
-    """First layer of each stage after the first, comma separated (e.g. ``"3,6"``); empty means balanced."""
+    """First layer of each stage after the first, comma separated (e.g. ``"3,6"``; an encoder-decoder counts its encoder layers, then its decoder layers); empty means balanced."""
     dp_backend: str = "fsdp2"
     """Data-parallel backend: ``fsdp2`` (torch FSDP2) or ``deepspeed`` (DeepSpeed engine)."""
     fsdp_reshard_after_forward: bool = True
@@ -179,13 +179,21 @@ class DataConfig:
     valid_fraction: float = 0.02
     """Fraction of documents held out for validation (chosen deterministically by document)."""
     objective: str = "auto"
-    """Training objective: ``lm`` (next token), ``span_corruption`` (T5), or ``auto`` (lm for decoders, span_corruption for encoder-decoders)."""
+    """Training objective: ``lm`` (next token), ``span_corruption`` (T5), ``prefix_lm`` (encoder reads a prefix, decoder writes the continuation), ``ul2`` (a mixture of denoisers, see data.ul2_denoisers), or ``auto`` (lm for decoders, span_corruption for encoder-decoders). All but ``lm`` train encoder_decoder models."""
     noise_density: float = 0.15
     """Span corruption: fraction of tokens masked."""
     mean_noise_span: float = 3.0
     """Span corruption: mean length of a masked span."""
     decoder_seq_len: int = 0
-    """Encoder-decoder: decoder (target) length; 0 derives it from data.seq_len (the encoder length) as T5 does."""
+    """Encoder-decoder: decoder (target) length; 0 derives it from data.seq_len (the encoder length): as T5 does for span_corruption, and for prefix_lm/ul2 the longest target any configured denoiser can make (shorter targets are padded and left out of the loss)."""
+    prefix_lm_min: float = 0.25
+    """Prefix LM (``prefix_lm``, UL2's S-denoiser): shortest prefix as a fraction of the raw window; the split point is drawn uniformly per sample from [prefix_lm_min, prefix_lm_max] of the window, deterministically by global sample index and seed."""
+    prefix_lm_max: float = 0.75
+    """Prefix LM: longest prefix as a fraction of the raw window; the window is sized so that this longest prefix (plus EOS and any mode token) fills the encoder, and the decoder holds the longest continuation."""
+    ul2_denoisers: str = "R:3:0.15=0.4,X:32:0.5=0.2,X:64:0.15=0.2,S=0.2"
+    """UL2 mixture (data.objective = ul2): comma-separated denoisers ``KIND:MEAN_SPAN:DENSITY=WEIGHT`` for span corruption (KIND ``R`` regular or ``X`` extreme) and ``S=WEIGHT`` for the prefix LM (split bounds from data.prefix_lm_min/max); ``=WEIGHT`` may be left out (1). Weights are normalised; each sample's denoiser is drawn from its global index and the seed, so it does not depend on the world size. data.noise_density and data.mean_noise_span are not used by ul2."""
+    ul2_mode_tokens: str = ""
+    """UL2 paradigm tokens prepended to the encoder inputs of each sample: empty means none; ``reserved`` means the tokenizer's ``<reserved_0>,<reserved_1>,<reserved_2>``; otherwise three comma-separated pieces for R, X and S (e.g. ``[NLU],[NLG],[S2S]``), each a single special token of the tokenizer (`meshforge tokenizer train --reserved 3` or --special-tokens add them). Put the same token at the start of a `meshforge generate` prompt to pick the mode."""
     document_mask: bool = False
     """Decoder LM: attend only within each document of a packed sample (positions carry document ids; FlexAttention on GPU, a dense mask on CPU)."""
     builtin_vocab_size: int = 2048
@@ -266,6 +274,8 @@ class CheckpointConfig:
     """Keep this many newest checkpoints; older ones are deleted after a newer one is complete."""
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in the output dir."""
+    async_save: bool = False
+    """Write checkpoints in a background thread: the step waits only while the state is copied to CPU memory (pinned on GPU), training continues during the write, and the checkpoint appears (atomically, as with synchronous saves) once written. Costs one CPU copy of the model and optimizer state. The DeepSpeed backend always saves synchronously."""
     on_preemption: bool = True
     """On SIGTERM or SIGUSR1 (SLURM's warning before the time limit, ``scancel --signal``): finish the step, write a checkpoint and exit with status 42 so the job script can requeue; the restart resumes from it."""
 
@@ -475,7 +485,7 @@ CHOICES = {
     "model.family": ("decoder", "encoder_decoder"),
     "model.position_encoding": ("rope", "relative"),
     "model.ffn_activation": ("silu", "gelu"),
-    "data.objective": ("auto", "lm", "span_corruption"),
+    "data.objective": ("auto", "lm", "span_corruption", "prefix_lm", "ul2"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "model.moe_score": ("softmax", "sigmoid"),
     "optim.wsd_decay": ("linear", "sqrt"),
@@ -539,12 +549,21 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
                           f"{d.noise_density} and {d.mean_noise_span}")
     objective = resolve_objective(cfg)
-    if (objective == "span_corruption") != (m.family == "encoder_decoder"):
-        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: span_corruption "
-                          "trains encoder_decoder models, lm trains decoders")
+    if (objective in ENCODER_DECODER_OBJECTIVES) != (m.family == "encoder_decoder"):
+        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: "
+                          f"{', '.join(ENCODER_DECODER_OBJECTIVES)} train encoder_decoder models, lm trains decoders")
     if d.document_mask and objective != "lm":
-        raise ConfigError("data.document_mask applies to the decoder LM objective; span corruption windows are "
-                          "corrupted across document boundaries as in T5 (set data.document_mask = false)")
+        raise ConfigError(f"data.document_mask applies to the decoder LM objective; {objective} windows are "
+                          "taken across document boundaries as in T5 (set data.document_mask = false)")
+    if not 0.0 < d.prefix_lm_min <= d.prefix_lm_max < 1.0:
+        raise ConfigError(f"data.prefix_lm_min and data.prefix_lm_max must satisfy 0 < min <= max < 1 (fractions of "
+                          f"the window), got {d.prefix_lm_min} and {d.prefix_lm_max}")
+    parse_denoisers(d.ul2_denoisers)
+    if d.ul2_mode_tokens:
+        if objective != "ul2":
+            raise ConfigError(f"data.ul2_mode_tokens is for data.objective = 'ul2' (got {objective!r}); "
+                              "set data.ul2_mode_tokens = '' or data.objective = 'ul2'")
+        mode_token_pieces(d.ul2_mode_tokens)
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
@@ -570,6 +589,77 @@ def validate(cfg: JobConfig) -> None:
                           f"{t.collective_timeout_s})")
     if not t.output_dir:
         raise ConfigError("train.output_dir must be set")
+
+
+ENCODER_DECODER_OBJECTIVES = ("span_corruption", "prefix_lm", "ul2")
+"""Objectives whose samples are [encoder inputs | decoder targets]."""
+UL2_KINDS = {"R": "regular span corruption", "X": "extreme span corruption", "S": "sequential (prefix LM)"}
+"""UL2 denoiser kinds (paradigms), in the order of data.ul2_mode_tokens."""
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One entry of data.ul2_denoisers: span corruption (R/X) with its mean span and density, or S (prefix LM)."""
+
+    kind: str
+    mean_span: float = 0.0
+    density: float = 0.0
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        spec = self.kind if self.kind == "S" else f"{self.kind}:{self.mean_span:g}:{self.density:g}"
+        return f"{spec}={self.weight:g}"
+
+
+def parse_denoisers(text: str) -> list[Denoiser]:
+    """``"R:3:0.15=0.4,X:32:0.5=0.2,S=0.2"`` -> denoisers; ConfigError naming data.ul2_denoisers on bad input."""
+    key = "data.ul2_denoisers"
+    form = "KIND:MEAN_SPAN:DENSITY=WEIGHT for R/X, S=WEIGHT for the prefix LM, comma separated"
+    out: list[Denoiser] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            raise ConfigError(f"{key} = {text!r} has an empty entry; expected {form}")
+        spec, _, weight_text = entry.partition("=")
+        parts = [p.strip() for p in spec.split(":")]
+        kind = parts[0]
+        if kind not in UL2_KINDS:
+            raise ConfigError(f"{key}: {entry!r} has kind {kind!r}; kinds are "
+                              + ", ".join(f"{k} ({v})" for k, v in UL2_KINDS.items()))
+        try:
+            weight = float(weight_text) if weight_text.strip() else 1.0
+            nums = [float(p) for p in parts[1:]]
+        except ValueError:
+            raise ConfigError(f"{key}: {entry!r} is not {form}") from None
+        if not (weight > 0 and weight < float("inf")):
+            raise ConfigError(f"{key}: {entry!r} has weight {weight_text.strip()}; weights must be positive")
+        if kind == "S":
+            if nums:
+                raise ConfigError(f"{key}: {entry!r}: the S denoiser takes no numbers (write S=WEIGHT); its split "
+                                  "bounds are data.prefix_lm_min and data.prefix_lm_max")
+            d = Denoiser("S", weight=weight)
+        else:
+            if len(nums) != 2:
+                raise ConfigError(f"{key}: {entry!r} needs a mean span and a density, e.g. {kind}:3:0.15=1")
+            mean_span, density = nums
+            if mean_span < 1.0 or not 0.0 < density < 1.0:
+                raise ConfigError(f"{key}: {entry!r} needs mean span >= 1 and density in (0, 1), got "
+                                  f"{mean_span:g} and {density:g}")
+            d = Denoiser(kind, mean_span, density, weight)
+        if any((o.kind, o.mean_span, o.density) == (d.kind, d.mean_span, d.density) for o in out):
+            raise ConfigError(f"{key}: denoiser {spec.strip()!r} is listed twice; give it one entry with the summed weight")
+        out.append(d)
+    return out
+
+
+def mode_token_pieces(text: str) -> tuple[str, str, str]:
+    """The (R, X, S) pieces named by data.ul2_mode_tokens (``reserved`` or three comma-separated pieces)."""
+    if text.strip() == "reserved":
+        return ("<reserved_0>", "<reserved_1>", "<reserved_2>")
+    pieces = tuple(p.strip() for p in text.split(","))
+    if len(pieces) != 3 or not all(pieces) or len(set(pieces)) != 3:
+        raise ConfigError(f"data.ul2_mode_tokens = {text!r} must be 'reserved' or three distinct comma-separated "
+                          "tokenizer pieces for R, X and S (e.g. '[NLU],[NLG],[S2S]'), or empty for none")
+    return pieces  # type: ignore[return-value]
 
 
 def resolve_objective(cfg: JobConfig) -> str:

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from meshforge.pretrain.faults import NonFiniteGuard, PreemptionWatcher, SpikeDetector, TrainingDiverged
+from meshforge.pretrain.faults import (PREEMPTED_MARKER_ENV, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
+                                       TrainingDiverged)
 
 
 def test_preemption_watcher_catches_sigterm():
@@ -125,11 +126,11 @@ def test_loss_spike_is_logged(tiny_data, tmp_path, monkeypatch):
     assert spikes == [14]
 
 
-def _start_ranks(world: int, args: list[str]) -> list[subprocess.Popen]:
+def _start_ranks(world: int, args: list[str], extra_env: dict | None = None) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+        env = {**os.environ, **(extra_env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "meshforge", *args], env=env, cwd=REPO,
@@ -155,11 +156,14 @@ def test_sigterm_to_one_rank_checkpoints_all_and_resume_matches_uninterrupted(ti
     steps = "60"
     common = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.steps", steps]
     ref_out, out = tmp_path / "ref", tmp_path / "run"
-    procs = _start_ranks(2, [*common, "--train.output_dir", str(out)])
+    marker = tmp_path / "logs" / "preempted"
+    procs = _start_ranks(2, [*common, "--train.output_dir", str(out)], {PREEMPTED_MARKER_ENV: str(marker)})
     _wait_for_step(out, 3, procs)
+    assert not marker.exists()
     procs[1].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [42, 42], [p.stderr.read().decode()[-2000:] for p in procs]
+    assert marker.read_text().strip() == "42"  # rank 0 marked the finished preemption checkpoint for the job script
     stopped = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "checkpoints")]
     assert len(stopped) == 1 and 3 <= stopped[0] < int(steps), stopped
     procs = _start_ranks(2, [*common, "--train.output_dir", str(out)])

@@ -202,9 +202,40 @@ def test_sbatch_script(tmp_path, monkeypatch):
 
 
 def test_preempted_exit_status_matches_trainer():
-    from meshforge.pretrain.faults import EXIT_PREEMPTED
+    from meshforge.pretrain.faults import EXIT_PREEMPTED, PREEMPTED_MARKER_ENV
 
     assert launcher.EXIT_PREEMPTED == EXIT_PREEMPTED
+    assert launcher.PREEMPTED_MARKER_ENV == PREEMPTED_MARKER_ENV
+
+
+@pytest.mark.parametrize("srun_exit, marks, requeued, script_exit", [
+    (0, False, False, 0),     # finished
+    (42, True, True, 0),      # every rank exited 42
+    (143, True, True, 0),     # rank 0 exited 42, --kill-on-bad-exit signalled a rank still exiting
+    (143, False, False, 143),  # killed without a preemption checkpoint: a failure, no requeue
+    (1, False, False, 1),
+])
+def test_sbatch_script_requeues_only_after_a_preemption_checkpoint(tmp_path, srun_exit, marks, requeued, script_exit):
+    """Run the generated batch script with stand-ins for srun (which plays rank 0: it may create
+    the marker file, as the trainer does after its preemption checkpoint) and scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mark = f'echo 42 > "${launcher.PREEMPTED_MARKER_ENV}"; ' if marks else ""
+    (bin_dir / "srun").write_text(f"#!/bin/bash\n{mark}exit {srun_exit}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    logs = tmp_path / "logs"
+    script = launcher.sbatch_script(launch_args("--slurm", "--cpu", "--log-dir", str(logs), *TRAIN))
+    logs.mkdir()
+    (logs / ".meshforge-preempted-7").write_text("stale, from an earlier run of job 7")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == script_exit, r.stdout + r.stderr
+    requeue_log = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    assert ("requeue 7" in requeue_log) == requeued, (requeue_log, r.stdout)
+    assert ("meshforge: preempted" in r.stdout) == requeued
+    assert not (logs / ".meshforge-preempted-7").exists() or not requeued
 
 
 def test_launch_cli_writes_script_and_refuses_empty(tmp_path):

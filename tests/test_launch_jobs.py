@@ -166,7 +166,7 @@ def test_slurm_preemption_requeues_and_resumes_exactly(tiny_data, tmp_path):
         subprocess.run(["scancel", job], timeout=30)
     log = "".join(p.read_text() for p in tmp_path.glob("meshforge-pre-*.out"))
     assert (state, rc) == ("COMPLETED", 0), log[-4000:]
-    assert "preempted, requeueing" in log and "(restart 1)" in log, log[-4000:]
+    assert "meshforge: preempted" in log and "(restart 1)" in log, log[-4000:]
     from parallel_harness import run_ranks
 
     run_ranks(2, [*train_args(tiny_data, ref_out), *steps])

@@ -174,3 +174,19 @@ def test_split_keeps_names_and_weights():
     assert seen.keys() == full.keys()
     for k, v in full.items():
         torch.testing.assert_close(seen[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_moves_tp2xdp2_to_pp2xdp2_to_one_process(tiny_data, untied_ref, tmp_path):
+    """Steps 1-4 on tp2 x dp2, 5-7 on pp2 x dp2, 8-10 in one process: the same run as the reference."""
+    out = tmp_path / "run"
+    common = ["train", *PARITY_ARGS, *PP_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out)]
+    run_ranks(4, [*common, "--parallel.tp", "2", "--train.steps", "4"])
+    run_ranks(4, [*common, "--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--train.steps", "7"])
+    assert (out / "checkpoints" / "step_00000007").is_dir()
+    run_ranks(1, common)
+    got = read_result(out)
+    assert_parity(untied_ref, got)
+    want, have = _metric(untied_ref.output_dir, "grad_norm"), _metric(out, "grad_norm")
+    assert sorted(have) == list(range(1, 11))
+    assert [have[s] for s in sorted(have)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-5)
+    assert _metric(out, "val_loss")[10] == pytest.approx(_metric(untied_ref.output_dir, "val_loss")[10], rel=1e-5)

@@ -53,7 +53,9 @@ def test_train_learns_checkpoints_and_logs(tiny_data, tmp_path):
     assert vals[60] < vals[0] - 1.0 and vals[60] < vals[20], vals
     records = read_metrics(out)
     assert records[0] == {"step": 0, "val_loss": vals[0]}
-    records = records[1:]
+    saves = [r for r in records[1:] if "checkpoint_blocked_s" in r]  # a record of its own after each save
+    assert [r["step"] for r in saves] == [20, 40, 60] and all(r["checkpoint_blocked_s"] > 0 for r in saves)
+    records = [r for r in records[1:] if "checkpoint_blocked_s" not in r]
     assert [r["step"] for r in records] == list(range(1, 61))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "z_loss"):
         assert all(isinstance(r[key], float) for r in records), key

@@ -122,12 +122,23 @@ def discover(environ: MutableMapping[str, str] | None = None) -> DistEnv:
     return env
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
-    """Create the default process group when the job has more than one process."""
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> dist.Store | None:
+    """Create the default process group when the job has more than one process.
+
+    Returns the job's rendezvous store under a ``meshforge/`` key prefix (for small
+    coordination keys, such as where each rank is among its collectives), or None with one
+    process or when a process group already exists. The group is made exactly as
+    ``init_process_group``'s own ``env://`` path would (same store, same ``default_pg/`` prefix).
+    """
     if env.world_size == 1 or dist.is_initialized():
-        return
+        return None
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
+    return dist.PrefixStore("meshforge", store)
 
 
 def shutdown_distributed() -> None:

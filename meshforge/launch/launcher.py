@@ -29,6 +29,8 @@ from pathlib import Path
 
 EXIT_PREEMPTED = 42
 """The trainer's exit status after a preemption checkpoint (meshforge.pretrain.faults.EXIT_PREEMPTED)."""
+PREEMPTED_MARKER_ENV = "MESHFORGE_PREEMPTED_MARKER"
+"""The file rank 0 creates after its preemption checkpoint (meshforge.pretrain.faults.PREEMPTED_MARKER_ENV)."""
 PREEMPT_WARNING_S = 120
 """``--signal=TERM@120``: SIGTERM two minutes before the time limit, time for a checkpoint."""
 
@@ -186,12 +188,17 @@ def sbatch_script(args: argparse.Namespace) -> str:
         "# node list itself (meshforge/launch/env.py): rendezvous on the first node, port from the job id.",
         'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
         'echo "meshforge: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (restart ${SLURM_RESTART_COUNT:-0})"',
+        "# rank 0 creates this file once its preemption checkpoint is complete (the exit status alone",
+        "# is not enough: --kill-on-bad-exit signals the ranks still exiting and srun reports that)",
+        f"export {PREEMPTED_MARKER_ENV}={shlex.quote(str(log_dir))}/.meshforge-preempted-$SLURM_JOB_ID",
+        f'rm -f "${PREEMPTED_MARKER_ENV}"',
         "rc=0",
         "srun --kill-on-bad-exit=1 " + shlex.join([args.python, "-m", "meshforge", *cmd]) + " || rc=$?",
-        f"if [ \"$rc\" -eq {EXIT_PREEMPTED} ]; then",
+        f"if [ \"$rc\" -eq {EXIT_PREEMPTED} ] || {{ [ \"$rc\" -ne 0 ] && [ -e \"${PREEMPTED_MARKER_ENV}\" ]; }}; then",
         "  # SIGTERM before the time limit (or scancel --signal=TERM): the trainer saved a checkpoint;",
         "  # requeue, and the next run resumes from it",
-        '  echo "meshforge: preempted, requeueing job $SLURM_JOB_ID"',
+        f'  rm -f "${PREEMPTED_MARKER_ENV}"',
+        '  echo "meshforge: preempted (srun exit $rc), requeueing job $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID"',
         "  exit 0",
         "fi",

@@ -80,4 +80,26 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
-__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "flops_per_token", "transformer_blocks"]
+def encoder_decoder_flops_per_token(model: nn.Module, cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
+    """Training FLOPs per token (encoder + decoder tokens) of an encoder-decoder, by the same rule.
+
+    Each weight does 6 FLOPs per token it sees: encoder weights see ``enc_len`` tokens, decoder
+    weights (and the output) ``dec_len`` -- except cross-attention's key/value projections,
+    which read the encoder output (``enc_len``). Attention scores: 12 * H * Q per (query, key)
+    pair per layer: enc_len^2 (encoder), dec_len^2 (decoder), dec_len * enc_len (cross).
+    """
+    by_stack = {"encoder": 0, "decoder": 0}
+    for stack in by_stack:
+        sub = getattr(model, stack)
+        by_stack[stack] = active_params(sub, cfg)
+    cross_kv = sum(p.numel() for n, p in model.decoder.named_parameters()
+                   if ".cross_attention.wk." in f".{n}" or ".cross_attention.wv." in f".{n}")
+    n_dec = by_stack["decoder"] + model.output.weight.numel() - cross_kv
+    hq = 12 * cfg.n_heads * cfg.head_dim
+    n_dec_layers = cfg.n_decoder_layers or cfg.n_layers
+    flops = (6 * (by_stack["encoder"] + cross_kv) * enc_len + 6 * n_dec * dec_len
+             + hq * cfg.n_layers * enc_len * enc_len + hq * n_dec_layers * (dec_len * dec_len + dec_len * enc_len))
+    return flops / (enc_len + dec_len)
+
+
+__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "encoder_decoder_flops_per_token", "flops_per_token", "transformer_blocks"]

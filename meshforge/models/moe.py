@@ -57,6 +57,32 @@ def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if hasattr(w, "to_local") else w
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def swiglu_grouped(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """All experts' SwiGLU in three grouped GEMMs; ``x`` sorted by expert, ``counts`` per expert."""
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs))
+    h = h * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+
+
+def swiglu_loop(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                counts: torch.Tensor) -> torch.Tensor:
+    """The same, one expert at a time (any device and dtype)."""
+    outs = []
+    for e, chunk in enumerate(torch.split(x, counts.tolist())):
+        h = F.silu(chunk @ w1[e].T) * (chunk @ w3[e].T)
+        outs.append(h @ w2[e].T)
+    return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights; input tokens sorted by expert."""
 
@@ -73,16 +99,10 @@ class GroupedExperts(nn.Module):
         experts (the local part of the weights) take part, and ``counts`` has one entry each.
         """
         w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
-        if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs))
-            h = h * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
-        outs = []
-        for e, chunk in enumerate(torch.split(x, counts.tolist())):
-            h = F.silu(chunk @ w1[e].T) * (chunk @ w3[e].T)
-            outs.append(h @ w2[e].T)
-        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
+        dtype = _compute_dtype(x)
+        if x.is_cuda and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
+            return swiglu_grouped(x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype), counts)
+        return swiglu_loop(x, w1, w2, w3, counts)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for w, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
@@ -111,7 +131,8 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """-> (expert ids [N, k], weights [N, k], fp32 logits [N, E], probabilities [N, E])."""
-        logits = F.linear(x.float(), self.router.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # the router stays fp32 under bf16 autocast
+            logits = F.linear(x.float(), self.router.weight.float())
         probs = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         chosen = (probs + self.route_bias).topk(self.top_k, dim=-1).indices
         weights = probs.gather(1, chosen)

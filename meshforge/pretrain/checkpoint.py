@@ -12,7 +12,16 @@ Layout of ``<output_dir>/checkpoints/``::
 A checkpoint is written into ``step_N.tmp``; when every rank has finished, rank 0 writes
 ``meta.json`` there, syncs it, and renames the directory to ``step_N`` -- one atomic
 ``rename``. Only directories named ``step_<digits>`` holding ``meta.json`` and
-``.metadata`` count as checkpoints.
+``.metadata`` count as checkpoints. Deleting one (keep-last-k pruning, or replacing a
+checkpoint of the same step) first renames it to ``step_N.deleting.tmp``, so a kill during
+the deletion cannot leave a half-deleted directory that still looks complete.
+
+Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the step is blocked only
+while the state is copied into CPU staging buffers; a background thread writes the ``.tmp``
+directory (DCP's collectives run on a separate gloo group, so they never interleave with the
+training's), and rank 0 finalizes -- meta.json, rename, prune -- on the main thread once the
+write has finished (:meth:`Checkpointer.poll`, :meth:`Checkpointer.wait`). A kill at any
+point leaves at most a ``.tmp`` directory.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +79,17 @@ def is_complete(path: Path) -> bool:
     return bool(CHECKPOINT_RE.match(path.name)) and (path / "meta.json").is_file() and (path / ".metadata").is_file()
 
 
+def _retire(path: Path) -> Path:
+    """Rename a complete checkpoint out of the way before deleting it (one atomic rename), so a kill
+    during the deletion leaves a ``*.tmp`` directory, never a half-deleted ``step_N`` that looks complete."""
+    gone = path.with_name(f"{path.name}.deleting.tmp")
+    if gone.exists():
+        shutil.rmtree(gone, ignore_errors=True)
+    os.rename(path, gone)
+    _fsync_dir(path.parent)
+    return gone
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_root.is_dir():
@@ -111,13 +133,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose files are still being written."""
+
+    step: int
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+    files: dict[str, Path]
+    future: Future
+
+
 class Checkpointer:
     """Saves, prunes and finds the checkpoints of one output dir."""
 
-    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0):
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0, async_save: bool = False):
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self.async_save = async_save
+        self._pending: _PendingSave | None = None
+        self._group = None  # gloo group for the background writer's collectives (made at the first async save)
+        self._stager = None  # staging buffers reused across async saves
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.root)
@@ -158,10 +196,13 @@ class Checkpointer:
     ) -> Path:
         """Write checkpoint ``step`` atomically; collective over all ranks.
 
-        With a DeepSpeed ``engine`` (``model``/``optimizer`` unused), the engine writes its own
-        files into ``deepspeed/`` and DCP gets the full fp32 weights under ``model``, so every
-        reader of model weights works unchanged.
+        With ``async_save`` (and no DeepSpeed engine) this returns once the state is staged in
+        CPU memory; the checkpoint becomes visible (``step_N``) when :meth:`poll` or
+        :meth:`wait` finds the write finished. With a DeepSpeed ``engine`` (``model``/
+        ``optimizer`` unused), the engine writes its own files into ``deepspeed/`` and DCP gets
+        the full fp32 weights under ``model``, so every reader of model weights works unchanged.
         """
+        self.wait()  # one save in flight at a time; it also finishes before a newer one starts
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -169,6 +210,8 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)
         _barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
         if engine is not None:
             from ..parallel.deepspeed_engine import full_model_state_dict, save_engine
 
@@ -176,24 +219,81 @@ class Checkpointer:
             dcp.save({"model": full_model_state_dict(engine)}, checkpoint_id=str(tmp))
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            state = {"model": model_sd, "optim": optim_sd}
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._writer_group(),
+                                        async_stager=self._async_stager())
+                self._pending = _PendingSave(step, tmp, final, meta, dict(files or {}), future)
+                return final
+            dcp.save(state, checkpoint_id=str(tmp))
         _barrier()
         if self.rank == 0:
-            for name, src in (files or {}).items():
-                shutil.copyfile(src, tmp / name)
-            _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
+            self._finalize(step, tmp, final, meta, files or {})
         _barrier()
         return final
 
+    def poll(self) -> bool:
+        """Finalize a finished asynchronous save (rank 0 renames it); True if none is in flight.
+
+        Needs no collective: DCP's future completes on every rank only after the coordinator
+        has written ``.metadata``, i.e. after all ranks' data is on disk.
+        """
+        p = self._pending
+        if p is None:
+            return True
+        if not p.future.done():
+            return False
+        self._pending = None
+        p.future.result()  # re-raises a failed write
+        if self.rank == 0:
+            self._finalize(p.step, p.tmp, p.final, p.meta, p.files)
+        return True
+
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is complete and visible on every rank."""
+        if self._pending is None:
+            return
+        self._pending.future.result()
+        self.poll()
+        _barrier()
+
+    def close(self) -> None:
+        """Finish any save in flight and release the staging buffers."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _writer_group(self):
+        if self._group is None and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _async_stager(self):
+        """Staging into pinned CPU buffers on CUDA (fast device-to-host copies), plain copies on CPU."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
+
+    def _finalize(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], files: dict[str, Path]) -> None:
+        """Rank 0, after every rank's files are in ``tmp``: meta.json last, then the atomic rename."""
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
+        replaced = _retire(final) if final.exists() else None  # the same step from an earlier attempt
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        self._prune()
+
     def _prune(self) -> None:
         for old in list_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(_retire(old), ignore_errors=True)
 
     def clean_partial(self) -> None:
         """Remove ``*.tmp`` dirs left by a kill (rank 0; they are never resumed from)."""

@@ -26,7 +26,7 @@ from ..data_pipeline.prepare import describe_data
 from ..launch.env import DistEnv
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
-from .objectives import LMObjective, SpanCorruptionObjective, build_objective
+from .objectives import LMObjective, SpanCorruptionObjective, Ul2Objective, build_objective
 
 @dataclass
 class TrainData:
@@ -35,7 +35,7 @@ class TrainData:
     train_loader: DistributedLoader
     valid_loader_factory: Callable[[], DistributedLoader]
     """A fresh loader over the validation split from its start (the same samples every eval)."""
-    objective: LMObjective | SpanCorruptionObjective
+    objective: LMObjective | SpanCorruptionObjective | Ul2Objective
     """What a sample is and how a batch becomes model inputs and targets."""
 
 

@@ -7,19 +7,42 @@
   stops the run after too many in a row (the last good checkpoint stays intact, because
   checkpoints are only written after good steps).
 - :class:`SpikeDetector` flags a loss far above its recent history (logged, not acted on).
+- :class:`CollectiveWatch` marks, in the rendezvous store, which group of collectives each
+  rank is entering; when a collective fails (a peer died) or times out (a peer stalls for
+  ``train.collective_timeout_s``), it turns the backend's error into a one-line
+  :class:`CollectiveError` naming the operation, this rank and the ranks that never got there.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import signal
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 EXIT_PREEMPTED = 42
 """Exit status of a run that stopped on a preemption signal after writing a checkpoint."""
+PREEMPTED_MARKER_ENV = "MESHFORGE_PREEMPTED_MARKER"
+"""Environment variable naming a file that rank 0 creates once its preemption checkpoint is complete.
+
+A job script cannot rely on the exit status alone: when the first rank exits with
+:data:`EXIT_PREEMPTED`, ``srun --kill-on-bad-exit`` signals the ranks still shutting down and
+reports their signal instead (143). The marker says "the checkpoint is written; requeue"."""
+
+
+def mark_preempted(environ=None) -> None:
+    """Create the file named by :data:`PREEMPTED_MARKER_ENV`, if that variable is set (rank 0, after its checkpoint)."""
+    import os
+    from pathlib import Path
+
+    path = (os.environ if environ is None else environ).get(PREEMPTED_MARKER_ENV)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(f"{EXIT_PREEMPTED}\n")
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,3 +117,113 @@ class SpikeDetector:
         if math.isfinite(loss) and not spike:
             self.history.append(loss)
         return spike
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names the operation and the ranks involved."""
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """An error of the communication backend: torch's ``DistError`` family (NCCL, store, network)
+    or one of gloo's, which reach Python as plain RuntimeErrors carrying gloo's source path."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and "gloo" in str(error)
+
+
+def _is_timeout(error: BaseException) -> bool:
+    return "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower()
+
+
+def _peer_gone(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(s in text for s in ("closed by peer", "reset by peer", "broken pipe", "connection refused"))
+
+
+def _backend_reason(error: BaseException) -> str:
+    """The backend's own words, one line: no ``[source/file.cc:123]`` prefix, no advice paragraph."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip()).splitlines()[0] if str(error).strip() else ""
+    return text.split(". This is typically")[0].rstrip(".") or type(error).__name__
+
+
+class CollectiveWatch:
+    """Where this rank is among its collectives, shared through the rendezvous store.
+
+    The trainer calls :meth:`at` before each group of collectives ("all_reduce of the loss at
+    step 7"); every rank makes the same calls in the same order, so their sequence numbers line
+    up. Inside :meth:`explain_failures`, a backend error becomes a :class:`CollectiveError` that
+    names the operation this rank was in and the ranks whose last mark is older: the ones that
+    never reached it (stalled or dead). A mark is one store write (no reply awaited).
+    """
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float, store=None):
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.store = store
+        self.seq = 0
+        self.label = "startup"
+
+    def at(self, label: str) -> None:
+        """Record that this rank now enters ``label`` (the collectives up to the next mark)."""
+        self.seq += 1
+        self.label = label
+        if self.store is None:
+            return
+        try:
+            self.store.set(f"at/{self.rank}", f"{self.seq} {label}")
+        except Exception:  # the store's host is gone: the next collective fails and says so
+            self.store = None
+
+    def others(self) -> dict[int, tuple[int, str]] | None:
+        """Every other rank's last mark (seq, label); None when the store cannot be read."""
+        if self.store is None:
+            return None
+        try:
+            keys = [f"at/{r}" for r in range(self.world_size) if r != self.rank]
+            present = [k for k in keys if self.store.check([k])]
+            values = self.store.multi_get(present) if present else []
+        except Exception:
+            return None
+        marks = {}
+        for key, value in zip(present, values):
+            seq, _, label = bytes(value).decode().partition(" ")
+            marks[int(key.split("/")[1])] = (int(seq), label)
+        for key in set(keys) - set(present):  # never marked anything: still starting up
+            marks[int(key.split("/")[1])] = (0, "startup")
+        return marks
+
+    def describe(self, error: BaseException) -> str:
+        """One line: this rank, the operation, what happened, and which ranks were behind."""
+        if _is_timeout(error):
+            what = f"timed out after {self.timeout_s:g} s (train.collective_timeout_s; raise it if a rank is just slow)"
+        elif _peer_gone(error):
+            what = "failed: a peer closed its connection (it crashed or was killed; see its log)"
+        else:
+            what = "failed"
+        text = f"rank {self.rank} of {self.world_size}: {self.label} {what}"
+        return f"{text}; {self._laggards()}; {type(error).__name__}: {_backend_reason(error)}"
+
+    def _laggards(self, show: int = 8) -> str:
+        """Which ranks never reached this rank's operation, with where they were last."""
+        marks = self.others()
+        if marks is None:
+            return "the other ranks' progress is unknown (the rendezvous store is unreachable)"
+        behind = sorted(r for r, (seq, _) in marks.items() if seq < self.seq)
+        if not behind:
+            return "every rank reached it"
+        names = ", ".join(str(r) for r in behind[:show]) + (f" and {len(behind) - show} more" if len(behind) > show else "")
+        where = "; ".join(f"rank {r} last at: {marks[r][1]}" for r in behind[:show])
+        return f"rank{'s' if len(behind) > 1 else ''} {names} never reached it ({where})"
+
+    @contextmanager
+    def explain_failures(self):
+        """Re-raise a backend error from the block as a :class:`CollectiveError` (more than one rank only)."""
+        try:
+            yield
+        except CollectiveError:
+            raise
+        except Exception as e:
+            if self.world_size > 1 and is_collective_failure(e):
+                raise CollectiveError(self.describe(e)) from e
+            raise

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
-from ..models import active_params, build_model, flops_per_token
+from ..models import active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
 from ..parallel import build_mesh, parallelize
 from ..parallel.grad_norm import clip_grad_norm
 from ..parallel.loss_parallel import lm_loss_fn
@@ -34,7 +34,8 @@ from .checkpoint import Checkpointer, check_resume_backend, load_checkpoint
 from .data import TrainData, prepare_train_data
 from .generate import generate_text
 from ..models.moe import set_aux_grad_scale
-from .faults import EXIT_PREEMPTED, NonFiniteGuard, PreemptionWatcher, SpikeDetector, TrainingDiverged
+from .faults import (EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
+                     TrainingDiverged, mark_preempted)
 from .moe_metrics import moe_step
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_optimizer, build_scheduler
@@ -76,26 +77,34 @@ class Trainer:
             plan_pipeline(cfg, self.degrees, self.device.type)  # stage split + microbatches: ConfigError before any process group
         self.output_dir = Path(cfg.train.output_dir)
         self.identity = run_identity(cfg)
-        self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank)
+        self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank,
+                                        async_save=cfg.checkpoint.async_save)
         # Everything above only reads. Validate data and output dir before writing anything.
         self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume)
         check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
-        init_distributed(self.env, self.device, cfg.train.collective_timeout_s)
+        store = init_distributed(self.env, self.device, cfg.train.collective_timeout_s)
+        self.collectives = CollectiveWatch(self.env.rank, self.env.world_size, cfg.train.collective_timeout_s, store)
         self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
 
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
         cfg = self.cfg
+        self.collectives.at("setup (device mesh, model sharding, checkpoint load)")
         self.mesh = build_mesh(self.degrees, self.device)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.device)
         self.n_params = active_params(model, cfg.model)
+        spec = getattr(self.data.objective, "spec", None)
+        if cfg.model.family == "encoder_decoder" and spec is not None:
+            self.flops_per_token = encoder_decoder_flops_per_token(model, cfg.model, spec.encoder_len, spec.decoder_len)
+        else:
+            self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
         self.model = parallelize(model, self.mesh, self.degrees, cfg)
         self.pipeline: PipelineRunner | None = None
         if self.degrees.pp > 1:  # self.model is this rank's PipelineModel; the runner drives its stages
             self.pipeline = build_runner(self.model, self.mesh, self.device, lm_loss_fn(cfg, self.degrees.tp),
-                                         cfg.train.z_loss_coef, self._autocast)
+                                         cfg.train.z_loss_coef, self._autocast, self.data.objective.model_inputs)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
         self.engine = None
         if cfg.parallel.dp_backend == "deepspeed":  # the engine runs ZeRO, backward and the optimizer step
@@ -112,11 +121,12 @@ class Trainer:
             self.scheduler.load_state_dict(meta["scheduler"])
             self.data.train_loader.load_state_dict(meta["loader"])
             self.step = meta["step"]
+            if self.env.is_main:
+                print(f"resuming from {self.resume_from} (step {self.step})", flush=True)
         self.checkpointer.clean_partial()
         self.metrics = MetricsLogger(self.output_dir, self.env.is_main, cfg.logging.tensorboard, self.step)
         if self.env.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
-        self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
 
     # ------------------------------------------------------------------ steps
@@ -146,8 +156,9 @@ class Trainer:
         loss_fn = lm_loss_fn(self.cfg, self.degrees.tp)
         return loss_fn(logits, targets, self.cfg.train.z_loss_coef)
 
-    def _all_mean(self, value: torch.Tensor) -> torch.Tensor:
+    def _all_mean(self, value: torch.Tensor, what: str) -> torch.Tensor:
         if self.env.world_size > 1:
+            self.collectives.at(f"all_reduce of {what}")
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
             value /= self.env.world_size
@@ -169,7 +180,7 @@ class Trainer:
             loss_sum += parts.ce.detach()
             z_sum += parts.z_loss.detach()
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
-        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro))
+        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
         record = self._update(losses, grad_norm)
         record.update(moe_step(self.model, cfg.model.moe_bias_update_rate, reduce=self.degrees.pp == 1))
         return record
@@ -206,7 +217,7 @@ class Trainer:
             z_sum += parts.z_loss.detach()
         self.scheduler.step()
         grad_norm = self.engine.get_global_grad_norm()
-        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro))
+        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
         record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr,
                   "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
         if not math.isfinite(record["loss"]):  # the engine has stepped already: nothing left to skip
@@ -226,6 +237,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        self.collectives.at(f"validation forward collectives at step {self.step}")
         if self.pipeline is not None:  # forward-only schedule; the mean is already global
             loader = self.data.valid_loader_factory()
             return self.pipeline.eval_losses(loader.next_batch() for _ in range(self.cfg.train.eval_batches))
@@ -235,9 +247,12 @@ class Trainer:
         for _ in range(self.cfg.train.eval_batches):
             total += self._forward_loss(self._to_device(loader.next_batch())).ce
         self.model.train()
-        return self._all_mean(total / self.cfg.train.eval_batches).item()
+        return self._all_mean(total / self.cfg.train.eval_batches, f"the validation loss at step {self.step}").item()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> float:
+        """Save a checkpoint of the current step; returns the seconds the training was blocked."""
+        self.collectives.at(f"checkpoint save at step {self.step}")
+        start = time.perf_counter()
         meta = {
             "scheduler": self.scheduler.state_dict(),
             "loader": self.data.train_loader.state_dict(),
@@ -248,6 +263,7 @@ class Trainer:
         }
         self.checkpointer.save(self.step, self.model, self.optimizer, meta, {"tokenizer.model": self.data.tokenizer_path},
                                engine=self.engine)
+        return time.perf_counter() - start
 
     # ------------------------------------------------------------------ loop
 
@@ -268,7 +284,9 @@ class Trainer:
                 self.metrics.log({"step": 0, "val_loss": result.val_losses[0]})
                 _print(bar, f"step      0 | val_loss {result.val_losses[0]:.4f}")
             while self.step < t.steps:
+                self.checkpointer.poll()  # an asynchronous save that has finished becomes visible
                 start = time.perf_counter()
+                self.collectives.at(f"forward/backward collectives of step {self.step + 1}")
                 record = self.train_step()
                 elapsed = time.perf_counter() - start
                 self.step += 1
@@ -287,19 +305,23 @@ class Trainer:
                     _print(bar, f"step {self.step:>6} | non-finite loss/gradient: update skipped "
                                 f"({self.nonfinite.consecutive} in a row, {self.nonfinite.total_skipped} in all)")
                 result.losses.append(record["loss"])
-                self.metrics.log(record)
+                self.metrics.log(record)  # before the save: a kill after it cannot lose this step's record
                 self._report(bar, record)
                 saved = last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
                 if saved:
-                    self._checkpoint()
+                    self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
+                self.collectives.at(f"all_reduce of the preemption flag after step {self.step}")
                 if self.preemption is not None and self.preemption.should_stop(self.device):
                     if not saved:
                         self._checkpoint()
+                    self.checkpointer.wait()
                     if self.env.is_main:
+                        mark_preempted()  # the checkpoint is complete: a job script may requeue
                         _print(bar, f"step {self.step:>6} | preemption signal: checkpoint written, exiting with "
                                     f"status {EXIT_PREEMPTED} (resume by rerunning the same command)")
                     result.preempted = True
                     break
+            self.checkpointer.close()  # the last checkpoint is complete before the run returns
             result.final_step = self.step
             if self.env.is_main and t.sample_prompt and t.sample_tokens and not result.preempted:
                 result.sample = self.sample(t.sample_prompt, t.sample_tokens)
@@ -347,6 +369,8 @@ def _print(bar, text: str) -> None:
 def train(cfg: JobConfig) -> TrainResult:
     """Run a training job in this process (one rank of it under torchrun)."""
     try:
-        return Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        with trainer.collectives.explain_failures():  # a dead or stalled peer: one line naming the operation
+            return trainer.run()
     finally:
         shutdown_distributed()
