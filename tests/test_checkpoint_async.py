@@ -2,6 +2,7 @@
 
 import torch
 
+from meshforge.pretrain import checkpoint as checkpoint_module
 from meshforge.pretrain.checkpoint import Checkpointer, list_checkpoints, load_checkpoint
 from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, read_result, run_ranks
@@ -50,6 +51,29 @@ def test_async_save_keeps_last_k_and_finishes_before_the_next(tmp_path):
     ck.close()
     assert [p.name for p in list_checkpoints(ck.root)] == ["step_00000002", "step_00000003"]
     assert not list(ck.root.glob("*.tmp"))
+
+
+def test_wait_is_collective_whether_or_not_a_poll_saw_the_save_finish(tmp_path, monkeypatch):
+    """A rank whose poll() already finalized the save still enters wait()'s barrier.
+
+    Whether a future is done at a poll is timing, different on each rank; if it decided who
+    enters the barrier, the ranks' collectives would pair up wrongly and the job would hang.
+    """
+    barriers = []
+    monkeypatch.setattr(checkpoint_module, "_barrier", lambda: barriers.append(1))
+    model, opt = _model_and_optim(0)
+    for polled in (True, False):
+        ck = Checkpointer(tmp_path / str(polled), keep_last=2, async_save=True)
+        ck.save(1, model, opt, {})
+        if polled:
+            ck._pending.future.result()
+            assert ck.poll() and [p.name for p in list_checkpoints(ck.root)] == ["step_00000001"]
+        barriers.clear()
+        ck.wait()
+        assert len(barriers) == 1, polled
+        ck.wait()  # nothing in flight any more: no collective
+        assert len(barriers) == 1, polled
+        ck.close()
 
 
 def test_async_checkpoints_resume_exactly_on_two_ranks(tiny_data, tmp_path):

@@ -31,9 +31,7 @@ import torch.distributed as dist
 
 from meshforge.cli import main as cli_main
 from meshforge.config import load_config
-from parallel_harness import REPO, assert_parity, free_port, train_layout
-
-TP_ATOL = 3e-6
+from parallel_harness import REPO, TP_ATOL, assert_parity, free_port, train_layout
 
 
 def _param_drift(ref, got) -> float:

@@ -141,8 +141,14 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.
     return dist.PrefixStore("meshforge", store)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = False) -> None:
+    """Destroy every process group (idempotent); ``barrier`` first waits for all ranks to get here.
+
+    Use ``barrier`` on the normal way out only: after a failure a peer may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -50,18 +50,22 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
 
 
 class RelativePositionBias(nn.Module):
-    """bias[h, i, j] = w[bucket(j - i), h]."""
+    """bias[h, i, j] = w[bucket(j - i), h]: a table of one scalar per (bucket, head)."""
 
     def __init__(self, n_heads: int, num_buckets: int, max_distance: int, bidirectional: bool):
         super().__init__()
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.weight = nn.Parameter(torch.empty(num_buckets, n_heads))
 
-    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+    def buckets(self, q_len: int, k_len: int) -> torch.Tensor:
+        """[q, k] bucket id of each (query i, key j) pair."""
         device = self.weight.device
         relative = torch.arange(k_len, device=device)[None, :] - torch.arange(q_len, device=device)[:, None]
-        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.weight[buckets].permute(2, 0, 1)[None]  # [1, H, q, k]
+        return relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        """Bucket ids [q, k] -> bias [1, H, q, k]."""
+        return self.weight[buckets].permute(2, 0, 1)[None]
 
 
 class Attention(nn.Module):
@@ -139,22 +143,36 @@ class Stack(nn.Module):
                          if cfg.position_encoding == "relative" else None)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def self_bias(self, length: int, key_padding: torch.Tensor | None, device) -> torch.Tensor | None:
-        """Additive bias [B or 1, H or 1, T, T]: relative positions, causal mask, padded keys."""
-        bias = self.rel_bias(length, length) if self.rel_bias is not None else None
+    def position_bias(self, length: int) -> torch.Tensor | None:
+        """Relative position bias [1, H, T, T] of self-attention; None with RoPE."""
+        return self.rel_bias(self.rel_bias.buckets(length, length)) if self.rel_bias is not None else None
+
+    def mask_bias(self, length: int, key_padding: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Additive mask [B or 1, 1, T, T] of self-attention (-inf: causal future, padded keys); None if none."""
         mask = None
         if self.causal:
             mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
         if key_padding is not None:
             pad = key_padding[:, None, None, :]
             mask = pad if mask is None else mask & pad
-        if mask is not None:
-            neg = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-            bias = neg if bias is None else bias + neg
-        return bias
+        if mask is None:
+            return None
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+
+    def self_bias(self, length: int, key_padding: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Additive bias [B or 1, H or 1, T, T]: relative positions, causal mask, padded keys."""
+        return add_biases(self.position_bias(length), self.mask_bias(length, key_padding, device))
 
 
-def _padding_bias(key_padding: torch.Tensor | None) -> torch.Tensor | None:
+def add_biases(position: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """position + mask, where either may be absent."""
+    if position is None or mask is None:
+        return mask if position is None else position
+    return position + mask
+
+
+def padding_bias(key_padding: torch.Tensor | None) -> torch.Tensor | None:
+    """Additive bias [B, 1, 1, S] of cross-attention: -inf at padded encoder positions."""
     if key_padding is None:
         return None
     return torch.zeros(key_padding.shape, device=key_padding.device).masked_fill(
@@ -192,7 +210,7 @@ class EncoderDecoder(nn.Module):
         """Encoder states + decoder input ids [B, T] -> logits [B, T, V]."""
         x = self.tok_embeddings(tgt_in)
         self_bias = self.decoder.self_bias(tgt_in.shape[1], None, tgt_in.device)
-        cross_bias = _padding_bias(src_mask)
+        cross_bias = padding_bias(src_mask)
         for block in self.decoder.layers.values():
             x = block(x, enc, self_bias, cross_bias, self._rope())
         x = self.decoder.norm(x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, JobConfig, ParallelConfig
+from ..config import ConfigError, JobConfig, ModelConfig, ParallelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -69,18 +69,20 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
         if p.dp_backend != "fsdp2":
             raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
     if d.tp > 1:
-        if m.family != "decoder" or m.moe_experts:
-            raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plan covers the dense decoder only "
-                              f"(model.family = {m.family!r}, model.moe_experts = {m.moe_experts}); use parallel.tp = 1")
+        if m.moe_experts:
+            raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plan covers the dense decoder only or the "
+                              f"dense encoder_decoder, not MoE feed-forwards (model.moe_experts = {m.moe_experts}); "
+                              "use parallel.tp = 1")
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
                             ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
             if value % d.tp:
                 raise ConfigError(f"{name} = {value} does not divide by parallel.tp = {d.tp}")
     if d.pp > 1:
         stages = d.pp * pipeline_stages_per_rank(p)
-        if m.n_layers < stages:
+        n_layers, what = pipeline_layers(m)
+        if n_layers < stages:
             raise ConfigError(
-                f"model.n_layers = {m.n_layers} cannot cover {stages} pipeline stages "
+                f"{what} = {n_layers} cannot cover {stages} pipeline stages "
                 f"(parallel.pp = {d.pp} x {pipeline_stages_per_rank(p)} stages per rank)"
             )
         if m.tie_embeddings:
@@ -96,6 +98,15 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must divide by micro_batch_size * data-parallel "
             f"degree ({t.micro_batch_size} * {d.dp} = {t.micro_batch_size * d.dp})"
         )
+
+
+def pipeline_layers(m: ModelConfig) -> tuple[int, str]:
+    """The blocks a pipeline splits and how to name their count: a decoder's layers, or an
+    encoder-decoder's encoder then decoder layers (one sequence, split as one)."""
+    if m.family == "encoder_decoder":
+        n_dec = m.n_decoder_layers or m.n_layers
+        return m.n_layers + n_dec, f"model.n_layers + decoder layers ({m.n_layers} + {n_dec})"
+    return m.n_layers, "model.n_layers"
 
 
 def pipeline_stages_per_rank(p: ParallelConfig) -> int:

@@ -1,4 +1,4 @@
-"""Pipeline parallelism: split the decoder into stages by layer ranges and run a schedule.
+"""Pipeline parallelism: split the decoder or the encoder-decoder into stages by layer ranges and run a schedule.
 
 The split (:func:`plan_pipeline`, :func:`split_model`)
     - ``pp * stages_per_rank`` stages, each a range of consecutive layers: balanced by default
@@ -10,6 +10,32 @@ The split (:func:`plan_pipeline`, :func:`split_model`)
       from / stops at hidden states where those modules are ``None``;
     - placement: ``gpipe``/``1f1b`` one stage per rank; ``interleaved_1f1b`` and
       ``zero_bubble`` loop-style (rank ``r`` holds stages ``r, r+pp, r+2pp, ...``).
+
+The encoder-decoder (:class:`EncoderDecoderStage`) is split the same way over one sequence
+of blocks: the encoder's layers, then the decoder's (``pp_split`` counts in that sequence:
+with 3 + 3 layers, ``"3"`` puts the encoder on stage 0 and the decoder on stage 1). Each
+stage passes the next one a tuple of tensors, as Megatron's encoder-decoder pipeline does:
+
+    stage 0:   h = E[src], y = E[tgt_in]; the relative position biases of both stacks
+    boundary inside the encoder:      (h, encoder position bias, y, decoder position bias)
+    boundary after the encoder:       (enc, y, decoder position bias)
+    last stage: decoder norm, output projection -> logits
+
+- The stage holding the last encoder layer applies the encoder's final norm; from there
+  the encoder output ``enc`` travels with the decoder stream to every later stage (each
+  decoder layer's cross-attention reads it), and its gradient, summed over those layers,
+  travels back the same way.
+- Stage 0 holds the only copy of the shared token embedding and of both relative position
+  tables: it embeds the decoder inputs too and computes each stack's position bias once,
+  and the biases ride along (no parameter lives on two stages, so no gradient needs
+  adding across stages). The biases hold only this rank's heads under TP (a plain tensor).
+- The source padding mask is not an activation: the runner gives it to every stage as a
+  keyword argument (``torch.distributed.pipelining`` splits keyword tensors into the same
+  microbatches on each stage), and each stage builds its own attention masks from it.
+- The tuples differ between boundaries (and tensors may pass a stage unchanged, e.g. the
+  decoder stream through an encoder-only stage): each stage's activation shapes and
+  gradient placements come from the schedules' dynamic metadata inference, so every
+  schedule works (tested: gpipe, 1f1b, interleaved 1F1B and zero-bubble).
 
 Initial weights are those of the single-process model: the *full* model is built and
 initialised with the job's seed on every pipeline rank (as :func:`build_model` does), then
@@ -45,8 +71,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import ConfigError, JobConfig
+from ..models.encoder_decoder import Stack, add_biases, padding_bias
 from .compile import compile_enabled
-from .mesh import Degrees, pipeline_stages_per_rank
+from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
@@ -70,8 +97,11 @@ class PipelinePlan:
         return [pp_rank + k * self.pp for k in range(self.stages_per_rank)]
 
 
-def split_layers(n_layers: int, n_stages: int, pp_split: str = "") -> tuple[tuple[int, int], ...]:
-    """Layer ranges of ``n_stages`` stages: balanced, or from ``pp_split`` (first layer of each later stage)."""
+def split_layers(n_layers: int, n_stages: int, pp_split: str = "", what: str = "model.n_layers"
+                 ) -> tuple[tuple[int, int], ...]:
+    """Layer ranges of ``n_stages`` stages: balanced, or from ``pp_split`` (first layer of each later stage).
+
+    ``what`` names the layer count in errors (an encoder-decoder splits encoder + decoder layers)."""
     if pp_split.strip():
         try:
             starts = [int(s) for s in pp_split.split(",")]
@@ -87,11 +117,11 @@ def split_layers(n_layers: int, n_stages: int, pp_split: str = "") -> tuple[tupl
         if any(a >= b for a, b in zip(bounds, bounds[1:])):
             raise ConfigError(
                 f"parallel.pp_split = {pp_split!r}: split points must increase strictly within 1..{n_layers - 1} "
-                f"(model.n_layers = {n_layers}), so that every stage has at least one layer"
+                f"({what} = {n_layers}), so that every stage has at least one layer"
             )
         return tuple(zip(bounds, bounds[1:]))
     if n_layers < n_stages:
-        raise ConfigError(f"model.n_layers = {n_layers} cannot cover {n_stages} pipeline stages")
+        raise ConfigError(f"{what} = {n_layers} cannot cover {n_stages} pipeline stages")
     base, extra = divmod(n_layers, n_stages)
     ranges, start = [], 0
     for s in range(n_stages):
@@ -107,10 +137,10 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
     ``device_type`` (when known) also checks the schedule against ``parallel.compile``.
     """
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    if m.family != "decoder" or getattr(m, "moe_experts", 0):
+    if getattr(m, "moe_experts", 0):
         raise ConfigError(
-            f"parallel.pp = {d.pp}: the pipeline split covers the dense decoder only (model.family = {m.family!r}, "
-            f"model.moe_experts = {getattr(m, 'moe_experts', 0)}); use parallel.pp = 1"
+            f"parallel.pp = {d.pp}: the pipeline split covers the dense decoder only or the dense encoder_decoder, "
+            f"not MoE layers (model.moe_experts = {m.moe_experts}); use parallel.pp = 1"
         )
     spr = pipeline_stages_per_rank(p)
     if p.pp_schedule in SINGLE_STAGE_SCHEDULES and spr != 1:
@@ -123,7 +153,8 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
             "parallel.pp_schedule = 'zero_bubble' splits each backward into input and weight parts, which "
             "torch.compile'd blocks do not support; set parallel.compile = off or use interleaved_1f1b"
         )
-    ranges = split_layers(cfg.model.n_layers, d.pp * spr, p.pp_split)
+    n_layers, what = pipeline_layers(m)
+    ranges = split_layers(n_layers, d.pp * spr, p.pp_split, what)
     local_batch = t.global_batch_size // d.dp
     n_mb = p.pp_microbatches or local_batch // t.micro_batch_size
     if local_batch % n_mb:
@@ -155,7 +186,10 @@ def stage_module(model: nn.Module, start: int, end: int, first: bool, last: bool
 
     The skeleton is built on the meta device (no memory), then given ``model``'s modules;
     the embedding stays only on the first stage, norm and output only on the last.
+    An encoder-decoder gets an :class:`EncoderDecoderStage` instead.
     """
+    if model.cfg.family == "encoder_decoder":
+        return EncoderDecoderStage(model, start, end, first, last)
     with torch.device("meta"):
         stage = type(model)(model.cfg)
     stage.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in range(start, end)})
@@ -167,13 +201,99 @@ def stage_module(model: nn.Module, start: int, end: int, first: bool, last: bool
     return stage
 
 
+class StackPart(Stack):
+    """The part of an encoder or decoder :class:`~meshforge.models.encoder_decoder.Stack` that one
+    stage holds: some of its layers (under their own indices), maybe its position table and its
+    final norm (``None`` where another stage holds them). The same module objects as the model's."""
+
+    def __init__(self, stack: Stack, layer_ids: range, rel_bias: bool, norm: bool):
+        nn.Module.__init__(self)  # not Stack.__init__: nothing new is built
+        self.causal = stack.causal
+        self.layers = nn.ModuleDict({str(i): stack.layers[str(i)] for i in layer_ids})
+        self.rel_bias = stack.rel_bias if rel_bias else None
+        self.norm = stack.norm if norm else None
+
+
+class EncoderDecoderStage(nn.Module):
+    """Blocks ``[start, end)`` of an encoder-decoder, counting encoder then decoder layers.
+
+    ``forward(src, tgt_in, src_mask=)`` on the first stage, ``forward(*activations, src_mask=)``
+    on the others; returns the activations of the next boundary (see the module docstring), or
+    the logits on the last stage. Modules keep the model's names (``encoder.layers.<i>``,
+    ``decoder.rel_bias``, ...), so the TP plan, FSDP and checkpoints see the usual paths.
+    """
+
+    def __init__(self, model: nn.Module, start: int, end: int, first: bool, last: bool):
+        super().__init__()
+        self.cfg = model.cfg
+        n_enc = len(model.encoder.layers)
+        self.start, self.end, self.n_enc, self.first, self.last = start, end, n_enc, first, last
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.encoder = StackPart(model.encoder, range(min(start, n_enc), min(end, n_enc)), rel_bias=first,
+                                 norm=start < n_enc <= end)
+        self.decoder = StackPart(model.decoder, range(max(start, n_enc) - n_enc, max(end, n_enc) - n_enc),
+                                 rel_bias=first, norm=last)
+        self.output = model.output if last else None
+        self.rope_cos = model.rope_cos
+        self.rope_sin = model.rope_sin
+
+    @property
+    def relative(self) -> bool:
+        return self.cfg.position_encoding == "relative"
+
+    def forward(self, *acts: torch.Tensor, src_mask: torch.Tensor | None = None):
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.position_encoding == "rope" else None
+        enc_pos = dec_pos = None
+        if self.first:
+            src, tgt_in = acts
+            h, y = self.tok_embeddings(src), self.tok_embeddings(tgt_in)
+            if self.relative:
+                enc_pos = self.encoder.position_bias(src.shape[1])
+                dec_pos = self.decoder.position_bias(tgt_in.shape[1])
+        elif self.start < self.n_enc:  # inside the encoder
+            h, *rest = acts
+            enc_pos, y, dec_pos = rest if self.relative else (None, *rest, None)
+        else:  # the encoder is done: h is its output
+            h, y, *rest = acts
+            dec_pos = rest[0] if self.relative else None
+        if self.encoder.layers:
+            bias = add_biases(enc_pos, self.encoder.mask_bias(h.shape[1], src_mask, h.device))
+            for block in self.encoder.layers.values():
+                h = block(h, bias, rope)
+        if self.encoder.norm is not None:
+            h = self.encoder.norm(h)
+        if self.end < self.n_enc:  # the encoder goes on on the next stage
+            return _sendable((h, enc_pos, y, dec_pos) if self.relative else (h, y))
+        if self.decoder.layers:
+            self_bias = add_biases(dec_pos, self.decoder.mask_bias(y.shape[1], None, y.device))
+            cross_bias = padding_bias(src_mask)
+            for block in self.decoder.layers.values():
+                y = block(y, h, self_bias, cross_bias, rope)
+        if not self.last:
+            return _sendable((h, y, dec_pos) if self.relative else (h, y))
+        y = self.decoder.norm(y)
+        if self.cfg.tie_embeddings:
+            y = y * self.cfg.dim**-0.5
+        return self.output(y)
+
+
+def _sendable(acts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Activations as point-to-point sends need them: contiguous (a position bias is a permuted view)."""
+    return tuple(t.contiguous() for t in acts)
+
+
+class _Part(nn.Module):
+    """A named container in a :class:`PipelineModel` view (``encoder``/``decoder``)."""
+
+
 class PipelineModel(nn.Module):
     """This pipeline rank's stages, under the single-process model's parameter names.
 
     ``parts`` are the stage modules (in local order, ``stage_ids`` their global indices);
-    the attributes ``tok_embeddings``/``layers``/``norm``/``output`` hold the same modules
-    under their original names for the optimizer and checkpoints. Not callable: the stages
-    run through :class:`PipelineRunner`.
+    the attributes ``tok_embeddings``/``layers``/``norm``/``output`` (an encoder-decoder:
+    ``tok_embeddings``, ``encoder``/``decoder`` with ``layers``/``rel_bias``/``norm``, ``output``)
+    hold the same modules under their original names for the optimizer and checkpoints. Not
+    callable: the stages run through :class:`PipelineRunner`.
     """
 
     def __init__(self, parts: list[nn.Module], stage_ids: list[int], plan: PipelinePlan):
@@ -183,9 +303,22 @@ class PipelineModel(nn.Module):
         self.plan = plan
         self.cfg = parts[0].cfg
         self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
-        self.layers = nn.ModuleDict({name: block for p in parts for name, block in p.layers.items()})
-        self.norm = next((p.norm for p in parts if p.norm is not None), None)
+        if self.encoder_decoder:
+            for stack in ("encoder", "decoder"):
+                view = _Part()
+                view.layers = nn.ModuleDict({n: b for p in parts for n, b in getattr(p, stack).layers.items()})
+                for name in ("rel_bias", "norm"):
+                    setattr(view, name, next((getattr(getattr(p, stack), name) for p in parts
+                                              if getattr(getattr(p, stack), name) is not None), None))
+                setattr(self, stack, view)
+        else:
+            self.layers = nn.ModuleDict({name: block for p in parts for name, block in p.layers.items()})
+            self.norm = next((p.norm for p in parts if p.norm is not None), None)
         self.output = next((p.output for p in parts if p.output is not None), None)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.cfg.family == "encoder_decoder"
 
     @property
     def has_first(self) -> bool:
@@ -194,6 +327,13 @@ class PipelineModel(nn.Module):
     @property
     def has_last(self) -> bool:
         return self.plan.n_stages - 1 in self.stage_ids
+
+    def stage_inputs(self, args: tuple) -> tuple[tuple, dict]:
+        """The model's positional inputs -> (the first stage's inputs, keyword inputs of every stage)."""
+        if self.encoder_decoder:
+            src, tgt_in, *mask = args
+            return (src, tgt_in), ({"src_mask": mask[0]} if mask and mask[0] is not None else {})
+        return tuple(args), {}
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a PipelineModel is not called directly; run its stages with PipelineRunner")
@@ -241,6 +381,13 @@ def _schedule_class(name: str):
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], object]
 """``(logits, targets, z_loss_coef) -> LossParts`` (with ``total``, ``ce``, ``z_loss``)."""
+InputsFn = Callable[[torch.Tensor], tuple[tuple, torch.Tensor]]
+"""A loader batch -> (the model's positional inputs, targets): the objective's ``model_inputs``."""
+
+
+def lm_inputs(batch: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """Next-token prediction: inputs are the first ``seq_len`` tokens, targets the last."""
+    return (batch[:, :-1],), batch[:, 1:]
 
 
 class PipelineRunner:
@@ -249,11 +396,13 @@ class PipelineRunner:
     ``train_step(batch)`` does forward and backward of every microbatch (gradients land
     in the stage parameters; the optimizer step is the caller's) and returns the mean ce
     and z-loss over the global batch, identical on every rank of the job.
-    ``eval_loss(batch)`` is the forward-only counterpart for validation.
+    ``eval_loss(batch)`` is the forward-only counterpart for validation. ``model_inputs``
+    turns a batch into the model's inputs and targets (the objective's; next-token by default).
     """
 
     def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
-                 z_loss_coef: float, autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+                 z_loss_coef: float, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 model_inputs: InputsFn = lm_inputs):
         from torch.distributed.pipelining import PipelineStage
 
         self.model = model
@@ -263,6 +412,7 @@ class PipelineRunner:
         self.loss_fn = loss_fn
         self.z_loss_coef = z_loss_coef
         self.autocast = autocast or contextlib.nullcontext
+        self.model_inputs = model_inputs
         self._parts: list[torch.Tensor] = []
 
         def get_mesh(dim_names: tuple[str, ...], layout) -> DeviceMesh:
@@ -289,15 +439,17 @@ class PipelineRunner:
 
     def _run(self, batch: torch.Tensor, train: bool) -> torch.Tensor:
         """Run one batch; return this rank's [ce, z] mean over its microbatches (zeros off the last stage)."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        args = (inputs,) if self.model.has_first else ()
+        inputs, targets = self.model_inputs(batch)
+        # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
+        inputs, kwargs = self.model.stage_inputs(inputs)
+        args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
         with self.autocast():
             if train:
-                self.schedule.step(*args, target=target, return_outputs=False)
+                self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
-                self.schedule.eval(*args, target=target)
+                self.schedule.eval(*args, target=target, **kwargs)
         n = self.plan.n_microbatches
         local = torch.zeros(2, device=self.device)
         if self.model.has_last:
@@ -333,9 +485,9 @@ class PipelineRunner:
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
-                 autocast=None) -> PipelineRunner:
-    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast)
+                 autocast=None, model_inputs: InputsFn = lm_inputs) -> PipelineRunner:
+    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs)
 
 
-__all__ = ["PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner", "plan_pipeline",
-           "split_layers", "split_model"]
+__all__ = ["EncoderDecoderStage", "PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner",
+           "lm_inputs", "plan_pipeline", "split_layers", "split_model"]

@@ -1,4 +1,5 @@
-"""Tensor parallelism with sequence parallelism (Megatron-style TP + SP) for the decoder family.
+"""Tensor parallelism with sequence parallelism (Megatron-style TP + SP) for the decoder and
+encoder-decoder families.
 
 The plan is data: :func:`decoder_tp_plan` returns ``{module path pattern: ParallelStyle}``
 and :func:`apply_tp` hands it to ``parallelize_module`` on the ``tp`` sub-mesh. With
@@ -28,13 +29,45 @@ Details the model does not know about:
   separate sharded parameters; both are ``Shard(0)`` (vocab rows) on the same mesh, so the
   tie is restored afterwards with ``model.tie_weights()`` and both uses accumulate into one
   gradient.
+
+The encoder-decoder (:func:`encoder_decoder_tp_plan`) follows the same pattern in both
+stacks, with two additions:
+
+    src, tgt_in --shared embedding (vocab rowwise, called twice)--> reduce-scatter --> Shard(1) each
+    encoder block: norm (SP) --> all-gather --> self-attention (local heads) --> reduce-scatter
+                   norm (SP) --> all-gather --> gated-GELU FFN --> reduce-scatter
+    enc = final encoder norm (SP) --> all-gather ONCE --> Replicate: the K/V input of every
+          decoder layer's cross-attention
+    decoder block: norm --> all-gather --> causal self-attention --> reduce-scatter
+                   norm --> all-gather --> cross-attention (q from the gathered stream,
+                                           k/v from enc; local heads) --> reduce-scatter
+                   norm --> all-gather --> FFN --> reduce-scatter
+    final decoder norm (SP) --> all-gather --> output colwise --> vocab-sharded logits
+
+- Every norm in front of a sublayer gathers its own output (:class:`GatheredSequenceParallel`)
+  instead of the sublayer gathering its input: self-attention reads the normed stream twice
+  (as queries and as keys/values), and a gather per reader would double the traffic. The
+  final encoder norm is gathered once and its ``Replicate`` output is read by every
+  cross-attention; their key/value gradients (partial sums over this rank's heads) add up
+  and are reduce-scattered once in backward.
+- The relative position bias table ``[buckets, heads]`` is sharded by heads
+  (:class:`HeadParallel`), the same contiguous head ranges the colwise q/k/v projections
+  give each rank: each rank computes the bias of its own heads only, without any
+  communication forward or backward (a replicated table would need the bias, or its
+  gradient, gathered over the heads). The padding/causal masks are plain ``[B or 1, 1, T, T]``
+  tensors that broadcast over whatever heads a rank has.
+- Per encoder block and forward: 2 all-gathers and 2 reduce-scatters; per decoder block 3
+  and 3; plus 1 all-gather for the encoder output, 2 reduce-scatters for the two embedding
+  lookups and 1 all-gather in front of the output projection. Backward mirrors them.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -93,25 +126,120 @@ def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm
     return plan
 
 
+class GatheredSequenceParallel(SequenceParallel):
+    """:class:`SequenceParallel` (the norm runs on this rank's slice of the sequence, its weight
+    replicated) whose output is then all-gathered to the whole sequence (a ``Replicate`` DTensor).
+
+    For a norm whose output several column-parallel projections read: one gather instead of one
+    per reader. Backward: the readers' partial input gradients add up, then one reduce-scatter.
+    """
+
+    @staticmethod
+    def _prepare_output_fn(use_local_output, mod, outputs, device_mesh):
+        outputs = outputs.redistribute(placements=(Replicate(),))
+        return outputs.to_local() if use_local_output else outputs
+
+
+class HeadParallel(ParallelStyle):
+    """A per-head table ``weight[entries, heads]`` looked up by integer ids (T5's relative position
+    bias, whose forward maps bucket ids ``[q, k]`` to a bias ``[1, heads, q, k]``).
+
+    Each rank keeps the columns of its own heads (``Shard(1)``, the same contiguous head ranges
+    that the colwise q/k/v projections give it) and returns the bias of those heads as a plain
+    local tensor. The ids are the same on every rank. No communication forward or backward: each
+    rank's weight gradient is exactly its own columns' gradient.
+    """
+
+    def _partition(self, name, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, mesh, [Shard(1)], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _prepare_input_fn(module, inputs, mesh):
+        return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False) for t in inputs)
+
+    @staticmethod
+    def _prepare_output_fn(module, output, mesh):
+        return output.redistribute(placements=[Shard(1)]).to_local()  # already Shard(1): no communication
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._prepare_input_fn,
+                                 self._prepare_output_fn)
+
+
+def encoder_decoder_tp_plan(loss_parallel: bool) -> dict[str, ParallelStyle]:
+    """The TP+SP plan of :class:`meshforge.models.encoder_decoder.EncoderDecoder` as ``{path pattern: style}``.
+
+    The residual streams of both stacks are ``Shard(1)`` DTensors (sequence parallel; there is
+    no variant without it). ``loss_parallel`` keeps the logits vocab-sharded. A pipeline stage
+    lacks some of these modules: :func:`apply_tp` drops the entries that match nothing.
+    """
+    stream = Shard(1)
+
+    def attention(path: str) -> dict[str, ParallelStyle]:
+        # q/k/v colwise (this rank's heads; the inputs arrive gathered), wo rowwise back onto the sequence shard
+        return {f"{path}.wq": ColwiseParallel(), f"{path}.wk": ColwiseParallel(), f"{path}.wv": ColwiseParallel(),
+                f"{path}.wo": RowwiseParallel(output_layouts=stream, use_local_output=False)}
+
+    ffn = {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+           "feed_forward.w2": RowwiseParallel(output_layouts=stream, use_local_output=False)}
+    encoder_block = {"attention_norm": GatheredSequenceParallel(), **attention("attention"),
+                     "ffn_norm": GatheredSequenceParallel(), **ffn}
+    decoder_block = {"self_attention_norm": GatheredSequenceParallel(), **attention("self_attention"),
+                     "cross_attention_norm": GatheredSequenceParallel(), **attention("cross_attention"),
+                     "ffn_norm": GatheredSequenceParallel(), **ffn}
+    plan: dict[str, ParallelStyle] = {
+        # one vocab-sharded table for both stacks: partial lookups reduce-scattered onto the sequence dim
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=False),
+        "encoder.rel_bias": HeadParallel(),
+        "decoder.rel_bias": HeadParallel(),
+    }
+    plan.update({f"encoder.layers.*.{k}": v for k, v in encoder_block.items()})
+    plan["encoder.norm"] = GatheredSequenceParallel()  # the encoder output: gathered once for all cross-attentions
+    plan.update({f"decoder.layers.*.{k}": v for k, v in decoder_block.items()})
+    plan["decoder.norm"] = SequenceParallel()
+    plan["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                     use_local_output=not loss_parallel)
+    return plan
+
+
+def _resolves(model: nn.Module, pattern: str) -> bool:
+    """Some submodule of ``model`` matches the plan key ``pattern``."""
+    return any(fnmatch(name, pattern) for name, _ in model.named_modules())
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True) -> nn.Module:
-    """Shard ``model`` (a decoder, or a pipeline stage of one) over the 1-D ``tp_mesh`` in place."""
+    """Shard ``model`` (a decoder or an encoder-decoder, or a pipeline stage of one) over the 1-D ``tp_mesh``
+    in place."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tp needs the 1-D tp sub-mesh, got a {tp_mesh.ndim}-D mesh")
-    for name, block in model.layers.items():
+    family = model.cfg.family
+    if family == "encoder_decoder":
+        blocks = {f"{stack}.layers.{n}": b for stack in ("encoder", "decoder")
+                  for n, b in getattr(model, stack).layers.items()}
+    else:
+        blocks = {f"layers.{n}": b for n, b in model.layers.items()}
+    for name, block in blocks.items():
         if not all(isinstance(getattr(block.feed_forward, w, None), nn.Linear) for w in ("w1", "w2", "w3")):
-            raise ValueError(f"apply_tp: layers.{name}.feed_forward is a {type(block.feed_forward).__name__}, "
-                             "not a dense gated FFN; the decoder TP plan does not cover it (MoE needs its own plan)")
+            raise ValueError(f"apply_tp: {name}.feed_forward is a {type(block.feed_forward).__name__}, "
+                             "not a dense gated FFN; the TP plans do not cover it (MoE needs its own plan)")
     tied = bool(getattr(model.cfg, "tie_embeddings", False)) and model.tok_embeddings is not None \
         and model.output is not None and model.output.weight is model.tok_embeddings.weight
-    plan = decoder_tp_plan(
-        loss_parallel=cfg.loss_parallel,
-        sequence_parallel=sequence_parallel,
-        qk_norm=bool(model.cfg.qk_norm),
-        has_embedding=model.tok_embeddings is not None,
-        has_output=model.output is not None,
-    )
-    if not model.layers:
-        plan = {k: v for k, v in plan.items() if not k.startswith("layers.")}
+    if family == "encoder_decoder":
+        if not sequence_parallel:
+            raise ValueError("apply_tp: the encoder-decoder plan always uses sequence parallel")
+        plan = encoder_decoder_tp_plan(loss_parallel=cfg.loss_parallel)
+    else:
+        plan = decoder_tp_plan(
+            loss_parallel=cfg.loss_parallel,
+            sequence_parallel=sequence_parallel,
+            qk_norm=bool(model.cfg.qk_norm),
+            has_embedding=model.tok_embeddings is not None,
+            has_output=model.output is not None,
+        )
+    plan = {k: v for k, v in plan.items() if _resolves(model, k)}  # a pipeline stage holds only some modules
     parallelize_module(model, tp_mesh, plan)
     if tied:
         # both halves are Shard(0) over the vocab on the same mesh: share one parameter again
@@ -120,4 +248,4 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
     return model
 
 
-__all__ = ["apply_tp", "decoder_tp_plan"]
+__all__ = ["GatheredSequenceParallel", "HeadParallel", "apply_tp", "decoder_tp_plan", "encoder_decoder_tp_plan"]

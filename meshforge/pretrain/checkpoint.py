@@ -143,6 +143,7 @@ class _PendingSave:
     meta: dict[str, Any]
     files: dict[str, Path]
     future: Future
+    finalized: bool = False
 
 
 class Checkpointer:
@@ -233,28 +234,35 @@ class Checkpointer:
         return final
 
     def poll(self) -> bool:
-        """Finalize a finished asynchronous save (rank 0 renames it); True if none is in flight.
+        """Finalize a finished asynchronous save early (rank 0 renames it); True if none is in flight.
 
         Needs no collective: DCP's future completes on every rank only after the coordinator
-        has written ``.metadata``, i.e. after all ranks' data is on disk.
+        has written ``.metadata``, i.e. after all ranks' data is on disk. The save stays
+        "in flight" for :meth:`wait` until then, on every rank alike: whether a future is done
+        is a matter of timing and differs between ranks, and the barrier in :meth:`wait` must
+        be entered by all of them or none.
         """
         p = self._pending
-        if p is None:
+        if p is None or p.finalized:
             return True
         if not p.future.done():
             return False
-        self._pending = None
         p.future.result()  # re-raises a failed write
         if self.rank == 0:
             self._finalize(p.step, p.tmp, p.final, p.meta, p.files)
+        p.finalized = True
         return True
 
     def wait(self) -> None:
-        """Block until an asynchronous save in flight is complete and visible on every rank."""
+        """Block until an asynchronous save in flight is complete and visible on every rank.
+
+        Collective whenever a save was started since the last wait (the same on every rank).
+        """
         if self._pending is None:
             return
         self._pending.future.result()
         self.poll()
+        self._pending = None
         _barrier()
 
     def close(self) -> None:

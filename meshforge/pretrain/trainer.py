@@ -371,6 +371,9 @@ def train(cfg: JobConfig) -> TrainResult:
     try:
         trainer = Trainer(cfg)
         with trainer.collectives.explain_failures():  # a dead or stalled peer: one line naming the operation
-            return trainer.run()
+            result = trainer.run()
+            trainer.collectives.at("the barrier before shutdown")
+            shutdown_distributed(barrier=True)  # no rank tears its connections down while a peer still uses them
+        return result
     finally:
         shutdown_distributed()
