@@ -13,7 +13,8 @@ loop makes:
   median step time with none (the cost of sharing the machine with the writer thread).
 
 Run: ``python bench/bench_checkpoint.py --record`` (the small preset on CPU);
-on a GPU machine ``--cases small llama-1b``; ``--cases llama-1b-cpu`` needs ~40 GB of RAM.
+on a GPU machine ``--cases small llama-1b``; ``--cases llama-1b-cpu`` needs ~40 GB of RAM,
+``llama-0.5b-cpu`` (the same shapes, 6 layers) ~16 GB.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "llama-1b-cpu": ("llama-1b", ("--train.device", "cpu", "--data.seq_len", "128", "--train.global_batch_size", "1",
                                   "--train.micro_batch_size", "1"),
                      "the same 1.14B model on the CPU (fp32), batch 1 x 128"),
+    "llama-0.5b-cpu": ("llama-1b", ("--model.n_layers", "6", "--train.device", "cpu", "--data.seq_len", "128",
+                                    "--train.global_batch_size", "1", "--train.micro_batch_size", "1"),
+                       "llama-1b with 6 of its 16 layers (0.51B params) on the CPU (fp32), batch 1 x 128"),
 }
 
 

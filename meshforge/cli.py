@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
     p = tok.add_parser("train", help="train a sentencepiece model")
     p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .jsonl.gz files")
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model (atomically; the vocabulary is inside it)")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--preset", choices=("llama", "t5"), default=None,
                    help="llama: BPE, byte fallback, digits split; t5: unigram + 100 <extra_id_i> sentinels")

@@ -50,6 +50,24 @@ def test_samples_follow_the_spec(data_dir):
             np.testing.assert_array_equal(got, want[j])
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_read_batch_rows_are_the_samples(data_dir, segments):
+    """The loader's batched read gives, row by row, what indexing gives, across an epoch boundary."""
+    ds = TokenDataset(data_dir, SEQ, "train", valid_fraction=0.1, seed=7, return_segments=segments)
+    idx = [len(ds) - 2, len(ds) - 1, len(ds), 3, 2 * len(ds) + 5]
+    got = ds.read_batch(idx)
+    want = [ds[i] for i in idx]
+    if segments:
+        np.testing.assert_array_equal(got[0], np.stack([w[0] for w in want]))
+        np.testing.assert_array_equal(got[1], np.stack([w[1] for w in want]))
+        assert got[0].dtype == np.int64 and got[1].dtype == np.int32
+    else:
+        np.testing.assert_array_equal(got, np.stack(want))
+        assert got.dtype == np.int64 and got.shape == (len(idx), SEQ + 1)
+    with pytest.raises(IndexError):
+        ds.read_batch([0, -1])
+
+
 def test_determinism_and_seed(data_dir):
     a = TokenDataset(data_dir, SEQ, "train", 0.1, seed=1)
     b = TokenDataset(describe_data(data_dir), SEQ, "train", 0.1, seed=1)

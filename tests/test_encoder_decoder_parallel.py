@@ -76,6 +76,15 @@ def test_encoder_decoder_layouts_match_single_process(name, world, overrides, at
     _assert_parity(ref, got, atol)
 
 
+def test_moe_encoder_decoder_ep2_matches_single_process(t5_data, tmp_path):  # noqa: F811
+    """ST-MoE-style: every encoder and decoder FFN an MoE of 4 experts (top-2), experts over ep = 2."""
+    moe = ("--model.moe_experts", "4", "--model.moe_top_k", "2")
+    want = train_layout(t5_data, tmp_path / "ref", 1, *moe, extra_args=PAR_ARGS)
+    got = train_layout(t5_data, tmp_path / "ep2", 2, *moe, "--parallel.ep", "2", extra_args=PAR_ARGS)
+    assert any(".experts." in k for k in want.params)
+    _assert_parity(want, got, 1e-6)
+
+
 # --------------------------------------------------------------------------- communication
 
 

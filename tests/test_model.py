@@ -199,3 +199,15 @@ def test_encoder_decoder_flops_formula_matches_counted_flops():
                     for stack in ("encoder", "decoder") for n, p in getattr(model, stack).named_parameters()
                     if "norm" in n or "rel_bias" in n)
     assert _counted_train_flops(model, src, tgt) == formula - 6 * 2 * no_matmul
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None),
+])
+def test_peak_flops_by_device_name(name, peak, monkeypatch):
+    from meshforge.pretrain.metrics import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None

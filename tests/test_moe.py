@@ -195,3 +195,23 @@ def test_router_stays_fp32_under_bf16_autocast():
         _, weights, logits, probs = moe.route(x)
     assert logits.dtype == weights.dtype == probs.dtype == torch.float32
     torch.testing.assert_close(logits, x @ moe.router.weight.T, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_forwards_leave_router_statistics_alone():
+    """Validation batches must not count in the step's metrics nor steer the aux-loss-free bias."""
+    from meshforge.models.moe import pop_moe_stats
+
+    m = make_moe(moe_top_k=2)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    m(x)
+    trained = pop_moe_stats(m)
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    assert pop_moe_stats(m)["/load"].sum() == 0 and not m.stats
+    m.train()
+    m(x)
+    again = pop_moe_stats(m)
+    assert again.keys() == trained.keys()
+    for k, v in trained.items():
+        torch.testing.assert_close(again[k], v)

@@ -1,4 +1,6 @@
-"""Expert parallel (alone, x FSDP2, x TP, x PP, capacity routing, resume) against one process.
+"""Expert parallel (alone, x FSDP2, capacity routing, resume under another EP degree) against one process.
+
+EP x TP and EP x PP are refused up front (tested with the other bad layouts below).
 
 Every run here trains the same MoE model (PARITY_ARGS plus MOE_ARGS): 4 experts, top-2,
 with the load-balancing and z losses on. The reference is one process; per-step losses
@@ -48,7 +50,7 @@ def test_ep_capacity_routing_matches_single_process(tiny_data, capacity_ref, tmp
 
 
 def test_ep_checkpoint_resumes_under_other_ep_degrees(tiny_data, moe_ref, tmp_path):
-    """ep 2 to step 5, then ep 4 to step 10; and ep 4 to step 5, then one process to step 10."""
+    """ep 2 to step 5, then ep 4 to step 10: the same run as the single-process reference."""
     def train(out, world, *extra):
         run_ranks(world, ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
                           *MOE_ARGS, "--checkpoint.interval", "5", *extra])
@@ -65,6 +67,8 @@ def test_ep_checkpoint_resumes_under_other_ep_degrees(tiny_data, moe_ref, tmp_pa
     (2, ["--parallel.ep", "2"], "expert parallelism needs an MoE model"),
     (4, [*MOE_ARGS, "--parallel.ep", "4", "--parallel.dp_shard", "2", "--parallel.tp", "2"],
      "parallel.ep = 4 must divide dp_shard*cp = 2*1 = 2"),
+    (2, [*MOE_ARGS, "--parallel.tp", "2"], "not MoE feed-forwards (model.moe_experts = 4)"),
+    (2, [*MOE_ARGS, "--parallel.pp", "2", "--model.tie_embeddings", "false"], "not MoE layers (model.moe_experts = 4)"),
 ])
 def test_bad_ep_fails_before_process_groups(world, args, message, tiny_data, tmp_path, monkeypatch, capsys):
     # nobody else is running: creating a process group would hang, so returning proves the check came first

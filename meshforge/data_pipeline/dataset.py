@@ -69,7 +69,7 @@ class TokenDataset:
         self.info = data if isinstance(data, DataInfo) else describe_data(data)
         self.seq_len, self.split, self.seed = seq_len, split, seed
         self.return_segments = return_segments
-        self._tokens = [s.tokens for s in self.info.shards]
+        self._tokens = [np.asarray(s.tokens) for s in self.info.shards]  # plain views: np.memmap slicing is slow
 
         starts, lengths, shard_ids = [], [], []
         for k, shard in enumerate(self.info.shards):
@@ -123,24 +123,52 @@ class TokenDataset:
         epoch, j = divmod(i, self._len)
         order, offsets, samples = self._epoch(epoch)
         start = int(samples[j]) * self.seq_len
-        end = start + self.seq_len + 1
         out = np.empty(self.seq_len + 1, dtype=np.int64)
         segments = np.empty(self.seq_len + 1, dtype=np.int32) if self.return_segments else None
+        self._fill(out, segments, order, offsets, start, int(np.searchsorted(offsets, start, side="right")) - 1)
+        return out if segments is None else (out, segments)
+
+    def read_batch(self, indices) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Samples ``indices`` as one ``[n, seq_len + 1]`` int64 array (with ``return_segments``,
+        also their ``[n, seq_len + 1]`` int32 document segments): what ``self[i]`` gives, row by row.
+
+        The loader's path: one epoch lookup and one search per epoch touched, and each sample's
+        pieces copied straight from the shards into its row (no per-sample arrays to stack).
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and idx.min() < 0:
+            raise IndexError(f"sample index must be >= 0, got {int(idx.min())}")
+        width = self.seq_len + 1
+        out = np.empty((len(idx), width), dtype=np.int64)
+        segments = np.empty((len(idx), width), dtype=np.int32) if self.return_segments else None
+        epochs, within = np.divmod(idx, self._len)
+        for epoch in np.unique(epochs).tolist():
+            rows = np.flatnonzero(epochs == epoch)
+            order, offsets, samples = self._epoch(epoch)
+            starts = samples[within[rows]] * self.seq_len
+            first_docs = np.searchsorted(offsets, starts, side="right") - 1
+            for r, start, d in zip(rows.tolist(), starts.tolist(), first_docs.tolist()):
+                self._fill(out[r], None if segments is None else segments[r], order, offsets, start, d)
+        return out if segments is None else (out, segments)
+
+    def _fill(self, row: np.ndarray, segments: np.ndarray | None, order: np.ndarray, offsets: np.ndarray,
+              start: int, d: int) -> None:
+        """Copy stream positions ``[start, start + len(row))`` of the epoch's document order into ``row``;
+        ``d`` is the ordered document holding ``start``."""
+        end = start + len(row)
         pos, seg = start, 0
-        d = int(np.searchsorted(offsets, start, side="right")) - 1
+        tokens, doc_starts, doc_shards = self._tokens, self._starts, self._shard
         while pos < end:
             doc = order[d]
-            in_doc = pos - int(offsets[d])
-            take = min(end - pos, int(offsets[d + 1]) - pos)
-            if take > 0:  # empty documents (possible in Megatron data) take no positions
-                s = int(self._starts[doc]) + in_doc
-                out[pos - start : pos - start + take] = self._tokens[self._shard[doc]][s : s + take]
+            stop = min(end, int(offsets[d + 1]))
+            if stop > pos:  # empty documents (possible in Megatron data) take no positions
+                s = int(doc_starts[doc]) + pos - int(offsets[d])
+                row[pos - start : stop - start] = tokens[doc_shards[doc]][s : s + stop - pos]
                 if segments is not None:
-                    segments[pos - start : pos - start + take] = seg
+                    segments[pos - start : stop - start] = seg
                     seg += 1
-            pos += take
+                pos = stop
             d += 1
-        return out if segments is None else (out, segments)
 
     def document_ids(self) -> np.ndarray:
         """Global ids of this split's documents."""

@@ -51,6 +51,11 @@ class DistributedLoader:
         import torch  # imported here so tokenizing worker processes need not load torch
 
         first = consumed + self.dp_rank * self.local_batch_size
+        if hasattr(self.dataset, "read_batch"):  # the whole slice in one call, no per-sample arrays
+            batch = self.dataset.read_batch(np.arange(first, first + self.local_batch_size))
+            if isinstance(batch, tuple):
+                return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
+            return torch.from_numpy(batch)
         rows = [self.dataset[first + k] for k in range(self.local_batch_size)]
         if isinstance(rows[0], tuple):
             tokens = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64, copy=False))

@@ -178,7 +178,8 @@ class MoE(nn.Module):
         assigned = torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
         balance = self.n_experts * torch.sum(assigned / (n * self.top_k) * probs.mean(0))
         z = torch.logsumexp(logits, -1).square().mean()
-        self._record(counts, assigned, balance, z, n)
+        if self.training:  # validation batches neither count in the metrics nor move the routing bias
+            self._record(counts, assigned, balance, z, n)
         aux = self.aux_coef * balance + self.z_coef * z
         if self.training and (self.aux_coef or self.z_coef) and torch.is_grad_enabled():
             y = AuxLossToGrad.apply(y, aux, self.aux_grad_scale)

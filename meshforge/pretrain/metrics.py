@@ -16,6 +16,8 @@ import torch
 # Dense bf16 peak FLOP/s (no sparsity) by device-name substring, first match wins.
 PEAK_BF16_FLOPS = (
     ("H200", 989e12),
+    ("H100 PCIe", 756e12),  # checked before the SXM entry: the names share "H100"
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
     ("GH200", 989e12),
     ("A100", 312e12),
