@@ -14,8 +14,6 @@ Run: ``python bench/bench_loader.py --record``
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchlib import record
 from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, describe_data, ensure_builtin
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def build_shards(out: Path, tokens: int, vocab: int, shards: int = 4) -> None:
@@ -104,32 +101,7 @@ def main() -> None:
     lines += [f"| {name} | {toks / t / 1e6:.1f}M | {t / args.batches * 1e3:.2f} |" for name, t in rows]
     print("\n".join(lines))
     if args.record:
-        record(lines)
-
-
-def record(lines: list[str]) -> None:
-    header = "" if RESULTS.exists() else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
-    text = RESULTS.read_text() if RESULTS.exists() else header
-    if "## Data loader" not in text:
-        text = text.rstrip("\n") + "\n\n## Data loader\n"
-    entry = [
-        "",
-        f"### {time.strftime('%Y-%m-%d')} — `python bench/bench_loader.py --record`",
-        "",
-        f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {platform.processor() or platform.machine()}; "
-        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
-        "",
-        *lines,
-        "",
-    ]
-    # insert at the end of the Data loader section
-    start = text.index("## Data loader")
-    nxt = text.find("\n## ", start + 1)
-    end = len(text) if nxt == -1 else nxt + 1
-    text = text[:end].rstrip("\n") + "\n" + "\n".join(entry) + "\n" + text[end:]
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+        record("## Data loader", lines)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def loadavg() -> str:
+    """The 1/5/15-minute load averages, to show how quiet the machine was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def machine_line() -> str:
     """CPU, GPU (when present) and the versions that matter, on one line."""
     gpu = ""
