@@ -150,6 +150,23 @@ def test_dp_slices_concatenate_to_the_global_batch(train_ds, dp):
     np.testing.assert_array_equal(ref[1][2].numpy(), train_ds[G + 2])
 
 
+def test_loader_gives_a_wrapping_datasets_own_samples(data_dir):
+    """A wrapper that forwards unknown attributes to its TokenDataset (span corruption, UL2) is read
+    sample by sample through the wrapper: never the base's raw windows by its batched read."""
+    from meshforge.data_pipeline.span_corruption import SpanCorruptionDataset, make_spec
+    from meshforge.config import Denoiser
+    from meshforge.data_pipeline.ul2 import Ul2Dataset, make_ul2_spec
+
+    sentinels = list(range(500, 400, -1))
+    spec = make_spec(24, 0, 0.15, 3.0)
+    ul2 = make_ul2_spec(24, 0, [Denoiser("R", 3, 0.15, 0.5), Denoiser("S", weight=0.5)], 0.25, 0.75)
+    for ds in (SpanCorruptionDataset(TokenDataset(data_dir, spec.raw_len - 1, "train", 0.1, seed=3), spec,
+                                     sentinels, 3, 0, seed=1),
+               Ul2Dataset(TokenDataset(data_dir, ul2.raw_len - 1, "train", 0.1, seed=3), ul2, sentinels, 3, 0, seed=1)):
+        batch = DistributedLoader(ds, 4, prefetch=0).next_batch()
+        np.testing.assert_array_equal(batch.numpy(), np.stack([ds[i] for i in range(4)]))
+
+
 def test_resume_continues_the_same_order(train_ds):
     G = 6
     full = take(DistributedLoader(train_ds, G, prefetch=2), 7)

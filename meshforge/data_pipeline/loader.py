@@ -51,7 +51,10 @@ class DistributedLoader:
         import torch  # imported here so tokenizing worker processes need not load torch
 
         first = consumed + self.dp_rank * self.local_batch_size
-        if hasattr(self.dataset, "read_batch"):  # the whole slice in one call, no per-sample arrays
+        # the whole slice in one call, no per-sample arrays; looked up on the class: a wrapper that
+        # forwards unknown attributes to its base (span corruption, UL2) must not hand over the
+        # base's raw windows instead of its own samples
+        if getattr(type(self.dataset), "read_batch", None) is not None:
             batch = self.dataset.read_batch(np.arange(first, first + self.local_batch_size))
             if isinstance(batch, tuple):
                 return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
