@@ -211,7 +211,7 @@ def test_moe_encoder_decoder_is_refused_for_tp_and_pp():
     with pytest.raises(ConfigError, match="not MoE feed-forwards"):
         check_job(cfg, resolve_degrees(cfg.parallel, 2))
     cfg = _cfg("--parallel.pp", "2", "--model.moe_experts", "4")
-    with pytest.raises(ConfigError, match="not MoE layers"):
+    with pytest.raises(ConfigError, match="MoE layers in the decoder family only, not in an encoder_decoder"):
         plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2))
 
 

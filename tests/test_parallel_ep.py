@@ -1,6 +1,6 @@
-"""Expert parallel (alone, x FSDP2, capacity routing, resume under another EP degree) against one process.
+"""Expert parallel (alone, x FSDP2, x PP, capacity routing, resume under another EP degree) against one process.
 
-EP x TP and EP x PP are refused up front (tested with the other bad layouts below).
+MoE x TP is refused up front (tested with the other bad layouts below).
 
 Every run here trains the same MoE model (PARITY_ARGS plus MOE_ARGS): 4 experts, top-2,
 with the load-balancing and z losses on. The reference is one process; per-step losses
@@ -16,6 +16,7 @@ import pytest
 
 from meshforge.cli import main as cli_main
 from meshforge.config import load_config
+from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, assert_parity, read_result, run_ranks, train_layout
 
 MOE_ARGS = ("--model.moe_experts", "4", "--model.moe_top_k", "2")
@@ -44,6 +45,40 @@ def test_ep_layouts_match_single_process(name, world, overrides, tiny_data, moe_
     assert_parity(moe_ref, got)
 
 
+PP_ARGS = ("--model.tie_embeddings", "false", "--train.eval_interval", "5")
+"""Pipeline runs: untied (the embedding and the head sit on different stages), validation every 5 steps."""
+
+
+@pytest.fixture(scope="module")
+def moe_pp_ref(tiny_data, tmp_path_factory):
+    """One process, the pipeline runs' settings; the aux-loss-free bias update on (it steers routing)."""
+    return train_layout(tiny_data, tmp_path_factory.mktemp("ep_pp_ref") / "ref", 1, *MOE_ARGS, *PP_ARGS,
+                        "--model.moe_bias_update_rate", "0.01")
+
+
+def _moe_metrics(out) -> dict[tuple[int, str], float]:
+    return {(r["step"], k): v for r in read_metrics(out) for k, v in r.items() if k.startswith("moe_")}
+
+
+@pytest.mark.parametrize("name, world, overrides", [
+    ("pp2-1f1b", 2, ("--parallel.pp_schedule", "1f1b")),
+    # 4 stages over 2 ranks: each rank's MoE layers sit on two stages
+    ("pp2-interleaved", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
+    ("pp2xep2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.ep", "2")),
+])
+def test_moe_pipeline_matches_single_process(name, world, overrides, tiny_data, moe_pp_ref, tmp_path):
+    """Losses, weights, and every router metric of every step (load per layer, aux and z losses,
+    dropped fraction): the stages' shape-inference forwards must not count, or the bias update
+    (and with it the routing) would drift from the single process."""
+    got = train_layout(tiny_data, tmp_path / name, world, *MOE_ARGS, *PP_ARGS, "--model.moe_bias_update_rate", "0.01",
+                       "--parallel.pp", "2", *overrides)
+    assert_parity(moe_pp_ref, got)
+    want, have = _moe_metrics(moe_pp_ref.output_dir), _moe_metrics(got.output_dir)
+    assert want.keys() == have.keys() and any(k.startswith("moe_load_cv/layers.3") for _, k in want)
+    for key, value in want.items():
+        assert have[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
 def test_ep_capacity_routing_matches_single_process(tiny_data, capacity_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / "ep2-cap", 2, *CAPACITY_ARGS, "--parallel.ep", "2")
     assert_parity(capacity_ref, got)
@@ -68,7 +103,6 @@ def test_ep_checkpoint_resumes_under_other_ep_degrees(tiny_data, moe_ref, tmp_pa
     (4, [*MOE_ARGS, "--parallel.ep", "4", "--parallel.dp_shard", "2", "--parallel.tp", "2"],
      "parallel.ep = 4 must divide dp_shard*cp = 2*1 = 2"),
     (2, [*MOE_ARGS, "--parallel.tp", "2"], "not MoE feed-forwards (model.moe_experts = 4)"),
-    (2, [*MOE_ARGS, "--parallel.pp", "2", "--model.tie_embeddings", "false"], "not MoE layers (model.moe_experts = 4)"),
 ])
 def test_bad_ep_fails_before_process_groups(world, args, message, tiny_data, tmp_path, monkeypatch, capsys):
     # nobody else is running: creating a process group would hang, so returning proves the check came first

@@ -72,6 +72,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import ConfigError, JobConfig
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
+from ..models.moe import MoE, moe_layers
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 
@@ -137,10 +138,10 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
     ``device_type`` (when known) also checks the schedule against ``parallel.compile``.
     """
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    if getattr(m, "moe_experts", 0):
+    if getattr(m, "moe_experts", 0) and m.family != "decoder":
         raise ConfigError(
-            f"parallel.pp = {d.pp}: the pipeline split covers the dense decoder only or the dense encoder_decoder, "
-            f"not MoE layers (model.moe_experts = {m.moe_experts}); use parallel.pp = 1"
+            f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, not in an "
+            f"{m.family} (model.moe_experts = {m.moe_experts}); use parallel.pp = 1"
         )
     spr = pipeline_stages_per_rank(p)
     if p.pp_schedule in SINGLE_STAGE_SCHEDULES and spr != 1:
@@ -445,7 +446,7 @@ class PipelineRunner:
         args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
-        with self.autocast():
+        with self.autocast(), _without_inference_pass(self.model.parts, self.plan.n_microbatches):
             if train:
                 self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
@@ -482,6 +483,54 @@ class PipelineRunner:
         for part in self.model.parts:
             part.train()
         return (self._global_mean(total) / max(count, 1))[0].item()
+
+
+def _moe_state(layers: list[MoE]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    return [({k: v.clone() for k, v in m.stats.items()}, m.tokens_per_expert.clone()) for m in layers]
+
+
+@contextlib.contextmanager
+def _without_inference_pass(parts: list[nn.Module], n_microbatches: int):
+    """Keep MoE router statistics to the real microbatches of a schedule call.
+
+    The first schedule call after a switch between training and evaluation (the very first
+    one too) runs each stage once more, before its microbatches, on placeholder inputs, to
+    infer the shapes it sends and receives. That extra forward would count in the step's
+    expert load (steering the aux-loss-free bias) and router metrics. Each part's state is
+    noted around its first forward of the call; if the part then ran ``n_microbatches + 1``
+    times, what that first forward added is taken back out.
+    """
+    watched = [(part, [m for _, m in moe_layers(part)]) for part in parts]
+    watched = [(part, layers) for part, layers in watched if layers]
+    if not watched:
+        yield
+        return
+    calls = [0] * len(watched)
+    notes: list[list] = [[None, None] for _ in watched]
+    hooks = []
+    for i, (part, layers) in enumerate(watched):
+        def before(module, args, i=i, layers=layers):
+            calls[i] += 1
+            if calls[i] == 1:
+                notes[i][0] = _moe_state(layers)
+
+        def after(module, args, output, i=i, layers=layers):
+            if calls[i] == 1:
+                notes[i][1] = _moe_state(layers)
+
+        hooks += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, (_, layers) in enumerate(watched):
+        if calls[i] != n_microbatches + 1:
+            continue
+        for layer, (stats0, load0), (stats1, load1) in zip(layers, *notes[i]):
+            for key, value in stats1.items():
+                layer.stats[key] = layer.stats[key] - (value - stats0.get(key, 0))
+            layer.tokens_per_expert -= load1 - load0
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,

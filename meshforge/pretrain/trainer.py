@@ -182,7 +182,7 @@ class Trainer:
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
         losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
         record = self._update(losses, grad_norm)
-        record.update(moe_step(self.model, cfg.model.moe_bias_update_rate, reduce=self.degrees.pp == 1))
+        record.update(moe_step(self.model, cfg.model.moe_bias_update_rate))
         return record
 
     def _update(self, losses: torch.Tensor, grad_norm) -> dict:
@@ -231,9 +231,14 @@ class Trainer:
         """One step under pipeline parallel: the schedule runs every microbatch's forward and backward."""
         cfg = self.cfg
         batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
+        set_aux_grad_scale(self.model, 1.0 / self.pipeline.plan.n_microbatches)  # as each microbatch's loss
         losses = self.pipeline.train_step(batch)  # global means, on every rank
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group)
-        return self._update(losses, grad_norm)
+        record = self._update(losses, grad_norm)
+        if cfg.model.moe_experts:  # this rank holds some of the MoE layers (or none): reduce over all of them
+            every = [f"layers.{i}.feed_forward" for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
+            record.update(moe_step(self.model, cfg.model.moe_bias_update_rate, all_layers=every))
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> float:
