@@ -135,7 +135,7 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (with sequence parallel)."""
     ep: int = 1
-    """Expert-parallel degree of MoE models: experts sharded over ep ranks borrowed from ``dp_shard x cp`` (fsdp2 only; not yet with tp)."""
+    """Expert-parallel degree of MoE models: experts sharded over ep ranks borrowed from ``dp_shard x cp`` (fsdp2 only)."""
     loss_parallel: bool = True
     """With tp > 1: compute the loss on vocab-sharded logits without gathering them."""
     pp_schedule: str = "1f1b"

@@ -208,7 +208,7 @@ def test_moe_encoder_decoder_is_refused_for_tp_and_pp():
     dense = _cfg("--parallel.tp", "2")
     check_job(dense, resolve_degrees(dense.parallel, 2))
     cfg = _cfg("--parallel.tp", "2", "--model.moe_experts", "4")
-    with pytest.raises(ConfigError, match="not MoE feed-forwards"):
+    with pytest.raises(ConfigError, match="MoE feed-forwards in the decoder family only, not in an encoder_decoder"):
         check_job(cfg, resolve_degrees(cfg.parallel, 2))
     cfg = _cfg("--parallel.pp", "2", "--model.moe_experts", "4")
     with pytest.raises(ConfigError, match="MoE layers in the decoder family only, not in an encoder_decoder"):

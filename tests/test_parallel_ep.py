@@ -1,6 +1,4 @@
-"""Expert parallel (alone, x FSDP2, x PP, capacity routing, resume under another EP degree) against one process.
-
-MoE x TP is refused up front (tested with the other bad layouts below).
+"""Expert parallel (alone, x FSDP2, x TP, x PP, capacity routing, resume under another EP degree) against one process.
 
 Every run here trains the same MoE model (PARITY_ARGS plus MOE_ARGS): 4 experts, top-2,
 with the load-balancing and z losses on. The reference is one process; per-step losses
@@ -17,7 +15,7 @@ import pytest
 from meshforge.cli import main as cli_main
 from meshforge.config import load_config
 from meshforge.pretrain.metrics import read_metrics
-from parallel_harness import PARITY_ARGS, assert_parity, read_result, run_ranks, train_layout
+from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
 
 MOE_ARGS = ("--model.moe_experts", "4", "--model.moe_top_k", "2")
 CAPACITY_ARGS = (*MOE_ARGS, "--model.moe_capacity_factor", "1.0")
@@ -39,10 +37,13 @@ def capacity_ref(tiny_data, tmp_path_factory):
     ("ep2", 2, ("--parallel.ep", "2")),
     ("ep4", 4, ("--parallel.ep", "4")),
     ("ep2xfsdp2", 4, ("--parallel.ep", "2")),  # dp_shard 4 = ep 2 x FSDP 2 for the experts
+    # TP in the attention, the MoE feed-forwards replicated over tp
+    ("tp2", 2, ("--parallel.tp", "2")),
+    ("ep2xtp2", 4, ("--parallel.ep", "2", "--parallel.tp", "2")),  # dp_shard 2 = ep 2
 ])
 def test_ep_layouts_match_single_process(name, world, overrides, tiny_data, moe_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *MOE_ARGS, *overrides)
-    assert_parity(moe_ref, got)
+    assert_parity(moe_ref, got, atol=TP_ATOL if "--parallel.tp" in overrides else 1e-6)
 
 
 PP_ARGS = ("--model.tie_embeddings", "false", "--train.eval_interval", "5")
@@ -65,6 +66,7 @@ def _moe_metrics(out) -> dict[tuple[int, str], float]:
     # 4 stages over 2 ranks: each rank's MoE layers sit on two stages
     ("pp2-interleaved", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
     ("pp2xep2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.ep", "2")),
+    ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
 ])
 def test_moe_pipeline_matches_single_process(name, world, overrides, tiny_data, moe_pp_ref, tmp_path):
     """Losses, weights, and every router metric of every step (load per layer, aux and z losses,
@@ -72,7 +74,7 @@ def test_moe_pipeline_matches_single_process(name, world, overrides, tiny_data, 
     (and with it the routing) would drift from the single process."""
     got = train_layout(tiny_data, tmp_path / name, world, *MOE_ARGS, *PP_ARGS, "--model.moe_bias_update_rate", "0.01",
                        "--parallel.pp", "2", *overrides)
-    assert_parity(moe_pp_ref, got)
+    assert_parity(moe_pp_ref, got, atol=TP_ATOL if "--parallel.tp" in overrides else 1e-6)
     want, have = _moe_metrics(moe_pp_ref.output_dir), _moe_metrics(got.output_dir)
     assert want.keys() == have.keys() and any(k.startswith("moe_load_cv/layers.3") for _, k in want)
     for key, value in want.items():
@@ -102,7 +104,6 @@ def test_ep_checkpoint_resumes_under_other_ep_degrees(tiny_data, moe_ref, tmp_pa
     (2, ["--parallel.ep", "2"], "expert parallelism needs an MoE model"),
     (4, [*MOE_ARGS, "--parallel.ep", "4", "--parallel.dp_shard", "2", "--parallel.tp", "2"],
      "parallel.ep = 4 must divide dp_shard*cp = 2*1 = 2"),
-    (2, [*MOE_ARGS, "--parallel.tp", "2"], "not MoE feed-forwards (model.moe_experts = 4)"),
 ])
 def test_bad_ep_fails_before_process_groups(world, args, message, tiny_data, tmp_path, monkeypatch, capsys):
     # nobody else is running: creating a process group would hang, so returning proves the check came first

@@ -193,14 +193,15 @@ def test_tp_not_dividing_heads_fails_before_process_groups(tiny_data, tmp_path, 
         assert not out.exists()
 
 
-def test_tp_with_moe_or_encoder_decoder_fails_before_process_groups(tiny_data, tmp_path, capsys, monkeypatch):
+def test_tp_with_an_moe_encoder_decoder_fails_before_process_groups(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "run"
-    args = ["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
+    args = ["train", "--config", "t5-small", "--data.path", str(tiny_data), "--train.output_dir", str(out),
             "--parallel.tp", "2", "--model.moe_experts", "4"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
-    assert "the tensor-parallel plan covers the dense decoder only" in err and err.count("\n") == 1, err
+    assert "MoE feed-forwards in the decoder family only, not in an encoder_decoder" in err, err
+    assert err.count("\n") == 1, err
     assert not dist.is_initialized() and not out.exists()

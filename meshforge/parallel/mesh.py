@@ -69,9 +69,9 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
         if p.dp_backend != "fsdp2":
             raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
     if d.tp > 1:
-        if m.moe_experts:
-            raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plan covers the dense decoder only or the "
-                              f"dense encoder_decoder, not MoE feed-forwards (model.moe_experts = {m.moe_experts}); "
+        if m.moe_experts and m.family != "decoder":
+            raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the decoder "
+                              f"family only, not in an {m.family} (model.moe_experts = {m.moe_experts}); "
                               "use parallel.tp = 1")
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
                             ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):

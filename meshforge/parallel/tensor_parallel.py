@@ -72,21 +72,33 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 from ..config import ParallelConfig
+from ..models.moe import MoE
 
 
 def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm: bool = False,
-                    has_embedding: bool = True, has_output: bool = True) -> dict[str, ParallelStyle]:
+                    has_embedding: bool = True, has_output: bool = True,
+                    moe_ffn: dict[str, bool] | None = None) -> dict[str, ParallelStyle]:
     """The TP(/SP) plan of :class:`meshforge.models.decoder.Decoder` as ``{path pattern: style}``.
 
     ``loss_parallel`` keeps the logits vocab-sharded (``Shard(-1)`` DTensor); otherwise the
     output projection returns full logits as a plain tensor. ``has_embedding`` /
     ``has_output`` drop the entries of modules a pipeline split removed.
+
+    ``moe_ffn`` (an MoE model): ``{layer name: its feed-forward is an MoE}``. TP then covers
+    the attention only in the MoE layers: the MoE gets the whole (gathered) sequence as a
+    plain tensor on every TP rank and runs replicated, and its output goes back onto this
+    rank's sequence shard (a slice, no communication; in backward one all-gather of the
+    output gradient, as for any gathered input). Every TP rank thus computes the same
+    routing, the same aux losses over the whole microbatch and the same expert gradients,
+    so the router and expert weights stay plain replicated tensors and need no reduction
+    over ``tp``; expert parallelism, when on, shards the experts over ``ep`` as without TP.
     """
     stream = Shard(1) if sequence_parallel else Replicate()
     plan: dict[str, ParallelStyle] = {}
@@ -115,8 +127,22 @@ def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm
         # weight is replicated, its input sharded on the head dim, its grad summed over tp
         block["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         block["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    for path, style in block.items():
-        plan[f"layers.*.{path}"] = style
+    if moe_ffn is None:
+        for path, style in block.items():
+            plan[f"layers.*.{path}"] = style
+    else:
+        ffn = {k: v for k, v in block.items() if k.startswith("feed_forward")}
+        for path, style in block.items():
+            if path not in ffn:
+                plan[f"layers.*.{path}"] = style
+        replicated_moe = PrepareModuleInputOutput(
+            input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=not sequence_parallel)
+        for layer, is_moe in moe_ffn.items():
+            if is_moe:
+                plan[f"layers.{layer}.feed_forward"] = replicated_moe
+            else:
+                plan.update({f"layers.{layer}.{path}": style for path, style in ffn.items()})
     if has_output:
         if sequence_parallel:
             plan["norm"] = SequenceParallel()
@@ -222,6 +248,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
     else:
         blocks = {f"layers.{n}": b for n, b in model.layers.items()}
     for name, block in blocks.items():
+        if isinstance(block.feed_forward, MoE) and family == "decoder":
+            continue  # replicated over tp (see decoder_tp_plan)
         if not all(isinstance(getattr(block.feed_forward, w, None), nn.Linear) for w in ("w1", "w2", "w3")):
             raise ValueError(f"apply_tp: {name}.feed_forward is a {type(block.feed_forward).__name__}, "
                              "not a dense gated FFN; the TP plans do not cover it (MoE needs its own plan)")
@@ -238,6 +266,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
             qk_norm=bool(model.cfg.qk_norm),
             has_embedding=model.tok_embeddings is not None,
             has_output=model.output is not None,
+            moe_ffn={n: isinstance(b.feed_forward, MoE) for n, b in model.layers.items()} if model.cfg.moe_experts else None,
         )
     plan = {k: v for k, v in plan.items() if _resolves(model, k)}  # a pipeline stage holds only some modules
     parallelize_module(model, tp_mesh, plan)

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import OptimConfig
 
@@ -41,17 +42,24 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (dim >= 2); leave norms, biases and other vectors undecayed."""
+    """Decay matrices (dim >= 2); leave norms, biases and other vectors undecayed.
+
+    Each of the two groups is split in two when it mixes DTensors and plain tensors."""
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = []
+    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        dtensors = [p for p in params if isinstance(p, DTensor)]
+        plain = [p for p in params if not isinstance(p, DTensor)]
+        # a multi-tensor (foreach) kernel takes DTensors or plain tensors, not both in one call
+        # (TP without FSDP: the TP'd weights are DTensors, an MoE's replicated ones are not)
+        for part in ((plain, dtensors) if plain and dtensors else (params,)):
+            groups.append({"params": part, "weight_decay": wd})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
