@@ -99,6 +99,17 @@ def test_ep_checkpoint_resumes_under_other_ep_degrees(tiny_data, moe_ref, tmp_pa
     assert_parity(moe_ref, read_result(out))
 
 
+def test_moe_checkpoint_moves_from_tp2_to_one_process(tiny_data, moe_ref, tmp_path):
+    """Steps 1-5 on tp2 (MoE weights plain, the rest DTensors), 6-10 in one process: the optimizer
+    state's groups are the model's, not the layout's, so it loads; the run equals the reference."""
+    out = tmp_path / "tp2-then-1"
+    common = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *MOE_ARGS,
+              "--checkpoint.interval", "5"]
+    run_ranks(2, [*common, "--parallel.tp", "2", "--train.steps", "5"])
+    run_ranks(1, common)
+    assert_parity(moe_ref, read_result(out), atol=TP_ATOL)
+
+
 @pytest.mark.parametrize("world, args, message", [
     (4, ["--model.moe_experts", "6", "--parallel.ep", "4"], "model.moe_experts = 6 does not divide by parallel.ep = 4"),
     (2, ["--parallel.ep", "2"], "expert parallelism needs an MoE model"),

@@ -15,9 +15,9 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..config import OptimConfig
+from ..models.moe import moe_layers
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -44,22 +44,22 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (dim >= 2); leave norms, biases and other vectors undecayed.
 
-    Each of the two groups is split in two when it mixes DTensors and plain tensors."""
-    decay, no_decay, seen = [], [], set()
+    In an MoE model the MoE layers' parameters get their own two groups after those. Under
+    TP without FSDP they stay plain tensors while everything else is a DTensor, and one
+    multi-tensor (foreach) kernel cannot take both; the groups depend on the model only,
+    never on the layout, so a checkpoint's optimizer state loads under any other layout.
+    Empty groups are left out (again a property of the model).
+    """
+    in_moe = {id(p) for _, layer in moe_layers(model) for p in layer.parameters()}
+    kinds: dict[tuple[bool, bool], list] = {(moe, decay): [] for moe in (False, True) for decay in (True, False)}
+    seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = []
-    for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
-        dtensors = [p for p in params if isinstance(p, DTensor)]
-        plain = [p for p in params if not isinstance(p, DTensor)]
-        # a multi-tensor (foreach) kernel takes DTensors or plain tensors, not both in one call
-        # (TP without FSDP: the TP'd weights are DTensors, an MoE's replicated ones are not)
-        for part in ((plain, dtensors) if plain and dtensors else (params,)):
-            groups.append({"params": part, "weight_decay": wd})
-    return groups
+        kinds[(id(p) in in_moe, p.dim() >= 2)].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+            for (moe, decay), params in kinds.items() if params or not moe]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
