@@ -140,8 +140,7 @@ def test_pipeline_plan():
         _plan(4, "--parallel.pp", "4", "--train.micro_batch_size", "4")
     with pytest.raises(ConfigError, match="runs one stage per rank"):
         _plan(2, "--parallel.pp", "2", "--parallel.pp_stages_per_rank", "2")
-    with pytest.raises(ConfigError, match="dense decoder only"):
-        _plan(2, "--parallel.pp", "2", "--model.moe_experts", "4")
+    assert _plan(2, "--parallel.pp", "2", "--model.moe_experts", "4").layer_ranges == ((0, 4), (4, 8))  # MoE decoder
     cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp", "2",
                                     "--parallel.pp_schedule", "zero_bubble", "--parallel.compile", "auto"])
     plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cpu")  # auto: no compile on CPU
