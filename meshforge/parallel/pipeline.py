@@ -72,7 +72,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import ConfigError, JobConfig
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
-from ..models.moe import MoE, moe_layers
+from ..models.moe import moe_layers
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 
@@ -485,20 +485,17 @@ class PipelineRunner:
         return (self._global_mean(total) / max(count, 1))[0].item()
 
 
-def _moe_state(layers: list[MoE]) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    return [({k: v.clone() for k, v in m.stats.items()}, m.tokens_per_expert.clone()) for m in layers]
-
-
 @contextlib.contextmanager
 def _without_inference_pass(parts: list[nn.Module], n_microbatches: int):
     """Keep MoE router statistics to the real microbatches of a schedule call.
 
     The first schedule call after a switch between training and evaluation (the very first
-    one too) runs each stage once more, before its microbatches, on placeholder inputs, to
-    infer the shapes it sends and receives. That extra forward would count in the step's
-    expert load (steering the aux-loss-free bias) and router metrics. Each part's state is
-    noted around its first forward of the call; if the part then ran ``n_microbatches + 1``
-    times, what that first forward added is taken back out.
+    one too) runs each stage once more, before its microbatches, on placeholder inputs
+    (uninitialized memory), to infer the shapes it sends and receives. That extra forward
+    would count in the step's expert load (steering the aux-loss-free bias) and router
+    metrics, and its aux loss may even be NaN. So what each part's first forward of the call
+    adds is set aside at once (the state restored); if the part then ran ``n_microbatches``
+    times only, that forward was a real microbatch and its share is added back.
     """
     watched = [(part, [m for _, m in moe_layers(part)]) for part in parts]
     watched = [(part, layers) for part, layers in watched if layers]
@@ -506,17 +503,25 @@ def _without_inference_pass(parts: list[nn.Module], n_microbatches: int):
         yield
         return
     calls = [0] * len(watched)
-    notes: list[list] = [[None, None] for _ in watched]
+    before_first: list = [None] * len(watched)
+    first_share: list = [None] * len(watched)
     hooks = []
     for i, (part, layers) in enumerate(watched):
         def before(module, args, i=i, layers=layers):
             calls[i] += 1
             if calls[i] == 1:
-                notes[i][0] = _moe_state(layers)
+                before_first[i] = [({k: v.clone() for k, v in m.stats.items()}, m.tokens_per_expert.clone())
+                                   for m in layers]
 
         def after(module, args, output, i=i, layers=layers):
-            if calls[i] == 1:
-                notes[i][1] = _moe_state(layers)
+            if calls[i] != 1:
+                return
+            share = []
+            for m, (stats0, load0) in zip(layers, before_first[i]):
+                share.append(({k: v - stats0.get(k, 0) for k, v in m.stats.items()}, m.tokens_per_expert - load0))
+                m.stats = stats0
+                m.tokens_per_expert.copy_(load0)
+            first_share[i] = share
 
         hooks += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
     try:
@@ -525,12 +530,12 @@ def _without_inference_pass(parts: list[nn.Module], n_microbatches: int):
         for h in hooks:
             h.remove()
     for i, (_, layers) in enumerate(watched):
-        if calls[i] != n_microbatches + 1:
-            continue
-        for layer, (stats0, load0), (stats1, load1) in zip(layers, *notes[i]):
-            for key, value in stats1.items():
-                layer.stats[key] = layer.stats[key] - (value - stats0.get(key, 0))
-            layer.tokens_per_expert -= load1 - load0
+        if calls[i] == n_microbatches + 1 or first_share[i] is None:
+            continue  # the first forward was the shape inference: its share stays out
+        for m, (stats, load) in zip(layers, first_share[i]):
+            for key, value in stats.items():
+                m.stats[key] = m.stats[key] + value if key in m.stats else value
+            m.tokens_per_expert += load
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
