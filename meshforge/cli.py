@@ -15,7 +15,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .pretrain.faults import TrainingDiverged
     from .tokenizers import TokenizerError
 
-    return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged)
+    from .convert.safetensors_io import ConvertError
+
+    return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged, ConvertError)
 
 
 def _job_failures() -> tuple[type[Exception], ...]:
@@ -93,6 +95,34 @@ def cmd_data_merge(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_convert_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from .convert.export import export_hf
+
+    export_hf(args.checkpoint, args.output, step=args.step, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
+    return 0
+
+
+def cmd_convert_import(args: argparse.Namespace, rest: list[str]) -> int:
+    from .convert.import_ import import_hf
+
+    import_hf(args.hf_dir, args.output)
+    return 0
+
+
+def cmd_convert_inspect(args: argparse.Namespace, rest: list[str]) -> int:
+    from .convert.inspect import inspect_path
+
+    print(inspect_path(args.path))
+    return 0
+
+
+def cmd_convert_grow(args: argparse.Namespace, rest: list[str]) -> int:
+    from .convert.grow import grow_checkpoint
+
+    grow_checkpoint(args.checkpoint, args.output, args.depth_factor, step=args.step)
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace, rest: list[str]) -> int:
     from .launch.launcher import run_launch
 
@@ -158,6 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="the output dir of `meshforge data prepare`")
     p.add_argument("--verify", action="store_true", help="re-hash every shard against its recorded sha256")
     p.set_defaults(func=cmd_data_merge)
+
+    conv = sub.add_parser("convert", help="checkpoint conversion: Hugging Face export/import, inspect, grow")
+    conv = conv.add_subparsers(dest="convert_command", required=True)
+    p = conv.add_parser("export", help="a checkpoint (any layout) -> a Hugging Face model directory")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint dir, or an output dir (its newest, or --step)")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step under the output dir")
+    p.add_argument("--to", choices=("hf",), default="hf")
+    p.add_argument("--output", required=True, help="new (or empty) directory to write")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--max-shard-mb", type=int, default=4096, help="largest safetensors shard, in MiB")
+    p.set_defaults(func=cmd_convert_export)
+    p = conv.add_parser("import", help="a Hugging Face model directory -> a meshforge init checkpoint + preset")
+    p.add_argument("--from", dest="source", choices=("hf",), default="hf")
+    p.add_argument("hf_dir", help="the Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("--output", required=True, help="new (or empty) directory; train from it with --checkpoint.init_from")
+    p.set_defaults(func=cmd_convert_import)
+    p = conv.add_parser("inspect", help="architecture, parameters, dtype, step, layout of a checkpoint or HF dir")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_convert_inspect)
+    p = conv.add_parser("grow", help="a deeper model from a trained one by stacking its layers (G_stack)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--depth-factor", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_convert_grow)
 
     from .launch.launcher import add_launch_arguments
 

@@ -276,6 +276,8 @@ class CheckpointConfig:
     """Resume automatically from the newest complete checkpoint in the output dir."""
     async_save: bool = False
     """Write checkpoints in a background thread: the step waits only while the state is copied to CPU memory (pinned on GPU), training continues during the write, and the checkpoint appears (atomically, as with synchronous saves) once written. Costs one CPU copy of the model and optimizer state. The DeepSpeed backend always saves synchronously."""
+    init_from: str = ""
+    """Start a new run from the model weights of this directory (``meshforge convert import`` / ``convert grow`` output, or any checkpoint dir) with a fresh optimizer at step 0, under any layout; empty starts from random init. Ignored when the output dir already holds a checkpoint to resume."""
     on_preemption: bool = True
     """On SIGTERM or SIGUSR1 (SLURM's warning before the time limit, ``scancel --signal``): finish the step, write a checkpoint and exit with status 42 so the job script can requeue; the restart resumes from it."""
 

@@ -10,23 +10,67 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from .safetensors_io import ConvertError
+
+
+def _tied(hf) -> bool:
+    """Whether HF scales the decoder output by d_model^-1/2 and shares the embedding with the head.
+
+    transformers 5 forces ``tie_word_embeddings = True`` on every T5Config and keeps what the
+    config file said in ``scale_decoder_outputs`` (T5 v1.1 files say ``false``: no scaling, own
+    ``lm_head``); transformers 4 keeps ``tie_word_embeddings`` as written.
+    """
+    return bool(getattr(hf, "scale_decoder_outputs", hf.tie_word_embeddings))
 
 
 def hf_t5_config_to_model_config(hf) -> ModelConfig:
     """A meshforge ModelConfig equivalent to a transformers ``T5Config`` (v1.1, gated-GELU)."""
     if not getattr(hf, "is_gated_act", False) or "gelu" not in hf.dense_act_fn:
-        raise ValueError(f"only gated-GELU T5 (v1.1) maps onto meshforge, got feed_forward_proj={hf.feed_forward_proj}")
-    if getattr(hf, "scale_decoder_outputs", hf.tie_word_embeddings) != hf.tie_word_embeddings:
-        raise ValueError("meshforge scales decoder outputs by d_model^-1/2 exactly when embeddings are tied")
+        raise ConvertError(f"only gated-GELU T5 (v1.1) maps onto meshforge, got feed_forward_proj={hf.feed_forward_proj}")
     if hf.d_kv * hf.num_heads != hf.d_model:
-        raise ValueError(f"d_kv * num_heads ({hf.d_kv} * {hf.num_heads}) must equal d_model ({hf.d_model})")
+        raise ConvertError(f"d_kv * num_heads ({hf.d_kv} * {hf.num_heads}) must equal d_model ({hf.d_model})")
     return ModelConfig(
         family="encoder_decoder", vocab_size=hf.vocab_size, dim=hf.d_model, n_layers=hf.num_layers,
         n_decoder_layers=hf.num_decoder_layers, n_heads=hf.num_heads, ffn_dim=hf.d_ff,
         position_encoding="relative", rel_pos_buckets=hf.relative_attention_num_buckets,
         rel_pos_max_distance=hf.relative_attention_max_distance, ffn_activation="gelu", attn_scale=1.0,
-        norm_eps=hf.layer_norm_epsilon, tie_embeddings=hf.tie_word_embeddings, max_seq_len=512,
+        norm_eps=hf.layer_norm_epsilon, tie_embeddings=_tied(hf), max_seq_len=512,
     )
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """ConvertError naming the first feature of ``cfg`` that T5ForConditionalGeneration cannot compute."""
+    problems = [
+        (cfg.family != "encoder_decoder", f"model.family = {cfg.family!r} is not an encoder-decoder"),
+        (cfg.position_encoding != "relative", f"RoPE in an encoder-decoder (model.position_encoding = "
+                                              f"{cfg.position_encoding!r}): T5 has only relative position bias"),
+        (cfg.attn_scale != 1.0, f"attention scale model.attn_scale = {cfg.attn_scale} (0 means 1/sqrt(head_dim)): "
+                                "T5 never scales attention logits (it needs attn_scale = 1)"),
+        (cfg.kv_heads != cfg.n_heads, f"grouped-query attention (model.n_kv_heads = {cfg.n_kv_heads} < n_heads = "
+                                      f"{cfg.n_heads}): T5 has as many key/value heads as query heads"),
+        (cfg.ffn_activation != "gelu", f"model.ffn_activation = {cfg.ffn_activation!r}: T5 v1.1 is gated-GELU"),
+        (cfg.moe_experts > 0, "MoE feed-forwards (model.moe_experts > 0): T5 is dense"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise ConvertError(f"cannot export to Hugging Face T5: {why}")
+
+
+def hf_config(cfg: ModelConfig, token_ids: dict[str, int]):
+    """The ``T5Config`` of a meshforge encoder-decoder (checked by :func:`check_exportable`)."""
+    from transformers import T5Config
+
+    hf = T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.hidden_dim, num_layers=cfg.n_layers,
+        num_decoder_layers=cfg.n_decoder_layers or cfg.n_layers, num_heads=cfg.n_heads,
+        relative_attention_num_buckets=cfg.rel_pos_buckets, relative_attention_max_distance=cfg.rel_pos_max_distance,
+        dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=cfg.tie_embeddings, is_encoder_decoder=True,
+        decoder_start_token_id=token_ids["pad_token_id"], pad_token_id=token_ids["pad_token_id"],
+        eos_token_id=token_ids["eos_token_id"],
+    )
+    hf.architectures = ["T5ForConditionalGeneration"]
+    return hf
 
 
 def _attn(ours: str, theirs: str) -> list[tuple[str, str]]:
@@ -39,7 +83,7 @@ def _ffn(ours: str, theirs: str) -> list[tuple[str, str]]:
 
 
 def name_map(cfg: ModelConfig) -> list[tuple[str, str]]:
-    """(meshforge name, HF name) for every parameter."""
+    """(meshforge name, HF name) for every parameter (only meshforge's T5 layout: see check_exportable)."""
     pairs = [("tok_embeddings.weight", "shared.weight")]
     if not cfg.tie_embeddings:
         pairs.append(("output.weight", "lm_head.weight"))
@@ -64,12 +108,18 @@ def name_map(cfg: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def from_hf(hf_state, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """meshforge state from an HF T5 state (a dict, or anything with ``in`` and ``[]`` / ``get``)."""
+    get = hf_state.get if hasattr(hf_state, "get") and not isinstance(hf_state, dict) else hf_state.__getitem__
+    shared = get("shared.weight")
     for stack in ("encoder", "decoder"):
         key = f"{stack}.embed_tokens.weight"
-        if key in hf_state and not torch.equal(hf_state[key], hf_state["shared.weight"]):
-            raise ValueError(f"{key} differs from shared.weight: meshforge has one input embedding for both stacks")
-    return {ours: hf_state[theirs] for ours, theirs in name_map(cfg)}
+        if key in hf_state and not torch.equal(get(key), shared):
+            raise ConvertError(f"{key} differs from shared.weight: meshforge has one input embedding for both stacks")
+    if cfg.tie_embeddings and "lm_head.weight" in hf_state and not torch.equal(get("lm_head.weight"), shared):
+        raise ConvertError("the config scales decoder outputs (tied embeddings) but lm_head.weight differs from "
+                           "shared.weight: meshforge scales exactly when the head is the embedding")
+    return {ours: get(theirs) for ours, theirs in name_map(cfg)}
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

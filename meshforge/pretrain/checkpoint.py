@@ -365,3 +365,31 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     except Exception as e:  # DCP raises several types for missing/mismatched entries
         raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from None
     set_model_state_dict(model, state["model"])
+
+
+def check_init(path: str | Path, model: torch.nn.Module) -> Path:
+    """The weights directory of ``checkpoint.init_from``, after checking it fits ``model``
+    (a model built on the meta device is enough): complete, and every weight of the model
+    present with the model's shape. Raises CheckpointError before anything is written."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint.init_from = {str(path)!r} is not a directory")
+    if not is_complete(p) and not ((p / "meta.json").is_file() and (p / ".metadata").is_file()):
+        try:
+            p = find_checkpoint(p)
+        except CheckpointError:
+            raise CheckpointError(f"checkpoint.init_from = {str(path)!r} holds no complete checkpoint (no meta.json "
+                                  "and .metadata: still being written, or not a checkpoint)") from None
+    md = FileSystemReader(str(p)).read_metadata().state_dict_metadata
+    wrong = []
+    for name, t in model.state_dict().items():
+        entry = md.get(f"model.{name}")
+        if entry is None or tuple(getattr(entry, "size", ())) != tuple(t.shape):
+            have = None if entry is None else tuple(entry.size)
+            wrong.append(f"{name}: {have} there vs {tuple(t.shape)} here")
+    if wrong:
+        raise CheckpointError(f"checkpoint.init_from = {str(path)!r} does not fit model config ({len(wrong)} weight(s) "
+                              f"differ, e.g. {wrong[0]}); use the preset written next to it (model.toml)")
+    return p

@@ -23,14 +23,14 @@ import torch.distributed as dist
 
 from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
-from ..models import active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
+from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
 from ..parallel import build_mesh, parallelize
 from ..parallel.grad_norm import clip_grad_norm
 from ..parallel.loss_parallel import lm_loss_fn
 from ..parallel.deepspeed_engine import build_deepspeed_engine, check_deepspeed
 from ..parallel.mesh import Degrees, check_job, resolve_degrees
 from ..parallel.pipeline import PipelineRunner, build_runner, plan_pipeline
-from .checkpoint import Checkpointer, check_resume_backend, load_checkpoint
+from .checkpoint import Checkpointer, check_init, check_resume_backend, load_checkpoint, load_model_weights
 from .data import TrainData, prepare_train_data
 from .generate import generate_text
 from ..models.moe import set_aux_grad_scale
@@ -82,6 +82,10 @@ class Trainer:
         # Everything above only reads. Validate data and output dir before writing anything.
         self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume)
         check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
+        self.init_from = None
+        if self.resume_from is None and cfg.checkpoint.init_from:
+            with torch.device("meta"):
+                self.init_from = check_init(cfg.checkpoint.init_from, MODEL_SPECS[cfg.model.family].build(cfg.model))
         store = init_distributed(self.env, self.device, cfg.train.collective_timeout_s)
         self.collectives = CollectiveWatch(self.env.rank, self.env.world_size, cfg.train.collective_timeout_s, store)
         self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
@@ -101,6 +105,10 @@ class Trainer:
         else:
             self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
         self.model = parallelize(model, self.mesh, self.degrees, cfg)
+        if self.init_from is not None:  # fresh optimizer, step 0; any layout (DCP reshards)
+            load_model_weights(self.init_from, self.model)
+            if self.env.is_main:
+                print(f"initialised from {self.init_from}", flush=True)
         self.pipeline: PipelineRunner | None = None
         if self.degrees.pp > 1:  # self.model is this rank's PipelineModel; the runner drives its stages
             self.pipeline = build_runner(self.model, self.mesh, self.device, lm_loss_fn(cfg, self.degrees.tp),

@@ -1,0 +1,172 @@
+"""Hugging Face decoder families <-> the meshforge decoder: which class, its config, the names.
+
+    meshforge decoder                          Hugging Face class
+    dense                                      LlamaForCausalLM
+    dense + qk_norm                            Qwen3ForCausalLM
+    MoE, softmax top-k, renormalised, no       MixtralForCausalLM
+      shared experts, no qk_norm
+
+Why Qwen3 for qk-norm: meshforge normalises each head's query and key (RMSNorm over
+head_dim, one weight of size head_dim shared by the heads) before RoPE. Qwen3 does exactly
+that (``q_norm(q_proj(x).view(..., head_dim))``); OLMo-2 normalises the whole projection
+(RMSNorm over n_heads * head_dim, a weight per channel) -- another function, and it also
+puts its norms after the attention and MLP instead of before.
+
+Mixtral's router is softmax over all experts, top-k, weights renormalised to sum to 1,
+dropless: meshforge's ``moe_score = softmax``, ``moe_norm_topk = true``, no capacity, no
+routing bias. Mixtral files keep the per-expert names (``block_sparse_moe.experts.E.w1``,
+what published Mixtral checkpoints and ``save_pretrained`` write); meshforge stacks the
+experts in one ``[E, ...]`` tensor per projection, so each expert is one slice.
+
+Anything else is refused by :func:`choose_family` with the feature named: a shared expert
+(Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses multi-head latent
+attention), sigmoid routing or a routing bias, capacity dropping, dense first layers in an
+MoE, a non-default attention scale, a GELU feed-forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from .safetensors_io import ConvertError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architecture: str
+    model_type: str
+
+
+LLAMA = Family("llama", "LlamaForCausalLM", "llama")
+QWEN3 = Family("qwen3", "Qwen3ForCausalLM", "qwen3")
+MIXTRAL = Family("mixtral", "MixtralForCausalLM", "mixtral")
+FAMILIES = {f.architecture: f for f in (LLAMA, QWEN3, MIXTRAL)}
+
+
+def choose_family(m: ModelConfig) -> Family:
+    """The HF class that computes exactly what ``m`` computes, or ConvertError naming what does not map."""
+    if m.family != "decoder":
+        raise ConvertError(f"model.family = {m.family!r} is not a decoder")
+    if m.ffn_activation != "silu":
+        raise ConvertError(f"model.ffn_activation = {m.ffn_activation!r}: the HF decoder classes use SwiGLU (silu)")
+    if m.attn_scale and abs(m.attn_scale - m.head_dim**-0.5) > 1e-12:
+        raise ConvertError(f"model.attn_scale = {m.attn_scale}: HF decoders scale attention logits by "
+                           f"1/sqrt(head_dim) = {m.head_dim**-0.5:.6g}")
+    if not m.moe_experts:
+        return QWEN3 if m.qk_norm else LLAMA
+    refusals = [
+        (m.moe_shared_experts > 0, f"shared experts (model.moe_shared_experts = {m.moe_shared_experts}): Qwen2-MoE "
+                                   "gates its shared expert with a sigmoid and DeepSeek-V3 uses latent attention, so no "
+                                   "HF class computes meshforge's ungated shared expert with this attention"),
+        (m.moe_score != "softmax", f"sigmoid routing (model.moe_score = {m.moe_score!r}) has no HF class with "
+                                   "meshforge's attention"),
+        (m.moe_bias_update_rate > 0, "the aux-loss-free routing bias (model.moe_bias_update_rate > 0) has no HF "
+                                     "class with meshforge's attention"),
+        (m.moe_capacity_factor > 0, f"capacity dropping (model.moe_capacity_factor = {m.moe_capacity_factor}): HF "
+                                    "MoE classes route dropless"),
+        (not m.moe_norm_topk, "un-normalised top-k weights (model.moe_norm_topk = false): Mixtral renormalises"),
+        (m.moe_dense_layers > 0, f"dense first layers (model.moe_dense_layers = {m.moe_dense_layers}): every "
+                                 "Mixtral layer is an MoE"),
+        (m.qk_norm, "qk-norm in an MoE model: Mixtral has no q/k norm"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ConvertError(f"cannot export to Hugging Face: {why}")
+    return MIXTRAL
+
+
+def hf_config(m: ModelConfig, family: Family, token_ids: dict[str, int], dtype: str):
+    """The transformers config object of ``family`` for ``m``."""
+    import transformers
+
+    common = dict(
+        vocab_size=m.vocab_size, hidden_size=m.dim, num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+        num_key_value_heads=m.kv_heads, head_dim=m.head_dim, hidden_act="silu", max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        tie_word_embeddings=m.tie_embeddings, attention_dropout=0.0, dtype=dtype, **token_ids,
+    )
+    if family is LLAMA:
+        cfg = transformers.LlamaConfig(intermediate_size=m.hidden_dim, attention_bias=False, mlp_bias=False,
+                                       pretraining_tp=1, **common)
+    elif family is QWEN3:
+        cfg = transformers.Qwen3Config(intermediate_size=m.hidden_dim, attention_bias=False, use_sliding_window=False,
+                                       sliding_window=None, **common)
+    else:
+        cfg = transformers.MixtralConfig(intermediate_size=m.expert_dim, num_local_experts=m.moe_experts,
+                                         num_experts_per_tok=m.moe_top_k, sliding_window=None, router_jitter_noise=0.0,
+                                         output_router_logits=False, router_aux_loss_coef=m.moe_aux_loss_coef, **common)
+    cfg.architectures = [family.architecture]
+    return cfg
+
+
+def _get(hf, key, default=None):
+    return getattr(hf, key, default)
+
+
+def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
+    """A meshforge ModelConfig computing what the HF decoder config ``hf`` computes (or ConvertError)."""
+    arch = (_get(hf, "architectures") or [""])[0]
+    if arch not in FAMILIES:
+        raise ConvertError(f"unknown Hugging Face architecture {arch!r}; supported: "
+                           f"{', '.join([*FAMILIES, 'T5ForConditionalGeneration'])}")
+    family = FAMILIES[arch]
+    rope = _get(hf, "rope_parameters") or {}
+    head_dim = _get(hf, "head_dim") or hf.hidden_size // hf.num_attention_heads
+    problems = [
+        (_get(hf, "hidden_act") != "silu", f"hidden_act = {_get(hf, 'hidden_act')!r} (meshforge decoders use silu)"),
+        (bool(_get(hf, "attention_bias")), "attention_bias = true (meshforge projections have no bias)"),
+        (bool(_get(hf, "mlp_bias")), "mlp_bias = true (meshforge projections have no bias)"),
+        (rope.get("rope_type", "default") != "default", f"RoPE scaling rope_type = {rope.get('rope_type')!r}"),
+        (head_dim * hf.num_attention_heads != hf.hidden_size,
+         f"head_dim = {head_dim} with {hf.num_attention_heads} heads != hidden_size {hf.hidden_size}"),
+        ((_get(hf, "pretraining_tp") or 1) != 1, "pretraining_tp != 1"),
+        (bool(_get(hf, "use_sliding_window")) or (family is MIXTRAL and _get(hf, "sliding_window") is not None),
+         "sliding-window attention"),
+        (bool(_get(hf, "router_jitter_noise")), "router jitter noise"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise ConvertError(f"cannot import {arch}: {why}")
+    kw = dict(
+        family="decoder", vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        ffn_dim=hf.intermediate_size, max_seq_len=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 1e4)),
+        norm_eps=hf.rms_norm_eps, tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        qk_norm=family is QWEN3, ffn_activation="silu", attn_scale=0.0,
+    )
+    if family is MIXTRAL:
+        kw.update(moe_experts=hf.num_local_experts, moe_top_k=hf.num_experts_per_tok, moe_ffn_dim=hf.intermediate_size,
+                  moe_score="softmax", moe_norm_topk=True, moe_capacity_factor=0.0, moe_shared_experts=0,
+                  moe_dense_layers=0, moe_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.01)))
+    return ModelConfig(**kw), family
+
+
+def name_map(m: ModelConfig, family: Family) -> list[tuple[str, str, int | None]]:
+    """``(hf name, meshforge name, expert index or None)`` for every HF tensor, in file order."""
+    out: list[tuple[str, str, int | None]] = [("model.embed_tokens.weight", "tok_embeddings.weight", None)]
+    for i in range(m.n_layers):
+        h, g = f"model.layers.{i}", f"layers.{i}"
+        out.append((f"{h}.input_layernorm.weight", f"{g}.attention_norm.weight", None))
+        out += [(f"{h}.self_attn.{p}_proj.weight", f"{g}.attention.w{p}.weight", None) for p in "qkvo"]
+        if m.qk_norm:
+            out += [(f"{h}.self_attn.{p}_norm.weight", f"{g}.attention.{p}_norm.weight", None) for p in "qk"]
+        out.append((f"{h}.post_attention_layernorm.weight", f"{g}.ffn_norm.weight", None))
+        if m.is_moe_layer(i):
+            out.append((f"{h}.block_sparse_moe.gate.weight", f"{g}.feed_forward.router.weight", None))
+            for e in range(m.moe_experts):
+                out += [(f"{h}.block_sparse_moe.experts.{e}.{w}.weight", f"{g}.feed_forward.experts.{w}", e)
+                        for w in ("w1", "w2", "w3")]
+        else:
+            out += [(f"{h}.mlp.{p}.weight", f"{g}.feed_forward.{w}.weight", None)
+                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+    out.append(("model.norm.weight", "norm.weight", None))
+    if not m.tie_embeddings:
+        out.append(("lm_head.weight", "output.weight", None))
+    return out
+
+
+def routing_biases(m: ModelConfig) -> list[str]:
+    """meshforge buffers that must be zero for the export to be exact (the MoE routing bias)."""
+    return [f"layers.{i}.feed_forward.route_bias" for i in range(m.n_layers) if m.is_moe_layer(i)]

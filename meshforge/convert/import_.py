@@ -1,0 +1,169 @@
+"""``meshforge convert import --from hf``: a Hugging Face model directory -> a meshforge init checkpoint.
+
+The output directory is a DCP checkpoint of the model weights (``model.*`` entries, as
+every training checkpoint has) with ``meta.json`` (step 0 and the full config), the
+sentencepiece ``tokenizer.model`` when the HF directory has one, and ``model.toml``: a
+preset reproducing the architecture, with ``checkpoint.init_from`` pointing at the
+directory. ``meshforge train --config DIR/model.toml --data.path ...`` (or any preset plus
+``--checkpoint.init_from DIR``) starts training from the imported weights under any layout,
+with a fresh optimizer at step 0.
+
+Checks before anything is written: a known architecture whose math meshforge reproduces
+(else the feature is named), every shard of the index present, every tensor the
+architecture needs present with its shape, none left over, the tokenizer within the vocab.
+The whole model is held in memory once (DCP writes one state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from ..config import JobConfig, ModelConfig, config_to_dict, validate
+from ..tokenizers import load_tokenizer
+from . import hf_decoder, hf_t5
+from .export import check_output_dir, staged_output
+from .hf_tokenizer import sentencepiece_from_hf
+from .safetensors_io import ConvertError, SafetensorsDir
+
+IGNORED_HF = ("rotary_emb.inv_freq",)
+"""HF tensors that are derived, not learned (old checkpoints store them)."""
+
+
+def read_hf_config(directory: Path):
+    cfg_file = Path(directory) / "config.json"
+    if not cfg_file.is_file():
+        raise ConvertError(f"{directory} has no config.json: not a Hugging Face model directory")
+    arch = (json.loads(cfg_file.read_text()).get("architectures") or [""])[0]
+    known = [*hf_decoder.FAMILIES, "T5ForConditionalGeneration"]
+    if arch not in known:
+        raise ConvertError(f"unknown Hugging Face architecture {arch!r} in {cfg_file}; supported: {', '.join(known)}")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(directory))
+
+
+def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The ModelConfig and full meshforge state dict of an HF model directory (checked)."""
+    directory = Path(directory)
+    hf = read_hf_config(directory)
+    files = SafetensorsDir(directory)
+    if hf.architectures[0] == "T5ForConditionalGeneration":
+        m = hf_t5.hf_t5_config_to_model_config(hf)
+        pairs = [(theirs, ours, None) for ours, theirs in hf_t5.name_map(m)]
+        extra_ok = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight",
+                    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+    else:
+        m, family = hf_decoder.model_config_from_hf(hf)
+        pairs = hf_decoder.name_map(m, family)
+        extra_ok = {"lm_head.weight"} if m.tie_embeddings else set()
+    needed = {hf_name for hf_name, _, _ in pairs}
+    absent = [n for n in needed if n not in files]
+    if absent:
+        raise ConvertError(f"{directory} lacks {len(absent)} tensor(s) its config needs, e.g. {sorted(absent)[0]}")
+    unexpected = sorted(k for k in files.keys() if k not in needed and k not in extra_ok and not k.endswith(IGNORED_HF))
+    if unexpected:
+        raise ConvertError(f"{directory} has tensors meshforge's {hf.architectures[0]} mapping does not know, e.g. "
+                           f"{unexpected[0]}; refusing to drop them")
+    emb = "shared.weight" if m.family == "encoder_decoder" else "model.embed_tokens.weight"
+    rows = files.get(emb).shape[0]
+    if rows != m.vocab_size:
+        raise ConvertError(f"{emb} has {rows} rows but config.json says vocab_size = {m.vocab_size}")
+    if m.family == "encoder_decoder":
+        state = hf_t5.from_hf(files, m)
+    else:
+        if m.tie_embeddings and "lm_head.weight" in files and not torch.equal(
+                files.get("lm_head.weight"), files.get("model.embed_tokens.weight")):
+            raise ConvertError("config.json ties the embeddings but lm_head.weight differs from "
+                               "model.embed_tokens.weight")
+        state = _decoder_state(files, m, pairs)
+    if m.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return m, state
+
+
+def _decoder_state(files: SafetensorsDir, m: ModelConfig, pairs) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    for hf_name, ours, e in pairs:
+        if e is None:
+            state[ours] = files.get(hf_name)
+        else:
+            experts.setdefault(ours, {})[e] = files.get(hf_name)
+    for ours, by_index in experts.items():
+        state[ours] = torch.stack([by_index[e] for e in range(m.moe_experts)])
+    for name in hf_decoder.routing_biases(m):
+        state[name] = torch.zeros(m.moe_experts)
+    return state
+
+
+def job_config_for(m: ModelConfig, init_dir: Path, tokenizer: Path | None) -> JobConfig:
+    cfg = JobConfig(model=m)
+    cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
+    if m.family == "encoder_decoder":
+        cfg.model.n_decoder_layers = m.n_decoder_layers or m.n_layers
+    if tokenizer is not None:
+        cfg.data.tokenizer = str(tokenizer)
+    cfg.checkpoint.init_from = str(init_dir)
+    validate(cfg)
+    return cfg
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)
+
+
+def preset_toml(cfg: JobConfig) -> str:
+    """A preset with the whole model section and what ties the run to the imported weights."""
+    lines = ["# Written by `meshforge convert import`: the architecture of the imported model.", "", "[model]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in asdict(cfg.model).items()]
+    lines += ["", "[data]", f"seq_len = {cfg.data.seq_len}"]
+    if cfg.data.tokenizer:
+        lines.append(f"tokenizer = {_toml_value(cfg.data.tokenizer)}")
+    lines += ["", "[checkpoint]", f"init_from = {_toml_value(cfg.checkpoint.init_from)}", ""]
+    return "\n".join(lines)
+
+
+def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.Tensor], extra_meta: dict,
+                          tokenizer: Path | None = None) -> Path:
+    """A step-0 DCP checkpoint of ``state`` plus meta.json, model.toml and the tokenizer, atomically."""
+    output = Path(output)
+    check_output_dir(output)
+    with staged_output(output) as tmp:
+        with warnings.catch_warnings():  # "no process group: assuming one process" is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=str(tmp), no_dist=True)
+        if tokenizer is not None:
+            (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+        (tmp / "model.toml").write_text(preset_toml(cfg))
+        meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return output
+
+
+def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
+    hf_dir, output = Path(hf_dir), Path(output)
+    check_output_dir(output)
+    m, state = hf_to_meshforge(hf_dir)
+    spm = sentencepiece_from_hf(hf_dir)
+    if spm is not None:
+        n = load_tokenizer(spm).vocab_size
+        if n > m.vocab_size:
+            raise ConvertError(f"{spm} has {n} pieces but the model's vocab_size is {m.vocab_size}")
+    final_dir = output.resolve()
+    cfg = job_config_for(m, final_dir, final_dir / "tokenizer.model" if spm is not None else None)
+    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}}, spm)
+    n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
+    log(f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "
+        f"`meshforge train --config {output}/model.toml --data.path ...`"
+        + ("" if spm else " (no tokenizer.model in the HF dir: pass --data.tokenizer)"))
+    return output
