@@ -182,3 +182,89 @@ def test_cli_export_error_is_one_line(tmp_path, capsys):
 
     assert main(["convert", "export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- T5
+
+
+def _hf_t5_dir(path: Path, tie: bool):
+    """A randomised T5 v1.1-style model saved the way users get one: save_pretrained of a directory."""
+    cfg = transformers.T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+                                num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=tie, dropout_rate=0.0,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=3)
+    cfg.tie_word_embeddings = tie  # transformers 5 forces True; an untied v1.1 model has its own lm_head
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+        for stack in (hf.encoder, hf.decoder):  # as in real T5 checkpoints: one shared input embedding
+            stack.embed_tokens.weight.copy_(hf.shared.weight)
+    hf.save_pretrained(str(path))
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["v1.1-untied", "tied"])
+def test_t5_directory_imports_matches_and_exports_back(tie, tmp_path):
+    from meshforge.pretrain.checkpoint import load_model_weights
+    from meshforge.pretrain.generate import generate_seq2seq_ids
+    from safetensors.torch import load_file
+
+    _hf_t5_dir(tmp_path / "hf", tie)
+    import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
+    cfg = load_config(str(tmp_path / "init" / "model.toml"))
+    assert cfg.model.tie_embeddings == tie
+    ours = build_model(cfg.model)
+    load_model_weights(tmp_path / "init", ours)
+    ours.eval()
+    hf = hf_load(tmp_path / "hf", seq2seq=True)
+    src, mask = padded_batch(512)
+    tgt = torch.randint(4, 512, (2, 9))
+    with torch.no_grad():
+        theirs = hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
+        got = ours(src, tgt, mask.bool())
+    torch.testing.assert_close(got, theirs, rtol=1e-4, atol=1e-4)
+    mine = generate_seq2seq_ids(ours, src[0].tolist(), 32, start_id=0)
+    gen = transformers.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, decoder_start_token_id=0,
+                                        pad_token_id=0, use_cache=False)  # HF's cache breaks with more decoder layers
+    with torch.no_grad():
+        hf_out = hf.generate(src[:1], generation_config=gen)[0, 1:].tolist()
+    assert len(mine) == 32 and mine == hf_out
+
+    export_hf(tmp_path / "init", tmp_path / "hf2", log=lambda *_: None)
+    hf_load(tmp_path / "hf2", seq2seq=True)
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    for key, value in b.items():
+        assert torch.equal(value, a[key]), key
+    assert ("lm_head.weight" in b) == (not tie)
+
+
+@pytest.mark.parametrize("overrides, feature", [
+    ({"model.attn_scale": 0.0}, "attention scale"),
+    ({"model.n_kv_heads": 2}, "grouped-query attention"),
+    ({"model.position_encoding": "rope"}, "RoPE"),
+])
+def test_unrepresentable_t5_is_refused_before_writing(overrides, feature, tmp_path):
+    t5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", "model.ffn_activation": "gelu",
+          "model.attn_scale": 1.0, "model.n_kv_heads": 0, "model.qk_norm": False}
+    make_checkpoint(tmp_path / "ckpt", None, {**t5, **overrides})
+    with pytest.raises(ConvertError, match=feature):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", log=lambda *_: None)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_t5_checkpoint_exports_with_its_unigram_tokenizer(tmp_path, small_corpus):
+    from meshforge.tokenizers import load_tokenizer, train_tokenizer
+
+    spm = train_tokenizer([small_corpus], tmp_path / "t5tok", 500, preset="t5")
+    t5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", "model.ffn_activation": "gelu",
+          "model.attn_scale": 1.0, "model.n_kv_heads": 0, "model.qk_norm": False}
+    make_checkpoint(tmp_path / "ckpt", spm, t5)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", log=lambda *_: None)
+    hf_load(tmp_path / "hf", seq2seq=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "<extra_id_0> In the year  1601\n\tthere were <extra_id_1> plays."
+    ids = load_tokenizer(spm).encode(text)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok(text).input_ids == ids + [3]  # T5 appends </s> to encoder inputs, as meshforge's generation does
+    assert tok.decode(ids) == text

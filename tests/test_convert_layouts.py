@@ -1,0 +1,72 @@
+"""The same trained model, checkpointed under different layouts, exports to byte-identical safetensors.
+
+A single-process run trains a few steps. Each layout then starts a run from that checkpoint
+(``checkpoint.init_from``: weights only, fresh optimizer, step 0) with the learning rate at 0,
+so its one step leaves the weights bit-identical, and checkpoints them sharded its own way.
+Exporting that checkpoint (one CPU process, no process group) must give the same files as
+exporting the single-process one -- which also proves ``init_from`` loads under the layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from meshforge.convert.export import export_hf
+from meshforge.pretrain.checkpoint import find_checkpoint
+from parallel_harness import PARITY_ARGS, run_ranks
+
+DENSE = ("--model.tie_embeddings", "false")  # untied: pipeline parallel puts embedding and output on different stages
+MOE = ("--model.moe_experts", "4", "--model.moe_top_k", "2", "--model.qk_norm", "false")
+
+
+def _train(data, out, world, *extra):
+    run_ranks(world, ["train", *PARITY_ARGS, "--data.path", str(data), "--train.output_dir", str(out), *extra])
+    return find_checkpoint(out)
+
+
+def _export_bytes(ckpt, out) -> bytes:
+    export_hf(ckpt, out, max_shard_mb=1 << 20, log=lambda *_: None)
+    return (out / "model.safetensors").read_bytes()
+
+
+def _reexport_under(layout_world, layout_args, ref_ckpt, data, tmp_path, *model_args) -> bytes:
+    ckpt = _train(data, tmp_path / "layout", layout_world, *model_args, "--train.steps", "1", "--optim.lr", "0",
+                  "--checkpoint.init_from", str(ref_ckpt), *layout_args)
+    return _export_bytes(ckpt, tmp_path / "layout_hf")
+
+
+@pytest.fixture(scope="module")
+def dense_ref(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert_ref")
+    ckpt = _train(tiny_data, root / "run", 1, *DENSE, "--train.steps", "3")
+    return ckpt, _export_bytes(ckpt, root / "hf")
+
+
+@pytest.fixture(scope="module")
+def moe_ref(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert_moe_ref")
+    ckpt = _train(tiny_data, root / "run", 1, *MOE, "--train.steps", "3")
+    return ckpt, _export_bytes(ckpt, root / "hf")
+
+
+def test_fsdp2_checkpoint_from_init_exports_identically(dense_ref, tiny_data, tmp_path):
+    ref_ckpt, ref_bytes = dense_ref
+    got = _reexport_under(2, ("--parallel.dp_shard", "2"), ref_ckpt, tiny_data, tmp_path, *DENSE)
+    assert got == ref_bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, layout", [
+    (4, ("--parallel.tp", "2", "--parallel.dp_shard", "2")),
+    (2, ("--parallel.pp", "2")),
+    (2, ("--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", "3")),
+], ids=["tp2xdp2", "pp2", "zero3"])
+def test_layout_checkpoint_exports_identically(world, layout, dense_ref, tiny_data, tmp_path):
+    ref_ckpt, ref_bytes = dense_ref
+    assert _reexport_under(world, layout, ref_ckpt, tiny_data, tmp_path, *DENSE) == ref_bytes
+
+
+@pytest.mark.slow
+def test_ep2_moe_checkpoint_exports_identically(moe_ref, tiny_data, tmp_path):
+    ref_ckpt, ref_bytes = moe_ref
+    assert _reexport_under(2, ("--parallel.ep", "2"), ref_ckpt, tiny_data, tmp_path, *MOE) == ref_bytes
