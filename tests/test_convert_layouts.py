@@ -39,7 +39,7 @@ def _reexport_under(layout_world, layout_args, ref_ckpt, data, tmp_path, *model_
 def dense_ref(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("convert_ref")
     ckpt = _train(tiny_data, root / "run", 1, *DENSE, "--train.steps", "3")
-    return ckpt, _export_bytes(ckpt, root / "hf")
+    return ckpt, _export_bytes(ckpt, root / "hf")  # root/hf: ckpt.parent.parent.parent / "hf"
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,36 @@ def moe_ref(tiny_data, tmp_path_factory):
     return ckpt, _export_bytes(ckpt, root / "hf")
 
 
-def test_fsdp2_checkpoint_from_init_exports_identically(dense_ref, tiny_data, tmp_path):
+def test_fsdp2_run_from_imported_init_exports_identically(dense_ref, tiny_data, tmp_path):
+    """export -> import -> a 2-rank FSDP2 run from the imported init -> export: the same bytes; and
+    the run started from the trained weights (its first loss is the trained model's, step 0, fresh optimizer)."""
+    from meshforge.convert.import_ import import_hf
+    from meshforge.pretrain.metrics import read_metrics
+
     ref_ckpt, ref_bytes = dense_ref
-    got = _reexport_under(2, ("--parallel.dp_shard", "2"), ref_ckpt, tiny_data, tmp_path, *DENSE)
+    import_hf(ref_ckpt.parent.parent.parent / "hf", tmp_path / "init", log=lambda *_: None)
+    got = _reexport_under(2, ("--parallel.dp_shard", "2"), tmp_path / "init", tiny_data, tmp_path, *DENSE)
     assert got == ref_bytes
+    ref_losses = [r["loss"] for r in read_metrics(ref_ckpt.parent.parent) if "loss" in r]
+    init_losses = [r for r in read_metrics(tmp_path / "layout") if "loss" in r]
+    assert init_losses[0]["step"] == 1 and len(init_losses) == 1
+    assert init_losses[0]["loss"] < ref_losses[0] - 0.05  # the same first batch, on trained weights
+
+
+def test_init_from_that_does_not_fit_is_refused(dense_ref):
+    import torch
+
+    from meshforge.config import load_config
+    from meshforge.models import MODEL_SPECS
+    from meshforge.pretrain.checkpoint import CheckpointError, check_init
+
+    cfg = load_config("tiny-test", {"model.tie_embeddings": False, "model.dim": 96})
+    with torch.device("meta"):
+        model = MODEL_SPECS["decoder"].build(cfg.model)
+    with pytest.raises(CheckpointError, match="does not fit model config"):
+        check_init(dense_ref[0], model)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        check_init(dense_ref[0] / "nope", model)
 
 
 @pytest.mark.slow
