@@ -33,6 +33,9 @@ FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", {"model.qk_norm": True, "model.init_std": 0.1}),
     "mixtral": ("MixtralForCausalLM", {**DENSE, "model.moe_experts": 4, "model.moe_top_k": 2,
                                        "model.moe_ffn_dim": 32}),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", {"model.qk_norm": True, "model.init_std": 0.1, "model.moe_experts": 4,
+                                          "model.moe_top_k": 2, "model.moe_ffn_dim": 32, "model.moe_dense_layers": 1,
+                                          "model.moe_norm_topk": False}),
 }
 
 
@@ -122,6 +125,8 @@ def test_bf16_export_and_sharding(tiny_tokenizer, tmp_path):
     ({"model.moe_experts": 4, "model.moe_shared_experts": 1, "model.qk_norm": False}, "shared experts"),
     ({"model.moe_experts": 4, "model.moe_score": "sigmoid", "model.qk_norm": False}, "sigmoid routing"),
     ({"model.moe_experts": 4, "model.moe_capacity_factor": 1.25, "model.qk_norm": False}, "capacity"),
+    ({"model.moe_experts": 4, "model.moe_dense_layers": 1, "model.qk_norm": False}, "dense first layers"),
+    ({"model.moe_experts": 4, "model.moe_bias_update_rate": 0.01}, "routing bias"),
     ({"model.ffn_activation": "gelu"}, "ffn_activation"),
 ])
 def test_unrepresentable_decoder_is_refused_before_writing(overrides, feature, tmp_path):

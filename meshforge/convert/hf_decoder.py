@@ -5,6 +5,8 @@
     dense + qk_norm                            Qwen3ForCausalLM
     MoE, softmax top-k, renormalised, no       MixtralForCausalLM
       shared experts, no qk_norm
+    MoE, softmax top-k, no shared experts,     Qwen3MoeForCausalLM (``norm_topk_prob`` either
+      qk_norm                                    way, dense first layers as ``mlp_only_layers``)
 
 Why Qwen3 for qk-norm: meshforge normalises each head's query and key (RMSNorm over
 head_dim, one weight of size head_dim shared by the heads) before RoPE. Qwen3 does exactly
@@ -42,7 +44,8 @@ class Family:
 LLAMA = Family("llama", "LlamaForCausalLM", "llama")
 QWEN3 = Family("qwen3", "Qwen3ForCausalLM", "qwen3")
 MIXTRAL = Family("mixtral", "MixtralForCausalLM", "mixtral")
-FAMILIES = {f.architecture: f for f in (LLAMA, QWEN3, MIXTRAL)}
+QWEN3_MOE = Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe")
+FAMILIES = {f.architecture: f for f in (LLAMA, QWEN3, MIXTRAL, QWEN3_MOE)}
 
 
 def choose_family(m: ModelConfig) -> Family:
@@ -66,15 +69,18 @@ def choose_family(m: ModelConfig) -> Family:
                                      "class with meshforge's attention"),
         (m.moe_capacity_factor > 0, f"capacity dropping (model.moe_capacity_factor = {m.moe_capacity_factor}): HF "
                                     "MoE classes route dropless"),
-        (not m.moe_norm_topk, "un-normalised top-k weights (model.moe_norm_topk = false): Mixtral renormalises"),
-        (m.moe_dense_layers > 0, f"dense first layers (model.moe_dense_layers = {m.moe_dense_layers}): every "
-                                 "Mixtral layer is an MoE"),
-        (m.qk_norm, "qk-norm in an MoE model: Mixtral has no q/k norm"),
     ]
+    if not m.qk_norm:  # Mixtral; Qwen3-MoE would add the q/k norms meshforge does not have
+        refusals += [
+            (not m.moe_norm_topk, "un-normalised top-k weights (model.moe_norm_topk = false) without qk-norm: "
+                                  "Mixtral renormalises, Qwen3-MoE has qk-norm"),
+            (m.moe_dense_layers > 0, f"dense first layers (model.moe_dense_layers = {m.moe_dense_layers}) without "
+                                     "qk-norm: every Mixtral layer is an MoE, Qwen3-MoE has qk-norm"),
+        ]
     for refused, why in refusals:
         if refused:
             raise ConvertError(f"cannot export to Hugging Face: {why}")
-    return MIXTRAL
+    return QWEN3_MOE if m.qk_norm else MIXTRAL
 
 
 def hf_config(m: ModelConfig, family: Family, token_ids: dict[str, int], dtype: str):
@@ -93,6 +99,13 @@ def hf_config(m: ModelConfig, family: Family, token_ids: dict[str, int], dtype: 
     elif family is QWEN3:
         cfg = transformers.Qwen3Config(intermediate_size=m.hidden_dim, attention_bias=False, use_sliding_window=False,
                                        sliding_window=None, **common)
+    elif family is QWEN3_MOE:
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=m.hidden_dim, moe_intermediate_size=m.expert_dim,
+                                          num_experts=m.moe_experts, num_experts_per_tok=m.moe_top_k,
+                                          norm_topk_prob=m.moe_norm_topk, decoder_sparse_step=1,
+                                          mlp_only_layers=list(range(m.moe_dense_layers)), attention_bias=False,
+                                          use_sliding_window=False, sliding_window=None, output_router_logits=False,
+                                          router_aux_loss_coef=m.moe_aux_loss_coef, **common)
     else:
         cfg = transformers.MixtralConfig(intermediate_size=m.expert_dim, num_local_experts=m.moe_experts,
                                          num_experts_per_tok=m.moe_top_k, sliding_window=None, router_jitter_noise=0.0,
@@ -134,12 +147,21 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
         n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
         ffn_dim=hf.intermediate_size, max_seq_len=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 1e4)),
         norm_eps=hf.rms_norm_eps, tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        qk_norm=family is QWEN3, ffn_activation="silu", attn_scale=0.0,
+        qk_norm=family in (QWEN3, QWEN3_MOE), ffn_activation="silu", attn_scale=0.0,
     )
     if family is MIXTRAL:
         kw.update(moe_experts=hf.num_local_experts, moe_top_k=hf.num_experts_per_tok, moe_ffn_dim=hf.intermediate_size,
                   moe_score="softmax", moe_norm_topk=True, moe_capacity_factor=0.0, moe_shared_experts=0,
                   moe_dense_layers=0, moe_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.01)))
+    if family is QWEN3_MOE:
+        dense = list(_get(hf, "mlp_only_layers") or [])
+        if dense != list(range(len(dense))) or (_get(hf, "decoder_sparse_step") or 1) != 1:
+            raise ConvertError(f"cannot import {arch}: dense layers {dense} / decoder_sparse_step "
+                               f"{_get(hf, 'decoder_sparse_step')} (meshforge keeps dense layers only first)")
+        kw.update(moe_experts=hf.num_experts, moe_top_k=hf.num_experts_per_tok, moe_ffn_dim=hf.moe_intermediate_size,
+                  moe_score="softmax", moe_norm_topk=bool(hf.norm_topk_prob), moe_capacity_factor=0.0,
+                  moe_shared_experts=0, moe_dense_layers=len(dense),
+                  moe_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.01)))
     return ModelConfig(**kw), family
 
 
@@ -153,7 +175,12 @@ def name_map(m: ModelConfig, family: Family) -> list[tuple[str, str, int | None]
         if m.qk_norm:
             out += [(f"{h}.self_attn.{p}_norm.weight", f"{g}.attention.{p}_norm.weight", None) for p in "qk"]
         out.append((f"{h}.post_attention_layernorm.weight", f"{g}.ffn_norm.weight", None))
-        if m.is_moe_layer(i):
+        if m.is_moe_layer(i) and family is QWEN3_MOE:
+            out.append((f"{h}.mlp.gate.weight", f"{g}.feed_forward.router.weight", None))
+            for e in range(m.moe_experts):
+                out += [(f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)
+                        for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+        elif m.is_moe_layer(i):
             out.append((f"{h}.block_sparse_moe.gate.weight", f"{g}.feed_forward.router.weight", None))
             for e in range(m.moe_experts):
                 out += [(f"{h}.block_sparse_moe.experts.{e}.{w}.weight", f"{g}.feed_forward.experts.{w}", e)
