@@ -42,6 +42,8 @@ def test_grow_stacks_the_trained_layers_and_trains(small_run, tiny_data, tmp_pat
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, grown.get(name)), name
     trainer.metrics.close()
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "grown"), "--prompt", "ROMEO:",
+                     "--max-new-tokens", "4"]) == 0  # an init dir is a checkpoint to `meshforge generate` too
     result = Trainer(load_config(str(tmp_path / "grown" / "model.toml"),
                                  {**over, "train.output_dir": str(tmp_path / "b")})).run()
     assert result.final_step == 4 and result.losses[-1] < result.losses[0]

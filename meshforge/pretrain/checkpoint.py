@@ -79,6 +79,12 @@ def is_complete(path: Path) -> bool:
     return bool(CHECKPOINT_RE.match(path.name)) and (path / "meta.json").is_file() and (path / ".metadata").is_file()
 
 
+def is_init_dir(path: Path) -> bool:
+    """A complete weights directory under another name: ``meshforge convert import`` / ``grow`` output."""
+    return (not path.name.endswith(".tmp") and not CHECKPOINT_RE.match(path.name) and (path / "meta.json").is_file()
+            and (path / ".metadata").is_file())
+
+
 def _retire(path: Path) -> Path:
     """Rename a complete checkpoint out of the way before deleting it (one atomic rename), so a kill
     during the deletion leaves a ``*.tmp`` directory, never a half-deleted ``step_N`` that looks complete."""
@@ -105,9 +111,9 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a checkpoint, else the newest checkpoint under an output dir."""
+    """``path`` itself if it is a checkpoint (or an init dir), else the newest checkpoint under an output dir."""
     p = Path(path)
-    if is_complete(p):
+    if is_complete(p) or is_init_dir(p):
         return p
     for root in (p / "checkpoints", p):
         found = list_checkpoints(root)
