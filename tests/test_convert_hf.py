@@ -36,6 +36,9 @@ FAMILIES = {
     "qwen3-moe": ("Qwen3MoeForCausalLM", {"model.qk_norm": True, "model.init_std": 0.1, "model.moe_experts": 4,
                                           "model.moe_top_k": 2, "model.moe_ffn_dim": 32, "model.moe_dense_layers": 1,
                                           "model.moe_norm_topk": False}),
+    "glm4-moe": ("Glm4MoeForCausalLM", {**DENSE, "model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_dim": 32,
+                                        "model.moe_score": "sigmoid", "model.moe_shared_experts": 1,
+                                        "model.moe_dense_layers": 1, "model.moe_bias_update_rate": 0.01}),
 }
 
 
@@ -44,6 +47,10 @@ def make_checkpoint(path: Path, tokenizer: Path | None, overrides: dict, seed: i
     cfg = load_config("tiny-test", overrides)
     torch.manual_seed(seed)
     model = build_model(cfg.model)
+    if cfg.model.moe_bias_update_rate:  # a routing bias as aux-loss-free balancing would have moved it
+        for name, buf in model.named_buffers():
+            if name.endswith("route_bias"):
+                buf.normal_(0, 0.2)
     write_init_checkpoint(path, cfg, dict(model.state_dict()), {}, tokenizer)
     return cfg, model.eval()
 
@@ -99,7 +106,7 @@ def test_export_loads_in_hf_matches_and_imports_back(name, tiny_tokenizer, tmp_p
     for key in a.entries:
         assert torch.equal(a.get(key), b.get(key)), key
     back = load_config(str(tmp_path / "back" / "model.toml")).model
-    training_only = ("ffn_dim", "ffn_multiple_of", "init_std", "moe_aux_loss_coef", "moe_z_loss_coef")
+    training_only = ("ffn_dim", "ffn_multiple_of", "init_std", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate")
     assert {k: v for k, v in vars(back).items() if k not in training_only} == \
         {k: v for k, v in vars(cfg.model).items() if k not in training_only}
 
@@ -122,8 +129,8 @@ def test_bf16_export_and_sharding(tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("overrides, feature", [
     ({"model.attn_scale": 0.5}, "attn_scale"),
-    ({"model.moe_experts": 4, "model.moe_shared_experts": 1, "model.qk_norm": False}, "shared experts"),
-    ({"model.moe_experts": 4, "model.moe_score": "sigmoid", "model.qk_norm": False}, "sigmoid routing"),
+    ({"model.moe_experts": 4, "model.moe_shared_experts": 1, "model.qk_norm": False}, "shared experts with softmax"),
+    ({"model.moe_experts": 4, "model.moe_score": "sigmoid", "model.qk_norm": False}, "sigmoid routing without shared"),
     ({"model.moe_experts": 4, "model.moe_capacity_factor": 1.25, "model.qk_norm": False}, "capacity"),
     ({"model.moe_experts": 4, "model.moe_dense_layers": 1, "model.qk_norm": False}, "dense first layers"),
     ({"model.moe_experts": 4, "model.moe_bias_update_rate": 0.01}, "routing bias"),

@@ -78,7 +78,9 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
         config = hf_decoder.hf_config(m, family, token_ids(tok_file if tok_file.is_file() else None), dtype=
                                       {"fp32": "float32", "bf16": "bfloat16"}[dtype])
         mapping = hf_decoder.name_map(m, family)
-        nonzero = [n for n in hf_decoder.routing_biases(m) if n in reader.entries and reader.get(n).abs().max() > 0]
+        mapped = {ours for _, ours, _ in mapping}
+        nonzero = [n for n in hf_decoder.routing_biases(m)
+                   if n not in mapped and n in reader.entries and reader.get(n).abs().max() > 0]
         if nonzero:
             raise ConvertError(f"cannot export to Hugging Face: the routing bias {nonzero[0]} is not zero (aux-loss-free "
                                "balancing); HF MoE classes have no routing bias")
@@ -89,8 +91,9 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     if tok_file.is_file():
         check_vocab(tok_file, m.vocab_size)
     target = EXPORT_DTYPES[dtype]
+    keep = {n for n in hf_decoder.routing_biases(m)} if m.family == "decoder" else set()  # HF keeps them fp32
     planned = [PlannedTensor(hf, reader.shape(ours)[1:] if e is not None else reader.shape(ours),
-                             target if reader.dtype(ours).is_floating_point else reader.dtype(ours))
+                             target if reader.dtype(ours).is_floating_point and ours not in keep else reader.dtype(ours))
                for hf, ours, e in mapping]
     shards = plan_shards(planned, max_shard_mb * 2**20)
     names = shard_names(len(shards))

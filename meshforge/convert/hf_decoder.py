@@ -7,6 +7,8 @@
       shared experts, no qk_norm
     MoE, softmax top-k, no shared experts,     Qwen3MoeForCausalLM (``norm_topk_prob`` either
       qk_norm                                    way, dense first layers as ``mlp_only_layers``)
+    MoE, sigmoid routing (+ bias), shared      Glm4MoeForCausalLM (one expert group, full
+      experts (DeepSeek-V3 style)                rotary, routed_scaling_factor 1, q/k norm if any)
 
 Why Qwen3 for qk-norm: meshforge normalises each head's query and key (RMSNorm over
 head_dim, one weight of size head_dim shared by the heads) before RoPE. Qwen3 does exactly
@@ -20,10 +22,16 @@ routing bias. Mixtral files keep the per-expert names (``block_sparse_moe.expert
 what published Mixtral checkpoints and ``save_pretrained`` write); meshforge stacks the
 experts in one ``[E, ...]`` tensor per projection, so each expert is one slice.
 
-Anything else is refused by :func:`choose_family` with the feature named: a shared expert
-(Qwen2-MoE gates its shared expert with a sigmoid; DeepSeek-V3 uses multi-head latent
-attention), sigmoid routing or a routing bias, capacity dropping, dense first layers in an
-MoE, a non-default attention scale, a GELU feed-forward.
+DeepSeek-V3-style routing (sigmoid scores, a per-expert bias added only to choose the
+experts, ungated shared experts, dense first layers) is exactly GLM-4.5's MoE
+(``Glm4MoeForCausalLM``, with standard grouped-query attention and optional per-head q/k
+norm) when it uses one expert group, full rotary and no output scaling; DeepSeek-V3's own
+class uses latent attention, which meshforge does not have.
+
+Anything else is refused by :func:`choose_family` with the feature named: softmax routing
+with shared experts (Qwen2-MoE gates its shared expert with a sigmoid) or with a routing
+bias, sigmoid routing without shared experts, capacity dropping, dense first layers or
+un-normalised weights in an MoE without qk-norm, another attention scale, a GELU feed-forward.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ LLAMA = Family("llama", "LlamaForCausalLM", "llama")
 QWEN3 = Family("qwen3", "Qwen3ForCausalLM", "qwen3")
 MIXTRAL = Family("mixtral", "MixtralForCausalLM", "mixtral")
 QWEN3_MOE = Family("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe")
-FAMILIES = {f.architecture: f for f in (LLAMA, QWEN3, MIXTRAL, QWEN3_MOE)}
+GLM4_MOE = Family("glm4_moe", "Glm4MoeForCausalLM", "glm4_moe")
+FAMILIES = {f.architecture: f for f in (LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, GLM4_MOE)}
 
 
 def choose_family(m: ModelConfig) -> Family:
@@ -59,16 +68,19 @@ def choose_family(m: ModelConfig) -> Family:
                            f"1/sqrt(head_dim) = {m.head_dim**-0.5:.6g}")
     if not m.moe_experts:
         return QWEN3 if m.qk_norm else LLAMA
+    if m.moe_capacity_factor > 0:
+        raise ConvertError(f"cannot export to Hugging Face: capacity dropping (model.moe_capacity_factor = "
+                           f"{m.moe_capacity_factor}): HF MoE classes route dropless")
+    if m.moe_score == "sigmoid":
+        if not m.moe_shared_experts:
+            raise ConvertError("cannot export to Hugging Face: sigmoid routing without shared experts (the HF class "
+                               "with meshforge's sigmoid routing, Glm4Moe, always has a shared expert)")
+        return GLM4_MOE
     refusals = [
-        (m.moe_shared_experts > 0, f"shared experts (model.moe_shared_experts = {m.moe_shared_experts}): Qwen2-MoE "
-                                   "gates its shared expert with a sigmoid and DeepSeek-V3 uses latent attention, so no "
-                                   "HF class computes meshforge's ungated shared expert with this attention"),
-        (m.moe_score != "softmax", f"sigmoid routing (model.moe_score = {m.moe_score!r}) has no HF class with "
-                                   "meshforge's attention"),
-        (m.moe_bias_update_rate > 0, "the aux-loss-free routing bias (model.moe_bias_update_rate > 0) has no HF "
-                                     "class with meshforge's attention"),
-        (m.moe_capacity_factor > 0, f"capacity dropping (model.moe_capacity_factor = {m.moe_capacity_factor}): HF "
-                                    "MoE classes route dropless"),
+        (m.moe_shared_experts > 0, f"shared experts with softmax routing (model.moe_shared_experts = "
+                                   f"{m.moe_shared_experts}): Qwen2-MoE gates its shared expert with a sigmoid"),
+        (m.moe_bias_update_rate > 0, "the aux-loss-free routing bias (model.moe_bias_update_rate > 0) with softmax "
+                                     "routing: no HF softmax-routed class has a routing bias"),
     ]
     if not m.qk_norm:  # Mixtral; Qwen3-MoE would add the q/k norms meshforge does not have
         refusals += [
@@ -106,6 +118,13 @@ def hf_config(m: ModelConfig, family: Family, token_ids: dict[str, int], dtype: 
                                           mlp_only_layers=list(range(m.moe_dense_layers)), attention_bias=False,
                                           use_sliding_window=False, sliding_window=None, output_router_logits=False,
                                           router_aux_loss_coef=m.moe_aux_loss_coef, **common)
+    elif family is GLM4_MOE:
+        common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
+        cfg = transformers.Glm4MoeConfig(intermediate_size=m.hidden_dim, moe_intermediate_size=m.expert_dim,
+                                         n_routed_experts=m.moe_experts, num_experts_per_tok=m.moe_top_k,
+                                         n_shared_experts=m.moe_shared_experts, first_k_dense_replace=m.moe_dense_layers,
+                                         norm_topk_prob=m.moe_norm_topk, routed_scaling_factor=1.0, n_group=1,
+                                         topk_group=1, use_qk_norm=m.qk_norm, attention_bias=False, **common)
     else:
         cfg = transformers.MixtralConfig(intermediate_size=m.expert_dim, num_local_experts=m.moe_experts,
                                          num_experts_per_tok=m.moe_top_k, sliding_window=None, router_jitter_noise=0.0,
@@ -132,6 +151,10 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
         (bool(_get(hf, "attention_bias")), "attention_bias = true (meshforge projections have no bias)"),
         (bool(_get(hf, "mlp_bias")), "mlp_bias = true (meshforge projections have no bias)"),
         (rope.get("rope_type", "default") != "default", f"RoPE scaling rope_type = {rope.get('rope_type')!r}"),
+        (rope.get("partial_rotary_factor", 1.0) != 1.0, f"partial rotary ({rope.get('partial_rotary_factor')})"),
+        (family is GLM4_MOE and (_get(hf, "topk_group") != _get(hf, "n_group") or _get(hf, "routed_scaling_factor") != 1.0
+                                 or not _get(hf, "n_shared_experts")),
+         "group-limited routing, routed_scaling_factor != 1 or no shared expert"),
         (head_dim * hf.num_attention_heads != hf.hidden_size,
          f"head_dim = {head_dim} with {hf.num_attention_heads} heads != hidden_size {hf.hidden_size}"),
         ((_get(hf, "pretraining_tp") or 1) != 1, "pretraining_tp != 1"),
@@ -147,7 +170,7 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
         n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
         ffn_dim=hf.intermediate_size, max_seq_len=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 1e4)),
         norm_eps=hf.rms_norm_eps, tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        qk_norm=family in (QWEN3, QWEN3_MOE), ffn_activation="silu", attn_scale=0.0,
+        qk_norm=family in (QWEN3, QWEN3_MOE) or bool(_get(hf, "use_qk_norm")), ffn_activation="silu", attn_scale=0.0,
     )
     if family is MIXTRAL:
         kw.update(moe_experts=hf.num_local_experts, moe_top_k=hf.num_experts_per_tok, moe_ffn_dim=hf.intermediate_size,
@@ -162,6 +185,10 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
                   moe_score="softmax", moe_norm_topk=bool(hf.norm_topk_prob), moe_capacity_factor=0.0,
                   moe_shared_experts=0, moe_dense_layers=len(dense),
                   moe_aux_loss_coef=float(_get(hf, "router_aux_loss_coef", 0.01)))
+    if family is GLM4_MOE:
+        kw.update(moe_experts=hf.n_routed_experts, moe_top_k=hf.num_experts_per_tok, moe_ffn_dim=hf.moe_intermediate_size,
+                  moe_score="sigmoid", moe_norm_topk=bool(hf.norm_topk_prob), moe_capacity_factor=0.0,
+                  moe_shared_experts=hf.n_shared_experts, moe_dense_layers=hf.first_k_dense_replace)
     return ModelConfig(**kw), family
 
 
@@ -175,7 +202,15 @@ def name_map(m: ModelConfig, family: Family) -> list[tuple[str, str, int | None]
         if m.qk_norm:
             out += [(f"{h}.self_attn.{p}_norm.weight", f"{g}.attention.{p}_norm.weight", None) for p in "qk"]
         out.append((f"{h}.post_attention_layernorm.weight", f"{g}.ffn_norm.weight", None))
-        if m.is_moe_layer(i) and family is QWEN3_MOE:
+        if m.is_moe_layer(i) and family is GLM4_MOE:
+            out += [(f"{h}.mlp.gate.weight", f"{g}.feed_forward.router.weight", None),
+                    (f"{h}.mlp.gate.e_score_correction_bias", f"{g}.feed_forward.route_bias", None)]
+            for e in range(m.moe_experts):
+                out += [(f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)
+                        for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+            out += [(f"{h}.mlp.shared_experts.{p}.weight", f"{g}.feed_forward.shared.{w}.weight", None)
+                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+        elif m.is_moe_layer(i) and family is QWEN3_MOE:
             out.append((f"{h}.mlp.gate.weight", f"{g}.feed_forward.router.weight", None))
             for e in range(m.moe_experts):
                 out += [(f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)

@@ -98,7 +98,7 @@ def _decoder_state(files: SafetensorsDir, m: ModelConfig, pairs) -> dict[str, to
     for ours, by_index in experts.items():
         state[ours] = torch.stack([by_index[e] for e in range(m.moe_experts)])
     for name in hf_decoder.routing_biases(m):
-        state[name] = torch.zeros(m.moe_experts)
+        state.setdefault(name, torch.zeros(m.moe_experts))
     return state
 
 
