@@ -26,7 +26,13 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.help_config:
         print(describe(load_config(args.config, rest)))
         return 0
-    cfg = load_config(args.config, rest)
+    try:
+        cfg = load_config(args.config, rest)
+    except MeshforgeError as e:  # every rank of a job reads the same bad config: print it once
+        from .launch.setup import share_early_failure
+
+        share_early_failure(e)
+        raise
     from .pretrain.trainer import train
 
     result = train(cfg)

@@ -121,6 +121,18 @@ def check_in(store, env: DistEnv, timeout_s: float) -> None:
         arrived = store.add(f"{p}joined", 0)
 
 
+def share_early_failure(error: MeshforgeError) -> None:
+    """:func:`share_failure` for an error met before the job knows its place (a bad config):
+    find this rank's place first; when even that fails, the error is printed where it happened."""
+    from .env import discover
+
+    try:
+        env = discover()
+    except Exception:
+        return
+    share_failure(error, env, during_setup=True)
+
+
 def share_failure(error: MeshforgeError, env: DistEnv, during_setup: bool, timeout_s: float = 30.0) -> None:
     """Report ``error`` through the store so the job prints it once (see the module docs).
 
