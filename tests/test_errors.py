@@ -224,3 +224,34 @@ def test_token_ids_beyond_the_model_vocabulary_fail_before_any_output(layout, ti
     fails(capsys, train_args(data, out, *QUICK, *extra), "holds token id 700, beyond the model's vocabulary "
           "(model.vocab_size = 512")
     assert not out.exists()
+
+
+def test_an_internal_error_keeps_its_traceback_under_a_line_naming_the_rank(tiny_data, tmp_path, capsys,
+                                                                             monkeypatch):
+    import meshforge.pretrain.trainer as trainer
+
+    def broken(cfg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(trainer, "train", broken)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(KeyError, match="a bug"):
+        cli_main(train_args(tiny_data, tmp_path / "run"))
+    assert capsys.readouterr().err == "meshforge: internal error on rank 1 of 2 (a bug in meshforge; its traceback follows)\n"
+
+
+def test_deepspeed_cpu_adam_says_it_may_compile_before_it_starts(capsys, monkeypatch):
+    pytest.importorskip("deepspeed")
+    import deepspeed
+
+    from meshforge.parallel import deepspeed_engine as ds
+
+    order = []
+    monkeypatch.setattr(ds, "_prepare_runtime", lambda device: None)
+    monkeypatch.setattr(ds, "_offload_optimizer", lambda opt: order.append(capsys.readouterr().out) or opt)
+    monkeypatch.setattr(deepspeed, "initialize", lambda **k: (k["model"], None, None, None))
+    model = torch.nn.Linear(2, 2)
+    cfg = load_config("tiny-test", {"parallel.dp_backend": "deepspeed", "parallel.offload_optimizer": "cpu"})
+    ds.build_deepspeed_engine(model, torch.optim.AdamW(model.parameters()), cfg, 1, torch.device("cpu"))
+    assert len(order) == 1 and "compiles it, which takes about 2 minutes" in order[0]

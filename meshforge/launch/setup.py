@@ -41,6 +41,9 @@ class SetupError(MeshforgeError):
 POLL_S = 0.1
 REPORT_GRACE_S = 5.0
 """How long rank 0, failing during setup, waits for the other ranks' reports (they usually fail alike)."""
+RUN_REPORT_GRACE_S = 2.0
+"""The same wait for an error in the training loop (a diverged run, a full disk: every rank meets it at
+once); none for a failed collective, whose peer is dead or stalled and will not report."""
 
 
 def _prefix() -> str:
@@ -154,7 +157,10 @@ def share_failure(error: MeshforgeError, env: DistEnv, during_setup: bool, timeo
         if env.rank != 0:
             error.reported_elsewhere = True
             return
-        deadline = time.monotonic() + (REPORT_GRACE_S if during_setup else 0.0)
+        from ..pretrain.faults import CollectiveError
+
+        grace = REPORT_GRACE_S if during_setup else 0.0 if isinstance(error, CollectiveError) else RUN_REPORT_GRACE_S
+        deadline = time.monotonic() + grace
         while store.add(f"{p}settled", 0) < env.world_size and time.monotonic() < deadline:
             time.sleep(POLL_S)  # the others usually fail alike, a moment later: one report for all
         failures = _failures(store, env.world_size)

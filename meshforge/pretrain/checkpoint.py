@@ -38,7 +38,6 @@ import random
 import re
 import shutil
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import MeshforgeError
 
-from .checkpoint_files import damage, file_records
+from .checkpoint_files import file_records, unreadable, verify_checkpoint
 from .output_dir import find_os_error, storage_error
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
@@ -118,41 +117,6 @@ def read_meta(path: Path) -> dict[str, Any]:
         return meta
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e})") from None
-
-
-def intact_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints whose files match their meta.json, oldest first."""
-    good = []
-    for p in list_checkpoints(ckpt_root):
-        try:
-            if damage(p, read_meta(p)) is None:
-                good.append(p)
-        except CheckpointError:
-            pass
-    return good
-
-
-def verify_checkpoint(ckpt: Path, how_to_pick: str) -> dict[str, Any]:
-    """meta.json of ``ckpt`` after checking its files; CheckpointError naming the damage otherwise.
-
-    ``how_to_pick`` completes "use another checkpoint with ...", e.g. ``--checkpoint.resume_from DIR``.
-    """
-    try:
-        meta = read_meta(ckpt)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}{_pick_hint(ckpt, how_to_pick)}") from None
-    bad = damage(ckpt, meta)
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {ckpt} is damaged: {bad}{_pick_hint(ckpt, how_to_pick)}")
-    return meta
-
-
-def _pick_hint(ckpt: Path, how_to_pick: str) -> str:
-    others = [p for p in intact_checkpoints(ckpt.parent) if p != ckpt]
-    if not others:
-        return f"; no intact checkpoint is left in {ckpt.parent} (move the damaged one away to start over)"
-    return (f"; intact: {', '.join(p.name for p in others)}: use one with {how_to_pick.replace('DIR', str(others[-1]))}"
-            f" (or move {ckpt.name} away)")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -403,7 +367,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     engine=None) -> dict:
     """Load model + optimizer (any saved layout; a DeepSpeed ``engine``: the same layout) and this rank's RNG; return meta.json."""
     meta = read_meta(path)
-    with _unreadable(path, "--checkpoint.resume_from DIR"):
+    with unreadable(path, "--checkpoint.resume_from DIR"):
         if engine is not None:
             from ..parallel.deepspeed_engine import load_engine
 
@@ -417,29 +381,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
-
-
-@contextmanager
-def _unreadable(path: Path, how_to_pick: str):
-    """A file of the checkpoint that cannot be read (garbage a size check could not see): a
-    CheckpointError naming the checkpoint and the intact ones. A peer's failure stays what it is."""
-    from .faults import is_collective_failure
-
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except (Exception, CheckpointException) as e:
-        inner = e
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict) and failures:
-            first = next(iter(failures.values()))
-            inner = first[0] if isinstance(first, tuple) else first
-        if isinstance(inner, BaseException) and is_collective_failure(inner):
-            raise
-        reason = str(inner).strip().splitlines()[-1] if str(inner).strip() else type(inner).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(inner).__name__}: {reason[:300]})"
-                              f"{_pick_hint(path, how_to_pick)}") from e
 
 
 def check_resume_backend(path: Path | None, dp_backend: str, zero_stage: int, world_size: int) -> None:
@@ -472,6 +413,6 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint (for generation or evaluation)."""
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
-    with _unreadable(path, "--checkpoint DIR"):  # DCP raises several types for missing/mismatched/garbled entries
+    with unreadable(path, "--checkpoint DIR"):  # DCP raises several types for missing/mismatched/garbled entries
         dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
