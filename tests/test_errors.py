@@ -255,3 +255,14 @@ def test_deepspeed_cpu_adam_says_it_may_compile_before_it_starts(capsys, monkeyp
     cfg = load_config("tiny-test", {"parallel.dp_backend": "deepspeed", "parallel.offload_optimizer": "cpu"})
     ds.build_deepspeed_engine(model, torch.optim.AdamW(model.parameters()), cfg, 1, torch.device("cpu"))
     assert len(order) == 1 and "compiles it, which takes about 2 minutes" in order[0]
+
+
+def test_a_run_written_before_a_model_field_existed_still_resumes(two_checkpoints, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    for ckpt in list_checkpoints(out / "checkpoints"):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        del meta["identity"]["model.vocab_multiple_of"]  # as written before the field was added
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert cli_main(train_args(tiny_data, out, *QUICK[:1], "6", *QUICK[2:])) == 0
+    assert "resuming from" in capsys.readouterr().out

@@ -196,6 +196,10 @@ class Checkpointer:
         if latest is None:
             return None
         theirs = verify_checkpoint(latest, pick).get("identity", {})
+        from ..config import JobConfig, run_identity
+
+        defaults = run_identity(JobConfig())  # a key added since that run was written: it had the default
+        theirs = {k: theirs.get(k, defaults.get(k)) for k in identity}
         diff = [f"{k}: {theirs.get(k)!r} there vs {v!r} here" for k, v in identity.items() if theirs.get(k) != v]
         if diff:
             raise CheckpointError(
