@@ -5,33 +5,34 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, describe, load_config
+from .config import describe, load_config
+from .errors import MeshforgeError
 
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from .data_pipeline.errors import DataError
-    from .pretrain.checkpoint import CheckpointError
-    from .pretrain.faults import TrainingDiverged
-    from .tokenizers import TokenizerError
+def _where() -> str:
+    """``rank R of N`` in a multi-process job (from the launcher's variables), else ``this process``."""
+    import os
 
-    from .convert.safetensors_io import ConvertError
-
-    return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged, ConvertError)
-
-
-def _job_failures() -> tuple[type[Exception], ...]:
-    """Failures of the job rather than of its input: one line and exit status 1, not a traceback."""
-    from .pretrain.faults import CollectiveError
-
-    return (CollectiveError,)
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                               ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE")):
+        rank, size = os.environ.get(rank_var, ""), os.environ.get(size_var, "")
+        if rank.strip().isdigit() and size.strip().isdigit() and int(size) > 1:
+            return f"rank {int(rank)} of {int(size)}"
+    return "this process"
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.help_config:
         print(describe(load_config(args.config, rest)))
         return 0
-    cfg = load_config(args.config, rest)
+    try:
+        cfg = load_config(args.config, rest)
+    except MeshforgeError as e:  # every rank of a job reads the same bad config: print it once
+        from .launch.setup import share_early_failure
+
+        share_early_failure(e)
+        raise
     from .pretrain.trainer import train
 
     result = train(cfg)
@@ -230,13 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)
-    except _user_errors() as e:
-        print(f"meshforge: error: {e}", file=sys.stderr)
-        return 2
-    except _job_failures() as e:
-        print(f"meshforge: error: {e}", file=sys.stderr)
-        return 1
-
+    except MeshforgeError as e:  # bad input or a failed job: one line, no traceback
+        if not getattr(e, "reported_elsewhere", False):  # in a multi-rank job, rank 0 may speak for all
+            print(f"meshforge: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
+    except Exception:  # a bug: keep the traceback, but say where it happened
+        print(f"meshforge: internal error on {_where()} (a bug in meshforge; its traceback follows)",
+              file=sys.stderr, flush=True)
+        raise
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import tomllib
 import types
 import typing
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import MeshforgeError
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 """Where named presets (``--config small``) are looked up."""
 
 
-class ConfigError(ValueError):
+class ConfigError(MeshforgeError, ValueError):
     """A config that cannot run: unknown key, wrong type, or inconsistent values."""
 
 
@@ -38,7 +41,9 @@ class ModelConfig:
     family: str = "decoder"
     """Model family from the registry in ``meshforge.models``: ``decoder`` or ``encoder_decoder`` (T5-style)."""
     vocab_size: int = 2048
-    """Size of the embedding/output vocabulary; must be at least the tokenizer's vocab size."""
+    """Size of the embedding/output vocabulary; must be at least the tokenizer's vocab size (ids the tokenizer lacks are never sampled). 0 means the tokenizer's size rounded up to ``vocab_multiple_of``."""
+    vocab_multiple_of: int = 64
+    """With ``vocab_size = 0``: round the tokenizer's size up to a multiple of this (64 keeps the embedding and output matmuls on fast tensor-core shapes and divides by common tensor-parallel degrees); 1 means no padding."""
     dim: int = 192
     """Width of the residual stream."""
     n_layers: int = 4
@@ -264,6 +269,8 @@ class TrainConfig:
     """Flag (log) a loss more than this many standard deviations above the mean of the last 50 steps; 0 turns it off."""
     collective_timeout_s: float = 600.0
     """Timeout of every collective: a rank that died or hangs makes the others fail with an error naming the operation instead of waiting forever."""
+    setup_timeout_s: float = 300.0
+    """How long the ranks wait for each other to start (the check-in before the process group). A rank that fails while starting stops the others at once, with its message; this bounds the wait for one that dies without a word."""
 
 
 @dataclass
@@ -274,6 +281,8 @@ class CheckpointConfig:
     """Keep this many newest checkpoints; older ones are deleted after a newer one is complete."""
     resume: bool = True
     """Resume automatically from the newest complete checkpoint in the output dir."""
+    resume_from: str = ""
+    """Resume from this checkpoint directory (e.g. ``runs/x/checkpoints/step_00000200``) instead of the newest one, e.g. when the newest is damaged; it must belong to this output dir's run. Newer checkpoints are replaced as the run reaches their steps again."""
     async_save: bool = False
     """Write checkpoints in a background thread: the step waits only while the state is copied to CPU memory (pinned on GPU), training continues during the write, and the checkpoint appears (atomically, as with synchronous saves) once written. Costs one CPU copy of the model and optimizer state. The DeepSpeed backend always saves synchronously."""
     init_from: str = ""
@@ -512,7 +521,7 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
     m, t, d = cfg.model, cfg.train, cfg.data
     positive = {
-        "model.vocab_size": m.vocab_size, "model.dim": m.dim, "model.n_layers": m.n_layers,
+        "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size, "checkpoint.keep_last": cfg.checkpoint.keep_last,
@@ -521,7 +530,7 @@ def validate(cfg: JobConfig) -> None:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     non_negative = {
-        "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "model.vocab_size": m.vocab_size, "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip, "train.eval_interval": t.eval_interval,
         "train.z_loss_coef": t.z_loss_coef, "checkpoint.interval": cfg.checkpoint.interval,
         "logging.log_interval": cfg.logging.log_interval, "train.sample_tokens": t.sample_tokens,
@@ -529,6 +538,10 @@ def validate(cfg: JobConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    _check_finite(cfg)
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
+    _check_backend_options(cfg.parallel)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")
     if m.head_dim % 2:
@@ -585,12 +598,46 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0")
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
-    if t.max_nonfinite_steps < 1 or t.spike_sigmas < 0 or t.collective_timeout_s <= 0:
+    if t.max_nonfinite_steps < 1 or t.spike_sigmas < 0 or t.collective_timeout_s <= 0 or t.setup_timeout_s <= 0:
         raise ConfigError(f"train.max_nonfinite_steps must be >= 1, train.spike_sigmas >= 0 and "
-                          f"train.collective_timeout_s > 0 (got {t.max_nonfinite_steps}, {t.spike_sigmas}, "
-                          f"{t.collective_timeout_s})")
+                          f"train.collective_timeout_s and train.setup_timeout_s > 0 (got {t.max_nonfinite_steps}, "
+                          f"{t.spike_sigmas}, {t.collective_timeout_s}, {t.setup_timeout_s})")
     if not t.output_dir:
         raise ConfigError("train.output_dir must be set")
+
+
+def _check_finite(cfg: JobConfig) -> None:
+    """No float setting may be NaN or infinite (every comparison with NaN is false, so range checks miss it)."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{sec.name}.{f.name} must be a finite number, got {value}")
+
+
+FSDP2_ONLY = {"fsdp_reshard_after_forward": True, "fsdp_cpu_offload": False, "param_dtype": "auto"}
+"""FSDP2 settings (with their defaults) that the DeepSpeed backend does not read."""
+DEEPSPEED_ONLY = {"zero_stage": 1, "offload_optimizer": "none", "offload_param": "none", "nvme_path": ""}
+"""DeepSpeed settings (with their defaults) that the FSDP2 backend does not read."""
+
+
+def _check_backend_options(p: ParallelConfig) -> None:
+    """A setting of one data-parallel backend given to the other would be silently ignored: refuse it."""
+    other, backend, instead = ((DEEPSPEED_ONLY, "deepspeed", "FSDP2's parallel.fsdp_reshard_after_forward / fsdp_cpu_offload")
+                               if p.dp_backend == "fsdp2" else
+                               (FSDP2_ONLY, "fsdp2", "parallel.zero_stage / offload_optimizer / offload_param, and train.dtype"))
+    changed = [f"parallel.{k} = {getattr(p, k)!r}" for k, default in other.items() if getattr(p, k) != default]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} {'is a setting' if len(changed) == 1 else 'are settings'} of "
+                          f"parallel.dp_backend = '{backend}', which this job does not use (dp_backend = "
+                          f"'{p.dp_backend}'); remove {'it' if len(changed) == 1 else 'them'}, or set "
+                          f"parallel.dp_backend = '{backend}' (with '{p.dp_backend}' use {instead})")
+
+
+def padded_vocab_size(tokenizer_size: int, multiple_of: int) -> int:
+    """The tokenizer's size rounded up to a multiple of ``multiple_of`` (what ``model.vocab_size = 0`` means)."""
+    return multiple_of * -(-tokenizer_size // multiple_of)
 
 
 ENCODER_DECODER_OBJECTIVES = ("span_corruption", "prefix_lm", "ul2")

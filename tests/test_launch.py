@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from meshforge.cli import build_parser
+from meshforge.errors import LaunchError
 from meshforge.launch import launcher, mpi, slurm
 from meshforge.launch.env import DistEnv, detect_launcher, discover
 
@@ -138,7 +139,7 @@ def test_launcher_precedence():
 
 def test_discover_mpi_without_mpi4py_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails
-    with pytest.raises(RuntimeError, match="pip install mpi4py"):
+    with pytest.raises(LaunchError, match="pip install mpi4py"):
         mpi.read_mpi()
 
 

@@ -108,7 +108,7 @@ def _fail_before_process_groups(tmp_path, capsys, monkeypatch, *args) -> str:
      "parallel.offload_optimizer = 'nvme' needs ZeRO stage 3"),
     (("--parallel.offload_param", "nvme", "--parallel.zero_stage", "3", "--parallel.nvme_path", "/no/such/dir"),
      "is not an existing directory"),
-    (("--parallel.fsdp_cpu_offload", "true",), "are FSDP2 settings"),
+    (("--parallel.fsdp_cpu_offload", "true",), "is a setting of parallel.dp_backend = 'fsdp2'"),
 ])
 def test_bad_deepspeed_config_fails_before_process_groups(args, message, tiny_data, tmp_path, capsys, monkeypatch):
     err = _fail_before_process_groups(tmp_path, capsys, monkeypatch, "--data.path", str(tiny_data), *args)

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MeshforgeError
+
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
 """torch dtype -> safetensors dtype name."""
 
 
-class ConvertError(ValueError):
+class ConvertError(MeshforgeError, ValueError):
     """Input that cannot be converted (unknown architecture, missing shard, unrepresentable feature, ...)."""
 
 

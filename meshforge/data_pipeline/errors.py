@@ -1,5 +1,8 @@
 """Errors of the data pipeline."""
 
+from meshforge.errors import MeshforgeError
 
-class DataError(ValueError):
+
+
+class DataError(MeshforgeError, ValueError):
     """Data that cannot be used: missing or corrupt files, bad settings, mismatched tokenizer."""

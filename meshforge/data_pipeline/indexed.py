@@ -77,6 +77,8 @@ class IndexedShardWriter:
         self._file = open(self._bin_tmp, "wb")
         self._lengths: list[int] = []
         self.num_tokens = 0
+        self.max_token_id = -1
+        """The largest token id written so far (-1: none); recorded in the manifest."""
         self._done = False
 
     def add_document(self, tokens) -> None:
@@ -88,6 +90,8 @@ class IndexedShardWriter:
             raise DataError(
                 f"token ids {int(arr.min())}..{int(arr.max())} do not fit {self.dtype} in {self.prefix}: use a wider dtype"
             )
+        if arr.size:
+            self.max_token_id = max(self.max_token_id, int(arr.max()))
         self._file.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self._lengths.append(int(arr.size))
         self.num_tokens += int(arr.size)
@@ -225,6 +229,10 @@ class IndexedShard:
         if offset < 0 or end > len(seq):
             raise IndexError(f"tokens {offset}..{end} out of range for sequence {i} of length {len(seq)}")
         return seq[offset:end]
+
+    def max_token_id(self) -> int:
+        """The largest token id in the shard (-1 when empty): one pass over ``.bin``."""
+        return int(self.tokens.max()) if self.num_tokens else -1
 
     def document_token_ranges(self) -> tuple[np.ndarray, np.ndarray]:
         """Start (in tokens, within ``tokens``) and length of every document."""

@@ -22,7 +22,8 @@ tokenizes slices ``r, r+n, r+2n, ...``; each slice becomes ``shard_<slice>`` (or
      "dtype": "uint16", "append_eos": true, "num_documents": N, "num_tokens": N,
      "num_slices": S, "plan": "<hash>",
      "shards": [{"prefix": "shard_00000", "slice": 0, "documents": n, "tokens": n,
-                 "bin_bytes": n, "idx_bytes": n, "bin_sha256": ..., "idx_sha256": ...}],
+                 "bin_bytes": n, "idx_bytes": n, "bin_sha256": ..., "idx_sha256": ...,
+                 "max_token_id": n}],
      "sources": [{"type": "file", "path": ..., "documents": n, "skipped": {...}}, ...],
      "skipped_records": {"empty": n, "invalid_utf8": n, "invalid_json": n,
                          "missing_field": n, "non_string_field": n}}
@@ -402,7 +403,8 @@ class _SliceSink:
         w.finalize()
         bp, ip = self.out / f"{entry['prefix']}.bin", self.out / f"{entry['prefix']}.idx"
         entry.update(documents=w.num_documents, tokens=w.num_tokens, bin_bytes=bp.stat().st_size,
-                     idx_bytes=ip.stat().st_size, bin_sha256=_sha256(bp), idx_sha256=_sha256(ip))
+                     idx_bytes=ip.stat().st_size, bin_sha256=_sha256(bp), idx_sha256=_sha256(ip),
+                     max_token_id=w.max_token_id)
         self.writer = None
 
     def finish(self) -> list[dict]:

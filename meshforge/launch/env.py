@@ -30,6 +30,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+from ..errors import LaunchError
 from . import mpi, slurm
 
 LAUNCHERS = ("torchrun", "slurm", "mpi", "none")
@@ -62,7 +64,7 @@ def _num(environ, name: str, default: int | None) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def detect_launcher(environ=None) -> str:
@@ -71,7 +73,7 @@ def detect_launcher(environ=None) -> str:
     forced = environ.get("MESHFORGE_LAUNCHER", "").strip().lower()
     if forced:
         if forced not in LAUNCHERS:
-            raise ValueError(f"MESHFORGE_LAUNCHER={forced!r}: expected one of {', '.join(LAUNCHERS)}")
+            raise LaunchError(f"MESHFORGE_LAUNCHER={forced!r}: expected one of {', '.join(LAUNCHERS)}")
         return forced
     if environ.get("RANK", "").strip() and environ.get("WORLD_SIZE", "").strip():
         return "torchrun"
@@ -112,7 +114,7 @@ def discover(environ: MutableMapping[str, str] | None = None) -> DistEnv:
         env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="none")
 
     if not 0 <= env.rank < env.world_size:
-        raise ValueError(f"rank {env.rank} is outside world size {env.world_size} (launcher: {env.launcher})")
+        raise LaunchError(f"rank {env.rank} is outside world size {env.world_size} (launcher: {env.launcher})")
     if env.world_size > 1 and launcher != "torchrun":
         environ.update({
             "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
@@ -122,19 +124,25 @@ def discover(environ: MutableMapping[str, str] | None = None) -> DistEnv:
     return env
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> dist.Store | None:
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.0,
+                     setup_timeout_s: float = 300.0) -> dist.Store | None:
     """Create the default process group when the job has more than one process.
 
-    Returns the job's rendezvous store under a ``meshforge/`` key prefix (for small
-    coordination keys, such as where each rank is among its collectives), or None with one
-    process or when a process group already exists. The group is made exactly as
-    ``init_process_group``'s own ``env://`` path would (same store, same ``default_pg/`` prefix).
+    Every rank first checks in through the rendezvous store (:func:`meshforge.launch.setup.check_in`):
+    a rank that reported a failure stops the others at once, one that never arrives within
+    ``setup_timeout_s`` is named. Returns the job's rendezvous store under a ``meshforge/`` key
+    prefix (for small coordination keys, such as where each rank is among its collectives), or
+    None with one process or when a process group already exists. The group is made on the
+    store ``init_process_group``'s own ``env://`` path would use (same ``default_pg/`` prefix).
     """
     if env.world_size == 1 or dist.is_initialized():
         return None
+    from .setup import check_in, connect_store
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
-    store, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+    store = connect_store(env, setup_timeout_s)
+    check_in(store, env, setup_timeout_s)
     store.set_timeout(timeout)
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
@@ -163,7 +171,7 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device = 'cuda' but no CUDA device is available; use 'cpu' or 'auto'")
+            raise ConfigError("train.device = 'cuda' but this machine has no CUDA device (torch sees none); use 'cpu' or 'auto'")
         index = env.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)

@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LaunchError  # a launch request that cannot work (says what to change)
+
 EXIT_PREEMPTED = 42
 """The trainer's exit status after a preemption checkpoint (meshforge.pretrain.faults.EXIT_PREEMPTED)."""
 PREEMPTED_MARKER_ENV = "MESHFORGE_PREEMPTED_MARKER"
@@ -35,8 +37,6 @@ PREEMPT_WARNING_S = 120
 """``--signal=TERM@120``: SIGTERM two minutes before the time limit, time for a checkpoint."""
 
 
-class LaunchError(ValueError):
-    """A launch request that cannot work (says what to change)."""
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
@@ -302,5 +302,40 @@ def run_launch(args: argparse.Namespace) -> int:
         return 0
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    os.execvpe(plan.argv[0], plan.argv, env)
-    return 0  # not reached
+    if args.mpi:
+        os.execvpe(plan.argv[0], plan.argv, env)
+    return run_torchrun(plan.argv, env)
+
+
+def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
+    """Run torchrun and exit as the ranks did: torchrun reports any failed rank as status 1, but a
+    scheduler must see EXIT_PREEMPTED (42) to requeue a job whose ranks checkpointed on SIGTERM.
+
+    The ranks create the file named by PREEMPTED_MARKER_ENV once their preemption checkpoint is
+    complete; SIGTERM and SIGUSR1 reaching this process are passed on to torchrun as SIGTERM
+    (which it forwards to every rank; SIGUSR1 would kill torchrun itself).
+    """
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="meshforge-launch-") as tmp:
+        marker = Path(env.setdefault(PREEMPTED_MARKER_ENV, str(Path(tmp) / "preempted")))
+        marker.unlink(missing_ok=True)
+        proc = subprocess.Popen(argv, env=env)
+
+        def forward(signum, frame):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        try:
+            rc = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if marker.exists():
+            marker.unlink(missing_ok=True)
+            print(f"meshforge launch: the ranks wrote a checkpoint on a preemption signal; exiting with status "
+                  f"{EXIT_PREEMPTED} so a scheduler requeues (the rerun resumes)", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        return rc

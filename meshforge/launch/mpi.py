@@ -13,6 +13,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..errors import LaunchError
+
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 """Set by Open MPI, MPICH/Intel MPI (hydra, PMI-1/2), PMIx launchers, MVAPICH2."""
 
@@ -49,7 +51,7 @@ def read_mpi(master_addr: str | None = None, master_port: int | None = None) -> 
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise RuntimeError(
+        raise LaunchError(
             "this process was started by an MPI launcher (mpiexec/mpirun) but mpi4py is not installed: "
             "`pip install mpi4py` (built against the MPI that runs it, e.g. `pip install mpich mpi4py`), "
             f"or set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT yourself ({e})"

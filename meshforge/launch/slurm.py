@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..errors import LaunchError
+
 PORT_BASE = 20000
 """Rendezvous ports are PORT_BASE + 0..9999: below Linux's ephemeral range (32768+)."""
 
@@ -41,14 +43,14 @@ def _split_top(text: str) -> list[str]:
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise ValueError(f"unbalanced ']' in node list {text!r}")
+                raise LaunchError(f"unbalanced ']' in node list {text!r}")
         if ch == "," and depth == 0:
             parts.append("".join(cur).strip())
             cur = []
         else:
             cur.append(ch)
     if depth != 0:
-        raise ValueError(f"unbalanced '[' in node list {text!r}")
+        raise LaunchError(f"unbalanced '[' in node list {text!r}")
     parts.append("".join(cur).strip())
     return parts
 
@@ -73,10 +75,10 @@ def _expand_range_list(body: str, item: str) -> list[str]:
             continue
         m = re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?", part)
         if m is None:
-            raise ValueError(f"bad range {part!r} in node list entry {item!r}")
+            raise LaunchError(f"bad range {part!r} in node list entry {item!r}")
         lo, hi, stride = m.group(1), m.group(2), int(m.group(3) or 1)
         if int(hi) < int(lo) or stride < 1:
-            raise ValueError(f"bad range {part!r} in node list entry {item!r}")
+            raise LaunchError(f"bad range {part!r} in node list entry {item!r}")
         width = len(lo) if lo.startswith("0") else 0
         values.extend(str(v).zfill(width) for v in range(int(lo), int(hi) + 1, stride))
     return values
@@ -88,7 +90,7 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
         if m is None:
-            raise ValueError(f"bad tasks-per-node spec {spec!r}")
+            raise LaunchError(f"bad tasks-per-node spec {spec!r}")
         counts.extend([int(m.group(1))] * int(m.group(2) or 1))
     return counts
 
@@ -137,9 +139,9 @@ def read_slurm(env: Mapping[str, str]) -> SlurmTask:
                 try:
                     return int(value)
                 except ValueError:
-                    raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+                    raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
         if default is None:
-            raise ValueError(f"SLURM step without {' or '.join(names)} in its environment")
+            raise LaunchError(f"SLURM step without {' or '.join(names)} in its environment")
         return default
 
     rank = num("SLURM_PROCID")
@@ -151,12 +153,12 @@ def read_slurm(env: Mapping[str, str]) -> SlurmTask:
     nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
     hosts = tuple(expand_nodelist(nodelist)) if nodelist else ()
     if not hosts:
-        raise ValueError("SLURM step without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST in its environment")
+        raise LaunchError("SLURM step without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST in its environment")
     per_node_spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
     per_node = expand_tasks_per_node(per_node_spec) if per_node_spec else []
     local_world = per_node[node] if node < len(per_node) else max(local + 1, 1)
     if not 0 <= rank < world:
-        raise ValueError(f"SLURM_PROCID={rank} is outside the step's {world} tasks")
+        raise LaunchError(f"SLURM_PROCID={rank} is outside the step's {world} tasks")
     return SlurmTask(rank=rank, world_size=world, local_rank=local, local_world_size=local_world,
                      node_rank=node, hosts=hosts, master_addr=hosts[0], master_port=rendezvous_port(job, step),
                      gpus_on_node=gpus_on_node(env))

@@ -71,11 +71,6 @@ def check_deepspeed(cfg: JobConfig, d: Degrees) -> None:
                               "parallel.nvme_path: a directory on a fast local disk")
         if not Path(p.nvme_path).is_dir():
             raise ConfigError(f"parallel.nvme_path = {p.nvme_path!r} is not an existing directory")
-    if p.fsdp_cpu_offload or not p.fsdp_reshard_after_forward:
-        raise ConfigError(
-            "parallel.fsdp_cpu_offload / fsdp_reshard_after_forward are FSDP2 settings; with dp_backend = 'deepspeed' "
-            "use parallel.zero_stage and parallel.offload_optimizer / offload_param instead"
-        )
 
 
 def _use_bf16(cfg: JobConfig, device: torch.device) -> bool:
@@ -154,6 +149,10 @@ def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, c
     import deepspeed
 
     if cfg.parallel.offload_optimizer != "none":
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print("DeepSpeed CPU Adam (parallel.offload_optimizer): loading its C++ kernel; the first use on a "
+                  "machine compiles it, which takes about 2 minutes (cached in ~/.cache/torch_extensions after)",
+                  flush=True)
         optimizer = _offload_optimizer(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, dp, device))
@@ -191,4 +190,7 @@ def load_engine(engine, directory: Path) -> None:
     path, _ = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}")
+        from ..pretrain.checkpoint import CheckpointError
+
+        raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}: the checkpoint is "
+                              "incomplete; resume from an older one with --checkpoint.resume_from")

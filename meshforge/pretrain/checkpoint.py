@@ -6,7 +6,8 @@ Layout of ``<output_dir>/checkpoints/``::
         .metadata, *.distcp  model + optimizer (DCP, sharded by whatever layout saved it)
         rng_rank<r>.pt       each rank's RNG states
         tokenizer.model      the tokenizer, so the directory is self-contained
-        meta.json            written last: step, scheduler, loader position, config, run identity
+        meta.json            written last: step, scheduler, loader position, config, run identity,
+                             and "files": the size (and, up to 256 MiB, the sha256) of every other file
     step_00000200.tmp/      being written (or left by a kill): never resumed from
 
 A checkpoint is written into ``step_N.tmp``; when every rank has finished, rank 0 writes
@@ -15,6 +16,11 @@ A checkpoint is written into ``step_N.tmp``; when every rank has finished, rank 
 ``.metadata`` count as checkpoints. Deleting one (keep-last-k pruning, or replacing a
 checkpoint of the same step) first renames it to ``step_N.deleting.tmp``, so a kill during
 the deletion cannot leave a half-deleted directory that still looks complete.
+
+Before a checkpoint is resumed from (or generated from), its files are checked against the
+sizes and checksums meta.json recorded. A damaged one is never skipped silently: the run
+stops with a message naming the bad file and the intact checkpoints, one of which
+``--checkpoint.resume_from`` picks.
 
 Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the step is blocked only
 while the state is copied into CPU staging buffers; a background thread writes the ``.tmp``
@@ -40,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,10 +55,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..errors import MeshforgeError
+
+from .checkpoint_files import file_records, unreadable, verify_checkpoint
+from .output_dir import find_os_error, storage_error
+
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MeshforgeError, ValueError):
     """A checkpoint that cannot be used, or an output dir that belongs to another run."""
 
 
@@ -105,8 +117,11 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 def read_meta(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        return meta
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has an unreadable meta.json ({e})") from None
 
 
@@ -168,24 +183,36 @@ class Checkpointer:
         found = list_checkpoints(self.root)
         return found[-1] if found else None
 
-    def check_identity(self, identity: dict[str, Any], resume: bool) -> Path | None:
+    def check_identity(self, identity: dict[str, Any], resume: bool, resume_from: str = "") -> Path | None:
         """The checkpoint to resume from, after refusing an output dir of another run.
 
-        Raises CheckpointError (before anything is written) when the newest checkpoint was
-        made by a run with a different model/data/seed, or when checkpoints exist and
-        resuming is off (they would be overwritten).
+        Raises CheckpointError (before anything is written) when the newest checkpoint (or
+        ``resume_from``) was made by a run with a different model/data/seed, when checkpoints
+        exist and resuming is off (they would be overwritten), or when the checkpoint to resume
+        from is damaged (its files differ from what meta.json recorded).
         """
-        latest = self.latest()
+        pick = "--checkpoint.resume_from DIR"
+        if resume_from:
+            latest = Path(resume_from)
+            if not is_complete(latest):
+                raise CheckpointError(f"checkpoint.resume_from = {resume_from} is not a complete checkpoint (a "
+                                      "step_NNNNNNNN dir holding meta.json and .metadata)")
+        else:
+            latest = self.latest()
         if latest is None:
             return None
-        theirs = read_meta(latest).get("identity", {})
+        theirs = verify_checkpoint(latest, pick).get("identity", {})
+        from ..config import JobConfig, run_identity
+
+        defaults = run_identity(JobConfig())  # a key added since that run was written: it had the default
+        theirs = {k: theirs.get(k, defaults.get(k)) for k in identity}
         diff = [f"{k}: {theirs.get(k)!r} there vs {v!r} here" for k, v in identity.items() if theirs.get(k) != v]
         if diff:
             raise CheckpointError(
                 f"output dir {self.root.parent} holds checkpoints of a different run ({'; '.join(diff[:4])}); "
                 "choose another train.output_dir"
             )
-        if not resume:
+        if not resume and not resume_from:
             raise CheckpointError(
                 f"output dir {self.root.parent} already holds checkpoints (newest {latest.name}) and "
                 "checkpoint.resume is false; choose another train.output_dir or enable resume"
@@ -210,6 +237,26 @@ class Checkpointer:
         the full fp32 weights under ``model``, so every reader of model weights works unchanged.
         """
         self.wait()  # one save in flight at a time; it also finishes before a newer one starts
+        try:
+            return self._save(step, model, optimizer, meta, files, engine)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise self._write_failure(e, step) from e
+
+    def _write_failure(self, error: BaseException, step: int) -> BaseException:
+        """A failed write of checkpoint ``step``: a one-line OutputError when the file system said why
+        (disk full, quota, read-only); the partial ``.tmp`` dir is removed to give the space back."""
+        os_error = find_os_error(error)
+        if os_error is None:
+            return error
+        if self.rank == 0:
+            shutil.rmtree(self.root / f"step_{step:08d}.tmp", ignore_errors=True)
+        newest = self.latest()
+        kept = (f"; the newest complete checkpoint, {newest.name}, is intact and a rerun resumes from it" if newest
+                else "; no checkpoint of this run is complete yet")
+        err = storage_error(os_error, f"writing checkpoint step_{step:08d} in {self.root} failed")
+        return type(err)(f"{err}{kept}")
+
+    def _save(self, step, model, optimizer, meta, files, engine) -> Path:
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
         if self.rank == 0:
@@ -253,9 +300,13 @@ class Checkpointer:
             return True
         if not p.future.done():
             return False
-        p.future.result()  # re-raises a failed write
-        if self.rank == 0:
-            self._finalize(p.step, p.tmp, p.final, p.meta, p.files)
+        try:
+            p.future.result()  # re-raises a failed write
+            if self.rank == 0:
+                self._finalize(p.step, p.tmp, p.final, p.meta, p.files)
+        except (Exception, CheckpointException) as e:
+            self._pending = None
+            raise self._write_failure(e, p.step) from e
         p.finalized = True
         return True
 
@@ -266,7 +317,11 @@ class Checkpointer:
         """
         if self._pending is None:
             return
-        self._pending.future.result()
+        try:
+            self._pending.future.result()
+        except (Exception, CheckpointException) as e:
+            step, self._pending = self._pending.step, None
+            raise self._write_failure(e, step) from e
         self.poll()
         self._pending = None
         _barrier()
@@ -297,7 +352,8 @@ class Checkpointer:
         """Rank 0, after every rank's files are in ``tmp``: meta.json last, then the atomic rename."""
         for name, src in files.items():
             shutil.copyfile(src, tmp / name)
-        _fsync_write(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1))
+        record = {"step": step, **meta, "files": file_records(tmp)}  # checked before a resume or generate
+        _fsync_write(tmp / "meta.json", json.dumps(record, indent=1))
         replaced = _retire(final) if final.exists() else None  # the same step from an earlier attempt
         os.rename(tmp, final)
         _fsync_dir(self.root)
@@ -321,18 +377,19 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     engine=None) -> dict:
     """Load model + optimizer (any saved layout; a DeepSpeed ``engine``: the same layout) and this rank's RNG; return meta.json."""
     meta = read_meta(path)
-    if engine is not None:
-        from ..parallel.deepspeed_engine import load_engine
+    with unreadable(path, "--checkpoint.resume_from DIR"):
+        if engine is not None:
+            from ..parallel.deepspeed_engine import load_engine
 
-        load_engine(engine, path)
-    else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+            load_engine(engine, path)
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = path / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
     return meta
 
 
@@ -366,10 +423,8 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint (for generation or evaluation)."""
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
-    try:
+    with unreadable(path, "--checkpoint DIR"):  # DCP raises several types for missing/mismatched/garbled entries
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP raises several types for missing/mismatched entries
-        raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from None
     set_model_state_dict(model, state["model"])
 
 

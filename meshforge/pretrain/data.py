@@ -16,13 +16,13 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig, padded_vocab_size
 from ..data_pipeline.blend import BlendedDataset, parse_blend
-from ..data_pipeline.builtin import resolve_cache_dir, resolve_data_path
+from ..data_pipeline.builtin import BUILTIN_PREFIX, resolve_cache_dir, resolve_data_path
 from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.loader import DistributedLoader
-from ..data_pipeline.prepare import describe_data
+from ..data_pipeline.prepare import DataInfo, describe_data, load_manifest
 from ..launch.env import DistEnv
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
@@ -89,6 +89,47 @@ def _dataset(cfg: JobConfig, infos, items, split: str, objective, prepare: int =
     return objective.wrap(blend)
 
 
+def tokenizer_vocab_size(cfg: JobConfig) -> int:
+    """The training tokenizer's size, read without preparing anything (for ``model.vocab_size = 0``):
+    data.tokenizer if set, else the (first) data dir's manifest; a ``builtin:`` corpus's is data.builtin_vocab_size."""
+    d = cfg.data
+    if d.tokenizer:
+        return load_tokenizer(d.tokenizer).vocab_size
+    path = parse_blend(d.blend)[0][1] if d.blend else d.path
+    if path.startswith(BUILTIN_PREFIX):
+        return d.builtin_vocab_size
+    size = load_manifest(path)["tokenizer"].get("vocab_size")
+    if not isinstance(size, int):
+        raise DataError(f"the manifest of {path} records no tokenizer vocab_size: set model.vocab_size explicitly")
+    return size
+
+
+def resolve_vocab_size(cfg: JobConfig) -> None:
+    """``model.vocab_size = 0``: set it to the tokenizer's size rounded up to model.vocab_multiple_of (in place)."""
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.model.vocab_multiple_of)
+
+
+def check_token_ids(info: DataInfo, vocab_size: int) -> None:
+    """Refuse data holding a token id the model has no embedding for (it would crash mid-run).
+
+    The largest id of each shard comes from the manifest (``data prepare`` records it); shards
+    without it (bare Megatron dirs, older manifests) are scanned once, here, before any output.
+    """
+    recorded = {s.get("prefix"): s.get("max_token_id") for s in (info.manifest or {}).get("shards", [])}
+    for shard in info.shards:
+        top = recorded.get(shard.prefix.name)
+        if not isinstance(top, int):
+            top = shard.max_token_id()
+        if top >= vocab_size:
+            raise DataError(
+                f"shard {shard.prefix} holds token id {top}, beyond the model's vocabulary (model.vocab_size = "
+                f"{vocab_size}, ids 0..{vocab_size - 1}): the data was tokenized with a larger tokenizer than "
+                f"{info.tokenizer_path} ({info.vocab_size} tokens); re-prepare it with that tokenizer, or point "
+                "data.tokenizer at the one it was tokenized with"
+            )
+
+
 def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainData:
     if cfg.data.blend:
         infos, items = _blend_sources(cfg, env)
@@ -107,6 +148,8 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
             f"data in {data_dir} was tokenized with a vocab of {info.vocab_size} but model.vocab_size is "
             f"{cfg.model.vocab_size}"
         )
+    for i in infos:
+        check_token_ids(i, cfg.model.vocab_size)
     d = cfg.data
     dp_rank, dp_size = dp_coordinates(env.rank, degrees)
     objective = build_objective(cfg, tokenizer)

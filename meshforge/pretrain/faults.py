@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from ..errors import MeshforgeError
+
 EXIT_PREEMPTED = 42
 """Exit status of a run that stopped on a preemption signal after writing a checkpoint."""
 PREEMPTED_MARKER_ENV = "MESHFORGE_PREEMPTED_MARKER"
@@ -45,7 +47,7 @@ def mark_preempted(environ=None) -> None:
         Path(path).write_text(f"{EXIT_PREEMPTED}\n")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MeshforgeError, RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -119,8 +121,10 @@ class SpikeDetector:
         return spike
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(MeshforgeError, RuntimeError):
     """A collective failed or timed out; the message names the operation and the ranks involved."""
+
+    exit_status = 1  # the job failed, not its input
 
 
 def is_collective_failure(error: BaseException) -> bool:

@@ -2,6 +2,9 @@
 
 No KV cache: each new token reruns the (last ``max_seq_len`` tokens of the) sequence,
 which is plenty for samples from small models and keeps the model code plain.
+
+A model's vocabulary may be larger than its tokenizer's (padded to a multiple of 64, say):
+the ids beyond the tokenizer (``vocab_limit``) are never picked.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..tokenizers import Tokenizer
 
 
@@ -23,8 +27,9 @@ def generate_ids(
     eos_id: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    vocab_limit: int | None = None,
 ) -> list[int]:
-    """Extend ``prompt_ids``; ``temperature == 0`` (or ``top_k == 1``) is greedy."""
+    """Extend ``prompt_ids``; ``temperature == 0`` (or ``top_k == 1``) is greedy; ids >= ``vocab_limit`` never come out."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -32,7 +37,7 @@ def generate_ids(
     for _ in range(max_new_tokens):
         context = torch.tensor([ids[-max_seq_len:]], device=device)
         logits = model(context)[0, -1].float().cpu()
-        next_id = _pick(logits, top_k, temperature, gen)
+        next_id = _pick(logits, top_k, temperature, gen, vocab_limit)
         ids.append(next_id)
         if eos_id is not None and next_id == eos_id:
             break
@@ -51,6 +56,7 @@ def generate_seq2seq_ids(
     eos_id: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    vocab_limit: int | None = None,
 ) -> list[int]:
     """Encoder-decoder: encode ``src_ids`` once, then decode from ``start_id``; returns the decoded ids."""
     was_training = model.training
@@ -60,7 +66,7 @@ def generate_seq2seq_ids(
     out = [start_id]
     for _ in range(max_new_tokens):
         logits = model.decode(enc, torch.tensor([out], device=device))[0, -1].float().cpu()
-        next_id = _pick(logits, top_k, temperature, gen)
+        next_id = _pick(logits, top_k, temperature, gen, vocab_limit)
         out.append(next_id)
         if eos_id is not None and next_id == eos_id:
             break
@@ -68,7 +74,10 @@ def generate_seq2seq_ids(
     return out[1:]
 
 
-def _pick(logits: torch.Tensor, top_k: int, temperature: float, gen: torch.Generator) -> int:
+def _pick(logits: torch.Tensor, top_k: int, temperature: float, gen: torch.Generator,
+          vocab_limit: int | None = None) -> int:
+    if vocab_limit is not None and vocab_limit < logits.numel():  # padding rows of the embedding: not tokens
+        logits = logits[:vocab_limit]
     if temperature <= 0 or top_k == 1:
         return int(logits.argmax())
     logits = logits / temperature
@@ -95,14 +104,14 @@ def generate_text(
     """
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise UsageError("the prompt encodes to no tokens: give a non-empty --prompt")
     if hasattr(model, "encode"):
         out = generate_seq2seq_ids(model, prompt_ids + [tokenizer.eos_id], max_new_tokens, tokenizer.pad_id, top_k,
-                                   temperature, tokenizer.eos_id, seed, device)
+                                   temperature, tokenizer.eos_id, seed, device, vocab_limit=tokenizer.vocab_size)
         return tokenizer.decode([i for i in out if i != tokenizer.eos_id])
     max_seq_len = model.cfg.max_seq_len
     ids = generate_ids(model, prompt_ids, max_new_tokens, max_seq_len, top_k, temperature, tokenizer.eos_id, seed,
-                       device)
+                       device, vocab_limit=tokenizer.vocab_size)
     return tokenizer.decode(ids)
 
 
@@ -119,10 +128,10 @@ def generate_from_checkpoint(
     from ..config import config_from_dict
     from ..models import build_model
     from ..tokenizers import load_tokenizer
-    from .checkpoint import CheckpointError, find_checkpoint, load_model_weights, read_meta
+    from .checkpoint import CheckpointError, find_checkpoint, load_model_weights, verify_checkpoint
 
     path = find_checkpoint(checkpoint)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path, "--checkpoint DIR")  # a damaged file: named, with the intact checkpoints
     if "config" not in meta:
         raise CheckpointError(f"checkpoint {path} has no config in meta.json")
     cfg = config_from_dict(meta["config"])

@@ -3,15 +3,20 @@
 ``train(cfg)`` is what ``meshforge train`` runs. The order of work is fixed so that bad
 input fails before anything is written:
 
-1. environment, device, parallel degrees (config errors),
-2. data and tokenizer (data errors: missing, corrupt, vocab mismatch),
-3. output dir ownership (checkpoint errors: another run's checkpoints),
-4. only then: process groups, model, output files, the loop.
+1. environment, device, vocabulary size, parallel degrees (config errors),
+2. output dir: writable, ownership (another run's checkpoints), the checkpoint to resume
+   from intact (output and checkpoint errors),
+3. every rank checks in (a rank that failed so far stops the others at once, named),
+4. data and tokenizer (data errors: missing, corrupt, vocab mismatch, token ids beyond the model's vocabulary),
+5. only then: model, output files, the loop.
+
+In a multi-rank job an error is printed once, by rank 0 (:mod:`meshforge.launch.setup`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -22,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import JobConfig, config_to_dict, fingerprint, run_identity
+from ..errors import MeshforgeError
+from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
 from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
 from ..parallel import build_mesh, parallelize
@@ -31,7 +38,8 @@ from ..parallel.deepspeed_engine import build_deepspeed_engine, check_deepspeed
 from ..parallel.mesh import Degrees, check_job, resolve_degrees
 from ..parallel.pipeline import PipelineRunner, build_runner, plan_pipeline
 from .checkpoint import Checkpointer, check_init, check_resume_backend, load_checkpoint, load_model_weights
-from .data import TrainData, prepare_train_data
+from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
+from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
 from ..models.moe import set_aux_grad_scale
 from .faults import (EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
@@ -66,9 +74,14 @@ class Trainer:
     """One training run; ``run()`` executes it. Build with :func:`train` or directly."""
 
     def __init__(self, cfg: JobConfig, env: DistEnv | None = None):
+        if cfg.model.vocab_size == 0:  # the tokenizer's size, padded: the run (and its checkpoints) hold the number
+            cfg = copy.deepcopy(cfg)
+            resolve_vocab_size(cfg)
         self.cfg = cfg
         self.env = env or discover()
         self.device = resolve_device(cfg.train.device, self.env)
+        self.started = False
+        """True once the first training step begins (errors before it are setup errors)."""
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
         check_job(cfg, self.degrees)
         if cfg.parallel.dp_backend == "deepspeed":
@@ -76,17 +89,19 @@ class Trainer:
         if self.degrees.pp > 1:
             plan_pipeline(cfg, self.degrees, self.device.type)  # stage split + microbatches: ConfigError before any process group
         self.output_dir = Path(cfg.train.output_dir)
+        check_writable(self.output_dir)
         self.identity = run_identity(cfg)
         self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank,
                                         async_save=cfg.checkpoint.async_save)
         # Everything above only reads. Validate data and output dir before writing anything.
-        self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume)
+        self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume,
+                                                            cfg.checkpoint.resume_from)
         check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
         self.init_from = None
         if self.resume_from is None and cfg.checkpoint.init_from:
             with torch.device("meta"):
                 self.init_from = check_init(cfg.checkpoint.init_from, MODEL_SPECS[cfg.model.family].build(cfg.model))
-        store = init_distributed(self.env, self.device, cfg.train.collective_timeout_s)
+        store = init_distributed(self.env, self.device, cfg.train.collective_timeout_s, cfg.train.setup_timeout_s)
         self.collectives = CollectiveWatch(self.env.rank, self.env.world_size, cfg.train.collective_timeout_s, store)
         self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
 
@@ -292,10 +307,11 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.preemption = PreemptionWatcher() if cfg.checkpoint.on_preemption else None
         try:
+            self.started = True
             if self.step == 0 and t.eval_interval:
                 result.val_losses[0] = self.evaluate()  # the starting point of the curve
                 self.metrics.log({"step": 0, "val_loss": result.val_losses[0]})
-                _print(bar, f"step      0 | val_loss {result.val_losses[0]:.4f}")
+                self._say(bar, f"step      0 | val_loss {result.val_losses[0]:.4f}")
             while self.step < t.steps:
                 self.checkpointer.poll()  # an asynchronous save that has finished becomes visible
                 start = time.perf_counter()
@@ -313,9 +329,9 @@ class Trainer:
                     result.val_losses[self.step] = record["val_loss"]
                 if self.spikes is not None and self.spikes.update(record["loss"]):
                     record["loss_spike"] = 1
-                    _print(bar, f"step {self.step:>6} | loss spike: {record['loss']:.4f}")
+                    self._say(bar, f"step {self.step:>6} | loss spike: {record['loss']:.4f}")
                 if record.get("skipped"):
-                    _print(bar, f"step {self.step:>6} | non-finite loss/gradient: update skipped "
+                    self._say(bar, f"step {self.step:>6} | non-finite loss/gradient: update skipped "
                                 f"({self.nonfinite.consecutive} in a row, {self.nonfinite.total_skipped} in all)")
                 result.losses.append(record["loss"])
                 self.metrics.log(record)  # before the save: a kill after it cannot lose this step's record
@@ -328,8 +344,9 @@ class Trainer:
                     if not saved:
                         self._checkpoint()
                     self.checkpointer.wait()
-                    if self.env.is_main:
+                    if self.env.local_rank == 0:  # one per node: each node's `meshforge launch` looks for it
                         mark_preempted()  # the checkpoint is complete: a job script may requeue
+                    if self.env.is_main:
                         _print(bar, f"step {self.step:>6} | preemption signal: checkpoint written, exiting with "
                                     f"status {EXIT_PREEMPTED} (resume by rerunning the same command)")
                     result.preempted = True
@@ -337,9 +354,14 @@ class Trainer:
             self.checkpointer.close()  # the last checkpoint is complete before the run returns
             result.final_step = self.step
             if self.env.is_main and t.sample_prompt and t.sample_tokens and not result.preempted:
-                result.sample = self.sample(t.sample_prompt, t.sample_tokens)
-                self.metrics.text("sample", result.sample, self.step)
-                _print(bar, f"sample> {result.sample}")
+                if self.env.world_size > 1:  # sharded weights: one process cannot run the model
+                    _print(bar, f"sample: the weights are sharded over {self.env.world_size} ranks; sample the "
+                                f"final checkpoint with `meshforge generate --checkpoint {self.output_dir} "
+                                f"--prompt {t.sample_prompt!r}`")
+                else:
+                    result.sample = self.sample(t.sample_prompt, t.sample_tokens)
+                    self.metrics.text("sample", result.sample, self.step)
+                    _print(bar, f"sample> {result.sample}")
         finally:
             # After a preemption the handler stays: the job is exiting, and a second SIGTERM (srun
             # stopping the other tasks once one exits) must not kill a rank mid-shutdown.
@@ -364,6 +386,11 @@ class Trainer:
                 parts.append(f"val_loss {record['val_loss']:.4f}")
             _print(bar, " | ".join(parts))
 
+    def _say(self, bar, text: str) -> None:
+        """A line every rank would print alike: rank 0 prints it."""
+        if self.env.is_main:
+            _print(bar, text)
+
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """Generate from the trained model on rank 0 (the model must be unsharded)."""
         if self.env.world_size > 1:
@@ -380,13 +407,27 @@ def _print(bar, text: str) -> None:
 
 
 def train(cfg: JobConfig) -> TrainResult:
-    """Run a training job in this process (one rank of it under torchrun)."""
+    """Run a training job in this process (one rank of it under torchrun).
+
+    A :class:`~meshforge.errors.MeshforgeError` of a multi-rank job is shared through the
+    rendezvous store so that the job prints it once (rank 0 speaks; see :mod:`meshforge.launch.setup`).
+    """
+    env = discover()
+    trainer = None
     try:
-        trainer = Trainer(cfg)
-        with trainer.collectives.explain_failures():  # a dead or stalled peer: one line naming the operation
-            result = trainer.run()
-            trainer.collectives.at("the barrier before shutdown")
-            shutdown_distributed(barrier=True)  # no rank tears its connections down while a peer still uses them
-        return result
+        try:
+            trainer = Trainer(cfg, env)
+            with trainer.collectives.explain_failures():  # a dead or stalled peer: one line naming the operation
+                result = trainer.run()
+                trainer.collectives.at("the barrier before shutdown")
+                shutdown_distributed(barrier=True)  # no rank tears its connections down while a peer still uses them
+            return result
+        except OSError as e:  # a write the file system refused (disk full, read-only, quota): one line
+            if e.errno in SPACE_ERRNOS | ACCESS_ERRNOS:
+                raise storage_error(e, f"writing {e.filename or cfg.train.output_dir} failed") from e
+            raise
+    except MeshforgeError as e:
+        share_failure(e, env, during_setup=trainer is None or not trainer.started)
+        raise
     finally:
         shutdown_distributed()

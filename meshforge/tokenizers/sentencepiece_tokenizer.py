@@ -24,6 +24,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from meshforge.errors import MeshforgeError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
 T5_SENTINELS = 100
@@ -40,7 +42,7 @@ _TRAIN_SEED = 1234
 _MIN_LEARNED_PIECES = 8
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MeshforgeError, ValueError):
     """A tokenizer that cannot be trained or loaded (bad input, settings or model file)."""
 
 

@@ -1,0 +1,32 @@
+"""The one base class of every error meshforge reports as a single line.
+
+``meshforge`` (the CLI) catches :class:`MeshforgeError` and prints ``meshforge: error: <message>``
+with no traceback; the message says what is wrong and what to do. Anything else that escapes
+is a bug: it keeps its traceback, under a line naming the rank it happened on.
+
+The subclasses live next to the code that raises them (``ConfigError`` in
+:mod:`meshforge.config`, ``DataError`` in :mod:`meshforge.data_pipeline.errors`,
+``CheckpointError`` in :mod:`meshforge.pretrain.checkpoint`, ...); this module imports
+nothing, so the CLI can name the base class without loading torch.
+"""
+
+from __future__ import annotations
+
+
+class MeshforgeError(Exception):
+    """An error of the input, the environment or the job, with a message that says what to do."""
+
+    exit_status = 2
+    """Exit status of ``meshforge`` when this error ends it (2: bad input; 1: the job failed)."""
+
+
+class LaunchError(MeshforgeError, ValueError):
+    """A launch request or launcher environment that cannot work (says what to change)."""
+
+
+class UsageError(MeshforgeError, ValueError):
+    """A command-line argument that cannot work."""
+
+
+class OutputError(MeshforgeError):
+    """The output directory cannot be written (read-only, no permission, disk full)."""
