@@ -49,8 +49,11 @@ module objects under their original names (``tok_embeddings``, ``layers.<i>``, `
 single-process model and load into any other layout. The trainer uses it for the
 optimizer, gradient clipping and checkpoints; :class:`PipelineRunner` runs the stages.
 
-Microbatches: ``parallel.pp_microbatches``, or by default ``local batch / train.micro_batch_size``
-(the same microbatches the non-pipelined trainer accumulates over). The loss of each
+Microbatches (:func:`pipeline_microbatches`): ``parallel.pp_microbatches``; else
+``local batch / train.micro_batch_size`` when that is set (the same microbatches the
+non-pipelined trainer accumulates over); else the divisor of the local batch nearest to
+``2 * pp * stages per rank`` that the schedule accepts, so that every schedule runs with only
+``parallel.pp`` given. The loss of each
 microbatch is ``lm_loss(...).total / n_microbatches`` so the accumulated gradient is the mean
 over the local batch, exactly as in the single-process loop; data parallel then averages
 over its ranks.
@@ -70,7 +73,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig, micro_batch_size
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
 from ..models.moe import moe_layers
 from .compile import compile_enabled
@@ -137,7 +140,7 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
 
     ``device_type`` (when known) also checks the schedule against ``parallel.compile``.
     """
-    p, t, m = cfg.parallel, cfg.train, cfg.model
+    p, m = cfg.parallel, cfg.model
     if getattr(m, "moe_experts", 0) and m.family != "decoder":
         raise ConfigError(
             f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, not in an "
@@ -156,27 +159,55 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
         )
     n_layers, what = pipeline_layers(m)
     ranges = split_layers(n_layers, d.pp * spr, p.pp_split, what)
-    local_batch = t.global_batch_size // d.dp
-    n_mb = p.pp_microbatches or local_batch // t.micro_batch_size
-    if local_batch % n_mb:
-        raise ConfigError(
-            f"parallel.pp_microbatches = {n_mb} must divide the local batch (train.global_batch_size / "
-            f"data-parallel degree = {t.global_batch_size} / {d.dp} = {local_batch})"
-        )
-    if p.pp_schedule != "gpipe" and n_mb < d.pp:
-        raise ConfigError(
-            f"{n_mb} pipeline microbatches (local batch {local_batch} / train.micro_batch_size "
-            f"{t.micro_batch_size}, or parallel.pp_microbatches) are fewer than parallel.pp = {d.pp}, which "
-            f"schedule {p.pp_schedule!r} needs; use a smaller train.micro_batch_size or set parallel.pp_microbatches"
-        )
-    if p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
-        rounds = max(1, n_mb // d.pp)
-        if n_mb % rounds:
-            raise ConfigError(
-                f"schedule {p.pp_schedule!r} needs the microbatch count ({n_mb}) to be a multiple of "
-                f"{rounds} (= microbatches // parallel.pp); a multiple of parallel.pp = {d.pp} always works"
-            )
+    n_mb = pipeline_microbatches(cfg, d, spr)
     return PipelinePlan(d.pp, spr, ranges, n_mb, p.pp_schedule)
+
+
+def schedule_refuses(schedule: str, n_microbatches: int, pp: int) -> str:
+    """Why ``schedule`` cannot run ``n_microbatches`` on ``pp`` ranks (empty when it can)."""
+    if schedule != "gpipe" and n_microbatches < pp:
+        return f"{n_microbatches} microbatches are fewer than parallel.pp = {pp}, which schedule {schedule!r} needs"
+    if schedule in ("interleaved_1f1b", "zero_bubble"):
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds:
+            return (f"schedule {schedule!r} needs the microbatch count ({n_microbatches}) to be a multiple of {rounds} "
+                    f"(= microbatches // parallel.pp); a multiple of parallel.pp = {pp} always works")
+    return ""
+
+
+def pipeline_microbatches(cfg: JobConfig, d: Degrees, stages_per_rank: int) -> int:
+    """Microbatches per pipeline step, as ``parallel.pp_microbatches`` documents: that value; else
+    local batch / ``train.micro_batch_size`` when that is set; else the divisor of the local batch
+    nearest to ``2 * pp * stages_per_rank`` that the schedule accepts (the larger one on a tie)."""
+    p, t = cfg.parallel, cfg.train
+    micro = micro_batch_size(t, d.dp)  # checks that the global batch splits over the dp ranks
+    local_batch = t.global_batch_size // d.dp
+    if p.pp_microbatches:
+        n_mb, source = p.pp_microbatches, f"parallel.pp_microbatches = {p.pp_microbatches}"
+        if local_batch % n_mb:
+            raise ConfigError(
+                f"{source} must divide the local batch (train.global_batch_size / data-parallel degree = "
+                f"{t.global_batch_size} / {d.dp} = {local_batch})"
+            )
+    elif t.micro_batch_size:
+        n_mb = local_batch // micro
+        source = f"local batch {local_batch} / train.micro_batch_size {micro} = {n_mb} microbatches"
+    else:
+        target = 2 * d.pp * stages_per_rank
+        fits = [n for n in range(1, local_batch + 1)
+                if local_batch % n == 0 and not schedule_refuses(p.pp_schedule, n, d.pp)]
+        if not fits:
+            raise ConfigError(
+                f"no microbatch count suits schedule {p.pp_schedule!r} with parallel.pp = {d.pp} on a local batch of "
+                f"{local_batch} (train.global_batch_size / data-parallel degree = {t.global_batch_size} / {d.dp}); "
+                f"raise train.global_batch_size to a multiple of {d.pp * d.dp}"
+            )
+        return min(fits, key=lambda n: (abs(n - target), -n))
+    why = schedule_refuses(p.pp_schedule, n_mb, d.pp)
+    if why:
+        raise ConfigError(f"{source}: {why}; set a smaller train.micro_batch_size, parallel.pp_microbatches, or 0 "
+                          "for both to pick one that fits")
+    return n_mb
 
 
 # --------------------------------------------------------------------------- split

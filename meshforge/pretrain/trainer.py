@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import JobConfig, config_to_dict, fingerprint, run_identity
+from ..config import JobConfig, config_to_dict, fingerprint, micro_batch_size, run_identity
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
 from ..models import active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
 from ..parallel import build_mesh, parallelize
@@ -143,7 +143,7 @@ class Trainer:
         return batch.to(self.device, non_blocking=True)
 
     def _micro_batches(self, batch) -> list:
-        mbs = self.cfg.train.micro_batch_size
+        mbs = micro_batch_size(self.cfg.train, self.degrees.dp)
         if isinstance(batch, tuple):
             return list(zip(*(b.split(mbs) for b in batch)))
         return list(batch.split(mbs))
