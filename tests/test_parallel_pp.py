@@ -1,7 +1,7 @@
 """Pipeline parallel (every schedule, uneven split, x FSDP2, x TP, resume) against one process.
 
-The reference is a single-process run with untied embeddings (pipeline parallel needs them:
-the embedding and the output projection live on different stages). Every run also
+The reference is a single-process run with untied embeddings (tied ones, whose two copies
+live on the first and last stages, are tested in test_parallel_pp_tied.py). Every run also
 evaluates at steps 0, 5 and 10, so the forward-only schedule is checked against the
 reference's validation loss, including the switch between eval and train at step 0.
 """

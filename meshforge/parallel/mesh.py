@@ -85,9 +85,6 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
                 f"{what} = {n_layers} cannot cover {stages} pipeline stages "
                 f"(parallel.pp = {d.pp} x {pipeline_stages_per_rank(p)} stages per rank)"
             )
-        if m.tie_embeddings:
-            raise ConfigError("pipeline parallel needs untied embeddings (set model.tie_embeddings = false): "
-                              "the embedding and the output live on different stages")
     if cfg.data.document_mask and (d.tp > 1 or d.pp > 1):
         raise ConfigError(f"data.document_mask works with data and expert parallelism only so far (parallel.tp = "
                           f"{d.tp}, parallel.pp = {d.pp}); use tp = pp = 1 or turn the mask off")

@@ -5,7 +5,9 @@ The split (:func:`plan_pipeline`, :func:`split_model`)
       (when the layers do not divide evenly the *first* stages get one more, since the last
       stage also carries the output projection and the loss), or ``parallel.pp_split``
       (``"3,6"``: the first layer of each stage after the first);
-    - stage 0 keeps the token embedding, the last stage the final norm and output projection;
+    - stage 0 keeps the token embedding, the last stage the final norm and output projection
+      (tied embeddings: each holds a copy of the shared matrix, their gradients summed after
+      every backward, see ``tied_embeddings.py``);
       every stage is a pruned :class:`~meshforge.models.decoder.Decoder` whose forward starts
       from / stops at hidden states where those modules are ``None``;
     - placement: ``gpipe``/``1f1b`` one stage per rank; ``interleaved_1f1b`` and
@@ -25,10 +27,10 @@ stage passes the next one a tuple of tensors, as Megatron's encoder-decoder pipe
   the encoder output ``enc`` travels with the decoder stream to every later stage (each
   decoder layer's cross-attention reads it), and its gradient, summed over those layers,
   travels back the same way.
-- Stage 0 holds the only copy of the shared token embedding and of both relative position
-  tables: it embeds the decoder inputs too and computes each stack's position bias once,
-  and the biases ride along (no parameter lives on two stages, so no gradient needs
-  adding across stages). The biases hold only this rank's heads under TP (a plain tensor).
+- Stage 0 holds the token embedding and both relative position tables: it embeds the
+  decoder inputs too and computes each stack's position bias once, and the biases ride
+  along. Only a tied output projection lives on a second stage (the last), as a copy
+  whose gradient is summed with the embedding's (``tied_embeddings.py``). The biases hold only this rank's heads under TP (a plain tensor).
 - The source padding mask is not an activation: the runner gives it to every stage as a
   keyword argument (``torch.distributed.pipelining`` splits keyword tensors into the same
   microbatches on each stage), and each stage builds its own attention masks from it.
@@ -78,6 +80,7 @@ from ..models.encoder_decoder import Stack, add_biases, padding_bias
 from ..models.moe import moe_layers
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
+from .tied_embeddings import TiedEmbeddingGrads
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
@@ -335,6 +338,11 @@ class PipelineModel(nn.Module):
         self.plan = plan
         self.cfg = parts[0].cfg
         self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
+        if self.tok_embeddings is None and self.cfg.tie_embeddings and self.has_last:
+            # this rank's copy of the tied matrix is the output's: give it the single-process name
+            # first, as the single-process model does (see tied_embeddings.py)
+            self.tok_embeddings = _Part()
+            self.tok_embeddings.weight = parts[-1].output.weight
         if self.encoder_decoder:
             for stack in ("encoder", "decoder"):
                 view = _Part()
@@ -387,8 +395,6 @@ def split_model(model: nn.Module, plan: PipelinePlan, pp_rank: int) -> list[nn.M
 def apply_pipeline(model: nn.Module, mesh: DeviceMesh, d: Degrees, cfg: JobConfig,
                    parallelize_stage: Callable[[nn.Module], nn.Module]) -> PipelineModel:
     """Split ``model`` for this rank's pipeline coordinate, parallelize each stage, return the view."""
-    if getattr(model.cfg, "tie_embeddings", False):
-        raise ConfigError("pipeline parallel needs untied embeddings (set model.tie_embeddings = false)")
     plan = plan_pipeline(cfg, d, next(model.parameters()).device.type)
     pp_rank = mesh.get_local_rank("pp")
     stage_ids = plan.stages_of_rank(pp_rank)
@@ -463,6 +469,8 @@ class PipelineRunner:
             self.schedule = cls(stages, n, loss_fn=self._loss, scale_grads=False)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
         self._loss_holders = dist.get_world_size() // self.plan.pp
+        tied = model.cfg.tie_embeddings and (model.has_first or model.has_last)
+        self.tied = TiedEmbeddingGrads(model.tok_embeddings.weight if tied else None, self.pp_group, model.has_last)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         parts = self.loss_fn(logits, targets, self.z_loss_coef)
@@ -498,8 +506,12 @@ class PipelineRunner:
         return local / self._loss_holders
 
     def train_step(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss]."""
-        return self._global_mean(self._run(batch, train=True))
+        """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss].
+
+        With tied embeddings, the two copies' gradients are summed before this returns."""
+        local = self._run(batch, train=True)
+        self.tied.sum_()
+        return self._global_mean(local)
 
     @torch.no_grad()
     def eval_losses(self, batches) -> float:

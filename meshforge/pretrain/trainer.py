@@ -233,7 +233,8 @@ class Trainer:
         batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
         set_aux_grad_scale(self.model, 1.0 / self.pipeline.plan.n_microbatches)  # as each microbatch's loss
         losses = self.pipeline.train_step(batch)  # global means, on every rank
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group)
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group,
+                                   self.pipeline.tied.counted_elsewhere)
         record = self._update(losses, grad_norm)
         if cfg.model.moe_experts:  # this rank holds some of the MoE layers (or none): reduce over all of them
             every = [f"layers.{i}.feed_forward" for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]

@@ -1,0 +1,60 @@
+"""Tied embeddings under pipeline parallel against one process with the same tied weights.
+
+The embedding (first stage) and the output projection (last stage) each hold a copy of the
+shared matrix; their gradients are summed over the pair of ranks after every backward. The
+runs give only ``--parallel.pp 2`` (and a schedule): the micro batch and the pipeline
+microbatch count are the defaults (``train.micro_batch_size = 0``: 4 microbatches for
+1f1b, 8 for interleaved), while the reference accumulates micro batches of 2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parallel_harness import PARITY_ARGS, read_result, run_ranks, train_layout
+from test_parallel_pp import _assert_pp_parity
+
+TIED_ARGS = ("--model.tie_embeddings", "true", "--train.eval_interval", "5")
+DEFAULT_MICRO = ("--train.micro_batch_size", "0")
+
+
+@pytest.fixture(scope="module")
+def tied_ref(tiny_data, tmp_path_factory):
+    """The single-process reference with tied embeddings (micro batches of 2, accumulated)."""
+    return train_layout(tiny_data, tmp_path_factory.mktemp("pp_tied_ref") / "ref", 1, *TIED_ARGS)
+
+
+def _assert_tied(got) -> None:
+    assert "output.weight" in got.params and "tok_embeddings.weight" in got.params
+    torch.testing.assert_close(got.params["output.weight"], got.params["tok_embeddings.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_tied_pipeline_matches_single_process(schedule, tiny_data, tied_ref, tmp_path):
+    got = train_layout(tiny_data, tmp_path / schedule, 2, "--parallel.pp", "2", "--parallel.pp_schedule", schedule,
+                       *TIED_ARGS, *DEFAULT_MICRO)
+    _assert_pp_parity(tied_ref, got)
+    _assert_tied(got)
+
+
+def test_tied_pipeline_checkpoint_resumes(tiny_data, tied_ref, tmp_path):
+    """pp2 1f1b (tied) trains 5 steps and checkpoints; pp2 interleaved (4 virtual stages) resumes
+    from it to step 10; its checkpoint holds the shared matrix once, under the single-process
+    names, and loads into a single-process model: the same run as the reference."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out = tmp_path / "run"
+    common = ["train", *PARITY_ARGS, *TIED_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
+              "--parallel.pp", "2", *DEFAULT_MICRO]
+    run_ranks(2, [*common, "--parallel.pp_schedule", "1f1b", "--train.steps", "5"])
+    run_ranks(2, [*common, "--parallel.pp_schedule", "interleaved_1f1b"])
+    for step in (5, 10):
+        keys = FileSystemReader(str(out / "checkpoints" / f"step_{step:08d}")).read_metadata().state_dict_metadata
+        tied = sorted(k for k in keys if "tok_embeddings" in k or "output.weight" in k)
+        assert tied == ["model.output.weight", "model.tok_embeddings.weight",
+                        "optim.state.tok_embeddings.weight.exp_avg", "optim.state.tok_embeddings.weight.exp_avg_sq",
+                        "optim.state.tok_embeddings.weight.step"], tied
+    got = read_result(out)  # the pp2 checkpoint loaded into one process
+    _assert_pp_parity(tied_ref, got)
+    _assert_tied(got)
