@@ -77,7 +77,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import ConfigError, JobConfig, micro_batch_size
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
-from ..models.moe import moe_layers
+from ..models.moe import RouterStats, collect_router_stats
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 from .tied_embeddings import TiedEmbeddingGrads
@@ -477,20 +477,28 @@ class PipelineRunner:
         self._parts.append(torch.stack([parts.ce.detach().float(), parts.z_loss.detach().float()]))
         return parts.total / self.plan.n_microbatches
 
-    def _run(self, batch: torch.Tensor, train: bool) -> torch.Tensor:
-        """Run one batch; return this rank's [ce, z] mean over its microbatches (zeros off the last stage)."""
+    def _run(self, batch: torch.Tensor, train: bool, stats: RouterStats | None = None) -> torch.Tensor:
+        """Run one batch; return this rank's [ce, z] mean over its microbatches (zeros off the last stage).
+
+        MoE router statistics of the training forwards go to ``stats``. The first schedule call
+        after a switch between training and evaluation (the very first one too) runs each stage
+        once more, before its microbatches, on placeholder inputs to infer the shapes it sends
+        and receives; only the last ``n_microbatches`` passes of each layer are real, so the
+        rest are dropped (they must not steer the routing bias; their aux loss may be NaN)."""
         inputs, targets = self.model_inputs(batch)
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
         args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
-        with self.autocast(), _without_inference_pass(self.model.parts, self.plan.n_microbatches):
+        n = self.plan.n_microbatches
+        with self.autocast(), collect_router_stats(self.model.parts, stats or RouterStats()):
             if train:
                 self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
                 self.schedule.eval(*args, target=target, **kwargs)
-        n = self.plan.n_microbatches
+        if stats is not None:
+            stats.keep_last(n)
         local = torch.zeros(2, device=self.device)
         if self.model.has_last:
             # the stage's shape inference may have called the loss once more before the real microbatches
@@ -505,11 +513,12 @@ class PipelineRunner:
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
         return local / self._loss_holders
 
-    def train_step(self, batch: torch.Tensor) -> torch.Tensor:
+    def train_step(self, batch: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
         """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss].
 
-        With tied embeddings, the two copies' gradients are summed before this returns."""
-        local = self._run(batch, train=True)
+        MoE router statistics go to ``stats``; with tied embeddings, the two copies' gradients
+        are summed before this returns."""
+        local = self._run(batch, train=True, stats=stats)
         self.tied.sum_()
         return self._global_mean(local)
 
@@ -526,59 +535,6 @@ class PipelineRunner:
         for part in self.model.parts:
             part.train()
         return (self._global_mean(total) / max(count, 1))[0].item()
-
-
-@contextlib.contextmanager
-def _without_inference_pass(parts: list[nn.Module], n_microbatches: int):
-    """Keep MoE router statistics to the real microbatches of a schedule call.
-
-    The first schedule call after a switch between training and evaluation (the very first
-    one too) runs each stage once more, before its microbatches, on placeholder inputs
-    (uninitialized memory), to infer the shapes it sends and receives. That extra forward
-    would count in the step's expert load (steering the aux-loss-free bias) and router
-    metrics, and its aux loss may even be NaN. So what each part's first forward of the call
-    adds is set aside at once (the state restored); if the part then ran ``n_microbatches``
-    times only, that forward was a real microbatch and its share is added back.
-    """
-    watched = [(part, [m for _, m in moe_layers(part)]) for part in parts]
-    watched = [(part, layers) for part, layers in watched if layers]
-    if not watched:
-        yield
-        return
-    calls = [0] * len(watched)
-    before_first: list = [None] * len(watched)
-    first_share: list = [None] * len(watched)
-    hooks = []
-    for i, (part, layers) in enumerate(watched):
-        def before(module, args, i=i, layers=layers):
-            calls[i] += 1
-            if calls[i] == 1:
-                before_first[i] = [({k: v.clone() for k, v in m.stats.items()}, m.tokens_per_expert.clone())
-                                   for m in layers]
-
-        def after(module, args, output, i=i, layers=layers):
-            if calls[i] != 1:
-                return
-            share = []
-            for m, (stats0, load0) in zip(layers, before_first[i]):
-                share.append(({k: v - stats0.get(k, 0) for k, v in m.stats.items()}, m.tokens_per_expert - load0))
-                m.stats = stats0
-                m.tokens_per_expert.copy_(load0)
-            first_share[i] = share
-
-        hooks += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-    for i, (_, layers) in enumerate(watched):
-        if calls[i] == n_microbatches + 1 or first_share[i] is None:
-            continue  # the first forward was the shape inference: its share stays out
-        for m, (stats, load) in zip(layers, first_share[i]):
-            for key, value in stats.items():
-                m.stats[key] = m.stats[key] + value if key in m.stats else value
-            m.tokens_per_expert += load
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
