@@ -231,7 +231,10 @@ def stats_row(kept_counts: torch.Tensor, assigned: torch.Tensor, balance: torch.
 def recomputing() -> bool:
     """Whether this forward runs inside a backward: activation checkpointing's recomputation.
 
-    (torch's own checkpoint tells recomputations apart by the same graph-task id.)"""
+    (torch's own checkpoint tells recomputations apart by the same graph-task id.) A compiled
+    block never reruns this Python: it recomputes inside its compiled backward."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
