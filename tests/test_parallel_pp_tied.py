@@ -58,3 +58,22 @@ def test_tied_pipeline_checkpoint_resumes(tiny_data, tied_ref, tmp_path):
     got = read_result(out)  # the pp2 checkpoint loaded into one process
     _assert_pp_parity(tied_ref, got)
     _assert_tied(got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, world, overrides", [
+    # both copies FSDP-sharded over dp_shard 2: each rank sums its rows with its partner's same rows
+    ("pp2xfsdp2-interleaved", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
+    # the embedding rowwise and the output colwise over tp 2: both shard the shared matrix's rows
+    # (the embedding's gradient comes back replicated over tp and is sliced to the weight's rows first)
+    ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    ("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
+    ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
+])
+def test_tied_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, tied_ref, tmp_path):
+    from parallel_harness import TP_ATOL
+
+    got = train_layout(tiny_data, tmp_path / name, world, "--parallel.pp", "2", *overrides, *TIED_ARGS, *DEFAULT_MICRO)
+    _assert_pp_parity(tied_ref, got, atol=TP_ATOL if "--parallel.tp" in overrides else 1e-6)
+    _assert_tied(got)

@@ -264,10 +264,6 @@ class RouterStats:
         return torch.stack(rows).sum(0) if rows else None
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-
-
 @contextlib.contextmanager
 def collect_router_stats(modules: nn.Module | list[nn.Module], stats: RouterStats):
     """Lend ``stats`` to every MoE layer of ``modules`` for the forwards run inside the block."""

@@ -29,8 +29,9 @@ stage passes the next one a tuple of tensors, as Megatron's encoder-decoder pipe
   travels back the same way.
 - Stage 0 holds the token embedding and both relative position tables: it embeds the
   decoder inputs too and computes each stack's position bias once, and the biases ride
-  along. Only a tied output projection lives on a second stage (the last), as a copy
-  whose gradient is summed with the embedding's (``tied_embeddings.py``). The biases hold only this rank's heads under TP (a plain tensor).
+  along; they hold only this rank's heads under TP (a plain tensor). Only a tied output
+  projection lives on a second stage (the last), as a copy whose gradient is summed with
+  the embedding's (``tied_embeddings.py``).
 - The source padding mask is not an activation: the runner gives it to every stage as a
   keyword argument (``torch.distributed.pipelining`` splits keyword tensors into the same
   microbatches on each stage), and each stage builds its own attention masks from it.
@@ -55,10 +56,9 @@ Microbatches (:func:`pipeline_microbatches`): ``parallel.pp_microbatches``; else
 ``local batch / train.micro_batch_size`` when that is set (the same microbatches the
 non-pipelined trainer accumulates over); else the divisor of the local batch nearest to
 ``2 * pp * stages per rank`` that the schedule accepts, so that every schedule runs with only
-``parallel.pp`` given. The loss of each
-microbatch is ``lm_loss(...).total / n_microbatches`` so the accumulated gradient is the mean
-over the local batch, exactly as in the single-process loop; data parallel then averages
-over its ranks.
+``parallel.pp`` given. The loss of each microbatch is ``lm_loss(...).total / n_microbatches``
+so the accumulated gradient is the mean over the local batch, exactly as in the
+single-process loop; data parallel then averages over its ranks.
 
 Order in :func:`meshforge.parallel.parallelize`: this split first, then TP, activation
 checkpointing, compile and FSDP applied to each stage module.

@@ -29,15 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-def tied_weight(part: nn.Module) -> nn.Parameter | None:
-    """The copy of the shared matrix a first or last stage module holds (None elsewhere)."""
-    if getattr(part, "tok_embeddings", None) is not None:
-        return part.tok_embeddings.weight
-    if getattr(part, "output", None) is not None:
-        return part.output.weight
-    return None
+from torch.distributed.tensor import DTensor
 
 
 class TiedEmbeddingGrads:
@@ -61,8 +53,12 @@ class TiedEmbeddingGrads:
         """In place: each copy's gradient becomes the sum of both (call after the backward)."""
         if self.group is None:
             return
-        grad = self.weight.grad
+        w, grad = self.weight, self.weight.grad
         if grad is None:  # a stage whose copy took no gradient still contributes zeros
-            grad = self.weight.grad = torch.zeros_like(self.weight)
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
+            grad = w.grad = torch.zeros_like(w)
+        if isinstance(grad, DTensor) and grad.placements != w.placements:
+            # the rowwise embedding's gradient comes back replicated over tp: take this rank's rows
+            # (a local slice), laid out as the weight and as the partner's copy
+            grad = w.grad = grad.redistribute(w.device_mesh, w.placements)
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
         dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.group)
