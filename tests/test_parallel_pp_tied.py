@@ -91,3 +91,27 @@ def test_tied_pipeline_layouts_match_single_process(name, world, overrides, tiny
     got = train_layout(tiny_data, tmp_path / name, world, "--parallel.pp", "2", *overrides, *TIED_ARGS, *DEFAULT_MICRO)
     _assert_pp_parity(tied_ref, got, atol=TP_ATOL if "--parallel.tp" in overrides else 1e-6)
     _assert_tied(got)
+
+
+def test_last_stage_names_its_copy_as_one_process_does():
+    """The last stage's view names the output's copy ``tok_embeddings.weight`` first (the optimizer
+    and checkpoints see the single-process names); the middle stages hold no copy."""
+    from meshforge.config import load_config
+    from meshforge.models import build_model
+    from meshforge.parallel.mesh import resolve_degrees
+    from meshforge.parallel.pipeline import PipelineModel, plan_pipeline, split_model
+
+    cfg = load_config("tiny-test", ["--model.n_layers", "3", "--parallel.pp", "3", "--train.micro_batch_size", "0"])
+    assert cfg.model.tie_embeddings
+    plan = plan_pipeline(cfg, resolve_degrees(cfg.parallel, 3))
+    torch.manual_seed(0)
+    full = build_model(cfg.model)
+    names = {n for n, _ in full.named_parameters()}
+    views = [PipelineModel(split_model(full, plan, r), plan.stages_of_rank(r), plan) for r in range(3)]
+    first, middle, last = ([n for n, _ in v.named_parameters()] for v in views)
+    assert "tok_embeddings.weight" in first and "tok_embeddings.weight" in last
+    assert not any(n.startswith(("tok_embeddings", "output")) for n in middle)
+    assert "output.weight" not in last and last[0] == "tok_embeddings.weight"  # one name, the single-process one
+    assert views[2].tok_embeddings.weight is views[2].output.weight
+    assert set(first) | set(middle) | set(last) == names
+    assert views[2].state_dict().keys() >= {"tok_embeddings.weight", "output.weight"}
