@@ -58,7 +58,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     tie_embeddings: bool = True
-    """Share the token embedding matrix with the output projection."""
+    """Share the token embedding matrix with the output projection (under pipeline parallel the first and last stages each hold a copy, their gradients summed every step)."""
     qk_norm: bool = False
     """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
     init_std: float = 0.02
