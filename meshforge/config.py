@@ -63,7 +63,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """Epsilon of every RMSNorm."""
     tie_embeddings: bool = True
-    """Share the token embedding matrix with the output projection."""
+    """Share the token embedding matrix with the output projection (under pipeline parallel the first and last stages each hold a copy, their gradients summed every step)."""
     qk_norm: bool = False
     """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
     init_std: float = 0.02
@@ -146,7 +146,7 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     """Pipeline schedule: ``gpipe``, ``1f1b``, ``interleaved_1f1b``, ``zero_bubble`` (interleaved zero-bubble)."""
     pp_microbatches: int = 0
-    """Microbatches per pipeline step; 0 means 2 * (stages per rank * pp)."""
+    """Microbatches per pipeline step (per data-parallel rank); 0 means local batch / train.micro_batch_size when train.micro_batch_size > 0, else the divisor of the local batch (global_batch_size / data-parallel degree) nearest to 2 * pp * stages per rank among those the schedule accepts (the larger one on a tie)."""
     pp_stages_per_rank: int = 0
     """Virtual stages per pipeline rank; 0 means 1 for gpipe/1f1b and 2 for the interleaved schedules."""
     pp_split: str = ""
@@ -241,8 +241,8 @@ class TrainConfig:
     """Number of optimizer steps."""
     global_batch_size: int = 16
     """Samples per optimizer step over all data-parallel ranks."""
-    micro_batch_size: int = 16
-    """Samples per forward/backward on one rank; gradient accumulation makes up the rest."""
+    micro_batch_size: int = 0
+    """Samples per forward/backward on one rank; 0 means the whole local batch (global_batch_size / data-parallel degree: no gradient accumulation, on any number of ranks that divides the global batch). A positive value accumulates gradients over global_batch_size / (micro_batch_size * data-parallel degree) micro batches; under pipeline parallel it sets the microbatch size (see parallel.pp_microbatches)."""
     seed: int = 1234
     """Seed of model init and of the data order."""
     output_dir: str = "runs/small"
@@ -524,7 +524,7 @@ def validate(cfg: JobConfig) -> None:
         "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -534,6 +534,7 @@ def validate(cfg: JobConfig) -> None:
         "optim.grad_clip": cfg.optim.grad_clip, "train.eval_interval": t.eval_interval,
         "train.z_loss_coef": t.z_loss_coef, "checkpoint.interval": cfg.checkpoint.interval,
         "logging.log_interval": cfg.logging.log_interval, "train.sample_tokens": t.sample_tokens,
+        "train.micro_batch_size": t.micro_batch_size,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -585,7 +586,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if t.global_batch_size % t.micro_batch_size:
+    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size ({t.micro_batch_size})"
         )
@@ -709,6 +710,28 @@ def mode_token_pieces(text: str) -> tuple[str, str, str]:
         raise ConfigError(f"data.ul2_mode_tokens = {text!r} must be 'reserved' or three distinct comma-separated "
                           "tokenizer pieces for R, X and S (e.g. '[NLU],[NLG],[S2S]'), or empty for none")
     return pieces  # type: ignore[return-value]
+
+
+def micro_batch_size(t: TrainConfig, dp: int) -> int:
+    """``train.micro_batch_size`` on ``dp`` data-parallel ranks: 0 resolves to the whole local batch.
+
+    Raises ConfigError, naming the numbers, when the global batch does not split into
+    micro batches on ``dp`` ranks."""
+    if not t.micro_batch_size:
+        if t.global_batch_size % dp:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) does not divide by the data-parallel degree ({dp}); "
+                f"train.micro_batch_size = 0 takes global / data-parallel samples per rank: use a global batch that "
+                f"{dp} divides, or another number of ranks"
+            )
+        return t.global_batch_size // dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size * data-parallel "
+            f"degree ({t.micro_batch_size} * {dp} = {t.micro_batch_size * dp}); set train.micro_batch_size = 0 for "
+            "global / data-parallel samples per rank"
+        )
+    return t.micro_batch_size
 
 
 def resolve_objective(cfg: JobConfig) -> str:

@@ -1,11 +1,13 @@
 """Config loading: presets, overrides, unknown keys, wrong types, cross-field checks."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from meshforge.config import ConfigError, JobConfig, describe, field_docs, load_config, parse_cli_overrides
-from meshforge.parallel.mesh import resolve_degrees
+from meshforge.config import (ConfigError, JobConfig, describe, field_docs, load_config, micro_batch_size,
+                              parse_cli_overrides)
+from meshforge.parallel.mesh import check_job, resolve_degrees
 
 
 def test_small_preset_equals_defaults():
@@ -94,3 +96,42 @@ def test_mesh_degrees():
         resolve_degrees(load_config(None, {"parallel.tp": 4}).parallel, 6)
     with pytest.raises(ConfigError, match=r"= 4 but the world size is 2"):
         resolve_degrees(load_config(None, {"parallel.dp_shard": 4}).parallel, 2)
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_run_on_any_rank_count_dividing_the_global_batch(preset):
+    """`torchrun --nproc-per-node N -m meshforge train --config <preset>`: the job checks pass for
+    every N (a multiple of the preset's own model-parallel degrees) whose data-parallel degree
+    divides the global batch (and the micro batch times it, when the preset sets a micro batch)."""
+    cfg = load_config(preset)
+    t, p = cfg.train, cfg.parallel
+    assert t.micro_batch_size < t.global_batch_size, "a preset's micro batch equal to its global batch breaks N > 1"
+    for mult in (1, 2, 3, 4, 8, 16):
+        n = p.pp * p.tp * p.dp_replicate * p.cp * p.ep * mult
+        d = resolve_degrees(p, n)
+        if t.global_batch_size % (max(t.micro_batch_size, 1) * d.dp):
+            with pytest.raises(ConfigError, match=f"train.global_batch_size \\({t.global_batch_size}\\)"):
+                check_job(cfg, d)
+            continue
+        check_job(cfg, d)
+        micro = micro_batch_size(t, d.dp)
+        assert micro == (t.micro_batch_size or t.global_batch_size // d.dp)
+
+
+def test_micro_batch_size_zero_is_the_local_batch():
+    assert JobConfig().train.micro_batch_size == 0
+    t = load_config(None, {"train.global_batch_size": 16}).train
+    assert [micro_batch_size(t, dp) for dp in (1, 2, 4, 16)] == [16, 8, 4, 1]
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(16\) does not divide by the data-parallel "
+                                          r"degree \(3\)"):
+        micro_batch_size(t, 3)
+    t = load_config(None, {"train.global_batch_size": 16, "train.micro_batch_size": 4}).train
+    assert [micro_batch_size(t, dp) for dp in (1, 2, 4)] == [4, 4, 4]  # positive: today's meaning
+    with pytest.raises(ConfigError, match=r"must divide by train.micro_batch_size \* data-parallel degree "
+                                          r"\(4 \* 8 = 32\)"):
+        micro_batch_size(t, 8)
+    with pytest.raises(ConfigError, match="train.micro_batch_size must be >= 0, got -1"):
+        load_config(None, {"train.micro_batch_size": -1})

@@ -76,6 +76,18 @@ def test_encoder_decoder_layouts_match_single_process(name, world, overrides, at
     _assert_parity(ref, got, atol)
 
 
+@pytest.mark.slow
+def test_tied_encoder_decoder_pipeline_matches_single_process(t5_data, tmp_path):  # noqa: F811
+    """A tied T5 (the output projection shares the embedding, logits scaled by dim^-1/2) over pp2:
+    stage 0 embeds both streams, the last stage's copy projects; their gradients are summed."""
+    tied = ("--model.tie_embeddings", "true")
+    want = train_layout(t5_data, tmp_path / "ref", 1, *tied, extra_args=PAR_ARGS)
+    got = train_layout(t5_data, tmp_path / "pp2", 2, *tied, "--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
+                       extra_args=PAR_ARGS)
+    torch.testing.assert_close(got.params["output.weight"], got.params["tok_embeddings.weight"], rtol=0, atol=0)
+    _assert_parity(want, got, 1e-6)
+
+
 def test_moe_encoder_decoder_ep2_matches_single_process(t5_data, tmp_path):  # noqa: F811
     """ST-MoE-style: every encoder and decoder FFN an MoE of 4 experts (top-2), experts over ep = 2."""
     moe = ("--model.moe_experts", "4", "--model.moe_top_k", "2")

@@ -8,7 +8,7 @@ import torch
 from meshforge.config import ModelConfig
 from meshforge.models import build_model
 from meshforge.models.layers import FeedForward
-from meshforge.models.moe import MoE, pop_moe_stats
+from meshforge.models.moe import STAT_KEYS, MoE, RouterStats, collect_router_stats
 
 
 def moe_cfg(**kw) -> ModelConfig:
@@ -22,6 +22,16 @@ def make_moe(**kw) -> MoE:
     m = MoE(moe_cfg(**kw))
     m.init_weights(0.2, 0.2)
     return m
+
+
+def collected(m: MoE, x: torch.Tensor, aux_grad_scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """``m(x)`` with a step's collector lent to it; its summed statistics by key (``load``: per expert)."""
+    stats = RouterStats(aux_grad_scale)
+    with collect_router_stats(m, stats):
+        y = m(x)
+    sums = stats.sums(m)
+    got = {} if sums is None else {**dict(zip(STAT_KEYS, sums[:len(STAT_KEYS)])), "load": sums[len(STAT_KEYS):]}
+    return y, got
 
 
 def reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +80,10 @@ def test_capacity_keeps_highest_probability_tokens():
     capacity = math.ceil(0.5 * n * 1 / 4)
     assert keep.sum() == capacity
     assert keep[-capacity:].all() and not keep[:-capacity].any()  # the most confident tokens stay
-    y = m(x)
+    y, stats = collected(m, x)
     dropped_rows = (y.abs().sum(-1) == 0)
     assert dropped_rows.sum() == n - capacity
-    stats = pop_moe_stats(torch.nn.ModuleDict({"l": m}))
-    assert stats["l/dropped"] == n - capacity and stats["l/assigned"] == n
+    assert stats["dropped"] == n - capacity and stats["assigned"] == n
 
 
 def test_aux_loss_equals_formula_on_hand_case():
@@ -85,21 +94,21 @@ def test_aux_loss_equals_formula_on_hand_case():
         m.router.weight.copy_(torch.eye(2, 16))
     x = torch.zeros(4, 16)
     x[:, :2] = logits
-    m(x)
+    _, stats = collected(m, x)
     p = logits.softmax(-1)
     f = torch.tensor([3 / 4, 1 / 4])
     expected = 2 * (f * p.mean(0)).sum()
-    stats = pop_moe_stats(torch.nn.ModuleDict({"l": m}))
-    torch.testing.assert_close(stats["l/aux_loss"], expected)
-    torch.testing.assert_close(stats["l/z_loss"], torch.logsumexp(logits, -1).square().mean())
+    torch.testing.assert_close(stats["aux_loss"], expected)
+    torch.testing.assert_close(stats["z_loss"], torch.logsumexp(logits, -1).square().mean())
 
 
 def test_aux_loss_reaches_the_router_gradient():
     """Backward through the layer adds d(scale * aux)/d(router) to the router's gradient."""
     m = make_moe(moe_aux_loss_coef=0.5, moe_z_loss_coef=0.1)
-    m.aux_grad_scale = 0.25
     x = torch.randn(12, 16)
-    m(x).sum().backward()
+    stats = RouterStats(aux_grad_scale=0.25)  # the step's weight of the aux losses
+    with collect_router_stats(m, stats):
+        m(x).sum().backward()
     got = m.router.weight.grad.clone()
     m.zero_grad()
     # explicit: output sum + 0.25 * (0.5 * balance + 0.1 * z)
@@ -121,11 +130,9 @@ def test_bias_update_moves_load_toward_balance():
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1)).abs()
     spread = []
     for _ in range(100):
-        m(x)
-        load = m.tokens_per_expert.clone()
+        load = collected(m, x)[1]["load"]
         spread.append(float(load.max() - load.min()))
         m.update_bias(load, rate=0.01)
-        m.tokens_per_expert.zero_()
     assert spread[0] > 200
     assert max(spread[-10:]) < 0.3 * spread[0], spread[-10:]
     assert m.route_bias[0] < 0 < m.route_bias[1:].max()
@@ -199,19 +206,30 @@ def test_router_stays_fp32_under_bf16_autocast():
 
 def test_eval_forwards_leave_router_statistics_alone():
     """Validation batches must not count in the step's metrics nor steer the aux-loss-free bias."""
-    from meshforge.models.moe import pop_moe_stats
-
     m = make_moe(moe_top_k=2)
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
-    m(x)
-    trained = pop_moe_stats(m)
+    _, trained = collected(m, x)
     m.eval()
     with torch.no_grad():
-        m(x)
-    assert pop_moe_stats(m)["/load"].sum() == 0 and not m.stats
+        assert collected(m, x)[1] == {}
     m.train()
-    m(x)
-    again = pop_moe_stats(m)
-    assert again.keys() == trained.keys()
+    _, again = collected(m, x)
+    assert again.keys() == trained.keys() and trained["passes"] == 1
     for k, v in trained.items():
         torch.testing.assert_close(again[k], v)
+    assert m.collector is None  # lent for the block only: no statistics live in the module
+
+
+def test_router_stats_are_not_module_state():
+    """Without a collector the layer computes and keeps nothing; one collector per step, rows per pass."""
+    m = make_moe()
+    x = torch.randn(8, 16)
+    m(x)  # no collector lent: nothing recorded anywhere
+    assert not [b for b in m.buffers() if b is not m.route_bias] and m.collector is None
+    stats = RouterStats()
+    with collect_router_stats(m, stats):
+        m(x)
+        m(x)
+    assert len(stats.rows[m]) == 2
+    stats.keep_last(1)
+    assert len(stats.rows[m]) == 1 and stats.sums(m)[STAT_KEYS.index("passes")] == 1

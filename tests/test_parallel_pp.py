@@ -1,7 +1,7 @@
 """Pipeline parallel (every schedule, uneven split, x FSDP2, x TP, resume) against one process.
 
-The reference is a single-process run with untied embeddings (pipeline parallel needs them:
-the embedding and the output projection live on different stages). Every run also
+The reference is a single-process run with untied embeddings (tied ones, whose two copies
+live on the first and last stages, are tested in test_parallel_pp_tied.py). Every run also
 evaluates at steps 0, 5 and 10, so the forward-only schedule is checked against the
 reference's validation loss, including the switch between eval and train at step 0.
 """
@@ -146,6 +146,40 @@ def test_pipeline_plan():
     plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cpu")  # auto: no compile on CPU
     with pytest.raises(ConfigError, match="set parallel.compile = off"):
         plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cuda")
+
+
+def test_default_microbatches_follow_help_config():
+    """With only parallel.pp given, every schedule gets a microbatch count it runs, chosen by the
+    rule that `meshforge train --help-config` prints for parallel.pp_microbatches."""
+    from meshforge.config import ParallelConfig, describe, field_docs
+    from meshforge.parallel.pipeline import SCHEDULES
+
+    doc = field_docs(ParallelConfig)["pp_microbatches"]
+    assert doc in describe()
+    assert "local batch / train.micro_batch_size when train.micro_batch_size > 0" in doc
+    assert "nearest to 2 * pp * stages per rank among those the schedule accepts (the larger one on a tie)" in doc
+    seen = set()
+    for schedule in SCHEDULES:
+        for pp, world, batch in ((2, 2, 16), (2, 4, 16), (3, 3, 16), (4, 4, 16), (4, 8, 24), (2, 2, 6)):
+            cfg = load_config("small", ["--model.tie_embeddings", "false", "--model.n_layers", "16",
+                                        "--parallel.pp", str(pp), "--parallel.pp_schedule", schedule,
+                                        "--train.global_batch_size", str(batch)])
+            d = resolve_degrees(cfg.parallel, world)
+            n = plan_pipeline(cfg, d).n_microbatches
+            local, spr = batch // d.dp, 2 if schedule in ("interleaved_1f1b", "zero_bubble") else 1
+            runs = [k for k in range(1, local + 1) if local % k == 0 and (schedule == "gpipe" or k >= pp)
+                    and (spr == 1 or k % max(1, k // pp) == 0)]  # what each torch schedule accepts
+            assert n in runs, (schedule, pp, world, batch, n)
+            assert n == min(runs, key=lambda k: (abs(k - 2 * pp * spr), -k)), (schedule, pp, world, batch, n)
+            seen.add(n)
+            # a positive micro batch keeps its meaning: local batch / micro batch microbatches
+            cfg.train.micro_batch_size = local // n
+            assert plan_pipeline(cfg, d).n_microbatches == n
+    assert len(seen) > 3  # the grid exercises the rule, not one constant
+    with pytest.raises(ConfigError, match=r"no microbatch count suits schedule '1f1b' with parallel.pp = 4 on a "
+                                          r"local batch of 2"):
+        plan_pipeline(load_config("small", ["--model.tie_embeddings", "false", "--parallel.pp", "4",
+                                            "--train.global_batch_size", "4"]), resolve_degrees(ParallelConfig(pp=4), 8))
 
 
 def test_split_keeps_names_and_weights():

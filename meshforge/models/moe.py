@@ -20,11 +20,20 @@ Losses (added to the training loss through the gradient, see :class:`AuxLossToGr
 The experts are one module (:class:`GroupedExperts`) taking tokens already sorted by
 expert plus the count per expert, so expert parallelism can wrap it with an all-to-all
 without touching this file.
+
+Router statistics (expert load, aux and z losses, dropped assignments) are not module state:
+a training step owns a :class:`RouterStats` collector and lends it to the layers for its
+forward passes (:func:`collect_router_stats`); each training forward adds one row to it. A
+forward that autograd runs inside a backward -- activation checkpointing recomputing the
+block -- computes the same row (the recomputation must run the same ops) but does not add it,
+so the statistics do not depend on whether or how much is recomputed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +133,8 @@ class MoE(nn.Module):
         self.shared = (FeedForward(cfg.dim, cfg.expert_dim * cfg.moe_shared_experts)
                        if cfg.moe_shared_experts else None)
         self.register_buffer("route_bias", torch.zeros(cfg.moe_experts), persistent=True)
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.moe_experts), persistent=False)
-        self.aux_grad_scale = 1.0
-        """Weight of this layer's aux losses in the gradient (the trainer sets 1/microbatches)."""
-        self.stats: dict[str, torch.Tensor] = {}
+        self.collector: RouterStats | None = None
+        """The step's collector while a step runs (see :func:`collect_router_stats`), else None."""
 
     def route(self, x: torch.Tensor):
         """-> (expert ids [N, k], weights [N, k], fp32 logits [N, E], probabilities [N, E])."""
@@ -178,21 +185,16 @@ class MoE(nn.Module):
         assigned = torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
         balance = self.n_experts * torch.sum(assigned / (n * self.top_k) * probs.mean(0))
         z = torch.logsumexp(logits, -1).square().mean()
+        collector = self.collector
         if self.training:  # validation batches neither count in the metrics nor move the routing bias
-            self._record(counts, assigned, balance, z, n)
+            row = stats_row(counts, assigned, balance, z)
+            if collector is not None and not recomputing():
+                collector.add(self, row)
         aux = self.aux_coef * balance + self.z_coef * z
         if self.training and (self.aux_coef or self.z_coef) and torch.is_grad_enabled():
-            y = AuxLossToGrad.apply(y, aux, self.aux_grad_scale)
+            scale = collector.aux_grad_scale if collector is not None else 1.0
+            y = AuxLossToGrad.apply(y, aux, scale)
         return y.to(x.dtype).view(shape)
-
-    @torch.no_grad()
-    def _record(self, kept_counts, assigned, balance, z, n_tokens) -> None:
-        self.tokens_per_expert += kept_counts.float()
-        s = self.stats
-        for key, value in (("aux_loss", balance.detach()), ("z_loss", z.detach()),
-                           ("dropped", (assigned.sum() - kept_counts.sum()).float()),
-                           ("assigned", assigned.sum()), ("passes", torch.ones((), device=balance.device))):
-            s[key] = s[key] + value if key in s else value.clone()
 
     def init_weights(self, std: float, out_std: float) -> None:
         init_linear(self.router, std)
@@ -202,7 +204,6 @@ class MoE(nn.Module):
                 init_linear(lin, std)
             init_linear(self.shared.w2, out_std)
         self.route_bias.zero_()
-        self.tokens_per_expert.zero_()
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
@@ -214,20 +215,64 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
+STAT_KEYS = ("aux_loss", "z_loss", "dropped", "assigned", "passes")
+"""The scalar columns of a statistics row; the expert load (tokens kept per expert) follows."""
+
+
 @torch.no_grad()
-def pop_moe_stats(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Sums since the last call, per MoE layer, as tensors (so the trainer can all-reduce them);
-    clears them. Keys: ``<layer>/aux_loss``, ``z_loss``, ``dropped``, ``assigned``, ``passes``, ``load``."""
-    out = {}
-    for name, layer in moe_layers(model):
-        for key, value in layer.stats.items():
-            out[f"{name}/{key}"] = value
-        out[f"{name}/load"] = layer.tokens_per_expert.clone()
-        layer.stats = {}
-        layer.tokens_per_expert.zero_()
-    return out
+def stats_row(kept_counts: torch.Tensor, assigned: torch.Tensor, balance: torch.Tensor, z: torch.Tensor
+              ) -> torch.Tensor:
+    """One forward pass of one layer as a row: the :data:`STAT_KEYS` sums, then the load per expert."""
+    scalars = torch.stack([balance.detach().float(), z.detach().float(), (assigned.sum() - kept_counts.sum()).float(),
+                           assigned.sum(), torch.ones((), device=assigned.device)])
+    return torch.cat([scalars, kept_counts.float()])
 
 
-def set_aux_grad_scale(model: nn.Module, scale: float) -> None:
-    for _, layer in moe_layers(model):
-        layer.aux_grad_scale = scale
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward: activation checkpointing's recomputation.
+
+    (torch's own checkpoint tells recomputations apart by the same graph-task id.) A compiled
+    block never reruns this Python: it recomputes inside its compiled backward."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+class RouterStats:
+    """The router statistics of a training step's forward passes: what a step owns and reduces.
+
+    ``rows[layer]`` is a list with one :func:`stats_row` per training forward of that MoE
+    layer; ``aux_grad_scale`` is the weight of the layers' aux losses in the gradient (the step
+    sets 1 / its number of microbatches, as each microbatch's loss is weighted).
+    """
+
+    def __init__(self, aux_grad_scale: float = 1.0):
+        self.aux_grad_scale = aux_grad_scale
+        self.rows: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, layer: nn.Module, row: torch.Tensor) -> None:
+        self.rows[layer].append(row)
+
+    def keep_last(self, n: int) -> None:
+        """Keep each layer's last ``n`` rows (a pipeline schedule's extra shape-inference pass runs first)."""
+        for layer, rows in self.rows.items():
+            del rows[:-n]
+
+    def sums(self, layer: nn.Module) -> torch.Tensor | None:
+        """The layer's rows summed (None when it ran no training forward)."""
+        rows = self.rows.get(layer)
+        return torch.stack(rows).sum(0) if rows else None
+
+
+@contextlib.contextmanager
+def collect_router_stats(modules: nn.Module | list[nn.Module], stats: RouterStats):
+    """Lend ``stats`` to every MoE layer of ``modules`` for the forwards run inside the block."""
+    layers = [m for module in (modules if isinstance(modules, list) else [modules])
+              for _, m in moe_layers(module)]
+    for m in layers:
+        m.collector = stats
+    try:
+        yield stats
+    finally:
+        for m in layers:
+            m.collector = None

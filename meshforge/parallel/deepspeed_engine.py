@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig, micro_batch_size
 from .mesh import Degrees
 
 CHECKPOINT_TAG = "deepspeed"
@@ -90,7 +90,8 @@ def _offload(device: str, nvme_path: str, pin: bool) -> dict[str, Any]:
 def deepspeed_config(cfg: JobConfig, dp: int, device: torch.device) -> dict[str, Any]:
     """DeepSpeed's config dict for this job (no scheduler: the trainer steps our LambdaLR)."""
     p, t = cfg.parallel, cfg.train
-    grad_accum = t.global_batch_size // (t.micro_batch_size * dp)
+    micro = micro_batch_size(t, dp)
+    grad_accum = t.global_batch_size // (micro * dp)
     zero: dict[str, Any] = {"stage": p.zero_stage}
     pin = device.type == "cuda"  # pinned host memory needs an accelerator
     if p.offload_optimizer != "none":
@@ -99,7 +100,7 @@ def deepspeed_config(cfg: JobConfig, dp: int, device: torch.device) -> dict[str,
         zero["offload_param"] = _offload(p.offload_param, p.nvme_path, pin)
     return {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,  # 0 disables, as ours
         "zero_optimization": zero,

@@ -15,12 +15,16 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
-def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The L2 norm of all gradients of the whole model (every stage, every shard)."""
+def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None = None, counted_elsewhere=()) -> torch.Tensor:
+    """The L2 norm of all gradients of the whole model (every stage, every shard).
+
+    ``counted_elsewhere``: parameters whose gradient another pipeline rank counts (the last
+    stage's copy of a tied embedding), left out so that it counts once."""
+    skip = {id(p) for p in counted_elsewhere}
     groups: dict = defaultdict(list)
     for p in parameters:
         g = p.grad
-        if g is None:
+        if g is None or id(p) in skip:
             continue
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups[key].append(g)
@@ -36,10 +40,13 @@ def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None = None) -> to
     return total.sqrt()
 
 
-def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping); return the norm."""
+def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None,
+                   counted_elsewhere=()) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping); return the norm.
+
+    ``counted_elsewhere`` are left out of the norm (see :func:`total_grad_norm`) but clipped."""
     parameters = [p for p in parameters if p.grad is not None]
-    norm = total_grad_norm(parameters, pp_group)
+    norm = total_grad_norm(parameters, pp_group, counted_elsewhere)
     if max_norm > 0:
         # one foreach call per mesh: DTensors on different meshes (expert weights on ep) cannot share one
         by_mesh: dict = defaultdict(list)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, JobConfig, ModelConfig, ParallelConfig
+from ..config import ConfigError, JobConfig, ModelConfig, ParallelConfig, micro_batch_size
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -85,19 +85,12 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
                 f"{what} = {n_layers} cannot cover {stages} pipeline stages "
                 f"(parallel.pp = {d.pp} x {pipeline_stages_per_rank(p)} stages per rank)"
             )
-        if m.tie_embeddings:
-            raise ConfigError("pipeline parallel needs untied embeddings (set model.tie_embeddings = false): "
-                              "the embedding and the output live on different stages")
     if cfg.data.document_mask and (d.tp > 1 or d.pp > 1):
         raise ConfigError(f"data.document_mask works with data and expert parallelism only so far (parallel.tp = "
                           f"{d.tp}, parallel.pp = {d.pp}); use tp = pp = 1 or turn the mask off")
     if p.dp_backend == "deepspeed" and (d.tp > 1 or d.pp > 1 or d.dp_replicate > 1):
         raise ConfigError("parallel.dp_backend = 'deepspeed' supports data parallelism only (tp = pp = dp_replicate = 1)")
-    if t.global_batch_size % (t.micro_batch_size * d.dp):
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must divide by micro_batch_size * data-parallel "
-            f"degree ({t.micro_batch_size} * {d.dp} = {t.micro_batch_size * d.dp})"
-        )
+    micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
 
 
 def pipeline_layers(m: ModelConfig) -> tuple[int, str]:

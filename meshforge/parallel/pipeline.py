@@ -5,7 +5,9 @@ The split (:func:`plan_pipeline`, :func:`split_model`)
       (when the layers do not divide evenly the *first* stages get one more, since the last
       stage also carries the output projection and the loss), or ``parallel.pp_split``
       (``"3,6"``: the first layer of each stage after the first);
-    - stage 0 keeps the token embedding, the last stage the final norm and output projection;
+    - stage 0 keeps the token embedding, the last stage the final norm and output projection
+      (tied embeddings: each holds a copy of the shared matrix, their gradients summed after
+      every backward, see ``tied_embeddings.py``);
       every stage is a pruned :class:`~meshforge.models.decoder.Decoder` whose forward starts
       from / stops at hidden states where those modules are ``None``;
     - placement: ``gpipe``/``1f1b`` one stage per rank; ``interleaved_1f1b`` and
@@ -25,10 +27,11 @@ stage passes the next one a tuple of tensors, as Megatron's encoder-decoder pipe
   the encoder output ``enc`` travels with the decoder stream to every later stage (each
   decoder layer's cross-attention reads it), and its gradient, summed over those layers,
   travels back the same way.
-- Stage 0 holds the only copy of the shared token embedding and of both relative position
-  tables: it embeds the decoder inputs too and computes each stack's position bias once,
-  and the biases ride along (no parameter lives on two stages, so no gradient needs
-  adding across stages). The biases hold only this rank's heads under TP (a plain tensor).
+- Stage 0 holds the token embedding and both relative position tables: it embeds the
+  decoder inputs too and computes each stack's position bias once, and the biases ride
+  along; they hold only this rank's heads under TP (a plain tensor). Only a tied output
+  projection lives on a second stage (the last), as a copy whose gradient is summed with
+  the embedding's (``tied_embeddings.py``).
 - The source padding mask is not an activation: the runner gives it to every stage as a
   keyword argument (``torch.distributed.pipelining`` splits keyword tensors into the same
   microbatches on each stage), and each stage builds its own attention masks from it.
@@ -49,11 +52,13 @@ module objects under their original names (``tok_embeddings``, ``layers.<i>``, `
 single-process model and load into any other layout. The trainer uses it for the
 optimizer, gradient clipping and checkpoints; :class:`PipelineRunner` runs the stages.
 
-Microbatches: ``parallel.pp_microbatches``, or by default ``local batch / train.micro_batch_size``
-(the same microbatches the non-pipelined trainer accumulates over). The loss of each
-microbatch is ``lm_loss(...).total / n_microbatches`` so the accumulated gradient is the mean
-over the local batch, exactly as in the single-process loop; data parallel then averages
-over its ranks.
+Microbatches (:func:`pipeline_microbatches`): ``parallel.pp_microbatches``; else
+``local batch / train.micro_batch_size`` when that is set (the same microbatches the
+non-pipelined trainer accumulates over); else the divisor of the local batch nearest to
+``2 * pp * stages per rank`` that the schedule accepts, so that every schedule runs with only
+``parallel.pp`` given. The loss of each microbatch is ``lm_loss(...).total / n_microbatches``
+so the accumulated gradient is the mean over the local batch, exactly as in the
+single-process loop; data parallel then averages over its ranks.
 
 Order in :func:`meshforge.parallel.parallelize`: this split first, then TP, activation
 checkpointing, compile and FSDP applied to each stage module.
@@ -70,11 +75,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig, micro_batch_size
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
-from ..models.moe import moe_layers
+from ..models.moe import RouterStats, collect_router_stats
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
+from .tied_embeddings import TiedEmbeddingGrads
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
@@ -137,7 +143,7 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
 
     ``device_type`` (when known) also checks the schedule against ``parallel.compile``.
     """
-    p, t, m = cfg.parallel, cfg.train, cfg.model
+    p, m = cfg.parallel, cfg.model
     if getattr(m, "moe_experts", 0) and m.family != "decoder":
         raise ConfigError(
             f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, not in an "
@@ -156,27 +162,55 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
         )
     n_layers, what = pipeline_layers(m)
     ranges = split_layers(n_layers, d.pp * spr, p.pp_split, what)
-    local_batch = t.global_batch_size // d.dp
-    n_mb = p.pp_microbatches or local_batch // t.micro_batch_size
-    if local_batch % n_mb:
-        raise ConfigError(
-            f"parallel.pp_microbatches = {n_mb} must divide the local batch (train.global_batch_size / "
-            f"data-parallel degree = {t.global_batch_size} / {d.dp} = {local_batch})"
-        )
-    if p.pp_schedule != "gpipe" and n_mb < d.pp:
-        raise ConfigError(
-            f"{n_mb} pipeline microbatches (local batch {local_batch} / train.micro_batch_size "
-            f"{t.micro_batch_size}, or parallel.pp_microbatches) are fewer than parallel.pp = {d.pp}, which "
-            f"schedule {p.pp_schedule!r} needs; use a smaller train.micro_batch_size or set parallel.pp_microbatches"
-        )
-    if p.pp_schedule in ("interleaved_1f1b", "zero_bubble"):
-        rounds = max(1, n_mb // d.pp)
-        if n_mb % rounds:
-            raise ConfigError(
-                f"schedule {p.pp_schedule!r} needs the microbatch count ({n_mb}) to be a multiple of "
-                f"{rounds} (= microbatches // parallel.pp); a multiple of parallel.pp = {d.pp} always works"
-            )
+    n_mb = pipeline_microbatches(cfg, d, spr)
     return PipelinePlan(d.pp, spr, ranges, n_mb, p.pp_schedule)
+
+
+def schedule_refuses(schedule: str, n_microbatches: int, pp: int) -> str:
+    """Why ``schedule`` cannot run ``n_microbatches`` on ``pp`` ranks (empty when it can)."""
+    if schedule != "gpipe" and n_microbatches < pp:
+        return f"{n_microbatches} microbatches are fewer than parallel.pp = {pp}, which schedule {schedule!r} needs"
+    if schedule in ("interleaved_1f1b", "zero_bubble"):
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds:
+            return (f"schedule {schedule!r} needs the microbatch count ({n_microbatches}) to be a multiple of {rounds} "
+                    f"(= microbatches // parallel.pp); a multiple of parallel.pp = {pp} always works")
+    return ""
+
+
+def pipeline_microbatches(cfg: JobConfig, d: Degrees, stages_per_rank: int) -> int:
+    """Microbatches per pipeline step, as ``parallel.pp_microbatches`` documents: that value; else
+    local batch / ``train.micro_batch_size`` when that is set; else the divisor of the local batch
+    nearest to ``2 * pp * stages_per_rank`` that the schedule accepts (the larger one on a tie)."""
+    p, t = cfg.parallel, cfg.train
+    micro = micro_batch_size(t, d.dp)  # checks that the global batch splits over the dp ranks
+    local_batch = t.global_batch_size // d.dp
+    if p.pp_microbatches:
+        n_mb, source = p.pp_microbatches, f"parallel.pp_microbatches = {p.pp_microbatches}"
+        if local_batch % n_mb:
+            raise ConfigError(
+                f"{source} must divide the local batch (train.global_batch_size / data-parallel degree = "
+                f"{t.global_batch_size} / {d.dp} = {local_batch})"
+            )
+    elif t.micro_batch_size:
+        n_mb = local_batch // micro
+        source = f"local batch {local_batch} / train.micro_batch_size {micro} = {n_mb} microbatches"
+    else:
+        target = 2 * d.pp * stages_per_rank
+        fits = [n for n in range(1, local_batch + 1)
+                if local_batch % n == 0 and not schedule_refuses(p.pp_schedule, n, d.pp)]
+        if not fits:
+            raise ConfigError(
+                f"no microbatch count suits schedule {p.pp_schedule!r} with parallel.pp = {d.pp} on a local batch of "
+                f"{local_batch} (train.global_batch_size / data-parallel degree = {t.global_batch_size} / {d.dp}); "
+                f"raise train.global_batch_size to a multiple of {d.pp * d.dp}"
+            )
+        return min(fits, key=lambda n: (abs(n - target), -n))
+    why = schedule_refuses(p.pp_schedule, n_mb, d.pp)
+    if why:
+        raise ConfigError(f"{source}: {why}; set a smaller train.micro_batch_size, parallel.pp_microbatches, or 0 "
+                          "for both to pick one that fits")
+    return n_mb
 
 
 # --------------------------------------------------------------------------- split
@@ -304,6 +338,11 @@ class PipelineModel(nn.Module):
         self.plan = plan
         self.cfg = parts[0].cfg
         self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
+        if self.tok_embeddings is None and self.cfg.tie_embeddings and self.has_last:
+            # this rank's copy of the tied matrix is the output's: give it the single-process name
+            # first, as the single-process model does (see tied_embeddings.py)
+            self.tok_embeddings = _Part()
+            self.tok_embeddings.weight = parts[-1].output.weight
         if self.encoder_decoder:
             for stack in ("encoder", "decoder"):
                 view = _Part()
@@ -356,8 +395,6 @@ def split_model(model: nn.Module, plan: PipelinePlan, pp_rank: int) -> list[nn.M
 def apply_pipeline(model: nn.Module, mesh: DeviceMesh, d: Degrees, cfg: JobConfig,
                    parallelize_stage: Callable[[nn.Module], nn.Module]) -> PipelineModel:
     """Split ``model`` for this rank's pipeline coordinate, parallelize each stage, return the view."""
-    if getattr(model.cfg, "tie_embeddings", False):
-        raise ConfigError("pipeline parallel needs untied embeddings (set model.tie_embeddings = false)")
     plan = plan_pipeline(cfg, d, next(model.parameters()).device.type)
     pp_rank = mesh.get_local_rank("pp")
     stage_ids = plan.stages_of_rank(pp_rank)
@@ -432,26 +469,36 @@ class PipelineRunner:
             self.schedule = cls(stages, n, loss_fn=self._loss, scale_grads=False)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
         self._loss_holders = dist.get_world_size() // self.plan.pp
+        tied = model.cfg.tie_embeddings and (model.has_first or model.has_last)
+        self.tied = TiedEmbeddingGrads(model.tok_embeddings.weight if tied else None, self.pp_group, model.has_last)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         parts = self.loss_fn(logits, targets, self.z_loss_coef)
         self._parts.append(torch.stack([parts.ce.detach().float(), parts.z_loss.detach().float()]))
         return parts.total / self.plan.n_microbatches
 
-    def _run(self, batch: torch.Tensor, train: bool) -> torch.Tensor:
-        """Run one batch; return this rank's [ce, z] mean over its microbatches (zeros off the last stage)."""
+    def _run(self, batch: torch.Tensor, train: bool, stats: RouterStats | None = None) -> torch.Tensor:
+        """Run one batch; return this rank's [ce, z] mean over its microbatches (zeros off the last stage).
+
+        MoE router statistics of the training forwards go to ``stats``. The first schedule call
+        after a switch between training and evaluation (the very first one too) runs each stage
+        once more, before its microbatches, on placeholder inputs to infer the shapes it sends
+        and receives; only the last ``n_microbatches`` passes of each layer are real, so the
+        rest are dropped (they must not steer the routing bias; their aux loss may be NaN)."""
         inputs, targets = self.model_inputs(batch)
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
         args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
-        with self.autocast(), _without_inference_pass(self.model.parts, self.plan.n_microbatches):
+        n = self.plan.n_microbatches
+        with self.autocast(), collect_router_stats(self.model.parts, stats or RouterStats()):
             if train:
                 self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
                 self.schedule.eval(*args, target=target, **kwargs)
-        n = self.plan.n_microbatches
+        if stats is not None:
+            stats.keep_last(n)
         local = torch.zeros(2, device=self.device)
         if self.model.has_last:
             # the stage's shape inference may have called the loss once more before the real microbatches
@@ -466,9 +513,14 @@ class PipelineRunner:
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
         return local / self._loss_holders
 
-    def train_step(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss]."""
-        return self._global_mean(self._run(batch, train=True))
+    def train_step(self, batch: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
+        """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss].
+
+        MoE router statistics go to ``stats``; with tied embeddings, the two copies' gradients
+        are summed before this returns."""
+        local = self._run(batch, train=True, stats=stats)
+        self.tied.sum_()
+        return self._global_mean(local)
 
     @torch.no_grad()
     def eval_losses(self, batches) -> float:
@@ -483,59 +535,6 @@ class PipelineRunner:
         for part in self.model.parts:
             part.train()
         return (self._global_mean(total) / max(count, 1))[0].item()
-
-
-@contextlib.contextmanager
-def _without_inference_pass(parts: list[nn.Module], n_microbatches: int):
-    """Keep MoE router statistics to the real microbatches of a schedule call.
-
-    The first schedule call after a switch between training and evaluation (the very first
-    one too) runs each stage once more, before its microbatches, on placeholder inputs
-    (uninitialized memory), to infer the shapes it sends and receives. That extra forward
-    would count in the step's expert load (steering the aux-loss-free bias) and router
-    metrics, and its aux loss may even be NaN. So what each part's first forward of the call
-    adds is set aside at once (the state restored); if the part then ran ``n_microbatches``
-    times only, that forward was a real microbatch and its share is added back.
-    """
-    watched = [(part, [m for _, m in moe_layers(part)]) for part in parts]
-    watched = [(part, layers) for part, layers in watched if layers]
-    if not watched:
-        yield
-        return
-    calls = [0] * len(watched)
-    before_first: list = [None] * len(watched)
-    first_share: list = [None] * len(watched)
-    hooks = []
-    for i, (part, layers) in enumerate(watched):
-        def before(module, args, i=i, layers=layers):
-            calls[i] += 1
-            if calls[i] == 1:
-                before_first[i] = [({k: v.clone() for k, v in m.stats.items()}, m.tokens_per_expert.clone())
-                                   for m in layers]
-
-        def after(module, args, output, i=i, layers=layers):
-            if calls[i] != 1:
-                return
-            share = []
-            for m, (stats0, load0) in zip(layers, before_first[i]):
-                share.append(({k: v - stats0.get(k, 0) for k, v in m.stats.items()}, m.tokens_per_expert - load0))
-                m.stats = stats0
-                m.tokens_per_expert.copy_(load0)
-            first_share[i] = share
-
-        hooks += [part.register_forward_pre_hook(before), part.register_forward_hook(after)]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-    for i, (_, layers) in enumerate(watched):
-        if calls[i] == n_microbatches + 1 or first_share[i] is None:
-            continue  # the first forward was the shape inference: its share stays out
-        for m, (stats, load) in zip(layers, first_share[i]):
-            for key, value in stats.items():
-                m.stats[key] = m.stats[key] + value if key in m.stats else value
-            m.tokens_per_expert += load
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import JobConfig, config_to_dict, fingerprint, run_identity
+from ..config import JobConfig, config_to_dict, fingerprint, micro_batch_size, run_identity
 from ..errors import MeshforgeError
 from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
@@ -41,10 +41,10 @@ from .checkpoint import Checkpointer, check_init, check_resume_backend, load_che
 from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
-from ..models.moe import set_aux_grad_scale
+from ..models.moe import RouterStats, collect_router_stats
 from .faults import (EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
                      TrainingDiverged, mark_preempted)
-from .moe_metrics import moe_step
+from .moe_metrics import reduce_router_stats, update_routing_bias
 from .metrics import MetricsLogger, peak_flops
 from .optim import build_optimizer, build_scheduler
 
@@ -166,7 +166,7 @@ class Trainer:
         return batch.to(self.device, non_blocking=True)
 
     def _micro_batches(self, batch) -> list:
-        mbs = self.cfg.train.micro_batch_size
+        mbs = micro_batch_size(self.cfg.train, self.degrees.dp)
         if isinstance(batch, tuple):
             return list(zip(*(b.split(mbs) for b in batch)))
         return list(batch.split(mbs))
@@ -194,19 +194,32 @@ class Trainer:
             return self._deepspeed_train_step()
         cfg = self.cfg
         micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
-        set_aux_grad_scale(self.model, 1.0 / len(micro))
+        stats = RouterStats(aux_grad_scale=1.0 / len(micro))  # the aux losses weigh as each microbatch's loss
         loss_sum = torch.zeros((), device=self.device)
         z_sum = torch.zeros((), device=self.device)
-        for mb in micro:
-            parts = self._forward_loss(mb)
-            (parts.total / len(micro)).backward()
-            loss_sum += parts.ce.detach()
-            z_sum += parts.z_loss.detach()
+        with collect_router_stats(self.model, stats):
+            for mb in micro:
+                parts = self._forward_loss(mb)
+                (parts.total / len(micro)).backward()
+                loss_sum += parts.ce.detach()
+                z_sum += parts.z_loss.detach()
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
         losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
         record = self._update(losses, grad_norm)
-        record.update(moe_step(self.model, cfg.model.moe_bias_update_rate))
+        record.update(self._moe_step(stats))
         return record
+
+    def _moe_step(self, stats: RouterStats) -> dict:
+        """Reduce the step's router statistics to metrics, then move the routing biases by the loads."""
+        m = self.cfg.model
+        if not m.moe_experts:
+            return {}
+        every = None
+        if self.pipeline is not None:  # this rank holds some of the MoE layers (or none): reduce over all of them
+            every = [f"layers.{i}.feed_forward" for i in range(m.n_layers) if m.is_moe_layer(i)]
+        metrics, loads = reduce_router_stats(self.model, stats, all_layers=every)
+        update_routing_bias(self.model, loads, m.moe_bias_update_rate)
+        return metrics
 
     def _update(self, losses: torch.Tensor, grad_norm) -> dict:
         """Step the optimizer unless the (global) loss or gradient norm is not finite; then the
@@ -228,16 +241,17 @@ class Trainer:
         cfg = self.cfg
         micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
         assert len(micro) == self.engine.gradient_accumulation_steps(), (len(micro), self.engine.gradient_accumulation_steps())
-        set_aux_grad_scale(self.model, 1.0 / len(micro))
+        stats = RouterStats(aux_grad_scale=1.0 / len(micro))
         loss_sum = torch.zeros((), device=self.device)
         z_sum = torch.zeros((), device=self.device)
         lr = self.scheduler.get_last_lr()[0]
-        for mb in micro:
-            parts = self._forward_loss(mb)
-            self.engine.backward(parts.total)
-            self.engine.step()  # the optimizer steps only at the accumulation boundary
-            loss_sum += parts.ce.detach()
-            z_sum += parts.z_loss.detach()
+        with collect_router_stats(self.model, stats):
+            for mb in micro:
+                parts = self._forward_loss(mb)
+                self.engine.backward(parts.total)
+                self.engine.step()  # the optimizer steps only at the accumulation boundary
+                loss_sum += parts.ce.detach()
+                z_sum += parts.z_loss.detach()
         self.scheduler.step()
         grad_norm = self.engine.get_global_grad_norm()
         losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
@@ -247,20 +261,19 @@ class Trainer:
             raise TrainingDiverged(f"non-finite loss {record['loss']} at step {self.step + 1} under the DeepSpeed "
                                    "engine, which applies the update itself; resume from the newest checkpoint with "
                                    "a lower LR, or use parallel.dp_backend = 'fsdp2' to skip such steps")
-        record.update(moe_step(self.model, cfg.model.moe_bias_update_rate))
+        record.update(self._moe_step(stats))
         return record
 
     def _pipeline_train_step(self) -> dict:
         """One step under pipeline parallel: the schedule runs every microbatch's forward and backward."""
         cfg = self.cfg
         batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
-        set_aux_grad_scale(self.model, 1.0 / self.pipeline.plan.n_microbatches)  # as each microbatch's loss
-        losses = self.pipeline.train_step(batch)  # global means, on every rank
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group)
+        stats = RouterStats(aux_grad_scale=1.0 / self.pipeline.plan.n_microbatches)  # as each microbatch's loss
+        losses = self.pipeline.train_step(batch, stats)  # global means, on every rank
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group,
+                                   self.pipeline.tied.counted_elsewhere)
         record = self._update(losses, grad_norm)
-        if cfg.model.moe_experts:  # this rank holds some of the MoE layers (or none): reduce over all of them
-            every = [f"layers.{i}.feed_forward" for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
-            record.update(moe_step(self.model, cfg.model.moe_bias_update_rate, all_layers=every))
+        record.update(self._moe_step(stats))
         return record
 
     @torch.no_grad()
