@@ -13,9 +13,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .data_pipeline.errors import DataError
     from .pretrain.checkpoint import CheckpointError
     from .pretrain.faults import TrainingDiverged
+    from .scaling import ScalingError
     from .tokenizers import TokenizerError
 
-    return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged)
+    return (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged, ScalingError)
 
 
 def _job_failures() -> tuple[type[Exception], ...]:
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "meshforge launch --nodes N --gpus-per-node G [--slurm|--mpi] -- train ...")
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
+
+    from .scaling.commands import add_scaling_parser
+
+    add_scaling_parser(sub)  # meshforge scaling plan|run|fit|plot
     return parser
 
 
