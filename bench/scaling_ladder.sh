@@ -13,7 +13,7 @@ if [ ! -f "$SWEEP/sweep.jsonl" ]; then
       --set model.vocab_size=512 --set data.builtin_vocab_size=512 --set model.dim=64 --set model.n_heads=4 \
       --set model.ffn_multiple_of=16 --output "$SWEEP"
 fi
-$MF scaling run "$SWEEP" --parallel 1
+$MF scaling run "$SWEEP" --parallel "${PARALLEL:-1}"
 mkdir -p "$DOCS"
 $MF scaling fit "$SWEEP" --approach all --budgets 4e10,1.2e11,3.6e11,3.6e12 --json > "$DOCS/fit.json"
 $MF scaling fit "$SWEEP" --approach all --budgets 4e10,1.2e11,3.6e11,3.6e12 | tee "$DOCS/fit.txt"
