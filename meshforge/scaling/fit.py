@@ -227,9 +227,9 @@ def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | N
             entry = {"C": c, "N_opt": float(n), "D_opt": float(d), "loss": float(l)}
             if fit.samples is not None:
                 bn, bd, bl = (np.array(x) for x in zip(*(optimal_samples(s, c, k) for s in fit.samples)))
-                entry["N_opt_interval"] = np.percentile(bn, [2.5, 97.5]).tolist()
-                entry["D_opt_interval"] = np.percentile(bd, [2.5, 97.5]).tolist()
-                entry["loss_interval"] = np.percentile(bl, [2.5, 97.5]).tolist()
+                for key, vals in (("N_opt", bn), ("D_opt", bd), ("loss", bl)):
+                    vals = vals[np.isfinite(vals)]
+                    entry[f"{key}_interval"] = np.percentile(vals, [2.5, 97.5]).tolist() if len(vals) else None
             preds.append(entry)
         report["budgets"] = preds
     if "2" in which:

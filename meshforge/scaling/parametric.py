@@ -111,10 +111,11 @@ class ParametricFit:
 def optimal_allocation(params: np.ndarray, c, k: float = 6.0):
     E, A, B, alpha, beta = params
     c = np.asarray(c, float)
-    g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
-    n = g * (c / k) ** (beta / (alpha + beta))
-    d = (c / k) / n
-    return n, d, E + A / n**alpha + B / d**beta
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # degenerate bootstrap fits give inf/nan
+        g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+        n = g * (c / k) ** (beta / (alpha + beta))
+        d = (c / k) / n
+        return n, d, E + A / n**alpha + B / d**beta
 
 
 def fit_parametric(n, d, loss, starts: int = 8, bootstrap: int = 100, seed: int = 0,
