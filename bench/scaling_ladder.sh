@@ -8,10 +8,12 @@ SWEEP=${1:-runs/scaling_ladder}
 DOCS=${DOCS:-docs/scaling}
 MF="python -m meshforge"
 if [ ! -f "$SWEEP/sweep.jsonl" ]; then
-  # a 512-token vocabulary, head dim 16 and FFN widths in steps of 16: small models, fine-grained N
+  # a 512-token vocabulary, head dim 16 and FFN widths in steps of 16 (small models, fine-grained N);
+  # batches of 8 x 64 tokens: enough optimizer steps (150-2400) for these budgets
   $MF scaling plan --budgets 4e10,1.2e11,3.6e11 --sizes 5 --span 2.5 --base-config small \
       --set model.vocab_size=512 --set data.builtin_vocab_size=512 --set model.dim=64 --set model.n_heads=4 \
-      --set model.ffn_multiple_of=16 --output "$SWEEP"
+      --set model.ffn_multiple_of=16 --set train.global_batch_size=8 --set train.micro_batch_size=8 \
+      --set data.seq_len=64 --output "$SWEEP"
 fi
 $MF scaling run "$SWEEP" --parallel "${PARALLEL:-1}"
 mkdir -p "$DOCS"

@@ -220,6 +220,7 @@ def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | N
             report[name] = _interval(float(getattr(fit, name)), iv.get(name))
         k = float(np.median(pts.c / (pts.n * pts.d)))
         report["flops_per_param_token"] = k
+        report["at_bound"] = [name for name in ("alpha", "beta") if not 1e-6 < getattr(fit, name) < 4 - 1e-6]
         report["huber_loss"] = fit.loss
         preds = []
         for c in budgets or []:
@@ -284,6 +285,8 @@ def format_report(r: dict) -> str:
         for name in ("E", "A", "B", "alpha", "beta"):
             lines.append(f"  {name:5s} = {iv(r[name])}")
         lines.append(f"  a = beta/(alpha+beta) = {iv(r['a'])};  b = alpha/(alpha+beta) = {iv(r['b'])}")
+        if r.get("at_bound"):
+            lines.append(f"  note: {', '.join(r['at_bound'])} at the bound of [0, 4]: the data do not determine it")
         lines.append(f"  compute-optimal with C = {r['flops_per_param_token']:.3g} N D:")
         for p in r["budgets"]:
             lines.append(f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g} predicted loss "

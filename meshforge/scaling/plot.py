@@ -46,7 +46,9 @@ def plot_isoflop(plt, pts: Points, a2: dict, out: Path) -> list[Path]:
     for b, color in zip(a2["budgets"], colors):
         idx = np.flatnonzero(np.isclose(np.log(pts.c), np.log(b["C"]), atol=0.12))
         ax.scatter(pts.n[idx], pts.loss[idx], color=color, s=18, label=f"C = {b['C']:.2g}")
-        x = np.linspace(np.log(pts.n[idx].min()) - 0.2, np.log(pts.n[idx].max()) + 0.2, 100)
+        lo, hi = np.log(pts.n[idx].min()) - 0.2, np.log(pts.n[idx].max()) + 0.2
+        v = np.log(b["N_opt"])  # reach an extrapolated vertex too (at most 1.5 e-folds out)
+        x = np.linspace(min(lo, max(v, lo - 1.5)), max(hi, min(v, hi + 1.5)), 100)
         ax.plot(np.exp(x), np.polyval(b["parabola_logN"], x), color=color, lw=1)
         ax.scatter([b["N_opt"]], [b["loss_opt"]], color=color, marker="*", s=120, edgecolor="k", zorder=3)
     ax.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="final validation loss",
