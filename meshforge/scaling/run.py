@@ -134,7 +134,9 @@ class Runner:
         out = Path(row["config"]["train"]["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         job = out / "job.toml"
-        job.write_text(toml_text(row["config"]))
+        tmp = out / f".job.toml.{os.getpid()}"  # every rank of an array task writes it: atomically
+        tmp.write_text(toml_text(row["config"]))
+        tmp.replace(job)
         env = dict(os.environ)
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
