@@ -79,6 +79,9 @@ def test_shape_rule_hits_the_requested_n():
         assert n == count_params(shape.apply(base)).non_embedding
         assert abs(n / target - 1) <= (0.01 if target >= 1e6 else 0.08), (target, n, shape)
         assert 16 <= shape.dim / shape.n_layers <= 64 and shape.dim % 16 == 0
+    for target in (2.5e4, 1e5, 4e5):  # fixed depth (muP width sweeps): the width alone moves
+        shape, n = shape_for(target, base, layers=2)
+        assert shape.n_layers == 2 and abs(n / target - 1) <= 0.08, (target, n, shape)
 
 
 # --------------------------------------------------------------------------- planner

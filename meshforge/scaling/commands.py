@@ -45,7 +45,7 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
                     overrides=_overrides(args.set), budgets=args.budgets or [],
                     sizes=[] if args.kind == "isoflop" else _floats(args.sizes or ""), n_sizes=n_sizes,
                     n_min=args.n_min, n_max=args.n_max, span=args.span, tokens=args.tokens or [], lrs=args.lrs or [],
-                    variants=args.variants.split(","), aspect=args.aspect, min_steps=args.min_steps,
+                    variants=args.variants.split(","), aspect=args.aspect, layers=args.layers, min_steps=args.min_steps,
                     max_steps=args.max_steps, warmup_fraction=args.warmup_fraction)
     rows, skipped = write_plan(spec, overwrite=args.overwrite)
     for s in skipped:
@@ -101,6 +101,7 @@ def add_scaling_parser(sub) -> None:
     p.add_argument("--base-config", default=None, help="TOML preset the runs start from (default: built-in small)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the base config")
     p.add_argument("--aspect", type=float, default=32.0, help="target width/depth ratio of the shape rule")
+    p.add_argument("--layers", type=int, default=0, help="fix every size's depth (width alone varies; muP sweeps)")
     p.add_argument("--min-steps", type=int, default=20, help="skip sizes the budget gives fewer steps")
     p.add_argument("--max-steps", type=int, default=0, help="skip sizes the budget gives more steps (0: no limit)")
     p.add_argument("--warmup-fraction", type=float, default=0.05)

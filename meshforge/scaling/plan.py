@@ -65,6 +65,8 @@ class PlanSpec:
     lrs: list[float] = field(default_factory=list)
     variants: list[str] = field(default_factory=lambda: ["plain", "qk_norm+z_loss"])
     aspect: float = 32.0
+    layers: int = 0
+    """Fix the depth of every size (0: the aspect-ratio rule): width alone varies (muP LR transfer)."""
     min_steps: int = 20
     max_steps: int = 0
     warmup_fraction: float = 0.05
@@ -109,7 +111,7 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
         raise ScalingError(f"sweep kind {spec.kind!r} is not one of {', '.join(KINDS)}")
     base = _base(spec)
     tps = tokens_per_step(base)
-    floor = smallest_n(base.model, spec.aspect)
+    floor = 0 if spec.layers else smallest_n(base.model, spec.aspect)
     runs_dir = spec.output.resolve() / "runs"
     points: list[dict] = []  # (target N, steps, budget, lr, variant)
     skipped: list[dict] = []
@@ -138,7 +140,7 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
         if target < floor * (1 - SIZE_TOLERANCE):
             skipped.append({**p, "reason": f"too small: the smallest model the shape rule builds has N = {floor}"})
             continue
-        shape, n = shape_for(target, base.model, spec.aspect)
+        shape, n = shape_for(target, base.model, spec.aspect, spec.layers)
         if abs(n / target - 1) > SIZE_TOLERANCE:
             skipped.append({**p, "reason": f"no shape within {SIZE_TOLERANCE:.0%} (nearest N = {n})"})
             continue

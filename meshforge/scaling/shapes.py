@@ -75,14 +75,18 @@ def _block_without_ffn(base: ModelConfig, dim: int) -> int:
     return dim * heads * q + 2 * dim * kv * q + heads * q * dim + (2 * q if base.qk_norm else 0) + 2 * dim
 
 
-def candidate_shapes(base: ModelConfig, aspect: float, n_target: float, max_dim: int = 8192, max_layers: int = 128):
-    """For every (width, depth) the rule allows, the FFN width nearest ``n_target``: (Shape, non-embedding N)."""
+def candidate_shapes(base: ModelConfig, aspect: float, n_target: float, max_dim: int = 8192, max_layers: int = 128,
+                     layers: int = 0):
+    """For every (width, depth) the rule allows, the FFN width nearest ``n_target``: (Shape, non-embedding N).
+    ``layers`` > 0 fixes the depth (any aspect ratio): the width alone varies, as a muP LR-transfer sweep wants."""
     q = base.head_dim
     group = base.n_heads // base.kv_heads
     step = q * group
     m = base.ffn_multiple_of
     for dim in range(step, max_dim + 1, step):
         lo, hi = max(1, math.ceil(dim / (2 * aspect))), min(max_layers, max(1, math.floor(2 * dim / aspect)))
+        if layers:
+            lo = hi = layers
         h_lo, h_hi = m * max(1, math.ceil(7 * dim / 3 / m)), max(m, m * math.floor(3 * dim / m))
         h_lo = min(h_lo, h_hi)
         other = _block_without_ffn(base, dim)
@@ -99,7 +103,7 @@ def smallest_n(base: ModelConfig, aspect: float) -> int:
     return min(n for _, n in candidate_shapes(base, aspect, 0, max_dim=base.head_dim * (base.n_heads // base.kv_heads)))
 
 
-def shape_for(n_target: float, base: ModelConfig, aspect: float = 32.0) -> tuple[Shape, int]:
+def shape_for(n_target: float, base: ModelConfig, aspect: float = 32.0, layers: int = 0) -> tuple[Shape, int]:
     """The shape whose non-embedding N is closest to ``n_target``, and that N."""
     if n_target <= 0:
         raise ScalingError(f"target parameter count must be positive, got {n_target:g}")
@@ -107,7 +111,9 @@ def shape_for(n_target: float, base: ModelConfig, aspect: float = 32.0) -> tuple
     # width grows ~ (N * aspect / 12)^(1/3); look a little beyond it
     max_dim = int(4 * (n_target * aspect / 12) ** (1 / 3)) + 4 * base.head_dim
     best = None
-    for shape, n in candidate_shapes(base, aspect, n_target, max_dim=max_dim):
+    if layers:
+        max_dim = int(2 * (n_target / (12 * layers)) ** 0.5) + 4 * base.head_dim
+    for shape, n in candidate_shapes(base, aspect, n_target, max_dim=max_dim, layers=layers):
         key = (round(abs(math.log(n / n_target)), 6), abs(math.log(shape.dim / shape.n_layers / aspect)),
                abs(shape.ffn_dim - 8 * shape.dim / 3))
         if best is None or key < best[0]:
