@@ -90,12 +90,12 @@ def candidate_shapes(base: ModelConfig, aspect: float, n_target: float, max_dim:
         h_lo, h_hi = m * max(1, math.ceil(7 * dim / 3 / m)), max(m, m * math.floor(3 * dim / m))
         h_lo = min(h_lo, h_hi)
         other = _block_without_ffn(base, dim)
-        for layers in range(lo, hi + 1):
-            ideal = ((n_target - dim) / layers - other) / (3 * dim)
+        for depth in range(lo, hi + 1):
+            ideal = ((n_target - dim) / depth - other) / (3 * dim)
             hidden = min(h_hi, max(h_lo, m * round(ideal / m)))
             heads = dim // q
-            n = layers * (other + 3 * dim * hidden) + dim
-            yield Shape(dim, layers, heads, heads // group, hidden), n
+            n = depth * (other + 3 * dim * hidden) + dim
+            yield Shape(dim, depth, heads, heads // group, hidden), n
 
 
 def smallest_n(base: ModelConfig, aspect: float) -> int:
