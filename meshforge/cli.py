@@ -221,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "meshforge launch --nodes N --gpus-per-node G [--slurm|--mpi] -- train ...")
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
+
+    from .scaling.commands import add_scaling_parser
+
+    add_scaling_parser(sub)  # meshforge scaling plan|run|fit|plot
     return parser
 
 

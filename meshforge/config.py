@@ -68,6 +68,8 @@ class ModelConfig:
     """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
     init_std: float = 0.02
     """Standard deviation of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
+    mup_base_dim: int = 0
+    """muP (maximal update parametrisation, Yang et al. 2022) relative to this base width; 0 disables it. With the width multiplier m = dim / mup_base_dim the block matrices are initialised with std init_std / sqrt(m) and trained with Adam LR lr / m, and the logits are multiplied by 1 / m; embeddings, norms and their LRs stay as at the base width, so an LR tuned at the base width transfers. Dense decoders only."""
     n_decoder_layers: int = 0
     """Encoder-decoder only: decoder blocks (``n_layers`` counts the encoder's); 0 means ``n_layers``."""
     position_encoding: str = "rope"
@@ -102,6 +104,11 @@ class ModelConfig:
     """Coefficient of the router z-loss (ST-MoE); 0 disables it."""
     moe_bias_update_rate: float = 0.0
     """Auxiliary-loss-free balancing (DeepSeek-V3): step size of the per-expert routing bias update; 0 disables it."""
+
+    @property
+    def width_mult(self) -> float:
+        """muP width multiplier m = dim / mup_base_dim (1 without muP)."""
+        return self.dim / self.mup_base_dim if self.mup_base_dim else 1.0
 
     @property
     def kv_heads(self) -> int:
@@ -543,6 +550,9 @@ def validate(cfg: JobConfig) -> None:
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
     _check_backend_options(cfg.parallel)
+    if m.mup_base_dim < 0 or (m.mup_base_dim and (m.family != "decoder" or m.moe_experts)):
+        raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
+                          "'decoder', model.moe_experts = 0) and needs a positive base width, or 0 to turn it off")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")
     if m.head_dim % 2:

@@ -2,7 +2,8 @@
 
     h_0 = E[tokens]
     h_l = h_{l-1} + Attn(RMSNorm(h_{l-1}));  h_l = h_l + SwiGLU(RMSNorm(h_l))
-    logits = W_out RMSNorm(h_L)            (W_out = E when embeddings are tied)
+    logits = W_out RMSNorm(h_L) / m        (W_out = E when embeddings are tied; m = 1, or muP's
+                                            width multiplier dim / mup_base_dim)
 
 Blocks live in a ``ModuleDict`` keyed by their layer index, so a pipeline stage that
 keeps layers 4..7 still names them ``layers.4`` .. ``layers.7`` and checkpoints line up.
@@ -65,7 +66,10 @@ class Decoder(nn.Module):
             h = block(h, cos, sin) if mask is None else block(h, cos, sin, mask=mask)
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        logits = self.output(h)
+        return logits / self.cfg.width_mult if self.cfg.mup_base_dim else logits
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -76,20 +80,21 @@ class Decoder(nn.Module):
         self.rope_sin.copy_(sin)
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=cfg.init_std)
-        out_std = output_std(cfg.init_std, cfg.n_layers)
+        hidden_std = cfg.init_std / cfg.width_mult**0.5  # muP: matrices inside the blocks shrink with width
+        out_std = output_std(hidden_std, cfg.n_layers)
         for block in self.layers.values():
             for module in block.modules():
                 if isinstance(module, RMSNorm):
                     module.reset_parameters()
             attn, ffn = block.attention, block.feed_forward
             for lin in (attn.wq, attn.wk, attn.wv):
-                init_linear(lin, cfg.init_std)
+                init_linear(lin, hidden_std)
             init_linear(attn.wo, out_std)
             if isinstance(ffn, MoE):
-                ffn.init_weights(cfg.init_std, out_std)
+                ffn.init_weights(hidden_std, out_std)
             else:
-                init_linear(ffn.w1, cfg.init_std)
-                init_linear(ffn.w3, cfg.init_std)
+                init_linear(ffn.w1, hidden_std)
+                init_linear(ffn.w3, hidden_std)
                 init_linear(ffn.w2, out_std)
         if self.norm is not None:
             self.norm.reset_parameters()

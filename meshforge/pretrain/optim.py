@@ -41,7 +41,8 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return 1.0 - (1.0 - floor) * shape
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, hidden_lr_scale: float = 1.0,
+                 lr: float | None = None) -> list[dict]:
     """Decay matrices (dim >= 2); leave norms, biases and other vectors undecayed.
 
     In an MoE model the MoE layers' parameters get their own two groups after those. Under
@@ -49,24 +50,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     multi-tensor (foreach) kernel cannot take both; the groups depend on the model only,
     never on the layout, so a checkpoint's optimizer state loads under any other layout.
     Empty groups are left out (again a property of the model).
+
+    muP (``hidden_lr_scale`` = 1 / width multiplier, with the peak ``lr``): the matrices inside
+    the transformer blocks get a group of their own with learning rate ``lr * hidden_lr_scale``.
     """
     in_moe = {id(p) for _, layer in moe_layers(model) for p in layer.parameters()}
-    kinds: dict[tuple[bool, bool], list] = {(moe, decay): [] for moe in (False, True) for decay in (True, False)}
+    hidden = set()
+    if hidden_lr_scale != 1.0:
+        hidden = {id(p) for name, p in model.named_parameters() if p.dim() >= 2 and ".layers." in f".{name}"}
+    kinds: dict[tuple[bool, bool, bool], list] = {(moe, decay, hid): [] for moe in (False, True)
+                                                  for decay in (True, False) for hid in (False, True)}
     seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        kinds[(id(p) in in_moe, p.dim() >= 2)].append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
-            for (moe, decay), params in kinds.items() if params or not moe]
+        kinds[(id(p) in in_moe, p.dim() >= 2, id(p) in hidden)].append(p)
+    groups = []
+    for (moe, decay, hid), params in kinds.items():
+        if hid and params:
+            groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                           "lr": lr * hidden_lr_scale})
+        elif not hid and (params or not moe):
+            groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0})
+    return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA, multi-tensor (foreach) elsewhere."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str, hidden_lr_scale: float = 1.0):
+    """AdamW, fused on CUDA, multi-tensor (foreach) elsewhere; ``hidden_lr_scale``: muP's 1 / width multiplier."""
     fused = device_type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, hidden_lr_scale, cfg.lr),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -128,7 +128,7 @@ class Trainer:
         if self.degrees.pp > 1:  # self.model is this rank's PipelineModel; the runner drives its stages
             self.pipeline = build_runner(self.model, self.mesh, self.device, lm_loss_fn(cfg, self.degrees.tp),
                                          cfg.train.z_loss_coef, self._autocast, self.data.objective.model_inputs)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, 1.0 / cfg.model.width_mult)
         self.engine = None
         if cfg.parallel.dp_backend == "deepspeed":  # the engine runs ZeRO, backward and the optimizer step
             self.engine, self.optimizer = build_deepspeed_engine(self.model, self.optimizer, cfg, self.degrees.dp,
