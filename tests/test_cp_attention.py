@@ -3,12 +3,15 @@
 Processes spawned here (gloo): for cp2 and cp4 ring and cp2 all-to-all, the output and the
 gradients of q, k, v equal ``F.scaled_dot_product_attention`` over the full sequence (causal,
 GQA: 4 query / 2 key-value heads), without and with a document mask whose documents cross
-the zigzag chunk boundaries. The ring test also counts every byte it sends: exactly cp-1 hops
+the zigzag chunk boundaries. The ring runs each block pair both through PyTorch's fused CPU
+kernel (the default on CPU) and through explicit matmuls (the portable path). The ring test also counts every byte it sends: exactly cp-1 hops
 of this rank's K/V (+ document ids) forward, cp-1 hops of K/V and cp hops of fp32 dK/dV
 backward, and no collective at all, so an implementation gathering the sequence cannot pass.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import pytest
 import torch
@@ -71,9 +74,9 @@ def _forbid_collectives():
         setattr(dist, name, refuse)
 
 
-def _check(rank, cp, method, seqlen, count_bytes):
+def _check(rank, cp, method, seqlen, count_bytes, fused):
     q, k, v, w, segments = _inputs(seqlen)
-    attn = {"ring": ring_attention, "alltoall": ulysses_attention}[method]
+    attn = ulysses_attention if method == "alltoall" else partial(ring_attention, fused=fused)
     group = dist.group.WORLD
     for seg in (None, segments):
         ref = _reference(q, k, v, w, seg)
@@ -92,32 +95,32 @@ def _check(rank, cp, method, seqlen, count_bytes):
         got = [out.detach()] + [t.grad for t in local]
         for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
             torch.testing.assert_close(g, zigzag_split(r, rank, cp, dim=2), rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{method} cp{cp} rank {rank} segments={seg is not None} {name}: {m}")
+                                       msg=lambda m: f"{method} (fused {fused}) cp{cp} rank {rank} segments={seg is not None} {name}: {m}")
 
 
 def _worker(rank, cp, port, cases):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cp)
     try:
-        for method, seqlen, count_bytes in cases:
+        for method, seqlen, count_bytes, fused in cases:
             if method == "ring" and count_bytes:
                 saved = {n: getattr(dist, n) for n in ("all_gather", "all_gather_into_tensor", "all_reduce",
                                                        "broadcast", "all_to_all_single", "reduce_scatter_tensor")}
                 _forbid_collectives()
                 try:
-                    _check(rank, cp, method, seqlen, count_bytes)
+                    _check(rank, cp, method, seqlen, count_bytes, fused)
                 finally:
                     for n, f in saved.items():
                         setattr(dist, n, f)
             else:
-                _check(rank, cp, method, seqlen, count_bytes)
+                _check(rank, cp, method, seqlen, count_bytes, fused)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("cp, cases", [
-    (2, [("ring", 24, True), ("alltoall", 24, False)]),
-    (4, [("ring", 40, True)]),
+    (2, [("ring", 24, True, True), ("ring", 24, False, False), ("alltoall", 24, False, None)]),
+    (4, [("ring", 40, True, True), ("ring", 40, False, False)]),
 ])
 def test_cp_attention_matches_full_sequence(cp, cases):
     mp.start_processes(_worker, args=(cp, free_port(), cases), nprocs=cp, join=True, start_method="spawn")

@@ -12,6 +12,11 @@ causal diagonal, j > i is skipped; a document mask (a document id per token) mas
 computed pair as well. The backward recomputes the probabilities from the saved log-sum-exp
 and sends dK/dV around the ring with their K/V: after cp hops every block's gradient is home.
 
+A block pair runs through PyTorch's fused CPU attention kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp, and its
+backward, which takes the final output and log-sum-exp), so no [c, c] score matrix is kept;
+on other devices (or with ``fused=False``) through explicit matmuls.
+
 GQA: fewer K/V heads than query heads; query head h reads K/V head h // (H / H_kv), as
 ``F.scaled_dot_product_attention(enable_gqa=True)`` does.
 
@@ -32,6 +37,8 @@ import torch
 import torch.distributed as dist
 
 NEG_INF = float("-inf")
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def zigzag_chunks(cp_rank: int, cp: int) -> tuple[int, int]:
@@ -66,17 +73,64 @@ def zigzag_merge(parts: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- one block pair
 
+MASKED = -1e30
+"""Additive mask value of the fused kernel: finite, so a row with nothing visible in a block
+gets a log-sum-exp of about -1e30 (weight 0 in the merge) instead of NaN."""
 
-def _pair_mask(i: int, j: int, c: int, seg_q: torch.Tensor | None, seg_k: torch.Tensor | None,
-               device) -> torch.Tensor | None:
-    """Boolean [B|1, 1, c, c] mask (True = attend) of query chunk i against key chunk j, or None for all-visible."""
-    mask = None
-    if i == j:
-        mask = torch.ones(c, c, dtype=torch.bool, device=device).tril()[None, None]
-    if seg_q is not None:
-        same = (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
-        mask = same if mask is None else mask & same
+
+def _doc_mask(seg_q: torch.Tensor | None, seg_k: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 1, c, c] True where query and key are in the same document (None: no documents)."""
+    return None if seg_q is None else (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
+
+
+def _math_mask(diagonal: bool, same_doc: torch.Tensor | None, c: int, device) -> torch.Tensor | None:
+    mask = torch.ones(c, c, dtype=torch.bool, device=device).tril()[None, None] if diagonal else None
+    if same_doc is not None:
+        mask = same_doc if mask is None else mask & same_doc
     return mask
+
+
+def _fused_mask(diagonal: bool, same_doc: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """Additive float mask for the fused kernel (the plain diagonal uses its is_causal instead)."""
+    if same_doc is None:
+        return None
+    mask = same_doc
+    if diagonal:
+        c = q.shape[2]
+        mask = mask & torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    return torch.where(mask, zero, MASKED).to(q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
+
+
+def _block_forward(q, k, v, diagonal: bool, same_doc, scale: float, fused: bool):
+    """q [B,H,c,D] on one K/V block (K/V already expanded to H heads): (out, lse [B,H,c])."""
+    if fused:
+        causal = diagonal and same_doc is None
+        return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=_fused_mask(diagonal, same_doc, q), scale=scale)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    mask = _math_mask(diagonal, same_doc, q.shape[2], q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(p, v), lse
+
+
+def _block_backward(do, q, k, v, out, lse, diagonal: bool, same_doc, scale: float, fused: bool):
+    """(dq, dk, dv) of one block pair from the FINAL out and lse of the query rows."""
+    if fused:
+        causal = diagonal and same_doc is None
+        return _FLASH_CPU_BACKWARD(do, q, k, v, out, lse, 0.0, causal,
+                                   attn_mask=_fused_mask(diagonal, same_doc, q), scale=scale)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    mask = _math_mask(diagonal, same_doc, q.shape[2], q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    p = torch.exp(s - lse[..., None])
+    dv = torch.matmul(p.transpose(-2, -1), do)
+    dp = torch.matmul(do, v.transpose(-2, -1))
+    ds = p * (dp - (do * out).sum(-1, keepdim=True)) * scale
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-2, -1), q), dv
 
 
 def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -88,16 +142,6 @@ def _fold_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
         return g
     b, h, t, d = g.shape
     return g.view(b, h // groups, groups, t, d).sum(2)
-
-
-def _block_forward(q, k, v, mask, scale):
-    """Attention of q [B,H,c,D] on one K/V block: (out [B,H,c,D], lse [B,H,c]); rows with nothing visible: lse -inf."""
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, NEG_INF)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.matmul(p, v), lse
 
 
 def _merge(out, lse, block_out, block_lse):
@@ -142,7 +186,7 @@ def _visiting(ring: _Ring, step: int) -> int:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segments, group):
+    def forward(ctx, q, k, v, segments, group, fused):
         ring = _Ring(group)
         cp, scale = ring.size, 1.0 / math.sqrt(q.shape[-1])
         groups = q.shape[1] // k.shape[1]
@@ -158,16 +202,16 @@ class _RingAttention(torch.autograd.Function):
             seg_k = (None, None) if segments is None else kv[2].split(c, dim=1)
             for qi, i in enumerate(my_chunks):
                 for kj, j in enumerate(zigzag_chunks(_visiting(ring, step), cp)):
-                    if j > i:
+                    if j > i:  # a later chunk: causally invisible
                         continue
-                    mask = _pair_mask(i, j, c, seg_q[qi], seg_k[kj], q.device)
-                    bo, bl = _block_forward(q_parts[qi], kf[kj], vf[kj], mask, scale)
+                    bo, bl = _block_forward(q_parts[qi], kf[kj], vf[kj], i == j, _doc_mask(seg_q[qi], seg_k[kj]),
+                                            scale, fused)
                     out[qi], lse[qi] = _merge(out[qi], lse[qi], bo, bl)
             if step < cp - 1:
                 kv = ring.shift(kv)
         out = torch.cat(out, dim=2)
         lse = torch.cat(lse, dim=2)
-        ctx.group = group
+        ctx.group, ctx.fused = group, fused
         ctx.save_for_backward(q, k, v, out, lse, *(() if segments is None else (segments,)))
         return out.to(q.dtype)
 
@@ -180,10 +224,8 @@ class _RingAttention(torch.autograd.Function):
         groups = q.shape[1] // k.shape[1]
         c = q.shape[2] // 2
         my_chunks = zigzag_chunks(ring.rank, cp)
-        do = grad_out.float()
-        delta = (do * out).sum(-1)  # rowsum(dO * O) [B,H,2c]
-        q_parts, do_parts = q.float().split(c, dim=2), do.split(c, dim=2)
-        lse_parts, delta_parts = lse.split(c, dim=2), delta.split(c, dim=2)
+        q_parts, do_parts = q.float().split(c, dim=2), grad_out.float().split(c, dim=2)
+        out_parts, lse_parts = out.split(c, dim=2), lse.split(c, dim=2)
         seg_q = (None, None) if segments is None else segments.split(c, dim=1)
         dq = [torch.zeros_like(p) for p in q_parts]
         kv = [k, v] if segments is None else [k, v, segments]
@@ -197,16 +239,11 @@ class _RingAttention(torch.autograd.Function):
                 for kj, j in enumerate(zigzag_chunks(_visiting(ring, step), cp)):
                     if j > i:
                         continue
-                    mask = _pair_mask(i, j, c, seg_q[qi], seg_k[kj], q.device)
-                    s = torch.matmul(q_parts[qi], kf[kj].transpose(-2, -1)) * scale
-                    if mask is not None:
-                        s = s.masked_fill(~mask, NEG_INF)
-                    p = torch.exp(s - lse_parts[qi][..., None])
-                    dv_parts[kj] += torch.matmul(p.transpose(-2, -1), do_parts[qi])
-                    dp = torch.matmul(do_parts[qi], vf[kj].transpose(-2, -1))
-                    ds = p * (dp - delta_parts[qi][..., None]) * scale
-                    dq[qi] += torch.matmul(ds, kf[kj])
-                    dk_parts[kj] += torch.matmul(ds.transpose(-2, -1), q_parts[qi])
+                    g = _block_backward(do_parts[qi], q_parts[qi], kf[kj], vf[kj], out_parts[qi], lse_parts[qi],
+                                        i == j, _doc_mask(seg_q[qi], seg_k[kj]), scale, ctx.fused)
+                    dq[qi] += g[0]
+                    dk_parts[kj] += g[1]
+                    dv_parts[kj] += g[2]
             dkv[0] += _fold_kv_grad(torch.cat(dk_parts, dim=2), groups)
             dkv[1] += _fold_kv_grad(torch.cat(dv_parts, dim=2), groups)
             # the gradient travels with its block; the last hop brings every block's gradient home
@@ -214,18 +251,23 @@ class _RingAttention(torch.autograd.Function):
                 kv = ring.shift(kv)
             dkv = ring.shift(dkv)
         dq = torch.cat(dq, dim=2)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                   segments: torch.Tensor | None = None) -> torch.Tensor:
+                   segments: torch.Tensor | None = None, fused: bool | None = None) -> torch.Tensor:
     """Causal attention of this rank's zigzag chunks against the whole sequence held by ``group``.
 
     q [B, H, 2c, D], k/v [B, H_kv, 2c, D] (this rank's chunks r and 2*cp-1-r, concatenated);
     ``segments`` [B, 2c] document ids of the same tokens, or None. Returns [B, H, 2c, D].
+    ``fused``: each block pair through PyTorch's fused CPU attention kernel (which returns the
+    log-sum-exp and has a backward taking it; O(c) memory per pair); otherwise explicit
+    matmuls that materialize the [c, c] scores (any device). None: fused on CPU.
     """
+    if fused is None:
+        fused = q.device.type == "cpu"
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not divide into {k.shape[1]} key/value heads")
     if q.shape[2] % 2:
         raise ValueError(f"local sequence {q.shape[2]} is not two zigzag chunks")
-    return _RingAttention.apply(q, k, v, segments, group)
+    return _RingAttention.apply(q, k, v, segments, group, fused)
