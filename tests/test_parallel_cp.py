@@ -1,7 +1,7 @@
 """Context parallel training against the single-process run, and its config checks.
 
 - Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
-  encoder-decoder, and cp with pp/ep/deepspeed fail with one line naming the numbers, before
+  encoder-decoder, an MoE model, and cp with pp/deepspeed fail with one line naming the numbers, before
   any process group (``check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
@@ -48,6 +48,8 @@ def test_cp_config_is_checked_before_any_process_group():
         _check(8, parallel__cp=4, parallel__tp=2, parallel__cp_method="alltoall")
     with pytest.raises(ConfigError, match="decoder family only, not model.family = 'encoder_decoder'"):
         _check(2, parallel__cp=2, model__family="encoder_decoder", model__position_encoding="relative")
+    with pytest.raises(ConfigError, match=r"parallel.cp = 2 with an MoE model \(model.moe_experts = 4\)"):
+        _check(2, parallel__cp=2, model__moe_experts=4)
     with pytest.raises(ConfigError, match=r"parallel.cp = 2 does not compose with parallel.pp = 2"):
         _check(4, parallel__cp=2, parallel__pp=2, model__tie_embeddings=False)
     with pytest.raises(ConfigError, match=r"needs parallel.dp_backend = 'fsdp2' \(got 'deepspeed'\)"):

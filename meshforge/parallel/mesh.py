@@ -106,6 +106,10 @@ def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
     if m.family != "decoder":
         raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the decoder family only, not "
                           f"model.family = {m.family!r}; use parallel.cp = 1")
+    if m.moe_experts:
+        raise ConfigError(f"parallel.cp = {d.cp} with an MoE model (model.moe_experts = {m.moe_experts}) is not "
+                          "supported yet: its load-balancing loss and router statistics would be taken over each "
+                          "rank's share of the sequence instead of the whole; use parallel.cp = 1")
     for name, degree in (("pp", d.pp), ("ep", d.ep)):
         if degree > 1:
             raise ConfigError(f"parallel.cp = {d.cp} does not compose with parallel.{name} = {degree} yet; "
