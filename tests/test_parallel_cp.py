@@ -1,13 +1,14 @@
 """Context parallel training against the single-process run, and its config checks.
 
 - Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
-  encoder-decoder, an MoE model, and cp with pp/deepspeed fail with one line naming the numbers, before
-  any process group (``check_job`` is what the trainer calls first).
+  encoder-decoder, an MoE model, and cp with pp/deepspeed fail with one line naming the
+  numbers, before any process group (``check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
-  cp2 x tp2, cp2 x fsdp2, cp2 ring with document masking, and a cp2 checkpoint resumed in
-  one process (slow). The attention cores themselves are checked, with their traffic
-  counted, in ``test_cp_attention.py``.
+  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking, a cp2
+  checkpoint resumed in one process and one process's checkpoint resumed under cp2 (slow).
+  The attention cores themselves are checked, with their traffic counted, in
+  ``test_cp_attention.py``.
 
 Parameter tolerance: rtol 1e-5 with atol 3e-6 (as for TP): each cp rank's weight gradient is
 a sum over its half of the tokens, averaged over the ranks afterwards, so the sums run in
@@ -92,4 +93,16 @@ def test_cp2_checkpoint_resumes_in_one_process(tiny_data, single_process_ref, tm
     run_ranks(2, [*args, "--parallel.cp", "2"])
     shutil.rmtree(out / "checkpoints" / "step_00000010")
     run_ranks(1, args)  # resumes at step 5 without cp
+    _assert_cp_parity(single_process_ref, read_result(out))
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_under_cp2(tiny_data, single_process_ref, tmp_path):
+    """One process's step-5 checkpoint continued by cp2 all-to-all ranks to step 10."""
+    out = tmp_path / "1-then-cp2"
+    args = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
+            "--checkpoint.interval", "5"]
+    run_ranks(1, args)
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    run_ranks(2, [*args, "--parallel.cp", "2", "--parallel.cp_method", "alltoall"])
     _assert_cp_parity(single_process_ref, read_result(out))
