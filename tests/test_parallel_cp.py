@@ -5,7 +5,7 @@
   numbers, before any process group (``check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
-  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking, a cp2
+  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and validation), cp2 with activation checkpointing, a cp2
   checkpoint resumed in one process and one process's checkpoint resumed under cp2 (slow).
   The attention cores themselves are checked, with their traffic counted, in
   ``test_cp_attention.py``.
@@ -21,9 +21,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from meshforge.config import ConfigError, load_config
 from meshforge.parallel.mesh import check_job, resolve_degrees
+from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
 
 
@@ -78,10 +80,24 @@ def test_cp_layouts_match_single_process(name, world, overrides, tiny_data, sing
 
 
 @pytest.mark.slow
-def test_cp2_document_mask_matches_single_process(tiny_data, tmp_path):
-    ref = train_layout(tiny_data, tmp_path / "ref-docs", 1, "--data.document_mask", "true")
-    got = train_layout(tiny_data, tmp_path / "cp2-docs", 2, "--data.document_mask", "true", "--parallel.cp", "2")
+def test_cp2_document_mask_and_validation_match_single_process(tiny_data, tmp_path):
+    """Packed documents crossing the zigzag chunks; validation every 5 steps (the eval path splits too)."""
+    docs = ("--data.document_mask", "true", "--train.eval_interval", "5", "--train.eval_batches", "2")
+    ref = train_layout(tiny_data, tmp_path / "ref-docs", 1, *docs)
+    got = train_layout(tiny_data, tmp_path / "cp2-docs", 2, *docs, "--parallel.cp", "2")
     _assert_cp_parity(ref, got)
+    val = [[r["val_loss"] for r in read_metrics(run.output_dir) if "val_loss" in r] for run in (ref, got)]
+    assert len(val[0]) == 3  # steps 0, 5, 10
+    torch.testing.assert_close(torch.tensor(val[1], dtype=torch.float64), torch.tensor(val[0], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_cp2_with_activation_checkpointing_matches_single_process(tiny_data, single_process_ref, tmp_path):
+    """Full recomputation re-runs the ring forward inside backward, on every rank in the same order."""
+    got = train_layout(tiny_data, tmp_path / "cp2-ac", 2, "--parallel.cp", "2",
+                       "--parallel.activation_checkpointing", "full")
+    _assert_cp_parity(single_process_ref, got)
 
 
 @pytest.mark.slow
