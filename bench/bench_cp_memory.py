@@ -63,6 +63,8 @@ def _worker(rank: int, cp: int, port: int, seqlen: int, args, out_dir: str) -> N
     if cp > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cp)
     layer = Attention(args.dim, args.heads, args.kv_heads, qk_norm=True, norm_eps=1e-5)
+    layer.q_norm.reset_parameters()
+    layer.k_norm.reset_parameters()
     if cp > 1:
         layer.core = ContextParallelCore(dist.group.WORLD, args.method)
     cos, sin = rope_tables(args.dim // args.heads, seqlen, 10000.0)

@@ -168,6 +168,8 @@ class _Ring:
 
     def shift(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Send each tensor to the next rank; return what the previous rank sent."""
+        if self.size == 1:
+            return tensors
         tensors = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
         works = []
@@ -209,7 +211,9 @@ class _RingAttention(torch.autograd.Function):
                     out[qi], lse[qi] = _merge(out[qi], lse[qi], bo, bl)
             if step < cp - 1:
                 kv = ring.shift(kv)
-        out = torch.cat(out, dim=2)
+        # stored [B, T, H, D] in memory (as SDPA's fused kernels do), so the caller's
+        # transpose + reshape before the output projection is a view, not a second copy
+        out = torch.cat([o.transpose(1, 2) for o in out], dim=1).transpose(1, 2)
         lse = torch.cat(lse, dim=2)
         ctx.group, ctx.fused = group, fused
         ctx.save_for_backward(q, k, v, out, lse, *(() if segments is None else (segments,)))
