@@ -4,9 +4,10 @@ Processes spawned here (gloo): for cp2 and cp4 ring and cp2 all-to-all, the outp
 gradients of q, k, v equal ``F.scaled_dot_product_attention`` over the full sequence (causal,
 GQA: 4 query / 2 key-value heads), without and with a document mask whose documents cross
 the zigzag chunk boundaries. The ring runs each block pair both through PyTorch's fused CPU
-kernel (the default on CPU) and through explicit matmuls (the portable path). The ring test also counts every byte it sends: exactly cp-1 hops
-of this rank's K/V (+ document ids) forward, cp-1 hops of K/V and cp hops of fp32 dK/dV
-backward, and no collective at all, so an implementation gathering the sequence cannot pass.
+kernel (the default on CPU) and through explicit matmuls (the portable path). The ring test
+also counts every byte it sends: exactly cp-1 hops of this rank's K/V (+ document ids)
+forward, cp-1 hops of K/V and cp hops of fp32 dK/dV backward, and no collective at all, so an
+implementation gathering the sequence cannot pass.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _check(rank, cp, method, seqlen, count_bytes, fused):
         got = [out.detach()] + [t.grad for t in local]
         for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
             torch.testing.assert_close(g, zigzag_split(r, rank, cp, dim=2), rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{method} (fused {fused}) cp{cp} rank {rank} segments={seg is not None} {name}: {m}")
+                                       msg=lambda m: f"{method} (fused {fused}) cp{cp} rank {rank} "
+                                                     f"segments={seg is not None} {name}: {m}")
 
 
 def _worker(rank, cp, port, cases):

@@ -5,8 +5,9 @@
   numbers, before any process group (``check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
-  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and validation), cp2 with activation checkpointing, a cp2
-  checkpoint resumed in one process and one process's checkpoint resumed under cp2 (slow).
+  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and
+  validation), cp2 with activation checkpointing, a cp2 checkpoint resumed in one process
+  and one process's checkpoint resumed under cp2 (slow).
   The attention cores themselves are checked, with their traffic counted, in
   ``test_cp_attention.py``.
 
