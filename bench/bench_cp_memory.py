@@ -8,7 +8,8 @@ cp > 1 the ring (or ``--method alltoall``) core. Per rank it reports
 - saved activations: the bytes autograd keeps for backward (distinct storages other than the
   weights and the layer's input, counted with ``saved_tensors_hooks``): exact, independent of the machine's load;
 - peak RSS increase: the process's peak resident memory during forward + backward (VmHWM,
-  reset just before) minus its resident memory just before (what the allocator actually touched, transients included);
+  reset just before) minus its resident memory just before, with glibc's mmap threshold fixed
+  at 128 KiB so that freed tensors leave the resident set (what the allocator actually touched, transients included);
 - the wall time of forward + backward (the machine may be shared: times are indicative only).
 
 Both memory figures should fall ~1/cp. Prints a table; ``--record`` appends it to
@@ -121,8 +122,12 @@ def main() -> None:
     ap.add_argument("--method", choices=["ring", "alltoall"], default="ring")
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
+    # glibc: allocate every block over 128 KiB with mmap and unmap it on free, so the workers'
+    # resident memory follows live tensors (otherwise freed heap memory stays resident and the
+    # peak depends on the allocator's history more than on the layer)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     load_start = loadavg()
-    lines = [f"one Attention layer: dim {args.dim}, {args.heads} heads, {args.kv_heads} KV heads, QK-norm, fp32, "
+    lines = [f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}; one Attention layer: dim {args.dim}, {args.heads} heads, {args.kv_heads} KV heads, QK-norm, fp32, "
              f"batch 1; cp > 1: `{args.method}` core; 1 torch thread per rank; per-rank maxima over the ranks",
              "", "| seq | cp | saved activations MiB | vs cp 1 | peak RSS increase MiB | vs cp 1 | fwd+bwd s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
