@@ -18,7 +18,8 @@ backward, which takes the final output and log-sum-exp), so no [c, c] score matr
 on other devices (or with ``fused=False``) through explicit matmuls.
 
 GQA: fewer K/V heads than query heads; query head h reads K/V head h // (H / H_kv), as
-``F.scaled_dot_product_attention(enable_gqa=True)`` does.
+``F.scaled_dot_product_attention(enable_gqa=True)`` does (the fused kernel does it itself;
+the matmul path repeats K/V per block and sums the repeated heads' gradients).
 
 PyTorch's own ``torch.distributed.tensor.experimental.context_parallel`` (2.13) rewrites the
 CUDA SDPA kernels (flash / efficient / cuDNN) into a ring, with ``is_causal`` only (no
@@ -103,7 +104,8 @@ def _fused_mask(diagonal: bool, same_doc: torch.Tensor | None, q: torch.Tensor) 
 
 
 def _block_forward(q, k, v, diagonal: bool, same_doc, scale: float, fused: bool):
-    """q [B,H,c,D] on one K/V block (K/V already expanded to H heads): (out, lse [B,H,c])."""
+    """q [B,H,c,D] on one K/V block (K/V with H_kv heads for the fused kernel, expanded to H
+    for the matmuls): (out, lse [B,H,c])."""
     if fused:
         causal = diagonal and same_doc is None
         return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=_fused_mask(diagonal, same_doc, q), scale=scale)
@@ -145,12 +147,13 @@ def _fold_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _merge(out, lse, block_out, block_lse):
-    """Online-softmax merge of a partial result into the running (out, lse)."""
+    """Online-softmax merge of a partial result into the running (out, lse); ``out`` and
+    ``block_out`` (fresh buffers of this Function) are updated in place."""
     new_lse = torch.logaddexp(lse, block_lse)
     safe = torch.where(torch.isinf(new_lse), 0.0, new_lse)
-    w_old = torch.exp(lse - safe)[..., None]
-    w_new = torch.exp(block_lse - safe)[..., None]
-    return out * w_old + block_out * w_new, new_lse
+    out.mul_(torch.exp(lse - safe)[..., None])
+    out.add_(block_out.mul_(torch.exp(block_lse - safe)[..., None]))
+    return out, new_lse
 
 
 # --------------------------------------------------------------------------- the ring
@@ -191,7 +194,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, segments, group, fused):
         ring = _Ring(group)
         cp, scale = ring.size, 1.0 / math.sqrt(q.shape[-1])
-        groups = q.shape[1] // k.shape[1]
+        groups = 1 if fused else q.shape[1] // k.shape[1]  # the fused kernel reads GQA K/V itself
         c = q.shape[2] // 2
         my_chunks = zigzag_chunks(ring.rank, cp)
         q_parts = q.float().split(c, dim=2)
@@ -225,7 +228,7 @@ class _RingAttention(torch.autograd.Function):
         segments = seg[0] if seg else None
         ring = _Ring(ctx.group)
         cp, scale = ring.size, 1.0 / math.sqrt(q.shape[-1])
-        groups = q.shape[1] // k.shape[1]
+        groups = 1 if ctx.fused else q.shape[1] // k.shape[1]
         c = q.shape[2] // 2
         my_chunks = zigzag_chunks(ring.rank, cp)
         q_parts, do_parts = q.float().split(c, dim=2), grad_out.float().split(c, dim=2)
@@ -237,8 +240,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp):
             kf, vf = (_expand_kv(t.float(), groups).split(c, dim=2) for t in kv[:2])
             seg_k = (None, None) if segments is None else kv[2].split(c, dim=1)
-            dk_parts = [torch.zeros_like(t) for t in kf]
-            dv_parts = [torch.zeros_like(t) for t in vf]
+            dk_parts, dv_parts = dkv[0].split(c, dim=2), dkv[1].split(c, dim=2)  # views: += lands in dkv
             for qi, i in enumerate(my_chunks):
                 for kj, j in enumerate(zigzag_chunks(_visiting(ring, step), cp)):
                     if j > i:
@@ -246,10 +248,8 @@ class _RingAttention(torch.autograd.Function):
                     g = _block_backward(do_parts[qi], q_parts[qi], kf[kj], vf[kj], out_parts[qi], lse_parts[qi],
                                         i == j, _doc_mask(seg_q[qi], seg_k[kj]), scale, ctx.fused)
                     dq[qi] += g[0]
-                    dk_parts[kj] += g[1]
-                    dv_parts[kj] += g[2]
-            dkv[0] += _fold_kv_grad(torch.cat(dk_parts, dim=2), groups)
-            dkv[1] += _fold_kv_grad(torch.cat(dv_parts, dim=2), groups)
+                    dk_parts[kj].add_(_fold_kv_grad(g[1], groups))
+                    dv_parts[kj].add_(_fold_kv_grad(g[2], groups))
             # the gradient travels with its block; the last hop brings every block's gradient home
             if step < cp - 1:
                 kv = ring.shift(kv)
