@@ -127,8 +127,9 @@ def main() -> None:
     # peak depends on the allocator's history more than on the layer)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     load_start = loadavg()
-    lines = [f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}; one Attention layer: dim {args.dim}, {args.heads} heads, {args.kv_heads} KV heads, QK-norm, fp32, "
-             f"batch 1; cp > 1: `{args.method}` core; 1 torch thread per rank; per-rank maxima over the ranks",
+    lines = [f"one Attention layer: dim {args.dim}, {args.heads} heads, {args.kv_heads} KV heads, QK-norm, fp32, "
+             f"batch 1; cp > 1: `{args.method}` core; 1 torch thread per rank; per-rank maxima over the ranks; "
+             f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}",
              "", "| seq | cp | saved activations MiB | vs cp 1 | peak RSS increase MiB | vs cp 1 | fwd+bwd s |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for seqlen in args.seq:
