@@ -40,6 +40,7 @@ class ContextParallelCore(nn.Module):
         self.method = method
         self.attend = CP_METHODS[method]
 
+    @torch.compiler.disable  # point-to-point sends inside: runs eagerly between compiled regions
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
         return self.attend(q, k, v, self.group, segments=mask)
 
