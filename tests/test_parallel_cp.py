@@ -6,7 +6,7 @@
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
   cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and
-  validation), cp2 with activation checkpointing, a cp2 checkpoint resumed in one process
+  validation), cp2 with activation checkpointing, cp2 with compiled blocks, a cp2 checkpoint resumed in one process
   and one process's checkpoint resumed under cp2 (slow).
   The attention cores themselves are checked, with their traffic counted, in
   ``test_cp_attention.py``.
@@ -123,3 +123,10 @@ def test_single_process_checkpoint_resumes_under_cp2(tiny_data, single_process_r
     shutil.rmtree(out / "checkpoints" / "step_00000010")
     run_ranks(2, [*args, "--parallel.cp", "2", "--parallel.cp_method", "alltoall"])
     _assert_cp_parity(single_process_ref, read_result(out))
+
+
+@pytest.mark.slow
+def test_cp2_with_compiled_blocks_matches_single_process(tiny_data, single_process_ref, tmp_path):
+    """torch.compile'd blocks: the ring core runs eagerly between the compiled regions."""
+    got = train_layout(tiny_data, tmp_path / "cp2-compile", 2, "--parallel.cp", "2", "--parallel.compile", "on")
+    _assert_cp_parity(single_process_ref, got)

@@ -55,7 +55,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
         model = apply_context_parallel(model, mesh["cp"], p.cp_method)  # attention cores over the cp ranks
     model = apply_activation_checkpointing(model, p.activation_checkpointing)
     if compile_enabled(p.compile, device_type):
-        model = apply_compile(model)
+        model = apply_compile(model, fullgraph=d.cp == 1)
     if mesh is not None and d.dp * d.cp > 1 and p.dp_backend == "fsdp2":  # "deepspeed": the trainer wraps it in an engine
         shard = "dp_shard_cp" if d.cp > 1 else "dp_shard"
         dp_mesh = mesh["dp_replicate", shard] if d.dp_replicate > 1 else mesh[shard]
