@@ -143,7 +143,9 @@ class ParallelConfig:
     dp_shard: int = -1
     """Sharded data-parallel degree (FSDP2/ZeRO); -1 takes the rest of the world."""
     cp: int = 1
-    """Context-parallel degree (reserved; must be 1 for now)."""
+    """Context-parallel degree: every sample's sequence split over cp ranks (zigzag: 2*cp chunks, rank r holds chunks r and 2*cp-1-r); decoder family only."""
+    cp_method: str = "ring"
+    """Context parallel attention: ``ring`` (K/V blocks travel around the cp ranks, partial results merged by log-sum-exp) or ``alltoall`` (DeepSpeed-Ulysses: heads scattered, sequence gathered; heads and KV heads per tp rank must divide by cp)."""
     tp: int = 1
     """Tensor-parallel degree (with sequence parallel)."""
     ep: int = 1
@@ -516,6 +518,7 @@ CHOICES = {
     "parallel.offload_param": ("none", "cpu", "nvme"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "parallel.compile": ("auto", "on", "off"),
+    "parallel.cp_method": ("ring", "alltoall"),
 }
 
 

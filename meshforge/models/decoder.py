@@ -46,22 +46,29 @@ class Decoder(nn.Module):
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.attention_mask = document_mask
+        """How document ids become the ``mask`` the attention cores take (context parallel swaps both)."""
 
     def tie_weights(self) -> None:
         """Share the embedding with the output projection (again after ``to_empty``, which unties)."""
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage) -> logits [B, T, V].
 
         ``segments`` [B, T] (document id per position) restricts attention to each token's
-        own document; without it attention is plainly causal.
+        own document; without it attention is plainly causal. ``positions`` [T]: the RoPE
+        position of each token (default 0..T-1; a slice of a longer sequence passes its own).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        seqlen = h.shape[1]
-        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
-        mask = None if segments is None else document_mask(segments, use_flex=segments.is_cuda)
+        if positions is None:
+            seqlen = h.shape[1]
+            cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        mask = None if segments is None else self.attention_mask(segments, use_flex=segments.is_cuda)
         for block in self.layers.values():
             h = block(h, cos, sin) if mask is None else block(h, cos, sin, mask=mask)
         if self.norm is not None:

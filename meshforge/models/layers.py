@@ -60,9 +60,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.core = AttentionCore()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
-        """``mask``: None (causal), a boolean [B, 1, T, T] mask, or a FlexAttention BlockMask."""
+        """``cos``/``sin``: RoPE tables of x's positions; ``mask``: what ``self.core`` takes (see AttentionCore)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
@@ -71,14 +72,25 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        out = self.core(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, T, D], k/v [B, H_kv, T, D] (GQA when H_kv < H).
+
+    ``mask``: None (causal), a boolean [B, 1, T, T] mask (SDPA), or a FlexAttention BlockMask.
+    Its own module so that another way of computing the same thing (context parallel over
+    ranks) can take its place without a change to the model.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif isinstance(mask, torch.Tensor):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        else:
-            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if isinstance(mask, torch.Tensor):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
 def document_mask(segments: torch.Tensor, use_flex: bool):

@@ -1,6 +1,7 @@
 """Parallelism: build the named device mesh and apply each parallelism to a built model.
 
-Order of application (DESIGN.md): pipeline split -> TP/SP -> expert sharding ->
+Order of application (DESIGN.md): pipeline split -> TP/SP -> expert sharding -> context-parallel
+attention ->
 activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
 ``parallelize`` only decides which steps run.
 """
@@ -14,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from ..config import JobConfig
 from .activation_checkpoint import apply_activation_checkpointing
 from .compile import apply_compile, compile_enabled
+from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp
 from .expert_parallel import apply_ep, apply_expert_fsdp, build_ep_mesh, expert_dp_mesh
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
@@ -27,7 +29,10 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
     if d.ep > 1:  # dp_shard split into dp_shard_mod_ep x dp_shard_in_ep, re-flattened as dp_shard and ep
         return build_ep_mesh(d, device.type)
     shape = tuple(getattr(d, name) for name in MESH_DIMS)
-    return init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    if d.cp > 1:  # FSDP shards parameters over dp_shard x cp
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return mesh
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig) -> nn.Module:
@@ -46,11 +51,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
         model = apply_tp(model, mesh["tp"], p)  # params become DTensors on the tp sub-mesh
     if mesh is not None and d.ep > 1:
         model = apply_ep(model, mesh["ep"])  # expert weights become Shard(0) DTensors on the ep sub-mesh
+    if mesh is not None and d.cp > 1:
+        model = apply_context_parallel(model, mesh["cp"], p.cp_method)  # attention cores over the cp ranks
     model = apply_activation_checkpointing(model, p.activation_checkpointing)
     if compile_enabled(p.compile, device_type):
-        model = apply_compile(model)
-    if mesh is not None and d.dp > 1 and p.dp_backend == "fsdp2":  # "deepspeed": the trainer wraps it in an engine
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else mesh["dp_shard"]
+        model = apply_compile(model, fullgraph=d.cp == 1)
+    if mesh is not None and d.dp * d.cp > 1 and p.dp_backend == "fsdp2":  # "deepspeed": the trainer wraps it in an engine
+        shard = "dp_shard_cp" if d.cp > 1 else "dp_shard"
+        dp_mesh = mesh["dp_replicate", shard] if d.dp_replicate > 1 else mesh[shard]
         if d.ep > 1:  # experts first: FSDP over the dp ranks outside their ep group; the blocks take the rest
             apply_expert_fsdp(model, expert_dp_mesh(mesh, d), p.fsdp_reshard_after_forward,
                               param_dtype(p.param_dtype, mesh), p.fsdp_cpu_offload)

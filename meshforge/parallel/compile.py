@@ -16,7 +16,9 @@ def compile_enabled(setting: str, device_type: str) -> bool:
     return setting == "on" or (setting == "auto" and device_type == "cuda")
 
 
-def apply_compile(model: nn.Module) -> nn.Module:
+def apply_compile(model: nn.Module, fullgraph: bool = True) -> nn.Module:
+    """``fullgraph=False`` lets a block break its graph (context parallel: the attention core's
+    sends run eagerly between two compiled regions)."""
     for block in transformer_blocks(model):
-        block.compile(fullgraph=True)
+        block.compile(fullgraph=fullgraph)
     return model

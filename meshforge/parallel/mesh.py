@@ -55,8 +55,8 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> Degrees:
 def check_job(cfg: JobConfig, d: Degrees) -> None:
     """Relations between the degrees and the model/batch, named with their numbers."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    if d.cp != 1:
-        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism is not implemented yet; use 1")
+    if d.cp > 1:
+        check_context_parallel(cfg, d)
     if d.ep > 1:  # expert parallel borrows its ranks from dp_shard x cp
         if not m.moe_experts:
             raise ConfigError(f"parallel.ep = {d.ep}: expert parallelism needs an MoE model "
@@ -91,6 +91,34 @@ def check_job(cfg: JobConfig, d: Degrees) -> None:
     if p.dp_backend == "deepspeed" and (d.tp > 1 or d.pp > 1 or d.dp_replicate > 1):
         raise ConfigError("parallel.dp_backend = 'deepspeed' supports data parallelism only (tp = pp = dp_replicate = 1)")
     micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
+
+
+def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
+    """What ``parallel.cp > 1`` needs: a decoder, a sequence in 2*cp chunks, heads for all-to-all."""
+    m, p = cfg.model, cfg.parallel
+    if m.family != "decoder":
+        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the decoder family only, not "
+                          f"model.family = {m.family!r}; use parallel.cp = 1")
+    if m.moe_experts:
+        raise ConfigError(f"parallel.cp = {d.cp} with an MoE model (model.moe_experts = {m.moe_experts}) is not "
+                          "supported yet: its load-balancing loss and router statistics would be taken over each "
+                          "rank's share of the sequence instead of the whole; use parallel.cp = 1")
+    for name, degree in (("pp", d.pp), ("ep", d.ep)):
+        if degree > 1:
+            raise ConfigError(f"parallel.cp = {d.cp} does not compose with parallel.{name} = {degree} yet; "
+                              f"use one of them")
+    if p.dp_backend != "fsdp2":
+        raise ConfigError(f"parallel.cp = {d.cp} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
+    seq = cfg.data.seq_len
+    if seq % (2 * d.cp):
+        raise ConfigError(f"data.seq_len = {seq} does not divide into 2*cp = {2 * d.cp} zigzag chunks "
+                          f"(parallel.cp = {d.cp}); use a multiple of {2 * d.cp}")
+    if p.cp_method == "alltoall":
+        for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+            if value % (d.tp * d.cp):
+                raise ConfigError(f"parallel.cp_method = 'alltoall' needs {name} = {value} divisible by tp*cp = "
+                                  f"{d.tp}*{d.cp} = {d.tp * d.cp} (each cp rank takes a share of each tp rank's "
+                                  "heads); use cp_method = 'ring'")
 
 
 def pipeline_layers(m: ModelConfig) -> tuple[int, str]:

@@ -32,6 +32,7 @@ from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
 from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
 from ..parallel import build_mesh, parallelize
+from ..parallel.context_parallel import split_for_context_parallel
 from ..parallel.grad_norm import clip_grad_norm
 from ..parallel.loss_parallel import lm_loss_fn
 from ..parallel.deepspeed_engine import build_deepspeed_engine, check_deepspeed
@@ -173,6 +174,8 @@ class Trainer:
 
     def _forward_loss(self, batch):
         args, targets = self.data.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
+        if self.degrees.cp > 1:  # this rank's zigzag chunks of every sample, with their global positions
+            args, targets = split_for_context_parallel(args, targets, self.mesh["cp"].get_local_rank(), self.degrees.cp)
         with self._autocast():
             logits = self.model(*args)
         # tp > 1 with parallel.loss_parallel: logits are vocab-sharded DTensors, never gathered

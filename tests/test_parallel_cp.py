@@ -1,0 +1,132 @@
+"""Context parallel training against the single-process run, and its config checks.
+
+- Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
+  encoder-decoder, an MoE model, and cp with pp/deepspeed fail with one line naming the
+  numbers, before any process group (``check_job`` is what the trainer calls first).
+- Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
+  equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
+  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and
+  validation), cp2 with activation checkpointing, cp2 with compiled blocks, a cp2 checkpoint resumed in one process
+  and one process's checkpoint resumed under cp2 (slow).
+  The attention cores themselves are checked, with their traffic counted, in
+  ``test_cp_attention.py``.
+
+Parameter tolerance: rtol 1e-5 with atol 3e-6 (as for TP): each cp rank's weight gradient is
+a sum over its half of the tokens, averaged over the ranks afterwards, so the sums run in
+another order than in one process; after 10 AdamW steps a single weight of ~200k whose
+gradient nearly cancels may differ by ~1e-6. The per-tensor relative drift is checked at 1e-5.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from meshforge.config import ConfigError, load_config
+from meshforge.parallel.mesh import check_job, resolve_degrees
+from meshforge.pretrain.metrics import read_metrics
+from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
+
+
+def _assert_cp_parity(ref, got) -> None:
+    assert_parity(ref, got, atol=TP_ATOL)
+    drift = max(((got.params[k] - v).norm() / v.norm()).item() for k, v in ref.params.items())
+    assert drift < 1e-5, drift
+
+
+def _check(world: int, **overrides):
+    cfg = load_config("tiny-test", {k.replace("__", "."): v for k, v in overrides.items()})
+    check_job(cfg, resolve_degrees(cfg.parallel, world))
+
+
+def test_cp_config_is_checked_before_any_process_group():
+    _check(2, parallel__cp=2)
+    _check(4, parallel__cp=2, parallel__cp_method="alltoall")
+    with pytest.raises(ConfigError, match=r"data.seq_len = 36 does not divide into 2\*cp = 8 zigzag chunks"):
+        _check(4, parallel__cp=4, data__seq_len=36)
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads = 2 divisible by tp\*cp = 1\*4 = 4"):
+        _check(4, parallel__cp=4, parallel__cp_method="alltoall")
+    with pytest.raises(ConfigError, match=r"model.n_heads = 4 divisible by tp\*cp = 2\*4 = 8"):
+        _check(8, parallel__cp=4, parallel__tp=2, parallel__cp_method="alltoall")
+    with pytest.raises(ConfigError, match="decoder family only, not model.family = 'encoder_decoder'"):
+        _check(2, parallel__cp=2, model__family="encoder_decoder", model__position_encoding="relative")
+    with pytest.raises(ConfigError, match=r"parallel.cp = 2 with an MoE model \(model.moe_experts = 4\)"):
+        _check(2, parallel__cp=2, model__moe_experts=4)
+    with pytest.raises(ConfigError, match=r"parallel.cp = 2 does not compose with parallel.pp = 2"):
+        _check(4, parallel__cp=2, parallel__pp=2, model__tie_embeddings=False)
+    with pytest.raises(ConfigError, match=r"needs parallel.dp_backend = 'fsdp2' \(got 'deepspeed'\)"):
+        _check(2, parallel__cp=2, parallel__dp_backend="deepspeed")
+    with pytest.raises(ConfigError, match="parallel.cp_method = 'zigzag' is not one of ring, alltoall"):
+        load_config("tiny-test", {"parallel.cp_method": "zigzag"})
+
+
+@pytest.mark.parametrize("method", ["ring", "alltoall"])
+def test_cp2_matches_single_process(method, tiny_data, single_process_ref, tmp_path):
+    got = train_layout(tiny_data, tmp_path / method, 2, "--parallel.cp", "2", "--parallel.cp_method", method)
+    _assert_cp_parity(single_process_ref, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, world, overrides", [
+    ("cp4-ring", 4, ("--parallel.cp", "4")),
+    ("cp2-x-tp2", 4, ("--parallel.cp", "2", "--parallel.tp", "2")),
+    ("cp2-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2")),
+    ("cp2-alltoall-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2", "--parallel.cp_method", "alltoall")),
+])
+def test_cp_layouts_match_single_process(name, world, overrides, tiny_data, single_process_ref, tmp_path):
+    got = train_layout(tiny_data, tmp_path / name, world, *overrides)
+    _assert_cp_parity(single_process_ref, got)
+
+
+@pytest.mark.slow
+def test_cp2_document_mask_and_validation_match_single_process(tiny_data, tmp_path):
+    """Packed documents crossing the zigzag chunks; validation every 5 steps (the eval path splits too)."""
+    docs = ("--data.document_mask", "true", "--train.eval_interval", "5", "--train.eval_batches", "2")
+    ref = train_layout(tiny_data, tmp_path / "ref-docs", 1, *docs)
+    got = train_layout(tiny_data, tmp_path / "cp2-docs", 2, *docs, "--parallel.cp", "2")
+    _assert_cp_parity(ref, got)
+    val = [[r["val_loss"] for r in read_metrics(run.output_dir) if "val_loss" in r] for run in (ref, got)]
+    assert len(val[0]) == 3  # steps 0, 5, 10
+    torch.testing.assert_close(torch.tensor(val[1], dtype=torch.float64), torch.tensor(val[0], dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_cp2_with_activation_checkpointing_matches_single_process(tiny_data, single_process_ref, tmp_path):
+    """Full recomputation re-runs the ring forward inside backward, on every rank in the same order."""
+    got = train_layout(tiny_data, tmp_path / "cp2-ac", 2, "--parallel.cp", "2",
+                       "--parallel.activation_checkpointing", "full")
+    _assert_cp_parity(single_process_ref, got)
+
+
+@pytest.mark.slow
+def test_cp2_checkpoint_resumes_in_one_process(tiny_data, single_process_ref, tmp_path):
+    """A cp2 ring run's step-5 checkpoint continued by one process to step 10."""
+    out = tmp_path / "cp2-then-1"
+    args = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
+            "--checkpoint.interval", "5"]
+    run_ranks(2, [*args, "--parallel.cp", "2"])
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    run_ranks(1, args)  # resumes at step 5 without cp
+    _assert_cp_parity(single_process_ref, read_result(out))
+
+
+@pytest.mark.slow
+def test_single_process_checkpoint_resumes_under_cp2(tiny_data, single_process_ref, tmp_path):
+    """One process's step-5 checkpoint continued by cp2 all-to-all ranks to step 10."""
+    out = tmp_path / "1-then-cp2"
+    args = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
+            "--checkpoint.interval", "5"]
+    run_ranks(1, args)
+    shutil.rmtree(out / "checkpoints" / "step_00000010")
+    run_ranks(2, [*args, "--parallel.cp", "2", "--parallel.cp_method", "alltoall"])
+    _assert_cp_parity(single_process_ref, read_result(out))
+
+
+@pytest.mark.slow
+def test_cp2_with_compiled_blocks_matches_single_process(tiny_data, single_process_ref, tmp_path):
+    """torch.compile'd blocks: the ring core runs eagerly between the compiled regions."""
+    got = train_layout(tiny_data, tmp_path / "cp2-compile", 2, "--parallel.cp", "2", "--parallel.compile", "on")
+    _assert_cp_parity(single_process_ref, got)
