@@ -135,6 +135,7 @@ def test_bf16_export_and_sharding(tiny_tokenizer, tmp_path):
     ({"model.moe_experts": 4, "model.moe_dense_layers": 1, "model.qk_norm": False}, "dense first layers"),
     ({"model.moe_experts": 4, "model.moe_bias_update_rate": 0.01}, "routing bias"),
     ({"model.ffn_activation": "gelu"}, "ffn_activation"),
+    ({"model.mup_base_dim": 32}, "mup_base_dim"),
 ])
 def test_unrepresentable_decoder_is_refused_before_writing(overrides, feature, tmp_path):
     make_checkpoint(tmp_path / "ckpt", None, overrides)

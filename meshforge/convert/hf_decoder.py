@@ -66,6 +66,9 @@ def choose_family(m: ModelConfig) -> Family:
     if m.attn_scale and abs(m.attn_scale - m.head_dim**-0.5) > 1e-12:
         raise ConvertError(f"model.attn_scale = {m.attn_scale}: HF decoders scale attention logits by "
                            f"1/sqrt(head_dim) = {m.head_dim**-0.5:.6g}")
+    if m.mup_base_dim:
+        raise ConvertError(f"model.mup_base_dim = {m.mup_base_dim}: muP divides the logits by the width multiplier "
+                           "(dim / mup_base_dim), which no HF decoder class does")
     if not m.moe_experts:
         return QWEN3 if m.qk_norm else LLAMA
     if m.moe_capacity_factor > 0:
