@@ -118,25 +118,37 @@ def rank_coords(layout: Layout, rank: int) -> Coords:
 
 
 def _tp_styles(cfg: JobConfig) -> dict[str, str]:
-    """Module pattern -> ``colwise`` / ``rowwise`` from the project's TP plan."""
+    """Module path -> ``colwise`` / ``rowwise`` / ``heads`` from the project's TP plan."""
+    from dataclasses import asdict
+
+    return _tp_styles_cached(tuple(sorted(asdict(cfg.model).items())), cfg.parallel.loss_parallel)
+
+
+@lru_cache(maxsize=16)
+def _tp_styles_cached(model_key: tuple, loss_parallel: bool) -> dict[str, str]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     from ..parallel.tensor_parallel import decoder_tp_plan, encoder_decoder_tp_plan
 
-    m = cfg.model
+    m = ModelConfig(**dict(model_key))
     if m.family == "encoder_decoder":
-        plan = encoder_decoder_tp_plan(cfg.parallel.loss_parallel)
+        plan = encoder_decoder_tp_plan(loss_parallel)
     else:
         moe = {str(i): m.is_moe_layer(i) for i in range(m.n_layers)} if m.moe_experts else None
-        plan = decoder_tp_plan(cfg.parallel.loss_parallel, qk_norm=m.qk_norm, moe_ffn=moe)
-    out = {}
+        plan = decoder_tp_plan(loss_parallel, qk_norm=m.qk_norm, moe_ffn=moe)
+    styles = {}
     for pattern, style in plan.items():
         if isinstance(style, ColwiseParallel):
-            out[pattern] = "colwise"
+            styles[pattern] = "colwise"
         elif isinstance(style, RowwiseParallel):
-            out[pattern] = "rowwise"
+            styles[pattern] = "rowwise"
         elif type(style).__name__ == "HeadParallel":
-            out[pattern] = "heads"
+            styles[pattern] = "heads"
+    out = {}
+    for info in _param_table_cached(model_key):
+        match = next((s for pat, s in styles.items() if fnmatch(info.module, pat)), None)
+        if match:
+            out[info.module] = match
     return out
 
 
@@ -170,7 +182,7 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
                 or info.layer == -2 and not last:
             continue
         shape = list(info.shape)
-        style = next((s for pat, s in styles.items() if fnmatch(info.module, pat)), None)
+        style = styles.get(info.module)
         if style == "colwise" or (style == "rowwise" and info.kind == "embedding"):
             shape[0] = chunk_len(shape[0], layout.tp, c.tp)
         elif style == "rowwise":

@@ -1,0 +1,197 @@
+"""Per-GPU memory of a layout, by kind: ``params``, ``grads``, ``optimizer`` (exact, from
+:mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below).
+
+Activations are counted tensor by tensor from what autograd keeps for the backward of one
+block of this codebase's models (``models/layers.py``, ``models/moe.py``), per microbatch of
+``B`` samples of ``T`` tokens, ``e`` bytes per element (2 under bf16 autocast on GPU, 4 in
+fp32 on the CPU); under TP the stream is sequence-sharded (``/tp``) and the gathered norm
+output is whole:
+
+- dense block: both norm inputs (fp32: ``2 * 4 * BTD/tp``), both gathered norm outputs
+  (``2 e BTD``), q, k, v after RoPE, the attention output and its re-laid-out copy for ``wo``
+  (``e BT (3D + 2Dkv)/tp``), the SDPA log-sum-exp, QK-norm inputs if any, and the four
+  ``BTF/tp`` tensors of SwiGLU (w1 out, silu out, w3 out, their product);
+- MoE block (replicated over tp): the gathered input, router logits and probabilities (fp32),
+  the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
+  shared experts like a dense FFN;
+- the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
+  three more logits-sized buffers while the loss's backward runs (softmax, the target's
+  scatter, their sum);
+- activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
+  input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
+  activations at a time in backward (that block is added once);
+- pipeline: a rank keeps its blocks' activations for every microbatch in flight (1F1B: ``pp``
+  on stage 0; interleaved / zero-bubble: Megatron's ``pp + (pp-1)/v``-ish count; GPipe: all),
+  plus each in-flight microbatch's stage input.
+
+Communication buffers: FSDP2 all-gathers one unit while the previous runs (two unsharded
+units of compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
+reduce-scatter copy; ZeRO-2-like (no reshard) keeps every unsharded block from forward to
+backward; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import JobConfig
+from .layouts import ZERO_MODES, Layout
+from .state import state_bytes, unsharded_numel
+
+KINDS = ("params", "grads", "optimizer", "activations", "comm_buffers")
+"""The per-GPU byte keys of an estimate (``--json`` prints them)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    act: int
+    """Bytes per activation element (autocast dtype)."""
+    compute_param: int
+    """Bytes per element of the unsharded compute copy FSDP2 gathers."""
+
+    @staticmethod
+    def for_device(device_type: str, cfg: JobConfig | None = None) -> "Precision":
+        if cfg is not None and cfg.train.dtype != "auto":
+            act = 2 if cfg.train.dtype == "bf16" else 4
+        else:
+            act = 2 if device_type != "cpu" else 4
+        return Precision(act, act)
+
+
+def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, e: int) -> dict[str, int]:
+    """Bytes one block keeps for backward, per microbatch: ``none``, ``selective``, ``full``."""
+    m = cfg.model
+    D, Dkv, H = m.dim, m.kv_heads * m.head_dim, m.n_heads
+    BT = B * T
+    stream = BT * D // tp
+    attn = 2 * 4 * stream + 2 * e * BT * D + e * BT * (3 * D + 2 * Dkv) // tp + 4 * B * (H // tp) * T
+    if m.qk_norm:
+        attn += 4 * BT * (D + Dkv) // tp
+    mm_attn = e * BT * (D + 2 * Dkv) // tp + e * BT * D + e * BT * D // tp + 4 * B * (H // tp) * T  # q,k,v,wo,sdpa
+    if m.is_moe_layer(layer):
+        N, k, F, E = BT, m.moe_top_k, m.expert_dim, m.moe_experts
+        ffn = e * N * D + 2 * e * N * k * D + 4 * e * N * k * F + 2 * 4 * N * E
+        mm_ffn = 3 * e * N * k * F // 1 + e * N * k * D + 4 * N * E  # w1, w3, w2 outputs, router logits
+        if e != 4:
+            ffn += 4 * N * D  # the router's fp32 copy of its input
+        if m.moe_shared_experts:
+            Fs = F * m.moe_shared_experts
+            ffn += 4 * e * N * Fs
+            mm_ffn += 2 * e * N * Fs + e * N * D
+    else:
+        F = m.hidden_dim
+        ffn = 4 * e * BT * F // tp
+        mm_ffn = 2 * e * BT * F // tp + e * BT * D
+    block_input = e * stream if e != 4 else 4 * stream
+    return {"none": attn + ffn, "selective": block_input + mm_attn + mm_ffn, "full": block_input}
+
+
+def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> int:
+    BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
+    return 4 * BT * D // tp + e * BT * D + 4 * 4 * BT * V // tp
+
+
+def in_flight(layout: Layout, n_microbatches: int, spr: int, pp_rank: int) -> float:
+    """Microbatches whose activations a pipeline rank holds at its peak (in units of all its blocks)."""
+    pp = layout.pp
+    if pp == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(n_microbatches)
+    if spr == 1:  # 1F1B: stage r keeps pp - r
+        return float(min(n_microbatches, pp - pp_rank))
+    # interleaved (Megatron): rank r warms up with (pp - r - 1) * 2 + (v - 1) * pp + 1 chunk-microbatches
+    chunks = (pp - pp_rank - 1) * 2 + (spr - 1) * pp + 1
+    return min(float(n_microbatches), chunks / spr)
+
+
+def n_microbatches(cfg: JobConfig, layout: Layout) -> int:
+    return cfg.train.global_batch_size // (layout.dp * layout.micro_batch_size)
+
+
+def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision) -> int:
+    from .state import _stage_layers
+    from ..parallel.mesh import pipeline_stages_per_rank
+
+    B, T, tp, e = layout.micro_batch_size, cfg.data.seq_len, layout.tp, prec.act
+    held, first, last = _stage_layers(cfg, layout, pp_rank)
+    per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
+    ac = layout.ac
+    saved = sum(p[ac] for p in per)
+    rebuild = max((p["none"] - (p[ac] if ac != "none" else p["none"]) for p in per), default=0)
+    spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
+    n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
+    total = n * saved + rebuild
+    if layout.pp > 1:
+        total += n * e * B * T * cfg.model.dim // tp  # each in-flight microbatch's stage input
+    if last:
+        total += head_activation_bytes(cfg, B, T, tp, e)
+    return int(total)
+
+
+def _cut_key(layout: Layout, rank: int) -> tuple:
+    """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
+    spr = 2 if layout.pp > 1 and layout.schedule in ("interleaved_1f1b", "zero_bubble") else 1
+    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, spr, rank)
+
+
+def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):
+    if cache is None:
+        return fn(cfg, layout, rank)
+    key = (what, *_cut_key(layout, rank))
+    if key not in cache:
+        cache[key] = fn(cfg, layout, rank)
+    return cache[key]
+
+
+def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision, cache: dict | None = None) -> int:
+    backend, reshard, _ = ZERO_MODES[layout.zero]
+    out = 0
+    if layout.pp > 1:
+        out += 2 * prec.act * layout.micro_batch_size * cfg.data.seq_len * cfg.model.dim
+    if backend == "fsdp2" and layout.dp > 1:
+        sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
+        w = prec.compute_param
+        grad = w + (4 if w != 4 else 0)
+        out += 2 * w * sizes["largest_unit"] + grad * sizes["largest_unit"]
+        if not reshard:
+            out += w * sizes["all"]
+    elif backend == "deepspeed":
+        numel = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)["all"]
+        out += 2 * prec.compute_param * min(numel, 500_000_000)
+    return out
+
+
+def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
+                    ) -> dict[str, int]:
+    """Per-GPU bytes by :data:`KINDS` (and ``total``) on the fullest rank: the largest over pipeline stages
+    (the first rank of each stage holds the largest pieces of every cut). ``cache`` (a dict) shares the
+    state arithmetic between layouts that cut the model alike."""
+    prec = Precision.for_device(device_type, cfg)
+    best: dict[str, int] | None = None
+    stride = layout.world_size // layout.pp
+    for pp_rank in range(layout.pp):
+        rank = pp_rank * stride
+        est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
+        est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
+        est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
+        est["total"] = sum(est[k] for k in KINDS)
+        est["rank"] = rank
+        if best is None or est["total"] > best["total"]:
+            best = est
+    return best
+
+
+def estimate_rank(cfg: JobConfig, layout: Layout, rank: int, device_type: str) -> dict[str, int]:
+    """The same for one given rank (what ``meshforge train`` compares with its measurement)."""
+    from .state import rank_coords
+
+    prec = Precision.for_device(device_type, cfg)
+    est = dict(state_bytes(cfg, layout, rank))
+    est["activations"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec)
+    est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec)
+    est["total"] = sum(est[k] for k in KINDS)
+    return est
+
+
+__all__ = ["KINDS", "Precision", "estimate_memory", "estimate_rank"]
