@@ -27,7 +27,7 @@ FAST_CASES = [
 SLOW_CASES = [
     ("llama-1b", Layout(1, 1, 1, 1024), 1023),
     ("llama-1b", Layout(8, 4, 1, 512), 5000),  # 16,384 ranks
-    ("llama-1b", Layout(2, 16, 4, 128, schedule="zero_bubble"), 16383),  # 16,384 ranks, loop placement
+    ("llama-1b", Layout(2, 8, 8, 128, schedule="zero_bubble"), 16383),  # 16,384 ranks, loop placement, HSDP
     ("mixtral-8x", Layout(2, 2, 1, 256, ep=8), 1000),
     ("mixtral-8x", Layout(1, 1, 2, 512, ep=8), 700),  # HSDP x EP
     ("mixtral-8x", Layout(4, 4, 1, 64, ep=4, zero="fsdp-zero2", schedule="interleaved_1f1b"), 1023),
