@@ -190,3 +190,17 @@ def test_plan_dry_run_cli_json(capsys):
     assert out["world_size"] == 64 and out["rank"] == 9
     for k in ("params", "grads", "optimizer"):
         assert out[k] == out["estimate"][k] > 0
+
+
+def test_train_prints_prediction_and_measurement(tiny_data, tmp_path, capsys):
+    from meshforge.pretrain.metrics import read_metrics
+    from meshforge.pretrain.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out), "train.steps": 3,
+                                    "train.eval_interval": 0, "train.sample_prompt": "", "checkpoint.interval": 0})
+    Trainer(cfg).run()
+    text = capsys.readouterr().out
+    assert "memory plan (rank 0): params" in text and "memory measured at step 2" in text
+    rec = next(r for r in read_metrics(out) if "mem_step_peak_bytes" in r)
+    assert rec["step"] == 2 and rec["mem_step_peak_bytes"] > 0 and rec["mem_predicted_activations"] > 0
