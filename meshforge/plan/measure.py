@@ -88,8 +88,10 @@ class MemoryProbe:
         else:
             out = {"mem_step_peak_bytes": _status_kib("VmHWM") * 1024 - self.baseline}
         if self.predicted is not None:
-            out["mem_predicted_activations"] = self.predicted["activations"]
-            out["mem_predicted_total"] = self.predicted["total"]
+            p = self.predicted
+            out["mem_predicted_activations"] = p["activations"]
+            out["mem_predicted_step"] = p["activations"] + p["grads"] + p["comm_buffers"]
+            out["mem_predicted_total"] = p["total"]
         return out
 
     def measured_line(self, rec: dict) -> str:

@@ -19,7 +19,8 @@ output is whole:
   scatter, their sum);
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
-  activations at a time in backward (that block is added once);
+  activations at a time in backward. That block is added once -- or the head's buffers, if larger:
+  those are freed by the output layer's backward, before the first block is rebuilt;
 - pipeline: a rank keeps its blocks' activations for every microbatch in flight (1F1B: ``pp``
   on stage 0; interleaved / zero-bubble: Megatron's ``pp + (pp-1)/v``-ish count; GPipe: all),
   plus each in-flight microbatch's stage input.
@@ -106,14 +107,21 @@ def in_flight(layout: Layout, n_microbatches: int, spr: int, pp_rank: int) -> fl
 
 
 def n_microbatches(cfg: JobConfig, layout: Layout) -> int:
+    """Forward/backward passes per step on a rank (``parallel.pp_microbatches`` when a pipeline sets it)."""
+    if layout.pp > 1 and cfg.parallel.pp_microbatches:
+        return cfg.parallel.pp_microbatches
     return cfg.train.global_batch_size // (layout.dp * layout.micro_batch_size)
+
+
+def microbatch_samples(cfg: JobConfig, layout: Layout) -> int:
+    return cfg.train.global_batch_size // layout.dp // n_microbatches(cfg, layout)
 
 
 def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision) -> int:
     from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
 
-    B, T, tp, e = layout.micro_batch_size, cfg.data.seq_len, layout.tp, prec.act
+    B, T, tp, e = microbatch_samples(cfg, layout), cfg.data.seq_len, layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)
     per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
     ac = layout.ac
@@ -121,11 +129,11 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     rebuild = max((p["none"] - (p[ac] if ac != "none" else p["none"]) for p in per), default=0)
     spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
     n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
-    total = n * saved + rebuild
+    # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
+    head = head_activation_bytes(cfg, B, T, tp, e) if last else 0
+    total = n * saved + max(rebuild, head)
     if layout.pp > 1:
         total += n * e * B * T * cfg.model.dim // tp  # each in-flight microbatch's stage input
-    if last:
-        total += head_activation_bytes(cfg, B, T, tp, e)
     return int(total)
 
 
@@ -148,7 +156,7 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
     backend, reshard, _ = ZERO_MODES[layout.zero]
     out = 0
     if layout.pp > 1:
-        out += 2 * prec.act * layout.micro_batch_size * cfg.data.seq_len * cfg.model.dim
+        out += 2 * prec.act * microbatch_samples(cfg, layout) * cfg.data.seq_len * cfg.model.dim
     if backend == "fsdp2" and layout.dp > 1:
         sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
         w = prec.compute_param

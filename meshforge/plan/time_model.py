@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from ..config import JobConfig
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
-from .memory import n_microbatches
+from .memory import microbatch_samples, n_microbatches
 from .state import param_table, unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
@@ -104,7 +104,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
                   efficiency: float = DEFAULT_EFFICIENCY, cache: dict | None = None) -> TimeEstimate:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
-    B, T = layout.micro_batch_size, cfg.data.seq_len
+    B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
     e = 2  # bf16 activations on GPU
     mb = n_microbatches(cfg, layout)
     tokens = cfg.train.global_batch_size * T
