@@ -35,6 +35,7 @@ SLOW_CASES = [
     ("llama-70b", Layout(8, 8, 1, 256), 16383),  # 16,384 ranks
     ("llama-70b", Layout(8, 4, 4, 128, schedule="zero_bubble"), 9999),  # 16,384 ranks, HSDP
     ("llama-70b", Layout(4, 10, 1, 32), 1279),  # 80 layers over 10 stages, odd dp chunks
+    ("t5-base", Layout(2, 4, 1, 32), 200),  # encoder-decoder: encoder norm on the stage of the last encoder block
 ]
 
 

@@ -71,6 +71,8 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
             layer = int(parts[2]) + (n_enc if parts[0] == "decoder" else 0)
         elif parts[0] in ("tok_embeddings",) or (len(parts) > 1 and parts[1] == "rel_bias"):
             layer = -1
+        elif parts[0] == "encoder" and parts[1] == "norm":
+            layer = n_enc - 1  # applied by the stage holding the last encoder block
         else:
             layer = -2
         out.append(ParamInfo(name, tuple(p.shape), mod, kind, layer))
