@@ -4,10 +4,12 @@
    selective / full, single process, tp2 and pp2 (1F1B), ``meshforge train`` runs 3 steps
    (ranks started as tests/parallel_harness.py does, OMP_NUM_THREADS=1,
    MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed tensors to the OS at once). The trainer's
-   memory probe (meshforge/plan/measure.py) logs, on rank 0, the peak RSS over step 2 above the
-   RSS at the end of step 1 (parameters + optimizer state at rest) and the planner's prediction
-   for that rank; the table compares the measured step peak with the predicted activations +
-   gradients + communication buffers (everything a step allocates on top of the state at rest).
+   memory probe (meshforge/plan/measure.py) logs, on rank 0, the peak RSS above the RSS at the
+   end of step 1 (parameters + optimizer state at rest) up to step 2's optimizer step (the
+   backward peak) and over all of step 2, with the planner's predictions for that rank: the
+   backward peak against activations + gradients + communication buffers (this checks the
+   activation model), the step peak against the larger of that and the optimizer step's
+   temporaries.
 2. Ranking. The planner's predicted step time (device ``cpu`` of the table) for the CPU layouts
    of bench/bench_layouts.py against their measured step times (the newest table in RESULTS.md,
    or ``--measure`` to time them again): Spearman rank correlation. On 2 cores, layouts of 4
@@ -53,12 +55,12 @@ def mem_record(out: Path) -> dict:
     raise RuntimeError("no memory record in metrics.jsonl")
 
 
-def measure_memory(presets, acs, layouts, cache: str, timeout: float) -> list[str]:
+def measure_memory(presets, acs, layouts, cache: str, timeout: float, device: str = "cpu") -> list[str]:
     common = ["train", "--train.steps", "3", "--train.eval_interval", "0", "--train.sample_prompt", "",
               "--checkpoint.interval", "0", "--train.progress", "false", "--logging.tensorboard", "false",
-              "--train.device", "cpu"]
-    lines = ["| preset | layout | AC | measured step peak MiB | predicted MiB (acts + grads + comm) | "
-             "predicted activations MiB | error |", "|---|---|---|---:|---:|---:|---:|"]
+              "--train.device", device]
+    lines = ["| preset | layout | AC | backward peak MiB measured / predicted | error | step peak MiB measured / "
+             "predicted | error | predicted activations MiB |", "|---|---|---|---:|---:|---:|---:|---:|"]
     errors = []
     with tempfile.TemporaryDirectory(prefix="mf-planmem-") as tmp:
         for preset in presets:
@@ -75,15 +77,17 @@ def measure_memory(presets, acs, layouts, cache: str, timeout: float) -> list[st
                         print(f"{preset} {name} {ac}: FAILED {' '.join(str(e).split())[:160]}", flush=True)
                         lines.append(f"| {preset} | {name} | {ac} | failed | | | |")
                         continue
-                    meas, pred = rec["mem_step_peak_bytes"], rec["mem_predicted_step"]
-                    err = (pred - meas) / meas
+                    bwd, bwd_pred = rec["mem_backward_peak_bytes"], rec["mem_predicted_backward"]
+                    step, step_pred = rec["mem_step_peak_bytes"], rec["mem_predicted_step"]
+                    err = (bwd_pred - bwd) / bwd
                     errors.append(abs(err))
-                    row = (f"| {preset} | {name} | {ac} | {meas / 2**20:.1f} | {pred / 2**20:.1f} | "
-                           f"{rec['mem_predicted_activations'] / 2**20:.1f} | {100 * err:+.1f}% |")
+                    row = (f"| {preset} | {name} | {ac} | {bwd / 2**20:.1f} / {bwd_pred / 2**20:.1f} | {100 * err:+.1f}% | "
+                           f"{step / 2**20:.1f} / {step_pred / 2**20:.1f} | {100 * (step_pred - step) / step:+.1f}% | "
+                           f"{rec['mem_predicted_activations'] / 2**20:.1f} |")
                     print(row, flush=True)
                     lines.append(row)
     if errors:
-        lines += ["", f"largest |error|: {100 * max(errors):.1f}% over {len(errors)} runs"]
+        lines += ["", f"backward peak: largest |error| {100 * max(errors):.1f}% over {len(errors)} runs"]
     return lines
 
 
@@ -152,6 +156,7 @@ def main() -> int:
     ap.add_argument("--presets", nargs="*", default=["small", "llama-100m"])
     ap.add_argument("--ac", nargs="*", default=["none", "selective", "full"])
     ap.add_argument("--layouts", nargs="*", default=list(LAYOUT_ARGS))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the same runs on GPUs (peak allocated above rest)")
     ap.add_argument("--measure", action="store_true", help="time the bench_layouts layouts again for the ranking")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--timeout", type=float, default=1200)
@@ -164,10 +169,10 @@ def main() -> int:
     start = loadavg()
     lines = []
     if not args.skip_memory:
-        lines += ["Memory: rank 0, peak RSS over step 2 above the RSS after step 1 (3 steps of `meshforge train`, fp32, "
+        lines += [f"Memory ({args.device}): rank 0, peak {'RSS' if args.device == 'cpu' else 'allocated'} in step 2 above the value after step 1 (3 steps of `meshforge train`, fp32, "
                   "OMP_NUM_THREADS=1, MALLOC_MMAP_THRESHOLD_=65536); small: global batch 16 x 128, untied; "
                   "llama-100m: global batch 4 x 256, micro-batch 2; pp2: 1F1B, 2 microbatches", "",
-                  *measure_memory(args.presets, args.ac, args.layouts, args.cache, args.timeout), ""]
+                  *measure_memory(args.presets, args.ac, args.layouts, args.cache, args.timeout, args.device), ""]
     lines += ["Ranking (small preset, the layouts of bench/bench_layouts.py):", "",
               *ranking(args.measure, args.cache, args.timeout)]
     lines += ["", f"load average at start / end: {start} / {loadavg()} (the machine is shared by several engineers: "

@@ -6,6 +6,8 @@ Measured over step 2 (step 1 allocates the optimizer state and warms the allocat
 - GPU: ``torch.cuda.max_memory_allocated`` over the step (reset after step 1) -- the whole
   per-GPU peak, compared with the predicted total; and its part above the memory at rest
   after step 1 (parameters + optimizer state), compared with the predicted activations.
+- both: the same peak up to the optimizer step (a step pre-hook on the optimizer), compared
+  with the predicted activations + gradients + communication buffers (the backward peak);
 - CPU: the peak resident set size of the process over the step (``VmHWM`` after resetting
   it through ``/proc/self/clear_refs``) above the resident size at the end of step 1. The
   interpreter and libraries make the process's own peak RSS no memory prediction, so only
@@ -42,8 +44,11 @@ class MemoryProbe:
     """Prediction at construction; ``after_step()`` (after each step) returns the measured metrics once,
     after the second step of this process (``{}`` otherwise)."""
 
-    def __init__(self, cfg: JobConfig, degrees, rank: int, device):
+    def __init__(self, cfg: JobConfig, degrees, rank: int, device, optimizer=None):
         self.device = device
+        self.backward_peak = -1
+        if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
+            optimizer.register_step_pre_hook(self._before_optimizer_step)
         self.rank = rank
         self.predicted: dict[str, int] | None = None
         self.baseline = 0
@@ -56,6 +61,18 @@ class MemoryProbe:
             self.predicted = estimate_rank(cfg, layout, rank, device.type)
         except Exception as e:  # a prediction must never stop a run
             self.error = f"{type(e).__name__}: {e}"
+
+    def _peak_now(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_kib("VmHWM") * 1024
+
+    def _before_optimizer_step(self, *args) -> None:
+        if self.calls == 1 and self.baseline >= 0 and self.backward_peak < 0:  # within the measured step
+            self.backward_peak = self._peak_now()
 
     def start_line(self) -> str:
         if self.predicted is None:
@@ -81,16 +98,17 @@ class MemoryProbe:
             return {}
         if step != 2 or self.baseline < 0:
             return {}
+        peak = self._peak_now()
+        out = {"mem_step_peak_bytes": peak - self.baseline}
         if cuda:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            out = {"mem_peak_bytes": peak, "mem_step_peak_bytes": peak - self.baseline}
-        else:
-            out = {"mem_step_peak_bytes": _status_kib("VmHWM") * 1024 - self.baseline}
+            out["mem_peak_bytes"] = peak
+        if self.backward_peak >= 0:
+            out["mem_backward_peak_bytes"] = self.backward_peak - self.baseline
         if self.predicted is not None:
             p = self.predicted
             out["mem_predicted_activations"] = p["activations"]
-            out["mem_predicted_step"] = p["activations"] + p["grads"] + p["comm_buffers"]
+            out["mem_predicted_backward"] = p["activations"] + p["grads"] + p["comm_buffers"]
+            out["mem_predicted_step"] = p["grads"] + max(p["activations"] + p["comm_buffers"], p["optimizer_step"])
             out["mem_predicted_total"] = p["total"]
         return out
 
@@ -103,6 +121,9 @@ class MemoryProbe:
                          + (f" (predicted {rec['mem_predicted_total'] / GIB:.3f})" if "mem_predicted_total" in rec else "")
                          + ";")
         parts.append(f"step peak above the state at rest {rec['mem_step_peak_bytes'] / GIB:.3f} GiB"
-                     + (f" (predicted activations {rec['mem_predicted_activations'] / GIB:.3f})"
-                        if "mem_predicted_activations" in rec else ""))
+                     + (f" (predicted {rec['mem_predicted_step'] / GIB:.3f})" if "mem_predicted_step" in rec else ""))
+        if "mem_backward_peak_bytes" in rec:
+            parts.append(f"; up to the optimizer step {rec['mem_backward_peak_bytes'] / GIB:.3f} GiB"
+                         + (f" (predicted activations + grads + comm buffers {rec['mem_predicted_backward'] / GIB:.3f})"
+                            if "mem_predicted_backward" in rec else ""))
         return " ".join(parts)

@@ -1,5 +1,8 @@
 """Per-GPU memory of a layout, by kind: ``params``, ``grads``, ``optimizer`` (exact, from
-:mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below).
+:mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below), and ``total``, the
+peak of a step: the state plus the larger of the backward peak (activations, communication
+buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
+the multi-tensor AdamW off CUDA, none for the fused CUDA kernel).
 
 Activations are counted tensor by tensor from what autograd keeps for the backward of one
 block of this codebase's models (``models/layers.py``, ``models/moe.py``), per microbatch of
@@ -15,8 +18,7 @@ output is whole:
   the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
   shared experts like a dense FFN;
 - the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
-  three more logits-sized buffers while the loss's backward runs (softmax, the target's
-  scatter, their sum);
+  the loss's logits-sized temporaries (:func:`head_activation_bytes`);
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
   activations at a time in backward. That block is added once -- or the head's buffers, if larger:
@@ -88,8 +90,14 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
 
 
 def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> int:
+    """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
+    loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
+    exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
+    backward (its exponentials and their product with the gradient) and the target gather's
+    scatter (4 in all)."""
     BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
-    return 4 * BT * D // tp + e * BT * D + 4 * 4 * BT * V // tp
+    buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 4
+    return 4 * BT * D // tp + e * BT * D + buffers * 4 * BT * V // tp
 
 
 def in_flight(layout: Layout, n_microbatches: int, spr: int, pp_rank: int) -> float:
@@ -170,6 +178,19 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
     return out
 
 
+def optimizer_step_bytes(state: dict[str, int], device_type: str) -> int:
+    """Temporaries of the optimizer step: the multi-tensor (foreach) AdamW used off CUDA allocates one
+    parameter-sized buffer (the square roots of exp_avg_sq); the fused CUDA kernel none."""
+    return 0 if device_type == "cuda" else state["params"]
+
+
+def _total(est: dict[str, int]) -> int:
+    """The step's peak: the state, then either the backward peak (activations, communication buffers,
+    every gradient) or the optimizer step (gradients and its temporaries), whichever is larger."""
+    return (est["params"] + est["optimizer"] + est["grads"]
+            + max(est["activations"] + est["comm_buffers"], est["optimizer_step"]))
+
+
 def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
                     ) -> dict[str, int]:
     """Per-GPU bytes by :data:`KINDS` (and ``total``) on the fullest rank: the largest over pipeline stages
@@ -183,7 +204,8 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
         est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
         est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
         est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
-        est["total"] = sum(est[k] for k in KINDS)
+        est["optimizer_step"] = optimizer_step_bytes(est, device_type)
+        est["total"] = _total(est)
         est["rank"] = rank
         if best is None or est["total"] > best["total"]:
             best = est
@@ -198,7 +220,8 @@ def estimate_rank(cfg: JobConfig, layout: Layout, rank: int, device_type: str) -
     est = dict(state_bytes(cfg, layout, rank))
     est["activations"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec)
     est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec)
-    est["total"] = sum(est[k] for k in KINDS)
+    est["optimizer_step"] = optimizer_step_bytes(est, device_type)
+    est["total"] = _total(est)
     return est
 
 

@@ -105,7 +105,9 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
-    e = 2  # bf16 activations on GPU
+    from .memory import Precision
+
+    e = Precision.for_device("cpu" if device.key == "cpu" else "cuda", cfg).act  # bf16 on GPU, fp32 on the CPU
     mb = n_microbatches(cfg, layout)
     tokens = cfg.train.global_batch_size * T
     if cache is None:

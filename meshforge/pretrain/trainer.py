@@ -129,7 +129,7 @@ class Trainer:
         if self.env.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
         self.peak = peak_flops(self.device)
-        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device)  # the planner's prediction
+        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.optimizer)  # planner vs measured
         if self.env.is_main:
             print(self.memory_probe.start_line(), flush=True)
 
