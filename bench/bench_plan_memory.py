@@ -7,9 +7,10 @@
    memory probe (meshforge/plan/measure.py) logs, on rank 0, the peak RSS above the RSS at the
    end of step 1 (parameters + optimizer state at rest) up to step 2's optimizer step (the
    backward peak) and over all of step 2, with the planner's predictions for that rank: the
-   backward peak against activations + gradients + communication buffers (this checks the
-   activation model), the step peak against the larger of that and the optimizer step's
-   temporaries.
+   backward peak against activations + communication buffers (+ gradients when a backward ran
+   before the peak: gradient accumulation, a pipeline's steady state) -- this checks the
+   activation model --, the step peak against the larger of that and the optimizer step
+   (gradients + its temporaries).
 2. Ranking. The planner's predicted step time (device ``cpu`` of the table) for the CPU layouts
    of bench/bench_layouts.py against their measured step times (the newest table in RESULTS.md,
    or ``--measure`` to time them again): Spearman rank correlation. On 2 cores, layouts of 4
@@ -109,7 +110,6 @@ def ranking(measure: bool, cache: str, timeout: float) -> list[str]:
     from scipy.stats import spearmanr
 
     from meshforge.config import load_config
-    from meshforge.config import parse_cli_overrides
     from meshforge.plan.devices import get_device
     from meshforge.plan.planner import layout_of_config
     from meshforge.plan.time_model import estimate_time

@@ -7,7 +7,8 @@ Measured over step 2 (step 1 allocates the optimizer state and warms the allocat
   per-GPU peak, compared with the predicted total; and its part above the memory at rest
   after step 1 (parameters + optimizer state), compared with the predicted activations.
 - both: the same peak up to the optimizer step (a step pre-hook on the optimizer), compared
-  with the predicted activations + gradients + communication buffers (the backward peak);
+  with the predicted backward peak (activations + communication buffers + gradients if they
+  already exist then);
 - CPU: the peak resident set size of the process over the step (``VmHWM`` after resetting
   it through ``/proc/self/clear_refs``) above the resident size at the end of step 1. The
   interpreter and libraries make the process's own peak RSS no memory prediction, so only
@@ -107,8 +108,10 @@ class MemoryProbe:
         if self.predicted is not None:
             p = self.predicted
             out["mem_predicted_activations"] = p["activations"]
-            out["mem_predicted_backward"] = p["activations"] + p["grads"] + p["comm_buffers"]
-            out["mem_predicted_step"] = p["grads"] + max(p["activations"] + p["comm_buffers"], p["optimizer_step"])
+            from .memory import backward_peak
+
+            out["mem_predicted_backward"] = backward_peak(p)
+            out["mem_predicted_step"] = max(backward_peak(p), p["grads"] + p["optimizer_step"])
             out["mem_predicted_total"] = p["total"]
         return out
 
@@ -124,6 +127,6 @@ class MemoryProbe:
                      + (f" (predicted {rec['mem_predicted_step'] / GIB:.3f})" if "mem_predicted_step" in rec else ""))
         if "mem_backward_peak_bytes" in rec:
             parts.append(f"; up to the optimizer step {rec['mem_backward_peak_bytes'] / GIB:.3f} GiB"
-                         + (f" (predicted activations + grads + comm buffers {rec['mem_predicted_backward'] / GIB:.3f})"
+                         + (f" (predicted backward peak {rec['mem_predicted_backward'] / GIB:.3f})"
                             if "mem_predicted_backward" in rec else ""))
         return " ".join(parts)

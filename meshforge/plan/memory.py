@@ -2,7 +2,8 @@
 :mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below), and ``total``, the
 peak of a step: the state plus the larger of the backward peak (activations, communication
 buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
-the multi-tensor AdamW off CUDA, none for the fused CUDA kernel).
+the multi-tensor AdamW off CUDA, none for the fused CUDA kernel). Gradients count in the backward
+peak only when a backward ran before it (:func:`grads_live_at_peak`).
 
 Activations are counted tensor by tensor from what autograd keeps for the backward of one
 block of this codebase's models (``models/layers.py``, ``models/moe.py``), per microbatch of
@@ -184,11 +185,26 @@ def optimizer_step_bytes(state: dict[str, int], device_type: str) -> int:
     return 0 if device_type == "cuda" else state["params"]
 
 
+def grads_live_at_peak(cfg: JobConfig, layout: Layout, pp_rank: int) -> bool:
+    """Whether the gradients already exist when activations peak: only when a backward ran before the
+    peak, i.e. when a rank runs more microbatches than it keeps in flight (gradient accumulation, or
+    a pipeline's steady state); a single microbatch peaks at the start of its own backward."""
+    from ..parallel.mesh import pipeline_stages_per_rank
+
+    spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
+    n = n_microbatches(cfg, layout)
+    return n > in_flight(layout, n, spr, pp_rank)
+
+
+def backward_peak(est: dict[str, int]) -> int:
+    """Memory on top of parameters and optimizer state at the backward peak."""
+    return est["activations"] + est["comm_buffers"] + (est["grads"] if est["grads_live"] else 0)
+
+
 def _total(est: dict[str, int]) -> int:
-    """The step's peak: the state, then either the backward peak (activations, communication buffers,
-    every gradient) or the optimizer step (gradients and its temporaries), whichever is larger."""
-    return (est["params"] + est["optimizer"] + est["grads"]
-            + max(est["activations"] + est["comm_buffers"], est["optimizer_step"]))
+    """The step's peak: the state at rest, then the backward peak or the optimizer step (every gradient
+    and the step's temporaries), whichever is larger."""
+    return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
 
 
 def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
@@ -205,6 +221,7 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
         est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
         est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
         est["optimizer_step"] = optimizer_step_bytes(est, device_type)
+        est["grads_live"] = int(grads_live_at_peak(cfg, layout, pp_rank))
         est["total"] = _total(est)
         est["rank"] = rank
         if best is None or est["total"] > best["total"]:
@@ -221,8 +238,9 @@ def estimate_rank(cfg: JobConfig, layout: Layout, rank: int, device_type: str) -
     est["activations"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec)
     est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec)
     est["optimizer_step"] = optimizer_step_bytes(est, device_type)
+    est["grads_live"] = int(grads_live_at_peak(cfg, layout, rank_coords(layout, rank).pp))
     est["total"] = _total(est)
     return est
 
 
-__all__ = ["KINDS", "Precision", "estimate_memory", "estimate_rank"]
+__all__ = ["KINDS", "Precision", "backward_peak", "estimate_memory", "estimate_rank"]
