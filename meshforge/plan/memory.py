@@ -94,10 +94,10 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> in
     """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
     loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
     exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
-    backward (its exponentials and their product with the gradient) and the target gather's
-    scatter (4 in all)."""
+    backward ``grad * (x - lse).exp()`` (the difference, its exponential, the product) and the
+    target gather's scatter (5 in all)."""
     BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
-    buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 4
+    buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
     return 4 * BT * D // tp + e * BT * D + buffers * 4 * BT * V // tp
 
 
