@@ -231,19 +231,6 @@ def _deepspeed_state(cfg: JobConfig, numel: int, dp: int) -> dict[str, int]:
     return {"params": params, "grads": grads, "optimizer": optimizer}
 
 
-def worst_state(cfg: JobConfig, layout: Layout) -> tuple[dict[str, int], int]:
-    """The largest state over the ranks (the first rank of each pipeline stage: its pieces are the
-    first, i.e. largest, ones of every cut) and that rank."""
-    best, best_rank = None, 0
-    stride = layout.world_size // layout.pp
-    for pp_rank in range(layout.pp):
-        rank = pp_rank * stride
-        s = state_bytes(cfg, layout, rank)
-        if best is None or sum(s.values()) > sum(best.values()):
-            best, best_rank = s, rank
-    return best, best_rank
-
-
 def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:
     """Element counts on ``rank`` before FSDP's cut (tp/ep cuts applied): ``largest_unit`` (the
     largest FSDP unit: a block, or the root's embedding + norm + output) and ``all``."""
