@@ -22,7 +22,8 @@ output is whole:
   the loss's logits-sized temporaries (:func:`head_activation_bytes`);
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
-  activations at a time in backward. That block is added once -- or the head's buffers, if larger:
+  activations at a time in backward, whose backward also holds two ``BTF/tp`` gradients of its
+  SwiGLU intermediates. That block is added once -- or the head's buffers, if larger:
   those are freed by the output layer's backward, before the first block is rebuilt;
 - pipeline: a rank keeps its blocks' activations for every microbatch in flight (1F1B: ``pp``
   on stage 0; interleaved / zero-bubble: Megatron's ``pp + (pp-1)/v``-ish count; GPipe: all),
@@ -87,7 +88,9 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
         ffn = 4 * e * BT * F // tp
         mm_ffn = 2 * e * BT * F // tp + e * BT * D
     block_input = e * stream if e != 4 else 4 * stream
-    return {"none": attn + ffn, "selective": block_input + mm_attn + mm_ffn, "full": block_input}
+    temps = 2 * e * BT * (m.moe_top_k * m.expert_dim if m.is_moe_layer(layer) else m.hidden_dim // tp)
+    return {"none": attn + ffn, "selective": block_input + mm_attn + mm_ffn, "full": block_input,
+            "backward_temps": temps}
 
 
 def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> int:
@@ -135,7 +138,9 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
     ac = layout.ac
     saved = sum(p[ac] for p in per)
-    rebuild = max((p["none"] - (p[ac] if ac != "none" else p["none"]) for p in per), default=0)
+    # with checkpointing, one block is rebuilt at a time in backward; its backward then also holds the
+    # gradients of two of its largest intermediates (SwiGLU's B T F/tp)
+    rebuild = max((p["none"] - p[ac] + p["backward_temps"] for p in per), default=0) if ac != "none" else 0
     spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
     n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
     # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
