@@ -3,7 +3,9 @@
 peak of a step: the state plus the larger of the backward peak (activations, communication
 buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
 the multi-tensor AdamW off CUDA, none for the fused CUDA kernel). Gradients count in the backward
-peak only when a backward ran before it (:func:`grads_live_at_peak`).
+peak only when a backward ran before it (:func:`grads_live_at_peak`); the backward peak is the larger
+of the in-flight peak and the last microbatch's backward, when every gradient exists
+(:func:`backward_peak`).
 
 Activations are counted tensor by tensor from what autograd keeps for the backward of one
 block of this codebase's models (``models/layers.py``, ``models/moe.py``), per microbatch of
@@ -129,7 +131,9 @@ def microbatch_samples(cfg: JobConfig, layout: Layout) -> int:
     return cfg.train.global_batch_size // layout.dp // n_microbatches(cfg, layout)
 
 
-def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision) -> int:
+def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, late: bool = False) -> int:
+    """Activations at the in-flight peak; ``late``: during the backward of the last microbatch (one
+    microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists."""
     from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
 
@@ -145,6 +149,8 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
     # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
     head = head_activation_bytes(cfg, B, T, tp, e) if last else 0
+    if late:
+        n, head = 1, 0
     total = n * saved + max(rebuild, head)
     if layout.pp > 1:
         total += n * e * B * T * cfg.model.dim // tp  # each in-flight microbatch's stage input
@@ -202,8 +208,10 @@ def grads_live_at_peak(cfg: JobConfig, layout: Layout, pp_rank: int) -> bool:
 
 
 def backward_peak(est: dict[str, int]) -> int:
-    """Memory on top of parameters and optimizer state at the backward peak."""
-    return est["activations"] + est["comm_buffers"] + (est["grads"] if est["grads_live"] else 0)
+    """Memory on top of parameters and optimizer state at the backward peak: the in-flight peak, or
+    the last microbatch's backward with every gradient allocated, whichever is larger."""
+    early = est["activations"] + (est["grads"] if est["grads_live"] else 0)
+    return max(early, est["grads"] + est["activations_late"]) + est["comm_buffers"]
 
 
 def _total(est: dict[str, int]) -> int:
@@ -224,6 +232,7 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
         rank = pp_rank * stride
         est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
         est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
+        est["activations_late"] = activation_bytes(cfg, layout, pp_rank, prec, late=True)
         est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
         est["optimizer_step"] = optimizer_step_bytes(est, device_type)
         est["grads_live"] = int(grads_live_at_peak(cfg, layout, pp_rank))
@@ -241,6 +250,7 @@ def estimate_rank(cfg: JobConfig, layout: Layout, rank: int, device_type: str) -
     prec = Precision.for_device(device_type, cfg)
     est = dict(state_bytes(cfg, layout, rank))
     est["activations"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec)
+    est["activations_late"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec, late=True)
     est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec)
     est["optimizer_step"] = optimizer_step_bytes(est, device_type)
     est["grads_live"] = int(grads_live_at_peak(cfg, layout, rank_coords(layout, rank).pp))
