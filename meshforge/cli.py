@@ -124,6 +124,12 @@ def cmd_convert_grow(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from .plan.cli import run_plan
+
+    return run_plan(args, rest)
+
+
 def cmd_launch(args: argparse.Namespace, rest: list[str]) -> int:
     from .launch.launcher import run_launch
 
@@ -215,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_convert_grow)
 
+    from .plan.cli import add_plan_arguments
+
+    p = sub.add_parser("plan", help="rank parallel layouts for a cluster by predicted step time and memory; "
+                       "extra --section.key value pairs override the config")
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
     from .launch.launcher import add_launch_arguments
 
     p = sub.add_parser("launch", help="start a job with torchrun, SLURM (--slurm) or mpiexec (--mpi): "
@@ -231,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.func is not cmd_train:
+    if rest and args.func not in (cmd_train, cmd_plan):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

@@ -47,6 +47,7 @@ from .faults import (EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, Preemption
                      TrainingDiverged, mark_preempted)
 from .moe_metrics import reduce_router_stats, update_routing_bias
 from .metrics import MetricsLogger, peak_flops
+from ..plan.measure import MemoryProbe
 from .optim import build_optimizer, build_scheduler
 
 
@@ -152,6 +153,9 @@ class Trainer:
         if self.env.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
         self.peak = peak_flops(self.device)
+        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.optimizer)  # planner vs measured
+        if self.env.is_main:
+            print(self.memory_probe.start_line(), flush=True)
 
     # ------------------------------------------------------------------ steps
 
@@ -335,7 +339,10 @@ class Trainer:
                 record = self.train_step()
                 elapsed = time.perf_counter() - start
                 self.step += 1
-                record = {"step": self.step, **record, "tokens_per_s": tokens_per_step / elapsed,
+                memory = self.memory_probe.after_step()  # measured once, after this process's second step
+                if memory and self.env.is_main:
+                    _print(bar, self.memory_probe.measured_line(memory))
+                record = {"step": self.step, **record, **memory, "tokens_per_s": tokens_per_step / elapsed,
                           "step_time_s": elapsed}
                 if self.peak:
                     record["mfu"] = self.flops_per_token * tokens_per_step / elapsed / (self.peak * self.env.world_size)

@@ -1,0 +1,53 @@
+"""Arguments and entry of ``meshforge plan``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import ConfigError
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="TOML preset: a path or a name in configs/ (e.g. llama-1b)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs of the cluster (the world size)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100-80gb", help="device from the table (h100-80gb, h200, a100-80gb, b200)")
+    p.add_argument("--devices", default=None, help="a TOML file of extra or changed devices (same keys)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the config's data.seq_len)")
+    p.add_argument("--global-batch-tokens", default=None,
+                   help="tokens per optimizer step, e.g. 4M (= 4*2^20); default: the config's global batch")
+    p.add_argument("--top", type=int, default=10, help="layouts to list")
+    p.add_argument("--efficiency", type=float, default=None, help="fraction of peak the matmuls reach (default 0.5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device and apply the real parallelize for the config's layout "
+                        "(its parallel.* keys) at the full world size in this process (fake process group)")
+    p.add_argument("--rank", type=int, default=0, help="the rank a dry run plays")
+
+
+def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from .devices import get_device
+    from .planner import check_cluster, layout_of_config, plan_config, plan_job
+    from .report import dry_run_json, dry_run_text, plan_json, table
+    from .time_model import DEFAULT_EFFICIENCY
+
+    if args.top <= 0:
+        raise ConfigError(f"--top must be positive, got {args.top}")
+    efficiency = DEFAULT_EFFICIENCY if args.efficiency is None else args.efficiency
+    if not 0 < efficiency <= 1:
+        raise ConfigError(f"--efficiency must be in (0, 1], got {efficiency}")
+    device = get_device(args.gpu, args.devices)
+    check_cluster(args.gpus, args.gpus_per_node)
+    cfg = plan_config(args.config, rest, args.seq_len, args.global_batch_tokens)
+    if args.dry_run:
+        from .dry_run import dry_run
+        from .state import state_bytes
+
+        layout = layout_of_config(cfg, args.gpus)
+        res = dry_run(cfg, layout, args.rank)
+        est = state_bytes(cfg, layout, args.rank)
+        print((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
+        return 0
+    plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
+    print(plan_json(plan, args.top) if args.json else table(plan, args.top))
+    return 0

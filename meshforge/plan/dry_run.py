@@ -1,0 +1,183 @@
+"""Dry run: the real model and the real ``parallelize`` of a layout, at full world size, in one process.
+
+PyTorch's fake process group (``init_process_group("fake")``) lets this process act as
+rank ``R`` of any world size: every collective returns at once without moving data. The
+model is built on the meta device (shapes only, no memory), the job's own checks run
+(``check_layout``: the same ones ``meshforge train`` runs), then
+:func:`meshforge.parallel.build_mesh` and :func:`meshforge.parallel.parallelize` shard it
+exactly as on a cluster. What this rank then holds is measured from the tensors:
+
+- ``params``: bytes of the local pieces of every parameter (``DTensor.to_local()``);
+- ``grads``: a gradient of each parameter's own (sharded) shape is attached, as FSDP2 and
+  DTensor leave them after backward;
+- ``optimizer``: the job's real AdamW (``build_optimizer``) takes one step on those meta
+  tensors, and the bytes of the state it creates are summed.
+
+Collectives of one step are read off the sharded model: one record per FSDP unit (the
+all-gather of its parameters in forward, again in backward when it reshards -- FSDP2 never
+reshards the root -- and the reduce-scatter of its gradients, plus the all-reduce over
+``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
+stage boundary (send/recv), and for dense models without pipeline the tensor-parallel
+collectives traced with ``CommDebugMode`` on a TP-only meta copy (FSDP2 refuses to run a
+forward on meta parameters, and MoE routing needs real values). Counts are per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, JobConfig
+from .layouts import Layout, check_layout
+
+
+@dataclass
+class DryRunResult:
+    rank: int
+    world_size: int
+    state: dict[str, int]
+    """``params``, ``grads``, ``optimizer`` bytes held by this rank."""
+    collectives: list[dict] = field(default_factory=list)
+    """``{op, group, group_size, bytes, count}`` per kind of collective of one step."""
+    notes: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def fake_world(rank: int, world_size: int):
+    """This process as ``rank`` of a fake process group of ``world_size`` ranks (torn down after)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a dry run needs a process without a process group")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _nbytes(t) -> int:
+    t = _local(t)
+    return t.numel() * t.element_size()
+
+
+def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
+    """Shard ``cfg``'s model for ``layout`` as rank ``rank`` of the full world; ConfigError if the code refuses."""
+    import torch
+
+    from ..models import MODEL_SPECS
+    from ..parallel import build_mesh, parallelize
+    from ..parallel.mesh import resolve_degrees
+    from ..pretrain.optim import build_optimizer
+
+    if not 0 <= rank < layout.world_size:
+        raise ConfigError(f"--rank {rank} is outside the world of {layout.world_size} ranks")
+    job = check_layout(cfg, layout)
+    if job.parallel.dp_backend == "deepspeed":
+        raise ConfigError("the dry run covers the fsdp2 backend; DeepSpeed's engine cannot be built on the meta "
+                          "device (its ZeRO numbers are the estimator's)")
+    job.parallel.compile = "off"  # compiling changes no shapes; keep the dry run fast
+    d = resolve_degrees(job.parallel, layout.world_size)
+    with fake_world(rank, layout.world_size):
+        mesh = build_mesh(d, torch.device("cpu"))
+        with torch.device("meta"):
+            model = MODEL_SPECS[job.model.family].build(job.model)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        model = parallelize(model, mesh, d, job)
+        params = list(dict.fromkeys(model.parameters()))  # a tied weight once
+        state = {"params": sum(_nbytes(p) for p in params)}
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        state["grads"] = sum(_nbytes(p.grad) for p in params)
+        optimizer = build_optimizer(model, job.optim, "cpu")
+        optimizer.step()
+        state["optimizer"] = sum(_nbytes(v) for s in optimizer.state.values() for v in s.values()
+                                 if isinstance(v, torch.Tensor))
+        result = DryRunResult(rank, layout.world_size, state)
+        result.collectives = _collectives(model, job, layout, d, mesh, result.notes)
+    return result
+
+
+def _n_microbatches(job: JobConfig, layout: Layout) -> int:
+    if layout.pp > 1:
+        from ..parallel.pipeline import plan_pipeline
+        from ..parallel.mesh import resolve_degrees
+
+        return plan_pipeline(job, resolve_degrees(job.parallel, layout.world_size)).n_microbatches
+    return job.train.global_batch_size // (layout.dp * job.train.micro_batch_size)
+
+
+def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str]) -> list[dict]:
+    from torch.distributed.fsdp import FSDPModule
+
+    from ..parallel.expert_parallel import expert_modules
+
+    mb = _n_microbatches(job, layout)
+    width = 2 if job.parallel.param_dtype == "bf16" or (job.parallel.param_dtype == "auto"
+                                                        and job.train.device == "cuda") else 4
+    out: list[dict] = []
+
+    def add(op: str, group: str, size: int, nbytes: int, count: int) -> None:
+        for rec in out:
+            if (rec["op"], rec["group"], rec["bytes"]) == (op, group, nbytes):
+                rec["count"] += count
+                return
+        out.append({"op": op, "group": group, "group_size": size, "bytes": nbytes, "count": count})
+
+    experts = {id(e) for e in expert_modules(model)}
+    for root in getattr(model, "parts", None) or [model]:  # a PipelineModel: one FSDP root per stage
+        for unit in (m for m in root.modules() if isinstance(m, FSDPModule)):
+            group = unit._get_fsdp_state()._fsdp_param_group
+            if group is None:
+                continue
+            shard = group.mesh_info.shard_mesh_size
+            numel = sum(fp.padded_sharded_param_size.numel() * shard for fp in group.fsdp_params)
+            name = "fsdp(experts)" if id(unit) in experts else "fsdp"
+            reshard = group.post_forward_mesh_info is not None and unit is not root
+            add("all_gather", name, shard, width * numel, mb * (2 if reshard else 1))
+            add("reduce_scatter", name, shard, 4 * numel, mb)
+            replicate = getattr(group.mesh_info, "replicate_mesh_size", 1)
+            if replicate > 1:
+                add("all_reduce", "dp_replicate", replicate, 4 * numel // shard, mb)
+    n_ep = sum(1 for e in expert_modules(model) if hasattr(_local(e.w1), "shape") and layout.ep > 1)
+    if n_ep:
+        add("all_to_all(counts+tokens)", "ep", layout.ep, 0, mb * n_ep * 5)
+        notes.append("ep all-to-all sizes depend on the routing; the time model assumes balanced experts")
+    if layout.pp > 1:
+        plan = model.plan
+        act = job.train.micro_batch_size * job.data.seq_len * job.model.dim * width
+        boundaries = sum((s > 0) + (s < plan.n_stages - 1) for s in model.stage_ids)
+        add("send/recv", "pp", 2, act, mb * 2 * boundaries)
+    if layout.tp > 1 and layout.pp == 1 and not job.model.moe_experts and job.model.family == "decoder":
+        for op, size, count in _trace_tp(job, mesh):
+            add(op, "tp", layout.tp, size, count * mb)
+    elif layout.tp > 1:
+        notes.append("tp collectives not traced (pipeline or MoE model): see the estimate")
+    return out
+
+
+def _trace_tp(job: JobConfig, mesh) -> list[tuple[str, int, int]]:
+    """TP collectives of one microbatch's forward+backward, traced with CommDebugMode on a TP-only meta copy."""
+    import torch
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from ..models import MODEL_SPECS
+    from ..parallel.loss_parallel import lm_loss_fn
+    from ..parallel.tensor_parallel import apply_tp
+
+    with torch.device("meta"):
+        model = MODEL_SPECS[job.model.family].build(job.model)
+    model.tie_weights()
+    model = apply_tp(model, mesh["tp"], job.parallel)
+    tokens = torch.zeros(job.train.micro_batch_size, job.data.seq_len, dtype=torch.long, device="meta")
+    mode = CommDebugMode()
+    with mode, contextlib.suppress(UserWarning):
+        logits = model(tokens)
+        lm_loss_fn(job, mesh["tp"].size())(logits, tokens, job.train.z_loss_coef).total.backward()
+    return [(str(op).split(".")[-1].rstrip("_"), 0, n) for op, n in mode.get_comm_counts().items()]

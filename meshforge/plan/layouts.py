@@ -1,0 +1,174 @@
+"""Layouts: one way to lay a job over the GPUs, and the enumeration of every valid one.
+
+A :class:`Layout` is the parallel part of a job config (degrees, data-parallel backend and
+ZeRO mode, pipeline schedule and microbatching, activation checkpointing). It becomes a
+:class:`~meshforge.config.JobConfig` with :func:`apply_layout`, and :func:`enumerate_layouts`
+keeps only those that the project's own checks accept (``config.validate``,
+``mesh.resolve_degrees``/``check_job``, ``pipeline.plan_pipeline``, ``check_deepspeed``),
+so the planner never proposes what ``meshforge train`` would refuse.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from ..config import ConfigError, JobConfig, validate
+from ..parallel.mesh import Degrees, check_job, resolve_degrees
+
+ZERO_MODES = {
+    "fsdp-zero3": ("fsdp2", True, 1),
+    "fsdp-zero2": ("fsdp2", False, 1),
+    "ds-zero1": ("deepspeed", True, 1),
+    "ds-zero2": ("deepspeed", True, 2),
+    "ds-zero3": ("deepspeed", True, 3),
+}
+"""Data-parallel modes: name -> (parallel.dp_backend, parallel.fsdp_reshard_after_forward, parallel.zero_stage)."""
+AC_MODES = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    ep: int = 1
+    cp: int = 1
+    zero: str = "fsdp-zero3"
+    """A key of :data:`ZERO_MODES`."""
+    schedule: str = "1f1b"
+    """Pipeline schedule (meaningless with pp = 1)."""
+    micro_batch_size: int = 1
+    """Samples per forward/backward (per pipeline microbatch)."""
+    ac: str = "none"
+    """Activation checkpointing mode."""
+
+    @property
+    def degrees(self) -> Degrees:
+        return Degrees(self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp, self.ep)
+
+    @property
+    def world_size(self) -> int:
+        return self.degrees.world_size
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def describe(self) -> str:
+        parts = [f"tp{self.tp}", f"pp{self.pp}"]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
+        parts.append(f"dp{self.dp_replicate}x{self.dp_shard}")
+        text = " ".join(parts) + f" {self.zero}"
+        if self.pp > 1:
+            text += f" {self.schedule}"
+        return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"
+
+    def overrides(self) -> dict[str, object]:
+        """The dotted config keys that select this layout (``--section.key value`` of ``meshforge train``)."""
+        backend, reshard, stage = ZERO_MODES[self.zero]
+        out: dict[str, object] = {
+            "parallel.tp": self.tp, "parallel.pp": self.pp, "parallel.cp": self.cp, "parallel.ep": self.ep,
+            "parallel.dp_replicate": self.dp_replicate, "parallel.dp_shard": self.dp_shard,
+            "parallel.dp_backend": backend, "parallel.activation_checkpointing": self.ac,
+            "train.micro_batch_size": self.micro_batch_size,
+        }
+        if backend == "fsdp2":
+            out["parallel.fsdp_reshard_after_forward"] = reshard
+        else:
+            out["parallel.zero_stage"] = stage
+        if self.pp > 1:
+            out["parallel.pp_schedule"] = self.schedule
+            if self.schedule == "zero_bubble":
+                out["parallel.compile"] = "off"  # zero-bubble's split backward does not take compiled blocks
+        return out
+
+
+def apply_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
+    """A copy of ``cfg`` running ``layout`` (the model, data and batch stay)."""
+    out = copy.copy(cfg)
+    out.parallel = copy.copy(cfg.parallel)
+    out.train = copy.copy(cfg.train)
+    for key, value in layout.overrides().items():
+        sec, name = key.split(".")
+        setattr(getattr(out, sec), name, value)
+    if layout.pp > 1:
+        out.parallel.pp_microbatches = 0
+        out.parallel.pp_stages_per_rank = 0
+        out.parallel.pp_split = ""
+    return out
+
+
+def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
+    """The job config of ``layout``, or ConfigError with the project's own reason for refusing it."""
+    job = apply_layout(cfg, layout)
+    validate(job)
+    d = resolve_degrees(job.parallel, layout.world_size)
+    check_job(job, d)
+    if d.pp > 1:
+        from ..parallel.pipeline import plan_pipeline
+
+        plan_pipeline(job, d)
+    if job.parallel.dp_backend == "deepspeed":
+        from ..parallel.deepspeed_engine import check_deepspeed
+
+        check_deepspeed(job, d)
+    return job
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC_MODES,
+                      max_micro_batch: int = 16) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
+    """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
+
+    Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, ep, dp_replicate dividing
+    what is left; cp = 1 (context parallelism is reserved); micro-batch sizes are powers of two.
+    The second value counts the refusals by their first words (for the "no layout" message).
+    """
+    m = cfg.model
+    ok: list[tuple[Layout, JobConfig]] = []
+    refused: dict[str, int] = {}
+    gbs = cfg.train.global_batch_size
+    schedules = SCHEDULES
+    for tp in divisors(min(gpus, gpus_per_node)):
+        if gpus % tp:
+            continue
+        for pp in divisors(gpus // tp):
+            if pp > 1 and pp > m.n_layers:
+                continue
+            dp = gpus // (tp * pp)
+            if gbs % dp:
+                refused["global batch does not divide by the data-parallel degree"] = \
+                    refused.get("global batch does not divide by the data-parallel degree", 0) + 1
+                continue
+            eps = [e for e in divisors(dp) if m.moe_experts and m.moe_experts % e == 0] or [1]
+            for dp_rep in divisors(dp):
+                dp_shard = dp // dp_rep
+                for ep in eps:
+                    if dp_shard % ep:
+                        continue
+                    for zero in ZERO_MODES:
+                        if zero.startswith("ds") and (tp > 1 or pp > 1 or dp_rep > 1 or ep > 1 or dp == 1):
+                            continue
+                        if zero == "fsdp-zero2" and dp == 1:
+                            continue
+                        mbs = 1
+                        while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
+                            for sched in (schedules if pp > 1 else ("1f1b",)):
+                                for ac in ac_modes:
+                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, 1, zero, sched, mbs, ac)
+                                    try:
+                                        ok.append((layout, check_layout(cfg, layout)))
+                                    except ConfigError as e:
+                                        reason = str(e).split(":")[0][:80]
+                                        refused[reason] = refused.get(reason, 0) + 1
+                            mbs *= 2
+    return ok, refused

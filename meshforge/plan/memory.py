@@ -1,0 +1,261 @@
+"""Per-GPU memory of a layout, by kind: ``params``, ``grads``, ``optimizer`` (exact, from
+:mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below), and ``total``, the
+peak of a step: the state plus the larger of the backward peak (activations, communication
+buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
+the multi-tensor AdamW off CUDA, none for the fused CUDA kernel). Gradients count in the backward
+peak only when a backward ran before it (:func:`grads_live_at_peak`); the backward peak is the larger
+of the in-flight peak and the last microbatch's backward, when every gradient exists
+(:func:`backward_peak`).
+
+Activations are counted tensor by tensor from what autograd keeps for the backward of one
+block of this codebase's models (``models/layers.py``, ``models/moe.py``), per microbatch of
+``B`` samples of ``T`` tokens, ``e`` bytes per element (2 under bf16 autocast on GPU, 4 in
+fp32 on the CPU); under TP the stream is sequence-sharded (``/tp``) and the gathered norm
+output is whole:
+
+- dense block: both norm inputs (fp32: ``2 * 4 * BTD/tp``), both gathered norm outputs
+  (``2 e BTD``), q, k, v after RoPE, the attention output and its re-laid-out copy for ``wo``
+  (``e BT (3D + 2Dkv)/tp``), the SDPA log-sum-exp, QK-norm inputs if any, and the four
+  ``BTF/tp`` tensors of SwiGLU (w1 out, silu out, w3 out, their product);
+- MoE block (replicated over tp): the gathered input, router logits and probabilities (fp32),
+  the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
+  shared experts like a dense FFN;
+- the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
+  the loss's logits-sized temporaries (:func:`head_activation_bytes`);
+- activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
+  input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
+  activations at a time in backward, whose backward also holds two ``BTF/tp`` gradients of its
+  SwiGLU intermediates. That block is added once -- or the head's buffers, if larger:
+  those are freed by the output layer's backward, before the first block is rebuilt;
+- pipeline: a rank keeps its blocks' activations for every microbatch in flight (1F1B: ``pp``
+  on stage 0; interleaved / zero-bubble: Megatron's ``pp + (pp-1)/v``-ish count; GPipe: all),
+  plus each in-flight microbatch's stage input.
+
+Communication buffers: FSDP2 all-gathers one unit while the previous runs (two unsharded
+units of compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
+reduce-scatter copy; ZeRO-2-like (no reshard) keeps every unsharded block from forward to
+backward; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import JobConfig
+from .layouts import ZERO_MODES, Layout
+from .state import state_bytes, unsharded_numel
+
+KINDS = ("params", "grads", "optimizer", "activations", "comm_buffers")
+"""The per-GPU byte keys of an estimate (``--json`` prints them)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    act: int
+    """Bytes per activation element (autocast dtype)."""
+    compute_param: int
+    """Bytes per element of the unsharded compute copy FSDP2 gathers."""
+
+    @staticmethod
+    def for_device(device_type: str, cfg: JobConfig | None = None) -> "Precision":
+        if cfg is not None and cfg.train.dtype != "auto":
+            act = 2 if cfg.train.dtype == "bf16" else 4
+        else:
+            act = 2 if device_type != "cpu" else 4
+        return Precision(act, act)
+
+
+def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, e: int) -> dict[str, int]:
+    """Bytes one block keeps for backward, per microbatch: ``none``, ``selective``, ``full``."""
+    m = cfg.model
+    D, Dkv, H = m.dim, m.kv_heads * m.head_dim, m.n_heads
+    BT = B * T
+    stream = BT * D // tp
+    attn = 2 * 4 * stream + 2 * e * BT * D + e * BT * (3 * D + 2 * Dkv) // tp + 4 * B * (H // tp) * T
+    if m.qk_norm:
+        attn += 4 * BT * (D + Dkv) // tp
+    mm_attn = e * BT * (D + 2 * Dkv) // tp + e * BT * D + e * BT * D // tp + 4 * B * (H // tp) * T  # q,k,v,wo,sdpa
+    if m.is_moe_layer(layer):
+        N, k, F, E = BT, m.moe_top_k, m.expert_dim, m.moe_experts
+        ffn = e * N * D + 2 * e * N * k * D + 4 * e * N * k * F + 2 * 4 * N * E
+        mm_ffn = 3 * e * N * k * F // 1 + e * N * k * D + 4 * N * E  # w1, w3, w2 outputs, router logits
+        if e != 4:
+            ffn += 4 * N * D  # the router's fp32 copy of its input
+        if m.moe_shared_experts:
+            Fs = F * m.moe_shared_experts
+            ffn += 4 * e * N * Fs
+            mm_ffn += 2 * e * N * Fs + e * N * D
+    else:
+        F = m.hidden_dim
+        ffn = 4 * e * BT * F // tp
+        mm_ffn = 2 * e * BT * F // tp + e * BT * D
+    block_input = e * stream if e != 4 else 4 * stream
+    temps = 2 * e * BT * (m.moe_top_k * m.expert_dim if m.is_moe_layer(layer) else m.hidden_dim // tp)
+    return {"none": attn + ffn, "selective": block_input + mm_attn + mm_ffn, "full": block_input,
+            "backward_temps": temps}
+
+
+def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> int:
+    """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
+    loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
+    exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
+    backward ``grad * (x - lse).exp()`` (the difference, its exponential, the product) and the
+    target gather's scatter (5 in all)."""
+    BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
+    buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
+    return 4 * BT * D // tp + e * BT * D + buffers * 4 * BT * V // tp
+
+
+def in_flight(layout: Layout, n_microbatches: int, spr: int, pp_rank: int) -> float:
+    """Microbatches whose activations a pipeline rank holds at its peak (in units of all its blocks)."""
+    pp = layout.pp
+    if pp == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(n_microbatches)
+    if spr == 1:  # 1F1B: stage r keeps pp - r
+        return float(min(n_microbatches, pp - pp_rank))
+    # interleaved (Megatron): rank r warms up with (pp - r - 1) * 2 + (v - 1) * pp + 1 chunk-microbatches
+    chunks = (pp - pp_rank - 1) * 2 + (spr - 1) * pp + 1
+    return min(float(n_microbatches), chunks / spr)
+
+
+def n_microbatches(cfg: JobConfig, layout: Layout) -> int:
+    """Forward/backward passes per step on a rank (``parallel.pp_microbatches`` when a pipeline sets it)."""
+    if layout.pp > 1 and cfg.parallel.pp_microbatches:
+        return cfg.parallel.pp_microbatches
+    return cfg.train.global_batch_size // (layout.dp * layout.micro_batch_size)
+
+
+def microbatch_samples(cfg: JobConfig, layout: Layout) -> int:
+    return cfg.train.global_batch_size // layout.dp // n_microbatches(cfg, layout)
+
+
+def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, late: bool = False) -> int:
+    """Activations at the in-flight peak; ``late``: during the backward of the last microbatch (one
+    microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists."""
+    from .state import _stage_layers
+    from ..parallel.mesh import pipeline_stages_per_rank
+
+    B, T, tp, e = microbatch_samples(cfg, layout), cfg.data.seq_len, layout.tp, prec.act
+    held, first, last = _stage_layers(cfg, layout, pp_rank)
+    per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
+    ac = layout.ac
+    saved = sum(p[ac] for p in per)
+    # with checkpointing, one block is rebuilt at a time in backward; its backward then also holds the
+    # gradients of two of its largest intermediates (SwiGLU's B T F/tp)
+    rebuild = max((p["none"] - p[ac] + p["backward_temps"] for p in per), default=0) if ac != "none" else 0
+    spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
+    n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
+    # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
+    head = head_activation_bytes(cfg, B, T, tp, e) if last else 0
+    if late:
+        n, head = 1, 0
+    total = n * saved + max(rebuild, head)
+    if layout.pp > 1:
+        total += n * e * B * T * cfg.model.dim // tp  # each in-flight microbatch's stage input
+    return int(total)
+
+
+def _cut_key(layout: Layout, rank: int) -> tuple:
+    """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
+    spr = 2 if layout.pp > 1 and layout.schedule in ("interleaved_1f1b", "zero_bubble") else 1
+    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, spr, rank)
+
+
+def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):
+    if cache is None:
+        return fn(cfg, layout, rank)
+    key = (what, *_cut_key(layout, rank))
+    if key not in cache:
+        cache[key] = fn(cfg, layout, rank)
+    return cache[key]
+
+
+def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision, cache: dict | None = None) -> int:
+    backend, reshard, _ = ZERO_MODES[layout.zero]
+    out = 0
+    if layout.pp > 1:
+        out += 2 * prec.act * microbatch_samples(cfg, layout) * cfg.data.seq_len * cfg.model.dim
+    if backend == "fsdp2" and layout.dp > 1:
+        sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
+        w = prec.compute_param
+        grad = w + (4 if w != 4 else 0)
+        out += 2 * w * sizes["largest_unit"] + grad * sizes["largest_unit"]
+        if not reshard:
+            out += w * sizes["all"]
+    elif backend == "deepspeed":
+        numel = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)["all"]
+        out += 2 * prec.compute_param * min(numel, 500_000_000)
+    return out
+
+
+def optimizer_step_bytes(state: dict[str, int], device_type: str) -> int:
+    """Temporaries of the optimizer step: the multi-tensor (foreach) AdamW used off CUDA allocates one
+    parameter-sized buffer (the square roots of exp_avg_sq); the fused CUDA kernel none."""
+    return 0 if device_type == "cuda" else state["params"]
+
+
+def grads_live_at_peak(cfg: JobConfig, layout: Layout, pp_rank: int) -> bool:
+    """Whether the gradients already exist when activations peak: only when a backward ran before the
+    peak, i.e. when a rank runs more microbatches than it keeps in flight (gradient accumulation, or
+    a pipeline's steady state); a single microbatch peaks at the start of its own backward."""
+    from ..parallel.mesh import pipeline_stages_per_rank
+
+    spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
+    n = n_microbatches(cfg, layout)
+    return n > in_flight(layout, n, spr, pp_rank)
+
+
+def backward_peak(est: dict[str, int]) -> int:
+    """Memory on top of parameters and optimizer state at the backward peak: the in-flight peak, or
+    the last microbatch's backward with every gradient allocated, whichever is larger."""
+    early = est["activations"] + (est["grads"] if est["grads_live"] else 0)
+    return max(early, est["grads"] + est["activations_late"]) + est["comm_buffers"]
+
+
+def _total(est: dict[str, int]) -> int:
+    """The step's peak: the state at rest, then the backward peak or the optimizer step (every gradient
+    and the step's temporaries), whichever is larger."""
+    return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
+
+
+def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
+                    ) -> dict[str, int]:
+    """Per-GPU bytes by :data:`KINDS` (and ``total``) on the fullest rank: the largest over pipeline stages
+    (the first rank of each stage holds the largest pieces of every cut). ``cache`` (a dict) shares the
+    state arithmetic between layouts that cut the model alike."""
+    prec = Precision.for_device(device_type, cfg)
+    best: dict[str, int] | None = None
+    stride = layout.world_size // layout.pp
+    for pp_rank in range(layout.pp):
+        rank = pp_rank * stride
+        est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
+        est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
+        est["activations_late"] = activation_bytes(cfg, layout, pp_rank, prec, late=True)
+        est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
+        est["optimizer_step"] = optimizer_step_bytes(est, device_type)
+        est["grads_live"] = int(grads_live_at_peak(cfg, layout, pp_rank))
+        est["total"] = _total(est)
+        est["rank"] = rank
+        if best is None or est["total"] > best["total"]:
+            best = est
+    return best
+
+
+def estimate_rank(cfg: JobConfig, layout: Layout, rank: int, device_type: str) -> dict[str, int]:
+    """The same for one given rank (what ``meshforge train`` compares with its measurement)."""
+    from .state import rank_coords
+
+    prec = Precision.for_device(device_type, cfg)
+    est = dict(state_bytes(cfg, layout, rank))
+    est["activations"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec)
+    est["activations_late"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec, late=True)
+    est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec)
+    est["optimizer_step"] = optimizer_step_bytes(est, device_type)
+    est["grads_live"] = int(grads_live_at_peak(cfg, layout, rank_coords(layout, rank).pp))
+    est["total"] = _total(est)
+    return est
+
+
+__all__ = ["KINDS", "Precision", "backward_peak", "estimate_memory", "estimate_rank"]

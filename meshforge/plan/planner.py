@@ -1,0 +1,173 @@
+"""``meshforge plan``: the job config of a cluster, every valid layout of it, ranked by predicted step time.
+
+:func:`plan_job` builds the config (preset, overrides, ``--seq-len``, ``--global-batch-tokens``),
+checks the cluster (GPU counts, device), enumerates layouts (:mod:`.layouts`), prices each
+(:mod:`.memory`, :mod:`.time_model`) and splits them into those that fit the device memory
+(less :data:`HEADROOM`) and those that do not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, JobConfig, load_config
+from .devices import Device, get_device
+from .layouts import AC_MODES, ZERO_MODES, Layout, enumerate_layouts
+from .memory import KINDS, estimate_memory
+from .time_model import DEFAULT_EFFICIENCY, TimeEstimate, estimate_time
+
+HEADROOM = 0.9
+"""Fraction of device memory a plan may fill: the rest is the CUDA context, NCCL, and allocator fragmentation."""
+SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+@dataclass
+class Priced:
+    layout: Layout
+    memory: dict[str, int]
+    time: TimeEstimate
+    fits: bool
+    overflow: str = ""
+
+    def record(self) -> dict:
+        rec = {"layout": self.layout.describe(), "overrides": self.layout.overrides(),
+               **{k: self.memory[k] for k in (*KINDS, "total")}, "fits": self.fits,
+               "step_s": self.time.step_s, "mfu": self.time.mfu, "bubble_fraction": self.time.bubble_fraction,
+               "tokens_per_s": self.time.tokens_per_s,
+               "collectives": [{k: v for k, v in c.items()} for c in self.time.comm]}
+        if self.overflow:
+            rec["overflow"] = self.overflow
+        return rec
+
+
+@dataclass
+class Plan:
+    cfg: JobConfig
+    device: Device
+    gpus: int
+    gpus_per_node: int
+    fitting: list[Priced] = field(default_factory=list)
+    overflowing: list[Priced] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+def parse_tokens(text: str) -> int:
+    """``4M`` -> 4 * 2**20 tokens (K, M, G are powers of 1024); plain integers as they are."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*", text.upper())
+    if not m:
+        raise ConfigError(f"--global-batch-tokens {text!r} is not a token count like 4194304 or 4M")
+    return int(float(m.group(1)) * SUFFIXES[m.group(2)])
+
+
+def plan_config(preset: str, overrides: list[str], seq_len: int | None, batch_tokens: str | None) -> JobConfig:
+    """The job config the plan is for: ``--seq-len`` raises model.max_seq_len when it needs to."""
+    extra: list[str] = []
+    if seq_len is not None:
+        if seq_len <= 0:
+            raise ConfigError(f"--seq-len must be positive, got {seq_len}")
+        extra += ["--data.seq_len", str(seq_len)]
+    cfg = load_config(preset, [*overrides, *extra]) if seq_len is None else None
+    if cfg is None:
+        base = load_config(preset, overrides)
+        if seq_len > base.model.max_seq_len:
+            extra += ["--model.max_seq_len", str(seq_len)]
+        cfg = load_config(preset, [*overrides, *extra])
+    if batch_tokens is not None:
+        tokens = parse_tokens(batch_tokens)
+        if tokens % cfg.data.seq_len or tokens < cfg.data.seq_len:
+            raise ConfigError(f"--global-batch-tokens {tokens} is not a whole number of {cfg.data.seq_len}-token "
+                              "sequences")
+        cfg.train.global_batch_size = tokens // cfg.data.seq_len
+        cfg.train.micro_batch_size = 1
+    cfg.train.device = "cuda"
+    return cfg
+
+
+def check_cluster(gpus: int, gpus_per_node: int) -> None:
+    if gpus <= 0 or gpus_per_node <= 0:
+        raise ConfigError(f"--gpus and --gpus-per-node must be positive (got {gpus} and {gpus_per_node})")
+    if gpus > gpus_per_node and gpus % gpus_per_node:
+        raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of {gpus_per_node} GPUs")
+
+
+def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float) -> list[Priced]:
+    cache: dict = {}
+    usable = HEADROOM * device.hbm_bytes
+    out = []
+    for layout, job in layouts:
+        mem = estimate_memory(job, layout, "cuda", cache)
+        t = estimate_time(job, layout, device, gpus_per_node, efficiency, cache)
+        fits = mem["total"] <= usable
+        overflow = ""
+        if not fits:
+            worst = max(KINDS, key=lambda k: mem[k])
+            overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
+                        f"{worst} {mem[worst] / 2**30:.1f} GiB")
+        out.append(Priced(layout, mem, t, fits, overflow))
+    out.sort(key=lambda p: p.time.step_s)
+    return out
+
+
+def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
+             efficiency: float = DEFAULT_EFFICIENCY, ac_modes=AC_MODES) -> Plan:
+    check_cluster(gpus, gpus_per_node)
+    layouts, refused = enumerate_layouts(cfg, gpus, gpus_per_node, ac_modes)
+    plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
+    if not layouts:
+        raise ConfigError(f"no layout of {gpus} GPUs is valid for this job: " + "; ".join(
+            f"{reason} ({n}x)" for reason, n in sorted(plan.refused.items(), key=lambda kv: -kv[1])[:3]))
+    priced = price(cfg, layouts, device, gpus_per_node, efficiency)
+    plan.fitting = [p for p in priced if p.fits]
+    plan.overflowing = sorted((p for p in priced if not p.fits), key=lambda p: p.memory["total"])
+    if not plan.fitting:
+        raise ConfigError(too_large_message(cfg, gpus, gpus_per_node, device, plan.overflowing[0]))
+    return plan
+
+
+def too_large_message(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device, leanest: Priced) -> str:
+    """'needs at least N <device> with <layout>': the smallest power-of-two multiple of the cluster that fits."""
+    n = gpus
+    while n < 2**20:
+        n *= 2
+        try:
+            layouts, _ = enumerate_layouts(cfg, n, gpus_per_node, ac_modes=("full",), max_micro_batch=1)
+        except ConfigError:
+            continue
+        layouts = [(lay, job) for lay, job in layouts if lay.zero == "fsdp-zero3"]
+        cache: dict = {}
+        fitting = [(lay, estimate_memory(job, lay, "cuda", cache)) for lay, job in layouts]
+        fitting = [(lay, mem) for lay, mem in fitting if mem["total"] <= HEADROOM * device.hbm_bytes]
+        if fitting:
+            lay, mem = min(fitting, key=lambda lm: (lm[0].pp, lm[0].tp, lm[1]["total"]))
+            how = " ".join(f"{k} {getattr(lay, k)}" for k in ("tp", "pp", "ep") if getattr(lay, k) > 1) or "fsdp"
+            return (f"the model does not fit {gpus} {device.name} in any layout (leanest: {leanest.layout.describe()}, "
+                    f"{leanest.overflow}); needs at least {n} {device.name} with {how}")
+    return (f"the model does not fit {gpus} {device.name} in any layout (leanest: {leanest.layout.describe()}, "
+            f"{leanest.overflow})")
+
+
+def _group_reasons(refused: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for reason, n in refused.items():
+        key = re.sub(r"\d+", "N", reason)
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
+    """The layout ``cfg``'s parallel section describes on ``gpus`` ranks (dp_shard = -1 resolved)."""
+    from ..parallel.mesh import resolve_degrees
+
+    p = cfg.parallel
+    d = resolve_degrees(p, gpus)
+    if p.dp_backend == "deepspeed":
+        zero = f"ds-zero{p.zero_stage}"
+    else:
+        zero = "fsdp-zero3" if p.fsdp_reshard_after_forward else "fsdp-zero2"
+    return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule,
+                  cfg.train.micro_batch_size, p.activation_checkpointing)
+
+
+__all__ = ["HEADROOM", "Plan", "Priced", "check_cluster", "get_device", "layout_of_config", "parse_tokens",
+           "plan_config", "plan_job", "ZERO_MODES"]

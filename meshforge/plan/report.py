@@ -1,0 +1,77 @@
+"""Text and JSON output of ``meshforge plan``."""
+
+from __future__ import annotations
+
+import json
+
+from .dry_run import DryRunResult
+from .memory import KINDS
+from .planner import HEADROOM, Plan, Priced
+
+GIB = 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:6.2f}"
+
+
+def table(plan: Plan, top: int) -> str:
+    c, d = plan.cfg, plan.device
+    lines = [
+        f"{plan.gpus} x {d.name} ({plan.gpus_per_node} per node, {HEADROOM * d.hbm_bytes / GIB:.1f} GiB usable each); "
+        f"seq {c.data.seq_len}, global batch {c.train.global_batch_size} x {c.data.seq_len} = "
+        f"{c.train.global_batch_size * c.data.seq_len:,} tokens",
+        f"{len(plan.fitting)} layouts fit, {len(plan.overflowing)} do not; per-GPU memory in GiB on the fullest rank",
+        "",
+    ]
+    head = (f"{'#':>3}  {'layout':<52} {'step s':>8} {'MFU':>6} {'bubble':>6} "
+            f"{'params':>6} {'grads':>6} {'optim':>6} {'acts':>6} {'comm':>6} {'total':>6}")
+    lines.append(head)
+    for i, p in enumerate(plan.fitting[:top], 1):
+        lines.append(_row(i, p))
+    if plan.overflowing:
+        lines += ["", "do not fit (leanest first):"]
+        for p in plan.overflowing[:min(top, 5)]:
+            lines.append(f"     {p.layout.describe():<52} {p.overflow}")
+    best = plan.fitting[0]
+    keys = {"data.seq_len": c.data.seq_len, "model.max_seq_len": c.model.max_seq_len,
+            "train.global_batch_size": c.train.global_batch_size, **best.layout.overrides()}
+    lines += ["", "run the best with: meshforge train --config ... " + " ".join(
+        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())]
+    return "\n".join(lines)
+
+
+def _row(i: int, p: Priced) -> str:
+    m, t = p.memory, p.time
+    return (f"{i:>3}  {p.layout.describe():<52} {t.step_s:8.3f} {100 * t.mfu:5.1f}% {100 * t.bubble_fraction:5.1f}% "
+            + " ".join(_gib(m[k]) for k in (*KINDS, "total")))
+
+
+def plan_json(plan: Plan, top: int) -> str:
+    return json.dumps({
+        "gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "device": plan.device.key,
+        "seq_len": plan.cfg.data.seq_len, "global_batch_size": plan.cfg.train.global_batch_size,
+        "usable_bytes": int(HEADROOM * plan.device.hbm_bytes),
+        "layouts": [p.record() for p in plan.fitting[:top]],
+        "overflowing": [p.record() for p in plan.overflowing[:top]],
+    }, indent=1)
+
+
+def dry_run_text(res: DryRunResult, estimate: dict[str, int], layout_text: str) -> str:
+    lines = [f"dry run of {layout_text} as rank {res.rank} of {res.world_size} (fake process group, meta device)",
+             f"{'':<12}{'dry run':>16}{'estimate':>16}"]
+    for k in ("params", "grads", "optimizer"):
+        mark = "" if res.state[k] == estimate[k] else "   <- differs"
+        lines.append(f"{k:<12}{res.state[k]:>16,}{estimate[k]:>16,}{mark}")
+    lines.append("collectives of one step (count x bytes per call, group size):")
+    for c in res.collectives:
+        size = f"{c['bytes']:,} B" if c["bytes"] else "activation-sized"
+        lines.append(f"  {c['op']:<26} {c['group']:<14} n={c['group_size']:<6} {c['count']:>7} x {size}")
+    lines += [f"note: {n}" for n in res.notes]
+    return "\n".join(lines)
+
+
+def dry_run_json(res: DryRunResult, estimate: dict[str, int], layout_text: str) -> str:
+    return json.dumps({"layout": layout_text, "rank": res.rank, "world_size": res.world_size, **res.state,
+                       "estimate": {k: estimate[k] for k in ("params", "grads", "optimizer")},
+                       "collectives": res.collectives, "notes": res.notes}, indent=1)

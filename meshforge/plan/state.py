@@ -1,0 +1,242 @@
+"""Exact per-rank parameter, gradient and optimizer-state sizes of a layout, by arithmetic.
+
+The parameter shapes come from the model itself, built on the meta device (no memory);
+how each is cut follows the parallel code's rules, restated here as arithmetic so that
+thousands of layouts can be priced in a second (the dry run checks it against the real code):
+
+- pipeline: this rank's stages (``pipeline.split_layers``, loop placement), the embedding on
+  stage 0, the final norm and output on the last stage;
+- tensor parallel: the project's TP plan (``decoder_tp_plan``): ``ColwiseParallel`` cuts
+  weight dim 0, ``RowwiseParallel`` dim 1 of a Linear and dim 0 (the vocab) of an Embedding;
+  norms, routers and MoE experts stay whole on every tp rank;
+- expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep``;
+- FSDP2: every parameter cut on dim 0 over ``dp_shard`` (experts under ep: over
+  ``dp_shard / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
+  over ``dp_replicate``. DTensor and FSDP2 both cut like ``torch.chunk``: pieces of
+  ``ceil(n / k)``, the last ones shorter or empty.
+
+Bytes: parameters and gradients fp32 (FSDP2 keeps fp32 masters; bf16 is only the compute
+copy), AdamW state = exp_avg + exp_avg_sq (fp32) + one 4-byte step count per tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from functools import lru_cache
+
+from ..config import JobConfig, ModelConfig
+from .layouts import ZERO_MODES, Layout
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    module: str
+    """Dotted path of the owning module."""
+    kind: str
+    """``linear``, ``embedding``, ``experts`` or ``other``."""
+    layer: int
+    """Block index (in pipeline order), or -1 for the embedding, -2 for the final norm/output."""
+
+
+@lru_cache(maxsize=16)
+def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
+    import torch
+    from torch import nn
+
+    from ..models import MODEL_SPECS
+    from ..models.moe import GroupedExperts
+
+    cfg = ModelConfig(**dict(key))
+    with torch.device("meta"):
+        model = MODEL_SPECS[cfg.family].build(cfg)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    modules = dict(model.named_modules())
+    n_enc = cfg.n_layers
+    out = []
+    for name, p in model.named_parameters():  # a tied weight appears once
+        mod = name.rsplit(".", 1)[0]
+        m = modules[mod]
+        kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
+                else "experts" if isinstance(m, GroupedExperts) else "other")
+        parts = name.split(".")
+        if parts[0] == "layers":
+            layer = int(parts[1])
+        elif parts[0] in ("encoder", "decoder") and parts[1] == "layers":
+            layer = int(parts[2]) + (n_enc if parts[0] == "decoder" else 0)
+        elif parts[0] in ("tok_embeddings",) or (len(parts) > 1 and parts[1] == "rel_bias"):
+            layer = -1
+        elif parts[0] == "encoder" and parts[1] == "norm":
+            layer = n_enc - 1  # applied by the stage holding the last encoder block
+        else:
+            layer = -2
+        out.append(ParamInfo(name, tuple(p.shape), mod, kind, layer))
+    return tuple(out)
+
+
+def param_table(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
+    from dataclasses import asdict
+
+    return _param_table_cached(tuple(sorted(asdict(cfg).items())))
+
+
+def chunk_len(n: int, k: int, i: int) -> int:
+    """Length of piece ``i`` of ``torch.chunk`` of ``n`` rows into ``k`` (padded with empty pieces)."""
+    size = -(-n // k)
+    return max(0, min(size, n - i * size))
+
+
+@dataclass(frozen=True)
+class Coords:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+
+    def ep_index(self, ep: int) -> int:
+        return self.dp_shard % ep
+
+    def mod_ep_index(self, ep: int) -> int:
+        return self.dp_shard // ep
+
+
+def rank_coords(layout: Layout, rank: int) -> Coords:
+    """Mesh coordinates of a global rank (dims ``pp, dp_replicate, dp_shard, cp, tp``, row-major; with ep,
+    ``dp_shard`` = ``dp_shard_mod_ep x dp_shard_in_ep`` with ep inner, which is the same order)."""
+    if not 0 <= rank < layout.world_size:
+        raise ValueError(f"rank {rank} is outside the world of {layout.world_size}")
+    sizes = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.cp, layout.tp)
+    coords = []
+    for s in reversed(sizes):
+        coords.append(rank % s)
+        rank //= s
+    return Coords(*reversed(coords))
+
+
+def _tp_styles(cfg: JobConfig) -> dict[str, str]:
+    """Module path -> ``colwise`` / ``rowwise`` / ``heads`` from the project's TP plan."""
+    from dataclasses import asdict
+
+    return _tp_styles_cached(tuple(sorted(asdict(cfg.model).items())), cfg.parallel.loss_parallel)
+
+
+@lru_cache(maxsize=16)
+def _tp_styles_cached(model_key: tuple, loss_parallel: bool) -> dict[str, str]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from ..parallel.tensor_parallel import decoder_tp_plan, encoder_decoder_tp_plan
+
+    m = ModelConfig(**dict(model_key))
+    if m.family == "encoder_decoder":
+        plan = encoder_decoder_tp_plan(loss_parallel)
+    else:
+        moe = {str(i): m.is_moe_layer(i) for i in range(m.n_layers)} if m.moe_experts else None
+        plan = decoder_tp_plan(loss_parallel, qk_norm=m.qk_norm, moe_ffn=moe)
+    styles = {}
+    for pattern, style in plan.items():
+        if isinstance(style, ColwiseParallel):
+            styles[pattern] = "colwise"
+        elif isinstance(style, RowwiseParallel):
+            styles[pattern] = "rowwise"
+        elif type(style).__name__ == "HeadParallel":
+            styles[pattern] = "heads"
+    out = {}
+    for info in _param_table_cached(model_key):
+        match = next((s for pat, s in styles.items() if fnmatch(info.module, pat)), None)
+        if match:
+            out[info.module] = match
+    return out
+
+
+def _stage_layers(cfg: JobConfig, layout: Layout, pp_rank: int) -> tuple[set[int], bool, bool]:
+    """Blocks held by ``pp_rank`` and whether it holds the first / last stage."""
+    from ..parallel.mesh import pipeline_layers, pipeline_stages_per_rank
+    from ..parallel.pipeline import split_layers
+
+    n_layers, what = pipeline_layers(cfg.model)
+    if layout.pp == 1:
+        return set(range(n_layers)), True, True
+    spr = pipeline_stages_per_rank(cfg.parallel)
+    n_stages = layout.pp * spr
+    ranges = split_layers(n_layers, n_stages, cfg.parallel.pp_split, what)
+    stages = [pp_rank + k * layout.pp for k in range(spr)]
+    held = {i for s in stages for i in range(*ranges[s])}
+    return held, 0 in stages, n_stages - 1 in stages
+
+
+def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = None) -> list[tuple[ParamInfo, int]]:
+    """Each parameter this rank holds, with the number of its elements stored on the rank
+    (``fsdp=False``: before FSDP's cut, i.e. what it all-gathers)."""
+    c = rank_coords(layout, rank)
+    held, first, last = _stage_layers(cfg, layout, c.pp)
+    styles = _tp_styles(cfg) if layout.tp > 1 else {}
+    if fsdp is None:
+        fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.dp > 1
+    out = []
+    for info in param_table(cfg.model):
+        if info.layer >= 0 and info.layer not in held or info.layer == -1 and not first \
+                or info.layer == -2 and not last:
+            continue
+        shape = list(info.shape)
+        style = styles.get(info.module)
+        if style == "colwise" or (style == "rowwise" and info.kind == "embedding"):
+            shape[0] = chunk_len(shape[0], layout.tp, c.tp)
+        elif style == "rowwise":
+            shape[1] = chunk_len(shape[1], layout.tp, c.tp)
+        elif style == "heads":
+            shape[1] = chunk_len(shape[1], layout.tp, c.tp)
+        if info.kind == "experts" and layout.ep > 1:
+            shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep))
+            if fsdp:
+                k = layout.dp_shard // layout.ep
+                dim = 0 if shape[0] % k == 0 else 1
+                shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep))
+        elif fsdp:
+            shape[0] = chunk_len(shape[0], layout.dp_shard, c.dp_shard)
+        n = 1
+        for s in shape:
+            n *= s
+        out.append((info, n))
+    return out
+
+
+def state_bytes(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:
+    """``params``, ``grads``, ``optimizer`` bytes held by ``rank`` (FSDP2 layouts: exact; DeepSpeed: its
+    ZeRO rules -- bf16 or fp32 model copy plus the partitioned fp32 master and Adam moments)."""
+    held = local_numels(cfg, layout, rank)
+    numel = sum(n for _, n in held)
+    backend, _, stage = ZERO_MODES[layout.zero]
+    if backend == "deepspeed":
+        return _deepspeed_state(cfg, numel, layout.dp)
+    return {"params": FP32 * numel, "grads": FP32 * numel, "optimizer": 2 * FP32 * numel + FP32 * len(held)}
+
+
+def _deepspeed_state(cfg: JobConfig, numel: int, dp: int) -> dict[str, int]:
+    """DeepSpeed ZeRO (data parallel only): with bf16 a 2-byte model copy (stage 3: partitioned), 2-byte
+    gradients (stage 2/3: partitioned) and, partitioned in every stage, the fp32 master plus Adam moments.
+    On the CPU (fp32) the model copy is the master."""
+    stage = cfg.parallel.zero_stage
+    bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and cfg.train.device != "cpu")
+    width = 2 if bf16 else FP32
+    part = -(-numel // dp)
+    params = width * (part if stage == 3 else numel)
+    grads = width * (part if stage >= 2 else numel)
+    optimizer = (3 if bf16 else 2) * FP32 * part
+    return {"params": params, "grads": grads, "optimizer": optimizer}
+
+
+def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:
+    """Element counts on ``rank`` before FSDP's cut (tp/ep cuts applied): ``largest_unit`` (the
+    largest FSDP unit: a block, or the root's embedding + norm + output) and ``all``."""
+    per_layer: dict[int, int] = {}
+    for info, n in local_numels(cfg, layout, rank, fsdp=False):
+        per_layer[info.layer] = per_layer.get(info.layer, 0) + n
+    blocks = [v for k, v in per_layer.items() if k >= 0]
+    root = per_layer.get(-1, 0) + per_layer.get(-2, 0)
+    return {"largest_unit": max([*blocks, root]), "all": sum(per_layer.values())}

@@ -1,0 +1,174 @@
+"""Predicted step time of a layout: compute at a stated efficiency, every collective with an
+alpha-beta cost on the link it crosses, the pipeline bubble, and stated overlap.
+
+Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
+(:func:`meshforge.models.flops_per_token`: 6N + attention), the layout, ``gpus_per_node``.
+
+- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, times
+  4/3 under full activation checkpointing (one more forward) and 1.03 under selective
+  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Stages are assumed
+  balanced.
+- Links: a mesh dim's group of ``n`` ranks at stride ``s`` (dims ``pp, dp_replicate,
+  dp_shard, cp, tp``, tp innermost; ep is the innermost ep ranks of dp_shard) stays inside a
+  node when ``s * n <= gpus_per_node`` and uses NVLink; otherwise every ring step is
+  limited by the per-GPU NIC.
+- Costs (ring algorithms, ``S`` bytes of the whole tensor): all-gather and reduce-scatter
+  ``(n-1) alpha + (n-1)/n S / bw``; all-reduce twice that; all-to-all ``(n-1) alpha + (n-1)/n
+  S / bw`` of the rank's send buffer; point-to-point ``alpha + S / bw``.
+- Collectives of one step: TP/SP per block and microbatch 2 all-gathers + 2 reduce-scatters of
+  the ``B T D`` activations forward and the same backward (+2 all-gathers under selective AC,
+  +4 under full, which recompute them); FSDP2 per microbatch one all-gather of each unit
+  forward, again backward under ZeRO-3, a reduce-scatter of its fp32 gradient, and under HSDP
+  an all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
+  and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
+  all-to-alls of ``N k D`` (balanced routing); CP (reserved, cp = 1 today) a ring of K/V
+  blocks, ``2 (cp-1)`` point-to-point steps per layer forward and backward; PP two
+  point-to-point sends of ``B T D`` per microbatch and stage boundary.
+- Overlap: FSDP and DeepSpeed traffic runs behind compute (prefetch); only what exceeds the
+  compute time, and the first unit's all-gather, is exposed. TP, EP, CP and PP traffic sits on
+  the critical path (exposed in full).
+- Bubble: ``(pp-1) / (m v)`` of the compute (m microbatches, v stages per rank) for GPipe, 1F1B
+  and interleaved 1F1B; a third of that for zero-bubble. The optimizer step and data loading
+  are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import JobConfig
+from .devices import Device
+from .layouts import ZERO_MODES, Layout
+from .memory import microbatch_samples, n_microbatches
+from .state import param_table, unsharded_numel
+
+DEFAULT_EFFICIENCY = 0.5
+"""Fraction of the dense bf16 peak that the matmuls reach (MFU of a well-tuned dense job ~40-55%)."""
+AC_RECOMPUTE = {"none": 1.0, "selective": 1.03, "full": 4.0 / 3.0}
+
+
+@dataclass
+class Link:
+    bw: float
+    alpha: float
+    name: str
+
+
+def link_for(device: Device, stride: int, size: int, gpus_per_node: int) -> Link:
+    if stride * size <= gpus_per_node:
+        return Link(device.nvlink_bw, device.nvlink_latency, "nvlink")
+    return Link(device.internode_bw, device.internode_latency, "internode")
+
+
+def ring(kind: str, n: int, nbytes: float, link: Link) -> float:
+    if n <= 1:
+        return 0.0
+    if kind in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) * link.alpha + (n - 1) / n * nbytes / link.bw
+    if kind == "all_reduce":
+        return 2 * ((n - 1) * link.alpha + (n - 1) / n * nbytes / link.bw)
+    if kind == "p2p":
+        return link.alpha + nbytes / link.bw
+    raise ValueError(kind)
+
+
+@dataclass
+class TimeEstimate:
+    step_s: float
+    compute_s: float
+    bubble_fraction: float
+    mfu: float
+    tokens_per_s: float
+    comm: list[dict] = field(default_factory=list)
+    """``{group, op, bytes, count, link, seconds, exposed}`` per collective kind."""
+
+
+def model_flops_per_token(cfg: JobConfig) -> float:
+    from ..models import flops_per_token
+
+    m = cfg.model
+    active = 0
+    for info in param_table(m):
+        if info.name.startswith("tok_embeddings.") and not m.tie_embeddings:
+            continue
+        n = 1
+        for s in info.shape:
+            n *= s
+        if info.kind == "experts":
+            n = n // m.moe_experts * m.moe_top_k
+        active += n
+    return flops_per_token(m, active, cfg.data.seq_len)
+
+
+def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
+                  efficiency: float = DEFAULT_EFFICIENCY, cache: dict | None = None) -> TimeEstimate:
+    m = cfg.model
+    world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
+    B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
+    from .memory import Precision
+
+    e = Precision.for_device("cpu" if device.key == "cpu" else "cuda", cfg).act  # bf16 on GPU, fp32 on the CPU
+    mb = n_microbatches(cfg, layout)
+    tokens = cfg.train.global_batch_size * T
+    if cache is None:
+        cache = {}
+    if "flops" not in cache:
+        cache["flops"] = model_flops_per_token(cfg)
+    f_tok = cache["flops"]
+    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
+    from ..parallel.mesh import pipeline_stages_per_rank
+
+    spr = pipeline_stages_per_rank(cfg.parallel) if pp > 1 else 1
+    bubble = (pp - 1) / (mb * spr) if pp > 1 else 0.0
+    if layout.schedule == "zero_bubble" and pp > 1:
+        bubble /= 3
+    layers = m.n_layers / pp
+    moe_layers = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) / pp
+    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_replicate": tp * cp * layout.dp_shard,
+               "pp": tp * cp * layout.dp, "ep": tp * cp, "dp_shard_mod_ep": tp * cp * ep}
+    comm: list[dict] = []
+
+    def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool) -> None:
+        if n <= 1 or count <= 0:
+            return
+        link = link_for(device, strides[group], n, gpus_per_node)
+        secs = ring(op, n, nbytes, link) * count
+        comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
+                     "link": link.name, "seconds": secs, "exposed": exposed})
+
+    act = B * T * m.dim * e
+    tp_per_block = 8 + {"none": 0, "selective": 2, "full": 4}[layout.ac]
+    add("tp", "all_gather", tp, act, mb * layers * tp_per_block / 2, True)
+    add("tp", "reduce_scatter", tp, act, mb * layers * 8 / 2, True)
+    add("cp", "p2p", cp, 2 * B * (T // max(cp, 1)) * m.kv_heads * m.head_dim * e // tp, mb * layers * 4 * (cp - 1), True)
+    add("ep", "all_to_all", ep, B * T * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
+    if pp > 1:
+        add("pp", "p2p", 2, act, mb * 2 * spr, True)
+    backend, reshard, stage = ZERO_MODES[layout.zero]
+    from .memory import _cached
+
+    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, 0)
+    if backend == "fsdp2" and layout.dp > 1:
+        total = sizes["all"]
+        add("dp_shard", "all_gather", layout.dp_shard, 2 * total, mb * (2 if reshard else 1), False)
+        add("dp_shard", "reduce_scatter", layout.dp_shard, 4 * total, mb, False)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * total / layout.dp_shard, mb, False)
+    elif backend == "deepspeed":
+        total = sizes["all"]
+        if stage == 3:
+            add("dp_shard", "all_gather", layout.dp_shard, 2 * total, 2 * mb, False)
+            add("dp_shard", "reduce_scatter", layout.dp_shard, 2 * total, mb, False)
+        else:
+            add("dp_shard", "reduce_scatter" if stage == 2 else "all_reduce", layout.dp_shard, 2 * total, 1, False)
+            add("dp_shard", "all_gather", layout.dp_shard, 2 * total, 1, False)
+    exposed = sum(c["seconds"] for c in comm if c["exposed"])
+    hidden = sum(c["seconds"] for c in comm if not c["exposed"])
+    first_gather = 0.0
+    if backend in ("fsdp2", "deepspeed") and layout.dp > 1:
+        first_gather = ring("all_gather", layout.dp_shard, 2 * sizes["largest_unit"],
+                            link_for(device, strides["dp_shard"], layout.dp_shard, gpus_per_node))
+    dp_exposed = max(first_gather, hidden - compute) if hidden else 0.0
+    step = compute * (1 + bubble) + exposed + dp_exposed
+    mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
+    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm)
+

@@ -1,0 +1,207 @@
+"""meshforge plan: the estimator's state bytes against the real sharding (fake-PG dry runs at full
+world size), the ranking CLI and its JSON, the time model's pieces, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meshforge.cli import main
+from meshforge.config import ConfigError, load_config
+from meshforge.plan.devices import get_device, load_devices
+from meshforge.plan.dry_run import dry_run
+from meshforge.plan.layouts import Layout, check_layout, enumerate_layouts
+from meshforge.plan.memory import block_activation_bytes, estimate_memory, in_flight
+from meshforge.plan.state import chunk_len, rank_coords, state_bytes
+from meshforge.plan.time_model import Link, estimate_time, link_for, ring
+
+BIG_BATCH = {"train.global_batch_size": 16384, "train.micro_batch_size": 1}
+
+# (preset, layout, rank): tp x pp x dp_replicate x dp_shard (x ep), ZeRO mode, schedule
+FAST_CASES = [
+    ("llama-1b", Layout(8, 1, 1, 128), 5),  # 1,024 ranks: TP + FSDP
+    ("llama-1b", Layout(4, 2, 2, 32, zero="fsdp-zero2", schedule="interleaved_1f1b"), 77),  # PP x HSDP, virtual stages
+    ("moe-small", Layout(2, 1, 1, 8, ep=4), 13),  # MoE: TP (attention) + EP + expert FSDP over dp_shard/ep
+]
+SLOW_CASES = [
+    ("llama-1b", Layout(1, 1, 1, 1024), 1023),
+    ("llama-1b", Layout(8, 4, 1, 512), 5000),  # 16,384 ranks
+    ("llama-1b", Layout(2, 8, 8, 128, schedule="zero_bubble"), 16383),  # 16,384 ranks, loop placement, HSDP
+    ("mixtral-8x", Layout(2, 2, 1, 256, ep=8), 1000),
+    ("mixtral-8x", Layout(1, 1, 2, 512, ep=8), 700),  # HSDP x EP
+    ("mixtral-8x", Layout(4, 4, 1, 64, ep=4, zero="fsdp-zero2", schedule="interleaved_1f1b"), 1023),
+    ("mixtral-8x", Layout(8, 1, 1, 2048, ep=8), 16383),  # 16,384 ranks
+    ("llama-70b", Layout(8, 8, 1, 256), 16383),  # 16,384 ranks
+    ("llama-70b", Layout(8, 4, 4, 128, schedule="zero_bubble"), 9999),  # 16,384 ranks, HSDP
+    ("llama-70b", Layout(4, 10, 1, 32), 1279),  # 80 layers over 10 stages, odd dp chunks
+    ("t5-base", Layout(2, 4, 1, 32), 200),  # encoder-decoder: encoder norm on the stage of the last encoder block
+]
+
+
+def _check_equal(preset: str, layout: Layout, rank: int) -> None:
+    cfg = load_config(preset, BIG_BATCH)
+    real = dry_run(cfg, layout, rank)
+    assert real.world_size == layout.world_size
+    assert real.state == state_bytes(cfg, layout, rank), layout.describe()
+    assert real.state["params"] > 0 and real.state["optimizer"] > 2 * real.state["params"]
+
+
+@pytest.mark.parametrize("preset,layout,rank", FAST_CASES, ids=lambda x: x.describe() if isinstance(x, Layout) else str(x))
+def test_estimated_state_equals_dry_run(preset, layout, rank):
+    _check_equal(preset, layout, rank)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,layout,rank", SLOW_CASES, ids=lambda x: x.describe() if isinstance(x, Layout) else str(x))
+def test_estimated_state_equals_dry_run_at_scale(preset, layout, rank):
+    _check_equal(preset, layout, rank)
+
+
+def test_dry_run_reports_fsdp_and_pipeline_collectives():
+    cfg = load_config("llama-1b", BIG_BATCH)
+    layout = Layout(2, 2, 1, 16)
+    res = dry_run(cfg, layout, 3)
+    by_op = {(c["op"], c["group"]): c for c in res.collectives}
+    mb = 16384 // 16  # local batch / micro-batch 1
+    # stage 0 holds 8 blocks (7 reshard after forward, the last does not) + the root (embedding)
+    assert by_op[("reduce_scatter", "fsdp")]["group_size"] == 16
+    assert sum(c["count"] for c in res.collectives if c["op"] == "reduce_scatter") == 9 * mb
+    assert sum(c["count"] for c in res.collectives if c["op"] == "all_gather") == (7 * 2 + 1 + 1) * mb
+    assert by_op[("send/recv", "pp")]["count"] == 2 * mb
+
+
+def test_dry_run_refuses_what_the_code_refuses():
+    cfg = load_config("llama-1b", BIG_BATCH)
+    with pytest.raises(ConfigError, match="does not divide by parallel.tp"):
+        dry_run(cfg, Layout(3, 1, 1, 2), 0)
+    with pytest.raises(ConfigError, match="outside the world"):
+        dry_run(cfg, Layout(2, 1, 1, 2), 4)
+
+
+def test_enumeration_only_yields_layouts_the_code_accepts():
+    cfg = load_config("llama-1b", {"train.global_batch_size": 64})
+    layouts, refused = enumerate_layouts(cfg, 64, 8)
+    assert layouts and refused
+    for layout, _ in layouts[::97]:
+        check_layout(cfg, layout)
+        assert layout.world_size == 64 and layout.cp == 1
+    assert {lay.tp for lay, _ in layouts} == {1, 2, 4, 8}
+
+
+def test_chunks_and_coordinates():
+    assert [chunk_len(10, 4, i) for i in range(4)] == [3, 3, 3, 1]
+    assert [chunk_len(5, 4, i) for i in range(4)] == [2, 2, 1, 0]
+    assert [chunk_len(2, 4, i) for i in range(4)] == [1, 1, 0, 0]
+    c = rank_coords(Layout(tp=2, pp=2, dp_replicate=2, dp_shard=4, ep=2), 1 * 16 + 0 * 8 + 3 * 2 + 1)
+    assert (c.pp, c.dp_replicate, c.dp_shard, c.tp) == (1, 0, 3, 1)
+    assert (c.ep_index(2), c.mod_ep_index(2)) == (1, 1)
+
+
+def test_activation_checkpointing_and_pipeline_memory_order():
+    cfg = load_config("llama-1b")
+    per = block_activation_bytes(cfg, 0, 1, 4096, 1, 2)
+    assert per["none"] > per["selective"] > per["full"] == 2 * 4096 * 2048
+    assert in_flight(Layout(1, 4, 1, 1, schedule="1f1b"), 16, 1, 0) == 4
+    assert in_flight(Layout(1, 4, 1, 1, schedule="1f1b"), 16, 1, 3) == 1
+    assert in_flight(Layout(1, 4, 1, 1, schedule="gpipe"), 16, 1, 3) == 16
+    job = load_config("llama-1b", {"train.global_batch_size": 64})
+    mems = {ac: estimate_memory(job, Layout(2, 1, 1, 4, ac=ac))["activations"] for ac in ("none", "selective", "full")}
+    assert mems["none"] > mems["selective"] > mems["full"]
+
+
+def test_time_model_links_costs_and_bubble():
+    h100 = get_device("h100-80gb")
+    assert link_for(h100, 1, 8, 8).name == "nvlink" and link_for(h100, 8, 2, 8).name == "internode"
+    link = Link(100.0, 1.0, "x")
+    assert ring("all_gather", 4, 400.0, link) == pytest.approx(3 + 3.0)
+    assert ring("all_reduce", 4, 400.0, link) == pytest.approx(2 * (3 + 3.0))
+    assert ring("p2p", 2, 400.0, link) == pytest.approx(1 + 4.0)
+    cfg = load_config("llama-1b", {"train.global_batch_size": 64})
+    t1 = estimate_time(cfg, Layout(1, 4, 1, 2), h100, 8)
+    assert t1.bubble_fraction == pytest.approx((3 / 32) / (1 + 3 / 32))  # (pp-1)/m, m = 64 / dp 2 / mbs 1
+    tz = estimate_time(cfg, Layout(1, 4, 1, 2, schedule="zero_bubble"), h100, 8)
+    assert tz.bubble_fraction < t1.bubble_fraction
+    full = estimate_time(cfg, Layout(1, 1, 1, 8, ac="full"), h100, 8)
+    none = estimate_time(cfg, Layout(1, 1, 1, 8, ac="none"), h100, 8)
+    assert full.compute_s == pytest.approx(none.compute_s * 4 / 3)
+    inter = estimate_time(cfg, Layout(8, 1, 1, 8), h100, 4)  # tp 8 over two 4-GPU nodes
+    assert any(c["group"] == "tp" and c["link"] == "internode" for c in inter.comm)
+
+
+def test_plan_cli_json_ranked_with_kinds(capsys):
+    assert main(["plan", "--config", "llama-1b", "--gpus", "16", "--gpus-per-node", "8", "--gpu", "h200",
+                 "--global-batch-tokens", "256K", "--top", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["layouts"]
+    assert len(rows) == 5 and out["global_batch_size"] == 64 and out["device"] == "h200"
+    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
+    for r in rows:
+        assert {"params", "grads", "optimizer", "activations"} <= set(r)
+        assert r["total"] <= out["usable_bytes"] and 0 < r["mfu"] < 1
+
+
+def test_plan_cli_table_lists_overflowing_layouts(capsys):
+    assert main(["plan", "--config", "llama-1b", "--gpus", "8", "--gpu", "a100-80gb", "--seq-len", "8192",
+                 "--global-batch-tokens", "256K", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "A100-80GB" in out and "do not fit" in out and "needs" in out
+    assert "run the best with: meshforge train" in out and "--data.seq_len 8192" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "12", "--gpus-per-node", "8"], "not a whole number of nodes"),
+    (["--gpus", "0"], "must be positive"),
+    (["--gpus", "8", "--gpu", "h100-40gb"], "unknown device 'h100-40gb'"),
+    (["--gpus", "8", "--global-batch-tokens", "4Q"], "is not a token count"),
+    (["--gpus", "8", "--global-batch-tokens", "1000"], "whole number of 4096-token"),
+    (["--gpus", "7", "--gpus-per-node", "7", "--model.n_layers", "4"], "no layout of 7 GPUs"),
+])
+def test_plan_bad_input_one_line(capsys, argv, message):
+    assert main(["plan", "--config", "llama-1b", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_plan_model_too_large_says_how_many(capsys):
+    assert main(["plan", "--config", "llama-70b", "--gpus", "8", "--global-batch-tokens", "1M"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit 8 H100-80GB" in err and "needs at least" in err and "\n" not in err
+
+
+def test_user_device_table(tmp_path):
+    extra = tmp_path / "dev.toml"
+    extra.write_text('[h100-80gb]\nhbm_bytes = 1000\n[mi300x]\nname = "MI300X"\npeak_bf16_flops = 1307e12\n'
+                     'peak_fp8_flops = 2615e12\nhbm_bytes = 205_000_000_000\nnvlink_bw = 448e9\ninternode_bw = 50e9\n'
+                     'nvlink_latency = 5e-6\ninternode_latency = 10e-6\n')
+    devs = load_devices(extra)
+    assert devs["h100-80gb"].hbm_bytes == 1000 and devs["h100-80gb"].peak_bf16_flops == 989e12
+    assert devs["mi300x"].name == "MI300X"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[x]\nname = "X"\npeak_bf16_flops = 1\n')
+    with pytest.raises(ConfigError, match="missing"):
+        load_devices(bad)
+
+
+def test_plan_dry_run_cli_json(capsys):
+    assert main(["plan", "--config", "llama-1b", "--gpus", "64", "--dry-run", "--rank", "9", "--json",
+                 "--parallel.tp", "4", "--parallel.pp", "2", "--train.global_batch_size", "64",
+                 "--train.micro_batch_size", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["world_size"] == 64 and out["rank"] == 9
+    for k in ("params", "grads", "optimizer"):
+        assert out[k] == out["estimate"][k] > 0
+
+
+def test_train_prints_prediction_and_measurement(tiny_data, tmp_path, capsys):
+    from meshforge.pretrain.metrics import read_metrics
+    from meshforge.pretrain.trainer import Trainer
+
+    out = tmp_path / "run"
+    cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out), "train.steps": 3,
+                                    "train.eval_interval": 0, "train.sample_prompt": "", "checkpoint.interval": 0})
+    Trainer(cfg).run()
+    text = capsys.readouterr().out
+    assert "memory plan (rank 0): params" in text and "memory measured at step 2" in text
+    rec = next(r for r in read_metrics(out) if "mem_step_peak_bytes" in r)
+    assert rec["step"] == 2 and rec["mem_step_peak_bytes"] > 0 and rec["mem_predicted_activations"] > 0
