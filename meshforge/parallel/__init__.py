@@ -1,8 +1,7 @@
 """Parallelism: build the named device mesh and apply each parallelism to a built model.
 
-Order of application (DESIGN.md): pipeline split -> TP/SP -> expert sharding -> context-parallel
-attention ->
-activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
+Order of application (docs/architecture.md): pipeline split -> TP/SP -> expert sharding ->
+context-parallel attention -> activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
 ``parallelize`` only decides which steps run.
 """
 
