@@ -1,8 +1,9 @@
 """The same trained model, checkpointed under different layouts, exports to byte-identical safetensors.
 
 A single-process run trains a few steps. Each layout then starts a run from that checkpoint
-(``checkpoint.init_from``: weights only, fresh optimizer, step 0) with the learning rate at 0,
-so its one step leaves the weights bit-identical, and checkpoints them sharded its own way.
+(``checkpoint.init_from``: weights only, fresh optimizer, step 0) with a learning rate of 1e-30
+(0 is refused), far below half an fp32 ulp of any weight, so its one step leaves the weights
+bit-identical, and checkpoints them sharded its own way.
 Exporting that checkpoint (one CPU process, no process group) must give the same files as
 exporting the single-process one -- which also proves ``init_from`` loads under the layout.
 """
@@ -30,7 +31,7 @@ def _export_bytes(ckpt, out) -> bytes:
 
 
 def _reexport_under(layout_world, layout_args, ref_ckpt, data, tmp_path, *model_args) -> bytes:
-    ckpt = _train(data, tmp_path / "layout", layout_world, *model_args, "--train.steps", "1", "--optim.lr", "0",
+    ckpt = _train(data, tmp_path / "layout", layout_world, *model_args, "--train.steps", "1", "--optim.lr", "1e-30",
                   "--checkpoint.init_from", str(ref_ckpt), *layout_args)
     return _export_bytes(ckpt, tmp_path / "layout_hf")
 
