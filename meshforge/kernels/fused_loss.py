@@ -1,0 +1,90 @@
+"""Fused output projection + LM loss, computed in token chunks.
+
+For final hidden states h [N, D], output weight W [V, D] and a logit scale s
+(1, or muP's 1/width_mult), with z = s * h W^T:
+
+    ce     = mean_t [ lse(z_t) - z_t[y_t] ]
+    z_loss = coef * mean_t [ lse(z_t)^2 ]
+
+the same quantities as ``models.losses.lm_loss`` (means over non-ignored tokens).
+The gradient of total = ce + z_loss with respect to one token's logits is
+
+    dz_t = mask_t / count * ( softmax(z_t) * (1 + 2 coef lse(z_t)) - onehot(y_t) )
+
+so the forward pass, one chunk of tokens at a time, computes the chunk's logits,
+its loss sums, dh_chunk = s * dz W and accumulates dW += s * dz^T h_chunk. Only
+dh [N, D] and dW [V, D] are kept for backward, which just scales them by the
+incoming gradient: no [N, V] tensor exists, and at most one [chunk, V] at a time.
+
+Only ``total`` carries a gradient; ``ce`` and ``z_loss`` are reported values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.losses import IGNORE_INDEX, LossParts
+
+DEFAULT_CHUNK = 4096
+
+
+class _FusedLinearLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size):
+        mask = targets != IGNORE_INDEX
+        count = mask.sum().clamp(min=1).float()
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w32 = weight.float()
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(w32) if want_w else None
+        ce_sum = torch.zeros((), device=hidden.device)
+        z_sum = torch.zeros((), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].float()
+            y = targets[start:start + chunk_size]
+            m = mask[start:start + chunk_size]
+            logits = (h @ w32.t()) * logit_scale
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_y = torch.where(m, y, 0)
+            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)
+            ce_sum = ce_sum + ((lse - target_logit) * m).sum()
+            if z_loss_coef:
+                z_sum = z_sum + (lse.square() * m).sum()
+            if not (want_h or want_w):
+                continue
+            # logits becomes dz in place: softmax * (1 + 2 coef lse) - onehot, times mask / count
+            dz = logits.sub_(lse[:, None]).exp_()
+            if z_loss_coef:
+                dz.mul_(1 + 2 * z_loss_coef * lse[:, None])
+            dz.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
+            dz.mul_((m.float() * logit_scale / count)[:, None])
+            if want_h:
+                grad_h[start:start + chunk_size] = (dz @ w32).to(hidden.dtype)
+            if want_w:
+                grad_w.addmm_(dz.t(), h)
+        ce = ce_sum / count
+        z = z_loss_coef * z_sum / count
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_z):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        dw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         z_loss_coef: float = 0.0, logit_scale: float = 1.0,
+                         chunk_size: int = DEFAULT_CHUNK) -> LossParts:
+    """hidden [..., D] (after the final norm), weight [V, D], targets [...] -> LossParts,
+    equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
+    total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                            float(z_loss_coef), float(logit_scale), int(chunk_size))
+    return LossParts(total, ce, z)
