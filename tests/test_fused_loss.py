@@ -82,3 +82,12 @@ def test_no_tokens_by_vocab_tensor_saved():
     fused = _largest_saved(lambda: fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=32))
     assert plain >= n * v  # the check sees the logits the plain path keeps
     assert fused <= max(n * d, v * d) < n * v
+
+
+def test_fp32_logits_under_autocast():
+    """Under bf16 autocast the chunks still compute fp32 logits (lm_loss upcasts them too)."""
+    hidden, weight, targets = _inputs(seed=2)
+    ref = lm_loss(hidden @ weight.t(), targets, 1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_lm_loss(hidden, weight, targets, 1e-3, chunk_size=8)
+    torch.testing.assert_close(out.total, ref.total, atol=1e-6, rtol=1e-6)

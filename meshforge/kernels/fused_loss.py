@@ -31,39 +31,11 @@ DEFAULT_CHUNK = 4096
 class _FusedLinearLMLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size):
-        mask = targets != IGNORE_INDEX
-        count = mask.sum().clamp(min=1).float()
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w32 = weight.float()
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(w32) if want_w else None
-        ce_sum = torch.zeros((), device=hidden.device)
-        z_sum = torch.zeros((), device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size].float()
-            y = targets[start:start + chunk_size]
-            m = mask[start:start + chunk_size]
-            logits = (h @ w32.t()) * logit_scale
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_y = torch.where(m, y, 0)
-            target_logit = logits.gather(1, safe_y[:, None]).squeeze(1)
-            ce_sum = ce_sum + ((lse - target_logit) * m).sum()
-            if z_loss_coef:
-                z_sum = z_sum + (lse.square() * m).sum()
-            if not (want_h or want_w):
-                continue
-            # logits becomes dz in place: softmax * (1 + 2 coef lse) - onehot, times mask / count
-            dz = logits.sub_(lse[:, None]).exp_()
-            if z_loss_coef:
-                dz.mul_(1 + 2 * z_loss_coef * lse[:, None])
-            dz.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
-            dz.mul_((m.float() * logit_scale / count)[:, None])
-            if want_h:
-                grad_h[start:start + chunk_size] = (dz @ w32).to(hidden.dtype)
-            if want_w:
-                grad_w.addmm_(dz.t(), h)
-        ce = ce_sum / count
-        z = z_loss_coef * z_sum / count
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as lm_loss takes them
+            ce, z = _chunked_loss(hidden, weight.float(), targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(ce, z)
         return ce + z, ce, z
@@ -74,6 +46,36 @@ class _FusedLinearLMLoss(torch.autograd.Function):
         dh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         dw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
         return dh, dw, None, None, None, None
+
+
+def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w):
+    """(ce, z_loss); fills grad_h [N, D] and accumulates grad_w [V, D] (fp32) unless they are None."""
+    mask = targets != IGNORE_INDEX
+    count = mask.sum().clamp(min=1).float()
+    ce_sum = torch.zeros((), device=hidden.device)
+    z_sum = torch.zeros((), device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h, m = hidden[rows].float(), mask[rows]
+        y = torch.where(m, targets[rows], 0)
+        logits = (h @ w32.t()) * logit_scale  # [chunk, V]: the only vocab-wide tensor
+        lse = torch.logsumexp(logits, dim=-1)
+        ce_sum += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * m).sum()
+        if z_loss_coef:
+            z_sum += (lse.square() * m).sum()
+        if grad_h is None and grad_w is None:
+            continue
+        # logits becomes dz in place: (softmax * (1 + 2 coef lse) - onehot) * mask / count, times s
+        dz = logits.sub_(lse[:, None]).exp_()
+        if z_loss_coef:
+            dz.mul_(1 + 2 * z_loss_coef * lse[:, None])
+        dz.scatter_add_(1, y[:, None], -torch.ones_like(lse)[:, None])
+        dz.mul_((m.float() * logit_scale / count)[:, None])
+        if grad_h is not None:
+            grad_h[rows] = (dz @ w32).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h)
+    return ce_sum / count, z_loss_coef * z_sum / count
 
 
 def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
