@@ -91,3 +91,40 @@ def test_fp32_logits_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fused_linear_lm_loss(hidden, weight, targets, 1e-3, chunk_size=8)
     torch.testing.assert_close(out.total, ref.total, atol=1e-6, rtol=1e-6)
+
+
+def test_train_fused_on_matches_off(tiny_data, tmp_path):
+    """3 steps of the tiny-test preset: the same losses, z-losses and gradient norms with the fused loss on and off."""
+    from meshforge.config import load_config
+    from meshforge.pretrain.metrics import read_metrics
+    from meshforge.pretrain.trainer import Trainer
+
+    runs = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out),
+                                        "train.steps": 3, "train.eval_interval": 0, "train.sample_tokens": 0,
+                                        "train.z_loss_coef": 1e-2, "train.fused_loss": setting})
+        trainer = Trainer(cfg)
+        assert trainer.fused_loss == (setting == "on")
+        trainer.run()
+        runs[setting] = [(r["loss"], r["z_loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
+    assert len(runs["on"]) == 3
+    torch.testing.assert_close(torch.tensor(runs["on"]), torch.tensor(runs["off"]), atol=1e-5, rtol=0)
+
+
+def test_fused_on_refused_where_unsupported():
+    from meshforge.config import ConfigError, load_config
+    from meshforge.kernels.fused_loss import use_fused_loss
+    from meshforge.parallel.mesh import Degrees
+
+    cfg = load_config("tiny-test", {"train.fused_loss": "on"})
+    one = Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1)
+    assert use_fused_loss(cfg, one, "cpu")
+    with pytest.raises(ConfigError, match=r"parallel.tp = 2"):
+        use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=2, ep=1), "cpu")
+    with pytest.raises(ConfigError, match=r"parallel.pp = 2"):
+        use_fused_loss(cfg, Degrees(pp=2, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1), "cpu")
+    cfg.train.fused_loss = "auto"
+    assert not use_fused_loss(cfg, one, "cpu") and use_fused_loss(cfg, one, "cuda")
+    assert not use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=1, ep=1), "cuda")

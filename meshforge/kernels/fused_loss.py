@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError, JobConfig
 from ..models.losses import IGNORE_INDEX, LossParts
+from ..parallel.mesh import Degrees
 
 DEFAULT_CHUNK = 4096
 
@@ -90,3 +92,22 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                             float(z_loss_coef), float(logit_scale), int(chunk_size))
     return LossParts(total, ce, z)
+
+
+def use_fused_loss(cfg: JobConfig, degrees: Degrees, device_type: str) -> bool:
+    """Resolve ``train.fused_loss``; ``on`` in a layout it does not cover is a ConfigError naming why."""
+    setting = cfg.train.fused_loss
+    if setting == "off":
+        return False
+    unsupported = [why for bad, why in (
+        (cfg.model.family != "decoder", f"model.family = {cfg.model.family!r} (decoders only)"),
+        (degrees.pp > 1, f"parallel.pp = {degrees.pp} (the last stage computes the plain loss)"),
+        (degrees.tp > 1, f"parallel.tp = {degrees.tp} (vocab-sharded logits use the loss-parallel path)"),
+        (degrees.cp > 1, f"parallel.cp = {degrees.cp}"),
+        (degrees.world_size > 1, f"{degrees.world_size} processes (the output weight is sharded by data parallel; "
+                                 "only the 1-process path is tested)"),
+    ) if bad]
+    if setting == "on" and unsupported:
+        raise ConfigError(f"train.fused_loss = 'on' is not supported with {'; '.join(unsupported)}; "
+                          "use train.fused_loss = 'auto' or 'off'")
+    return not unsupported and (setting == "on" or device_type == "cuda")
