@@ -51,7 +51,7 @@ def test_logit_scale_and_upstream_grad():
 
 def test_batched_shapes_and_all_ignored():
     hidden, weight, targets = _inputs(n=24)
-    out = fused_linear_lm_loss(hidden.view(4, 6, -1), weight, targets.view(4, 6), chunk_size=5)
+    out = fused_linear_lm_loss(hidden.view(4, 6, -1), weight, targets.view(4, 6))  # default_chunk: 24*16/53 -> 8
     torch.testing.assert_close(out.ce, lm_loss(hidden @ weight.t(), targets).ce, atol=1e-6, rtol=1e-6)
     h = hidden.clone().requires_grad_()
     none = fused_linear_lm_loss(h, weight, torch.full_like(targets, IGNORE_INDEX), 1e-2, chunk_size=5)

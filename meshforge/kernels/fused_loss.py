@@ -21,13 +21,20 @@ Only ``total`` carries a gradient; ``ce`` and ``z_loss`` are reported values.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ..config import ConfigError, JobConfig
 from ..models.losses import IGNORE_INDEX, LossParts
 from ..parallel.mesh import Degrees
 
-DEFAULT_CHUNK = 4096
+
+
+def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
+    """Tokens per chunk such that one [chunk, V] block is about the size of h [N, D]: the
+    transient then never exceeds the hidden states, while the matmuls stay large."""
+    return max(1, -(-n_tokens * dim // vocab))
 
 
 class _FusedLinearLMLoss(torch.autograd.Function):
@@ -36,7 +43,8 @@ class _FusedLinearLMLoss(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as lm_loss takes them
+        no_autocast = nullcontext() if hidden.is_meta else torch.autocast(hidden.device.type, enabled=False)
+        with no_autocast:  # fp32 logits, as lm_loss takes them (meta: shapes only, for bench_fused_loss)
             ce, z = _chunked_loss(hidden, weight.float(), targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(ce, z)
@@ -82,9 +90,12 @@ def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, gr
 
 def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          z_loss_coef: float = 0.0, logit_scale: float = 1.0,
-                         chunk_size: int = DEFAULT_CHUNK) -> LossParts:
+                         chunk_size: int | None = None) -> LossParts:
     """hidden [..., D] (after the final norm), weight [V, D], targets [...] -> LossParts,
-    equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``."""
+    equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``.
+    ``chunk_size``: tokens per chunk, default ``default_chunk``."""
+    if chunk_size is None:
+        chunk_size = default_chunk(targets.numel(), hidden.shape[-1], weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[:-1] != targets.shape:
