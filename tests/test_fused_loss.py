@@ -128,3 +128,19 @@ def test_fused_on_refused_where_unsupported():
     cfg.train.fused_loss = "auto"
     assert not use_fused_loss(cfg, one, "cpu") and use_fused_loss(cfg, one, "cuda")
     assert not use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=1, ep=1), "cuda")
+
+
+def test_no_grad_computes_no_gradients(monkeypatch):
+    """Evaluation (no_grad) gives the same values and skips the gradient work (no chunk matmul with W for dh)."""
+    hidden, weight, targets = _inputs(seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=8)
+    calls = []
+    real_addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real_addmm(self, *a, **k))
+    with torch.no_grad():
+        out = fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=8)
+    assert calls == [] and not out.total.requires_grad
+    torch.testing.assert_close(out.total, ref.total, atol=0, rtol=0)
+    fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=8)
+    assert len(calls) == 5  # ceil(37 / 8) chunks accumulate dW when grad is on

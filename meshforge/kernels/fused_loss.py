@@ -39,8 +39,9 @@ def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
 
 class _FusedLinearLMLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size, grad_enabled):
+        # grad mode is off inside forward: grad_enabled says whether the caller records a graph (not in eval)
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         no_autocast = nullcontext() if hidden.is_meta else torch.autocast(hidden.device.type, enabled=False)
@@ -55,7 +56,7 @@ class _FusedLinearLMLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         dw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w):
@@ -101,7 +102,8 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
     total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                            float(z_loss_coef), float(logit_scale), int(chunk_size))
+                                            float(z_loss_coef), float(logit_scale), int(chunk_size),
+                                            torch.is_grad_enabled())
     return LossParts(total, ce, z)
 
 
