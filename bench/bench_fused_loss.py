@@ -83,7 +83,8 @@ def main() -> None:
     lines = [f"N = {a.tokens} tokens, D = {a.dim}, chunk = {a.chunk or 'default_chunk'}, fp32, device = {a.device} "
              "(saved = bytes kept for backward besides h and W, counted with saved_tensors_hooks)", "",
              "| vocab | plain saved MiB | fused saved MiB (dh + dW) | saved by fusing MiB | plain [N,V] transient MiB "
-             "| fused chunk | fused [chunk,V] transient MiB |" + (" plain / fused peak MiB |" if a.device == "cuda" else ""),
+             "| fused chunk | fused [chunk,V] transient MiB |"
+             + (" plain / fused peak MiB |" if a.device == "cuda" else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if a.device == "cuda" else "")]
     for v in a.vocab:
         chunk = a.chunk or default_chunk(a.tokens, a.dim, v)

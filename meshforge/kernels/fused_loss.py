@@ -30,7 +30,6 @@ from ..models.losses import IGNORE_INDEX, LossParts
 from ..parallel.mesh import Degrees
 
 
-
 def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
     """Tokens per chunk such that one [chunk, V] block is about the size of h [N, D]: the
     transient then never exceeds the hidden states, while the matmuls stay large."""
