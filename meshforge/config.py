@@ -262,6 +262,8 @@ class TrainConfig:
     """Autocast dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
     z_loss_coef: float = 1e-4
     """Coefficient of the output z-loss (log of the softmax normaliser, squared); 0 disables it."""
+    fused_loss: str = "auto"
+    """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; ``auto`` is on on CUDA and off on CPU (where memory rarely binds), and off in the layouts ``on`` refuses: pipeline, tensor or context parallel, more than one process, the encoder_decoder family."""
     eval_interval: int = 100
     """Run validation every this many steps (and at the last step); 0 disables it."""
     eval_batches: int = 4
@@ -518,6 +520,7 @@ CHOICES = {
     "parallel.offload_param": ("none", "cpu", "nvme"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "parallel.compile": ("auto", "on", "off"),
+    "train.fused_loss": ("auto", "on", "off"),
     "parallel.cp_method": ("ring", "alltoall"),
 }
 

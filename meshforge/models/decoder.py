@@ -55,12 +55,14 @@ class Decoder(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage) -> logits [B, T, V].
 
         ``segments`` [B, T] (document id per position) restricts attention to each token's
         own document; without it attention is plainly causal. ``positions`` [T]: the RoPE
         position of each token (default 0..T-1; a slice of a longer sequence passes its own).
+        ``return_hidden``: stop at RMSNorm(h_L) [B, T, dim], for a loss that applies the output
+        weight itself (``kernels.fused_loss``, with ``logit_scale``).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
@@ -73,10 +75,15 @@ class Decoder(nn.Module):
             h = block(h, cos, sin) if mask is None else block(h, cos, sin, mask=mask)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is None:
+        if self.output is None or return_hidden:
             return h
         logits = self.output(h)
         return logits / self.cfg.width_mult if self.cfg.mup_base_dim else logits
+
+    @property
+    def logit_scale(self) -> float:
+        """m^-1 of the logits formula: 1, or 1 / width_mult under muP."""
+        return 1.0 / self.cfg.width_mult if self.cfg.mup_base_dim else 1.0
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -34,6 +34,7 @@ from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_fl
 from ..parallel import build_mesh, parallelize
 from ..parallel.context_parallel import split_for_context_parallel
 from ..parallel.grad_norm import clip_grad_norm
+from ..kernels.fused_loss import fused_linear_lm_loss, use_fused_loss
 from ..parallel.loss_parallel import lm_loss_fn
 from ..parallel.deepspeed_engine import build_deepspeed_engine, check_deepspeed
 from ..parallel.mesh import Degrees, check_job, resolve_degrees
@@ -86,6 +87,8 @@ class Trainer:
         """True once the first training step begins (errors before it are setup errors)."""
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
         check_job(cfg, self.degrees)
+        self.fused_loss = use_fused_loss(cfg, self.degrees, self.device.type)
+        """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         if cfg.parallel.dp_backend == "deepspeed":
             check_deepspeed(cfg, self.degrees)
         if self.degrees.pp > 1:
@@ -180,6 +183,11 @@ class Trainer:
         args, targets = self.data.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
         if self.degrees.cp > 1:  # this rank's zigzag chunks of every sample, with their global positions
             args, targets = split_for_context_parallel(args, targets, self.mesh["cp"].get_local_rank(), self.degrees.cp)
+        if self.fused_loss:  # one process, plain Decoder (use_fused_loss)
+            with self._autocast():
+                hidden = self.model(*args, return_hidden=True)
+            return fused_linear_lm_loss(hidden, self.model.output.weight, targets, self.cfg.train.z_loss_coef,
+                                        logit_scale=self.model.logit_scale)
         with self._autocast():
             logits = self.model(*args)
         # tp > 1 with parallel.loss_parallel: logits are vocab-sharded DTensors, never gathered

@@ -1,0 +1,125 @@
+"""Fused output projection + LM loss, computed in token chunks.
+
+For final hidden states h [N, D], output weight W [V, D] and a logit scale s
+(1, or muP's 1/width_mult), with z = s * h W^T:
+
+    ce     = mean_t [ lse(z_t) - z_t[y_t] ]
+    z_loss = coef * mean_t [ lse(z_t)^2 ]
+
+the same quantities as ``models.losses.lm_loss`` (means over non-ignored tokens).
+The gradient of total = ce + z_loss with respect to one token's logits is
+
+    dz_t = mask_t / count * ( softmax(z_t) * (1 + 2 coef lse(z_t)) - onehot(y_t) )
+
+so the forward pass, one chunk of tokens at a time, computes the chunk's logits,
+its loss sums, dh_chunk = s * dz W and accumulates dW += s * dz^T h_chunk. Only
+dh [N, D] and dW [V, D] are kept for backward, which just scales them by the
+incoming gradient: no [N, V] tensor exists, and at most one [chunk, V] at a time.
+
+Only ``total`` carries a gradient; ``ce`` and ``z_loss`` are reported values.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from ..config import ConfigError, JobConfig
+from ..models.losses import IGNORE_INDEX, LossParts
+from ..parallel.mesh import Degrees
+
+
+def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
+    """Tokens per chunk such that one [chunk, V] block is about the size of h [N, D]: the
+    transient then never exceeds the hidden states, while the matmuls stay large."""
+    return max(1, -(-n_tokens * dim // vocab))
+
+
+class _FusedLinearLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size, grad_enabled):
+        # grad mode is off inside forward: grad_enabled says whether the caller records a graph (not in eval)
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        no_autocast = nullcontext() if hidden.is_meta else torch.autocast(hidden.device.type, enabled=False)
+        with no_autocast:  # fp32 logits, as lm_loss takes them (meta: shapes only, for bench_fused_loss)
+            ce, z = _chunked_loss(hidden, weight.float(), targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_z):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        dw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None, None
+
+
+def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w):
+    """(ce, z_loss); fills grad_h [N, D] and accumulates grad_w [V, D] (fp32) unless they are None."""
+    mask = targets != IGNORE_INDEX
+    count = mask.sum().clamp(min=1).float()
+    ce_sum = torch.zeros((), device=hidden.device)
+    z_sum = torch.zeros((), device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h, m = hidden[rows].float(), mask[rows]
+        y = torch.where(m, targets[rows], 0)
+        logits = (h @ w32.t()) * logit_scale  # [chunk, V]: the only vocab-wide tensor
+        lse = torch.logsumexp(logits, dim=-1)
+        ce_sum += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * m).sum()
+        if z_loss_coef:
+            z_sum += (lse.square() * m).sum()
+        if grad_h is None and grad_w is None:
+            continue
+        # logits becomes dz in place: (softmax * (1 + 2 coef lse) - onehot) * mask / count, times s
+        dz = logits.sub_(lse[:, None]).exp_()
+        if z_loss_coef:
+            dz.mul_(1 + 2 * z_loss_coef * lse[:, None])
+        dz.scatter_add_(1, y[:, None], -torch.ones_like(lse)[:, None])
+        dz.mul_((m.float() * logit_scale / count)[:, None])
+        if grad_h is not None:
+            grad_h[rows] = (dz @ w32).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(dz.t(), h)
+    return ce_sum / count, z_loss_coef * z_sum / count
+
+
+def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         z_loss_coef: float = 0.0, logit_scale: float = 1.0,
+                         chunk_size: int | None = None) -> LossParts:
+    """hidden [..., D] (after the final norm), weight [V, D], targets [...] -> LossParts,
+    equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``.
+    ``chunk_size``: tokens per chunk, default ``default_chunk``."""
+    if chunk_size is None:
+        chunk_size = default_chunk(targets.numel(), hidden.shape[-1], weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
+    total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                            float(z_loss_coef), float(logit_scale), int(chunk_size),
+                                            torch.is_grad_enabled())
+    return LossParts(total, ce, z)
+
+
+def use_fused_loss(cfg: JobConfig, degrees: Degrees, device_type: str) -> bool:
+    """Resolve ``train.fused_loss``; ``on`` in a layout it does not cover is a ConfigError naming why."""
+    setting = cfg.train.fused_loss
+    if setting == "off":
+        return False
+    unsupported = [why for bad, why in (
+        (cfg.model.family != "decoder", f"model.family = {cfg.model.family!r} (decoders only)"),
+        (degrees.pp > 1, f"parallel.pp = {degrees.pp} (the last stage computes the plain loss)"),
+        (degrees.tp > 1, f"parallel.tp = {degrees.tp} (vocab-sharded logits use the loss-parallel path)"),
+        (degrees.cp > 1, f"parallel.cp = {degrees.cp}"),
+        (degrees.world_size > 1, f"{degrees.world_size} processes (the output weight is sharded by data parallel; "
+                                 "only the 1-process path is tested)"),
+    ) if bad]
+    if setting == "on" and unsupported:
+        raise ConfigError(f"train.fused_loss = 'on' is not supported with {'; '.join(unsupported)}; "
+                          "use train.fused_loss = 'auto' or 'off'")
+    return not unsupported and (setting == "on" or device_type == "cuda")

@@ -1,0 +1,146 @@
+"""The chunked linear + cross-entropy equals lm_loss on materialised logits, without saving [N, V]."""
+
+import pytest
+import torch
+
+from meshforge.kernels.fused_loss import fused_linear_lm_loss
+from meshforge.models.losses import IGNORE_INDEX, lm_loss
+
+
+def _inputs(n=37, d=16, v=53, seed=0, ignore_every=5):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) / d ** 0.5
+    targets = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def _both(hidden, weight, targets, coef, scale, chunk):
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = lm_loss((h1 @ w1.t()) * scale, targets, coef)
+    ref.total.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_linear_lm_loss(h2, w2, targets, coef, logit_scale=scale, chunk_size=chunk)
+    out.total.backward()
+    return (ref, h1.grad, w1.grad), (out, h2.grad, w2.grad)
+
+
+@pytest.mark.parametrize("coef", [0.0, 1e-2])
+@pytest.mark.parametrize("chunk", [8, 37, 1000])  # 8 does not divide 37
+@pytest.mark.parametrize("ignore_every", [0, 3])
+def test_values_and_grads_match_lm_loss(coef, chunk, ignore_every):
+    hidden, weight, targets = _inputs(ignore_every=ignore_every)
+    (ref, gh_ref, gw_ref), (out, gh, gw) = _both(hidden, weight, targets, coef, 1.0, chunk)
+    for a, b in [(ref.total, out.total), (ref.ce, out.ce), (ref.z_loss, out.z_loss), (gh_ref, gh), (gw_ref, gw)]:
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert (out.z_loss > 0) == (coef > 0)
+
+
+def test_logit_scale_and_upstream_grad():
+    """muP's 1/width_mult on the logits, and a loss that is scaled before backward (grad accumulation)."""
+    hidden, weight, targets = _inputs(seed=1)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (lm_loss((h1 @ w1.t()) * 0.25, targets, 1e-3).total * 0.5).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (fused_linear_lm_loss(h2, w2, targets, 1e-3, logit_scale=0.25, chunk_size=10).total * 0.5).backward()
+    torch.testing.assert_close(h2.grad, h1.grad, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_batched_shapes_and_all_ignored():
+    hidden, weight, targets = _inputs(n=24)
+    out = fused_linear_lm_loss(hidden.view(4, 6, -1), weight, targets.view(4, 6))  # default_chunk: 24*16/53 -> 8
+    torch.testing.assert_close(out.ce, lm_loss(hidden @ weight.t(), targets).ce, atol=1e-6, rtol=1e-6)
+    h = hidden.clone().requires_grad_()
+    none = fused_linear_lm_loss(h, weight, torch.full_like(targets, IGNORE_INDEX), 1e-2, chunk_size=5)
+    none.total.backward()
+    assert none.total.item() == 0.0 and h.grad.abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="disagree"):
+        fused_linear_lm_loss(hidden, weight, targets[:-1])
+
+
+def _largest_saved(fn):
+    """numel of the largest tensor autograd saves for backward while running fn()."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_no_tokens_by_vocab_tensor_saved():
+    n, d, v = 256, 8, 512
+    hidden, weight, targets = _inputs(n=n, d=d, v=v)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    plain = _largest_saved(lambda: lm_loss(h @ w.t(), targets, 1e-3))
+    fused = _largest_saved(lambda: fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=32))
+    assert plain >= n * v  # the check sees the logits the plain path keeps
+    assert fused <= max(n * d, v * d) < n * v
+
+
+def test_fp32_logits_under_autocast():
+    """Under bf16 autocast the chunks still compute fp32 logits (lm_loss upcasts them too)."""
+    hidden, weight, targets = _inputs(seed=2)
+    ref = lm_loss(hidden @ weight.t(), targets, 1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_lm_loss(hidden, weight, targets, 1e-3, chunk_size=8)
+    torch.testing.assert_close(out.total, ref.total, atol=1e-6, rtol=1e-6)
+
+
+def test_train_fused_on_matches_off(tiny_data, tmp_path):
+    """3 steps of the tiny-test preset: the same losses, z-losses and gradient norms with the fused loss on and off."""
+    from meshforge.config import load_config
+    from meshforge.pretrain.metrics import read_metrics
+    from meshforge.pretrain.trainer import Trainer
+
+    runs = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out),
+                                        "train.steps": 3, "train.eval_interval": 0, "train.sample_tokens": 0,
+                                        "train.z_loss_coef": 1e-2, "train.fused_loss": setting})
+        trainer = Trainer(cfg)
+        assert trainer.fused_loss == (setting == "on")
+        trainer.run()
+        runs[setting] = [(r["loss"], r["z_loss"], r["grad_norm"]) for r in read_metrics(out) if "loss" in r]
+    assert len(runs["on"]) == 3
+    torch.testing.assert_close(torch.tensor(runs["on"]), torch.tensor(runs["off"]), atol=1e-5, rtol=0)
+
+
+def test_fused_on_refused_where_unsupported():
+    from meshforge.config import ConfigError, load_config
+    from meshforge.kernels.fused_loss import use_fused_loss
+    from meshforge.parallel.mesh import Degrees
+
+    cfg = load_config("tiny-test", {"train.fused_loss": "on"})
+    one = Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1)
+    assert use_fused_loss(cfg, one, "cpu")
+    with pytest.raises(ConfigError, match=r"parallel.tp = 2"):
+        use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=2, ep=1), "cpu")
+    with pytest.raises(ConfigError, match=r"parallel.pp = 2"):
+        use_fused_loss(cfg, Degrees(pp=2, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1), "cpu")
+    cfg.train.fused_loss = "auto"
+    assert not use_fused_loss(cfg, one, "cpu") and use_fused_loss(cfg, one, "cuda")
+    assert not use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=1, ep=1), "cuda")
+
+
+def test_no_grad_computes_no_gradients(monkeypatch):
+    """Evaluation (no_grad) gives the same values and skips the gradient work (no chunk matmul with W for dh)."""
+    hidden, weight, targets = _inputs(seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=8)
+    calls = []
+    real_addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real_addmm(self, *a, **k))
+    with torch.no_grad():
+        out = fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=8)
+    assert calls == [] and not out.total.requires_grad
+    torch.testing.assert_close(out.total, ref.total, atol=0, rtol=0)
+    fused_linear_lm_loss(h, w, targets, 1e-3, chunk_size=8)
+    assert len(calls) == 5  # ceil(37 / 8) chunks accumulate dW when grad is on
