@@ -126,7 +126,7 @@ def test_fused_on_refused_where_unsupported():
     with pytest.raises(ConfigError, match=r"parallel.pp = 2"):
         use_fused_loss(cfg, Degrees(pp=2, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1), "cpu")
     cfg.train.fused_loss = "auto"
-    assert not use_fused_loss(cfg, one, "cpu") and use_fused_loss(cfg, one, "cuda")
+    assert not use_fused_loss(cfg, one, "cpu") and not use_fused_loss(cfg, one, "cuda")  # until measured on a GPU
     assert not use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=1, ep=1), "cuda")
 
 
