@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from meshforge.data_pipeline.errors import DataError
+from meshforge.file_hash import file_sha256
 from meshforge.data_pipeline.prepare import MANIFEST, prepare_data
 from meshforge.tokenizers import train_tokenizer
 
@@ -52,20 +53,12 @@ def resolve_cache_dir(cfg_value: str = "") -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "meshforge"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def builtin_dir(name: str, cache_dir: str | Path, vocab_size: int) -> Path:
     """Where ``ensure_builtin`` puts (or has put) a built-in corpus."""
     if name not in BUILTIN_CORPORA:
         raise DataError(f"unknown builtin corpus {name!r}: known corpora are {', '.join(sorted(BUILTIN_CORPORA))}")
     corpus = BUILTIN_CORPORA[name]
-    key = json.dumps({"corpus": _file_sha256(corpus), **_tokenizer_settings(vocab_size)}, sort_keys=True)
+    key = json.dumps({"corpus": file_sha256(corpus), **_tokenizer_settings(vocab_size)}, sort_keys=True)
     short = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / "builtin" / f"{name}-v{vocab_size}-{short}"
 

@@ -10,24 +10,17 @@ CheckpointError naming the file and the intact checkpoints to use instead.
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch.distributed.checkpoint.api import CheckpointException
 
+from ..file_hash import file_sha256
+
 CHECKSUM_MAX_BYTES = 256 << 20
 """Files up to this size get a sha256 in meta.json; larger ones (model/optimizer shards) their size only,
 so finalizing a big checkpoint never reads it back."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_records(ckpt: Path) -> dict[str, dict[str, Any]]:
@@ -38,7 +31,7 @@ def file_records(ckpt: Path) -> dict[str, dict[str, Any]]:
             size = p.stat().st_size
             rec: dict[str, Any] = {"bytes": size}
             if size <= CHECKSUM_MAX_BYTES:
-                rec["sha256"] = _sha256(p)
+                rec["sha256"] = file_sha256(p)
             out[str(p.relative_to(ckpt))] = rec
     return out
 
@@ -53,7 +46,7 @@ def damage(ckpt: Path, meta: dict[str, Any]) -> str | None:
         size = p.stat().st_size
         if size != rec.get("bytes"):
             return f"{p} has {size} bytes, {rec.get('bytes')} when written ({'truncated' if size < rec.get('bytes', 0) else 'grown'})"
-        if "sha256" in rec and _sha256(p) != rec["sha256"]:
+        if "sha256" in rec and file_sha256(p) != rec["sha256"]:
             return f"{p} does not match the sha256 recorded when it was written (its contents changed)"
     return None
 
