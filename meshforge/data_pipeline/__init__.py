@@ -12,15 +12,8 @@ from meshforge.data_pipeline.dataset import TokenDataset
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.indexed import IndexedShard, IndexedShardWriter, dtype_for_vocab
 from meshforge.data_pipeline.loader import DistributedLoader
-from meshforge.data_pipeline.prepare import (
-    DataInfo,
-    default_node_rank,
-    describe_data,
-    load_manifest,
-    merge_manifest,
-    open_shards,
-    prepare_data,
-)
+from meshforge.data_pipeline.manifest import DataInfo, load_manifest, merge_manifest, open_data_dir, open_shards
+from meshforge.data_pipeline.prepare import prepare_data
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -33,12 +26,11 @@ __all__ = [
     "IndexedShardWriter",
     "TokenDataset",
     "blend_order",
-    "default_node_rank",
-    "describe_data",
     "dtype_for_vocab",
     "ensure_builtin",
     "load_manifest",
     "merge_manifest",
+    "open_data_dir",
     "open_shards",
     "parse_blend",
     "prepare_data",

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from meshforge.data_pipeline.errors import DataError
-from meshforge.data_pipeline.prepare import MANIFEST, prepare_data
+from meshforge.data_pipeline.layout import MANIFEST
+from meshforge.data_pipeline.prepare import prepare_data
 from meshforge.tokenizers import train_tokenizer
 
 _CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
