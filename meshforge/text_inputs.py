@@ -27,11 +27,14 @@ from meshforge.errors import DataError
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 SKIP_KINDS = ("empty", "invalid_utf8", "invalid_json", "missing_field", "non_string_field")
 
+
 def no_skips() -> dict:
+    """A zero count of every kind of skipped record."""
     return {k: 0 for k in SKIP_KINDS}
 
 
 def sum_skips(items) -> dict:
+    """The sum of several skipped-record counts."""
     total = no_skips()
     for s in items:
         for k, v in s.items():
@@ -134,7 +137,6 @@ def hf_slices(path_str: str, split: str, text_field: str, streaming: bool, rows_
     rows = len(ds)
     step = rows_per_slice if rows_per_slice > 0 else max(rows, 1)
     return [Slice("hf_dataset", path, split=chosen, rows=(a, min(a + step, rows))) for a in range(0, max(rows, 1), step)]
-
 
 
 def check_text(text: Any, skipped: dict) -> str | None:
@@ -289,4 +291,3 @@ def slice_documents(sl: Slice, text_field: str, skipped: dict) -> Iterator[str]:
             text = check_text(value, skipped)
             if text is not None:
                 yield text
-

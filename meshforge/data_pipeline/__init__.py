@@ -1,4 +1,10 @@
-"""Data pipeline: raw text -> indexed shards + manifest -> samples -> distributed batches."""
+"""Data pipeline: raw text -> indexed shards + manifest -> samples -> distributed batches.
+
+Preparation: :mod:`meshforge.text_inputs` reads the inputs (shared with tokenizer training),
+:mod:`.prepare` plans slices and tokenizes them, :mod:`.shard_writer` writes a slice's shards,
+:mod:`.layout` names the files of a prepared dir, :mod:`.manifest` merges the manifest and
+opens a prepared dir for training (:func:`open_data_dir`).
+"""
 
 from meshforge.data_pipeline.blend import BlendedDataset, blend_order, parse_blend
 from meshforge.data_pipeline.builtin import (

@@ -39,6 +39,7 @@ TOKENIZER_FILE = "tokenizer.model"
 WORK_DIR = ".prepare"
 PLAN_FILE = "plan.json"
 
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,4 +79,3 @@ def slice_done(work: Path, i: int, plan_hash: str) -> dict | None:
         if not (bp.is_file() and ip.is_file() and bp.stat().st_size == s["bin_bytes"] and ip.stat().st_size == s["idx_bytes"]):
             return None
     return m
-

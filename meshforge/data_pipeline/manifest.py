@@ -212,4 +212,3 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
             raise DataError(f"shard {s.prefix} stores {s.dtype} values, not token ids: re-tokenize it")
     return DataInfo(d, shards, sum(s.num_documents for s in shards), sum(s.num_tokens for s in shards),
                     str(tok.path), tok.fingerprint, tok.vocab_size, None)
-

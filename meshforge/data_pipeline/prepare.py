@@ -138,8 +138,9 @@ def prepare_data(
     ``hf_dataset``: a local HF dataset, saved with ``save_to_disk`` (``hf_split`` picks the
     split of a DatasetDict; ``hf_rows_per_slice`` > 0 cuts it into slices) or, with
     ``hf_streaming``, a dir of data files read by ``load_dataset(dir, streaming=True)``.
-    ``node_rank``/``num_nodes`` default to :func:`default_node_rank`. Slices finished by an
-    earlier (crashed) run with the same plan are skipped. When every slice is done and
+    ``node_rank``/``num_nodes`` default to :func:`meshforge.launch.node_rank.default_node_rank`
+    (the one arrow from this room into ``launch/``). Slices finished by an earlier (crashed)
+    run with the same plan are skipped. When every slice is done and
     ``merge`` is on, writes ``manifest.json`` and returns it; otherwise returns this node's
     partial manifest (``"format": "meshforge-node-partial-v1"``). ``workers`` > 1 tokenizes
     in a ``spawn`` process pool (call under ``if __name__ == "__main__":``); the output is
@@ -260,4 +261,3 @@ def _tokenize_slices(work, slices, todo, plan_hash, tok_path, append_eos, dtype,
         if pool is not None:
             pool.terminate()
             pool.join()
-

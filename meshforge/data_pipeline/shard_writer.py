@@ -14,6 +14,7 @@ import numpy as np
 from meshforge.data_pipeline.indexed import IndexedShardWriter
 from meshforge.data_pipeline.layout import sha256_file
 
+
 def _slice_prefix(i: int, part: int | None) -> str:
     return f"shard_{i:05d}" if part is None else f"shard_{i:05d}_{part:04d}"
 
@@ -63,4 +64,3 @@ class SliceSink:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
-

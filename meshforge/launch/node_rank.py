@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+
 def default_node_rank() -> tuple[int, int]:
     """(node rank, node count) from torchrun's ``RANK``/``WORLD_SIZE``, else MPI, else (0, 1)."""
     if "WORLD_SIZE" in os.environ:
