@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from benchlib import record
-from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, describe_data, ensure_builtin
+from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, open_data_dir, ensure_builtin
 
 
 def build_shards(out: Path, tokens: int, vocab: int, shards: int = 4) -> None:
@@ -61,10 +61,10 @@ def main() -> None:
         t0 = time.perf_counter()
         data = ensure_builtin("shakespeare", tmp / "cache", 2048, progress=False)
         t_builtin = time.perf_counter() - t0
-        tok_path = describe_data(data).tokenizer_path
+        tok_path = open_data_dir(data).tokenizer_path
         shard_dir = tmp / "shards"
         build_shards(shard_dir, args.tokens, 2048)
-        info = describe_data(shard_dir, tok_path)
+        info = open_data_dir(shard_dir, tok_path)
 
         t0 = time.perf_counter()
         ds = TokenDataset(info, args.seq_len, "train", valid_fraction=0.01, seed=0)

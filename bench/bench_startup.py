@@ -3,7 +3,7 @@
     python bench/bench_startup.py [--shards 1000] [--record]
 
 Writes N shards of random tokens (uint16, 20-200 docs each, Megatron format, manifest as
-`data prepare` writes it), then in a fresh process times: describe_data (open + check every
+`data prepare` writes it), then in a fresh process times: open_data_dir (open + check every
 shard), TokenDataset (document table + split), the first batch (builds the epoch's sample
 index), and a second batch.
 """
@@ -25,9 +25,9 @@ CHILD = r"""
 import sys, time, json
 t0 = time.perf_counter()
 import torch  # the trainer has it loaded already
-from meshforge.data_pipeline import DistributedLoader, TokenDataset, describe_data
+from meshforge.data_pipeline import DistributedLoader, TokenDataset, open_data_dir
 t1 = time.perf_counter()
-info = describe_data(sys.argv[1])
+info = open_data_dir(sys.argv[1])
 t2 = time.perf_counter()
 ds = TokenDataset(info, 2048, "train", 0.01, seed=0)
 t3 = time.perf_counter()
@@ -36,7 +36,7 @@ loader.next_batch()
 t4 = time.perf_counter()
 loader.next_batch()
 t5 = time.perf_counter()
-print(json.dumps({"import (torch + meshforge)": t1 - t0, "describe_data": t2 - t1, "TokenDataset": t3 - t2, "first_batch": t4 - t3,
+print(json.dumps({"import (torch + meshforge)": t1 - t0, "open_data_dir": t2 - t1, "TokenDataset": t3 - t2, "first_batch": t4 - t3,
                   "second_batch": t5 - t4, "to_first_batch": t4 - t1, "samples": len(ds), "docs": info.num_documents,
                   "tokens": info.num_tokens}))
 """
@@ -44,7 +44,8 @@ print(json.dumps({"import (torch + meshforge)": t1 - t0, "describe_data": t2 - t
 
 def build(root: Path, shards: int, tokenizer: Path) -> Path:
     from meshforge.data_pipeline import IndexedShardWriter
-    from meshforge.data_pipeline.prepare import FORMAT, TOKENIZER_FILE, _sha256
+    from meshforge.data_pipeline.layout import FORMAT, TOKENIZER_FILE
+    from meshforge.file_hash import file_sha256 as _sha256
     from meshforge.tokenizers import load_tokenizer
 
     out = root / "data"
@@ -99,11 +100,11 @@ def main() -> None:
         f"data: {args.shards} shards, {best['docs']} docs, {best['tokens'] / 1e6:.1f}M tokens (written in {build_s:.1f} s); "
         f"seq_len 2048, batch 32, {best['samples']} train samples; best of {args.repeats} fresh processes",
         "",
-        "to_first_batch = describe_data + TokenDataset + first_batch (imports excluded).",
+        "to_first_batch = open_data_dir + TokenDataset + first_batch (imports excluded).",
         "",
         "| step | seconds |",
         "|---|---:|",
-    ] + [f"| {k} | {best[k]:.3f} |" for k in ("import (torch + meshforge)", "describe_data", "TokenDataset", "first_batch", "second_batch",
+    ] + [f"| {k} | {best[k]:.3f} |" for k in ("import (torch + meshforge)", "open_data_dir", "TokenDataset", "first_batch", "second_batch",
                                               "to_first_batch")]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -66,7 +66,8 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
-    from .data_pipeline.prepare import default_node_rank, prepare_data
+    from .data_pipeline.prepare import prepare_data
+    from .launch.node_rank import default_node_rank
 
     env_rank, env_nodes = default_node_rank() if args.node_rank is None or args.num_nodes is None else (0, 1)
     node_rank = env_rank if args.node_rank is None else args.node_rank
@@ -88,7 +89,7 @@ def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_data_merge(args: argparse.Namespace, rest: list[str]) -> int:
-    from .data_pipeline.prepare import merge_manifest
+    from .data_pipeline.manifest import merge_manifest
 
     manifest = merge_manifest(args.dir, verify=args.verify)
     print(f"wrote {args.dir}/manifest.json: {len(manifest['shards'])} shards, {manifest['num_documents']} documents, "

@@ -5,9 +5,10 @@ with no traceback; the message says what is wrong and what to do. Anything else 
 is a bug: it keeps its traceback, under a line naming the rank it happened on.
 
 The subclasses live next to the code that raises them (``ConfigError`` in
-:mod:`meshforge.config`, ``DataError`` in :mod:`meshforge.data_pipeline.errors`,
-``CheckpointError`` in :mod:`meshforge.pretrain.checkpoint`, ...); this module imports
-nothing, so the CLI can name the base class without loading torch.
+:mod:`meshforge.config`, ``CheckpointError`` in :mod:`meshforge.pretrain.checkpoint`, ...),
+except the few raised by more than one room: ``DataError`` (the input readers of
+:mod:`meshforge.text_inputs`, shared by tokenizer training and the data pipeline) lives here.
+This module imports nothing, so the CLI can name the base class without loading torch.
 """
 
 from __future__ import annotations
@@ -30,3 +31,7 @@ class UsageError(MeshforgeError, ValueError):
 
 class OutputError(MeshforgeError):
     """The output directory cannot be written (read-only, no permission, disk full)."""
+
+
+class DataError(MeshforgeError, ValueError):
+    """Data that cannot be used: missing or corrupt files, bad settings, mismatched tokenizer."""

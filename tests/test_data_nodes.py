@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from meshforge.data_pipeline import DataError, default_node_rank, load_manifest, merge_manifest, prepare_data
-from meshforge.data_pipeline import prepare as prep
+from meshforge.data_pipeline import DataError, load_manifest, merge_manifest, prepare_data
+from meshforge.data_pipeline.shard_writer import SliceSink
+from meshforge.launch.node_rank import default_node_rank
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +86,30 @@ def test_default_node_rank(monkeypatch):
         prepare_data(["x.jsonl"], "t.model", "o", node_rank=2, num_nodes=2)
 
 
+_CRASH = """
+import os
+
+from meshforge.data_pipeline import prepare_data
+from meshforge.data_pipeline.shard_writer import SliceSink
+
+real_add = SliceSink.add
+
+
+def add(self, tokens):  # die like a killed process after document {docs} of slice {slice}, mid-shard
+    real_add(self, tokens)
+    if (self.index, self.documents) == ({slice}, {docs}):
+        os._exit(86)
+
+
+SliceSink.add = add
+prepare_data([{inputs!r}], {tok!r}, {out!r}, docs_per_shard=2, progress=False, workers=2, node_rank=0, num_nodes=1)
+"""
+
+
 def _crash_run(inputs, tok, out, fault):
-    code = (f"from meshforge.data_pipeline import prepare_data\n"
-            f"prepare_data([{inputs!r}], {str(tok)!r}, {str(out)!r}, docs_per_shard=2, progress=False, workers=2,"
-            f" node_rank=0, num_nodes=1)\n")
-    env = {**os.environ, prep.FAULT_ENV: fault}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    where = dict(item.split("=") for item in fault.split(","))
+    code = _CRASH.format(inputs=inputs, tok=str(tok), out=str(out), slice=int(where["slice"]), docs=int(where["docs"]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def test_restart_after_crash_mid_shard(tmp_path, inputs, tiny_tokenizer, reference, monkeypatch):
@@ -106,13 +124,13 @@ def test_restart_after_crash_mid_shard(tmp_path, inputs, tiny_tokenizer, referen
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_0000[01]*")}
 
     built = []
-    real_init = prep._SliceSink.__init__
+    real_init = SliceSink.__init__
 
     def spy(self, out_dir, index, *a, **kw):
         built.append(index)
         real_init(self, out_dir, index, *a, **kw)
 
-    monkeypatch.setattr(prep._SliceSink, "__init__", spy)
+    monkeypatch.setattr(SliceSink, "__init__", spy)
     m = prepare_data([inputs], str(tiny_tokenizer), str(out), docs_per_shard=2, progress=False, node_rank=0, num_nodes=1)
     assert built == [2, 3, 4]  # finished slices are skipped, the crashed one is redone from scratch
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_0000[01]*")} == stamps

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, describe_data, prepare_data
+from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, open_data_dir, prepare_data
 
 SEQ = 24
 
@@ -84,7 +84,7 @@ def test_segments_without_eos_and_with_empty_documents(tmp_path, tiny_tokenizer)
     for d in docs:
         w.add_document(d)
     w.finalize()
-    ds = TokenDataset(describe_data(tmp_path, str(tiny_tokenizer)), 16, "train", 0.0, seed=0, return_segments=True)
+    ds = TokenDataset(open_data_dir(tmp_path, str(tiny_tokenizer)), 16, "train", 0.0, seed=0, return_segments=True)
     want = reference(ds, [d.astype(np.int64) for d in docs], 0)
     for j in range(len(ds)):
         tokens, seg = ds[j]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meshforge.data_pipeline import DataError, DistributedLoader, TokenDataset, describe_data, prepare_data
+from meshforge.data_pipeline import DataError, DistributedLoader, TokenDataset, open_data_dir, prepare_data
 from meshforge.data_pipeline.dataset import split_documents
 from meshforge.tokenizers import load_tokenizer
 
@@ -70,7 +70,7 @@ def test_read_batch_rows_are_the_samples(data_dir, segments):
 
 def test_determinism_and_seed(data_dir):
     a = TokenDataset(data_dir, SEQ, "train", 0.1, seed=1)
-    b = TokenDataset(describe_data(data_dir), SEQ, "train", 0.1, seed=1)
+    b = TokenDataset(open_data_dir(data_dir), SEQ, "train", 0.1, seed=1)
     c = TokenDataset(data_dir, SEQ, "train", 0.1, seed=2)
     idx = [0, 5, 17, len(a) + 3]
     for i in idx:
@@ -124,7 +124,7 @@ def test_megatron_prepared_data_trains(tmp_path, tiny_tokenizer):
         b.add_item(torch.tensor(d))
         b.end_document()
     b.finalize(str(tmp_path / "m_text_document.idx"))
-    ds = TokenDataset(describe_data(tmp_path, str(tiny_tokenizer)), 16, "train", 0.1, seed=0)
+    ds = TokenDataset(open_data_dir(tmp_path, str(tiny_tokenizer)), 16, "train", 0.1, seed=0)
     want = reference_epoch(ds, docs, 0)
     for j in range(len(ds)):
         np.testing.assert_array_equal(ds[j], want[j])

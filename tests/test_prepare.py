@@ -1,4 +1,4 @@
-"""prepare_data, manifests, describe_data and the built-in corpus, on real files."""
+"""prepare_data, manifests, open_data_dir and the built-in corpus, on real files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from meshforge.data_pipeline import (
     DataError,
     IndexedShard,
-    describe_data,
+    open_data_dir,
     ensure_builtin,
     load_manifest,
     open_shards,
@@ -152,28 +152,28 @@ def prepared(tmp_path_factory, small_corpus, tiny_tokenizer):
     return out
 
 
-def test_describe_data_and_tokenizer_mismatch(tmp_path, prepared, tiny_tokenizer, small_corpus):
-    info = describe_data(prepared)
+def test_open_data_dir_and_tokenizer_mismatch(tmp_path, prepared, tiny_tokenizer, small_corpus):
+    info = open_data_dir(prepared)
     m = load_manifest(prepared)
     assert info.num_documents == m["num_documents"] == 80 and info.num_tokens == m["num_tokens"]
     assert info.tokenizer_path == str(prepared / "tokenizer.model")
     assert info.vocab_size == 400 and info.tokenizer_fingerprint == m["tokenizer"]["fingerprint"]
-    assert describe_data(prepared, str(tiny_tokenizer)).tokenizer_fingerprint == info.tokenizer_fingerprint
+    assert open_data_dir(prepared, str(tiny_tokenizer)).tokenizer_fingerprint == info.tokenizer_fingerprint
     other = train_tokenizer([small_corpus], tmp_path / "other", vocab_size=420)
     with pytest.raises(DataError, match=r"vocab 420.*does not match the data manifest \(vocab 400.*use the tokenizer"):
-        describe_data(prepared, str(other))
+        open_data_dir(prepared, str(other))
 
 
 def test_load_manifest_errors(tmp_path, prepared):
     with pytest.raises(DataError, match="does not exist"):
         load_manifest(tmp_path / "nowhere")
     with pytest.raises(DataError, match="does not exist"):
-        describe_data(tmp_path / "nowhere")
+        open_data_dir(tmp_path / "nowhere")
     (tmp_path / "d").mkdir()
     with pytest.raises(DataError, match="no manifest.json"):
         load_manifest(tmp_path / "d")
     with pytest.raises(DataError, match="neither manifest.json nor"):
-        describe_data(tmp_path / "d")
+        open_data_dir(tmp_path / "d")
     (tmp_path / "d" / "manifest.json").write_text("{oops")
     with pytest.raises(DataError, match="not valid JSON"):
         load_manifest(tmp_path / "d")
@@ -197,8 +197,8 @@ def test_megatron_dir_without_manifest(tmp_path, tiny_tokenizer, corpus_docs):
         b.end_document()
     b.finalize(str(tmp_path / "corpus_text_document.idx"))
     with pytest.raises(DataError, match="set data.tokenizer"):
-        describe_data(tmp_path)
-    info = describe_data(tmp_path, str(tiny_tokenizer))
+        open_data_dir(tmp_path)
+    info = open_data_dir(tmp_path, str(tiny_tokenizer))
     assert info.manifest is None and info.num_documents == 8 and info.vocab_size == 400
     assert isinstance(info.shards[0], IndexedShard)
     assert info.num_tokens == sum(len(tok.encode(t)) + 1 for t in texts)
@@ -230,7 +230,7 @@ def test_ensure_builtin_idempotent_and_concurrent(tmp_path, monkeypatch):
     assert ensure_builtin("shakespeare", tmp_path, 512, progress=False) == out
     assert time.perf_counter() - t0 < 2.0
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
-    info = describe_data(out)
+    info = open_data_dir(out)
     assert info.num_documents == 1209 and info.vocab_size == 512
     assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == [out.name]  # no temp dirs left
     monkeypatch.setenv("MESHFORGE_CACHE", str(tmp_path / "env"))

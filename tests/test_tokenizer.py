@@ -136,3 +136,36 @@ def test_input_sentence_size_samples_reproducibly(tmp_path, small_corpus):
     b = train_tokenizer([small_corpus], tmp_path / "b", vocab_size=350, input_sentence_size=150)
     full = train_tokenizer([small_corpus], tmp_path / "full", vocab_size=350)
     assert load_tokenizer(a).fingerprint == load_tokenizer(b).fingerprint != load_tokenizer(full).fingerprint
+
+
+def test_bad_records_are_counted_as_data_prepare_counts_them(tmp_path, corpus_docs, jsonl_writer):
+    """Tokenizer training reads with the data pipeline's readers: the same records are skipped and counted."""
+    import gzip
+    import json
+
+    from meshforge.data_pipeline import prepare_data
+    from meshforge.tokenizers.sentencepiece_tokenizer import iter_texts
+
+    good = corpus_docs(12)
+    src = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": t}) for t in good] + [
+        "{not json", json.dumps({"body": "x"}), json.dumps({"text": 7}), json.dumps({"text": "  "}),
+        json.dumps({"text": "\ud800 lone surrogate"}),
+    ]
+    src.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe not utf-8\n")
+    skipped = dict.fromkeys(("empty", "invalid_utf8", "invalid_json", "missing_field", "non_string_field"), 0)
+    assert list(iter_texts(src, "text", skipped)) == good
+    assert skipped == {"empty": 1, "invalid_utf8": 2, "invalid_json": 1, "missing_field": 1, "non_string_field": 1}
+    tok = train_tokenizer([src], tmp_path / "m", vocab_size=350)
+    manifest = prepare_data([str(src)], str(tok), str(tmp_path / "data"), progress=False)
+    assert manifest["skipped_records"] == skipped and manifest["num_documents"] == len(good)
+
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("{not json\n" + json.dumps({"text": 3}) + "\n")
+    with pytest.raises(TokenizerError, match=r"hold no text \(skipped records: .*'invalid_json': 1.*'non_string_field': 1"):
+        train_tokenizer([only_bad], tmp_path / "b", vocab_size=350)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress("\n".join(lines[:12]).encode() * 20)[:-40])
+    with pytest.raises(TokenizerError, match="cannot be read to its end"):
+        train_tokenizer([cut], tmp_path / "c", vocab_size=350)
+    assert not (tmp_path / "b.model").exists() and not (tmp_path / "c.model").exists()

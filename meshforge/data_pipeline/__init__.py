@@ -1,4 +1,10 @@
-"""Data pipeline: raw text -> indexed shards + manifest -> samples -> distributed batches."""
+"""Data pipeline: raw text -> indexed shards + manifest -> samples -> distributed batches.
+
+Preparation: :mod:`meshforge.text_inputs` reads the inputs (shared with tokenizer training),
+:mod:`.prepare` plans slices and tokenizes them, :mod:`.shard_writer` writes a slice's shards,
+:mod:`.layout` names the files of a prepared dir, :mod:`.manifest` merges the manifest and
+opens a prepared dir for training (:func:`open_data_dir`).
+"""
 
 from meshforge.data_pipeline.blend import BlendedDataset, blend_order, parse_blend
 from meshforge.data_pipeline.builtin import (
@@ -12,15 +18,8 @@ from meshforge.data_pipeline.dataset import TokenDataset
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.indexed import IndexedShard, IndexedShardWriter, dtype_for_vocab
 from meshforge.data_pipeline.loader import DistributedLoader
-from meshforge.data_pipeline.prepare import (
-    DataInfo,
-    default_node_rank,
-    describe_data,
-    load_manifest,
-    merge_manifest,
-    open_shards,
-    prepare_data,
-)
+from meshforge.data_pipeline.manifest import DataInfo, load_manifest, merge_manifest, open_data_dir, open_shards
+from meshforge.data_pipeline.prepare import prepare_data
 
 __all__ = [
     "BUILTIN_CORPORA",
@@ -33,12 +32,11 @@ __all__ = [
     "IndexedShardWriter",
     "TokenDataset",
     "blend_order",
-    "default_node_rank",
-    "describe_data",
     "dtype_for_vocab",
     "ensure_builtin",
     "load_manifest",
     "merge_manifest",
+    "open_data_dir",
     "open_shards",
     "parse_blend",
     "prepare_data",

@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 from meshforge.data_pipeline.errors import DataError
+from meshforge.data_pipeline.layout import MANIFEST
+from meshforge.data_pipeline.prepare import prepare_data
 from meshforge.file_hash import file_sha256
-from meshforge.data_pipeline.prepare import MANIFEST, prepare_data
 from meshforge.tokenizers import train_tokenizer
 
 _CORPUS_DIR = Path(__file__).resolve().parent.parent / "corpus"
@@ -92,8 +93,9 @@ def ensure_builtin(name: str, cache_dir: str | Path, vocab_size: int, progress: 
                     num_threads=settings["num_threads"],
                     special_tokens=settings["special_tokens"],
                 )
+                # one process prepares it (under the lock), whatever launcher variables say about ranks
                 prepare_data([str(BUILTIN_CORPORA[name])], str(model), str(out), workers=1,
-                             append_eos=settings["append_eos"], progress=progress)
+                             append_eos=settings["append_eos"], progress=progress, node_rank=0, num_nodes=1)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         finally:

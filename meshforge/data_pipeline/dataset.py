@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from meshforge.data_pipeline.errors import DataError
-from meshforge.data_pipeline.prepare import DataInfo, describe_data
+from meshforge.data_pipeline.manifest import DataInfo, open_data_dir
 
 SPLITS = ("train", "valid")
 _EPOCHS_CACHED = 3
@@ -66,7 +66,7 @@ class TokenDataset:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
-        self.info = data if isinstance(data, DataInfo) else describe_data(data)
+        self.info = data if isinstance(data, DataInfo) else open_data_dir(data)
         self.seq_len, self.split, self.seed = seq_len, split, seed
         self.return_segments = return_segments
         self._tokens = [np.asarray(s.tokens) for s in self.info.shards]  # plain views: np.memmap slicing is slow

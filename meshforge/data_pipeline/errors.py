@@ -1,8 +1,6 @@
-"""Errors of the data pipeline."""
+"""Errors of the data pipeline (``DataError`` is defined in :mod:`meshforge.errors`, since the
+input readers of :mod:`meshforge.text_inputs` raise it too)."""
 
-from meshforge.errors import MeshforgeError
+from meshforge.errors import DataError
 
-
-
-class DataError(MeshforgeError, ValueError):
-    """Data that cannot be used: missing or corrupt files, bad settings, mismatched tokenizer."""
+__all__ = ["DataError"]

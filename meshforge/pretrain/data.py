@@ -22,7 +22,7 @@ from ..data_pipeline.builtin import BUILTIN_PREFIX, resolve_cache_dir, resolve_d
 from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.loader import DistributedLoader
-from ..data_pipeline.prepare import DataInfo, describe_data, load_manifest
+from ..data_pipeline.manifest import DataInfo, load_manifest, open_data_dir
 from ..launch.env import DistEnv
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
@@ -60,7 +60,7 @@ def resolve_data_dir(cfg: JobConfig, env: DistEnv, path: str | None = None) -> P
 def _blend_sources(cfg: JobConfig, env: DistEnv) -> tuple[list, list[tuple[float, str]]]:
     """(DataInfo per blend item, parsed blend); every item must use the same tokenizer."""
     items = parse_blend(cfg.data.blend)
-    infos = [describe_data(resolve_data_dir(cfg, env, path), cfg.data.tokenizer) for _, path in items]
+    infos = [open_data_dir(resolve_data_dir(cfg, env, path), cfg.data.tokenizer) for _, path in items]
     prints = {i.tokenizer_fingerprint for i in infos}
     if len(prints) > 1:
         raise DataError(
@@ -134,7 +134,7 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
     if cfg.data.blend:
         infos, items = _blend_sources(cfg, env)
     else:
-        infos, items = [describe_data(resolve_data_dir(cfg, env), cfg.data.tokenizer)], []
+        infos, items = [open_data_dir(resolve_data_dir(cfg, env), cfg.data.tokenizer)], []
     info = infos[0]
     data_dir = info.data_dir
     tokenizer = load_tokenizer(info.tokenizer_path)

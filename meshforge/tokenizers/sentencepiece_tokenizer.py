@@ -13,10 +13,8 @@ file (and the same :attr:`Tokenizer.fingerprint`).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +22,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from meshforge.errors import MeshforgeError
+from meshforge.errors import DataError, MeshforgeError
+from meshforge.text_inputs import file_documents, no_skips
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -111,27 +110,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer(path)
 
 
-def iter_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+def iter_texts(path: Path, text_field: str = "text", skipped: dict | None = None) -> Iterator[str]:
     """Documents of one input file: a whole .txt file, or the ``text_field`` of each JSON line.
 
-    Lines that are not JSON objects with a string ``text_field`` are skipped here; the data
-    pipeline counts them separately.
+    Read by the data pipeline's readers (:func:`meshforge.text_inputs.file_documents`): records
+    that give no document are counted in ``skipped`` by kind, as ``meshforge data prepare``
+    counts them; a truncated or corrupt file is a :class:`TokenizerError`.
     """
-    name = path.name
-    if name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
-        return
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get(text_field), str):
-                yield rec[text_field]
+    skipped = no_skips() if skipped is None else skipped
+    try:
+        yield from file_documents(path, text_field, skipped)
+    except DataError as exc:
+        raise TokenizerError(str(exc)) from None
 
 
 def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -148,26 +138,29 @@ def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _lines(paths: list[Path], text_field: str) -> Iterator[str]:
+def _lines(paths: list[Path], text_field: str, skipped: dict) -> Iterator[str]:
     for path in paths:
-        for text in iter_texts(path, text_field):
+        for text in iter_texts(path, text_field, skipped):
             yield from (line for line in text.split("\n") if line.strip())
 
 
-def _sentences(paths: list[Path], text_field: str, sample: int = 0) -> tuple[list[str], int]:
+def _sentences(paths: list[Path], text_field: str, sample: int = 0,
+               skipped: dict | None = None) -> tuple[list[str], int]:
     """(training lines, lines seen): non-empty lines of all documents (sentencepiece trains on lines).
+
+    Records that give no document are counted in ``skipped`` by kind (see :func:`iter_texts`).
 
     With ``sample`` > 0 and more lines than that, a seeded reservoir sample of ``sample`` lines
     in shuffled order: memory stays bounded by ``sample`` however large the corpus is.
     """
     if sample <= 0:
-        out = list(_lines(paths, text_field))
+        out = list(_lines(paths, text_field, skipped))
         return out, len(out)
     import random
 
     rng = random.Random(_TRAIN_SEED)
     out, seen = [], 0
-    for line in _lines(paths, text_field):
+    for line in _lines(paths, text_field, skipped):
         seen += 1
         if len(out) < sample:
             out.append(line)
@@ -227,9 +220,11 @@ def train_tokenizer(
             f"{256 if byte_fallback else 0} bytes) need {fixed}; use at least {fixed + _MIN_LEARNED_PIECES}"
         )
     paths = _check_inputs(inputs)
-    sentences, _ = _sentences(paths, text_field, input_sentence_size)
+    skipped = no_skips()
+    sentences, _ = _sentences(paths, text_field, input_sentence_size, skipped)
     if not sentences:
-        raise TokenizerError(f"tokenizer training inputs {[str(p) for p in paths]} hold no text: check text_field={text_field!r}")
+        raise TokenizerError(f"tokenizer training inputs {[str(p) for p in paths]} hold no text (skipped records: "
+                             f"{skipped}): check text_field={text_field!r}")
 
     out_path = Path(f"{model_prefix}.model")
     out_path.parent.mkdir(parents=True, exist_ok=True)
