@@ -7,7 +7,8 @@ import pytest
 
 from meshforge.config import (ConfigError, JobConfig, describe, field_docs, load_config, micro_batch_size,
                               parse_cli_overrides)
-from meshforge.parallel.mesh import check_job, resolve_degrees
+from meshforge.parallel.job_checks import check_job
+from meshforge.parallel.mesh import resolve_degrees
 
 
 def test_small_preset_equals_defaults():
