@@ -75,14 +75,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import ConfigError, JobConfig, micro_batch_size
+from ..config import CHOICES, ConfigError, JobConfig, micro_batch_size
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
 from ..models.moe import RouterStats, collect_router_stats
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 from .tied_embeddings import TiedEmbeddingGrads
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+SCHEDULES = CHOICES["parallel.pp_schedule"]
+"""Every pipeline schedule, as the type of ``parallel.pp_schedule`` lists them."""
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 
 
