@@ -47,7 +47,16 @@ LAYOUTS = [
 from benchlib import REPO, loadavg, record  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 sys.path.insert(0, str(REPO / "tests"))
-from parallel_harness import RanksFailed, run_ranks  # noqa: E402  (the launcher the parity tests use)
+import parallel_harness  # noqa: E402  (the launcher the parity tests use)
+
+
+def run_ranks(world: int, args: list[str], timeout: float, extra_env: dict) -> None:
+    """``parallel_harness.run_ranks``; a failure becomes RuntimeError with the failed rank's last stderr line
+    (the table's note), a timeout with the harness's message."""
+    try:
+        parallel_harness.run_ranks(world, args, timeout, extra_env)
+    except parallel_harness.RanksFailed as e:
+        raise RuntimeError(e.last_line()) from None
 
 
 def step_times(out: Path) -> list[float]:
@@ -86,11 +95,8 @@ def main() -> int:
             out = Path(tmp) / f"layout{len(rows)}"
             t0 = time.perf_counter()
             try:
-                try:
-                    run_ranks(world, [*common, "--train.output_dir", str(out), *extra], args.timeout,
-                              {"MESHFORGE_CACHE": args.cache})
-                except RanksFailed as e:
-                    raise RuntimeError(e.last_line()) from None
+                run_ranks(world, [*common, "--train.output_dir", str(out), *extra], args.timeout,
+                          {"MESHFORGE_CACHE": args.cache})
                 st = step_times(out)[args.warmup:]
                 if not st:
                     raise RuntimeError("no step_time_s after the warmup in metrics.jsonl")
