@@ -19,21 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Parallel layouts (CPU)"
 
 # name, world size, overrides, required (a failure of a required layout is an error, not "not available").
@@ -52,45 +44,19 @@ LAYOUTS = [
 ]
 
 
-from benchlib import cpu_model, loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import REPO, loadavg, record  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(REPO / "tests"))
+import parallel_harness  # noqa: E402  (the launcher the parity tests use)
 
 
 def run_ranks(world: int, args: list[str], timeout: float, extra_env: dict) -> None:
-    """Start ``world`` ranks of ``python -m meshforge <args>``; raise RuntimeError with the stderr tail if any fails."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", **extra_env}
-        procs.append(subprocess.Popen([sys.executable, "-m", "meshforge", *args], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    deadline = time.monotonic() + timeout
-    errs, failed = [], []
-    for rank, p in enumerate(procs):
-        try:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            for q in procs:
-                q.wait()
-            raise RuntimeError(f"timed out after {timeout:.0f}s")
-        errs.append(err.decode(errors="replace"))
-        if p.returncode != 0:
-            failed.append(rank)
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-    if failed:
-        tail = errs[failed[0]].strip().splitlines()
-        raise RuntimeError(f"rank {failed[0]} exited with an error: " + (tail[-1] if tail else "(no stderr)"))
+    """``parallel_harness.run_ranks``; a failure becomes RuntimeError with the failed rank's last stderr line
+    (the table's note), a timeout with the harness's message."""
+    try:
+        parallel_harness.run_ranks(world, args, timeout, extra_env)
+    except parallel_harness.RanksFailed as e:
+        raise RuntimeError(e.last_line()) from None
 
 
 def step_times(out: Path) -> list[float]:
@@ -176,32 +142,8 @@ def main() -> int:
     print()
     print("\n".join(lines))
     if args.record:
-        record(lines)
+        record(SECTION, lines)
     return 1 if any(r[3] is None and r[4].startswith("FAILED") for r in rows) else 0
-
-
-def record(lines: list[str]) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
-    entry = [
-        "",
-        f"### {time.strftime('%Y-%m-%d')} — `{cmd}`",
-        "",
-        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}; "
-        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
-        "",
-        *lines,
-        "",
-    ]
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + 1)
-    end = len(text) if nxt == -1 else nxt + 1
-    text = text[:end].rstrip("\n") + "\n" + "\n".join(entry) + "\n" + text[end:]
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
 
 
 if __name__ == "__main__":

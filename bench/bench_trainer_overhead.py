@@ -32,9 +32,7 @@ import argparse
 import cProfile
 import io
 import os
-import platform
 import pstats
-import shlex
 import statistics
 import sys
 import tempfile
@@ -44,11 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Trainer overhead"
 
 
-from benchlib import cpu_model, loadavg  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import loadavg, record  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def overrides(output_dir: str, tensorboard: bool, steps: int) -> dict:
@@ -284,32 +281,8 @@ def main() -> int:
         print()
         print(profile_text)
     if args.record:
-        record(lines)
+        record(SECTION, lines)
     return 0
-
-
-def record(lines: list[str]) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], RESULTS.parent.parent), *sys.argv[1:]])
-    entry = [
-        "",
-        f"### {time.strftime('%Y-%m-%d')} — `{cmd}`",
-        "",
-        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}; "
-        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
-        "",
-        *lines,
-        "",
-    ]
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + 1)
-    end = len(text) if nxt == -1 else nxt + 1
-    text = text[:end].rstrip("\n") + "\n" + "\n".join(entry) + "\n" + text[end:]
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,27 +42,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env: dict | None = None) -> list[str]:
-    """Start ``world_size`` ranks of ``python -m meshforge <args>``; return their stderr; raise if any fails."""
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = {
-            **os.environ,
-            "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+def rank_env(rank: int, world_size: int, port: int, extra_env: dict | None = None) -> dict:
+    """torchrun's environment for ``rank`` of ``world_size`` on this machine, one compute thread per rank."""
+    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", **(extra_env or {}),
-        }
-        procs.append(subprocess.Popen([sys.executable, "-m", "meshforge", *args], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            "OMP_NUM_THREADS": "1", **(extra_env or {})}
+
+
+def start_ranks(world_size: int, argv: list[str], extra_env: dict | None = None, script: list[str] | None = None,
+                stdout=subprocess.DEVNULL) -> list[subprocess.Popen]:
+    """Start ``world_size`` ranks of ``python -m meshforge ARGV`` (or ``python SCRIPT... ARGV``); stderr is piped."""
+    port = free_port()
+    cmd = [sys.executable, *(script or ["-m", "meshforge"]), *argv]
+    return [subprocess.Popen(cmd, env=rank_env(rank, world_size, port, extra_env), cwd=REPO, stdout=stdout,
+                             stderr=subprocess.PIPE) for rank in range(world_size)]
+
+
+class RanksFailed(AssertionError):
+    """Some ranks exited with an error (``failed``: their ranks; ``errs``: every finished rank's stderr)."""
+
+    def __init__(self, message: str, failed: list[int] = (), errs: list[str] = ()):
+        super().__init__(message)
+        self.failed, self.errs = list(failed), list(errs)
+
+    def last_line(self) -> str:
+        """The last stderr line of the first failed rank (the error a user would read), or this message."""
+        if not self.failed:
+            return str(self)
+        tail = self.errs[self.failed[0]].strip().splitlines()
+        return f"rank {self.failed[0]} exited with an error: " + (tail[-1] if tail else "(no stderr)")
+
+
+def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env: dict | None = None) -> list[str]:
+    """Run ``world_size`` ranks of ``python -m meshforge <args>`` to the end, within ``timeout`` seconds in all;
+    return their stderr; raise RanksFailed if any fails or time runs out (every rank is then killed)."""
+    procs = start_ranks(world_size, args, extra_env)
+    deadline = time.monotonic() + timeout
     errs, failed = [], []
     for rank, p in enumerate(procs):
         try:
-            _, err = p.communicate(timeout=timeout)
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"rank {rank} of {world_size} timed out after {timeout}s")
+            for q in procs:
+                q.wait()
+            raise RanksFailed(f"rank {rank} of {world_size} timed out after {timeout:.0f}s")
         errs.append(err.decode(errors="replace"))
         if p.returncode != 0:
             failed.append(rank)
@@ -69,7 +95,7 @@ def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env:
                 if q.poll() is None:
                     q.kill()
     if failed:
-        raise AssertionError(f"ranks {failed} failed:\n" + "\n".join(errs[r][-3000:] for r in failed))
+        raise RanksFailed(f"ranks {failed} failed:\n" + "\n".join(errs[r][-3000:] for r in failed), failed, errs)
     return errs
 
 

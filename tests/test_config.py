@@ -7,7 +7,8 @@ import pytest
 
 from meshforge.config import (ConfigError, JobConfig, describe, field_docs, load_config, micro_batch_size,
                               parse_cli_overrides)
-from meshforge.parallel.mesh import check_job, resolve_degrees
+from meshforge.parallel.job_checks import check_job
+from meshforge.parallel.mesh import resolve_degrees
 
 
 def test_small_preset_equals_defaults():
@@ -135,3 +136,22 @@ def test_micro_batch_size_zero_is_the_local_batch():
         micro_batch_size(t, 8)
     with pytest.raises(ConfigError, match="train.micro_batch_size must be >= 0, got -1"):
         load_config(None, {"train.micro_batch_size": -1})
+
+
+def test_every_choice_field_is_checked_against_its_literal_type():
+    """CHOICES is read from the ``Literal`` fields: each default is allowed, any other string is refused by name."""
+    import dataclasses
+    import typing
+
+    from meshforge.config import CHOICES
+    from meshforge.config_sections import section_types
+
+    literal_fields = {f"{sec}.{f.name}" for sec, cls in section_types().items() for f in dataclasses.fields(cls)
+                      if typing.get_origin(typing.get_type_hints(cls)[f.name]) is typing.Literal}
+    assert set(CHOICES) == literal_fields and "train.fused_loss" in CHOICES
+    defaults = JobConfig()
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        assert getattr(getattr(defaults, sec), name) in allowed, key
+        with pytest.raises(ConfigError, match=rf"^{key} = 'bogus' is not one of {', '.join(allowed)}$"):
+            load_config(None, {key: "bogus"})

@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,22 +24,14 @@ import pytest
 
 from meshforge.pretrain.checkpoint import list_checkpoints, read_meta
 from meshforge.pretrain.metrics import read_metrics
-from parallel_harness import PARITY_ARGS, REPO, free_port
+from parallel_harness import PARITY_ARGS, REPO, start_ranks as start_harness_ranks
 
 ARGS = tuple(a for a in PARITY_ARGS)  # tiny 4-layer decoder, no periodic checkpoints unless asked
 
 
 def start_ranks(world: int, argv: list[str], script: list[str] | None = None) -> list[subprocess.Popen]:
-    """``world`` ranks of ``python -m meshforge ARGV`` (or of ``python SCRIPT... ARGV``), torchrun's environment."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, *(script or ["-m", "meshforge"]), *argv]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    return procs
+    """The harness's ranks with stdout piped too (the tests read rank 0's "saved" lines)."""
+    return start_harness_ranks(world, argv, script=script, stdout=subprocess.PIPE)
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from meshforge.config import ConfigError, load_config
-from meshforge.parallel.mesh import check_job, resolve_degrees
+from meshforge.parallel.job_checks import check_job
+from meshforge.parallel.mesh import resolve_degrees
 from meshforge.parallel.pipeline import plan_pipeline
 from parallel_harness import REPO, TP_ATOL, assert_parity, free_port, train_layout
 from test_encoder_decoder_train import T5_ARGS, t5_data  # noqa: F401  (the module-scoped data fixture)
@@ -224,7 +225,7 @@ def test_moe_encoder_decoder_is_refused_for_tp_and_pp():
         check_job(cfg, resolve_degrees(cfg.parallel, 2))
     cfg = _cfg("--parallel.pp", "2", "--model.moe_experts", "4")
     with pytest.raises(ConfigError, match="MoE layers in the decoder family only, not in an encoder_decoder"):
-        plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2))
+        check_job(cfg, resolve_degrees(cfg.parallel, 2))
 
 
 @pytest.mark.parametrize("position", ["relative", "rope"])

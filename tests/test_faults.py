@@ -3,8 +3,6 @@
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -53,7 +51,7 @@ from meshforge.config import load_config  # noqa: E402
 from meshforge.pretrain import trainer as trainer_mod  # noqa: E402
 from meshforge.pretrain.checkpoint import list_checkpoints, load_model_weights  # noqa: E402
 from meshforge.pretrain.metrics import read_metrics  # noqa: E402
-from parallel_harness import PARITY_ARGS, REPO, free_port, read_result  # noqa: E402
+from parallel_harness import PARITY_ARGS, read_result, start_ranks  # noqa: E402
 
 
 def _poison(monkeypatch, bad_steps: set[int]) -> None:
@@ -126,18 +124,6 @@ def test_loss_spike_is_logged(tiny_data, tmp_path, monkeypatch):
     assert spikes == [14]
 
 
-def _start_ranks(world: int, args: list[str], extra_env: dict | None = None) -> list[subprocess.Popen]:
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, **(extra_env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "meshforge", *args], env=env, cwd=REPO,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    return procs
-
-
 def _wait_for_step(out, step: int, procs, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     path = out / "metrics.jsonl"
@@ -157,7 +143,7 @@ def test_sigterm_to_one_rank_checkpoints_all_and_resume_matches_uninterrupted(ti
     common = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.steps", steps]
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     marker = tmp_path / "logs" / "preempted"
-    procs = _start_ranks(2, [*common, "--train.output_dir", str(out)], {PREEMPTED_MARKER_ENV: str(marker)})
+    procs = start_ranks(2, [*common, "--train.output_dir", str(out)], {PREEMPTED_MARKER_ENV: str(marker)})
     _wait_for_step(out, 3, procs)
     assert not marker.exists()
     procs[1].send_signal(signal.SIGTERM)
@@ -166,9 +152,9 @@ def test_sigterm_to_one_rank_checkpoints_all_and_resume_matches_uninterrupted(ti
     assert marker.read_text().strip() == "42"  # rank 0 marked the finished preemption checkpoint for the job script
     stopped = [int(p.name.split("_")[1]) for p in list_checkpoints(out / "checkpoints")]
     assert len(stopped) == 1 and 3 <= stopped[0] < int(steps), stopped
-    procs = _start_ranks(2, [*common, "--train.output_dir", str(out)])
+    procs = start_ranks(2, [*common, "--train.output_dir", str(out)])
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    procs = _start_ranks(2, [*common, "--train.output_dir", str(ref_out)])
+    procs = start_ranks(2, [*common, "--train.output_dir", str(ref_out)])
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
 
     def by_step(o):

@@ -110,11 +110,6 @@ def test_weight_decay_only_on_matrices():
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
 
 
-def test_flops_formula():
-    cfg = tiny()
-    assert flops_per_token(cfg, 1000, 64) == 6 * 1000 + 12 * 2 * 4 * 8 * 64
-
-
 def test_small_model_learns_a_pattern():
     """A few AdamW steps on a repeating sequence drive the loss down (the model can learn)."""
     torch.manual_seed(0)

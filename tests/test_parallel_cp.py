@@ -2,7 +2,7 @@
 
 - Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
   encoder-decoder, an MoE model, and cp with pp/deepspeed fail with one line naming the
-  numbers, before any process group (``check_job`` is what the trainer calls first).
+  numbers, before any process group (``job_checks.check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
   cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and
@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from meshforge.config import ConfigError, load_config
-from meshforge.parallel.mesh import check_job, resolve_degrees
+from meshforge.parallel.job_checks import check_job
+from meshforge.parallel.mesh import resolve_degrees
 from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
 

@@ -7,6 +7,8 @@ context-parallel attention -> activation checkpointing -> compile -> FSDP2. Each
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -19,6 +21,9 @@ from .data_parallel import apply_fsdp
 from .expert_parallel import apply_ep, apply_expert_fsdp, build_ep_mesh, expert_dp_mesh
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
 from .tensor_parallel import apply_tp
+
+if TYPE_CHECKING:
+    from .pipeline import PipelinePlan
 
 
 def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
@@ -34,8 +39,13 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
     return mesh
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig,
+                pipeline_plan: PipelinePlan | None = None) -> nn.Module:
+    """Apply the job's parallelisms to ``model``; with ``parallel.pp > 1`` split it by ``pipeline_plan``
+    (what :func:`~meshforge.parallel.job_checks.check_job` returned)."""
     if mesh is not None and d.pp > 1:
+        if pipeline_plan is None:
+            raise ValueError("parallelize with parallel.pp > 1 needs the pipeline plan that check_job returns")
         # Pipeline split first; every later step then runs on each stage module of this rank
         # (returns a PipelineModel: this rank's stages under the original parameter names).
         from dataclasses import replace
@@ -43,7 +53,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
         from .pipeline import apply_pipeline
 
         stage_degrees = replace(d, pp=1)
-        return apply_pipeline(model, mesh, d, cfg, lambda stage: parallelize(stage, mesh, stage_degrees, cfg))
+        return apply_pipeline(model, mesh, pipeline_plan, lambda stage: parallelize(stage, mesh, stage_degrees, cfg))
     p = cfg.parallel
     device_type = next(model.parameters()).device.type
     if mesh is not None and d.tp > 1:

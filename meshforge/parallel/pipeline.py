@@ -75,14 +75,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..config import ConfigError, JobConfig, micro_batch_size
+from ..config import CHOICES, ConfigError, JobConfig, micro_batch_size
 from ..models.encoder_decoder import Stack, add_biases, padding_bias
 from ..models.moe import RouterStats, collect_router_stats
 from .compile import compile_enabled
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 from .tied_embeddings import TiedEmbeddingGrads
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+SCHEDULES = CHOICES["parallel.pp_schedule"]
+"""Every pipeline schedule, as the type of ``parallel.pp_schedule`` lists them."""
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 
 
@@ -104,11 +105,14 @@ class PipelinePlan:
         return [pp_rank + k * self.pp for k in range(self.stages_per_rank)]
 
 
-def split_layers(n_layers: int, n_stages: int, pp_split: str = "", what: str = "model.n_layers"
-                 ) -> tuple[tuple[int, int], ...]:
+def split_layers(n_layers: int, n_stages: int, pp_split: str = "", what: str = "model.n_layers",
+                 stages_from: str = "") -> tuple[tuple[int, int], ...]:
     """Layer ranges of ``n_stages`` stages: balanced, or from ``pp_split`` (first layer of each later stage).
 
-    ``what`` names the layer count in errors (an encoder-decoder splits encoder + decoder layers)."""
+    ``what`` names the layer count in errors (an encoder-decoder splits encoder + decoder layers),
+    ``stages_from`` where the stage count comes from."""
+    if n_layers < n_stages:
+        raise ConfigError(f"{what} = {n_layers} cannot cover {n_stages} pipeline stages{stages_from}")
     if pp_split.strip():
         try:
             starts = [int(s) for s in pp_split.split(",")]
@@ -127,8 +131,6 @@ def split_layers(n_layers: int, n_stages: int, pp_split: str = "", what: str = "
                 f"({what} = {n_layers}), so that every stage has at least one layer"
             )
         return tuple(zip(bounds, bounds[1:]))
-    if n_layers < n_stages:
-        raise ConfigError(f"{what} = {n_layers} cannot cover {n_stages} pipeline stages")
     base, extra = divmod(n_layers, n_stages)
     ranges, start = [], 0
     for s in range(n_stages):
@@ -144,11 +146,6 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
     ``device_type`` (when known) also checks the schedule against ``parallel.compile``.
     """
     p, m = cfg.parallel, cfg.model
-    if getattr(m, "moe_experts", 0) and m.family != "decoder":
-        raise ConfigError(
-            f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, not in an "
-            f"{m.family} (model.moe_experts = {m.moe_experts}); use parallel.pp = 1"
-        )
     spr = pipeline_stages_per_rank(p)
     if p.pp_schedule in SINGLE_STAGE_SCHEDULES and spr != 1:
         raise ConfigError(
@@ -161,7 +158,7 @@ def plan_pipeline(cfg: JobConfig, d: Degrees, device_type: str | None = None) ->
             "torch.compile'd blocks do not support; set parallel.compile = off or use interleaved_1f1b"
         )
     n_layers, what = pipeline_layers(m)
-    ranges = split_layers(n_layers, d.pp * spr, p.pp_split, what)
+    ranges = split_layers(n_layers, d.pp * spr, p.pp_split, what, f" (parallel.pp = {d.pp} x {spr} stages per rank)")
     n_mb = pipeline_microbatches(cfg, d, spr)
     return PipelinePlan(d.pp, spr, ranges, n_mb, p.pp_schedule)
 
@@ -392,10 +389,10 @@ def split_model(model: nn.Module, plan: PipelinePlan, pp_rank: int) -> list[nn.M
             for s in plan.stages_of_rank(pp_rank)]
 
 
-def apply_pipeline(model: nn.Module, mesh: DeviceMesh, d: Degrees, cfg: JobConfig,
+def apply_pipeline(model: nn.Module, mesh: DeviceMesh, plan: PipelinePlan,
                    parallelize_stage: Callable[[nn.Module], nn.Module]) -> PipelineModel:
-    """Split ``model`` for this rank's pipeline coordinate, parallelize each stage, return the view."""
-    plan = plan_pipeline(cfg, d, next(model.parameters()).device.type)
+    """Split ``model`` by ``plan`` (:func:`~meshforge.parallel.job_checks.check_job`'s) for this rank's
+    pipeline coordinate, parallelize each stage, return the view."""
     pp_rank = mesh.get_local_rank("pp")
     stage_ids = plan.stages_of_rank(pp_rank)
     parts = [parallelize_stage(part) for part in split_model(model, plan, pp_rank)]

@@ -73,6 +73,7 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
     from ..models import MODEL_SPECS
     from ..parallel import build_mesh, parallelize
     from ..parallel.mesh import resolve_degrees
+    from ..parallel.pipeline import plan_pipeline
     from ..pretrain.optim import build_optimizer
 
     if not 0 <= rank < layout.world_size:
@@ -83,13 +84,14 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
                           "device (its ZeRO numbers are the estimator's)")
     job.parallel.compile = "off"  # compiling changes no shapes; keep the dry run fast
     d = resolve_degrees(job.parallel, layout.world_size)
+    plan = plan_pipeline(job, d) if d.pp > 1 else None  # the split check_layout accepted
     with fake_world(rank, layout.world_size):
         mesh = build_mesh(d, torch.device("cpu"))
         with torch.device("meta"):
             model = MODEL_SPECS[job.model.family].build(job.model)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
-        model = parallelize(model, mesh, d, job)
+        model = parallelize(model, mesh, d, job, plan)
         params = list(dict.fromkeys(model.parameters()))  # a tied weight once
         state = {"params": sum(_nbytes(p) for p in params)}
         for p in params:
@@ -104,12 +106,9 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
     return result
 
 
-def _n_microbatches(job: JobConfig, layout: Layout) -> int:
+def _n_microbatches(model, job: JobConfig, layout: Layout) -> int:
     if layout.pp > 1:
-        from ..parallel.pipeline import plan_pipeline
-        from ..parallel.mesh import resolve_degrees
-
-        return plan_pipeline(job, resolve_degrees(job.parallel, layout.world_size)).n_microbatches
+        return model.plan.n_microbatches  # the PipelineModel's split
     return job.train.global_batch_size // (layout.dp * job.train.micro_batch_size)
 
 
@@ -118,7 +117,7 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
 
     from ..parallel.expert_parallel import expert_modules
 
-    mb = _n_microbatches(job, layout)
+    mb = _n_microbatches(model, job, layout)
     width = 2 if job.parallel.param_dtype == "bf16" or (job.parallel.param_dtype == "auto"
                                                         and job.train.device == "cuda") else 4
     out: list[dict] = []

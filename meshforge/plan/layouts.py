@@ -4,7 +4,7 @@ A :class:`Layout` is the parallel part of a job config (degrees, data-parallel b
 ZeRO mode, pipeline schedule and microbatching, activation checkpointing). It becomes a
 :class:`~meshforge.config.JobConfig` with :func:`apply_layout`, and :func:`enumerate_layouts`
 keeps only those that the project's own checks accept (``config.validate``,
-``mesh.resolve_degrees``/``check_job``, ``pipeline.plan_pipeline``, ``check_deepspeed``),
+``mesh.resolve_degrees``, ``job_checks.check_job``),
 so the planner never proposes what ``meshforge train`` would refuse.
 """
 
@@ -14,7 +14,8 @@ import copy
 from dataclasses import dataclass
 
 from ..config import ConfigError, JobConfig, validate
-from ..parallel.mesh import Degrees, check_job, resolve_degrees
+from ..parallel.job_checks import check_job
+from ..parallel.mesh import Degrees, resolve_degrees
 
 ZERO_MODES = {
     "fsdp-zero3": ("fsdp2", True, 1),
@@ -110,14 +111,6 @@ def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
     validate(job)
     d = resolve_degrees(job.parallel, layout.world_size)
     check_job(job, d)
-    if d.pp > 1:
-        from ..parallel.pipeline import plan_pipeline
-
-        plan_pipeline(job, d)
-    if job.parallel.dp_backend == "deepspeed":
-        from ..parallel.deepspeed_engine import check_deepspeed
-
-        check_deepspeed(job, d)
     return job
 
 

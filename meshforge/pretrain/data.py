@@ -110,6 +110,13 @@ def resolve_vocab_size(cfg: JobConfig) -> None:
         cfg.model.vocab_size = padded_vocab_size(tokenizer_vocab_size(cfg), cfg.model.vocab_multiple_of)
 
 
+def check_vocab_fits(model_vocab: int, tokens: int, source: str) -> None:
+    """Refuse a model vocabulary smaller than the tokenizer's (``source`` says whose, before the count)."""
+    if tokens > model_vocab:
+        raise ConfigError(f"{source} {tokens} tokens but model.vocab_size is {model_vocab}; raise model.vocab_size "
+                          f"to at least {tokens}")
+
+
 def check_token_ids(info: DataInfo, vocab_size: int) -> None:
     """Refuse data holding a token id the model has no embedding for (it would crash mid-run).
 
@@ -138,16 +145,9 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
     info = infos[0]
     data_dir = info.data_dir
     tokenizer = load_tokenizer(info.tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {info.tokenizer_path} has {tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}"
-        )
-    if info.vocab_size is not None and info.vocab_size > cfg.model.vocab_size:
-        raise DataError(
-            f"data in {data_dir} was tokenized with a vocab of {info.vocab_size} but model.vocab_size is "
-            f"{cfg.model.vocab_size}"
-        )
+    check_vocab_fits(cfg.model.vocab_size, tokenizer.vocab_size, f"tokenizer {info.tokenizer_path} has")
+    if info.vocab_size is not None:
+        check_vocab_fits(cfg.model.vocab_size, info.vocab_size, f"data in {data_dir} was tokenized with a vocab of")
     for i in infos:
         check_token_ids(i, cfg.model.vocab_size)
     d = cfg.data

@@ -36,9 +36,10 @@ from ..parallel.context_parallel import split_for_context_parallel
 from ..parallel.grad_norm import clip_grad_norm
 from ..kernels.fused_loss import fused_linear_lm_loss, use_fused_loss
 from ..parallel.loss_parallel import lm_loss_fn
-from ..parallel.deepspeed_engine import build_deepspeed_engine, check_deepspeed
-from ..parallel.mesh import Degrees, check_job, resolve_degrees
-from ..parallel.pipeline import PipelineRunner, build_runner, plan_pipeline
+from ..parallel.deepspeed_engine import build_deepspeed_engine
+from ..parallel.job_checks import check_job
+from ..parallel.mesh import Degrees, resolve_degrees
+from ..parallel.pipeline import PipelinePlan, PipelineRunner, build_runner
 from .checkpoint import Checkpointer, check_init, check_resume_backend, load_checkpoint, load_model_weights
 from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
@@ -86,13 +87,10 @@ class Trainer:
         self.started = False
         """True once the first training step begins (errors before it are setup errors)."""
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
-        check_job(cfg, self.degrees)
+        self.pipeline_plan: PipelinePlan | None = check_job(cfg, self.degrees, self.device.type)
+        """Every check of the job against its world size, once, before any process group; the pipeline split."""
         self.fused_loss = use_fused_loss(cfg, self.degrees, self.device.type)
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
-        if cfg.parallel.dp_backend == "deepspeed":
-            check_deepspeed(cfg, self.degrees)
-        if self.degrees.pp > 1:
-            plan_pipeline(cfg, self.degrees, self.device.type)  # stage split + microbatches: ConfigError before any process group
         self.output_dir = Path(cfg.train.output_dir)
         check_writable(self.output_dir)
         self.identity = run_identity(cfg)
@@ -124,7 +122,7 @@ class Trainer:
             self.flops_per_token = encoder_decoder_flops_per_token(model, cfg.model, spec.encoder_len, spec.decoder_len)
         else:
             self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
-        self.model = parallelize(model, self.mesh, self.degrees, cfg)
+        self.model = parallelize(model, self.mesh, self.degrees, cfg, self.pipeline_plan)
         if self.init_from is not None:  # fresh optimizer, step 0; any layout (DCP reshards)
             load_model_weights(self.init_from, self.model)
             if self.env.is_main:

@@ -1,0 +1,162 @@
+"""Checks of a job config that need no world size: value ranges, choices, relations between fields.
+
+:func:`validate` runs on every config that is loaded (:func:`meshforge.config.load_config`);
+the checks against a world size and a layout are :func:`meshforge.parallel.job_checks.check_job`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .config_objectives import ENCODER_DECODER_OBJECTIVES, mode_token_pieces, parse_denoisers, resolve_objective
+from .config_sections import CHOICES, ConfigError, JobConfig, ParallelConfig, TrainConfig
+
+
+def validate(cfg: JobConfig) -> None:
+    """Check value ranges and the relations between fields that need no world size."""
+    for key, allowed in CHOICES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    m, t, d = cfg.model, cfg.train, cfg.data
+    positive = {
+        "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "model.vocab_size": m.vocab_size, "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip, "train.eval_interval": t.eval_interval,
+        "train.z_loss_coef": t.z_loss_coef, "checkpoint.interval": cfg.checkpoint.interval,
+        "logging.log_interval": cfg.logging.log_interval, "train.sample_tokens": t.sample_tokens,
+        "train.micro_batch_size": t.micro_batch_size,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    _check_finite(cfg)
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
+    _check_backend_options(cfg.parallel)
+    if m.mup_base_dim < 0 or (m.mup_base_dim and (m.family != "decoder" or m.moe_experts)):
+        raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
+                          "'decoder', model.moe_experts = 0) and needs a positive base width, or 0 to turn it off")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"head dim model.dim/model.n_heads = {m.head_dim} must be even for RoPE")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
+    if m.family == "decoder" and m.position_encoding != "rope":
+        raise ConfigError("model.position_encoding = 'relative' is for encoder_decoder models; decoders use rope")
+    if m.moe_experts:
+        if not 1 <= m.moe_top_k <= m.moe_experts:
+            raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
+        if m.moe_capacity_factor < 0 or m.moe_bias_update_rate < 0 or m.moe_shared_experts < 0:
+            raise ConfigError("model.moe_capacity_factor, moe_bias_update_rate and moe_shared_experts must be >= 0")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) is beyond the model's positions (model.max_seq_len = {m.max_seq_len}); "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    if not 0.0 < d.noise_density < 1.0 or d.mean_noise_span < 1.0:
+        raise ConfigError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
+                          f"{d.noise_density} and {d.mean_noise_span}")
+    objective = resolve_objective(cfg)
+    if (objective in ENCODER_DECODER_OBJECTIVES) != (m.family == "encoder_decoder"):
+        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: "
+                          f"{', '.join(ENCODER_DECODER_OBJECTIVES)} train encoder_decoder models, lm trains decoders")
+    if d.document_mask and objective != "lm":
+        raise ConfigError(f"data.document_mask applies to the decoder LM objective; {objective} windows are "
+                          "taken across document boundaries as in T5 (set data.document_mask = false)")
+    if not 0.0 < d.prefix_lm_min <= d.prefix_lm_max < 1.0:
+        raise ConfigError(f"data.prefix_lm_min and data.prefix_lm_max must satisfy 0 < min <= max < 1 (fractions of "
+                          f"the window), got {d.prefix_lm_min} and {d.prefix_lm_max}")
+    parse_denoisers(d.ul2_denoisers)
+    if d.ul2_mode_tokens:
+        if objective != "ul2":
+            raise ConfigError(f"data.ul2_mode_tokens is for data.objective = 'ul2' (got {objective!r}); "
+                              "set data.ul2_mode_tokens = '' or data.objective = 'ul2'")
+        mode_token_pieces(d.ul2_mode_tokens)
+    if not 0.0 <= d.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    if not 0.0 < cfg.optim.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size ({t.micro_batch_size})"
+        )
+    for name in ("pp", "dp_replicate", "cp", "tp", "ep"):
+        if getattr(cfg.parallel, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(cfg.parallel, name)}")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.pp_microbatches < 0 or cfg.parallel.pp_stages_per_rank < 0:
+        raise ConfigError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
+    if t.max_nonfinite_steps < 1 or t.spike_sigmas < 0 or t.collective_timeout_s <= 0 or t.setup_timeout_s <= 0:
+        raise ConfigError(f"train.max_nonfinite_steps must be >= 1, train.spike_sigmas >= 0 and "
+                          f"train.collective_timeout_s and train.setup_timeout_s > 0 (got {t.max_nonfinite_steps}, "
+                          f"{t.spike_sigmas}, {t.collective_timeout_s}, {t.setup_timeout_s})")
+    if not t.output_dir:
+        raise ConfigError("train.output_dir must be set")
+
+
+def _check_finite(cfg: JobConfig) -> None:
+    """No float setting may be NaN or infinite (every comparison with NaN is false, so range checks miss it)."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{sec.name}.{f.name} must be a finite number, got {value}")
+
+
+FSDP2_ONLY = {"fsdp_reshard_after_forward": True, "fsdp_cpu_offload": False, "param_dtype": "auto"}
+"""FSDP2 settings (with their defaults) that the DeepSpeed backend does not read."""
+DEEPSPEED_ONLY = {"zero_stage": 1, "offload_optimizer": "none", "offload_param": "none", "nvme_path": ""}
+"""DeepSpeed settings (with their defaults) that the FSDP2 backend does not read."""
+
+
+def _check_backend_options(p: ParallelConfig) -> None:
+    """A setting of one data-parallel backend given to the other would be silently ignored: refuse it."""
+    other, backend, instead = ((DEEPSPEED_ONLY, "deepspeed", "FSDP2's parallel.fsdp_reshard_after_forward / fsdp_cpu_offload")
+                               if p.dp_backend == "fsdp2" else
+                               (FSDP2_ONLY, "fsdp2", "parallel.zero_stage / offload_optimizer / offload_param, and train.dtype"))
+    changed = [f"parallel.{k} = {getattr(p, k)!r}" for k, default in other.items() if getattr(p, k) != default]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} {'is a setting' if len(changed) == 1 else 'are settings'} of "
+                          f"parallel.dp_backend = '{backend}', which this job does not use (dp_backend = "
+                          f"'{p.dp_backend}'); remove {'it' if len(changed) == 1 else 'them'}, or set "
+                          f"parallel.dp_backend = '{backend}' (with '{p.dp_backend}' use {instead})")
+
+
+def micro_batch_size(t: TrainConfig, dp: int) -> int:
+    """``train.micro_batch_size`` on ``dp`` data-parallel ranks: 0 resolves to the whole local batch.
+
+    Raises ConfigError, naming the numbers, when the global batch does not split into
+    micro batches on ``dp`` ranks."""
+    if not t.micro_batch_size:
+        if t.global_batch_size % dp:
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) does not divide by the data-parallel degree ({dp}); "
+                f"train.micro_batch_size = 0 takes global / data-parallel samples per rank: use a global batch that "
+                f"{dp} divides, or another number of ranks"
+            )
+        return t.global_batch_size // dp
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size * data-parallel "
+            f"degree ({t.micro_batch_size} * {dp} = {t.micro_batch_size * dp}); set train.micro_batch_size = 0 for "
+            "global / data-parallel samples per rank"
+        )
+    return t.micro_batch_size

@@ -1,0 +1,91 @@
+"""One validation of a job against its world size, before any process group exists: :func:`check_job`.
+
+The trainer (and the planner, for each layout it proposes) calls it once, after
+:func:`~meshforge.parallel.mesh.resolve_degrees`; it runs every check that needs the degrees:
+context, expert, tensor and pipeline parallelism against the model and batch, the DeepSpeed
+backend's limits, and the pipeline plan (:func:`~meshforge.parallel.pipeline.plan_pipeline`),
+which it returns so that nothing plans the pipeline twice. The checks that need no world size
+are :func:`meshforge.config.validate`.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError, JobConfig, ModelConfig, micro_batch_size
+from .deepspeed_engine import check_deepspeed
+from .mesh import Degrees
+from .pipeline import PipelinePlan, plan_pipeline
+
+
+def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> PipelinePlan | None:
+    """Every relation between the degrees and the model, batch and backend, named with its numbers
+    (ConfigError); with ``parallel.pp > 1`` the pipeline plan, which checks the split and microbatches.
+
+    ``device_type`` (when known) also checks the pipeline schedule against ``parallel.compile``.
+    """
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    if d.cp > 1:
+        check_context_parallel(cfg, d)
+    if d.ep > 1:  # expert parallel borrows its ranks from dp_shard x cp
+        if not m.moe_experts:
+            raise ConfigError(f"parallel.ep = {d.ep}: expert parallelism needs an MoE model "
+                              "(model.moe_experts > 0); use parallel.ep = 1 for a dense model")
+        if (d.dp_shard * d.cp) % d.ep:
+            raise ConfigError(f"parallel.ep = {d.ep} must divide dp_shard*cp = {d.dp_shard}*{d.cp} = "
+                              f"{d.dp_shard * d.cp} (expert parallel borrows its ranks from them)")
+        if m.moe_experts % d.ep:
+            raise ConfigError(f"model.moe_experts = {m.moe_experts} does not divide by parallel.ep = {d.ep}")
+        if p.dp_backend != "fsdp2":
+            raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
+    if m.moe_experts and m.family != "decoder":
+        check_moe_family(m, d)
+    if d.tp > 1:
+        for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
+                            ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
+            if value % d.tp:
+                raise ConfigError(f"{name} = {value} does not divide by parallel.tp = {d.tp}")
+    if cfg.data.document_mask and (d.tp > 1 or d.pp > 1):
+        raise ConfigError(f"data.document_mask works with data and expert parallelism only so far (parallel.tp = "
+                          f"{d.tp}, parallel.pp = {d.pp}); use tp = pp = 1 or turn the mask off")
+    if p.dp_backend == "deepspeed":
+        check_deepspeed(cfg, d)
+    micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
+    return plan_pipeline(cfg, d, device_type) if d.pp > 1 else None
+
+
+def check_moe_family(m: ModelConfig, d: Degrees) -> None:
+    """Tensor and pipeline parallelism split MoE layers of the decoder family only."""
+    if d.tp > 1:
+        raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the decoder "
+                          f"family only, not in an {m.family} (model.moe_experts = {m.moe_experts}); "
+                          "use parallel.tp = 1")
+    if d.pp > 1:
+        raise ConfigError(f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, "
+                          f"not in an {m.family} (model.moe_experts = {m.moe_experts}); use parallel.pp = 1")
+
+
+def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
+    """What ``parallel.cp > 1`` needs: a decoder, a sequence in 2*cp chunks, heads for all-to-all."""
+    m, p = cfg.model, cfg.parallel
+    if m.family != "decoder":
+        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the decoder family only, not "
+                          f"model.family = {m.family!r}; use parallel.cp = 1")
+    if m.moe_experts:
+        raise ConfigError(f"parallel.cp = {d.cp} with an MoE model (model.moe_experts = {m.moe_experts}) is not "
+                          "supported yet: its load-balancing loss and router statistics would be taken over each "
+                          "rank's share of the sequence instead of the whole; use parallel.cp = 1")
+    for name, degree in (("pp", d.pp), ("ep", d.ep)):
+        if degree > 1:
+            raise ConfigError(f"parallel.cp = {d.cp} does not compose with parallel.{name} = {degree} yet; "
+                              f"use one of them")
+    if p.dp_backend != "fsdp2":
+        raise ConfigError(f"parallel.cp = {d.cp} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
+    seq = cfg.data.seq_len
+    if seq % (2 * d.cp):
+        raise ConfigError(f"data.seq_len = {seq} does not divide into 2*cp = {2 * d.cp} zigzag chunks "
+                          f"(parallel.cp = {d.cp}); use a multiple of {2 * d.cp}")
+    if p.cp_method == "alltoall":
+        for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+            if value % (d.tp * d.cp):
+                raise ConfigError(f"parallel.cp_method = 'alltoall' needs {name} = {value} divisible by tp*cp = "
+                                  f"{d.tp}*{d.cp} = {d.tp * d.cp} (each cp rank takes a share of each tp rank's "
+                                  "heads); use cp_method = 'ring'")
