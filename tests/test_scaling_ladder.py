@@ -1,4 +1,4 @@
-"""The end-to-end CPU ladder (bench/scaling_ladder.sh): slow, ~10-25 minutes on 2 cores."""
+"""The end-to-end CPU ladder (bench/scaling_ladder.sh): slow, ~10-20 minutes on 2 cores."""
 
 from __future__ import annotations
 
