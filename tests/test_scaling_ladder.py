@@ -1,4 +1,4 @@
-"""The end-to-end CPU ladder (bench/scaling_ladder.sh): slow, ~10-25 minutes on 2 cores."""
+"""The end-to-end CPU ladder (bench/scaling_ladder.sh): slow, ~10-20 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -22,5 +22,8 @@ def test_cpu_ladder_fits_a_compute_optimal_n_that_grows_with_c(tmp_path):
     n_opt = [b["N_opt"] for b in fit["budgets"]]
     assert n_opt == sorted(n_opt) and n_opt[-1] > n_opt[0]  # approach 3: N_opt grows with C
     assert 0 < fit["a"]["value"] < 1
+    a2 = fit["approach2"]  # every budget's minimum inside its sizes, and growing with C
+    assert len(a2["budgets"]) == 3 and all(b["vertex_inside"] for b in a2["budgets"]) and a2["a"] > 0
+    assert fit["approach1"]["envelope_of"] == "final" and fit["approach1"]["a"] > 0
     for name in ("isoflop", "loss_vs_compute", "optimal", "residuals"):
         assert (docs / f"{name}.png").is_file() and (docs / f"{name}.svg").is_file()

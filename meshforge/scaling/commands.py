@@ -44,7 +44,8 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     spec = PlanSpec(kind=args.kind, output=Path(args.output), base_config=args.base_config,
                     overrides=_overrides(args.set), budgets=args.budgets or [],
                     sizes=[] if args.kind == "isoflop" else _floats(args.sizes or ""), n_sizes=n_sizes,
-                    n_min=args.n_min, n_max=args.n_max, span=args.span, tokens=args.tokens or [], lrs=args.lrs or [],
+                    n_min=args.n_min, n_max=args.n_max, span=args.span, centers=args.centers or [],
+                    tokens=args.tokens or [], lrs=args.lrs or [],
                     variants=args.variants.split(","), aspect=args.aspect, layers=args.layers, min_steps=args.min_steps,
                     max_steps=args.max_steps, warmup_fraction=args.warmup_fraction)
     rows, skipped = write_plan(spec, overwrite=args.overwrite)
@@ -93,7 +94,9 @@ def add_scaling_parser(sub) -> None:
     p.add_argument("--n-min", type=float, default=0.0, help="isoflop: smallest N of a fixed grid (with --n-max)")
     p.add_argument("--n-max", type=float, default=0.0, help="isoflop: largest N of a fixed grid")
     p.add_argument("--span", type=float, default=4.0, help="isoflop without --n-min/max: N from N*/span to N*·span, "
-                   "N* = sqrt(C/120)")
+                   "N* = sqrt(C/120) or --centers")
+    p.add_argument("--centers", type=_floats, help="isoflop: the expected optimum N* of each budget (one per budget, "
+                   "in order): each budget's grid is centred there")
     p.add_argument("--tokens", type=_floats, help="tokens/lr: training tokens per run")
     p.add_argument("--lrs", type=_floats, help="lr: peak learning rates")
     p.add_argument("--variants", default="plain,qk_norm+z_loss", help="lr: comma-separated of plain, qk_norm, "

@@ -4,9 +4,13 @@ Input: any CSV with columns ``N``, ``D``, ``loss`` (others ignored), or a sweep 
 results.csv; approach 1 reads its curves.csv). A ``status`` column keeps only ``ok`` rows. C
 is the ``budget`` column where present (IsoFLOP groups), else the ``flops`` column, else 6ND.
 
-1. Minimum-loss envelope: the training curves' points are binned by C (log-spaced); in each
-   bin the point of lowest loss gives (C, N, D); log N_opt and log D_opt are fitted linearly in
-   log C.
+1. Minimum-loss envelope. By default over each run's **final** loss (the end of its own
+   schedule): per IsoFLOP budget (or, without a ``budget`` column, per log-spaced bin of C) the
+   run of lowest loss gives (C, N, D); log N_opt and log D_opt are fitted linearly in log C. A
+   cosine run's intermediate points are not at the end of any schedule (its LR has not
+   decayed there), so their envelope is biased; ``envelope="curves"`` reads the training curves
+   (curves.csv) instead, for schedules whose intermediate points are valid (constant LR, or
+   Chinchilla's several cosine lengths per size).
 2. IsoFLOP profiles: for each budget a parabola of loss in log N (and one in log D); its vertex
    is (N_opt, D_opt) of that budget; then N_opt ~ C^a, D_opt ~ C^b by least squares in logs
    (intervals: +-1.96 standard errors of the slope, with 3 or more budgets).
@@ -175,18 +179,24 @@ def approach2(pts: Points) -> dict:
 
 
 def approach1(pts: Points, bins: int = 20) -> dict:
-    """The minimum-loss envelope over training curves (or over final points when no curves are given)."""
+    """The minimum-loss envelope: per IsoFLOP budget when ``pts`` has a budget column (final points of
+    a ladder), else per log-spaced bin of C (training curves, or final points of any runs)."""
     if len(set(pts.n.tolist())) < 2:
         raise ScalingError("approach 1 needs points of at least 2 model sizes")
-    logc = np.log(pts.c)
-    edges = np.linspace(logc.min(), logc.max(), bins + 1)
-    which = np.clip(np.digitize(logc, edges) - 1, 0, bins - 1)
+    if pts.grouped:
+        groups = isoflop_groups(pts)
+    else:
+        logc = np.log(pts.c)
+        edges = np.linspace(logc.min(), logc.max(), bins + 1)
+        which = np.clip(np.digitize(logc, edges) - 1, 0, bins - 1)
+        groups = [np.flatnonzero(which == k) for k in range(bins)]
     env = []
-    for k in range(bins):
-        idx = np.flatnonzero(which == k)
+    for idx in groups:
         if len(idx):
             j = idx[np.argmin(pts.loss[idx])]
             env.append((pts.c[j], pts.n[j], pts.d[j], pts.loss[j]))
+    if len(env) < 2:
+        raise ScalingError("approach 1 needs points at 2 or more compute budgets")
     env_a = np.array(env)
     if len(set(env_a[:, 1].tolist())) < 2:
         raise ScalingError("approach 1: one model size is best at every compute; the envelope has no slope "
@@ -206,8 +216,22 @@ def _interval(v: float, iv) -> dict:
     return {"value": v, "interval": list(iv) if iv is not None else None}
 
 
+ENVELOPES = ("final", "curves")
+
+
+def envelope_points(results: Path, curves: Path | None, envelope: str = "final") -> Points:
+    """The points approach 1 reads: each run's final loss (``final``), or its training curve (``curves``)."""
+    if envelope not in ENVELOPES:
+        raise ScalingError(f"envelope {envelope!r} is not one of {', '.join(ENVELOPES)}")
+    if envelope == "final":
+        return read_points(results)
+    if curves is None:
+        raise ScalingError(f"--envelope curves needs a sweep dir with a curves.csv; {results} has none")
+    return read_points(curves, compute_from=("flops",))
+
+
 def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | None = None, bootstrap: int = 100,
-               seed: int = 0) -> dict:
+               seed: int = 0, envelope: str = "final") -> dict:
     """Everything ``meshforge scaling fit`` prints, as one JSON-able dict."""
     results, curves = resolve_inputs(path)
     pts = read_points(results)
@@ -239,12 +263,18 @@ def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | N
                               "D_opt": float(predict_power(a2["D_opt"], c))} for c in budgets or []]
         report["approach2"] = a2
     if "1" in which:
-        cpts = read_points(curves, compute_from=("flops",)) if curves is not None else read_points(results, ("flops",))
-        a1 = approach1(cpts)
-        a1["source"] = cpts.source
-        a1["predictions"] = [{"C": c, "N_opt": float(predict_power(a1["N_opt"], c)),
-                              "D_opt": float(predict_power(a1["D_opt"], c))} for c in budgets or []]
-        report["approach1"] = a1
+        cpts = envelope_points(results, curves, envelope)
+        try:
+            a1 = approach1(cpts)
+        except ScalingError as e:
+            if approach == "1":
+                raise
+            report["approach1_left_out"] = str(e)  # the other approaches still report
+        else:
+            a1["source"], a1["envelope_of"] = cpts.source, envelope
+            a1["predictions"] = [{"C": c, "N_opt": float(predict_power(a1["N_opt"], c)),
+                                  "D_opt": float(predict_power(a1["D_opt"], c))} for c in budgets or []]
+            report["approach1"] = a1
     return report
 
 
@@ -264,9 +294,14 @@ def format_report(r: dict) -> str:
                                                         if r["left_out_not_ok"] else "")]
     if "approach1" in r:
         a = r["approach1"]
-        lines.append(f"approach 1 (min-loss envelope, {len(a['envelope'])} bins): N_opt ~ C^{a['a']:.3f}, "
-                     f"D_opt ~ C^{a['b']:.3f}")
+        what = "final losses" if a.get("envelope_of", "final") == "final" else "training curves"
+        lines.append(f"approach 1 (min-loss envelope of the {what}, {len(a['envelope'])} compute bins): "
+                     f"N_opt ~ C^{a['a']:.3f}, D_opt ~ C^{a['b']:.3f}")
+        lines += [f"  best run at C={p['C']:.3g}: N={p['N']:.4g} D={p['D']:.4g} loss={p['loss']:.4f}"
+                  for p in a["envelope"]] if len(a["envelope"]) <= 8 else []
         lines += [f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g}" for p in a["predictions"]]
+    if "approach1_left_out" in r:
+        lines.append(f"approach 1 left out: {r['approach1_left_out']}")
     if "approach2" in r:
         a = r["approach2"]
         lines.append("approach 2 (IsoFLOP parabolas):")

@@ -59,7 +59,10 @@ class PlanSpec:
     n_max: float = 0.0
     """isoflop: a fixed N grid for every budget (both set), else one centred on each budget's guess."""
     span: float = 4.0
-    """isoflop without n_min/n_max: sizes from N*/span to N*·span around N* = sqrt(C / 120) (D = 20 N)."""
+    """isoflop without n_min/n_max: sizes from N*/span to N*·span around N* = sqrt(C / 120) (D = 20 N),
+    or around that budget's entry of ``centers``."""
+    centers: list[float] = field(default_factory=list)
+    """isoflop: the expected optimum N* of each budget (same order as ``budgets``), instead of sqrt(C / 120)."""
     tokens: list[float] = field(default_factory=list)
     """tokens/lr: training tokens per run."""
     lrs: list[float] = field(default_factory=list)
@@ -94,11 +97,11 @@ def _row_config(base: JobConfig, shape, steps: int, out_dir: Path, extra: dict[s
     return config_from_dict(data)
 
 
-def _size_grid(spec: PlanSpec, budget: float) -> list[float]:
+def _size_grid(spec: PlanSpec, budget: float, center: float = 0.0) -> list[float]:
     if spec.n_min and spec.n_max:
         lo, hi = spec.n_min, spec.n_max
     else:
-        guess = math.sqrt(budget / 120)
+        guess = center or math.sqrt(budget / 120)
         lo, hi = guess / spec.span, guess * spec.span
     if spec.n_sizes < 1 or lo <= 0 or hi < lo:
         raise ScalingError(f"bad size grid: {spec.n_sizes} sizes from {lo:g} to {hi:g}")
@@ -118,8 +121,15 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
     if spec.kind == "isoflop":
         if not spec.budgets:
             raise ScalingError("an isoflop sweep needs --budgets (FLOPs, comma separated)")
-        for budget in spec.budgets:
-            for n in _size_grid(spec, budget):
+        centers = spec.centers or [0.0] * len(spec.budgets)
+        if spec.centers and (spec.n_min or spec.n_max):
+            raise ScalingError("--centers and --n-min/--n-max both place the size grid; give one of them")
+        if spec.centers and (len(centers) != len(spec.budgets)
+                             or any(not (c > 0 and math.isfinite(c)) for c in centers)):
+            raise ScalingError(f"--centers needs one positive N per budget: {len(spec.budgets)} budget(s), "
+                               f"got {', '.join(f'{c:g}' for c in spec.centers)}")
+        for budget, center in zip(spec.budgets, centers):
+            for n in _size_grid(spec, budget, center):
                 points.append({"target_N": n, "budget": budget})
     elif spec.kind == "tokens":
         if not spec.sizes or not spec.tokens:
@@ -191,7 +201,8 @@ def write_plan(spec: PlanSpec, overwrite: bool = False) -> tuple[list[dict], lis
     tmp = out / "sweep.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     meta = {"kind": spec.kind, "base_config": spec.base_config, "overrides": spec.overrides,
-            "budgets": spec.budgets, "aspect": spec.aspect, "rows": len(rows), "skipped": skipped}
+            "budgets": spec.budgets, "centers": spec.centers, "span": spec.span, "aspect": spec.aspect,
+            "rows": len(rows), "skipped": skipped}
     (out / "plan.json").write_text(json.dumps(meta, indent=1, default=float))
     tmp.replace(out / "sweep.jsonl")
     return rows, skipped

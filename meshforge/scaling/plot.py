@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ScalingError
-from .fit import Points, approach1, approach2, approach3, predict_power, read_points, resolve_inputs
+from .fit import (Points, approach1, approach2, approach3, envelope_points, predict_power, read_points,
+                  resolve_inputs)
 
 
 def _pyplot():
@@ -85,6 +86,8 @@ def plot_optimal(plt, pts: Points, a1, a2, fit, k: float, out: Path) -> list[Pat
                        label="IsoFLOP minima")
             ax.plot(c, predict_power(a2[key], c), "C0-", label=f"approach 2: C^{a2[key]['exponent']:.2f}")
         if a1 is not None:
+            ax.scatter([e["C"] for e in a1["envelope"]], [e[key[0]] for e in a1["envelope"]], color="C1", marker="s",
+                       s=16, zorder=3, label="envelope (approach 1)")
             ax.plot(c, predict_power(a1[key], c), "C1--", label=f"approach 1: C^{a1[key]['exponent']:.2f}")
         if fit is not None:
             exp = fit.a if idx == 0 else fit.b
@@ -111,7 +114,8 @@ def plot_residuals(plt, pts: Points, fit, out: Path) -> list[Path]:
     return paths
 
 
-def plot_all(results: str | Path, output: str | Path | None = None, bootstrap: int = 0, log=print) -> list[Path]:
+def plot_all(results: str | Path, output: str | Path | None = None, bootstrap: int = 0, log=print,
+             envelope: str = "final") -> list[Path]:
     """Write every figure the results allow; returns the paths written."""
     results_path, curves_path = resolve_inputs(results)
     out = Path(output) if output else results_path.parent / "figures"
@@ -139,7 +143,7 @@ def plot_all(results: str | Path, output: str | Path | None = None, bootstrap: i
         log(f"no IsoFLOP figure: {e}")
     curves = read_points(curves_path, ("flops",)) if curves_path else None
     try:
-        a1 = approach1(curves or read_points(results_path, ("flops",)))
+        a1 = approach1(envelope_points(results_path, curves_path, envelope))
     except ScalingError as e:
         log(f"approach 1 left out of the figures: {e}")
     try:
