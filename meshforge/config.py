@@ -147,6 +147,18 @@ def resolve_preset(name_or_path: str) -> Path:
     raise ConfigError(f"config file '{name_or_path}' not found (presets: {', '.join(known) or 'none'})")
 
 
+def read_toml_tables(path: Path, kind: str) -> dict[str, dict[str, Any]]:
+    """A TOML file whose every top-level key is a ``[kind]`` table; ConfigError naming the file otherwise."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for key, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key '{key}' must be a [{kind}] table")
+    return data
+
+
 def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
     """Defaults, then the TOML preset, then the overrides; then :func:`validate`.
 
@@ -156,13 +168,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
     cfg = JobConfig()
     if preset:
         path = resolve_preset(preset)
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        for sec, table in data.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: top-level key '{sec}' must be a [section] table")
+        for sec, table in read_toml_tables(path, "section").items():
             for key, value in table.items():
                 _set(cfg, f"{sec}.{key}", value, from_cli=False)
     if isinstance(overrides, dict):

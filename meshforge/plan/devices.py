@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, read_toml_tables
 
 BUILTIN_DEVICES = Path(__file__).with_name("devices.toml")
 
@@ -48,13 +48,7 @@ def load_devices(extra: str | Path | None = None) -> dict[str, Device]:
         path = Path(extra)
         if not path.is_file():
             raise ConfigError(f"device table '{path}' not found")
-        try:
-            user = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        for key, table in user.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{path}: '{key}' must be a [device] table")
+        for key, table in read_toml_tables(path, "device").items():
             tables[key] = {**tables.get(key, {}), **table}
     out = {}
     for key, table in tables.items():
