@@ -216,3 +216,19 @@ def test_train_prints_prediction_and_measurement(tiny_data, tmp_path):
     assert "memory plan (rank 0): params" in proc.stdout and "memory measured at step 2" in proc.stdout
     rec = next(r for r in read_metrics(out) if "mem_step_peak_bytes" in r)
     assert rec["step"] == 2 and rec["mem_step_peak_bytes"] > 0 and rec["mem_predicted_activations"] > 0
+
+
+def test_layout_of_config_resolves_the_default_micro_batch():
+    """train.micro_batch_size = 0 (the default) is the whole local batch; under pp the pipeline's microbatch
+    (a run with the defaults on 2 ranks printed "no prediction: ZeroDivisionError" before)."""
+    from meshforge.plan.memory import estimate_rank
+    from meshforge.plan.planner import layout_of_config
+    from meshforge.parallel.mesh import resolve_degrees
+    from meshforge.parallel.pipeline import plan_pipeline
+
+    cfg = load_config("small", {"train.micro_batch_size": 0})
+    assert layout_of_config(cfg, 2).micro_batch_size == cfg.train.global_batch_size // 2
+    assert estimate_rank(cfg, layout_of_config(cfg, 2), 0, "cpu")["activations"] > 0
+    cfg = load_config("small", {"train.micro_batch_size": 0, "parallel.pp": 2})
+    n = plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2)).n_microbatches
+    assert layout_of_config(cfg, 2).micro_batch_size == cfg.train.global_batch_size // n

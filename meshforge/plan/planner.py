@@ -157,7 +157,9 @@ def _group_reasons(refused: dict[str, int]) -> dict[str, int]:
 
 def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     """The layout ``cfg``'s parallel section describes on ``gpus`` ranks (dp_shard = -1 resolved)."""
+    from ..config import micro_batch_size
     from ..parallel.mesh import resolve_degrees
+    from ..parallel.pipeline import plan_pipeline
 
     p = cfg.parallel
     d = resolve_degrees(p, gpus)
@@ -165,8 +167,11 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
         zero = f"ds-zero{p.zero_stage}"
     else:
         zero = "fsdp-zero3" if p.fsdp_reshard_after_forward else "fsdp-zero2"
-    return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule,
-                  cfg.train.micro_batch_size, p.activation_checkpointing)
+    mbs = micro_batch_size(cfg.train, d.dp)  # 0 resolves to the whole local batch
+    if d.pp > 1:  # a pipeline's microbatch is the local batch over the job's microbatch count
+        mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
+    return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
+                  p.activation_checkpointing)
 
 
 __all__ = ["HEADROOM", "Plan", "Priced", "check_cluster", "get_device", "layout_of_config", "parse_tokens",
