@@ -251,7 +251,6 @@ class Trainer:
     def _deepspeed_train_step(self) -> dict:
         """One step on the DeepSpeed engine: it divides each micro-batch loss by the accumulation
         steps (so the gradient is that of the global-batch mean), reduces, clips and steps at the last."""
-        cfg = self.cfg
         micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
         assert len(micro) == self.engine.gradient_accumulation_steps(), (len(micro), self.engine.gradient_accumulation_steps())
         stats = RouterStats(aux_grad_scale=1.0 / len(micro))
