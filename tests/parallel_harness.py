@@ -50,12 +50,16 @@ def rank_env(rank: int, world_size: int, port: int, extra_env: dict | None = Non
 
 
 def start_ranks(world_size: int, argv: list[str], extra_env: dict | None = None, script: list[str] | None = None,
-                stdout=subprocess.DEVNULL) -> list[subprocess.Popen]:
-    """Start ``world_size`` ranks of ``python -m meshforge ARGV`` (or ``python SCRIPT... ARGV``); stderr is piped."""
+                stdout=subprocess.DEVNULL, rank_args: dict[int, list[str]] | None = None,
+                rank_extra_env: dict[int, dict] | None = None) -> list[subprocess.Popen]:
+    """Start ``world_size`` ranks of ``python -m meshforge ARGV`` (or ``python SCRIPT... ARGV``); stderr is piped.
+    Rank r gets ``rank_args[r]`` after ARGV and ``rank_extra_env[r]`` on top of its environment."""
     port = free_port()
     cmd = [sys.executable, *(script or ["-m", "meshforge"]), *argv]
-    return [subprocess.Popen(cmd, env=rank_env(rank, world_size, port, extra_env), cwd=REPO, stdout=stdout,
-                             stderr=subprocess.PIPE) for rank in range(world_size)]
+    rank_args, rank_extra_env = rank_args or {}, rank_extra_env or {}
+    return [subprocess.Popen(cmd + rank_args.get(rank, []),
+                             env=rank_env(rank, world_size, port, {**(extra_env or {}), **rank_extra_env.get(rank, {})}),
+                             cwd=REPO, stdout=stdout, stderr=subprocess.PIPE) for rank in range(world_size)]
 
 
 class RanksFailed(AssertionError):
