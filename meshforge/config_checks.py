@@ -47,9 +47,9 @@ def validate(cfg: JobConfig) -> None:
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
     _check_backend_options(cfg.parallel)
-    if m.mup_base_dim < 0 or (m.mup_base_dim and (not spec.mup or m.moe_experts)):
+    if m.mup_base_dim < 0 or (m.mup_base_dim and (not spec.supports_mup or m.moe_experts)):
         raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
-                          f"{families_with('mup')!r}, model.moe_experts = 0) and needs a positive base width, or 0 "
+                          f"{families_with('supports_mup')!r}, model.moe_experts = 0) and needs a positive base width, or 0 "
                           "to turn it off")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")

@@ -55,7 +55,7 @@ def variant_family():
         return 1000.0
 
     spec = register(dataclasses.replace(MODEL_SPECS["decoder"], name="counting_decoder", build=CountingDecoder,
-                                        flops_per_token=flops, context_parallel=False, mup=False))
+                                        flops_per_token=flops, supports_context_parallel=False, supports_mup=False))
     CountingDecoder.forwards = 0
     try:
         yield spec, flops_calls

@@ -105,7 +105,8 @@ register(ModelSpec(
     "decoder", Decoder, blocks=decoder_blocks, tp_plan=decoder_tp_plan, pipeline_blocks=decoder_pipeline_blocks,
     stage=decoder_stage, stage_view=decoder_stage_view, stage_inputs=decoder_stage_inputs, flops_per_token=decoder_flops,
     objectives=("lm",), position_encodings=("rope",), hf_converter="hf_decoder",
-    moe_parallel=True, context_parallel=True, fused_loss=True, mup=True, scaling_sweeps=True, growable=True))
+    supports_moe_parallel=True, supports_context_parallel=True, supports_fused_loss=True, supports_mup=True,
+    supports_scaling_sweeps=True, supports_grow=True))
 register(ModelSpec(
     "encoder_decoder", EncoderDecoder, blocks=encoder_decoder_blocks, tp_plan=encoder_decoder_tp_plan,
     pipeline_blocks=encoder_decoder_pipeline_blocks, stage=EncoderDecoderStage, stage_view=encoder_decoder_stage_view,

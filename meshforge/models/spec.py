@@ -4,7 +4,7 @@ Nothing outside ``models/`` asks which family a model is; it asks the family's s
 (``family_spec(cfg.family)``) for what it needs -- the blocks to checkpoint, compile and
 shard, the tensor-parallel plan (data: module path pattern -> style name), how to cut the
 model into pipeline stages, its FLOPs per token, its Hugging Face converter -- and whether
-the family supports a feature (``spec.context_parallel``, ...). Adding a family is adding a
+the family supports a feature (``spec.supports_context_parallel``, ...). Adding a family is adding a
 spec (:func:`register`); the specs of the built-in families are in :mod:`meshforge.models`.
 """
 
@@ -54,17 +54,17 @@ class ModelSpec:
     """The ``model.position_encoding`` values it implements."""
     hf_converter: str | None = None
     """The module of ``meshforge.convert`` that maps it to and from Hugging Face (None: no conversion)."""
-    moe_parallel: bool = False
+    supports_moe_parallel: bool = False
     """Tensor and pipeline parallelism split its MoE layers."""
-    context_parallel: bool = False
+    supports_context_parallel: bool = False
     """``parallel.cp > 1`` (its attention cores are swappable; see parallel/context_parallel.py)."""
-    fused_loss: bool = False
+    supports_fused_loss: bool = False
     """``train.fused_loss``: its forward returns the final hidden states (``return_hidden``) and has ``logit_scale``."""
-    mup: bool = False
+    supports_mup: bool = False
     """``model.mup_base_dim`` (width-scaled init and logits)."""
-    scaling_sweeps: bool = False
+    supports_scaling_sweeps: bool = False
     """``meshforge scaling`` plans sweeps of it (its parameter count has a closed form in scaling/shapes.py)."""
-    growable: bool = False
+    supports_grow: bool = False
     """``meshforge convert grow`` stacks its layers (G_stack)."""
 
 

@@ -37,7 +37,7 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
             raise ConfigError(f"model.moe_experts = {m.moe_experts} does not divide by parallel.ep = {d.ep}")
         if p.dp_backend != "fsdp2":
             raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
-    if m.moe_experts and not family_spec(m.family).moe_parallel:
+    if m.moe_experts and not family_spec(m.family).supports_moe_parallel:
         check_moe_family(m, d)
     if d.tp > 1:
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
@@ -54,8 +54,8 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
 
 
 def check_moe_family(m: ModelConfig, d: Degrees) -> None:
-    """Tensor and pipeline parallelism split MoE layers only of the families whose spec says ``moe_parallel``."""
-    families = families_with("moe_parallel")
+    """Tensor and pipeline parallelism split MoE layers only of the families whose spec says ``supports_moe_parallel``."""
+    families = families_with("supports_moe_parallel")
     if d.tp > 1:
         raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the {families} "
                           f"family only, not in an {m.family} (model.moe_experts = {m.moe_experts}); "
@@ -69,8 +69,8 @@ def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
     """What ``parallel.cp > 1`` needs: a family that supports it (a decoder), a sequence in 2*cp chunks,
     heads for all-to-all."""
     m, p = cfg.model, cfg.parallel
-    if not family_spec(m.family).context_parallel:
-        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the {families_with('context_parallel')} "
+    if not family_spec(m.family).supports_context_parallel:
+        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the {families_with('supports_context_parallel')} "
                           "family only, not "
                           f"model.family = {m.family!r}; use parallel.cp = 1")
     if m.moe_experts:
