@@ -1,5 +1,9 @@
 """Model families and how to build them.
 
+Each family is a :class:`~meshforge.models.spec.ModelSpec` in ``MODEL_SPECS``; the two built-in
+ones (``decoder``, ``encoder_decoder``) are registered at the end of this file. Everything
+outside ``models/`` asks ``family_spec(cfg.family)`` instead of comparing family names.
+
 ``build_model(cfg, device)`` creates the model on the meta device (no memory, no init
 cost), materialises it on ``device`` and initialises it explicitly with torch's global
 RNG, so the same seed gives the same weights on any device layout that initialises the
