@@ -96,3 +96,28 @@ def test_a_registered_family_trains_through_its_spec(variant_family, tiny_data, 
     assert result.final_step == 2
     assert CountingDecoder.forwards >= 2  # its own class ran the steps
     assert flops_calls == [(cfg.data.seq_len,)]  # its own FLOPs rule fed the MFU
+
+
+def test_tp_plans_are_data_the_parallel_code_understands():
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    from meshforge.parallel.tensor_parallel import STYLE_NAMES, build_tp_plan
+
+    for preset in ("tiny-test", "moe-small", "t5-small"):
+        m = load_config(preset).model
+        names = family_spec(m.family).tp_plan(m)
+        assert names and all(isinstance(v, str) and v.partition(":")[0] in STYLE_NAMES for v in names.values())
+        assert all(isinstance(s, ParallelStyle) for s in build_tp_plan(m, loss_parallel=True).values())
+    t5 = load_config("t5-small").model
+    with pytest.raises(ValueError, match="the encoder_decoder plan always uses sequence parallel"):
+        build_tp_plan(t5, loss_parallel=False, sequence_parallel=False)
+
+
+def test_an_unknown_tp_style_name_is_refused(variant_family):
+    from meshforge.parallel.tensor_parallel import build_tp_plan
+
+    spec, _ = variant_family
+    register(dataclasses.replace(spec, tp_plan=lambda m: {"layers.*.attention.wq": "diagonal"}))
+    m = load_config("tiny-test", {"model.family": spec.name}).model
+    with pytest.raises(ValueError, match="TP plan style 'diagonal' is not one of embedding, colwise"):
+        build_tp_plan(m, loss_parallel=False)
