@@ -22,8 +22,8 @@ class ConfigError(MeshforgeError, ValueError):
 
 @dataclass
 class ModelConfig:
-    family: Literal["decoder", "encoder_decoder"] = "decoder"
-    """Model family from the registry in ``meshforge.models``: ``decoder`` or ``encoder_decoder`` (T5-style)."""
+    family: str = "decoder"
+    """Model family, a name registered in ``meshforge.models`` (``MODEL_SPECS``): ``decoder`` or ``encoder_decoder`` (T5-style)."""
     vocab_size: int = 2048
     """Size of the embedding/output vocabulary; must be at least the tokenizer's vocab size (ids the tokenizer lacks are never sampled). 0 means the tokenizer's size rounded up to ``vocab_multiple_of``."""
     vocab_multiple_of: int = 64

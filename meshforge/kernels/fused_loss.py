@@ -26,6 +26,7 @@ from contextlib import nullcontext
 import torch
 
 from ..config import ConfigError, JobConfig
+from ..models import family_spec
 from ..models.losses import IGNORE_INDEX, LossParts
 from ..parallel.mesh import Degrees
 
@@ -112,7 +113,7 @@ def use_fused_loss(cfg: JobConfig, degrees: Degrees, device_type: str) -> bool:
     if setting == "off":
         return False
     unsupported = [why for bad, why in (
-        (cfg.model.family != "decoder", f"model.family = {cfg.model.family!r} (decoders only)"),
+        (not family_spec(cfg.model.family).supports_fused_loss, f"model.family = {cfg.model.family!r} (decoders only)"),
         (degrees.pp > 1, f"parallel.pp = {degrees.pp} (the last stage computes the plain loss)"),
         (degrees.tp > 1, f"parallel.tp = {degrees.tp} (vocab-sharded logits use the loss-parallel path)"),
         (degrees.cp > 1, f"parallel.cp = {degrees.cp}"),

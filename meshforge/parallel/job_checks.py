@@ -11,6 +11,7 @@ are :func:`meshforge.config.validate`.
 from __future__ import annotations
 
 from ..config import ConfigError, JobConfig, ModelConfig, micro_batch_size
+from ..models import families_with, family_spec
 from .deepspeed_engine import check_deepspeed
 from .mesh import Degrees
 from .pipeline import PipelinePlan, plan_pipeline
@@ -36,7 +37,7 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
             raise ConfigError(f"model.moe_experts = {m.moe_experts} does not divide by parallel.ep = {d.ep}")
         if p.dp_backend != "fsdp2":
             raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
-    if m.moe_experts and m.family != "decoder":
+    if m.moe_experts and not family_spec(m.family).supports_moe_parallel:
         check_moe_family(m, d)
     if d.tp > 1:
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
@@ -53,21 +54,24 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
 
 
 def check_moe_family(m: ModelConfig, d: Degrees) -> None:
-    """Tensor and pipeline parallelism split MoE layers of the decoder family only."""
+    """Tensor and pipeline parallelism split MoE layers only of the families whose spec says ``supports_moe_parallel``."""
+    families = families_with("supports_moe_parallel")
     if d.tp > 1:
-        raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the decoder "
+        raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the {families} "
                           f"family only, not in an {m.family} (model.moe_experts = {m.moe_experts}); "
                           "use parallel.tp = 1")
     if d.pp > 1:
-        raise ConfigError(f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, "
+        raise ConfigError(f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the {families} family only, "
                           f"not in an {m.family} (model.moe_experts = {m.moe_experts}); use parallel.pp = 1")
 
 
 def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
-    """What ``parallel.cp > 1`` needs: a decoder, a sequence in 2*cp chunks, heads for all-to-all."""
+    """What ``parallel.cp > 1`` needs: a family that supports it (a decoder), a sequence in 2*cp chunks,
+    heads for all-to-all."""
     m, p = cfg.model, cfg.parallel
-    if m.family != "decoder":
-        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the decoder family only, not "
+    if not family_spec(m.family).supports_context_parallel:
+        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the {families_with('supports_context_parallel')} "
+                          "family only, not "
                           f"model.family = {m.family!r}; use parallel.cp = 1")
     if m.moe_experts:
         raise ConfigError(f"parallel.cp = {d.cp} with an MoE model (model.moe_experts = {m.moe_experts}) is not "

@@ -6,7 +6,7 @@ thousands of layouts can be priced in a second (the dry run checks it against th
 
 - pipeline: this rank's stages (``pipeline.split_layers``, loop placement), the embedding on
   stage 0, the final norm and output on the last stage;
-- tensor parallel: the project's TP plan (``decoder_tp_plan``): ``ColwiseParallel`` cuts
+- tensor parallel: the project's TP plan (``build_tp_plan``): ``ColwiseParallel`` cuts
   weight dim 0, ``RowwiseParallel`` dim 1 of a Linear and dim 0 (the vocab) of an Embedding;
   norms, routers and MoE experts stay whole on every tp rank;
 - expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep``;
@@ -48,7 +48,7 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     import torch
     from torch import nn
 
-    from ..models import MODEL_SPECS
+    from ..models import MODEL_SPECS, family_spec
     from ..models.moe import GroupedExperts
 
     cfg = ModelConfig(**dict(key))
@@ -57,6 +57,7 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     modules = dict(model.named_modules())
+    blocks = {path: i for i, path in enumerate(family_spec(cfg.family).blocks(model))}  # in pipeline order
     n_enc = cfg.n_layers
     out = []
     for name, p in model.named_parameters():  # a tied weight appears once
@@ -65,10 +66,9 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
         kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
                 else "experts" if isinstance(m, GroupedExperts) else "other")
         parts = name.split(".")
-        if parts[0] == "layers":
-            layer = int(parts[1])
-        elif parts[0] in ("encoder", "decoder") and parts[1] == "layers":
-            layer = int(parts[2]) + (n_enc if parts[0] == "decoder" else 0)
+        block = next((b for b in (".".join(parts[:k]) for k in range(2, len(parts))) if b in blocks), None)
+        if block is not None:
+            layer = blocks[block]
         elif parts[0] in ("tok_embeddings",) or (len(parts) > 1 and parts[1] == "rel_bias"):
             layer = -1
         elif parts[0] == "encoder" and parts[1] == "norm":
@@ -130,14 +130,9 @@ def _tp_styles(cfg: JobConfig) -> dict[str, str]:
 def _tp_styles_cached(model_key: tuple, loss_parallel: bool) -> dict[str, str]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ..parallel.tensor_parallel import decoder_tp_plan, encoder_decoder_tp_plan
+    from ..parallel.tensor_parallel import build_tp_plan
 
-    m = ModelConfig(**dict(model_key))
-    if m.family == "encoder_decoder":
-        plan = encoder_decoder_tp_plan(loss_parallel)
-    else:
-        moe = {str(i): m.is_moe_layer(i) for i in range(m.n_layers)} if m.moe_experts else None
-        plan = decoder_tp_plan(loss_parallel, qk_norm=m.qk_norm, moe_ffn=moe)
+    plan = build_tp_plan(ModelConfig(**dict(model_key)), loss_parallel)  # the family's plan
     styles = {}
     for pattern, style in plan.items():
         if isinstance(style, ColwiseParallel):

@@ -30,7 +30,7 @@ from ..config import JobConfig, config_to_dict, fingerprint, micro_batch_size, r
 from ..errors import MeshforgeError
 from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
-from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
+from ..models import MODEL_SPECS, active_params, build_model, family_spec
 from ..parallel import build_mesh, parallelize
 from ..parallel.context_parallel import split_for_context_parallel
 from ..parallel.grad_norm import clip_grad_norm
@@ -117,11 +117,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.device)
         self.n_params = active_params(model, cfg.model)
-        spec = getattr(self.data.objective, "spec", None)
-        if cfg.model.family == "encoder_decoder" and spec is not None:
-            self.flops_per_token = encoder_decoder_flops_per_token(model, cfg.model, spec.encoder_len, spec.decoder_len)
-        else:
-            self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
+        spec = getattr(self.data.objective, "spec", None)  # lengths of [encoder | decoder] samples, or one window
+        lengths = (spec.encoder_len, spec.decoder_len) if spec is not None else (cfg.data.seq_len,)
+        self.flops_per_token = family_spec(cfg.model.family).flops_per_token(model, cfg.model, lengths)
         self.model = parallelize(model, self.mesh, self.degrees, cfg, self.pipeline_plan)
         if self.init_from is not None:  # fresh optimizer, step 0; any layout (DCP reshards)
             load_model_weights(self.init_from, self.model)
