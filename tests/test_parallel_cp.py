@@ -1,13 +1,15 @@
 """Context parallel training against the single-process run, and its config checks.
 
 - Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
-  encoder-decoder, an MoE model, and cp with pp/deepspeed fail with one line naming the
+  encoder-decoder, and a document mask with tp fail with one line naming the
   numbers, before any process group (``job_checks.check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
-  equal one process within 1e-5 relative: cp2 ring and cp2 all-to-all (default); cp4 ring,
-  cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 ring with document masking (and
-  validation), cp2 with activation checkpointing, cp2 with compiled blocks, a cp2 checkpoint resumed in one process
-  and one process's checkpoint resumed under cp2 (slow).
+  equal one process within 1e-5 relative. Default: cp2 ring, cp2 all-to-all, cp2 x pp2,
+  cp2 on DeepSpeed ZeRO-2. Slow: cp4 ring, cp2 x tp2, cp2 x fsdp2 (ring and all-to-all),
+  cp2 on ZeRO-3, document masking (and validation) under cp2, pp2 and cp2 x pp2
+  (interleaved), cp2 with activation checkpointing, cp2 with compiled blocks, a cp2
+  checkpoint resumed in one process and one process's checkpoint resumed under cp2.
+  MoE and expert parallel with cp: ``test_parallel_cp_moe.py``.
   The attention cores themselves are checked, with their traffic counted, in
   ``test_cp_attention.py``.
 
@@ -53,12 +55,14 @@ def test_cp_config_is_checked_before_any_process_group():
         _check(8, parallel__cp=4, parallel__tp=2, parallel__cp_method="alltoall")
     with pytest.raises(ConfigError, match="decoder family only, not model.family = 'encoder_decoder'"):
         _check(2, parallel__cp=2, model__family="encoder_decoder", model__position_encoding="relative")
-    with pytest.raises(ConfigError, match=r"parallel.cp = 2 with an MoE model \(model.moe_experts = 4\)"):
-        _check(2, parallel__cp=2, model__moe_experts=4)
-    with pytest.raises(ConfigError, match=r"parallel.cp = 2 does not compose with parallel.pp = 2"):
-        _check(4, parallel__cp=2, parallel__pp=2, model__tie_embeddings=False)
-    with pytest.raises(ConfigError, match=r"needs parallel.dp_backend = 'fsdp2' \(got 'deepspeed'\)"):
-        _check(2, parallel__cp=2, parallel__dp_backend="deepspeed")
+    _check(2, parallel__cp=2, model__moe_experts=4)  # more in test_parallel_cp_moe.py
+    _check(4, parallel__cp=2, parallel__pp=2)
+    _check(4, parallel__cp=2, parallel__pp=2, data__document_mask=True)
+    with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet \(parallel.tp = 2\)"):
+        _check(4, parallel__cp=2, parallel__tp=2, data__document_mask=True)
+    _check(4, parallel__cp=2, parallel__dp_backend="deepspeed")
+    with pytest.raises(ConfigError, match=r"supports data parallelism only .* got tp = 2, pp = 1"):
+        _check(4, parallel__cp=2, parallel__tp=2, parallel__dp_backend="deepspeed")
     with pytest.raises(ConfigError, match="parallel.cp_method = 'zigzag' is not one of ring, alltoall"):
         load_config("tiny-test", {"parallel.cp_method": "zigzag"})
 
@@ -66,6 +70,22 @@ def test_cp_config_is_checked_before_any_process_group():
 @pytest.mark.parametrize("method", ["ring", "alltoall"])
 def test_cp2_matches_single_process(method, tiny_data, single_process_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / method, 2, "--parallel.cp", "2", "--parallel.cp_method", method)
+    _assert_cp_parity(single_process_ref, got)
+
+
+def test_cp2_x_pp2_matches_single_process(tiny_data, single_process_ref, tmp_path):
+    """Each pipeline stage's attention rings over its cp group; the runner feeds the stages this
+    rank's zigzag chunks and their global RoPE positions (tied embeddings: first and last stage)."""
+    got = train_layout(tiny_data, tmp_path / "cp2-x-pp2", 4, "--parallel.cp", "2", "--parallel.pp", "2")
+    _assert_cp_parity(single_process_ref, got)
+
+
+@pytest.mark.parametrize("stage", [pytest.param(2), pytest.param(3, marks=pytest.mark.slow)])
+def test_cp2_on_deepspeed_matches_single_process(stage, tiny_data, single_process_ref, tmp_path):
+    """The DeepSpeed engine averages gradients over every rank: the cp ranks count as its data-parallel ranks."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[test]')")
+    got = train_layout(tiny_data, tmp_path / f"cp2-zero{stage}", 2, "--parallel.cp", "2",
+                       "--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", str(stage))
     _assert_cp_parity(single_process_ref, got)
 
 
@@ -81,12 +101,26 @@ def test_cp_layouts_match_single_process(name, world, overrides, tiny_data, sing
     _assert_cp_parity(single_process_ref, got)
 
 
+DOCS = ("--data.document_mask", "true", "--train.eval_interval", "5", "--train.eval_batches", "2")
+"""Document masking plus validation every 5 steps (the eval path splits too)."""
+
+
+@pytest.fixture(scope="module")
+def docs_ref(tiny_data, tmp_path_factory):
+    return train_layout(tiny_data, tmp_path_factory.mktemp("cp_docs") / "ref-docs", 1, *DOCS)
+
+
 @pytest.mark.slow
-def test_cp2_document_mask_and_validation_match_single_process(tiny_data, tmp_path):
-    """Packed documents crossing the zigzag chunks; validation every 5 steps (the eval path splits too)."""
-    docs = ("--data.document_mask", "true", "--train.eval_interval", "5", "--train.eval_batches", "2")
-    ref = train_layout(tiny_data, tmp_path / "ref-docs", 1, *docs)
-    got = train_layout(tiny_data, tmp_path / "cp2-docs", 2, *docs, "--parallel.cp", "2")
+@pytest.mark.parametrize("name, world, overrides", [
+    ("cp2-docs", 2, ("--parallel.cp", "2")),
+    # the document ids reach every pipeline stage as a keyword input, split into microbatches with the tokens
+    ("pp2-docs", 2, ("--parallel.pp", "2")),
+    ("cp2-x-pp2-docs", 4, ("--parallel.cp", "2", "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b")),
+])
+def test_document_mask_and_validation_match_single_process(name, world, overrides, tiny_data, docs_ref, tmp_path):
+    """Packed documents crossing the zigzag chunks (and the pipeline's stages)."""
+    ref = docs_ref
+    got = train_layout(tiny_data, tmp_path / name, world, *DOCS, *overrides)
     _assert_cp_parity(ref, got)
     val = [[r["val_loss"] for r in read_metrics(run.output_dir) if "val_loss" in r] for run in (ref, got)]
     assert len(val[0]) == 3  # steps 0, 5, 10
