@@ -27,8 +27,12 @@ import pytest
 import torch
 
 from meshforge.config import ConfigError, load_config
+from meshforge.parallel.context_parallel import context_parallel_inputs, split_for_context_parallel
 from meshforge.parallel.job_checks import check_job
-from meshforge.parallel.mesh import resolve_degrees
+from meshforge.parallel.mesh import Degrees, resolve_degrees
+from meshforge.parallel.ring_attention import zigzag_merge
+from meshforge.pretrain.data import dp_coordinates
+from meshforge.pretrain.objectives import LMObjective
 from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
 
@@ -65,6 +69,46 @@ def test_cp_config_is_checked_before_any_process_group():
         _check(4, parallel__cp=2, parallel__tp=2, parallel__dp_backend="deepspeed")
     with pytest.raises(ConfigError, match="parallel.cp_method = 'zigzag' is not one of ring, alltoall"):
         load_config("tiny-test", {"parallel.cp_method": "zigzag"})
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_ranks_of_a_sample_split_it_exactly(cp):
+    """The loader gives every cp rank of a data-parallel coordinate the same samples (the global
+    sample order is the loader's, whatever the layout: ``test_dataset_loader.py``), and the cp
+    ranks' splits tile each sample once: tokens, targets, document ids and RoPE positions merge
+    back into the objective's, the pipeline runner's input path (``context_parallel_inputs``) too."""
+    d = Degrees(pp=2, dp_replicate=1, dp_shard=2, cp=cp, tp=2, ep=1)
+    grid = torch.arange(d.world_size).reshape(d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp)
+    for dp in range(d.dp_shard):
+        assert {dp_coordinates(int(r), d) for r in grid[:, 0, dp].flatten()} == {(dp, d.dp)}
+    seq = 8 * cp
+    tokens = torch.randint(0, 500, (3, seq + 1))
+    segments = torch.arange(seq + 1).div(5, rounding_mode="floor").expand(3, -1)
+    (want_tokens, want_segments), want_targets = LMObjective(seq, document_mask=True).model_inputs((tokens, segments))
+    parts = [split_for_context_parallel((want_tokens, want_segments), want_targets, r, cp) for r in range(cp)]
+    for i, want in enumerate((want_tokens, want_segments)):
+        assert torch.equal(zigzag_merge([args[i] for args, _ in parts]), want)
+    assert torch.equal(zigzag_merge([t for _, t in parts]), want_targets)
+    assert torch.equal(zigzag_merge([args[2] for args, _ in parts], dim=0), torch.arange(seq))
+
+    class CpMesh:  # the two calls context_parallel_inputs makes of a 1-D cp mesh
+        def __init__(self, rank):
+            self.rank = rank
+
+        def __getitem__(self, name):
+            assert name == "cp"
+            return self
+
+        def size(self):
+            return cp
+
+        def get_local_rank(self):
+            return self.rank
+
+    for r in range(cp):
+        args, targets = context_parallel_inputs(LMObjective(seq).model_inputs, CpMesh(r))(tokens)
+        assert torch.equal(args[0], parts[r][0][0]) and torch.equal(targets, parts[r][1])
+        assert args[1] is None and torch.equal(args[2], parts[r][0][2])
 
 
 @pytest.mark.parametrize("method", ["ring", "alltoall"])

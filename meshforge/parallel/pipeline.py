@@ -436,7 +436,9 @@ class PipelineRunner:
     in the stage parameters; the optimizer step is the caller's) and returns the mean ce
     and z-loss over the global batch, identical on every rank of the job.
     ``eval_loss(batch)`` is the forward-only counterpart for validation. ``model_inputs``
-    turns a batch into the model's inputs and targets (the objective's; next-token by default).
+    turns a batch into the model's inputs and targets (the objective's; next-token by default;
+    under context parallel followed by this rank's zigzag split). A decoder's document ids and
+    RoPE positions reach every stage as keyword inputs (``PipelineModel.stage_inputs``).
     """
 
     def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
