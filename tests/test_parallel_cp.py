@@ -62,7 +62,8 @@ def test_cp_config_is_checked_before_any_process_group():
     _check(2, parallel__cp=2, model__moe_experts=4)  # more in test_parallel_cp_moe.py
     _check(4, parallel__cp=2, parallel__pp=2)
     _check(4, parallel__cp=2, parallel__pp=2, data__document_mask=True)
-    with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet \(parallel.tp = 2\)"):
+    with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet "
+                                          r"\(parallel.tp = 2\)"):
         _check(4, parallel__cp=2, parallel__tp=2, data__document_mask=True)
     _check(4, parallel__cp=2, parallel__dp_backend="deepspeed")
     with pytest.raises(ConfigError, match=r"supports data parallelism only .* got tp = 2, pp = 1"):

@@ -9,9 +9,10 @@
 - Training parity (real ranks, gloo): per-step losses, final weights and every router metric
   of every step (aux and z losses, dropped fraction, per-layer load) equal one process:
   cp2 x ep2 (4 ranks; the ep group is the cp group, experts FSDP-sharded over the other two)
-  by default over 6 steps, under slow over 10; cp2 alone (the balance loss counts the whole sequence's assignments), cp4 x ep2
-  (ep inside cp) and cp2 x ep4 (ep over cp and dp_shard) under slow. The routing-bias update
-  is on, so a wrong (per-rank) expert load would steer the routing away from the reference.
+  by default over 6 steps. Slow, over 10: cp2 x ep2, cp2 alone (the balance loss counts the
+  whole sequence's assignments), cp4 x ep2 (ep inside cp), cp2 x ep4 all-to-all (ep over cp
+  and dp_shard), cp2 x pp2. The routing-bias update is on, so a wrong (per-rank) expert
+  load would steer the routing away from the reference.
 """
 
 from __future__ import annotations

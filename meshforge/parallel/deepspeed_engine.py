@@ -3,8 +3,8 @@
 The alternative to FSDP2 (``parallel.dp_backend = "deepspeed"``), for users who want
 DeepSpeed's ZeRO stages and ZeRO-Offload / ZeRO-Infinity. Only data parallelism
 (tp = pp = dp_replicate = 1), with or without context parallel (``parallel.cp``: the cp
-ranks are data-parallel ranks to DeepSpeed, see :func:`deepspeed_config`). Our own pieces stay ours: the AdamW param groups, the
-``LambdaLR`` schedule (stepped by the trainer, never a DeepSpeed scheduler), the
+ranks are data-parallel ranks to DeepSpeed, see :func:`deepspeed_config`). Our own pieces
+stay ours: the AdamW param groups, the ``LambdaLR`` schedule (stepped by the trainer, never a DeepSpeed scheduler), the
 micro-batching (DeepSpeed's gradient accumulation divides each micro-batch loss by the
 number of micro-batches, so the gradient is that of the mean loss over the global batch)
 and the checkpoint directory flow (the engine writes its files into our ``step_N.tmp``).

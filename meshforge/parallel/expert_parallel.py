@@ -2,7 +2,8 @@
 
 ``ep`` borrows ranks from ``dp_shard x cp`` (see :func:`build_ep_mesh`): the ranks of
 one ep group hold different tokens (other samples, or other chunks of the same sequences
-under context parallel), and each holds ``E / ep`` of the experts of every MoE layer. The model does not change; :func:`apply_ep` hooks each
+under context parallel), and each holds ``E / ep`` of the experts of every MoE layer.
+The model does not change; :func:`apply_ep` hooks each
 :class:`~meshforge.models.moe.GroupedExperts` (whose forward already uses only the local
 part of DTensor weights) with ``distribute_module``:
 
@@ -217,4 +218,5 @@ def expert_dp_mesh(mesh: DeviceMesh, d) -> DeviceMesh:
     return mesh["dp_replicate", EXPERT_DP] if d.dp_replicate > 1 else mesh[EXPERT_DP]
 
 
-__all__ = ["EP_IN_CP_MESH_DIMS", "EP_MESH_DIMS", "EXPERT_DP", "apply_ep", "apply_expert_fsdp", "build_ep_mesh", "expert_dp_mesh", "expert_modules"]
+__all__ = ["EP_IN_CP_MESH_DIMS", "EP_MESH_DIMS", "EXPERT_DP", "apply_ep", "apply_expert_fsdp", "build_ep_mesh",
+           "ep_mesh_layout", "expert_dp_mesh", "expert_modules"]
