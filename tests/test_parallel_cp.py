@@ -1,7 +1,7 @@
 """Context parallel training against the single-process run, and its config checks.
 
 - Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
-  encoder-decoder, and a document mask with tp fail with one line naming the
+  encoder-decoder, a document mask with tp and cp x pp with the zero-bubble schedule fail with one line naming the
   numbers, before any process group (``job_checks.check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative. Default: cp2 ring, cp2 all-to-all, cp2 x pp2.
@@ -62,6 +62,9 @@ def test_cp_config_is_checked_before_any_process_group():
     _check(2, parallel__cp=2, model__moe_experts=4)  # more in test_parallel_cp_moe.py
     _check(4, parallel__cp=2, parallel__pp=2)
     _check(4, parallel__cp=2, parallel__pp=2, data__document_mask=True)
+    with pytest.raises(ConfigError, match=r"parallel.cp = 2 with parallel.pp_schedule = 'zero_bubble': FSDP then "
+                                          r"shards over dp_shard x cp = 1 x 2 ranks"):
+        _check(4, parallel__cp=2, parallel__pp=2, parallel__pp_schedule="zero_bubble")
     with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet "
                                           r"\(parallel.tp = 2\)"):
         _check(4, parallel__cp=2, parallel__tp=2, data__document_mask=True)

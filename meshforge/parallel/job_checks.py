@@ -79,6 +79,10 @@ def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
                           f"{m.moe_capacity_factor}): each expert's capacity is ranked over the whole micro-batch, "
                           "which context parallel splits over ranks; use dropless routing (moe_capacity_factor = 0) "
                           "or parallel.cp = 1")
+    if d.pp > 1 and p.pp_schedule == "zero_bubble" and p.dp_backend == "fsdp2":
+        raise ConfigError(f"parallel.cp = {d.cp} with parallel.pp_schedule = 'zero_bubble': FSDP then shards over "
+                          f"dp_shard x cp = {d.dp_shard} x {d.cp} ranks, and the zero-bubble schedule's split backward "
+                          "under FSDP does not match the single-process run (tested); use interleaved_1f1b or 1f1b")
     seq = cfg.data.seq_len
     if seq % (2 * d.cp):
         raise ConfigError(f"data.seq_len = {seq} does not divide into 2*cp = {2 * d.cp} zigzag chunks "
