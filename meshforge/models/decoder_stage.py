@@ -34,8 +34,10 @@ def decoder_stage_view(view: nn.Module, stages: list[nn.Module]) -> None:
 
 
 def decoder_stage_inputs(args: tuple) -> tuple[tuple, dict]:
-    """All inputs go to the first stage; no keyword inputs."""
-    return tuple(args), {}
+    """(tokens[, document ids[, RoPE positions]]) -> first-stage inputs (tokens); the document ids and
+    (context parallel) positions go to every stage as keyword inputs."""
+    tokens, *rest = args
+    return (tokens,), {name: v for name, v in zip(("segments", "positions"), rest) if v is not None}
 
 
 def decoder_blocks(model: nn.Module) -> dict[str, nn.Module]:

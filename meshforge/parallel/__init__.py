@@ -30,7 +30,7 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
     """The job's mesh with dims ``pp, dp_replicate, dp_shard, cp, tp``; None for one process."""
     if d.world_size == 1:
         return None
-    if d.ep > 1:  # dp_shard split into dp_shard_mod_ep x dp_shard_in_ep, re-flattened as dp_shard and ep
+    if d.ep > 1:  # dp_shard x cp split into an outer part and ep, re-flattened under the usual names
         return build_ep_mesh(d, device.type)
     shape = tuple(getattr(d, name) for name in MESH_DIMS)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)

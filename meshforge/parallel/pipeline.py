@@ -61,12 +61,15 @@ from ..config import CHOICES, ConfigError, JobConfig, micro_batch_size
 from ..models import ModelSpec, family_spec
 from ..models.moe import RouterStats, collect_router_stats
 from .compile import compile_enabled
+from .context_parallel import context_parallel_inputs
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 from .tied_embeddings import TiedEmbeddingGrads
 
 SCHEDULES = CHOICES["parallel.pp_schedule"]
 """Every pipeline schedule, as the type of ``parallel.pp_schedule`` lists them."""
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+SHARED_KWARGS = ("positions",)
+"""Keyword inputs of every stage that every microbatch shares (not split with the batch)."""
 
 
 @dataclass(frozen=True)
@@ -300,7 +303,9 @@ class PipelineRunner:
     in the stage parameters; the optimizer step is the caller's) and returns the mean ce
     and z-loss over the global batch, identical on every rank of the job.
     ``eval_loss(batch)`` is the forward-only counterpart for validation. ``model_inputs``
-    turns a batch into the model's inputs and targets (the objective's; next-token by default).
+    turns a batch into the model's inputs and targets (the objective's; next-token by default;
+    under context parallel followed by this rank's zigzag split). A decoder's document ids and
+    RoPE positions reach every stage as keyword inputs (``PipelineModel.stage_inputs``).
     """
 
     def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
@@ -315,7 +320,7 @@ class PipelineRunner:
         self.loss_fn = loss_fn
         self.z_loss_coef = z_loss_coef
         self.autocast = autocast or contextlib.nullcontext
-        self.model_inputs = model_inputs
+        self.model_inputs = context_parallel_inputs(model_inputs, mesh)  # cp > 1: this rank's zigzag chunks
         self._parts: list[torch.Tensor] = []
 
         def get_mesh(dim_names: tuple[str, ...], layout) -> DeviceMesh:
@@ -323,19 +328,26 @@ class PipelineRunner:
             # one): rebuild them on this rank's sub-mesh of the same named dims
             return mesh[dim_names if len(dim_names) > 1 else dim_names[0]]
 
-        stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, get_mesh=get_mesh)
-                  for part, sid in zip(model.parts, model.stage_ids)]
-        cls = _schedule_class(self.plan.schedule)
-        n = self.plan.n_microbatches
-        # The loss is already divided by the microbatch count: no extra scaling of the grads.
-        if self.plan.schedule in SINGLE_STAGE_SCHEDULES:
-            self.schedule = cls(stages[0], n, loss_fn=self._loss, scale_grads=False)
-        else:
-            self.schedule = cls(stages, n, loss_fn=self._loss, scale_grads=False)
+        self.stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, get_mesh=get_mesh)
+                       for part, sid in zip(model.parts, model.stage_ids)]
+        self.schedule = None  # built for the keyword inputs of the first batch (see _schedule_for)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
         self._loss_holders = dist.get_world_size() // self.plan.pp
         tied = model.cfg.tie_embeddings and (model.has_first or model.has_last)
         self.tied = TiedEmbeddingGrads(model.tok_embeddings.weight if tied else None, self.pp_group, model.has_last)
+
+    def _schedule_for(self, kwargs: dict):
+        """The schedule (built once, for the keyword inputs every batch of the job has): keyword
+        tensors split into microbatches with the batch, except the shared RoPE ``positions``."""
+        if self.schedule is None:
+            from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
+
+            spec = {k: _Replicate() if k in SHARED_KWARGS else TensorChunkSpec(0) for k in kwargs}
+            cls, n = _schedule_class(self.plan.schedule), self.plan.n_microbatches
+            stages = self.stages[0] if self.plan.schedule in SINGLE_STAGE_SCHEDULES else self.stages
+            # The loss is already divided by the microbatch count: no extra scaling of the grads.
+            self.schedule = cls(stages, n, loss_fn=self._loss, kwargs_chunk_spec=spec, scale_grads=False)
+        return self.schedule
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         parts = self.loss_fn(logits, targets, self.z_loss_coef)
@@ -358,10 +370,11 @@ class PipelineRunner:
         self._parts.clear()
         n = self.plan.n_microbatches
         with self.autocast(), collect_router_stats(self.model.parts, stats or RouterStats()):
+            schedule = self._schedule_for(kwargs)
             if train:
-                self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+                schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
-                self.schedule.eval(*args, target=target, **kwargs)
+                schedule.eval(*args, target=target, **kwargs)
         if stats is not None:
             stats.keep_last(n)
         local = torch.zeros(2, device=self.device)
@@ -395,11 +408,16 @@ class PipelineRunner:
         total = torch.zeros(2, device=self.device)
         count = 0
         for batch in batches:
-            total += self._run(batch.to(self.device), train=False)
+            total += self._run(_on_device(batch, self.device), train=False)
             count += 1
         for part in self.model.parts:
             part.train()
         return (self._global_mean(total) / max(count, 1))[0].item()
+
+
+def _on_device(batch, device: torch.device):
+    """A loader batch (a tensor, or a tuple of them: tokens and document ids) on ``device``."""
+    return tuple(b.to(device) for b in batch) if isinstance(batch, (tuple, list)) else batch.to(device)
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,

@@ -277,7 +277,7 @@ class Trainer:
     def _pipeline_train_step(self) -> dict:
         """One step under pipeline parallel: the schedule runs every microbatch's forward and backward."""
         cfg = self.cfg
-        batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
+        batch = self._to_device(self.data.train_loader.next_batch())  # tokens (and document ids)
         stats = RouterStats(aux_grad_scale=1.0 / self.pipeline.plan.n_microbatches)  # as each microbatch's loss
         losses = self.pipeline.train_step(batch, stats)  # global means, on every rank
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group,
