@@ -116,8 +116,8 @@ def test_two_training_steps_fused_on_match_off(k):
         model, cfg = _decoder(fused)
         norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
         assert len(norms) == 9 and all(isinstance(m, TritonRMSNorm) == (fused == "triton") for m in norms)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, 13), generator=torch.Generator().manual_seed(4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)  # linear in the gradients (Adam would amplify ~0 ones)
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
         losses = []
         for _ in range(2):
             logits = model(tokens[:, :-1])
@@ -140,7 +140,6 @@ def test_compiled_block_traces_the_kernels(k):
     cfg = load_config("tiny-test", {"model.dim": 48, "model.n_heads": 6, "model.n_kv_heads": 2})
     torch.manual_seed(0)
     block = DecoderBlock(cfg.model)
-    block.init_weights = None
     for m in block.modules():
         if isinstance(m, RMSNorm):
             m.reset_parameters()
@@ -148,11 +147,11 @@ def test_compiled_block_traces_the_kernels(k):
             torch.nn.init.normal_(m.weight, std=0.05)
     apply_fused_kernels(block, "triton")
     cos, sin = rope_tables(8, 16, 10000.0)
-    x = torch.randn(2, 7, 48, requires_grad=True)
+    x = torch.randn(1, 5, 48, requires_grad=True)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     outs = []
     for fn in (block, compiled):
-        y = fn(x, cos[:7], sin[:7])
+        y = fn(x, cos[:5], sin[:5])
         outs.append((y,) + _grads(y, (x,) + tuple(block.parameters())))
     for got, want in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, want, **FP32)
