@@ -189,3 +189,28 @@ def test_trainer_refuses_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"train.fused_kernels = 'triton'"):
         Trainer(cfg)
     assert not out.exists()
+
+
+SHORT_RUN = ("--config", "tiny-test", "--train.steps", "3", "--train.global_batch_size", "4",
+             "--train.micro_batch_size", "2", "--data.seq_len", "8", "--train.eval_interval", "0",
+             "--train.sample_prompt", "", "--checkpoint.interval", "0", "--train.progress", "false")
+"""3 steps of 4 sequences of 8 tokens: few kernel launches, as the interpreter is slow."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, world, overrides", [
+    ("fsdp2", 2, ()),
+    ("pp2-1f1b", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b")),
+])
+def test_layouts_with_kernels_match_plain_single_process(k, name, world, overrides, tiny_data, tmp_path):
+    """FSDP2 (plain unsharded tensors in the forward) and a pipeline (the swap runs per stage) with the
+    kernels train as one process without them: losses and final parameters."""
+    from parallel_harness import train_layout
+
+    ref = train_layout(tiny_data, tmp_path / "ref", 1, "--train.fused_kernels", "off", extra_args=SHORT_RUN)
+    got = train_layout(tiny_data, tmp_path / name, world, "--train.fused_kernels", "triton", *overrides,
+                       extra_args=SHORT_RUN)
+    assert len(got.losses) == 3  # the ranks inherit TRITON_INTERPRET=1; without it they would refuse to start
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), atol=1e-5, rtol=0)
+    for name_, p in ref.params.items():
+        torch.testing.assert_close(got.params[name_], p, atol=1e-5, rtol=1e-4, msg=name_)
