@@ -142,7 +142,8 @@ def run(args) -> tuple[list[str], list[dict]]:
     lines = [f"preset {args.preset}: {tokens} tokens ({args.micro_batch} x {seq}), dim {m.dim}, heads {m.n_heads}/"
              f"{m.kv_heads} x {m.head_dim}, FFN {m.hidden_dim}, {args.dtype}, device {device}, median of {args.iters}"
              + (" -- DRY RUN on Triton's CPU interpreter: the times mean nothing" if args.dry else ""), "",
-             "| kernel | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | max abs err vs fp32 |", "|---|---|---|---|---|---|"]
+             "| kernel | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | max abs err vs fp32 |",
+             "|---|---|---|---|---|---|"]
     rows, best = [], []
     for kernel, fns in impls.items():
         inputs, grad_inputs = make_inputs(kernel, tokens, seq, m, dtype, device)

@@ -1,15 +1,18 @@
 """``train.fused_kernels``: which code computes RMSNorm, RoPE and SwiGLU, and the swap that puts it in.
 
 The models compute these in plain PyTorch (``models/layers.py``). This module swaps, in a
-built model and before any parallelism wraps it, each ``RMSNorm`` for a subclass computed by a
-Triton kernel (same parameter, same name), each decoder ``Attention.rope`` and each SwiGLU
-``FeedForward.gate`` for the fused function: the model code itself is unchanged.
+built model, each ``RMSNorm`` for a subclass computed by a Triton kernel (same parameter, same
+name), each decoder ``Attention.rope`` and each SwiGLU ``FeedForward.gate`` for the fused
+function: the model code itself is unchanged. ``parallelize`` runs the swap after tensor
+parallel and before compile and FSDP2.
 
 Backends: ``triton``, our kernels (``rmsnorm.py``, ``rope.py``, ``swiglu.py``; the tested
 default, CUDA, or a CPU under ``TRITON_INTERPRET=1``); ``liger``, liger-kernel's (CUDA only).
 How they compose:
-- tensor parallel: refused (``parallel.tp > 1``). The sequence-parallel norms see DTensors,
-  and the kernels take plain tensors; the kernels stay off rather than run on shards untested.
+- tensor parallel: RoPE and SwiGLU run on the plain local tensors between the colwise and
+  rowwise projections (this rank's heads / FFN columns) and are swapped; a norm whose weight
+  tensor parallel made a DTensor (every sequence-parallel norm, and QK-norm) keeps PyTorch's
+  code, as the kernels take plain tensors (DTensor propagation stays with PyTorch's ops).
 - FSDP2 / DeepSpeed / pipeline / expert / context parallel: the swapped modules see plain
   local tensors (FSDP2 unshards parameters before the forward; the pipeline swaps per stage;
   experts are not touched; context parallel hands RoPE the tables of this rank's positions).
@@ -22,16 +25,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError, JobConfig
 from ..models.layers import Attention, FeedForward, RMSNorm, swiglu
-
-if TYPE_CHECKING:
-    from ..parallel.mesh import Degrees
 
 PACKAGES = {"triton": "triton", "liger": "liger_kernel"}
 
@@ -41,31 +40,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_fused_kernels(cfg: JobConfig, degrees: Degrees, device_type: str | None = None) -> None:
-    """ConfigError for a ``train.fused_kernels`` backend this job cannot run; ``device_type`` None
-    (the planner) checks the layout only, not the installed packages or the device."""
+def check_fused_kernels(cfg: JobConfig, device_type: str | None = None) -> None:
+    """ConfigError for a ``train.fused_kernels`` backend this job cannot run: a missing package, or a
+    device it does not run on; ``device_type`` None (the planner's layouts) checks nothing."""
     backend = cfg.train.fused_kernels
-    if backend in ("auto", "off"):
-        return
-    if degrees.tp > 1:
-        raise ConfigError(f"train.fused_kernels = {backend!r} does not compose with parallel.tp = {degrees.tp} yet "
-                          "(the sequence-parallel norms take DTensors, the kernels plain tensors); use 'off' or tp = 1")
-    if device_type is None or device_type == "meta":
+    if backend in ("auto", "off") or device_type in (None, "meta"):
         return
     package = PACKAGES[backend]
     if importlib.util.find_spec(package) is None:
         raise ConfigError(f"train.fused_kernels = {backend!r} needs the {package} package "
                           f"(pip install -e \".[gpu]\"); use 'off' without it")
     if device_type != "cuda" and not (backend == "triton" and interpreting()):
-        only = "runs on CUDA only" if backend == "liger" else "runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (tests)"
+        only = ("runs on CUDA only" if backend == "liger"
+                else "runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (tests)")
         raise ConfigError(f"train.fused_kernels = {backend!r} {only}, and this job runs on {device_type}; "
                           "use train.fused_kernels = 'off'")
 
 
-def fused_kernels_backend(cfg: JobConfig, degrees: Degrees, device_type: str) -> str | None:
+def fused_kernels_backend(cfg: JobConfig, device_type: str) -> str | None:
     """The backend to swap in, or None. ``auto`` is off until ``bench/bench_kernels.py`` has measured
     the kernels faster than the compiled PyTorch code on a GPU (the same rule as ``train.fused_loss``)."""
-    check_fused_kernels(cfg, degrees, device_type)
+    check_fused_kernels(cfg, device_type)
     backend = cfg.train.fused_kernels
     return None if backend in ("auto", "off") or device_type == "meta" else backend
 
@@ -73,7 +68,8 @@ def fused_kernels_backend(cfg: JobConfig, degrees: Degrees, device_type: str) ->
 def apply_fused_kernels(model: nn.Module, backend: str) -> nn.Module:
     """Swap RMSNorm modules, decoder RoPE and SwiGLU gates of ``model`` for ``backend``'s kernels, in place.
 
-    Parameters and module names are unchanged (checkpoints and parallel plans see the same model).
+    Parameters and module names are unchanged (checkpoints see the same model). Norms whose weight
+    is a DTensor (tensor parallel's) are left alone.
     """
     if backend == "triton":
         from .rmsnorm import TritonRMSNorm as FusedNorm
@@ -87,7 +83,7 @@ def apply_fused_kernels(model: nn.Module, backend: str) -> nn.Module:
         raise ValueError(f"unknown fused kernel backend {backend!r}")
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is RMSNorm:
+            if type(child) is RMSNorm and not isinstance(child.weight, DTensor):
                 setattr(parent, name, _swap_norm(child, FusedNorm))
         if isinstance(parent, Attention):
             parent.rope = rope_qk

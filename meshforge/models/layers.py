@@ -8,6 +8,7 @@ the projections column-wise (fewer local heads) needs no change here.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn

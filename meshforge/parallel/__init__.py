@@ -1,6 +1,6 @@
 """Parallelism: build the named device mesh and apply each parallelism to a built model.
 
-Order of application (docs/architecture.md): pipeline split -> fused kernels -> TP/SP -> expert sharding ->
+Order of application (docs/architecture.md): pipeline split -> TP/SP -> fused kernels -> expert sharding ->
 context-parallel attention -> activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
 ``parallelize`` only decides which steps run.
 """
@@ -57,11 +57,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
         return apply_pipeline(model, mesh, pipeline_plan, lambda stage: parallelize(stage, mesh, stage_degrees, cfg))
     p = cfg.parallel
     device_type = next(model.parameters()).device.type
-    backend = fused_kernels_backend(cfg, d, device_type)
-    if backend is not None:  # RMSNorm / RoPE / SwiGLU by Triton kernels: a module swap on the plain model
-        model = apply_fused_kernels(model, backend)
     if mesh is not None and d.tp > 1:
         model = apply_tp(model, mesh["tp"], p)  # params become DTensors on the tp sub-mesh
+    backend = fused_kernels_backend(cfg, device_type)
+    if backend is not None:  # RMSNorm / RoPE / SwiGLU by Triton kernels: a module swap (not the TP norms)
+        model = apply_fused_kernels(model, backend)
     if mesh is not None and d.ep > 1:
         model = apply_ep(model, mesh["ep"])  # expert weights become Shard(0) DTensors on the ep sub-mesh
     if mesh is not None and d.cp > 1:

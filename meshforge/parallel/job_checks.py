@@ -49,7 +49,7 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
                           f"{d.tp}, parallel.pp = {d.pp}); use tp = pp = 1 or turn the mask off")
     if p.dp_backend == "deepspeed":
         check_deepspeed(cfg, d)
-    check_fused_kernels(cfg, d, device_type)
+    check_fused_kernels(cfg, device_type)
     micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
     return plan_pipeline(cfg, d, device_type) if d.pp > 1 else None
 
