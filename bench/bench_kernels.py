@@ -8,7 +8,8 @@ PyTorch result. The implementations are the ones ``train.fused_kernels`` chooses
 
 - eager: the models' own PyTorch code (``models/layers.py``);
 - compiled: the same code under ``torch.compile`` (what ``parallel.compile`` gives a block);
-- triton: ``meshforge/kernels/{rmsnorm,rope,swiglu}.py``;  liger: liger-kernel, when installed.
+- triton: ``meshforge/kernels/{rmsnorm,rope,swiglu}.py``;  liger: liger-kernel, when installed
+  (its RoPE rotates q and k in place, so it is timed on copies: two extra copies in its figures).
 
 The last line says per kernel which is fastest forward + backward: the figure that decides
 whether ``train.fused_kernels = auto`` may turn on (it stays off until triton beats compiled).
@@ -16,7 +17,7 @@ whether ``train.fused_kernels = auto`` may turn on (it stays off until triton be
 Needs CUDA. ``--dry`` runs everything once on tiny shapes on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1``; compiled = the ``aot_eager`` backend), to prove the script
 and the kernels work; its times mean nothing.
-Run: ``python bench/bench_kernels.py [--preset llama-1b --micro-batch 4 --record --json out.json]``
+Run: ``python bench/bench_kernels.py [--preset llama-1b --micro-batch 4 --record --json K.json --md K.md]``
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dry", action="store_true", help="tiny shapes on the CPU under Triton's interpreter (smoke check)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--md", type=Path, help="also write the table (markdown, as printed) here")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     a = p.parse_args()
     if a.dry:
@@ -202,6 +204,8 @@ def main() -> int:
     print("\n".join(lines))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
+    if a.md:
+        a.md.write_text("\n".join(lines) + "\n")
     if a.record and not a.dry:
         record(SECTION, lines)
     return 0

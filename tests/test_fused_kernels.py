@@ -97,6 +97,40 @@ def test_swiglu_matches_module(k, dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+def test_swap_covers_every_norm_and_only_silu_gates(k):
+    """T5-style encoder-decoder: every RMSNorm swapped (same parameters), its gated-GELU feed-forwards kept."""
+    from meshforge.kernels.rmsnorm import TritonRMSNorm
+    from meshforge.models import build_model
+    from meshforge.models.layers import FeedForward, geglu
+
+    cfg = load_config("tiny-test", {"model.family": "encoder_decoder", "model.ffn_activation": "gelu"})
+    model = build_model(cfg.model, torch.device("cpu"))
+    before = dict(model.named_parameters())
+    apply_fused_kernels(model, "triton")
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(after[n] is p for n, p in before.items())
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(type(m) is TritonRMSNorm for m in norms)
+    ffns = [m for m in model.modules() if isinstance(m, FeedForward)]
+    assert ffns and all(m.gate is geglu for m in ffns)
+
+
+def test_liger_rope_matches_module():
+    """liger-kernel's RoPE through our adapter (its other kernels do not run on Triton's interpreter)."""
+    pytest.importorskip("liger_kernel")
+    from meshforge.kernels.liger import rope_qk
+
+    cos, sin = rope_tables(10, 16, 10000.0)
+    pos = torch.tensor([3, 1, 4, 15, 5])
+    q, kk = _leaves((2, 5, 6, 10), (2, 5, 2, 10))
+    ref = apply_rope_qk(q, kk, cos[pos], sin[pos])
+    ref_grads = _grads(ref, (q, kk))
+    q2, k2 = (t.detach().clone().requires_grad_() for t in (q, kk))
+    out = rope_qk(q2 * 1, k2 * 1, cos[pos], sin[pos])  # liger rotates in place: hand it copies
+    for got, want in zip(out + _grads(out, (q2, k2)), ref + ref_grads):
+        torch.testing.assert_close(got, want, **FP32)
+
+
 def _decoder(fused: str):
     from meshforge.models import build_model
     from meshforge.parallel import parallelize
