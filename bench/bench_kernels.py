@@ -122,9 +122,9 @@ def timed(fn, iters: int, device: str) -> float:
     return statistics.median(times)
 
 
-def peak_mib(fn, device: str) -> float:
+def peak_mib(fn, device: str) -> float | None:
     if device != "cuda":
-        return float("nan")
+        return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -156,7 +156,7 @@ def run(args) -> tuple[list[str], list[dict]]:
             err = _error(fn, inputs, grad_inputs, ref)
             rows.append({"kernel": kernel, "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": both, "peak_mib": peak,
                          "max_abs_err": err})
-            peak_text = f"{peak:.1f}" if device == "cuda" else "-"
+            peak_text = "-" if peak is None else f"{peak:.1f}"
             lines.append(f"| {kernel} | {name} | {fwd:.3f} | {both:.3f} | {peak_text} | {err:.2e} |")
         fastest = min((r for r in rows if r["kernel"] == kernel), key=lambda r: r["fwd_bwd_ms"])
         best.append(f"{kernel}: {fastest['impl']}")

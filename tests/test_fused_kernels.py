@@ -15,7 +15,9 @@ from meshforge.parallel.mesh import Degrees  # noqa: E402
 
 ONE = Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1)
 FP32 = dict(atol=1e-5, rtol=1e-5)
-BF16 = dict(atol=2e-2, rtol=1.6e-2)  # two bf16 ulps: the kernels round once, the PyTorch code may round twice
+BF16 = dict(atol=2e-2, rtol=1.6e-2)
+"""Two bf16 ulps: the interpreter's fp32 -> bf16 cast truncates (a GPU rounds to nearest), and the PyTorch
+code may round twice where a kernel rounds once."""
 
 
 @pytest.fixture(scope="module")
