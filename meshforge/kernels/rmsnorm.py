@@ -1,6 +1,7 @@
 """RMSNorm as one Triton kernel each way, fp32 inside, for x [..., D] in fp32 or bf16.
 
-Forward, one program per row:  r = 1 / sqrt(sum(x^2) / D + eps),  y = x r w  (r is kept).
+Forward, per row:  r = 1 / sqrt(sum(x^2) / D + eps),  y = x r w  (r is kept); one program
+normalises a tile of rows (one row of the model width, several of QK-norm's head dim).
 Backward, with x^ = x r and g = dy w:
 
     dx = r (g - x^ mean(g x^)),      dw = sum over rows of dy x^
@@ -25,41 +26,48 @@ from ..models.layers import RMSNorm
 
 
 @triton.jit
-def _rms_norm_fwd(X, W, Y, R, D, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _rms_norm_fwd(X, W, Y, R, N, D, eps, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    tl.store(Y + row * D + cols, (x * r * w).to(Y.dtype.element_ty), mask=mask)
-    tl.store(R + row, r)
+    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    tl.store(Y + offs, (x * r[:, None] * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(R + rows, r, mask=rows < N)
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, R, DX, DW, N, D, ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_bwd(DY, X, W, R, DX, DW, N, D, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(0, ROWS_PER_PROGRAM):  # a constant: a loop bound read at run time fails under numpy 2's interpreter
-        row = pid * ROWS_PER_PROGRAM + i
-        live = mask & (row < N)  # the last program's run may end past the last row
-        offs = row.to(tl.int64) * D + cols
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
+    # constant bounds: a loop bound read at run time fails under the interpreter with numpy 2
+    for i in range(0, ROWS_PER_PROGRAM, BLOCK_ROWS):
+        rows = (pid * ROWS_PER_PROGRAM + i + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        live = (rows[:, None] < N) & (cols[None, :] < D)  # the last program's run may end past the last row
+        offs = rows[:, None] * D + cols[None, :]
         x = tl.load(X + offs, mask=live, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=live, other=0.0).to(tl.float32)
-        r = tl.load(R + row, mask=row < N, other=0.0)
+        r = tl.load(R + rows, mask=rows < N, other=0.0)[:, None]
         xhat = x * r
-        g = dy * w
-        dx = r * (g - xhat * (tl.sum(g * xhat, axis=0) / D))
+        g = dy * w[None, :]
+        dx = r * (g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=live)
         dw += dy * xhat
-    tl.store(DW + pid * D + cols, dw, mask=mask)
+    tl.store(DW + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+def _tiles(d: int) -> tuple[int, int, int]:
+    """(BLOCK: the row width padded to a power of two, BLOCK_ROWS: rows per tile, num_warps): narrow rows
+    (QK-norm's head dim) go several to a tile of about 2048 elements."""
+    block = triton.next_power_of_2(d)
+    block_rows = max(1, 2048 // block)
+    tile = block * block_rows
+    return block, block_rows, 4 if tile <= 1024 else 8 if tile <= 4096 else 16
 
 
 def _programs(device: torch.device, n_rows: int) -> int:
@@ -74,8 +82,9 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     x2 = x.reshape(-1, d).contiguous()
     y = torch.empty_like(x2)
     r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(d)
-    _rms_norm_fwd[(x2.shape[0],)](x2, weight.contiguous(), y, r, d, eps, BLOCK=block, num_warps=_num_warps(block))
+    block, block_rows, warps = _tiles(d)
+    _rms_norm_fwd[(triton.cdiv(x2.shape[0], block_rows),)](x2, weight.contiguous(), y, r, x2.shape[0], d, eps,
+                                                           BLOCK_ROWS=block_rows, BLOCK=block, num_warps=warps)
     return y.view(x.shape), r
 
 
@@ -91,12 +100,14 @@ def _rms_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, r: Tensor) -> 
     dy = grad_y.reshape(-1, d).contiguous()
     dx = torch.empty_like(x2)
     n = x2.shape[0]
-    programs = _programs(x.device, n)
-    rows_per_program = triton.cdiv(n, programs)
+    block, block_rows, warps = _tiles(d)
+    programs = _programs(x.device, triton.cdiv(n, block_rows))
+    rows_per_program = triton.cdiv(triton.cdiv(n, programs), block_rows) * block_rows
+    programs = triton.cdiv(n, rows_per_program)
     partial_dw = torch.empty(programs, d, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(d)
     _rms_norm_bwd[(programs,)](dy, x2, weight.contiguous(), r, dx, partial_dw, n, d,
-                               ROWS_PER_PROGRAM=rows_per_program, BLOCK=block, num_warps=_num_warps(block))
+                               ROWS_PER_PROGRAM=rows_per_program, BLOCK_ROWS=block_rows, BLOCK=block,
+                               num_warps=warps)
     return dx.view(x.shape), partial_dw.sum(0).to(weight.dtype)
 
 
