@@ -248,6 +248,8 @@ class TrainConfig:
     """Coefficient of the output z-loss (log of the softmax normaliser, squared); 0 disables it."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; ``auto`` is off for now (its speed on a GPU is not measured yet; it will turn on where a GPU benchmark shows it faster), as it is in the layouts ``on`` refuses: pipeline, tensor or context parallel, more than one process, the encoder_decoder family."""
+    fused_kernels: Literal["auto", "triton", "liger", "off"] = "auto"
+    """Who computes RMSNorm, RoPE and SwiGLU (``meshforge.kernels.apply``): ``triton``, meshforge's own Triton kernels (forward and backward, fp32 inside; CUDA, or a CPU under TRITON_INTERPRET=1 for tests); ``liger``, liger-kernel's (CUDA only); ``off``, the models' PyTorch code (fused by torch.compile where parallel.compile is on); ``auto`` is off for now, the same rule as train.fused_loss: it turns on only where bench/bench_kernels.py measures the kernels faster than compiled PyTorch on a GPU. Under tensor parallel the norms stay PyTorch's (their weights are DTensors). Needs the package (pip install -e ".[gpu]")."""
     eval_interval: int = 100
     """Run validation every this many steps (and at the last step); 0 disables it."""
     eval_batches: int = 4

@@ -1,6 +1,6 @@
 """Parallelism: build the named device mesh and apply each parallelism to a built model.
 
-Order of application (docs/architecture.md): pipeline split -> TP/SP -> expert sharding ->
+Order of application (docs/architecture.md): pipeline split -> TP/SP -> fused kernels -> expert sharding ->
 context-parallel attention -> activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
 ``parallelize`` only decides which steps run.
 """
@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import JobConfig
+from ..kernels.apply import apply_fused_kernels, fused_kernels_backend
 from .activation_checkpoint import apply_activation_checkpointing
 from .compile import apply_compile, compile_enabled
 from .context_parallel import apply_context_parallel
@@ -58,6 +59,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
     device_type = next(model.parameters()).device.type
     if mesh is not None and d.tp > 1:
         model = apply_tp(model, mesh["tp"], p)  # params become DTensors on the tp sub-mesh
+    backend = fused_kernels_backend(cfg, device_type)
+    if backend is not None:  # RMSNorm / RoPE / SwiGLU by Triton kernels: a module swap (not the TP norms)
+        model = apply_fused_kernels(model, backend)
     if mesh is not None and d.ep > 1:
         model = apply_ep(model, mesh["ep"])  # expert weights become Shard(0) DTensors on the ep sub-mesh
     if mesh is not None and d.cp > 1:

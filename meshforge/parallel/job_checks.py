@@ -11,6 +11,7 @@ are :func:`meshforge.config.validate`.
 from __future__ import annotations
 
 from ..config import ConfigError, JobConfig, ModelConfig, micro_batch_size
+from ..kernels.apply import check_fused_kernels
 from ..models import families_with, family_spec
 from .deepspeed_engine import check_deepspeed
 from .mesh import Degrees
@@ -53,6 +54,7 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
                           "use tp = 1 or turn the mask off")
     if p.dp_backend == "deepspeed":
         check_deepspeed(cfg, d)
+    check_fused_kernels(cfg, device_type)
     micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
     return plan_pipeline(cfg, d, device_type) if d.pp > 1 else None
 
