@@ -247,7 +247,7 @@ class TrainConfig:
     z_loss_coef: float = 1e-4
     """Coefficient of the output z-loss (log of the softmax normaliser, squared); 0 disables it."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
-    """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; ``auto`` is off for now (its speed on a GPU is not measured yet; it will turn on where a GPU benchmark shows it faster), as it is in the layouts ``on`` refuses: pipeline, tensor or context parallel, more than one process, the encoder_decoder family."""
+    """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; Works under FSDP2, TP (vocab-parallel: each rank's slice of the vocabulary, the log-sum-exp reduced over tp; needs ``parallel.loss_parallel``), pipeline (the last stage) and context parallel. ``auto`` is off for now (its speed on a GPU is not measured yet; it will turn on where a GPU benchmark shows it faster), as it is where ``on`` is refused: the encoder_decoder family, TP without loss parallel, the DeepSpeed backend on more than one process."""
     eval_interval: int = 100
     """Run validation every this many steps (and at the last step); 0 disables it."""
     eval_batches: int = 4

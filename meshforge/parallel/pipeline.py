@@ -437,7 +437,7 @@ class PipelineRunner:
 
     def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
                  z_loss_coef: float, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 model_inputs: InputsFn = lm_inputs):
+                 model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None):
         from torch.distributed.pipelining import PipelineStage
 
         self.model = model
@@ -448,6 +448,8 @@ class PipelineRunner:
         self.z_loss_coef = z_loss_coef
         self.autocast = autocast or contextlib.nullcontext
         self.model_inputs = model_inputs
+        self.stage_kwargs = dict(stage_kwargs or {})
+        """Keyword inputs of every stage's forward (the fused loss: ``return_hidden=True``)."""
         self._parts: list[torch.Tensor] = []
 
         def get_mesh(dim_names: tuple[str, ...], layout) -> DeviceMesh:
@@ -485,6 +487,7 @@ class PipelineRunner:
         inputs, targets = self.model_inputs(batch)
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
+        kwargs.update(self.stage_kwargs)
         args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
@@ -535,8 +538,8 @@ class PipelineRunner:
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
-                 autocast=None, model_inputs: InputsFn = lm_inputs) -> PipelineRunner:
-    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs)
+                 autocast=None, model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None) -> PipelineRunner:
+    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs, stage_kwargs)
 
 
 __all__ = ["EncoderDecoderStage", "PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner",
