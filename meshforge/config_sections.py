@@ -248,6 +248,8 @@ class TrainConfig:
     """Coefficient of the output z-loss (log of the softmax normaliser, squared); 0 disables it."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; Works under FSDP2, TP (vocab-parallel: each rank's slice of the vocabulary, the log-sum-exp reduced over tp; needs ``parallel.loss_parallel``), pipeline (the last stage) and context parallel. ``auto`` is off for now (its speed on a GPU is not measured yet; it will turn on where a GPU benchmark shows it faster), as it is where ``on`` is refused: the encoder_decoder family, TP without loss parallel, the DeepSpeed backend on more than one process."""
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    """float8 training through torchao (``meshforge.parallel.float8``): the linear layers of the blocks run their matmuls in float8 with dynamic ``tensorwise`` (one scale per tensor; fastest; FSDP2 then all-gathers those weights in float8 and TP gathers their inputs in float8) or ``rowwise`` scales (one per row; more accurate); the output layer, MoE routers, embeddings and layers with dims not multiples of 16 stay in high precision. Needs a CUDA GPU of compute capability 8.9+ (refused elsewhere) and ``pip install -e '.[gpu]'``."""
     eval_interval: int = 100
     """Run validation every this many steps (and at the last step); 0 disables it."""
     eval_batches: int = 4

@@ -84,7 +84,7 @@ from ..models.moe import MoE
 
 def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm: bool = False,
                     has_embedding: bool = True, has_output: bool = True,
-                    moe_ffn: dict[str, bool] | None = None) -> dict[str, ParallelStyle]:
+                    moe_ffn: dict[str, bool] | None = None, float8: bool = False) -> dict[str, ParallelStyle]:
     """The TP(/SP) plan of :class:`meshforge.models.decoder.Decoder` as ``{path pattern: style}``.
 
     ``loss_parallel`` keeps the logits vocab-sharded (``Shard(-1)`` DTensor); otherwise the
@@ -99,8 +99,21 @@ def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm
     routing, the same aux losses over the whole microbatch and the same expert gradients,
     so the router and expert weights stay plain replicated tensors and need no reduction
     over ``tp``; expert parallelism, when on, shards the experts over ``ep`` as without TP.
+
+    ``float8`` (the block projections are torchao ``Float8Linear`` with tensorwise scaling,
+    :mod:`.float8`): torchao's float8 styles for them, which cast the gathered input to float8
+    before the all-gather; the embedding and the output layer keep the plain styles.
     """
     stream = Shard(1) if sequence_parallel else Replicate()
+    colwise, rowwise, prepare_input = ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    if float8:
+        from torchao.float8.float8_tensor_parallel import (
+            Float8ColwiseParallel,
+            Float8RowwiseParallel,
+            PrepareFloat8ModuleInput,
+        )
+
+        colwise, rowwise, prepare_input = Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
     plan: dict[str, ParallelStyle] = {}
     if has_embedding:
         # vocab-sharded rows: each rank looks up its own token ids, the partial sums are
@@ -108,16 +121,16 @@ def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
                                                  use_local_output=not sequence_parallel)
     block = {
-        "attention": PrepareModuleInput(input_layouts=(stream, None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=stream, use_local_output=not sequence_parallel),
-        "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=stream, use_local_output=not sequence_parallel),
+        "attention": prepare_input(input_layouts=(stream, None, None),
+                                   desired_input_layouts=(Replicate(), None, None)),
+        "attention.wq": colwise(),
+        "attention.wk": colwise(),
+        "attention.wv": colwise(),
+        "attention.wo": rowwise(output_layouts=stream, use_local_output=not sequence_parallel),
+        "feed_forward": prepare_input(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": colwise(),
+        "feed_forward.w3": colwise(),
+        "feed_forward.w2": rowwise(output_layouts=stream, use_local_output=not sequence_parallel),
     }
     if sequence_parallel:
         block["attention_norm"] = SequenceParallel()
@@ -236,9 +249,18 @@ def _resolves(model: nn.Module, pattern: str) -> bool:
     return any(fnmatch(name, pattern) for name, _ in model.named_modules())
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True) -> nn.Module:
+def _all_float8(blocks: dict[str, nn.Module]) -> bool:
+    """Every linear layer of the blocks' attention and dense FFN is a torchao Float8Linear."""
+    linears = [m for b in blocks.values() for part in (b.attention, b.feed_forward) if not isinstance(part, MoE)
+               for m in part.modules() if isinstance(m, nn.Linear)]
+    return bool(linears) and all(type(m).__name__ == "Float8Linear" for m in linears)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True,
+             float8: bool = False) -> nn.Module:
     """Shard ``model`` (a decoder or an encoder-decoder, or a pipeline stage of one) over the 1-D ``tp_mesh``
-    in place."""
+    in place. ``float8``: use torchao's float8 TP styles for the decoder blocks (tensorwise float8), where
+    all their linear layers were converted."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tp needs the 1-D tp sub-mesh, got a {tp_mesh.ndim}-D mesh")
     family = model.cfg.family
@@ -267,6 +289,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
             has_embedding=model.tok_embeddings is not None,
             has_output=model.output is not None,
             moe_ffn={n: isinstance(b.feed_forward, MoE) for n, b in model.layers.items()} if model.cfg.moe_experts else None,
+            float8=float8 and _all_float8(blocks),
         )
     plan = {k: v for k, v in plan.items() if _resolves(model, k)}  # a pipeline stage holds only some modules
     parallelize_module(model, tp_mesh, plan)

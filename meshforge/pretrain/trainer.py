@@ -33,6 +33,7 @@ from ..launch.env import DistEnv, discover, init_distributed, resolve_device, sh
 from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
 from ..parallel import build_mesh, parallelize
 from ..parallel.context_parallel import split_for_context_parallel
+from ..parallel.float8 import check_float8, precompute_float8_scales
 from ..parallel.grad_norm import clip_grad_norm
 from ..kernels.fused_loss import use_fused_loss
 from ..parallel.loss_parallel import fused_output_loss, lm_loss_fn, pipeline_loss_fn
@@ -89,6 +90,7 @@ class Trainer:
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
         self.pipeline_plan: PipelinePlan | None = check_job(cfg, self.degrees, self.device.type)
         """Every check of the job against its world size, once, before any process group; the pipeline split."""
+        check_float8(cfg, self.device)  # train.float8: a GPU with float8 matmuls, and torchao
         self.fused_loss = use_fused_loss(cfg, self.degrees, self.device.type)
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         self.output_dir = Path(cfg.train.output_dir)
@@ -241,6 +243,8 @@ class Trainer:
                   "grad_norm": float(grad_norm)}
         if self.nonfinite.check(self.step + 1, record["loss"], record["grad_norm"]):
             self.optimizer.step()
+            if self.cfg.train.float8 != "off":  # FSDP2's float8 all-gather: all weight scales in one all-reduce
+                precompute_float8_scales(self.model)
         else:
             record["skipped"] = 1
             record["skipped_total"] = self.nonfinite.total_skipped
