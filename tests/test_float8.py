@@ -1,5 +1,7 @@
 """float8 training through torchao (``train.float8``): which layers are converted, the TP plan it
-selects, and the refusal where float8 matmuls cannot run. No float8 matmul runs here (CPU)."""
+selects, and the refusal where float8 matmuls cannot run; slow: FSDP2 and TP2 layouts of a
+converted model on 2 gloo ranks (float8 all-gather weights, precomputed scales, float8 TP styles).
+No float8 matmul runs here (CPU)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 from torch import nn
 
 from meshforge.config import ConfigError, load_config
+from parallel_harness import REPO, start_ranks
 from meshforge.models import build_model
 from meshforge.parallel.float8 import apply_float8, check_float8, float8_skip_reason
 
@@ -124,3 +127,33 @@ def test_train_refuses_float8_on_cpu_before_writing(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="train.float8 = 'rowwise' needs a CUDA GPU"):
         Trainer(cfg)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_float8_fsdp2_and_tp2_layouts(tmp_path, Float8Linear):
+    import json
+
+    out = tmp_path / "report.json"
+    procs = start_ranks(2, [str(out)], script=[str(REPO / "tests" / "float8_layout_check.py")])
+    errs = [p.communicate(timeout=300)[1].decode(errors="replace") for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    report = json.loads(out.read_text())
+    fsdp = report["fsdp2"]
+    converted = [n for n, r in fsdp.items() if r["type"] == "Float8Linear"]
+    assert len(converted) == 14  # 2 layers x (wq, wk, wv, wo, w1, w2, w3)
+    for name, r in fsdp.items():
+        if r["type"] == "Float8Linear":  # all-gathered in float8, scale = e4m3 max / global amax (one all-reduce)
+            assert r["local"] == "WeightWithDynamicFloat8CastTensor" and r["scale_err"] < 1e-6, (name, r)
+        else:
+            assert r["local"] == "Tensor" and r["scale_err"] is None, (name, r)
+    assert fsdp["output"]["type"] == "Linear"
+    tp = report["tp2"]
+    for layer in ("0", "1"):
+        for proj, placement in (("attention.wq", "S(0)"), ("attention.wo", "S(1)"), ("feed_forward.w1", "S(0)"),
+                                ("feed_forward.w2", "S(1)")):
+            r = tp[f"layers.{layer}.{proj}"]
+            assert r["type"] == "Float8Linear" and r["placements"] == [placement], (proj, r)
+    assert "PrepareFloat8ModuleInput" in tp["layers.0.attention"]["input_hooks"]
+    assert "PrepareFloat8ModuleInput" in tp["layers.0.feed_forward"]["input_hooks"]
+    assert "Float8RowwiseParallel" in tp["layers.0.feed_forward.w2"]["input_hooks"]
+    assert tp["output"]["type"] == "Linear" and tp["output"]["local_rows"] * 2 == tp["output"]["rows"]
