@@ -5,7 +5,7 @@
   plain loss on the same layout and against one process (whole batch), within 1e-5; and
   autograd saves no logits-shaped tensor in the fused step (the plain one saves the logits).
 - Slow: whole ``meshforge train`` runs (10 steps, real ranks) with the fused loss in FSDP2,
-  TP2, PP2, PP2 x TP2, FSDP2 x TP2 and CP2 layouts, against the single-process run with the
+  TP2, PP2, PP2 x TP2, PP2 x FSDP2, FSDP2 x TP2 and CP2 layouts, against the single-process run with the
   plain loss (per-step losses within 1e-5 relative, final parameters as the harness checks).
 """
 
@@ -47,6 +47,7 @@ def test_fused_loss_matches_plain_and_one_process(layout_report, layout):
     ("tp2-loss-parallel", 2, ("--parallel.tp", "2"), TP_ATOL),
     ("pp2", 2, ("--parallel.pp", "2"), 1e-6),
     ("pp2-x-tp2", 4, ("--parallel.pp", "2", "--parallel.tp", "2"), TP_ATOL),
+    ("pp2-x-fsdp2", 4, ("--parallel.pp", "2", "--parallel.dp_shard", "2"), 1e-6),
     ("fsdp2-x-tp2", 4, ("--parallel.dp_shard", "2", "--parallel.tp", "2"), TP_ATOL),
     ("cp2", 2, ("--parallel.cp", "2"), TP_ATOL),
 ])
