@@ -310,7 +310,7 @@ class PipelineRunner:
 
     def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
                  z_loss_coef: float, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 model_inputs: InputsFn = lm_inputs):
+                 model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None):
         from torch.distributed.pipelining import PipelineStage
 
         self.model = model
@@ -321,6 +321,8 @@ class PipelineRunner:
         self.z_loss_coef = z_loss_coef
         self.autocast = autocast or contextlib.nullcontext
         self.model_inputs = context_parallel_inputs(model_inputs, mesh)  # cp > 1: this rank's zigzag chunks
+        self.stage_kwargs = dict(stage_kwargs or {})
+        """Keyword inputs of every stage's forward (the fused loss: ``return_hidden=True``)."""
         self._parts: list[torch.Tensor] = []
 
         def get_mesh(dim_names: tuple[str, ...], layout) -> DeviceMesh:
@@ -338,11 +340,13 @@ class PipelineRunner:
 
     def _schedule_for(self, kwargs: dict):
         """The schedule (built once, for the keyword inputs every batch of the job has): keyword
-        tensors split into microbatches with the batch, except the shared RoPE ``positions``."""
+        tensors split into microbatches with the batch, except the shared RoPE ``positions`` and the
+        runner's own ``stage_kwargs`` (flags such as ``return_hidden``), which every microbatch shares."""
         if self.schedule is None:
             from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 
-            spec = {k: _Replicate() if k in SHARED_KWARGS else TensorChunkSpec(0) for k in kwargs}
+            shared = set(SHARED_KWARGS) | set(self.stage_kwargs)
+            spec = {k: _Replicate() if k in shared else TensorChunkSpec(0) for k in kwargs}
             cls, n = _schedule_class(self.plan.schedule), self.plan.n_microbatches
             stages = self.stages[0] if self.plan.schedule in SINGLE_STAGE_SCHEDULES else self.stages
             # The loss is already divided by the microbatch count: no extra scaling of the grads.
@@ -365,6 +369,7 @@ class PipelineRunner:
         inputs, targets = self.model_inputs(batch)
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
+        kwargs.update(self.stage_kwargs)
         args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
@@ -421,8 +426,8 @@ def _on_device(batch, device: torch.device):
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
-                 autocast=None, model_inputs: InputsFn = lm_inputs) -> PipelineRunner:
-    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs)
+                 autocast=None, model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None) -> PipelineRunner:
+    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs, stage_kwargs)
 
 
 __all__ = ["PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner",

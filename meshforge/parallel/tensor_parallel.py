@@ -147,19 +147,34 @@ STYLE_NAMES = {
 """The style names a family's TP plan may use (``ModelSpec.tp_plan``), and what each does."""
 
 
-def _style(name: str, sequence_parallel: bool, loss_parallel: bool) -> ParallelStyle:
+def _block_styles(float8: bool) -> tuple[type, type, type]:
+    """(colwise, rowwise, gather-input) style classes of the block projections: torchao's float8
+    styles (the gathered input cast to float8 before the all-gather) for tensorwise float8 layers."""
+    if not float8:
+        return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+        PrepareFloat8ModuleInput,
+    )
+
+    return Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
+
+
+def _style(name: str, sequence_parallel: bool, loss_parallel: bool, float8: bool = False) -> ParallelStyle:
     stream = Shard(1) if sequence_parallel else Replicate()
     local = not sequence_parallel  # the residual stream stays a DTensor under SP
     base, _, n_inputs = name.partition(":")
+    colwise, rowwise, prepare_input = _block_styles(float8)  # embedding and output keep the plain styles
     if base == "embedding":
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=local)
     if base == "colwise":
-        return ColwiseParallel()
+        return colwise()
     if base == "rowwise":
-        return RowwiseParallel(output_layouts=stream, use_local_output=local)
+        return rowwise(output_layouts=stream, use_local_output=local)
     if base == "gather_input":
         rest = (None,) * (int(n_inputs or 1) - 1)
-        return PrepareModuleInput(input_layouts=(stream, *rest), desired_input_layouts=(Replicate(), *rest))
+        return prepare_input(input_layouts=(stream, *rest), desired_input_layouts=(Replicate(), *rest))
     if base == "norm":
         return SequenceParallel()
     if base == "gathered_norm":
@@ -178,18 +193,21 @@ def _style(name: str, sequence_parallel: bool, loss_parallel: bool) -> ParallelS
     raise ValueError(f"TP plan style {name!r} is not one of {', '.join(STYLE_NAMES)}")
 
 
-def build_tp_plan(m: ModelConfig, loss_parallel: bool, sequence_parallel: bool = True) -> dict[str, ParallelStyle]:
+def build_tp_plan(m: ModelConfig, loss_parallel: bool, sequence_parallel: bool = True,
+                  float8: bool = False) -> dict[str, ParallelStyle]:
     """The family's TP plan (``ModelSpec.tp_plan``) as ``{path pattern: ParallelStyle}``.
 
     ``loss_parallel`` keeps the logits vocab-sharded (``Shard(-1)`` DTensor); otherwise the output
     projection returns full logits as a plain tensor. Without ``sequence_parallel`` the residual
-    stream is replicated and the norms run unsharded (a plan of gathered norms refuses)."""
+    stream is replicated and the norms run unsharded (a plan of gathered norms refuses). ``float8``
+    (the block projections are torchao ``Float8Linear`` with tensorwise scaling, :mod:`.float8`):
+    torchao's float8 styles for the block projections and their gathered inputs."""
     names = family_spec(m.family).tp_plan(m)
     if not sequence_parallel:
         if "gathered_norm" in names.values():
             raise ValueError(f"apply_tp: the {m.family} plan always uses sequence parallel (it gathers norm outputs)")
         names = {k: v for k, v in names.items() if v != "norm"}
-    return {k: _style(v, sequence_parallel, loss_parallel) for k, v in names.items()}
+    return {k: _style(v, sequence_parallel, loss_parallel, float8) for k, v in names.items()}
 
 
 def _resolves(model: nn.Module, pattern: str) -> bool:
@@ -197,13 +215,25 @@ def _resolves(model: nn.Module, pattern: str) -> bool:
     return any(fnmatch(name, pattern) for name, _ in model.named_modules())
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True) -> nn.Module:
+def _all_float8(blocks: dict[str, nn.Module], names: dict[str, str]) -> bool:
+    """Every linear layer the plan splits column- or row-wise in the blocks (attention, dense FFN; an MoE
+    runs replicated) is a torchao Float8Linear."""
+    linears = [m for name, b in blocks.items() for sub, m in b.named_modules() if isinstance(m, nn.Linear)
+               and names.get(f"{name}.{sub.split('.')[0]}") != "replicated_moe"]
+    return bool(linears) and all(type(m).__name__ == "Float8Linear" for m in linears)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True,
+             float8: bool = False) -> nn.Module:
     """Shard ``model`` (a decoder or an encoder-decoder, or a pipeline stage of one) over the 1-D ``tp_mesh``
-    in place."""
+    in place. ``float8``: torchao's float8 TP styles for the block projections (tensorwise float8), where
+    all of them were converted."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tp needs the 1-D tp sub-mesh, got a {tp_mesh.ndim}-D mesh")
-    names = family_spec(model.cfg.family).tp_plan(model.cfg)
-    for name, block in family_spec(model.cfg.family).blocks(model).items():
+    spec = family_spec(model.cfg.family)
+    names = spec.tp_plan(model.cfg)
+    blocks = spec.blocks(model)
+    for name, block in blocks.items():
         if names.get(f"{name}.feed_forward") == "replicated_moe":
             continue  # replicated over tp (see STYLE_NAMES)
         if not all(isinstance(getattr(block.feed_forward, w, None), nn.Linear) for w in ("w1", "w2", "w3")):
@@ -211,7 +241,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
                              "not a dense gated FFN; the TP plans do not cover it (MoE needs its own plan)")
     tied = bool(getattr(model.cfg, "tie_embeddings", False)) and model.tok_embeddings is not None \
         and model.output is not None and model.output.weight is model.tok_embeddings.weight
-    plan = build_tp_plan(model.cfg, cfg.loss_parallel, sequence_parallel)
+    plan = build_tp_plan(model.cfg, cfg.loss_parallel, sequence_parallel, float8=float8 and _all_float8(blocks, names))
     plan = {k: v for k, v in plan.items() if _resolves(model, k)}  # a pipeline stage holds only some modules
     parallelize_module(model, tp_mesh, plan)
     if tied:

@@ -33,9 +33,10 @@ from ..launch.env import DistEnv, discover, init_distributed, resolve_device, sh
 from ..models import MODEL_SPECS, active_params, build_model, family_spec
 from ..parallel import build_mesh, parallelize
 from ..parallel.context_parallel import split_for_context_parallel
+from ..parallel.float8 import check_float8, precompute_float8_scales
 from ..parallel.grad_norm import clip_grad_norm
-from ..kernels.fused_loss import fused_linear_lm_loss, use_fused_loss
-from ..parallel.loss_parallel import lm_loss_fn
+from ..kernels.fused_loss import use_fused_loss
+from ..parallel.loss_parallel import fused_output_loss, lm_loss_fn, pipeline_loss_fn
 from ..parallel.deepspeed_engine import build_deepspeed_engine
 from ..parallel.job_checks import check_job
 from ..parallel.mesh import Degrees, resolve_degrees
@@ -89,6 +90,7 @@ class Trainer:
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
         self.pipeline_plan: PipelinePlan | None = check_job(cfg, self.degrees, self.device.type)
         """Every check of the job against its world size, once, before any process group; the pipeline split."""
+        check_float8(cfg, self.device)  # train.float8: a GPU with float8 matmuls, and torchao
         self.fused_loss = use_fused_loss(cfg, self.degrees, self.device.type)
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         self.output_dir = Path(cfg.train.output_dir)
@@ -127,8 +129,9 @@ class Trainer:
                 print(f"initialised from {self.init_from}", flush=True)
         self.pipeline: PipelineRunner | None = None
         if self.degrees.pp > 1:  # self.model is this rank's PipelineModel; the runner drives its stages
-            self.pipeline = build_runner(self.model, self.mesh, self.device, lm_loss_fn(cfg, self.degrees.tp),
-                                         cfg.train.z_loss_coef, self._autocast, self.data.objective.model_inputs)
+            loss_fn, stage_kwargs = pipeline_loss_fn(self.model, cfg, self.degrees.tp, self.fused_loss)
+            self.pipeline = build_runner(self.model, self.mesh, self.device, loss_fn, cfg.train.z_loss_coef,
+                                         self._autocast, self.data.objective.model_inputs, stage_kwargs)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, 1.0 / cfg.model.width_mult)
         self.engine = None
         if cfg.parallel.dp_backend == "deepspeed":  # the engine runs ZeRO, backward and the optimizer step
@@ -179,11 +182,10 @@ class Trainer:
         args, targets = self.data.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
         if self.degrees.cp > 1:  # this rank's zigzag chunks of every sample, with their global positions
             args, targets = split_for_context_parallel(args, targets, self.mesh["cp"].get_local_rank(), self.degrees.cp)
-        if self.fused_loss:  # one process, plain Decoder (use_fused_loss)
+        if self.fused_loss:  # a decoder (use_fused_loss); FSDP2 / TP layouts: fused_output_loss
             with self._autocast():
                 hidden = self.model(*args, return_hidden=True)
-            return fused_linear_lm_loss(hidden, self.model.output.weight, targets, self.cfg.train.z_loss_coef,
-                                        logit_scale=self.model.logit_scale)
+            return fused_output_loss(self.model, hidden, targets, self.cfg.train.z_loss_coef)
         with self._autocast():
             logits = self.model(*args)
         # tp > 1 with parallel.loss_parallel: logits are vocab-sharded DTensors, never gathered
@@ -239,6 +241,8 @@ class Trainer:
                   "grad_norm": float(grad_norm)}
         if self.nonfinite.check(self.step + 1, record["loss"], record["grad_norm"]):
             self.optimizer.step()
+            if self.cfg.train.float8 != "off":  # FSDP2's float8 all-gather: all weight scales in one all-reduce
+                precompute_float8_scales(self.model)
         else:
             record["skipped"] = 1
             record["skipped_total"] = self.nonfinite.total_skipped
