@@ -146,6 +146,16 @@ def run_worker(names: list[str], scratch: Path, cache: str, dry: bool, deadline:
 # --------------------------------------------------------------------------- the driver
 
 
+def worker_groups(names: list[str], dry: bool) -> list[list[str]]:
+    """The cases each worker process runs: --dry, all in one; on a GPU, the correctness cases in
+    one, every other case in its own (fresh CUDA memory and compile state for each measurement)."""
+    if dry:
+        return [names]
+    first = [n for n in names if BY_NAME[n].kind == "correctness"]
+    return ([first] if first else []) + [[n] for n in names if n not in first]
+
+
+
 class Driver:
     def __init__(self, args, out: Path, scratch: Path, cache: str):
         self.args, self.out, self.scratch, self.cache = args, out, scratch, cache
@@ -181,12 +191,6 @@ class Driver:
         if self.log.exists():
             data = self.log.read_bytes()
             (self.out / "gpu_check.log").write_bytes(data[-8 * 2**20:])
-
-    def groups(self, names: list[str]) -> list[list[str]]:
-        if self.args.dry:
-            return [names]
-        first = [n for n in names if BY_NAME[n].kind == "correctness"]
-        return ([first] if first else []) + [[n] for n in names if n not in first]
 
     def run_group(self, names: list[str]) -> None:
         remaining = list(names)
@@ -293,7 +297,7 @@ def main() -> int:
                 driver.done(_result(n, "skipped", 0.0, reason=why))
             else:
                 runnable.append(n)
-        for group in driver.groups(runnable):
+        for group in worker_groups(runnable, args.dry):
             driver.run_group(group)
         driver.write()
     finally:

@@ -8,7 +8,6 @@ cross-entropy vs the plain loss. Tolerances are relative: max |a - b| / max |b|.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -49,7 +48,7 @@ def compile_case(ctx) -> dict:
     eager, t_eager = small_losses(ctx, "--train.dtype", "fp32", "--parallel.compile", "off")
     dynamo_utils.counters.clear()
     compiled, t_compiled = small_losses(ctx, "--train.dtype", "fp32", "--parallel.compile", "on")
-    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"] or dynamo_utils.counters["frames"]["ok"]
     return {"figures": {"max_rel_err": rel_err(compiled, eager), "loss_first": eager[0], "loss_last_eager": eager[-1],
                         "loss_last_compiled": compiled[-1], "dynamo_graphs": graphs, "eager_s": t_eager,
                         "compiled_s_with_compile": t_compiled},
@@ -192,11 +191,3 @@ def fused_loss_case(ctx) -> dict:
         figures[f"grad_rel_err_{'default' if chunk is None else chunk}"] = g_err
     return {"figures": figures, "checks": checks, "note": "fp32, z-loss 1e-4, every 17th target ignored"}
 
-
-def hang_case(ctx) -> dict:
-    time.sleep(3600)
-    return {}
-
-
-def crash_case(ctx) -> dict:
-    os._exit(7)

@@ -109,15 +109,16 @@ def speed(ctx, preset: str, overrides: list[str], dry_overrides: list[str], micr
             f = time_trainer(ctx, preset, overrides, micro)
             break
         except torch.OutOfMemoryError:
-            _release()
-            if micro == 1:
-                raise
-            notes.append(f"out of memory at micro batch {micro}")
-            micro //= 2
+            pass  # released below, once the exception (whose traceback holds the trainer) is gone
         except Exception as e:  # noqa: BLE001
             if option and ctx.dry:  # a GPU feature (float8 matmuls, Triton kernels) the CPU may refuse
                 raise Skip(f"{option[0]} = {option[1]!r} does not run on the CPU: {type(e).__name__}: {e}") from None
             raise
+        _release()
+        if micro == 1:
+            raise RuntimeError("out of memory at micro batch 1")
+        notes.append(f"out of memory at micro batch {micro}")
+        micro //= 2
     bad = sum(not math.isfinite(v) for v in (f["loss_first"], f["loss_last"]))
     return {"figures": f, "checks": [check("non-finite losses", bad, 0)], "note": "; ".join(notes)}
 

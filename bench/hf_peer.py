@@ -17,6 +17,7 @@ meshforge / peer tokens/s. Alone: ``python bench/hf_peer.py --config llama-1b --
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -38,7 +39,8 @@ def llama_config(m):
         raise ValueError("the peer covers the plain Llama architecture: a dense decoder, SwiGLU, no qk-norm, no muP")
     return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden_dim,
                        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
-                       max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
+                       max_position_embeddings=m.max_seq_len, head_dim=m.head_dim,
+                       rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, rms_norm_eps=m.norm_eps,
                        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
                        initializer_range=m.init_std, attn_implementation="sdpa", use_cache=False)
 
@@ -110,11 +112,14 @@ def peer_case(ctx) -> dict:
             f = train_peer(m, seq, micro, warmup, steps, ctx.device, bf16=not ctx.dry, compile_layers=not ctx.dry)
             break
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if micro == 1:
-                raise
-            notes.append(f"out of memory at micro batch {micro}")
-            micro //= 2
+            pass  # released below, once the exception (whose traceback holds the model) is gone
+        gc.collect()
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        if micro == 1:
+            raise RuntimeError("out of memory at micro batch 1")
+        notes.append(f"out of memory at micro batch {micro}")
+        micro //= 2
     mf_total = meshforge_total_params(m)
     active = f["total_params"] - m.vocab_size * m.dim  # as meshforge counts: no input embedding (untied)
     peak = peak_flops(ctx.device)

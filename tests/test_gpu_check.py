@@ -98,6 +98,12 @@ def test_options_and_packages_this_build_lacks_are_skipped(monkeypatch):
     assert gpu_check.pre_skip("fine") is None
 
 
+def test_on_a_gpu_each_measurement_gets_a_fresh_worker():
+    names = ["compile", "bf16", "1b", "peer", "fused_loss"]
+    assert gpu_check.worker_groups(names, dry=True) == [names]
+    assert gpu_check.worker_groups(names, dry=False) == [["compile", "bf16", "fused_loss"], ["1b"], ["peer"]]
+
+
 def _gpu_report() -> dict:
     machine = {"cpu": "x", "platform": "Linux", "python": "3.12.3", "cuda": "13.0", "date": "2026-12-03 10:00 UTC",
                "packages": {"torch": "2.11.0"}, "gpu": "NVIDIA H200", "gpu_count": 1, "gpu_mem_gib": 139.8, "sms": 132,
