@@ -224,7 +224,10 @@ class Driver:
             over_cap = began is not None and now - began > self.cap(current)
             if exited or over_cap or now > self.deadline:
                 if not exited:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:  # it exited just now
+                        pass
                     proc.wait()
                 if (self.scratch / f"{current}.json").is_file():  # it finished just now
                     continue

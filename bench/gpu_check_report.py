@@ -103,7 +103,7 @@ def markdown(report: dict) -> list[str]:
     plan = [c for c in cases if "mem_predicted_backward" in c.get("figures", {})]
     if plan:
         lines += ["**Planner memory prediction vs measured** (step 2; GiB; 'above rest' = peak above the memory at "
-                  "rest after step 1, i.e. activations + transients)", "",
+                  "rest after step 1, i.e. activations + transients; error = predicted / measured - 1)", "",
                   "| case | peak allocated: measured / predicted | up to the optimizer step above rest: measured / "
                   "predicted (activations + buffers) | error | within 15% |", "|---|---:|---:|---:|---|"]
         for c in plan:

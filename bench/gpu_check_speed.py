@@ -162,17 +162,26 @@ def fused_kernels_case(ctx) -> dict:
     return out
 
 
+MOE = ("--model.n_layers", "2", "--parallel.ep", "1", "--parallel.compile", "on",
+       "--parallel.activation_checkpointing", "none")
+"""mixtral-8x's layer shape on one GPU: 2 layers (~3.1B parameters, ~0.9B active), no expert parallel."""
+T5 = ("--parallel.compile", "on")
+DRY_T5 = ("--model.vocab_size", "2048", "--model.dim", "64", "--model.n_layers", "2", "--model.n_decoder_layers", "2",
+          "--model.n_heads", "4", "--model.ffn_dim", "128", "--data.seq_len", "64", "--parallel.compile", "off",
+          "--train.dtype", "fp32")
+CP2 = (*LLAMA_1B, "--data.seq_len", "8192", "--model.max_seq_len", "8192", "--parallel.cp", "2",
+       "--parallel.cp_method", "ring")
+GPU_JOBS = {ONE_B: ("llama-1b", LLAMA_1B, ONE_B_MICRO), "moe": ("mixtral-8x", MOE, 2), "t5-base": ("t5-base", T5, 64),
+            "cp2": ("llama-1b", CP2, 1)}
+"""Preset, overrides and micro batch of each GPU job (tests/test_gpu_check.py validates them on the CPU)."""
+
+
 def moe_case(ctx) -> dict:
-    return speed(ctx, "mixtral-8x", ["--model.n_layers", "2", "--parallel.ep", "1", "--parallel.compile", "on",
-                                     "--parallel.activation_checkpointing", "none"],
-                 [*DRY_DECODER, "--model.moe_ffn_dim", "64"], 2)
+    return speed(ctx, "mixtral-8x", list(MOE), [*DRY_DECODER, "--model.moe_ffn_dim", "64"], 2)
 
 
 def t5_case(ctx) -> dict:
-    return speed(ctx, "t5-base", ["--parallel.compile", "on"],
-                 ["--model.vocab_size", "2048", "--model.dim", "64", "--model.n_layers", "2",
-                  "--model.n_decoder_layers", "2", "--model.n_heads", "4", "--model.ffn_dim", "128",
-                  "--data.seq_len", "64", "--parallel.compile", "off", "--train.dtype", "fp32"], 64)
+    return speed(ctx, "t5-base", list(T5), list(DRY_T5), 64)
 
 
 def cp2_case(ctx) -> dict:
@@ -184,10 +193,9 @@ def cp2_case(ctx) -> dict:
     import parallel_harness
 
     steps, warm = (3, 1) if ctx.dry else (WARMUP + STEPS, WARMUP)
-    shape = list(DRY_DECODER) if ctx.dry else [*LLAMA_1B, "--data.seq_len", "8192", "--model.max_seq_len", "8192"]
+    shape = [*CP2, *DRY_DECODER] if ctx.dry else list(CP2)
     out = ctx.scratch / "cp2"
-    args = ["train", "--config", "llama-1b", *OFF, *shape, "--parallel.cp", "2", "--parallel.cp_method", "ring",
-            "--train.global_batch_size", "1", "--train.micro_batch_size", "1", "--train.steps", str(steps),
+    args = ["train", "--config", "llama-1b", *OFF, *shape, "--train.global_batch_size", "1", "--train.micro_batch_size", "1", "--train.steps", str(steps),
             "--train.output_dir", str(out), "--train.device", ctx.device.type]
     try:
         parallel_harness.run_ranks(2, args, timeout=ctx.extra.get("cp2_timeout", 600),

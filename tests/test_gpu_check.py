@@ -98,6 +98,25 @@ def test_options_and_packages_this_build_lacks_are_skipped(monkeypatch):
     assert gpu_check.pre_skip("fine") is None
 
 
+def test_the_gpu_jobs_are_valid_configs():
+    """What only the GPU run builds: every speed job's config as the GPU run loads it (the CPU
+    cannot run them; a wrong key or value must not wait for a GPU to show)."""
+    import gpu_check_speed as speed
+
+    from meshforge.config import load_config
+    from meshforge.config_sections import ConfigError
+
+    for name, (preset, overrides, micro) in speed.GPU_JOBS.items():
+        cfg = load_config(preset, [*speed.OFF, *overrides, "--train.global_batch_size", str(micro),
+                                   "--train.micro_batch_size", str(micro), "--train.device", "cuda"])
+        assert cfg.parallel.compile == "on" and cfg.parallel.ep == 1, name
+    one_b = load_config("llama-1b", list(speed.LLAMA_1B))
+    assert not one_b.model.qk_norm and one_b.data.seq_len == 4096 and not one_b.model.tie_embeddings
+    load_config("llama-1b", [*speed.LLAMA_1B, "--train.fused_loss", "on"])
+    with pytest.raises(ConfigError, match="unknown config key"):  # what an option this build lacks looks like
+        load_config("llama-1b", ["--train.no_such_option", "on"])
+
+
 def test_on_a_gpu_each_measurement_gets_a_fresh_worker():
     names = ["compile", "bf16", "1b", "peer", "fused_loss"]
     assert gpu_check.worker_groups(names, dry=True) == [names]
