@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_lib import BY_NAME, CASES, DEFAULT, Ctx, Skip  # noqa: E402
 
 BUDGET_S = 450.0
-DRY_BUDGET_S = 150.0
+DRY_BUDGET_S = 240.0
 MIN_START_S = 20.0
 """A case does not start with less than this left of the budget."""
 POLL_S = 0.2

@@ -37,7 +37,7 @@ class Case:
     """A config key (and the value the case sets) that not every build has: unknown -> skipped."""
     needs: tuple[str, ...] = ()
     """Python modules the case needs; missing -> skipped (carry their wheels to the GPU machine)."""
-    dry_cap_s: float = 40.0
+    dry_cap_s: float = 60.0
     """Time cap of the --dry run (CPU, tiny shapes)."""
 
 
@@ -61,7 +61,7 @@ CASES: list[Case] = [
          "llama-1b (Llama architecture: qk_norm off), seq 4096, bf16, per-block compile, no AC, train.fused_loss auto"),
     Case("peer", "peer", "hf_peer:peer_case", 150,
          "the same 1B architecture and batch in a bare loop around transformers' LlamaForCausalLM "
-         "(SDPA, bf16 autocast, fused AdamW, per-layer torch.compile)", needs=("transformers",), dry_cap_s=60),
+         "(SDPA, bf16 autocast, fused AdamW, per-layer torch.compile)", needs=("transformers",), dry_cap_s=90),
     Case("1b-fused-loss", "speed", "gpu_check_speed:fused_loss_toggle_case", 90,
          "as 1b with train.fused_loss the other way (on if auto chose off)"),
     Case("1b-float8", "speed", "gpu_check_speed:float8_case", 120,
@@ -73,7 +73,7 @@ CASES: list[Case] = [
     Case("t5-base", "speed", "gpu_check_speed:t5_case", 120,
          "T5 v1.1 base, encoder 512 + decoder 114 tokens, span corruption, bf16, per-block compile"),
     Case("cp2", "speed", "gpu_check_speed:cp2_case", 150,
-         "llama-1b architecture, seq 8192, context parallel over 2 ranks (ring)"),
+         "llama-1b architecture, seq 8192, context parallel over 2 ranks (ring)", dry_cap_s=90),
     # never in the default list: they prove the driver's time caps and crash handling
     Case("selftest-hang", "selftest", "gpu_check_lib:hang_case", 5, "sleeps past its cap", dry_cap_s=5),
     Case("selftest-crash", "selftest", "gpu_check_lib:crash_case", 5, "the process dies", dry_cap_s=5),

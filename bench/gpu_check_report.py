@@ -54,6 +54,12 @@ def _num(v, fmt: str = ".3g") -> str:
     return format(v, fmt) if isinstance(v, (int, float)) else str(v)
 
 
+def _params(n) -> str:
+    if not isinstance(n, (int, float)) or not n:
+        return "n/a"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:,.0f}M" if n >= 1e6 else f"{n / 1e3:,.0f}K"
+
+
 def _gib(b) -> str:
     return f"{b / 2**30:.1f}" if isinstance(b, (int, float)) else "n/a"
 
@@ -88,7 +94,7 @@ def markdown(report: dict) -> list[str]:
                 lines.append(f"| {c['name']} | {c['status']} | {c.get('reason', '')} ||||||||")
                 continue
             mfu = f"{100 * f['mfu']:.1f}%" if isinstance(f.get("mfu"), float) else "n/a"
-            lines.append(f"| {c['name']} | {c['status']} | {f.get('params', 0) / 1e6:,.0f}M | {f.get('micro_batch', '')} | "
+            lines.append(f"| {c['name']} | {c['status']} | {_params(f.get('params'))} | {f.get('micro_batch', '')} | "
                          f"{f.get('tokens_per_step', 0):,} | {f['tokens_per_s']:,.0f} | {_num(f.get('tflops', 'n/a'), '.0f')} "
                          f"| {mfu} | {_gib(f.get('peak_mem_bytes'))} | {_num(f.get('loss_first'), '.2f')} → "
                          f"{_num(f.get('loss_last'), '.2f')} |")

@@ -147,7 +147,7 @@ def test_report_renders_gpu_figures_and_records_into_results(tmp_path):
     md = "\n".join(gpu_check_report.markdown(_gpu_report()))
     assert "NVIDIA H200" in md and "sm_90" in md and "CUDA 13.0" in md
     assert "| compile | **FAIL** | losses | 0.5 | 0.002 |" in md
-    assert "| 1b | ok | 1,070M | 4 | 16,384 | 50,000 | 400 | 40.4% | 60.0 |" in md
+    assert "| 1b | ok | 1.07B | 4 | 16,384 | 50,000 | 400 | 40.4% | 60.0 |" in md
     assert "**1.25x**" in md and "cp2 (skipped): needs 2 GPUs" in md
     assert "| 1b | n/a / n/a | 44.0 / 40.0 | -9.1% | yes |" in md
     results = tmp_path / "RESULTS.md"
