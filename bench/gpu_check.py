@@ -117,7 +117,7 @@ def run_worker(names: list[str], scratch: Path, cache: str, dry: bool, deadline:
             _write_json(scratch / f"{name}.json", _result(name, "skipped", 0.0,
                                                            reason=f"the time budget was spent ({left:.0f} s left)"))
             continue
-        (scratch / f"{name}.start").write_text(str(time.time()))
+        _write_json(scratch / f"{name}.start", time.time())  # atomically: the driver polls it
         print(f"=== {name}: {case.what}", flush=True)
         t0 = time.perf_counter()
         module, fn = case.func.split(":")
@@ -146,6 +146,14 @@ def run_worker(names: list[str], scratch: Path, cache: str, dry: bool, deadline:
 # --------------------------------------------------------------------------- the driver
 
 
+def _started(scratch: Path, name: str) -> float | None:
+    """When the worker started case ``name`` (its marker), or None."""
+    try:
+        return float(json.loads((scratch / f"{name}.start").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def worker_groups(names: list[str], dry: bool) -> list[list[str]]:
     """The cases each worker process runs: --dry, all in one; on a GPU, the correctness cases in
     one, every other case in its own (fresh CUDA memory and compile state for each measurement)."""
@@ -153,7 +161,6 @@ def worker_groups(names: list[str], dry: bool) -> list[list[str]]:
         return [names]
     first = [n for n in names if BY_NAME[n].kind == "correctness"]
     return ([first] if first else []) + [[n] for n in names if n not in first]
-
 
 
 class Driver:
@@ -218,8 +225,7 @@ class Driver:
             if current is None:
                 proc.wait()
                 return []
-            start = self.scratch / f"{current}.start"
-            began = float(start.read_text()) if start.is_file() else None
+            began = _started(self.scratch, current)
             now = time.time()
             over_cap = began is not None and now - began > self.cap(current)
             if exited or over_cap or now > self.deadline:
@@ -230,7 +236,8 @@ class Driver:
                         pass
                     proc.wait()
                 if (self.scratch / f"{current}.json").is_file():  # it finished just now
-                    continue
+                    self.done(json.loads((self.scratch / f"{current}.json").read_text()))
+                    return names[names.index(current) + 1:]
                 wall = now - began if began is not None else 0.0
                 if exited:
                     tail = self._log_tail()
