@@ -27,14 +27,14 @@ BF16_TOL = 2e-2
 """Per-step loss, bf16 autocast vs fp32: bf16 keeps 8 bits of mantissa (rel. 4e-3 per rounding)."""
 
 
-def small_losses(ctx, *overrides: str, steps: int = STEPS) -> tuple[list[float], float]:
+def small_losses(ctx, *overrides: str, steps: int = STEPS, preset: str = "small") -> tuple[list[float], float]:
     """Per-step losses of ``steps`` Trainer steps of the small preset; the seconds they took."""
     from meshforge.config import load_config
     from meshforge.pretrain.trainer import Trainer
 
     with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
-        cfg = load_config("small", [*OFF, "--train.steps", str(steps), "--train.output_dir", tmp,
-                                    "--train.device", ctx.device.type, *(SMALL_DRY if ctx.dry else ()), *overrides])
+        cfg = load_config(preset, [*OFF, "--train.steps", str(steps), "--train.output_dir", tmp,
+                                   "--train.device", ctx.device.type, *(SMALL_DRY if ctx.dry else ()), *overrides])
         trainer = Trainer(cfg)
         trainer._setup()
         t0 = time.perf_counter()
@@ -64,6 +64,33 @@ def bf16_case(ctx) -> dict:
     return {"figures": {"max_rel_err": rel_err(bf16, fp32), "loss_first": fp32[0], "loss_last_fp32": fp32[-1],
                         "loss_last_bf16": bf16[-1]},
             "checks": [check(f"{STEPS} per-step losses, bf16 autocast vs fp32", rel_err(bf16, fp32), BF16_TOL)]}
+
+
+FLOAT8_STEPS = 50
+FLOAT8_TOL = 3e-2
+"""Per-step loss over 50 steps, float8 vs bf16 (both bf16 autocast around the matmuls): float8
+keeps 3 (e4m3) bits of mantissa per scaled tensor, its error is noise on the gradient."""
+
+
+def float8_loss_case(ctx) -> dict:
+    """llama-100m, seq 256, batch 8, eager: 50 steps with train.float8 against bf16 alone."""
+    from gpu_check_lib import FLOAT8
+
+    shape = ("--data.seq_len", "256", "--train.global_batch_size", "8", "--train.micro_batch_size", "8",
+             "--parallel.compile", "off", "--train.dtype", "bf16")
+    try:  # first: under --dry the CPU refuses it at once
+        f8, _ = small_losses(ctx, *shape, f"--{FLOAT8[0]}", FLOAT8[1], steps=FLOAT8_STEPS, preset="llama-100m")
+    except Exception as e:  # noqa: BLE001
+        if ctx.dry:
+            raise Skip(f"{FLOAT8[0]} = {FLOAT8[1]!r} does not run on the CPU: {type(e).__name__}: {e}") from None
+        raise
+    bf16, _ = small_losses(ctx, *shape, steps=FLOAT8_STEPS, preset="llama-100m")
+    tail = sum(f8[-10:]) / 10 / (sum(bf16[-10:]) / 10) - 1
+    return {"figures": {"max_rel_err": rel_err(f8, bf16), "last10_mean_rel_diff": tail, "loss_first": bf16[0],
+                        "loss_last_bf16": bf16[-1], "loss_last_float8": f8[-1]},
+            "checks": [check(f"{FLOAT8_STEPS} per-step losses, {FLOAT8[0]} = {FLOAT8[1]} vs bf16", rel_err(f8, bf16),
+                             FLOAT8_TOL)],
+            "note": "llama-100m, seq 256, batch 8, eager"}
 
 
 def _segments(batch: int, seqlen: int, docs: int, gen: torch.Generator) -> torch.Tensor:

@@ -57,6 +57,9 @@ CASES: list[Case] = [
          "MoE experts: torch._grouped_mm (bf16) vs the per-expert loop (fp32), outputs and gradients"),
     Case("fused_loss", "correctness", "gpu_check_correct:fused_loss_case", 45,
          "fused linear + cross-entropy vs plain logits + loss, fp32, values and gradients"),
+    Case("float8_loss", "correctness", "gpu_check_correct:float8_loss_case", 90,
+         "llama-100m, 50 steps: float8 (torchao, tensorwise) vs bf16 (per-step loss)", option=FLOAT8,
+         needs=("torchao",)),
     Case(ONE_B, "speed", "gpu_check_speed:one_b_case", 150,
          "llama-1b (Llama architecture: qk_norm off), seq 4096, bf16, per-block compile, no AC, train.fused_loss auto"),
     Case("peer", "peer", "hf_peer:peer_case", 150,
@@ -75,7 +78,7 @@ CASES: list[Case] = [
     Case("cp2", "speed", "gpu_check_speed:cp2_case", 150,
          "llama-1b architecture, seq 8192, context parallel over 2 ranks (ring)", dry_cap_s=90),
     # never in the default list: they prove the driver's time caps and crash handling
-    Case("selftest-hang", "selftest", "gpu_check_lib:hang_case", 5, "sleeps past its cap", dry_cap_s=5),
+    Case("selftest-hang", "selftest", "gpu_check_lib:hang_case", 3, "sleeps past its cap", dry_cap_s=3),
     Case("selftest-crash", "selftest", "gpu_check_lib:crash_case", 5, "the process dies", dry_cap_s=5),
 ]
 BY_NAME = {c.name: c for c in CASES}

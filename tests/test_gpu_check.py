@@ -21,6 +21,7 @@ import gpu_check_report  # noqa: E402
 # Cases whose skip on a CPU is expected, with what the reason must say.
 CPU_SKIPS = {
     "1b-float8": ("option not available in this build", "needs the Python package", "does not run on the CPU"),
+    "float8_loss": ("option not available in this build", "needs the Python package", "does not run on the CPU"),
     "1b-fused-kernels": ("option not available in this build", "does not run on the CPU"),
     "grouped_mm": ("does not run on the CPU", "has no torch._grouped_mm"),
     "peer": ("needs the Python package",),
