@@ -9,7 +9,7 @@
 # bench/RESULTS.md) and DIR/gpu_check.log (the cases' output). DIR defaults to $OUT when set,
 # else ./gpu_check_out. --dry runs every case on the CPU with tiny shapes (under a minute).
 # Extra Python packages (wheels carried to a machine without a registry) are picked up from
-# $PYTHONPATH; see bench/README section "GPU check" in README.md.
+# $PYTHONPATH; see README.md, section "GPU check".
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$(dirname "$here")${PYTHONPATH:+:$PYTHONPATH}"
