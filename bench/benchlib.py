@@ -51,10 +51,15 @@ def command_line() -> str:
 
 def record(section: str, lines: list[str], results: Path = RESULTS) -> None:
     """Append a dated entry (command, machine, ``lines``) under ``section`` of ``results``, atomically."""
+    entry = ["", f"### {time.strftime('%Y-%m-%d')} — `{command_line()}`", "", machine_line(), "", *lines, ""]
+    insert_entry(section, entry, results)
+
+
+def insert_entry(section: str, entry: list[str], results: Path = RESULTS) -> None:
+    """Put the lines ``entry`` at the end of ``section`` of ``results`` (made if missing), atomically."""
     text = results.read_text() if results.exists() else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
     if section not in text:
         text = text.rstrip("\n") + f"\n\n{section}\n"
-    entry = ["", f"### {time.strftime('%Y-%m-%d')} — `{command_line()}`", "", machine_line(), "", *lines, ""]
     start = text.index(section)
     nxt = text.find("\n## ", start + 1)
     end = len(text) if nxt == -1 else nxt + 1
