@@ -17,7 +17,7 @@ the inputs are O(1) and a SwiGLU / RoPE output is O(1-10))."""
 
 def kernels_case(ctx) -> dict:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (the kernels' only extra package)
     except ImportError as e:
         raise Skip("triton is not installed") from e
     import bench_kernels

@@ -26,7 +26,7 @@ class Skip(Exception):
 class Case:
     name: str
     kind: str
-    """``correctness``, ``speed``, ``peer`` or ``selftest`` (never in the default list)."""
+    """``correctness``, ``speed``, ``kernels``, ``peer`` or ``selftest`` (never in the default list)."""
     func: str
     """``module:function`` in bench/."""
     cap_s: float
@@ -71,7 +71,7 @@ CASES: list[Case] = [
          "as 1b with float8 matmuls (torchao, tensorwise scaling)", option=FLOAT8, needs=("torchao",)),
     Case("1b-fused-kernels", "speed", "gpu_check_speed:fused_kernels_case", 120,
          "as 1b with the fused RMSNorm / RoPE / SwiGLU kernels", option=FUSED_KERNELS),
-    Case("kernels", "speed", "gpu_check_kernels:kernels_case", 90,
+    Case("kernels", "kernels", "gpu_check_kernels:kernels_case", 90,
          "RMSNorm / RoPE / SwiGLU at llama-1b shapes: eager vs torch.compile vs meshforge's Triton kernels "
          "(vs liger-kernel's when installed), forward + backward time and error vs fp32", needs=("triton",)),
     Case("moe", "speed", "gpu_check_speed:moe_case", 120,

@@ -100,6 +100,14 @@ def markdown(report: dict) -> list[str]:
                          f"{_num(f.get('loss_last'), '.2f')} |")
         lines += [""] + [f"- {c['name']}: {c['what']}" + (f" ({c['note']})" if c.get("note") else "") for c in speed]
         lines.append("")
+    for c in (c for c in cases if c["kind"] == "kernels" and c["status"] in ("ok", "failed")):
+        f = c["figures"]
+        lines += [f"**Kernels** ({c.get('note', '')}): forward + backward ms", "",
+                  "| case | kernel | implementation | ms |", "|---|---|---|---:|"]
+        lines += [f"| {c['name']} | {k.split('/')[0]} | {k.split('/')[1]} | {v:.3f} |" for k, v in f.items()
+                  if k.endswith("/fwd_bwd_ms")]
+        lines += ["", "fastest: " + ", ".join(f"{k.split('/')[0]} {v}" for k, v in f.items() if k.endswith("/fastest")),
+                  ""]
     peer = next((c for c in cases if c["kind"] == "peer" and "ratio" in c.get("figures", {})), None)
     if peer:
         f = peer["figures"]
