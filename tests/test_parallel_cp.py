@@ -62,8 +62,8 @@ def test_cp_config_is_checked_before_any_process_group():
     _check(2, parallel__cp=2, model__moe_experts=4)  # more in test_parallel_cp_moe.py
     _check(4, parallel__cp=2, parallel__pp=2)
     _check(4, parallel__cp=2, parallel__pp=2, data__document_mask=True)
-    with pytest.raises(ConfigError, match=r"parallel.cp = 2 with parallel.pp_schedule = 'zero_bubble': FSDP then "
-                                          r"shards over dp_shard x cp = 1 x 2 ranks"):
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule = 'zero_bubble' with data parallel \(dp_replicate x "
+                                          r"dp_shard x cp = 1 x 1 x 2\)"):
         _check(4, parallel__cp=2, parallel__pp=2, parallel__pp_schedule="zero_bubble")
     with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet "
                                           r"\(parallel.tp = 2\)"):

@@ -148,6 +148,25 @@ def test_pipeline_plan():
         plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cuda")
 
 
+def test_zero_bubble_with_data_parallel_is_refused():
+    """pp x FSDP2 data parallel x zero_bubble drifts from one process (~1% in 10 steps, torch 2.13): refused
+    with the degrees before any process group; without data parallel it runs (parity in LAYOUTS)."""
+    from meshforge.parallel.job_checks import check_job
+
+    def check(world: int, *args: str):
+        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp",
+                                        "2", "--parallel.pp_schedule", "zero_bubble", "--train.micro_batch_size", "1", *args])
+        return check_job(cfg, resolve_degrees(cfg.parallel, world), "cpu")
+
+    assert check(2).schedule == "zero_bubble"
+    for world, extra, degrees in ((4, (), "1 x 2 x 1"), (4, ("--parallel.dp_replicate", "2"), "2 x 1 x 1"),
+                                  (8, ("--parallel.dp_replicate", "2"), "2 x 2 x 1")):
+        with pytest.raises(ConfigError, match=rf"zero_bubble' with data parallel \(dp_replicate x dp_shard x cp = "
+                                              rf"{degrees}\).*use parallel.pp_schedule = 'interleaved_1f1b'"):
+            check(world, *extra)
+    assert check(4, "--parallel.pp_schedule", "interleaved_1f1b").schedule == "interleaved_1f1b"
+
+
 def test_default_microbatches_follow_help_config():
     """With only parallel.pp given, every schedule gets a microbatch count it runs, chosen by the
     rule that `meshforge train --help-config` prints for parallel.pp_microbatches."""

@@ -27,13 +27,13 @@ FAST_CASES = [
 SLOW_CASES = [
     ("llama-1b", Layout(1, 1, 1, 1024), 1023),
     ("llama-1b", Layout(8, 4, 1, 512), 5000),  # 16,384 ranks
-    ("llama-1b", Layout(2, 8, 8, 128, schedule="zero_bubble"), 16383),  # 16,384 ranks, loop placement, HSDP
+    ("llama-1b", Layout(2, 8, 8, 128, schedule="interleaved_1f1b"), 16383),  # 16,384 ranks, 2 stages per rank, HSDP
     ("mixtral-8x", Layout(2, 2, 1, 256, ep=8), 1000),
     ("mixtral-8x", Layout(1, 1, 2, 512, ep=8), 700),  # HSDP x EP
     ("mixtral-8x", Layout(4, 4, 1, 64, ep=4, zero="fsdp-zero2", schedule="interleaved_1f1b"), 1023),
     ("mixtral-8x", Layout(8, 1, 1, 2048, ep=8), 16383),  # 16,384 ranks
     ("llama-70b", Layout(8, 8, 1, 256), 16383),  # 16,384 ranks
-    ("llama-70b", Layout(8, 4, 4, 128, schedule="zero_bubble"), 9999),  # 16,384 ranks, HSDP
+    ("llama-70b", Layout(8, 4, 4, 128, schedule="interleaved_1f1b"), 9999),  # 16,384 ranks, HSDP
     ("llama-70b", Layout(4, 10, 1, 32), 1279),  # 80 layers over 10 stages, odd dp chunks
     ("t5-base", Layout(2, 4, 1, 32), 200),  # encoder-decoder: encoder norm on the stage of the last encoder block
 ]
