@@ -133,3 +133,21 @@ def test_fsdp_checkpoint_is_not_resumed_by_deepspeed(tiny_data, tmp_path, capsys
     code = cli_main(["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *DS])
     assert code == 2
     assert "written with parallel.dp_backend = 'fsdp2' and cannot be resumed with 'deepspeed'" in capsys.readouterr().err
+
+
+def test_moe_metrics_match_fsdp2_names_and_values(tiny_data, tmp_path):
+    """An MoE model on the DeepSpeed engine reports the same router metrics (names and values) as FSDP2
+    on the same 2 ranks: the statistics are read from the engine's module, not the engine."""
+    from meshforge.pretrain.metrics import read_metrics
+
+    moe = ("--model.moe_experts", "4", "--model.moe_top_k", "2", "--train.steps", "3")
+    runs = {}
+    for name, extra in (("fsdp2", ()), ("deepspeed", _zero(1))):
+        out = tmp_path / name
+        run_ranks(2, ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *moe, *extra])
+        runs[name] = [{k: v for k, v in r.items() if k.startswith("moe_")} for r in read_metrics(out) if "loss" in r]
+    assert any(k.startswith("moe_load_max/") for k in runs["fsdp2"][0])  # per-layer metrics exist
+    assert [sorted(r) for r in runs["deepspeed"]] == [sorted(r) for r in runs["fsdp2"]]
+    assert not any("module." in k for r in runs["deepspeed"] for k in r)
+    for ds, fs in zip(runs["deepspeed"], runs["fsdp2"]):
+        assert ds == pytest.approx(fs, rel=1e-4, abs=1e-6)

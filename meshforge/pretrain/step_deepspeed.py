@@ -46,7 +46,7 @@ class DeepSpeedStep(TrainStep):
             raise TrainingDiverged(f"non-finite loss {record['loss']} at step {step} under the DeepSpeed "
                                    "engine, which applies the update itself; resume from the newest checkpoint with "
                                    "a lower LR, or use parallel.dp_backend = 'fsdp2' to skip such steps")
-        record.update(self.moe_update(self.engine, stats))  # the engine's names (module.layers.<i>...)
+        record.update(self.moe_update(self.engine.module, stats))  # metric names as in every other backend (layers.<i>)
         return record
 
     def eval_loss(self, batches, step: int) -> float:
