@@ -151,3 +151,21 @@ def test_moe_metrics_match_fsdp2_names_and_values(tiny_data, tmp_path):
     assert not any("module." in k for r in runs["deepspeed"] for k in r)
     for ds, fs in zip(runs["deepspeed"], runs["fsdp2"]):
         assert ds == pytest.approx(fs, rel=1e-4, abs=1e-6)
+
+
+def test_one_process_without_a_launcher(tiny_data, tmp_path):
+    """`meshforge train` with the DeepSpeed backend as a plain process (no torchrun: no LOCAL_RANK, which
+    DeepSpeed asserts on) trains and checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    from parallel_harness import REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", str(tiny_data),
+                        "--train.output_dir", str(out), "--train.steps", "2", *_zero(1)],
+                       cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "checkpoints" / "step_00000002" / "deepspeed").is_dir()

@@ -121,6 +121,9 @@ def _prepare_runtime(device: torch.device) -> None:
     """Accelerator from our device, quiet logs, no JIT-built shared-memory comm op (inference only)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed insists on LOCAL_RANK, which only torchrun sets: one process, SLURM and mpiexec jobs give
+    # it here (our device is this rank's local device; on CPU the value selects nothing)
+    os.environ.setdefault("LOCAL_RANK", str(device.index or 0) if device.type == "cuda" else "0")
     import deepspeed
     import deepspeed.ops
 
