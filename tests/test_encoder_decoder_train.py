@@ -16,7 +16,7 @@ from meshforge.cli import main as cli_main
 from meshforge.config import load_config
 from meshforge.data_pipeline.errors import DataError
 from meshforge.pretrain.trainer import train
-from parallel_harness import REPO, assert_parity, read_result, train_layout
+from parallel_harness import REPO, assert_parity, train_layout
 
 T5_ARGS = (
     "--config", "t5-small",

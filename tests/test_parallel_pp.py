@@ -9,7 +9,6 @@ reference's validation loss, including the switch between eval and train at step
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch

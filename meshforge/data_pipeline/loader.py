@@ -11,10 +11,14 @@ blend history, so a changed blend applies from the resume point (see ``blend.py`
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from meshforge.data_pipeline.errors import DataError
+
+if TYPE_CHECKING:  # imported lazily at run time (the loader's first batch)
+    import torch
 
 
 class DistributedLoader:
