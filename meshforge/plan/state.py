@@ -233,10 +233,10 @@ def _deepspeed_state(cfg: JobConfig, numel: int, dp: int) -> dict[str, int]:
 
 def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:
     """Element counts on ``rank`` before FSDP's cut (tp/ep cuts applied): ``largest_unit`` (the
-    largest FSDP unit: a block, or the root's embedding + norm + output) and ``all``."""
+    largest FSDP unit: a block, or the root's embedding + norm + output), ``all`` and ``units`` (how many)."""
     per_layer: dict[int, int] = {}
     for info, n in local_numels(cfg, layout, rank, fsdp=False):
         per_layer[info.layer] = per_layer.get(info.layer, 0) + n
     blocks = [v for k, v in per_layer.items() if k >= 0]
     root = per_layer.get(-1, 0) + per_layer.get(-2, 0)
-    return {"largest_unit": max([*blocks, root]), "all": sum(per_layer.values())}
+    return {"largest_unit": max([*blocks, root]), "all": sum(per_layer.values()), "units": len(blocks) + (root > 0)}

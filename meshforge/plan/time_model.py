@@ -7,7 +7,10 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 - Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, times
   4/3 under full activation checkpointing (one more forward) and 1.03 under selective
   (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Stages are assumed
-  balanced.
+  balanced. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
+  entry is one thread's measured matmul rate, ``bench/bench_plan_calibrate.py``).
+- Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
+  once; with more, every rank's compute and communication stretch by ranks per node / cores.
 - Links: a mesh dim's group of ``n`` ranks at stride ``s`` (dims ``pp, dp_replicate,
   dp_shard, cp, tp``, tp innermost; ep is the innermost ep ranks of dp_shard) stays inside a
   node when ``s * n <= gpus_per_node`` and uses NVLink; otherwise every ring step is
@@ -18,15 +21,19 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 - Collectives of one step: TP/SP per block and microbatch 2 all-gathers + 2 reduce-scatters of
   the ``B T D`` activations forward and the same backward (+2 all-gathers under selective AC,
   +4 under full, which recompute them); FSDP2 per microbatch one all-gather of each unit
-  forward, again backward under ZeRO-3, a reduce-scatter of its fp32 gradient, and under HSDP
+  (compute dtype) forward, again backward under ZeRO-3 (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP
   an all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
   and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
   all-to-alls of ``N k D`` (balanced routing); CP (reserved, cp = 1 today) a ring of K/V
   blocks, ``2 (cp-1)`` point-to-point steps per layer forward and backward; PP two
   point-to-point sends of ``B T D`` per microbatch and stage boundary.
 - Overlap: FSDP and DeepSpeed traffic runs behind compute (prefetch); only what exceeds the
-  compute time, and the first unit's all-gather, is exposed. TP, EP, CP and PP traffic sits on
-  the critical path (exposed in full).
+  compute time, and the first unit's all-gather, is exposed -- unless the device says
+  ``comm_overlap = false`` (the CPU: gloo collectives are issued inline), when all of it is.
+  TP, EP, CP and PP traffic sits on the critical path (exposed in full).
+- Not modelled: per-operation software cost (Python, DTensor dispatch and sharding propagation,
+  FSDP2's copy-in/copy-out, kernel launches), which dominates small models on the CPU, and
+  load from other processes.
 - Bubble: ``(pp-1) / (m v)`` of the compute (m microbatches, v stages per rank) for GPipe, 1F1B
   and interleaved 1F1B; a third of that for zero-bubble. The optimizer step and data loading
   are left out.
@@ -58,6 +65,18 @@ def link_for(device: Device, stride: int, size: int, gpus_per_node: int) -> Link
     if stride * size <= gpus_per_node:
         return Link(device.nvlink_bw, device.nvlink_latency, "nvlink")
     return Link(device.internode_bw, device.internode_latency, "internode")
+
+
+def device_type(device: Device) -> str:
+    """``cpu`` for the table's CPU entries (keys ``cpu`` or ``cpu-...``: fp32 compute), else ``cuda`` (bf16)."""
+    return "cpu" if device.key.split("-")[0] == "cpu" else "cuda"
+
+
+def time_sharing(device: Device, world: int, gpus_per_node: int) -> float:
+    """How much slower each rank runs because ranks share compute slots: ranks per node / ``device.cores``
+    when there are more ranks than cores on a node (the CPU), else 1."""
+    per_node = min(world, gpus_per_node)
+    return max(1.0, per_node / device.cores) if device.cores else 1.0
 
 
 def ring(kind: str, n: int, nbytes: float, link: Link) -> float:
@@ -107,7 +126,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
     from .memory import Precision
 
-    e = Precision.for_device("cpu" if device.key == "cpu" else "cuda", cfg).act  # bf16 on GPU, fp32 on the CPU
+    e = Precision.for_device(device_type(device), cfg).act  # bf16 on GPU, fp32 on the CPU
     mb = n_microbatches(cfg, layout)
     tokens = cfg.train.global_batch_size * T
     if cache is None:
@@ -115,7 +134,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if "flops" not in cache:
         cache["flops"] = model_flops_per_token(cfg)
     f_tok = cache["flops"]
-    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
+    share = time_sharing(device, world, gpus_per_node)
+    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac] * share
     from ..parallel.mesh import pipeline_stages_per_rank
 
     spr = pipeline_stages_per_rank(cfg.parallel) if pp > 1 else 1
@@ -132,7 +152,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         if n <= 1 or count <= 0:
             return
         link = link_for(device, strides[group], n, gpus_per_node)
-        secs = ring(op, n, nbytes, link) * count
+        secs = ring(op, n, nbytes, link) * count * share
         comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
                      "link": link.name, "seconds": secs, "exposed": exposed})
 
@@ -148,26 +168,33 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     from .memory import _cached
 
     sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, 0)
+    w = Precision.for_device(device_type(device), cfg).compute_param
     if backend == "fsdp2" and layout.dp > 1:
-        total = sizes["all"]
-        add("dp_shard", "all_gather", layout.dp_shard, 2 * total, mb * (2 if reshard else 1), False)
-        add("dp_shard", "reduce_scatter", layout.dp_shard, 4 * total, mb, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * total / layout.dp_shard, mb, False)
+        # one collective per FSDP unit (each block and the root), of the mean unit size; under ZeRO-3 the
+        # blocks gather again in backward except the last block and the root, which do not reshard
+        total, units = sizes["all"], sizes["units"]
+        unit = total / units
+        add("dp_shard", "all_gather", layout.dp_shard, w * unit, mb * (max(2 * units - 2, units) if reshard else units), False)
+        add("dp_shard", "reduce_scatter", layout.dp_shard, 4 * unit, mb * units, False)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / layout.dp_shard, mb * units, False)
     elif backend == "deepspeed":
         total = sizes["all"]
         if stage == 3:
-            add("dp_shard", "all_gather", layout.dp_shard, 2 * total, 2 * mb, False)
-            add("dp_shard", "reduce_scatter", layout.dp_shard, 2 * total, mb, False)
+            add("dp_shard", "all_gather", layout.dp_shard, w * total, 2 * mb, False)
+            add("dp_shard", "reduce_scatter", layout.dp_shard, w * total, mb, False)
         else:
-            add("dp_shard", "reduce_scatter" if stage == 2 else "all_reduce", layout.dp_shard, 2 * total, 1, False)
-            add("dp_shard", "all_gather", layout.dp_shard, 2 * total, 1, False)
+            add("dp_shard", "reduce_scatter" if stage == 2 else "all_reduce", layout.dp_shard, w * total, 1, False)
+            add("dp_shard", "all_gather", layout.dp_shard, w * total, 1, False)
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
     if backend in ("fsdp2", "deepspeed") and layout.dp > 1:
-        first_gather = ring("all_gather", layout.dp_shard, 2 * sizes["largest_unit"],
+        first_gather = ring("all_gather", layout.dp_shard, w * sizes["largest_unit"],
                             link_for(device, strides["dp_shard"], layout.dp_shard, gpus_per_node))
-    dp_exposed = max(first_gather, hidden - compute) if hidden else 0.0
+    if not device.comm_overlap:  # issued inline (gloo on the CPU): every second of it is on the critical path
+        dp_exposed = hidden
+    else:
+        dp_exposed = max(first_gather * share, hidden - compute) if hidden else 0.0
     step = compute * (1 + bubble) + exposed + dp_exposed
     mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
     return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm)
