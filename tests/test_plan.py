@@ -232,3 +232,35 @@ def test_layout_of_config_resolves_the_default_micro_batch():
     cfg = load_config("small", {"train.micro_batch_size": 0, "parallel.pp": 2})
     n = plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2)).n_microbatches
     assert layout_of_config(cfg, 2).micro_batch_size == cfg.train.global_batch_size // n
+
+
+def test_plan_output_to_a_closed_pipe_exits_quietly():
+    """`meshforge plan ... | head`: the reader is gone before the table is written -> exit 0, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen([sys.executable, "-m", "meshforge", "plan", "--config", "small", "--gpus", "2",
+                             "--gpu", "cpu", "--top", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # like `head` after its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "BrokenPipeError" not in err and "Traceback" not in err
+
+
+def test_fused_loss_has_no_logits_in_the_activation_estimate():
+    """train.fused_loss = on: the head keeps dh, an fp32 dW and one chunk of logits, not 5 [tokens, vocab] buffers;
+    where the trainer refuses the fused loss (tp > 1), the planner does too."""
+    from meshforge.plan.memory import head_activation_bytes
+
+    cfg = load_config("small", {"train.fused_loss": "on"})
+    B, T, D, V = 16, 128, cfg.model.dim, cfg.model.vocab_size
+    plain = head_activation_bytes(cfg, B, T, 1, 4)
+    fused = head_activation_bytes(cfg, B, T, 1, 4, fused=True)
+    assert plain - fused == 5 * 4 * B * T * V - (4 * B * T * D + 4 * V * D + 2 * 4 * B * T * D)
+    on = estimate_memory(cfg, Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")["activations"]
+    off = estimate_memory(load_config("small", {"train.fused_loss": "off"}), Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")
+    assert off["activations"] - on == plain - fused
+    with pytest.raises(ConfigError, match="fused_loss"):
+        check_layout(cfg, Layout(2, 1, 1, 1))

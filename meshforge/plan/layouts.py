@@ -4,7 +4,7 @@ A :class:`Layout` is the parallel part of a job config (degrees, data-parallel b
 ZeRO mode, pipeline schedule and microbatching, activation checkpointing). It becomes a
 :class:`~meshforge.config.JobConfig` with :func:`apply_layout`, and :func:`enumerate_layouts`
 keeps only those that the project's own checks accept (``config.validate``,
-``mesh.resolve_degrees``, ``job_checks.check_job``),
+``mesh.resolve_degrees``, ``job_checks.check_job``, the fused loss's ``use_fused_loss``),
 so the planner never proposes what ``meshforge train`` would refuse.
 """
 
@@ -111,6 +111,9 @@ def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
     validate(job)
     d = resolve_degrees(job.parallel, layout.world_size)
     check_job(job, d)
+    from ..kernels.fused_loss import use_fused_loss
+
+    use_fused_loss(job, d, job.train.device)  # train.fused_loss = on where the trainer refuses it
     return job
 
 

@@ -21,7 +21,8 @@ output is whole:
   the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
   shared experts like a dense FFN;
 - the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
-  the loss's logits-sized temporaries (:func:`head_activation_bytes`);
+  the loss's logits-sized temporaries (:func:`head_activation_bytes`); under ``train.fused_loss``
+  no logits, but ``dh``, an fp32 ``dW`` and one chunk of logits;
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
   activations at a time in backward, whose backward also holds two ``BTF/tp`` gradients of its
@@ -95,15 +96,30 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
             "backward_temps": temps}
 
 
-def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> int:
+def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused: bool = False) -> int:
     """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
     loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
     exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
     backward ``grad * (x - lse).exp()`` (the difference, its exponential, the product) and the
-    target gather's scatter (5 in all)."""
+    target gather's scatter (5 in all).
+
+    ``fused`` (``train.fused_loss`` on, ``kernels/fused_loss.py``): no ``[tokens, vocab]`` logits.
+    The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD``), takes an fp32 copy of
+    a bf16 weight, and holds one chunk's fp32 logits and their scaled copy (the default chunk
+    makes a chunk's logits about ``BTD`` elements)."""
     BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
+    norm = 4 * BT * D // tp + e * BT * D
+    if fused:
+        return norm + e * BT * D + 4 * V * D + (4 * V * D if e != 4 else 0) + 2 * 4 * BT * D
     buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
-    return 4 * BT * D // tp + e * BT * D + buffers * 4 * BT * V // tp
+    return norm + buffers * 4 * BT * V // tp
+
+
+def fused_loss_on(cfg: JobConfig, layout: Layout) -> bool:
+    """Whether the job runs the fused output + loss (``train.fused_loss``, resolved as the trainer does)."""
+    from ..kernels.fused_loss import use_fused_loss
+
+    return use_fused_loss(cfg, layout.degrees, cfg.train.device)
 
 
 def in_flight(layout: Layout, n_microbatches: int, spr: int, pp_rank: int) -> float:
@@ -148,7 +164,7 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
     n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
     # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
-    head = head_activation_bytes(cfg, B, T, tp, e) if last else 0
+    head = head_activation_bytes(cfg, B, T, tp, e, fused_loss_on(cfg, layout)) if last else 0
     if late:
         n, head = 1, 0
     total = n * saved + max(rebuild, head)
