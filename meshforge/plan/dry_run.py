@@ -17,7 +17,8 @@ Collectives of one step are read off the sharded model: one record per FSDP unit
 all-gather of its parameters in forward, again in backward when it reshards -- FSDP2 never
 reshards the root -- and the reduce-scatter of its gradients, plus the all-reduce over
 ``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
-stage boundary (send/recv), and for dense models without pipeline the tensor-parallel
+stage boundary (send/recv), per context-parallel attention core (the ring's K/V hops or the
+all-to-alls, counted as ``ring_attention.py`` / ``ulysses.py`` issue them), and for dense models without pipeline the tensor-parallel
 collectives traced with ``CommDebugMode`` on a TP-only meta copy (FSDP2 refuses to run a
 forward on meta parameters, and MoE routing needs real values). Counts are per step.
 """
@@ -148,6 +149,18 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
     if n_ep:
         add("all_to_all(counts+tokens)", "ep", layout.ep, 0, mb * n_ep * 5)
         notes.append("ep all-to-all sizes depend on the routing; the time model assumes balanced experts")
+    if layout.cp > 1:
+        from ..parallel.context_parallel import ContextParallelCore
+
+        cores = sum(1 for m in model.modules() if isinstance(m, ContextParallelCore))
+        kv = job.train.micro_batch_size * job.data.seq_len // layout.cp * job.model.kv_heads * job.model.head_dim \
+            // layout.tp * width
+        fwd = 2 if job.parallel.activation_checkpointing == "full" else 1
+        if job.parallel.cp_method == "ring":  # the ring's hops, as ring_attention.py sends them
+            add("send/recv(K,V)", "cp", layout.cp, 2 * kv, mb * cores * (fwd + 1) * (layout.cp - 1))
+            add("send/recv(dK,dV fp32)", "cp", layout.cp, 2 * kv * 4 // width, mb * cores * layout.cp)
+        else:
+            add("all_to_all(q,k,v,out)", "cp", layout.cp, 0, mb * cores * 4 * (fwd + 1))
     if layout.pp > 1:
         plan = model.plan
         act = job.train.micro_batch_size * job.data.seq_len * job.model.dim * width

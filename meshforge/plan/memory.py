@@ -30,10 +30,12 @@ output is whole:
   those are freed by the output layer's backward, before the first block is rebuilt;
 - pipeline: a rank keeps its blocks' activations for every microbatch in flight (1F1B: ``pp``
   on stage 0; interleaved / zero-bubble: Megatron's ``pp + (pp-1)/v``-ish count; GPipe: all),
-  plus each in-flight microbatch's stage input.
+  plus each in-flight microbatch's stage input;
+- context parallel: every term above at ``T / cp`` tokens (:func:`local_seq_len`).
 
-Communication buffers: FSDP2 all-gathers one unit while the previous runs (two unsharded
-units of compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
+Communication buffers: ring attention's K/V (and dK/dV) blocks in flight, all-to-all's
+re-laid-out q/k/v; FSDP2 all-gathers one unit while the previous runs (two unsharded units of
+compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
 reduce-scatter copy; ZeRO-2-like (no reshard) keeps every unsharded block from forward to
 backward; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
 """
@@ -147,13 +149,19 @@ def microbatch_samples(cfg: JobConfig, layout: Layout) -> int:
     return cfg.train.global_batch_size // layout.dp // n_microbatches(cfg, layout)
 
 
+def local_seq_len(cfg: JobConfig, layout: Layout) -> int:
+    """Tokens of a sample on one rank: ``seq_len / cp`` (context parallel keeps 2 zigzag chunks per rank;
+    all-to-all attention holds the whole sequence for ``heads / cp``: the same number of elements)."""
+    return cfg.data.seq_len // layout.cp
+
+
 def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, late: bool = False) -> int:
     """Activations at the in-flight peak; ``late``: during the backward of the last microbatch (one
     microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists."""
     from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
 
-    B, T, tp, e = microbatch_samples(cfg, layout), cfg.data.seq_len, layout.tp, prec.act
+    B, T, tp, e = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)
     per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
     ac = layout.ac
@@ -191,9 +199,16 @@ def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, r
 def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision, cache: dict | None = None) -> int:
     backend, reshard, _ = ZERO_MODES[layout.zero]
     out = 0
+    B, T, m = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), cfg.model
     if layout.pp > 1:
-        out += 2 * prec.act * microbatch_samples(cfg, layout) * cfg.data.seq_len * cfg.model.dim
-    if backend == "fsdp2" and layout.dp > 1:
+        out += 2 * prec.act * B * T * m.dim
+    if layout.cp > 1:
+        kv = prec.act * B * T * m.kv_heads * m.head_dim // layout.tp  # one of K, V on this rank
+        if cfg.parallel.cp_method == "ring":  # K/V in flight twice over (send + receive); backward adds dK/dV
+            out += 2 * 2 * kv + 2 * 2 * kv
+        else:  # all-to-all: re-laid-out send and receive copies of q, k, v
+            out += 2 * (prec.act * B * T * m.dim // layout.tp + 2 * kv)
+    if backend == "fsdp2" and layout.sharded:
         sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
         w = prec.compute_param
         grad = w + (4 if w != 4 else 0)

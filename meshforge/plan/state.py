@@ -10,7 +10,7 @@ thousands of layouts can be priced in a second (the dry run checks it against th
   weight dim 0, ``RowwiseParallel`` dim 1 of a Linear and dim 0 (the vocab) of an Embedding;
   norms, routers and MoE experts stay whole on every tp rank;
 - expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep``;
-- FSDP2: every parameter cut on dim 0 over ``dp_shard`` (experts under ep: over
+- FSDP2: every parameter cut on dim 0 over ``dp_shard x cp`` (experts under ep: over
   ``dp_shard / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
   over ``dp_replicate``. DTensor and FSDP2 both cut like ``torch.chunk``: pieces of
   ``ceil(n / k)``, the last ones shorter or empty.
@@ -177,7 +177,7 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
     held, first, last = _stage_layers(cfg, layout, c.pp)
     styles = _tp_styles(cfg) if layout.tp > 1 else {}
     if fsdp is None:
-        fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.dp > 1
+        fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.sharded
     out = []
     for info in param_table(cfg.model):
         if info.layer >= 0 and info.layer not in held or info.layer == -1 and not first \
@@ -197,8 +197,8 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
                 k = layout.dp_shard // layout.ep
                 dim = 0 if shape[0] % k == 0 else 1
                 shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep))
-        elif fsdp:
-            shape[0] = chunk_len(shape[0], layout.dp_shard, c.dp_shard)
+        elif fsdp:  # over dp_shard x cp, flattened with cp inner
+            shape[0] = chunk_len(shape[0], layout.fsdp_shard, c.dp_shard * layout.cp + c.cp)
         n = 1
         for s in shape:
             n *= s

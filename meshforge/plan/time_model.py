@@ -24,8 +24,10 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   (compute dtype) forward, again backward under ZeRO-3 (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP
   an all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
   and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
-  all-to-alls of ``N k D`` (balanced routing); CP (reserved, cp = 1 today) a ring of K/V
-  blocks, ``2 (cp-1)`` point-to-point steps per layer forward and backward; PP two
+  all-to-alls of ``N k D`` (balanced routing); CP ``ring``: per layer ``cp-1`` point-to-point
+  hops of the rank's K and V forward (twice under full AC) and backward, ``cp`` hops of fp32 dK, dV;
+  CP ``alltoall``: per layer all-to-alls of q, k, v and the output forward and again backward;
+  FSDP2 under cp shards over ``dp_shard x cp``; activations at ``T / cp`` tokens; PP two
   point-to-point sends of ``B T D`` per microbatch and stage boundary.
 - Overlap: FSDP and DeepSpeed traffic runs behind compute (prefetch); only what exceeds the
   compute time, and the first unit's all-gather, is exposed -- unless the device says
@@ -124,6 +126,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
+    Tl = T // cp  # tokens of a sample on one rank
     from .memory import Precision
 
     e = Precision.for_device(device_type(device), cfg).act  # bf16 on GPU, fp32 on the CPU
@@ -144,7 +147,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         bubble /= 3
     layers = m.n_layers / pp
     moe_layers = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) / pp
-    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_replicate": tp * cp * layout.dp_shard,
+    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_shard_cp": tp, "dp_replicate": tp * cp * layout.dp_shard,
                "pp": tp * cp * layout.dp, "ep": tp * cp, "dp_shard_mod_ep": tp * cp * ep}
     comm: list[dict] = []
 
@@ -156,12 +159,19 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
                      "link": link.name, "seconds": secs, "exposed": exposed})
 
-    act = B * T * m.dim * e
+    act = B * Tl * m.dim * e
     tp_per_block = 8 + {"none": 0, "selective": 2, "full": 4}[layout.ac]
     add("tp", "all_gather", tp, act, mb * layers * tp_per_block / 2, True)
     add("tp", "reduce_scatter", tp, act, mb * layers * 8 / 2, True)
-    add("cp", "p2p", cp, 2 * B * (T // max(cp, 1)) * m.kv_heads * m.head_dim * e // tp, mb * layers * 4 * (cp - 1), True)
-    add("ep", "all_to_all", ep, B * T * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
+    kv = B * Tl * m.kv_heads * m.head_dim * e // tp  # one of K, V on a rank
+    fwd = 2 if layout.ac == "full" else 1  # full AC runs each block's forward twice
+    if cfg.parallel.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
+        add("cp", "p2p", cp, 2 * kv, mb * layers * (fwd + 1) * (cp - 1), True)
+        add("cp", "p2p", cp, 2 * kv * 4 // e, mb * layers * cp, True)
+    else:  # all-to-all: q, k, v to heads and the output back, forward and the same backward
+        add("cp", "all_to_all", cp, B * Tl * m.dim * e // tp, mb * layers * 2 * (fwd + 1), True)
+        add("cp", "all_to_all", cp, kv, mb * layers * 2 * (fwd + 1), True)
+    add("ep", "all_to_all", ep, B * Tl * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
     if pp > 1:
         add("pp", "p2p", 2, act, mb * 2 * spr, True)
     backend, reshard, stage = ZERO_MODES[layout.zero]
@@ -169,14 +179,15 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
 
     sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, 0)
     w = Precision.for_device(device_type(device), cfg).compute_param
-    if backend == "fsdp2" and layout.dp > 1:
+    fs, fs_group = layout.fsdp_shard, ("dp_shard_cp" if cp > 1 else "dp_shard")
+    if backend == "fsdp2" and layout.sharded:
         # one collective per FSDP unit (each block and the root), of the mean unit size; under ZeRO-3 the
         # blocks gather again in backward except the last block and the root, which do not reshard
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        add("dp_shard", "all_gather", layout.dp_shard, w * unit, mb * (max(2 * units - 2, units) if reshard else units), False)
-        add("dp_shard", "reduce_scatter", layout.dp_shard, 4 * unit, mb * units, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / layout.dp_shard, mb * units, False)
+        add(fs_group, "all_gather", fs, w * unit, mb * (max(2 * units - 2, units) if reshard else units), False)
+        add(fs_group, "reduce_scatter", fs, 4 * unit, mb * units, False)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, mb * units, False)
     elif backend == "deepspeed":
         total = sizes["all"]
         if stage == 3:
@@ -188,9 +199,9 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
-    if backend in ("fsdp2", "deepspeed") and layout.dp > 1:
-        first_gather = ring("all_gather", layout.dp_shard, w * sizes["largest_unit"],
-                            link_for(device, strides["dp_shard"], layout.dp_shard, gpus_per_node))
+    if backend in ("fsdp2", "deepspeed") and layout.sharded:
+        first_gather = ring("all_gather", fs, w * sizes["largest_unit"],
+                            link_for(device, strides[fs_group], fs, gpus_per_node))
     if not device.comm_overlap:  # issued inline (gloo on the CPU): every second of it is on the critical path
         dp_exposed = hidden
     else:
