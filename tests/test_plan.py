@@ -111,6 +111,33 @@ def test_enumeration_proposes_context_parallel():
         assert lay.zero.startswith("fsdp")  # cp needs the fsdp2 backend (job_checks)
 
 
+@pytest.mark.parametrize("preset", ["small", "moe-small"])
+def test_dry_run_traces_tp_collectives_as_the_time_model_counts(preset):
+    """The dry run traces the TP collectives of one step (an MoE model on a narrow real-valued copy: its
+    routing cannot run on meta tensors); the time model counts the same calls."""
+    cfg = load_config(preset, {"train.global_batch_size": 16, "train.micro_batch_size": 2})
+    layout = Layout(2, 1, 1, 2, ep=2) if preset == "moe-small" else Layout(2, 1, 1, 2)
+    res = dry_run(cfg, layout, 1)
+    traced = {c["op"]: c["count"] for c in res.collectives if c["group"] == "tp"}
+    est = {c["op"]: c["count"] for c in estimate_time(cfg, layout, get_device("h100-80gb"), 8).comm
+           if c["group"] == "tp"}
+    assert traced == {"all_gather_into_tensor": est["all_gather"], "reduce_scatter_tensor": est["reduce_scatter"],
+                      "allreduce": est["all_reduce"]}
+    if preset == "moe-small":
+        assert est["all_gather"] > est["reduce_scatter"]  # MoE blocks hand their output back as a slice
+
+
+def test_dry_run_of_deepspeed_is_refused_with_a_reason(capsys):
+    """DeepSpeed's engine cannot be built on meta tensors under a fake process group: one clear line."""
+    cfg = load_config("llama-1b", {**BIG_BATCH, "parallel.dp_backend": "deepspeed", "parallel.zero_stage": 2})
+    with pytest.raises(ConfigError, match="covers the fsdp2 backend; DeepSpeed"):
+        dry_run(cfg, Layout(1, 1, 1, 8, zero="ds-zero2"), 0)
+    assert main(["plan", "--config", "llama-1b", "--gpus", "8", "--dry-run", "--parallel.dp_backend", "deepspeed",
+                 "--train.global_batch_size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "DeepSpeed" in err and "\n" not in err
+
+
 def test_dry_run_refuses_what_the_code_refuses():
     cfg = load_config("llama-1b", BIG_BATCH)
     with pytest.raises(ConfigError, match="does not divide by parallel.tp"):

@@ -19,8 +19,10 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   ``(n-1) alpha + (n-1)/n S / bw``; all-reduce twice that; all-to-all ``(n-1) alpha + (n-1)/n
   S / bw`` of the rank's send buffer; point-to-point ``alpha + S / bw``.
 - Collectives of one step: TP/SP per block and microbatch 2 all-gathers + 2 reduce-scatters of
-  the ``B T D`` activations forward and the same backward (+2 all-gathers under selective AC,
-  +4 under full, which recompute them); FSDP2 per microbatch one all-gather of each unit
+  the ``B T D`` activations forward and the same backward (an MoE block, whose FFN runs
+  replicated over tp: 4 all-gathers and 2 reduce-scatters; +2 all-gathers under selective AC,
+  +4 under full, which recompute them), one of each for the embedding and the head, 3
+  all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per microbatch one all-gather of each unit
   (compute dtype) forward, again backward under ZeRO-3 (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP
   an all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
   and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
@@ -160,9 +162,15 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
                      "link": link.name, "seconds": secs, "exposed": exposed})
 
     act = B * Tl * m.dim * e
-    tp_per_block = 8 + {"none": 0, "selective": 2, "full": 4}[layout.ac]
-    add("tp", "all_gather", tp, act, mb * layers * tp_per_block / 2, True)
-    add("tp", "reduce_scatter", tp, act, mb * layers * 8 / 2, True)
+    # per block forward + backward: 4 all-gathers, and 4 reduce-scatters (2 in an MoE block, whose FFN
+    # runs replicated over tp and hands back a slice); recompute adds gathers; the embedding and the
+    # head one of each; the vocab-parallel loss 3 all-reduces of per-token numbers (as the dry run traces)
+    ends = 2 if pp == 1 else 1
+    ag = layers * (4 + {"none": 0, "selective": 2, "full": 4}[layout.ac]) + ends
+    add("tp", "all_gather", tp, act, mb * ag, True)
+    add("tp", "reduce_scatter", tp, act, mb * (4 * (layers - moe_layers) + 2 * moe_layers + ends), True)
+    if cfg.parallel.loss_parallel:
+        add("tp", "all_reduce", tp, 4 * B * Tl, mb * 3, True)
     kv = B * Tl * m.kv_heads * m.head_dim * e // tp  # one of K, V on a rank
     fwd = 2 if layout.ac == "full" else 1  # full AC runs each block's forward twice
     if cfg.parallel.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
