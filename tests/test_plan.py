@@ -79,10 +79,9 @@ def test_dry_run_reports_fsdp_and_pipeline_collectives():
 def test_context_parallel_memory_time_and_dry_run(method):
     """cp in the estimate: activations at T / cp, FSDP over dp_shard x cp, the ring's hops or the all-to-alls
     on the cp group; the dry run (real parallelize, fake PG) counts the same cp collectives."""
-    cfg = load_config("llama-1b", {**BIG_BATCH, "parallel.cp_method": method, "data.seq_len": 8192,
-                                   "model.max_seq_len": 8192})
+    cfg = load_config("llama-1b", {**BIG_BATCH, "data.seq_len": 8192, "model.max_seq_len": 8192})
     h100 = get_device("h100-80gb")
-    base, cp4 = Layout(2, 1, 1, 8), Layout(2, 1, 1, 2, cp=4)
+    base, cp4 = Layout(2, 1, 1, 8), Layout(2, 1, 1, 2, cp=4, cp_method=method)
     acts = {lay.cp: estimate_memory(cfg, lay)["activations"] for lay in (base, cp4)}
     assert acts[4] == pytest.approx(acts[1] / 4, rel=0.02)
     t = estimate_time(cfg, cp4, h100, 8)
@@ -91,9 +90,8 @@ def test_context_parallel_memory_time_and_dry_run(method):
     assert {c["op"] for c in cp_comm} == ({"p2p"} if method == "ring" else {"all_to_all"})
     fsdp = [c for c in t.comm if c["op"] == "all_gather" and c["group"] != "tp"]
     assert fsdp and fsdp[0]["group"] == "dp_shard_cp" and fsdp[0]["group_size"] == 8
-    small = load_config("small", {"train.global_batch_size": 8, "train.micro_batch_size": 1,
-                                  "parallel.cp_method": method})
-    layout = Layout(1, 1, 1, 2, cp=2)
+    small = load_config("small", {"train.global_batch_size": 8, "train.micro_batch_size": 1})
+    layout = Layout(1, 1, 1, 2, cp=2, cp_method=method)
     res = dry_run(small, layout, 3)
     assert res.state == state_bytes(small, layout, 3)
     traced = sum(c["count"] for c in res.collectives if c["group"] == "cp")
@@ -106,6 +104,7 @@ def test_enumeration_proposes_context_parallel():
     layouts, _ = enumerate_layouts(cfg, 64, 8, ac_modes=("full",), max_micro_batch=1)
     cps = {lay.cp for lay, _ in layouts}
     assert {1, 2, 4, 8} <= cps
+    assert {lay.cp_method for lay, _ in layouts if lay.cp > 1} == {"ring", "alltoall"}
     for lay, _ in [lc for lc in layouts if lc[0].cp > 1][::17]:
         check_layout(cfg, lay)
         assert lay.zero.startswith("fsdp")  # cp needs the fsdp2 backend (job_checks)

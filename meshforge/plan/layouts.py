@@ -27,6 +27,7 @@ ZERO_MODES = {
 """Data-parallel modes: name -> (parallel.dp_backend, parallel.fsdp_reshard_after_forward, parallel.zero_stage)."""
 AC_MODES = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe")
+CP_METHODS = ("ring", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Layout:
     """Samples per forward/backward (per pipeline microbatch)."""
     ac: str = "none"
     """Activation checkpointing mode."""
+    cp_method: str = "ring"
+    """Context-parallel attention, ``ring`` or ``alltoall`` (meaningless with cp = 1)."""
 
     @property
     def degrees(self) -> Degrees:
@@ -72,7 +75,7 @@ class Layout:
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.cp > 1:
-            parts.append(f"cp{self.cp}")
+            parts.append(f"cp{self.cp}" + ("" if self.cp_method == "ring" else "(a2a)"))
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
         parts.append(f"dp{self.dp_replicate}x{self.dp_shard}")
@@ -90,6 +93,8 @@ class Layout:
             "parallel.dp_backend": backend, "parallel.activation_checkpointing": self.ac,
             "train.micro_batch_size": self.micro_batch_size,
         }
+        if self.cp > 1:
+            out["parallel.cp_method"] = self.cp_method
         if backend == "fsdp2":
             out["parallel.fsdp_reshard_after_forward"] = reshard
         else:
@@ -136,9 +141,9 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                       max_micro_batch: int = 16) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
     """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
 
-    Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (each
-    with ``parallel.cp_method`` as configured), ep, dp_replicate dividing what is left; micro-batch
-    sizes are powers of two.
+    Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (ring
+    and all-to-all attention), ep, dp_replicate dividing what is left; micro-batch sizes are
+    powers of two.
     The second value counts the refusals by their first words (for the "no layout" message).
     """
     m = cfg.model
@@ -149,8 +154,9 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
     for tp in divisors(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
-        for pp, cp in ((pp, cp) for pp in divisors(gpus // tp) for cp in divisors(gpus // (tp * pp))
-                       if cp & (cp - 1) == 0):
+        for pp, cp, cp_method in ((pp, cp, meth) for pp in divisors(gpus // tp)
+                                  for cp in divisors(gpus // (tp * pp)) if cp & (cp - 1) == 0
+                                  for meth in (CP_METHODS if cp > 1 else ("ring",))):
             if pp > 1 and pp > m.n_layers:
                 continue
             dp = gpus // (tp * pp * cp)
@@ -160,7 +166,7 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                 continue
             if cp > 1:  # context parallel's own limits depend on the degrees only: check them once here
                 try:
-                    check_context_parallel(apply_layout(cfg, Layout(tp, pp, 1, dp, cp=cp)),
+                    check_context_parallel(apply_layout(cfg, Layout(tp, pp, 1, dp, cp=cp, cp_method=cp_method)),
                                            Degrees(pp, 1, dp, cp, tp, 1))
                 except ConfigError as e:
                     reason = str(e).split(":")[0][:80]
@@ -181,7 +187,7 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                         while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
                             for sched in (schedules if pp > 1 else ("1f1b",)):
                                 for ac in ac_modes:
-                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac)
+                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method)
                                     try:
                                         ok.append((layout, check_layout(cfg, layout)))
                                     except ConfigError as e:

@@ -204,7 +204,7 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
         out += 2 * prec.act * B * T * m.dim
     if layout.cp > 1:
         kv = prec.act * B * T * m.kv_heads * m.head_dim // layout.tp  # one of K, V on this rank
-        if cfg.parallel.cp_method == "ring":  # K/V in flight twice over (send + receive); backward adds dK/dV
+        if layout.cp_method == "ring":  # K/V in flight twice over (send + receive); backward adds dK/dV
             out += 2 * 2 * kv + 2 * 2 * kv
         else:  # all-to-all: re-laid-out send and receive copies of q, k, v
             out += 2 * (prec.act * B * T * m.dim // layout.tp + 2 * kv)

@@ -173,7 +173,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         add("tp", "all_reduce", tp, 4 * B * Tl, mb * 3, True)
     kv = B * Tl * m.kv_heads * m.head_dim * e // tp  # one of K, V on a rank
     fwd = 2 if layout.ac == "full" else 1  # full AC runs each block's forward twice
-    if cfg.parallel.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
+    if layout.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
         add("cp", "p2p", cp, 2 * kv, mb * layers * (fwd + 1) * (cp - 1), True)
         add("cp", "p2p", cp, 2 * kv * 4 // e, mb * layers * cp, True)
     else:  # all-to-all: q, k, v to heads and the output back, forward and the same backward
