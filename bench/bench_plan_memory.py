@@ -151,38 +151,34 @@ def ranking(repeats: int, cache: str, timeout: float, device: str = "cpu") -> li
         runs = [recorded_layout_times()]
         source = "RESULTS.md (newest 'Parallel layouts (CPU)' entry)"
     names = [n for n, *_ in LAYOUTS if all(n in r for r in runs)]
+    jobs = [(n, w, load_config("small", [*x, "--train.device", "cpu"])) for n, w, x, _ in LAYOUTS if n in names]
+
+    def predict(dev) -> list[float]:
+        return [estimate_time(cfg, layout_of_config(cfg, w), dev, gpus_per_node=w).step_s for _, w, cfg in jobs]
+
+    pred, plain = predict(cpu), predict(gpu_like)
+    med = [statistics.median(r[n] for r in runs) for n in names]
     rows = [f"| layout | ranks | measured ms/step: median (min – max over repeats) | predicted ms/step ({device}) | "
             "predicted, GPU-like overlap and no time-sharing |", "|---|---:|---:|---:|---:|"]
-    pred, plain = [], []
-    for name, world, extra, _ in LAYOUTS:
-        if name not in names:
-            continue
-        cfg = load_config("small", [*extra, "--train.device", "cpu"])
-        layout = layout_of_config(cfg, world)
-        t = estimate_time(cfg, layout, cpu, gpus_per_node=world).step_s
-        t0 = estimate_time(cfg, layout, gpu_like, gpus_per_node=world).step_s
-        pred.append(t)
-        plain.append(t0)
+    for (name, world, _), t, t0 in zip(jobs, pred, plain):
         ms = [r[name] * 1e3 for r in runs]
         rows.append(f"| {name} | {world} | {statistics.median(ms):.1f} ({min(ms):.1f} – {max(ms):.1f}) | "
                     f"{t * 1e3:.1f} | {t0 * 1e3:.1f} |")
-    sens = []  # the latency is the least certain input (bench_plan_calibrate.py measured 0-18 ms under load)
-    for lat in (1e-3, 2e-3, 1e-2):
-        dev = dataclasses.replace(cpu, nvlink_latency=lat, internode_latency=lat)
-        alt = [estimate_time(load_config("small", [*x, "--train.device", "cpu"]),
-                             layout_of_config(load_config("small", [*x, "--train.device", "cpu"]), w), dev,
-                             gpus_per_node=w).step_s for n, w, x, _ in LAYOUTS if n in names]
-        sens.append(f"{lat * 1e3:g} ms: {spearmanr([statistics.median(r[n] for r in runs) for n in names], alt).statistic:+.2f}")
-    per = [spearmanr([r[n] for n in names], pred).statistic for r in runs]
-    per_plain = [spearmanr([r[n] for n in names], plain).statistic for r in runs]
-    med = [statistics.median(r[n] for r in runs) for n in names]
-    rows += ["", f"step times: {source}; Spearman rank correlation, predicted vs measured over {len(names)} layouts: "
-                 f"{spearmanr(med, pred).statistic:+.2f} on the medians, per repeat "
-                 + ", ".join(f"{x:+.2f}" for x in per)
-                 + f"; GPU-like model: {spearmanr(med, plain).statistic:+.2f} on the medians, per repeat "
-                 + ", ".join(f"{x:+.2f}" for x in per_plain),
-             f"with the cpu entry's latency ({cpu.nvlink_latency * 1e3:g} ms) replaced by " + ", ".join(sens)
-             + " (Spearman on the medians)"]
+
+    def rho(a, b) -> str:
+        return f"{spearmanr(a, b).statistic:+.2f}"
+
+    per = ", ".join(rho([r[n] for n in names], pred) for r in runs)
+    per_plain = ", ".join(rho([r[n] for n in names], plain) for r in runs)
+    # the latency is the least certain input (bench_plan_calibrate.py measured 0-18 ms under load)
+    sens = ", ".join(f"{lat * 1e3:g} ms: " + rho(med, predict(dataclasses.replace(cpu, nvlink_latency=lat,
+                                                                                 internode_latency=lat)))
+                     for lat in (1e-3, 2e-3, 1e-2))
+    rows += ["", f"step times: {source}; Spearman rank correlation, predicted vs measured over {len(names)} "
+                 f"layouts: {rho(med, pred)} on the medians, per repeat {per}; GPU-like model: {rho(med, plain)} "
+                 f"on the medians, per repeat {per_plain}",
+             f"with the {device} entry's latency ({cpu.nvlink_latency * 1e3:g} ms) replaced by {sens} "
+             "(Spearman on the medians)"]
     return rows
 
 

@@ -22,9 +22,10 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   the ``B T D`` activations forward and the same backward (an MoE block, whose FFN runs
   replicated over tp: 4 all-gathers and 2 reduce-scatters; +2 all-gathers under selective AC,
   +4 under full, which recompute them), one of each for the embedding and the head, 3
-  all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per microbatch one all-gather of each unit
-  (compute dtype) forward, again backward under ZeRO-3 (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP
-  an all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
+  all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
+  microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
+  (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
+  all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
   and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
   all-to-alls of ``N k D`` (balanced routing); CP ``ring``: per layer ``cp-1`` point-to-point
   hops of the rank's K and V forward (twice under full AC) and backward, ``cp`` hops of fp32 dK, dV;
@@ -149,8 +150,9 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         bubble /= 3
     layers = m.n_layers / pp
     moe_layers = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) / pp
-    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_shard_cp": tp, "dp_replicate": tp * cp * layout.dp_shard,
-               "pp": tp * cp * layout.dp, "ep": tp * cp, "dp_shard_mod_ep": tp * cp * ep}
+    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_shard_cp": tp,
+               "dp_replicate": tp * cp * layout.dp_shard, "pp": tp * cp * layout.dp, "ep": tp * cp,
+               "dp_shard_mod_ep": tp * cp * ep}
     comm: list[dict] = []
 
     def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool) -> None:
@@ -193,7 +195,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         # blocks gather again in backward except the last block and the root, which do not reshard
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        add(fs_group, "all_gather", fs, w * unit, mb * (max(2 * units - 2, units) if reshard else units), False)
+        gathers = max(2 * units - 2, units) if reshard else units
+        add(fs_group, "all_gather", fs, w * unit, mb * gathers, False)
         add(fs_group, "reduce_scatter", fs, 4 * unit, mb * units, False)
         add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, mb * units, False)
     elif backend == "deepspeed":
