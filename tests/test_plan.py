@@ -247,6 +247,28 @@ def test_user_device_table(tmp_path):
     bad.write_text('[x]\nname = "X"\npeak_bf16_flops = 1\n')
     with pytest.raises(ConfigError, match="missing"):
         load_devices(bad)
+    assert devs["mi300x"].cores == 0 and devs["mi300x"].comm_overlap  # optional keys: GPU behaviour
+    bad.write_text('[cpu]\ncomm_overlap = "no"\n')
+    with pytest.raises(ConfigError, match="comm_overlap must be true or false"):
+        load_devices(bad)
+
+
+def test_cpu_device_time_sharing_and_no_overlap():
+    """The cpu entry: more ranks than cores stretch compute and communication; data-parallel traffic is not
+    hidden behind compute (gloo is issued inline), so it adds to the step in full."""
+    import dataclasses
+
+    cpu = get_device("cpu")
+    assert cpu.cores == 2 and not cpu.comm_overlap
+    cfg = load_config("small", {"train.device": "cpu"})
+    lay = Layout(1, 1, 2, 2, micro_batch_size=4)  # 4 ranks on one 2-core "node"
+    shared = estimate_time(cfg, lay, cpu, 4)
+    alone = estimate_time(cfg, lay, dataclasses.replace(cpu, cores=0), 4)
+    assert shared.compute_s == pytest.approx(2 * alone.compute_s)
+    dp = sum(c["seconds"] for c in shared.comm if not c["exposed"])
+    assert dp > 0 and shared.step_s == pytest.approx(shared.compute_s + dp)
+    overlapped = estimate_time(cfg, lay, dataclasses.replace(cpu, comm_overlap=True), 4)
+    assert overlapped.step_s < shared.step_s
 
 
 def test_plan_dry_run_cli_json(capsys):

@@ -66,12 +66,15 @@ def load_devices(extra: str | Path | None = None) -> dict[str, Device]:
             raise ConfigError(f"device '{key}': " + "; ".join(
                 part for part in (f"missing {', '.join(missing)}" if missing else "",
                                   f"unknown keys {', '.join(unknown)}" if unknown else "") if part))
-        values = {k: (str(table[k]) if k == "name" else float(table[k])) for k in _KEYS}
-        values["hbm_bytes"] = int(values["hbm_bytes"])
-        values["cores"] = int(values["cores"])
         if not isinstance(table["comm_overlap"], bool):
             raise ConfigError(f"device '{key}': comm_overlap must be true or false")
-        values["comm_overlap"] = table["comm_overlap"]
+        try:
+            values = {k: (table[k] if k == "comm_overlap" else str(table[k]) if k == "name" else float(table[k]))
+                      for k in _KEYS}
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"device '{key}': a number is not a number ({e})") from None
+        values["hbm_bytes"] = int(values["hbm_bytes"])
+        values["cores"] = int(values["cores"])
         if values["cores"] < 0:
             raise ConfigError(f"device '{key}': cores must be 0 (one per rank) or positive")
         if min(values[k] for k in ("peak_bf16_flops", "hbm_bytes", "nvlink_bw", "internode_bw")) <= 0:
