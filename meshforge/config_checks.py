@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config_objectives import ENCODER_DECODER_OBJECTIVES, mode_token_pieces, parse_denoisers, resolve_objective
+from .config_objectives import mode_token_pieces, parse_denoisers, resolve_objective
 from .config_sections import CHOICES, ConfigError, JobConfig, ParallelConfig, TrainConfig
 
 
@@ -21,6 +21,9 @@ def validate(cfg: JobConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
     m, t, d = cfg.model, cfg.train, cfg.data
+    from .models import MODEL_SPECS, families_with, family_spec  # the family registry (model code) is loaded lazily
+
+    spec = family_spec(m.family)  # ConfigError naming the registered families
     positive = {
         "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
@@ -44,17 +47,20 @@ def validate(cfg: JobConfig) -> None:
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
     _check_backend_options(cfg.parallel)
-    if m.mup_base_dim < 0 or (m.mup_base_dim and (m.family != "decoder" or m.moe_experts)):
+    if m.mup_base_dim < 0 or (m.mup_base_dim and (not spec.supports_mup or m.moe_experts)):
         raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
-                          "'decoder', model.moe_experts = 0) and needs a positive base width, or 0 to turn it off")
+                          f"{families_with('supports_mup')!r}, model.moe_experts = 0) and needs a positive base width, or 0 "
+                          "to turn it off")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")
     if m.head_dim % 2:
         raise ConfigError(f"head dim model.dim/model.n_heads = {m.head_dim} must be even for RoPE")
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
-    if m.family == "decoder" and m.position_encoding != "rope":
-        raise ConfigError("model.position_encoding = 'relative' is for encoder_decoder models; decoders use rope")
+    if m.position_encoding not in spec.position_encodings:
+        users = ", ".join(n for n, s in MODEL_SPECS.items() if m.position_encoding in s.position_encodings)
+        raise ConfigError(f"model.position_encoding = {m.position_encoding!r} is for {users} models; {m.family} models "
+                          f"use {', '.join(spec.position_encodings)}")
     if m.moe_experts:
         if not 1 <= m.moe_top_k <= m.moe_experts:
             raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
@@ -69,9 +75,10 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
                           f"{d.noise_density} and {d.mean_noise_span}")
     objective = resolve_objective(cfg)
-    if (objective in ENCODER_DECODER_OBJECTIVES) != (m.family == "encoder_decoder"):
-        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: "
-                          f"{', '.join(ENCODER_DECODER_OBJECTIVES)} train encoder_decoder models, lm trains decoders")
+    if objective not in spec.objectives:
+        fits = "; ".join(f"{', '.join(s.objectives)} train{'s' if len(s.objectives) == 1 else ''} {n} models"
+                         for n, s in MODEL_SPECS.items())
+        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: {fits}")
     if d.document_mask and objective != "lm":
         raise ConfigError(f"data.document_mask applies to the decoder LM objective; {objective} windows are "
                           "taken across document boundaries as in T5 (set data.document_mask = false)")

@@ -89,4 +89,6 @@ def mode_token_pieces(text: str) -> tuple[str, str, str]:
 def resolve_objective(cfg: JobConfig) -> str:
     if cfg.data.objective != "auto":
         return cfg.data.objective
-    return "span_corruption" if cfg.model.family == "encoder_decoder" else "lm"
+    from .models import family_spec  # the family registry (model code), loaded lazily
+
+    return family_spec(cfg.model.family).objectives[0]

@@ -22,8 +22,8 @@ class ConfigError(MeshforgeError, ValueError):
 
 @dataclass
 class ModelConfig:
-    family: Literal["decoder", "encoder_decoder"] = "decoder"
-    """Model family from the registry in ``meshforge.models``: ``decoder`` or ``encoder_decoder`` (T5-style)."""
+    family: str = "decoder"
+    """Model family, a name registered in ``meshforge.models`` (``MODEL_SPECS``): ``decoder`` or ``encoder_decoder`` (T5-style)."""
     vocab_size: int = 2048
     """Size of the embedding/output vocabulary; must be at least the tokenizer's vocab size (ids the tokenizer lacks are never sampled). 0 means the tokenizer's size rounded up to ``vocab_multiple_of``."""
     vocab_multiple_of: int = 64
@@ -247,7 +247,11 @@ class TrainConfig:
     z_loss_coef: float = 1e-4
     """Coefficient of the output z-loss (log of the softmax normaliser, squared); 0 disables it."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
-    """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; ``auto`` is off for now (its speed on a GPU is not measured yet; it will turn on where a GPU benchmark shows it faster), as it is in the layouts ``on`` refuses: pipeline, tensor or context parallel, more than one process, the encoder_decoder family."""
+    """Fused output projection + loss (``meshforge.kernels.fused_loss``): ``on`` computes the logits, loss and gradients in chunks of tokens from the final hidden states, never holding the [tokens, vocab] logits; ``off`` uses the plain output layer and loss; Works under FSDP2, TP (vocab-parallel: each rank's slice of the vocabulary, the log-sum-exp reduced over tp; needs ``parallel.loss_parallel``), pipeline (the last stage) and context parallel. ``auto`` is off for now (its speed on a GPU is not measured yet; it will turn on where a GPU benchmark shows it faster), as it is where ``on`` is refused: the encoder_decoder family, TP without loss parallel, the DeepSpeed backend on more than one process."""
+    fused_kernels: Literal["auto", "triton", "liger", "off"] = "auto"
+    """Who computes RMSNorm, RoPE and SwiGLU (``meshforge.kernels.apply``): ``triton``, meshforge's own Triton kernels (forward and backward, fp32 inside; CUDA, or a CPU under TRITON_INTERPRET=1 for tests); ``liger``, liger-kernel's (CUDA only); ``off``, the models' PyTorch code (fused by torch.compile where parallel.compile is on); ``auto`` is off for now, the same rule as train.fused_loss: it turns on only where bench/bench_kernels.py measures the kernels faster than compiled PyTorch on a GPU. Under tensor parallel the norms stay PyTorch's (their weights are DTensors). Needs the package (pip install -e ".[gpu]")."""
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    """float8 training through torchao (``meshforge.parallel.float8``): the linear layers of the blocks run their matmuls in float8 with dynamic ``tensorwise`` (one scale per tensor; fastest; FSDP2 then all-gathers those weights in float8 and TP gathers their inputs in float8) or ``rowwise`` scales (one per row; more accurate); the output layer, MoE routers, embeddings and layers with dims not multiples of 16 stay in high precision. Needs a CUDA GPU of compute capability 8.9+ (refused elsewhere) and ``pip install -e '.[gpu]'``."""
     eval_interval: int = 100
     """Run validation every this many steps (and at the last step); 0 disables it."""
     eval_batches: int = 4

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton's CPU interpreter for tests/test_fused_kernels.py. Triton reads the variable when it is first
+# imported (``import torch._dynamo`` imports it), so it is set here, before any test module; on CPU nothing
+# else uses Triton. On a GPU machine the kernels run natively.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from meshforge.data_pipeline.builtin import BUILTIN_CORPORA
 

@@ -50,12 +50,16 @@ def rank_env(rank: int, world_size: int, port: int, extra_env: dict | None = Non
 
 
 def start_ranks(world_size: int, argv: list[str], extra_env: dict | None = None, script: list[str] | None = None,
-                stdout=subprocess.DEVNULL) -> list[subprocess.Popen]:
-    """Start ``world_size`` ranks of ``python -m meshforge ARGV`` (or ``python SCRIPT... ARGV``); stderr is piped."""
+                stdout=subprocess.DEVNULL, rank_args: dict[int, list[str]] | None = None,
+                rank_extra_env: dict[int, dict] | None = None) -> list[subprocess.Popen]:
+    """Start ``world_size`` ranks of ``python -m meshforge ARGV`` (or ``python SCRIPT... ARGV``); stderr is piped.
+    Rank r gets ``rank_args[r]`` after ARGV and ``rank_extra_env[r]`` on top of its environment."""
     port = free_port()
     cmd = [sys.executable, *(script or ["-m", "meshforge"]), *argv]
-    return [subprocess.Popen(cmd, env=rank_env(rank, world_size, port, extra_env), cwd=REPO, stdout=stdout,
-                             stderr=subprocess.PIPE) for rank in range(world_size)]
+    rank_args, rank_extra_env = rank_args or {}, rank_extra_env or {}
+    return [subprocess.Popen(cmd + rank_args.get(rank, []),
+                             env=rank_env(rank, world_size, port, {**(extra_env or {}), **rank_extra_env.get(rank, {})}),
+                             cwd=REPO, stdout=stdout, stderr=subprocess.PIPE) for rank in range(world_size)]
 
 
 class RanksFailed(AssertionError):
@@ -131,9 +135,9 @@ TP_ATOL = 3e-6
 """Parameter tolerance of layouts with TP: it sums matmul partials in another order than one process."""
 
 
-def assert_parity(ref: RunResult, got: RunResult, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """Per-step losses and final parameters equal within fp32 tolerance."""
-    assert len(got.losses) == len(ref.losses) >= 10, (len(ref.losses), len(got.losses))
+def assert_parity(ref: RunResult, got: RunResult, rtol: float = 1e-5, atol: float = 1e-6, min_steps: int = 10) -> None:
+    """Per-step losses (at least ``min_steps``) and final parameters equal within fp32 tolerance."""
+    assert len(got.losses) == len(ref.losses) >= min_steps, (len(ref.losses), len(got.losses))
     torch.testing.assert_close(torch.tensor(got.losses, dtype=torch.float64),
                                torch.tensor(ref.losses, dtype=torch.float64), rtol=rtol, atol=0)
     assert ref.params.keys() == got.params.keys()

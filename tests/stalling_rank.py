@@ -16,9 +16,9 @@ import time
 
 
 def stall_after_grad_norm(step: int, seconds: float) -> None:
-    from meshforge.pretrain import trainer
+    from meshforge.pretrain import step_local
 
-    original = trainer.clip_grad_norm
+    original = step_local.clip_grad_norm
     calls = 0
 
     def clip_grad_norm(*args, **kwargs):
@@ -30,7 +30,7 @@ def stall_after_grad_norm(step: int, seconds: float) -> None:
             time.sleep(seconds)
         return norm
 
-    trainer.clip_grad_norm = clip_grad_norm
+    step_local.clip_grad_norm = clip_grad_norm
 
 
 def main(argv: list[str]) -> int:

@@ -2,8 +2,9 @@
 
 import torch
 
-from meshforge.pretrain import checkpoint as checkpoint_module
-from meshforge.pretrain.checkpoint import Checkpointer, list_checkpoints, load_checkpoint
+from meshforge.pretrain import checkpoint_writer
+from meshforge.pretrain.checkpoint import list_checkpoints, load_checkpoint
+from meshforge.pretrain.checkpoint_writer import Checkpointer
 from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, read_result, run_ranks
 
@@ -60,7 +61,7 @@ def test_wait_is_collective_whether_or_not_a_poll_saw_the_save_finish(tmp_path, 
     enters the barrier, the ranks' collectives would pair up wrongly and the job would hang.
     """
     barriers = []
-    monkeypatch.setattr(checkpoint_module, "_barrier", lambda: barriers.append(1))
+    monkeypatch.setattr(checkpoint_writer, "_barrier", lambda: barriers.append(1))
     model, opt = _model_and_optim(0)
     for polled in (True, False):
         ck = Checkpointer(tmp_path / str(polled), keep_last=2, async_save=True)

@@ -4,33 +4,23 @@ word is named when train.setup_timeout_s runs out; the normal output is printed 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from parallel_harness import PARITY_ARGS, REPO, free_port
+from parallel_harness import PARITY_ARGS, start_ranks
 
 
 def spawn(data: Path, out: Path, per_rank: dict[int, list[str]] | None = None, env_of: dict[int, dict] | None = None,
           *args: str, world: int = 2, timeout: float = 240) -> tuple[list[tuple[int, str, str]], float]:
     """``world`` ranks of ``meshforge train`` (rank r gets ``per_rank[r]`` and ``env_of[r]`` on top);
     returns (exit status, stdout, stderr) of each and the seconds until the last one ended."""
-    port = free_port()
-    procs = []
     start = time.monotonic()
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", **(env_of or {}).get(rank, {})}
-        argv = ["train", *PARITY_ARGS, "--data.path", str(data), "--train.output_dir", str(out), *args,
-                *(per_rank or {}).get(rank, [])]
-        procs.append(subprocess.Popen([sys.executable, "-m", "meshforge", *argv], env=env, cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    argv = ["train", *PARITY_ARGS, "--data.path", str(data), "--train.output_dir", str(out), *args]
+    procs = start_ranks(world, argv, stdout=subprocess.PIPE, rank_args=per_rank, rank_extra_env=env_of)
     results = []
     try:
         for p in procs:

@@ -51,21 +51,38 @@ from meshforge.config import load_config  # noqa: E402
 from meshforge.pretrain import trainer as trainer_mod  # noqa: E402
 from meshforge.pretrain.checkpoint import list_checkpoints, load_model_weights  # noqa: E402
 from meshforge.pretrain.metrics import read_metrics  # noqa: E402
+from meshforge.pretrain.step import TrainStep  # noqa: E402
 from parallel_harness import PARITY_ARGS, read_result, start_ranks  # noqa: E402
+
+
+def _change_training_loss(monkeypatch, change) -> None:
+    """Call ``change(parts, step)`` on the loss of every training micro-batch (``step``: 1-based)."""
+    running = {}
+    original_step, original_loss = trainer_mod.Trainer.train_step, TrainStep.microbatch_loss
+
+    def train_step(self):
+        running["step"] = self.step + 1
+        return original_step(self)
+
+    def microbatch_loss(self, model, batch):
+        parts = original_loss(self, model, batch)
+        if model.training:
+            change(parts, running["step"])
+        return parts
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", train_step)
+    monkeypatch.setattr(TrainStep, "microbatch_loss", microbatch_loss)
 
 
 def _poison(monkeypatch, bad_steps: set[int]) -> None:
     """Make the loss (and so every gradient) NaN on the given 1-based steps."""
-    original = trainer_mod.Trainer._forward_loss
 
-    def forward_loss(self, batch):
-        parts = original(self, batch)
-        if self.model.training and self.step + 1 in bad_steps:
+    def nan(parts, step):
+        if step in bad_steps:
             parts.total = parts.total * float("nan")
             parts.ce = parts.ce * float("nan")
-        return parts
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_forward_loss", forward_loss)
+    _change_training_loss(monkeypatch, nan)
 
 
 def _weights(ckpt):
@@ -108,15 +125,11 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tiny_data,
 
 
 def test_loss_spike_is_logged(tiny_data, tmp_path, monkeypatch):
-    original = trainer_mod.Trainer._forward_loss
-
-    def forward_loss(self, batch):
-        parts = original(self, batch)
-        if self.model.training and self.step + 1 == 14:
+    def spike(parts, step):
+        if step == 14:
             parts.ce = parts.ce * 50  # reported loss only: the update stays the same
-        return parts
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_forward_loss", forward_loss)
+    _change_training_loss(monkeypatch, spike)
     out = tmp_path / "run"
     trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data),
                                                 "--train.output_dir", str(out), "--train.steps", "16"]))

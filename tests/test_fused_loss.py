@@ -113,21 +113,39 @@ def test_train_fused_on_matches_off(tiny_data, tmp_path):
     torch.testing.assert_close(torch.tensor(runs["on"]), torch.tensor(runs["off"]), atol=1e-5, rtol=0)
 
 
-def test_fused_on_refused_where_unsupported():
+def test_fused_on_layouts_and_refusals():
     from meshforge.config import ConfigError, load_config
     from meshforge.kernels.fused_loss import use_fused_loss
     from meshforge.parallel.mesh import Degrees
 
+    def deg(**kw):
+        return Degrees(**{"pp": 1, "dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1, "ep": 1, **kw})
+
     cfg = load_config("tiny-test", {"train.fused_loss": "on"})
-    one = Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1)
-    assert use_fused_loss(cfg, one, "cpu")
-    with pytest.raises(ConfigError, match=r"parallel.tp = 2"):
-        use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=2, ep=1), "cpu")
-    with pytest.raises(ConfigError, match=r"parallel.pp = 2"):
-        use_fused_loss(cfg, Degrees(pp=2, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1), "cpu")
+    for d in (deg(), deg(dp_shard=2), deg(tp=2), deg(pp=2), deg(cp=2), deg(pp=2, tp=2, dp_shard=2)):
+        assert use_fused_loss(cfg, d, "cpu"), d
+    cfg.parallel.loss_parallel = False
+    with pytest.raises(ConfigError, match=r"parallel.tp = 2 and parallel.loss_parallel = false"):
+        use_fused_loss(cfg, deg(tp=2), "cpu")
+    assert use_fused_loss(cfg, deg(dp_shard=2), "cpu")  # without tp loss_parallel does not matter
+    cfg.parallel.loss_parallel = True
+    cfg.parallel.dp_backend = "deepspeed"
+    with pytest.raises(ConfigError, match=r"dp_backend = 'deepspeed'"):
+        use_fused_loss(cfg, deg(dp_shard=2), "cpu")
+    cfg.parallel.dp_backend = "fsdp2"
     cfg.train.fused_loss = "auto"
-    assert not use_fused_loss(cfg, one, "cpu") and not use_fused_loss(cfg, one, "cuda")  # until measured on a GPU
-    assert not use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=1, ep=1), "cuda")
+    assert not use_fused_loss(cfg, deg(), "cpu") and not use_fused_loss(cfg, deg(), "cuda")  # until measured on a GPU
+    assert not use_fused_loss(cfg, deg(tp=2), "cuda")
+
+
+def test_fused_on_refused_for_other_families():
+    from meshforge.config import ConfigError, load_config
+    from meshforge.kernels.fused_loss import use_fused_loss
+    from meshforge.parallel.mesh import Degrees
+
+    cfg = load_config("tiny-test", {"train.fused_loss": "on", "model.family": "encoder_decoder"})
+    with pytest.raises(ConfigError, match=r"model.family = 'encoder_decoder'"):
+        use_fused_loss(cfg, Degrees(pp=1, dp_replicate=1, dp_shard=1, cp=1, tp=1, ep=1), "cpu")
 
 
 def test_no_grad_computes_no_gradients(monkeypatch):

@@ -23,6 +23,7 @@ FAST_CASES = [
     ("llama-1b", Layout(8, 1, 1, 128), 5),  # 1,024 ranks: TP + FSDP
     ("llama-1b", Layout(4, 2, 2, 32, zero="fsdp-zero2", schedule="interleaved_1f1b"), 77),  # PP x HSDP, virtual stages
     ("moe-small", Layout(2, 1, 1, 8, ep=4), 13),  # MoE: TP (attention) + EP + expert FSDP over dp_shard/ep
+    ("moe-small", Layout(1, 1, 2, 4, ep=4, cp=2), 11),  # HSDP x cp x ep: ep borrows from dp_shard x cp
 ]
 SLOW_CASES = [
     ("llama-1b", Layout(1, 1, 1, 1024), 1023),
@@ -40,6 +41,9 @@ SLOW_CASES = [
     ("llama-1b", Layout(2, 1, 1, 8, cp=4), 13),  # cp x tp: FSDP over dp_shard x cp = 32
     ("llama-1b", Layout(1, 1, 2, 4, cp=2, zero="fsdp-zero2"), 11),  # cp x HSDP
     ("llama-70b", Layout(8, 1, 1, 1024, cp=2), 12345),  # 16,384 ranks with cp
+    ("llama-1b", Layout(2, 2, 1, 4, cp=2), 13),  # cp x pp
+    ("mixtral-8x", Layout(2, 1, 1, 16, ep=8, cp=2), 45),  # cp x ep, ep wider than cp
+    ("moe-small", Layout(2, 1, 1, 2, ep=2, cp=4), 13),  # cp x ep, ep inside cp
 ]
 
 
@@ -337,7 +341,7 @@ def test_plan_output_to_a_closed_pipe_exits_quietly(monkeypatch):
 
 def test_fused_loss_has_no_logits_in_the_activation_estimate():
     """train.fused_loss = on: the head keeps dh, an fp32 dW and one chunk of logits, not 5 [tokens, vocab] buffers;
-    where the trainer refuses the fused loss (tp > 1), the planner does too."""
+    where the trainer refuses the fused loss (tp > 1 without loss parallel), the planner does too."""
     from meshforge.plan.memory import head_activation_bytes
 
     cfg = load_config("small", {"train.fused_loss": "on"})
@@ -348,5 +352,7 @@ def test_fused_loss_has_no_logits_in_the_activation_estimate():
     on = estimate_memory(cfg, Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")["activations"]
     off = estimate_memory(load_config("small", {"train.fused_loss": "off"}), Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")
     assert off["activations"] - on == plain - fused
+    assert head_activation_bytes(cfg, B, T, 2, 4, fused=True) < fused  # vocab-parallel under tp
+    no_lp = load_config("small", {"train.fused_loss": "on", "parallel.loss_parallel": False})
     with pytest.raises(ConfigError, match="fused_loss"):
-        check_layout(cfg, Layout(2, 1, 1, 1))
+        check_layout(no_lp, Layout(2, 1, 1, 1))

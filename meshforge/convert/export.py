@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from . import hf_decoder, hf_t5
 from .dcp_reader import CheckpointReader, resolve_checkpoint
+from .families import converter
 from .hf_tokenizer import check_vocab, token_ids, write_hf_tokenizer
 from .safetensors_io import ConvertError, PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
 
@@ -69,21 +69,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     reader = CheckpointReader(resolve_checkpoint(checkpoint, step))
     m = reader.config.model
     tok_file = reader.path / "tokenizer.model"
-    if m.family == "encoder_decoder":
-        hf_t5.check_exportable(m)
-        config = hf_t5.hf_config(m, token_ids(tok_file if tok_file.is_file() else None))
-        mapping = [(theirs, ours, None) for ours, theirs in hf_t5.name_map(m)]
-    else:
-        family = hf_decoder.choose_family(m)
-        config = hf_decoder.hf_config(m, family, token_ids(tok_file if tok_file.is_file() else None), dtype=
-                                      {"fp32": "float32", "bf16": "bfloat16"}[dtype])
-        mapping = hf_decoder.name_map(m, family)
-        mapped = {ours for _, ours, _ in mapping}
-        nonzero = [n for n in hf_decoder.routing_biases(m)
-                   if n not in mapped and n in reader.entries and reader.get(n).abs().max() > 0]
-        if nonzero:
-            raise ConvertError(f"cannot export to Hugging Face: the routing bias {nonzero[0]} is not zero (aux-loss-free "
-                               "balancing); HF MoE classes have no routing bias")
+    family = converter(m)  # the family's HF converter; refuses what it cannot represent
+    config, mapping, keep = family.export_plan(m, token_ids(tok_file if tok_file.is_file() else None), dtype, reader)
     config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     missing = sorted({ours for _, ours, _ in mapping if ours not in reader.entries})
     if missing:
@@ -91,7 +78,6 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     if tok_file.is_file():
         check_vocab(tok_file, m.vocab_size)
     target = EXPORT_DTYPES[dtype]
-    keep = {n for n in hf_decoder.routing_biases(m)} if m.family == "decoder" else set()  # HF keeps them fp32
     planned = [PlannedTensor(hf, reader.shape(ours)[1:] if e is not None else reader.shape(ours),
                              target if reader.dtype(ours).is_floating_point and ours not in keep else reader.dtype(ours))
                for hf, ours, e in mapping]
@@ -116,7 +102,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
         cached = None
         write_index(tmp, shards, names)
         if tok_file.is_file():
-            write_hf_tokenizer(tok_file, tmp, seq2seq=m.family == "encoder_decoder")
+            write_hf_tokenizer(tok_file, tmp, seq2seq=family.SEQ2SEQ)
         else:
             log(f"note: checkpoint {reader.path} has no tokenizer.model; the export has no tokenizer")
         (tmp / "meshforge_export.json").write_text(json.dumps(

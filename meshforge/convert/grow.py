@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..config import validate
+from ..models import family_spec
 from .dcp_reader import CheckpointReader, resolve_checkpoint
 from .export import check_output_dir
 from .import_ import write_init_checkpoint
@@ -40,7 +41,7 @@ def grow_checkpoint(checkpoint: str | Path, output: str | Path, depth_factor: in
         raise ConvertError(f"--depth-factor must be at least 2, got {depth_factor}")
     reader = CheckpointReader(resolve_checkpoint(checkpoint, step))
     m = reader.config.model
-    if m.family != "decoder":
+    if not family_spec(m.family).supports_grow:
         raise ConvertError(f"grow stacks decoder layers; model.family = {m.family!r} is not supported")
     if m.moe_experts and m.moe_dense_layers:
         raise ConvertError(f"grow cannot stack an MoE decoder with dense first layers (model.moe_dense_layers = "

@@ -39,7 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..models import family_spec
 from .safetensors_io import ConvertError
+
+CONVERTER = "hf_decoder"
+"""This module's name in ``ModelSpec.hf_converter`` (the decoder family's)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ FAMILIES = {f.architecture: f for f in (LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, GLM4_M
 
 def choose_family(m: ModelConfig) -> Family:
     """The HF class that computes exactly what ``m`` computes, or ConvertError naming what does not map."""
-    if m.family != "decoder":
+    if family_spec(m.family).hf_converter != CONVERTER:
         raise ConvertError(f"model.family = {m.family!r} is not a decoder")
     if m.ffn_activation != "silu":
         raise ConvertError(f"model.ffn_activation = {m.ffn_activation!r}: the HF decoder classes use SwiGLU (silu)")
@@ -235,3 +239,59 @@ def name_map(m: ModelConfig, family: Family) -> list[tuple[str, str, int | None]
 def routing_biases(m: ModelConfig) -> list[str]:
     """meshforge buffers that must be zero for the export to be exact (the MoE routing bias)."""
     return [f"layers.{i}.feed_forward.route_bias" for i in range(m.n_layers) if m.is_moe_layer(i)]
+
+
+# --------------------------------------------------------------------------- the converter interface
+# (what export/import/inspect call for a family whose spec names this module: see convert/families.py)
+
+ARCHITECTURES = tuple(FAMILIES)
+"""The Hugging Face architectures this module imports."""
+SEQ2SEQ = False
+"""Whether the exported tokenizer is a sequence-to-sequence one (decoder start = pad)."""
+
+
+def exports_to(m: ModelConfig) -> str:
+    """The HF architecture ``m`` exports as (ConvertError naming what does not map)."""
+    return choose_family(m).architecture
+
+
+def export_plan(m: ModelConfig, token_ids: dict[str, int], dtype: str, reader) -> tuple[object, list, set[str]]:
+    """(HF config, ``(HF name, our name, expert index or None)`` per HF tensor, our names kept fp32) of an
+    export of ``reader``'s checkpoint; refuses a non-zero routing bias, which no HF class has."""
+    family = choose_family(m)
+    config = hf_config(m, family, token_ids, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+    mapping = name_map(m, family)
+    mapped = {ours for _, ours, _ in mapping}
+    nonzero = [n for n in routing_biases(m) if n not in mapped and n in reader.entries and reader.get(n).abs().max() > 0]
+    if nonzero:
+        raise ConvertError(f"cannot export to Hugging Face: the routing bias {nonzero[0]} is not zero (aux-loss-free "
+                           "balancing); HF MoE classes have no routing bias")
+    return config, mapping, set(routing_biases(m))  # HF keeps the routing biases fp32
+
+
+def import_plan(hf) -> tuple[ModelConfig, list, set[str], str]:
+    """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name)."""
+    m, family = model_config_from_hf(hf)
+    return m, name_map(m, family), ({"lm_head.weight"} if m.tie_embeddings else set()), "model.embed_tokens.weight"
+
+
+def import_state(files, m: ModelConfig, pairs) -> dict:
+    """Our state dict from the HF tensors ``files`` (experts stacked, zero routing biases)."""
+    import torch
+
+    if m.tie_embeddings and "lm_head.weight" in files and not torch.equal(
+            files.get("lm_head.weight"), files.get("model.embed_tokens.weight")):
+        raise ConvertError("config.json ties the embeddings but lm_head.weight differs from "
+                           "model.embed_tokens.weight")
+    state: dict = {}
+    experts: dict[str, dict[int, object]] = {}
+    for hf_name, ours, e in pairs:
+        if e is None:
+            state[ours] = files.get(hf_name)
+        else:
+            experts.setdefault(ours, {})[e] = files.get(hf_name)
+    for ours, by_index in experts.items():
+        state[ours] = torch.stack([by_index[e] for e in range(m.moe_experts)])
+    for name in routing_biases(m):
+        state.setdefault(name, torch.zeros(m.moe_experts))
+    return state

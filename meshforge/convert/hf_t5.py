@@ -10,7 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..models import family_spec
 from .safetensors_io import ConvertError
+
+CONVERTER = "hf_t5"
+"""This module's name in ``ModelSpec.hf_converter`` (the encoder-decoder family's)."""
 
 
 def _tied(hf) -> bool:
@@ -31,7 +35,7 @@ def hf_t5_config_to_model_config(hf) -> ModelConfig:
         raise ConvertError(f"d_kv * num_heads ({hf.d_kv} * {hf.num_heads}) must equal d_model ({hf.d_model})")
     return ModelConfig(
         family="encoder_decoder", vocab_size=hf.vocab_size, dim=hf.d_model, n_layers=hf.num_layers,
-        n_decoder_layers=hf.num_decoder_layers, n_heads=hf.num_heads, ffn_dim=hf.d_ff,
+        n_decoder_layers=hf.num_decoder_layers or hf.num_layers, n_heads=hf.num_heads, ffn_dim=hf.d_ff,
         position_encoding="relative", rel_pos_buckets=hf.relative_attention_num_buckets,
         rel_pos_max_distance=hf.relative_attention_max_distance, ffn_activation="gelu", attn_scale=1.0,
         norm_eps=hf.layer_norm_epsilon, tie_embeddings=_tied(hf), max_seq_len=512,
@@ -41,7 +45,7 @@ def hf_t5_config_to_model_config(hf) -> ModelConfig:
 def check_exportable(cfg: ModelConfig) -> None:
     """ConvertError naming the first feature of ``cfg`` that T5ForConditionalGeneration cannot compute."""
     problems = [
-        (cfg.family != "encoder_decoder", f"model.family = {cfg.family!r} is not an encoder-decoder"),
+        (family_spec(cfg.family).hf_converter != CONVERTER, f"model.family = {cfg.family!r} is not an encoder-decoder"),
         (cfg.position_encoding != "relative", f"RoPE in an encoder-decoder (model.position_encoding = "
                                               f"{cfg.position_encoding!r}): T5 has only relative position bias"),
         (cfg.attn_scale != 1.0, f"attention scale model.attn_scale = {cfg.attn_scale} (0 means 1/sqrt(head_dim)): "
@@ -124,3 +128,35 @@ def from_hf(hf_state, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {theirs: state[ours] for ours, theirs in name_map(cfg)}
+
+
+# --------------------------------------------------------------------------- the converter interface
+# (what export/import/inspect call for a family whose spec names this module: see convert/families.py)
+
+ARCHITECTURES = ("T5ForConditionalGeneration",)
+"""The Hugging Face architectures this module imports."""
+SEQ2SEQ = True
+"""The exported tokenizer is a sequence-to-sequence one (decoder start = pad)."""
+
+
+def exports_to(m: ModelConfig) -> str:
+    check_exportable(m)
+    return ARCHITECTURES[0]
+
+
+def export_plan(m: ModelConfig, token_ids: dict[str, int], dtype: str, reader) -> tuple[object, list, set[str]]:
+    """(HF config, ``(HF name, our name, None)`` per HF tensor, our names kept fp32: none)."""
+    check_exportable(m)
+    return hf_config(m, token_ids), [(theirs, ours, None) for ours, theirs in name_map(m)], set()
+
+
+def import_plan(hf) -> tuple[ModelConfig, list, set[str], str]:
+    """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name)."""
+    m = hf_t5_config_to_model_config(hf)
+    extra_ok = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight",
+                "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+    return m, [(theirs, ours, None) for ours, theirs in name_map(m)], extra_ok, "shared.weight"
+
+
+def import_state(files, m: ModelConfig, pairs) -> dict[str, torch.Tensor]:
+    return from_hf(files, m)

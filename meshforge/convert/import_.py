@@ -26,8 +26,8 @@ import torch.distributed.checkpoint as dcp
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
 from ..tokenizers import load_tokenizer
-from . import hf_decoder, hf_t5
 from .export import check_output_dir, staged_output
+from .families import converter_for_architecture, known_architectures
 from .hf_tokenizer import sentencepiece_from_hf
 from .safetensors_io import ConvertError, SafetensorsDir
 
@@ -40,7 +40,7 @@ def read_hf_config(directory: Path):
     if not cfg_file.is_file():
         raise ConvertError(f"{directory} has no config.json: not a Hugging Face model directory")
     arch = (json.loads(cfg_file.read_text()).get("architectures") or [""])[0]
-    known = [*hf_decoder.FAMILIES, "T5ForConditionalGeneration"]
+    known = known_architectures()
     if arch not in known:
         raise ConvertError(f"unknown Hugging Face architecture {arch!r} in {cfg_file}; supported: {', '.join(known)}")
     from transformers import AutoConfig
@@ -53,15 +53,8 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     directory = Path(directory)
     hf = read_hf_config(directory)
     files = SafetensorsDir(directory)
-    if hf.architectures[0] == "T5ForConditionalGeneration":
-        m = hf_t5.hf_t5_config_to_model_config(hf)
-        pairs = [(theirs, ours, None) for ours, theirs in hf_t5.name_map(m)]
-        extra_ok = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight",
-                    "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
-    else:
-        m, family = hf_decoder.model_config_from_hf(hf)
-        pairs = hf_decoder.name_map(m, family)
-        extra_ok = {"lm_head.weight"} if m.tie_embeddings else set()
+    family = converter_for_architecture(hf.architectures[0])
+    m, pairs, extra_ok, emb = family.import_plan(hf)
     needed = {hf_name for hf_name, _, _ in pairs}
     absent = [n for n in needed if n not in files]
     if absent:
@@ -70,43 +63,18 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     if unexpected:
         raise ConvertError(f"{directory} has tensors meshforge's {hf.architectures[0]} mapping does not know, e.g. "
                            f"{unexpected[0]}; refusing to drop them")
-    emb = "shared.weight" if m.family == "encoder_decoder" else "model.embed_tokens.weight"
     rows = files.get(emb).shape[0]
     if rows != m.vocab_size:
         raise ConvertError(f"{emb} has {rows} rows but config.json says vocab_size = {m.vocab_size}")
-    if m.family == "encoder_decoder":
-        state = hf_t5.from_hf(files, m)
-    else:
-        if m.tie_embeddings and "lm_head.weight" in files and not torch.equal(
-                files.get("lm_head.weight"), files.get("model.embed_tokens.weight")):
-            raise ConvertError("config.json ties the embeddings but lm_head.weight differs from "
-                               "model.embed_tokens.weight")
-        state = _decoder_state(files, m, pairs)
+    state = family.import_state(files, m, pairs)
     if m.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return m, state
 
 
-def _decoder_state(files: SafetensorsDir, m: ModelConfig, pairs) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    for hf_name, ours, e in pairs:
-        if e is None:
-            state[ours] = files.get(hf_name)
-        else:
-            experts.setdefault(ours, {})[e] = files.get(hf_name)
-    for ours, by_index in experts.items():
-        state[ours] = torch.stack([by_index[e] for e in range(m.moe_experts)])
-    for name in hf_decoder.routing_biases(m):
-        state.setdefault(name, torch.zeros(m.moe_experts))
-    return state
-
-
 def job_config_for(m: ModelConfig, init_dir: Path, tokenizer: Path | None) -> JobConfig:
     cfg = JobConfig(model=m)
     cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
-    if m.family == "encoder_decoder":
-        cfg.model.n_decoder_layers = m.n_decoder_layers or m.n_layers
     if tokenizer is not None:
         cfg.data.tokenizer = str(tokenizer)
     cfg.checkpoint.init_from = str(init_dir)

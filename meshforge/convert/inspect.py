@@ -42,8 +42,8 @@ def inspect_hf(directory: Path) -> str:
 
 def inspect_checkpoint(path: Path) -> str:
     from .dcp_reader import CheckpointReader, resolve_checkpoint
-    from .hf_decoder import choose_family
-    from .hf_t5 import check_exportable
+    from ..models import family_spec
+    from .families import converter
 
     reader = CheckpointReader(resolve_checkpoint(path))
     m = reader.config.model
@@ -51,15 +51,11 @@ def inspect_checkpoint(path: Path) -> str:
     weights = [(reader.shape(k), reader.dtype(k)) for k in reader.entries if k not in tied]
     n, dtypes = _count(weights)
     try:
-        if m.family == "encoder_decoder":
-            check_exportable(m)
-            hf = "T5ForConditionalGeneration"
-        else:
-            hf = choose_family(m).architecture
+        hf = converter(m).exports_to(m)
     except ConvertError as e:
         hf = f"none ({e})"
-    arch = (f"{m.family}: {m.n_layers} layers" + (f" + {m.n_decoder_layers or m.n_layers} decoder layers"
-                                                 if m.family == "encoder_decoder" else "")
+    second_stack = family_spec(m.family).pipeline_blocks(m)[0] - m.n_layers  # an encoder-decoder's decoder layers
+    arch = (f"{m.family}: {m.n_layers} layers" + (f" + {second_stack} decoder layers" if second_stack else "")
             + f", dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), ffn {m.hidden_dim}, vocab {m.vocab_size}"
             + (f", MoE {m.moe_experts} experts top-{m.moe_top_k}" if m.moe_experts else "")
             + (", qk-norm" if m.qk_norm else "") + (", tied embeddings" if m.tie_embeddings else ""))

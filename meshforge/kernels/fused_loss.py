@@ -17,6 +17,14 @@ dh [N, D] and dW [V, D] are kept for backward, which just scales them by the
 incoming gradient: no [N, V] tensor exists, and at most one [chunk, V] at a time.
 
 Only ``total`` carries a gradient; ``ce`` and ``z_loss`` are reported values.
+
+Vocab-parallel (``group`` given: W is this rank's rows ``[V/tp, D]``, starting at vocab id
+``vocab_start``, and h holds every token): per chunk the rank's logits slice gives a local
+max and then a local sum of exponentials and the target logit (the rank that owns the target
+id contributes it); one all-reduce MAX and one all-reduce SUM of ``[2, chunk]`` over ``group``
+make lse and z[y] global. dz is then local to the slice, dW is this rank's rows exactly, and
+dh = s * dz W_slice is a partial sum over the group, which the caller reduces
+(:func:`meshforge.parallel.loss_parallel.fused_output_loss`).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig
+from ..models import family_spec
 from ..models.losses import IGNORE_INDEX, LossParts
 from ..parallel.mesh import Degrees
 
@@ -38,14 +48,16 @@ def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
 
 class _FusedLinearLMLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size, grad_enabled):
+    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size, grad_enabled, group=None,
+                vocab_start=0):
         # grad mode is off inside forward: grad_enabled says whether the caller records a graph (not in eval)
         want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         no_autocast = nullcontext() if hidden.is_meta else torch.autocast(hidden.device.type, enabled=False)
         with no_autocast:  # fp32 logits, as lm_loss takes them (meta: shapes only, for bench_fused_loss)
-            ce, z = _chunked_loss(hidden, weight.float(), targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w)
+            ce, z = _chunked_loss(hidden, weight.float(), targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w,
+                                  group, vocab_start)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(ce, z)
         return ce + z, ce, z
@@ -55,11 +67,13 @@ class _FusedLinearLMLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         dw = grad_w * grad_total.to(grad_w.dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
-def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w):
-    """(ce, z_loss); fills grad_h [N, D] and accumulates grad_w [V, D] (fp32) unless they are None."""
+def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w, group=None,
+                  vocab_start=0):
+    """(ce, z_loss); fills grad_h [N, D] and accumulates grad_w [V, D] (fp32) unless they are None.
+    With ``group``: w32 is the vocab slice from ``vocab_start``; lse and the target logit are reduced."""
     mask = targets != IGNORE_INDEX
     count = mask.sum().clamp(min=1).float()
     ce_sum = torch.zeros((), device=hidden.device)
@@ -68,9 +82,14 @@ def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, gr
         rows = slice(start, start + chunk_size)
         h, m = hidden[rows].float(), mask[rows]
         y = torch.where(m, targets[rows], 0)
-        logits = (h @ w32.t()) * logit_scale  # [chunk, V]: the only vocab-wide tensor
-        lse = torch.logsumexp(logits, dim=-1)
-        ce_sum += ((lse - logits.gather(1, y[:, None]).squeeze(1)) * m).sum()
+        logits = (h @ w32.t()) * logit_scale  # [chunk, V] (or [chunk, V/tp]): the only vocab-wide tensor
+        if group is None:
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            onehot = torch.ones_like(lse)
+        else:  # y becomes the local column (0 where another rank owns the target; onehot 0 there)
+            y, onehot, lse, target_logit = _vocab_parallel_lse(logits, y, vocab_start, group)
+        ce_sum += ((lse - target_logit) * m).sum()
         if z_loss_coef:
             z_sum += (lse.square() * m).sum()
         if grad_h is None and grad_w is None:
@@ -79,7 +98,7 @@ def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, gr
         dz = logits.sub_(lse[:, None]).exp_()
         if z_loss_coef:
             dz.mul_(1 + 2 * z_loss_coef * lse[:, None])
-        dz.scatter_add_(1, y[:, None], -torch.ones_like(lse)[:, None])
+        dz.scatter_add_(1, y[:, None], -onehot[:, None])
         dz.mul_((m.float() * logit_scale / count)[:, None])
         if grad_h is not None:
             grad_h[rows] = (dz @ w32).to(grad_h.dtype)
@@ -88,12 +107,31 @@ def _chunked_loss(hidden, w32, targets, z_loss_coef, logit_scale, chunk_size, gr
     return ce_sum / count, z_loss_coef * z_sum / count
 
 
+def _vocab_parallel_lse(logits, y, vocab_start, group):
+    """Local logits [c, V/tp], global target ids -> (local target column, owned 0/1, lse, target logit);
+    lse and the target logit are global over ``group``: two all-reduces of [c] and [2, c]."""
+    local_y = y - vocab_start
+    owned = (local_y >= 0) & (local_y < logits.shape[1])
+    local_y = torch.where(owned, local_y, 0)
+    owned = owned.float()
+    peak = logits.max(dim=-1).values
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([(logits - peak[:, None]).exp().sum(dim=-1),
+                        logits.gather(1, local_y[:, None]).squeeze(1) * owned])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return local_y, owned, peak + sums[0].log(), sums[1]
+
+
 def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          z_loss_coef: float = 0.0, logit_scale: float = 1.0,
-                         chunk_size: int | None = None) -> LossParts:
+                         chunk_size: int | None = None, group=None, vocab_start: int = 0) -> LossParts:
     """hidden [..., D] (after the final norm), weight [V, D], targets [...] -> LossParts,
     equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``.
-    ``chunk_size``: tokens per chunk, default ``default_chunk``."""
+    ``chunk_size``: tokens per chunk, default ``default_chunk``.
+
+    Vocab-parallel: ``group`` (a process group) with ``weight`` this rank's rows ``[V/tp, D]``
+    from id ``vocab_start`` and ``hidden`` every token; the values are then global and the
+    gradient of ``hidden`` is this rank's partial sum (see the module docstring)."""
     if chunk_size is None:
         chunk_size = default_chunk(targets.numel(), hidden.shape[-1], weight.shape[0])
     if chunk_size < 1:
@@ -102,7 +140,7 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
     total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                             float(z_loss_coef), float(logit_scale), int(chunk_size),
-                                            torch.is_grad_enabled())
+                                            torch.is_grad_enabled(), group, int(vocab_start))
     return LossParts(total, ce, z)
 
 
@@ -112,12 +150,11 @@ def use_fused_loss(cfg: JobConfig, degrees: Degrees, device_type: str) -> bool:
     if setting == "off":
         return False
     unsupported = [why for bad, why in (
-        (cfg.model.family != "decoder", f"model.family = {cfg.model.family!r} (decoders only)"),
-        (degrees.pp > 1, f"parallel.pp = {degrees.pp} (the last stage computes the plain loss)"),
-        (degrees.tp > 1, f"parallel.tp = {degrees.tp} (vocab-sharded logits use the loss-parallel path)"),
-        (degrees.cp > 1, f"parallel.cp = {degrees.cp}"),
-        (degrees.world_size > 1, f"{degrees.world_size} processes (the output weight is sharded by data parallel; "
-                                 "only the 1-process path is tested)"),
+        (not family_spec(cfg.model.family).supports_fused_loss, f"model.family = {cfg.model.family!r} (decoders only)"),
+        (degrees.tp > 1 and not cfg.parallel.loss_parallel,
+         f"parallel.tp = {degrees.tp} and parallel.loss_parallel = false (the fused loss is vocab-parallel)"),
+        (degrees.world_size > 1 and cfg.parallel.dp_backend == "deepspeed",
+         "parallel.dp_backend = 'deepspeed' (its ZeRO sharding of the output weight is not covered)"),
     ) if bad]
     if setting == "on" and unsupported:
         raise ConfigError(f"train.fused_loss = 'on' is not supported with {'; '.join(unsupported)}; "

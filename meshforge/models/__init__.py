@@ -1,5 +1,9 @@
 """Model families and how to build them.
 
+Each family is a :class:`~meshforge.models.spec.ModelSpec` in ``MODEL_SPECS``; the two built-in
+ones (``decoder``, ``encoder_decoder``) are registered at the end of this file. Everything
+outside ``models/`` asks ``family_spec(cfg.family)`` instead of comparing family names.
+
 ``build_model(cfg, device)`` creates the model on the meta device (no memory, no init
 cost), materialises it on ``device`` and initialises it explicitly with torch's global
 RNG, so the same seed gives the same weights on any device layout that initialises the
@@ -8,33 +12,22 @@ full model before sharding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ENCODER_DECODER_OBJECTIVES, ModelConfig
 from .decoder import Decoder
+from .decoder_stage import (decoder_blocks, decoder_pipeline_blocks, decoder_stage, decoder_stage_inputs,
+                            decoder_stage_view)
 from .encoder_decoder import EncoderDecoder
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the rest of the system needs to know about a model family."""
-
-    name: str
-    build: Callable[[ModelConfig], nn.Module]
-
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    "decoder": ModelSpec("decoder", Decoder),
-    "encoder_decoder": ModelSpec("encoder_decoder", EncoderDecoder),
-}
+from .encoder_decoder_stage import (EncoderDecoderStage, encoder_decoder_blocks, encoder_decoder_pipeline_blocks,
+                                    encoder_decoder_stage_inputs, encoder_decoder_stage_view)
+from .spec import MODEL_SPECS, ModelSpec, families_with, family_spec, register
+from .tp_plans import decoder_tp_plan, encoder_decoder_tp_plan
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", init: bool = True) -> nn.Module:
-    spec = MODEL_SPECS[cfg.family]
+    spec = family_spec(cfg.family)
     with torch.device("meta"):
         model = spec.build(cfg)
     model.to_empty(device=device)
@@ -46,12 +39,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", init: bool
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks, in forward order: the units that parallel/ wraps (checkpointing,
-    compile, FSDP). A decoder (or a pipeline stage of one) keeps them in ``layers``; an
-    encoder-decoder in ``encoder.layers`` then ``decoder.layers``."""
-    if hasattr(model, "encoder") and hasattr(model, "decoder"):
-        return [*model.encoder.layers.values(), *model.decoder.layers.values()]
-    return list(model.layers.values())
+    """The repeated blocks of a model (or of a pipeline stage of one), in forward order: the units
+    that parallel/ wraps (checkpointing, compile, FSDP). Its family's spec says which they are."""
+    return list(family_spec(model.cfg.family).blocks(model).values())
 
 
 def active_params(model: nn.Module, cfg: ModelConfig) -> int:
@@ -102,4 +92,32 @@ def encoder_decoder_flops_per_token(model: nn.Module, cfg: ModelConfig, enc_len:
     return flops / (enc_len + dec_len)
 
 
-__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "encoder_decoder_flops_per_token", "flops_per_token", "transformer_blocks"]
+def decoder_flops(model: nn.Module, cfg: ModelConfig, lengths: tuple[int, ...]) -> float:
+    """:func:`flops_per_token` of a decoder reading ``lengths = (seq_len,)``."""
+    return flops_per_token(cfg, active_params(model, cfg), lengths[-1])
+
+
+def encoder_decoder_flops(model: nn.Module, cfg: ModelConfig, lengths: tuple[int, ...]) -> float:
+    """:func:`encoder_decoder_flops_per_token` for ``lengths = (encoder_len, decoder_len)``; one length
+    (no objective to split it) counts like a decoder's sequence."""
+    if len(lengths) == 1:
+        return decoder_flops(model, cfg, lengths)
+    return encoder_decoder_flops_per_token(model, cfg, *lengths)
+
+
+register(ModelSpec(
+    "decoder", Decoder, blocks=decoder_blocks, tp_plan=decoder_tp_plan, pipeline_blocks=decoder_pipeline_blocks,
+    stage=decoder_stage, stage_view=decoder_stage_view, stage_inputs=decoder_stage_inputs, flops_per_token=decoder_flops,
+    objectives=("lm",), position_encodings=("rope",), hf_converter="hf_decoder",
+    supports_moe_parallel=True, supports_context_parallel=True, supports_fused_loss=True, supports_mup=True,
+    supports_scaling_sweeps=True, supports_grow=True))
+register(ModelSpec(
+    "encoder_decoder", EncoderDecoder, blocks=encoder_decoder_blocks, tp_plan=encoder_decoder_tp_plan,
+    pipeline_blocks=encoder_decoder_pipeline_blocks, stage=EncoderDecoderStage, stage_view=encoder_decoder_stage_view,
+    stage_inputs=encoder_decoder_stage_inputs, flops_per_token=encoder_decoder_flops,
+    objectives=ENCODER_DECODER_OBJECTIVES, position_encodings=("relative", "rope"), hf_converter="hf_t5"))
+
+
+__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model",
+           "encoder_decoder_flops_per_token", "families_with", "family_spec", "flops_per_token", "register",
+           "transformer_blocks"]

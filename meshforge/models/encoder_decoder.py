@@ -202,17 +202,29 @@ class EncoderDecoder(nn.Module):
         """src [B, S] token ids (src_mask [B, S] True for real tokens) -> encoder states [B, S, dim]."""
         x = self.tok_embeddings(src)
         bias = self.encoder.self_bias(src.shape[1], src_mask, src.device)
-        for block in self.encoder.layers.values():
-            x = block(x, bias, self._rope())
-        return self.encoder.norm(x)
+        return self.encoder.norm(self.encoder_layers(x, bias))
 
     def decode(self, enc: torch.Tensor, tgt_in: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder states + decoder input ids [B, T] -> logits [B, T, V]."""
         x = self.tok_embeddings(tgt_in)
         self_bias = self.decoder.self_bias(tgt_in.shape[1], None, tgt_in.device)
-        cross_bias = padding_bias(src_mask)
+        return self.logits(self.decoder_layers(x, enc, self_bias, padding_bias(src_mask)))
+
+    def encoder_layers(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """e_l for each encoder block (of this module: a pipeline stage holds some)."""
+        for block in self.encoder.layers.values():
+            x = block(x, bias, self._rope())
+        return x
+
+    def decoder_layers(self, x: torch.Tensor, enc: torch.Tensor, self_bias: torch.Tensor | None,
+                       cross_bias: torch.Tensor | None) -> torch.Tensor:
+        """d_l for each decoder block (of this module: a pipeline stage holds some)."""
         for block in self.decoder.layers.values():
             x = block(x, enc, self_bias, cross_bias, self._rope())
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """W_out N(d_L), with T5's d_model^-1/2 scaling when the output is the tied embedding."""
         x = self.decoder.norm(x)
         if self.cfg.tie_embeddings:
             x = x * self.cfg.dim**-0.5

@@ -8,7 +8,6 @@ the projections column-wise (fewer local heads) needs no change here.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``apply_rope`` to queries and keys, as one call (a fused kernel may take both at once)."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE and optional QK-norm."""
 
@@ -61,6 +65,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.core = AttentionCore()
+        self.rope = apply_rope_qk
+        """How q and k are rotated (``kernels/apply.py`` may put a fused kernel of the same math here)."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         """``cos``/``sin``: RoPE tables of x's positions; ``mask``: what ``self.core`` takes (see AttentionCore)."""
@@ -70,7 +76,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -110,10 +116,17 @@ def document_mask(segments: torch.Tensor, use_flex: bool):
     return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 
-GATE_ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": partial(F.gelu, approximate="tanh"),
-}
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b"""
+    return F.silu(a) * b
+
+
+def geglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gelu(a) * b (tanh approximation, as T5 v1.1)"""
+    return F.gelu(a, approximate="tanh") * b
+
+
+GATES = {"silu": swiglu, "gelu": geglu}
 
 
 class FeedForward(nn.Module):
@@ -121,13 +134,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
-        self.act = GATE_ACTIVATIONS[activation]
+        self.gate = GATES[activation]
+        """act(a) * b of the two projections (``kernels/apply.py`` may put a fused kernel of the same math here)."""
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        return self.w2(self.gate(self.w1(x), self.w3(x)))
 
 
 def init_linear(linear: nn.Linear, std: float) -> None:

@@ -15,6 +15,9 @@ Losses (added to the training loss through the gradient, see :class:`AuxLossToGr
 
     load balance = E * sum_e f_e P_e      f_e: fraction of the N*k assignments to e,
                                            P_e: mean router probability of e
+                                           (under context parallel a rank holds part of the N
+                                           tokens: f_e counts all of them, P_e the rank's own, so
+                                           the ranks' mean loss and gradient are the whole's)
     router z     = mean_t logsumexp(logits_t)^2
 
 The experts are one module (:class:`GroupedExperts`) taking tokens already sorted by
@@ -133,6 +136,9 @@ class MoE(nn.Module):
         self.shared = (FeedForward(cfg.dim, cfg.expert_dim * cfg.moe_shared_experts)
                        if cfg.moe_shared_experts else None)
         self.register_buffer("route_bias", torch.zeros(cfg.moe_experts), persistent=True)
+        self.count_tokens = same_counts
+        """Assignments per expert of this forward's tokens -> of all N tokens the balance loss is
+        over (the same counts; context parallel, where a rank holds part of each sequence, sums them)."""
         self.collector: RouterStats | None = None
         """The step's collector while a step runs (see :func:`collect_router_stats`), else None."""
 
@@ -183,7 +189,8 @@ class MoE(nn.Module):
             y = y + self.shared(x)
 
         assigned = torch.bincount(expert_ids.flatten(), minlength=self.n_experts).float()
-        balance = self.n_experts * torch.sum(assigned / (n * self.top_k) * probs.mean(0))
+        all_assigned = self.count_tokens(assigned)  # N * k in all
+        balance = self.n_experts * torch.sum(all_assigned / all_assigned.sum() * probs.mean(0))
         z = torch.logsumexp(logits, -1).square().mean()
         collector = self.collector
         if self.training:  # validation batches neither count in the metrics nor move the routing bias
@@ -209,6 +216,11 @@ class MoE(nn.Module):
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
         """Aux-loss-free balancing: raise the bias of under-loaded experts, lower the over-loaded."""
         self.route_bias += rate * torch.sign(load.float().mean() - load.float())
+
+
+def same_counts(counts: torch.Tensor) -> torch.Tensor:
+    """The default :attr:`MoE.count_tokens`: this forward's tokens are all the tokens."""
+    return counts
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:

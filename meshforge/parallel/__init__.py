@@ -1,6 +1,6 @@
 """Parallelism: build the named device mesh and apply each parallelism to a built model.
 
-Order of application (docs/architecture.md): pipeline split -> TP/SP -> expert sharding ->
+Order of application (docs/architecture.md): pipeline split -> float8 -> TP/SP -> fused kernels -> expert sharding ->
 context-parallel attention -> activation checkpointing -> compile -> FSDP2. Each step is one function in its own file;
 ``parallelize`` only decides which steps run.
 """
@@ -14,11 +14,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import JobConfig
+from ..kernels.apply import apply_fused_kernels, fused_kernels_backend
 from .activation_checkpoint import apply_activation_checkpointing
 from .compile import apply_compile, compile_enabled
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp
 from .expert_parallel import apply_ep, apply_expert_fsdp, build_ep_mesh, expert_dp_mesh
+from .float8 import apply_float8, float8_fsdp_all_gather, float8_tp
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
 from .tensor_parallel import apply_tp
 
@@ -30,7 +32,7 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
     """The job's mesh with dims ``pp, dp_replicate, dp_shard, cp, tp``; None for one process."""
     if d.world_size == 1:
         return None
-    if d.ep > 1:  # dp_shard split into dp_shard_mod_ep x dp_shard_in_ep, re-flattened as dp_shard and ep
+    if d.ep > 1:  # dp_shard x cp split into an outer part and ep, re-flattened under the usual names
         return build_ep_mesh(d, device.type)
     shape = tuple(getattr(d, name) for name in MESH_DIMS)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
@@ -56,8 +58,14 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
         return apply_pipeline(model, mesh, pipeline_plan, lambda stage: parallelize(stage, mesh, stage_degrees, cfg))
     p = cfg.parallel
     device_type = next(model.parameters()).device.type
+    fsdp = mesh is not None and d.dp * d.cp > 1 and p.dp_backend == "fsdp2"
+    if cfg.train.float8 != "off":  # before TP, compile and FSDP2 (torchao's order)
+        model = apply_float8(model, cfg.train.float8, fsdp_float8_all_gather=float8_fsdp_all_gather(cfg, fsdp))
     if mesh is not None and d.tp > 1:
-        model = apply_tp(model, mesh["tp"], p)  # params become DTensors on the tp sub-mesh
+        model = apply_tp(model, mesh["tp"], p, float8=float8_tp(cfg))  # params become DTensors on the tp sub-mesh
+    backend = fused_kernels_backend(cfg, device_type)
+    if backend is not None:  # RMSNorm / RoPE / SwiGLU by Triton kernels: a module swap (not the TP norms)
+        model = apply_fused_kernels(model, backend)
     if mesh is not None and d.ep > 1:
         model = apply_ep(model, mesh["ep"])  # expert weights become Shard(0) DTensors on the ep sub-mesh
     if mesh is not None and d.cp > 1:
@@ -65,7 +73,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
     model = apply_activation_checkpointing(model, p.activation_checkpointing)
     if compile_enabled(p.compile, device_type):
         model = apply_compile(model, fullgraph=d.cp == 1)
-    if mesh is not None and d.dp * d.cp > 1 and p.dp_backend == "fsdp2":  # "deepspeed": the trainer wraps it in an engine
+    if fsdp:  # "deepspeed": the trainer wraps it in an engine
         shard = "dp_shard_cp" if d.cp > 1 else "dp_shard"
         dp_mesh = mesh["dp_replicate", shard] if d.dp_replicate > 1 else mesh[shard]
         if d.ep > 1:  # experts first: FSDP over the dp ranks outside their ep group; the blocks take the rest

@@ -2,8 +2,9 @@
 
 The alternative to FSDP2 (``parallel.dp_backend = "deepspeed"``), for users who want
 DeepSpeed's ZeRO stages and ZeRO-Offload / ZeRO-Infinity. Only data parallelism
-(tp = pp = dp_replicate = 1). Our own pieces stay ours: the AdamW param groups, the
-``LambdaLR`` schedule (stepped by the trainer, never a DeepSpeed scheduler), the
+(tp = pp = dp_replicate = 1), with or without context parallel (``parallel.cp``: the cp
+ranks are data-parallel ranks to DeepSpeed, see :func:`deepspeed_config`). Our own pieces
+stay ours: the AdamW param groups, the ``LambdaLR`` schedule (stepped by the trainer, never a DeepSpeed scheduler), the
 micro-batching (DeepSpeed's gradient accumulation divides each micro-batch loss by the
 number of micro-batches, so the gradient is that of the mean loss over the global batch)
 and the checkpoint directory flow (the engine writes its files into our ``step_N.tmp``).
@@ -87,8 +88,13 @@ def _offload(device: str, nvme_path: str, pin: bool) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: JobConfig, dp: int, device: torch.device) -> dict[str, Any]:
-    """DeepSpeed's config dict for this job (no scheduler: the trainer steps our LambdaLR)."""
+def deepspeed_config(cfg: JobConfig, dp: int, device: torch.device, cp: int = 1) -> dict[str, Any]:
+    """DeepSpeed's config dict for this job (no scheduler: the trainer steps our LambdaLR).
+
+    ``cp`` (context parallel): DeepSpeed's data-parallel group is every rank, the cp ranks of a
+    sample included, so it averages gradients over dp x cp (as FSDP2 over ``dp_shard_cp``
+    does: each rank's loss is the mean over its share of the tokens) and its batch bookkeeping
+    counts each sample once per cp rank."""
     p, t = cfg.parallel, cfg.train
     micro = micro_batch_size(t, dp)
     grad_accum = t.global_batch_size // (micro * dp)
@@ -99,7 +105,7 @@ def deepspeed_config(cfg: JobConfig, dp: int, device: torch.device) -> dict[str,
     if p.offload_param != "none":
         zero["offload_param"] = _offload(p.offload_param, p.nvme_path, pin)
     return {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.global_batch_size * cp,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,  # 0 disables, as ours
@@ -155,8 +161,9 @@ def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, c
                   "machine compiles it, which takes about 2 minutes (cached in ~/.cache/torch_extensions after)",
                   flush=True)
         optimizer = _offload_optimizer(optimizer)
+    cp = dist.get_world_size() // dp  # DeepSpeed runs data (x context) parallel only: the rest of the world is cp
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, dp, device))
+                                           config=deepspeed_config(cfg, dp, device, cp))
     return engine, optimizer
 
 

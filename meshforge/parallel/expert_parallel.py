@@ -1,8 +1,9 @@
 """Expert parallelism (EP): shard the experts of every MoE layer over the ``ep`` mesh dim.
 
-``ep`` borrows ranks from ``dp_shard`` (see :func:`meshforge.parallel.build_mesh`): the
-ranks of one ep group see different data, and each holds ``E / ep`` of the experts of
-every MoE layer. The model does not change; :func:`apply_ep` hooks each
+``ep`` borrows ranks from ``dp_shard x cp`` (see :func:`build_ep_mesh`): the ranks of
+one ep group hold different tokens (other samples, or other chunks of the same sequences
+under context parallel), and each holds ``E / ep`` of the experts of every MoE layer.
+The model does not change; :func:`apply_ep` hooks each
 :class:`~meshforge.models.moe.GroupedExperts` (whose forward already uses only the local
 part of DTensor weights) with ``distribute_module``:
 
@@ -137,9 +138,9 @@ def apply_expert_fsdp(model: nn.Module, expert_dp_mesh: DeviceMesh, reshard_afte
     Runs right before :func:`~meshforge.parallel.data_parallel.apply_fsdp` (same options),
     so the block's FSDP unit leaves the expert weights (already managed here) alone. The
     expert weights are DTensors on ``ep``; FSDP2 composes them with ``expert_dp_mesh``
-    (1-D ``dp_shard_mod_ep`` or 2-D ``dp_replicate x dp_shard_mod_ep``; it may have size 1:
+    (1-D ``expert_dp_shard`` or 2-D ``dp_replicate x expert_dp_shard``; it may have size 1:
     FSDP then only manages them). FSDP shards the local experts on dim 0 when they divide
-    evenly over ``dp_shard_mod_ep``, else on dim 1 (the hidden/model dim).
+    evenly over ``expert_dp_shard``, else on dim 1 (the hidden/model dim).
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -163,31 +164,59 @@ def _local_rows(w: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- mesh
 
 EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
-"""The mesh dims with ep > 1: ``dp_shard`` split in two, the inner factor (size ep) is the ep group."""
+"""The mesh dims with ep > 1 when ep is a multiple of cp: ``dp_shard`` split in two, the inner
+factor (size ep / cp) times ``cp`` is the ep group."""
+EP_IN_CP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp_mod_ep", "cp_in_ep", "tp")
+"""The mesh dims with ep > 1 when ep is smaller than cp and divides it: ``cp`` split in two, the
+inner factor (size ep) is the ep group."""
+EXPERT_DP = "expert_dp_shard"
+"""The flattened dim of the ``dp_shard x cp`` ranks outside an ep group: FSDP shards the experts over it."""
+
+
+def ep_mesh_layout(d) -> tuple[tuple[int, ...], tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """(shape, dim names, flattened dims) of the job mesh when ``d.ep > 1``.
+
+    Expert parallel borrows its ranks from ``dp_shard x cp`` (the ranks that split the tokens),
+    ep innermost, so an ep group is ep consecutive ranks of that block. With ``ep % cp == 0``
+    it takes all of cp and ``ep / cp`` of dp_shard; with ``cp % ep == 0`` a part of cp.
+    (:func:`~meshforge.parallel.job_checks.check_job` refuses the other splits.)
+    """
+    if d.ep % d.cp == 0:
+        shape = (d.pp, d.dp_replicate, d.dp_shard * d.cp // d.ep, d.ep // d.cp, d.cp, d.tp)
+        flat = {"dp_shard": ("dp_shard_mod_ep", "dp_shard_in_ep"), "ep": ("dp_shard_in_ep", "cp"),
+                EXPERT_DP: ("dp_shard_mod_ep",)}
+        if d.cp > 1:
+            flat["dp_shard_cp"] = ("dp_shard_mod_ep", "dp_shard_in_ep", "cp")
+        return shape, EP_MESH_DIMS, flat
+    shape = (d.pp, d.dp_replicate, d.dp_shard, d.cp // d.ep, d.ep, d.tp)
+    flat = {"cp": ("cp_mod_ep", "cp_in_ep"), "ep": ("cp_in_ep",), EXPERT_DP: ("dp_shard", "cp_mod_ep"),
+            "dp_shard_cp": ("dp_shard", "cp_mod_ep", "cp_in_ep")}
+    return shape, EP_IN_CP_MESH_DIMS, flat
 
 
 def build_ep_mesh(d, device_type: str) -> DeviceMesh:
     """The job mesh when ``d.ep > 1``, with the same rank order as the plain mesh.
 
-    ``dp_shard`` is built as two dims ``dp_shard_mod_ep x dp_shard_in_ep`` (ep inner, so an
-    ep group is ep consecutive data-parallel ranks), and both names the other steps use are
-    restored by flattening: ``dp_shard`` (= the two, FSDP of non-expert params and the data
-    split see exactly the usual dp_shard) and ``ep`` (= ``dp_shard_in_ep x cp``). Expert
-    weights are sharded over ``ep`` and FSDP-sharded over ``dp_shard_mod_ep`` (and
-    replicated over ``dp_replicate``).
+    ``dp_shard x cp`` is built as an outer and an inner (size ep) factor (:func:`ep_mesh_layout`),
+    and the names the other steps use are restored by flattening: ``dp_shard``, ``cp`` and
+    ``dp_shard_cp`` (FSDP of non-expert params, the data split and the attention see exactly
+    the usual dims), ``ep`` (the inner factor) and ``expert_dp_shard`` (the outer one). Expert
+    weights are sharded over ``ep`` and FSDP-sharded over ``expert_dp_shard`` (and replicated
+    over ``dp_replicate``).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (d.pp, d.dp_replicate, d.dp_shard // d.ep, d.ep, d.cp, d.tp)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=EP_MESH_DIMS)
-    mesh["dp_shard_mod_ep", "dp_shard_in_ep"]._flatten("dp_shard")
-    mesh["dp_shard_in_ep", "cp"]._flatten("ep")
+    shape, names, flat = ep_mesh_layout(d)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    for name, dims in flat.items():
+        mesh[dims if len(dims) > 1 else dims[0]]._flatten(name)
     return mesh
 
 
 def expert_dp_mesh(mesh: DeviceMesh, d) -> DeviceMesh:
     """Where FSDP shards/replicates the expert weights: the data-parallel ranks outside the ep group."""
-    return mesh["dp_replicate", "dp_shard_mod_ep"] if d.dp_replicate > 1 else mesh["dp_shard_mod_ep"]
+    return mesh["dp_replicate", EXPERT_DP] if d.dp_replicate > 1 else mesh[EXPERT_DP]
 
 
-__all__ = ["EP_MESH_DIMS", "apply_ep", "apply_expert_fsdp", "build_ep_mesh", "expert_dp_mesh", "expert_modules"]
+__all__ = ["EP_IN_CP_MESH_DIMS", "EP_MESH_DIMS", "EXPERT_DP", "apply_ep", "apply_expert_fsdp", "build_ep_mesh",
+           "ep_mesh_layout", "expert_dp_mesh", "expert_modules"]

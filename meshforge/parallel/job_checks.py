@@ -11,6 +11,8 @@ are :func:`meshforge.config.validate`.
 from __future__ import annotations
 
 from ..config import ConfigError, JobConfig, ModelConfig, micro_batch_size
+from ..kernels.apply import check_fused_kernels
+from ..models import families_with, family_spec
 from .deepspeed_engine import check_deepspeed
 from .mesh import Degrees
 from .pipeline import PipelinePlan, plan_pipeline
@@ -32,53 +34,60 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
         if (d.dp_shard * d.cp) % d.ep:
             raise ConfigError(f"parallel.ep = {d.ep} must divide dp_shard*cp = {d.dp_shard}*{d.cp} = "
                               f"{d.dp_shard * d.cp} (expert parallel borrows its ranks from them)")
+        if d.cp > 1 and d.cp % d.ep and (d.ep % d.cp or d.dp_shard % (d.ep // d.cp)):
+            raise ConfigError(f"parallel.ep = {d.ep} with parallel.cp = {d.cp}: an ep group is the innermost ranks of "
+                              f"dp_shard x cp = {d.dp_shard} x {d.cp}, so ep must divide cp or be cp times a divisor "
+                              f"of dp_shard")
         if m.moe_experts % d.ep:
             raise ConfigError(f"model.moe_experts = {m.moe_experts} does not divide by parallel.ep = {d.ep}")
         if p.dp_backend != "fsdp2":
             raise ConfigError(f"parallel.ep = {d.ep} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
-    if m.moe_experts and m.family != "decoder":
+    if m.moe_experts and not family_spec(m.family).supports_moe_parallel:
         check_moe_family(m, d)
     if d.tp > 1:
         for name, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
                             ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
             if value % d.tp:
                 raise ConfigError(f"{name} = {value} does not divide by parallel.tp = {d.tp}")
-    if cfg.data.document_mask and (d.tp > 1 or d.pp > 1):
-        raise ConfigError(f"data.document_mask works with data and expert parallelism only so far (parallel.tp = "
-                          f"{d.tp}, parallel.pp = {d.pp}); use tp = pp = 1 or turn the mask off")
+    if cfg.data.document_mask and d.tp > 1:
+        raise ConfigError(f"data.document_mask does not work with tensor parallelism yet (parallel.tp = {d.tp}); "
+                          "use tp = 1 or turn the mask off")
     if p.dp_backend == "deepspeed":
         check_deepspeed(cfg, d)
+    check_fused_kernels(cfg, device_type)
     micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
     return plan_pipeline(cfg, d, device_type) if d.pp > 1 else None
 
 
 def check_moe_family(m: ModelConfig, d: Degrees) -> None:
-    """Tensor and pipeline parallelism split MoE layers of the decoder family only."""
+    """Tensor and pipeline parallelism split MoE layers only of the families whose spec says ``supports_moe_parallel``."""
+    families = families_with("supports_moe_parallel")
     if d.tp > 1:
-        raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the decoder "
+        raise ConfigError(f"parallel.tp = {d.tp}: the tensor-parallel plans cover MoE feed-forwards in the {families} "
                           f"family only, not in an {m.family} (model.moe_experts = {m.moe_experts}); "
                           "use parallel.tp = 1")
     if d.pp > 1:
-        raise ConfigError(f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the decoder family only, "
+        raise ConfigError(f"parallel.pp = {d.pp}: the pipeline split covers MoE layers in the {families} family only, "
                           f"not in an {m.family} (model.moe_experts = {m.moe_experts}); use parallel.pp = 1")
 
 
 def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
-    """What ``parallel.cp > 1`` needs: a decoder, a sequence in 2*cp chunks, heads for all-to-all."""
+    """What ``parallel.cp > 1`` needs: a family that supports it (a decoder), a sequence in 2*cp chunks,
+    heads for all-to-all, dropless routing in an MoE model."""
     m, p = cfg.model, cfg.parallel
-    if m.family != "decoder":
-        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the decoder family only, not "
+    if not family_spec(m.family).supports_context_parallel:
+        raise ConfigError(f"parallel.cp = {d.cp}: context parallelism covers the {families_with('supports_context_parallel')} "
+                          "family only, not "
                           f"model.family = {m.family!r}; use parallel.cp = 1")
-    if m.moe_experts:
-        raise ConfigError(f"parallel.cp = {d.cp} with an MoE model (model.moe_experts = {m.moe_experts}) is not "
-                          "supported yet: its load-balancing loss and router statistics would be taken over each "
-                          "rank's share of the sequence instead of the whole; use parallel.cp = 1")
-    for name, degree in (("pp", d.pp), ("ep", d.ep)):
-        if degree > 1:
-            raise ConfigError(f"parallel.cp = {d.cp} does not compose with parallel.{name} = {degree} yet; "
-                              f"use one of them")
-    if p.dp_backend != "fsdp2":
-        raise ConfigError(f"parallel.cp = {d.cp} needs parallel.dp_backend = 'fsdp2' (got {p.dp_backend!r})")
+    if m.moe_experts and m.moe_capacity_factor:
+        raise ConfigError(f"parallel.cp = {d.cp} with capacity routing (model.moe_capacity_factor = "
+                          f"{m.moe_capacity_factor}): each expert's capacity is ranked over the whole micro-batch, "
+                          "which context parallel splits over ranks; use dropless routing (moe_capacity_factor = 0) "
+                          "or parallel.cp = 1")
+    if d.pp > 1 and p.pp_schedule == "zero_bubble" and p.dp_backend == "fsdp2":
+        raise ConfigError(f"parallel.cp = {d.cp} with parallel.pp_schedule = 'zero_bubble': FSDP then shards over "
+                          f"dp_shard x cp = {d.dp_shard} x {d.cp} ranks, and the zero-bubble schedule's split backward "
+                          "under FSDP does not match the single-process run (tested); use interleaved_1f1b or 1f1b")
     seq = cfg.data.seq_len
     if seq % (2 * d.cp):
         raise ConfigError(f"data.seq_len = {seq} does not divide into 2*cp = {2 * d.cp} zigzag chunks "

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, ModelConfig, ParallelConfig
+from ..models import family_spec
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -54,12 +55,9 @@ def resolve_degrees(p: ParallelConfig, world_size: int) -> Degrees:
 
 
 def pipeline_layers(m: ModelConfig) -> tuple[int, str]:
-    """The blocks a pipeline splits and how to name their count: a decoder's layers, or an
-    encoder-decoder's encoder then decoder layers (one sequence, split as one)."""
-    if m.family == "encoder_decoder":
-        n_dec = m.n_decoder_layers or m.n_layers
-        return m.n_layers + n_dec, f"model.n_layers + decoder layers ({m.n_layers} + {n_dec})"
-    return m.n_layers, "model.n_layers"
+    """The blocks a pipeline splits and how to name their count (the family's ``pipeline_blocks``: a
+    decoder's layers, or an encoder-decoder's encoder then decoder layers, split as one sequence)."""
+    return family_spec(m.family).pipeline_blocks(m)
 
 
 def pipeline_stages_per_rank(p: ParallelConfig) -> int:

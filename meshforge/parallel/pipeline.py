@@ -8,37 +8,19 @@ The split (:func:`plan_pipeline`, :func:`split_model`)
     - stage 0 keeps the token embedding, the last stage the final norm and output projection
       (tied embeddings: each holds a copy of the shared matrix, their gradients summed after
       every backward, see ``tied_embeddings.py``);
-      every stage is a pruned :class:`~meshforge.models.decoder.Decoder` whose forward starts
-      from / stops at hidden states where those modules are ``None``;
+    - each stage is the family's stage module (``ModelSpec.stage``: model code, in ``models/``):
+      a decoder stage is a pruned :class:`~meshforge.models.decoder.Decoder` whose forward starts
+      from / stops at hidden states; an encoder-decoder splits its encoder then decoder layers as
+      one sequence, the encoder output riding to every decoder stage
+      (:mod:`meshforge.models.encoder_decoder_stage`);
     - placement: ``gpipe``/``1f1b`` one stage per rank; ``interleaved_1f1b`` and
       ``zero_bubble`` loop-style (rank ``r`` holds stages ``r, r+pp, r+2pp, ...``).
 
-The encoder-decoder (:class:`EncoderDecoderStage`) is split the same way over one sequence
-of blocks: the encoder's layers, then the decoder's (``pp_split`` counts in that sequence:
-with 3 + 3 layers, ``"3"`` puts the encoder on stage 0 and the decoder on stage 1). Each
-stage passes the next one a tuple of tensors, as Megatron's encoder-decoder pipeline does:
-
-    stage 0:   h = E[src], y = E[tgt_in]; the relative position biases of both stacks
-    boundary inside the encoder:      (h, encoder position bias, y, decoder position bias)
-    boundary after the encoder:       (enc, y, decoder position bias)
-    last stage: decoder norm, output projection -> logits
-
-- The stage holding the last encoder layer applies the encoder's final norm; from there
-  the encoder output ``enc`` travels with the decoder stream to every later stage (each
-  decoder layer's cross-attention reads it), and its gradient, summed over those layers,
-  travels back the same way.
-- Stage 0 holds the token embedding and both relative position tables: it embeds the
-  decoder inputs too and computes each stack's position bias once, and the biases ride
-  along; they hold only this rank's heads under TP (a plain tensor). Only a tied output
-  projection lives on a second stage (the last), as a copy whose gradient is summed with
-  the embedding's (``tied_embeddings.py``).
-- The source padding mask is not an activation: the runner gives it to every stage as a
-  keyword argument (``torch.distributed.pipelining`` splits keyword tensors into the same
-  microbatches on each stage), and each stage builds its own attention masks from it.
-- The tuples differ between boundaries (and tensors may pass a stage unchanged, e.g. the
-  decoder stream through an encoder-only stage): each stage's activation shapes and
-  gradient placements come from the schedules' dynamic metadata inference, so every
-  schedule works (tested: gpipe, 1f1b, interleaved 1F1B and zero-bubble).
+Activations between stages are whatever the family's stages pass (a tensor, or a tuple whose
+shape differs between boundaries); each stage's activation shapes and gradient placements come
+from the schedules' dynamic metadata inference, so every schedule works (tested: gpipe, 1f1b,
+interleaved 1F1B and zero-bubble). Keyword inputs of the model (an encoder-decoder's source
+mask, ``ModelSpec.stage_inputs``) go to every stage, split into the same microbatches.
 
 Initial weights are those of the single-process model: the *full* model is built and
 initialised with the job's seed on every pipeline rank (as :func:`build_model` does), then
@@ -76,15 +58,18 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import CHOICES, ConfigError, JobConfig, micro_batch_size
-from ..models.encoder_decoder import Stack, add_biases, padding_bias
+from ..models import ModelSpec, family_spec
 from ..models.moe import RouterStats, collect_router_stats
 from .compile import compile_enabled
+from .context_parallel import context_parallel_inputs
 from .mesh import Degrees, pipeline_layers, pipeline_stages_per_rank
 from .tied_embeddings import TiedEmbeddingGrads
 
 SCHEDULES = CHOICES["parallel.pp_schedule"]
 """Every pipeline schedule, as the type of ``parallel.pp_schedule`` lists them."""
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+SHARED_KWARGS = ("positions",)
+"""Keyword inputs of every stage that every microbatch shares (not split with the batch)."""
 
 
 @dataclass(frozen=True)
@@ -213,107 +198,6 @@ def pipeline_microbatches(cfg: JobConfig, d: Degrees, stages_per_rank: int) -> i
 # --------------------------------------------------------------------------- split
 
 
-def stage_module(model: nn.Module, start: int, end: int, first: bool, last: bool) -> nn.Module:
-    """A decoder holding only layers ``[start, end)`` of ``model`` (the same module objects).
-
-    The skeleton is built on the meta device (no memory), then given ``model``'s modules;
-    the embedding stays only on the first stage, norm and output only on the last.
-    An encoder-decoder gets an :class:`EncoderDecoderStage` instead.
-    """
-    if model.cfg.family == "encoder_decoder":
-        return EncoderDecoderStage(model, start, end, first, last)
-    with torch.device("meta"):
-        stage = type(model)(model.cfg)
-    stage.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in range(start, end)})
-    stage.tok_embeddings = model.tok_embeddings if first else None
-    stage.norm = model.norm if last else None
-    stage.output = model.output if last else None
-    stage.rope_cos = model.rope_cos
-    stage.rope_sin = model.rope_sin
-    return stage
-
-
-class StackPart(Stack):
-    """The part of an encoder or decoder :class:`~meshforge.models.encoder_decoder.Stack` that one
-    stage holds: some of its layers (under their own indices), maybe its position table and its
-    final norm (``None`` where another stage holds them). The same module objects as the model's."""
-
-    def __init__(self, stack: Stack, layer_ids: range, rel_bias: bool, norm: bool):
-        nn.Module.__init__(self)  # not Stack.__init__: nothing new is built
-        self.causal = stack.causal
-        self.layers = nn.ModuleDict({str(i): stack.layers[str(i)] for i in layer_ids})
-        self.rel_bias = stack.rel_bias if rel_bias else None
-        self.norm = stack.norm if norm else None
-
-
-class EncoderDecoderStage(nn.Module):
-    """Blocks ``[start, end)`` of an encoder-decoder, counting encoder then decoder layers.
-
-    ``forward(src, tgt_in, src_mask=)`` on the first stage, ``forward(*activations, src_mask=)``
-    on the others; returns the activations of the next boundary (see the module docstring), or
-    the logits on the last stage. Modules keep the model's names (``encoder.layers.<i>``,
-    ``decoder.rel_bias``, ...), so the TP plan, FSDP and checkpoints see the usual paths.
-    """
-
-    def __init__(self, model: nn.Module, start: int, end: int, first: bool, last: bool):
-        super().__init__()
-        self.cfg = model.cfg
-        n_enc = len(model.encoder.layers)
-        self.start, self.end, self.n_enc, self.first, self.last = start, end, n_enc, first, last
-        self.tok_embeddings = model.tok_embeddings if first else None
-        self.encoder = StackPart(model.encoder, range(min(start, n_enc), min(end, n_enc)), rel_bias=first,
-                                 norm=start < n_enc <= end)
-        self.decoder = StackPart(model.decoder, range(max(start, n_enc) - n_enc, max(end, n_enc) - n_enc),
-                                 rel_bias=first, norm=last)
-        self.output = model.output if last else None
-        self.rope_cos = model.rope_cos
-        self.rope_sin = model.rope_sin
-
-    @property
-    def relative(self) -> bool:
-        return self.cfg.position_encoding == "relative"
-
-    def forward(self, *acts: torch.Tensor, src_mask: torch.Tensor | None = None):
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.position_encoding == "rope" else None
-        enc_pos = dec_pos = None
-        if self.first:
-            src, tgt_in = acts
-            h, y = self.tok_embeddings(src), self.tok_embeddings(tgt_in)
-            if self.relative:
-                enc_pos = self.encoder.position_bias(src.shape[1])
-                dec_pos = self.decoder.position_bias(tgt_in.shape[1])
-        elif self.start < self.n_enc:  # inside the encoder
-            h, *rest = acts
-            enc_pos, y, dec_pos = rest if self.relative else (None, *rest, None)
-        else:  # the encoder is done: h is its output
-            h, y, *rest = acts
-            dec_pos = rest[0] if self.relative else None
-        if self.encoder.layers:
-            bias = add_biases(enc_pos, self.encoder.mask_bias(h.shape[1], src_mask, h.device))
-            for block in self.encoder.layers.values():
-                h = block(h, bias, rope)
-        if self.encoder.norm is not None:
-            h = self.encoder.norm(h)
-        if self.end < self.n_enc:  # the encoder goes on on the next stage
-            return _sendable((h, enc_pos, y, dec_pos) if self.relative else (h, y))
-        if self.decoder.layers:
-            self_bias = add_biases(dec_pos, self.decoder.mask_bias(y.shape[1], None, y.device))
-            cross_bias = padding_bias(src_mask)
-            for block in self.decoder.layers.values():
-                y = block(y, h, self_bias, cross_bias, rope)
-        if not self.last:
-            return _sendable((h, y, dec_pos) if self.relative else (h, y))
-        y = self.decoder.norm(y)
-        if self.cfg.tie_embeddings:
-            y = y * self.cfg.dim**-0.5
-        return self.output(y)
-
-
-def _sendable(acts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Activations as point-to-point sends need them: contiguous (a position bias is a permuted view)."""
-    return tuple(t.contiguous() for t in acts)
-
-
 class _Part(nn.Module):
     """A named container in a :class:`PipelineModel` view (``encoder``/``decoder``)."""
 
@@ -340,22 +224,12 @@ class PipelineModel(nn.Module):
             # first, as the single-process model does (see tied_embeddings.py)
             self.tok_embeddings = _Part()
             self.tok_embeddings.weight = parts[-1].output.weight
-        if self.encoder_decoder:
-            for stack in ("encoder", "decoder"):
-                view = _Part()
-                view.layers = nn.ModuleDict({n: b for p in parts for n, b in getattr(p, stack).layers.items()})
-                for name in ("rel_bias", "norm"):
-                    setattr(view, name, next((getattr(getattr(p, stack), name) for p in parts
-                                              if getattr(getattr(p, stack), name) is not None), None))
-                setattr(self, stack, view)
-        else:
-            self.layers = nn.ModuleDict({name: block for p in parts for name, block in p.layers.items()})
-            self.norm = next((p.norm for p in parts if p.norm is not None), None)
+        self.spec.stage_view(self, parts)  # layers, norms, ... under the family's names
         self.output = next((p.output for p in parts if p.output is not None), None)
 
     @property
-    def encoder_decoder(self) -> bool:
-        return self.cfg.family == "encoder_decoder"
+    def spec(self) -> ModelSpec:
+        return family_spec(self.cfg.family)
 
     @property
     def has_first(self) -> bool:
@@ -367,10 +241,7 @@ class PipelineModel(nn.Module):
 
     def stage_inputs(self, args: tuple) -> tuple[tuple, dict]:
         """The model's positional inputs -> (the first stage's inputs, keyword inputs of every stage)."""
-        if self.encoder_decoder:
-            src, tgt_in, *mask = args
-            return (src, tgt_in), ({"src_mask": mask[0]} if mask and mask[0] is not None else {})
-        return tuple(args), {}
+        return self.spec.stage_inputs(args)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a PipelineModel is not called directly; run its stages with PipelineRunner")
@@ -384,8 +255,8 @@ class PipelineModel(nn.Module):
 
 def split_model(model: nn.Module, plan: PipelinePlan, pp_rank: int) -> list[nn.Module]:
     """The stage modules of ``pp_rank`` (in stage order); the rest of ``model`` is dropped."""
-    last = plan.n_stages - 1
-    return [stage_module(model, *plan.layer_ranges[s], first=s == 0, last=s == last)
+    last, stage = plan.n_stages - 1, family_spec(model.cfg.family).stage
+    return [stage(model, *plan.layer_ranges[s], first=s == 0, last=s == last)
             for s in plan.stages_of_rank(pp_rank)]
 
 
@@ -432,12 +303,14 @@ class PipelineRunner:
     in the stage parameters; the optimizer step is the caller's) and returns the mean ce
     and z-loss over the global batch, identical on every rank of the job.
     ``eval_loss(batch)`` is the forward-only counterpart for validation. ``model_inputs``
-    turns a batch into the model's inputs and targets (the objective's; next-token by default).
+    turns a batch into the model's inputs and targets (the objective's; next-token by default;
+    under context parallel followed by this rank's zigzag split). A decoder's document ids and
+    RoPE positions reach every stage as keyword inputs (``PipelineModel.stage_inputs``).
     """
 
     def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
                  z_loss_coef: float, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 model_inputs: InputsFn = lm_inputs):
+                 model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None):
         from torch.distributed.pipelining import PipelineStage
 
         self.model = model
@@ -447,7 +320,9 @@ class PipelineRunner:
         self.loss_fn = loss_fn
         self.z_loss_coef = z_loss_coef
         self.autocast = autocast or contextlib.nullcontext
-        self.model_inputs = model_inputs
+        self.model_inputs = context_parallel_inputs(model_inputs, mesh)  # cp > 1: this rank's zigzag chunks
+        self.stage_kwargs = dict(stage_kwargs or {})
+        """Keyword inputs of every stage's forward (the fused loss: ``return_hidden=True``)."""
         self._parts: list[torch.Tensor] = []
 
         def get_mesh(dim_names: tuple[str, ...], layout) -> DeviceMesh:
@@ -455,19 +330,28 @@ class PipelineRunner:
             # one): rebuild them on this rank's sub-mesh of the same named dims
             return mesh[dim_names if len(dim_names) > 1 else dim_names[0]]
 
-        stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, get_mesh=get_mesh)
-                  for part, sid in zip(model.parts, model.stage_ids)]
-        cls = _schedule_class(self.plan.schedule)
-        n = self.plan.n_microbatches
-        # The loss is already divided by the microbatch count: no extra scaling of the grads.
-        if self.plan.schedule in SINGLE_STAGE_SCHEDULES:
-            self.schedule = cls(stages[0], n, loss_fn=self._loss, scale_grads=False)
-        else:
-            self.schedule = cls(stages, n, loss_fn=self._loss, scale_grads=False)
+        self.stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, get_mesh=get_mesh)
+                       for part, sid in zip(model.parts, model.stage_ids)]
+        self.schedule = None  # built for the keyword inputs of the first batch (see _schedule_for)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
         self._loss_holders = dist.get_world_size() // self.plan.pp
         tied = model.cfg.tie_embeddings and (model.has_first or model.has_last)
         self.tied = TiedEmbeddingGrads(model.tok_embeddings.weight if tied else None, self.pp_group, model.has_last)
+
+    def _schedule_for(self, kwargs: dict):
+        """The schedule (built once, for the keyword inputs every batch of the job has): keyword
+        tensors split into microbatches with the batch, except the shared RoPE ``positions`` and the
+        runner's own ``stage_kwargs`` (flags such as ``return_hidden``), which every microbatch shares."""
+        if self.schedule is None:
+            from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
+
+            shared = set(SHARED_KWARGS) | set(self.stage_kwargs)
+            spec = {k: _Replicate() if k in shared else TensorChunkSpec(0) for k in kwargs}
+            cls, n = _schedule_class(self.plan.schedule), self.plan.n_microbatches
+            stages = self.stages[0] if self.plan.schedule in SINGLE_STAGE_SCHEDULES else self.stages
+            # The loss is already divided by the microbatch count: no extra scaling of the grads.
+            self.schedule = cls(stages, n, loss_fn=self._loss, kwargs_chunk_spec=spec, scale_grads=False)
+        return self.schedule
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         parts = self.loss_fn(logits, targets, self.z_loss_coef)
@@ -485,15 +369,17 @@ class PipelineRunner:
         inputs, targets = self.model_inputs(batch)
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
+        kwargs.update(self.stage_kwargs)
         args = inputs if self.model.has_first else ()
         target = targets if self.model.has_last else None
         self._parts.clear()
         n = self.plan.n_microbatches
         with self.autocast(), collect_router_stats(self.model.parts, stats or RouterStats()):
+            schedule = self._schedule_for(kwargs)
             if train:
-                self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+                schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
-                self.schedule.eval(*args, target=target, **kwargs)
+                schedule.eval(*args, target=target, **kwargs)
         if stats is not None:
             stats.keep_last(n)
         local = torch.zeros(2, device=self.device)
@@ -527,17 +413,22 @@ class PipelineRunner:
         total = torch.zeros(2, device=self.device)
         count = 0
         for batch in batches:
-            total += self._run(batch.to(self.device), train=False)
+            total += self._run(_on_device(batch, self.device), train=False)
             count += 1
         for part in self.model.parts:
             part.train()
         return (self._global_mean(total) / max(count, 1))[0].item()
 
 
+def _on_device(batch, device: torch.device):
+    """A loader batch (a tensor, or a tuple of them: tokens and document ids) on ``device``."""
+    return tuple(b.to(device) for b in batch) if isinstance(batch, (tuple, list)) else batch.to(device)
+
+
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
-                 autocast=None, model_inputs: InputsFn = lm_inputs) -> PipelineRunner:
-    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs)
+                 autocast=None, model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None) -> PipelineRunner:
+    return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs, stage_kwargs)
 
 
-__all__ = ["EncoderDecoderStage", "PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner",
+__all__ = ["PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner",
            "lm_inputs", "plan_pipeline", "split_layers", "split_model"]

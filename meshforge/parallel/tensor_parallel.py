@@ -1,8 +1,10 @@
 """Tensor parallelism with sequence parallelism (Megatron-style TP + SP) for the decoder and
 encoder-decoder families.
 
-The plan is data: :func:`decoder_tp_plan` returns ``{module path pattern: ParallelStyle}``
-and :func:`apply_tp` hands it to ``parallelize_module`` on the ``tp`` sub-mesh. With
+The plan is data and belongs to the model family: ``ModelSpec.tp_plan`` (``models/tp_plans.py``)
+returns ``{module path pattern: style name}``; :func:`build_tp_plan` turns the names
+(:data:`STYLE_NAMES`) into DTensor ``ParallelStyle``\ s and :func:`apply_tp` hands them to
+``parallelize_module`` on the ``tp`` sub-mesh. With
 sequence parallel the residual stream between blocks is a DTensor sharded on the sequence
 dim (``Shard(1)``):
 
@@ -30,7 +32,7 @@ Details the model does not know about:
   tie is restored afterwards with ``model.tie_weights()`` and both uses accumulate into one
   gradient.
 
-The encoder-decoder (:func:`encoder_decoder_tp_plan`) follows the same pattern in both
+The encoder-decoder's plan follows the same pattern in both
 stacks, with two additions:
 
     src, tgt_in --shared embedding (vocab rowwise, called twice)--> reduce-scatter --> Shard(1) each
@@ -78,78 +80,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from ..config import ParallelConfig
-from ..models.moe import MoE
-
-
-def decoder_tp_plan(loss_parallel: bool, sequence_parallel: bool = True, qk_norm: bool = False,
-                    has_embedding: bool = True, has_output: bool = True,
-                    moe_ffn: dict[str, bool] | None = None) -> dict[str, ParallelStyle]:
-    """The TP(/SP) plan of :class:`meshforge.models.decoder.Decoder` as ``{path pattern: style}``.
-
-    ``loss_parallel`` keeps the logits vocab-sharded (``Shard(-1)`` DTensor); otherwise the
-    output projection returns full logits as a plain tensor. ``has_embedding`` /
-    ``has_output`` drop the entries of modules a pipeline split removed.
-
-    ``moe_ffn`` (an MoE model): ``{layer name: its feed-forward is an MoE}``. TP then covers
-    the attention only in the MoE layers: the MoE gets the whole (gathered) sequence as a
-    plain tensor on every TP rank and runs replicated, and its output goes back onto this
-    rank's sequence shard (a slice, no communication; in backward one all-gather of the
-    output gradient, as for any gathered input). Every TP rank thus computes the same
-    routing, the same aux losses over the whole microbatch and the same expert gradients,
-    so the router and expert weights stay plain replicated tensors and need no reduction
-    over ``tp``; expert parallelism, when on, shards the experts over ``ep`` as without TP.
-    """
-    stream = Shard(1) if sequence_parallel else Replicate()
-    plan: dict[str, ParallelStyle] = {}
-    if has_embedding:
-        # vocab-sharded rows: each rank looks up its own token ids, the partial sums are
-        # reduce-scattered onto the sequence dim (SP) or all-reduced
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
-                                                 use_local_output=not sequence_parallel)
-    block = {
-        "attention": PrepareModuleInput(input_layouts=(stream, None, None),
-                                        desired_input_layouts=(Replicate(), None, None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=stream, use_local_output=not sequence_parallel),
-        "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=stream, use_local_output=not sequence_parallel),
-    }
-    if sequence_parallel:
-        block["attention_norm"] = SequenceParallel()
-        block["ffn_norm"] = SequenceParallel()
-    if qk_norm:
-        # q/k are [B, T, local heads, head_dim] after the colwise projections: the norm
-        # weight is replicated, its input sharded on the head dim, its grad summed over tp
-        block["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        block["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    if moe_ffn is None:
-        for path, style in block.items():
-            plan[f"layers.*.{path}"] = style
-    else:
-        ffn = {k: v for k, v in block.items() if k.startswith("feed_forward")}
-        for path, style in block.items():
-            if path not in ffn:
-                plan[f"layers.*.{path}"] = style
-        replicated_moe = PrepareModuleInputOutput(
-            input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
-            output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=not sequence_parallel)
-        for layer, is_moe in moe_ffn.items():
-            if is_moe:
-                plan[f"layers.{layer}.feed_forward"] = replicated_moe
-            else:
-                plan.update({f"layers.{layer}.{path}": style for path, style in ffn.items()})
-    if has_output:
-        if sequence_parallel:
-            plan["norm"] = SequenceParallel()
-        plan["output"] = ColwiseParallel(input_layouts=stream,
-                                         output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                         use_local_output=not loss_parallel)
-    return plan
+from ..config import ModelConfig, ParallelConfig
+from ..models import family_spec
 
 
 class GatheredSequenceParallel(SequenceParallel):
@@ -195,40 +127,87 @@ class HeadParallel(ParallelStyle):
                                  self._prepare_output_fn)
 
 
-def encoder_decoder_tp_plan(loss_parallel: bool) -> dict[str, ParallelStyle]:
-    """The TP+SP plan of :class:`meshforge.models.encoder_decoder.EncoderDecoder` as ``{path pattern: style}``.
+STYLE_NAMES = {
+    "embedding": "vocab-sharded rows (RowwiseParallel): each rank looks up its own token ids, the partial sums "
+                 "are reduce-scattered onto the sequence dim (SP) or all-reduced",
+    "colwise": "ColwiseParallel: output features (heads) sharded; the input arrives gathered",
+    "rowwise": "RowwiseParallel back onto the residual stream: reduce-scatter (SP) or all-reduce",
+    "gather_input": "the module's input, the residual stream, gathered to the whole sequence (PrepareModuleInput); "
+                    "'gather_input:N' for a module of N positional inputs, the first the stream",
+    "norm": "SequenceParallel: a norm on this rank's sequence shard, weight replicated (dropped without SP)",
+    "gathered_norm": "GatheredSequenceParallel: an SP norm whose output is gathered once for all its readers "
+                     "(needs SP)",
+    "head_norm": "a per-head norm on this rank's heads (input sharded on the head dim, weight gradient summed "
+                 "over tp)",
+    "heads": "HeadParallel: a [entries, heads] table sharded by heads",
+    "replicated_moe": "an MoE feed-forward run replicated over tp on the gathered sequence (a plain tensor), its "
+                      "output sliced back onto this rank's sequence shard",
+    "output": "ColwiseParallel from the stream to the logits: vocab-sharded DTensor (loss parallel) or gathered",
+}
+"""The style names a family's TP plan may use (``ModelSpec.tp_plan``), and what each does."""
 
-    The residual streams of both stacks are ``Shard(1)`` DTensors (sequence parallel; there is
-    no variant without it). ``loss_parallel`` keeps the logits vocab-sharded. A pipeline stage
-    lacks some of these modules: :func:`apply_tp` drops the entries that match nothing.
-    """
-    stream = Shard(1)
 
-    def attention(path: str) -> dict[str, ParallelStyle]:
-        # q/k/v colwise (this rank's heads; the inputs arrive gathered), wo rowwise back onto the sequence shard
-        return {f"{path}.wq": ColwiseParallel(), f"{path}.wk": ColwiseParallel(), f"{path}.wv": ColwiseParallel(),
-                f"{path}.wo": RowwiseParallel(output_layouts=stream, use_local_output=False)}
+def _block_styles(float8: bool) -> tuple[type, type, type]:
+    """(colwise, rowwise, gather-input) style classes of the block projections: torchao's float8
+    styles (the gathered input cast to float8 before the all-gather) for tensorwise float8 layers."""
+    if not float8:
+        return ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    from torchao.float8.float8_tensor_parallel import (
+        Float8ColwiseParallel,
+        Float8RowwiseParallel,
+        PrepareFloat8ModuleInput,
+    )
 
-    ffn = {"feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-           "feed_forward.w2": RowwiseParallel(output_layouts=stream, use_local_output=False)}
-    encoder_block = {"attention_norm": GatheredSequenceParallel(), **attention("attention"),
-                     "ffn_norm": GatheredSequenceParallel(), **ffn}
-    decoder_block = {"self_attention_norm": GatheredSequenceParallel(), **attention("self_attention"),
-                     "cross_attention_norm": GatheredSequenceParallel(), **attention("cross_attention"),
-                     "ffn_norm": GatheredSequenceParallel(), **ffn}
-    plan: dict[str, ParallelStyle] = {
-        # one vocab-sharded table for both stacks: partial lookups reduce-scattered onto the sequence dim
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=False),
-        "encoder.rel_bias": HeadParallel(),
-        "decoder.rel_bias": HeadParallel(),
-    }
-    plan.update({f"encoder.layers.*.{k}": v for k, v in encoder_block.items()})
-    plan["encoder.norm"] = GatheredSequenceParallel()  # the encoder output: gathered once for all cross-attentions
-    plan.update({f"decoder.layers.*.{k}": v for k, v in decoder_block.items()})
-    plan["decoder.norm"] = SequenceParallel()
-    plan["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                     use_local_output=not loss_parallel)
-    return plan
+    return Float8ColwiseParallel, Float8RowwiseParallel, PrepareFloat8ModuleInput
+
+
+def _style(name: str, sequence_parallel: bool, loss_parallel: bool, float8: bool = False) -> ParallelStyle:
+    stream = Shard(1) if sequence_parallel else Replicate()
+    local = not sequence_parallel  # the residual stream stays a DTensor under SP
+    base, _, n_inputs = name.partition(":")
+    colwise, rowwise, prepare_input = _block_styles(float8)  # embedding and output keep the plain styles
+    if base == "embedding":
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=stream, use_local_output=local)
+    if base == "colwise":
+        return colwise()
+    if base == "rowwise":
+        return rowwise(output_layouts=stream, use_local_output=local)
+    if base == "gather_input":
+        rest = (None,) * (int(n_inputs or 1) - 1)
+        return prepare_input(input_layouts=(stream, *rest), desired_input_layouts=(Replicate(), *rest))
+    if base == "norm":
+        return SequenceParallel()
+    if base == "gathered_norm":
+        return GatheredSequenceParallel()
+    if base == "head_norm":
+        return SequenceParallel(sequence_dim=2, use_local_output=True)
+    if base == "heads":
+        return HeadParallel()
+    if base == "replicated_moe":
+        return PrepareModuleInputOutput(
+            input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=local)
+    if base == "output":
+        return ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                               use_local_output=not loss_parallel)
+    raise ValueError(f"TP plan style {name!r} is not one of {', '.join(STYLE_NAMES)}")
+
+
+def build_tp_plan(m: ModelConfig, loss_parallel: bool, sequence_parallel: bool = True,
+                  float8: bool = False) -> dict[str, ParallelStyle]:
+    """The family's TP plan (``ModelSpec.tp_plan``) as ``{path pattern: ParallelStyle}``.
+
+    ``loss_parallel`` keeps the logits vocab-sharded (``Shard(-1)`` DTensor); otherwise the output
+    projection returns full logits as a plain tensor. Without ``sequence_parallel`` the residual
+    stream is replicated and the norms run unsharded (a plan of gathered norms refuses). ``float8``
+    (the block projections are torchao ``Float8Linear`` with tensorwise scaling, :mod:`.float8`):
+    torchao's float8 styles for the block projections and their gathered inputs."""
+    names = family_spec(m.family).tp_plan(m)
+    if not sequence_parallel:
+        if "gathered_norm" in names.values():
+            raise ValueError(f"apply_tp: the {m.family} plan always uses sequence parallel (it gathers norm outputs)")
+        names = {k: v for k, v in names.items() if v != "norm"}
+    return {k: _style(v, sequence_parallel, loss_parallel, float8) for k, v in names.items()}
 
 
 def _resolves(model: nn.Module, pattern: str) -> bool:
@@ -236,38 +215,33 @@ def _resolves(model: nn.Module, pattern: str) -> bool:
     return any(fnmatch(name, pattern) for name, _ in model.named_modules())
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True) -> nn.Module:
+def _all_float8(blocks: dict[str, nn.Module], names: dict[str, str]) -> bool:
+    """Every linear layer the plan splits column- or row-wise in the blocks (attention, dense FFN; an MoE
+    runs replicated) is a torchao Float8Linear."""
+    linears = [m for name, b in blocks.items() for sub, m in b.named_modules() if isinstance(m, nn.Linear)
+               and names.get(f"{name}.{sub.split('.')[0]}") != "replicated_moe"]
+    return bool(linears) and all(type(m).__name__ == "Float8Linear" for m in linears)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True,
+             float8: bool = False) -> nn.Module:
     """Shard ``model`` (a decoder or an encoder-decoder, or a pipeline stage of one) over the 1-D ``tp_mesh``
-    in place."""
+    in place. ``float8``: torchao's float8 TP styles for the block projections (tensorwise float8), where
+    all of them were converted."""
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tp needs the 1-D tp sub-mesh, got a {tp_mesh.ndim}-D mesh")
-    family = model.cfg.family
-    if family == "encoder_decoder":
-        blocks = {f"{stack}.layers.{n}": b for stack in ("encoder", "decoder")
-                  for n, b in getattr(model, stack).layers.items()}
-    else:
-        blocks = {f"layers.{n}": b for n, b in model.layers.items()}
+    spec = family_spec(model.cfg.family)
+    names = spec.tp_plan(model.cfg)
+    blocks = spec.blocks(model)
     for name, block in blocks.items():
-        if isinstance(block.feed_forward, MoE) and family == "decoder":
-            continue  # replicated over tp (see decoder_tp_plan)
+        if names.get(f"{name}.feed_forward") == "replicated_moe":
+            continue  # replicated over tp (see STYLE_NAMES)
         if not all(isinstance(getattr(block.feed_forward, w, None), nn.Linear) for w in ("w1", "w2", "w3")):
             raise ValueError(f"apply_tp: {name}.feed_forward is a {type(block.feed_forward).__name__}, "
                              "not a dense gated FFN; the TP plans do not cover it (MoE needs its own plan)")
     tied = bool(getattr(model.cfg, "tie_embeddings", False)) and model.tok_embeddings is not None \
         and model.output is not None and model.output.weight is model.tok_embeddings.weight
-    if family == "encoder_decoder":
-        if not sequence_parallel:
-            raise ValueError("apply_tp: the encoder-decoder plan always uses sequence parallel")
-        plan = encoder_decoder_tp_plan(loss_parallel=cfg.loss_parallel)
-    else:
-        plan = decoder_tp_plan(
-            loss_parallel=cfg.loss_parallel,
-            sequence_parallel=sequence_parallel,
-            qk_norm=bool(model.cfg.qk_norm),
-            has_embedding=model.tok_embeddings is not None,
-            has_output=model.output is not None,
-            moe_ffn={n: isinstance(b.feed_forward, MoE) for n, b in model.layers.items()} if model.cfg.moe_experts else None,
-        )
+    plan = build_tp_plan(model.cfg, cfg.loss_parallel, sequence_parallel, float8=float8 and _all_float8(blocks, names))
     plan = {k: v for k, v in plan.items() if _resolves(model, k)}  # a pipeline stage holds only some modules
     parallelize_module(model, tp_mesh, plan)
     if tied:
@@ -277,4 +251,4 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
     return model
 
 
-__all__ = ["GatheredSequenceParallel", "HeadParallel", "apply_tp", "decoder_tp_plan", "encoder_decoder_tp_plan"]
+__all__ = ["STYLE_NAMES", "GatheredSequenceParallel", "HeadParallel", "apply_tp", "build_tp_plan"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, JobConfig
+from ..config import ConfigError, JobConfig, resolve_objective
 from .layouts import Layout, check_layout
 
 
@@ -169,7 +169,7 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
         act = job.train.micro_batch_size * job.data.seq_len * job.model.dim * width
         boundaries = sum((s > 0) + (s < plan.n_stages - 1) for s in model.stage_ids)
         add("send/recv", "pp", 2, act, mb * 2 * boundaries)
-    if layout.tp > 1 and layout.pp == 1 and job.model.family == "decoder":
+    if layout.tp > 1 and layout.pp == 1 and resolve_objective(job) == "lm":
         for op, size, count in _trace_tp(job, mesh):
             add(op, "tp", layout.tp, size, count * mb)
         if job.model.moe_experts:

@@ -106,13 +106,14 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused
     target gather's scatter (5 in all).
 
     ``fused`` (``train.fused_loss`` on, ``kernels/fused_loss.py``): no ``[tokens, vocab]`` logits.
-    The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD``), takes an fp32 copy of
-    a bf16 weight, and holds one chunk's fp32 logits and their scaled copy (the default chunk
-    makes a chunk's logits about ``BTD`` elements)."""
+    The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD/tp``), takes an fp32 copy
+    of a bf16 weight, and holds one chunk's fp32 logits and their scaled copy (the default chunk
+    makes a chunk's logits about ``BTD/tp`` elements)."""
     BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
     norm = 4 * BT * D // tp + e * BT * D
-    if fused:
-        return norm + e * BT * D + 4 * V * D + (4 * V * D if e != 4 else 0) + 2 * 4 * BT * D
+    if fused:  # under tp the fused loss is vocab-parallel: the weight, dW and a chunk's logits are V / tp wide
+        Vl = V // tp
+        return norm + e * BT * D + 4 * Vl * D + (4 * Vl * D if e != 4 else 0) + 2 * 4 * BT * D // tp
     buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
     return norm + buffers * 4 * BT * V // tp
 

@@ -6,12 +6,13 @@ thousands of layouts can be priced in a second (the dry run checks it against th
 
 - pipeline: this rank's stages (``pipeline.split_layers``, loop placement), the embedding on
   stage 0, the final norm and output on the last stage;
-- tensor parallel: the project's TP plan (``decoder_tp_plan``): ``ColwiseParallel`` cuts
+- tensor parallel: the project's TP plan (``build_tp_plan``): ``ColwiseParallel`` cuts
   weight dim 0, ``RowwiseParallel`` dim 1 of a Linear and dim 0 (the vocab) of an Embedding;
   norms, routers and MoE experts stay whole on every tp rank;
-- expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep``;
+- expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep`` (ep consecutive ranks of
+  ``dp_shard x cp``, cp inner, as ``expert_parallel.ep_mesh_layout`` lays them out);
 - FSDP2: every parameter cut on dim 0 over ``dp_shard x cp`` (experts under ep: over
-  ``dp_shard / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
+  ``dp_shard x cp / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
   over ``dp_replicate``. DTensor and FSDP2 both cut like ``torch.chunk``: pieces of
   ``ceil(n / k)``, the last ones shorter or empty.
 
@@ -48,7 +49,7 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     import torch
     from torch import nn
 
-    from ..models import MODEL_SPECS
+    from ..models import MODEL_SPECS, family_spec
     from ..models.moe import GroupedExperts
 
     cfg = ModelConfig(**dict(key))
@@ -57,6 +58,7 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     modules = dict(model.named_modules())
+    blocks = {path: i for i, path in enumerate(family_spec(cfg.family).blocks(model))}  # in pipeline order
     n_enc = cfg.n_layers
     out = []
     for name, p in model.named_parameters():  # a tied weight appears once
@@ -65,10 +67,9 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
         kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
                 else "experts" if isinstance(m, GroupedExperts) else "other")
         parts = name.split(".")
-        if parts[0] == "layers":
-            layer = int(parts[1])
-        elif parts[0] in ("encoder", "decoder") and parts[1] == "layers":
-            layer = int(parts[2]) + (n_enc if parts[0] == "decoder" else 0)
+        block = next((b for b in (".".join(parts[:k]) for k in range(2, len(parts))) if b in blocks), None)
+        if block is not None:
+            layer = blocks[block]
         elif parts[0] in ("tok_embeddings",) or (len(parts) > 1 and parts[1] == "rel_bias"):
             layer = -1
         elif parts[0] == "encoder" and parts[1] == "norm":
@@ -99,11 +100,15 @@ class Coords:
     cp: int
     tp: int
 
-    def ep_index(self, ep: int) -> int:
-        return self.dp_shard % ep
+    def token_index(self, cp: int) -> int:
+        """Place in the ``dp_shard x cp`` block (cp inner): FSDP's shard, and where ep borrows from."""
+        return self.dp_shard * cp + self.cp
 
-    def mod_ep_index(self, ep: int) -> int:
-        return self.dp_shard // ep
+    def ep_index(self, ep: int, cp: int = 1) -> int:
+        return self.token_index(cp) % ep
+
+    def mod_ep_index(self, ep: int, cp: int = 1) -> int:
+        return self.token_index(cp) // ep
 
 
 def rank_coords(layout: Layout, rank: int) -> Coords:
@@ -130,14 +135,9 @@ def _tp_styles(cfg: JobConfig) -> dict[str, str]:
 def _tp_styles_cached(model_key: tuple, loss_parallel: bool) -> dict[str, str]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from ..parallel.tensor_parallel import decoder_tp_plan, encoder_decoder_tp_plan
+    from ..parallel.tensor_parallel import build_tp_plan
 
-    m = ModelConfig(**dict(model_key))
-    if m.family == "encoder_decoder":
-        plan = encoder_decoder_tp_plan(loss_parallel)
-    else:
-        moe = {str(i): m.is_moe_layer(i) for i in range(m.n_layers)} if m.moe_experts else None
-        plan = decoder_tp_plan(loss_parallel, qk_norm=m.qk_norm, moe_ffn=moe)
+    plan = build_tp_plan(ModelConfig(**dict(model_key)), loss_parallel)  # the family's plan
     styles = {}
     for pattern, style in plan.items():
         if isinstance(style, ColwiseParallel):
@@ -191,14 +191,14 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
             shape[1] = chunk_len(shape[1], layout.tp, c.tp)
         elif style == "heads":
             shape[1] = chunk_len(shape[1], layout.tp, c.tp)
-        if info.kind == "experts" and layout.ep > 1:
-            shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep))
+        if info.kind == "experts" and layout.ep > 1:  # ep: consecutive ranks of dp_shard x cp
+            shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep, layout.cp))
             if fsdp:
-                k = layout.dp_shard // layout.ep
+                k = layout.fsdp_shard // layout.ep
                 dim = 0 if shape[0] % k == 0 else 1
-                shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep))
+                shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep, layout.cp))
         elif fsdp:  # over dp_shard x cp, flattened with cp inner
-            shape[0] = chunk_len(shape[0], layout.fsdp_shard, c.dp_shard * layout.cp + c.cp)
+            shape[0] = chunk_len(shape[0], layout.fsdp_shard, c.token_index(layout.cp))
         n = 1
         for s in shape:
             n *= s

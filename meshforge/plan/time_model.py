@@ -12,7 +12,7 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 - Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
   once; with more, every rank's compute and communication stretch by ranks per node / cores.
 - Links: a mesh dim's group of ``n`` ranks at stride ``s`` (dims ``pp, dp_replicate,
-  dp_shard, cp, tp``, tp innermost; ep is the innermost ep ranks of dp_shard) stays inside a
+  dp_shard, cp, tp``, tp innermost; ep is ep consecutive ranks of dp_shard x cp) stays inside a
   node when ``s * n <= gpus_per_node`` and uses NVLink; otherwise every ring step is
   limited by the per-GPU NIC.
 - Costs (ring algorithms, ``S`` bytes of the whole tensor): all-gather and reduce-scatter
@@ -151,8 +151,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     layers = m.n_layers / pp
     moe_layers = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) / pp
     strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_shard_cp": tp,
-               "dp_replicate": tp * cp * layout.dp_shard, "pp": tp * cp * layout.dp, "ep": tp * cp,
-               "dp_shard_mod_ep": tp * cp * ep}
+               "dp_replicate": tp * cp * layout.dp_shard, "pp": tp * cp * layout.dp, "ep": tp,
+               "dp_shard_mod_ep": tp * ep}
     comm: list[dict] = []
 
     def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool) -> None:

@@ -128,7 +128,8 @@ def generate_from_checkpoint(
     from ..config import config_from_dict
     from ..models import build_model
     from ..tokenizers import load_tokenizer
-    from .checkpoint import CheckpointError, find_checkpoint, load_model_weights, verify_checkpoint
+    from .checkpoint import CheckpointError, find_checkpoint, load_model_weights
+    from .checkpoint_files import verify_checkpoint
 
     path = find_checkpoint(checkpoint)
     meta = verify_checkpoint(path, "--checkpoint DIR")  # a damaged file: named, with the intact checkpoints

@@ -15,42 +15,34 @@ In a multi-rank job an error is printed once, by rank 0 (:mod:`meshforge.launch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..config import JobConfig, config_to_dict, fingerprint, micro_batch_size, run_identity
+from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..errors import MeshforgeError
 from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
-from ..models import MODEL_SPECS, active_params, build_model, encoder_decoder_flops_per_token, flops_per_token
+from ..models import MODEL_SPECS, active_params, build_model, family_spec
 from ..parallel import build_mesh, parallelize
-from ..parallel.context_parallel import split_for_context_parallel
-from ..parallel.grad_norm import clip_grad_norm
-from ..kernels.fused_loss import fused_linear_lm_loss, use_fused_loss
-from ..parallel.loss_parallel import lm_loss_fn
-from ..parallel.deepspeed_engine import build_deepspeed_engine
+from ..kernels.fused_loss import use_fused_loss
+from ..parallel.float8 import check_float8
 from ..parallel.job_checks import check_job
 from ..parallel.mesh import Degrees, resolve_degrees
-from ..parallel.pipeline import PipelinePlan, PipelineRunner, build_runner
-from .checkpoint import Checkpointer, check_init, check_resume_backend, load_checkpoint, load_model_weights
+from ..parallel.pipeline import PipelinePlan
+from .checkpoint import check_init, check_resume_backend, load_model_weights
+from .checkpoint_writer import Checkpointer
 from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
-from ..models.moe import RouterStats, collect_router_stats
-from .faults import (EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
-                     TrainingDiverged, mark_preempted)
-from .moe_metrics import reduce_router_stats, update_routing_bias
+from .faults import EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector, mark_preempted
 from .metrics import MetricsLogger, peak_flops
 from ..plan.measure import MemoryProbe
-from .optim import build_optimizer, build_scheduler
+from .step import StepSetup, TrainStep, build_step
 
 
 @dataclass
@@ -65,13 +57,6 @@ class TrainResult:
     sample: str = ""
     preempted: bool = False
     """The run stopped early on a preemption signal, after writing a checkpoint."""
-
-
-def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
-    name = cfg.train.dtype
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if name == "bf16" else None
 
 
 class Trainer:
@@ -89,6 +74,7 @@ class Trainer:
         self.degrees: Degrees = resolve_degrees(cfg.parallel, self.env.world_size)
         self.pipeline_plan: PipelinePlan | None = check_job(cfg, self.degrees, self.device.type)
         """Every check of the job against its world size, once, before any process group; the pipeline split."""
+        check_float8(cfg, self.device)  # train.float8: a GPU with float8 matmuls, and torchao
         self.fused_loss = use_fused_loss(cfg, self.degrees, self.device.type)
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         self.output_dir = Path(cfg.train.output_dir)
@@ -117,34 +103,24 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model, self.device)
         self.n_params = active_params(model, cfg.model)
-        spec = getattr(self.data.objective, "spec", None)
-        if cfg.model.family == "encoder_decoder" and spec is not None:
-            self.flops_per_token = encoder_decoder_flops_per_token(model, cfg.model, spec.encoder_len, spec.decoder_len)
-        else:
-            self.flops_per_token = flops_per_token(cfg.model, self.n_params, cfg.data.seq_len)
-        self.model = parallelize(model, self.mesh, self.degrees, cfg, self.pipeline_plan)
+        spec = getattr(self.data.objective, "spec", None)  # lengths of [encoder | decoder] samples, or one window
+        lengths = (spec.encoder_len, spec.decoder_len) if spec is not None else (cfg.data.seq_len,)
+        self.flops_per_token = family_spec(cfg.model.family).flops_per_token(model, cfg.model, lengths)
+        model = parallelize(model, self.mesh, self.degrees, cfg, self.pipeline_plan)
         if self.init_from is not None:  # fresh optimizer, step 0; any layout (DCP reshards)
-            load_model_weights(self.init_from, self.model)
+            load_model_weights(self.init_from, model)
             if self.env.is_main:
                 print(f"initialised from {self.init_from}", flush=True)
-        self.pipeline: PipelineRunner | None = None
-        if self.degrees.pp > 1:  # self.model is this rank's PipelineModel; the runner drives its stages
-            self.pipeline = build_runner(self.model, self.mesh, self.device, lm_loss_fn(cfg, self.degrees.tp),
-                                         cfg.train.z_loss_coef, self._autocast, self.data.objective.model_inputs)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type, 1.0 / cfg.model.width_mult)
-        self.engine = None
-        if cfg.parallel.dp_backend == "deepspeed":  # the engine runs ZeRO, backward and the optimizer step
-            self.engine, self.optimizer = build_deepspeed_engine(self.model, self.optimizer, cfg, self.degrees.dp,
-                                                                 self.device)
-            self.model = self.engine
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.amp_dtype = autocast_dtype(cfg, self.device)
-        self.step = 0
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+        setup = StepSetup(cfg, self.degrees, self.mesh, self.device, self.data.objective, self.collectives,
+                          self.nonfinite, self.fused_loss)
+        self.backend: TrainStep = build_step(setup, model)
+        """How a step runs (plain/FSDP2, DeepSpeed engine, pipeline schedule): chosen here, once."""
+        self.step = 0
         self.spikes = SpikeDetector(sigmas=cfg.train.spike_sigmas) if cfg.train.spike_sigmas else None
         if self.resume_from is not None:
-            meta = load_checkpoint(self.resume_from, self.model, self.optimizer, self.env.rank, engine=self.engine)
-            self.scheduler.load_state_dict(meta["scheduler"])
+            meta = self.backend.load(self.resume_from, self.env.rank)
+            self.backend.scheduler.load_state_dict(meta["scheduler"])
             self.data.train_loader.load_state_dict(meta["loader"])
             self.step = meta["step"]
             if self.env.is_main:
@@ -154,168 +130,39 @@ class Trainer:
         if self.env.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
         self.peak = peak_flops(self.device)
-        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.optimizer)  # planner vs measured
+        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer)  # planner vs measured
         if self.env.is_main:
             print(self.memory_probe.start_line(), flush=True)
 
     # ------------------------------------------------------------------ steps
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _to_device(self, batch):
-        """A loader batch (a tensor, or a tuple of them) on this rank's device."""
-        if isinstance(batch, (tuple, list)):
-            return tuple(b.to(self.device, non_blocking=True) for b in batch)
-        return batch.to(self.device, non_blocking=True)
-
-    def _micro_batches(self, batch) -> list:
-        mbs = micro_batch_size(self.cfg.train, self.degrees.dp)
-        if isinstance(batch, tuple):
-            return list(zip(*(b.split(mbs) for b in batch)))
-        return list(batch.split(mbs))
-
-    def _forward_loss(self, batch):
-        args, targets = self.data.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
-        if self.degrees.cp > 1:  # this rank's zigzag chunks of every sample, with their global positions
-            args, targets = split_for_context_parallel(args, targets, self.mesh["cp"].get_local_rank(), self.degrees.cp)
-        if self.fused_loss:  # one process, plain Decoder (use_fused_loss)
-            with self._autocast():
-                hidden = self.model(*args, return_hidden=True)
-            return fused_linear_lm_loss(hidden, self.model.output.weight, targets, self.cfg.train.z_loss_coef,
-                                        logit_scale=self.model.logit_scale)
-        with self._autocast():
-            logits = self.model(*args)
-        # tp > 1 with parallel.loss_parallel: logits are vocab-sharded DTensors, never gathered
-        loss_fn = lm_loss_fn(self.cfg, self.degrees.tp)
-        return loss_fn(logits, targets, self.cfg.train.z_loss_coef)
-
-    def _all_mean(self, value: torch.Tensor, what: str) -> torch.Tensor:
-        if self.env.world_size > 1:
-            self.collectives.at(f"all_reduce of {what}")
-            value = value.clone()
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value /= self.env.world_size
-        return value
+    @property
+    def model(self) -> torch.nn.Module:
+        """The weights under the single-process names (a pipeline rank: its stages' view)."""
+        return self.backend.model
 
     def train_step(self) -> dict:
-        if self.pipeline is not None:
-            return self._pipeline_train_step()
-        if self.engine is not None:
-            return self._deepspeed_train_step()
-        cfg = self.cfg
-        micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
-        stats = RouterStats(aux_grad_scale=1.0 / len(micro))  # the aux losses weigh as each microbatch's loss
-        loss_sum = torch.zeros((), device=self.device)
-        z_sum = torch.zeros((), device=self.device)
-        with collect_router_stats(self.model, stats):
-            for mb in micro:
-                parts = self._forward_loss(mb)
-                (parts.total / len(micro)).backward()
-                loss_sum += parts.ce.detach()
-                z_sum += parts.z_loss.detach()
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
-        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
-        record = self._update(losses, grad_norm)
-        record.update(self._moe_step(stats))
-        return record
+        """Run the next training step; return its metrics record."""
+        return self.backend.train_step(self.data.train_loader.next_batch(), self.step + 1)
 
-    def _moe_step(self, stats: RouterStats) -> dict:
-        """Reduce the step's router statistics to metrics, then move the routing biases by the loads."""
-        m = self.cfg.model
-        if not m.moe_experts:
-            return {}
-        every = None
-        if self.pipeline is not None:  # this rank holds some of the MoE layers (or none): reduce over all of them
-            every = [f"layers.{i}.feed_forward" for i in range(m.n_layers) if m.is_moe_layer(i)]
-        metrics, loads = reduce_router_stats(self.model, stats, all_layers=every)
-        update_routing_bias(self.model, loads, m.moe_bias_update_rate)
-        return metrics
-
-    def _update(self, losses: torch.Tensor, grad_norm) -> dict:
-        """Step the optimizer unless the (global) loss or gradient norm is not finite; then the
-        update is skipped and counted (every rank agrees: both values are already reduced)."""
-        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm)}
-        if self.nonfinite.check(self.step + 1, record["loss"], record["grad_norm"]):
-            self.optimizer.step()
-        else:
-            record["skipped"] = 1
-            record["skipped_total"] = self.nonfinite.total_skipped
-        self.scheduler.step()  # the LR stays a function of the step, skipped or not
-        self.optimizer.zero_grad(set_to_none=True)
-        return record
-
-    def _deepspeed_train_step(self) -> dict:
-        """One step on the DeepSpeed engine: it divides each micro-batch loss by the accumulation
-        steps (so the gradient is that of the global-batch mean), reduces, clips and steps at the last."""
-        micro = self._micro_batches(self._to_device(self.data.train_loader.next_batch()))
-        assert len(micro) == self.engine.gradient_accumulation_steps(), (len(micro), self.engine.gradient_accumulation_steps())
-        stats = RouterStats(aux_grad_scale=1.0 / len(micro))
-        loss_sum = torch.zeros((), device=self.device)
-        z_sum = torch.zeros((), device=self.device)
-        lr = self.scheduler.get_last_lr()[0]
-        with collect_router_stats(self.model, stats):
-            for mb in micro:
-                parts = self._forward_loss(mb)
-                self.engine.backward(parts.total)
-                self.engine.step()  # the optimizer steps only at the accumulation boundary
-                loss_sum += parts.ce.detach()
-                z_sum += parts.z_loss.detach()
-        self.scheduler.step()
-        grad_norm = self.engine.get_global_grad_norm()
-        losses = self._all_mean(torch.stack([loss_sum, z_sum]) / len(micro), f"the loss at step {self.step + 1}")
-        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr,
-                  "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
-        if not math.isfinite(record["loss"]):  # the engine has stepped already: nothing left to skip
-            raise TrainingDiverged(f"non-finite loss {record['loss']} at step {self.step + 1} under the DeepSpeed "
-                                   "engine, which applies the update itself; resume from the newest checkpoint with "
-                                   "a lower LR, or use parallel.dp_backend = 'fsdp2' to skip such steps")
-        record.update(self._moe_step(stats))
-        return record
-
-    def _pipeline_train_step(self) -> dict:
-        """One step under pipeline parallel: the schedule runs every microbatch's forward and backward."""
-        cfg = self.cfg
-        batch = self.data.train_loader.next_batch().to(self.device, non_blocking=True)
-        stats = RouterStats(aux_grad_scale=1.0 / self.pipeline.plan.n_microbatches)  # as each microbatch's loss
-        losses = self.pipeline.train_step(batch, stats)  # global means, on every rank
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip, self.pipeline.pp_group,
-                                   self.pipeline.tied.counted_elsewhere)
-        record = self._update(losses, grad_norm)
-        record.update(self._moe_step(stats))
-        return record
-
-    @torch.no_grad()
     def evaluate(self) -> float:
         self.collectives.at(f"validation forward collectives at step {self.step}")
-        if self.pipeline is not None:  # forward-only schedule; the mean is already global
-            loader = self.data.valid_loader_factory()
-            return self.pipeline.eval_losses(loader.next_batch() for _ in range(self.cfg.train.eval_batches))
-        self.model.eval()
         loader = self.data.valid_loader_factory()
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.eval_batches):
-            total += self._forward_loss(self._to_device(loader.next_batch())).ce
-        self.model.train()
-        return self._all_mean(total / self.cfg.train.eval_batches, f"the validation loss at step {self.step}").item()
+        return self.backend.eval_loss((loader.next_batch() for _ in range(self.cfg.train.eval_batches)), self.step)
 
     def _checkpoint(self) -> float:
         """Save a checkpoint of the current step; returns the seconds the training was blocked."""
         self.collectives.at(f"checkpoint save at step {self.step}")
         start = time.perf_counter()
         meta = {
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.backend.scheduler.state_dict(),
             "loader": self.data.train_loader.state_dict(),
             "config": config_to_dict(self.cfg),
             "identity": self.identity,
             "identity_fingerprint": fingerprint(self.identity),
             "world_size": self.env.world_size,
         }
-        self.checkpointer.save(self.step, self.model, self.optimizer, meta, {"tokenizer.model": self.data.tokenizer_path},
-                               engine=self.engine)
+        self.backend.save(self.checkpointer, self.step, meta, {"tokenizer.model": self.data.tokenizer_path})
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ loop

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..models import family_spec
 from . import ScalingError
 
 
@@ -42,7 +43,7 @@ class ParamCounts:
 
 def count_params(m: ModelConfig) -> ParamCounts:
     """Exact parameter counts of a dense decoder config (checked against the built model in the tests)."""
-    if m.family != "decoder" or m.moe_experts:
+    if not family_spec(m.family).supports_scaling_sweeps or m.moe_experts:
         raise ScalingError(f"scaling sweeps plan dense decoders; model.family = {m.family!r}, "
                            f"model.moe_experts = {m.moe_experts}")
     d, q = m.dim, m.head_dim

@@ -1,0 +1,289 @@
+"""Writing checkpoints: :class:`Checkpointer` saves, prunes and finds the checkpoints of one output dir.
+
+The protocol (format: :mod:`meshforge.pretrain.checkpoint`): every rank writes into
+``step_N.tmp``; when all have finished, rank 0 copies the extra files in, writes
+``meta.json`` last (with every file's size and checksum), syncs it and renames the
+directory to ``step_N`` -- one atomic ``rename``. Deleting a checkpoint (keep-last-k
+pruning, or replacing one of the same step) first renames it to ``step_N.deleting.tmp``, so
+a kill during the deletion cannot leave a half-deleted directory that still looks complete.
+
+Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the step is blocked only
+while the state is copied into CPU staging buffers; a background thread writes the ``.tmp``
+directory (DCP's collectives run on a separate gloo group, so they never interleave with the
+training's), and rank 0 finalizes -- meta.json, rename, prune -- on the main thread once the
+write has finished (:meth:`Checkpointer.poll`, :meth:`Checkpointer.wait`). A kill at any
+point leaves at most a ``.tmp`` directory.
+
+A write the file system refuses (disk full, quota, read-only) becomes one line naming the
+newest intact checkpoint, and the partial ``.tmp`` directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from .checkpoint import CheckpointError, is_complete, list_checkpoints, rng_state
+from .checkpoint_files import file_records, verify_checkpoint
+from .output_dir import find_os_error, storage_error
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _retire(path: Path) -> Path:
+    """Rename a complete checkpoint out of the way before deleting it (one atomic rename), so a kill
+    during the deletion leaves a ``*.tmp`` directory, never a half-deleted ``step_N`` that looks complete."""
+    gone = path.with_name(f"{path.name}.deleting.tmp")
+    if gone.exists():
+        shutil.rmtree(gone, ignore_errors=True)
+    os.rename(path, gone)
+    _fsync_dir(path.parent)
+    return gone
+
+
+@dataclass
+class _PendingSave:
+    """An asynchronous save whose files are still being written."""
+
+    step: int
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+    files: dict[str, Path]
+    future: Future
+    finalized: bool = False
+
+
+class Checkpointer:
+    """Saves, prunes and finds the checkpoints of one output dir."""
+
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0, async_save: bool = False):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.async_save = async_save
+        self._pending: _PendingSave | None = None
+        self._group = None  # gloo group for the background writer's collectives (made at the first async save)
+        self._stager = None  # staging buffers reused across async saves
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def check_identity(self, identity: dict[str, Any], resume: bool, resume_from: str = "") -> Path | None:
+        """The checkpoint to resume from, after refusing an output dir of another run.
+
+        Raises CheckpointError (before anything is written) when the newest checkpoint (or
+        ``resume_from``) was made by a run with a different model/data/seed, when checkpoints
+        exist and resuming is off (they would be overwritten), or when the checkpoint to resume
+        from is damaged (its files differ from what meta.json recorded).
+        """
+        pick = "--checkpoint.resume_from DIR"
+        if resume_from:
+            latest = Path(resume_from)
+            if not is_complete(latest):
+                raise CheckpointError(f"checkpoint.resume_from = {resume_from} is not a complete checkpoint (a "
+                                      "step_NNNNNNNN dir holding meta.json and .metadata)")
+        else:
+            latest = self.latest()
+        if latest is None:
+            return None
+        theirs = verify_checkpoint(latest, pick).get("identity", {})
+        from ..config import JobConfig, run_identity
+
+        defaults = run_identity(JobConfig())  # a key added since that run was written: it had the default
+        theirs = {k: theirs.get(k, defaults.get(k)) for k in identity}
+        diff = [f"{k}: {theirs.get(k)!r} there vs {v!r} here" for k, v in identity.items() if theirs.get(k) != v]
+        if diff:
+            raise CheckpointError(
+                f"output dir {self.root.parent} holds checkpoints of a different run ({'; '.join(diff[:4])}); "
+                "choose another train.output_dir"
+            )
+        if not resume and not resume_from:
+            raise CheckpointError(
+                f"output dir {self.root.parent} already holds checkpoints (newest {latest.name}) and "
+                "checkpoint.resume is false; choose another train.output_dir or enable resume"
+            )
+        return latest
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta: dict[str, Any],
+        files: dict[str, Path] | None = None,
+        engine=None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically; collective over all ranks.
+
+        With ``async_save`` (and no DeepSpeed engine) this returns once the state is staged in
+        CPU memory; the checkpoint becomes visible (``step_N``) when :meth:`poll` or
+        :meth:`wait` finds the write finished. With a DeepSpeed ``engine`` (``model``/
+        ``optimizer`` unused), the engine writes its own files into ``deepspeed/`` and DCP gets
+        the full fp32 weights under ``model``, so every reader of model weights works unchanged.
+        """
+        self.wait()  # one save in flight at a time; it also finishes before a newer one starts
+        try:
+            return self._save(step, model, optimizer, meta, files, engine)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise self._write_failure(e, step) from e
+
+    def _write_failure(self, error: BaseException, step: int) -> BaseException:
+        """A failed write of checkpoint ``step``: a one-line OutputError when the file system said why
+        (disk full, quota, read-only); the partial ``.tmp`` dir is removed to give the space back."""
+        os_error = find_os_error(error)
+        if os_error is None:
+            return error
+        if self.rank == 0:
+            shutil.rmtree(self.root / f"step_{step:08d}.tmp", ignore_errors=True)
+        newest = self.latest()
+        kept = (f"; the newest complete checkpoint, {newest.name}, is intact and a rerun resumes from it" if newest
+                else "; no checkpoint of this run is complete yet")
+        err = storage_error(os_error, f"writing checkpoint step_{step:08d} in {self.root} failed")
+        return type(err)(f"{err}{kept}")
+
+    def _save(self, step, model, optimizer, meta, files, engine) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f"step_{step:08d}.tmp"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        _barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if engine is not None:
+            from ..parallel.deepspeed_engine import full_model_state_dict, save_engine
+
+            save_engine(engine, tmp)
+            dcp.save({"model": full_model_state_dict(engine)}, checkpoint_id=str(tmp))
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._writer_group(),
+                                        async_stager=self._async_stager())
+                self._pending = _PendingSave(step, tmp, final, meta, dict(files or {}), future)
+                return final
+            dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()
+        if self.rank == 0:
+            self._finalize(step, tmp, final, meta, files or {})
+        _barrier()
+        return final
+
+    def poll(self) -> bool:
+        """Finalize a finished asynchronous save early (rank 0 renames it); True if none is in flight.
+
+        Needs no collective: DCP's future completes on every rank only after the coordinator
+        has written ``.metadata``, i.e. after all ranks' data is on disk. The save stays
+        "in flight" for :meth:`wait` until then, on every rank alike: whether a future is done
+        is a matter of timing and differs between ranks, and the barrier in :meth:`wait` must
+        be entered by all of them or none.
+        """
+        p = self._pending
+        if p is None or p.finalized:
+            return True
+        if not p.future.done():
+            return False
+        try:
+            p.future.result()  # re-raises a failed write
+            if self.rank == 0:
+                self._finalize(p.step, p.tmp, p.final, p.meta, p.files)
+        except (Exception, CheckpointException) as e:
+            self._pending = None
+            raise self._write_failure(e, p.step) from e
+        p.finalized = True
+        return True
+
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is complete and visible on every rank.
+
+        Collective whenever a save was started since the last wait (the same on every rank).
+        """
+        if self._pending is None:
+            return
+        try:
+            self._pending.future.result()
+        except (Exception, CheckpointException) as e:
+            step, self._pending = self._pending.step, None
+            raise self._write_failure(e, step) from e
+        self.poll()
+        self._pending = None
+        _barrier()
+
+    def close(self) -> None:
+        """Finish any save in flight and release the staging buffers."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _writer_group(self):
+        if self._group is None and dist.is_available() and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _async_stager(self):
+        """Staging into pinned CPU buffers on CUDA (fast device-to-host copies), plain copies on CPU."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
+
+    def _finalize(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], files: dict[str, Path]) -> None:
+        """Rank 0, after every rank's files are in ``tmp``: meta.json last, then the atomic rename."""
+        for name, src in files.items():
+            shutil.copyfile(src, tmp / name)
+        record = {"step": step, **meta, "files": file_records(tmp)}  # checked before a resume or generate
+        _fsync_write(tmp / "meta.json", json.dumps(record, indent=1))
+        replaced = _retire(final) if final.exists() else None  # the same step from an earlier attempt
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        self._prune()
+
+    def _prune(self) -> None:
+        for old in list_checkpoints(self.root)[: -self.keep_last]:
+            shutil.rmtree(_retire(old), ignore_errors=True)
+
+    def clean_partial(self) -> None:
+        """Remove ``*.tmp`` dirs left by a kill (rank 0; they are never resumed from)."""
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.glob("step_*.tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+        _barrier()

@@ -1,0 +1,59 @@
+"""The step on the DeepSpeed engine (``parallel.dp_backend = "deepspeed"``).
+
+The engine divides each micro-batch loss by its gradient-accumulation steps (so the gradient
+is that of the global-batch mean), reduces, clips and steps the optimizer at the last
+micro-batch; our LR schedule is stepped here, once per step. The engine applies the update
+itself, so a non-finite loss cannot be skipped: it stops the run
+(:class:`~meshforge.pretrain.faults.TrainingDiverged`). Checkpoints hold the engine's own
+files plus the full fp32 weights (:mod:`meshforge.parallel.deepspeed_engine`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from torch import nn
+
+from ..parallel.deepspeed_engine import build_deepspeed_engine
+from .checkpoint import load_checkpoint
+from .faults import TrainingDiverged
+from .step import StepSetup, TrainStep, new_optimizer
+
+
+class DeepSpeedStep(TrainStep):
+    def __init__(self, setup: StepSetup, model: nn.Module):
+        self.engine, optimizer = build_deepspeed_engine(model, new_optimizer(setup, model), setup.cfg,
+                                                        setup.degrees.dp, setup.device)
+        super().__init__(setup, self.engine.module, optimizer)  # optimizer: the torch one the engine steps
+
+    def train_step(self, batch, step: int) -> dict:
+        micro = self.micro_batches(batch)
+        assert len(micro) == self.engine.gradient_accumulation_steps(), (len(micro), self.engine.gradient_accumulation_steps())
+        lr = self.scheduler.get_last_lr()[0]
+
+        def backward(parts):
+            self.engine.backward(parts.total)
+            self.engine.step()  # the optimizer steps only at the accumulation boundary
+
+        losses, stats = self.forward_backward(self.engine, micro, backward)
+        self.scheduler.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        losses = self.all_mean(losses, f"the loss at step {step}")
+        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr,
+                  "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
+        if not math.isfinite(record["loss"]):  # the engine has stepped already: nothing left to skip
+            raise TrainingDiverged(f"non-finite loss {record['loss']} at step {step} under the DeepSpeed "
+                                   "engine, which applies the update itself; resume from the newest checkpoint with "
+                                   "a lower LR, or use parallel.dp_backend = 'fsdp2' to skip such steps")
+        record.update(self.moe_update(self.engine, stats))  # the engine's names (module.layers.<i>...)
+        return record
+
+    def eval_loss(self, batches, step: int) -> float:
+        return self.forward_eval(self.engine, batches, step)
+
+    def save(self, checkpointer, step: int, meta: dict, files: dict[str, Path]) -> None:
+        checkpointer.save(step, self.engine, self.optimizer, meta, files, engine=self.engine)
+
+    def load(self, path: Path, rank: int) -> dict:
+        return load_checkpoint(path, self.engine, self.optimizer, rank, engine=self.engine)

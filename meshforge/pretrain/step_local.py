@@ -1,0 +1,32 @@
+"""The step of a model called directly: one process, or FSDP2 / TP / context / expert parallel over many.
+
+Each micro-batch's loss is divided by the micro-batch count before its backward, so the
+accumulated gradient is that of the mean loss over this rank's batch (FSDP2 then averages
+over the data-parallel ranks). The gradient norm is clipped over every shard; a step whose
+global loss or gradient norm is not finite is skipped and counted
+(:class:`~meshforge.pretrain.faults.NonFiniteGuard`), the LR schedule moving on regardless.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..parallel.grad_norm import clip_grad_norm
+from .step import StepSetup, TrainStep, new_optimizer
+
+
+class LocalStep(TrainStep):
+    def __init__(self, setup: StepSetup, model: nn.Module):
+        super().__init__(setup, model, new_optimizer(setup, model))
+
+    def train_step(self, batch, step: int) -> dict:
+        micro = self.micro_batches(batch)
+        losses, stats = self.forward_backward(self.model, micro, lambda parts: (parts.total / len(micro)).backward())
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        losses = self.all_mean(losses, f"the loss at step {step}")
+        record = self.optimizer_update(losses, grad_norm, step)
+        record.update(self.moe_update(self.model, stats))
+        return record
+
+    def eval_loss(self, batches, step: int) -> float:
+        return self.forward_eval(self.model, batches, step)
