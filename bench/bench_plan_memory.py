@@ -46,6 +46,8 @@ LAYOUT_ARGS = {
     "single": (1, []),
     "tp2": (2, ["--parallel.tp", "2"]),
     "pp2": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--parallel.pp_microbatches", "2"]),
+    "cp2": (2, ["--parallel.cp", "2"]),  # ring attention (parallel.cp_method's default)
+    "cp2a2a": (2, ["--parallel.cp", "2", "--parallel.cp_method", "alltoall"]),
 }
 
 
@@ -192,7 +194,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["small", "llama-100m"])
     ap.add_argument("--ac", nargs="*", default=["none", "selective", "full"])
-    ap.add_argument("--layouts", nargs="*", default=list(LAYOUT_ARGS))
+    ap.add_argument("--layouts", nargs="*", default=["single", "tp2", "pp2"], choices=list(LAYOUT_ARGS))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the same runs on GPUs (peak allocated above rest)")
     ap.add_argument("--measure", type=int, default=0, metavar="REPEATS",
                     help="time the bench_layouts layouts again, this many times (0: the newest table in RESULTS.md)")

@@ -105,10 +105,14 @@ def test_context_parallel_memory_time_and_dry_run(method):
 
 def test_enumeration_proposes_context_parallel():
     cfg = load_config("llama-1b", {"train.global_batch_size": 64, "data.seq_len": 8192, "model.max_seq_len": 8192})
-    layouts, _ = enumerate_layouts(cfg, 64, 8, ac_modes=("full",), max_micro_batch=1)
+    layouts, _ = enumerate_layouts(cfg, 64, 8, ac_modes=("full", "selective"), max_micro_batch=1)
     cps = {lay.cp for lay, _ in layouts}
     assert {1, 2, 4, 8} <= cps
     assert {lay.cp_method for lay, _ in layouts if lay.cp > 1} == {"ring", "alltoall"}
+    # ring attention under selective checkpointing fails in backward (bench_plan_memory): refused, not proposed
+    assert not [lay for lay, _ in layouts if lay.cp > 1 and lay.cp_method == "ring" and lay.ac == "selective"]
+    with pytest.raises(ConfigError, match="cp_method = 'ring' and activation_checkpointing = 'selective'"):
+        check_layout(cfg, Layout(1, 1, 1, 32, cp=2, ac="selective"))
     for lay, _ in [lc for lc in layouts if lc[0].cp > 1][::17]:
         check_layout(cfg, lay)
         assert lay.zero.startswith("fsdp")  # cp needs the fsdp2 backend (job_checks)

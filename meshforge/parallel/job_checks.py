@@ -88,6 +88,10 @@ def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
         raise ConfigError(f"parallel.cp = {d.cp} with parallel.pp_schedule = 'zero_bubble': FSDP then shards over "
                           f"dp_shard x cp = {d.dp_shard} x {d.cp} ranks, and the zero-bubble schedule's split backward "
                           "under FSDP does not match the single-process run (tested); use interleaved_1f1b or 1f1b")
+    if p.cp_method == "ring" and p.activation_checkpointing == "selective":  # measured: bench_plan_memory cp2
+        raise ConfigError(f"parallel.cp = {d.cp} with cp_method = 'ring' and activation_checkpointing = 'selective' "
+                          "fails in backward (the ring mutates a tensor selective checkpointing cached); use "
+                          "cp_method = 'alltoall' or activation_checkpointing = 'full' or 'none'")
     seq = cfg.data.seq_len
     if seq % (2 * d.cp):
         raise ConfigError(f"data.seq_len = {seq} does not divide into 2*cp = {2 * d.cp} zigzag chunks "
