@@ -11,15 +11,16 @@
    before the peak: gradient accumulation, a pipeline's steady state) -- this checks the
    activation model --, the step peak against the larger of that and the optimizer step
    (gradients + its temporaries).
-2. Ranking. The planner's predicted step time (device ``cpu`` of the table) for the CPU layouts
-   of bench/bench_layouts.py against their measured step times (the newest table in RESULTS.md,
-   or ``--measure`` to time them again): Spearman rank correlation. On 2 cores, layouts of 4
-   ranks oversubscribe the cores; the ``core-aware`` column prices compute on min(ranks, cores)
-   cores (a property of this machine, not of the GPU model).
+2. Ranking. The planner's predicted step time (device ``cpu`` of the table: one thread's
+   measured matmul rate, gloo's measured alpha-beta, ``cores``, no overlap -- see
+   bench/bench_plan_calibrate.py) for the CPU layouts of bench/bench_layouts.py against their
+   measured step times (the newest table in RESULTS.md, or ``--measure N`` to time them N times
+   again): Spearman rank correlation per repeat and on the medians, next to the same model with
+   GPU-like overlap and no time-sharing.
 
 Memory numbers do not depend on the machine's load; step times do.
 
-Run: ``python bench/bench_plan_memory.py --record``
+Run: ``python bench/bench_plan_memory.py --record`` (ranking only: ``--skip-memory --measure 3``)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ LAYOUT_ARGS = {
     "single": (1, []),
     "tp2": (2, ["--parallel.tp", "2"]),
     "pp2": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--parallel.pp_microbatches", "2"]),
+    "cp2": (2, ["--parallel.cp", "2"]),  # ring attention (parallel.cp_method's default)
+    "cp2a2a": (2, ["--parallel.cp", "2", "--parallel.cp_method", "alltoall"]),
 }
 
 
@@ -106,7 +109,37 @@ def recorded_layout_times() -> dict[str, float]:
     return out
 
 
-def ranking(measure: bool, cache: str, timeout: float) -> list[str]:
+def measure_layouts(repeats: int, cache: str, timeout: float) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Median step time (s) per layout name, once per repeat (7 steps, median of the last 4), and the
+    fastest of those steps over all repeats (the least disturbed by other processes)."""
+    common = ["train", "--config", "small", "--train.steps", "7", "--train.eval_interval", "0",
+              "--train.sample_prompt", "", "--checkpoint.interval", "0", "--train.progress", "false",
+              "--logging.tensorboard", "false", "--train.device", "cpu"]
+    runs, fastest = [], {}
+    with tempfile.TemporaryDirectory(prefix="mf-planrank-") as tmp:
+        for r in range(repeats):
+            measured = {}
+            for i, (name, world, extra, _) in enumerate(LAYOUTS):
+                out = Path(tmp) / f"r{r}l{i}"
+                run_ranks(world, [*common, "--train.output_dir", str(out), *extra], timeout, {"MESHFORGE_CACHE": cache})
+                st = sorted(step_times(out)[3:])
+                measured[name] = st[len(st) // 2]
+                fastest[name] = min(fastest.get(name, st[0]), st[0])
+                print(f"repeat {r + 1}: {name}: {measured[name] * 1e3:.1f} ms/step (fastest {st[0] * 1e3:.1f})",
+                      flush=True)
+            runs.append(measured)
+    return runs, fastest
+
+
+def ranking(repeats: int, cache: str, timeout: float, device: str = "cpu") -> list[str]:
+    """Spearman rank correlation of predicted and measured step times, per repeat and of the medians.
+
+    Predicted twice: with the device entry (``cpu``: calibrated one-thread rate and gloo link, ranks
+    time-sharing the cores, no overlap of data-parallel traffic) and with the same entry made
+    GPU-like (``cores = 0``, ``comm_overlap = true``), to show what those two CPU facts change."""
+    import dataclasses
+    import statistics
+
     from scipy.stats import spearmanr
 
     from meshforge.config import load_config
@@ -114,40 +147,46 @@ def ranking(measure: bool, cache: str, timeout: float) -> list[str]:
     from meshforge.plan.planner import layout_of_config
     from meshforge.plan.time_model import estimate_time
 
-    cpu = get_device("cpu")
-    cores = os.cpu_count() or 1
-    measured = recorded_layout_times()
-    source = "RESULTS.md (newest 'Parallel layouts (CPU)' entry)"
-    if measure:
-        source = "measured now (7 steps, median of the last 4)"
-        measured = {}
-        common = ["train", "--config", "small", "--train.steps", "7", "--train.eval_interval", "0",
-                  "--train.sample_prompt", "", "--checkpoint.interval", "0", "--train.progress", "false",
-                  "--logging.tensorboard", "false", "--train.device", "cpu"]
-        with tempfile.TemporaryDirectory(prefix="mf-planrank-") as tmp:
-            for i, (name, world, extra, _) in enumerate(LAYOUTS):
-                out = Path(tmp) / f"l{i}"
-                run_ranks(world, [*common, "--train.output_dir", str(out), *extra], timeout, {"MESHFORGE_CACHE": cache})
-                st = sorted(step_times(out)[3:])
-                measured[name] = st[len(st) // 2]
-    rows = ["| layout | ranks | measured ms/step | predicted ms/step | core-aware predicted ms/step |",
-            "|---|---:|---:|---:|---:|"]
-    meas, pred, aware = [], [], []
-    for name, world, extra, _ in LAYOUTS:
-        if name not in measured:
-            continue
-        cfg = load_config("small", [*extra, "--train.device", "cpu"])
-        layout = layout_of_config(cfg, world)
-        t = estimate_time(cfg, layout, cpu, gpus_per_node=world)
-        adj = t.step_s + t.compute_s * (1 + t.bubble_fraction / (1 - t.bubble_fraction)) * (max(world / cores, 1) - 1)
-        meas.append(measured[name])
-        pred.append(t.step_s)
-        aware.append(adj)
-        rows.append(f"| {name} | {world} | {measured[name] * 1e3:.1f} | {t.step_s * 1e3:.1f} | {adj * 1e3:.1f} |")
-    rho = spearmanr(meas, pred).statistic
-    rho_aware = spearmanr(meas, aware).statistic
-    rows += ["", f"step times: {source}; Spearman rank correlation, predicted vs measured: {rho:+.2f} "
-                 f"(core-aware: {rho_aware:+.2f}) over {len(meas)} layouts"]
+    cpu = get_device(device)
+    gpu_like = dataclasses.replace(cpu, cores=0, comm_overlap=True)
+    if repeats:
+        runs, fastest = measure_layouts(repeats, cache, timeout)
+        source = f"measured now, {repeats} repeat(s) of 7 steps (median of the last 4 each)"
+    else:
+        runs, fastest = [recorded_layout_times()], {}
+        source = "RESULTS.md (newest 'Parallel layouts (CPU)' entry)"
+    names = [n for n, *_ in LAYOUTS if all(n in r for r in runs)]
+    jobs = [(n, w, load_config("small", [*x, "--train.device", "cpu"])) for n, w, x, _ in LAYOUTS if n in names]
+
+    def predict(dev) -> list[float]:
+        return [estimate_time(cfg, layout_of_config(cfg, w), dev, gpus_per_node=w).step_s for _, w, cfg in jobs]
+
+    pred, plain = predict(cpu), predict(gpu_like)
+    med = [statistics.median(r[n] for r in runs) for n in names]
+    rows = [f"| layout | ranks | measured ms/step: median (min – max over repeats) | predicted ms/step ({device}) | "
+            "predicted, GPU-like overlap and no time-sharing |", "|---|---:|---:|---:|---:|"]
+    for (name, world, _), t, t0 in zip(jobs, pred, plain):
+        ms = [r[name] * 1e3 for r in runs]
+        rows.append(f"| {name} | {world} | {statistics.median(ms):.1f} ({min(ms):.1f} – {max(ms):.1f}) | "
+                    f"{t * 1e3:.1f} | {t0 * 1e3:.1f} |")
+
+    def rho(a, b) -> str:
+        return f"{spearmanr(a, b).statistic:+.2f}"
+
+    per = ", ".join(rho([r[n] for n in names], pred) for r in runs)
+    per_plain = ", ".join(rho([r[n] for n in names], plain) for r in runs)
+    # the latency is the least certain input (bench_plan_calibrate.py measured 0-18 ms under load)
+    sens = ", ".join(f"{lat * 1e3:g} ms: " + rho(med, predict(dataclasses.replace(cpu, nvlink_latency=lat,
+                                                                                 internode_latency=lat)))
+                     for lat in (1e-3, 2e-3, 1e-2))
+    rows += ["", f"step times: {source}; Spearman rank correlation, predicted vs measured over {len(names)} "
+                 f"layouts: {rho(med, pred)} on the medians, per repeat {per}; GPU-like model: {rho(med, plain)} "
+                 f"on the medians, per repeat {per_plain}",
+             *([f"fastest step of each layout over all repeats (least disturbed by the load): Spearman "
+                f"{rho([fastest[n] for n in names], pred)} (GPU-like {rho([fastest[n] for n in names], plain)}); "
+                "ms " + ", ".join(f"{n.split(' (')[0]} {fastest[n] * 1e3:.0f}" for n in names)] if fastest else []),
+             f"with the {device} entry's latency ({cpu.nvlink_latency * 1e3:g} ms) replaced by {sens} "
+             "(Spearman on the medians)"]
     return rows
 
 
@@ -155,9 +194,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="*", default=["small", "llama-100m"])
     ap.add_argument("--ac", nargs="*", default=["none", "selective", "full"])
-    ap.add_argument("--layouts", nargs="*", default=list(LAYOUT_ARGS))
+    ap.add_argument("--layouts", nargs="*", default=["single", "tp2", "pp2"], choices=list(LAYOUT_ARGS))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the same runs on GPUs (peak allocated above rest)")
-    ap.add_argument("--measure", action="store_true", help="time the bench_layouts layouts again for the ranking")
+    ap.add_argument("--measure", type=int, default=0, metavar="REPEATS",
+                    help="time the bench_layouts layouts again, this many times (0: the newest table in RESULTS.md)")
+    ap.add_argument("--rank-device", default="cpu", help="device entry the ranking prices with (cpu)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--cache", default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"))
@@ -174,7 +215,7 @@ def main() -> int:
                   "llama-100m: global batch 4 x 256, micro-batch 2; pp2: 1F1B, 2 microbatches", "",
                   *measure_memory(args.presets, args.ac, args.layouts, args.cache, args.timeout, args.device), ""]
     lines += ["Ranking (small preset, the layouts of bench/bench_layouts.py):", "",
-              *ranking(args.measure, args.cache, args.timeout)]
+              *ranking(args.measure, args.cache, args.timeout, args.rank_device)]
     lines += ["", f"load average at start / end: {start} / {loadavg()} (the machine is shared by several engineers: "
                   "step times are loaded, memory numbers are not affected)"]
     print("\n".join(lines))

@@ -92,6 +92,10 @@ def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
                           f"{m.moe_capacity_factor}): each expert's capacity is ranked over the whole micro-batch, "
                           "which context parallel splits over ranks; use dropless routing (moe_capacity_factor = 0) "
                           "or parallel.cp = 1")
+    if p.cp_method == "ring" and p.activation_checkpointing == "selective":  # measured: bench_plan_memory cp2
+        raise ConfigError(f"parallel.cp = {d.cp} with cp_method = 'ring' and activation_checkpointing = 'selective' "
+                          "fails in backward (the ring mutates a tensor selective checkpointing cached); use "
+                          "cp_method = 'alltoall' or activation_checkpointing = 'full' or 'none'")
     seq = cfg.data.seq_len
     if seq % (2 * d.cp):
         raise ConfigError(f"data.seq_len = {seq} does not divide into 2*cp = {2 * d.cp} zigzag chunks "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from ..config import ConfigError
 
@@ -46,8 +48,17 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
         layout = layout_of_config(cfg, args.gpus)
         res = dry_run(cfg, layout, args.rank)
         est = state_bytes(cfg, layout, args.rank)
-        print((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
+        emit((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
         return 0
     plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
-    print(plan_json(plan, args.top) if args.json else table(plan, args.top))
+    emit(plan_json(plan, args.top) if args.json else table(plan, args.top))
     return 0
+
+
+def emit(text: str) -> None:
+    """Print to stdout; a reader that went away (``meshforge plan ... | head``) ends the output quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # point stdout at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -36,9 +36,16 @@ class Device:
     """Alpha of one intra-node message, seconds."""
     internode_latency: float
     """Alpha of one inter-node message, seconds."""
+    cores: int = 0
+    """Compute slots per node (optional; 0: one per rank, as on GPUs). More ranks than this on a node
+    time-share them: their compute and communication stretch by ranks per node / cores (the CPU)."""
+    comm_overlap: bool = True
+    """Whether data-parallel traffic (FSDP2 / DeepSpeed gathers and reductions) runs behind compute
+    (optional; GPUs: yes, on their own streams; the CPU: no, gloo collectives are issued inline)."""
 
 
 _KEYS = [f.name for f in fields(Device) if f.name != "key"]
+_OPTIONAL = {"cores": 0, "comm_overlap": True}
 
 
 def load_devices(extra: str | Path | None = None) -> dict[str, Device]:
@@ -52,14 +59,24 @@ def load_devices(extra: str | Path | None = None) -> dict[str, Device]:
             tables[key] = {**tables.get(key, {}), **table}
     out = {}
     for key, table in tables.items():
+        table = {**_OPTIONAL, **table}
         missing = [k for k in _KEYS if k not in table]
         unknown = [k for k in table if k not in _KEYS]
         if missing or unknown:
             raise ConfigError(f"device '{key}': " + "; ".join(
                 part for part in (f"missing {', '.join(missing)}" if missing else "",
                                   f"unknown keys {', '.join(unknown)}" if unknown else "") if part))
-        values = {k: (str(table[k]) if k == "name" else float(table[k])) for k in _KEYS}
+        if not isinstance(table["comm_overlap"], bool):
+            raise ConfigError(f"device '{key}': comm_overlap must be true or false")
+        try:
+            values = {k: (table[k] if k == "comm_overlap" else str(table[k]) if k == "name" else float(table[k]))
+                      for k in _KEYS}
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"device '{key}': a number is not a number ({e})") from None
         values["hbm_bytes"] = int(values["hbm_bytes"])
+        values["cores"] = int(values["cores"])
+        if values["cores"] < 0:
+            raise ConfigError(f"device '{key}': cores must be 0 (one per rank) or positive")
         if min(values[k] for k in ("peak_bf16_flops", "hbm_bytes", "nvlink_bw", "internode_bw")) <= 0:
             raise ConfigError(f"device '{key}': peaks, memory and bandwidths must be positive")
         out[key] = Device(key=key, **values)

@@ -17,9 +17,11 @@ Collectives of one step are read off the sharded model: one record per FSDP unit
 all-gather of its parameters in forward, again in backward when it reshards -- FSDP2 never
 reshards the root -- and the reduce-scatter of its gradients, plus the all-reduce over
 ``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
-stage boundary (send/recv), and for dense models without pipeline the tensor-parallel
-collectives traced with ``CommDebugMode`` on a TP-only meta copy (FSDP2 refuses to run a
-forward on meta parameters, and MoE routing needs real values). Counts are per step.
+stage boundary (send/recv), per context-parallel attention core (the ring's K/V hops or the
+all-to-alls, counted as ``ring_attention.py`` / ``ulysses.py`` issue them), and for dense models without pipeline the tensor-parallel
+collectives traced with ``CommDebugMode`` on a TP-only copy (FSDP2 refuses to run a forward on
+meta parameters): a meta copy of a dense model; for MoE models, whose routing needs real values,
+a narrow copy of the same structure on the CPU (:func:`narrow_copy`). Counts are per step.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
     job = check_layout(cfg, layout)
     if job.parallel.dp_backend == "deepspeed":
         raise ConfigError("the dry run covers the fsdp2 backend; DeepSpeed's engine cannot be built on the meta "
-                          "device (its ZeRO numbers are the estimator's)")
+                          "device (deepspeed.initialize copies the model to its device, which meta tensors cannot "
+                          "do; with real weights the whole model would sit in this process), so its ZeRO numbers "
+                          "are the estimator's only")
     job.parallel.compile = "off"  # compiling changes no shapes; keep the dry run fast
     d = resolve_degrees(job.parallel, layout.world_size)
     plan = plan_pipeline(job, d) if d.pp > 1 else None  # the split check_layout accepted
@@ -148,16 +152,45 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
     if n_ep:
         add("all_to_all(counts+tokens)", "ep", layout.ep, 0, mb * n_ep * 5)
         notes.append("ep all-to-all sizes depend on the routing; the time model assumes balanced experts")
+    if layout.cp > 1:
+        from ..parallel.context_parallel import ContextParallelCore
+
+        cores = sum(1 for m in model.modules() if isinstance(m, ContextParallelCore))
+        kv = job.train.micro_batch_size * job.data.seq_len // layout.cp * job.model.kv_heads * job.model.head_dim \
+            // layout.tp * width
+        fwd = 2 if job.parallel.activation_checkpointing == "full" else 1
+        if job.parallel.cp_method == "ring":  # the ring's hops, as ring_attention.py sends them
+            add("send/recv(K,V)", "cp", layout.cp, 2 * kv, mb * cores * (fwd + 1) * (layout.cp - 1))
+            add("send/recv(dK,dV fp32)", "cp", layout.cp, 2 * kv * 4 // width, mb * cores * layout.cp)
+        else:
+            add("all_to_all(q,k,v,out)", "cp", layout.cp, 0, mb * cores * 4 * (fwd + 1))
     if layout.pp > 1:
         plan = model.plan
         act = job.train.micro_batch_size * job.data.seq_len * job.model.dim * width
         boundaries = sum((s > 0) + (s < plan.n_stages - 1) for s in model.stage_ids)
         add("send/recv", "pp", 2, act, mb * 2 * boundaries)
-    if layout.tp > 1 and layout.pp == 1 and not job.model.moe_experts and resolve_objective(job) == "lm":
+    if layout.tp > 1 and layout.pp == 1 and resolve_objective(job) == "lm":
         for op, size, count in _trace_tp(job, mesh):
             add(op, "tp", layout.tp, size, count * mb)
+        if job.model.moe_experts:
+            notes.append("tp collectives of the MoE model traced on a narrow copy with real values (routing needs "
+                         "them); the counts do not depend on the widths")
     elif layout.tp > 1:
-        notes.append("tp collectives not traced (pipeline or MoE model): see the estimate")
+        notes.append("tp collectives not traced (pipeline or encoder-decoder model): see the estimate")
+    return out
+
+
+def narrow_copy(job: JobConfig, tp: int) -> JobConfig:
+    """The job with the same structure (layers, heads, experts, routing, tying, QK-norm) but the smallest
+    widths TP accepts: 4 per head, FFN and vocab widths of a few per tp rank, a sequence of 2 per tp rank."""
+    import copy
+    from dataclasses import replace
+
+    m = job.model
+    narrow = replace(m, dim=4 * m.n_heads, ffn_dim=4 * tp, moe_ffn_dim=4 * tp if m.moe_experts else 0,
+                     vocab_size=8 * tp, max_seq_len=max(2 * tp, 8))
+    out = copy.copy(job)
+    out.model, out.data = narrow, replace(job.data, seq_len=2 * tp)
     return out
 
 
@@ -170,11 +203,16 @@ def _trace_tp(job: JobConfig, mesh) -> list[tuple[str, int, int]]:
     from ..parallel.loss_parallel import lm_loss_fn
     from ..parallel.tensor_parallel import apply_tp
 
-    with torch.device("meta"):
+    # MoE routing needs values (top-k, bincount, per-expert splits): a narrow copy on the CPU, whose
+    # collectives the fake process group completes without data; dense models on the meta device
+    device = "cpu" if job.model.moe_experts else "meta"
+    if device == "cpu":
+        job = narrow_copy(job, mesh["tp"].size())
+    with torch.device(device):
         model = MODEL_SPECS[job.model.family].build(job.model)
     model.tie_weights()
     model = apply_tp(model, mesh["tp"], job.parallel)
-    tokens = torch.zeros(job.train.micro_batch_size, job.data.seq_len, dtype=torch.long, device="meta")
+    tokens = torch.zeros(job.train.micro_batch_size, job.data.seq_len, dtype=torch.long, device=device)
     mode = CommDebugMode()
     with mode, contextlib.suppress(UserWarning):
         logits = model(tokens)

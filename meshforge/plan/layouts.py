@@ -4,7 +4,7 @@ A :class:`Layout` is the parallel part of a job config (degrees, data-parallel b
 ZeRO mode, pipeline schedule and microbatching, activation checkpointing). It becomes a
 :class:`~meshforge.config.JobConfig` with :func:`apply_layout`, and :func:`enumerate_layouts`
 keeps only those that the project's own checks accept (``config.validate``,
-``mesh.resolve_degrees``, ``job_checks.check_job``),
+``mesh.resolve_degrees``, ``job_checks.check_job``, the fused loss's ``use_fused_loss``),
 so the planner never proposes what ``meshforge train`` would refuse.
 """
 
@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass
 
 from ..config import ConfigError, JobConfig, validate
-from ..parallel.job_checks import check_job
+from ..parallel.job_checks import check_context_parallel, check_job
 from ..parallel.mesh import Degrees, resolve_degrees
 
 ZERO_MODES = {
@@ -27,6 +27,7 @@ ZERO_MODES = {
 """Data-parallel modes: name -> (parallel.dp_backend, parallel.fsdp_reshard_after_forward, parallel.zero_stage)."""
 AC_MODES = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe")
+CP_METHODS = ("ring", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Layout:
     """Samples per forward/backward (per pipeline microbatch)."""
     ac: str = "none"
     """Activation checkpointing mode."""
+    cp_method: str = "ring"
+    """Context-parallel attention, ``ring`` or ``alltoall`` (meaningless with cp = 1)."""
 
     @property
     def degrees(self) -> Degrees:
@@ -56,12 +59,23 @@ class Layout:
 
     @property
     def dp(self) -> int:
+        """Data-parallel degree: ranks that take different samples (cp ranks share theirs)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_shard(self) -> int:
+        """Ranks FSDP2 shards the parameters over: ``dp_shard x cp`` (flattened, cp inner)."""
+        return self.dp_shard * self.cp
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 wraps the model (any data or context parallelism)."""
+        return self.dp * self.cp > 1
 
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.cp > 1:
-            parts.append(f"cp{self.cp}")
+            parts.append(f"cp{self.cp}" + ("" if self.cp_method == "ring" else "(a2a)"))
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
         parts.append(f"dp{self.dp_replicate}x{self.dp_shard}")
@@ -79,6 +93,8 @@ class Layout:
             "parallel.dp_backend": backend, "parallel.activation_checkpointing": self.ac,
             "train.micro_batch_size": self.micro_batch_size,
         }
+        if self.cp > 1:
+            out["parallel.cp_method"] = self.cp_method
         if backend == "fsdp2":
             out["parallel.fsdp_reshard_after_forward"] = reshard
         else:
@@ -111,6 +127,9 @@ def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
     validate(job)
     d = resolve_degrees(job.parallel, layout.world_size)
     check_job(job, d)
+    from ..kernels.fused_loss import use_fused_loss
+
+    use_fused_loss(job, d, job.train.device)  # train.fused_loss = on where the trainer refuses it
     return job
 
 
@@ -122,8 +141,9 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                       max_micro_batch: int = 16) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
     """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
 
-    Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, ep, dp_replicate dividing
-    what is left; cp = 1 (context parallelism is reserved); micro-batch sizes are powers of two.
+    Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (ring
+    and all-to-all attention), ep, dp_replicate dividing what is left; micro-batch sizes are
+    powers of two.
     The second value counts the refusals by their first words (for the "no layout" message).
     """
     m = cfg.model
@@ -134,30 +154,40 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
     for tp in divisors(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
-        for pp in divisors(gpus // tp):
+        for pp, cp, cp_method in ((pp, cp, meth) for pp in divisors(gpus // tp)
+                                  for cp in divisors(gpus // (tp * pp)) if cp & (cp - 1) == 0
+                                  for meth in (CP_METHODS if cp > 1 else ("ring",))):
             if pp > 1 and pp > m.n_layers:
                 continue
-            dp = gpus // (tp * pp)
+            dp = gpus // (tp * pp * cp)
             if gbs % dp:
                 refused["global batch does not divide by the data-parallel degree"] = \
                     refused.get("global batch does not divide by the data-parallel degree", 0) + 1
                 continue
-            eps = [e for e in divisors(dp) if m.moe_experts and m.moe_experts % e == 0] or [1]
+            if cp > 1:  # context parallel's own limits depend on the degrees only: check them once here
+                try:
+                    check_context_parallel(apply_layout(cfg, Layout(tp, pp, 1, dp, cp=cp, cp_method=cp_method)),
+                                           Degrees(pp, 1, dp, cp, tp, 1))
+                except ConfigError as e:
+                    reason = str(e).split(":")[0][:80]
+                    refused[reason] = refused.get(reason, 0) + 1
+                    continue
+            eps = [e for e in divisors(dp * cp) if m.moe_experts and m.moe_experts % e == 0] or [1]
             for dp_rep in divisors(dp):
                 dp_shard = dp // dp_rep
                 for ep in eps:
-                    if dp_shard % ep:
+                    if (dp_shard * cp) % ep:
                         continue
                     for zero in ZERO_MODES:
-                        if zero.startswith("ds") and (tp > 1 or pp > 1 or dp_rep > 1 or ep > 1 or dp == 1):
+                        if zero.startswith("ds") and (tp > 1 or pp > 1 or cp > 1 or dp_rep > 1 or ep > 1 or dp == 1):
                             continue
-                        if zero == "fsdp-zero2" and dp == 1:
+                        if zero == "fsdp-zero2" and dp * cp == 1:
                             continue
                         mbs = 1
                         while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
                             for sched in (schedules if pp > 1 else ("1f1b",)):
                                 for ac in ac_modes:
-                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, 1, zero, sched, mbs, ac)
+                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method)
                                     try:
                                         ok.append((layout, check_layout(cfg, layout)))
                                     except ConfigError as e:

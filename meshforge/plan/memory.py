@@ -21,7 +21,8 @@ output is whole:
   the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
   shared experts like a dense FFN;
 - the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
-  the loss's logits-sized temporaries (:func:`head_activation_bytes`);
+  the loss's logits-sized temporaries (:func:`head_activation_bytes`); under ``train.fused_loss``
+  no logits, but ``dh``, an fp32 ``dW`` and one chunk of logits;
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
   activations at a time in backward, whose backward also holds two ``BTF/tp`` gradients of its
@@ -29,10 +30,12 @@ output is whole:
   those are freed by the output layer's backward, before the first block is rebuilt;
 - pipeline: a rank keeps its blocks' activations for every microbatch in flight (1F1B: ``pp``
   on stage 0; interleaved / zero-bubble: Megatron's ``pp + (pp-1)/v``-ish count; GPipe: all),
-  plus each in-flight microbatch's stage input.
+  plus each in-flight microbatch's stage input;
+- context parallel: every term above at ``T / cp`` tokens (:func:`local_seq_len`).
 
-Communication buffers: FSDP2 all-gathers one unit while the previous runs (two unsharded
-units of compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
+Communication buffers: ring attention's K/V (and dK/dV) blocks in flight, all-to-all's
+re-laid-out q/k/v; FSDP2 all-gathers one unit while the previous runs (two unsharded units of
+compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
 reduce-scatter copy; ZeRO-2-like (no reshard) keeps every unsharded block from forward to
 backward; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
 """
@@ -95,15 +98,31 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
             "backward_temps": temps}
 
 
-def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int) -> int:
+def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused: bool = False) -> int:
     """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
     loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
     exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
     backward ``grad * (x - lse).exp()`` (the difference, its exponential, the product) and the
-    target gather's scatter (5 in all)."""
+    target gather's scatter (5 in all).
+
+    ``fused`` (``train.fused_loss`` on, ``kernels/fused_loss.py``): no ``[tokens, vocab]`` logits.
+    The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD/tp``), takes an fp32 copy
+    of a bf16 weight, and holds one chunk's fp32 logits and their scaled copy (the default chunk
+    makes a chunk's logits about ``BTD/tp`` elements)."""
     BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
+    norm = 4 * BT * D // tp + e * BT * D
+    if fused:  # under tp the fused loss is vocab-parallel: the weight, dW and a chunk's logits are V / tp wide
+        Vl = V // tp
+        return norm + e * BT * D + 4 * Vl * D + (4 * Vl * D if e != 4 else 0) + 2 * 4 * BT * D // tp
     buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
-    return 4 * BT * D // tp + e * BT * D + buffers * 4 * BT * V // tp
+    return norm + buffers * 4 * BT * V // tp
+
+
+def fused_loss_on(cfg: JobConfig, layout: Layout) -> bool:
+    """Whether the job runs the fused output + loss (``train.fused_loss``, resolved as the trainer does)."""
+    from ..kernels.fused_loss import use_fused_loss
+
+    return use_fused_loss(cfg, layout.degrees, cfg.train.device)
 
 
 def in_flight(layout: Layout, n_microbatches: int, spr: int, pp_rank: int) -> float:
@@ -131,13 +150,19 @@ def microbatch_samples(cfg: JobConfig, layout: Layout) -> int:
     return cfg.train.global_batch_size // layout.dp // n_microbatches(cfg, layout)
 
 
+def local_seq_len(cfg: JobConfig, layout: Layout) -> int:
+    """Tokens of a sample on one rank: ``seq_len / cp`` (context parallel keeps 2 zigzag chunks per rank;
+    all-to-all attention holds the whole sequence for ``heads / cp``: the same number of elements)."""
+    return cfg.data.seq_len // layout.cp
+
+
 def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, late: bool = False) -> int:
     """Activations at the in-flight peak; ``late``: during the backward of the last microbatch (one
     microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists."""
     from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
 
-    B, T, tp, e = microbatch_samples(cfg, layout), cfg.data.seq_len, layout.tp, prec.act
+    B, T, tp, e = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)
     per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
     ac = layout.ac
@@ -148,7 +173,7 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     spr = pipeline_stages_per_rank(cfg.parallel) if layout.pp > 1 else 1
     n = in_flight(layout, n_microbatches(cfg, layout), spr, pp_rank)
     # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
-    head = head_activation_bytes(cfg, B, T, tp, e) if last else 0
+    head = head_activation_bytes(cfg, B, T, tp, e, fused_loss_on(cfg, layout)) if last else 0
     if late:
         n, head = 1, 0
     total = n * saved + max(rebuild, head)
@@ -175,9 +200,16 @@ def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, r
 def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision, cache: dict | None = None) -> int:
     backend, reshard, _ = ZERO_MODES[layout.zero]
     out = 0
+    B, T, m = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), cfg.model
     if layout.pp > 1:
-        out += 2 * prec.act * microbatch_samples(cfg, layout) * cfg.data.seq_len * cfg.model.dim
-    if backend == "fsdp2" and layout.dp > 1:
+        out += 2 * prec.act * B * T * m.dim
+    if layout.cp > 1:
+        kv = prec.act * B * T * m.kv_heads * m.head_dim // layout.tp  # one of K, V on this rank
+        if layout.cp_method == "ring":  # K/V in flight twice over (send + receive); backward adds dK/dV
+            out += 2 * 2 * kv + 2 * 2 * kv
+        else:  # all-to-all: re-laid-out send and receive copies of q, k, v
+            out += 2 * (prec.act * B * T * m.dim // layout.tp + 2 * kv)
+    if backend == "fsdp2" and layout.sharded:
         sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
         w = prec.compute_param
         grad = w + (4 if w != 4 else 0)

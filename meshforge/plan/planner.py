@@ -171,7 +171,7 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     if d.pp > 1:  # a pipeline's microbatch is the local batch over the job's microbatch count
         mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
     return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
-                  p.activation_checkpointing)
+                  p.activation_checkpointing, p.cp_method)
 
 
 __all__ = ["HEADROOM", "Plan", "Priced", "check_cluster", "get_device", "layout_of_config", "parse_tokens",

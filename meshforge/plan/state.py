@@ -9,9 +9,10 @@ thousands of layouts can be priced in a second (the dry run checks it against th
 - tensor parallel: the project's TP plan (``build_tp_plan``): ``ColwiseParallel`` cuts
   weight dim 0, ``RowwiseParallel`` dim 1 of a Linear and dim 0 (the vocab) of an Embedding;
   norms, routers and MoE experts stay whole on every tp rank;
-- expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep``;
-- FSDP2: every parameter cut on dim 0 over ``dp_shard`` (experts under ep: over
-  ``dp_shard / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
+- expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep`` (ep consecutive ranks of
+  ``dp_shard x cp``, cp inner, as ``expert_parallel.ep_mesh_layout`` lays them out);
+- FSDP2: every parameter cut on dim 0 over ``dp_shard x cp`` (experts under ep: over
+  ``dp_shard x cp / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
   over ``dp_replicate``. DTensor and FSDP2 both cut like ``torch.chunk``: pieces of
   ``ceil(n / k)``, the last ones shorter or empty.
 
@@ -99,11 +100,15 @@ class Coords:
     cp: int
     tp: int
 
-    def ep_index(self, ep: int) -> int:
-        return self.dp_shard % ep
+    def token_index(self, cp: int) -> int:
+        """Place in the ``dp_shard x cp`` block (cp inner): FSDP's shard, and where ep borrows from."""
+        return self.dp_shard * cp + self.cp
 
-    def mod_ep_index(self, ep: int) -> int:
-        return self.dp_shard // ep
+    def ep_index(self, ep: int, cp: int = 1) -> int:
+        return self.token_index(cp) % ep
+
+    def mod_ep_index(self, ep: int, cp: int = 1) -> int:
+        return self.token_index(cp) // ep
 
 
 def rank_coords(layout: Layout, rank: int) -> Coords:
@@ -172,7 +177,7 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
     held, first, last = _stage_layers(cfg, layout, c.pp)
     styles = _tp_styles(cfg) if layout.tp > 1 else {}
     if fsdp is None:
-        fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.dp > 1
+        fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.sharded
     out = []
     for info in param_table(cfg.model):
         if info.layer >= 0 and info.layer not in held or info.layer == -1 and not first \
@@ -186,14 +191,14 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
             shape[1] = chunk_len(shape[1], layout.tp, c.tp)
         elif style == "heads":
             shape[1] = chunk_len(shape[1], layout.tp, c.tp)
-        if info.kind == "experts" and layout.ep > 1:
-            shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep))
+        if info.kind == "experts" and layout.ep > 1:  # ep: consecutive ranks of dp_shard x cp
+            shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep, layout.cp))
             if fsdp:
-                k = layout.dp_shard // layout.ep
+                k = layout.fsdp_shard // layout.ep
                 dim = 0 if shape[0] % k == 0 else 1
-                shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep))
-        elif fsdp:
-            shape[0] = chunk_len(shape[0], layout.dp_shard, c.dp_shard)
+                shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep, layout.cp))
+        elif fsdp:  # over dp_shard x cp, flattened with cp inner
+            shape[0] = chunk_len(shape[0], layout.fsdp_shard, c.token_index(layout.cp))
         n = 1
         for s in shape:
             n *= s
@@ -228,10 +233,10 @@ def _deepspeed_state(cfg: JobConfig, numel: int, dp: int) -> dict[str, int]:
 
 def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:
     """Element counts on ``rank`` before FSDP's cut (tp/ep cuts applied): ``largest_unit`` (the
-    largest FSDP unit: a block, or the root's embedding + norm + output) and ``all``."""
+    largest FSDP unit: a block, or the root's embedding + norm + output), ``all`` and ``units`` (how many)."""
     per_layer: dict[int, int] = {}
     for info, n in local_numels(cfg, layout, rank, fsdp=False):
         per_layer[info.layer] = per_layer.get(info.layer, 0) + n
     blocks = [v for k, v in per_layer.items() if k >= 0]
     root = per_layer.get(-1, 0) + per_layer.get(-2, 0)
-    return {"largest_unit": max([*blocks, root]), "all": sum(per_layer.values())}
+    return {"largest_unit": max([*blocks, root]), "all": sum(per_layer.values()), "units": len(blocks) + (root > 0)}

@@ -7,26 +7,38 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 - Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, times
   4/3 under full activation checkpointing (one more forward) and 1.03 under selective
   (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Stages are assumed
-  balanced.
+  balanced. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
+  entry is one thread's measured matmul rate, ``bench/bench_plan_calibrate.py``).
+- Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
+  once; with more, every rank's compute and communication stretch by ranks per node / cores.
 - Links: a mesh dim's group of ``n`` ranks at stride ``s`` (dims ``pp, dp_replicate,
-  dp_shard, cp, tp``, tp innermost; ep is the innermost ep ranks of dp_shard) stays inside a
+  dp_shard, cp, tp``, tp innermost; ep is ep consecutive ranks of dp_shard x cp) stays inside a
   node when ``s * n <= gpus_per_node`` and uses NVLink; otherwise every ring step is
   limited by the per-GPU NIC.
 - Costs (ring algorithms, ``S`` bytes of the whole tensor): all-gather and reduce-scatter
   ``(n-1) alpha + (n-1)/n S / bw``; all-reduce twice that; all-to-all ``(n-1) alpha + (n-1)/n
   S / bw`` of the rank's send buffer; point-to-point ``alpha + S / bw``.
 - Collectives of one step: TP/SP per block and microbatch 2 all-gathers + 2 reduce-scatters of
-  the ``B T D`` activations forward and the same backward (+2 all-gathers under selective AC,
-  +4 under full, which recompute them); FSDP2 per microbatch one all-gather of each unit
-  forward, again backward under ZeRO-3, a reduce-scatter of its fp32 gradient, and under HSDP
-  an all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
+  the ``B T D`` activations forward and the same backward (an MoE block, whose FFN runs
+  replicated over tp: 4 all-gathers and 2 reduce-scatters; +2 all-gathers under selective AC,
+  +4 under full, which recompute them), one of each for the embedding and the head, 3
+  all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
+  microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
+  (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
+  all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
   and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
-  all-to-alls of ``N k D`` (balanced routing); CP (reserved, cp = 1 today) a ring of K/V
-  blocks, ``2 (cp-1)`` point-to-point steps per layer forward and backward; PP two
+  all-to-alls of ``N k D`` (balanced routing); CP ``ring``: per layer ``cp-1`` point-to-point
+  hops of the rank's K and V forward (twice under full AC) and backward, ``cp`` hops of fp32 dK, dV;
+  CP ``alltoall``: per layer all-to-alls of q, k, v and the output forward and again backward;
+  FSDP2 under cp shards over ``dp_shard x cp``; activations at ``T / cp`` tokens; PP two
   point-to-point sends of ``B T D`` per microbatch and stage boundary.
 - Overlap: FSDP and DeepSpeed traffic runs behind compute (prefetch); only what exceeds the
-  compute time, and the first unit's all-gather, is exposed. TP, EP, CP and PP traffic sits on
-  the critical path (exposed in full).
+  compute time, and the first unit's all-gather, is exposed -- unless the device says
+  ``comm_overlap = false`` (the CPU: gloo collectives are issued inline), when all of it is.
+  TP, EP, CP and PP traffic sits on the critical path (exposed in full).
+- Not modelled: per-operation software cost (Python, DTensor dispatch and sharding propagation,
+  FSDP2's copy-in/copy-out, kernel launches), which dominates small models on the CPU, and
+  load from other processes.
 - Bubble: ``(pp-1) / (m v)`` of the compute (m microbatches, v stages per rank) for GPipe, 1F1B
   and interleaved 1F1B; a third of that for zero-bubble. The optimizer step and data loading
   are left out.
@@ -58,6 +70,18 @@ def link_for(device: Device, stride: int, size: int, gpus_per_node: int) -> Link
     if stride * size <= gpus_per_node:
         return Link(device.nvlink_bw, device.nvlink_latency, "nvlink")
     return Link(device.internode_bw, device.internode_latency, "internode")
+
+
+def device_type(device: Device) -> str:
+    """``cpu`` for the table's CPU entries (keys ``cpu`` or ``cpu-...``: fp32 compute), else ``cuda`` (bf16)."""
+    return "cpu" if device.key.split("-")[0] == "cpu" else "cuda"
+
+
+def time_sharing(device: Device, world: int, gpus_per_node: int) -> float:
+    """How much slower each rank runs because ranks share compute slots: ranks per node / ``device.cores``
+    when there are more ranks than cores on a node (the CPU), else 1."""
+    per_node = min(world, gpus_per_node)
+    return max(1.0, per_node / device.cores) if device.cores else 1.0
 
 
 def ring(kind: str, n: int, nbytes: float, link: Link) -> float:
@@ -105,9 +129,10 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
+    Tl = T // cp  # tokens of a sample on one rank
     from .memory import Precision
 
-    e = Precision.for_device("cpu" if device.key == "cpu" else "cuda", cfg).act  # bf16 on GPU, fp32 on the CPU
+    e = Precision.for_device(device_type(device), cfg).act  # bf16 on GPU, fp32 on the CPU
     mb = n_microbatches(cfg, layout)
     tokens = cfg.train.global_batch_size * T
     if cache is None:
@@ -115,7 +140,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if "flops" not in cache:
         cache["flops"] = model_flops_per_token(cfg)
     f_tok = cache["flops"]
-    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
+    share = time_sharing(device, world, gpus_per_node)
+    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac] * share
     from ..parallel.mesh import pipeline_stages_per_rank
 
     spr = pipeline_stages_per_rank(cfg.parallel) if pp > 1 else 1
@@ -124,50 +150,73 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         bubble /= 3
     layers = m.n_layers / pp
     moe_layers = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) / pp
-    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_replicate": tp * cp * layout.dp_shard,
-               "pp": tp * cp * layout.dp, "ep": tp * cp, "dp_shard_mod_ep": tp * cp * ep}
+    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_shard_cp": tp,
+               "dp_replicate": tp * cp * layout.dp_shard, "pp": tp * cp * layout.dp, "ep": tp,
+               "dp_shard_mod_ep": tp * ep}
     comm: list[dict] = []
 
     def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool) -> None:
         if n <= 1 or count <= 0:
             return
         link = link_for(device, strides[group], n, gpus_per_node)
-        secs = ring(op, n, nbytes, link) * count
+        secs = ring(op, n, nbytes, link) * count * share
         comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
                      "link": link.name, "seconds": secs, "exposed": exposed})
 
-    act = B * T * m.dim * e
-    tp_per_block = 8 + {"none": 0, "selective": 2, "full": 4}[layout.ac]
-    add("tp", "all_gather", tp, act, mb * layers * tp_per_block / 2, True)
-    add("tp", "reduce_scatter", tp, act, mb * layers * 8 / 2, True)
-    add("cp", "p2p", cp, 2 * B * (T // max(cp, 1)) * m.kv_heads * m.head_dim * e // tp, mb * layers * 4 * (cp - 1), True)
-    add("ep", "all_to_all", ep, B * T * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
+    act = B * Tl * m.dim * e
+    # per block forward + backward: 4 all-gathers, and 4 reduce-scatters (2 in an MoE block, whose FFN
+    # runs replicated over tp and hands back a slice); recompute adds gathers; the embedding and the
+    # head one of each; the vocab-parallel loss 3 all-reduces of per-token numbers (as the dry run traces)
+    ends = 2 if pp == 1 else 1
+    ag = layers * (4 + {"none": 0, "selective": 2, "full": 4}[layout.ac]) + ends
+    add("tp", "all_gather", tp, act, mb * ag, True)
+    add("tp", "reduce_scatter", tp, act, mb * (4 * (layers - moe_layers) + 2 * moe_layers + ends), True)
+    if cfg.parallel.loss_parallel:
+        add("tp", "all_reduce", tp, 4 * B * Tl, mb * 3, True)
+    kv = B * Tl * m.kv_heads * m.head_dim * e // tp  # one of K, V on a rank
+    fwd = 2 if layout.ac == "full" else 1  # full AC runs each block's forward twice
+    if layout.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
+        add("cp", "p2p", cp, 2 * kv, mb * layers * (fwd + 1) * (cp - 1), True)
+        add("cp", "p2p", cp, 2 * kv * 4 // e, mb * layers * cp, True)
+    else:  # all-to-all: q, k, v to heads and the output back, forward and the same backward
+        add("cp", "all_to_all", cp, B * Tl * m.dim * e // tp, mb * layers * 2 * (fwd + 1), True)
+        add("cp", "all_to_all", cp, kv, mb * layers * 2 * (fwd + 1), True)
+    add("ep", "all_to_all", ep, B * Tl * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
     if pp > 1:
         add("pp", "p2p", 2, act, mb * 2 * spr, True)
     backend, reshard, stage = ZERO_MODES[layout.zero]
     from .memory import _cached
 
     sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, 0)
-    if backend == "fsdp2" and layout.dp > 1:
-        total = sizes["all"]
-        add("dp_shard", "all_gather", layout.dp_shard, 2 * total, mb * (2 if reshard else 1), False)
-        add("dp_shard", "reduce_scatter", layout.dp_shard, 4 * total, mb, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * total / layout.dp_shard, mb, False)
+    w = Precision.for_device(device_type(device), cfg).compute_param
+    fs, fs_group = layout.fsdp_shard, ("dp_shard_cp" if cp > 1 else "dp_shard")
+    if backend == "fsdp2" and layout.sharded:
+        # one collective per FSDP unit (each block and the root), of the mean unit size; under ZeRO-3 the
+        # blocks gather again in backward except the last block and the root, which do not reshard
+        total, units = sizes["all"], sizes["units"]
+        unit = total / units
+        gathers = max(2 * units - 2, units) if reshard else units
+        add(fs_group, "all_gather", fs, w * unit, mb * gathers, False)
+        add(fs_group, "reduce_scatter", fs, 4 * unit, mb * units, False)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, mb * units, False)
     elif backend == "deepspeed":
         total = sizes["all"]
         if stage == 3:
-            add("dp_shard", "all_gather", layout.dp_shard, 2 * total, 2 * mb, False)
-            add("dp_shard", "reduce_scatter", layout.dp_shard, 2 * total, mb, False)
+            add("dp_shard", "all_gather", layout.dp_shard, w * total, 2 * mb, False)
+            add("dp_shard", "reduce_scatter", layout.dp_shard, w * total, mb, False)
         else:
-            add("dp_shard", "reduce_scatter" if stage == 2 else "all_reduce", layout.dp_shard, 2 * total, 1, False)
-            add("dp_shard", "all_gather", layout.dp_shard, 2 * total, 1, False)
+            add("dp_shard", "reduce_scatter" if stage == 2 else "all_reduce", layout.dp_shard, w * total, 1, False)
+            add("dp_shard", "all_gather", layout.dp_shard, w * total, 1, False)
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
-    if backend in ("fsdp2", "deepspeed") and layout.dp > 1:
-        first_gather = ring("all_gather", layout.dp_shard, 2 * sizes["largest_unit"],
-                            link_for(device, strides["dp_shard"], layout.dp_shard, gpus_per_node))
-    dp_exposed = max(first_gather, hidden - compute) if hidden else 0.0
+    if backend in ("fsdp2", "deepspeed") and layout.sharded:
+        first_gather = ring("all_gather", fs, w * sizes["largest_unit"],
+                            link_for(device, strides[fs_group], fs, gpus_per_node))
+    if not device.comm_overlap:  # issued inline (gloo on the CPU): every second of it is on the critical path
+        dp_exposed = hidden
+    else:
+        dp_exposed = max(first_gather * share, hidden - compute) if hidden else 0.0
     step = compute * (1 + bubble) + exposed + dp_exposed
     mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
     return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm)
