@@ -164,7 +164,8 @@ def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, c
                   "machine compiles it, which takes about 2 minutes (cached in ~/.cache/torch_extensions after)",
                   flush=True)
         optimizer = _offload_optimizer(optimizer)
-    cp = dist.get_world_size() // dp  # DeepSpeed runs data (x context) parallel only: the rest of the world is cp
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cp = world // dp  # DeepSpeed runs data (x context) parallel only: the rest of the world is cp
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, dp, device, cp))
     return engine, optimizer
