@@ -407,22 +407,17 @@ class PipelineRunner:
 
     @torch.no_grad()
     def eval_losses(self, batches) -> float:
-        """Mean validation ce over ``batches`` (an iterable of local batches), on every rank."""
+        """Mean validation ce over ``batches`` (an iterable of local batches on this rank's device), on every rank."""
         for part in self.model.parts:
             part.eval()
         total = torch.zeros(2, device=self.device)
         count = 0
         for batch in batches:
-            total += self._run(_on_device(batch, self.device), train=False)
+            total += self._run(batch, train=False)
             count += 1
         for part in self.model.parts:
             part.train()
         return (self._global_mean(total) / max(count, 1))[0].item()
-
-
-def _on_device(batch, device: torch.device):
-    """A loader batch (a tensor, or a tuple of them: tokens and document ids) on ``device``."""
-    return tuple(b.to(device) for b in batch) if isinstance(batch, (tuple, list)) else batch.to(device)
 
 
 def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,

@@ -39,4 +39,5 @@ class PipelineStep(TrainStep):
         return record
 
     def eval_loss(self, batches, step: int) -> float:
-        return self.runner.eval_losses(batches)  # forward-only schedule; the mean is already global
+        # forward-only schedule; the mean is already global
+        return self.runner.eval_losses(self.to_device(b) for b in batches)
