@@ -126,7 +126,77 @@ def test_enumeration_proposes_context_parallel():
         check_layout(cfg, Layout(1, 1, 1, 32, cp=2, ac="selective"))
     for lay, _ in [lc for lc in layouts if lc[0].cp > 1][::17]:
         check_layout(cfg, lay)
-        assert lay.zero.startswith("fsdp")  # cp needs the fsdp2 backend (job_checks)
+
+
+def _small_on(gpus: int):
+    """The small preset as `meshforge plan` prices it (train.device cuda: bf16), with its enumeration on ``gpus``."""
+    cfg = load_config("small", {"train.global_batch_size": 16, "train.micro_batch_size": 1})
+    cfg.train.device = "cuda"
+    return cfg, enumerate_layouts(cfg, gpus, 8, ac_modes=("full",), max_micro_batch=1)
+
+
+def test_deepspeed_layouts_are_exactly_those_the_trainer_accepts():
+    """The DeepSpeed stages appear with context parallel (cp ranks are data-parallel ranks to the engine), and
+    a DeepSpeed layout is proposed iff the trainer's own checks (check_layout: validate + check_job) accept it."""
+    import dataclasses
+
+    cfg, (layouts, refused) = _small_on(8)
+    proposed = {lay for lay, _ in layouts}
+    ds = {lay for lay in proposed if lay.zero.startswith("ds")}
+    assert Layout(1, 1, 1, 4, cp=2, zero="ds-zero2", ac="full") in ds
+    assert {lay.cp_method for lay in ds if lay.cp > 1} == {"ring", "alltoall"}
+    for lay in {dataclasses.replace(lay, zero=z) for lay in proposed for z in ("ds-zero1", "ds-zero2", "ds-zero3")}:
+        try:
+            check_layout(cfg, lay)
+            accepted = True
+        except ConfigError as e:
+            accepted = False
+            assert "deepspeed" in str(e).lower(), str(e)  # what the FSDP2 twin passed, only DeepSpeed refuses
+        assert (lay in ds) == accepted, lay.describe()
+    assert any(lay.tp > 1 or lay.pp > 1 or lay.dp_replicate > 1 for lay in proposed - ds)  # refusals were tried
+    assert any("deepspeed" in reason for reason in refused)
+    _, (one_rank, _) = _small_on(1)
+    assert {lay.zero for lay, _ in one_rank} == {"fsdp-zero3"}  # one rank: nothing to shard, the modes coincide
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_context_parallel_state_memory_and_time(stage):
+    """DeepSpeed x cp2 on 8 GPUs: ZeRO partitions over all 8 ranks (dp 4 x cp 2); activations at T / 2; the
+    cp collectives those of the FSDP2 layout of the same degrees; the engine's reductions over dp x cp."""
+    import torch
+
+    from meshforge.models import MODEL_SPECS
+
+    cfg, (layouts, _) = _small_on(8)
+    by_layout = dict(layouts)
+    lay = Layout(1, 1, 1, 4, cp=2, zero=f"ds-zero{stage}", ac="full")
+    job = by_layout[lay]
+    assert job.parallel.dp_backend == "deepspeed" and job.parallel.zero_stage == stage
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MODEL_SPECS["decoder"].build(cfg.model).parameters())
+    part = -(-n // 8)  # ZeRO's partition of the flat parameters over the engine's 8 data-parallel ranks
+    expected = {"params": 2 * (part if stage == 3 else n),  # bf16 model copy
+                "grads": 2 * (part if stage >= 2 else n),  # bf16 gradients
+                "optimizer": (4 + 4 + 4) * part}  # fp32 master, exp_avg, exp_avg_sq
+    for rank in (0, 5):
+        assert state_bytes(job, lay, rank) == expected
+    no_cp = Layout(1, 1, 1, 8, zero=f"ds-zero{stage}", ac="full")
+    assert state_bytes(by_layout[no_cp], no_cp, 0) == expected  # the same 8 ranks to the engine
+    acts = {x.cp: estimate_memory(by_layout[x], x)["activations"] for x in (lay, no_cp)}
+    assert acts[2] == pytest.approx(acts[1] / 2, rel=0.02)  # one sample per rank either way, T / 2 tokens
+
+    h100 = get_device("h100-80gb")
+    t = estimate_time(job, lay, h100, 8)
+    fsdp = Layout(1, 1, 1, 4, cp=2, ac="full")
+    cp_comm = [c for c in t.comm if c["group"] == "cp"]
+    assert cp_comm and cp_comm == [c for c in estimate_time(by_layout[fsdp], fsdp, h100, 8).comm if c["group"] == "cp"]
+    engine = [c for c in t.comm if c["group"] != "cp"]
+    assert engine and all(c["group"] == "dp_shard_cp" and c["group_size"] == 8 for c in engine)
+    # the same volume as on 8 data-parallel ranks, per step (ZeRO-1/2) or per microbatch (ZeRO-3: a rank runs
+    # 16 / dp of them, 4 under cp 2 and 2 without)
+    per_step = 2 if stage == 3 else 1
+    assert sum(c["bytes"] * c["count"] for c in engine) == per_step * \
+        sum(c["bytes"] * c["count"] for c in estimate_time(by_layout[no_cp], no_cp, h100, 8).comm)
 
 
 @pytest.mark.parametrize("preset", ["small", "moe-small"])

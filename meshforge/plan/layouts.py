@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass
 
 from ..config import ConfigError, JobConfig, validate
+from ..parallel.deepspeed_engine import check_deepspeed
 from ..parallel.job_checks import check_context_parallel, check_job
 from ..parallel.mesh import Degrees, resolve_degrees
 
@@ -143,7 +144,9 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
 
     Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (ring
     and all-to-all attention), ep, dp_replicate dividing what is left; micro-batch sizes are
-    powers of two.
+    powers of two; every data-parallel mode of :data:`ZERO_MODES` (the DeepSpeed stages where
+    ``check_deepspeed`` accepts the degrees: today data x context parallel). On one rank only
+    ``fsdp-zero3`` (nothing to shard: the other modes would be the same layout).
     The second value counts the refusals by their first words (for the "no layout" message).
     """
     m = cfg.model
@@ -179,10 +182,17 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                     if (dp_shard * cp) % ep:
                         continue
                     for zero in ZERO_MODES:
-                        if zero.startswith("ds") and (tp > 1 or pp > 1 or cp > 1 or dp_rep > 1 or ep > 1 or dp == 1):
-                            continue
-                        if zero == "fsdp-zero2" and dp * cp == 1:
-                            continue
+                        if zero != "fsdp-zero3" and dp * cp == 1:
+                            continue  # one rank: nothing to shard, the same layout as fsdp-zero3 (unwrapped)
+                        if zero.startswith("ds"):  # DeepSpeed's limits depend on the degrees only: check them once here
+                            degrees = Degrees(pp, dp_rep, dp_shard, cp, tp, ep)
+                            try:
+                                check_deepspeed(apply_layout(cfg, Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero)),
+                                                degrees)
+                            except ConfigError as e:
+                                reason = str(e).split(":")[0][:80]
+                                refused[reason] = refused.get(reason, 0) + 1
+                                continue
                         mbs = 1
                         while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
                             for sched in (schedules if pp > 1 else ("1f1b",)):

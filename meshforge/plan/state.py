@@ -11,6 +11,7 @@ thousands of layouts can be priced in a second (the dry run checks it against th
   norms, routers and MoE experts stay whole on every tp rank;
 - expert parallel: expert weights ``[E, ...]`` cut on dim 0 over ``ep`` (ep consecutive ranks of
   ``dp_shard x cp``, cp inner, as ``expert_parallel.ep_mesh_layout`` lays them out);
+- DeepSpeed ZeRO: the whole model (data x context parallel only), partitioned over ``dp x cp``;
 - FSDP2: every parameter cut on dim 0 over ``dp_shard x cp`` (experts under ep: over
   ``dp_shard x cp / ep``, on dim 0 when the local experts divide evenly, else dim 1), replicated
   over ``dp_replicate``. DTensor and FSDP2 both cut like ``torch.chunk``: pieces of
@@ -212,19 +213,20 @@ def state_bytes(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:
     held = local_numels(cfg, layout, rank)
     numel = sum(n for _, n in held)
     backend, _, stage = ZERO_MODES[layout.zero]
-    if backend == "deepspeed":
-        return _deepspeed_state(cfg, numel, layout.dp)
+    if backend == "deepspeed":  # the engine's data-parallel group is every rank: dp x cp
+        return _deepspeed_state(cfg, numel, layout.dp * layout.cp)
     return {"params": FP32 * numel, "grads": FP32 * numel, "optimizer": 2 * FP32 * numel + FP32 * len(held)}
 
 
-def _deepspeed_state(cfg: JobConfig, numel: int, dp: int) -> dict[str, int]:
-    """DeepSpeed ZeRO (data parallel only): with bf16 a 2-byte model copy (stage 3: partitioned), 2-byte
-    gradients (stage 2/3: partitioned) and, partitioned in every stage, the fp32 master plus Adam moments.
-    On the CPU (fp32) the model copy is the master."""
+def _deepspeed_state(cfg: JobConfig, numel: int, ranks: int) -> dict[str, int]:
+    """DeepSpeed ZeRO over ``ranks`` (data x context parallel: the cp ranks are data-parallel ranks to the
+    engine): with bf16 a 2-byte model copy (stage 3: partitioned), 2-byte gradients (stage 2/3: partitioned)
+    and, partitioned in every stage, the fp32 master plus Adam moments. On the CPU (fp32) the model copy is
+    the master."""
     stage = cfg.parallel.zero_stage
     bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and cfg.train.device != "cpu")
     width = 2 if bf16 else FP32
-    part = -(-numel // dp)
+    part = -(-numel // ranks)
     params = width * (part if stage == 3 else numel)
     grads = width * (part if stage >= 2 else numel)
     optimizer = (3 if bf16 else 2) * FP32 * part

@@ -26,7 +26,8 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
   (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
   all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
-  and one parameter all-gather per step, ZeRO-3 like FSDP2; EP per MoE layer and microbatch 4
+  and one parameter all-gather per step, ZeRO-3 like FSDP2, both over ``dp x cp`` (the engine's
+  group: cp ranks are data-parallel ranks to it); EP per MoE layer and microbatch 4
   all-to-alls of ``N k D`` (balanced routing); CP ``ring``: per layer ``cp-1`` point-to-point
   hops of the rank's K and V forward (twice under full AC) and backward, ``cp`` hops of fp32 dK, dV;
   CP ``alltoall``: per layer all-to-alls of q, k, v and the output forward and again backward;
@@ -199,14 +200,14 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         add(fs_group, "all_gather", fs, w * unit, mb * gathers, False)
         add(fs_group, "reduce_scatter", fs, 4 * unit, mb * units, False)
         add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, mb * units, False)
-    elif backend == "deepspeed":
+    elif backend == "deepspeed":  # the engine's group is every rank, dp x cp (= dp_shard x cp: no tp/pp/HSDP)
         total = sizes["all"]
         if stage == 3:
-            add("dp_shard", "all_gather", layout.dp_shard, w * total, 2 * mb, False)
-            add("dp_shard", "reduce_scatter", layout.dp_shard, w * total, mb, False)
+            add(fs_group, "all_gather", fs, w * total, 2 * mb, False)
+            add(fs_group, "reduce_scatter", fs, w * total, mb, False)
         else:
-            add("dp_shard", "reduce_scatter" if stage == 2 else "all_reduce", layout.dp_shard, w * total, 1, False)
-            add("dp_shard", "all_gather", layout.dp_shard, w * total, 1, False)
+            add(fs_group, "reduce_scatter" if stage == 2 else "all_reduce", fs, w * total, 1, False)
+            add(fs_group, "all_gather", fs, w * total, 1, False)
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
