@@ -153,6 +153,8 @@ def read_toml_tables(path: Path, kind: str) -> dict[str, dict[str, Any]]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text)") from None
     for key, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: top-level key '{key}' must be a [{kind}] table")

@@ -7,6 +7,8 @@ the two links of the alpha-beta model: NVLink inside a node and the NIC between 
 
 from __future__ import annotations
 
+import difflib
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,45 +48,66 @@ class Device:
 
 _KEYS = [f.name for f in fields(Device) if f.name != "key"]
 _OPTIONAL = {"cores": 0, "comm_overlap": True}
+_POSITIVE = ("peak_bf16_flops", "hbm_bytes", "nvlink_bw", "internode_bw")
+"""Keys that must be above 0 (the other numbers may be 0: no fp8, zero latency, one core per rank)."""
 
 
 def load_devices(extra: str | Path | None = None) -> dict[str, Device]:
     """The built-in table, updated by ``extra`` (a TOML file of the same form; its entries win)."""
     tables = tomllib.loads(BUILTIN_DEVICES.read_text())
+    source = {key: "the built-in table" for key in tables}
     if extra is not None:
         path = Path(extra)
+        if not path.exists():
+            raise ConfigError(f"--devices: device table '{path}' not found")
         if not path.is_file():
-            raise ConfigError(f"device table '{path}' not found")
+            raise ConfigError(f"--devices: '{path}' is not a file (give a TOML file of [device] tables)")
         for key, table in read_toml_tables(path, "device").items():
             tables[key] = {**tables.get(key, {}), **table}
-    out = {}
-    for key, table in tables.items():
-        table = {**_OPTIONAL, **table}
-        missing = [k for k in _KEYS if k not in table]
-        unknown = [k for k in table if k not in _KEYS]
-        if missing or unknown:
-            raise ConfigError(f"device '{key}': " + "; ".join(
-                part for part in (f"missing {', '.join(missing)}" if missing else "",
-                                  f"unknown keys {', '.join(unknown)}" if unknown else "") if part))
-        if not isinstance(table["comm_overlap"], bool):
-            raise ConfigError(f"device '{key}': comm_overlap must be true or false")
-        try:
-            values = {k: (table[k] if k == "comm_overlap" else str(table[k]) if k == "name" else float(table[k]))
-                      for k in _KEYS}
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"device '{key}': a number is not a number ({e})") from None
-        values["hbm_bytes"] = int(values["hbm_bytes"])
-        values["cores"] = int(values["cores"])
-        if values["cores"] < 0:
-            raise ConfigError(f"device '{key}': cores must be 0 (one per rank) or positive")
-        if min(values[k] for k in ("peak_bf16_flops", "hbm_bytes", "nvlink_bw", "internode_bw")) <= 0:
-            raise ConfigError(f"device '{key}': peaks, memory and bandwidths must be positive")
-        out[key] = Device(key=key, **values)
-    return out
+            source[key] = str(path)
+    return {key: _device(key, table, source[key]) for key, table in tables.items()}
+
+
+def _device(key: str, table: dict, source: str) -> Device:
+    """One entry, every value checked: ConfigError naming the device, the key and the file."""
+    where = f"device '{key}' (in {source})"
+    table = {**_OPTIONAL, **table}
+    missing = [k for k in _KEYS if k not in table]
+    unknown = [k for k in table if k not in _KEYS]
+    if missing or unknown:
+        raise ConfigError(f"{where}: " + "; ".join(
+            part for part in (f"missing {', '.join(missing)}" if missing else "",
+                              f"unknown keys {', '.join(unknown)} (known: {', '.join(_KEYS)})" if unknown else "")
+            if part))
+    values: dict = {}
+    for k in _KEYS:
+        v = table[k]
+        if k == "comm_overlap":
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where}: comm_overlap must be true or false, got {v!r}")
+        elif k == "name":
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"{where}: name must be a non-empty string, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{where}: {k} must be a finite number, got {v!r}")
+        elif k in ("cores", "hbm_bytes") and v != int(v):
+            raise ConfigError(f"{where}: {k} must be a whole number, got {v!r}")
+        elif k in _POSITIVE and v <= 0:
+            raise ConfigError(f"{where}: {k} must be positive, got {v!r}")
+        elif v < 0:
+            raise ConfigError(f"{where}: {k} must be 0 or positive, got {v!r}"
+                              + (" (0: one per rank)" if k == "cores" else ""))
+        values[k] = v if k in ("comm_overlap", "name") else int(v) if k in ("cores", "hbm_bytes") else float(v)
+    return Device(key=key, **values)
 
 
 def get_device(key: str, extra: str | Path | None = None) -> Device:
     devices = load_devices(extra)
     if key not in devices:
-        raise ConfigError(f"unknown device '{key}' (known: {', '.join(sorted(devices))}; add one with --devices FILE.toml)")
+        low = key.lower()
+        close = ([k for k in sorted(devices) if k.startswith(low)]
+                 or difflib.get_close_matches(low, list(devices), n=1, cutoff=0.75))
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown device '{key}' for --gpu ({hint}known: {', '.join(sorted(devices))}; add one "
+                          "with --devices FILE.toml)")
     return devices[key]

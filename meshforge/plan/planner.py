@@ -74,10 +74,15 @@ def plan_config(preset: str, overrides: list[str], seq_len: int | None, batch_to
             extra += ["--model.max_seq_len", str(seq_len)]
         cfg = load_config(preset, [*overrides, *extra])
     if batch_tokens is not None:
-        tokens = parse_tokens(batch_tokens)
-        if tokens % cfg.data.seq_len or tokens < cfg.data.seq_len:
-            raise ConfigError(f"--global-batch-tokens {tokens} is not a whole number of {cfg.data.seq_len}-token "
-                              "sequences")
+        tokens, seq = parse_tokens(batch_tokens), cfg.data.seq_len
+        given = batch_tokens.strip() + ("" if batch_tokens.strip() == str(tokens) else f" ({tokens} tokens)")
+        if tokens < seq:
+            raise ConfigError(f"--global-batch-tokens {given} is less than one {seq}-token "
+                              f"sequence (data.seq_len or --seq-len)")
+        if tokens % seq:
+            raise ConfigError(f"--global-batch-tokens {given} is not a whole number of "
+                              f"{seq}-token sequences (data.seq_len or --seq-len); use a multiple of {seq}, "
+                              f"e.g. {tokens // seq * seq} or {(tokens // seq + 1) * seq}")
         cfg.train.global_batch_size = tokens // cfg.data.seq_len
         cfg.train.micro_batch_size = 1
     cfg.train.device = "cuda"
@@ -85,10 +90,14 @@ def plan_config(preset: str, overrides: list[str], seq_len: int | None, batch_to
 
 
 def check_cluster(gpus: int, gpus_per_node: int) -> None:
-    if gpus <= 0 or gpus_per_node <= 0:
-        raise ConfigError(f"--gpus and --gpus-per-node must be positive (got {gpus} and {gpus_per_node})")
+    """The cluster: a positive number of GPUs, whole nodes beyond one (a part of one node is a cluster too)."""
+    for flag, value in (("--gpus", gpus), ("--gpus-per-node", gpus_per_node)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be a positive number of GPUs, got {value}")
     if gpus > gpus_per_node and gpus % gpus_per_node:
-        raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of {gpus_per_node} GPUs")
+        below, above = gpus // gpus_per_node * gpus_per_node, -(-gpus // gpus_per_node) * gpus_per_node
+        raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of {gpus_per_node} GPUs (--gpus-per-node); "
+                          f"use {below} or {above} GPUs, or set --gpus-per-node to what your nodes have")
 
 
 def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float) -> list[Priced]:
