@@ -128,23 +128,28 @@ def test_enumeration_proposes_context_parallel():
         check_layout(cfg, lay)
 
 
-def _small_on(gpus: int):
-    """The small preset as `meshforge plan` prices it (train.device cuda: bf16), with its enumeration on ``gpus``."""
-    cfg = load_config("small", {"train.global_batch_size": 16, "train.micro_batch_size": 1})
+def _small_on(gpus: int, preset: str = "small"):
+    """A preset as `meshforge plan` prices it (train.device cuda: bf16), with its enumeration on ``gpus``."""
+    cfg = load_config(preset, {"train.global_batch_size": 16, "train.micro_batch_size": 1})
     cfg.train.device = "cuda"
     return cfg, enumerate_layouts(cfg, gpus, 8, ac_modes=("full",), max_micro_batch=1)
 
 
-def test_deepspeed_layouts_are_exactly_those_the_trainer_accepts():
+@pytest.mark.parametrize("preset,gpus", [("small", 8), ("moe-small", 4)])
+def test_deepspeed_layouts_are_exactly_those_the_trainer_accepts(preset, gpus):
     """The DeepSpeed stages appear with context parallel (cp ranks are data-parallel ranks to the engine), and
-    a DeepSpeed layout is proposed iff the trainer's own checks (check_layout: validate + check_job) accept it."""
+    a DeepSpeed layout is proposed iff the trainer's own checks (check_layout: validate + check_job) accept it:
+    never with tp, pp, HSDP or (in the MoE model) ep."""
     import dataclasses
 
-    cfg, (layouts, refused) = _small_on(8)
+    cfg, (layouts, refused) = _small_on(gpus, preset)
     proposed = {lay for lay, _ in layouts}
     ds = {lay for lay in proposed if lay.zero.startswith("ds")}
-    assert Layout(1, 1, 1, 4, cp=2, zero="ds-zero2", ac="full") in ds
-    assert {lay.cp_method for lay in ds if lay.cp > 1} == {"ring", "alltoall"}
+    if preset == "small":
+        assert Layout(1, 1, 1, 4, cp=2, zero="ds-zero2", ac="full") in ds
+        assert {lay.cp_method for lay in ds if lay.cp > 1} == {"ring", "alltoall"}
+    else:
+        assert ds and any(lay.ep > 1 for lay in proposed)
     for lay in {dataclasses.replace(lay, zero=z) for lay in proposed for z in ("ds-zero1", "ds-zero2", "ds-zero3")}:
         try:
             check_layout(cfg, lay)
