@@ -175,6 +175,28 @@ def test_zero_bubble_with_fsdp_needs_gathered_params():
     assert check(4, "--parallel.pp_schedule", "interleaved_1f1b").schedule == "interleaved_1f1b"
 
 
+def test_zero_bubble_with_activation_checkpointing_is_refused():
+    """The split backward recomputes a checkpointed block in both passes; torch 2.13's composable checkpoint
+    fails the second time (AttributeError in the weight pass, with or without data parallel). Refused
+    before any process group, in both modes; the same run without checkpointing trains."""
+    from meshforge.parallel.job_checks import check_job
+
+    def check(*args: str):
+        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp",
+                                        "2", "--parallel.pp_schedule", "zero_bubble", *args])
+        return check_job(cfg, resolve_degrees(cfg.parallel, 2), "cpu")
+
+    for mode in ("full", "selective"):
+        with pytest.raises(ConfigError, match=rf"zero_bubble' with parallel.activation_checkpointing = '{mode}': "
+                                              r"torch's split backward recomputes a checkpointed block twice.*"
+                                              r"use activation_checkpointing = 'none' or pp_schedule = "
+                                              r"'interleaved_1f1b'"):
+            check("--parallel.activation_checkpointing", mode)
+    assert check().schedule == "zero_bubble"
+    assert check("--parallel.activation_checkpointing", "full", "--parallel.pp_schedule",
+                 "interleaved_1f1b").schedule == "interleaved_1f1b"
+
+
 def test_default_microbatches_follow_help_config():
     """With only parallel.pp given, every schedule gets a microbatch count it runs, chosen by the
     rule that `meshforge train --help-config` prints for parallel.pp_microbatches."""

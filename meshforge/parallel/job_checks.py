@@ -60,6 +60,13 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
                           "parameters, so those weights would get no gradient (torch "
                           f"{torch.__version__.split('+')[0]}); or use parallel.pp_schedule = 'interleaved_1f1b' "
                           "(the same stages per rank)")
+    if d.pp > 1 and p.pp_schedule == "zero_bubble" and p.activation_checkpointing != "none":
+        raise ConfigError(f"parallel.pp_schedule = 'zero_bubble' with parallel.activation_checkpointing = "
+                          f"{p.activation_checkpointing!r}: torch's split backward recomputes a checkpointed block "
+                          "twice (in the input-gradient pass, then in the weight-gradient pass, each its own autograd "
+                          "call), and the composable checkpoint's recompute context can be entered only once (torch "
+                          f"{torch.__version__.split('+')[0]} fails in the weight pass); use "
+                          "activation_checkpointing = 'none' or pp_schedule = 'interleaved_1f1b'")
     if cfg.data.document_mask and d.tp > 1:
         raise ConfigError(f"data.document_mask does not work with tensor parallelism yet (parallel.tp = {d.tp}); "
                           "use tp = 1 or turn the mask off")
