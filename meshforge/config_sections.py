@@ -147,7 +147,7 @@ class ParallelConfig:
     dp_backend: Literal["fsdp2", "deepspeed"] = "fsdp2"
     """Data-parallel backend: ``fsdp2`` (torch FSDP2) or ``deepspeed`` (DeepSpeed engine)."""
     fsdp_reshard_after_forward: bool = True
-    """FSDP2: free gathered params after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like)."""
+    """FSDP2: free gathered params after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like). The ``zero_bubble`` pipeline schedule with data parallel needs false (its split backward finds only gathered params)."""
     fsdp_cpu_offload: bool = False
     """FSDP2: keep sharded params, grads and optimizer state on the CPU."""
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"

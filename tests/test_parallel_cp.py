@@ -1,14 +1,15 @@
 """Context parallel training against the single-process run, and its config checks.
 
 - Config: a sequence not in 2*cp chunks, heads not divisible for all-to-all, an
-  encoder-decoder, a document mask with tp and cp x pp with the zero-bubble schedule fail with one line naming the
-  numbers, before any process group (``job_checks.check_job`` is what the trainer calls first).
+  encoder-decoder, a document mask with tp and cp x pp with the zero-bubble schedule while FSDP
+  reshards after forward fail with one line naming the numbers, before any process group
+  (``job_checks.check_job`` is what the trainer calls first).
 - Training parity (real `meshforge train` ranks, gloo): per-step losses and final weights
   equal one process within 1e-5 relative. Default: cp2 ring, cp2 all-to-all, cp2 x pp2.
   Slow: cp4 ring, cp2 x tp2, cp2 x fsdp2 (ring and all-to-all), cp2 on DeepSpeed ZeRO-2
   and ZeRO-3, document masking (and validation) under cp2, pp2 and cp2 x pp2
-  (interleaved), cp2 with activation checkpointing, cp2 with compiled blocks, a cp2
-  checkpoint resumed in one process and one process's checkpoint resumed under cp2.
+  (interleaved), cp2 x pp2 with the zero-bubble schedule, cp2 with activation checkpointing,
+  cp2 with compiled blocks, a cp2 checkpoint resumed in one process and one process's checkpoint resumed under cp2.
   MoE and expert parallel with cp: ``test_parallel_cp_moe.py``.
   The attention cores themselves are checked, with their traffic counted, in
   ``test_cp_attention.py``.
@@ -62,9 +63,12 @@ def test_cp_config_is_checked_before_any_process_group():
     _check(2, parallel__cp=2, model__moe_experts=4)  # more in test_parallel_cp_moe.py
     _check(4, parallel__cp=2, parallel__pp=2)
     _check(4, parallel__cp=2, parallel__pp=2, data__document_mask=True)
-    with pytest.raises(ConfigError, match=r"parallel.pp_schedule = 'zero_bubble' with data parallel \(dp_replicate x "
-                                          r"dp_shard x cp = 1 x 1 x 2\)"):
+    with pytest.raises(ConfigError, match=r"parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel "
+                                          r"\(dp_replicate x dp_shard x cp = 1 x 1 x 2\) needs "
+                                          r"parallel.fsdp_reshard_after_forward = false"):
         _check(4, parallel__cp=2, parallel__pp=2, parallel__pp_schedule="zero_bubble")
+    _check(4, parallel__cp=2, parallel__pp=2, parallel__pp_schedule="zero_bubble",
+           parallel__fsdp_reshard_after_forward=False, model__n_layers=4)
     with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet "
                                           r"\(parallel.tp = 2\)"):
         _check(4, parallel__cp=2, parallel__tp=2, data__document_mask=True)
@@ -144,6 +148,9 @@ def test_cp2_on_deepspeed_matches_single_process(stage, tiny_data, single_proces
     ("cp2-x-tp2", 4, ("--parallel.cp", "2", "--parallel.tp", "2")),
     ("cp2-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2")),
     ("cp2-alltoall-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2", "--parallel.cp_method", "alltoall")),
+    # zero-bubble's split backward with the FSDP2 that cp brings: parameters gathered until the weight pass
+    ("cp2-x-pp2-zero-bubble", 4, ("--parallel.cp", "2", "--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble",
+                                  "--parallel.fsdp_reshard_after_forward", "false")),
 ])
 def test_cp_layouts_match_single_process(name, world, overrides, tiny_data, single_process_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *overrides)

@@ -21,6 +21,8 @@ from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, r
 
 PP_ARGS = ("--model.tie_embeddings", "false", "--train.eval_interval", "5")
 """What every run here adds to PARITY_ARGS (the reference too)."""
+ZB_FSDP = ("--parallel.fsdp_reshard_after_forward", "false")
+"""What zero_bubble needs under FSDP2 data parallel (check_job refuses it without)."""
 
 
 def _metric(out, key: str) -> dict[int, float]:
@@ -60,6 +62,10 @@ def untied_ref(tiny_data, tmp_path_factory):
     ("pp2-interleaved-1f1b", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
     ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
     ("pp2xfsdp2", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
+    # the split backward under FSDP2: every unit keeps its gathered parameters until the weight pass
+    ("pp2-zero-bubble-xfsdp2", 4, ("--parallel.pp_schedule", "zero_bubble", *ZB_FSDP)),
+    pytest.param("pp2-zero-bubble-xdp-replicate2", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.dp_replicate",
+                                                       "2", "--parallel.dp_shard", "1", *ZB_FSDP), marks=pytest.mark.slow),
     ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
     ("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
 ])
@@ -147,9 +153,10 @@ def test_pipeline_plan():
         plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cuda")
 
 
-def test_zero_bubble_with_data_parallel_is_refused():
-    """pp x FSDP2 data parallel x zero_bubble drifts from one process (~1% in 10 steps, torch 2.13): refused
-    with the degrees before any process group; without data parallel it runs (parity in LAYOUTS)."""
+def test_zero_bubble_with_fsdp_needs_gathered_params():
+    """pp x FSDP2 data parallel x zero_bubble with FSDP units resharded after forward loses the weight gradients
+    of those units (torch 2.13's split backward lists the sharded parameters): refused with the degrees before any
+    process group; with parallel.fsdp_reshard_after_forward = false it runs (parity in the layouts above)."""
     from meshforge.parallel.job_checks import check_job
 
     def check(world: int, *args: str):
@@ -160,10 +167,34 @@ def test_zero_bubble_with_data_parallel_is_refused():
     assert check(2).schedule == "zero_bubble"
     for world, extra, degrees in ((4, (), "1 x 2 x 1"), (4, ("--parallel.dp_replicate", "2"), "2 x 1 x 1"),
                                   (8, ("--parallel.dp_replicate", "2"), "2 x 2 x 1")):
-        with pytest.raises(ConfigError, match=rf"zero_bubble' with data parallel \(dp_replicate x dp_shard x cp = "
-                                              rf"{degrees}\).*use parallel.pp_schedule = 'interleaved_1f1b'"):
+        with pytest.raises(ConfigError, match=rf"zero_bubble' with FSDP2 data parallel \(dp_replicate x dp_shard x cp = "
+                                              rf"{degrees}\) needs parallel.fsdp_reshard_after_forward = false: .*"
+                                              rf"use parallel.pp_schedule = 'interleaved_1f1b'"):
             check(world, *extra)
+        assert check(world, *extra, *ZB_FSDP).schedule == "zero_bubble"
     assert check(4, "--parallel.pp_schedule", "interleaved_1f1b").schedule == "interleaved_1f1b"
+
+
+def test_zero_bubble_with_activation_checkpointing_is_refused():
+    """The split backward recomputes a checkpointed block in both passes; torch 2.13's composable checkpoint
+    fails the second time (AttributeError in the weight pass, with or without data parallel). Refused
+    before any process group, in both modes; the same run without checkpointing trains."""
+    from meshforge.parallel.job_checks import check_job
+
+    def check(*args: str):
+        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp",
+                                        "2", "--parallel.pp_schedule", "zero_bubble", *args])
+        return check_job(cfg, resolve_degrees(cfg.parallel, 2), "cpu")
+
+    for mode in ("full", "selective"):
+        with pytest.raises(ConfigError, match=rf"zero_bubble' with parallel.activation_checkpointing = '{mode}': "
+                                              r"torch's split backward recomputes a checkpointed block twice.*"
+                                              r"use activation_checkpointing = 'none' or pp_schedule = "
+                                              r"'interleaved_1f1b'"):
+            check("--parallel.activation_checkpointing", mode)
+    assert check().schedule == "zero_bubble"
+    assert check("--parallel.activation_checkpointing", "full", "--parallel.pp_schedule",
+                 "interleaved_1f1b").schedule == "interleaved_1f1b"
 
 
 def test_default_microbatches_follow_help_config():

@@ -83,6 +83,9 @@ def test_tied_pipeline_checkpoint_resumes(tiny_data, tied_ref, tmp_path):
     ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
     ("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
     ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
+    # the split backward under FSDP2 (which needs the parameters gathered until the weight pass)
+    ("pp2xfsdp2-zero-bubble", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.fsdp_reshard_after_forward",
+                                  "false")),
     ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
 ])
 def test_tied_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, tied_ref, tmp_path):

@@ -249,6 +249,18 @@ def test_enumeration_only_yields_layouts_the_code_accepts():
     assert {lay.tp for lay, _ in layouts} == {1, 2, 4, 8}
 
 
+def test_enumeration_proposes_zero_bubble_with_data_parallel_only_unresharded():
+    """zero_bubble under FSDP2 data parallel needs the parameters gathered until the weight pass (job_checks):
+    the planner proposes it with fsdp-zero2 and never with fsdp-zero3."""
+    cfg = load_config("small", {"train.global_batch_size": 16})
+    layouts, refused = enumerate_layouts(cfg, 8, 8, ac_modes=("none",), max_micro_batch=2)
+    zb = [lay for lay, _ in layouts if lay.pp > 1 and lay.schedule == "zero_bubble" and lay.sharded]
+    assert zb and {lay.zero for lay in zb} == {"fsdp-zero2"}
+    assert any(k.startswith("parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel") for k in refused)
+    for lay in zb[::7]:
+        check_layout(cfg, lay)
+
+
 def test_chunks_and_coordinates():
     assert [chunk_len(10, 4, i) for i in range(4)] == [3, 3, 3, 1]
     assert [chunk_len(5, 4, i) for i in range(4)] == [2, 2, 1, 0]

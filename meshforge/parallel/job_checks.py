@@ -51,12 +51,22 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
                             ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
             if value % d.tp:
                 raise ConfigError(f"{name} = {value} does not divide by parallel.tp = {d.tp}")
-    if d.pp > 1 and p.pp_schedule == "zero_bubble" and p.dp_backend == "fsdp2" and d.dp * d.cp > 1:
-        raise ConfigError(f"parallel.pp_schedule = 'zero_bubble' with data parallel (dp_replicate x dp_shard x cp = "
-                          f"{d.dp_replicate} x {d.dp_shard} x {d.cp}): under FSDP2 its split backward (input, then "
-                          "weight gradients) does not match the single-process run in torch "
-                          f"{torch.__version__.split('+')[0]} (tested: ~1% loss drift in 10 steps); use "
-                          "parallel.pp_schedule = 'interleaved_1f1b' (the same stages per rank)")
+    if (d.pp > 1 and p.pp_schedule == "zero_bubble" and p.dp_backend == "fsdp2" and d.dp * d.cp > 1
+            and p.fsdp_reshard_after_forward):
+        raise ConfigError(f"parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel (dp_replicate x dp_shard x "
+                          f"cp = {d.dp_replicate} x {d.dp_shard} x {d.cp}) needs parallel.fsdp_reshard_after_forward "
+                          "= false: torch's split backward takes a stage's weights from its parameter list before "
+                          "the input-gradient pass, where an FSDP unit resharded after forward lists its sharded "
+                          "parameters, so those weights would get no gradient (torch "
+                          f"{torch.__version__.split('+')[0]}); or use parallel.pp_schedule = 'interleaved_1f1b' "
+                          "(the same stages per rank)")
+    if d.pp > 1 and p.pp_schedule == "zero_bubble" and p.activation_checkpointing != "none":
+        raise ConfigError(f"parallel.pp_schedule = 'zero_bubble' with parallel.activation_checkpointing = "
+                          f"{p.activation_checkpointing!r}: torch's split backward recomputes a checkpointed block "
+                          "twice (in the input-gradient pass, then in the weight-gradient pass, each its own autograd "
+                          "call), and the composable checkpoint's recompute context can be entered only once (torch "
+                          f"{torch.__version__.split('+')[0]} fails in the weight pass); use "
+                          "activation_checkpointing = 'none' or pp_schedule = 'interleaved_1f1b'")
     if cfg.data.document_mask and d.tp > 1:
         raise ConfigError(f"data.document_mask does not work with tensor parallelism yet (parallel.tp = {d.tp}); "
                           "use tp = 1 or turn the mask off")
