@@ -49,6 +49,7 @@ checkpointing, compile and FSDP applied to each stage module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -291,15 +292,9 @@ InputsFn = Callable[[torch.Tensor], tuple[tuple, torch.Tensor]]
 """A loader batch -> (the model's positional inputs, targets): the objective's ``model_inputs``."""
 
 
-def _contiguous(x):
-    return x.contiguous() if isinstance(x, torch.Tensor) else x
-
-
 def stage_takes_mesh() -> bool:
     """Whether this torch's ``PipelineStage`` takes ``get_mesh`` (its stages then pass DTensor
     activations, as TP + SP produce; torch 2.11's stages pass plain tensors only)."""
-    import inspect
-
     from torch.distributed.pipelining import PipelineStage
 
     return "get_mesh" in inspect.signature(PipelineStage.__init__).parameters
@@ -349,8 +344,7 @@ class PipelineRunner:
         self.stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, **dtensor_kw)
                        for part, sid in zip(model.parts, model.stage_ids)]
         self.schedule = None  # built for the keyword inputs of the first batch (see _schedule_for)
-        self._schedule_trains = True
-        """Whether ``schedule`` last ran a training step (else an evaluation)."""
+        self._schedule_trains = True  # whether it was built for training (else for evaluation)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
         self._loss_holders = dist.get_world_size() // self.plan.pp
         tied = model.cfg.tie_embeddings and (model.has_first or model.has_last)
@@ -361,9 +355,8 @@ class PipelineRunner:
         tensors split into microbatches with the batch, except the shared RoPE ``positions`` and the
         runner's own ``stage_kwargs`` (flags such as ``return_hidden``), which every microbatch shares.
 
-        Built anew at each switch between training and evaluation: a schedule sets up its stages'
-        receive buffers once, with or without gradients, and torch 2.11's schedules keep them
-        across the switch (newer ones redo it themselves, just as a new schedule does)."""
+        Built anew at each train/eval switch: a schedule sets up its stages' receive buffers once, with
+        or without gradients, and torch 2.11's keep them across the switch (newer ones redo it)."""
         if self.schedule is None or self._schedule_trains != train:
             self._schedule_trains = train
             from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
@@ -393,10 +386,11 @@ class PipelineRunner:
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
         kwargs.update(self.stage_kwargs)
-        # contiguous: torch 2.11's stages check input strides against their inferred metadata
-        # (``batch[:, :-1]`` is a strided view); the copies are of token ids and masks only
-        args = tuple(_contiguous(a) for a in inputs) if self.model.has_first else ()
-        kwargs = {k: _contiguous(v) for k, v in kwargs.items()}
+        # contiguous (token ids and masks): torch 2.11's stages check input strides against
+        # their inferred metadata, and ``batch[:, :-1]`` is a strided view
+        same = lambda x: x.contiguous() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        args = tuple(map(same, inputs)) if self.model.has_first else ()
+        kwargs = {k: same(v) for k, v in kwargs.items()}
         target = targets if self.model.has_last else None
         self._parts.clear()
         n = self.plan.n_microbatches
