@@ -33,6 +33,7 @@ from meshforge.parallel.mesh import resolve_degrees
 from meshforge.parallel.pipeline import plan_pipeline
 from parallel_harness import REPO, TP_ATOL, assert_parity, free_port, train_layout
 from test_encoder_decoder_train import T5_ARGS, t5_data  # noqa: F401  (the module-scoped data fixture)
+from torch_compat import pp_tp
 
 PAR_ARGS = (*T5_ARGS, "--train.eval_interval", "5", "--train.eval_batches", "2")
 """A 2+2-layer fp32 T5 (relative position bias, untied output), 10 steps, validation every 5."""
@@ -68,8 +69,8 @@ def _assert_parity(ref, got, atol: float) -> None:
     # the same with input and weight gradients computed apart, the passed-through tensors included
     ("pp2-zero-bubble", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble"), 1e-6),
     # encoder layer 0 | encoder layer 1 + decoder: DTensor activations and head-sharded biases cross
-    ("pp2xtp2-gpipe", 4, ("--parallel.pp", "2", "--parallel.pp_schedule", "gpipe", "--parallel.pp_split", "1",
-                          "--parallel.tp", "2"), TP_ATOL),
+    pp_tp("pp2xtp2-gpipe", 4, ("--parallel.pp", "2", "--parallel.pp_schedule", "gpipe", "--parallel.pp_split", "1",
+                               "--parallel.tp", "2"), TP_ATOL),
 ])
 def test_encoder_decoder_layouts_match_single_process(name, world, overrides, atol, t5_data, ref,  # noqa: F811
                                                       tmp_path):

@@ -16,6 +16,7 @@ import json
 import pytest
 
 from parallel_harness import REPO, TP_ATOL, assert_parity, start_ranks, train_layout
+from torch_compat import pp_tp
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_fused_loss_matches_plain_and_one_process(layout_report, layout):
     ("fsdp2-with-eval", 2, ("--train.eval_interval", "5"), 1e-6),  # evaluation (no_grad) between steps too
     ("tp2-loss-parallel", 2, ("--parallel.tp", "2"), TP_ATOL),
     ("pp2", 2, ("--parallel.pp", "2"), 1e-6),
-    ("pp2-x-tp2", 4, ("--parallel.pp", "2", "--parallel.tp", "2"), TP_ATOL),
+    pp_tp("pp2-x-tp2", 4, ("--parallel.pp", "2", "--parallel.tp", "2"), TP_ATOL),
     ("pp2-x-fsdp2", 4, ("--parallel.pp", "2", "--parallel.dp_shard", "2"), 1e-6),
     ("fsdp2-x-tp2", 4, ("--parallel.dp_shard", "2", "--parallel.tp", "2"), TP_ATOL),
     ("cp2", 2, ("--parallel.cp", "2"), TP_ATOL),

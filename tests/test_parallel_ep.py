@@ -16,6 +16,7 @@ from meshforge.cli import main as cli_main
 from meshforge.config import load_config
 from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
+from torch_compat import pp_tp
 
 MOE_ARGS = ("--model.moe_experts", "4", "--model.moe_top_k", "2")
 CAPACITY_ARGS = (*MOE_ARGS, "--model.moe_capacity_factor", "1.0")
@@ -66,7 +67,7 @@ def _moe_metrics(out) -> dict[tuple[int, str], float]:
     # 4 stages over 2 ranks: each rank's MoE layers sit on two stages
     ("pp2-interleaved", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
     ("pp2xep2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.ep", "2")),
-    ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
 ])
 def test_moe_pipeline_matches_single_process(name, world, overrides, tiny_data, moe_pp_ref, tmp_path):
     """Losses, weights, and every router metric of every step (load per layer, aux and z losses,

@@ -18,6 +18,7 @@ from meshforge.config import ConfigError, load_config
 from meshforge.parallel.mesh import resolve_degrees
 from meshforge.parallel.pipeline import plan_pipeline, split_layers
 from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
+from torch_compat import pp_tp
 
 PP_ARGS = ("--model.tie_embeddings", "false", "--train.eval_interval", "5")
 """What every run here adds to PARITY_ARGS (the reference too)."""
@@ -66,8 +67,8 @@ def untied_ref(tiny_data, tmp_path_factory):
     ("pp2-zero-bubble-xfsdp2", 4, ("--parallel.pp_schedule", "zero_bubble", *ZB_FSDP)),
     pytest.param("pp2-zero-bubble-xdp-replicate2", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.dp_replicate",
                                                        "2", "--parallel.dp_shard", "1", *ZB_FSDP), marks=pytest.mark.slow),
-    ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
-    ("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
 ])
 def test_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, untied_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, "--parallel.pp", "2", *PP_ARGS, *overrides)
@@ -195,6 +196,28 @@ def test_zero_bubble_with_activation_checkpointing_is_refused():
     assert check().schedule == "zero_bubble"
     assert check("--parallel.activation_checkpointing", "full", "--parallel.pp_schedule",
                  "interleaved_1f1b").schedule == "interleaved_1f1b"
+def test_pp_x_tp_is_refused_where_stages_pass_no_dtensors(monkeypatch):
+    """torch 2.11's PipelineStage takes no get_mesh and cannot pass TP + SP's DTensor activations: a pp x tp
+    job there fails in check_job with the layout and the way out; pp or tp alone still plans, and the planner
+    (no device type: another machine's torch) still accepts pp x tp."""
+    from meshforge.parallel import job_checks
+    from meshforge.parallel.job_checks import check_job
+
+    def check(world: int, *args: str, device_type: str | None = "cpu"):
+        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4",
+                                        "--train.micro_batch_size", "1", *args])
+        return check_job(cfg, resolve_degrees(cfg.parallel, world), device_type)
+
+    pp_tp = ("--parallel.pp", "2", "--parallel.tp", "2", "--parallel.pp_schedule", "1f1b")
+    monkeypatch.setattr(job_checks, "stage_takes_mesh", lambda: False)
+    with pytest.raises(ConfigError, match=r"parallel.pp = 2 with parallel.tp = 2: .*DTensor .*torch \d+\.\d+.*"
+                                          r"use parallel.pp or parallel.tp alone"):
+        check(4, *pp_tp)
+    assert check(4, *pp_tp, device_type=None).n_stages == 2
+    assert check(2, "--parallel.pp", "2").n_stages == 2
+    assert check(2, "--parallel.tp", "2") is None
+    monkeypatch.setattr(job_checks, "stage_takes_mesh", lambda: True)
+    assert check(4, *pp_tp).n_stages == 2
 
 
 def test_default_microbatches_follow_help_config():

@@ -14,6 +14,7 @@ import torch
 
 from parallel_harness import PARITY_ARGS, read_result, run_ranks, train_layout
 from test_parallel_pp import _assert_pp_parity
+from torch_compat import pp_tp
 
 TIED_ARGS = ("--model.tie_embeddings", "true", "--train.eval_interval", "5")
 DEFAULT_MICRO = ("--train.micro_batch_size", "0")
@@ -80,8 +81,8 @@ def test_tied_pipeline_checkpoint_resumes(tiny_data, tied_ref, tmp_path):
     ("pp2xfsdp2-interleaved", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
     # the embedding rowwise and the output colwise over tp 2: both shard the shared matrix's rows
     # (the embedding's gradient comes back replicated over tp and is sliced to the weight's rows first)
-    ("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
-    ("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
     ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
     # the split backward under FSDP2 (which needs the parameters gathered until the weight pass)
     ("pp2xfsdp2-zero-bubble", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.fsdp_reshard_after_forward",

@@ -102,18 +102,20 @@ class EncoderDecoderStage(EncoderDecoder):
         if self.encoder.norm is not None:
             h = self.encoder.norm(h)
         if self.end < self.n_enc:  # the encoder goes on on the next stage
-            return _sendable((h, enc_pos, y, dec_pos) if self.relative else (h, y))
+            return _sendable((h, enc_pos, y, dec_pos) if self.relative else (h, y), acts)
         if self.decoder.layers:
             self_bias = add_biases(dec_pos, self.decoder.mask_bias(y.shape[1], None, y.device))
             y = self.decoder_layers(y, h, self_bias, padding_bias(src_mask))
         if not self.last:
-            return _sendable((h, y, dec_pos) if self.relative else (h, y))
+            return _sendable((h, y, dec_pos) if self.relative else (h, y), acts)
         return self.logits(y)
 
 
-def _sendable(acts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Activations as point-to-point sends need them: contiguous (a position bias is a permuted view)."""
-    return tuple(t.contiguous() for t in acts)
+def _sendable(out: tuple[torch.Tensor, ...], acts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Activations as point-to-point sends need them: contiguous (a position bias is a permuted view), and
+    a tensor this stage only passes on is a copy, not its input (a pipeline runtime may detach a stage's
+    outputs in place after their backward: torch 2.11's split backward, zero-bubble's, does)."""
+    return tuple(t.clone() if any(t is a for a in acts) else t.contiguous() for t in out)
 
 
 class _Names(nn.Module):

@@ -17,14 +17,15 @@ from ..kernels.apply import check_fused_kernels
 from ..models import families_with, family_spec
 from .deepspeed_engine import check_deepspeed
 from .mesh import Degrees
-from .pipeline import PipelinePlan, plan_pipeline
+from .pipeline import PipelinePlan, plan_pipeline, stage_takes_mesh
 
 
 def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> PipelinePlan | None:
     """Every relation between the degrees and the model, batch and backend, named with its numbers
     (ConfigError); with ``parallel.pp > 1`` the pipeline plan, which checks the split and microbatches.
 
-    ``device_type`` (when known) also checks the pipeline schedule against ``parallel.compile``.
+    ``device_type`` (when known: the job runs here, with this torch; the planner passes none) also
+    checks the pipeline schedule against ``parallel.compile`` and pp x tp against this torch's pipelining.
     """
     m, t, p = cfg.model, cfg.train, cfg.parallel
     if d.cp > 1:
@@ -51,6 +52,11 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
                             ("FFN width (model.ffn_dim)", m.hidden_dim), ("model.vocab_size", m.vocab_size)):
             if value % d.tp:
                 raise ConfigError(f"{name} = {value} does not divide by parallel.tp = {d.tp}")
+    if d.pp > 1 and d.tp > 1 and device_type is not None and not stage_takes_mesh():
+        raise ConfigError(f"parallel.pp = {d.pp} with parallel.tp = {d.tp}: the stages hand each other DTensor "
+                          f"activations (TP + SP's residual stream), which torch {torch.__version__.split('+')[0]}'s "
+                          "pipelining cannot send (its PipelineStage takes no get_mesh; torch 2.13's does); use "
+                          "parallel.pp or parallel.tp alone here, or a newer torch")
     if (d.pp > 1 and p.pp_schedule == "zero_bubble" and p.dp_backend == "fsdp2" and d.dp * d.cp > 1
             and p.fsdp_reshard_after_forward):
         raise ConfigError(f"parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel (dp_replicate x dp_shard x "

@@ -49,6 +49,7 @@ checkpointing, compile and FSDP applied to each stage module.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -291,6 +292,14 @@ InputsFn = Callable[[torch.Tensor], tuple[tuple, torch.Tensor]]
 """A loader batch -> (the model's positional inputs, targets): the objective's ``model_inputs``."""
 
 
+def stage_takes_mesh() -> bool:
+    """Whether this torch's ``PipelineStage`` takes ``get_mesh`` (its stages then pass DTensor
+    activations, as TP + SP produce; torch 2.11's stages pass plain tensors only)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    return "get_mesh" in inspect.signature(PipelineStage.__init__).parameters
+
+
 def lm_inputs(batch: torch.Tensor) -> tuple[tuple, torch.Tensor]:
     """Next-token prediction: inputs are the first ``seq_len`` tokens, targets the last."""
     return (batch[:, :-1],), batch[:, 1:]
@@ -330,19 +339,26 @@ class PipelineRunner:
             # one): rebuild them on this rank's sub-mesh of the same named dims
             return mesh[dim_names if len(dim_names) > 1 else dim_names[0]]
 
-        self.stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, get_mesh=get_mesh)
+        # torch 2.11's PipelineStage takes no get_mesh: its stages pass plain tensors only (check_job)
+        dtensor_kw = {"get_mesh": get_mesh} if stage_takes_mesh() else {}
+        self.stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, **dtensor_kw)
                        for part, sid in zip(model.parts, model.stage_ids)]
         self.schedule = None  # built for the keyword inputs of the first batch (see _schedule_for)
+        self._schedule_trains = True  # whether it was built for training (else for evaluation)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
         self._loss_holders = dist.get_world_size() // self.plan.pp
         tied = model.cfg.tie_embeddings and (model.has_first or model.has_last)
         self.tied = TiedEmbeddingGrads(model.tok_embeddings.weight if tied else None, self.pp_group, model.has_last)
 
-    def _schedule_for(self, kwargs: dict):
-        """The schedule (built once, for the keyword inputs every batch of the job has): keyword
+    def _schedule_for(self, kwargs: dict, train: bool):
+        """The schedule (built for the keyword inputs every batch of the job has): keyword
         tensors split into microbatches with the batch, except the shared RoPE ``positions`` and the
-        runner's own ``stage_kwargs`` (flags such as ``return_hidden``), which every microbatch shares."""
-        if self.schedule is None:
+        runner's own ``stage_kwargs`` (flags such as ``return_hidden``), which every microbatch shares.
+
+        Built anew at each train/eval switch: a schedule sets up its stages' receive buffers once, with
+        or without gradients, and torch 2.11's keep them across the switch (newer ones redo it)."""
+        if self.schedule is None or self._schedule_trains != train:
+            self._schedule_trains = train
             from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 
             shared = set(SHARED_KWARGS) | set(self.stage_kwargs)
@@ -370,12 +386,16 @@ class PipelineRunner:
         # first-stage inputs; keyword inputs (an encoder-decoder's source mask) go to every stage
         inputs, kwargs = self.model.stage_inputs(inputs)
         kwargs.update(self.stage_kwargs)
-        args = inputs if self.model.has_first else ()
+        # contiguous (token ids and masks): torch 2.11's stages check input strides against
+        # their inferred metadata, and ``batch[:, :-1]`` is a strided view
+        same = lambda x: x.contiguous() if isinstance(x, torch.Tensor) else x  # noqa: E731
+        args = tuple(map(same, inputs)) if self.model.has_first else ()
+        kwargs = {k: same(v) for k, v in kwargs.items()}
         target = targets if self.model.has_last else None
         self._parts.clear()
         n = self.plan.n_microbatches
         with self.autocast(), collect_router_stats(self.model.parts, stats or RouterStats()):
-            schedule = self._schedule_for(kwargs)
+            schedule = self._schedule_for(kwargs, train)
             if train:
                 schedule.step(*args, target=target, return_outputs=False, **kwargs)
             else:
