@@ -115,21 +115,22 @@ def _chunked_loss(hidden, w, targets, z_loss_coef, logit_scale, chunk_size, grad
         if z_loss_coef:
             z_sum += (lse.square() * m).sum()
         if grad_h is None and grad_w is None:
+            del logits  # before the next chunk's: one vocab-wide block at a time
             continue
         # logits becomes dz in place: (softmax * (1 + 2 coef lse) - onehot) * mask / count, times s
-        dz = logits.sub_(lse[:, None]).exp_()
+        logits.sub_(lse[:, None]).exp_()
         if z_loss_coef:
-            dz.mul_(1 + 2 * z_loss_coef * lse[:, None])
-        dz.scatter_add_(1, y[:, None], -onehot[:, None])
-        dz = dz.mul_((m.float() * logit_scale / count)[:, None]).to(w.dtype)
+            logits.mul_(1 + 2 * z_loss_coef * lse[:, None])
+        logits.scatter_add_(1, y[:, None], -onehot[:, None])
+        dz = logits.mul_((m.float() * logit_scale / count)[:, None]).to(w.dtype)
+        del logits  # 16-bit: the fp32 block goes (fp32: dz is that block)
         if grad_h is not None:
             grad_h[rows] = (dz @ w).to(grad_h.dtype)
-        if grad_w is None:
-            continue
-        if dz.dtype == torch.float32:
+        if grad_w is not None and dz.dtype == torch.float32:
             grad_w.addmm_(dz.t(), h)
-        else:
+        elif grad_w is not None:
             _accumulate_low_precision(grad_w, dz, h)
+        del dz
     return ce_sum / count, z_loss_coef * z_sum / count
 
 
