@@ -5,7 +5,8 @@ decoder twice (same seed), parallelizes both with :func:`meshforge.parallel.para
 one forward + backward with the plain loss on one and with ``fused_output_loss`` on the other
 (pipeline: one schedule step each), and compares the global loss and every full gradient with
 each other and with the same model in one process (plain loss, whole batch). It also records
-the largest logits-shaped tensor autograd saved during each forward. Rank 0 writes a JSON report.
+the largest logits-shaped tensor autograd saved during each forward. Then the kernel's vocab-parallel
+path under bf16 autocast against one process (``vp_bf16``). Rank 0 writes a JSON report.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/fused_loss_check.py OUT.json
 """
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from meshforge.config import load_config
+from meshforge.kernels.fused_loss import fused_linear_lm_loss
 from meshforge.models import build_model
 from meshforge.models.losses import IGNORE_INDEX, lm_loss
 from meshforge.parallel import build_mesh, parallelize
@@ -97,6 +99,37 @@ def run_layout(name: str, fused: bool, batch, targets):
     return float(loss), grads, saved
 
 
+def vocab_parallel_bf16() -> dict:
+    """The kernel's vocab-parallel path under bf16 autocast (each rank a vocab slice of W, every token)
+    against the plain loss in one process on the whole W, under the same autocast and in fp32: relative
+    gaps of the loss, the full dh (summed over ranks) and the full dW (gathered)."""
+    g = torch.Generator().manual_seed(1)
+    dim, rank, world = 32, dist.get_rank(), dist.get_world_size()
+    hidden = torch.randn(BATCH * SEQ, dim, generator=g)
+    weight = torch.randn(VOCAB, dim, generator=g) * (2 / dim ** 0.5)  # logits of a few units
+    targets = batch_and_targets()[1].flatten()
+    rows = VOCAB // world
+
+    def run(w, autocast, **group):  # with group: the fused kernel; without: the plain linear + lm_loss
+        h, w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fused_linear_lm_loss(h, w, targets, COEF, chunk_size=24, **group) if group else h @ w.t()
+        out = out if group else lm_loss(out, targets, COEF)
+        out.total.backward()
+        return out.total.detach(), h.grad, w.grad
+
+    loss, gh, gw = run(weight[rank * rows:(rank + 1) * rows], True, group=dist.group.WORLD, vocab_start=rank * rows)
+    dist.all_reduce(gh)  # the partial sums of the vocab slices
+    slices = [torch.empty_like(gw) for _ in range(world)]
+    dist.all_gather(slices, gw)
+    got = (loss, gh, torch.cat(slices))
+    report = {}
+    for name, ref in (("bf16", run(weight, True)), ("fp32", run(weight, False))):
+        for key, a, b in zip(("loss", "gh", "gw"), got, ref):
+            report[f"{key}_vs_{name}"] = ((a - b).norm() / b.norm()).item()
+    return report
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -120,6 +153,7 @@ def main(out_path: str) -> None:
             "grad_vs_plain": max((fused_grads[k] - plain_grads[k]).abs().max().item() for k in names),
             "grad_scale": max(ref_grads[k].abs().max().item() for k in names),
             "fused_saved": fused_saved, "plain_saved": plain_saved}
+    report["vp_bf16"] = vocab_parallel_bf16()
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)
     if dist.get_rank() == 0:

@@ -412,7 +412,10 @@ def test_fused_loss_has_no_logits_in_the_activation_estimate():
     B, T, D, V = 16, 128, cfg.model.dim, cfg.model.vocab_size
     plain = head_activation_bytes(cfg, B, T, 1, 4)
     fused = head_activation_bytes(cfg, B, T, 1, 4, fused=True)
-    assert plain - fused == 5 * 4 * B * T * V - (4 * B * T * D + 4 * V * D + 2 * 4 * B * T * D)
+    assert plain - fused == 5 * 4 * B * T * V - (4 * B * T * D + 4 * V * D + 4 * B * T * D)
+    # bf16: dh in bf16, a bf16 copy of the weight for the matmuls, the chunk's fp32 logits and their bf16 copy
+    bf16 = head_activation_bytes(cfg, B, T, 1, 2, fused=True) - head_activation_bytes(cfg, B, T, 1, 2)
+    assert bf16 == (2 * B * T * D + 4 * V * D + 2 * V * D + (4 + 2) * B * T * D) - 5 * 4 * B * T * V
     on = estimate_memory(cfg, Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")["activations"]
     off = estimate_memory(load_config("small", {"train.fused_loss": "off"}), Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")
     assert off["activations"] - on == plain - fused

@@ -106,14 +106,15 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused
     target gather's scatter (5 in all).
 
     ``fused`` (``train.fused_loss`` on, ``kernels/fused_loss.py``): no ``[tokens, vocab]`` logits.
-    The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD/tp``), takes an fp32 copy
-    of a bf16 weight, and holds one chunk's fp32 logits and their scaled copy (the default chunk
-    makes a chunk's logits about ``BTD/tp`` elements)."""
+    The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD/tp``); in 16 bits (``e``
+    = 2) its matmuls take a 16-bit copy of an fp32 weight (or, with 16-bit parameters, return dW in
+    16 bits), and it holds one chunk's fp32 logits, plus their 16-bit copy in 16 bits (the default
+    chunk makes a chunk's logits about ``BTD/tp`` elements)."""
     BT, V, D = B * T, cfg.model.vocab_size, cfg.model.dim
     norm = 4 * BT * D // tp + e * BT * D
     if fused:  # under tp the fused loss is vocab-parallel: the weight, dW and a chunk's logits are V / tp wide
-        Vl = V // tp
-        return norm + e * BT * D + 4 * Vl * D + (4 * Vl * D if e != 4 else 0) + 2 * 4 * BT * D // tp
+        Vl, low = V // tp, e if e != 4 else 0
+        return norm + e * BT * D + 4 * Vl * D + low * Vl * D + (4 + low) * BT * D // tp
     buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
     return norm + buffers * 4 * BT * V // tp
 

@@ -148,9 +148,9 @@ class TrainStep:
             args, targets = split_for_context_parallel(args, targets, self.setup.mesh["cp"].get_local_rank(),
                                                        degrees.cp)
         if self.setup.fused_loss:  # a decoder (use_fused_loss); FSDP2 / TP layouts: fused_output_loss
-            with self.autocast():
+            with self.autocast():  # the loss too: its matmuls take autocast's dtype, as the output layer's would
                 hidden = model(*args, return_hidden=True)
-            return fused_output_loss(model, hidden, targets, cfg.train.z_loss_coef)
+                return fused_output_loss(model, hidden, targets, cfg.train.z_loss_coef)
         with self.autocast():
             logits = model(*args)
         # tp > 1 with parallel.loss_parallel: logits are vocab-sharded DTensors, never gathered
