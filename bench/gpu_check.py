@@ -88,17 +88,23 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _dry_compile_backend(backend: str) -> None:
-    """--dry: per-block torch.compile goes through TorchDynamo (graph capture, guards) but not
-    Inductor, whose C++ builds would take minutes on a small CPU machine."""
+    """--dry: torch.compile (per block, or the model scope's loss) goes through TorchDynamo (graph
+    capture, guards) but not Inductor, whose C++ builds would take minutes on a small CPU machine."""
     import torch
 
     original = torch.nn.Module.compile
+    original_fn = torch.compile
 
     def compile_with(self, *args, **kwargs):
         kwargs.setdefault("backend", backend)
         return original(self, *args, **kwargs)
 
+    def compile_fn_with(*args, **kwargs):
+        kwargs.setdefault("backend", backend)
+        return original_fn(*args, **kwargs)
+
     torch.nn.Module.compile = compile_with
+    torch.compile = compile_fn_with
 
 
 def run_worker(names: list[str], scratch: Path, cache: str, dry: bool, deadline: float) -> int:

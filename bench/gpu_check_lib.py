@@ -67,6 +67,9 @@ CASES: list[Case] = [
          "(SDPA, bf16 autocast, fused AdamW, per-layer torch.compile)", needs=("transformers",), dry_cap_s=90),
     Case("1b-fused-loss", "speed", "gpu_check_speed:fused_loss_toggle_case", 90,
          "as 1b with train.fused_loss the other way (on if auto chose off)"),
+    Case("compile_model", "speed", "gpu_check_speed:compile_model_case", 210,
+         "as 1b with parallel.compile_scope = model: the whole forward + loss compiled as one graph (compile "
+         "time in first_step_s)", option=("parallel.compile_scope", "model")),
     Case("1b-float8", "speed", "gpu_check_speed:float8_case", 120,
          "as 1b with float8 matmuls (torchao, tensorwise scaling)", option=FLOAT8, needs=("torchao",)),
     Case("1b-fused-kernels", "speed", "gpu_check_speed:fused_kernels_case", 120,

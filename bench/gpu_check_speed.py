@@ -162,6 +162,24 @@ def fused_kernels_case(ctx) -> dict:
     return out
 
 
+COMPILE_MODEL = ("--parallel.compile_scope", "model")
+"""The whole forward and loss as one compiled graph instead of each block (issue 16)."""
+FIRST_LOSS_TOL = 1e-2
+"""compile_model's first-step loss vs 1b's: the same weights and batch, bf16 arithmetic in another order."""
+
+
+def compile_model_case(ctx) -> dict:
+    """As 1b with ``parallel.compile_scope = model``; --dry compiles too (TorchDynamo's eager backend)."""
+    out = speed(ctx, "llama-1b", [*LLAMA_1B, *COMPILE_MODEL], [*DRY_DECODER, "--parallel.compile", "on"],
+                _one_b_micro(ctx))
+    _vs_one_b(ctx, out)
+    base = (ctx.prior(ONE_B) or {}).get("figures", {})
+    if base.get("micro_batch") == out["figures"]["micro_batch"]:
+        err = abs(out["figures"]["loss_first"] - base["loss_first"]) / abs(base["loss_first"])
+        out["checks"].append(check("first-step loss vs 1b's (same weights and batch)", err, FIRST_LOSS_TOL))
+    return out
+
+
 MOE = ("--model.n_layers", "2", "--parallel.ep", "1", "--parallel.compile", "on",
        "--parallel.activation_checkpointing", "none")
 """mixtral-8x's layer shape on one GPU: 2 layers (~3.1B parameters, ~0.9B active), no expert parallel."""
@@ -171,7 +189,8 @@ DRY_T5 = ("--model.vocab_size", "2048", "--model.dim", "64", "--model.n_layers",
           "--train.dtype", "fp32")
 CP2 = (*LLAMA_1B, "--data.seq_len", "8192", "--model.max_seq_len", "8192", "--parallel.cp", "2",
        "--parallel.cp_method", "ring")
-GPU_JOBS = {ONE_B: ("llama-1b", LLAMA_1B, ONE_B_MICRO), "moe": ("mixtral-8x", MOE, 2), "t5-base": ("t5-base", T5, 64),
+GPU_JOBS = {ONE_B: ("llama-1b", LLAMA_1B, ONE_B_MICRO), "compile_model": ("llama-1b", (*LLAMA_1B, *COMPILE_MODEL),
+                                                                         ONE_B_MICRO), "moe": ("mixtral-8x", MOE, 2), "t5-base": ("t5-base", T5, 64),
             "cp2": ("llama-1b", CP2, 1)}
 """Preset, overrides and micro batch of each GPU job (tests/test_gpu_check.py validates them on the CPU)."""
 

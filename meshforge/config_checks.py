@@ -47,6 +47,7 @@ def validate(cfg: JobConfig) -> None:
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
     _check_backend_options(cfg.parallel)
+    _check_compile_scope(cfg.parallel)
     if m.mup_base_dim < 0 or (m.mup_base_dim and (not spec.supports_mup or m.moe_experts)):
         raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
                           f"{families_with('supports_mup')!r}, model.moe_experts = 0) and needs a positive base width, or 0 "
@@ -145,6 +146,32 @@ def _check_backend_options(p: ParallelConfig) -> None:
                           f"parallel.dp_backend = '{backend}', which this job does not use (dp_backend = "
                           f"'{p.dp_backend}'); remove {'it' if len(changed) == 1 else 'them'}, or set "
                           f"parallel.dp_backend = '{backend}' (with '{p.dp_backend}' use {instead})")
+
+
+def _check_compile_scope(p: ParallelConfig) -> None:
+    """``parallel.compile_scope = model`` compiles the step's forward + loss: refuse what it cannot compile correctly."""
+    if p.compile_scope != "model":
+        return
+    if p.compile == "off":
+        raise ConfigError("parallel.compile_scope = 'model' says what to compile, but parallel.compile = 'off' compiles "
+                          "nothing; set parallel.compile = 'on' (or 'auto': GPU only), or leave compile_scope = 'blocks'")
+    why = None
+    if p.pp > 1:
+        why = (f"parallel.pp = {p.pp}: the pipeline schedule runs each stage and the loss itself, so there is no "
+               "whole-model forward to compile")
+    elif p.dp_backend == "deepspeed":
+        why = ("parallel.dp_backend = 'deepspeed': the step calls the DeepSpeed engine, whose ZeRO hooks and loss "
+               "scaling are its own, not the model (not tested under a compiled loss)")
+    elif p.ep > 1:
+        why = (f"parallel.ep = {p.ep}: the experts' all-to-all inside the compiled forward hangs the ranks (tested: a "
+               "collective timeout in step 1, torch 2.13)")
+    elif p.activation_checkpointing != "none":
+        why = (f"parallel.activation_checkpointing = {p.activation_checkpointing!r}: torch's checkpoint hooks on the "
+               "blocks break the whole-model graph at every block and fail in backward under it (tested: recomputed "
+               "tensors differ in metadata, torch 2.13)")
+    if why:
+        raise ConfigError(f"parallel.compile_scope = 'model' does not work with {why}; use parallel.compile_scope = "
+                          "'blocks' (each block compiled)")
 
 
 def micro_batch_size(t: TrainConfig, dp: int) -> int:

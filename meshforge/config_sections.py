@@ -163,7 +163,9 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """Activation checkpointing per block: ``none``, ``full``, ``selective`` (save matmul outputs, recompute the rest)."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """``torch.compile`` each block: ``auto`` (on for GPU, off for CPU), ``on``, ``off``."""
+    """``torch.compile``: ``auto`` (on for GPU, off for CPU), ``on``, ``off``; what is compiled is parallel.compile_scope."""
+    compile_scope: Literal["blocks", "model"] = "blocks"
+    """What ``parallel.compile`` compiles: ``blocks``, each transformer block on its own (compile time flat in depth); ``model``, the whole forward of a micro-batch together with its loss (output projection and cross-entropy fuse too; the backward is AOT-autograd's of that graph). ``model`` needs parallel.compile on or auto and is refused with pipeline parallel, DeepSpeed, expert parallel and activation checkpointing; under FSDP2 the graph breaks at each sharded module (its hooks run eagerly)."""
 
 
 @dataclass

@@ -77,10 +77,12 @@ class RanksFailed(AssertionError):
         return f"rank {self.failed[0]} exited with an error: " + (tail[-1] if tail else "(no stderr)")
 
 
-def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env: dict | None = None) -> list[str]:
-    """Run ``world_size`` ranks of ``python -m meshforge <args>`` to the end, within ``timeout`` seconds in all;
-    return their stderr; raise RanksFailed if any fails or time runs out (every rank is then killed)."""
-    procs = start_ranks(world_size, args, extra_env)
+def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env: dict | None = None,
+              script: list[str] | None = None) -> list[str]:
+    """Run ``world_size`` ranks of ``python -m meshforge <args>`` (or ``python SCRIPT... <args>``) to the end,
+    within ``timeout`` seconds in all; return their stderr; raise RanksFailed if any fails or time runs out
+    (every rank is then killed)."""
+    procs = start_ranks(world_size, args, extra_env, script=script)
     deadline = time.monotonic() + timeout
     errs, failed = [], []
     for rank, p in enumerate(procs):
@@ -125,9 +127,9 @@ def read_result(out: Path) -> RunResult:
 
 
 def train_layout(data_dir: Path, out: Path, world_size: int, *overrides: str, extra_args: tuple = PARITY_ARGS,
-                 timeout: float = 600) -> RunResult:
+                 timeout: float = 600, script: list[str] | None = None) -> RunResult:
     args = ["train", *extra_args, "--data.path", str(data_dir), "--train.output_dir", str(out), *overrides]
-    run_ranks(world_size, args, timeout=timeout)
+    run_ranks(world_size, args, timeout=timeout, script=script)
     return read_result(out)
 
 

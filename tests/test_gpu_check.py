@@ -53,9 +53,12 @@ def test_dry_run_exercises_every_case(tmp_path):
         assert c["checks"] and all(k["pass"] for k in c["checks"]), (name, c["checks"])
         if c["kind"] in ("speed", "peer"):
             assert figures["tokens_per_s"] > 0 and figures["tokens_per_step"] > 0, name
-    for name in ("compile", "bf16", "flex_doc_mask", "fused_loss", "1b", "1b-fused-loss", "moe", "t5-base", "cp2"):
+    for name in ("compile", "bf16", "flex_doc_mask", "fused_loss", "1b", "1b-fused-loss", "compile_model", "moe",
+                 "t5-base", "cp2"):
         assert by_name[name]["status"] == "ok", by_name[name]  # nothing the CPU can run was skipped
     assert by_name["1b-fused-loss"]["figures"]["fused_loss"] != by_name["1b"]["figures"]["fused_loss"]
+    whole = by_name["compile_model"]  # compiled in the dry run too (Dynamo's eager backend), checked against 1b
+    assert whole["figures"]["speedup_vs_1b"] > 0 and any("first-step loss" in k["what"] for k in whole["checks"])
     if by_name["peer"]["status"] == "ok":
         peer = by_name["peer"]["figures"]
         assert peer["ratio"] == pytest.approx(by_name["1b"]["figures"]["tokens_per_s"] / peer["tokens_per_s"])

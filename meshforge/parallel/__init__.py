@@ -71,7 +71,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
     if mesh is not None and d.cp > 1:
         model = apply_context_parallel(model, mesh["cp"], p.cp_method)  # attention cores over the cp ranks
     model = apply_activation_checkpointing(model, p.activation_checkpointing)
-    if compile_enabled(p.compile, device_type):
+    if compile_enabled(p.compile, device_type) and p.compile_scope == "blocks":  # "model": the step compiles its loss
         model = apply_compile(model, fullgraph=d.cp == 1)
     if fsdp:  # "deepspeed": the trainer wraps it in an engine
         shard = "dp_shard_cp" if d.cp > 1 else "dp_shard"

@@ -46,6 +46,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..config import JobConfig, micro_batch_size
 from ..models.losses import LossParts
 from ..models.moe import RouterStats, collect_router_stats
+from ..parallel.compile import compile_enabled, compile_loss
 from ..parallel.context_parallel import split_for_context_parallel
 from ..parallel.float8 import precompute_float8_scales
 from ..parallel.loss_parallel import fused_output_loss, lm_loss_fn
@@ -97,6 +98,11 @@ class TrainStep:
         self.optimizer = optimizer
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.steps)
         self.amp_dtype = autocast_dtype(self.cfg, self.device)
+        p = self.cfg.parallel
+        self.forward_loss = self._forward_loss
+        """``(model, args, targets) -> LossParts``, compiled whole with ``parallel.compile_scope = model``."""
+        if p.compile_scope == "model" and compile_enabled(p.compile, self.device.type):
+            self.forward_loss = compile_loss(self._forward_loss)
 
     # ------------------------------------------------------------------ the interface
 
@@ -141,12 +147,18 @@ class TrainStep:
         """The loss of one micro-batch through ``model`` (the module, or the engine that calls it).
 
         The one place it is computed (outside the pipeline schedule): the objective's inputs
-        and targets, this rank's context-parallel chunks, then the fused loss or the logits'."""
-        cfg, degrees = self.cfg, self.setup.degrees
+        and targets, this rank's context-parallel chunks, then :attr:`forward_loss` (the fused loss or the logits')."""
+        degrees = self.setup.degrees
         args, targets = self.setup.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
         if degrees.cp > 1:  # this rank's zigzag chunks of every sample, with their global positions
             args, targets = split_for_context_parallel(args, targets, self.setup.mesh["cp"].get_local_rank(),
                                                        degrees.cp)
+        return self.forward_loss(model, args, targets)
+
+    def _forward_loss(self, model: Callable, args: tuple, targets: torch.Tensor) -> LossParts:
+        """The forward of ``args`` and its loss against ``targets``: what ``parallel.compile_scope = model``
+        compiles as one graph (:attr:`forward_loss`)."""
+        cfg, degrees = self.cfg, self.setup.degrees
         if self.setup.fused_loss:  # a decoder (use_fused_loss); FSDP2 / TP layouts: fused_output_loss
             with self.autocast():  # the loss too: its matmuls take autocast's dtype, as the output layer's would
                 hidden = model(*args, return_hidden=True)
