@@ -1,8 +1,8 @@
 """Data parallelism with FSDP2 (``fully_shard``): ZeRO-3 or ZeRO-2-like, HSDP on a 2-D mesh.
 
 Each transformer block becomes one FSDP unit (its parameters are all-gathered together
-and, for ZeRO-3, resharded after its forward), then the root wraps what is left
-(embeddings, final norm, output). With a 2-D ``(dp_replicate, dp_shard)`` mesh FSDP2
+and, for ZeRO-3, resharded after its forward -- except the last block's), then the root wraps
+what is left (embeddings, final norm, output), kept unsharded from forward to backward. With a 2-D ``(dp_replicate, dp_shard)`` mesh FSDP2
 shards within ``dp_shard`` and replicates across ``dp_replicate`` (HSDP).
 """
 
@@ -34,5 +34,9 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         # The last block's params are needed again right away by backward: never reshard it.
         fully_shard(block, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(blocks) - 1})
-    fully_shard(model, **kwargs)
+    # The root (embedding, final norm, output) is likewise needed again right away by backward, and
+    # gathering it twice would cost the step's largest all-gather: it never reshards either (what
+    # FSDP2 itself does for a root left on ``reshard_after_forward=None``, stated explicitly here so
+    # the dry run reads it from the module).
+    fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model

@@ -14,8 +14,8 @@ exactly as on a cluster. What this rank then holds is measured from the tensors:
   tensors, and the bytes of the state it creates are summed.
 
 Collectives of one step are read off the sharded model: one record per FSDP unit (the
-all-gather of its parameters in forward, again in backward when it reshards -- FSDP2 never
-reshards the root -- and the reduce-scatter of its gradients, plus the all-reduce over
+all-gather of its parameters in forward, again in backward when it reshards, as read off
+the unit (``apply_fsdp`` never reshards the last block or the root) -- and the reduce-scatter of its gradients, plus the all-reduce over
 ``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
 stage boundary (send/recv), per context-parallel attention core (the ring's K/V hops or the
 all-to-alls, counted as ``ring_attention.py`` / ``ulysses.py`` issue them), and for dense models without pipeline the tensor-parallel
@@ -142,7 +142,7 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
             shard = group.mesh_info.shard_mesh_size
             numel = sum(fp.padded_sharded_param_size.numel() * shard for fp in group.fsdp_params)
             name = "fsdp(experts)" if id(unit) in experts else "fsdp"
-            reshard = group.post_forward_mesh_info is not None and unit is not root
+            reshard = group.post_forward_mesh_info is not None
             add("all_gather", name, shard, width * numel, mb * (2 if reshard else 1))
             add("reduce_scatter", name, shard, 4 * numel, mb)
             replicate = getattr(group.mesh_info, "replicate_mesh_size", 1)
