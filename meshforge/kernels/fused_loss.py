@@ -46,18 +46,9 @@ import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig
 from ..models import family_spec
+from ..models.layers import matmul_dtype
 from ..models.losses import IGNORE_INDEX, LossParts
 from ..parallel.mesh import Degrees
-
-
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the plain output layer's matmul would run in here: autocast's when it is on for the
-    device, else the operands' when that is 16-bit, else fp32."""
-    device = hidden.device.type
-    if device != "meta" and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    own = torch.promote_types(hidden.dtype, weight.dtype)
-    return own if own in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
@@ -163,7 +154,7 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """hidden [..., D] (after the final norm), weight [V, D], targets [...] -> LossParts,
     equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``.
     ``chunk_size``: tokens per chunk, default ``default_chunk``. The matmuls run in
-    :func:`compute_dtype` (autocast's, or the operands' 16-bit dtype), the softmax in fp32.
+    :func:`~meshforge.models.layers.matmul_dtype` (autocast's, or the operands' 16-bit dtype), the softmax in fp32.
 
     Vocab-parallel: ``group`` (a process group) with ``weight`` this rank's rows ``[V/tp, D]``
     from id ``vocab_start`` and ``hidden`` every token; the values are then global and the
@@ -176,7 +167,7 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
     total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                             float(z_loss_coef), float(logit_scale), int(chunk_size),
-                                            torch.is_grad_enabled(), compute_dtype(hidden, weight), group,
+                                            torch.is_grad_enabled(), matmul_dtype(hidden, weight), group,
                                             int(vocab_start))
     return LossParts(total, ce, z)
 

@@ -144,6 +144,18 @@ class FeedForward(nn.Module):
         return self.w2(self.gate(self.w1(x), self.w3(x)))
 
 
+def matmul_dtype(*operands: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``operands`` runs in here: autocast's when it is on for their device,
+    else theirs when that is 16-bit, else fp32."""
+    device = operands[0].device.type
+    if device != "meta" and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    own = operands[0].dtype
+    for t in operands[1:]:
+        own = torch.promote_types(own, t.dtype)
+    return own if own in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def init_linear(linear: nn.Linear, std: float) -> None:
     """Truncated normal (at 3 std) for a projection; zero bias."""
     nn.init.trunc_normal_(linear.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import FeedForward, init_linear
+from .layers import FeedForward, init_linear, matmul_dtype
 
 
 class AuxLossToGrad(torch.autograd.Function):
@@ -67,13 +67,6 @@ class AuxLossToGrad(torch.autograd.Function):
 def _local(w: torch.Tensor) -> torch.Tensor:
     """The part of a (possibly sharded, DTensor) weight held by this process."""
     return w.to_local() if hasattr(w, "to_local") else w
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in here: autocast's when it is on, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def swiglu_grouped(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
@@ -111,7 +104,7 @@ class GroupedExperts(nn.Module):
         experts (the local part of the weights) take part, and ``counts`` has one entry each.
         """
         w1, w2, w3 = (_local(w) for w in (self.w1, self.w2, self.w3))
-        dtype = _compute_dtype(x)
+        dtype = matmul_dtype(x)
         if x.is_cuda and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16:
             return swiglu_grouped(x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype), counts)
         return swiglu_loop(x, w1, w2, w3, counts)
