@@ -4,6 +4,7 @@ world size), the ranking CLI and its JSON, the time model's pieces (bad input: t
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -12,6 +13,7 @@ from meshforge.config import ConfigError, load_config
 from meshforge.plan.devices import get_device
 from meshforge.plan.dry_run import dry_run
 from meshforge.plan.layouts import Layout, check_layout, enumerate_layouts
+from meshforge.plan.planner import layout_of_config
 from meshforge.plan.memory import block_activation_bytes, estimate_memory, in_flight
 from meshforge.plan.state import chunk_len, rank_coords, state_bytes
 from meshforge.plan.time_model import Link, estimate_time, link_for, ring
@@ -256,6 +258,11 @@ def test_enumeration_proposes_zero_bubble_with_data_parallel_only_unresharded():
     layouts, refused = enumerate_layouts(cfg, 8, 8, ac_modes=("none",), max_micro_batch=2)
     zb = [lay for lay, _ in layouts if lay.pp > 1 and lay.schedule == "zero_bubble" and lay.sharded]
     assert zb and {lay.zero for lay in zb} == {"fsdp-zero2"}
+    # with only replicas (dp_shard x cp = 1) ZeRO-2 is listed only where ZeRO-3 is refused, as here
+    assert any(lay.fsdp_shard == 1 and lay.dp_replicate > 1 for lay in zb)
+    replicas = [lay for lay, _ in layouts if lay.fsdp_shard == 1 and lay.dp_replicate > 1]
+    assert {lay.zero for lay in replicas if lay.schedule != "zero_bubble"} == {"fsdp-zero3"}
+    assert {"fsdp-zero2", "fsdp-zero3"} <= {lay.zero for lay, _ in layouts if lay.fsdp_shard > 1 and lay.pp == 1}
     assert any(k.startswith("parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel") for k in refused)
     for lay in zb[::7]:
         check_layout(cfg, lay)
@@ -315,10 +322,16 @@ def test_plan_cli_json_ranked_with_kinds(capsys):
 
 def test_plan_cli_table_lists_overflowing_layouts(capsys):
     assert main(["plan", "--config", "llama-1b", "--gpus", "8", "--gpu", "a100-80gb", "--seq-len", "8192",
-                 "--global-batch-tokens", "256K", "--top", "3"]) == 0
+                 "--global-batch-tokens", "256K", "--top", "3", "--optim.lr", "1e-4"]) == 0
     out = capsys.readouterr().out
     assert "A100-80GB" in out and "do not fit" in out and "needs" in out
-    assert "run the best with: meshforge train" in out and "--data.seq_len 8192" in out
+    # the printed command, run as is, trains the top-ranked layout with the plan's own config and overrides
+    argv = shlex.split(out.split("(one per GPU, under torchrun / srun / mpirun) with:\n")[1].splitlines()[0])
+    assert argv[:6] == ["meshforge", "train", "--config", "llama-1b", "--optim.lr", "1e-4"]
+    job = load_config("llama-1b", argv[4:])
+    assert job.data.seq_len == 8192 and job.optim.lr == 1e-4
+    best = next(line for line in out.splitlines() if line.startswith("  1  "))
+    assert best[5:].startswith(layout_of_config(job, 8).describe() + " ")
 
 
 def test_cpu_device_time_sharing_and_no_overlap():

@@ -51,7 +51,8 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
         emit((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
         return 0
     plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
-    emit(plan_json(plan, args.top) if args.json else table(plan, args.top))
+    train_args = (["--config", args.config] if args.config else []) + list(rest)
+    emit(plan_json(plan, args.top) if args.json else table(plan, args.top, train_args))
     return 0
 
 

@@ -11,7 +11,7 @@ so the planner never proposes what ``meshforge train`` would refuse.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import ConfigError, JobConfig, validate
 from ..parallel.deepspeed_engine import check_deepspeed
@@ -146,7 +146,8 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
     and all-to-all attention), ep, dp_replicate dividing what is left; micro-batch sizes are
     powers of two; every data-parallel mode of :data:`ZERO_MODES` (the DeepSpeed stages where
     ``check_deepspeed`` accepts the degrees: today data x context parallel). On one rank only
-    ``fsdp-zero3`` (nothing to shard: the other modes would be the same layout).
+    ``fsdp-zero3`` (nothing to shard: the other modes would be the same layout), and with only
+    replicas (``dp_shard x cp = 1``) ``fsdp-zero2`` only where ``fsdp-zero3`` is refused.
     The second value counts the refusals by their first words (for the "no layout" message).
     """
     m = cfg.model
@@ -204,4 +205,9 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                                         reason = str(e).split(":")[0][:80]
                                         refused[reason] = refused.get(reason, 0) + 1
                             mbs *= 2
+    # with nothing to shard (dp_shard x cp = 1: only replicas) FSDP2's ZeRO-2 and ZeRO-3 differ only in
+    # ZeRO-2 keeping a second, gathered copy of the weights: keep it only where ZeRO-3 was refused
+    listed = {layout for layout, _ in ok}
+    ok = [(lay, job) for lay, job in ok
+          if not (lay.zero == "fsdp-zero2" and lay.fsdp_shard == 1 and replace(lay, zero="fsdp-zero3") in listed)]
     return ok, refused

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from .dry_run import DryRunResult
 from .memory import KINDS
@@ -15,7 +16,9 @@ def _gib(n: float) -> str:
     return f"{n / GIB:6.2f}"
 
 
-def table(plan: Plan, top: int) -> str:
+def table(plan: Plan, top: int, train_args: list[str] | None = None) -> str:
+    """The ranked table; ``train_args`` (the plan's own ``--config`` and overrides) start the
+    ``meshforge train`` line of the best layout."""
     c, d = plan.cfg, plan.device
     lines = [
         f"{plan.gpus} x {d.name} ({plan.gpus_per_node} per node, {HEADROOM * d.hbm_bytes / GIB:.1f} GiB usable each); "
@@ -36,8 +39,9 @@ def table(plan: Plan, top: int) -> str:
     best = plan.fitting[0]
     keys = {"data.seq_len": c.data.seq_len, "model.max_seq_len": c.model.max_seq_len,
             "train.global_batch_size": c.train.global_batch_size, **best.layout.overrides()}
-    lines += ["", "run the best with: meshforge train --config ... " + " ".join(
-        f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())]
+    layout_args = [a for k, v in keys.items() for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+    lines += ["", f"run the best on {plan.gpus} ranks (one per GPU, under torchrun / srun / mpirun) with:",
+              "  meshforge train " + shlex.join([*(train_args or []), *layout_args])]
     return "\n".join(lines)
 
 
