@@ -25,8 +25,9 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
   microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
   (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
-  all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1/2 one gradient reduction
-  and one parameter all-gather per step, ZeRO-3 like FSDP2, both over ``dp x cp`` (the engine's
+  all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1 one gradient all-reduce at
+  the accumulation boundary, ZeRO-2 a reduce-scatter per microbatch (its gradient partitions
+  are reduced in every backward), both one parameter all-gather per step, ZeRO-3 like FSDP2, both over ``dp x cp`` (the engine's
   group: cp ranks are data-parallel ranks to it); EP per MoE layer and microbatch 4
   all-to-alls of ``N k D`` (balanced routing); CP ``ring``: per layer ``cp-1`` point-to-point
   hops of the rank's K and V forward (twice under full AC) and backward, ``cp`` hops of fp32 dK, dV;
@@ -205,8 +206,11 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         if stage == 3:
             add(fs_group, "all_gather", fs, w * total, 2 * mb, False)
             add(fs_group, "reduce_scatter", fs, w * total, mb, False)
-        else:
-            add(fs_group, "reduce_scatter" if stage == 2 else "all_reduce", fs, w * total, 1, False)
+        elif stage == 2:  # partitioned gradients: reduced in every microbatch's backward
+            add(fs_group, "reduce_scatter", fs, w * total, mb, False)
+            add(fs_group, "all_gather", fs, w * total, 1, False)
+        else:  # ZeRO-1: whole gradients accumulate locally, one reduction at the accumulation boundary
+            add(fs_group, "all_reduce", fs, w * total, 1, False)
             add(fs_group, "all_gather", fs, w * total, 1, False)
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
