@@ -61,7 +61,7 @@ def _assert_parity(ref, got, atol: float) -> None:
 @pytest.mark.parametrize("name, world, overrides, atol", [
     ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
     ("fsdp2", 2, (), 1e-6),
-    ("tp2xfsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2"), TP_ATOL),
+    pytest.param("tp2xfsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2"), TP_ATOL, marks=pytest.mark.slow),
     # encoder (2 layers) | decoder (2 layers): the encoder output crosses once
     ("pp2-1f1b", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"), 1e-6),
     # 4 stages, one layer each: stage 0 hands the decoder stream and both biases through stage 1
@@ -70,7 +70,7 @@ def _assert_parity(ref, got, atol: float) -> None:
     ("pp2-zero-bubble", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble"), 1e-6),
     # encoder layer 0 | encoder layer 1 + decoder: DTensor activations and head-sharded biases cross
     pp_tp("pp2xtp2-gpipe", 4, ("--parallel.pp", "2", "--parallel.pp_schedule", "gpipe", "--parallel.pp_split", "1",
-                               "--parallel.tp", "2"), TP_ATOL),
+                               "--parallel.tp", "2"), TP_ATOL, slow=True),
 ])
 def test_encoder_decoder_layouts_match_single_process(name, world, overrides, atol, t5_data, ref,  # noqa: F811
                                                       tmp_path):

@@ -107,7 +107,7 @@ def test_t5_rejects_the_lm_objective_before_writing(t5_data, tmp_path):
 
 @pytest.mark.parametrize("name, world, overrides", [
     ("fsdp2", 2, ()),
-    ("hsdp-2x2", 4, ("--parallel.dp_replicate", "2")),
+    pytest.param("hsdp-2x2", 4, ("--parallel.dp_replicate", "2"), marks=pytest.mark.slow),
 ])
 def test_t5_data_parallel_matches_single_process(name, world, overrides, t5_data, t5_ref, tmp_path):
     got = train_layout(t5_data, tmp_path / name, world, *overrides, extra_args=T5_ARGS)

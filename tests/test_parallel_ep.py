@@ -36,11 +36,11 @@ def capacity_ref(tiny_data, tmp_path_factory):
 
 @pytest.mark.parametrize("name, world, overrides", [
     ("ep2", 2, ("--parallel.ep", "2")),
-    ("ep4", 4, ("--parallel.ep", "4")),
+    pytest.param("ep4", 4, ("--parallel.ep", "4"), marks=pytest.mark.slow),
     ("ep2xfsdp2", 4, ("--parallel.ep", "2")),  # dp_shard 4 = ep 2 x FSDP 2 for the experts
     # TP in the attention, the MoE feed-forwards replicated over tp
     ("tp2", 2, ("--parallel.tp", "2")),
-    ("ep2xtp2", 4, ("--parallel.ep", "2", "--parallel.tp", "2")),  # dp_shard 2 = ep 2
+    pytest.param("ep2xtp2", 4, ("--parallel.ep", "2", "--parallel.tp", "2"), marks=pytest.mark.slow),  # dp_shard 2 = ep 2
 ])
 def test_ep_layouts_match_single_process(name, world, overrides, tiny_data, moe_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *MOE_ARGS, *overrides)
@@ -67,7 +67,7 @@ def _moe_metrics(out) -> dict[tuple[int, str], float]:
     # 4 stages over 2 ranks: each rank's MoE layers sit on two stages
     ("pp2-interleaved", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
     ("pp2xep2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.ep", "2")),
-    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2"), slow=True),
 ])
 def test_moe_pipeline_matches_single_process(name, world, overrides, tiny_data, moe_pp_ref, tmp_path):
     """Losses, weights, and every router metric of every step (load per layer, aux and z losses,
@@ -100,6 +100,7 @@ def test_ep_checkpoint_resumes_under_other_ep_degrees(tiny_data, moe_ref, tmp_pa
     assert_parity(moe_ref, read_result(out))
 
 
+@pytest.mark.slow
 def test_moe_checkpoint_moves_from_tp2_to_one_process(tiny_data, moe_ref, tmp_path):
     """Steps 1-5 on tp2 (MoE weights plain, the rest DTensors), 6-10 in one process: the optimizer
     state's groups are the model's, not the layout's, so it loads; the run equals the reference."""

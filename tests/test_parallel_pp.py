@@ -68,7 +68,7 @@ def untied_ref(tiny_data, tmp_path_factory):
     pytest.param("pp2-zero-bubble-xdp-replicate2", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.dp_replicate",
                                                        "2", "--parallel.dp_shard", "1", *ZB_FSDP), marks=pytest.mark.slow),
     pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
-    pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+    pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2"), slow=True),
 ])
 def test_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, untied_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, "--parallel.pp", "2", *PP_ARGS, *overrides)

@@ -55,6 +55,7 @@ def test_tp_layouts_match_single_process(name, world, overrides, tiny_data, sing
     assert _param_drift(single_process_ref, got) < 1e-5
 
 
+@pytest.mark.slow
 def test_tp_untied_embeddings_match_single_process(tiny_data, tmp_path):
     ref = train_layout(tiny_data, tmp_path / "ref-untied", 1, "--model.tie_embeddings", "false")
     got = train_layout(tiny_data, tmp_path / "tp2-untied", 2, "--model.tie_embeddings", "false", "--parallel.tp", "2")

@@ -10,6 +10,6 @@ PP_TP = pytest.mark.skipif(not stage_takes_mesh(), reason="pp x tp passes DTenso
                            "torch's PipelineStage takes no get_mesh (check_job refuses the layout: tests/test_parallel_pp.py)")
 
 
-def pp_tp(*values) -> pytest.param:
+def pp_tp(*values, slow: bool = False) -> pytest.param:
     """A parametrized case with pp x tp: skipped where this torch's pipelining cannot pass DTensors."""
-    return pytest.param(*values, marks=PP_TP)
+    return pytest.param(*values, marks=[PP_TP, pytest.mark.slow] if slow else PP_TP)
