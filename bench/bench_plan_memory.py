@@ -48,6 +48,7 @@ LAYOUT_ARGS = {
     "pp2": (2, ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--parallel.pp_microbatches", "2"]),
     "cp2": (2, ["--parallel.cp", "2"]),  # ring attention (parallel.cp_method's default)
     "cp2a2a": (2, ["--parallel.cp", "2", "--parallel.cp_method", "alltoall"]),
+    "fsdp2": (2, ["--parallel.dp_shard", "2"]),  # ZeRO-3: blocks resharded after forward, the root kept
 }
 
 

@@ -92,6 +92,22 @@ def test_dry_run_reports_fsdp_and_pipeline_collectives():
     assert by_op[("send/recv", "pp")]["count"] == 2 * mb
 
 
+def test_dry_run_counts_expert_fsdp_gathers_as_the_blocks():
+    """Experts under ep x FSDP2 are their own units; like the blocks, the last layer's keep their gathered
+    weights for backward (one all-gather per microbatch, the others two), and the root gathers once."""
+    cfg = load_config("moe-small", {"train.global_batch_size": 16})
+    res = dry_run(cfg, Layout(1, 1, 1, 4, ep=2), 1)
+    mb, layers = 16 // 4, cfg.model.n_layers
+    gathers = {}
+    for c in res.collectives:
+        if c["op"] == "all_gather":
+            gathers[c["group"], c["bytes"]] = c["count"]
+    experts = [n for (group, _), n in gathers.items() if group == "fsdp(experts)"]
+    dense = sorted(n for (group, _), n in gathers.items() if group == "fsdp")
+    assert experts == [(2 * layers - 1) * mb]
+    assert dense == [mb, (2 * layers - 1) * mb]  # the root; the blocks
+
+
 @pytest.mark.parametrize("method", ["ring", "alltoall"])
 def test_context_parallel_memory_time_and_dry_run(method):
     """cp in the estimate: activations at T / cp, FSDP over dp_shard x cp, the ring's hops or the all-to-alls

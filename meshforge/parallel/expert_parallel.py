@@ -44,6 +44,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 
+from ..models import transformer_blocks
 from ..models.moe import GroupedExperts
 
 
@@ -150,10 +151,14 @@ def apply_expert_fsdp(model: nn.Module, expert_dp_mesh: DeviceMesh, reshard_afte
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=expert_dp_mesh.device_type == "cuda")
     shard_size = expert_dp_mesh.size(-1)
+    blocks = transformer_blocks(model)
+    # as apply_fsdp's last block: the last block's experts are needed again right away by backward
+    last = {id(m) for m in blocks[-1].modules()} if blocks else set()
     for experts in expert_modules(model):
         n_local = _local_rows(experts.w1)
         dim = 0 if n_local % shard_size == 0 else 1
-        fully_shard(experts, shard_placement_fn=lambda p, dim=dim: Shard(dim), **kwargs)
+        fully_shard(experts, shard_placement_fn=lambda p, dim=dim: Shard(dim),
+                    **{**kwargs, "reshard_after_forward": reshard_after_forward and id(experts) not in last})
     return model
 
 
