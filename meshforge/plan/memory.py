@@ -34,10 +34,11 @@ output is whole:
 - context parallel: every term above at ``T / cp`` tokens (:func:`local_seq_len`).
 
 Communication buffers: ring attention's K/V (and dK/dV) blocks in flight, all-to-all's
-re-laid-out q/k/v; FSDP2 all-gathers one unit while the previous runs (two unsharded units of
-compute-dtype parameters) and keeps one unit's unsharded gradient plus its fp32
-reduce-scatter copy; ZeRO-2-like (no reshard) keeps every unsharded block from forward to
-backward; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
+re-laid-out q/k/v; FSDP2 keeps the root's gathered weights (embedding, final norm, output: never
+resharded) and the running block's while it gathers the next (compute dtype; ZeRO-2-like, no
+reshard: every unit's), the root's output-side gradient from the start of backward to its end
+(the root reduces last), and one block's unsharded gradient plus the fp32 reduce-scatter input
+FSDP2 copies it into whatever the dtypes; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def local_seq_len(cfg: JobConfig, layout: Layout) -> int:
 
 def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, late: bool = False) -> int:
     """Activations at the in-flight peak; ``late``: during the backward of the last microbatch (one
-    microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists."""
+    microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists
+    -- none when the rank runs a single microbatch without a pipeline: its gradients then appear only
+    as its own backward frees its activations, so the two never add up."""
     from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
 
@@ -176,6 +179,8 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     # the head's buffers live from the loss to the output layer's backward, before any block is rebuilt
     head = head_activation_bytes(cfg, B, T, tp, e, fused_loss_on(cfg, layout)) if last else 0
     if late:
+        if layout.pp == 1 and n_microbatches(cfg, layout) == 1:
+            return 0
         n, head = 1, 0
     total = n * saved + max(rebuild, head)
     if layout.pp > 1:
@@ -212,11 +217,13 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
             out += 2 * (prec.act * B * T * m.dim // layout.tp + 2 * kv)
     if backend == "fsdp2" and layout.sharded:
         sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
-        w = prec.compute_param
-        grad = w + (4 if w != 4 else 0)
-        out += 2 * w * sizes["largest_unit"] + grad * sizes["largest_unit"]
-        if not reshard:
-            out += w * sizes["all"]
+        w, block, root = prec.compute_param, sizes["largest_block"], sizes["root"]
+        # gathered weights: the root's (never resharded) and the block running plus the next one prefetched,
+        # or every unit when nothing reshards
+        out += w * (root + 2 * block if reshard else sizes["all"])
+        # the root's output-side gradient, made first and reduced only when the root's backward ends; one
+        # block's unsharded gradient and FSDP2's fp32 reduce-scatter input it is copied into
+        out += w * sizes["root_grad_early"] + (w + 4) * block
     elif backend == "deepspeed":
         numel = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)["all"]
         out += 2 * prec.compute_param * min(numel, 500_000_000)
