@@ -2,8 +2,9 @@
 
 Each transformer block becomes one FSDP unit (its parameters are all-gathered together
 and, for ZeRO-3, resharded after its forward -- except the last block's), then the root wraps
-what is left (embeddings, final norm, output), kept unsharded from forward to backward. With a 2-D ``(dp_replicate, dp_shard)`` mesh FSDP2
-shards within ``dp_shard`` and replicates across ``dp_replicate`` (HSDP).
+what is left (embeddings, final norm, output), kept unsharded from forward to backward. With a
+2-D ``(dp_replicate, dp_shard)`` mesh FSDP2 shards within ``dp_shard`` and replicates across
+``dp_replicate`` (HSDP).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ exactly as on a cluster. What this rank then holds is measured from the tensors:
 
 Collectives of one step are read off the sharded model: one record per FSDP unit (the
 all-gather of its parameters in forward, again in backward when it reshards, as read off
-the unit (``apply_fsdp`` never reshards the last block or the root) -- and the reduce-scatter of its gradients, plus the all-reduce over
-``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
+the unit (``apply_fsdp`` never reshards the last block or the root) -- and the
+reduce-scatter of its gradients, plus the all-reduce over ``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
 stage boundary (send/recv), per context-parallel attention core (the ring's K/V hops or the
 all-to-alls, counted as ``ring_attention.py`` / ``ulysses.py`` issue them), and for dense models without pipeline the tensor-parallel
 collectives traced with ``CommDebugMode`` on a TP-only copy (FSDP2 refuses to run a forward on

@@ -38,7 +38,8 @@ re-laid-out q/k/v; FSDP2 keeps the root's gathered weights (embedding, final nor
 resharded) and the running block's while it gathers the next (compute dtype; ZeRO-2-like, no
 reshard: every unit's), the root's output-side gradient from the start of backward to its end
 (the root reduces last), and one block's unsharded gradient plus the fp32 reduce-scatter input
-FSDP2 copies it into whatever the dtypes; pipeline send/recv buffers; DeepSpeed's reduce/all-gather buckets (5e8 elements).
+FSDP2 copies it into whatever the dtypes; pipeline send/recv buffers; DeepSpeed's
+reduce/all-gather buckets (5e8 elements).
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
   all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1 one gradient all-reduce at
   the accumulation boundary, ZeRO-2 a reduce-scatter per microbatch (its gradient partitions
-  are reduced in every backward), both one parameter all-gather per step, ZeRO-3 like FSDP2, both over ``dp x cp`` (the engine's
-  group: cp ranks are data-parallel ranks to it); EP per MoE layer and microbatch 4
+  are reduced in every backward), both one parameter all-gather per step, ZeRO-3 like
+  FSDP2, all over ``dp x cp`` (the engine's group: cp ranks are data-parallel ranks to it); EP per MoE layer and microbatch 4
   all-to-alls of ``N k D`` (balanced routing); CP ``ring``: per layer ``cp-1`` point-to-point
   hops of the rank's K and V forward (twice under full AC) and backward, ``cp`` hops of fp32 dK, dV;
   CP ``alltoall``: per layer all-to-alls of q, k, v and the output forward and again backward;
