@@ -206,12 +206,13 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         if stage == 3:
             add(fs_group, "all_gather", fs, w * total, 2 * mb, False)
             add(fs_group, "reduce_scatter", fs, w * total, mb, False)
-        elif stage == 2:  # partitioned gradients: reduced in every microbatch's backward
-            add(fs_group, "reduce_scatter", fs, w * total, mb, False)
-            add(fs_group, "all_gather", fs, w * total, 1, False)
-        else:  # ZeRO-1: whole gradients accumulate locally, one reduction at the accumulation boundary
-            add(fs_group, "all_reduce", fs, w * total, 1, False)
-            add(fs_group, "all_gather", fs, w * total, 1, False)
+        else:  # ZeRO-2 reduces its gradient partitions in every microbatch's backward; ZeRO-1 accumulates
+            # whole gradients and all-reduces them once, at the accumulation boundary
+            if stage == 2:
+                add(fs_group, "reduce_scatter", fs, w * total, mb, False)
+            else:
+                add(fs_group, "all_reduce", fs, w * total, 1, False)
+            add(fs_group, "all_gather", fs, w * total, 1, False)  # the updated parameters, once per step
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
