@@ -17,14 +17,13 @@ The whole model is held in memory once (DCP writes one state dict).
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
+from ..pretrain import dcp_io
 from ..tokenizers import load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
@@ -107,9 +106,7 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
     output = Path(output)
     check_output_dir(output)
     with staged_output(output) as tmp:
-        with warnings.catch_warnings():  # "no process group: assuming one process" is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=str(tmp), no_dist=True)
+        dcp_io.save({"model": {k: v.contiguous() for k, v in state.items()}}, tmp, alone=True)
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
         (tmp / "model.toml").write_text(preset_toml(cfg))
