@@ -141,7 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshforge", description="Pretrain transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model; extra --section.key value pairs override the config")
+    p = sub.add_parser(
+        "train", help="train a model; extra --section.key value pairs override the config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="meshforge train [-h] [--config PRESET] [--help-config] [--section.key VALUE ...]",
+        description="Train a model: the built-in small preset, or --config.\n\n"
+        "Any config key can be set on the command line as --section.key value (or\n"
+        "--section.key=value), applied after the preset, e.g.\n"
+        "  --train.steps 1000 --optim.lr 3e-4 --parallel.tp 2\n"
+        "--help-config lists every key, its value and what it means.",
+        epilog="example:\n  meshforge train --config small --train.steps 1000 --optim.schedule wsd "
+        "--train.output_dir runs/exp1")
     p.add_argument("--config", default=None, help="TOML preset: a path or a name in configs/ (default: built-in small)")
     p.add_argument("--help-config", action="store_true", help="print every config key with its value and meaning")
     p.set_defaults(func=cmd_train)

@@ -89,14 +89,27 @@ def _toml_value(v) -> str:
     return json.dumps(v)
 
 
-def preset_toml(cfg: JobConfig) -> str:
-    """A preset with the whole model section and what ties the run to the imported weights."""
+def _within(path: str, home: Path | None) -> str:
+    """``path`` as the preset in ``home`` should name it: ``./...`` (relative to the preset file, see
+    ``config.PRESET_RELATIVE_KEYS``) when it lies inside ``home``, so the directory can be moved."""
+    if home is None:
+        return path
+    try:
+        rel = Path(path).absolute().relative_to(home.absolute())
+    except ValueError:
+        return path
+    return "." if rel == Path(".") else f"./{rel.as_posix()}"
+
+
+def preset_toml(cfg: JobConfig, home: Path | None = None) -> str:
+    """A preset with the whole model section and what ties the run to the imported weights; paths
+    inside ``home`` (the directory the preset is written to) relative to it."""
     lines = ["# Written by `meshforge convert import`: the architecture of the imported model.", "", "[model]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in asdict(cfg.model).items()]
     lines += ["", "[data]", f"seq_len = {cfg.data.seq_len}"]
     if cfg.data.tokenizer:
-        lines.append(f"tokenizer = {_toml_value(cfg.data.tokenizer)}")
-    lines += ["", "[checkpoint]", f"init_from = {_toml_value(cfg.checkpoint.init_from)}", ""]
+        lines.append(f"tokenizer = {_toml_value(_within(cfg.data.tokenizer, home))}")
+    lines += ["", "[checkpoint]", f"init_from = {_toml_value(_within(cfg.checkpoint.init_from, home))}", ""]
     return "\n".join(lines)
 
 
@@ -109,7 +122,7 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
         dcp_io.save({"model": {k: v.contiguous() for k, v in state.items()}}, tmp, alone=True)
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
-        (tmp / "model.toml").write_text(preset_toml(cfg))
+        (tmp / "model.toml").write_text(preset_toml(cfg, output))
         meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return output

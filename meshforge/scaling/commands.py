@@ -120,8 +120,10 @@ def add_scaling_parser(sub) -> None:
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--output", required=True, help="the sweep dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing sweep.jsonl there")
-    p.add_argument("--gpu", default="h100-80gb", help="device the time estimate is for (a key of `meshforge plan`'s "
-                   "device table: h100-80gb, h200, a100-80gb, b200, cpu)")
+    from ..plan.devices import load_devices
+
+    p.add_argument("--gpu", default="h100-80gb", help="device the time estimate is for (`meshforge plan`'s device "
+                   f"table: {', '.join(load_devices())}; more with --devices)")
     p.add_argument("--gpus", type=int, default=1, help="devices per run, for the estimate (default 1)")
     p.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach (default 0.5)")
     p.add_argument("--tokens-per-s", type=float, default=0.0,
