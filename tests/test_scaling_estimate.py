@@ -67,6 +67,8 @@ def test_a_measured_rate_gpus_and_per_step_cost(tmp_path, capsys):
     (["--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
     (["--tokens-per-s", "nan"], "--tokens-per-s must be a positive rate"),
     (["--step-overhead-ms", "-1"], "--step-overhead-ms must be 0 or more"),
+    (["--gpus", "3"], "--gpus 3: the estimate runs each row on 3 device(s) in the layout of its config, which "
+                      "refuses: train.global_batch_size (16) does not divide"),
 ])
 def test_bad_estimate_options_are_refused_before_writing(tmp_path, capsys, extra, message):
     out = tmp_path / "sweep"

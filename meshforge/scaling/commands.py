@@ -52,11 +52,12 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     estimator = Estimator(args.gpu, args.gpus, args.efficiency, args.tokens_per_s, args.devices,
                           None if args.step_overhead_ms is None else args.step_overhead_ms / 1e3)
     estimator.check()  # before anything is written
-    rows, skipped = write_plan(spec, overwrite=args.overwrite)
+    estimates = []
+    rows, skipped = write_plan(spec, overwrite=args.overwrite,
+                               check=lambda rows: estimates.extend(estimator.row(r) for r in rows))
     for s in skipped:
         where = f"C={s['budget']:.3g} " if s.get("budget") else ""
         print(f"skipped {where}N~{s['target_N']:.3g}: {s['reason']}")
-    estimates = [estimator.row(r) for r in rows]
     for r, est in zip(rows, estimates):
         print(f"{r['id']}: N={r['N']:,} (total {r['N_total']:,}) D={r['D']:,} FLOPs={r['flops']:.3g} "
               f"d={r['width']} L={r['layers']} steps={r['steps']:,} ~{format_duration(est.seconds)}")

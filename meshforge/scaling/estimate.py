@@ -97,7 +97,11 @@ class Estimator:
 
             cfg = config_from_dict(row["config"])
             device = self._device()
-            layout = layout_of_config(cfg, self.gpus)
+            try:
+                layout = layout_of_config(cfg, self.gpus)
+            except ConfigError as e:
+                raise ConfigError(f"--gpus {self.gpus}: the estimate runs each row on {self.gpus} device(s) in "
+                                  f"the layout of its config, which refuses: {e}") from None
             step = estimate_time(cfg, layout, device, self.gpus, self.efficiency).step_s
             seconds = row["steps"] * (step + self.overhead_s)
         return RunEstimate(seconds, seconds * self.gpus / 3600, step)
