@@ -53,3 +53,31 @@ def test_train_prints_the_warmup_note_at_start(tiny_data, tmp_path, capsys):
     trainer._setup()
     trainer.metrics.close()
     assert "note: optim.warmup_steps = 6 >= train.steps = 4: the LR never leaves warmup" in capsys.readouterr().out
+
+
+def test_a_missing_optional_package_names_its_extra(tmp_path, capsys, monkeypatch):
+    """The quick start installs no extras: a command that needs one says which, in one line."""
+    import sys
+
+    from test_scaling_fit import isoflop_rows, write_csv
+
+    path = write_csv(tmp_path / "results.csv", isoflop_rows(sizes=5))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert cli_main(["scaling", "plot", str(path), "--output", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("meshforge: error: `meshforge scaling plot` needs matplotlib, which is not installed: "
+                   'pip install -e ".[scaling]" (in the meshforge checkout)')
+    assert not (tmp_path / "figs").exists()
+
+
+def test_every_optional_package_is_in_the_extra_named_for_it():
+    import tomllib
+    from pathlib import Path
+
+    from meshforge.cli import OPTIONAL_PACKAGES
+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    for module, extra in OPTIONAL_PACKAGES.items():
+        names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower().replace("-", "_") for d in extras[extra]}
+        assert module in names, (module, extra)

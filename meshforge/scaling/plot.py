@@ -155,8 +155,8 @@ def plot_all(results: str | Path, output: str | Path | None = None, bootstrap: i
             out.mkdir(parents=True, exist_ok=True)
             return plot_lr(_pyplot(), results_path, out, _save)
     pts = read_points(results_path)
+    plt = _pyplot()  # before anything is written: matplotlib is an extra
     out.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
     paths: list[Path] = []
     a1 = a2 = fit = None
     try:
