@@ -19,6 +19,7 @@ exponential backoff (counted in :class:`RemoteStats`, which the loader's metrics
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit
 from meshforge.data_pipeline.errors import DataError
 
 _EXTRA = 'pip install -e ".[remote]"'
+_LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class RemoteError(DataError):
@@ -141,6 +143,11 @@ class RemoteStore:
 
     def _fail_or_wait(self, exc: BaseException, what: str, name: str, deadline: float, delay: float) -> None:
         url = self.url_of(name)
+        if isinstance(exc, OSError) and (exc.errno in _LOCAL_ERRNOS or (isinstance(exc, PermissionError) and exc.filename)):
+            raise exc  # the local side (cache dir full or read-only): the caller names the dir
+        cause = exc.__cause__
+        if isinstance(exc, FileNotFoundError) and cause is not None and _status(cause) != 404:
+            exc = cause  # fsspec's HTTP stat reports any failure as "not found": judge the real one
         if isinstance(exc, FileNotFoundError):
             raise RemoteError(f"{url} does not exist ({what}): check data.path, or re-run the upload") from None
         if isinstance(exc, PermissionError) or _status(exc) in (401, 403):

@@ -1,0 +1,238 @@
+"""Remote data: the same samples from nginx (HTTP ranges) and moto (S3) as from the local copy, and its failures.
+
+Every server is real and on loopback (``remote_servers.py``); the data is a real prepared dir
+(four shards). Training runs from a URL are in ``test_remote_train.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshforge.data_pipeline import DataError, TokenDataset, open_data_dir
+from meshforge.data_pipeline.prepare import prepare_data
+from meshforge.data_pipeline.remote import RemoteError, RemoteStats, RemoteStore, check_url, is_url
+from meshforge.data_pipeline.remote_cache import cache_path, open_remote_data_dir
+from meshforge.data_pipeline.remote_dataset import RemoteTokenDataset, merge_pieces
+from meshforge.data_pipeline.remote_upload import prepare_to_url
+from remote_servers import MotoS3, Nginx, nginx_binary
+
+
+def _need_nginx():
+    if nginx_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed (.ci/run installs the Debian package)")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+
+
+@pytest.fixture(scope="module")
+def shards_data(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data's corpus prepared into four shards (40 documents each), under ``<root>/data``."""
+    root = tmp_path_factory.mktemp("remote_src")
+    src = tiny_data.parent
+    prepare_data([str(src / "corpus.jsonl")], str(src / "tok.model"), str(root / "data"), docs_per_shard=40, progress=False)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def http(shards_data, tmp_path_factory):
+    _need_nginx()
+    server = Nginx(shards_data.parent, tmp_path_factory.mktemp("nginx")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_data, tmp_path_factory):
+    server = MotoS3().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        store = RemoteStore("s3://bucket/data")
+        store.fs.mkdir("bucket")
+        # upload with the project's own path: prepared, staged and uploaded by data prepare --output s3://
+        prepare_to_url("s3://bucket/data", tmp_path_factory.mktemp("stage"), prepare_data,
+                       inputs=[str(tiny_data.parent / "corpus.jsonl")], tokenizer_path=str(tiny_data.parent / "tok.model"),
+                       docs_per_shard=40, progress=False)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _compare(local: TokenDataset, remote: RemoteTokenDataset, stats: RemoteStats) -> None:
+    rng = np.random.default_rng(0)
+    before = stats.bytes_fetched
+    read = 0
+    for first in (0, 7, len(local) - 3, 3 * len(local) + 11):  # across epoch boundaries too
+        idx = np.arange(first, first + 16)
+        a, b = local.read_batch(idx), remote.read_batch(idx)
+        np.testing.assert_array_equal(a[0], b[0]) if isinstance(a, tuple) else np.testing.assert_array_equal(a, b)
+        read += 16 * (local.seq_len + 1) * 2
+    idx = rng.integers(0, 10 * len(local), size=24)
+    np.testing.assert_array_equal(local.read_batch(idx), remote.read_batch(idx))
+    read += 24 * (local.seq_len + 1) * 2
+    assert 0 < stats.bytes_fetched - before <= 1.1 * read  # no read amplification
+    for i in (0, 5, 2 * len(local) + 1):
+        np.testing.assert_array_equal(local[i], remote[i])
+
+
+def test_http_samples_match_local_byte_for_byte(shards_data, http, tmp_path):
+    stats = RemoteStats()
+    info = open_remote_data_dir(f"{http.url}/data", "", tmp_path / "cache", stats=stats)
+    assert len(info.shards) == 4 and info.num_tokens == open_data_dir(shards_data).num_tokens
+    local = TokenDataset(open_data_dir(shards_data), 48, seed=5)
+    _compare(local, RemoteTokenDataset(info, 48, seed=5), stats)
+    # manifest, tokenizer and every .idx are in the node cache; no .bin; a second open fetches none of them again
+    cached = cache_path(f"{http.url}/data", tmp_path / "cache")
+    assert sorted(p.name for p in cached.glob("*.idx")) == sorted(p.name for p in shards_data.glob("*.idx"))
+    assert not list(cached.glob("*.bin")) and not list(cached.glob(".*.part"))
+    fetched = stats.bytes_fetched
+    open_remote_data_dir(f"{http.url}/data", "", tmp_path / "cache", stats=stats)
+    assert stats.bytes_fetched == fetched
+    valid_l = TokenDataset(open_data_dir(shards_data), 48, split="valid", seed=5, return_segments=True)
+    valid_r = RemoteTokenDataset(info, 48, split="valid", seed=5, return_segments=True)
+    for x, y in zip(valid_l.read_batch(np.arange(6)), valid_r.read_batch(np.arange(6))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_download_mode_memory_maps_checked_copies(shards_data, http, tmp_path):
+    info = open_remote_data_dir(f"{http.url}/data", "", tmp_path / "cache", mode="download")
+    cached = cache_path(f"{http.url}/data", tmp_path / "cache")
+    for p in shards_data.glob("*.bin"):
+        assert (cached / p.name).read_bytes() == p.read_bytes()
+    local = TokenDataset(open_data_dir(shards_data), 32, seed=1)
+    np.testing.assert_array_equal(local.read_batch(np.arange(40)), TokenDataset(info, 32, seed=1).read_batch(np.arange(40)))
+
+
+def test_s3_upload_then_samples_match_local(shards_data, s3, tmp_path):
+    store = RemoteStore("s3://bucket/data")
+    for p in shards_data.iterdir():  # data prepare --output s3:// uploaded the same bytes
+        if p.is_file():
+            assert store.cat(p.name) == p.read_bytes() or p.name == "manifest.json"
+    stats = RemoteStats()
+    info = open_remote_data_dir("s3://bucket/data", "", tmp_path / "cache", stats=stats)
+    _compare(TokenDataset(open_data_dir(shards_data), 40, seed=2), RemoteTokenDataset(info, 40, seed=2), stats)
+
+
+def test_merge_pieces():
+    assert merge_pieces([(1, 10, 20), (0, 5, 9), (1, 20, 25), (1, 3, 12), (1, 30, 31)]) == {
+        0: [(5, 9)], 1: [(3, 25), (30, 31)]}
+    assert merge_pieces([(0, 0, 4), (0, 6, 8)], max_gap=2) == {0: [(0, 8)]}
+
+
+def test_server_away_a_few_seconds_then_back(shards_data, tmp_path):
+    _need_nginx()
+    server = Nginx(shards_data.parent, tmp_path / "ng").start()
+    try:
+        stats = RemoteStats()
+        info = open_remote_data_dir(f"{server.url}/data", "", tmp_path / "cache", stats=stats, retry_seconds=60)
+        remote = RemoteTokenDataset(info, 48, seed=5)
+        server.stop()
+        threading.Timer(2.0, server.start).start()
+        t0 = time.monotonic()
+        got = remote.read_batch(np.arange(100, 116))
+        assert time.monotonic() - t0 >= 1.5 and stats.retries > 0
+        np.testing.assert_array_equal(got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116)))
+    finally:
+        time.sleep(0.1)
+        server.stop()
+
+
+def _served_copy(shards_data: Path, tmp_path: Path) -> tuple[Nginx, Path]:
+    root = tmp_path / "served"
+    shutil.copytree(shards_data, root / "data")
+    return Nginx(root, tmp_path / "ng").start(), root / "data"
+
+
+def _shrink(data: Path) -> str:
+    victim = sorted(data.glob("*.bin"))[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return victim.name
+
+
+def _mount(target: Path, options: str) -> bool:
+    target.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True).returncode == 0
+
+
+FAILURES = [
+    # (case, what the one line must name)
+    ("credentials in the URL", "carries credentials"),
+    ("unknown scheme", "no filesystem for nosuch://"),
+    ("missing object", "does not exist"),
+    ("server stays away", "is the server up?"),
+    ("object replaced by a different size", "the manifest says"),
+    ("object shrinks mid-run", "the object changed"),
+    ("read-only cache dir", "cannot be written"),
+    ("full cache dir", "is full"),
+]
+
+
+@pytest.mark.parametrize("case, message", FAILURES, ids=[c for c, _ in FAILURES])
+def test_failures_are_one_line_naming_the_url(case, message, shards_data, tmp_path):
+    if case not in ("credentials in the URL", "unknown scheme"):
+        _need_nginx()
+    server, data = _served_copy(shards_data, tmp_path) if case not in ("credentials in the URL", "unknown scheme") else (None, None)
+    cache = tmp_path / "cache"
+    mounted = False
+    try:
+        url = f"{server.url}/data" if server else ""
+        named = url
+        if case == "credentials in the URL":
+            url = named = "s3://AKIAKEY:secret@bucket/data"
+            named = "bucket/data"
+        elif case == "unknown scheme":
+            url = named = "nosuch://bucket/data"
+        elif case == "missing object":
+            (data / "shard_00000_0002.idx").unlink()
+            named = f"{url}/shard_00000_0002.idx"
+        elif case == "server stays away":
+            server.stop()
+            named = f"{url}/manifest.json"
+        elif case == "object replaced by a different size":
+            open_remote_data_dir(url, "", cache)  # first seen intact (cached); then replaced
+            named = f"{url}/{_shrink(data)}"
+        elif case == "read-only cache dir":
+            mounted = _mount(cache, "ro,size=1m")
+            if not mounted:
+                cache.chmod(0o555)
+            named = str(cache)
+        elif case == "full cache dir":
+            mounted = _mount(cache, "size=8k")
+            if not mounted:
+                pytest.skip("needs root to mount a small tmpfs")
+            named = str(cache)
+        with pytest.raises(DataError) as err:
+            if case == "object shrinks mid-run":
+                info = open_remote_data_dir(url, "", cache)
+                named = f"{url}/{_shrink(data)}"
+                RemoteTokenDataset(info, 48, seed=0).read_batch(np.arange(0, 400))
+            else:
+                open_remote_data_dir(url, "", cache, retry_seconds=1)
+        text = str(err.value)
+        assert "\n" not in text and message in text and named in text, text
+        if case == "credentials in the URL":
+            assert "secret" not in text and "AKIAKEY" not in text
+        assert not list(cache.glob("remote/*/.*.part")) and not list(cache.glob("remote/*/.*.check"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(cache)], check=False)
+        if server:
+            server.stop()
+
+
+def test_urls_are_told_apart_from_paths():
+    assert is_url("s3://b/p") and is_url("https://h/p") and is_url("gs://b")
+    assert not is_url("/data/x") and not is_url("data/web") and not is_url("file:///data") and not is_url("C:/x")
+    assert check_url("https://host/prefix/") == "https://host/prefix"
