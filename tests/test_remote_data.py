@@ -1,7 +1,10 @@
 """Remote data: the same samples from nginx (HTTP ranges) and moto (S3) as from the local copy, and its failures.
 
 Every server is real and on loopback (``remote_servers.py``); the data is a real prepared dir
-(four shards). Training runs from a URL are in ``test_remote_train.py``.
+(four shards). Training from a URL must equal training from the local copy exactly (``==``):
+the remote dataset hands the trainer the very same batches, so nothing in the run may differ;
+with a resume from a checkpoint, a change from 1 to 2 ranks on resume, `data prepare --output
+s3://...` then training from it, and a server taken away mid-run.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,10 +22,12 @@ import pytest
 
 from meshforge.data_pipeline import DataError, TokenDataset, open_data_dir
 from meshforge.data_pipeline.prepare import prepare_data
-from meshforge.data_pipeline.remote import RemoteError, RemoteStats, RemoteStore, check_url, is_url
+from meshforge.data_pipeline.remote import RemoteStats, RemoteStore, check_url, is_url
 from meshforge.data_pipeline.remote_cache import cache_path, open_remote_data_dir
 from meshforge.data_pipeline.remote_dataset import RemoteTokenDataset, merge_pieces
 from meshforge.data_pipeline.remote_upload import prepare_to_url
+from meshforge.pretrain.metrics import read_metrics
+from parallel_harness import PARITY_ARGS, REPO, read_result, run_ranks
 from remote_servers import MotoS3, Nginx, nginx_binary
 
 
@@ -236,3 +242,88 @@ def test_urls_are_told_apart_from_paths():
     assert is_url("s3://b/p") and is_url("https://h/p") and is_url("gs://b")
     assert not is_url("/data/x") and not is_url("data/web") and not is_url("file:///data") and not is_url("C:/x")
     assert check_url("https://host/prefix/") == "https://host/prefix"
+
+
+# --------------------------------------------------------------------------- training from a URL
+
+STEPS = ("--train.steps", "20", "--checkpoint.interval", "10")
+
+
+def _train(data, out, world, *extra):
+    run_ranks(world, ["train", *PARITY_ARGS, "--data.path", str(data), "--train.output_dir", str(out), *STEPS, *extra])
+
+
+def _resumed_run(data, out, worlds, *extra):
+    """20 steps on ``worlds[0]`` ranks, the last checkpoint dropped, then resumed at step 10 on ``worlds[1]``."""
+    _train(data, out, worlds[0], *extra)
+    shutil.rmtree(out / "checkpoints" / "step_00000020")
+    _train(data, out, worlds[1], *extra)
+    return read_result(out)
+
+
+def assert_identical(ref, got) -> None:
+    assert len(got.losses) == len(ref.losses) == 20 and got.losses == ref.losses
+    assert ref.params.keys() == got.params.keys()
+    for name, p in ref.params.items():
+        assert (got.params[name] == p).all(), name
+    assert ref.losses[-1] < ref.losses[0]
+
+
+def test_train_from_http_equals_local_with_resume(shards_data, http, tmp_path):
+    _train(shards_data, tmp_path / "local", 1)  # straight through: the resumed remote run must equal it
+    ref = read_result(tmp_path / "local")
+    url = f"{http.url}/data"
+    got = _resumed_run(url, tmp_path / "remote", (1, 1), "--data.cache_dir", str(tmp_path / "cache"))
+    assert_identical(ref, got)
+    last = [r for r in read_metrics(got.output_dir) if "loss" in r][-1]
+    assert last["data_bytes_fetched"] > 0 and last["data_retries"] == 0
+    assert "secret" not in (got.output_dir / "config.json").read_text()
+
+
+@pytest.mark.slow
+def test_s3_prepare_then_train_1_to_2_ranks_equals_local(shards_data, s3, tiny_data, tmp_path):
+    src = tiny_data.parent
+    cmd = [sys.executable, "-m", "meshforge", "data", "prepare", "--input", str(src / "corpus.jsonl"), "--tokenizer",
+           str(src / "tok.model"), "--output", "s3://bucket/cli", "--docs-per-shard", "40", "--cache-dir", str(tmp_path / "stage")]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
+    ref = _resumed_run(shards_data, tmp_path / "local", (1, 2))
+    got = _resumed_run("s3://bucket/cli", tmp_path / "remote", (1, 2), "--data.cache_dir", str(tmp_path / "cache"))
+    assert_identical(ref, got)
+
+
+@pytest.mark.slow
+def test_http_download_mode_1_to_2_ranks_equals_local(shards_data, http, tmp_path):
+    ref = _resumed_run(shards_data, tmp_path / "local", (1, 2))
+    got = _resumed_run(f"{http.url}/data", tmp_path / "remote", (1, 2), "--data.cache_dir", str(tmp_path / "cache"),
+                       "--data.remote_mode", "download")
+    assert_identical(ref, got)
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_run_continues_with_the_same_losses(shards_data, tmp_path):
+    _need_nginx()
+    extra = ("--train.steps", "60", "--checkpoint.interval", "0")
+    run_ranks(1, ["train", *PARITY_ARGS, "--data.path", str(shards_data), "--train.output_dir", str(tmp_path / "local"), *extra])
+    server = Nginx(shards_data.parent, tmp_path / "ng").start()
+    out = tmp_path / "remote"
+    args = [sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", f"{server.url}/data",
+            "--train.output_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"), *extra]
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(3)
+        server.start()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    finally:
+        proc.kill()
+        server.stop()
+    ref = [r["loss"] for r in read_metrics(tmp_path / "local") if "loss" in r]
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["loss"] for r in records] == ref
+    assert records[-1]["data_retries"] > 0 and records[-1]["step"] == 60
