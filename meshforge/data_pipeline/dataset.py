@@ -125,8 +125,7 @@ class TokenDataset:
         start = int(samples[j]) * self.seq_len
         out = np.empty(self.seq_len + 1, dtype=np.int64)
         segments = np.empty(self.seq_len + 1, dtype=np.int32) if self.return_segments else None
-        d = int(np.searchsorted(offsets, start, side="right")) - 1
-        self._fill(out, segments, order, offsets, start, d, self._batch_tokens([(order, offsets, start, d)], len(out)))
+        self._fill(out, segments, order, offsets, start, int(np.searchsorted(offsets, start, side="right")) - 1)
         return out if segments is None else (out, segments)
 
     def read_batch(self, indices) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -142,15 +141,6 @@ class TokenDataset:
         width = self.seq_len + 1
         out = np.empty((len(idx), width), dtype=np.int64)
         segments = np.empty((len(idx), width), dtype=np.int32) if self.return_segments else None
-        jobs = self._batch_jobs(idx)
-        tokens = self._batch_tokens(jobs, width)
-        for r, (order, offsets, start, d) in enumerate(jobs):
-            self._fill(out[r], None if segments is None else segments[r], order, offsets, start, d, tokens)
-        return out if segments is None else (out, segments)
-
-    def _batch_jobs(self, idx: np.ndarray) -> list[tuple]:
-        """``(document order, stream offsets, stream start, first ordered doc)`` of each sample in ``idx``."""
-        jobs: list = [None] * len(idx)
         epochs, within = np.divmod(idx, self._len)
         for epoch in np.unique(epochs).tolist():
             rows = np.flatnonzero(epochs == epoch)
@@ -158,21 +148,16 @@ class TokenDataset:
             starts = samples[within[rows]] * self.seq_len
             first_docs = np.searchsorted(offsets, starts, side="right") - 1
             for r, start, d in zip(rows.tolist(), starts.tolist(), first_docs.tolist()):
-                jobs[r] = (order, offsets, start, d)
-        return jobs
-
-    def _batch_tokens(self, jobs: list[tuple], width: int) -> list:
-        """Where ``_fill`` slices a batch's tokens from, one array-like per shard: the memory maps here
-        (a remote dataset fetches the batch's byte ranges first, :mod:`.remote_dataset`)."""
-        return self._tokens
+                self._fill(out[r], None if segments is None else segments[r], order, offsets, start, d)
+        return out if segments is None else (out, segments)
 
     def _fill(self, row: np.ndarray, segments: np.ndarray | None, order: np.ndarray, offsets: np.ndarray,
-              start: int, d: int, tokens: list) -> None:
-        """Copy stream positions ``[start, start + len(row))`` of the epoch's document order into ``row``
-        from ``tokens`` (one array per shard); ``d`` is the ordered document holding ``start``."""
+              start: int, d: int) -> None:
+        """Copy stream positions ``[start, start + len(row))`` of the epoch's document order into ``row``;
+        ``d`` is the ordered document holding ``start``."""
         end = start + len(row)
         pos, seg = start, 0
-        doc_starts, doc_shards = self._starts, self._shard
+        tokens, doc_starts, doc_shards = self._tokens, self._starts, self._shard
         while pos < end:
             doc = order[d]
             stop = min(end, int(offsets[d + 1]))

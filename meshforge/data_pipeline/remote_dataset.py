@@ -16,6 +16,7 @@ batch is being assembled, so memory is bounded by the prefetch depth.
 from __future__ import annotations
 
 import bisect
+import threading
 
 import numpy as np
 
@@ -50,21 +51,46 @@ def merge_pieces(pieces: list[tuple[int, int, int]], max_gap: int = 0) -> dict[i
 
 
 class RemoteTokenDataset(TokenDataset):
-    """A :class:`TokenDataset` over a remote data dir (``info.store``, ``info.bin_names``)."""
+    """A :class:`TokenDataset` over a remote data dir (``info.store``, ``info.bin_names``).
+
+    The parent's code runs unchanged (the local path pays nothing for this class): its
+    ``_tokens`` (one array per shard, sliced by ``_fill``) is here a per-thread attribute, set
+    to the fetched ranges of the batch that thread is reading (the loader's prefetch thread and
+    the main thread may read different batches at once).
+    """
 
     max_gap_tokens = 0
     """Ranges of one shard closer than this are fetched as one (0: only touching/overlapping ones)."""
 
     def __init__(self, info, *args, **kwargs):
+        self._local = threading.local()
         super().__init__(info, *args, **kwargs)
         self.store: RemoteStore = info.store
         self._names = info.bin_names
         self._dtypes = [s.dtype for s in info.shards]
 
-    def _pieces(self, jobs: list[tuple], width: int) -> list[tuple[int, int, int]]:
-        pieces = []
+    @property
+    def _tokens(self) -> list:
+        return self._local.tokens
+
+    @_tokens.setter
+    def _tokens(self, value: list) -> None:
+        self._local.tokens = value
+
+    def _jobs(self, idx: np.ndarray):
+        """``(document order, stream offsets, stream start, first ordered doc)`` of each sample (the parent's walk)."""
+        epochs, within = np.divmod(idx, len(self))
+        for epoch in np.unique(epochs).tolist():
+            order, offsets, samples = self._epoch(epoch)
+            starts = samples[within[epochs == epoch]] * self.seq_len
+            for start, d in zip(starts.tolist(), (np.searchsorted(offsets, starts, side="right") - 1).tolist()):
+                yield order, offsets, start, d
+
+    def _pieces(self, idx: np.ndarray) -> list[tuple[int, int, int]]:
+        """``(shard, token start, token end)`` of every piece the samples ``idx`` are made of."""
+        pieces, width = [], self.seq_len + 1
         doc_starts, doc_shards = self._starts, self._shard
-        for order, offsets, start, d in jobs:
+        for order, offsets, start, d in self._jobs(idx):
             pos, end = start, start + width
             while pos < end:
                 doc = order[d]
@@ -76,8 +102,9 @@ class RemoteTokenDataset(TokenDataset):
                 d += 1
         return pieces
 
-    def _batch_tokens(self, jobs: list[tuple], width: int) -> list:
-        spans = merge_pieces(self._pieces(jobs, width), self.max_gap_tokens)
+    def _fetch(self, idx: np.ndarray) -> None:
+        """Fetch the byte ranges of samples ``idx`` and make them this thread's ``_tokens``."""
+        spans = merge_pieces(self._pieces(idx), self.max_gap_tokens)
         requests = []
         for k, ranges in spans.items():
             size = self._dtypes[k].itemsize
@@ -85,6 +112,18 @@ class RemoteTokenDataset(TokenDataset):
         blobs = iter(self.store.read_ranges(requests))
         tokens: list = [None] * len(self._names)
         for k, ranges in spans.items():
-            arrays = [np.frombuffer(next(blobs), dtype=self._dtypes[k]) for _ in ranges]
-            tokens[k] = _Ranges([s for s, _ in ranges], arrays)
-        return tokens
+            tokens[k] = _Ranges([s for s, _ in ranges], [np.frombuffer(next(blobs), dtype=self._dtypes[k]) for _ in ranges])
+        self._tokens = tokens
+
+    def read_batch(self, indices):
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and idx.min() < 0:
+            raise IndexError(f"sample index must be >= 0, got {int(idx.min())}")
+        self._fetch(idx)
+        try:
+            return super().read_batch(idx)
+        finally:
+            self._tokens = []
+
+    def __getitem__(self, i: int):
+        return self.read_batch([i])[0] if not self.return_segments else tuple(a[0] for a in self.read_batch([i]))
