@@ -174,16 +174,34 @@ class RemoteStore:
         self.stats.add(nbytes=len(data))
         return data
 
-    def read_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
-        """Bytes ``[start, end)`` of each ``(name, start, end)``, fetched concurrently; failed ranges retried."""
+    def _cat_ranges(self, ranges: list[tuple[str, int, int]], etags: dict) -> list:
+        """One concurrent round of range reads; over HTTP each carries ``If-Match`` with its object's
+        (strong) ETag, so an object replaced by one of the same size is refused (412), not mixed in."""
+        if etags and type(self.fs).__name__ == "HTTPFileSystem":
+            from fsspec.asyn import sync
+
+            def headers(name: str) -> dict:
+                tag = etags.get(name)
+                return {"headers": {"If-Match": f'"{tag}"'}} if tag and not tag.startswith("W/") else {}
+
+            async def gather():
+                return await asyncio.gather(*[self.fs._cat_file(self._path(n), start=s, end=e, **headers(n))
+                                              for n, s, e in ranges], return_exceptions=True)
+
+            return sync(self.fs.loop, gather)
+        return self.fs.cat_ranges([self._path(n) for n, _, _ in ranges], [s for _, s, _ in ranges],
+                                  [e for _, _, e in ranges], on_error="return")
+
+    def read_ranges(self, ranges: list[tuple[str, int, int]], etags: dict | None = None) -> list[bytes]:
+        """Bytes ``[start, end)`` of each ``(name, start, end)``, fetched concurrently; failed ranges retried.
+        ``etags`` (name -> ETag first seen) makes a changed object an error where the protocol allows."""
         out: list = [None] * len(ranges)
         todo = list(range(len(ranges)))
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.2
         while todo:
             self.stats.add(requests=len(todo))
-            got = self.fs.cat_ranges([self._path(ranges[i][0]) for i in todo], [ranges[i][1] for i in todo],
-                                     [ranges[i][2] for i in todo], on_error="return")
+            got = self._cat_ranges([ranges[i] for i in todo], etags or {})
             failed = []
             for i, data in zip(todo, got):
                 name, start, end = ranges[i]
@@ -197,6 +215,9 @@ class RemoteStore:
                 out[i] = data
             if failed:
                 i, exc = failed[0]
+                if _status(exc) == 412:
+                    raise RemoteError(f"{self.url_of(ranges[i][0])} changed (its ETag is no longer {etags.get(ranges[i][0])}, "
+                                      "the one first seen): re-prepare or re-upload the data")
                 if _status(exc) == 416:
                     raise RemoteError(f"{self.url_of(ranges[i][0])} refused bytes {ranges[i][1]}..{ranges[i][2]} (416): the "
                                       "object changed (shorter than the manifest says); re-prepare or re-upload the data")

@@ -49,6 +49,8 @@ class RemoteDataInfo(DataInfo):
     store: RemoteStore | None = None
     bin_names: list[str] = field(default_factory=list)
     url: str = ""
+    etags: dict = field(default_factory=dict)
+    """``.bin`` name -> the ETag first seen (range reads insist on it where the protocol allows)."""
 
 
 def cache_path(url: str, cache_dir: Path) -> Path:
@@ -80,7 +82,7 @@ def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: s
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            manifest = _sync(store, local, mode)
+            manifest, objects = _sync(store, local, mode)
         except OSError as exc:
             raise _cache_error(exc, local) from None
         finally:
@@ -104,11 +106,13 @@ def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: s
                             "dtype): re-prepare the data")
         shards.append(shard)
     return RemoteDataInfo(local, shards, *counts, store=store,
-                          bin_names=[f"{e['prefix']}.bin" for e in manifest["shards"]], url=store.url)
+                          bin_names=[f"{e['prefix']}.bin" for e in manifest["shards"]], url=store.url,
+                          etags={k: v.get("etag") for k, v in objects.items() if isinstance(v, dict) and v.get("etag")})
 
 
-def _sync(store: RemoteStore, local: Path, mode: str) -> dict:
-    """Bring the cache up to date with the store (under the node lock); returns the manifest."""
+def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
+    """Bring the cache up to date with the store (under the node lock); returns the manifest and the
+    size and ETag of each object."""
     objects = read_json(local / OBJECTS) or {}
     head = store.info(MANIFEST)
     if objects.get(MANIFEST) != head or not (local / MANIFEST).is_file():
@@ -136,7 +140,7 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> dict:
             _fetch_checked(store, local, e, "bin")
     objects[MANIFEST] = head
     atomic_write_json(local / OBJECTS, objects)
-    return manifest
+    return manifest, objects
 
 
 def _read_manifest(path: Path, store: RemoteStore) -> dict:

@@ -68,6 +68,7 @@ class RemoteTokenDataset(TokenDataset):
         self.store: RemoteStore = info.store
         self._names = info.bin_names
         self._dtypes = [s.dtype for s in info.shards]
+        self._etags = info.etags
 
     @property
     def _tokens(self) -> list:
@@ -109,7 +110,7 @@ class RemoteTokenDataset(TokenDataset):
         for k, ranges in spans.items():
             size = self._dtypes[k].itemsize
             requests += [(self._names[k], s * size, e * size) for s, e in ranges]
-        blobs = iter(self.store.read_ranges(requests))
+        blobs = iter(self.store.read_ranges(requests, self._etags))
         tokens: list = [None] * len(self._names)
         for k, ranges in spans.items():
             tokens[k] = _Ranges([s for s, _ in ranges], [np.frombuffer(next(blobs), dtype=self._dtypes[k]) for _ in ranges])
