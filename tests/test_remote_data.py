@@ -129,6 +129,20 @@ def test_s3_upload_then_samples_match_local(shards_data, s3, tmp_path):
     _compare(TokenDataset(open_data_dir(shards_data), 40, seed=2), RemoteTokenDataset(info, 40, seed=2), stats)
 
 
+def test_s3_object_replaced_mid_run_is_one_line(shards_data, s3, tmp_path):
+    store = RemoteStore("s3://bucket/changed")
+    for p in shards_data.iterdir():
+        if p.is_file():
+            store.put_file(p, p.name)
+    info = open_remote_data_dir(store.url, "", tmp_path / "cache")
+    victim = sorted(shards_data.glob("*.bin"))[1]
+    store.fs.pipe(f"bucket/changed/{victim.name}", victim.read_bytes()[::-1])  # same size, other bytes
+    with pytest.raises(DataError) as err:
+        RemoteTokenDataset(info, 48, seed=0).read_batch(np.arange(0, 400))
+    assert f"s3://bucket/changed/{victim.name} changed (its ETag is no longer" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_merge_pieces():
     assert merge_pieces([(1, 10, 20), (0, 5, 9), (1, 20, 25), (1, 3, 12), (1, 30, 31)]) == {
         0: [(5, 9)], 1: [(3, 25), (30, 31)]}

@@ -86,14 +86,19 @@ class RemoteStats:
                     "data_retries": self.retries}
 
 
-def _status(exc: BaseException) -> int | None:
-    for attr in ("status", "status_code"):
-        v = getattr(exc, attr, None)
-        if isinstance(v, int):
-            return v
-    resp = getattr(exc, "response", None)
-    if isinstance(resp, dict):  # botocore ClientError
-        return resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status behind an error (s3fs wraps botocore's ClientError in an OSError: its cause)."""
+    for _ in range(3):
+        if exc is None:
+            return None
+        for attr in ("status", "status_code"):
+            v = getattr(exc, attr, None)
+            if isinstance(v, int):
+                return v
+        resp = getattr(exc, "response", None)
+        if isinstance(resp, dict):  # botocore ClientError
+            return resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        exc = exc.__cause__
     return None
 
 
@@ -175,8 +180,9 @@ class RemoteStore:
         return data
 
     def _cat_ranges(self, ranges: list[tuple[str, int, int]], etags: dict) -> list:
-        """One concurrent round of range reads; over HTTP each carries ``If-Match`` with its object's
-        (strong) ETag, so an object replaced by one of the same size is refused (412), not mixed in."""
+        """One concurrent round of range reads; over HTTP and S3 each carries ``If-Match`` with its
+        object's (strong) ETag, so an object replaced by one of the same size is refused (412), not
+        mixed in; other schemes go through ``fs.cat_ranges`` (size checks only)."""
         if etags and type(self.fs).__name__ == "HTTPFileSystem":
             from fsspec.asyn import sync
 
@@ -189,6 +195,22 @@ class RemoteStore:
                                               for n, s, e in ranges], return_exceptions=True)
 
             return sync(self.fs.loop, gather)
+        if etags and type(self.fs).__name__ == "S3FileSystem":
+            from fsspec.asyn import sync
+
+            async def get(name: str, start: int, end: int) -> bytes:
+                bucket, key, _ = self.fs.split_path(self._path(name))
+                tag = {"IfMatch": f'"{etags[name]}"'} if etags.get(name) else {}
+                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **tag)
+                try:
+                    return await resp["Body"].read()
+                finally:
+                    resp["Body"].close()
+
+            async def gather_s3():
+                return await asyncio.gather(*[get(*r) for r in ranges], return_exceptions=True)
+
+            return sync(self.fs.loop, gather_s3)
         return self.fs.cat_ranges([self._path(n) for n, _, _ in ranges], [s for _, s, _ in ranges],
                                   [e for _, _, e in ranges], on_error="return")
 
