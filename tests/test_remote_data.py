@@ -9,6 +9,7 @@ s3://...` then training from it, and a server taken away mid-run.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -141,6 +142,32 @@ def test_s3_object_replaced_mid_run_is_one_line(shards_data, s3, tmp_path):
         RemoteTokenDataset(info, 48, seed=0).read_batch(np.arange(0, 400))
     assert f"s3://bucket/changed/{victim.name} changed (its ETag is no longer" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_s3_upload_resumes_after_a_failed_run(tiny_data, shards_data, s3, tmp_path):
+    src = tiny_data.parent
+    kwargs = dict(inputs=[str(src / "corpus.jsonl")], tokenizer_path=str(src / "tok.model"), docs_per_shard=40,
+                  progress=False)
+    with pytest.raises(DataError, match="s3://resume-bucket/web/"):  # no bucket yet: the uploads fail
+        prepare_to_url("s3://resume-bucket/web", tmp_path, prepare_data, **kwargs)
+    store = RemoteStore("s3://resume-bucket/web")
+    staged = {p.name: p.stat().st_ino for p in (tmp_path / "upload").glob("*/*.bin")}
+    assert len(staged) == 4 and not store.exists("manifest.json")
+    store.fs.mkdir("resume-bucket")
+    calls = []
+
+    def prepare(**kw):  # the real prepare_data; its shards must be found done, not written again
+        calls.append(kw["output_dir"])
+        out = prepare_data(**kw)
+        assert {p.name: p.stat().st_ino for p in Path(kw["output_dir"]).glob("*.bin")} == staged
+        return out
+
+    prepare_to_url("s3://resume-bucket/web", tmp_path, prepare, **kwargs)
+    assert len(calls) == 1
+    assert json.loads(store.cat("manifest.json"))["num_documents"] == 150
+    for name in staged:
+        assert store.cat(name) == (shards_data / name).read_bytes()
+    assert not list((tmp_path / "upload").iterdir())  # staging removed once the manifest is up
 
 
 def test_merge_pieces():

@@ -101,6 +101,9 @@ def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: s
     shards = []
     for e in manifest["shards"]:
         shard = IndexedShard(local / e["prefix"], bin_size=e["bin_bytes"])
+        if not isinstance(e.get("max_token_id"), int):  # a local shard is scanned instead; a remote one is not read whole
+            raise DataError(f"the manifest of {store.url} records no max_token_id for {e['prefix']}: re-prepare the data "
+                            "with this meshforge (or use data.remote_mode = download)")
         if shard.num_documents != e["documents"] or shard.num_tokens != e["tokens"] or shard.dtype.name != manifest["dtype"]:
             raise DataError(f"{store.url_of(e['prefix'] + '.idx')} does not match the manifest (documents, tokens or "
                             "dtype): re-prepare the data")
