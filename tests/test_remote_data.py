@@ -291,6 +291,23 @@ def test_failures_are_one_line_naming_the_url(case, message, shards_data, tmp_pa
             server.stop()
 
 
+@pytest.mark.parametrize("path, message", [
+    ("https://user:hunter2@127.0.0.1:1/data", "carries credentials"),
+    ("http://127.0.0.1:1/data", "http://127.0.0.1:1/data/manifest.json: stat failed, retried for"),
+    ("0.5:http://127.0.0.1:1/a,0.5:s3://user:hunter2@b/c", "carries credentials"),
+])
+def test_train_from_a_bad_url_is_one_line_before_any_output(path, message, tmp_path, capsys):
+    from meshforge.cli import main as cli_main
+
+    key = "--data.blend" if path.startswith("0.5:") else "--data.path"
+    out = tmp_path / "run"
+    code = cli_main(["train", "--config", "tiny-test", key, path, "--train.output_dir", str(out),
+                     "--data.remote_retry_seconds", "1", "--data.cache_dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "hunter2" not in err and not out.exists()
+
+
 def test_urls_are_told_apart_from_paths():
     assert is_url("s3://b/p") and is_url("https://h/p") and is_url("gs://b")
     assert not is_url("/data/x") and not is_url("data/web") and not is_url("file:///data") and not is_url("C:/x")
