@@ -41,6 +41,16 @@ def nginx_binary() -> str | None:
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
 
 
+def need_nginx() -> None:
+    """Skip without nginx; under CI (which installs it, .ci/run) fail instead."""
+    import pytest
+
+    if nginx_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed (.ci/run installs the Debian package)")
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+
+
 class Nginx:
     """``nginx`` serving ``root`` at ``http://127.0.0.1:<port>/`` (static files: ETag, ranges)."""
 
@@ -98,3 +108,65 @@ class MotoS3:
             self.proc.terminate()
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to ``target_port``: stopping it takes the endpoint away from clients
+    while the server behind it (moto, which keeps its objects only in memory) keeps running."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> "TcpProxy":
+        import threading
+
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(64)
+        self._server = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+        return self
+
+    def _accept(self, srv: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for c in self._conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        self._conns = []

@@ -1,10 +1,8 @@
 """Remote data: the same samples from nginx (HTTP ranges) and moto (S3) as from the local copy, and its failures.
 
-Every server is real and on loopback (``remote_servers.py``); the data is a real prepared dir
-(four shards). Training from a URL must equal training from the local copy exactly (``==``):
-the remote dataset hands the trainer the very same batches, so nothing in the run may differ;
-with a resume from a checkpoint, a change from 1 to 2 ranks on resume, `data prepare --output
-s3://...` then training from it, and a server taken away mid-run.
+Every server is real and on loopback (``remote_servers.py``; the ``shards_data``, ``http`` and
+``s3`` fixtures of conftest.py); the data is a real prepared dir (four shards). Training from a
+URL: ``test_remote_train.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,56 +20,11 @@ import pytest
 
 from meshforge.data_pipeline import DataError, TokenDataset, open_data_dir
 from meshforge.data_pipeline.prepare import prepare_data
-from meshforge.data_pipeline.remote import RemoteStats, RemoteStore, check_url, is_url
+from meshforge.data_pipeline.remote import RemoteStats, RemoteStore, check_url, is_transient, is_url
 from meshforge.data_pipeline.remote_cache import cache_path, open_remote_data_dir
 from meshforge.data_pipeline.remote_dataset import RemoteTokenDataset, merge_pieces
 from meshforge.data_pipeline.remote_upload import prepare_to_url
-from meshforge.pretrain.metrics import read_metrics
-from parallel_harness import PARITY_ARGS, REPO, read_result, run_ranks
-from remote_servers import MotoS3, Nginx, nginx_binary
-
-
-def _need_nginx():
-    if nginx_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed (.ci/run installs the Debian package)")
-        pytest.skip("nginx is not installed (apt-get install nginx)")
-
-
-@pytest.fixture(scope="module")
-def shards_data(tiny_data, tmp_path_factory) -> Path:
-    """tiny_data's corpus prepared into four shards (40 documents each), under ``<root>/data``."""
-    root = tmp_path_factory.mktemp("remote_src")
-    src = tiny_data.parent
-    prepare_data([str(src / "corpus.jsonl")], str(src / "tok.model"), str(root / "data"), docs_per_shard=40, progress=False)
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def http(shards_data, tmp_path_factory):
-    _need_nginx()
-    server = Nginx(shards_data.parent, tmp_path_factory.mktemp("nginx")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(tiny_data, tmp_path_factory):
-    server = MotoS3().start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    try:
-        store = RemoteStore("s3://bucket/data")
-        store.fs.mkdir("bucket")
-        # upload with the project's own path: prepared, staged and uploaded by data prepare --output s3://
-        prepare_to_url("s3://bucket/data", tmp_path_factory.mktemp("stage"), prepare_data,
-                       inputs=[str(tiny_data.parent / "corpus.jsonl")], tokenizer_path=str(tiny_data.parent / "tok.model"),
-                       docs_per_shard=40, progress=False)
-        yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+from remote_servers import Nginx, TcpProxy, need_nginx
 
 
 def _compare(local: TokenDataset, remote: RemoteTokenDataset, stats: RemoteStats) -> None:
@@ -177,7 +129,7 @@ def test_merge_pieces():
 
 
 def test_server_away_a_few_seconds_then_back(shards_data, tmp_path):
-    _need_nginx()
+    need_nginx()
     server = Nginx(shards_data.parent, tmp_path / "ng").start()
     try:
         stats = RemoteStats()
@@ -192,6 +144,28 @@ def test_server_away_a_few_seconds_then_back(shards_data, tmp_path):
     finally:
         time.sleep(0.1)
         server.stop()
+
+
+def test_s3_endpoint_away_a_few_seconds_then_back(shards_data, s3, tmp_path):
+    store = RemoteStore("s3://bucket/data")
+    proxy = TcpProxy(s3.port).start()  # the client sees the endpoint through the proxy; moto keeps its objects
+    os.environ["AWS_ENDPOINT_URL"] = proxy.url
+    type(store.fs).clear_instance_cache()  # fsspec reuses filesystem objects: make the next one read the new endpoint
+    try:
+        stats = RemoteStats()
+        info = open_remote_data_dir(store.url, "", tmp_path / "cache", stats=stats, retry_seconds=60)
+        remote = RemoteTokenDataset(info, 48, seed=5)
+        proxy.stop()
+        threading.Timer(2.0, proxy.start).start()
+        t0 = time.monotonic()
+        got = remote.read_batch(np.arange(100, 116))
+        assert time.monotonic() - t0 >= 1.5 and stats.retries > 0
+        np.testing.assert_array_equal(got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116)))
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+        type(store.fs).clear_instance_cache()
+        time.sleep(0.1)
+        proxy.stop()
 
 
 def _served_copy(shards_data: Path, tmp_path: Path) -> tuple[Nginx, Path]:
@@ -241,7 +215,7 @@ FAILURES = [
 @pytest.mark.parametrize("case, message", FAILURES, ids=[c for c, _ in FAILURES])
 def test_failures_are_one_line_naming_the_url(case, message, shards_data, tmp_path):
     if case not in ("credentials in the URL", "unknown scheme"):
-        _need_nginx()
+        need_nginx()
     server, data = _served_copy(shards_data, tmp_path) if case not in ("credentials in the URL", "unknown scheme") else (None, None)
     cache = tmp_path / "cache"
     mounted = False
@@ -291,109 +265,35 @@ def test_failures_are_one_line_naming_the_url(case, message, shards_data, tmp_pa
             server.stop()
 
 
-@pytest.mark.parametrize("path, message", [
-    ("https://user:hunter2@127.0.0.1:1/data", "carries credentials"),
-    ("http://127.0.0.1:1/data", "http://127.0.0.1:1/data/manifest.json: stat failed, retried for"),
-    ("0.5:http://127.0.0.1:1/a,0.5:s3://user:hunter2@b/c", "carries credentials"),
-])
-def test_train_from_a_bad_url_is_one_line_before_any_output(path, message, tmp_path, capsys):
-    from meshforge.cli import main as cli_main
+def _http_error(status: int):
+    import aiohttp
 
-    key = "--data.blend" if path.startswith("0.5:") else "--data.path"
-    out = tmp_path / "run"
-    code = cli_main(["train", "--config", "tiny-test", key, path, "--train.output_dir", str(out),
-                     "--data.remote_retry_seconds", "1", "--data.cache_dir", str(tmp_path / "cache")])
-    err = capsys.readouterr().err
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
-    assert "hunter2" not in err and not out.exists()
+    return aiohttp.ClientResponseError(None, (), status=status, message="")
+
+
+def _s3_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    cause = ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                        "GetObject")
+    err = OSError(22, code)  # how s3fs hands a botocore error on
+    err.__cause__ = cause
+    return err
+
+
+@pytest.mark.parametrize("make, transient", [
+    (lambda: _http_error(503), True), (lambda: _http_error(500), True), (lambda: _http_error(429), True),
+    (lambda: _http_error(404), False), (lambda: _http_error(403), False), (lambda: _http_error(400), False),
+    (lambda: _s3_error("SlowDown", 503), True), (lambda: _s3_error("InternalError", 500), True),
+    (lambda: _s3_error("AccessDenied", 403), False), (lambda: _s3_error("InvalidRange", 416), False),
+    (lambda: ConnectionResetError(104, "reset"), True), (lambda: TimeoutError(), True),
+    (lambda: FileNotFoundError("x"), False), (lambda: PermissionError(13, "no"), False),
+])
+def test_which_errors_are_retried(make, transient):
+    assert is_transient(make()) is transient
 
 
 def test_urls_are_told_apart_from_paths():
     assert is_url("s3://b/p") and is_url("https://h/p") and is_url("gs://b")
     assert not is_url("/data/x") and not is_url("data/web") and not is_url("file:///data") and not is_url("C:/x")
     assert check_url("https://host/prefix/") == "https://host/prefix"
-
-
-# --------------------------------------------------------------------------- training from a URL
-
-STEPS = ("--train.steps", "20", "--checkpoint.interval", "10")
-
-
-def _train(data, out, world, *extra):
-    run_ranks(world, ["train", *PARITY_ARGS, "--data.path", str(data), "--train.output_dir", str(out), *STEPS, *extra])
-
-
-def _resumed_run(data, out, worlds, *extra):
-    """20 steps on ``worlds[0]`` ranks, the last checkpoint dropped, then resumed at step 10 on ``worlds[1]``."""
-    _train(data, out, worlds[0], *extra)
-    shutil.rmtree(out / "checkpoints" / "step_00000020")
-    _train(data, out, worlds[1], *extra)
-    return read_result(out)
-
-
-def assert_identical(ref, got) -> None:
-    assert len(got.losses) == len(ref.losses) == 20 and got.losses == ref.losses
-    assert ref.params.keys() == got.params.keys()
-    for name, p in ref.params.items():
-        assert (got.params[name] == p).all(), name
-    assert ref.losses[-1] < ref.losses[0]
-
-
-def test_train_from_http_equals_local(shards_data, http, tmp_path):
-    """The default suite's case: 20 steps straight (resume and 1 -> 2 ranks: the slow tests below)."""
-    _train(shards_data, tmp_path / "local", 1)
-    _train(f"{http.url}/data", tmp_path / "remote", 1, "--data.cache_dir", str(tmp_path / "cache"))
-    ref, got = read_result(tmp_path / "local"), read_result(tmp_path / "remote")
-    assert_identical(ref, got)
-    last = [r for r in read_metrics(got.output_dir) if "loss" in r][-1]
-    assert last["data_bytes_fetched"] > 0 and last["data_retries"] == 0
-
-
-@pytest.mark.slow
-def test_s3_prepare_then_train_1_to_2_ranks_equals_local(shards_data, s3, tiny_data, tmp_path):
-    src = tiny_data.parent
-    cmd = [sys.executable, "-m", "meshforge", "data", "prepare", "--input", str(src / "corpus.jsonl"), "--tokenizer",
-           str(src / "tok.model"), "--output", "s3://bucket/cli", "--docs-per-shard", "40", "--cache-dir", str(tmp_path / "stage")]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
-    ref = _resumed_run(shards_data, tmp_path / "local", (1, 2))
-    got = _resumed_run("s3://bucket/cli", tmp_path / "remote", (1, 2), "--data.cache_dir", str(tmp_path / "cache"))
-    assert_identical(ref, got)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["range", "download"])
-def test_http_resume_on_2_ranks_equals_local(mode, shards_data, http, tmp_path):
-    ref = _resumed_run(shards_data, tmp_path / "local", (1, 2))
-    got = _resumed_run(f"{http.url}/data", tmp_path / "remote", (1, 2), "--data.cache_dir", str(tmp_path / "cache"),
-                       "--data.remote_mode", mode)
-    assert_identical(ref, got)
-
-
-@pytest.mark.slow
-def test_server_stopped_mid_run_continues_with_the_same_losses(shards_data, tmp_path):
-    _need_nginx()
-    extra = ("--train.steps", "60", "--checkpoint.interval", "0")
-    run_ranks(1, ["train", *PARITY_ARGS, "--data.path", str(shards_data), "--train.output_dir", str(tmp_path / "local"), *extra])
-    server = Nginx(shards_data.parent, tmp_path / "ng").start()
-    out = tmp_path / "remote"
-    args = [sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", f"{server.url}/data",
-            "--train.output_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"), *extra]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.05)
-        server.stop()
-        time.sleep(3)
-        server.start()
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-2000:]
-    finally:
-        proc.kill()
-        server.stop()
-    ref = [r["loss"] for r in read_metrics(tmp_path / "local") if "loss" in r]
-    records = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["loss"] for r in records] == ref
-    assert records[-1]["data_retries"] > 0 and records[-1]["step"] == 60
