@@ -169,10 +169,34 @@ class RemoteStore:
 
     def info(self, name: str) -> dict:
         """Size and ETag (``None`` where the server gives none) of object ``name``."""
-        info = self._call("stat", name, self.fs.info, self._path(name), refresh=True) if _takes_refresh(self.fs) \
-            else self._call("stat", name, self.fs.info, self._path(name))
-        etag = info.get("ETag") or info.get("etag") or info.get("ETAG")
-        return {"size": info.get("size"), "etag": str(etag).strip('"') if etag else None}
+        kw = {"refresh": True} if _takes_refresh(self.fs) else {}
+        return _size_etag(self._call("stat", name, self.fs.info, self._path(name), **kw))
+
+    def infos(self, names: list[str]) -> list[dict]:
+        """:meth:`info` of many objects, asked concurrently where the filesystem is asynchronous."""
+        if not getattr(self.fs, "async_impl", False):
+            return [self.info(n) for n in names]
+        from fsspec.asyn import sync
+
+        kw = {"refresh": True} if _takes_refresh(self.fs) else {}
+        out: list = [None] * len(names)
+        todo, deadline, delay = list(range(len(names))), time.monotonic() + self.retry_seconds, 0.2
+        while todo:
+            self.stats.add(requests=len(todo))
+
+            async def gather(ids=tuple(todo)):
+                return await asyncio.gather(*[self.fs._info(self._path(names[i]), **kw) for i in ids], return_exceptions=True)
+
+            got = sync(self.fs.loop, gather)
+            failed = [(i, r) for i, r in zip(todo, got) if isinstance(r, BaseException)]
+            for i, r in zip(todo, got):
+                if not isinstance(r, BaseException):
+                    out[i] = _size_etag(r)
+            if failed:
+                self._fail_or_wait(failed[0][1], "stat", names[failed[0][0]], deadline, delay)
+                delay = min(delay * 2, 5.0)
+            todo = [i for i, _ in failed]
+        return out
 
     def cat(self, name: str) -> bytes:
         data = self._call("read", name, self.fs.cat_file, self._path(name))
@@ -263,6 +287,11 @@ class RemoteStore:
 
     def exists(self, name: str) -> bool:
         return bool(self._call("stat", name, self.fs.exists, self._path(name)))
+
+
+def _size_etag(info: dict) -> dict:
+    etag = info.get("ETag") or info.get("etag") or info.get("ETAG")
+    return {"size": info.get("size"), "etag": str(etag).strip('"') if etag else None}
 
 
 def _takes_refresh(fs) -> bool:

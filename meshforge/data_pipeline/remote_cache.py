@@ -127,10 +127,9 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
     manifest = _read_manifest(local / MANIFEST, store)
     if not (local / TOKENIZER_FILE).is_file():
         store.get_file(TOKENIZER_FILE, local / TOKENIZER_FILE)
-    for e in manifest["shards"]:
+    names = [f"{e['prefix']}.bin" for e in manifest["shards"]]
+    for e, name, info in zip(manifest["shards"], names, store.infos(names)):  # one concurrent round of HEADs
         _fetch_checked(store, local, e, "idx")
-        name = f"{e['prefix']}.bin"
-        info = store.info(name)
         if info["size"] != e["bin_bytes"]:
             raise RemoteError(f"{store.url_of(name)} has {info['size']} bytes, the manifest says {e['bin_bytes']}: the object "
                               "changed after preparation; re-prepare or re-upload the data")
