@@ -122,6 +122,19 @@ def test_s3_upload_resumes_after_a_failed_run(tiny_data, shards_data, s3, tmp_pa
     assert not list((tmp_path / "upload").iterdir())  # staging removed once the manifest is up
 
 
+def test_s3_upload_refuses_or_keeps_an_existing_data_set(tiny_data, s3, tmp_path):
+    store = RemoteStore("s3://bucket/data")
+    before = store.cat("manifest.json")
+    good = dict(inputs=[str(tiny_data.parent / "corpus.jsonl")], tokenizer_path=str(tiny_data.parent / "tok.model"),
+                progress=False)
+    with pytest.raises(DataError, match="s3://bucket/data/manifest.json exists: .* pass --overwrite"):
+        prepare_to_url(store.url, tmp_path, prepare_data, **good)
+    with pytest.raises(DataError):  # bad input with --overwrite: refused before the old data set is touched
+        prepare_to_url(store.url, tmp_path, prepare_data, overwrite=True,
+                       **{**good, "inputs": [str(tmp_path / "missing.jsonl")]})
+    assert store.cat("manifest.json") == before
+
+
 def test_merge_pieces():
     assert merge_pieces([(1, 10, 20), (0, 5, 9), (1, 20, 25), (1, 3, 12), (1, 30, 31)]) == {
         0: [(5, 9)], 1: [(3, 25), (30, 31)]}

@@ -27,8 +27,10 @@ from meshforge.data_pipeline.remote_cache import cache_path
 class _Uploader:
     """Uploads the shards of finished slices of ``staging`` to ``store``, each object once."""
 
-    def __init__(self, store: RemoteStore, staging: Path):
+    def __init__(self, store: RemoteStore, staging: Path, replace: bool = False):
         self.store, self.staging = store, staging
+        self.replace = replace
+        """An old data set's manifest is removed before the first upload (not before: bad input keeps it)."""
         self.done: set[str] = set()
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -48,6 +50,10 @@ class _Uploader:
         local = self.staging / name
         if not local.is_file() or local.stat().st_size != size:
             return  # a marker of another plan, or a shard being replaced: the final sweep decides
+        if self.replace:  # from here on the prefix is not a data set until the new manifest is up
+            if self.store.exists(MANIFEST):
+                self.store.fs.rm_file(f"{self.store.root}/{MANIFEST}")
+            self.replace = False
         if not (self.store.exists(name) and self.store.info(name)["size"] == size):
             self.store.put_file(local, name)
         self.done.add(name)
@@ -79,11 +85,9 @@ def prepare_to_url(url: str, cache_dir: Path, prepare: Callable[..., dict], over
     if num_nodes != 1:
         raise DataError(f"--output {store.url}: an upload is prepared on one node (num_nodes = 1); prepare into a shared "
                         "dir on several nodes, merge, then copy it up")
-    if store.exists(MANIFEST):
-        if not overwrite:
-            raise DataError(f"{store.url_of(MANIFEST)} exists: that prefix holds a data set; pass --overwrite to replace it "
-                            "or choose another prefix")
-        store.fs.rm_file(f"{store.root}/{MANIFEST}")  # from here on the prefix is not a data set until the new manifest
+    if store.exists(MANIFEST) and not overwrite:
+        raise DataError(f"{store.url_of(MANIFEST)} exists: that prefix holds a data set; pass --overwrite to replace it "
+                        "or choose another prefix")
     staging = Path(cache_dir) / "upload" / cache_path(store.url, Path(cache_dir)).name
     try:
         staging.mkdir(parents=True, exist_ok=True)
@@ -91,7 +95,7 @@ def prepare_to_url(url: str, cache_dir: Path, prepare: Callable[..., dict], over
     except OSError as exc:
         raise DataError(f"the staging dir {staging} cannot be written ({exc.strerror}): set data.cache_dir / "
                         "$MESHFORGE_CACHE to a writable dir with room for the shards") from None
-    uploader = _Uploader(store, staging).start()
+    uploader = _Uploader(store, staging, replace=overwrite).start()
     try:
         manifest = prepare(output_dir=str(staging), overwrite=overwrite, num_nodes=1, node_rank=0, **kwargs)
     finally:
