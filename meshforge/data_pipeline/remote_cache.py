@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ from meshforge.file_hash import file_sha256
 from meshforge.tokenizers import TokenizerError, load_tokenizer
 
 OBJECTS = "objects.json"
+_FETCHERS = 8
+"""Files (``.idx``; ``.bin`` in download mode) fetched at once when a node fills its cache."""
 REMOTE_MODES = ("range", "download")
 
 
@@ -127,9 +130,10 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
     manifest = _read_manifest(local / MANIFEST, store)
     if not (local / TOKENIZER_FILE).is_file():
         store.get_file(TOKENIZER_FILE, local / TOKENIZER_FILE)
+    with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="meshforge-fetch") as pool:  # the first error, in shard order
+        list(pool.map(lambda e: _fetch_checked(store, local, e, "idx"), manifest["shards"]))
     names = [f"{e['prefix']}.bin" for e in manifest["shards"]]
     for e, name, info in zip(manifest["shards"], names, store.infos(names)):  # one concurrent round of HEADs
-        _fetch_checked(store, local, e, "idx")
         if info["size"] != e["bin_bytes"]:
             raise RemoteError(f"{store.url_of(name)} has {info['size']} bytes, the manifest says {e['bin_bytes']}: the object "
                               "changed after preparation; re-prepare or re-upload the data")
@@ -138,8 +142,9 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
             raise RemoteError(f"{store.url_of(name)} changed (ETag {info['etag']}, was {seen['etag']}) while its manifest "
                               "did not: re-prepare or re-upload the data")
         objects[name] = info
-        if mode == "download":
-            _fetch_checked(store, local, e, "bin")
+    if mode == "download":
+        with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="meshforge-fetch") as pool:
+            list(pool.map(lambda e: _fetch_checked(store, local, e, "bin"), manifest["shards"]))
     objects[MANIFEST] = head
     atomic_write_json(local / OBJECTS, objects)
     return manifest, objects
