@@ -141,19 +141,23 @@ def test_merge_pieces():
     assert merge_pieces([(0, 0, 4), (0, 6, 8)], max_gap=2) == {0: [(0, 8)]}
 
 
+def _read_across_an_outage(url: str, server, shards_data: Path, cache: Path) -> None:
+    """Open ``url``, take ``server`` away for 2 s, read a batch: retried, then the local copy's samples."""
+    stats = RemoteStats()
+    remote = RemoteTokenDataset(open_remote_data_dir(url, "", cache, stats=stats, retry_seconds=60), 48, seed=5)
+    server.stop()
+    threading.Timer(2.0, server.start).start()
+    t0 = time.monotonic()
+    got = remote.read_batch(np.arange(100, 116))
+    assert time.monotonic() - t0 >= 1.5 and stats.retries > 0
+    np.testing.assert_array_equal(got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116)))
+
+
 def test_server_away_a_few_seconds_then_back(shards_data, tmp_path):
     need_nginx()
     server = Nginx(shards_data.parent, tmp_path / "ng").start()
     try:
-        stats = RemoteStats()
-        info = open_remote_data_dir(f"{server.url}/data", "", tmp_path / "cache", stats=stats, retry_seconds=60)
-        remote = RemoteTokenDataset(info, 48, seed=5)
-        server.stop()
-        threading.Timer(2.0, server.start).start()
-        t0 = time.monotonic()
-        got = remote.read_batch(np.arange(100, 116))
-        assert time.monotonic() - t0 >= 1.5 and stats.retries > 0
-        np.testing.assert_array_equal(got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116)))
+        _read_across_an_outage(f"{server.url}/data", server, shards_data, tmp_path / "cache")
     finally:
         time.sleep(0.1)
         server.stop()
@@ -165,15 +169,7 @@ def test_s3_endpoint_away_a_few_seconds_then_back(shards_data, s3, tmp_path):
     os.environ["AWS_ENDPOINT_URL"] = proxy.url
     type(store.fs).clear_instance_cache()  # fsspec reuses filesystem objects: make the next one read the new endpoint
     try:
-        stats = RemoteStats()
-        info = open_remote_data_dir(store.url, "", tmp_path / "cache", stats=stats, retry_seconds=60)
-        remote = RemoteTokenDataset(info, 48, seed=5)
-        proxy.stop()
-        threading.Timer(2.0, proxy.start).start()
-        t0 = time.monotonic()
-        got = remote.read_batch(np.arange(100, 116))
-        assert time.monotonic() - t0 >= 1.5 and stats.retries > 0
-        np.testing.assert_array_equal(got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116)))
+        _read_across_an_outage(store.url, proxy, shards_data, tmp_path / "cache")
     finally:
         os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
         type(store.fs).clear_instance_cache()
