@@ -78,18 +78,24 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data_pipeline.builtin import resolve_cache_dir
     from .data_pipeline.prepare import prepare_data
+    from .data_pipeline.remote import is_url
+    from .data_pipeline.remote_upload import prepare_to_url
     from .launch.node_rank import default_node_rank
 
     env_rank, env_nodes = default_node_rank() if args.node_rank is None or args.num_nodes is None else (0, 1)
     node_rank = env_rank if args.node_rank is None else args.node_rank
     num_nodes = env_nodes if args.num_nodes is None else args.num_nodes
-    manifest = prepare_data(
-        args.input, args.tokenizer, args.output, workers=args.workers, text_field=args.text_field,
-        hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
-        hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard,
-        overwrite=args.overwrite, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
-    )
+    settings = dict(inputs=args.input, tokenizer_path=args.tokenizer, workers=args.workers, text_field=args.text_field,
+                    hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
+                    hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard, overwrite=args.overwrite)
+    if is_url(args.output):  # staged under the cache dir, uploaded as shards finish, manifest last
+        manifest = prepare_to_url(args.output, resolve_cache_dir(args.cache_dir), prepare_data,
+                                  num_nodes=1 if args.num_nodes is None else args.num_nodes, **settings)
+    else:
+        manifest = prepare_data(output_dir=args.output, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
+                                **settings)
     if manifest.get("format") == "meshforge-node-partial-v1":
         print(f"node {node_rank} of {num_nodes}: {len(manifest['slices'])} slices, {manifest['num_documents']} documents, "
               f"{manifest['num_tokens']} tokens in {args.output}; run `meshforge data merge-manifest {args.output}` "
@@ -205,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-streaming", action="store_true", help="read --hf-dataset with load_dataset(dir, streaming=True)")
     p.add_argument("--hf-rows-per-slice", type=int, default=0, help="cut a saved HF dataset into slices of this many rows")
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
-    p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet)")
+    p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet), or a URL "
+                   "(s3://bucket/prefix, ...): staged under --cache-dir, shards uploaded as they finish, manifest last")
+    p.add_argument("--cache-dir", default="", help="staging dir root for a URL --output (default: $MESHFORGE_CACHE or ~/.cache/meshforge)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--text-field", default="text")
     p.add_argument("--docs-per-shard", type=int, default=0, help="0: one shard per input slice")

@@ -199,6 +199,8 @@ class Trainer:
                     _print(bar, self.memory_probe.measured_line(memory))
                 record = {"step": self.step, **record, **memory, "tokens_per_s": tokens_per_step / elapsed,
                           "step_time_s": elapsed}
+                if self.data.remote_stats is not None:  # remote data: requests, bytes, retries so far (this rank)
+                    record.update(self.data.remote_stats.snapshot())
                 if self.peak:
                     record["mfu"] = self.flops_per_token * tokens_per_step / elapsed / (self.peak * self.env.world_size)
                 last = self.step == t.steps
