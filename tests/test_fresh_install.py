@@ -1,4 +1,5 @@
-"""The README's quick start installs what it says, from a clean copy of the repository.
+"""The README's quick start installs what it says, from a clean copy of the repository; and
+`scripts/setup.sh` picks the torch build the README describes (with a stand-in for pip).
 
 The slow test (CI runs it as its own step, `.ci/run`) copies the tracked files into a new
 directory, runs the README's venv line and quick-start line there -- `meshforge train` cut to
@@ -81,6 +82,58 @@ def test_setup_refuses_a_bad_choice_before_installing(env, args, message, tmp_pa
                           env={**os.environ, "PYTHON": str(fake_python), **env}, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "calls").exists()
+
+
+FAKE_PYTHON = r"""#!/bin/bash
+# stands in for python: records each call; pip's dry-run report says which build the index offers
+echo "$*" >> "$CALLS"
+if [ "$1" = -m ] && [[ " $* " == *" --dry-run "* ]]; then
+  args=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = --report ] && out=${args[$((i+1))]}; done
+  echo "{\"install\": [{\"metadata\": {\"requires_dist\": [$REQUIRES]}}]}" > "$out"; exit 0
+fi
+[ "$1" = - ] && exec "$REAL_PYTHON" "$@"
+[ "$1" = -c ] && echo "2.13.0 (fake)"
+exit 0
+"""
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
+
+
+@pytest.mark.parametrize("gpu, offered, env, args, torch_install, dry_run", [
+    (False, "cuda", {}, [], f"-m pip install -q {CPU_INDEX} torch==2.13.0", True),   # PyPI on Linux: CUDA build
+    (False, "cpu", {}, [], "-m pip install -q torch==2.13.0", True),                # the index holds a +cpu wheel
+    (False, "cuda", {"MESHFORGE_TORCH_INDEX": "registry"}, [], "-m pip install -q torch==2.13.0", False),
+    (True, "cuda", {}, [], "-m pip install -q torch==2.13.0", False),               # a GPU: the index's CUDA build
+    (False, "cuda", {"MESHFORGE_TORCH": "cuda"}, [], "-m pip install -q torch==2.13.0", False),
+    (False, "cuda", {"MESHFORGE_TORCH": "2.11.0"}, [], f"-m pip install -q {CPU_INDEX} torch==2.11.0", True),
+    (False, "cuda", {"MESHFORGE_TORCH": "skip"}, ["--test"], None, False),
+])
+def test_setup_chooses_the_torch_build(tmp_path, gpu, offered, env, args, torch_install, dry_run):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    calls = tmp_path / "calls"
+    path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                              if not (Path(p) / "nvidia-smi").exists()])
+    full = {**{k: v for k, v in os.environ.items() if not k.startswith("MESHFORGE_TORCH")}, "PATH": path,
+            "PYTHON": str(fake), "CALLS": str(calls), "REAL_PYTHON": sys.executable,
+            "REQUIRES": '"filelock", "nvidia-cublas-cu12==12.9.1.4"' if offered == "cuda" else '"filelock", "sympy"',
+            **env}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
+                          env=full, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = calls.read_text().splitlines()
+    installs = [c for c in lines if c.startswith("-m pip install") and "--dry-run" not in c]
+    assert any("--dry-run" in c for c in lines) == dry_run
+    assert [c for c in installs if "torch==" in c] == ([torch_install] if torch_install else [])
+    if args:
+        assert installs[-2].endswith("-e .[test]") and "deepspeed" in installs[-1]
+    else:
+        assert installs[-1].endswith("-e .") and not any("[test]" in c or "deepspeed" in c for c in installs)
 
 
 # run inside the new venv: its distributions, and the closure of meshforge's requirements
