@@ -22,6 +22,18 @@ def _where() -> str:
     return "this process"
 
 
+OPTIONAL_PACKAGES = {"transformers": "convert", "safetensors": "convert", "scipy": "scaling",
+                     "matplotlib": "scaling", "threadpoolctl": "scaling", "zstandard": "data", "pyarrow": "data",
+                     "datasets": "data", "mpi4py": "mpi", "torchao": "gpu", "liger_kernel": "gpu"}
+"""Import name -> the pyproject extra that installs it (the quick start installs none of them)."""
+
+
+def _extra_for(error: BaseException) -> str | None:
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return OPTIONAL_PACKAGES.get(error.name.split(".")[0])
+    return None
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.help_config:
         print(describe(load_config(args.config, rest)))
@@ -147,7 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshforge", description="Pretrain transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model; extra --section.key value pairs override the config")
+    p = sub.add_parser(
+        "train", help="train a model; extra --section.key value pairs override the config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="meshforge train [-h] [--config PRESET] [--help-config] [--section.key VALUE ...]",
+        description="Train a model: the built-in small preset, or --config.\n\n"
+        "Any config key can be set on the command line as --section.key value (or\n"
+        "--section.key=value), applied after the preset, e.g.\n"
+        "  --train.steps 1000 --optim.lr 3e-4 --parallel.tp 2\n"
+        "--help-config lists every key, its value and what it means.",
+        epilog="example:\n  meshforge train --config small --train.steps 1000 --optim.schedule wsd "
+        "--train.output_dir runs/exp1")
     p.add_argument("--config", default=None, help="TOML preset: a path or a name in configs/ (default: built-in small)")
     p.add_argument("--help-config", action="store_true", help="print every config key with its value and meaning")
     p.set_defaults(func=cmd_train)
@@ -261,7 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "reported_elsewhere", False):  # in a multi-rank job, rank 0 may speak for all
             print(f"meshforge: error: {e}", file=sys.stderr, flush=True)
         return e.exit_status
-    except Exception:  # a bug: keep the traceback, but say where it happened
+    except Exception as e:
+        extra = _extra_for(e)
+        if extra:  # an optional package this command needs: say which extra brings it
+            command = " ".join(filter(None, (getattr(args, k, None) for k in (
+                "command", "convert_command", "scaling_command", "data_command", "tokenizer_command"))))
+            print(f"meshforge: error: `meshforge {command}` needs {e.name}, which is not installed: "
+                  f"pip install -e \".[{extra}]\" (in the meshforge checkout)", file=sys.stderr, flush=True)
+            return 2
+        # a bug: keep the traceback, but say where it happened
         print(f"meshforge: internal error on {_where()} (a bug in meshforge; its traceback follows)",
               file=sys.stderr, flush=True)
         raise

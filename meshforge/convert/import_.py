@@ -17,14 +17,13 @@ The whole model is held in memory once (DCP writes one state dict).
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
+from ..pretrain import dcp_io
 from ..tokenizers import load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
@@ -90,14 +89,27 @@ def _toml_value(v) -> str:
     return json.dumps(v)
 
 
-def preset_toml(cfg: JobConfig) -> str:
-    """A preset with the whole model section and what ties the run to the imported weights."""
+def _within(path: str, home: Path | None) -> str:
+    """``path`` as the preset in ``home`` should name it: ``./...`` (relative to the preset file, see
+    ``config.PRESET_RELATIVE_KEYS``) when it lies inside ``home``, so the directory can be moved."""
+    if home is None:
+        return path
+    try:
+        rel = Path(path).absolute().relative_to(home.absolute())
+    except ValueError:
+        return path
+    return "." if rel == Path(".") else f"./{rel.as_posix()}"
+
+
+def preset_toml(cfg: JobConfig, home: Path | None = None) -> str:
+    """A preset with the whole model section and what ties the run to the imported weights; paths
+    inside ``home`` (the directory the preset is written to) relative to it."""
     lines = ["# Written by `meshforge convert import`: the architecture of the imported model.", "", "[model]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in asdict(cfg.model).items()]
     lines += ["", "[data]", f"seq_len = {cfg.data.seq_len}"]
     if cfg.data.tokenizer:
-        lines.append(f"tokenizer = {_toml_value(cfg.data.tokenizer)}")
-    lines += ["", "[checkpoint]", f"init_from = {_toml_value(cfg.checkpoint.init_from)}", ""]
+        lines.append(f"tokenizer = {_toml_value(_within(cfg.data.tokenizer, home))}")
+    lines += ["", "[checkpoint]", f"init_from = {_toml_value(_within(cfg.checkpoint.init_from, home))}", ""]
     return "\n".join(lines)
 
 
@@ -107,12 +119,10 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
     output = Path(output)
     check_output_dir(output)
     with staged_output(output) as tmp:
-        with warnings.catch_warnings():  # "no process group: assuming one process" is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=str(tmp), no_dist=True)
+        dcp_io.save({"model": {k: v.contiguous() for k, v in state.items()}}, tmp, alone=True)
         if tokenizer is not None:
             (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
-        (tmp / "model.toml").write_text(preset_toml(cfg))
+        (tmp / "model.toml").write_text(preset_toml(cfg, output))
         meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return output

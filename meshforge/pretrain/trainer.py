@@ -41,6 +41,7 @@ from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
 from .faults import EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector, mark_preempted
 from .metrics import MetricsLogger, peak_flops
+from .optim import schedule_notes
 from ..plan.measure import MemoryProbe
 from .step import StepSetup, TrainStep, build_step
 
@@ -133,6 +134,8 @@ class Trainer:
         self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer)  # planner vs measured
         if self.env.is_main:
             print(self.memory_probe.start_line(), flush=True)
+            for note in schedule_notes(cfg.train.steps, cfg.optim):
+                print(f"note: {note}", flush=True)
 
     # ------------------------------------------------------------------ steps
 
