@@ -65,7 +65,7 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int]):
     from transformers import T5Config
 
     hf = T5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.hidden_dim, num_layers=cfg.n_layers,
+        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.attn_head_dim, d_ff=cfg.hidden_dim, num_layers=cfg.n_layers,
         num_decoder_layers=cfg.n_decoder_layers or cfg.n_layers, num_heads=cfg.n_heads,
         relative_attention_num_buckets=cfg.rel_pos_buckets, relative_attention_max_distance=cfg.rel_pos_max_distance,
         dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps, feed_forward_proj="gated-gelu",

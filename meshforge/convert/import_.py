@@ -52,9 +52,9 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     """The ModelConfig and full meshforge state dict of an HF model directory (checked)."""
     directory = Path(directory)
     hf = read_hf_config(directory)
-    files = SafetensorsDir(directory)
     family = converter_for_architecture(hf.architectures[0])
     m, pairs, extra_ok, emb = family.import_plan(hf)
+    files = SafetensorsDir(directory)
     needed = {hf_name for hf_name, _, _ in pairs}
     absent = [n for n in needed if n not in files]
     if absent:

@@ -175,7 +175,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     add("tp", "reduce_scatter", tp, act, mb * (4 * (layers - moe_layers) + 2 * moe_layers + ends), True)
     if cfg.parallel.loss_parallel:
         add("tp", "all_reduce", tp, 4 * B * Tl, mb * 3, True)
-    kv = B * Tl * m.kv_heads * m.head_dim * e // tp  # one of K, V on a rank
+    kv = B * Tl * m.kv_heads * m.attn_head_dim * e // tp  # one of K, V on a rank
     fwd = 2 if layout.ac == "full" else 1  # full AC runs each block's forward twice
     if layout.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
         add("cp", "p2p", cp, 2 * kv, mb * layers * (fwd + 1) * (cp - 1), True)
