@@ -114,9 +114,7 @@ def test_hf_feature_imports_matches_and_exports_bit_exact(name, tmp_path):
      "partial rotary"),
 ])
 def test_unrepresentable_hf_feature_is_refused_by_name(cls, kwargs, feature, tmp_path):
-    cfg = getattr(transformers, cls)(**{**SMALL, **kwargs})
-    cfg.architectures = [cls.replace("Config", "ForCausalLM")]
-    cfg.save_pretrained(str(tmp_path / "hf"))
+    hf_dir(tmp_path / "hf", cls, kwargs)
     with pytest.raises(ConvertError, match=feature):
         import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
     assert not (tmp_path / "init").exists()

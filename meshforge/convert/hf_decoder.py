@@ -125,8 +125,9 @@ def export_plan(m: ModelConfig, token_ids: dict[str, int], dtype: str, reader) -
     return config, mapping, set(routing_biases(m))  # HF keeps the routing biases fp32
 
 
-def import_plan(hf) -> tuple[ModelConfig, list, set[str], str]:
-    """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name)."""
+def import_plan(hf, names: set[str]) -> tuple[ModelConfig, list, set[str], str]:
+    """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name) of the HF
+    config ``hf`` whose files hold the tensors ``names``."""
     m, family = model_config_from_hf(hf)
     return m, name_map(m, family), ({"lm_head.weight"} if m.tie_embeddings else set()), "model.embed_tokens.weight"
 
