@@ -118,3 +118,26 @@ def test_unrepresentable_hf_feature_is_refused_by_name(cls, kwargs, feature, tmp
     with pytest.raises(ConvertError, match=feature):
         import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
     assert not (tmp_path / "init").exists()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},  # Llama 3.1 8B
+    {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+], ids=["llama3.1", "yarn", "linear"])
+def test_rope_scaling_frequencies_of_full_size_configs_match_transformers(rope):
+    """At real sizes (head_dim 128, 128k positions) the frequencies and the cos/sin factor are transformers'."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from meshforge.convert.hf_decoder_config import model_config_from_hf
+    from meshforge.models.rope_scaling import rope_frequencies
+
+    hf = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                                  rope_parameters=rope)
+    hf.architectures = ["LlamaForCausalLM"]
+    m, _ = model_config_from_hf(hf)
+    theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
+    ours, scale = rope_frequencies(m)
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=0)
+    assert scale == pytest.approx(their_scale, rel=1e-12)
