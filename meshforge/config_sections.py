@@ -33,7 +33,7 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 6
-    """Number of query heads; ``dim`` must divide by it."""
+    """Number of query heads; ``dim`` must divide by it unless ``head_dim`` is set."""
     n_kv_heads: int = 0
     """Number of key/value heads for grouped-query attention; 0 means ``n_heads`` (plain MHA)."""
     ffn_dim: int = 0
