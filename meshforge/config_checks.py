@@ -64,6 +64,8 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
         if m.moe_capacity_factor < 0 or m.moe_bias_update_rate < 0 or m.moe_shared_experts < 0:
             raise ConfigError("model.moe_capacity_factor, moe_bias_update_rate and moe_shared_experts must be >= 0")
+        if not m.moe_routed_scale > 0:
+            raise ConfigError(f"model.moe_routed_scale must be positive, got {m.moe_routed_scale}")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) is beyond the model's positions (model.max_seq_len = {m.max_seq_len}); "

@@ -106,6 +106,8 @@ class ModelConfig:
     """Router score function: ``softmax`` or ``sigmoid``."""
     moe_norm_topk: bool = True
     """Renormalise each token's top-k router weights to sum to 1."""
+    moe_routed_scale: float = 1.0
+    """Multiplier of each token's top-k router weights, after any renormalisation (GLM-4.5's and DeepSeek-V3's routed_scaling_factor, 2.5 there); shared experts are not scaled."""
     moe_capacity_factor: float = 0.0
     """0 routes dropless; otherwise each expert takes at most ceil(factor * tokens * top_k / experts) tokens and drops the lowest-probability rest."""
     moe_aux_loss_coef: float = 0.01

@@ -45,13 +45,13 @@ CASES = {
     "olmo2": ("Olmo2Config", {}, {"qk_norm_scope": "projection", "norm_placement": "post"}),
     "glm4.5-partial-rotary": ("Glm4MoeConfig", dict(
         head_dim=24, attention_bias=True, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-        n_group=1, topk_group=1, routed_scaling_factor=1.0, use_qk_norm=True, **MOE,
+        n_group=1, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True, **MOE,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-        {"rope_fraction": 0.5, "qkv_bias": True, "moe_shared_experts": 1}),
+        {"rope_fraction": 0.5, "qkv_bias": True, "moe_shared_experts": 1, "moe_routed_scale": 2.5}),
 }
-FAST = ("qwen3-moe-head_dim", "olmo2", "llama3.1-rope-scaling")
-"""The default suite's cases (together every new option but the sliding window, partial rotary and
-q/k/v bias, which the parity test covers); the rest are slow."""
+FAST = ("qwen3-moe-head_dim", "olmo2", "llama3.1-rope-scaling", "glm4.5-partial-rotary")
+"""The default suite's cases (together every new option but the sliding window, which test_model.py and the
+parity test cover); the rest are slow."""
 
 
 def hf_dir(path: Path, cls: str, kwargs: dict, seed: int = 0) -> Path:

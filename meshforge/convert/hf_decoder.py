@@ -11,9 +11,9 @@
       shared experts, no qk_norm
     MoE, softmax top-k, no shared experts,     Qwen3MoeForCausalLM (``norm_topk_prob`` either
       qk_norm                                    way, dense first layers as ``mlp_only_layers``)
-    MoE, sigmoid routing (+ bias), shared      Glm4MoeForCausalLM (one expert group,
-      experts (DeepSeek-V3 style)                routed_scaling_factor 1, q/k norm, q/k/v
-                                                 bias and partial rotary if any)
+    MoE, sigmoid routing (+ bias), shared      Glm4MoeForCausalLM (one expert group; q/k norm,
+      experts (DeepSeek-V3 style)                q/k/v bias, partial rotary and
+                                                 routed_scaling_factor if any)
 
 How each model option maps to the HF config (head_dim, RoPE scaling, partial rotary,
 sliding window, ...) is in ``hf_decoder_config.py``. Qwen3 normalises each head's query and
@@ -31,8 +31,9 @@ experts in one ``[E, ...]`` tensor per projection, so each expert is one slice.
 DeepSeek-V3-style routing (sigmoid scores, a per-expert bias added only to choose the
 experts, ungated shared experts, dense first layers) is exactly GLM-4.5's MoE
 (``Glm4MoeForCausalLM``, with standard grouped-query attention and optional per-head q/k
-norm) when it uses one expert group, full rotary and no output scaling; DeepSeek-V3's own
-class uses latent attention, which meshforge does not have.
+norm, q/k/v biases, partial rotary and a routed_scaling_factor, meshforge's
+``moe_routed_scale``) when it uses one expert group; DeepSeek-V3's own class uses latent
+attention, which meshforge does not have.
 
 Anything else is refused by :func:`choose_family` with the feature named: softmax routing
 with shared experts (Qwen2-MoE gates its shared expert with a sigmoid) or with a routing

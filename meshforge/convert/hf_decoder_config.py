@@ -10,6 +10,7 @@ changes the math in a way meshforge does not reproduce, is refused by name.
     qkv_bias                         Qwen2 (always), GLM-4.5 attention_bias (q/k/v only)
     rope_scaling + rope_*            rope_parameters: rope_type linear / llama3 / yarn, factor, ...
     rope_fraction                    rope_parameters.partial_rotary_factor (GLM-4.5)
+    moe_routed_scale                 routed_scaling_factor (GLM-4.5)
     sliding_window                   sliding_window (Mistral, Mixtral); Qwen use_sliding_window on
                                        every layer (max_window_layers = 0)
     qk_norm_scope = projection,      OLMo 2 (q_norm / k_norm over the whole projection, norms after
@@ -83,6 +84,8 @@ def _choose_moe(m: ModelConfig) -> Family:
                  (m.sliding_window > 0, "sliding-window attention in a GLM-4.5 MoE")])
         return GLM4_MOE
     refusals = [
+        (m.moe_routed_scale != 1.0, f"scaled routed experts (model.moe_routed_scale = {m.moe_routed_scale}) with "
+                                    "softmax routing: only GLM-4.5 (sigmoid routing) scales them"),
         (m.moe_shared_experts > 0, f"shared experts with softmax routing (model.moe_shared_experts = "
                                    f"{m.moe_shared_experts}): Qwen2-MoE gates its shared expert with a sigmoid"),
         (m.moe_bias_update_rate > 0, "the aux-loss-free routing bias (model.moe_bias_update_rate > 0) with softmax "
@@ -173,8 +176,8 @@ def hf_config(m: ModelConfig, family: Family, token_ids: dict[str, int], dtype: 
         cfg = transformers.Glm4MoeConfig(intermediate_size=m.hidden_dim, moe_intermediate_size=m.expert_dim,
                                          n_routed_experts=m.moe_experts, num_experts_per_tok=m.moe_top_k,
                                          n_shared_experts=m.moe_shared_experts, first_k_dense_replace=m.moe_dense_layers,
-                                         norm_topk_prob=m.moe_norm_topk, routed_scaling_factor=1.0, n_group=1,
-                                         topk_group=1, use_qk_norm=m.qk_norm, attention_bias=m.qkv_bias, **common)
+                                         norm_topk_prob=m.moe_norm_topk, routed_scaling_factor=m.moe_routed_scale,
+                                         n_group=1, topk_group=1, use_qk_norm=m.qk_norm, attention_bias=m.qkv_bias, **common)
     else:
         cfg = transformers.MixtralConfig(intermediate_size=m.expert_dim, num_local_experts=m.moe_experts,
                                          num_experts_per_tok=m.moe_top_k, sliding_window=window, router_jitter_noise=0.0,
@@ -246,9 +249,8 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
         (bias and family is not GLM4_MOE, "attention_bias = true (it also adds an output-projection bias, which "
                                           "meshforge does not have; q/k/v biases alone are Qwen2's)"),
         (bool(_get(hf, "mlp_bias")), "mlp_bias = true (meshforge feed-forwards have no bias)"),
-        (family is GLM4_MOE and (_get(hf, "topk_group") != _get(hf, "n_group") or _get(hf, "routed_scaling_factor") != 1.0
-                                 or not _get(hf, "n_shared_experts")),
-         "group-limited routing, routed_scaling_factor != 1 or no shared expert"),
+        (family is GLM4_MOE and (_get(hf, "topk_group") != _get(hf, "n_group") or not _get(hf, "n_shared_experts")),
+         "group-limited routing (topk_group < n_group) or no shared expert"),
         ((_get(hf, "pretraining_tp") or 1) != 1, "pretraining_tp != 1"),
         (bool(_get(hf, "router_jitter_noise")), "router jitter noise"),
     ]
@@ -285,7 +287,8 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
     if family is GLM4_MOE:
         kw.update(moe_experts=hf.n_routed_experts, moe_top_k=hf.num_experts_per_tok, moe_ffn_dim=hf.moe_intermediate_size,
                   moe_score="sigmoid", moe_norm_topk=bool(hf.norm_topk_prob), moe_capacity_factor=0.0,
-                  moe_shared_experts=hf.n_shared_experts, moe_dense_layers=hf.first_k_dense_replace)
+                  moe_shared_experts=hf.n_shared_experts, moe_dense_layers=hf.first_k_dense_replace,
+                  moe_routed_scale=float(_get(hf, "routed_scaling_factor") or 1.0))
     return ModelConfig(**kw), family
 
 
