@@ -141,3 +141,19 @@ def test_rope_scaling_frequencies_of_full_size_configs_match_transformers(rope):
     ours, scale = rope_frequencies(m)
     torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=0)
     assert scale == pytest.approx(their_scale, rel=1e-12)
+
+
+def test_glm_multi_token_prediction_layers_are_left_out_as_transformers_does(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cls, kwargs, _ = CASES["glm4.5-partial-rotary"]
+    hf_dir(tmp_path / "hf", cls, {**kwargs, "num_nextn_predict_layers": 1})
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**weights, "model.layers.2.eh_proj.weight": torch.zeros(64, 128)}, tmp_path / "hf" / "model.safetensors",
+              metadata={"format": "pt"})
+    import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
+    assert load_config(str(tmp_path / "init" / "model.toml")).model.n_layers == 2
+    save_file({**weights, "model.layers.3.eh_proj.weight": torch.zeros(64, 128)}, tmp_path / "hf" / "model.safetensors",
+              metadata={"format": "pt"})  # beyond the prediction layers: unknown, refused
+    with pytest.raises(ConvertError, match="model.layers.3.eh_proj.weight; refusing to drop them"):
+        import_hf(tmp_path / "hf", tmp_path / "init2", log=lambda *_: None)

@@ -128,9 +128,15 @@ def export_plan(m: ModelConfig, token_ids: dict[str, int], dtype: str, reader) -
 
 def import_plan(hf, names: set[str]) -> tuple[ModelConfig, list, set[str], str]:
     """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name) of the HF
-    config ``hf`` whose files hold the tensors ``names``."""
+    config ``hf`` whose files hold the tensors ``names``.
+
+    GLM-4.5 checkpoints also hold their multi-token-prediction layers (``num_nextn_predict_layers``
+    more layers after the last one), which transformers' class does not load either: left out."""
     m, family = model_config_from_hf(hf)
-    return m, name_map(m, family), ({"lm_head.weight"} if m.tie_embeddings else set()), "model.embed_tokens.weight"
+    extra_ok = {"lm_head.weight"} if m.tie_embeddings else set()
+    mtp = int(getattr(hf, "num_nextn_predict_layers", 0) or 0) if family is GLM4_MOE else 0
+    extra_ok |= {n for n in names for j in range(mtp) if n.startswith(f"model.layers.{m.n_layers + j}.")}
+    return m, name_map(m, family), extra_ok, "model.embed_tokens.weight"
 
 
 def import_state(files, m: ModelConfig, pairs) -> dict:
