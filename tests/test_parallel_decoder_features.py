@@ -36,6 +36,23 @@ def test_decoder_features_match_single_process(name, world, overrides, atol, tin
     assert_parity(features_ref, got, atol=atol)
 
 
+GLM_MOE = ("--model.moe_experts", "4", "--model.moe_top_k", "2", "--model.moe_score", "sigmoid",
+           "--model.moe_shared_experts", "1", "--model.moe_routed_scale", "2.5", "--model.qkv_bias", "true",
+           "--model.rope_fraction", "0.5")
+"""GLM-4.5's MoE options: sigmoid routing with a shared expert, routed experts scaled by 2.5."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, world, overrides, atol", [
+    ("ep2", 2, ("--parallel.ep", "2", "--parallel.dp_shard", "2"), 1e-6),
+    ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
+])
+def test_glm_moe_options_match_single_process(name, world, overrides, atol, tiny_data, tmp_path):
+    ref = train_layout(tiny_data, tmp_path / "ref", 1, *GLM_MOE)
+    got = train_layout(tiny_data, tmp_path / name, world, *GLM_MOE, *overrides)
+    assert_parity(ref, got, atol=atol)
+
+
 def test_feature_model_has_what_it_claims():
     """The options reach the modules (a run that silently ignored them would still be in parity)."""
     from meshforge.config import load_config
