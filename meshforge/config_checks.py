@@ -123,10 +123,10 @@ def _check_architecture_options(cfg: JobConfig, spec) -> None:
     implemented by the family (``ModelSpec.model_options``)."""
     from .config_sections import ModelConfig
     from .models import MODEL_SPECS
+    from .models.spec import ARCHITECTURE_OPTIONS
 
     m, defaults = cfg.model, ModelConfig()
-    for option in ("head_dim", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
-                   "sliding_window"):
+    for option in ARCHITECTURE_OPTIONS:
         if getattr(m, option) != getattr(defaults, option) and option not in spec.model_options:
             users = ", ".join(n for n, s in MODEL_SPECS.items() if option in s.model_options)
             raise ConfigError(f"model.{option} = {getattr(m, option)!r} is implemented by {users} models, not "
