@@ -1,4 +1,4 @@
-"""The decoder options imported models use, trained under tp2, pp2 and fsdp2 against one process.
+"""The decoder options imported models use, trained under tp2, pp2, fsdp2 and cp2 against one process.
 
 One model combines them all (each changes a different part of the block, so a layout that
 mishandles one cannot pass): head_dim 24 apart from dim / n_heads = 16, q/k/v biases, llama3
@@ -34,6 +34,17 @@ def features_ref(tiny_data, tmp_path_factory):
 def test_decoder_features_match_single_process(name, world, overrides, atol, tiny_data, features_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *FEATURES, *overrides)
     assert_parity(features_ref, got, atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ring", "alltoall"])
+def test_decoder_features_but_the_window_under_context_parallel(method, tiny_data, tmp_path):
+    """cp refuses the sliding window (test_model_options.py); everything else runs under it."""
+    i = FEATURES.index("--model.sliding_window")
+    features = FEATURES[:i] + FEATURES[i + 2:]
+    ref = train_layout(tiny_data, tmp_path / "ref", 1, *features)
+    got = train_layout(tiny_data, tmp_path / method, 2, *features, "--parallel.cp", "2", "--parallel.cp_method", method)
+    assert_parity(ref, got, atol=TP_ATOL)
 
 
 GLM_MOE = ("--model.moe_experts", "4", "--model.moe_top_k", "2", "--model.moe_score", "sigmoid",
