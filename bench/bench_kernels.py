@@ -89,8 +89,8 @@ def make_inputs(kernel: str, tokens: int, seq: int, m, dtype, device) -> tuple[l
         x, w = rand(tokens, m.dim), rand(m.dim, dt=torch.float32)
         return [x, w], [x, w]
     if kernel == "rope":
-        cos, sin = rope_tables(m.attn_head_dim, seq, m.rope_theta, device=device)
-        q, k = rand(tokens // seq, seq, m.n_heads, m.attn_head_dim), rand(tokens // seq, seq, m.kv_heads, m.attn_head_dim)
+        cos, sin = rope_tables(m.head_dim, seq, m.rope_theta, device=device)
+        q, k = rand(tokens // seq, seq, m.n_heads, m.head_dim), rand(tokens // seq, seq, m.kv_heads, m.head_dim)
         return [q, k, cos, sin], [q, k]
     a, b = rand(tokens, m.hidden_dim), rand(tokens, m.hidden_dim)
     return [a, b], [a, b]
@@ -141,7 +141,7 @@ def run(args) -> tuple[list[str], list[dict]]:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     impls = implementations("aot_eager" if args.dry else "inductor")
     lines = [f"preset {args.preset}: {tokens} tokens ({args.micro_batch} x {seq}), dim {m.dim}, heads {m.n_heads}/"
-             f"{m.kv_heads} x {m.attn_head_dim}, FFN {m.hidden_dim}, {args.dtype}, device {device}, median of {args.iters}"
+             f"{m.kv_heads} x {m.head_dim}, FFN {m.hidden_dim}, {args.dtype}, device {device}, median of {args.iters}"
              + (" -- DRY RUN on Triton's CPU interpreter: the times mean nothing" if args.dry else ""), "",
              "| kernel | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | max abs err vs fp32 |",
              "|---|---|---|---|---|---|"]

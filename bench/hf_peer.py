@@ -39,7 +39,7 @@ def llama_config(m):
         raise ValueError("the peer covers the plain Llama architecture: a dense decoder, SwiGLU, no qk-norm, no muP")
     return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden_dim,
                        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
-                       max_position_embeddings=m.max_seq_len, head_dim=m.attn_head_dim,
+                       max_position_embeddings=m.max_seq_len, head_dim=m.head_dim,
                        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, rms_norm_eps=m.norm_eps,
                        tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
                        initializer_range=m.init_std, attn_implementation="sdpa", use_cache=False)

@@ -131,16 +131,17 @@ def _check_architecture_options(cfg: JobConfig, spec) -> None:
             users = ", ".join(n for n, s in MODEL_SPECS.items() if option in s.model_options)
             raise ConfigError(f"model.{option} = {getattr(m, option)!r} is implemented by {users} models, not "
                               f"{m.family}; leave it at {getattr(defaults, option)!r}")
-    if m.head_dim < 0 or m.sliding_window < 0:
-        raise ConfigError(f"model.head_dim and model.sliding_window must be >= 0, got {m.head_dim} and {m.sliding_window}")
-    if not m.head_dim and m.dim % m.n_heads:
-        raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads}), or set model.head_dim")
-    if m.attn_head_dim % 2:
-        raise ConfigError(f"the head width ({m.attn_head_dim}: model.head_dim, or model.dim / model.n_heads) must be "
+    if m.head_size < 0 or m.sliding_window < 0:
+        raise ConfigError(f"model.head_size and model.sliding_window must be >= 0, got {m.head_size} and "
+                          f"{m.sliding_window}")
+    if not m.head_size and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads}), or set model.head_size")
+    if m.head_dim % 2:
+        raise ConfigError(f"the head width ({m.head_dim}: model.head_size, or model.dim / model.n_heads) must be "
                           "even for RoPE")
     if not 0.0 < m.rope_fraction <= 1.0 or m.rope_dim < 2:
         raise ConfigError(f"model.rope_fraction must be in (0, 1] and rotate at least 2 channels of the "
-                          f"{m.attn_head_dim}-wide heads, got {m.rope_fraction}")
+                          f"{m.head_dim}-wide heads, got {m.rope_fraction}")
     if m.rope_scaling != "none":
         if not m.rope_factor >= 1.0 or m.rope_original_max_seq_len < 0:
             raise ConfigError(f"model.rope_factor must be >= 1 and model.rope_original_max_seq_len >= 0 with "

@@ -33,7 +33,7 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 6
-    """Number of query heads; ``dim`` must divide by it unless ``head_dim`` is set."""
+    """Number of query heads; ``dim`` must divide by it unless ``head_size`` is set."""
     n_kv_heads: int = 0
     """Number of key/value heads for grouped-query attention; 0 means ``n_heads`` (plain MHA)."""
     ffn_dim: int = 0
@@ -54,8 +54,8 @@ class ModelConfig:
     """With ``qk_norm``: ``head`` normalises each head (one weight of head_dim shared by the heads; Qwen3), ``projection`` the whole query / key projection (a weight per channel; OLMo 2)."""
     norm_placement: Literal["pre", "post"] = "pre"
     """Decoder blocks: ``pre`` is x + f(RMSNorm(x)) (Llama); ``post`` is x + RMSNorm(f(x)) (OLMo 2: the norm on the sublayer's output, inside the residual)."""
-    head_dim: int = 0
-    """Width of each attention head (queries, keys, values); 0 means dim / n_heads. Qwen3 and others set it independently of dim."""
+    head_size: int = 0
+    """Width of each attention head (queries, keys, values; Hugging Face's ``head_dim``); 0 means dim / n_heads. Qwen3 and others set it independently of dim."""
     qkv_bias: bool = False
     """A learned bias on the query, key and value projections (Qwen2 / Qwen2.5)."""
     rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
@@ -127,14 +127,14 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def attn_head_dim(self) -> int:
-        """The width of each attention head: ``head_dim``, or dim / n_heads."""
-        return self.head_dim or self.dim // self.n_heads
+    def head_dim(self) -> int:
+        """The width of each attention head: ``head_size``, or dim / n_heads."""
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def rope_dim(self) -> int:
         """Channels of each head that RoPE rotates (even): the first rope_fraction * head width."""
-        return int(self.attn_head_dim * self.rope_fraction) // 2 * 2
+        return int(self.head_dim * self.rope_fraction) // 2 * 2
 
     @property
     def expert_dim(self) -> int:

@@ -128,7 +128,7 @@ def test_transformers5_t5_v11_imports_with_its_tied_unscaled_head(tmp_path):
         assert "lm_head.weight" not in set(f.keys())  # what the import must cope with
     import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
     m = load_config(str(tmp_path / "init" / "model.toml")).model
-    assert (m.tie_embeddings, m.head_dim) == (False, 12)
+    assert (m.tie_embeddings, m.head_size) == (False, 12)
     ours = build_model(m)
     load_model_weights(tmp_path / "init", ours)
     src, tgt = torch.randint(2, 96, (2, 10)), torch.randint(2, 96, (2, 7))

@@ -34,14 +34,14 @@ CASES = {
                               {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_seq_len": 16}),
     "llama-yarn-head_dim": ("LlamaConfig", dict(head_dim=8, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}),
-        {"rope_scaling": "yarn", "head_dim": 8}),
+        {"rope_scaling": "yarn", "head_size": 8}),
     "qwen2.5-qkv-bias": ("Qwen2Config", dict(tie_word_embeddings=True), {"qkv_bias": True}),
-    "qwen3-head_dim": ("Qwen3Config", dict(head_dim=24), {"head_dim": 24, "qk_norm": True}),
+    "qwen3-head_dim": ("Qwen3Config", dict(head_dim=24), {"head_size": 24, "qk_norm": True}),
     "qwen3-sliding": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0),
                       {"sliding_window": 4}),
     "qwen3-moe-head_dim": ("Qwen3MoeConfig", dict(head_dim=24, num_experts=4, norm_topk_prob=True, **MOE),
-                           {"head_dim": 24, "moe_experts": 4}),
-    "mistral-sliding": ("MistralConfig", dict(sliding_window=4, head_dim=32), {"sliding_window": 4, "head_dim": 32}),
+                           {"head_size": 24, "moe_experts": 4}),
+    "mistral-sliding": ("MistralConfig", dict(sliding_window=4, head_dim=32), {"sliding_window": 4, "head_size": 32}),
     "olmo2": ("Olmo2Config", {}, {"qk_norm_scope": "projection", "norm_placement": "post"}),
     "glm4.5-partial-rotary": ("Glm4MoeConfig", dict(
         head_dim=24, attention_bias=True, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,

@@ -1,4 +1,4 @@
-"""The architecture options of imported models (head_dim, q/k/v bias, RoPE scaling, partial rotary,
+"""The architecture options of imported models (head_size, q/k/v bias, RoPE scaling, partial rotary,
 sliding window, OLMo 2's norms): out-of-range values and options a family or layout lacks are one
 clear ConfigError each, naming the option."""
 
@@ -13,9 +13,9 @@ T5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", 
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.head_dim": 15}, r"head width \(15"),
-    ({"model.head_dim": -2}, "model.head_dim and model.sliding_window must be >= 0"),
-    ({"model.dim": 66}, r"must divide by model.n_heads \(4\), or set model.head_dim"),
+    ({"model.head_size": 15}, r"head width \(15"),
+    ({"model.head_size": -2}, "model.head_size and model.sliding_window must be >= 0"),
+    ({"model.dim": 66}, r"must divide by model.n_heads \(4\), or set model.head_size"),
     ({"model.rope_fraction": 0.0}, "model.rope_fraction must be in"),
     ({"model.rope_fraction": 0.1}, "rotate at least 2 channels"),
     ({"model.rope_scaling": "llama3", "model.rope_factor": 0.5}, "model.rope_factor must be >= 1"),
@@ -38,6 +38,6 @@ def test_encoder_decoder_takes_a_head_dim():
     """T5 v1.1 sizes have d_kv * heads != d_model (t5-v1_1-small: 6 heads of 64 in 512)."""
     from meshforge.models import build_model
 
-    cfg = load_config("tiny-test", {**T5, "model.head_dim": 24})
+    cfg = load_config("tiny-test", {**T5, "model.head_size": 24})
     attn = build_model(cfg.model).encoder.layers["0"].attention
     assert attn.wq.weight.shape == (4 * 24, 64) and attn.wo.weight.shape == (64, 4 * 24)

@@ -1,7 +1,7 @@
 """The decoder options imported models use, trained under tp2, pp2, fsdp2 and cp2 against one process.
 
 One model combines them all (each changes a different part of the block, so a layout that
-mishandles one cannot pass): head_dim 24 apart from dim / n_heads = 16, q/k/v biases, llama3
+mishandles one cannot pass): head_size 24 apart from dim / n_heads = 16, q/k/v biases, llama3
 RoPE scaling, partial rotary (half of each head), an 8-token sliding window (the sequence is
 32), OLMo 2's whole-projection q/k norm (under tp the projection's channels are sharded: the
 norm gathers them) and post-norm blocks. Tolerances as in test_parallel_tp.py / test_parallel_pp.py.
@@ -13,7 +13,7 @@ import pytest
 
 from parallel_harness import TP_ATOL, assert_parity, train_layout
 
-FEATURES = ("--model.head_dim", "24", "--model.qkv_bias", "true", "--model.rope_scaling", "llama3",
+FEATURES = ("--model.head_size", "24", "--model.qkv_bias", "true", "--model.rope_scaling", "llama3",
             "--model.rope_factor", "4", "--model.rope_original_max_seq_len", "16", "--model.rope_fraction", "0.5",
             "--model.sliding_window", "8", "--model.qk_norm_scope", "projection", "--model.norm_placement", "post",
             "--model.tie_embeddings", "false")
@@ -69,7 +69,7 @@ def test_feature_model_has_what_it_claims():
     from meshforge.config import load_config
     from meshforge.models import build_model
 
-    cfg = load_config("tiny-test", {"model.head_dim": 24, "model.qkv_bias": True, "model.rope_fraction": 0.5,
+    cfg = load_config("tiny-test", {"model.head_size": 24, "model.qkv_bias": True, "model.rope_fraction": 0.5,
                                     "model.qk_norm_scope": "projection", "model.norm_placement": "post"})
     model = build_model(cfg.model)
     attn = model.layers["0"].attention

@@ -6,7 +6,7 @@ config for a ModelConfig (``hf_config``), and the ModelConfig of an HF config
 changes the math in a way meshforge does not reproduce, is refused by name.
 
     meshforge option                 HF config
-    head_dim                         head_dim (0 when it is hidden_size / heads)
+    head_size                        head_dim (0 when it is hidden_size / heads)
     qkv_bias                         Qwen2 (always), GLM-4.5 attention_bias (q/k/v only)
     rope_scaling + rope_*            rope_parameters: rope_type linear / llama3 / yarn, factor, ...
     rope_fraction                    rope_parameters.partial_rotary_factor (GLM-4.5)
@@ -109,9 +109,9 @@ def choose_family(m: ModelConfig) -> Family:
         raise ConvertError(f"model.family = {m.family!r} is not a decoder")
     if m.ffn_activation != "silu":
         raise ConvertError(f"model.ffn_activation = {m.ffn_activation!r}: the HF decoder classes use SwiGLU (silu)")
-    if m.attn_scale and abs(m.attn_scale - m.attn_head_dim**-0.5) > 1e-12:
+    if m.attn_scale and abs(m.attn_scale - m.head_dim**-0.5) > 1e-12:
         raise ConvertError(f"model.attn_scale = {m.attn_scale}: HF decoders scale attention logits by "
-                           f"1/sqrt(head_dim) = {m.attn_head_dim**-0.5:.6g}")
+                           f"1/sqrt(head_dim) = {m.head_dim**-0.5:.6g}")
     if m.mup_base_dim:
         raise ConvertError(f"model.mup_base_dim = {m.mup_base_dim}: muP divides the logits by the width multiplier "
                            "(dim / mup_base_dim), which no HF decoder class does")
@@ -119,8 +119,8 @@ def choose_family(m: ModelConfig) -> Family:
     _refuse([(m.rope_fraction != 1.0 and family is not GLM4_MOE,
               f"partial rotary (model.rope_fraction = {m.rope_fraction}) outside a GLM-4.5 MoE: the other HF "
               "decoder classes rotate the whole head"),
-             (m.rope_dim != int(m.attn_head_dim * m.rope_fraction),
-              f"model.rope_fraction = {m.rope_fraction} of {m.attn_head_dim} channels is not an even count")])
+             (m.rope_dim != int(m.head_dim * m.rope_fraction),
+              f"model.rope_fraction = {m.rope_fraction} of {m.head_dim} channels is not an even count")])
     return family
 
 
@@ -148,7 +148,7 @@ def hf_config(m: ModelConfig, family: Family, token_ids: dict[str, int], dtype: 
     window = m.sliding_window or None
     common = dict(
         vocab_size=m.vocab_size, hidden_size=m.dim, num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-        num_key_value_heads=m.kv_heads, head_dim=m.attn_head_dim, hidden_act="silu", max_position_embeddings=m.max_seq_len,
+        num_key_value_heads=m.kv_heads, head_dim=m.head_dim, hidden_act="silu", max_position_embeddings=m.max_seq_len,
         rms_norm_eps=m.norm_eps, rope_parameters=rope_parameters(m), tie_word_embeddings=m.tie_embeddings,
         attention_dropout=0.0, dtype=dtype, **token_ids,
     )
@@ -263,7 +263,7 @@ def model_config_from_hf(hf) -> tuple[ModelConfig, Family]:
     kw = dict(
         family="decoder", vocab_size=hf.vocab_size, dim=hf.hidden_size, n_layers=hf.num_hidden_layers,
         n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-        head_dim=0 if head_dim * hf.num_attention_heads == hf.hidden_size else head_dim,
+        head_size=0 if head_dim * hf.num_attention_heads == hf.hidden_size else head_dim,
         ffn_dim=hf.intermediate_size, max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
         tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         qk_norm=family in (QWEN3, QWEN3_MOE, OLMO2) or bool(_get(hf, "use_qk_norm")), ffn_activation="silu",

@@ -33,7 +33,7 @@ def hf_t5_config_to_model_config(hf) -> ModelConfig:
         raise ConvertError(f"only gated-GELU T5 (v1.1) maps onto meshforge, got feed_forward_proj={hf.feed_forward_proj}")
     return ModelConfig(
         family="encoder_decoder", vocab_size=hf.vocab_size, dim=hf.d_model, n_layers=hf.num_layers,
-        head_dim=0 if hf.d_kv * hf.num_heads == hf.d_model else hf.d_kv,
+        head_size=0 if hf.d_kv * hf.num_heads == hf.d_model else hf.d_kv,
         n_decoder_layers=hf.num_decoder_layers or hf.num_layers, n_heads=hf.num_heads, ffn_dim=hf.d_ff,
         position_encoding="relative", rel_pos_buckets=hf.relative_attention_num_buckets,
         rel_pos_max_distance=hf.relative_attention_max_distance, ffn_activation="gelu", attn_scale=1.0,
@@ -64,7 +64,7 @@ def hf_config(cfg: ModelConfig, token_ids: dict[str, int]):
     from transformers import T5Config
 
     hf = T5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.attn_head_dim, d_ff=cfg.hidden_dim, num_layers=cfg.n_layers,
+        vocab_size=cfg.vocab_size, d_model=cfg.dim, d_kv=cfg.head_dim, d_ff=cfg.hidden_dim, num_layers=cfg.n_layers,
         num_decoder_layers=cfg.n_decoder_layers or cfg.n_layers, num_heads=cfg.n_heads,
         relative_attention_num_buckets=cfg.rel_pos_buckets, relative_attention_max_distance=cfg.rel_pos_max_distance,
         dropout_rate=0.0, layer_norm_epsilon=cfg.norm_eps, feed_forward_proj="gated-gelu",

@@ -52,7 +52,7 @@ def _architecture(m) -> str:
     from ..models import family_spec
 
     second_stack = family_spec(m.family).pipeline_blocks(m)[0] - m.n_layers  # an encoder-decoder's decoder layers
-    options = [f"head_dim {m.head_dim}" if m.head_dim else "",
+    options = [f"head_size {m.head_size}" if m.head_size else "",
                f"MoE {m.moe_experts} experts top-{m.moe_top_k}" if m.moe_experts else "",
                ("qk-norm" + (" over the projection" if m.qk_norm_scope == "projection" else "")) if m.qk_norm else "",
                "q/k/v bias" if m.qkv_bias else "", "post-norm blocks" if m.norm_placement == "post" else "",

@@ -67,7 +67,7 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     N excludes the input embedding (a lookup, no matmul) but includes the output
     projection; L layers, H heads, Q head dim, T sequence length.
     """
-    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.attn_head_dim * seq_len
+    return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 def encoder_decoder_flops_per_token(model: nn.Module, cfg: ModelConfig, enc_len: int, dec_len: int) -> float:
@@ -85,7 +85,7 @@ def encoder_decoder_flops_per_token(model: nn.Module, cfg: ModelConfig, enc_len:
     cross_kv = sum(p.numel() for n, p in model.decoder.named_parameters()
                    if ".cross_attention.wk." in f".{n}" or ".cross_attention.wv." in f".{n}")
     n_dec = by_stack["decoder"] + model.output.weight.numel() - cross_kv
-    hq = 12 * cfg.n_heads * cfg.attn_head_dim
+    hq = 12 * cfg.n_heads * cfg.head_dim
     n_dec_layers = cfg.n_decoder_layers or cfg.n_layers
     flops = (6 * (by_stack["encoder"] + cross_kv) * enc_len + 6 * n_dec * dec_len
              + hq * cfg.n_layers * enc_len * enc_len + hq * n_dec_layers * (dec_len * dec_len + dec_len * enc_len))
@@ -116,7 +116,7 @@ register(ModelSpec(
     pipeline_blocks=encoder_decoder_pipeline_blocks, stage=EncoderDecoderStage, stage_view=encoder_decoder_stage_view,
     stage_inputs=encoder_decoder_stage_inputs, flops_per_token=encoder_decoder_flops,
     objectives=ENCODER_DECODER_OBJECTIVES, position_encodings=("relative", "rope"), hf_converter="hf_t5",
-    model_options=("head_dim",)))
+    model_options=("head_size",)))
 
 
 __all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model",

@@ -28,7 +28,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps,
-                                   head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, qk_norm_scope=cfg.qk_norm_scope)
+                                   head_dim=cfg.head_size, qkv_bias=cfg.qkv_bias, qk_norm_scope=cfg.qk_norm_scope)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim,
                                                                                        cfg.ffn_activation)

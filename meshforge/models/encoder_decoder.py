@@ -104,7 +104,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_dim)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_size)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = _ffn(cfg, layer_id)
 
@@ -118,9 +118,9 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.self_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_dim)
+        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_size)
         self.cross_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.cross_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_dim)
+        self.cross_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_size)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = _ffn(cfg, layer_id)
 
@@ -188,8 +188,8 @@ class EncoderDecoder(nn.Module):
         self.decoder = Stack(cfg, cfg.n_decoder_layers or cfg.n_layers, DecoderBlock, causal=True)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.attn_head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.attn_head_dim), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings:
@@ -236,7 +236,7 @@ class EncoderDecoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         cfg = self.cfg
-        cos, sin = rope_tables(cfg.attn_head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=cfg.init_std)

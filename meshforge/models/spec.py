@@ -71,7 +71,7 @@ class ModelSpec:
     keep their defaults."""
 
 
-ARCHITECTURE_OPTIONS = ("head_dim", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
+ARCHITECTURE_OPTIONS = ("head_size", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
                         "sliding_window")
 """Model options that a family implements or refuses (``ModelSpec.model_options``)."""
 

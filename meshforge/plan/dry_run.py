@@ -156,7 +156,7 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
         from ..parallel.context_parallel import ContextParallelCore
 
         cores = sum(1 for m in model.modules() if isinstance(m, ContextParallelCore))
-        kv = job.train.micro_batch_size * job.data.seq_len // layout.cp * job.model.kv_heads * job.model.attn_head_dim \
+        kv = job.train.micro_batch_size * job.data.seq_len // layout.cp * job.model.kv_heads * job.model.head_dim \
             // layout.tp * width
         fwd = 2 if job.parallel.activation_checkpointing == "full" else 1
         if job.parallel.cp_method == "ring":  # the ring's hops, as ring_attention.py sends them

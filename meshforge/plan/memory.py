@@ -73,8 +73,8 @@ class Precision:
 def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, e: int) -> dict[str, int]:
     """Bytes one block keeps for backward, per microbatch: ``none``, ``selective``, ``full``."""
     m = cfg.model
-    D, Dkv, H = m.dim, m.kv_heads * m.attn_head_dim, m.n_heads
-    Dq = H * m.attn_head_dim  # D unless model.head_dim is set apart from dim / n_heads
+    D, Dkv, H = m.dim, m.kv_heads * m.head_dim, m.n_heads
+    Dq = H * m.head_dim  # D unless model.head_size is set apart from dim / n_heads
     BT = B * T
     stream = BT * D // tp
     attn = 2 * 4 * stream + 2 * e * BT * D + e * BT * (3 * Dq + 2 * Dkv) // tp + 4 * B * (H // tp) * T
@@ -212,7 +212,7 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
     if layout.pp > 1:
         out += 2 * prec.act * B * T * m.dim
     if layout.cp > 1:
-        kv = prec.act * B * T * m.kv_heads * m.attn_head_dim // layout.tp  # one of K, V on this rank
+        kv = prec.act * B * T * m.kv_heads * m.head_dim // layout.tp  # one of K, V on this rank
         if layout.cp_method == "ring":  # K/V in flight twice over (send + receive); backward adds dK/dV
             out += 2 * 2 * kv + 2 * 2 * kv
         else:  # all-to-all: re-laid-out send and receive copies of q, k, v

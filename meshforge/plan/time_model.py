@@ -175,13 +175,13 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     add("tp", "reduce_scatter", tp, act, mb * (4 * (layers - moe_layers) + 2 * moe_layers + ends), True)
     if cfg.parallel.loss_parallel:
         add("tp", "all_reduce", tp, 4 * B * Tl, mb * 3, True)
-    kv = B * Tl * m.kv_heads * m.attn_head_dim * e // tp  # one of K, V on a rank
+    kv = B * Tl * m.kv_heads * m.head_dim * e // tp  # one of K, V on a rank
     fwd = 2 if layout.ac == "full" else 1  # full AC runs each block's forward twice
     if layout.cp_method == "ring":  # K/V pass cp-1 hops forward and again backward; fp32 dK/dV cp hops
         add("cp", "p2p", cp, 2 * kv, mb * layers * (fwd + 1) * (cp - 1), True)
         add("cp", "p2p", cp, 2 * kv * 4 // e, mb * layers * cp, True)
     else:  # all-to-all: q, k, v to heads and the output back, forward and the same backward
-        add("cp", "all_to_all", cp, B * Tl * m.n_heads * m.attn_head_dim * e // tp, mb * layers * 2 * (fwd + 1), True)
+        add("cp", "all_to_all", cp, B * Tl * m.n_heads * m.head_dim * e // tp, mb * layers * 2 * (fwd + 1), True)
         add("cp", "all_to_all", cp, kv, mb * layers * 2 * (fwd + 1), True)
     add("ep", "all_to_all", ep, B * Tl * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
     if pp > 1:

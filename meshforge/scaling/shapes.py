@@ -46,7 +46,7 @@ def count_params(m: ModelConfig) -> ParamCounts:
     if not family_spec(m.family).supports_scaling_sweeps or m.moe_experts:
         raise ScalingError(f"scaling sweeps plan dense decoders; model.family = {m.family!r}, "
                            f"model.moe_experts = {m.moe_experts}")
-    d, q = m.dim, m.attn_head_dim
+    d, q = m.dim, m.head_dim
     qk_norm = 2 * q if m.qk_norm_scope == "head" else (m.n_heads + m.kv_heads) * q
     attn = (d * m.n_heads * q + 2 * d * m.kv_heads * q + m.n_heads * q * d + (qk_norm if m.qk_norm else 0)
             + ((m.n_heads + 2 * m.kv_heads) * q if m.qkv_bias else 0))
@@ -72,7 +72,7 @@ class Shape:
 
 def _block_without_ffn(base: ModelConfig, dim: int) -> int:
     """Parameters of one block other than the FFN's, at width ``dim`` (base head dim and head ratio)."""
-    q = base.attn_head_dim
+    q = base.head_dim
     heads = dim // q
     kv = heads // (base.n_heads // base.kv_heads)
     return dim * heads * q + 2 * dim * kv * q + heads * q * dim + (2 * q if base.qk_norm else 0) + 2 * dim
@@ -82,7 +82,7 @@ def candidate_shapes(base: ModelConfig, aspect: float, n_target: float, max_dim:
                      layers: int = 0):
     """For every (width, depth) the rule allows, the FFN width nearest ``n_target``: (Shape, non-embedding N).
     ``layers`` > 0 fixes the depth (any aspect ratio): the width alone varies, as a muP LR-transfer sweep wants."""
-    q = base.attn_head_dim
+    q = base.head_dim
     group = base.n_heads // base.kv_heads
     step = q * group
     m = base.ffn_multiple_of
@@ -103,7 +103,7 @@ def candidate_shapes(base: ModelConfig, aspect: float, n_target: float, max_dim:
 
 def smallest_n(base: ModelConfig, aspect: float) -> int:
     """The smallest non-embedding N the rule can build (one block of the narrowest width)."""
-    return min(n for _, n in candidate_shapes(base, aspect, 0, max_dim=base.attn_head_dim * (base.n_heads // base.kv_heads)))
+    return min(n for _, n in candidate_shapes(base, aspect, 0, max_dim=base.head_dim * (base.n_heads // base.kv_heads)))
 
 
 def shape_for(n_target: float, base: ModelConfig, aspect: float = 32.0, layers: int = 0) -> tuple[Shape, int]:
@@ -112,10 +112,10 @@ def shape_for(n_target: float, base: ModelConfig, aspect: float = 32.0, layers: 
         raise ScalingError(f"target parameter count must be positive, got {n_target:g}")
     count_params(base)  # a dense decoder, or a clear error
     # width grows ~ (N * aspect / 12)^(1/3); look a little beyond it
-    max_dim = int(4 * (n_target * aspect / 12) ** (1 / 3)) + 4 * base.attn_head_dim
+    max_dim = int(4 * (n_target * aspect / 12) ** (1 / 3)) + 4 * base.head_dim
     best = None
     if layers:
-        max_dim = int(2 * (n_target / (12 * layers)) ** 0.5) + 4 * base.attn_head_dim
+        max_dim = int(2 * (n_target / (12 * layers)) ** 0.5) + 4 * base.head_dim
     for shape, n in candidate_shapes(base, aspect, n_target, max_dim=max_dim, layers=layers):
         key = (round(abs(math.log(n / n_target)), 6), abs(math.log(shape.dim / shape.n_layers / aspect)),
                abs(shape.ffn_dim - 8 * shape.dim / 3))
