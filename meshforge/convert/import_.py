@@ -48,17 +48,16 @@ def read_hf_config(directory: Path):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(directory)), raw
+        return AutoConfig.from_pretrained(str(directory))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ConvertError(f"transformers cannot read {Path(directory) / 'config.json'}: {e}") from None
 
 
 def import_checks(directory: Path):
-    """(HF config, converter, our config, name map, HF tensors that may be present unmapped, the embedding's name,
-    the opened files) of an HF directory, after every check that needs no tensor data: config, files whole,
-    tensors present, none unknown, every shape as the config says."""
+    """(converter, our config, name map, the opened files) of an HF directory, after every check that needs no
+    tensor data: config, files whole, tensors present, none unknown, every shape as the config says."""
     directory = Path(directory)
-    hf, raw = read_hf_config(directory)
+    raw, hf = read_config_json(directory), read_hf_config(directory)
     files = SafetensorsDir(directory)
     shapes = check_safetensors_files(files)
     family = converter_for_architecture(hf.architectures[0])
