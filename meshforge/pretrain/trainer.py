@@ -165,6 +165,11 @@ class Trainer:
         self.backend.save(self.checkpointer, self.step, meta, {"tokenizer.model": self.data.tokenizer_path})
         return time.perf_counter() - start
 
+    def _newest_checkpoint(self) -> str | None:
+        """The newest complete checkpoint this run can resume from (its own, or the one it resumed from)."""
+        newest = self.checkpointer.latest() or self.resume_from
+        return str(newest) if newest is not None else None
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> TrainResult:
@@ -184,6 +189,7 @@ class Trainer:
                 result.val_losses[0] = self.evaluate()  # the starting point of the curve
                 self.metrics.log({"step": 0, "val_loss": result.val_losses[0]})
                 self._say(bar, f"step      0 | val_loss {result.val_losses[0]:.4f}")
+            save_due = False  # a scheduled checkpoint not yet written (it waits out a non-finite streak)
             while self.step < t.steps:
                 self.checkpointer.poll()  # an asynchronous save that has finished becomes visible
                 start = time.perf_counter()
@@ -213,18 +219,30 @@ class Trainer:
                 result.losses.append(record["loss"])
                 self.metrics.log(record)  # before the save: a kill after it cannot lose this step's record
                 self._report(bar, record)
-                saved = last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+                if self.nonfinite.diverged:  # every rank alike (the loss and grad norm are reduced)
+                    self.checkpointer.wait()
+                    raise self.nonfinite.diverged_error(self._newest_checkpoint())
+                scheduled = last or bool(cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+                save_due = save_due or scheduled
+                saved = save_due and not self.nonfinite.consecutive  # inside a streak the save waits for a good step
                 if saved:
                     self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
+                    save_due = False
+                elif scheduled:
+                    waits = "the run ends inside it, without a final one" if last else "the save waits for the next good step"
+                    self._say(bar, f"step {self.step:>6} | no checkpoint inside a non-finite streak: {waits} "
+                                   f"(newest: {self._newest_checkpoint() or 'none yet'})")
                 self.collectives.at(f"all_reduce of the preemption flag after step {self.step}")
                 if self.preemption is not None and self.preemption.should_stop(self.device):
-                    if not saved:
+                    if not saved and not self.nonfinite.consecutive:
                         self._checkpoint()
                     self.checkpointer.wait()
                     if self.env.local_rank == 0:  # one per node: each node's `meshforge launch` looks for it
                         mark_preempted()  # the checkpoint is complete: a job script may requeue
                     if self.env.is_main:
-                        _print(bar, f"step {self.step:>6} | preemption signal: checkpoint written, exiting with "
+                        written = ("checkpoint written" if not self.nonfinite.consecutive else
+                                   f"no checkpoint inside a non-finite streak (newest: {self._newest_checkpoint()})")
+                        _print(bar, f"step {self.step:>6} | preemption signal: {written}, exiting with "
                                     f"status {EXIT_PREEMPTED} (resume by rerunning the same command)")
                     result.preempted = True
                     break
