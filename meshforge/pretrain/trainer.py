@@ -36,6 +36,7 @@ from ..parallel.mesh import Degrees, resolve_degrees
 from ..parallel.pipeline import PipelinePlan
 from .checkpoint import check_init, check_resume_backend, load_model_weights
 from .checkpoint_writer import Checkpointer
+from .run_lock import RunLock
 from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
@@ -79,6 +80,18 @@ class Trainer:
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         self.output_dir = Path(cfg.train.output_dir)
         check_writable(self.output_dir)
+        # One trainer per output dir, from before anything is written until the run ends (rank 0 holds it;
+        # a refusal reaches the other ranks at their check-in, before any of them writes).
+        self.lock = RunLock(self.output_dir).acquire() if self.env.is_main else None
+        try:
+            self._check_inputs(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def _check_inputs(self, cfg: JobConfig) -> None:
+        if self.lock is not None and self.lock.notice():
+            print(self.lock.notice(), flush=True)
         self.identity = run_identity(cfg)
         self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank,
                                         async_save=cfg.checkpoint.async_save)
@@ -93,6 +106,11 @@ class Trainer:
         store = init_distributed(self.env, self.device, cfg.train.collective_timeout_s, cfg.train.setup_timeout_s)
         self.collectives = CollectiveWatch(self.env.rank, self.env.world_size, cfg.train.collective_timeout_s, store)
         self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
+
+    def release(self) -> None:
+        """Give the output dir back to other trainers (the end of the run, or a failed start)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ setup
 
@@ -265,6 +283,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+            self.release()
         return result
 
     def _report(self, bar, record: dict) -> None:
@@ -325,4 +344,6 @@ def train(cfg: JobConfig) -> TrainResult:
         share_failure(e, env, during_setup=trainer is None or not trainer.started)
         raise
     finally:
+        if trainer is not None:
+            trainer.release()
         shutdown_distributed()
