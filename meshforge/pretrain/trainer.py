@@ -36,6 +36,7 @@ from ..parallel.mesh import Degrees, resolve_degrees
 from ..parallel.pipeline import PipelinePlan
 from .checkpoint import check_init, check_resume_backend, load_model_weights
 from .checkpoint_writer import Checkpointer
+from .resume_policy import optimizer_settings, restore_optimizer_settings, resume_changes
 from .run_lock import RunLock
 from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
@@ -99,6 +100,8 @@ class Trainer:
         self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume,
                                                             cfg.checkpoint.resume_from)
         check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
+        self.cfg, self.resume_notes = resume_changes(self.resume_from, cfg)  # refused changes stop here
+        cfg = self.cfg
         self.init_from = None
         if self.resume_from is None and cfg.checkpoint.init_from:
             with torch.device("meta"):
@@ -137,12 +140,16 @@ class Trainer:
         self.step = 0
         self.spikes = SpikeDetector(sigmas=cfg.train.spike_sigmas) if cfg.train.spike_sigmas else None
         if self.resume_from is not None:
+            settings = optimizer_settings(self.backend.optimizer, self.backend.scheduler)  # the config's, not the checkpoint's
             meta = self.backend.load(self.resume_from, self.env.rank)
             self.backend.scheduler.load_state_dict(meta["scheduler"])
+            restore_optimizer_settings(self.backend.optimizer, self.backend.scheduler, settings)
             self.data.train_loader.load_state_dict(meta["loader"])
             self.step = meta["step"]
             if self.env.is_main:
                 print(f"resuming from {self.resume_from} (step {self.step})", flush=True)
+                for line in self.resume_notes:
+                    print(line, flush=True)
         self.checkpointer.clean_partial()
         self.metrics = MetricsLogger(self.output_dir, self.env.is_main, cfg.logging.tensorboard, self.step)
         if self.env.is_main:
