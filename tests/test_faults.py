@@ -5,7 +5,6 @@ import os
 import signal
 import time
 
-import pytest
 import torch
 
 from meshforge.pretrain.faults import (PREEMPTED_MARKER_ENV, NonFiniteGuard, PreemptionWatcher, SpikeDetector,

@@ -29,6 +29,7 @@ from ..tokenizers import load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
 from .hf_tokenizer import sentencepiece_from_hf
+from .hf_files import check_shapes, read_json
 from .safetensors_io import ConvertError, SafetensorsDir
 
 IGNORED_HF = ("rotary_emb.inv_freq",)
@@ -39,7 +40,7 @@ def read_hf_config(directory: Path):
     cfg_file = Path(directory) / "config.json"
     if not cfg_file.is_file():
         raise ConvertError(f"{directory} has no config.json: not a Hugging Face model directory")
-    arch = (json.loads(cfg_file.read_text()).get("architectures") or [""])[0]
+    arch = (read_json(cfg_file).get("architectures") or [""])[0]
     known = known_architectures()
     if arch not in known:
         raise ConvertError(f"unknown Hugging Face architecture {arch!r} in {cfg_file}; supported: {', '.join(known)}")
@@ -67,6 +68,7 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     if rows != m.vocab_size:
         raise ConvertError(f"{emb} has {rows} rows but config.json says vocab_size = {m.vocab_size}")
     state = family.import_state(files, m, pairs)
+    check_shapes(directory, m, state)
     if m.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return m, state

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from .hf_files import read_json
 from .safetensors_io import ConvertError, SafetensorsDir
 
 
@@ -22,7 +23,7 @@ def _count(shapes_dtypes) -> tuple[int, str]:
 def inspect_hf(directory: Path) -> str:
     from safetensors import safe_open
 
-    cfg = json.loads((directory / "config.json").read_text())
+    cfg = read_json(directory / "config.json")
     files = SafetensorsDir(directory)
     entries = []
     for fname in sorted(set(files.weight_map.values())):

@@ -111,12 +111,17 @@ class SafetensorsDir:
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
+        from .hf_files import check_safetensors, read_json
+
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConvertError(f"{index} has no weight_map; copy the complete model directory")
         elif (self.dir / "model.safetensors").is_file():
             from safetensors import safe_open
 
+            check_safetensors(self.dir / "model.safetensors")
             with safe_open(self.dir / "model.safetensors", "pt") as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
@@ -126,6 +131,8 @@ class SafetensorsDir:
         if missing:
             raise ConvertError(f"{self.dir}: shard(s) {', '.join(missing)} listed in model.safetensors.index.json "
                                "are missing; copy the complete model directory")
+        for fname in sorted(set(weight_map.values())):
+            check_safetensors(self.dir / fname)  # whole files only: a cut one would fail mid-read
         self.weight_map: dict[str, str] = weight_map
         self._open: dict[str, object] = {}
 
