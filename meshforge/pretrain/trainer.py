@@ -4,8 +4,9 @@
 input fails before anything is written:
 
 1. environment, device, vocabulary size, parallel degrees (config errors),
-2. output dir: writable, ownership (another run's checkpoints), the checkpoint to resume
-   from intact (output and checkpoint errors),
+2. output dir: writable, locked for this run (a second trainer is refused, :mod:`.run_lock`),
+   ownership (another run's checkpoints), the checkpoint to resume from intact, changed
+   settings allowed (:mod:`.resume_policy`) (output and checkpoint errors),
 3. every rank checks in (a rank that failed so far stops the others at once, named),
 4. data and tokenizer (data errors: missing, corrupt, vocab mismatch, token ids beyond the model's vocabulary),
 5. only then: model, output files, the loop.
