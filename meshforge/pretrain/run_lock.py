@@ -130,6 +130,12 @@ class RunLock:
                     "releasing it")
         return ""
 
+    def __del__(self):  # a Trainer dropped without finishing its run (tests, notebooks) frees the dir too
+        try:
+            self.release()
+        except Exception:
+            pass
+
     def release(self) -> None:
         """Remove the lock file while still holding the lock, then unlock; an output dir this lock
         created and nothing else wrote into is removed too (a run refused during setup leaves nothing)."""
