@@ -98,7 +98,8 @@ def main() -> None:
         for prefetch in (0, 2):
             for vocab in (0, 2048):  # 2048: every batch's largest id checked against the vocabulary (one max)
                 loaders.append(DistributedLoader(ds, B, prefetch=prefetch, vocab_size=vocab))
-                readers[f"DistributedLoader prefetch={prefetch}" + (", id check" if vocab else "")] = loaders[-1].next_batch
+                name = f"DistributedLoader prefetch={prefetch}" + (", id check" if vocab else "")
+                readers[name] = loaders[-1].next_batch
         best = {name: float("inf") for name in readers}
         for _ in range(args.rounds):  # interleaved: a load change on this shared machine hits every reader alike
             for name, fn in readers.items():

@@ -23,7 +23,8 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except UnicodeDecodeError:
-        raise ConvertError(f"{path} is not valid JSON (not UTF-8 text); copy it again from the model's source") from None
+        raise ConvertError(f"{path} is not valid JSON (not UTF-8 text); copy it again from the model's "
+                           "source") from None
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); copy it again from the model's "
                            "source") from None

@@ -94,7 +94,8 @@ def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
         raise DataError(f"output_dir {out} exists and is not a directory: choose another path")
     if out.exists() and (out / MANIFEST).exists():
         if not overwrite:
-            raise DataError(f"output_dir {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose another directory")
+            raise DataError(f"output_dir {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose "
+                            "another directory")
         work = out.parent / f".{out.name}.overwrite"
     else:
         work = out

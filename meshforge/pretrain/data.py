@@ -163,6 +163,8 @@ def check_token_ids(info: DataInfo, vocab_size: int) -> None:
 def locate_token_beyond(infos: list[DataInfo], vocab_size: int) -> str:
     """Where the first token id >= ``vocab_size`` is: shard and document (the loader's error, met mid-run)."""
     for info in infos:
+        if isinstance(info, RemoteDataInfo) and info.store is not None:  # range reads: no whole shard to scan
+            continue
         for shard in info.shards:
             tokens = np.asarray(shard.tokens)
             bad = np.flatnonzero(tokens >= vocab_size)
@@ -170,7 +172,7 @@ def locate_token_beyond(infos: list[DataInfo], vocab_size: int) -> str:
                 starts, _ = shard.document_token_ranges()
                 doc = int(np.searchsorted(starts, bad[0], side="right")) - 1
                 return f"shard {shard.prefix} (document {doc} of it, token {int(bad[0] - starts[doc])})"
-    return f"a shard of {', '.join(str(i.data_dir) for i in infos)}"
+    return f"a shard of {', '.join(getattr(i, 'url', '') or str(i.data_dir) for i in infos)}"
 
 
 def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainData:

@@ -43,8 +43,8 @@ def resume_changes(path: Path | None, cfg: JobConfig) -> tuple[JobConfig, list[s
             if policy == "refused":
                 raise CheckpointError(
                     f"checkpoint {path} was written with {key} = {old!r} and this run sets {value!r}, which would "
-                    f"change {REFUSED.get(key, 'the model')}; resume with {key} = {old!r}, or start a new run in another "
-                    "train.output_dir (checkpoint.init_from takes just the weights)"
+                    f"change {REFUSED.get(key, 'the model')}; resume with {key} = {old!r}, or start a new run in "
+                    "another train.output_dir (checkpoint.init_from takes just the weights)"
                 )
             if policy == "ignored" and value:
                 ignored.append(key)

@@ -141,7 +141,8 @@ class Trainer:
         self.step = 0
         self.spikes = SpikeDetector(sigmas=cfg.train.spike_sigmas) if cfg.train.spike_sigmas else None
         if self.resume_from is not None:
-            settings = optimizer_settings(self.backend.optimizer, self.backend.scheduler)  # the config's, not the checkpoint's
+            # the optimizer's settings and base LRs are the config's, not the checkpoint's
+            settings = optimizer_settings(self.backend.optimizer, self.backend.scheduler)
             meta = self.backend.load(self.resume_from, self.env.rank)
             self.backend.scheduler.load_state_dict(meta["scheduler"])
             restore_optimizer_settings(self.backend.optimizer, self.backend.scheduler, settings)
@@ -255,7 +256,8 @@ class Trainer:
                     self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
                     save_due = False
                 elif scheduled:
-                    waits = "the run ends inside it, without a final one" if last else "the save waits for the next good step"
+                    waits = ("the run ends inside it, without a final one" if last else
+                             "the save waits for the next good step")
                     self._say(bar, f"step {self.step:>6} | no checkpoint inside a non-finite streak: {waits} "
                                    f"(newest: {self._newest_checkpoint() or 'none yet'})")
                 self.collectives.at(f"all_reduce of the preemption flag after step {self.step}")

@@ -55,7 +55,8 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
                     overrides=_overrides(args.set), budgets=positive_numbers("--budgets", args.budgets),
                     sizes=[] if args.kind == "isoflop" else positive_numbers("--sizes", _floats(args.sizes or "")),
                     n_sizes=n_sizes, n_min=args.n_min, n_max=args.n_max, span=args.span,
-                    centers=positive_numbers("--centers", args.centers), tokens=positive_numbers("--tokens", args.tokens),
+                    centers=positive_numbers("--centers", args.centers),
+                    tokens=positive_numbers("--tokens", args.tokens),
                     lrs=positive_numbers("--lrs", args.lrs),
                     variants=args.variants.split(","), aspect=args.aspect, layers=args.layers, min_steps=args.min_steps,
                     max_steps=args.max_steps, warmup_fraction=args.warmup_fraction)

@@ -71,8 +71,9 @@ def read_points(path: str | Path, compute_from: tuple[str, ...] = ("budget", "fl
             header = reader.fieldnames or []
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise ScalingError(f"{path} is not a CSV text file ({'not UTF-8 text' if isinstance(e, UnicodeDecodeError) else e})"
-                           f"; pass a results CSV with columns {', '.join(REQUIRED)}, or a sweep dir") from None
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ScalingError(f"{path} is not a CSV text file ({why}); pass a results CSV with columns "
+                           f"{', '.join(REQUIRED)}, or a sweep dir") from None
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ScalingError(f"{path}: missing column(s) {', '.join(missing)}; a results file needs columns "
