@@ -39,6 +39,9 @@ def test_non_finite_guard_counts_streaks_and_stops_after_the_limit():
     assert "3 consecutive steps with non-finite" in str(err) and "(steps 5-7;" in str(err)
     assert "the newest checkpoint, runs/x/checkpoints/step_00000004, is from before them" in str(err)
     assert "no checkpoint was written before them" in str(g.diverged_error(None))
+    ds = NonFiniteGuard(max_consecutive=5)  # a backend that cannot skip (DeepSpeed) stops after the step's record
+    ds.stop_after_this_step("non-finite loss nan at step 3 under the DeepSpeed engine")
+    assert ds.diverged and str(ds.diverged_error("c/step_00000002")).endswith("; the newest checkpoint is c/step_00000002")
 
 
 def test_spike_detector():

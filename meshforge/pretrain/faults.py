@@ -93,6 +93,12 @@ class NonFiniteGuard:
         self.total_skipped = 0
         self.first_bad_step = 0
         self.last = (0, math.nan, math.nan)  # step, loss, grad norm of the latest non-finite step
+        self.stop_reason = ""
+        """Set by a backend that cannot skip an update (DeepSpeed applies it itself): stop after this step."""
+
+    def stop_after_this_step(self, reason: str) -> None:
+        """Stop the run once this step's record is logged (:attr:`diverged`), saying ``reason``."""
+        self.stop_reason = reason
 
     def check(self, step: int, loss: float, grad_norm: float) -> bool:
         """True when the update may be applied; False when it must be skipped."""
@@ -109,11 +115,14 @@ class NonFiniteGuard:
     @property
     def diverged(self) -> bool:
         """The open streak has reached ``max_consecutive`` steps: the run must stop."""
-        return self.consecutive >= self.max_consecutive
+        return self.consecutive >= self.max_consecutive or bool(self.stop_reason)
 
     def diverged_error(self, newest_checkpoint: str | None) -> TrainingDiverged:
         """The stop, naming the newest checkpoint (written before the streak: none is written inside one)."""
         step, loss, grad_norm = self.last
+        if self.stop_reason:
+            newest = f"the newest checkpoint is {newest_checkpoint}" if newest_checkpoint else "no checkpoint was written"
+            return TrainingDiverged(f"{self.stop_reason}; {newest}")
         where = (f"the newest checkpoint, {newest_checkpoint}, is from before them: lower the LR or check the data, "
                  "then rerun the same command to resume from it" if newest_checkpoint else
                  "no checkpoint was written before them: lower the LR or check the data, then start again")
