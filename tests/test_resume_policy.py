@@ -23,15 +23,16 @@ def _args(data, out, *extra):
             "--checkpoint.interval", "2", "--optim.warmup_steps", "2", *extra]
 
 
-@pytest.fixture
-def four_steps(tiny_data, tmp_path):
+def test_a_refused_change_then_a_changed_lr_that_takes_effect_and_config_json_tells_the_truth(tiny_data, tmp_path,
+                                                                                             capsys):
     out = tmp_path / "run"
     assert cli_main(_args(tiny_data, out, "--train.steps", "4")) == 0
-    return out
-
-
-def test_a_changed_lr_takes_effect_with_a_line_and_config_json_tells_the_truth(tiny_data, four_steps, capsys):
-    out = four_steps
+    capsys.readouterr()
+    before = tree_digest(out)  # a change that would make another run: refused, nothing written
+    fails(capsys, _args(tiny_data, out, "--train.steps", "8", "--data.document_mask", "true"),
+          "was written with data.document_mask = False and this run sets True, which would change what each token "
+          "attends to; resume with data.document_mask = False")
+    assert tree_digest(out) == before
     capsys.readouterr()
     trainer = Trainer(load_config("tiny-test", _args(tiny_data, out, "--train.steps", "8", "--optim.lr", "0.001",
                                                      "--optim.beta2", "0.9")[3:]))
@@ -48,14 +49,6 @@ def test_a_changed_lr_takes_effect_with_a_line_and_config_json_tells_the_truth(t
     assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.001
     newest = list_checkpoints(out / "checkpoints")[-1]
     assert newest.name == "step_00000008" and read_meta(newest)["config"]["optim"]["lr"] == 0.001
-
-
-def test_a_change_that_would_make_another_run_is_refused_before_writing(tiny_data, four_steps, capsys):
-    before = tree_digest(four_steps)
-    fails(capsys, _args(tiny_data, four_steps, "--train.steps", "8", "--data.document_mask", "true"),
-          "was written with data.document_mask = False and this run sets True, which would change what each token "
-          "attends to; resume with data.document_mask = False")
-    assert tree_digest(four_steps) == before
 
 
 def test_help_config_names_each_keys_resume_policy():
