@@ -91,17 +91,17 @@ def _is_partial(d: Path) -> bool:
 def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
     """Where this run writes: ``out``, or a staging dir next to it when replacing finished data."""
     if out.exists() and not out.is_dir():
-        raise DataError(f"output_dir {out} exists and is not a directory: choose another path")
+        raise DataError(f"--output {out} exists and is not a directory: choose another path")
     if out.exists() and (out / MANIFEST).exists():
         if not overwrite:
-            raise DataError(f"output_dir {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose "
+            raise DataError(f"--output {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose "
                             "another directory")
         work = out.parent / f".{out.name}.overwrite"
     else:
         work = out
     if work.exists() and any(work.iterdir()):
         if not _is_partial(work):
-            raise DataError(f"output_dir {work} is not empty and holds no {MANIFEST}: choose an empty or new directory")
+            raise DataError(f"--output {work} is not empty and holds no {MANIFEST}: choose an empty or new directory")
         theirs = read_json(work / WORK_DIR / PLAN_FILE) or {}
         if theirs.get("hash") != plan["hash"]:
             if overwrite and num_nodes == 1:
