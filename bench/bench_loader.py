@@ -5,7 +5,8 @@ IndexedShardWriter, then reads batches of ``--batch`` x ``--seq-len`` (+1) token
 
 * ``raw memmap``: contiguous (seq_len+1)-token slices of the .bin in order, stacked into an
   int64 torch tensor (a lower bound on the cost of any loader);
-* ``TokenDataset + DistributedLoader`` with and without background prefetch.
+* ``TokenDataset + DistributedLoader`` with and without background prefetch, each with and
+  without the per-batch check of the largest token id against the vocabulary (``id check``).
 
 With ``--remote`` the same shards are also served by nginx on localhost and read by HTTP range
 requests (``bench/loader_remote.py``), with and without prefetch, against the memory map.
@@ -17,6 +18,7 @@ Run: ``python bench/bench_loader.py --record``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved passes per reader (the best counts)")
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     ap.add_argument("--remote", action="store_true",
                     help="also serve the shards with nginx on localhost and compare range reads with the memory map")
@@ -89,11 +92,27 @@ def main() -> None:
                 pos[0] += S
             return torch.from_numpy(np.stack(rows).astype(np.int64))
 
-        rows = [("raw memmap, contiguous slices", time_batches(raw, args.batches))]
+        load_start = os.getloadavg()
+        readers = {"raw memmap, contiguous slices": raw}
+        loaders = []
         for prefetch in (0, 2):
-            loader = DistributedLoader(ds, B, prefetch=prefetch)
-            rows.append((f"DistributedLoader prefetch={prefetch}", time_batches(loader.next_batch, args.batches)))
+            for vocab in (0, 2048):  # 2048: every batch's largest id checked against the vocabulary (one max)
+                loaders.append(DistributedLoader(ds, B, prefetch=prefetch, vocab_size=vocab))
+                name = f"DistributedLoader prefetch={prefetch}" + (", id check" if vocab else "")
+                readers[name] = loaders[-1].next_batch
+        best = {name: float("inf") for name in readers}
+        for _ in range(args.rounds):  # interleaved: a load change on this shared machine hits every reader alike
+            for name, fn in readers.items():
+                best[name] = min(best[name], time_batches(fn, args.batches, repeats=1))
+        rows = list(best.items())
+        sample = loaders[0].next_batch().numpy()
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            int(sample.max())
+        t_check = (time.perf_counter() - t0) / 1000  # the check alone: one max over a batch
+        for loader in loaders:
             loader.close()
+        load_end = os.getloadavg()
         remote = []
         if args.remote:
             import loader_remote  # bench/loader_remote.py: nginx + range reads
@@ -103,13 +122,20 @@ def main() -> None:
     toks = args.batches * B * (S + 1)
     lines = [
         f"data: {info.num_tokens / 1e6:.1f}M tokens in {len(info.shards)} shards, {info.num_documents} docs; "
-        f"batch {B} x {S + 1} tokens; best of 3 passes of {args.batches} batches",
+        f"batch {B} x {S + 1} tokens; best of {args.rounds} interleaved passes of {args.batches} batches",
+        f"load average at start / end: {' '.join(f'{x:.2f}' for x in load_start)} / "
+        f"{' '.join(f'{x:.2f}' for x in load_end)}",
         f"TokenDataset startup: {t_startup * 1e3:.1f} ms; ensure_builtin('shakespeare', vocab 2048) cold: {t_builtin:.1f} s",
         "",
         "| reader | tokens/s | ms/batch |",
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {toks / t / 1e6:.1f}M | {t / args.batches * 1e3:.2f} |" for name, t in rows]
+    check = {k: best[f"DistributedLoader prefetch={k}, id check"] / best[f"DistributedLoader prefetch={k}"]
+             for k in (0, 2)}
+    lines += ["", "time with the token-id check / without: "
+              + ", ".join(f"prefetch={k}: {r:.3f}x" for k, r in check.items())
+              + f"; the check alone (one max over a {B} x {S + 1} int64 batch): {t_check * 1e6:.1f} us"]
     lines += remote
     print("\n".join(lines))
     if args.record:

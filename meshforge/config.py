@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from .config_resume import resume_help
 from .config_checks import DEEPSPEED_ONLY, FSDP2_ONLY, micro_batch_size, validate
 from .config_objectives import (ENCODER_DECODER_OBJECTIVES, UL2_KINDS, Denoiser, mode_token_pieces, parse_denoisers,
                                 resolve_objective)
@@ -81,7 +82,9 @@ def describe(cfg: JobConfig | None = None) -> str:
         docs = field_docs(type(section))
         lines.append(f"[{sec.name}]")
         for f in dataclasses.fields(section):
-            lines.append(f"  {sec.name}.{f.name} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}")
+            key = f"{sec.name}.{f.name}"
+            lines.append(f"  {key} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}\n"
+                         f"      [{resume_help(key)}]")
     return "\n".join(lines)
 
 

@@ -84,10 +84,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def file_slice(path: Path, text_field: str) -> Slice:
+    if path.is_dir():
+        raise DataError(f"input {path} is a directory: pass the files in it (e.g. '{path}/*.jsonl')")
     if not path.is_file():
         raise DataError(f"input {path} does not exist: check the path")
     if not path.name.endswith(FILE_SUFFIXES):
-        raise DataError(f"input {path} is not {', '.join(FILE_SUFFIXES)}: convert it or pass a local HF dataset via hf_dataset")
+        raise DataError(f"input {path} is not {', '.join(FILE_SUFFIXES)}: convert it, or pass a local Hugging Face "
+                        "dataset with `meshforge data prepare --hf-dataset`")
     if path.name.endswith(".parquet"):
         import pyarrow.parquet as pq
 

@@ -22,6 +22,7 @@ from meshforge.errors import LaunchError, MeshforgeError, OutputError, UsageErro
 from meshforge.launch.setup import SetupError
 from meshforge.pretrain.checkpoint import CheckpointError, list_checkpoints, read_meta
 from meshforge.pretrain.faults import CollectiveError, TrainingDiverged
+from meshforge.pretrain.run_lock import OutputDirBusy
 from meshforge.tokenizers import TokenizerError
 
 QUICK = ("--train.steps", "4", "--train.eval_interval", "0", "--train.sample_prompt", "", "--checkpoint.interval", "2")
@@ -46,7 +47,7 @@ def tree_digest(path: Path) -> dict[str, bytes]:
 
 def test_every_project_error_has_the_one_base_class():
     for cls in (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged, CollectiveError,
-                LaunchError, OutputError, SetupError, UsageError):
+                LaunchError, OutputError, SetupError, UsageError, OutputDirBusy):
         assert issubclass(cls, MeshforgeError), cls
     assert CollectiveError.exit_status == 1 and ConfigError.exit_status == 2
 

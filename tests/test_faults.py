@@ -5,7 +5,6 @@ import os
 import signal
 import time
 
-import pytest
 import torch
 
 from meshforge.pretrain.faults import (PREEMPTED_MARKER_ENV, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
@@ -24,17 +23,25 @@ def test_preemption_watcher_catches_sigterm():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_non_finite_guard_skips_then_raises():
+def test_non_finite_guard_counts_streaks_and_stops_after_the_limit():
     g = NonFiniteGuard(max_consecutive=3)
     assert g.check(1, 2.0, 1.0)
     assert not g.check(2, math.nan, 1.0)
     assert not g.check(3, 2.0, math.inf)
-    assert g.check(4, 2.0, 1.0)  # a good step resets the count
+    assert g.check(4, 2.0, 1.0) and g.consecutive == 0  # a good step resets the count
     assert not g.check(5, math.nan, math.nan)
     assert not g.check(6, math.nan, math.nan)
-    with pytest.raises(TrainingDiverged, match="3 consecutive steps with non-finite"):
-        g.check(7, math.nan, 1.0)
-    assert g.total_skipped == 5
+    assert not g.diverged
+    assert not g.check(7, math.nan, 1.0)  # the step that ends the streak is still a (skipped) step
+    assert g.diverged and g.total_skipped == 5
+    err = g.diverged_error("runs/x/checkpoints/step_00000004")
+    assert isinstance(err, TrainingDiverged)
+    assert "3 consecutive steps with non-finite" in str(err) and "(steps 5-7;" in str(err)
+    assert "the newest checkpoint, runs/x/checkpoints/step_00000004, is from before them" in str(err)
+    assert "no checkpoint was written before them" in str(g.diverged_error(None))
+    ds = NonFiniteGuard(max_consecutive=5)  # a backend that cannot skip (DeepSpeed) stops after the step's record
+    ds.stop_after_this_step("non-finite loss nan at step 3 under the DeepSpeed engine")
+    assert ds.diverged and str(ds.diverged_error("c/step_00000002")).endswith("; the newest checkpoint is c/step_00000002")
 
 
 def test_spike_detector():
@@ -97,6 +104,15 @@ def _weights(ckpt):
 
 def test_non_finite_step_is_skipped_without_an_update(tiny_data, tmp_path, monkeypatch):
     _poison(monkeypatch, {3})
+    after = {}  # the weights after each step's update (or skipped update)
+    original = TrainStep.optimizer_update
+
+    def optimizer_update(self, losses, grad_norm, step):
+        record = original(self, losses, grad_norm, step)
+        after[step] = {n: p.detach().clone() for n, p in self.model.state_dict().items()}
+        return record
+
+    monkeypatch.setattr(TrainStep, "optimizer_update", optimizer_update)
     out = tmp_path / "run"
     trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data),
                                                 "--train.output_dir", str(out), "--train.steps", "5",
@@ -105,10 +121,12 @@ def test_non_finite_step_is_skipped_without_an_update(tiny_data, tmp_path, monke
     assert records[3].get("skipped") == 1 and records[3]["skipped_total"] == 1 and math.isnan(records[3]["loss"])
     assert all("skipped" not in records[s] and math.isfinite(records[s]["loss"]) for s in (1, 2, 4, 5))
     ckpts = {int(p.name.split("_")[1]): p for p in list_checkpoints(out / "checkpoints")}
-    w2, w3, w4 = (_weights(ckpts[s]) for s in (2, 3, 4))
+    assert sorted(ckpts) == [1, 2, 4, 5]  # none inside the (one-step) streak
+    w2, w4 = _weights(ckpts[2]), _weights(ckpts[4])
     for name in w2:  # step 3 changed nothing; step 4 trained again
-        torch.testing.assert_close(w3[name], w2[name], rtol=0, atol=0)
-    assert any(not torch.equal(w4[name], w3[name]) for name in w3)
+        torch.testing.assert_close(after[3][name], after[2][name], rtol=0, atol=0)
+        torch.testing.assert_close(after[4][name], w4[name], rtol=0, atol=0)
+    assert any(not torch.equal(w4[name], w2[name]) for name in w2)
 
 
 def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
@@ -122,6 +140,46 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tiny_data,
     assert "3 consecutive steps with non-finite loss" in capsys.readouterr().err
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
     assert all(math.isfinite(v.abs().max().item()) for v in _weights(out / "checkpoints" / "step_00000003").values())
+
+
+def test_a_non_finite_streak_writes_no_checkpoint_and_resume_matches_a_run_without_it(tiny_data, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """NaN at steps 3-7 with checkpoints every 2 steps and keep_last = 2: the saves of steps 4 and 6
+    wait (none is written inside the streak), so step 2 survives pruning; every step has its record;
+    the stop names step 2; the rerun resumes from it and matches a run that never saw the streak."""
+    from meshforge.cli import main as cli_main
+
+    args = ["train", "--config", "tiny-test", *PARITY_ARGS[2:], "--data.path", str(tiny_data),
+            "--checkpoint.interval", "2", "--checkpoint.keep_last", "2", "--train.max_nonfinite_steps", "5",
+            "--train.steps", "8", "--model.n_layers", "2"]
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    with monkeypatch.context() as m:
+        _poison(m, {3, 4, 5, 6, 7})
+        assert cli_main([*args, "--train.output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    newest = out / "checkpoints" / "step_00000002"
+    assert f"the newest checkpoint, {newest}, is from before them" in err, err
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 7]  # the step that stopped the run has its record too
+    assert cli_main([*args, "--train.output_dir", str(out)]) == 0  # resumes from step 2, no NaN now
+    assert cli_main([*args, "--train.output_dir", str(ref)]) == 0
+
+    def losses(o):
+        return {r["step"]: r["loss"] for r in read_metrics(o) if "loss" in r}
+
+    assert losses(out) == losses(ref) and sorted(losses(ref)) == list(range(1, 9))
+
+
+def test_a_save_due_inside_a_streak_waits_for_the_next_good_step(tiny_data, tmp_path, monkeypatch):
+    _poison(monkeypatch, {4, 5})
+    out = tmp_path / "run"
+    trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data), "--train.steps", "7",
+                                                "--train.output_dir", str(out), "--checkpoint.interval", "2",
+                                                "--checkpoint.keep_last", "10"]))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
+        "step_00000002", "step_00000006", "step_00000007"]  # step 4's save was written after step 6 (good) only
+    assert [r["step"] for r in read_metrics(out) if "checkpoint_blocked_s" in r] == [2, 6, 7]
 
 
 def test_loss_spike_is_logged(tiny_data, tmp_path, monkeypatch):

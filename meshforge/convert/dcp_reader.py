@@ -20,7 +20,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..config import JobConfig, config_from_dict
 from ..pretrain import dcp_io
-from ..pretrain.checkpoint import CHECKPOINT_RE, CheckpointError, find_checkpoint, read_meta
+from ..pretrain.checkpoint import CHECKPOINT_RE, CheckpointError, find_checkpoint
+from ..pretrain.checkpoint_files import unreadable, verify_checkpoint
 
 PREFIX = "model."
 
@@ -56,11 +57,12 @@ class CheckpointReader:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.meta = read_meta(self.path)
+        self.meta = verify_checkpoint(self.path, "--checkpoint DIR")  # sizes and checksums, as train and generate do
         if "config" not in self.meta:
             raise CheckpointError(f"checkpoint {self.path} has no config in meta.json")
         self.config: JobConfig = config_from_dict(self.meta["config"])
-        md = FileSystemReader(str(self.path)).read_metadata()
+        with unreadable(self.path, "--checkpoint DIR"):
+            md = FileSystemReader(str(self.path)).read_metadata()
         self.entries: dict[str, TensorStorageMetadata] = {
             k[len(PREFIX):]: v for k, v in md.state_dict_metadata.items()
             if k.startswith(PREFIX) and isinstance(v, TensorStorageMetadata)}
@@ -85,7 +87,8 @@ class CheckpointReader:
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The full tensors ``names`` (in their saved dtype), read from whichever shards hold them."""
         state = {PREFIX + n: torch.empty(self.shape(n), dtype=self.dtype(n)) for n in names}
-        dcp_io.load(state, self.path, alone=True)
+        with unreadable(self.path, "--checkpoint DIR"):
+            dcp_io.load(state, self.path, alone=True)
         return {n: state[PREFIX + n] for n in names}
 
     def get(self, name: str) -> torch.Tensor:

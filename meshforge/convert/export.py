@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from ..pretrain.checkpoint_files import verify_checkpoint
 from .dcp_reader import CheckpointReader, resolve_checkpoint
 from .families import converter
 from .hf_tokenizer import check_vocab, token_ids, write_hf_tokenizer
@@ -68,7 +67,6 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
         raise ConvertError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     check_output_dir(output)
     path = resolve_checkpoint(checkpoint, step)
-    verify_checkpoint(path, "--checkpoint DIR")  # sizes and checksums, as train and generate check them
     reader = CheckpointReader(path)
     m = reader.config.model
     tok_file = reader.path / "tokenizer.model"

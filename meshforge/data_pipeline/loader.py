@@ -11,7 +11,7 @@ blend history, so a changed blend applies from the resume point (see ``blend.py`
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -31,7 +31,8 @@ class DistributedLoader:
     the batches or :meth:`state_dict` (which counts only batches returned).
     """
 
-    def __init__(self, dataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, prefetch: int = 2):
+    def __init__(self, dataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, prefetch: int = 2,
+                 vocab_size: int = 0, locate: Callable[[int], str] | None = None):
         if global_batch_size < 1:
             raise DataError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -46,6 +47,10 @@ class DistributedLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.local_batch_size = global_batch_size // dp_size
         self.prefetch = max(0, int(prefetch))
+        self.vocab_size = vocab_size
+        """Every batch's largest token id must be below it (0: unchecked): one reduction per batch."""
+        self.locate = locate
+        """``locate(vocab_size)``: where the data holds an id beyond it (shard, document), for the error."""
         self.consumed_samples = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshforge-loader") if self.prefetch else None
         self._pending: dict[int, Future] = {}
@@ -61,13 +66,25 @@ class DistributedLoader:
         if getattr(type(self.dataset), "read_batch", None) is not None:
             batch = self.dataset.read_batch(np.arange(first, first + self.local_batch_size))
             if isinstance(batch, tuple):
-                return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
-            return torch.from_numpy(batch)
+                return torch.from_numpy(self._checked(batch[0], first)), torch.from_numpy(batch[1])
+            return torch.from_numpy(self._checked(batch, first))
         rows = [self.dataset[first + k] for k in range(self.local_batch_size)]
         if isinstance(rows[0], tuple):
-            tokens = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64, copy=False))
+            tokens = torch.from_numpy(self._checked(np.stack([r[0] for r in rows]).astype(np.int64, copy=False), first))
             return tokens, torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int32, copy=False))
-        return torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
+        return torch.from_numpy(self._checked(np.stack(rows).astype(np.int64, copy=False), first))
+
+    def _checked(self, tokens: np.ndarray, first: int) -> np.ndarray:
+        """``tokens``, after one max-reduction proves every id has an embedding (a shard changed after its
+        manifest recorded its largest id would otherwise crash the embedding, on a GPU as a device assert)."""
+        if self.vocab_size and tokens.size and (top := int(tokens.max())) >= self.vocab_size:
+            where = self.locate(self.vocab_size) if self.locate is not None else "the data"
+            raise DataError(
+                f"{where} holds token id {top}, beyond the model's vocabulary (model.vocab_size = {self.vocab_size}; "
+                f"met in the batch of samples {first}..{first + len(tokens) - 1}): the shard changed after its "
+                "manifest was written; re-prepare the data with `meshforge data prepare`"
+            )
+        return tokens
 
     def next_batch(self) -> "torch.Tensor":
         pos = self.consumed_samples

@@ -91,16 +91,17 @@ def _is_partial(d: Path) -> bool:
 def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
     """Where this run writes: ``out``, or a staging dir next to it when replacing finished data."""
     if out.exists() and not out.is_dir():
-        raise DataError(f"output_dir {out} exists and is not a directory: choose another path")
+        raise DataError(f"--output {out} exists and is not a directory: choose another path")
     if out.exists() and (out / MANIFEST).exists():
         if not overwrite:
-            raise DataError(f"output_dir {out} already holds prepared data ({MANIFEST}): pass overwrite=True or choose another directory")
+            raise DataError(f"--output {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose "
+                            "another directory")
         work = out.parent / f".{out.name}.overwrite"
     else:
         work = out
     if work.exists() and any(work.iterdir()):
         if not _is_partial(work):
-            raise DataError(f"output_dir {work} is not empty and holds no {MANIFEST}: choose an empty or new directory")
+            raise DataError(f"--output {work} is not empty and holds no {MANIFEST}: choose an empty or new directory")
         theirs = read_json(work / WORK_DIR / PLAN_FILE) or {}
         if theirs.get("hash") != plan["hash"]:
             if overwrite and num_nodes == 1:
@@ -109,7 +110,7 @@ def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
                 raise DataError(
                     f"{work} holds an unfinished preparation of other inputs or settings (plan {theirs.get('hash')} there, "
                     f"{plan['hash']} here): re-run with the same inputs and settings to finish it, or remove the dir "
-                    f"(or pass overwrite=True on a single node)"
+                    f"(or pass --overwrite on a single node)"
                 )
     return work
 
@@ -148,7 +149,9 @@ def prepare_data(
     :class:`DataError` before anything is written.
     """
     if workers < 1:
-        raise DataError(f"workers must be >= 1, got {workers}")
+        raise DataError(f"--workers must be >= 1, got {workers}")
+    if docs_per_shard < 0:
+        raise DataError(f"--docs-per-shard must be >= 0 (0: one shard per input slice), got {docs_per_shard}")
     if node_rank is None or num_nodes is None:
         r, n = default_node_rank()
         node_rank = r if node_rank is None else node_rank
@@ -159,7 +162,7 @@ def prepare_data(
     if hf_dataset:
         slices += hf_slices(hf_dataset, hf_split, text_field, hf_streaming, hf_rows_per_slice)
     if not slices:
-        raise DataError("no inputs given: pass text/jsonl/parquet files (or globs) or hf_dataset")
+        raise DataError("no inputs given: pass text/jsonl/parquet files (or globs) with --input, or --hf-dataset")
     out = Path(output_dir).resolve()
     try:
         tok = load_tokenizer(tokenizer_path)
@@ -168,7 +171,20 @@ def prepare_data(
     dtype = np.dtype(dtype_for_vocab(tok.vocab_size))
     plan = _plan(slices, tok, dtype, append_eos, text_field, docs_per_shard)
     work = _work_dir(out, overwrite, num_nodes, plan)
+    existed = work.exists()
+    fresh = num_nodes == 1 and not (existed and any(work.iterdir()))
+    try:
+        return _prepare_in(work, out, slices, tok, dtype, plan, append_eos, text_field, docs_per_shard, workers,
+                           progress, node_rank, num_nodes, merge)
+    except DataError:  # bad input met while reading: what this run started holds nothing worth keeping
+        if fresh:
+            for p in list(work.iterdir()) if existed else [work]:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
 
+
+def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, append_eos, text_field, docs_per_shard, workers,
+                progress, node_rank, num_nodes, merge) -> dict:
     (work / WORK_DIR).mkdir(parents=True, exist_ok=True)
     if not (work / WORK_DIR / PLAN_FILE).exists():
         atomic_write_json(work / WORK_DIR / PLAN_FILE, plan)

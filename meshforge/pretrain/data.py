@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig, padded_vocab_size
@@ -159,6 +160,21 @@ def check_token_ids(info: DataInfo, vocab_size: int) -> None:
             )
 
 
+def locate_token_beyond(infos: list[DataInfo], vocab_size: int) -> str:
+    """Where the first token id >= ``vocab_size`` is: shard and document (the loader's error, met mid-run)."""
+    for info in infos:
+        if isinstance(info, RemoteDataInfo) and info.store is not None:  # range reads: no whole shard to scan
+            continue
+        for shard in info.shards:
+            tokens = np.asarray(shard.tokens)
+            bad = np.flatnonzero(tokens >= vocab_size)
+            if bad.size:
+                starts, _ = shard.document_token_ranges()
+                doc = int(np.searchsorted(starts, bad[0], side="right")) - 1
+                return f"shard {shard.prefix} (document {doc} of it, token {int(bad[0] - starts[doc])})"
+    return f"a shard of {', '.join(getattr(i, 'url', '') or str(i.data_dir) for i in infos)}"
+
+
 def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainData:
     paths = [p for _, p in parse_blend(cfg.data.blend)] if cfg.data.blend else [cfg.data.path]
     stats = RemoteStats() if any(is_url(p) for p in paths) else None
@@ -178,13 +194,14 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
     dp_rank, dp_size = dp_coordinates(env.rank, degrees)
     objective = build_objective(cfg, tokenizer)
     train_ds = _dataset(cfg, infos, items, "train", objective, cfg.train.steps * cfg.train.global_batch_size)
-    train_loader = DistributedLoader(train_ds, cfg.train.global_batch_size, dp_rank, dp_size)
+    vocab = dict(vocab_size=cfg.model.vocab_size, locate=lambda v: locate_token_beyond(infos, v))  # checked per batch
+    train_loader = DistributedLoader(train_ds, cfg.train.global_batch_size, dp_rank, dp_size, **vocab)
     valid_ds = _dataset(cfg, infos, items, "valid", objective) if d.valid_fraction else None
 
     def valid_loader() -> DistributedLoader:
         if valid_ds is None:
             raise ConfigError("train.eval_interval > 0 needs data.valid_fraction > 0")
-        return DistributedLoader(valid_ds, cfg.train.global_batch_size, dp_rank, dp_size, prefetch=0)
+        return DistributedLoader(valid_ds, cfg.train.global_batch_size, dp_rank, dp_size, prefetch=0, **vocab)
 
     if cfg.train.eval_interval and valid_ds is None:
         raise ConfigError("train.eval_interval > 0 needs data.valid_fraction > 0 (or set train.eval_interval = 0)")

@@ -4,8 +4,9 @@
   ``scancel --signal=TERM``) into a flag the loop checks after each step; all ranks agree
   on it, write a checkpoint and exit with :data:`EXIT_PREEMPTED` so a wrapper can requeue.
 - :class:`NonFiniteGuard` skips an update whose loss or gradient norm is not finite and
-  stops the run after too many in a row (the last good checkpoint stays intact, because
-  checkpoints are only written after good steps).
+  stops the run after too many in a row. No checkpoint is written while such a streak is
+  open (a scheduled save waits for the next good step), so the newest checkpoint is always
+  from before the streak and pruning cannot delete it.
 - :class:`SpikeDetector` flags a loss far above its recent history (logged, not acted on).
 - :class:`CollectiveWatch` marks, in the rendezvous store, which group of collectives each
   rank is entering; when a collective fails (a peer died) or times out (a peer stalls for
@@ -79,27 +80,57 @@ class PreemptionWatcher:
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite steps; raises after ``max_consecutive`` of them."""
+    """Counts consecutive non-finite steps (a *streak*); after ``max_consecutive`` of them the run stops.
+
+    :meth:`check` never raises, so the step that ends a streak still gets its metrics record;
+    the trainer asks :attr:`diverged` after logging it and raises :meth:`diverged_error`.
+    While a streak is open (:attr:`consecutive` > 0) the trainer writes no checkpoint.
+    """
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total_skipped = 0
+        self.first_bad_step = 0
+        self.last = (0, math.nan, math.nan)  # step, loss, grad norm of the latest non-finite step
+        self.stop_reason = ""
+        """Set by a backend that cannot skip an update (DeepSpeed applies it itself): stop after this step."""
+
+    def stop_after_this_step(self, reason: str) -> None:
+        """Stop the run once this step's record is logged (:attr:`diverged`), saying ``reason``."""
+        self.stop_reason = reason
 
     def check(self, step: int, loss: float, grad_norm: float) -> bool:
         """True when the update may be applied; False when it must be skipped."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.consecutive = 0
             return True
+        if self.consecutive == 0:
+            self.first_bad_step = step
         self.consecutive += 1
         self.total_skipped += 1
-        if self.consecutive >= self.max_consecutive:
-            raise TrainingDiverged(
-                f"{self.consecutive} consecutive steps with non-finite loss/gradients (last: step {step}, "
-                f"loss {loss}, grad norm {grad_norm}); stopping. The newest checkpoint is from before them: "
-                "lower the LR or check the data, then resume"
-            )
+        self.last = (step, loss, grad_norm)
         return False
+
+    @property
+    def diverged(self) -> bool:
+        """The open streak has reached ``max_consecutive`` steps: the run must stop."""
+        return self.consecutive >= self.max_consecutive or bool(self.stop_reason)
+
+    def diverged_error(self, newest_checkpoint: str | None) -> TrainingDiverged:
+        """The stop, naming the newest checkpoint (written before the streak: none is written inside one)."""
+        step, loss, grad_norm = self.last
+        if self.stop_reason:
+            newest = f"the newest checkpoint is {newest_checkpoint}" if newest_checkpoint else "no checkpoint was written"
+            return TrainingDiverged(f"{self.stop_reason}; {newest}")
+        where = (f"the newest checkpoint, {newest_checkpoint}, is from before them: lower the LR or check the data, "
+                 "then rerun the same command to resume from it" if newest_checkpoint else
+                 "no checkpoint was written before them: lower the LR or check the data, then start again")
+        return TrainingDiverged(
+            f"{self.consecutive} consecutive steps with non-finite loss/gradients (steps {self.first_bad_step}-{step}; "
+            f"last: loss {loss}, grad norm {grad_norm}); stopping. The updates of those steps were skipped and "
+            f"{where}"
+        )
 
 
 class SpikeDetector:

@@ -115,6 +115,29 @@ def generate_text(
     return tokenizer.decode(ids)
 
 
+def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, device: str) -> torch.device:
+    """Refuse sampling settings that cannot work (one line each, before the checkpoint is read); -> the device."""
+    import math
+
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0: sample from all tokens), got {top_k}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r} is not a device meshforge generates on: use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UsageError(f"--device {device}: no CUDA GPU {dev.index or 0} here ({have} visible); use --device cpu"
+                         if have else f"--device {device}: there is no CUDA GPU here; use --device cpu")
+    return dev
+
+
 def generate_from_checkpoint(
     checkpoint: str,
     prompt: str,
@@ -131,6 +154,7 @@ def generate_from_checkpoint(
     from .checkpoint import CheckpointError, find_checkpoint, load_model_weights
     from .checkpoint_files import verify_checkpoint
 
+    check_generate_args(max_new_tokens, top_k, temperature, device)
     path = find_checkpoint(checkpoint)
     meta = verify_checkpoint(path, "--checkpoint DIR")  # a damaged file: named, with the intact checkpoints
     if "config" not in meta:
@@ -141,6 +165,11 @@ def generate_from_checkpoint(
         raise CheckpointError(f"checkpoint {path} has no tokenizer.model")
     tokenizer = load_tokenizer(tok_file)
     model = build_model(cfg.model, device, init=False)
+    n_prompt = len(tokenizer.encode(prompt))
+    if not hasattr(model, "encode") and n_prompt + max_new_tokens > cfg.model.max_seq_len:  # a decoder's positions
+        raise UsageError(f"--max-new-tokens {max_new_tokens} after a {n_prompt}-token prompt goes beyond the model's "
+                         f"max_seq_len ({cfg.model.max_seq_len}): ask for at most "
+                         f"{max(cfg.model.max_seq_len - n_prompt, 0)} new tokens (or a shorter prompt)")
     # RoPE tables are buffers, not weights: fill them by a normal init, then load the weights.
     model.init_weights()
     load_model_weights(path, model)

@@ -17,7 +17,6 @@ from torch import nn
 
 from ..parallel.deepspeed_engine import build_deepspeed_engine
 from .checkpoint import load_checkpoint
-from .faults import TrainingDiverged
 from .step import StepSetup, TrainStep, new_optimizer
 
 
@@ -43,9 +42,10 @@ class DeepSpeedStep(TrainStep):
         record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr,
                   "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
         if not math.isfinite(record["loss"]):  # the engine has stepped already: nothing left to skip
-            raise TrainingDiverged(f"non-finite loss {record['loss']} at step {step} under the DeepSpeed "
-                                   "engine, which applies the update itself; resume from the newest checkpoint with "
-                                   "a lower LR, or use parallel.dp_backend = 'fsdp2' to skip such steps")
+            self.setup.nonfinite.stop_after_this_step(  # the trainer logs this step's record, then stops
+                f"non-finite loss {record['loss']} at step {step} under the DeepSpeed engine, which applies the "
+                "update itself: resume from the newest checkpoint with a lower LR, or use parallel.dp_backend = "
+                "'fsdp2' to skip such steps")
         record.update(self.moe_update(self.engine.module, stats))  # metric names as in every other backend (layers.<i>)
         return record
 

@@ -4,8 +4,9 @@
 input fails before anything is written:
 
 1. environment, device, vocabulary size, parallel degrees (config errors),
-2. output dir: writable, ownership (another run's checkpoints), the checkpoint to resume
-   from intact (output and checkpoint errors),
+2. output dir: writable, locked for this run (a second trainer is refused, :mod:`.run_lock`),
+   ownership (another run's checkpoints), the checkpoint to resume from intact, changed
+   settings allowed (:mod:`.resume_policy`) (output and checkpoint errors),
 3. every rank checks in (a rank that failed so far stops the others at once, named),
 4. data and tokenizer (data errors: missing, corrupt, vocab mismatch, token ids beyond the model's vocabulary),
 5. only then: model, output files, the loop.
@@ -36,6 +37,8 @@ from ..parallel.mesh import Degrees, resolve_degrees
 from ..parallel.pipeline import PipelinePlan
 from .checkpoint import check_init, check_resume_backend, load_model_weights
 from .checkpoint_writer import Checkpointer
+from .resume_policy import optimizer_settings, restore_optimizer_settings, resume_changes
+from .run_lock import RunLock
 from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
@@ -80,6 +83,18 @@ class Trainer:
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         self.output_dir = Path(cfg.train.output_dir)
         check_writable(self.output_dir)
+        # One trainer per output dir, from before anything is written until the run ends (rank 0 holds it;
+        # a refusal reaches the other ranks at their check-in, before any of them writes).
+        self.lock = RunLock(self.output_dir).acquire() if self.env.is_main else None
+        try:
+            self._check_inputs(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def _check_inputs(self, cfg: JobConfig) -> None:
+        if self.lock is not None and self.lock.notice():
+            print(self.lock.notice(), flush=True)
         self.identity = run_identity(cfg)
         self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank,
                                         async_save=cfg.checkpoint.async_save)
@@ -87,6 +102,8 @@ class Trainer:
         self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume,
                                                             cfg.checkpoint.resume_from)
         check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
+        self.cfg, self.resume_notes = resume_changes(self.resume_from, cfg)  # refused changes stop here
+        cfg = self.cfg
         self.init_from = None
         if self.resume_from is None and cfg.checkpoint.init_from:
             with torch.device("meta"):
@@ -94,6 +111,11 @@ class Trainer:
         store = init_distributed(self.env, self.device, cfg.train.collective_timeout_s, cfg.train.setup_timeout_s)
         self.collectives = CollectiveWatch(self.env.rank, self.env.world_size, cfg.train.collective_timeout_s, store)
         self.data: TrainData = prepare_train_data(cfg, self.env, self.degrees)
+
+    def release(self) -> None:
+        """Give the output dir back to other trainers (the end of the run, or a failed start)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ setup
 
@@ -120,12 +142,17 @@ class Trainer:
         self.step = 0
         self.spikes = SpikeDetector(sigmas=cfg.train.spike_sigmas) if cfg.train.spike_sigmas else None
         if self.resume_from is not None:
+            # the optimizer's settings and base LRs are the config's, not the checkpoint's
+            settings = optimizer_settings(self.backend.optimizer, self.backend.scheduler)
             meta = self.backend.load(self.resume_from, self.env.rank)
             self.backend.scheduler.load_state_dict(meta["scheduler"])
+            restore_optimizer_settings(self.backend.optimizer, self.backend.scheduler, settings)
             self.data.train_loader.load_state_dict(meta["loader"])
             self.step = meta["step"]
             if self.env.is_main:
                 print(f"resuming from {self.resume_from} (step {self.step})", flush=True)
+                for line in self.resume_notes:
+                    print(line, flush=True)
         self.checkpointer.clean_partial()
         self.metrics = MetricsLogger(self.output_dir, self.env.is_main, cfg.logging.tensorboard, self.step)
         if self.env.is_main:
@@ -168,6 +195,11 @@ class Trainer:
         self.backend.save(self.checkpointer, self.step, meta, {"tokenizer.model": self.data.tokenizer_path})
         return time.perf_counter() - start
 
+    def _newest_checkpoint(self) -> str | None:
+        """The newest complete checkpoint this run can resume from (its own, or the one it resumed from)."""
+        newest = self.checkpointer.latest() or self.resume_from
+        return str(newest) if newest is not None else None
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> TrainResult:
@@ -187,6 +219,7 @@ class Trainer:
                 result.val_losses[0] = self.evaluate()  # the starting point of the curve
                 self.metrics.log({"step": 0, "val_loss": result.val_losses[0]})
                 self._say(bar, f"step      0 | val_loss {result.val_losses[0]:.4f}")
+            save_due = False  # a scheduled checkpoint not yet written (it waits out a non-finite streak)
             while self.step < t.steps:
                 self.checkpointer.poll()  # an asynchronous save that has finished becomes visible
                 start = time.perf_counter()
@@ -216,18 +249,31 @@ class Trainer:
                 result.losses.append(record["loss"])
                 self.metrics.log(record)  # before the save: a kill after it cannot lose this step's record
                 self._report(bar, record)
-                saved = last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+                if self.nonfinite.diverged:  # every rank alike (the loss and grad norm are reduced)
+                    self.checkpointer.wait()
+                    raise self.nonfinite.diverged_error(self._newest_checkpoint())
+                scheduled = last or bool(cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
+                save_due = save_due or scheduled
+                saved = save_due and not self.nonfinite.consecutive  # inside a streak the save waits for a good step
                 if saved:
                     self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
+                    save_due = False
+                elif scheduled:
+                    waits = ("the run ends inside it, without a final one" if last else
+                             "the save waits for the next good step")
+                    self._say(bar, f"step {self.step:>6} | no checkpoint inside a non-finite streak: {waits} "
+                                   f"(newest: {self._newest_checkpoint() or 'none yet'})")
                 self.collectives.at(f"all_reduce of the preemption flag after step {self.step}")
                 if self.preemption is not None and self.preemption.should_stop(self.device):
-                    if not saved:
+                    if not saved and not self.nonfinite.consecutive:
                         self._checkpoint()
                     self.checkpointer.wait()
                     if self.env.local_rank == 0:  # one per node: each node's `meshforge launch` looks for it
                         mark_preempted()  # the checkpoint is complete: a job script may requeue
                     if self.env.is_main:
-                        _print(bar, f"step {self.step:>6} | preemption signal: checkpoint written, exiting with "
+                        written = ("checkpoint written" if not self.nonfinite.consecutive else
+                                   f"no checkpoint inside a non-finite streak (newest: {self._newest_checkpoint()})")
+                        _print(bar, f"step {self.step:>6} | preemption signal: {written}, exiting with "
                                     f"status {EXIT_PREEMPTED} (resume by rerunning the same command)")
                     result.preempted = True
                     break
@@ -250,6 +296,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+            self.release()
         return result
 
     def _report(self, bar, record: dict) -> None:
@@ -310,4 +357,6 @@ def train(cfg: JobConfig) -> TrainResult:
         share_failure(e, env, during_setup=trainer is None or not trainer.started)
         raise
     finally:
+        if trainer is not None:
+            trainer.release()
         shutdown_distributed()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,15 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1e15,3e15") from None
+
+
+def positive_numbers(flag: str, values: list[float] | None) -> list[float]:
+    """``values`` of ``flag`` if each is a positive finite number; else one ScalingError line."""
+    bad = [v for v in values or [] if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ScalingError(f"{flag} {','.join(f'{v:g}' for v in bad)}: expected positive finite numbers, "
+                           "e.g. 1e15,3e15")
+    return list(values or [])
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -43,10 +53,12 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
         raise ScalingError("--sizes for an isoflop sweep is the number of sizes per budget (use --n-min/--n-max "
                            "for the range)")
     spec = PlanSpec(kind=args.kind, output=Path(args.output), base_config=args.base_config,
-                    overrides=_overrides(args.set), budgets=args.budgets or [],
-                    sizes=[] if args.kind == "isoflop" else _floats(args.sizes or ""), n_sizes=n_sizes,
-                    n_min=args.n_min, n_max=args.n_max, span=args.span, centers=args.centers or [],
-                    tokens=args.tokens or [], lrs=args.lrs or [],
+                    overrides=_overrides(args.set), budgets=positive_numbers("--budgets", args.budgets),
+                    sizes=[] if args.kind == "isoflop" else positive_numbers("--sizes", _floats(args.sizes or "")),
+                    n_sizes=n_sizes, n_min=args.n_min, n_max=args.n_max, span=args.span,
+                    centers=positive_numbers("--centers", args.centers),
+                    tokens=positive_numbers("--tokens", args.tokens),
+                    lrs=positive_numbers("--lrs", args.lrs),
                     variants=args.variants.split(","), aspect=args.aspect, layers=args.layers, min_steps=args.min_steps,
                     max_steps=args.max_steps, warmup_fraction=args.warmup_fraction)
     estimator = Estimator(args.gpu, args.gpus, args.efficiency, args.tokens_per_s, args.devices,

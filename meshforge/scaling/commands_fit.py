@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from .commands import _floats
+from .commands import _floats, positive_numbers
 
 
 def cmd_fit(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     from .fit import fit_report, format_report
 
-    report = fit_report(args.results, approach=args.approach, budgets=args.budgets, bootstrap=args.bootstrap,
+    budgets = positive_numbers("--budgets", args.budgets) if args.budgets is not None else None
+    report = fit_report(args.results, approach=args.approach, budgets=budgets, bootstrap=args.bootstrap,
                         seed=args.seed, envelope=args.envelope)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0

@@ -65,10 +65,15 @@ def resolve_inputs(path: str | Path) -> tuple[Path, Path | None]:
 def read_points(path: str | Path, compute_from: tuple[str, ...] = ("budget", "flops")) -> Points:
     """The ok rows of a CSV; C from the first column of ``compute_from`` present in every row, else 6ND."""
     path = Path(path)
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        rows = list(reader)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ScalingError(f"{path} is not a CSV text file ({why}); pass a results CSV with columns "
+                           f"{', '.join(REQUIRED)}, or a sweep dir") from None
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ScalingError(f"{path}: missing column(s) {', '.join(missing)}; a results file needs columns "
