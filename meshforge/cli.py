@@ -52,8 +52,19 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from .tokenizers import train_tokenizer
+    from .tokenizers import TokenizerError, train_tokenizer
 
+    if args.model_type == "byte-bpe":
+        from .tokenizers.bpe_train import train_byte_bpe_files
+
+        if not args.output:
+            raise TokenizerError("--model-type byte-bpe writes a Hugging Face tokenizer directory: pass --output DIR")
+        path = train_byte_bpe_files(args.input, args.output, args.vocab_size, special_tokens=args.special_tokens,
+                                    n_reserved=args.reserved, text_field=args.text_field)
+        print(f"wrote {path}")
+        return 0
+    if not args.model_prefix:
+        raise TokenizerError("a sentencepiece tokenizer is written to PREFIX.model: pass --model-prefix PREFIX")
     path = train_tokenizer(
         args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
         byte_fallback=False if args.no_byte_fallback else None, split_digits=False if args.no_split_digits else None,
@@ -77,6 +88,7 @@ def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
         hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
         hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard,
         overwrite=args.overwrite, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
+        add_bos=args.bos, append_eos=args.eos,
     )
     if manifest.get("format") == "meshforge-node-partial-v1":
         print(f"node {node_rank} of {num_nodes}: {len(manifest['slices'])} slices, {manifest['num_documents']} documents, "
@@ -157,13 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
-    p = tok.add_parser("train", help="train a sentencepiece model")
+    p = tok.add_parser("train", help="train a sentencepiece model or a byte-level BPE tokenizer.json")
     p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .jsonl.gz files")
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model (atomically; the vocabulary is inside it)")
+    p.add_argument("--model-prefix", default=None, help="sentencepiece: writes PREFIX.model (atomically; the vocabulary is inside it)")
+    p.add_argument("--output", default=None, help="byte-bpe: the directory for tokenizer.json + tokenizer_config.json")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--preset", choices=("llama", "t5"), default=None,
                    help="llama: BPE, byte fallback, digits split; t5: unigram + 100 <extra_id_i> sentinels")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="default: the preset's (bpe)")
+    p.add_argument("--model-type", choices=("bpe", "unigram", "byte-bpe"), default=None,
+                   help="default: the preset's (bpe); byte-bpe: a Hugging Face byte-level BPE (GPT-2 / Llama 3 style, no unknown token)")
     p.add_argument("--no-byte-fallback", action="store_true")
     p.add_argument("--no-split-digits", action="store_true")
     p.add_argument("--special-tokens", nargs="*", default=[], help="extra user-defined symbols")
@@ -182,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-split", default="train")
     p.add_argument("--hf-streaming", action="store_true", help="read --hf-dataset with load_dataset(dir, streaming=True)")
     p.add_argument("--hf-rows-per-slice", type=int, default=0, help="cut a saved HF dataset into slices of this many rows")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", required=True,
+                   help="a sentencepiece .model, a Hugging Face tokenizer.json, or an HF directory holding either")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every document with BOS (default: the tokenizer's convention)")
+    p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="end every document with EOS (default: when the tokenizer has one)")
     p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--text-field", default="text")
