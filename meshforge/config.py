@@ -161,6 +161,17 @@ def read_toml_tables(path: Path, kind: str) -> dict[str, dict[str, Any]]:
     return data
 
 
+PRESET_RELATIVE_PATHS = ("data.tokenizer", "checkpoint.init_from")
+"""Path keys whose ``.``, ``./...`` or ``../...`` value in a preset is relative to the preset's directory
+(``convert import`` writes them so, and the init dir can be moved)."""
+
+
+def _preset_relative(preset: Path, key: str, value: Any) -> Any:
+    if key in PRESET_RELATIVE_PATHS and isinstance(value, str) and (value == "." or value.startswith(("./", "../"))):
+        return str((preset.resolve().parent / value).resolve())
+    return value
+
+
 def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
     """Defaults, then the TOML preset, then the overrides; then :func:`validate`.
 
@@ -172,7 +183,7 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
         path = resolve_preset(preset)
         for sec, table in read_toml_tables(path, "section").items():
             for key, value in table.items():
-                _set(cfg, f"{sec}.{key}", value, from_cli=False)
+                _set(cfg, f"{sec}.{key}", _preset_relative(path, f"{sec}.{key}", value), from_cli=False)
     if isinstance(overrides, dict):
         for key, value in overrides.items():
             _set(cfg, key, value, from_cli=False)

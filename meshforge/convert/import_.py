@@ -2,9 +2,10 @@
 
 The output directory is a DCP checkpoint of the model weights (``model.*`` entries, as
 every training checkpoint has) with ``meta.json`` (step 0 and the full config), the
-sentencepiece ``tokenizer.model`` when the HF directory has one, and ``model.toml``: a
-preset reproducing the architecture, with ``checkpoint.init_from`` pointing at the
-directory. ``meshforge train --config DIR/model.toml --data.path ...`` (or any preset plus
+HF directory's tokenizer when it has one (``tokenizer.json`` with its config files, special
+tokens resolved; else a sentencepiece ``tokenizer.model``), and ``model.toml``: a preset
+reproducing the architecture, with ``checkpoint.init_from`` and ``data.tokenizer`` relative
+to it (``./``), so the directory can be moved. ``meshforge train --config DIR/model.toml --data.path ...`` (or any preset plus
 ``--checkpoint.init_from DIR``) starts training from the imported weights under any layout,
 with a fresh optimizer at step 0.
 
@@ -25,10 +26,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
-from ..tokenizers import load_tokenizer
+from ..tokenizers import Tokenizer, load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
-from .hf_tokenizer import sentencepiece_from_hf
+from .hf_tokenizer import check_vocab, tokenizer_of
 from .safetensors_io import ConvertError, SafetensorsDir
 
 IGNORED_HF = ("rotary_emb.inv_freq",)
@@ -72,7 +73,7 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     return m, state
 
 
-def job_config_for(m: ModelConfig, init_dir: Path, tokenizer: Path | None) -> JobConfig:
+def job_config_for(m: ModelConfig, init_dir: Path | str, tokenizer: Path | str | None) -> JobConfig:
     cfg = JobConfig(model=m)
     cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
     if tokenizer is not None:
@@ -102,8 +103,8 @@ def preset_toml(cfg: JobConfig) -> str:
 
 
 def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.Tensor], extra_meta: dict,
-                          tokenizer: Path | None = None) -> Path:
-    """A step-0 DCP checkpoint of ``state`` plus meta.json, model.toml and the tokenizer, atomically."""
+                          tokenizer: Tokenizer | Path | None = None) -> Path:
+    """A step-0 DCP checkpoint of ``state`` plus meta.json, model.toml and the tokenizer (its files), atomically."""
     output = Path(output)
     check_output_dir(output)
     with staged_output(output) as tmp:
@@ -111,7 +112,7 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
             warnings.simplefilter("ignore", UserWarning)
             dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=str(tmp), no_dist=True)
         if tokenizer is not None:
-            (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+            (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(tmp)
         (tmp / "model.toml").write_text(preset_toml(cfg))
         meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -122,16 +123,13 @@ def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
     hf_dir, output = Path(hf_dir), Path(output)
     check_output_dir(output)
     m, state = hf_to_meshforge(hf_dir)
-    spm = sentencepiece_from_hf(hf_dir)
-    if spm is not None:
-        n = load_tokenizer(spm).vocab_size
-        if n > m.vocab_size:
-            raise ConvertError(f"{spm} has {n} pieces but the model's vocab_size is {m.vocab_size}")
-    final_dir = output.resolve()
-    cfg = job_config_for(m, final_dir, final_dir / "tokenizer.model" if spm is not None else None)
-    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}}, spm)
+    tok = tokenizer_of(hf_dir)
+    if tok is not None:
+        check_vocab(tok, m.vocab_size)
+    cfg = job_config_for(m, ".", f"./{tok.main_file}" if tok is not None else None)  # relative to model.toml
+    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}}, tok)
     n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
     log(f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "
         f"`meshforge train --config {output}/model.toml --data.path ...`"
-        + ("" if spm else " (no tokenizer.model in the HF dir: pass --data.tokenizer)"))
+        + ("" if tok else " (the HF dir has no tokenizer.json or tokenizer.model: pass --data.tokenizer)"))
     return output

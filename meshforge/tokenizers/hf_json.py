@@ -49,6 +49,7 @@ class HFTokenizer(Tokenizer):
     """A ``tokenizer.json`` and the special tokens of the config files beside it."""
 
     kind = "hf"
+    main_file = "tokenizer.json"
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as RustTokenizer

@@ -33,6 +33,8 @@ class Tokenizer:
 
     kind: str = ""
     """``sentencepiece`` or ``hf`` (a Hugging Face ``tokenizer.json``)."""
+    main_file: str = ""
+    """The main file's name in a copy (:meth:`save`): ``tokenizer.model`` or ``tokenizer.json``."""
     path: Path
     """The main file (``.model`` or ``tokenizer.json``)."""
     fingerprint: str
@@ -75,7 +77,7 @@ class Tokenizer:
             tmp = directory / f".{name}.{os.getpid()}.tmp"
             shutil.copyfile(src, tmp)
             os.replace(tmp, directory / name)
-        return directory / self.path.name if self.kind == "hf" else directory / "tokenizer.model"
+        return directory / self.main_file
 
     def describe(self) -> dict:
         """The manifest's record of this tokenizer (special ids and the document convention)."""

@@ -50,6 +50,7 @@ class SentencePieceTokenizer(Tokenizer):
     """A loaded sentencepiece model behind meshforge's tokenizer interface (an absent special id is None)."""
 
     kind = "sentencepiece"
+    main_file = "tokenizer.model"
 
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
