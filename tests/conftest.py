@@ -108,3 +108,11 @@ def single_process_ref(tiny_data, tmp_path_factory):
     from parallel_harness import train_layout
 
     return train_layout(tiny_data, tmp_path_factory.mktemp("ref") / "run", 1)
+
+
+@pytest.fixture(scope="session")
+def byte_bpe_tokenizer(tmp_path_factory) -> Path:
+    """A real 512-token byte-level BPE ``tokenizer.json`` (+ tokenizer_config.json) trained on the built-in corpus."""
+    from meshforge.tokenizers.bpe_train import train_byte_bpe
+
+    return train_byte_bpe(builtin_docs(120), tmp_path_factory.mktemp("bpe"), 512)

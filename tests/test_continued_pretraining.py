@@ -21,7 +21,6 @@ transformers = pytest.importorskip("transformers")
 from conftest import builtin_docs  # noqa: E402
 from meshforge.cli import main  # noqa: E402
 from meshforge.tokenizers import load_tokenizer  # noqa: E402
-from meshforge.tokenizers.bpe_train import train_byte_bpe  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -33,12 +32,6 @@ FAMILIES = {
 
 VOCAB = 512
 TEST_TEXT = "Ünïcödé 日本語, emoji 🦜🚀,   long   runs\n\n\n\t\t of whitespace, digits 3.14159 and 1234567890."
-
-
-@pytest.fixture(scope="module")
-def byte_bpe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bpe")
-    return train_byte_bpe(builtin_docs(120), d, VOCAB)
 
 
 def make_hf_model(family: str, tokenizer_json, directory):
@@ -68,9 +61,9 @@ TRAIN_OVERRIDES = {"train.steps": 20, "train.global_batch_size": 4, "data.seq_le
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_import_prepare_train_export_generate(family, byte_bpe, tmp_path, capsys):
+def test_import_prepare_train_export_generate(family, byte_bpe_tokenizer, tmp_path, capsys):
     hf_dir, init, data, run, out = (tmp_path / n for n in ("hf", "init", "data", "run", "export"))
-    source = make_hf_model(family, byte_bpe, hf_dir)
+    source = make_hf_model(family, byte_bpe_tokenizer, hf_dir)
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_docs(30, skip=200) + [TEST_TEXT]))
 

@@ -69,7 +69,8 @@ def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -
     """The tokenizer files transformers loads (``AutoTokenizer``) in ``out``, checked to encode like ours.
 
     BPE models go through transformers' Llama tokenizer (``legacy = false``, no prefix space,
-    no BOS/EOS added). Unigram models (the T5 preset) through its T5 tokenizer, whose
+    no BOS/EOS added); a model with sentencepiece's dummy prefix (Llama 2's) then gets its
+    ``tokenizer.json`` normaliser and decoder set to sentencepiece's. Unigram models (the T5 preset) through its T5 tokenizer, whose
     ``tokenizer.json`` is then corrected to what sentencepiece does here: no whitespace
     collapsing, no dummy prefix, byte fallback, meshforge's unk id.
     """
@@ -87,12 +88,16 @@ def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
     else:
         shutil.copyfile(tokenizer_file, out / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": _dummy_prefix(tokenizer_file),
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
                   "add_bos_token": False, "add_eos_token": False, **_specials(tok, ("bos",)), **specials}
     config["model_max_length"] = 10**30
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not unigram:
         AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(out))
+        if _dummy_prefix(tokenizer_file):  # Llama 2's models put a space before every text, as sentencepiece does
+            _fix_dummy_prefix_json(out / "tokenizer.json")
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"  # load tokenizer.json as it is
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     hf = AutoTokenizer.from_pretrained(str(out))
     for sample in SAMPLES:
         if hf.encode(sample, add_special_tokens=False) != tok.encode(sample):
@@ -123,6 +128,19 @@ def _is_unigram(tokenizer_file: Path) -> bool:
 def _dummy_prefix(tokenizer_file: Path) -> bool:
     """Whether the model puts a space before the text (Llama 2's do; meshforge's never)."""
     return bool(_proto(tokenizer_file).normalizer_spec.add_dummy_prefix)
+
+
+def _fix_dummy_prefix_json(path: Path) -> None:
+    """sentencepiece's dummy prefix: "▁" before the text always (HF's Metaspace skips it before a space)."""
+    spec = json.loads(path.read_text())
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": "\u2581"}, "behavior": "MergedWithNext",
+                             "invert": False}
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
 def _fix_unigram_json(path: Path, unk_id: int, keep_eos: bool) -> None:
