@@ -52,8 +52,11 @@ class HFTokenizer(Tokenizer):
     main_file = "tokenizer.json"
 
     def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as RustTokenizer
-
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError:
+            raise TokenizerError(f"{path} is a Hugging Face tokenizer: install the `tokenizers` package "
+                                 "(pip install -e \".[hf]\")") from None
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer {self.path} does not exist: pass a tokenizer.json or an HF directory")
