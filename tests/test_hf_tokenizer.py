@@ -3,6 +3,7 @@ data preparation with either backend, large vocabularies, and a Llama-2 sentence
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -214,3 +215,46 @@ def test_byte_bpe_cli_trains_a_tokenizer_transformers_loads(tmp_path, capsys):
         assert hf.encode(text, add_special_tokens=False) == ids and tok.decode(ids) == text
         assert tok.unk_id is None
     assert tok.piece_to_id("<|im_start|>") == 3 and (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2)
+
+
+def tiktoken_file_of(tokenizer_json, path):
+    """The byte-level BPE as a tiktoken file: its learned tokens in merge order (ids from 3: the specials)."""
+    from meshforge.tokenizers.tiktoken_file import _byte_chars
+
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    byte_of = {c: b for b, c in _byte_chars().items()}
+    lines = [f"{base64.b64encode(bytes(byte_of[c] for c in tok)).decode()} {i - 3}"
+             for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 3]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("llama3", [False, True], ids=["plain", "llama3-specials"])
+def test_tiktoken_file_encodes_like_its_bpe_and_exports(llama3, byte_bpe_tokenizer, tmp_path, monkeypatch):
+    from meshforge.convert.hf_tokenizer import write_tokenizer
+    from meshforge.tokenizers import tiktoken_file
+
+    path = tiktoken_file_of(byte_bpe_tokenizer, tmp_path / "tokenizer.model")
+    if llama3:  # Meta's file has 128,000 ranks; this one's count stands in for it
+        monkeypatch.setattr(tiktoken_file, "LLAMA3_RANKS", 509)
+    tok, bpe = load_tokenizer(path), load_tokenizer(byte_bpe_tokenizer)
+    assert tok.kind == "tiktoken" and tok.vocab_size == 509 + (256 if llama3 else 0)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == ((509, 510, True) if llama3 else (None, None, False))
+    for text in TEXTS + builtin_docs(10):
+        assert tok.encode(text) == [i - 3 for i in bpe.encode(text)]
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.piece_to_id("<|eot_id|>") == (509 + 9 if llama3 else None)
+
+    data = tmp_path / "data"
+    m = prepare_data([str(write_jsonl(tmp_path / "in.jsonl", TEXTS))], str(path), str(data), progress=False)
+    docs = [np.asarray(s[i]).tolist() for s in open_shards(data, m) for i in range(len(s))]
+    assert docs == [([509] if llama3 else []) + tok.encode(t) + ([510] if llama3 else []) for t in TEXTS]
+    assert m["tokenizer"]["kind"] == "tiktoken" and (data / "tokenizer.model").read_bytes() == path.read_bytes()
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    write_tokenizer(tok, out)
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert [hf.encode(t, add_special_tokens=False) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
+    assert (hf.bos_token_id, hf.eos_token_id) == ((509, 510) if llama3 else (None, None))
+    assert hf.encode("a")[: 1] == ([509] if llama3 else tok.encode("a"))

@@ -49,16 +49,20 @@ def write_tokenizer(tok: Tokenizer, out: Path, seq2seq: bool = False) -> None:
 
     A Hugging Face tokenizer (or a sentencepiece model that came with its HF config files,
     e.g. an imported Llama 2) is written back as it came (:meth:`Tokenizer.save`); a
-    sentencepiece model meshforge trained is converted (:func:`write_hf_tokenizer`).
+    sentencepiece model meshforge trained is converted (:func:`write_hf_tokenizer`), a
+    tiktoken file written as its equal ``tokenizer.json``.
     """
     if tok.kind == "sentencepiece" and set(tok.files()) == {"tokenizer.model"}:
         write_hf_tokenizer(tok.path, out, seq2seq)
         return
     from transformers import AutoTokenizer
 
-    tok.save(out)
+    if tok.kind == "tiktoken":
+        tok.save_hf(out)  # the equal tokenizer.json: transformers does not read tiktoken files
+    else:
+        tok.save(out)
     hf = AutoTokenizer.from_pretrained(str(out))
-    if tok.kind == "hf":
+    if tok.kind != "sentencepiece":
         for sample in SAMPLES:
             if hf.encode(sample, add_special_tokens=False) != tok.encode(sample):
                 raise ConvertError(f"transformers encodes text differently from the tokenizer {tok.path}; "

@@ -4,7 +4,8 @@
   ``tokenizer.model`` (sentencepiece) -- an HF model dir, a data dir, a checkpoint, an init dir;
 - a ``.json`` file: a Hugging Face ``tokenizer.json`` (special tokens from the config files
   beside it);
-- any other file: a sentencepiece model.
+- any other file: a sentencepiece model, or a tiktoken BPE file (``<base64> <rank>`` lines:
+  Meta's original Llama 3 ``tokenizer.model``).
 
 A sentencepiece model with a ``tokenizer_config.json`` beside it takes ``add_bos_token`` from
 it (Llama-2 directories set it).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from meshforge.tokenizers.interface import Tokenizer, TokenizerError
 from meshforge.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
+from meshforge.tokenizers.tiktoken_file import looks_like_tiktoken
 
 
 def tokenizer_file(path: str | Path) -> Path:
@@ -41,6 +43,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         from meshforge.tokenizers.hf_json import HFTokenizer
 
         return HFTokenizer(main)
+    head = main.open("rb").read(512)
+    if looks_like_tiktoken(head):
+        from meshforge.tokenizers.tiktoken_file import TiktokenTokenizer
+
+        return TiktokenTokenizer(main)
     tok = SentencePieceTokenizer(main)
     config = main.parent / "tokenizer_config.json"
     if config.is_file():
