@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-streaming", action="store_true", help="read --hf-dataset with load_dataset(dir, streaming=True)")
     p.add_argument("--hf-rows-per-slice", type=int, default=0, help="cut a saved HF dataset into slices of this many rows")
     p.add_argument("--tokenizer", required=True,
-                   help="a sentencepiece .model, a Hugging Face tokenizer.json, or an HF directory holding either")
+                   help="a sentencepiece .model, a Hugging Face tokenizer.json, a tiktoken BPE file, or an HF directory "
+                        "holding one")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start every document with BOS (default: the tokenizer's convention)")
     p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
