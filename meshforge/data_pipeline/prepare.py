@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 from collections import deque
 from pathlib import Path

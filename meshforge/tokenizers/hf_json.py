@@ -142,13 +142,6 @@ class HFTokenizer(Tokenizer):
         """``{"bos_token": "<s>", ...}``: the resolved special tokens as strings (None where absent)."""
         return {f"{r}_token": None if self._ids[r] is None else self.id_to_piece(self._ids[r]) for r in ROLES}
 
-    def files(self) -> dict[str, Path]:
-        out = {"tokenizer.json": self.path}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (self.path.parent / name).is_file():
-                out[name] = self.path.parent / name
-        return out
-
     def save(self, directory: str | Path) -> Path:
         """``tokenizer.json`` (+ ``special_tokens_map.json``) and a self-contained ``tokenizer_config.json``."""
         directory = Path(directory)

@@ -67,8 +67,13 @@ class Tokenizer:
         raise NotImplementedError
 
     def files(self) -> dict[str, Path]:
-        """The files a copy of this tokenizer needs, by the name they get in the copy."""
-        raise NotImplementedError
+        """The files a copy of this tokenizer needs, by the name they get in the copy: the main file, and
+        the HF config files beside it (special tokens, an HF directory's ``add_bos_token``)."""
+        out = {self.main_file: self.path}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (self.path.parent / name).is_file():
+                out[name] = self.path.parent / name
+        return out
 
     def save(self, directory: str | Path) -> Path:
         """Copy :meth:`files` into ``directory`` (each atomically); returns the copy's main file."""

@@ -105,14 +105,6 @@ class SentencePieceTokenizer(Tokenizer):
     def piece_to_id(self, piece: str) -> int:
         return int(self._sp.piece_to_id(piece))
 
-    def files(self) -> dict[str, Path]:
-        """The model, and the HF config files beside it (an HF directory's ``add_bos_token``, special tokens)."""
-        out = {"tokenizer.model": self.path}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            if (self.path.parent / name).is_file():
-                out[name] = self.path.parent / name
-        return out
-
 
 def iter_texts(path: Path, text_field: str = "text", skipped: dict | None = None) -> Iterator[str]:
     """Documents of one input file: a whole .txt file, or the ``text_field`` of each JSON line.
