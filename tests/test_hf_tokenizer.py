@@ -258,3 +258,18 @@ def test_tiktoken_file_encodes_like_its_bpe_and_exports(llama3, byte_bpe_tokeniz
     assert [hf.encode(t, add_special_tokens=False) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
     assert (hf.bos_token_id, hf.eos_token_id) == ((509, 510) if llama3 else (None, None))
     assert hf.encode("a")[: 1] == ([509] if llama3 else tok.encode("a"))
+
+
+def test_export_without_tokenizer_keeps_the_source_special_ids(tmp_path):
+    from meshforge.convert.export import export_hf
+    from meshforge.convert.import_ import import_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=5, eos_token_id=7, pad_token_id=None)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "hf"))
+    import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
+    export_hf(tmp_path / "init", tmp_path / "out", log=lambda *_: None)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config.get("pad_token_id")) == (5, 7, None)
+    assert not (tmp_path / "out" / "tokenizer.json").exists()

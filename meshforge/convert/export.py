@@ -70,7 +70,8 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     m = reader.config.model
     tok = tokenizer_of(reader.path)
     family = converter(m)  # the family's HF converter; refuses what it cannot represent
-    config, mapping, keep = family.export_plan(m, token_ids(tok), dtype, reader)
+    imported = reader.meta.get("source", {}).get("token_ids")  # an init dir's, from the HF config it came from
+    config, mapping, keep = family.export_plan(m, token_ids(tok, imported), dtype, reader)
     config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     missing = sorted({ours for _, ours, _ in mapping if ours not in reader.entries})
     if missing:

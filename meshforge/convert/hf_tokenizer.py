@@ -25,11 +25,12 @@ def tokenizer_of(directory: Path) -> Tokenizer | None:
     return load_tokenizer(directory)
 
 
-def token_ids(tok: Tokenizer | None) -> dict[str, int | None]:
-    """bos/eos/pad ids for the HF config: the tokenizer's own (None where it has none), or meshforge's
-    fixed scheme when there is no tokenizer."""
+def token_ids(tok: Tokenizer | None, imported: dict | None = None) -> dict[str, int | None]:
+    """bos/eos/pad ids for the HF config: the tokenizer's own (None where it has none); without a
+    tokenizer, those ``convert import`` read from the source's config (``imported``), else meshforge's
+    fixed scheme (2, 3, 0)."""
     if tok is None:
-        return {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+        return dict(imported) if imported else {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
