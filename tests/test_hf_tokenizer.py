@@ -273,3 +273,12 @@ def test_export_without_tokenizer_keeps_the_source_special_ids(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config.get("pad_token_id")) == (5, 7, None)
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_encoder_decoder_objective_needs_pad_and_eos(byte_bpe_tokenizer, tmp_path):
+    from meshforge.config import load_config
+    from meshforge.pretrain.objectives import build_objective
+
+    d = hf_dir_with(tmp_path, byte_bpe_tokenizer, config={"eos_token": "<|end_of_text|>", "pad_token": None})
+    with pytest.raises(DataError, match="has no pad token"):
+        build_objective(load_config("t5-small"), load_tokenizer(d))
