@@ -5,9 +5,10 @@ every training checkpoint has) with ``meta.json`` (step 0 and the full config), 
 HF directory's tokenizer when it has one (``tokenizer.json`` with its config files, special
 tokens resolved; else a sentencepiece ``tokenizer.model``), and ``model.toml``: a preset
 reproducing the architecture, with ``checkpoint.init_from`` and ``data.tokenizer`` relative
-to it (``./``), so the directory can be moved. ``meshforge train --config DIR/model.toml --data.path ...`` (or any preset plus
-``--checkpoint.init_from DIR``) starts training from the imported weights under any layout,
-with a fresh optimizer at step 0.
+to it (``./``), so the directory can be moved. ``meshforge train --config DIR/model.toml
+--data.path ...`` (or any preset plus ``--checkpoint.init_from DIR``) starts training from the
+imported weights under any layout, with a fresh optimizer at step 0. Without a tokenizer,
+``meta.json`` keeps the HF config's bos/eos/pad ids for the export.
 
 Checks before anything is written: a known architecture whose math meshforge reproduces
 (else the feature is named), every shard of the index present, every tensor the
