@@ -7,6 +7,9 @@ IndexedShardWriter, then reads batches of ``--batch`` x ``--seq-len`` (+1) token
   int64 torch tensor (a lower bound on the cost of any loader);
 * ``TokenDataset + DistributedLoader`` with and without background prefetch.
 
+With ``--remote`` the same shards are also served by nginx on localhost and read by HTTP range
+requests (``bench/loader_remote.py``), with and without prefetch, against the memory map.
+
 Prints a table; with ``--record`` appends it (machine, versions, command) to bench/RESULTS.md.
 Run: ``python bench/bench_loader.py --record``
 """
@@ -54,6 +57,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    ap.add_argument("--remote", action="store_true",
+                    help="also serve the shards with nginx on localhost and compare range reads with the memory map")
+    ap.add_argument("--step-ms", type=float, default=50.0, help="--remote: simulated training step between batches")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +94,11 @@ def main() -> None:
             loader = DistributedLoader(ds, B, prefetch=prefetch)
             rows.append((f"DistributedLoader prefetch={prefetch}", time_batches(loader.next_batch, args.batches)))
             loader.close()
+        remote = []
+        if args.remote:
+            import loader_remote  # bench/loader_remote.py: nginx + range reads
+
+            remote = ["", *loader_remote.run(args, tmp, shard_dir, tok_path, ds)]
 
     toks = args.batches * B * (S + 1)
     lines = [
@@ -99,6 +110,7 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {toks / t / 1e6:.1f}M | {t / args.batches * 1e3:.2f} |" for name, t in rows]
+    lines += remote
     print("\n".join(lines))
     if args.record:
         record("## Data loader", lines)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The end-to-end CPU scaling ladder on the built-in corpus: 3 IsoFLOP budgets 4x apart x 7 sizes over 8x, each
-# budget's sizes centred on its expected optimum; run two at a time, fitted (approaches 1-3) and plotted into
-# docs/scaling/. About 8 minutes on an idle 2-core box. Rerunning resumes (finished rows are skipped).
+# budget's sizes centred on its expected optimum; run two at a time, fitted (approaches 1-3) and plotted.
+# 19 runs: 17.5 minutes with PARALLEL=2 on the shared 2-core box at load average 5-7 (README, "The CPU
+# ladder"). Rerunning resumes (finished rows are skipped).
 #   bash bench/scaling_ladder.sh [SWEEP_DIR]      (default runs/scaling_ladder)
+# The fit and the figures go to DOCS (default SWEEP_DIR/report, outside the tracked tree); the recorded
+# ones in the repository came from DOCS=docs/scaling.
 set -euo pipefail
 SWEEP=${1:-runs/scaling_ladder}
-DOCS=${DOCS:-docs/scaling}
+DOCS=${DOCS:-$SWEEP/report}
 MF="python -m meshforge"
 BUDGETS=1.6e11,6.4e11,2.56e12
 if [ ! -f "$SWEEP/sweep.jsonl" ]; then

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # muP LR transfer on the CPU: an LR x width sweep at fixed depth (2 blocks; width 32, 64, 128),
 # once in the standard parametrisation and once with muP relative to width 32; the two result
-# tables are merged (variant sp / mup) and plotted into docs/scaling/mup/.
+# tables are merged (variant sp / mup) and plotted into DOCS (default ROOT/report; the recorded ones in
+# docs/scaling/mup/ came from DOCS=docs/scaling/mup).
 #   bash bench/scaling_mup.sh [ROOT]      (default runs/scaling_mup)
 set -euo pipefail
 ROOT=${1:-runs/scaling_mup}
-DOCS=${DOCS:-docs/scaling/mup}
+DOCS=${DOCS:-$ROOT/report}
 MF="python -m meshforge"
 COMMON=(--kind lr --layers 2 --sizes 2.37e4,1e5,4e5 --lrs 1e-3,3e-3,1e-2,3e-2,1e-1 --tokens 5e4 --variants plain
         --base-config small --set model.vocab_size=512 --set data.builtin_vocab_size=512 --set model.dim=64

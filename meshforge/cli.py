@@ -22,6 +22,18 @@ def _where() -> str:
     return "this process"
 
 
+OPTIONAL_PACKAGES = {"transformers": "convert", "safetensors": "convert", "scipy": "scaling",
+                     "matplotlib": "scaling", "threadpoolctl": "scaling", "zstandard": "data", "pyarrow": "data",
+                     "datasets": "data", "mpi4py": "mpi", "torchao": "gpu", "liger_kernel": "gpu"}
+"""Import name -> the pyproject extra that installs it (the quick start installs none of them)."""
+
+
+def _extra_for(error: BaseException) -> str | None:
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return OPTIONAL_PACKAGES.get(error.name.split(".")[0])
+    return None
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if args.help_config:
         print(describe(load_config(args.config, rest)))
@@ -77,19 +89,25 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data_pipeline.builtin import resolve_cache_dir
     from .data_pipeline.prepare import prepare_data
+    from .data_pipeline.remote import is_url
+    from .data_pipeline.remote_upload import prepare_to_url
     from .launch.node_rank import default_node_rank
 
     env_rank, env_nodes = default_node_rank() if args.node_rank is None or args.num_nodes is None else (0, 1)
     node_rank = env_rank if args.node_rank is None else args.node_rank
     num_nodes = env_nodes if args.num_nodes is None else args.num_nodes
-    manifest = prepare_data(
-        args.input, args.tokenizer, args.output, workers=args.workers, text_field=args.text_field,
-        hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
-        hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard,
-        overwrite=args.overwrite, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
-        add_bos=args.bos, append_eos=args.eos,
-    )
+    settings = dict(inputs=args.input, tokenizer_path=args.tokenizer, workers=args.workers, text_field=args.text_field,
+                    hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
+                    hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard, overwrite=args.overwrite,
+                    add_bos=args.bos, append_eos=args.eos)
+    if is_url(args.output):  # staged under the cache dir, uploaded as shards finish, manifest last
+        manifest = prepare_to_url(args.output, resolve_cache_dir(args.cache_dir), prepare_data,
+                                  num_nodes=1 if args.num_nodes is None else args.num_nodes, **settings)
+    else:
+        manifest = prepare_data(output_dir=args.output, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
+                                **settings)
     if manifest.get("format") == "meshforge-node-partial-v1":
         print(f"node {node_rank} of {num_nodes}: {len(manifest['slices'])} slices, {manifest['num_documents']} documents, "
               f"{manifest['num_tokens']} tokens in {args.output}; run `meshforge data merge-manifest {args.output}` "
@@ -153,7 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshforge", description="Pretrain transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model; extra --section.key value pairs override the config")
+    p = sub.add_parser(
+        "train", help="train a model; extra --section.key value pairs override the config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="meshforge train [-h] [--config PRESET] [--help-config] [--section.key VALUE ...]",
+        description="Train a model: the built-in small preset, or --config.\n\n"
+        "Any config key can be set on the command line as --section.key value (or\n"
+        "--section.key=value), applied after the preset, e.g.\n"
+        "  --train.steps 1000 --optim.lr 3e-4 --parallel.tp 2\n"
+        "--help-config lists every key, its value and what it means.",
+        epilog="example:\n  meshforge train --config small --train.steps 1000 --optim.schedule wsd "
+        "--train.output_dir runs/exp1")
     p.add_argument("--config", default=None, help="TOML preset: a path or a name in configs/ (default: built-in small)")
     p.add_argument("--help-config", action="store_true", help="print every config key with its value and meaning")
     p.set_defaults(func=cmd_train)
@@ -203,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start every document with BOS (default: the tokenizer's convention)")
     p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
                    help="end every document with EOS (default: when the tokenizer has one)")
-    p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet)")
+    p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet), or a URL "
+                   "(s3://bucket/prefix, ...): staged under --cache-dir, shards uploaded as they finish, manifest last")
+    p.add_argument("--cache-dir", default="", help="staging dir root for a URL --output (default: $MESHFORGE_CACHE or ~/.cache/meshforge)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--text-field", default="text")
     p.add_argument("--docs-per-shard", type=int, default=0, help="0: one shard per input slice")
@@ -273,7 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "reported_elsewhere", False):  # in a multi-rank job, rank 0 may speak for all
             print(f"meshforge: error: {e}", file=sys.stderr, flush=True)
         return e.exit_status
-    except Exception:  # a bug: keep the traceback, but say where it happened
+    except Exception as e:
+        extra = _extra_for(e)
+        if extra:  # an optional package this command needs: say which extra brings it
+            command = " ".join(filter(None, (getattr(args, k, None) for k in (
+                "command", "convert_command", "scaling_command", "data_command", "tokenizer_command"))))
+            print(f"meshforge: error: `meshforge {command}` needs {e.name}, which is not installed: "
+                  f"pip install -e \".[{extra}]\" (in the meshforge checkout)", file=sys.stderr, flush=True)
+            return 2
+        # a bug: keep the traceback, but say where it happened
         print(f"meshforge: internal error on {_where()} (a bug in meshforge; its traceback follows)",
               file=sys.stderr, flush=True)
         raise

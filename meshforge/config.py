@@ -23,6 +23,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import os
 import tomllib
 import types
 import typing
@@ -37,6 +38,18 @@ from .config_sections import (CHOICES, CheckpointConfig, ConfigError, DataConfig
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 """Where named presets (``--config small``) are looked up."""
+PRESET_RELATIVE_KEYS = ("data.path", "data.tokenizer", "checkpoint.init_from", "checkpoint.resume_from")
+"""Path keys whose value in a preset file, when it is ``.`` or starts with ``./`` or ``../``, is
+relative to the preset file's directory (so a preset can travel with what it names, as the
+``model.toml`` of ``meshforge convert import`` does); other relative paths stay relative to
+the working directory."""
+
+
+def preset_relative(value: Any, preset_dir: Path) -> Any:
+    """``value`` resolved against ``preset_dir`` if it is a ``.``/``./``/``../`` path, else unchanged."""
+    if isinstance(value, str) and (value in (".", "..") or value.startswith(("./", "../"))):
+        return str(Path(os.path.normpath(preset_dir.absolute() / value)))
+    return value
 
 
 # --------------------------------------------------------------------------- docs
@@ -161,17 +174,6 @@ def read_toml_tables(path: Path, kind: str) -> dict[str, dict[str, Any]]:
     return data
 
 
-PRESET_RELATIVE_PATHS = ("data.tokenizer", "checkpoint.init_from")
-"""Path keys whose ``.``, ``./...`` or ``../...`` value in a preset is relative to the preset's directory
-(``convert import`` writes them so, and the init dir can be moved)."""
-
-
-def _preset_relative(preset: Path, key: str, value: Any) -> Any:
-    if key in PRESET_RELATIVE_PATHS and isinstance(value, str) and (value == "." or value.startswith(("./", "../"))):
-        return str((preset.resolve().parent / value).resolve())
-    return value
-
-
 def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
     """Defaults, then the TOML preset, then the overrides; then :func:`validate`.
 
@@ -183,7 +185,10 @@ def load_config(preset: str | None = None, overrides: list[str] | dict[str, Any]
         path = resolve_preset(preset)
         for sec, table in read_toml_tables(path, "section").items():
             for key, value in table.items():
-                _set(cfg, f"{sec}.{key}", _preset_relative(path, f"{sec}.{key}", value), from_cli=False)
+                dotted = f"{sec}.{key}"
+                if dotted in PRESET_RELATIVE_KEYS:
+                    value = preset_relative(value, path.parent)
+                _set(cfg, dotted, value, from_cli=False)
     if isinstance(overrides, dict):
         for key, value in overrides.items():
             _set(cfg, key, value, from_cli=False)

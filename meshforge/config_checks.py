@@ -28,7 +28,7 @@ def validate(cfg: JobConfig) -> None:
         "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "data.remote_retry_seconds": d.remote_retry_seconds,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -44,6 +44,7 @@ def validate(cfg: JobConfig) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     _check_finite(cfg)
+    _check_data_urls(d)
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
     _check_backend_options(cfg.parallel)
@@ -117,6 +118,16 @@ def validate(cfg: JobConfig) -> None:
                           f"{t.spike_sigmas}, {t.collective_timeout_s}, {t.setup_timeout_s})")
     if not t.output_dir:
         raise ConfigError("train.output_dir must be set")
+
+
+def _check_data_urls(d) -> None:
+    """No credentials in a data URL (they would reach config.json and the logs): the environment gives them."""
+    from urllib.parse import urlsplit
+
+    for path in [d.path] + [item.partition(":")[2].strip() for item in d.blend.split(",") if item.strip()]:
+        if "://" in path and (urlsplit(path).username or urlsplit(path).password):
+            raise ConfigError(f"data URL {urlsplit(path).scheme}://...@{urlsplit(path).hostname} carries credentials: remove "
+                              "them and give them through the environment or the filesystem's config file (e.g. AWS_PROFILE)")
 
 
 def _check_finite(cfg: JobConfig) -> None:

@@ -171,7 +171,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     path: str = "builtin:shakespeare"
-    """A prepared data dir (``meshforge data prepare`` output, with manifest.json), or ``builtin:shakespeare``."""
+    """A prepared data dir (``meshforge data prepare`` output, with manifest.json), its URL (``s3://bucket/prefix``, ``https://host/prefix``, any installed fsspec scheme; credentials from the environment only), or ``builtin:shakespeare``."""
     tokenizer: str = ""
     """The tokenizer: a sentencepiece ``.model``, a ``tokenizer.json``, a tiktoken BPE file, or a directory holding one (an HF model or init dir); empty means the data dir's copy. It must be the one the data was prepared with (same fingerprint)."""
     seq_len: int = 128
@@ -199,7 +199,11 @@ class DataConfig:
     builtin_vocab_size: int = 2048
     """Vocab size of the tokenizer trained for a ``builtin:`` corpus on first use."""
     cache_dir: str = ""
-    """Where ``builtin:`` corpora are prepared; empty means $MESHFORGE_CACHE or ~/.cache/meshforge."""
+    """Where ``builtin:`` corpora are prepared and remote data dirs are cached (``remote/``: manifest, tokenizer, every .idx); empty means $MESHFORGE_CACHE or ~/.cache/meshforge."""
+    remote_mode: Literal["range", "download"] = "range"
+    """Remote data (data.path or a blend item is a URL, e.g. ``s3://bucket/prefix``, ``https://host/prefix``): ``range`` reads each batch's tokens from the ``.bin`` objects by byte ranges (prefetched in the background); ``download`` fetches every ``.bin`` into data.cache_dir once per node (checked against the manifest's sha256) and memory-maps it."""
+    remote_retry_seconds: float = 120.0
+    """Remote data: how long transient errors (connection lost, timeouts, 5xx, throttling) are retried with backoff before the run ends with an error naming the URL."""
     blend: str = ""
     """Blend of data dirs ``"0.7:data/web,0.3:data/books"`` (weights normalised); when set, data.path is not used. May change on resume: the new blend applies from the resume point."""
 

@@ -110,6 +110,56 @@ def single_process_ref(tiny_data, tmp_path_factory):
     return train_layout(tiny_data, tmp_path_factory.mktemp("ref") / "run", 1)
 
 
+# --------------------------------------------------------------------------- remote data (test_remote_*.py)
+
+
+@pytest.fixture(scope="session")
+def shards_data(tiny_data, tmp_path_factory) -> Path:
+    """tiny_data's corpus prepared into four shards (40 documents each), under ``<root>/data``."""
+    from meshforge.data_pipeline.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("remote_src")
+    src = tiny_data.parent
+    prepare_data([str(src / "corpus.jsonl")], str(src / "tok.model"), str(root / "data"), docs_per_shard=40, progress=False)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def http(shards_data, tmp_path_factory):
+    """nginx serving ``shards_data``'s parent: the data at ``<http.url>/data``."""
+    from remote_servers import Nginx, need_nginx
+
+    need_nginx()
+    server = Nginx(shards_data.parent, tmp_path_factory.mktemp("nginx")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tiny_data, tmp_path_factory):
+    """moto's S3 server, the environment pointed at it, the data uploaded to ``s3://bucket/data``."""
+    from meshforge.data_pipeline.prepare import prepare_data
+    from meshforge.data_pipeline.remote import RemoteStore
+    from meshforge.data_pipeline.remote_upload import prepare_to_url
+    from remote_servers import MotoS3
+
+    server = MotoS3().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        store = RemoteStore("s3://bucket/data")
+        store.fs.mkdir("bucket")
+        # upload with the project's own path: prepared, staged and uploaded by data prepare --output s3://
+        prepare_to_url("s3://bucket/data", tmp_path_factory.mktemp("stage"), prepare_data,
+                       inputs=[str(tiny_data.parent / "corpus.jsonl")], tokenizer_path=str(tiny_data.parent / "tok.model"),
+                       docs_per_shard=40, progress=False)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(scope="session")
 def byte_bpe_tokenizer(tmp_path_factory) -> Path:
     """A real 512-token byte-level BPE ``tokenizer.json`` (+ tokenizer_config.json) trained on the built-in corpus."""

@@ -155,3 +155,20 @@ def test_every_choice_field_is_checked_against_its_literal_type():
         assert getattr(getattr(defaults, sec), name) in allowed, key
         with pytest.raises(ConfigError, match=rf"^{key} = 'bogus' is not one of {', '.join(allowed)}$"):
             load_config(None, {key: "bogus"})
+
+
+def test_preset_paths_starting_with_dot_are_relative_to_the_preset(tmp_path, monkeypatch):
+    from meshforge.config import load_config
+
+    preset = tmp_path / "presets" / "job.toml"
+    preset.parent.mkdir()
+    preset.write_text('[data]\npath = "data/web"\ntokenizer = "../tok/a.model"\n[checkpoint]\ninit_from = "."\n'
+                      'resume_from = "./ck/step_00000010"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(preset))
+    assert cfg.data.path == "data/web"  # not ./-relative: the working directory's, as before
+    assert cfg.data.tokenizer == str(tmp_path / "tok" / "a.model")
+    assert cfg.checkpoint.init_from == str(tmp_path / "presets")
+    assert cfg.checkpoint.resume_from == str(tmp_path / "presets" / "ck" / "step_00000010")
+    over = load_config(str(preset), ["--data.tokenizer", "./b.model"])
+    assert over.data.tokenizer == "./b.model"  # the command line is the working directory's

@@ -73,3 +73,20 @@ def test_inspect_checkpoint_and_hf_dir(small_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Qwen3ForCausalLM" in out and f"parameters:   {total:,}" in out and "BF16 (100%)" in out
     assert "(step 12, written with 1 rank(s) (single process))" in out
+
+
+def test_an_init_dir_can_be_moved(small_run, tiny_data, tmp_path):
+    """model.toml names the init dir and its tokenizer relative to itself: moved elsewhere, it still trains."""
+    import shutil
+
+    grow_checkpoint(small_run, tmp_path / "grown", 2, log=lambda *_: None)
+    text = (tmp_path / "grown" / "model.toml").read_text()
+    assert str(tmp_path) not in text
+    assert 'tokenizer = "./tokenizer.model"' in text and 'init_from = "."' in text
+    moved = tmp_path / "elsewhere" / "init"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "grown", moved)
+    over = {"data.path": str(tiny_data), "train.steps": 2, "train.output_dir": str(tmp_path / "run"), **QUIET}
+    cfg = load_config(str(moved / "model.toml"), over)
+    assert cfg.checkpoint.init_from == str(moved) and cfg.data.tokenizer == str(moved / "tokenizer.model")
+    assert Trainer(cfg).run().final_step == 2

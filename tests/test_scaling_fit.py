@@ -245,6 +245,22 @@ def test_fit_cli_json_and_text(tmp_path, capsys):
     assert "N_opt =" in capsys.readouterr().out
 
 
+def test_fit_all_fits_what_it_can_and_names_what_it_could_not(tmp_path, capsys):
+    """Two budgets, one with only 2 sizes (no parabola): approach 2 cannot fit, 1 and 3 can and report;
+    with too few points for any approach, one line naming each reason."""
+    rows = isoflop_rows(budgets=(1e18,), sizes=9, noise=0.002) + isoflop_rows(budgets=(1e19,), sizes=9)[3:5]
+    path = write_csv(tmp_path / "results.csv", rows)
+    out = fit_report(path, approach="all", bootstrap=0, budgets=[1e20])
+    assert "approach1" in out and "alpha" in out and "approach2" not in out
+    assert set(out["left_out"]) == {"2"} and "approach 2 needs at least 2 IsoFLOP budgets" in out["left_out"]["2"]
+    assert cli_main(["scaling", "fit", str(path), "--bootstrap", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "approach 1 (min-loss envelope" in text and "approach 3 (L = E" in text
+    assert "approach 2 not fitted: approach 2 needs at least 2 IsoFLOP budgets" in text
+    with pytest.raises(ScalingError, match="no approach could be fitted: approach 1: .*; approach 2: .*; approach 3: "):
+        fit_report(write_csv(tmp_path / "few.csv", rows[:3]), approach="all", bootstrap=0)
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "missing column\\(s\\) loss"),
     ("nan", "column loss has 1 missing, NaN"),

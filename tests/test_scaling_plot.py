@@ -59,3 +59,54 @@ def test_lr_sweep_results_give_sensitivity_per_size_and_variant_and_a_figure(tmp
     assert groups[("plain", 1e5)]["loss"][-1] != groups[("plain", 1e5)]["loss"][-1]  # NaN: diverged
     assert cli_main(["scaling", "plot", str(path), "--output", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "lr.png").stat().st_size > 5000 and (tmp_path / "figs" / "lr.svg").is_file()
+
+
+class _KeepFigures:
+    """pyplot, except that closing a figure keeps it here for the test to measure."""
+
+    def __init__(self, plt):
+        self._plt, self.figures = plt, []
+
+    def __getattr__(self, name):
+        return getattr(self._plt, name)
+
+    def close(self, fig=None):
+        self.figures.append(fig)
+
+
+def _drawn_tick_labels(axis, renderer):
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = axis.get_major_ticks() + axis.get_minor_ticks()
+    return [t.label1.get_window_extent(renderer) for t in ticks
+            if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+
+
+def test_residual_figure_labels_do_not_overlap(tmp_path):
+    """The CPU ladder's recorded results (D within one decade, where matplotlib labels minor log
+    ticks in full): no two tick labels of an axis overlap, and no y-label reaches another panel."""
+    from pathlib import Path
+
+    from meshforge.scaling.fit import approach3, read_points
+    from meshforge.scaling.plot import _pyplot, plot_residuals
+
+    pts = read_points(Path(__file__).resolve().parent.parent / "docs" / "scaling" / "results.csv")
+    plt = _KeepFigures(_pyplot())
+    plot_residuals(plt, pts, approach3(pts, bootstrap=0), tmp_path)
+    (fig,) = plt.figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]  # the two residual panels (not the colorbar)
+    assert len(panels) == 2
+    for ax in panels:
+        boxes = _drawn_tick_labels(ax.xaxis, renderer)
+        assert len(boxes) >= 2
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), f"overlapping tick labels on {ax.get_xlabel()}"
+    for ax in panels:
+        if not ax.get_ylabel():
+            continue
+        label = ax.yaxis.label.get_window_extent(renderer)
+        for other in fig.axes:
+            if other is not ax:
+                assert not label.overlaps(other.get_window_extent(renderer)), "a y-label runs into the next panel"
+    _pyplot().close(fig)

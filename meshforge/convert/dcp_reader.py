@@ -12,15 +12,14 @@ reassembles just the tensors asked for from whatever shards hold them.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..config import JobConfig, config_from_dict
+from ..pretrain import dcp_io
 from ..pretrain.checkpoint import CHECKPOINT_RE, CheckpointError, find_checkpoint, read_meta
 
 PREFIX = "model."
@@ -86,9 +85,7 @@ class CheckpointReader:
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The full tensors ``names`` (in their saved dtype), read from whichever shards hold them."""
         state = {PREFIX + n: torch.empty(self.shape(n), dtype=self.dtype(n)) for n in names}
-        with warnings.catch_warnings():  # "no process group: assuming one process" is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(self.path), no_dist=True)
+        dcp_io.load(state, self.path, alone=True)
         return {n: state[PREFIX + n] for n in names}
 
     def get(self, name: str) -> torch.Tensor:

@@ -19,14 +19,13 @@ The whole model is held in memory once (DCP writes one state dict).
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
+from ..pretrain import dcp_io
 from ..tokenizers import Tokenizer, load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
@@ -74,7 +73,7 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     return m, state
 
 
-def job_config_for(m: ModelConfig, init_dir: Path | str, tokenizer: Path | str | None) -> JobConfig:
+def job_config_for(m: ModelConfig, init_dir: Path, tokenizer: Path | None) -> JobConfig:
     cfg = JobConfig(model=m)
     cfg.data.seq_len = min(cfg.data.seq_len, m.max_seq_len)
     if tokenizer is not None:
@@ -92,14 +91,27 @@ def _toml_value(v) -> str:
     return json.dumps(v)
 
 
-def preset_toml(cfg: JobConfig) -> str:
-    """A preset with the whole model section and what ties the run to the imported weights."""
+def _within(path: str, home: Path | None) -> str:
+    """``path`` as the preset in ``home`` should name it: ``./...`` (relative to the preset file, see
+    ``config.PRESET_RELATIVE_KEYS``) when it lies inside ``home``, so the directory can be moved."""
+    if home is None:
+        return path
+    try:
+        rel = Path(path).absolute().relative_to(home.absolute())
+    except ValueError:
+        return path
+    return "." if rel == Path(".") else f"./{rel.as_posix()}"
+
+
+def preset_toml(cfg: JobConfig, home: Path | None = None) -> str:
+    """A preset with the whole model section and what ties the run to the imported weights; paths
+    inside ``home`` (the directory the preset is written to) relative to it."""
     lines = ["# Written by `meshforge convert import`: the architecture of the imported model.", "", "[model]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in asdict(cfg.model).items()]
     lines += ["", "[data]", f"seq_len = {cfg.data.seq_len}"]
     if cfg.data.tokenizer:
-        lines.append(f"tokenizer = {_toml_value(cfg.data.tokenizer)}")
-    lines += ["", "[checkpoint]", f"init_from = {_toml_value(cfg.checkpoint.init_from)}", ""]
+        lines.append(f"tokenizer = {_toml_value(_within(cfg.data.tokenizer, home))}")
+    lines += ["", "[checkpoint]", f"init_from = {_toml_value(_within(cfg.checkpoint.init_from, home))}", ""]
     return "\n".join(lines)
 
 
@@ -109,12 +121,10 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
     output = Path(output)
     check_output_dir(output)
     with staged_output(output) as tmp:
-        with warnings.catch_warnings():  # "no process group: assuming one process" is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"model": {k: v.contiguous() for k, v in state.items()}}, checkpoint_id=str(tmp), no_dist=True)
+        dcp_io.save({"model": {k: v.contiguous() for k, v in state.items()}}, tmp, alone=True)
         if tokenizer is not None:
             (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(tmp)
-        (tmp / "model.toml").write_text(preset_toml(cfg))
+        (tmp / "model.toml").write_text(preset_toml(cfg, output))
         meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return output
@@ -127,7 +137,8 @@ def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
     tok = tokenizer_of(hf_dir)
     if tok is not None:
         check_vocab(tok, m.vocab_size)
-    cfg = job_config_for(m, ".", f"./{tok.main_file}" if tok is not None else None)  # relative to model.toml
+    final_dir = output.resolve()  # model.toml names it, and the tokenizer in it, relative to itself
+    cfg = job_config_for(m, final_dir, final_dir / tok.main_file if tok is not None else None)
     hf_config = read_hf_config(hf_dir)  # its special ids go to the export when there is no tokenizer
     ids = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve()), "token_ids": ids}}, tok)

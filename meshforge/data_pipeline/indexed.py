@@ -147,12 +147,14 @@ class IndexedShard:
 
     ``shard[i]`` is sequence ``i`` (a read-only view into the memmap); ``document_indices``
     maps documents to sequences; ``tokens`` is the whole ``.bin`` as one flat array.
+    ``bin_size`` (remote data): the ``.bin`` lives elsewhere and has this many bytes; only the
+    index is read here and ``tokens`` stays empty (the remote dataset reads ranges instead).
     """
 
-    def __init__(self, prefix: str | Path):
+    def __init__(self, prefix: str | Path, bin_size: int | None = None):
         self.prefix = Path(prefix)
         ip, bp = idx_path(prefix), bin_path(prefix)
-        for p in (ip, bp):
+        for p in (ip, bp) if bin_size is None else (ip,):
             if not p.is_file():
                 raise DataError(f"shard file {p} is missing: re-run data preparation or remove the shard {self.prefix}")
         idx_size = ip.stat().st_size
@@ -186,11 +188,11 @@ class IndexedShard:
         itemsize = self.dtype.itemsize
         self.num_tokens = int(self.lengths.sum(dtype=np.int64))
         expected = self.num_tokens * itemsize
-        actual = bp.stat().st_size
+        actual = bp.stat().st_size if bin_size is None else bin_size
         if actual != expected:
             kind = "truncated" if actual < expected else "padded"
             raise DataError(f"{bp} is {kind}: {actual} bytes, index expects {expected}: re-run data preparation")
-        if self.num_tokens:
+        if self.num_tokens and bin_size is None:
             self.tokens = np.memmap(bp, dtype=self.dtype, mode="r")
         else:
             self.tokens = np.zeros(0, dtype=self.dtype)

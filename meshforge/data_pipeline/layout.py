@@ -14,7 +14,8 @@ A prepared data dir holds::
 
     {"format": "meshforge-indexed-v1",
      "tokenizer": {"path": ..., "fingerprint": ..., "vocab_size": ..., "kind": "sentencepiece" | "hf",
-                   "bos_id": n | null, "eos_id": n | null, "pad_id": n | null, "add_bos": bool},
+                   "bos_id": n | null, "eos_id": n | null, "pad_id": n | null, "add_bos": bool,
+                   "files": ["tokenizer.model"] (the tokenizer's files in the data dir)},
      "dtype": "uint16" (int32 from a 65,500-token vocabulary), "append_eos": true, "add_bos": false, "num_documents": N, "num_tokens": N,
      "num_slices": S, "plan": "<hash>",
      "shards": [{"prefix": "shard_00000", "slice": 0, "documents": n, "tokens": n,

@@ -78,7 +78,7 @@ def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Pat
     tok = load_tokenizer(work)
     manifest = {
         "format": FORMAT,
-        "tokenizer": {"path": str(out / tok.path.name), **tok.describe()},
+        "tokenizer": {"path": str(out / tok.path.name), **tok.describe(), "files": sorted(tok.files())},
         "dtype": plan["dtype"],
         "append_eos": plan["append_eos"],
         "add_bos": "bos_id" in plan,

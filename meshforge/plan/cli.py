@@ -13,7 +13,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML preset: a path or a name in configs/ (e.g. llama-1b)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs of the cluster (the world size)")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="h100-80gb", help="device from the table (h100-80gb, h200, a100-80gb, b200)")
+    from .devices import load_devices
+
+    p.add_argument("--gpu", default="h100-80gb", help=f"device from the table ({', '.join(load_devices())}; "
+                   "more with --devices)")
     p.add_argument("--devices", default=None, help="a TOML file of extra or changed devices (same keys)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the config's data.seq_len)")
     p.add_argument("--global-batch-tokens", default=None,

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -47,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..errors import MeshforgeError
 
+from . import dcp_io
 from .checkpoint_files import unreadable
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
@@ -124,7 +124,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
+            dcp_io.load(state, path)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rng_rank{rank}.pt"
         if rng_file.exists():
@@ -163,7 +163,7 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     sd = get_model_state_dict(model, options=StateDictOptions())
     state = {"model": sd}
     with unreadable(path, "--checkpoint DIR"):  # DCP raises several types for missing/mismatched/garbled entries
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_io.load(state, path)
     set_model_state_dict(model, state["model"])
 
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from . import dcp_io
 from .checkpoint import CheckpointError, is_complete, list_checkpoints, rng_state
 from .checkpoint_files import file_records, verify_checkpoint
 from .output_dir import find_os_error, storage_error
@@ -186,16 +186,15 @@ class Checkpointer:
             from ..parallel.deepspeed_engine import full_model_state_dict, save_engine
 
             save_engine(engine, tmp)
-            dcp.save({"model": full_model_state_dict(engine)}, checkpoint_id=str(tmp))
+            dcp_io.save({"model": full_model_state_dict(engine)}, tmp)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._writer_group(),
-                                        async_stager=self._async_stager())
+                future = dcp_io.async_save(state, tmp, self._writer_group(), self._async_stager())
                 self._pending = _PendingSave(step, tmp, final, meta, dict(files or {}), future)
                 return final
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp_io.save(state, tmp)
         _barrier()
         if self.rank == 0:
             self._finalize(step, tmp, final, meta, files or {})

@@ -23,6 +23,10 @@ from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.loader import DistributedLoader
 from ..data_pipeline.manifest import DataInfo, load_manifest, open_data_dir
+from ..data_pipeline.layout import MANIFEST
+from ..data_pipeline.remote import RemoteStats, RemoteStore, is_url
+from ..data_pipeline.remote_cache import RemoteDataInfo, open_remote_data_dir
+from ..data_pipeline.remote_dataset import RemoteTokenDataset
 from ..launch.env import DistEnv
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
@@ -37,6 +41,8 @@ class TrainData:
     """A fresh loader over the validation split from its start (the same samples every eval)."""
     objective: LMObjective | SpanCorruptionObjective | Ul2Objective
     """What a sample is and how a batch becomes model inputs and targets."""
+    remote_stats: RemoteStats | None = None
+    """Requests, bytes and retries of remote data (``None`` for local data): logged with every step."""
 
 
 def dp_coordinates(rank: int, d: Degrees) -> tuple[int, int]:
@@ -57,10 +63,20 @@ def resolve_data_dir(cfg: JobConfig, env: DistEnv, path: str | None = None) -> P
     return Path(data_dir)
 
 
-def _blend_sources(cfg: JobConfig, env: DistEnv) -> tuple[list, list[tuple[float, str]]]:
+def open_data(cfg: JobConfig, env: DistEnv, path: str | None = None, stats: RemoteStats | None = None) -> DataInfo:
+    """A data dir's :class:`DataInfo`: local (memory-mapped), ``builtin:``, or a URL (node cache + ranges)."""
+    d = cfg.data
+    path = d.path if path is None else path
+    if is_url(path):
+        return open_remote_data_dir(path, d.tokenizer, resolve_cache_dir(d.cache_dir), d.remote_mode,
+                                    d.remote_retry_seconds, stats)
+    return open_data_dir(resolve_data_dir(cfg, env, path), d.tokenizer)
+
+
+def _blend_sources(cfg: JobConfig, env: DistEnv, stats: RemoteStats | None = None) -> tuple[list, list[tuple[float, str]]]:
     """(DataInfo per blend item, parsed blend); every item must use the same tokenizer."""
     items = parse_blend(cfg.data.blend)
-    infos = [open_data_dir(resolve_data_dir(cfg, env, path), cfg.data.tokenizer) for _, path in items]
+    infos = [open_data(cfg, env, path, stats) for _, path in items]
     prints = {i.tokenizer_fingerprint for i in infos}
     if len(prints) > 1:
         raise DataError(
@@ -76,7 +92,8 @@ def _dataset(cfg: JobConfig, infos, items, split: str, objective, prepare: int =
     d = cfg.data
 
     def tokens(info) -> TokenDataset:
-        return TokenDataset(info, objective.window, split, d.valid_fraction, cfg.train.seed,
+        cls = RemoteTokenDataset if isinstance(info, RemoteDataInfo) else TokenDataset
+        return cls(info, objective.window, split, d.valid_fraction, cfg.train.seed,
                             return_segments=d.document_mask)
 
     if not items:
@@ -98,7 +115,12 @@ def tokenizer_vocab_size(cfg: JobConfig) -> int:
     path = parse_blend(d.blend)[0][1] if d.blend else d.path
     if path.startswith(BUILTIN_PREFIX):
         return d.builtin_vocab_size
-    size = load_manifest(path)["tokenizer"].get("vocab_size")
+    if is_url(path):
+        import json
+
+        size = json.loads(RemoteStore(path, d.remote_retry_seconds).cat(MANIFEST))["tokenizer"].get("vocab_size")
+    else:
+        size = load_manifest(path)["tokenizer"].get("vocab_size")
     if not isinstance(size, int):
         raise DataError(f"the manifest of {path} records no tokenizer vocab_size: set model.vocab_size explicitly")
     return size
@@ -138,10 +160,12 @@ def check_token_ids(info: DataInfo, vocab_size: int) -> None:
 
 
 def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainData:
+    paths = [p for _, p in parse_blend(cfg.data.blend)] if cfg.data.blend else [cfg.data.path]
+    stats = RemoteStats() if any(is_url(p) for p in paths) else None
     if cfg.data.blend:
-        infos, items = _blend_sources(cfg, env)
+        infos, items = _blend_sources(cfg, env, stats)
     else:
-        infos, items = [open_data_dir(resolve_data_dir(cfg, env), cfg.data.tokenizer)], []
+        infos, items = [open_data(cfg, env, stats=stats)], []
     info = infos[0]
     data_dir = info.data_dir
     tokenizer = load_tokenizer(info.tokenizer_path)
@@ -164,4 +188,4 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
 
     if cfg.train.eval_interval and valid_ds is None:
         raise ConfigError("train.eval_interval > 0 needs data.valid_fraction > 0 (or set train.eval_interval = 0)")
-    return TrainData(tokenizer, Path(info.tokenizer_path), train_loader, valid_loader, objective)
+    return TrainData(tokenizer, Path(info.tokenizer_path), train_loader, valid_loader, objective, stats)

@@ -41,6 +41,16 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return 1.0 - (1.0 - floor) * shape
 
 
+def schedule_notes(total_steps: int, cfg: OptimConfig) -> list[str]:
+    """What a user should know about this schedule over ``total_steps`` (nothing is wrong enough to refuse)."""
+    if cfg.warmup_steps and cfg.warmup_steps >= total_steps:
+        last = lr_factor(total_steps - 1, total_steps, cfg)
+        return [f"optim.warmup_steps = {cfg.warmup_steps} >= train.steps = {total_steps}: the LR never leaves warmup "
+                f"(it ends at {last:.0%} of optim.lr, with no {cfg.schedule} phase); lower it, e.g. "
+                f"--optim.warmup_steps {max(1, total_steps // 10)}"]
+    return []
+
+
 def param_groups(model: nn.Module, weight_decay: float, hidden_lr_scale: float = 1.0,
                  lr: float | None = None) -> list[dict]:
     """Decay matrices (dim >= 2); leave norms, biases and other vectors undecayed.

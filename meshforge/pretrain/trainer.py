@@ -41,6 +41,7 @@ from .data import TrainData, prepare_train_data, resolve_vocab_size
 from .generate import generate_text
 from .faults import EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector, mark_preempted
 from .metrics import MetricsLogger, peak_flops
+from .optim import schedule_notes
 from ..plan.measure import MemoryProbe
 from .step import StepSetup, TrainStep, build_step
 
@@ -133,6 +134,8 @@ class Trainer:
         self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer)  # planner vs measured
         if self.env.is_main:
             print(self.memory_probe.start_line(), flush=True)
+            for note in schedule_notes(cfg.train.steps, cfg.optim):
+                print(f"note: {note}", flush=True)
 
     # ------------------------------------------------------------------ steps
 
@@ -196,6 +199,8 @@ class Trainer:
                     _print(bar, self.memory_probe.measured_line(memory))
                 record = {"step": self.step, **record, **memory, "tokens_per_s": tokens_per_step / elapsed,
                           "step_time_s": elapsed}
+                if self.data.remote_stats is not None:  # remote data: requests, bytes, retries so far (this rank)
+                    record.update(self.data.remote_stats.snapshot())
                 if self.peak:
                     record["mfu"] = self.flops_per_token * tokens_per_step / elapsed / (self.peak * self.env.world_size)
                 last = self.step == t.steps

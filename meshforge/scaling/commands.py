@@ -34,6 +34,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
+    from .estimate import Estimator, format_duration
     from .plan import PlanSpec, write_plan
 
     sizes = args.sizes.split(",") if args.sizes else []
@@ -48,14 +49,24 @@ def cmd_plan(args: argparse.Namespace, rest: list[str] | None = None) -> int:
                     tokens=args.tokens or [], lrs=args.lrs or [],
                     variants=args.variants.split(","), aspect=args.aspect, layers=args.layers, min_steps=args.min_steps,
                     max_steps=args.max_steps, warmup_fraction=args.warmup_fraction)
-    rows, skipped = write_plan(spec, overwrite=args.overwrite)
+    estimator = Estimator(args.gpu, args.gpus, args.efficiency, args.tokens_per_s, args.devices,
+                          None if args.step_overhead_ms is None else args.step_overhead_ms / 1e3)
+    estimator.check()  # before anything is written
+    estimates = []
+    rows, skipped = write_plan(spec, overwrite=args.overwrite,
+                               check=lambda rows: estimates.extend(estimator.row(r) for r in rows))
     for s in skipped:
         where = f"C={s['budget']:.3g} " if s.get("budget") else ""
         print(f"skipped {where}N~{s['target_N']:.3g}: {s['reason']}")
-    for r in rows:
+    for r, est in zip(rows, estimates):
         print(f"{r['id']}: N={r['N']:,} (total {r['N_total']:,}) D={r['D']:,} FLOPs={r['flops']:.3g} "
-              f"d={r['width']} L={r['layers']}")
+              f"d={r['width']} L={r['layers']} steps={r['steps']:,} ~{format_duration(est.seconds)}")
     print(f"wrote {len(rows)} rows to {spec.output}/sweep.jsonl ({len(skipped)} skipped)")
+    total_s, gpu_h = sum(e.seconds for e in estimates), sum(e.gpu_hours for e in estimates)
+    print(f"estimated: {sum(r['steps'] for r in rows):,} steps, {format_duration(total_s)} one run after another, "
+          f"{gpu_h:,.1f} GPU-hours, {estimator.describe()}")
+    for note in estimator.notes(estimates):
+        print(f"note: {note}")
     return 0
 
 
@@ -110,6 +121,17 @@ def add_scaling_parser(sub) -> None:
     p.add_argument("--warmup-fraction", type=float, default=0.05)
     p.add_argument("--output", required=True, help="the sweep dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing sweep.jsonl there")
+    from ..plan.devices import load_devices
+
+    p.add_argument("--gpu", default="h100-80gb", help="device the time estimate is for (`meshforge plan`'s device "
+                   f"table: {', '.join(load_devices())}; more with --devices)")
+    p.add_argument("--gpus", type=int, default=1, help="devices per run, for the estimate (default 1)")
+    p.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach (default 0.5)")
+    p.add_argument("--tokens-per-s", type=float, default=0.0,
+                   help="a measured training rate per run: estimate D / rate instead of the time model")
+    p.add_argument("--step-overhead-ms", type=float, default=None,
+                   help="per-step software cost added to the time model (default: 32 on cpu, measured; 0 elsewhere)")
+    p.add_argument("--devices", default=None, help="a TOML file of extra or changed devices (as `meshforge plan`)")
     p.set_defaults(func=cmd_plan)
 
     p = s.add_parser("run", help="run every pending row of a sweep (resumes after an interruption)")

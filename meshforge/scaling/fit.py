@@ -232,50 +232,70 @@ def envelope_points(results: Path, curves: Path | None, envelope: str = "final")
 
 def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | None = None, bootstrap: int = 100,
                seed: int = 0, envelope: str = "final") -> dict:
-    """Everything ``meshforge scaling fit`` prints, as one JSON-able dict."""
+    """Everything ``meshforge scaling fit`` prints, as one JSON-able dict.
+
+    One approach: its fit, or its ScalingError. ``all``: every approach that can be fitted, and
+    in ``left_out`` why each other one could not (a ScalingError only if none can).
+    """
     results, curves = resolve_inputs(path)
     pts = read_points(results)
     report: dict = {"source": str(results), "points": len(pts.n), "left_out_not_ok": pts.dropped}
+    fits = {"3": lambda: _report3(pts, budgets, bootstrap, seed), "2": lambda: _report2(pts, budgets),
+            "1": lambda: _report1(results, curves, envelope, budgets)}
     which = ("1", "2", "3") if approach == "all" else (approach,)
-    if "3" in which:
-        fit = approach3(pts, bootstrap=bootstrap, seed=seed)
-        iv = fit.intervals
-        for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
-            report[name] = _interval(float(getattr(fit, name)), iv.get(name))
-        k = float(np.median(pts.c / (pts.n * pts.d)))
-        report["flops_per_param_token"] = k
-        report["at_bound"] = [name for name in ("alpha", "beta") if not 1e-6 < getattr(fit, name) < 4 - 1e-6]
-        report["huber_loss"] = fit.loss
-        preds = []
-        for c in budgets or []:
-            n, d, l = fit.optimal(c, k)
-            entry = {"C": c, "N_opt": float(n), "D_opt": float(d), "loss": float(l)}
-            if fit.samples is not None:
-                bn, bd, bl = (np.array(x) for x in zip(*(optimal_samples(s, c, k) for s in fit.samples)))
-                for key, vals in (("N_opt", bn), ("D_opt", bd), ("loss", bl)):
-                    vals = vals[np.isfinite(vals)]
-                    entry[f"{key}_interval"] = np.percentile(vals, [2.5, 97.5]).tolist() if len(vals) else None
-            preds.append(entry)
-        report["budgets"] = preds
-    if "2" in which:
-        a2 = approach2(pts)
-        a2["predictions"] = [{"C": c, "N_opt": float(predict_power(a2["N_opt"], c)),
-                              "D_opt": float(predict_power(a2["D_opt"], c))} for c in budgets or []]
-        report["approach2"] = a2
-    if "1" in which:
-        cpts = envelope_points(results, curves, envelope)
+    left_out = {}
+    for name in sorted(which, reverse=True):
         try:
-            a1 = approach1(cpts)
+            report.update(fits[name]())
         except ScalingError as e:
-            if approach == "1":
+            if approach != "all":
                 raise
-            report["approach1_left_out"] = str(e)  # the other approaches still report
-        else:
-            a1["source"], a1["envelope_of"] = cpts.source, envelope
-            a1["predictions"] = [{"C": c, "N_opt": float(predict_power(a1["N_opt"], c)),
-                                  "D_opt": float(predict_power(a1["D_opt"], c))} for c in budgets or []]
-            report["approach1"] = a1
+            left_out[name] = str(e)
+    if left_out:
+        if len(left_out) == len(which):
+            raise ScalingError("no approach could be fitted: " + "; ".join(
+                f"approach {k}: {v}" for k, v in sorted(left_out.items())))
+        report["left_out"] = dict(sorted(left_out.items()))
     return report
+
+
+def _report3(pts: Points, budgets, bootstrap: int, seed: int) -> dict:
+    fit = approach3(pts, bootstrap=bootstrap, seed=seed)
+    iv = fit.intervals
+    report = {name: _interval(float(getattr(fit, name)), iv.get(name)) for name in ("E", "A", "B", "alpha", "beta",
+                                                                                    "a", "b")}
+    k = float(np.median(pts.c / (pts.n * pts.d)))
+    report["flops_per_param_token"] = k
+    report["at_bound"] = [name for name in ("alpha", "beta") if not 1e-6 < getattr(fit, name) < 4 - 1e-6]
+    report["huber_loss"] = fit.loss
+    preds = []
+    for c in budgets or []:
+        n, d, l = fit.optimal(c, k)
+        entry = {"C": c, "N_opt": float(n), "D_opt": float(d), "loss": float(l)}
+        if fit.samples is not None:
+            bn, bd, bl = (np.array(x) for x in zip(*(optimal_samples(s, c, k) for s in fit.samples)))
+            for key, vals in (("N_opt", bn), ("D_opt", bd), ("loss", bl)):
+                vals = vals[np.isfinite(vals)]
+                entry[f"{key}_interval"] = np.percentile(vals, [2.5, 97.5]).tolist() if len(vals) else None
+        preds.append(entry)
+    report["budgets"] = preds
+    return report
+
+
+def _report2(pts: Points, budgets) -> dict:
+    a2 = approach2(pts)
+    a2["predictions"] = [{"C": c, "N_opt": float(predict_power(a2["N_opt"], c)),
+                          "D_opt": float(predict_power(a2["D_opt"], c))} for c in budgets or []]
+    return {"approach2": a2}
+
+
+def _report1(results: Path, curves: Path | None, envelope: str, budgets) -> dict:
+    cpts = envelope_points(results, curves, envelope)
+    a1 = approach1(cpts)
+    a1["source"], a1["envelope_of"] = cpts.source, envelope
+    a1["predictions"] = [{"C": c, "N_opt": float(predict_power(a1["N_opt"], c)),
+                          "D_opt": float(predict_power(a1["D_opt"], c))} for c in budgets or []]
+    return {"approach1": a1}
 
 
 def optimal_samples(sample: np.ndarray, c: float, k: float):
@@ -300,8 +320,6 @@ def format_report(r: dict) -> str:
         lines += [f"  best run at C={p['C']:.3g}: N={p['N']:.4g} D={p['D']:.4g} loss={p['loss']:.4f}"
                   for p in a["envelope"]] if len(a["envelope"]) <= 8 else []
         lines += [f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g}" for p in a["predictions"]]
-    if "approach1_left_out" in r:
-        lines.append(f"approach 1 left out: {r['approach1_left_out']}")
     if "approach2" in r:
         a = r["approach2"]
         lines.append("approach 2 (IsoFLOP parabolas):")
@@ -326,4 +344,5 @@ def format_report(r: dict) -> str:
         for p in r["budgets"]:
             lines.append(f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g} predicted loss "
                          f"{p['loss']:.4f}")
+    lines += [f"approach {k} not fitted: {why}" for k, why in r.get("left_out", {}).items()]
     return "\n".join(lines)

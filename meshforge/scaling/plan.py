@@ -189,14 +189,17 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
     return rows, skipped
 
 
-def write_plan(spec: PlanSpec, overwrite: bool = False) -> tuple[list[dict], list[dict]]:
-    """Plan and write ``sweep.jsonl`` and ``plan.json`` (refuses to replace an existing sweep)."""
+def write_plan(spec: PlanSpec, overwrite: bool = False, check=None) -> tuple[list[dict], list[dict]]:
+    """Plan and write ``sweep.jsonl`` and ``plan.json`` (refuses to replace an existing sweep);
+    ``check(rows)``, if given, runs after planning and before anything is written (its errors too)."""
     out = spec.output
     if (out / "sweep.jsonl").exists() and not overwrite:
         raise ScalingError(f"{out}/sweep.jsonl exists; plan into a new --output dir or pass --overwrite")
     rows, skipped = plan_rows(spec)  # every error before anything is written
     if not rows:
         raise ScalingError("no run survives the plan: " + "; ".join(s["reason"] for s in skipped[:3]))
+    if check is not None:
+        check(rows)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "sweep.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -98,15 +98,38 @@ def plot_optimal(plt, pts: Points, a1, a2, fit, k: float, out: Path) -> list[Pat
     return _save(fig, out, "optimal")
 
 
-def plot_residuals(plt, pts: Points, fit, out: Path) -> list[Path]:
+def _log_ticks(axis) -> None:
+    """Log-axis ticks at 1, 2 and 5 per decade, labelled compactly (2e6); no labels on minor ticks,
+    which matplotlib otherwise writes in full (``4 x 10^5``) and overlaps on a range under a decade."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def label(x, _pos) -> str:
+        mantissa, exponent = f"{x:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def residual_figure(plt, pts: Points, fit):
+    """The parametric fit's log residuals vs N and vs D: one shared y-axis (labelled once, on the
+    left), compact log ticks, constrained layout so labels and the colorbar never overlap."""
     resid = np.log(fit.predict(pts.n, pts.d)) - np.log(pts.loss)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, x, label in ((axes[0], pts.n, "N"), (axes[1], pts.d, "D")):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
+    for ax, x, label in ((axes[0], pts.n, "parameters N (non-embedding)"), (axes[1], pts.d, "tokens D")):
         sc = ax.scatter(x, resid, c=np.log10(pts.c), cmap="plasma", s=18)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set(xscale="log", xlabel=label, ylabel="log L_fit - log L")
-    fig.colorbar(sc, ax=axes, label="log10 C")
+        ax.set(xscale="log", xlabel=label)
+        _log_ticks(ax.xaxis)
+    axes[0].set_ylabel("log L_fit - log L")
+    fig.colorbar(sc, ax=axes, label="log10 C (FLOPs)")
     fig.suptitle(f"Parametric fit residuals (rms {np.sqrt(np.mean(resid**2)):.3g})")
+    return fig
+
+
+def plot_residuals(plt, pts: Points, fit, out: Path) -> list[Path]:
+    fig = residual_figure(plt, pts, fit)
     paths = [out / "residuals.png", out / "residuals.svg"]
     fig.savefig(paths[0], dpi=120)
     fig.savefig(paths[1])
@@ -132,8 +155,8 @@ def plot_all(results: str | Path, output: str | Path | None = None, bootstrap: i
             out.mkdir(parents=True, exist_ok=True)
             return plot_lr(_pyplot(), results_path, out, _save)
     pts = read_points(results_path)
+    plt = _pyplot()  # before anything is written: matplotlib is an extra
     out.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
     paths: list[Path] = []
     a1 = a2 = fit = None
     try:
