@@ -53,10 +53,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
                           f"{families_with('supports_mup')!r}, model.moe_experts = 0) and needs a positive base width, or 0 "
                           "to turn it off")
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads})")
-    if m.head_dim % 2:
-        raise ConfigError(f"head dim model.dim/model.n_heads = {m.head_dim} must be even for RoPE")
+    _check_architecture_options(cfg, spec)
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
     if m.position_encoding not in spec.position_encodings:
@@ -68,6 +65,8 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
         if m.moe_capacity_factor < 0 or m.moe_bias_update_rate < 0 or m.moe_shared_experts < 0:
             raise ConfigError("model.moe_capacity_factor, moe_bias_update_rate and moe_shared_experts must be >= 0")
+        if not m.moe_routed_scale > 0:
+            raise ConfigError(f"model.moe_routed_scale must be positive, got {m.moe_routed_scale}")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) is beyond the model's positions (model.max_seq_len = {m.max_seq_len}); "
@@ -128,6 +127,46 @@ def _check_data_urls(d) -> None:
         if "://" in path and (urlsplit(path).username or urlsplit(path).password):
             raise ConfigError(f"data URL {urlsplit(path).scheme}://...@{urlsplit(path).hostname} carries credentials: remove "
                               "them and give them through the environment or the filesystem's config file (e.g. AWS_PROFILE)")
+
+
+def _check_architecture_options(cfg: JobConfig, spec) -> None:
+    """Head width, biases, norm placement, RoPE scaling / partial rotary, sliding window: in range, and
+    implemented by the family (``ModelSpec.model_options``)."""
+    from .config_sections import ModelConfig
+    from .models import MODEL_SPECS
+    from .models.spec import ARCHITECTURE_OPTIONS
+
+    m, defaults = cfg.model, ModelConfig()
+    for option in ARCHITECTURE_OPTIONS:
+        if getattr(m, option) != getattr(defaults, option) and option not in spec.model_options:
+            users = ", ".join(n for n, s in MODEL_SPECS.items() if option in s.model_options)
+            raise ConfigError(f"model.{option} = {getattr(m, option)!r} is implemented by {users} models, not "
+                              f"{m.family}; leave it at {getattr(defaults, option)!r}")
+    if m.head_size < 0 or m.sliding_window < 0:
+        raise ConfigError(f"model.head_size and model.sliding_window must be >= 0, got {m.head_size} and "
+                          f"{m.sliding_window}")
+    if not m.head_size and m.dim % m.n_heads:
+        raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads}), or set model.head_size")
+    if m.head_dim % 2:
+        raise ConfigError(f"the head width ({m.head_dim}: model.head_size, or model.dim / model.n_heads) must be "
+                          "even for RoPE")
+    if not 0.0 < m.rope_fraction <= 1.0 or m.rope_dim < 2:
+        raise ConfigError(f"model.rope_fraction must be in (0, 1] and rotate at least 2 channels of the "
+                          f"{m.head_dim}-wide heads, got {m.rope_fraction}")
+    if m.rope_scaling != "none":
+        if not m.rope_factor >= 1.0 or m.rope_original_max_seq_len < 0:
+            raise ConfigError(f"model.rope_factor must be >= 1 and model.rope_original_max_seq_len >= 0 with "
+                              f"model.rope_scaling = {m.rope_scaling!r}, got {m.rope_factor} and "
+                              f"{m.rope_original_max_seq_len}")
+        if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+            raise ConfigError(f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, "
+                              f"got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}")
+        if m.rope_scaling == "yarn" and not 0 < m.rope_beta_slow < m.rope_beta_fast:
+            raise ConfigError(f"yarn RoPE scaling needs 0 < model.rope_beta_slow < model.rope_beta_fast, got "
+                              f"{m.rope_beta_slow} and {m.rope_beta_fast}")
+    if m.sliding_window and cfg.parallel.cp > 1:
+        raise ConfigError(f"model.sliding_window = {m.sliding_window} with parallel.cp = {cfg.parallel.cp}: the context "
+                          "parallel attention (ring and all-to-all) does not apply a window; use parallel.cp = 1")
 
 
 def _check_finite(cfg: JobConfig) -> None:

@@ -33,7 +33,7 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 6
-    """Number of query heads; ``dim`` must divide by it."""
+    """Number of query heads; ``dim`` must divide by it unless ``head_size`` is set."""
     n_kv_heads: int = 0
     """Number of key/value heads for grouped-query attention; 0 means ``n_heads`` (plain MHA)."""
     ffn_dim: int = 0
@@ -49,7 +49,33 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the token embedding matrix with the output projection (under pipeline parallel the first and last stages each hold a copy, their gradients summed every step)."""
     qk_norm: bool = False
-    """RMSNorm on queries and keys per head before attention (QK-layernorm)."""
+    """RMSNorm on queries and keys before RoPE (QK-layernorm); ``qk_norm_scope`` says over what."""
+    qk_norm_scope: Literal["head", "projection"] = "head"
+    """With ``qk_norm``: ``head`` normalises each head (one weight of head_dim shared by the heads; Qwen3), ``projection`` the whole query / key projection (a weight per channel; OLMo 2)."""
+    norm_placement: Literal["pre", "post"] = "pre"
+    """Decoder blocks: ``pre`` is x + f(RMSNorm(x)) (Llama); ``post`` is x + RMSNorm(f(x)) (OLMo 2: the norm on the sublayer's output, inside the residual)."""
+    head_size: int = 0
+    """Width of each attention head (queries, keys, values; Hugging Face's ``head_dim``); 0 means dim / n_heads. Qwen3 and others set it independently of dim."""
+    qkv_bias: bool = False
+    """A learned bias on the query, key and value projections (Qwen2 / Qwen2.5)."""
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """RoPE frequency scaling for long context: ``none``; ``linear`` (positions / rope_factor); ``llama3`` (Llama 3.1: low frequencies / rope_factor, high kept, a smooth ramp between, by rope_low_freq_factor / rope_high_freq_factor); ``yarn`` (YaRN: the same ramp by rope_beta_fast / rope_beta_slow, cos and sin scaled by 0.1 ln(rope_factor) + 1)."""
+    rope_factor: float = 1.0
+    """RoPE scaling: how much longer than ``rope_original_max_seq_len`` the context is made."""
+    rope_original_max_seq_len: int = 0
+    """RoPE scaling (llama3, yarn): the context length the model was pretrained at; 0 means max_seq_len."""
+    rope_low_freq_factor: float = 1.0
+    """``llama3`` scaling: wavelengths above original_max / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """``llama3`` scaling: wavelengths below original_max / this are kept."""
+    rope_beta_fast: float = 32.0
+    """``yarn`` scaling: rotations at which a frequency is kept (extrapolated)."""
+    rope_beta_slow: float = 1.0
+    """``yarn`` scaling: rotations below which a frequency is interpolated (divided by rope_factor)."""
+    rope_fraction: float = 1.0
+    """Partial rotary: RoPE rotates the first rope_fraction * head_dim channels of each head and passes the rest through (GLM-4.5 uses 0.5)."""
+    sliding_window: int = 0
+    """Sliding-window attention: each token attends to itself and the sliding_window - 1 tokens before it (Mistral v0.1); 0 means full causal attention."""
     init_std: float = 0.02
     """Standard deviation of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
     mup_base_dim: int = 0
@@ -80,6 +106,8 @@ class ModelConfig:
     """Router score function: ``softmax`` or ``sigmoid``."""
     moe_norm_topk: bool = True
     """Renormalise each token's top-k router weights to sum to 1."""
+    moe_routed_scale: float = 1.0
+    """Multiplier of each token's top-k router weights, after any renormalisation (GLM-4.5's and DeepSeek-V3's routed_scaling_factor, 2.5 there); shared experts are not scaled."""
     moe_capacity_factor: float = 0.0
     """0 routes dropless; otherwise each expert takes at most ceil(factor * tokens * top_k / experts) tokens and drops the lowest-probability rest."""
     moe_aux_loss_coef: float = 0.01
@@ -100,7 +128,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        """The width of each attention head: ``head_size``, or dim / n_heads."""
+        return self.head_size or self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels of each head that RoPE rotates (even): the first rope_fraction * head width."""
+        return int(self.head_dim * self.rope_fraction) // 2 * 2
 
     @property
     def expert_dim(self) -> int:

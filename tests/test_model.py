@@ -154,9 +154,25 @@ def test_flex_document_mask_matches_dense():
     segments = torch.tensor([[0] * 5 + [1] * 11, [0] * 3 + [1] * 3 + [2] * 10])
     cos, sin = model.rope_cos[:16], model.rope_sin[:16]
     model.requires_grad_(False)  # FlexAttention has no CPU backward; the forward is what is compared
-    dense = attn(x, cos, sin, mask=document_mask(segments, use_flex=False))
-    flex = attn(x, cos, sin, mask=document_mask(segments, use_flex=True))
-    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    for window in (0, 4):  # plain document masks, and with a sliding window (model.sliding_window)
+        dense = attn(x, cos, sin, mask=document_mask(segments, use_flex=False, window=window))
+        flex = attn(x, cos, sin, mask=document_mask(segments, use_flex=True, window=window))
+        torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_sees_exactly_the_window():
+    """Position i depends on tokens i - window + 1 .. i and on nothing earlier (one layer: no second hop)."""
+    torch.manual_seed(0)
+    model = build_model(tiny(n_layers=1, sliding_window=4)).eval()
+    x = torch.randint(0, 97, (1, 12))
+    x2 = x.clone()
+    x2[0, 3] = (x2[0, 3] + 1) % 97
+    base, out = model(x), model(x2)
+    torch.testing.assert_close(out[0, 7:], base[0, 7:])  # 3 is outside the windows of 7..11
+    assert all(not torch.allclose(out[0, i], base[0, i]) for i in range(3, 7))  # and inside those of 3..6
+    full = build_model(tiny(n_layers=1))
+    full.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x[:, :4]), full(x[:, :4]))  # within the window: plain causal attention
 
 
 def _counted_train_flops(model, *inputs) -> int:

@@ -67,6 +67,8 @@ def test_param_and_flop_counts_match_a_hand_count_and_the_built_model():
     assert counts.non_embedding == model.num_params(exclude_embeddings=True)
     untied = dataclasses.replace(m, tie_embeddings=False, qk_norm=False)
     assert count_params(untied).total == sum(p.numel() for p in build_model(untied).parameters())
+    olmo_qwen = dataclasses.replace(m, head_size=24, qkv_bias=True, qk_norm_scope="projection")  # the import options
+    assert count_params(olmo_qwen).total == sum(p.numel() for p in build_model(olmo_qwen).parameters())
     # 6 * (non-embedding + output projection) + 12 * L * H * q * T  at T = 32
     assert flops_per_token(m, 32) == 6 * 131456 + 12 * 2 * 4 * 16 * 32 == 837888
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..pretrain.checkpoint_files import verify_checkpoint
 from .dcp_reader import CheckpointReader, resolve_checkpoint
 from .families import converter
 from .hf_tokenizer import check_vocab, token_ids, tokenizer_of, write_tokenizer
@@ -66,7 +67,9 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     if dtype not in EXPORT_DTYPES:
         raise ConvertError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     check_output_dir(output)
-    reader = CheckpointReader(resolve_checkpoint(checkpoint, step))
+    path = resolve_checkpoint(checkpoint, step)
+    verify_checkpoint(path, "--checkpoint DIR")  # sizes and checksums, as train and generate check them
+    reader = CheckpointReader(path)
     m = reader.config.model
     tok = tokenizer_of(reader.path)
     family = converter(m)  # the family's HF converter; refuses what it cannot represent

@@ -2,7 +2,7 @@
 
 A converter module (``hf_decoder``, ``hf_t5``) offers ``ARCHITECTURES`` (the HF classes it
 imports), ``SEQ2SEQ`` (the kind of tokenizer it exports), ``exports_to(m)``,
-``export_plan(m, token_ids, dtype, reader)``, ``import_plan(hf_config)`` and
+``export_plan(m, token_ids, dtype, reader)``, ``import_plan(hf_config, tensor_names)`` and
 ``import_state(files, m, pairs)``; export, import and inspect call only these.
 """
 

@@ -31,10 +31,9 @@ def hf_t5_config_to_model_config(hf) -> ModelConfig:
     """A meshforge ModelConfig equivalent to a transformers ``T5Config`` (v1.1, gated-GELU)."""
     if not getattr(hf, "is_gated_act", False) or "gelu" not in hf.dense_act_fn:
         raise ConvertError(f"only gated-GELU T5 (v1.1) maps onto meshforge, got feed_forward_proj={hf.feed_forward_proj}")
-    if hf.d_kv * hf.num_heads != hf.d_model:
-        raise ConvertError(f"d_kv * num_heads ({hf.d_kv} * {hf.num_heads}) must equal d_model ({hf.d_model})")
     return ModelConfig(
         family="encoder_decoder", vocab_size=hf.vocab_size, dim=hf.d_model, n_layers=hf.num_layers,
+        head_size=0 if hf.d_kv * hf.num_heads == hf.d_model else hf.d_kv,
         n_decoder_layers=hf.num_decoder_layers or hf.num_layers, n_heads=hf.num_heads, ffn_dim=hf.d_ff,
         position_encoding="relative", rel_pos_buckets=hf.relative_attention_num_buckets,
         rel_pos_max_distance=hf.relative_attention_max_distance, ffn_activation="gelu", attn_scale=1.0,
@@ -112,8 +111,9 @@ def name_map(cfg: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def from_hf(hf_state, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """meshforge state from an HF T5 state (a dict, or anything with ``in`` and ``[]`` / ``get``)."""
+def from_hf(hf_state, cfg: ModelConfig, pairs: list[tuple[str, str]] | None = None) -> dict[str, torch.Tensor]:
+    """meshforge state from an HF T5 state (a dict, or anything with ``in`` and ``[]`` / ``get``); ``pairs``:
+    (meshforge name, HF name), default :func:`name_map`."""
     get = hf_state.get if hasattr(hf_state, "get") and not isinstance(hf_state, dict) else hf_state.__getitem__
     shared = get("shared.weight")
     for stack in ("encoder", "decoder"):
@@ -123,7 +123,8 @@ def from_hf(hf_state, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     if cfg.tie_embeddings and "lm_head.weight" in hf_state and not torch.equal(get("lm_head.weight"), shared):
         raise ConvertError("the config scales decoder outputs (tied embeddings) but lm_head.weight differs from "
                            "shared.weight: meshforge scales exactly when the head is the embedding")
-    return {ours: get(theirs) for ours, theirs in name_map(cfg)}
+    return {ours: get(theirs).clone() if theirs == "shared.weight" and ours != "tok_embeddings.weight" else get(theirs)
+            for ours, theirs in (pairs or name_map(cfg))}
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -150,13 +151,22 @@ def export_plan(m: ModelConfig, token_ids: dict[str, int], dtype: str, reader) -
     return hf_config(m, token_ids), [(theirs, ours, None) for ours, theirs in name_map(m)], set()
 
 
-def import_plan(hf) -> tuple[ModelConfig, list, set[str], str]:
-    """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name)."""
+def import_plan(hf, names: set[str]) -> tuple[ModelConfig, list, set[str], str]:
+    """(our config, name map, HF tensors that may be present unmapped, the HF embedding's name) of the HF
+    config ``hf`` whose files hold the tensors ``names``.
+
+    A T5 v1.1 saved by transformers 5 has an unscaled head tied to the embedding (the config says
+    ``tie_word_embeddings = true``, ``scale_decoder_outputs = false``; no ``lm_head.weight`` in the files):
+    meshforge keeps it as an untied output projection starting from the embedding, which computes the same.
+    """
     m = hf_t5_config_to_model_config(hf)
     extra_ok = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight",
                 "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
-    return m, [(theirs, ours, None) for ours, theirs in name_map(m)], extra_ok, "shared.weight"
+    head = "lm_head.weight" if m.tie_embeddings or "lm_head.weight" in names or not hf.tie_word_embeddings \
+        else "shared.weight"
+    pairs = [(head if theirs == "lm_head.weight" else theirs, ours, None) for ours, theirs in name_map(m)]
+    return m, pairs, extra_ok, "shared.weight"
 
 
 def import_state(files, m: ModelConfig, pairs) -> dict[str, torch.Tensor]:
-    return from_hf(files, m)
+    return from_hf(files, m, [(ours, theirs) for theirs, ours, _ in pairs])

@@ -10,9 +10,10 @@ to it (``./``), so the directory can be moved. ``meshforge train --config DIR/mo
 imported weights under any layout, with a fresh optimizer at step 0. Without a tokenizer,
 ``meta.json`` keeps the HF config's bos/eos/pad ids for the export.
 
-Checks before anything is written: a known architecture whose math meshforge reproduces
-(else the feature is named), every shard of the index present, every tensor the
-architecture needs present with its shape, none left over, the tokenizer within the vocab.
+Checks before anything is written: ``config.json`` valid JSON naming a known architecture
+whose math meshforge reproduces (else the feature is named), every shard of the index
+present and whole (``hf_checks.py``), every tensor the architecture needs present with the
+shape the config gives it, none left over, the tokenizer within the vocab.
 The whole model is held in memory once (DCP writes one state dict).
 """
 
@@ -26,9 +27,11 @@ import torch
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
 from ..pretrain import dcp_io
+from ..pretrain.checkpoint_files import file_records
 from ..tokenizers import Tokenizer, load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
+from .hf_checks import check_safetensors_files, check_shapes, read_config_json
 from .hf_tokenizer import check_vocab, tokenizer_of
 from .safetensors_io import ConvertError, SafetensorsDir
 
@@ -37,25 +40,29 @@ IGNORED_HF = ("rotary_emb.inv_freq",)
 
 
 def read_hf_config(directory: Path):
-    cfg_file = Path(directory) / "config.json"
-    if not cfg_file.is_file():
-        raise ConvertError(f"{directory} has no config.json: not a Hugging Face model directory")
-    arch = (json.loads(cfg_file.read_text()).get("architectures") or [""])[0]
+    raw = read_config_json(directory)
+    arch = (raw.get("architectures") or [""])[0]
     known = known_architectures()
     if arch not in known:
-        raise ConvertError(f"unknown Hugging Face architecture {arch!r} in {cfg_file}; supported: {', '.join(known)}")
+        raise ConvertError(f"unknown Hugging Face architecture {arch!r} in {Path(directory) / 'config.json'}; "
+                           f"supported: {', '.join(known)}")
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(directory))
+    try:
+        return AutoConfig.from_pretrained(str(directory))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConvertError(f"transformers cannot read {Path(directory) / 'config.json'}: {e}") from None
 
 
-def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The ModelConfig and full meshforge state dict of an HF model directory (checked)."""
+def import_checks(directory: Path):
+    """(converter, our config, name map, the opened files) of an HF directory, after every check that needs no
+    tensor data: config, files whole, tensors present, none unknown, every shape as the config says."""
     directory = Path(directory)
-    hf = read_hf_config(directory)
+    raw, hf = read_config_json(directory), read_hf_config(directory)
     files = SafetensorsDir(directory)
+    shapes = check_safetensors_files(files)
     family = converter_for_architecture(hf.architectures[0])
-    m, pairs, extra_ok, emb = family.import_plan(hf)
+    m, pairs, extra_ok, emb = family.import_plan(hf, set(shapes))
     needed = {hf_name for hf_name, _, _ in pairs}
     absent = [n for n in needed if n not in files]
     if absent:
@@ -64,9 +71,16 @@ def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     if unexpected:
         raise ConvertError(f"{directory} has tensors meshforge's {hf.architectures[0]} mapping does not know, e.g. "
                            f"{unexpected[0]}; refusing to drop them")
-    rows = files.get(emb).shape[0]
+    rows = shapes[emb][0]
     if rows != m.vocab_size:
         raise ConvertError(f"{emb} has {rows} rows but config.json says vocab_size = {m.vocab_size}")
+    check_shapes(directory, hf, raw, m, pairs, shapes)
+    return family, m, pairs, files
+
+
+def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The ModelConfig and full meshforge state dict of an HF model directory (checked)."""
+    family, m, pairs, files = import_checks(directory)
     state = family.import_state(files, m, pairs)
     if m.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -125,7 +139,8 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
         if tokenizer is not None:
             (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(tmp)
         (tmp / "model.toml").write_text(preset_toml(cfg, output))
-        meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta}
+        meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta,
+                "files": file_records(tmp)}  # checked by train, generate and export, as a training checkpoint's
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return output
 

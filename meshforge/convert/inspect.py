@@ -7,7 +7,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .safetensors_io import ConvertError, SafetensorsDir
+from .hf_checks import read_config_json
+from .safetensors_io import ConvertError, SafetensorsDir, safetensors_header
 
 
 def _count(shapes_dtypes) -> tuple[int, str]:
@@ -20,19 +21,25 @@ def _count(shapes_dtypes) -> tuple[int, str]:
 
 
 def inspect_hf(directory: Path) -> str:
-    from safetensors import safe_open
+    from .import_ import import_checks
 
-    cfg = json.loads((directory / "config.json").read_text())
+    cfg = read_config_json(directory)
     files = SafetensorsDir(directory)
     entries = []
-    for fname in sorted(set(files.weight_map.values())):
-        with safe_open(directory / fname, "pt") as f:
-            entries += [(f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()]
+    shards = sorted(set(files.weight_map.values()))
+    for fname in shards:
+        entries += [(info["shape"], info["dtype"]) for info in safetensors_header(directory / fname).values()]
     n, dtypes = _count(entries)
+    try:
+        _, m, _, _ = import_checks(directory)
+        importable = f"yes, as {_architecture(m)}"
+    except ConvertError as e:
+        importable = f"no: {e}"
     lines = [f"Hugging Face model directory {directory}",
              f"  architecture: {(cfg.get('architectures') or ['?'])[0]} (model_type {cfg.get('model_type')})",
-             f"  parameters:   {n:,} in {len(entries)} tensors, {len(set(files.weight_map.values()))} shard(s)",
-             f"  dtype:        {dtypes}"]
+             f"  parameters:   {n:,} in {len(entries)} tensors, {len(shards)} shard(s)",
+             f"  dtype:        {dtypes}",
+             f"  importable:   {importable}"]
     export = directory / "meshforge_export.json"
     if export.is_file():
         e = json.loads(export.read_text())
@@ -40,9 +47,26 @@ def inspect_hf(directory: Path) -> str:
     return "\n".join(lines)
 
 
+def _architecture(m) -> str:
+    """The model section in words: sizes, then every option that is not the default."""
+    from ..models import family_spec
+
+    second_stack = family_spec(m.family).pipeline_blocks(m)[0] - m.n_layers  # an encoder-decoder's decoder layers
+    options = [f"head_size {m.head_size}" if m.head_size else "",
+               f"MoE {m.moe_experts} experts top-{m.moe_top_k}" if m.moe_experts else "",
+               ("qk-norm" + (" over the projection" if m.qk_norm_scope == "projection" else "")) if m.qk_norm else "",
+               "q/k/v bias" if m.qkv_bias else "", "post-norm blocks" if m.norm_placement == "post" else "",
+               f"RoPE scaling {m.rope_scaling} x{m.rope_factor:g}" if m.rope_scaling != "none" else "",
+               f"partial rotary {m.rope_fraction:g}" if m.rope_fraction != 1.0 else "",
+               f"sliding window {m.sliding_window}" if m.sliding_window else "",
+               "tied embeddings" if m.tie_embeddings else ""]
+    return (f"{m.family}: {m.n_layers} layers" + (f" + {second_stack} decoder layers" if second_stack else "")
+            + f", dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), ffn {m.hidden_dim}, vocab {m.vocab_size}"
+            + "".join(f", {o}" for o in options if o))
+
+
 def inspect_checkpoint(path: Path) -> str:
     from .dcp_reader import CheckpointReader, resolve_checkpoint
-    from ..models import family_spec
     from .families import converter
 
     reader = CheckpointReader(resolve_checkpoint(path))
@@ -54,21 +78,25 @@ def inspect_checkpoint(path: Path) -> str:
         hf = converter(m).exports_to(m)
     except ConvertError as e:
         hf = f"none ({e})"
-    second_stack = family_spec(m.family).pipeline_blocks(m)[0] - m.n_layers  # an encoder-decoder's decoder layers
-    arch = (f"{m.family}: {m.n_layers} layers" + (f" + {second_stack} decoder layers" if second_stack else "")
-            + f", dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), ffn {m.hidden_dim}, vocab {m.vocab_size}"
-            + (f", MoE {m.moe_experts} experts top-{m.moe_top_k}" if m.moe_experts else "")
-            + (", qk-norm" if m.qk_norm else "") + (", tied embeddings" if m.tie_embeddings else ""))
     source = reader.meta.get("source")
     return "\n".join([
         f"meshforge checkpoint {reader.path}",
-        f"  architecture: {arch}",
+        f"  architecture: {_architecture(m)}",
         f"  parameters:   {n:,}",
         f"  dtype:        {dtypes}",
         f"  step:         {reader.step}",
-        f"  layout:       {reader.layout()}" + (f"; made by convert from {source}" if source else ""),
+        f"  layout:       {reader.layout()}" + (f"; made by convert from {_source(source)}" if source else ""),
         f"  exports to:   {hf}",
     ])
+
+
+def _source(source) -> str:
+    """What meta.json's ``source`` records, in words (an HF directory, or key = value pairs)."""
+    if isinstance(source, dict):
+        if set(source) == {"hf_dir"}:
+            return str(source["hf_dir"])
+        return ", ".join(f"{k} = {v}" for k, v in source.items())
+    return str(source)
 
 
 def inspect_path(path: str | Path) -> str:

@@ -106,6 +106,36 @@ def write_index(directory: Path, shards: list[list[PlannedTensor]], names: list[
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, checked against the file's size (ConvertError naming the file)."""
+    size = path.stat().st_size
+    how = "re-download or re-save it (save_pretrained)"
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (None,)
+            if n is None or n > size - 8 or n > 100 << 20:
+                raise ConvertError(f"{path} is not a safetensors file (its {size} bytes hold no valid header); {how}")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError, struct.error):
+        raise ConvertError(f"{path} is not a safetensors file (its header is not JSON); {how}") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path} is not a safetensors file (its header is not a table of tensors); {how}")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            start, stop = info["data_offsets"]
+            shape = [int(d) for d in info["shape"]]
+        except (TypeError, KeyError, ValueError):
+            raise ConvertError(f"{path}: the header entry of {name!r} has no shape / data_offsets; {how}") from None
+        if not 0 <= start <= stop:
+            raise ConvertError(f"{path}: tensor {name!r} has byte range [{start}, {stop}); {how}")
+        info["shape"], end = shape, max(end, stop)
+    if 8 + n + end > size:
+        raise ConvertError(f"{path} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}; {how}")
+    return header
+
+
 class SafetensorsDir:
     """The tensors of a Hugging Face model directory, read lazily (memory-mapped) by name."""
 
@@ -113,12 +143,14 @@ class SafetensorsDir:
         self.dir = Path(directory)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                raise ConvertError(f"{index} is not a safetensors index (JSON with a weight_map); re-download "
+                                   "it") from None
         elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            weight_map = {k: "model.safetensors" for k in safetensors_header(self.dir / "model.safetensors")}
         else:
             raise ConvertError(f"{self.dir} holds no model.safetensors nor model.safetensors.index.json "
                                "(only safetensors weights are read; re-save the model with save_pretrained)")

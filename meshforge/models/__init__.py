@@ -22,7 +22,7 @@ from .decoder_stage import (decoder_blocks, decoder_pipeline_blocks, decoder_sta
 from .encoder_decoder import EncoderDecoder
 from .encoder_decoder_stage import (EncoderDecoderStage, encoder_decoder_blocks, encoder_decoder_pipeline_blocks,
                                     encoder_decoder_stage_inputs, encoder_decoder_stage_view)
-from .spec import MODEL_SPECS, ModelSpec, families_with, family_spec, register
+from .spec import ARCHITECTURE_OPTIONS, MODEL_SPECS, ModelSpec, families_with, family_spec, register
 from .tp_plans import decoder_tp_plan, encoder_decoder_tp_plan
 
 
@@ -110,12 +110,13 @@ register(ModelSpec(
     stage=decoder_stage, stage_view=decoder_stage_view, stage_inputs=decoder_stage_inputs, flops_per_token=decoder_flops,
     objectives=("lm",), position_encodings=("rope",), hf_converter="hf_decoder",
     supports_moe_parallel=True, supports_context_parallel=True, supports_fused_loss=True, supports_mup=True,
-    supports_scaling_sweeps=True, supports_grow=True))
+    supports_scaling_sweeps=True, supports_grow=True, model_options=ARCHITECTURE_OPTIONS))
 register(ModelSpec(
     "encoder_decoder", EncoderDecoder, blocks=encoder_decoder_blocks, tp_plan=encoder_decoder_tp_plan,
     pipeline_blocks=encoder_decoder_pipeline_blocks, stage=EncoderDecoderStage, stage_view=encoder_decoder_stage_view,
     stage_inputs=encoder_decoder_stage_inputs, flops_per_token=encoder_decoder_flops,
-    objectives=ENCODER_DECODER_OBJECTIVES, position_encodings=("relative", "rope"), hf_converter="hf_t5"))
+    objectives=ENCODER_DECODER_OBJECTIVES, position_encodings=("relative", "rope"), hf_converter="hf_t5",
+    model_options=("head_size",)))
 
 
 __all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model",

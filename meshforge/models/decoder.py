@@ -2,6 +2,7 @@
 
     h_0 = E[tokens]
     h_l = h_{l-1} + Attn(RMSNorm(h_{l-1}));  h_l = h_l + SwiGLU(RMSNorm(h_l))
+          (model.norm_placement = post: h_{l-1} + RMSNorm(Attn(h_{l-1})), h_l + RMSNorm(SwiGLU(h_l)))
     logits = W_out RMSNorm(h_L) / m        (W_out = E when embeddings are tied; m = 1, or muP's
                                             width multiplier dim / mup_base_dim)
 
@@ -19,18 +20,24 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import Attention, FeedForward, RMSNorm, document_mask, init_linear, output_std, rope_tables
 from .moe import MoE
+from .rope_scaling import rope_frequencies
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps,
+                                   head_dim=cfg.head_size, qkv_bias=cfg.qkv_bias, qk_norm_scope=cfg.qk_norm_scope)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim,
                                                                                        cfg.ffn_activation)
+        self.post_norm = cfg.norm_placement == "post"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        if self.post_norm:  # OLMo 2: the norms sit on the sublayers' outputs
+            x = x + self.attention_norm(self.attention(x, cos, sin, mask=mask))
+            return x + self.ffn_norm(self.feed_forward(x))
         x = x + self.attention(self.attention_norm(x), cos, sin, mask=mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -44,8 +51,8 @@ class Decoder(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.rope_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.rope_dim), persistent=False)
         self.attention_mask = document_mask
         """How document ids become the ``mask`` the attention cores take (context parallel swaps both)."""
 
@@ -70,7 +77,10 @@ class Decoder(nn.Module):
             cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        mask = None if segments is None else self.attention_mask(segments, use_flex=segments.is_cuda)
+        window = {"window": self.cfg.sliding_window} if self.cfg.sliding_window else {}
+        if segments is None and window:  # one document: the mask is the window alone
+            segments = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
+        mask = None if segments is None else self.attention_mask(segments, use_flex=segments.is_cuda, **window)
         for block in self.layers.values():
             h = block(h, cos, sin) if mask is None else block(h, cos, sin, mask=mask)
         if self.norm is not None:
@@ -89,7 +99,9 @@ class Decoder(nn.Module):
     def init_weights(self) -> None:
         """Explicit init (after ``to_empty`` from the meta device); uses torch's global RNG."""
         cfg = self.cfg
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+        inv_freq, scale = rope_frequencies(cfg)
+        cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
+                               inv_freq=inv_freq, scale=scale)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         if self.tok_embeddings is not None:

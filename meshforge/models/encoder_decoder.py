@@ -71,9 +71,9 @@ class RelativePositionBias(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention over ``context`` (itself for self-attention) with an additive bias."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, scale: float):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, scale: float, head_dim: int = 0):
         super().__init__()
-        self.head_dim = dim // n_heads
+        self.head_dim = head_dim or dim // n_heads
         self.scale = scale or None  # None: SDPA's 1/sqrt(head_dim)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
@@ -104,7 +104,7 @@ class EncoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale)
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_size)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = _ffn(cfg, layer_id)
 
@@ -118,9 +118,9 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.self_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale)
+        self.self_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_size)
         self.cross_attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.cross_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale)
+        self.cross_attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.attn_scale, cfg.head_size)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = _ffn(cfg, layer_id)
 

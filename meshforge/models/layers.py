@@ -30,12 +30,18 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_seq_len, head_dim] for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq)
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [max_seq_len, head_dim] for the rotate-half convention.
+
+    ``inv_freq`` [head_dim / 2]: the frequencies (default theta^(-2i/head_dim); a scaled RoPE passes
+    its own, see ``models/rope_scaling.py``); ``scale`` multiplies cos and sin (YaRN's attention factor).
+    """
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq.to(device, torch.float64))
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,17 +59,26 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE and optional QK-norm."""
+    """Causal grouped-query self-attention with RoPE and optional QK-norm.
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, norm_eps: float):
+    ``head_dim``: each head's width (0: dim / n_heads); ``qkv_bias``: biases on the q/k/v
+    projections; ``qk_norm_scope``: ``head`` (RMSNorm over each head, one weight shared by the
+    heads) or ``projection`` (RMSNorm over the whole q / k projection); RoPE rotates the first
+    ``cos.shape[-1]`` channels of each head and passes the rest through (partial rotary).
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, norm_eps: float, *,
+                 head_dim: int = 0, qkv_bias: bool = False, qk_norm_scope: str = "head"):
         super().__init__()
-        self.head_dim = dim // n_heads
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = head_dim or dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        per_head = qk_norm_scope == "head"
+        self.q_norm = RMSNorm(self.head_dim if per_head else n_heads * self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim if per_head else n_kv_heads * self.head_dim, norm_eps) if qk_norm else None
+        self.norm_per_head = per_head
         self.core = AttentionCore()
         self.rope = apply_rope_qk
         """How q and k are rotated (``kernels/apply.py`` may put a fused kernel of the same math here)."""
@@ -71,12 +86,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
         """``cos``/``sin``: RoPE tables of x's positions; ``mask``: what ``self.core`` takes (see AttentionCore)."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.q_norm is not None and not self.norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, k, cos, sin)
+        q, k, v = (t.view(bsz, seqlen, -1, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None and self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rot = cos.shape[-1]
+        if rot == self.head_dim:
+            q, k = self.rope(q, k, cos, sin)
+        else:  # partial rotary: the first ``rot`` channels of each head turn, the rest pass through
+            q_rot, k_rot = self.rope(q[..., :rot], k[..., :rot], cos, sin)
+            q, k = torch.cat([q_rot, q[..., rot:]], dim=-1), torch.cat([k_rot, k[..., rot:]], dim=-1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         out = self.core(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -99,20 +120,24 @@ class AttentionCore(nn.Module):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
-def document_mask(segments: torch.Tensor, use_flex: bool):
+def document_mask(segments: torch.Tensor, use_flex: bool, window: int = 0):
     """Causal attention within documents: position i sees j iff j <= i and both are in the same
-    document (``segments`` [B, T] holds a document id per position).
+    document (``segments`` [B, T] holds a document id per position); with ``window`` > 0 also
+    i - j < window (sliding-window attention).
 
     A dense boolean [B, 1, T, T] mask for SDPA, or a FlexAttention BlockMask (which skips
-    whole blocks across documents: the fast path on GPU).
+    whole blocks across documents and outside the window: the fast path on GPU).
     """
     bsz, seqlen = segments.shape
     if use_flex:
         def same_doc_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+            keep = (q_idx >= kv_idx) & (segments[b, q_idx] == segments[b, kv_idx])
+            return keep & (q_idx - kv_idx < window) if window else keep
 
         return create_block_mask(same_doc_causal, bsz, None, seqlen, seqlen, device=segments.device)
     causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segments.device).tril()
+    if window:
+        causal = causal & ~torch.ones_like(causal).tril(-window)
     return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
 
 

@@ -5,7 +5,7 @@ For the tokens x_1..x_N of a batch (flattened), with E experts and top-k routing
     logits = x W_r^T                      (fp32)
     s      = softmax(logits) | sigmoid(logits)
     S_t    = top-k of (s_t + b)            (b: aux-loss-free bias, 0 unless enabled)
-    g_t,e  = s_t,e for e in S_t            (renormalised to sum 1 if norm_topk)
+    g_t,e  = c s_t,e for e in S_t          (renormalised to sum 1 if norm_topk; c = moe_routed_scale)
     y_t    = sum_{e in S_t} g_t,e FFN_e(x_t) + sum_shared FFN_s(x_t)
 
 Capacity routing keeps, per expert, the ceil(cf * N * k / E) assignments with the highest
@@ -121,6 +121,7 @@ class MoE(nn.Module):
         self.top_k = cfg.moe_top_k
         self.score = cfg.moe_score
         self.norm_topk = cfg.moe_norm_topk
+        self.routed_scale = cfg.moe_routed_scale
         self.capacity_factor = cfg.moe_capacity_factor
         self.aux_coef = cfg.moe_aux_loss_coef
         self.z_coef = cfg.moe_z_loss_coef
@@ -144,6 +145,8 @@ class MoE(nn.Module):
         weights = probs.gather(1, chosen)
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-20)
+        if self.routed_scale != 1.0:
+            weights = weights * self.routed_scale
         return chosen, weights, logits, probs
 
     def keep_mask(self, expert_ids: torch.Tensor, expert_probs: torch.Tensor, n_tokens: int) -> torch.Tensor | None:

@@ -66,6 +66,14 @@ class ModelSpec:
     """``meshforge scaling`` plans sweeps of it (its parameter count has a closed form in scaling/shapes.py)."""
     supports_grow: bool = False
     """``meshforge convert grow`` stacks its layers (G_stack)."""
+    model_options: tuple[str, ...] = ()
+    """The ``model.*`` architecture options (of :data:`ARCHITECTURE_OPTIONS`) it implements; the others must
+    keep their defaults."""
+
+
+ARCHITECTURE_OPTIONS = ("head_size", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
+                        "sliding_window")
+"""Model options that a family implements or refuses (``ModelSpec.model_options``)."""
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {}
@@ -91,4 +99,4 @@ def families_with(feature: str) -> str:
     return ", ".join(name for name, spec in MODEL_SPECS.items() if getattr(spec, feature))
 
 
-__all__ = ["MODEL_SPECS", "ModelSpec", "families_with", "family_spec", "register"]
+__all__ = ["ARCHITECTURE_OPTIONS", "MODEL_SPECS", "ModelSpec", "families_with", "family_spec", "register"]

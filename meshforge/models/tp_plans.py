@@ -30,9 +30,10 @@ def decoder_tp_plan(m: ModelConfig) -> dict[str, str]:
         "attention_norm": "norm",
         "ffn_norm": "norm",
     }
-    if m.qk_norm:  # per head, on the local heads after the colwise projections
-        block["attention.q_norm"] = "head_norm"
-        block["attention.k_norm"] = "head_norm"
+    if m.qk_norm:  # per head, on the local heads after the colwise projections; or over the whole projection
+        norm = "head_norm" if m.qk_norm_scope == "head" else "channel_norm"
+        block["attention.q_norm"] = norm
+        block["attention.k_norm"] = norm
     plan = {"tok_embeddings": "embedding"}
     if not m.moe_experts:
         plan.update({f"layers.*.{path}": style for path, style in block.items()})

@@ -26,7 +26,8 @@ Details the model does not know about:
   after the all-gather. Inside attention and the FFN tensors are plain local tensors.
 - QK-norm acts per head on the local heads after the colwise projections. Its weight is a
   ``Replicate`` DTensor and its input is declared ``Shard(2)`` (the head dim), so the weight
-  gradient, a partial sum over this rank's heads, is all-reduced over ``tp``.
+  gradient, a partial sum over this rank's heads, is all-reduced over ``tp``. A q/k norm over the
+  whole projection (OLMo 2) gathers the projection's channels first (:class:`GatheredChannelNorm`).
 - Tied embeddings: ``parallelize_module`` gives the embedding and the output projection
   separate sharded parameters; both are ``Shard(0)`` (vocab rows) on the same mesh, so the
   tie is restored afterwards with ``model.tie_weights()`` and both uses accumulate into one
@@ -127,6 +128,34 @@ class HeadParallel(ParallelStyle):
                                  self._prepare_output_fn)
 
 
+class GatheredChannelNorm(ParallelStyle):
+    """A norm over the whole of a column-parallel projection's output (OLMo 2's q/k norm), whose
+    channels are sharded over tp: the local channels ``[B, T, C / tp]`` are all-gathered, the norm
+    runs on the whole projection with its weight replicated (every rank computes the same thing,
+    so the weight gradient needs no reduction), and each rank keeps its own channels back.
+    Backward: the channel gradients are all-gathered once, then each rank takes its slice.
+    """
+
+    def _partition(self, name, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, mesh, [Replicate()], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _prepare_input_fn(module, inputs, mesh):
+        return tuple(DTensor.from_local(t, mesh, [Shard(t.dim() - 1)], run_check=False).redistribute(
+            placements=[Replicate()]) for t in inputs)
+
+    @staticmethod
+    def _prepare_output_fn(module, output, mesh):
+        return output.redistribute(placements=[Shard(output.dim() - 1)]).to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, self._partition, self._prepare_input_fn,
+                                 self._prepare_output_fn)
+
+
 STYLE_NAMES = {
     "embedding": "vocab-sharded rows (RowwiseParallel): each rank looks up its own token ids, the partial sums "
                  "are reduce-scattered onto the sequence dim (SP) or all-reduced",
@@ -139,6 +168,8 @@ STYLE_NAMES = {
                      "(needs SP)",
     "head_norm": "a per-head norm on this rank's heads (input sharded on the head dim, weight gradient summed "
                  "over tp)",
+    "channel_norm": "GatheredChannelNorm: a norm over a colwise projection's whole output (its channels gathered, "
+                    "the norm replicated, this rank's channels kept)",
     "heads": "HeadParallel: a [entries, heads] table sharded by heads",
     "replicated_moe": "an MoE feed-forward run replicated over tp on the gathered sequence (a plain tensor), its "
                       "output sliced back onto this rank's sequence shard",
@@ -181,6 +212,8 @@ def _style(name: str, sequence_parallel: bool, loss_parallel: bool, float8: bool
         return GatheredSequenceParallel()
     if base == "head_norm":
         return SequenceParallel(sequence_dim=2, use_local_output=True)
+    if base == "channel_norm":
+        return GatheredChannelNorm()
     if base == "heads":
         return HeadParallel()
     if base == "replicated_moe":
@@ -251,4 +284,4 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
     return model
 
 
-__all__ = ["STYLE_NAMES", "GatheredSequenceParallel", "HeadParallel", "apply_tp", "build_tp_plan"]
+__all__ = ["STYLE_NAMES", "GatheredChannelNorm", "GatheredSequenceParallel", "HeadParallel", "apply_tp", "build_tp_plan"]

@@ -74,12 +74,13 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
     """Bytes one block keeps for backward, per microbatch: ``none``, ``selective``, ``full``."""
     m = cfg.model
     D, Dkv, H = m.dim, m.kv_heads * m.head_dim, m.n_heads
+    Dq = H * m.head_dim  # D unless model.head_size is set apart from dim / n_heads
     BT = B * T
     stream = BT * D // tp
-    attn = 2 * 4 * stream + 2 * e * BT * D + e * BT * (3 * D + 2 * Dkv) // tp + 4 * B * (H // tp) * T
+    attn = 2 * 4 * stream + 2 * e * BT * D + e * BT * (3 * Dq + 2 * Dkv) // tp + 4 * B * (H // tp) * T
     if m.qk_norm:
-        attn += 4 * BT * (D + Dkv) // tp
-    mm_attn = e * BT * (D + 2 * Dkv) // tp + e * BT * D + e * BT * D // tp + 4 * B * (H // tp) * T  # q,k,v,wo,sdpa
+        attn += 4 * BT * (Dq + Dkv) // tp
+    mm_attn = e * BT * (Dq + 2 * Dkv) // tp + e * BT * D + e * BT * Dq // tp + 4 * B * (H // tp) * T  # q,k,v,wo,sdpa
     if m.is_moe_layer(layer):
         N, k, F, E = BT, m.moe_top_k, m.expert_dim, m.moe_experts
         ffn = e * N * D + 2 * e * N * k * D + 4 * e * N * k * F + 2 * 4 * N * E

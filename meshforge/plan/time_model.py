@@ -181,7 +181,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         add("cp", "p2p", cp, 2 * kv, mb * layers * (fwd + 1) * (cp - 1), True)
         add("cp", "p2p", cp, 2 * kv * 4 // e, mb * layers * cp, True)
     else:  # all-to-all: q, k, v to heads and the output back, forward and the same backward
-        add("cp", "all_to_all", cp, B * Tl * m.dim * e // tp, mb * layers * 2 * (fwd + 1), True)
+        add("cp", "all_to_all", cp, B * Tl * m.n_heads * m.head_dim * e // tp, mb * layers * 2 * (fwd + 1), True)
         add("cp", "all_to_all", cp, kv, mb * layers * 2 * (fwd + 1), True)
     add("ep", "all_to_all", ep, B * Tl * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
     if pp > 1:

@@ -47,7 +47,9 @@ def count_params(m: ModelConfig) -> ParamCounts:
         raise ScalingError(f"scaling sweeps plan dense decoders; model.family = {m.family!r}, "
                            f"model.moe_experts = {m.moe_experts}")
     d, q = m.dim, m.head_dim
-    attn = d * m.n_heads * q + 2 * d * m.kv_heads * q + m.n_heads * q * d + (2 * q if m.qk_norm else 0)
+    qk_norm = 2 * q if m.qk_norm_scope == "head" else (m.n_heads + m.kv_heads) * q
+    attn = (d * m.n_heads * q + 2 * d * m.kv_heads * q + m.n_heads * q * d + (qk_norm if m.qk_norm else 0)
+            + ((m.n_heads + 2 * m.kv_heads) * q if m.qkv_bias else 0))
     block = attn + 3 * d * m.hidden_dim + 2 * d
     non_emb = m.n_layers * block + d
     emb = m.vocab_size * d
