@@ -156,7 +156,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
     cfg = job_config_for(m, final_dir, final_dir / tok.main_file if tok is not None else None)
     hf_config = read_hf_config(hf_dir)  # its special ids go to the export when there is no tokenizer
     ids = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve()), "token_ids": ids}}, tok)
+    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}, "hf_token_ids": ids}, tok)
     n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
     log(f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "
         f"`meshforge train --config {output}/model.toml --data.path ...`"
