@@ -27,8 +27,16 @@ TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_atte
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(TINY, rope_theta=10000.0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(TINY, head_dim=32)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(TINY, sliding_window=8, head_dim=32)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(TINY)),
 }
 """name -> (transformers config class, model class, config arguments besides the vocabulary and special ids)."""
+DEFAULT_SUITE = ("llama",)
+"""The rows the default suite runs; the others are marked slow (each is about half a minute).
+Qwen2 is not a row: transformers 5 loads a Qwen2 directory's tokenizer as its Qwen2Tokenizer,
+which adds NFC normalisation, so this test's Llama-3-style tokenizer.json encodes differently
+there (export refuses it, rightly); Qwen2's own tokenizer.json has NFC and agrees."""
 
 VOCAB = 512
 TEST_TEXT = "Ünïcödé 日本語, emoji 🦜🚀,   long   runs\n\n\n\t\t of whitespace, digits 3.14159 and 1234567890."
@@ -60,7 +68,7 @@ TRAIN_OVERRIDES = {"train.steps": 20, "train.global_batch_size": 4, "data.seq_le
                    "train.progress": False, "train.sample_tokens": 8, "checkpoint.interval": 20}
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [f if f in DEFAULT_SUITE else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_import_prepare_train_export_generate(family, byte_bpe_tokenizer, tmp_path, capsys):
     hf_dir, init, data, run, out = (tmp_path / n for n in ("hf", "init", "data", "run", "export"))
     source = make_hf_model(family, byte_bpe_tokenizer, hf_dir)
