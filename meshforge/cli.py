@@ -64,8 +64,19 @@ def cmd_generate(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from .tokenizers import train_tokenizer
+    from .tokenizers import TokenizerError, train_tokenizer
 
+    if args.model_type == "byte-bpe":
+        from .tokenizers.bpe_train import train_byte_bpe_files
+
+        if not args.output:
+            raise TokenizerError("--model-type byte-bpe writes a Hugging Face tokenizer directory: pass --output DIR")
+        path = train_byte_bpe_files(args.input, args.output, args.vocab_size, special_tokens=args.special_tokens,
+                                    n_reserved=args.reserved, text_field=args.text_field)
+        print(f"wrote {path}")
+        return 0
+    if not args.model_prefix:
+        raise TokenizerError("a sentencepiece tokenizer is written to PREFIX.model: pass --model-prefix PREFIX")
     path = train_tokenizer(
         args.input, args.model_prefix, args.vocab_size, model_type=args.model_type,
         byte_fallback=False if args.no_byte_fallback else None, split_digits=False if args.no_split_digits else None,
@@ -89,7 +100,8 @@ def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     num_nodes = env_nodes if args.num_nodes is None else args.num_nodes
     settings = dict(inputs=args.input, tokenizer_path=args.tokenizer, workers=args.workers, text_field=args.text_field,
                     hf_dataset=args.hf_dataset, hf_split=args.hf_split, hf_streaming=args.hf_streaming,
-                    hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard, overwrite=args.overwrite)
+                    hf_rows_per_slice=args.hf_rows_per_slice, docs_per_shard=args.docs_per_shard, overwrite=args.overwrite,
+                    add_bos=args.bos, append_eos=args.eos)
     if is_url(args.output):  # staged under the cache dir, uploaded as shards finish, manifest last
         manifest = prepare_to_url(args.output, resolve_cache_dir(args.cache_dir), prepare_data,
                                   num_nodes=1 if args.num_nodes is None else args.num_nodes, **settings)
@@ -185,13 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
-    p = tok.add_parser("train", help="train a sentencepiece model")
+    p = tok.add_parser("train", help="train a sentencepiece model or a byte-level BPE tokenizer.json")
     p.add_argument("--input", nargs="+", required=True, help=".txt, .jsonl or .jsonl.gz files")
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model (atomically; the vocabulary is inside it)")
+    p.add_argument("--model-prefix", default=None, help="sentencepiece: writes PREFIX.model (atomically; the vocabulary is inside it)")
+    p.add_argument("--output", default=None, help="byte-bpe: the directory for tokenizer.json + tokenizer_config.json")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--preset", choices=("llama", "t5"), default=None,
                    help="llama: BPE, byte fallback, digits split; t5: unigram + 100 <extra_id_i> sentinels")
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default=None, help="default: the preset's (bpe)")
+    p.add_argument("--model-type", choices=("bpe", "unigram", "byte-bpe"), default=None,
+                   help="default: the preset's (bpe); byte-bpe: a Hugging Face byte-level BPE (GPT-2 / Llama 3 style, no unknown token)")
     p.add_argument("--no-byte-fallback", action="store_true")
     p.add_argument("--no-split-digits", action="store_true")
     p.add_argument("--special-tokens", nargs="*", default=[], help="extra user-defined symbols")
@@ -210,7 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-split", default="train")
     p.add_argument("--hf-streaming", action="store_true", help="read --hf-dataset with load_dataset(dir, streaming=True)")
     p.add_argument("--hf-rows-per-slice", type=int, default=0, help="cut a saved HF dataset into slices of this many rows")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument("--tokenizer", required=True,
+                   help="a sentencepiece .model, a Hugging Face tokenizer.json, a tiktoken BPE file, or an HF directory "
+                        "holding one")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every document with BOS (default: the tokenizer's convention)")
+    p.add_argument("--eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="end every document with EOS (default: when the tokenizer has one)")
     p.add_argument("--output", required=True, help="output data dir (must not hold a manifest yet), or a URL "
                    "(s3://bucket/prefix, ...): staged under --cache-dir, shards uploaded as they finish, manifest last")
     p.add_argument("--cache-dir", default="", help="staging dir root for a URL --output (default: $MESHFORGE_CACHE or ~/.cache/meshforge)")

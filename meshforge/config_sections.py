@@ -207,7 +207,7 @@ class DataConfig:
     path: str = "builtin:shakespeare"
     """A prepared data dir (``meshforge data prepare`` output, with manifest.json), its URL (``s3://bucket/prefix``, ``https://host/prefix``, any installed fsspec scheme; credentials from the environment only), or ``builtin:shakespeare``."""
     tokenizer: str = ""
-    """Sentencepiece model file; empty means the tokenizer recorded in the data manifest."""
+    """The tokenizer: a sentencepiece ``.model``, a ``tokenizer.json``, a tiktoken BPE file, or a directory holding one (an HF model or init dir); empty means the data dir's copy. It must be the one the data was prepared with (same fingerprint)."""
     seq_len: int = 128
     """Tokens per training sample (each sample holds seq_len+1 tokens: inputs and shifted targets)."""
     valid_fraction: float = 0.02

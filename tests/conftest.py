@@ -158,3 +158,11 @@ def s3(tiny_data, tmp_path_factory):
         server.stop()
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session")
+def byte_bpe_tokenizer(tmp_path_factory) -> Path:
+    """A real 512-token byte-level BPE ``tokenizer.json`` (+ tokenizer_config.json) trained on the built-in corpus."""
+    from meshforge.tokenizers.bpe_train import train_byte_bpe
+
+    return train_byte_bpe(builtin_docs(120), tmp_path_factory.mktemp("bpe"), 512)

@@ -65,7 +65,10 @@ def test_prepare_txt_jsonl_gz(tmp_path, mixed_inputs, tiny_tokenizer):
     assert [s["documents"] for s in m["shards"]] == [1, 2, 9]  # one shard per non-empty input
     assert [s["documents"] for s in m["sources"]] == [1, 0, 2, 9]
     assert m["dtype"] == "uint16" and m["append_eos"] is True
-    assert m["tokenizer"] == {"path": str(out / "tokenizer.model"), "fingerprint": tok.fingerprint, "vocab_size": 400}
+    assert m["tokenizer"] == {"path": str(out / "tokenizer.model"), "fingerprint": tok.fingerprint, "vocab_size": 400,
+                              "kind": "sentencepiece", "bos_id": 2, "eos_id": 3, "pad_id": 0, "add_bos": False,
+                              "files": ["tokenizer.model"]}
+    assert m["add_bos"] is False
     assert (out / "tokenizer.model").read_bytes() == tiny_tokenizer.read_bytes()
     got = shard_docs(out, m)
     assert len(got) == len(want)

@@ -309,3 +309,16 @@ def test_urls_are_told_apart_from_paths():
     assert is_url("s3://b/p") and is_url("https://h/p") and is_url("gs://b")
     assert not is_url("/data/x") and not is_url("data/web") and not is_url("file:///data") and not is_url("C:/x")
     assert check_url("https://host/prefix/") == "https://host/prefix"
+
+
+def test_s3_upload_of_hf_tokenized_data_carries_its_tokenizer(byte_bpe_tokenizer, tiny_data, s3, tmp_path):
+    """A tokenizer.json data set: the upload carries tokenizer.json + its config, the node cache fetches them."""
+    from meshforge.tokenizers import load_tokenizer
+
+    prepare_to_url("s3://bucket/hfdata", tmp_path / "stage", prepare_data, inputs=[str(tiny_data.parent / "corpus.jsonl")],
+                   tokenizer_path=str(byte_bpe_tokenizer.parent), docs_per_shard=40, progress=False)
+    info = open_remote_data_dir("s3://bucket/hfdata", "", tmp_path / "cache")
+    tok = load_tokenizer(byte_bpe_tokenizer)
+    assert (info.tokenizer_fingerprint, info.vocab_size) == (tok.fingerprint, 512)
+    assert info.manifest["tokenizer"]["files"] == ["tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(info.tokenizer_path).eos_id == tok.eos_id == 1

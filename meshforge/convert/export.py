@@ -27,7 +27,7 @@ import torch
 
 from .dcp_reader import CheckpointReader, resolve_checkpoint
 from .families import converter
-from .hf_tokenizer import check_vocab, token_ids, write_hf_tokenizer
+from .hf_tokenizer import check_vocab, token_ids, tokenizer_of, write_tokenizer
 from .safetensors_io import ConvertError, PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,15 +69,16 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     path = resolve_checkpoint(checkpoint, step)
     reader = CheckpointReader(path)
     m = reader.config.model
-    tok_file = reader.path / "tokenizer.model"
+    tok = tokenizer_of(reader.path)
     family = converter(m)  # the family's HF converter; refuses what it cannot represent
-    config, mapping, keep = family.export_plan(m, token_ids(tok_file if tok_file.is_file() else None), dtype, reader)
+    imported = reader.meta.get("hf_token_ids")  # an init dir's, from the HF config it came from
+    config, mapping, keep = family.export_plan(m, token_ids(tok, imported), dtype, reader)
     config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     missing = sorted({ours for _, ours, _ in mapping if ours not in reader.entries})
     if missing:
         raise ConvertError(f"checkpoint {reader.path} lacks {len(missing)} weight(s) its config needs, e.g. {missing[0]}")
-    if tok_file.is_file():
-        check_vocab(tok_file, m.vocab_size)
+    if tok is not None:
+        check_vocab(tok, m.vocab_size)
     target = EXPORT_DTYPES[dtype]
     planned = [PlannedTensor(hf, reader.shape(ours)[1:] if e is not None else reader.shape(ours),
                              target if reader.dtype(ours).is_floating_point and ours not in keep else reader.dtype(ours))
@@ -102,10 +103,10 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
             log(f"wrote {fname} ({len(shard)} tensors)")
         cached = None
         write_index(tmp, shards, names)
-        if tok_file.is_file():
-            write_hf_tokenizer(tok_file, tmp, seq2seq=family.SEQ2SEQ)
+        if tok is not None:
+            write_tokenizer(tok, tmp, seq2seq=family.SEQ2SEQ)
         else:
-            log(f"note: checkpoint {reader.path} has no tokenizer.model; the export has no tokenizer")
+            log(f"note: checkpoint {reader.path} has no tokenizer; the export has no tokenizer")
         (tmp / "meshforge_export.json").write_text(json.dumps(
             {"checkpoint": str(reader.path), "step": reader.step, "layout": reader.layout(), "dtype": dtype}, indent=1))
     log(f"exported {reader.path} (step {reader.step}, {reader.layout()}) as {config.architectures[0]} to {output}")

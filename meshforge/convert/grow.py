@@ -21,6 +21,7 @@ from ..config import validate
 from ..models import family_spec
 from .dcp_reader import CheckpointReader, resolve_checkpoint
 from .export import check_output_dir
+from .hf_tokenizer import tokenizer_of
 from .import_ import write_init_checkpoint
 from .safetensors_io import ConvertError
 
@@ -54,13 +55,12 @@ def grow_checkpoint(checkpoint: str | Path, output: str | Path, depth_factor: in
                 state[grown_name(name, m.n_layers, copy)] = tensor
     cfg = dataclasses.replace(reader.config, model=dataclasses.replace(m, n_layers=m.n_layers * depth_factor))
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=str(output.resolve()))
-    tok = reader.path / "tokenizer.model"
-    if tok.is_file():
-        cfg.data = dataclasses.replace(cfg.data, tokenizer=str(output.resolve() / "tokenizer.model"))
+    tok = tokenizer_of(reader.path)
+    if tok is not None:
+        cfg.data = dataclasses.replace(cfg.data, tokenizer=str(output.resolve() / tok.main_file))
     validate(cfg)
     write_init_checkpoint(output, cfg, state, {"source": {"grown_from": str(reader.path), "step": reader.step,
-                                                         "depth_factor": depth_factor}},
-                          tok if tok.is_file() else None)
+                                                         "depth_factor": depth_factor}}, tok)
     log(f"grew {reader.path} ({m.n_layers} layers, step {reader.step}) x{depth_factor} into {output} "
         f"({cfg.model.n_layers} layers); train from it with `meshforge train --config {output}/model.toml ...`")
     return output

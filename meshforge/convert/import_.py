@@ -2,11 +2,13 @@
 
 The output directory is a DCP checkpoint of the model weights (``model.*`` entries, as
 every training checkpoint has) with ``meta.json`` (step 0 and the full config), the
-sentencepiece ``tokenizer.model`` when the HF directory has one, and ``model.toml``: a
-preset reproducing the architecture, with ``checkpoint.init_from`` pointing at the
-directory. ``meshforge train --config DIR/model.toml --data.path ...`` (or any preset plus
-``--checkpoint.init_from DIR``) starts training from the imported weights under any layout,
-with a fresh optimizer at step 0.
+HF directory's tokenizer when it has one (``tokenizer.json`` with its config files, special
+tokens resolved; else a sentencepiece ``tokenizer.model``), and ``model.toml``: a preset
+reproducing the architecture, with ``checkpoint.init_from`` and ``data.tokenizer`` relative
+to it (``./``), so the directory can be moved. ``meshforge train --config DIR/model.toml
+--data.path ...`` (or any preset plus ``--checkpoint.init_from DIR``) starts training from the
+imported weights under any layout, with a fresh optimizer at step 0. Without a tokenizer,
+``meta.json`` keeps the HF config's bos/eos/pad ids for the export.
 
 Checks before anything is written: ``config.json`` valid JSON naming a known architecture
 whose math meshforge reproduces (else the feature is named), every shard of the index
@@ -26,11 +28,11 @@ import torch
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
 from ..pretrain import dcp_io
 from ..pretrain.checkpoint_files import file_records
-from ..tokenizers import load_tokenizer
+from ..tokenizers import Tokenizer, load_tokenizer
 from .export import check_output_dir, staged_output
 from .families import converter_for_architecture, known_architectures
 from .hf_checks import check_safetensors_files, check_shapes, read_config_json
-from .hf_tokenizer import sentencepiece_from_hf
+from .hf_tokenizer import check_vocab, tokenizer_of
 from .safetensors_io import ConvertError, SafetensorsDir
 
 IGNORED_HF = ("rotary_emb.inv_freq",)
@@ -128,14 +130,14 @@ def preset_toml(cfg: JobConfig, home: Path | None = None) -> str:
 
 
 def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.Tensor], extra_meta: dict,
-                          tokenizer: Path | None = None) -> Path:
-    """A step-0 DCP checkpoint of ``state`` plus meta.json, model.toml and the tokenizer, atomically."""
+                          tokenizer: Tokenizer | Path | None = None) -> Path:
+    """A step-0 DCP checkpoint of ``state`` plus meta.json, model.toml and the tokenizer (its files), atomically."""
     output = Path(output)
     check_output_dir(output)
     with staged_output(output) as tmp:
         dcp_io.save({"model": {k: v.contiguous() for k, v in state.items()}}, tmp, alone=True)
         if tokenizer is not None:
-            (tmp / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+            (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(tmp)
         (tmp / "model.toml").write_text(preset_toml(cfg, output))
         meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta,
                 "files": file_records(tmp)}  # checked by train, generate and export, as a training checkpoint's
@@ -147,16 +149,16 @@ def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
     hf_dir, output = Path(hf_dir), Path(output)
     check_output_dir(output)
     m, state = hf_to_meshforge(hf_dir)
-    spm = sentencepiece_from_hf(hf_dir)
-    if spm is not None:
-        n = load_tokenizer(spm).vocab_size
-        if n > m.vocab_size:
-            raise ConvertError(f"{spm} has {n} pieces but the model's vocab_size is {m.vocab_size}")
-    final_dir = output.resolve()
-    cfg = job_config_for(m, final_dir, final_dir / "tokenizer.model" if spm is not None else None)
-    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}}, spm)
+    tok = tokenizer_of(hf_dir)
+    if tok is not None:
+        check_vocab(tok, m.vocab_size)
+    final_dir = output.resolve()  # model.toml names it, and the tokenizer in it, relative to itself
+    cfg = job_config_for(m, final_dir, final_dir / tok.main_file if tok is not None else None)
+    hf_config = read_hf_config(hf_dir)  # its special ids go to the export when there is no tokenizer
+    ids = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}, "hf_token_ids": ids}, tok)
     n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
     log(f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "
         f"`meshforge train --config {output}/model.toml --data.path ...`"
-        + ("" if spm else " (no tokenizer.model in the HF dir: pass --data.tokenizer)"))
+        + ("" if tok else " (the HF dir has no tokenizer.json or tokenizer.model: pass --data.tokenizer)"))
     return output

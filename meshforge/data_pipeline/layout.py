@@ -3,7 +3,8 @@
 A prepared data dir holds::
 
     shard_00000.bin/.idx ...   Megatron indexed format (no shard for a slice without documents)
-    tokenizer.model            the tokenizer the data was tokenized with
+    tokenizer.model            the tokenizer the data was tokenized with: a sentencepiece model, or
+    tokenizer.json (+ tokenizer_config.json)    a Hugging Face tokenizer (special tokens resolved)
     .prepare/plan.json         the slices and settings (same on every node and restart)
     .prepare/slice_00000.json  done-marker of one slice: its shards with sizes and sha256
     .prepare/node_00000-of-00002.json   per-node partial manifest
@@ -12,8 +13,10 @@ A prepared data dir holds::
 ``manifest.json``::
 
     {"format": "meshforge-indexed-v1",
-     "tokenizer": {"path": ..., "fingerprint": ..., "vocab_size": ...},
-     "dtype": "uint16", "append_eos": true, "num_documents": N, "num_tokens": N,
+     "tokenizer": {"path": ..., "fingerprint": ..., "vocab_size": ..., "kind": "sentencepiece" | "hf",
+                   "bos_id": n | null, "eos_id": n | null, "pad_id": n | null, "add_bos": bool,
+                   "files": ["tokenizer.model"] (the tokenizer's files in the data dir)},
+     "dtype": "uint16" (int32 from a 65,500-token vocabulary), "append_eos": true, "add_bos": false, "num_documents": N, "num_tokens": N,
      "num_slices": S, "plan": "<hash>",
      "shards": [{"prefix": "shard_00000", "slice": 0, "documents": n, "tokens": n,
                  "bin_bytes": n, "idx_bytes": n, "bin_sha256": ..., "idx_sha256": ...,
@@ -22,7 +25,8 @@ A prepared data dir holds::
      "skipped_records": {"empty": n, "invalid_utf8": n, "invalid_json": n,
                          "missing_field": n, "non_string_field": n}}
 
-JSON files are written to a temporary name and renamed (:func:`atomic_write_json`).
+Manifests written before the ``kind`` .. ``add_bos`` fields existed read the same (they were
+sentencepiece, EOS-only). JSON files are written to a temporary name and renamed (:func:`atomic_write_json`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 MANIFEST = "manifest.json"
 FORMAT = "meshforge-indexed-v1"
 TOKENIZER_FILE = "tokenizer.model"
+"""A sentencepiece data dir's tokenizer (an HF one's is ``tokenizer.json``; load either with ``load_tokenizer(dir)``)."""
 WORK_DIR = ".prepare"
 PLAN_FILE = "plan.json"
 

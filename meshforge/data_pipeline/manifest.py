@@ -22,7 +22,6 @@ from meshforge.data_pipeline.layout import (
     FORMAT,
     MANIFEST,
     PLAN_FILE,
-    TOKENIZER_FILE,
     WORK_DIR,
     atomic_write_json,
     marker_path,
@@ -30,7 +29,7 @@ from meshforge.data_pipeline.layout import (
     slice_done,
 )
 from meshforge.text_inputs import sum_skips
-from meshforge.tokenizers import Tokenizer, TokenizerError, load_tokenizer
+from meshforge.tokenizers import TOKENIZER_FILES, Tokenizer, TokenizerError, load_tokenizer
 
 
 def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Path | None = None) -> dict:
@@ -68,19 +67,21 @@ def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Pat
     skipped = sum_skips(m["skipped"] for m in markers)
     if num_docs == 0:
         shutil.rmtree(work / WORK_DIR, ignore_errors=True)
-        (work / TOKENIZER_FILE).unlink(missing_ok=True)
+        for name in TOKENIZER_FILES:
+            (work / name).unlink(missing_ok=True)
         if work.exists() and not any(work.iterdir()):
             work.rmdir()
         raise DataError(
             f"inputs {[s['path'] for s in plan['slices']]} hold no documents (skipped: {skipped}): "
             f"check the files and text_field={plan['text_field']!r}"
         )
-    tok = load_tokenizer(work / TOKENIZER_FILE)
+    tok = load_tokenizer(work)
     manifest = {
         "format": FORMAT,
-        "tokenizer": {"path": str(out / TOKENIZER_FILE), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+        "tokenizer": {"path": str(out / tok.path.name), **tok.describe(), "files": sorted(tok.files())},
         "dtype": plan["dtype"],
         "append_eos": plan["append_eos"],
+        "add_bos": "bos_id" in plan,
         "num_documents": num_docs,
         "num_tokens": sum(m["tokens"] for m in markers),
         "num_slices": n,
@@ -191,8 +192,8 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
                     f"use the tokenizer the data was prepared with"
                 )
         else:
-            local = d / TOKENIZER_FILE
-            tok = _load_tok(local if local.exists() else mtok.get("path", ""), f"tokenizer of {d}")
+            local = any((d / name).is_file() for name in TOKENIZER_FILES)
+            tok = _load_tok(d if local else mtok.get("path", ""), f"tokenizer of {d}")
         return DataInfo(d, shards, manifest["num_documents"], manifest["num_tokens"],
                         str(tok.path), tok.fingerprint, tok.vocab_size, manifest)
     if not d.is_dir():
@@ -202,8 +203,8 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
         raise DataError(f"data path {d} holds neither {MANIFEST} nor .idx/.bin shards: prepare it with `meshforge data prepare`")
     if not tokenizer_path:
         raise DataError(
-            f"data path {d} holds Megatron shards but no {MANIFEST}: set data.tokenizer to the sentencepiece model "
-            f"the data was tokenized with"
+            f"data path {d} holds Megatron shards but no {MANIFEST}: set data.tokenizer to the tokenizer (.model, "
+            f"tokenizer.json or HF dir) the data was tokenized with"
         )
     tok = _load_tok(tokenizer_path, "data.tokenizer")
     shards = [IndexedShard(p) for p in prefixes]

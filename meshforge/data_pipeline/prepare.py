@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 from collections import deque
 from pathlib import Path
@@ -31,12 +30,10 @@ from tqdm import tqdm
 
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.indexed import dtype_for_vocab
-from meshforge.file_hash import file_sha256
 from meshforge.data_pipeline.layout import (
     FORMAT,
     MANIFEST,
     PLAN_FILE,
-    TOKENIZER_FILE,
     WORK_DIR,
     atomic_write_json,
     marker_path,
@@ -58,28 +55,38 @@ def _cached_tokenizer(path: str) -> Tokenizer:
 
 
 def _encode_chunk(task: tuple) -> tuple[int, list[np.ndarray], bool]:
-    """Worker job: token arrays (EOS appended if asked) for one chunk of one slice."""
-    tok_path, append_eos, dtype, slice_idx, texts, last = task
+    """Worker job: token arrays (BOS / EOS added as planned) for one chunk of one slice."""
+    tok_path, bos, eos, dtype, slice_idx, texts, last = task
     tok = _cached_tokenizer(tok_path)
-    out = []
-    for ids in tok.encode_batch(texts) if texts else []:
-        if append_eos:
-            ids.append(tok.eos_id)
-        out.append(np.asarray(ids, dtype=dtype))
+    head, tail = ([bos] if bos is not None else []), ([eos] if eos is not None else [])
+    out = [np.asarray(head + ids + tail, dtype=dtype) for ids in (tok.encode_batch(texts) if texts else [])]
     return slice_idx, out, last
 
 
-def _plan(slices: list[Slice], tok: Tokenizer, dtype, append_eos: bool, text_field: str, docs_per_shard: int) -> dict:
+def document_ends(tok: Tokenizer, add_bos: bool | None, append_eos: bool | None) -> tuple[int | None, int | None]:
+    """(BOS id or None, EOS id or None) each document gets: the tokenizer's convention unless overridden."""
+    add_bos = tok.add_bos if add_bos is None else add_bos
+    append_eos = tok.eos_id is not None if append_eos is None else append_eos
+    for wanted, role, i in ((add_bos, "BOS", tok.bos_id), (append_eos, "EOS", tok.eos_id)):
+        if wanted and i is None:
+            raise DataError(f"tokenizer {tok.path} has no {role} token, so documents cannot get one: drop the "
+                            f"{role.lower()} override (or name the token in its tokenizer_config.json)")
+    return (tok.bos_id if add_bos else None), (tok.eos_id if append_eos else None)
+
+
+def _plan(slices: list[Slice], tok: Tokenizer, dtype, ends: tuple, text_field: str, docs_per_shard: int) -> dict:
     body = {
         "format": FORMAT,
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
         "dtype": np.dtype(dtype).name,
-        "append_eos": append_eos,
+        "append_eos": ends[1] is not None,
         "text_field": text_field,
         "docs_per_shard": docs_per_shard,
         "slices": [{**s.describe(), "bytes": s.size} for s in slices],
     }
+    if ends[0] is not None:  # only when set, so plans of EOS-only preparations keep their hash
+        body["bos_id"] = ends[0]
     body["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return body
 
@@ -125,13 +132,14 @@ def prepare_data(
     hf_split: str = "train",
     hf_streaming: bool = False,
     hf_rows_per_slice: int = 0,
-    append_eos: bool = True,
+    append_eos: bool | None = None,
     docs_per_shard: int = 0,
     progress: bool = True,
     overwrite: bool = False,
     node_rank: int | None = None,
     num_nodes: int | None = None,
     merge: bool = True,
+    add_bos: bool | None = None,
 ) -> dict:
     """Tokenize this node's slices of the inputs into ``output_dir``; returns a manifest.
 
@@ -145,7 +153,11 @@ def prepare_data(
     ``merge`` is on, writes ``manifest.json`` and returns it; otherwise returns this node's
     partial manifest (``"format": "meshforge-node-partial-v1"``). ``workers`` > 1 tokenizes
     in a ``spawn`` process pool (call under ``if __name__ == "__main__":``); the output is
-    byte-identical for any worker and node count. Input and settings errors raise
+    byte-identical for any worker and node count. ``tokenizer_path``: a sentencepiece
+    ``.model``, a ``tokenizer.json``, or a directory holding one; vocabularies of 65,500 and
+    more are stored as int32. Each document starts with BOS when the tokenizer's convention
+    says so (``add_bos`` overrides) and ends with EOS when the tokenizer has one
+    (``append_eos`` overrides). Input and settings errors raise
     :class:`DataError` before anything is written.
     """
     if workers < 1:
@@ -169,7 +181,8 @@ def prepare_data(
     except TokenizerError as exc:
         raise DataError(str(exc)) from None
     dtype = np.dtype(dtype_for_vocab(tok.vocab_size))
-    plan = _plan(slices, tok, dtype, append_eos, text_field, docs_per_shard)
+    ends = document_ends(tok, add_bos, append_eos)
+    plan = _plan(slices, tok, dtype, ends, text_field, docs_per_shard)
     work = _work_dir(out, overwrite, num_nodes, plan)
     existed = work.exists()
     fresh = num_nodes == 1 and not (existed and any(work.iterdir()))
@@ -188,14 +201,11 @@ def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, append_eos, tex
     (work / WORK_DIR).mkdir(parents=True, exist_ok=True)
     if not (work / WORK_DIR / PLAN_FILE).exists():
         atomic_write_json(work / WORK_DIR / PLAN_FILE, plan)
-    if not (work / TOKENIZER_FILE).exists() or file_sha256(work / TOKENIZER_FILE) != tok.fingerprint:
-        tmp = work / f".{TOKENIZER_FILE}.{os.getpid()}.tmp"
-        shutil.copyfile(tok.path, tmp)
-        os.replace(tmp, work / TOKENIZER_FILE)
+    saved = tok.save(work)  # each file atomically; the data dir holds a self-contained copy
 
     mine = list(range(node_rank, len(slices), num_nodes))
     todo = [i for i in mine if slice_done(work, i, plan["hash"]) is None]
-    _tokenize_slices(work, slices, todo, plan["hash"], str(tok.path), append_eos, dtype, text_field, docs_per_shard,
+    _tokenize_slices(work, slices, todo, plan["hash"], str(saved), ends, dtype, text_field, docs_per_shard,
                      workers, progress, out.name)
     markers = [slice_done(work, i, plan["hash"]) for i in mine]
     partial = {
@@ -214,7 +224,7 @@ def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, append_eos, tex
     return partial
 
 
-def _tokenize_slices(work, slices, todo, plan_hash, tok_path, append_eos, dtype, text_field, docs_per_shard,
+def _tokenize_slices(work, slices, todo, plan_hash, tok_path, ends, dtype, text_field, docs_per_shard,
                      workers, progress, name) -> None:
     if not todo:
         return
@@ -226,9 +236,9 @@ def _tokenize_slices(work, slices, todo, plan_hash, tok_path, append_eos, dtype,
             for text in slice_documents(slices[i], text_field, skipped[i]):
                 buf.append(text)
                 if len(buf) == _CHUNK_DOCS:
-                    yield (tok_path, append_eos, dtype.str, i, buf, False)
+                    yield (tok_path, *ends, dtype.str, i, buf, False)
                     buf = []
-            yield (tok_path, append_eos, dtype.str, i, buf, True)
+            yield (tok_path, *ends, dtype.str, i, buf, True)
 
     sinks: dict[int, SliceSink] = {}
     bar = tqdm(desc=f"tokenizing -> {name}", unit="doc", disable=not progress)

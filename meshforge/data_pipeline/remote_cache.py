@@ -3,7 +3,7 @@
 ``open_remote_data_dir(url, ...)`` keeps ``<cache_dir>/remote/<sha256(url)[:16]>/``::
 
     manifest.json       the remote manifest, as fetched
-    tokenizer.model     the data's tokenizer (its fingerprint checked against the manifest)
+    tokenizer.model     the data's tokenizer (or tokenizer.json + its config; fingerprint checked against the manifest)
     shard_00000.idx     every shard's index (size and sha256 checked against the manifest)
     shard_00000.bin     only with data.remote_mode = download (size and sha256 checked)
     objects.json        size and ETag of every remote object when it was first seen
@@ -90,9 +90,8 @@ def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: s
             raise _cache_error(exc, local) from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    tok_file = local / TOKENIZER_FILE
     try:
-        tok = load_tokenizer(tokenizer_path or tok_file)
+        tok = load_tokenizer(tokenizer_path or local)  # the cached copy: tokenizer.json or tokenizer.model
     except TokenizerError as exc:
         raise DataError(f"tokenizer of {store.url}: {exc}") from None
     if tok.fingerprint != manifest["tokenizer"].get("fingerprint"):
@@ -128,8 +127,9 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
         objects = {}
         store.get_file(MANIFEST, local / MANIFEST)
     manifest = _read_manifest(local / MANIFEST, store)
-    if not (local / TOKENIZER_FILE).is_file():
-        store.get_file(TOKENIZER_FILE, local / TOKENIZER_FILE)
+    for name in manifest["tokenizer"].get("files", [TOKENIZER_FILE]):  # older manifests: the sentencepiece model
+        if not (local / name).is_file():
+            store.get_file(name, local / name)
     with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="meshforge-fetch") as pool:  # the first error, in shard order
         list(pool.map(lambda e: _fetch_checked(store, local, e, "idx"), manifest["shards"]))
     names = [f"{e['prefix']}.bin" for e in manifest["shards"]]

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from meshforge.data_pipeline.errors import DataError
-from meshforge.data_pipeline.layout import MANIFEST, TOKENIZER_FILE, WORK_DIR, read_json
+from meshforge.data_pipeline.layout import MANIFEST, WORK_DIR, read_json
+from meshforge.tokenizers import TOKENIZER_FILES
 from meshforge.data_pipeline.remote import RemoteStore
 from meshforge.data_pipeline.remote_cache import cache_path
 
@@ -101,7 +102,9 @@ def prepare_to_url(url: str, cache_dir: Path, prepare: Callable[..., dict], over
     finally:
         uploader._stop.set()
     uploader.finish()
-    store.put_file(staging / TOKENIZER_FILE, TOKENIZER_FILE)
+    for name in TOKENIZER_FILES:  # a sentencepiece .model, or tokenizer.json + its config
+        if (staging / name).is_file():
+            store.put_file(staging / name, name)
     store.put_file(staging / MANIFEST, MANIFEST)
     shutil.rmtree(staging, ignore_errors=True)
     return manifest

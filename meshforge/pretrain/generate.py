@@ -100,7 +100,8 @@ def generate_text(
     """The prompt followed by the generated continuation, as text.
 
     For an encoder-decoder the prompt is a corrupted text with sentinels (``<extra_id_0>``
-    ...) and the result is the decoder's output: each sentinel followed by its filling.
+    ...) and the result is the decoder's output: each sentinel followed by its filling. A
+    decoder's prompt starts with BOS when the tokenizer's convention puts BOS before documents.
     """
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
@@ -110,9 +111,10 @@ def generate_text(
                                    temperature, tokenizer.eos_id, seed, device, vocab_limit=tokenizer.vocab_size)
         return tokenizer.decode([i for i in out if i != tokenizer.eos_id])
     max_seq_len = model.cfg.max_seq_len
-    ids = generate_ids(model, prompt_ids, max_new_tokens, max_seq_len, top_k, temperature, tokenizer.eos_id, seed,
-                       device, vocab_limit=tokenizer.vocab_size)
-    return tokenizer.decode(ids)
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as the training documents began
+    ids = generate_ids(model, bos + prompt_ids, max_new_tokens, max_seq_len, top_k, temperature, tokenizer.eos_id,
+                       seed, device, vocab_limit=tokenizer.vocab_size)
+    return tokenizer.decode(ids[len(bos):])
 
 
 def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, device: str) -> torch.device:
@@ -150,7 +152,7 @@ def generate_from_checkpoint(
     """Load a checkpoint (or an output dir's newest) with its own config and tokenizer, and generate."""
     from ..config import config_from_dict
     from ..models import build_model
-    from ..tokenizers import load_tokenizer
+    from ..tokenizers import TOKENIZER_FILES, load_tokenizer
     from .checkpoint import CheckpointError, find_checkpoint, load_model_weights
     from .checkpoint_files import verify_checkpoint
 
@@ -160,10 +162,9 @@ def generate_from_checkpoint(
     if "config" not in meta:
         raise CheckpointError(f"checkpoint {path} has no config in meta.json")
     cfg = config_from_dict(meta["config"])
-    tok_file = path / "tokenizer.model"
-    if not tok_file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no tokenizer.model")
-    tokenizer = load_tokenizer(tok_file)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"checkpoint {path} has no tokenizer (tokenizer.json or tokenizer.model)")
+    tokenizer = load_tokenizer(path)
     model = build_model(cfg.model, device, init=False)
     n_prompt = len(tokenizer.encode(prompt))
     if not hasattr(model, "encode") and n_prompt + max_new_tokens > cfg.model.max_seq_len:  # a decoder's positions

@@ -174,6 +174,10 @@ def build_objective(cfg: JobConfig, tokenizer: Tokenizer):
     objective = resolve_objective(cfg)
     if objective == "lm":
         return LMObjective(cfg.data.seq_len, cfg.data.document_mask)
+    missing = [role for role in ("eos", "pad") if getattr(tokenizer, f"{role}_id") is None]
+    if missing:
+        raise DataError(f"tokenizer {tokenizer.path} has no {' or '.join(missing)} token: the {objective} objective "
+                        "ends and pads its samples with them; name them in its tokenizer_config.json")
     if objective in ("prefix_lm", "ul2"):
         return build_ul2_objective(cfg, tokenizer)
     spec = make_spec(cfg.data.seq_len, cfg.data.decoder_seq_len, cfg.data.noise_density, cfg.data.mean_noise_span)

@@ -192,7 +192,7 @@ class Trainer:
             "identity_fingerprint": fingerprint(self.identity),
             "world_size": self.env.world_size,
         }
-        self.backend.save(self.checkpointer, self.step, meta, {"tokenizer.model": self.data.tokenizer_path})
+        self.backend.save(self.checkpointer, self.step, meta, self.data.tokenizer.files())
         return time.perf_counter() - start
 
     def _newest_checkpoint(self) -> str | None:

@@ -1,4 +1,4 @@
-"""Train and load sentencepiece tokenizers with one fixed id scheme.
+"""Train and load sentencepiece tokenizers; meshforge trains them with one fixed id scheme.
 
 Id scheme (every tokenizer meshforge trains): ``pad=0, unk=1, bos=2, eos=3``, then the
 user-defined symbols (``special_tokens`` followed by ``<reserved_0>``, ``<reserved_1>``, ...),
@@ -22,8 +22,9 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from meshforge.errors import DataError, MeshforgeError
+from meshforge.errors import DataError
 from meshforge.text_inputs import file_documents, no_skips
+from meshforge.tokenizers.interface import Tokenizer, TokenizerError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -41,12 +42,15 @@ _TRAIN_SEED = 1234
 _MIN_LEARNED_PIECES = 8
 
 
-class TokenizerError(MeshforgeError, ValueError):
-    """A tokenizer that cannot be trained or loaded (bad input, settings or model file)."""
+def _id_or_none(i: int) -> int | None:
+    return None if i < 0 else int(i)
 
 
-class Tokenizer:
-    """A loaded sentencepiece model behind meshforge's small tokenizer interface."""
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded sentencepiece model behind meshforge's tokenizer interface (an absent special id is None)."""
+
+    kind = "sentencepiece"
+    main_file = "tokenizer.model"
 
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
@@ -69,20 +73,20 @@ class Tokenizer:
         return int(self._sp.get_piece_size())
 
     @property
-    def bos_id(self) -> int:
-        return int(self._sp.bos_id())
+    def bos_id(self) -> int | None:
+        return _id_or_none(self._sp.bos_id())
 
     @property
-    def eos_id(self) -> int:
-        return int(self._sp.eos_id())
+    def eos_id(self) -> int | None:
+        return _id_or_none(self._sp.eos_id())
 
     @property
-    def pad_id(self) -> int:
-        return int(self._sp.pad_id())
+    def pad_id(self) -> int | None:
+        return _id_or_none(self._sp.pad_id())
 
     @property
-    def unk_id(self) -> int:
-        return int(self._sp.unk_id())
+    def unk_id(self) -> int | None:
+        return _id_or_none(self._sp.unk_id())
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no BOS/EOS is added."""
@@ -101,14 +105,6 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         return int(self._sp.piece_to_id(piece))
 
-    def __repr__(self) -> str:
-        return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a sentencepiece model file; :class:`TokenizerError` if missing or not a model."""
-    return Tokenizer(path)
-
 
 def iter_texts(path: Path, text_field: str = "text", skipped: dict | None = None) -> Iterator[str]:
     """Documents of one input file: a whole .txt file, or the ``text_field`` of each JSON line.
@@ -124,7 +120,7 @@ def iter_texts(path: Path, text_field: str = "text", skipped: dict | None = None
         raise TokenizerError(str(exc)) from None
 
 
-def _check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+def check_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     if not inputs:
         raise TokenizerError("no tokenizer training inputs given: pass .txt, .jsonl or .jsonl.gz files")
     paths = []
@@ -219,7 +215,7 @@ def train_tokenizer(
             f"vocab_size {vocab_size} is too small: the fixed pieces (4 control, {len(user_symbols)} special, "
             f"{256 if byte_fallback else 0} bytes) need {fixed}; use at least {fixed + _MIN_LEARNED_PIECES}"
         )
-    paths = _check_inputs(inputs)
+    paths = check_inputs(inputs)
     skipped = no_skips()
     sentences, _ = _sentences(paths, text_field, input_sentence_size, skipped)
     if not sentences:
