@@ -187,7 +187,7 @@ def prepare_data(
     existed = work.exists()
     fresh = num_nodes == 1 and not (existed and any(work.iterdir()))
     try:
-        return _prepare_in(work, out, slices, tok, dtype, plan, append_eos, text_field, docs_per_shard, workers,
+        return _prepare_in(work, out, slices, tok, dtype, plan, ends, text_field, docs_per_shard, workers,
                            progress, node_rank, num_nodes, merge)
     except DataError:  # bad input met while reading: what this run started holds nothing worth keeping
         if fresh:
@@ -196,7 +196,7 @@ def prepare_data(
         raise
 
 
-def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, append_eos, text_field, docs_per_shard, workers,
+def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, ends, text_field, docs_per_shard, workers,
                 progress, node_rank, num_nodes, merge) -> dict:
     (work / WORK_DIR).mkdir(parents=True, exist_ok=True)
     if not (work / WORK_DIR / PLAN_FILE).exists():
