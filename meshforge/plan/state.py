@@ -237,12 +237,18 @@ def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]
     """Element counts on ``rank`` before FSDP's cut (tp/ep cuts applied): ``largest_unit`` (the
     largest FSDP unit: a block, or the root's embedding + norm + output), ``largest_block``,
     ``root``, ``root_grad_early`` (the root's parameters whose gradient backward makes first: the
-    final norm and output, the embedding too when tied to it), ``all`` and ``units`` (how many)."""
+    final norm and output, the embedding too when tied to it), ``all``, ``units`` (how many),
+    ``roots`` (stage modules whose root holds parameters) and ``largest_param`` (one parameter)."""
     per_layer: dict[int, int] = {}
-    for info, n in local_numels(cfg, layout, rank, fsdp=False):
+    held = local_numels(cfg, layout, rank, fsdp=False)
+    for info, n in held:
         per_layer[info.layer] = per_layer.get(info.layer, 0) + n
     blocks = [v for k, v in per_layer.items() if k >= 0]
     root = per_layer.get(-1, 0) + per_layer.get(-2, 0)
     early = per_layer.get(-2, 0) + (per_layer.get(-1, 0) if cfg.model.tie_embeddings and per_layer.get(-2) else 0)
+    # stage modules whose root holds parameters: one model without a pipeline; under one, the first and
+    # the last stage (embedding; final norm and output), never on one rank
+    roots = int(root > 0) if layout.pp == 1 else int(per_layer.get(-1, 0) > 0) + int(per_layer.get(-2, 0) > 0)
     return {"largest_unit": max([*blocks, root]), "largest_block": max(blocks, default=0), "root": root,
-            "root_grad_early": early, "all": sum(per_layer.values()), "units": len(blocks) + (root > 0)}
+            "root_grad_early": early, "all": sum(per_layer.values()), "units": len(blocks) + roots,
+            "roots": roots, "largest_param": max((n for _, n in held), default=0)}

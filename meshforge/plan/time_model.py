@@ -25,7 +25,9 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
   microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
   (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
-  all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1 one gradient all-reduce at
+  all-reduce of the shard over ``dp_replicate`` -- under pp once per step instead, and a
+  resharding unit gathered ``m + 1`` times, as torch's ``PipelineStage`` runs FSDP2
+  (:func:`fsdp_calls`; the dry run reads the same off the schedule's order); DeepSpeed ZeRO-1 one gradient all-reduce at
   the accumulation boundary, ZeRO-2 a reduce-scatter per microbatch (its gradient partitions
   are reduced in every backward), both one parameter all-gather per step, ZeRO-3 like
   FSDP2, all over ``dp x cp`` (the engine's group: cp ranks are data-parallel ranks to it); EP per MoE layer and microbatch 4
@@ -109,6 +111,24 @@ class TimeEstimate:
     """``{group, op, bytes, count, link, seconds, exposed}`` per collective kind."""
 
 
+def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) -> tuple[int, int]:
+    """FSDP2 all-gathers and reduce-scatters of one step on a rank holding ``units`` FSDP units (each
+    block one, each stage module's root one if it holds parameters), ``fixed`` of them never resharded
+    after forward (each stage's last block and its root).
+
+    Without a pipeline every microbatch gathers each unit in forward, again in backward under ZeRO-3
+    (``reshard``) except each stage's last block and root (never resharded), and reduce-scatters it.
+    Under a pipeline, torch's ``PipelineStage`` runs every backward with gradient sync and
+    reshard-after-backward off and reduces once per step (``perform_reduce_grad``): one reduce-scatter
+    per unit per step; a unit gathered by a backward stays gathered through the forward that follows
+    it, so over any schedule's order of forwards and backwards a resharding unit gathers ``mb + 1``
+    times (once per run of forwards or backwards, plus the forwards inside a run), the others once."""
+    resharding = units - fixed if reshard else 0
+    if not pipelined:
+        return mb * (units + resharding), mb * units
+    return resharding * (mb + 1) + (units - resharding), units
+
+
 def model_flops_per_token(cfg: JobConfig) -> float:
     from ..models import flops_per_token
 
@@ -127,7 +147,7 @@ def model_flops_per_token(cfg: JobConfig) -> float:
 
 
 def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
-                  efficiency: float = DEFAULT_EFFICIENCY, cache: dict | None = None) -> TimeEstimate:
+                  efficiency: float = DEFAULT_EFFICIENCY, cache: dict | None = None, rank: int = 0) -> TimeEstimate:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
@@ -189,18 +209,16 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     backend, reshard, stage = ZERO_MODES[layout.zero]
     from .memory import _cached
 
-    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, 0)
+    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
     w = Precision.for_device(device_type(device), cfg).compute_param
     fs, fs_group = layout.fsdp_shard, ("dp_shard_cp" if cp > 1 else "dp_shard")
     if backend == "fsdp2" and layout.sharded:
-        # one collective per FSDP unit (each block and the root), of the mean unit size; under ZeRO-3 the
-        # blocks gather again in backward except the last block and the root, which do not reshard
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        gathers = max(2 * units - 2, units) if reshard else units
-        add(fs_group, "all_gather", fs, w * unit, mb * gathers, False)
-        add(fs_group, "reduce_scatter", fs, 4 * unit, mb * units, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, mb * units, False)
+        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1)
+        add(fs_group, "all_gather", fs, w * unit, gathers, False)
+        add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False)
     elif backend == "deepspeed":  # the engine's group is every rank, dp x cp (= dp_shard x cp: no tp/pp/HSDP)
         total = sizes["all"]
         if stage == 3:
