@@ -29,7 +29,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .devices import get_device
-    from .planner import check_cluster, layout_of_config, plan_config, plan_job
+    from .planner import check_cluster, layout_keys_given, layout_of_config, plan_config, plan_job, plan_layout
     from .report import dry_run_json, dry_run_text, plan_json, table
     from .time_model import DEFAULT_EFFICIENCY
 
@@ -50,7 +50,10 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
         est = state_bytes(cfg, layout, args.rank)
         emit((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
         return 0
-    plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
+    if layout_keys_given(rest):  # one layout given: price exactly that one
+        plan = plan_layout(cfg, args.gpus, args.gpus_per_node, device, efficiency)
+    else:
+        plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
     train_args = (["--config", args.config] if args.config else []) + list(rest)
     emit(plan_json(plan, args.top) if args.json else table(plan, args.top, train_args))
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError, JobConfig, load_config
 from .devices import Device, get_device
-from .layouts import AC_MODES, ZERO_MODES, Layout, enumerate_layouts
+from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts
 from .memory import KINDS, estimate_memory
 from .time_model import DEFAULT_EFFICIENCY, TimeEstimate, estimate_time
 
@@ -134,6 +134,37 @@ def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
     return plan
 
 
+LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.dp_replicate", "parallel.dp_shard",
+               "parallel.dp_backend", "parallel.zero_stage", "parallel.fsdp_reshard_after_forward",
+               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches",
+               "parallel.activation_checkpointing", "parallel.cp_method", "train.micro_batch_size")
+"""Config keys that choose a layout: given on the command line, ``meshforge plan`` prices that layout only."""
+
+
+def layout_keys_given(args: list[str]) -> list[str]:
+    """The :data:`LAYOUT_KEYS` among command-line overrides (``--parallel.tp 8`` or ``--parallel.tp=8``)."""
+    given = [a[2:].split("=", 1)[0] for a in args if a.startswith("--")]
+    return [k for k in given if k in LAYOUT_KEYS]
+
+
+def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
+                efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
+    """The plan of the one layout ``cfg``'s parallel and train sections give on ``gpus`` GPUs (the rest of
+    its degrees resolved as ``meshforge train`` resolves them): priced, fitting or not; ConfigError with the
+    project's own reason when the code would refuse it."""
+    check_cluster(gpus, gpus_per_node)
+    try:
+        layout = layout_of_config(cfg, gpus)
+        check_layout(cfg, layout)
+    except ConfigError as e:
+        raise ConfigError(f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: {e}") \
+            from None
+    plan = Plan(cfg, device, gpus, gpus_per_node)
+    (priced,) = price(cfg, [(layout, check_layout(cfg, layout))], device, gpus_per_node, efficiency)
+    (plan.fitting if priced.fits else plan.overflowing).append(priced)
+    return plan
+
+
 def too_large_message(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device, leanest: Priced) -> str:
     """'needs at least N <device> with <layout>': the smallest power-of-two multiple of the cluster that fits."""
     n = gpus
@@ -167,7 +198,7 @@ def _group_reasons(refused: dict[str, int]) -> dict[str, int]:
 def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     """The layout ``cfg``'s parallel section describes on ``gpus`` ranks (dp_shard = -1 resolved)."""
     from ..config import micro_batch_size
-    from ..parallel.mesh import resolve_degrees
+    from ..parallel.mesh import pipeline_stages_per_rank, resolve_degrees
     from ..parallel.pipeline import plan_pipeline
 
     p = cfg.parallel
@@ -179,9 +210,10 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     mbs = micro_batch_size(cfg.train, d.dp)  # 0 resolves to the whole local batch
     if d.pp > 1:  # a pipeline's microbatch is the local batch over the job's microbatch count
         mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
+    spr = pipeline_stages_per_rank(p) if d.pp > 1 else 0
     return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
-                  p.activation_checkpointing, p.cp_method)
+                  p.activation_checkpointing, p.cp_method, spr)
 
 
-__all__ = ["HEADROOM", "Plan", "Priced", "check_cluster", "get_device", "layout_of_config", "parse_tokens",
-           "plan_config", "plan_job", "ZERO_MODES"]
+__all__ = ["HEADROOM", "LAYOUT_KEYS", "Plan", "Priced", "check_cluster", "get_device", "layout_keys_given",
+           "layout_of_config", "parse_tokens", "plan_config", "plan_job", "plan_layout", "ZERO_MODES"]
