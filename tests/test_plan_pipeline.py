@@ -52,3 +52,42 @@ def test_pipeline_gathers_follow_the_order():
     assert pipeline_gathers("FFBFBB", reshard=True) == 4  # F, F, B, (F kept), B, (B kept)
     assert pipeline_gathers("FFBFBB", reshard=False) == 1
     assert pipeline_gathers("FFIFIWWIW", reshard=True) == 4  # W uses what I gathered
+
+
+def test_virtual_stages_are_searched_and_shrink_the_bubble():
+    """Stages per rank are part of the search wherever the layers allow (even splits or powers of two); a
+    layout's count reaches the job config, and deeper interleaving prices a smaller bubble."""
+    from meshforge.plan.layouts import enumerate_layouts, virtual_stages
+
+    assert virtual_stages(16, 2, "interleaved_1f1b") == [2, 4, 8]
+    assert virtual_stages(96, 8, "zero_bubble") == [2, 3, 4, 6, 8, 12]
+    assert virtual_stages(16, 2, "1f1b") == [0] and virtual_stages(16, 1, "interleaved_1f1b") == [0]
+    cfg = load_config("llama-1b", {"train.global_batch_size": 64})
+    layouts, _ = enumerate_layouts(cfg, 16, 8, ac_modes=("full",), max_micro_batch=1)
+    found = {lay.spr for lay, _ in layouts if lay.pp == 2 and lay.schedule == "interleaved_1f1b"}
+    assert found == {2, 4, 8}
+    bubbles = []
+    for v in (2, 4, 8):
+        lay = Layout(8, 2, 1, 1, schedule="interleaved_1f1b", stages_per_rank=v, ac="full")
+        job = check_layout(cfg, lay)
+        assert job.parallel.pp_stages_per_rank == v and f"interleaved_1f1b v{v}" in lay.describe()
+        bubbles.append(estimate_time(job, lay, H100, 8).bubble_fraction)
+    assert bubbles[0] > bubbles[1] > bubbles[2] > 0
+
+
+def test_uneven_stages_are_priced_by_the_heaviest():
+    """10 blocks over 4 stages run 3, 3, 2, 2 (+ the output on the last): the pipeline's pace is that of a
+    3-block rank, not 10 / 4 blocks; with layers that divide, the last stage's output projection sets it."""
+    from meshforge.plan.compute import block_weights, heaviest_share
+
+    cfg = load_config("small", {"train.global_batch_size": 64, "model.n_layers": 10})
+    blocks, head = block_weights(cfg)
+    assert head > 0 and len(set(blocks)) == 1
+    total = sum(blocks) + head
+    assert heaviest_share(cfg, Layout(1, 4, 1, 1)) == pytest.approx(max(3 * blocks[0], 2 * blocks[0] + head) / total)
+    assert heaviest_share(cfg, Layout(1, 5, 1, 1)) == pytest.approx((2 * blocks[0] + head) / total)
+    flat = estimate_time(check_layout(cfg, Layout(1, 1, 1, 4)), Layout(1, 1, 1, 4), H100, 8)
+    lay = Layout(1, 4, 1, 1)
+    piped = estimate_time(check_layout(cfg, lay), lay, H100, 8)
+    assert piped.compute_s == pytest.approx(flat.compute_s * 4 * heaviest_share(cfg, lay))
+    assert piped.compute_s > flat.compute_s * 1.1

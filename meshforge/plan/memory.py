@@ -191,8 +191,8 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 
 def _cut_key(layout: Layout, rank: int) -> tuple:
     """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
-    spr = 2 if layout.pp > 1 and layout.schedule in ("interleaved_1f1b", "zero_bubble") else 1
-    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, spr, rank)
+    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, layout.spr,
+            rank)
 
 
 def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):

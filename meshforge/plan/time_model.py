@@ -6,8 +6,9 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 
 - Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, times
   4/3 under full activation checkpointing (one more forward) and 1.03 under selective
-  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Stages are assumed
-  balanced. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
+  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Under pp the
+  busiest rank sets the pace: its stages' share of the FLOPs (:mod:`.compute`: uneven layer
+  splits and the output projection on the last stage), not ``1 / pp``. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
   entry is one thread's measured matmul rate, ``bench/bench_plan_calibrate.py``).
 - Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
   once; with more, every rank's compute and communication stretch by ranks per node / cores.
@@ -53,6 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import JobConfig
+from .compute import heaviest_share
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
@@ -163,10 +165,11 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         cache["flops"] = model_flops_per_token(cfg)
     f_tok = cache["flops"]
     share = time_sharing(device, world, gpus_per_node)
-    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac] * share
-    from ..parallel.mesh import pipeline_stages_per_rank
-
-    spr = pipeline_stages_per_rank(cfg.parallel) if pp > 1 else 1
+    # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
+    busiest = heaviest_share(cfg, layout, cache) * pp
+    compute = (f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
+               * share)
+    spr = layout.spr
     bubble = (pp - 1) / (mb * spr) if pp > 1 else 0.0
     if layout.schedule == "zero_bubble" and pp > 1:
         bubble /= 3
