@@ -39,7 +39,8 @@ resharded) and the running block's while it gathers the next (compute dtype; ZeR
 reshard: every unit's), the root's output-side gradient from the start of backward to its end
 (the root reduces last), and one block's unsharded gradient plus the fp32 reduce-scatter input
 FSDP2 copies it into whatever the dtypes; pipeline send/recv buffers; DeepSpeed's
-reduce/all-gather buckets (5e8 elements).
+reduce/all-gather buckets (5e8 elements each), under ZeRO-3 the gather one at least the largest
+single parameter (gathered whole when its module runs).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from ..config import JobConfig
 from .layouts import ZERO_MODES, Layout
 from .state import state_bytes, unsharded_numel
 
+DS_BUCKET = 500_000_000
+"""DeepSpeed's default reduce and all-gather bucket, elements."""
 KINDS = ("params", "grads", "optimizer", "activations", "comm_buffers")
 """The per-GPU byte keys of an estimate (``--json`` prints them)."""
 
@@ -226,8 +229,11 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
         # block's unsharded gradient and FSDP2's fp32 reduce-scatter input it is copied into
         out += w * sizes["root_grad_early"] + (w + 4) * block
     elif backend == "deepspeed":
-        numel = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)["all"]
-        out += 2 * prec.compute_param * min(numel, 500_000_000)
+        sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
+        bucket = min(sizes["all"], DS_BUCKET)
+        # ZeRO-3 gathers each parameter whole when its module runs, however large the buckets are set
+        gathered = max(bucket, sizes["largest_param"]) if ZERO_MODES[layout.zero][2] == 3 else bucket
+        out += prec.compute_param * (bucket + gathered)
     return out
 
 
