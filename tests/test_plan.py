@@ -337,7 +337,8 @@ def test_plan_cli_json_ranked_with_kinds(capsys):
     out = json.loads(capsys.readouterr().out)
     rows = out["layouts"]
     assert len(rows) == 5 and out["global_batch_size"] == 64 and out["device"] == "h200"
-    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
+    # by step time, ties (within planner.TIE) leanest first
+    assert all(a["step_s"] <= b["step_s"] * 1.002 for a, b in zip(rows, rows[1:]))
     for r in rows:
         assert {"params", "grads", "optimizer", "activations"} <= set(r)
         assert r["total"] <= out["usable_bytes"] and 0 < r["mfu"] < 1

@@ -25,12 +25,15 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    help="build the model on the meta device and apply the real parallelize for the config's layout "
                         "(its parallel.* keys) at the full world size in this process (fake process group)")
     p.add_argument("--rank", type=int, default=0, help="the rank a dry run plays")
+    p.add_argument("--why", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="list the time terms (compute, bubble, exposed communication by group) of the N-th "
+                        "layout of the table (default: the first; with --parallel.* overrides: the given one)")
 
 
 def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .devices import get_device
     from .planner import check_cluster, layout_keys_given, layout_of_config, plan_config, plan_job, plan_layout
-    from .report import dry_run_json, dry_run_text, plan_json, table
+    from .report import dry_run_json, dry_run_text, plan_json, table, why_text
     from .time_model import DEFAULT_EFFICIENCY
 
     if args.top <= 0:
@@ -55,6 +58,12 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     else:
         plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
     train_args = (["--config", args.config] if args.config else []) + list(rest)
+    if args.why is not None:
+        listed = plan.fitting or plan.overflowing
+        if not 1 <= args.why <= len(listed):
+            raise ConfigError(f"--why {args.why}: the plan lists layouts 1 to {len(listed)}")
+        emit(why_text(plan, listed[args.why - 1]))
+        return 0
     emit(plan_json(plan, args.top) if args.json else table(plan, args.top, train_args))
     return 0
 

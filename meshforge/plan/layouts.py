@@ -85,6 +85,18 @@ class Layout:
         """Whether FSDP2 wraps the model (any data or context parallelism)."""
         return self.dp * self.cp > 1
 
+    @property
+    def label(self) -> str:
+        """What the data-parallel part is: ``no-dp`` (one data-parallel rank), ``replicated`` (FSDP2 with
+        nothing to shard: whole copies, gradients all-reduced), ``fsdp-zero3`` / ``fsdp-zero2`` (sharded
+        over ``dp_shard x cp``), ``hsdp-zero3`` / ``hsdp-zero2`` (sharded and replicated), or the DeepSpeed
+        stage (``ds-zero1/2/3``, partitioned over ``dp x cp``)."""
+        if self.zero.startswith("ds"):
+            return self.zero
+        if self.fsdp_shard == 1:
+            return "replicated" if self.dp_replicate > 1 else "no-dp"
+        return ("hsdp" if self.dp_replicate > 1 else "fsdp") + self.zero[len("fsdp"):]
+
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.cp > 1:
@@ -92,7 +104,7 @@ class Layout:
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
         parts.append(f"dp{self.dp_replicate}x{self.dp_shard}")
-        text = " ".join(parts) + f" {self.zero}"
+        text = " ".join(parts) + f" {self.label}"
         if self.pp > 1:
             text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE else "")
         return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"

@@ -19,6 +19,8 @@ from .time_model import DEFAULT_EFFICIENCY, TimeEstimate, estimate_time
 
 HEADROOM = 0.9
 """Fraction of device memory a plan may fill: the rest is the CUDA context, NCCL, and allocator fragmentation."""
+TIE = 0.002
+"""Predicted step times within this fraction of each other rank as a tie (memory, then collectives decide)."""
 SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
@@ -114,7 +116,22 @@ def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficienc
             overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
                         f"{worst} {mem[worst] / 2**30:.1f} GiB")
         out.append(Priced(layout, mem, t, fits, overflow))
-    out.sort(key=lambda p: p.time.step_s)
+    return rank(out)
+
+
+def rank(priced: list[Priced]) -> list[Priced]:
+    """The table's order: by predicted step time; a run of layouts within :data:`TIE` of the fastest of
+    the run (far below the model's accuracy) is a tie, ordered by lower per-GPU memory, then by fewer
+    collective calls."""
+    priced = sorted(priced, key=lambda p: p.time.step_s)
+    out: list[Priced] = []
+    i = 0
+    while i < len(priced):
+        j = i
+        while j < len(priced) and priced[j].time.step_s <= priced[i].time.step_s * (1 + TIE):
+            j += 1
+        out += sorted(priced[i:j], key=lambda p: (p.memory["total"], p.time.n_collectives, p.time.step_s))
+        i = j
     return out
 
 

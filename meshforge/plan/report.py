@@ -53,6 +53,24 @@ def _row(i: int, p: Priced) -> str:
             + " ".join(_gib(m[k]) for k in (*KINDS, "total")))
 
 
+def why_text(plan: Plan, p: Priced) -> str:
+    """The time terms of one layout, largest first, and what each is made of: compute, the pipeline bubble,
+    the exposed communication of each critical-path group, the data-parallel traffic beyond compute."""
+    t, d = p.time, plan.device
+    lines = [f"why {p.layout.describe()}: step {t.step_s:.4f} s on {plan.gpus} x {d.name}, MFU {100 * t.mfu:.1f}%"]
+    for name, secs in sorted(t.terms.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<24} {secs:10.4f} s  {100 * secs / t.step_s:5.1f}%")
+        group = name.removeprefix("exposed ")
+        calls = [c for c in t.comm if (c["group"] == group and c["exposed"])
+                 or (name == "exposed data parallel" and not c["exposed"])]
+        for c in sorted(calls, key=lambda c: -c["seconds"]):
+            lines.append(f"      {c['op']:<15} {c['group']:<13} n={c['group_size']:<6} {c['link']:<9} "
+                         f"{c['count']:>9,.0f} x {c['bytes']:>14,} B = {c['seconds']:.4f} s"
+                         + ("" if c["exposed"] else " (behind compute)"))
+    lines.append(f"  {'total':<24} {t.step_s:10.4f} s")
+    return "\n".join(lines)
+
+
 def plan_json(plan: Plan, top: int) -> str:
     return json.dumps({
         "gpus": plan.gpus, "gpus_per_node": plan.gpus_per_node, "device": plan.device.key,

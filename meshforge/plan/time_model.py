@@ -111,6 +111,14 @@ class TimeEstimate:
     tokens_per_s: float
     comm: list[dict] = field(default_factory=list)
     """``{group, op, bytes, count, link, seconds, exposed}`` per collective kind."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """The step's seconds by term: ``compute``, ``bubble``, ``exposed <group>`` per critical-path group,
+    ``exposed data parallel`` (what data-parallel traffic adds beyond compute); they sum to ``step_s``."""
+
+    @property
+    def n_collectives(self) -> float:
+        """Collective calls of one step on the rank (every group and kind)."""
+        return sum(c["count"] for c in self.comm)
 
 
 def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) -> tuple[int, int]:
@@ -246,5 +254,10 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         dp_exposed = max(first_gather * share, hidden - compute) if hidden else 0.0
     step = compute * (1 + bubble) + exposed + dp_exposed
     mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
-    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm)
+    terms = {"compute": compute, "bubble": compute * bubble}
+    for c in comm:
+        if c["exposed"]:
+            terms[f"exposed {c['group']}"] = terms.get(f"exposed {c['group']}", 0.0) + c["seconds"]
+    terms["exposed data parallel"] = dp_exposed
+    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms)
 
