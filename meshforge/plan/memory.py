@@ -172,7 +172,12 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 
     B, T, tp, e = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)
-    per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
+    kinds: dict[bool, dict[str, int]] = {}  # a dense and an MoE block: every block of a kind keeps the same
+    for i in held:
+        moe = cfg.model.is_moe_layer(i)
+        if moe not in kinds:
+            kinds[moe] = block_activation_bytes(cfg, i, B, T, tp, e)
+    per = [kinds[cfg.model.is_moe_layer(i)] for i in held]
     ac = layout.ac
     saved = sum(p[ac] for p in per)
     # with checkpointing, one block is rebuilt at a time in backward; its backward then also holds the
@@ -267,6 +272,20 @@ def _total(est: dict[str, int]) -> int:
     return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
 
 
+def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
+    """Pipeline ranks that can be the fullest. With blocks all alike (a decoder, all dense or all MoE) the
+    first rank holds at least as many blocks as any other (a split gives the first stages the extra
+    layers), the embedding, and the most microbatches in flight; the last holds the head: those two.
+    Otherwise (an encoder-decoder, MoE after dense layers) every rank."""
+    m = cfg.model
+    if layout.pp <= 2:
+        return list(range(layout.pp))
+    alike = len({m.is_moe_layer(i) for i in range(m.n_layers)}) == 1
+    if m.family == "decoder" and alike:
+        return [0, layout.pp - 1]
+    return list(range(layout.pp))
+
+
 def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
                     ) -> dict[str, int]:
     """Per-GPU bytes by :data:`KINDS` (and ``total``) on the fullest rank: the largest over pipeline stages
@@ -275,7 +294,7 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
     prec = Precision.for_device(device_type, cfg)
     best: dict[str, int] | None = None
     stride = layout.world_size // layout.pp
-    for pp_rank in range(layout.pp):
+    for pp_rank in candidate_stages(cfg, layout):
         rank = pp_rank * stride
         est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
         est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)

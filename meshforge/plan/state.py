@@ -81,10 +81,15 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     return tuple(out)
 
 
-def param_table(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
-    from dataclasses import asdict
+def model_key(cfg: ModelConfig) -> tuple:
+    """The model config as a hashable key (its fields are plain values: a shallow copy is enough)."""
+    from dataclasses import fields
 
-    return _param_table_cached(tuple(sorted(asdict(cfg).items())))
+    return tuple(sorted((f.name, getattr(cfg, f.name)) for f in fields(cfg)))
+
+
+def param_table(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
+    return _param_table_cached(model_key(cfg))
 
 
 def chunk_len(n: int, k: int, i: int) -> int:
@@ -127,9 +132,7 @@ def rank_coords(layout: Layout, rank: int) -> Coords:
 
 def _tp_styles(cfg: JobConfig) -> dict[str, str]:
     """Module path -> ``colwise`` / ``rowwise`` / ``heads`` from the project's TP plan."""
-    from dataclasses import asdict
-
-    return _tp_styles_cached(tuple(sorted(asdict(cfg.model).items())), cfg.parallel.loss_parallel)
+    return _tp_styles_cached(model_key(cfg.model), cfg.parallel.loss_parallel)
 
 
 @lru_cache(maxsize=16)
