@@ -70,8 +70,9 @@ def main() -> int:
 
     a100 = get_device("a100-80gb")
     lines = ["| run | GPUs | layout (TP x PP x DP) | published tokens/s | predicted tokens/s | error | published "
-             "model TFLOP/s/GPU | predicted | rank of the published degrees | layouts fitting | search s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "model TFLOP/s/GPU | predicted | rank of the published degrees | layouts fitting | search CPU s | "
+             "planner's first (predicted tokens/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, _, heads, h, l, tp, pp, gpus, batch, tflops, source in RUNS:
         if args.only and name not in args.only.split(","):
             continue
@@ -87,7 +88,7 @@ def main() -> int:
         pub = published_tokens_per_s(tflops, gpus, h, l)
         pred = p.time.tokens_per_s
         mf = model_flops_per_token(h, l)
-        rank, n_fit, secs = "-", "-", "-"
+        rank, n_fit, secs, first = "-", "-", "-", "-"
         if args.search:
             t0 = time.process_time()
             search_cfg = load_config("llama-1b", base)
@@ -98,10 +99,12 @@ def main() -> int:
             hits = [i for i, q in enumerate(found.fitting, 1)
                     if (q.layout.tp, q.layout.pp, q.layout.dp, q.layout.cp) == (tp, pp, dp, 1)]
             rank = str(hits[0]) if hits else "not fitting"
+            best = found.fitting[0]
+            first = f"{best.layout.describe()} ({best.time.tokens_per_s:,.0f})"
         fit = "" if p.fits else " (predicted not to fit)"
         lines.append(f"| {name} ({source}) | {gpus} | {tp} x {pp} x {dp} | {pub:,.0f} | {pred:,.0f}{fit} | "
                      f"{100 * (pred / pub - 1):+.1f}% | {pub * mf / gpus / 1e12:.0f} | {pred * mf / gpus / 1e12:.0f} | "
-                     f"{rank} | {n_fit} | {secs} |")
+                     f"{rank} | {n_fit} | {secs} | {first} |")
         print(lines[-1], flush=True)
     lines.append("")
     lines.append(f"load average {loadavg()}")

@@ -21,14 +21,15 @@ def _plan_json(capsys, *argv: str) -> dict:
 def test_given_layout_is_priced_alone_as_the_search_prices_it(capsys):
     """`--parallel.tp 4 --parallel.pp 2` prices exactly that layout (dp_shard resolved as train resolves it),
     with the same numbers the search gives the same layout."""
-    base = ["--config", "llama-1b", "--gpus", "64", "--global-batch-tokens", "1M"]
+    base = ["--config", "llama-1b", "--gpus", "16", "--global-batch-tokens", "256K"]
     one = _plan_json(capsys, *base, "--parallel.tp", "4", "--parallel.pp=2", "--parallel.pp_schedule",
                      "interleaved_1f1b", "--parallel.pp_stages_per_rank", "4")
     (rec,) = one["layouts"]
     assert rec["overrides"]["parallel.tp"] == 4 and rec["overrides"]["parallel.pp"] == 2
-    assert rec["overrides"]["parallel.dp_shard"] == 8 and rec["overrides"]["parallel.pp_stages_per_rank"] == 4
-    cfg = load_config("llama-1b", {"train.global_batch_size": 256, "train.micro_batch_size": 1})
-    searched = plan_job(cfg, 64, 8, get_device("h100-80gb"))
+    assert rec["overrides"]["parallel.dp_shard"] == 2 and rec["overrides"]["parallel.pp_stages_per_rank"] == 4
+    cfg = load_config("llama-1b", {"train.global_batch_size": 64, "train.micro_batch_size": 1})
+    ac = rec["overrides"]["parallel.activation_checkpointing"]
+    searched = plan_job(cfg, 16, 8, get_device("h100-80gb"), ac_modes=(ac,))
     same = [p for p in searched.fitting if p.layout.describe() == rec["layout"]]
     assert len(same) == 1 and same[0].time.step_s == pytest.approx(rec["step_s"])
     assert same[0].memory["total"] == rec["total"]
