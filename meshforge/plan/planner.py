@@ -174,8 +174,8 @@ def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
         layout = layout_of_config(cfg, gpus)
         check_layout(cfg, layout)
     except ConfigError as e:
-        raise ConfigError(f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: {e}") \
-            from None
+        raise ConfigError(f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: "
+                          f"{e}") from None
     plan = Plan(cfg, device, gpus, gpus_per_node)
     (priced,) = price(cfg, [(layout, check_layout(cfg, layout))], device, gpus_per_node, efficiency)
     (plan.fitting if priced.fits else plan.overflowing).append(priced)
