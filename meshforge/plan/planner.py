@@ -106,7 +106,9 @@ def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficienc
     cache: dict = {}
     usable = HEADROOM * device.hbm_bytes
     out = []
-    for layout, job in layouts:
+    layouts.reverse()
+    while layouts:  # each job config is dropped once priced: a search at scale holds tens of thousands
+        layout, job = layouts.pop()
         mem = estimate_memory(job, layout, "cuda", cache)
         t = estimate_time(job, layout, device, gpus_per_node, efficiency, cache)
         fits = mem["total"] <= usable
