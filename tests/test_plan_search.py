@@ -69,7 +69,7 @@ def test_ties_go_to_less_memory_then_fewer_collectives():
     from meshforge.plan.planner import TIE
 
     cfg = load_config("llama-1b", {"train.global_batch_size": 64, "train.micro_batch_size": 1})
-    plan = plan_job(cfg, 16, 8, get_device("h100-80gb"), ac_modes=("none", "full"))
+    plan = plan_job(cfg, 16, 8, get_device("h100-80gb"), 0.5, ac_modes=("none", "full"))  # flat: ties abound
     rows = plan.fitting
     fastest = min(p.time.step_s for p in rows)
     tied = [p for p in rows if p.time.step_s <= fastest * (1 + TIE)]

@@ -19,7 +19,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-batch-tokens", default=None,
                    help="tokens per optimizer step, e.g. 4M (= 4*2^20); default: the config's global batch")
     p.add_argument("--top", type=int, default=10, help="layouts to list")
-    p.add_argument("--efficiency", type=float, default=None, help="fraction of peak the matmuls reach (default 0.5)")
+    p.add_argument("--efficiency", type=float, default=None, help="flat fraction of peak the matmuls reach (default: the device's GEMM curve by shape in "
+                        "meshforge/plan/efficiency.toml; 0.5 for a device without one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device and apply the real parallelize for the config's layout "
@@ -34,12 +35,11 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .devices import get_device
     from .planner import check_cluster, layout_keys_given, layout_of_config, plan_config, plan_job, plan_layout
     from .report import dry_run_json, dry_run_text, plan_json, table, why_text
-    from .time_model import DEFAULT_EFFICIENCY
 
     if args.top <= 0:
         raise ConfigError(f"--top must be positive, got {args.top}")
-    efficiency = DEFAULT_EFFICIENCY if args.efficiency is None else args.efficiency
-    if not 0 < efficiency <= 1:
+    efficiency = args.efficiency  # None: the device's GEMM curve (efficiency.toml), else a flat default
+    if efficiency is not None and not 0 < efficiency <= 1:
         raise ConfigError(f"--efficiency must be in (0, 1], got {efficiency}")
     device = get_device(args.gpu, args.devices)
     check_cluster(args.gpus, args.gpus_per_node)

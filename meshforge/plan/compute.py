@@ -1,4 +1,5 @@
-"""Compute of one step on a rank: how the model's FLOPs split over pipeline stages.
+"""Compute of one step on a rank: how the model's FLOPs split over pipeline stages, and how fast the
+device runs them at the layout's matrix shapes.
 
 FLOPs per token by block (in pipeline order) and for the head, from the parameter table
 (:mod:`.state`): 6 per weight per token (MoE experts at ``top_k / experts`` of theirs), plus
@@ -10,6 +11,11 @@ only when the layers divide evenly and the head weighs nothing.
 """
 
 from __future__ import annotations
+
+import math
+import tomllib
+from functools import lru_cache
+from pathlib import Path
 
 from ..config import JobConfig
 from .layouts import Layout
@@ -62,3 +68,68 @@ def heaviest_share(cfg: JobConfig, layout: Layout, cache: dict | None = None) ->
     if cache is not None:
         cache[key] = share
     return share
+
+
+EFFICIENCY_TABLE = Path(__file__).with_name("efficiency.toml")
+
+
+@lru_cache(maxsize=4)
+def efficiency_curves(path: Path = EFFICIENCY_TABLE) -> dict[str, tuple[tuple[float, float], ...]]:
+    """Device key -> its GEMM efficiency points ``(FLOPs of one call, fraction of peak)`` (``efficiency.toml``)."""
+    table = tomllib.loads(path.read_text())
+    return {key: tuple((float(f), float(e)) for f, e in entry["gemm"]) for key, entry in table.items()}
+
+
+def gemm_efficiency(points: tuple[tuple[float, float], ...], flops: float) -> float:
+    """The fraction of peak one GEMM of ``flops`` reaches: log-linear between the points, flat beyond them."""
+    if flops <= points[0][0]:
+        return points[0][1]
+    for (f0, e0), (f1, e1) in zip(points, points[1:]):
+        if flops <= f1:
+            return e0 + (e1 - e0) * math.log(flops / f0) / math.log(f1 / f0)
+    return points[-1][1]
+
+
+def layout_gemms(cfg: JobConfig, layout: Layout, B: int) -> list[tuple[float, float]]:
+    """``(FLOPs of one call, calls per block or head)`` of the forward GEMMs a rank runs per microbatch: the
+    block's projections at ``B T / cp`` tokens (TP cuts one side of each), attention's score and value
+    products, the experts at their balanced share of tokens, the output projection."""
+    m = cfg.model
+    tp, M = layout.tp, B * cfg.data.seq_len // layout.cp
+    D, Dkv, Hl = m.dim, m.kv_heads * m.head_dim, max(1, m.n_heads // tp)
+    out = [(2.0 * M * (D + 2 * Dkv) / tp * D, 1), (2.0 * M * D * D / tp, 1),
+           (2.0 * 2 * B * Hl * (cfg.data.seq_len // layout.cp) * cfg.data.seq_len * m.head_dim, 1)]
+    if m.moe_experts:
+        tokens = max(1.0, M * m.moe_top_k / m.moe_experts)
+        out.append((2.0 * tokens * m.expert_dim * D, 3 * m.moe_experts / layout.ep))
+    else:
+        out.append((2.0 * M * m.hidden_dim / tp * D, 3))
+    out.append((2.0 * M * m.vocab_size / tp * D, 0))  # the head: weighted below by its share of the FLOPs
+    return out
+
+
+def shape_efficiency(cfg: JobConfig, layout: Layout, B: int, device_key: str, cache: dict | None = None
+                     ) -> float | None:
+    """The FLOP-weighted (harmonic) efficiency of the layout's GEMMs on ``device_key``: the flat fraction
+    of peak that takes as long as the GEMMs at their own efficiencies; None when the device has no curve."""
+    points = efficiency_curves().get(device_key)
+    if points is None:
+        return None
+    key = ("efficiency", device_key, layout.tp, layout.cp, layout.ep, B)
+    if cache is not None and key in cache:
+        return cache[key]
+    gemms = layout_gemms(cfg, layout, B)
+    if cache is not None and "block_weights" in cache:
+        blocks, head = cache["block_weights"]
+    else:
+        blocks, head = block_weights(cfg)
+        if cache is not None:
+            cache["block_weights"] = (blocks, head)
+    *body, (head_call, _) = gemms
+    work = sum(f * n for f, n in body)
+    time = sum(f * n / gemm_efficiency(points, f) for f, n in body)
+    share = head / (sum(blocks) + head)  # the output projection's part of the model's FLOPs
+    eff = 1.0 / ((1 - share) * time / work + share / gemm_efficiency(points, head_call))
+    if cache is not None:
+        cache[key] = eff
+    return eff

@@ -15,7 +15,7 @@ from ..config import ConfigError, JobConfig, load_config
 from .devices import Device, get_device
 from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts
 from .memory import KINDS, estimate_memory
-from .time_model import DEFAULT_EFFICIENCY, TimeEstimate, estimate_time
+from .time_model import TimeEstimate, estimate_time
 
 HEADROOM = 0.9
 """Fraction of device memory a plan may fill: the rest is the CUDA context, NCCL, and allocator fragmentation."""
@@ -102,7 +102,7 @@ def check_cluster(gpus: int, gpus_per_node: int) -> None:
                           f"use {below} or {above} GPUs, or set --gpus-per-node to what your nodes have")
 
 
-def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float) -> list[Priced]:
+def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float | None) -> list[Priced]:
     cache: dict = {}
     usable = HEADROOM * device.hbm_bytes
     out = []
@@ -138,7 +138,7 @@ def rank(priced: list[Priced]) -> list[Priced]:
 
 
 def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
-             efficiency: float = DEFAULT_EFFICIENCY, ac_modes=AC_MODES) -> Plan:
+             efficiency: float | None = None, ac_modes=AC_MODES) -> Plan:
     check_cluster(gpus, gpus_per_node)
     layouts, refused = enumerate_layouts(cfg, gpus, gpus_per_node, ac_modes)
     plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
@@ -167,7 +167,7 @@ def layout_keys_given(args: list[str]) -> list[str]:
 
 
 def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
-                efficiency: float = DEFAULT_EFFICIENCY) -> Plan:
+                efficiency: float | None = None) -> Plan:
     """The plan of the one layout ``cfg``'s parallel and train sections give on ``gpus`` GPUs (the rest of
     its degrees resolved as ``meshforge train`` resolves them): priced, fitting or not; ConfigError with the
     project's own reason when the code would refuse it."""

@@ -4,7 +4,11 @@ alpha-beta cost on the link it crosses, the pipeline bubble, and stated overlap.
 Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 (:func:`meshforge.models.flops_per_token`: 6N + attention), the layout, ``gpus_per_node``.
 
-- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, times
+- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, the
+  efficiency from the device's GEMM curve (``efficiency.toml``) at the layout's shapes -- each
+  projection at ``B T / cp`` tokens and its ``/ tp`` width, attention's products, the experts'
+  token share, the output projection, weighted by their FLOPs (:func:`.compute.shape_efficiency`)
+  -- or ``--efficiency`` (flat; also for devices without a curve: 0.5); times
   4/3 under full activation checkpointing (one more forward) and 1.03 under selective
   (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Under pp the
   busiest rank sets the pace: its stages' share of the FLOPs (:mod:`.compute`: uneven layer
@@ -54,14 +58,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import JobConfig
-from .compute import heaviest_share
+from .compute import heaviest_share, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
 from .state import param_table, unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
-"""Fraction of the dense bf16 peak that the matmuls reach (MFU of a well-tuned dense job ~40-55%)."""
+"""Fraction of the dense bf16 peak that the matmuls reach on a device without a GEMM curve in
+``efficiency.toml`` (MFU of a well-tuned dense job ~40-55%)."""
 AC_RECOMPUTE = {"none": 1.0, "selective": 1.03, "full": 4.0 / 3.0}
 
 
@@ -157,7 +162,7 @@ def model_flops_per_token(cfg: JobConfig) -> float:
 
 
 def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
-                  efficiency: float = DEFAULT_EFFICIENCY, cache: dict | None = None, rank: int = 0) -> TimeEstimate:
+                  efficiency: float | None = None, cache: dict | None = None, rank: int = 0) -> TimeEstimate:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
@@ -173,6 +178,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         cache["flops"] = model_flops_per_token(cfg)
     f_tok = cache["flops"]
     share = time_sharing(device, world, gpus_per_node)
+    if efficiency is None:  # the device's GEMM curve at this layout's shapes, else the flat default
+        efficiency = shape_efficiency(cfg, layout, B, device.key, cache) or DEFAULT_EFFICIENCY
     # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
     busiest = heaviest_share(cfg, layout, cache) * pp
     compute = (f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
