@@ -110,8 +110,11 @@ def layout_gemms(cfg: JobConfig, layout: Layout, B: int) -> list[tuple[float, fl
 
 def shape_efficiency(cfg: JobConfig, layout: Layout, B: int, device_key: str, cache: dict | None = None
                      ) -> float | None:
-    """The FLOP-weighted (harmonic) efficiency of the layout's GEMMs on ``device_key``: the flat fraction
-    of peak that takes as long as the GEMMs at their own efficiencies; None when the device has no curve."""
+    """How fast the layout's GEMMs run on ``device_key`` relative to the device's largest ones: the
+    FLOP-weighted (harmonic) efficiency of its GEMMs (the flat fraction of peak that takes as long as the
+    GEMMs at their own efficiencies) over the curve's top value, at most 1; None when the device has no
+    curve. The time model multiplies its whole-step efficiency by it (a step also runs non-GEMM work --
+    norms, activations, optimizer, launches -- which the curve of bare GEMMs does not see)."""
     points = efficiency_curves().get(device_key)
     if points is None:
         return None
@@ -130,6 +133,7 @@ def shape_efficiency(cfg: JobConfig, layout: Layout, B: int, device_key: str, ca
     time = sum(f * n / gemm_efficiency(points, f) for f, n in body)
     share = head / (sum(blocks) + head)  # the output projection's part of the model's FLOPs
     eff = 1.0 / ((1 - share) * time / work + share / gemm_efficiency(points, head_call))
+    eff /= max(e for _, e in points)
     if cache is not None:
         cache[key] = eff
     return eff

@@ -4,11 +4,12 @@ alpha-beta cost on the link it crosses, the pipeline bubble, and stated overlap.
 Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 (:func:`meshforge.models.flops_per_token`: 6N + attention), the layout, ``gpus_per_node``.
 
-- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, the
-  efficiency from the device's GEMM curve (``efficiency.toml``) at the layout's shapes -- each
+- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``: by default
+  0.5 of peak for a whole step (GEMMs and everything else) at the device's best GEMM shapes, times
+  the device's GEMM curve (``efficiency.toml``) at the layout's shapes relative to its best -- each
   projection at ``B T / cp`` tokens and its ``/ tp`` width, attention's products, the experts'
-  token share, the output projection, weighted by their FLOPs (:func:`.compute.shape_efficiency`)
-  -- or ``--efficiency`` (flat; also for devices without a curve: 0.5); times
+  token share, the output projection, weighted by their FLOPs (:func:`.compute.shape_efficiency`);
+  ``--efficiency`` sets one flat fraction instead (devices without a curve: 0.5 flat); times
   4/3 under full activation checkpointing (one more forward) and 1.03 under selective
   (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Under pp the
   busiest rank sets the pace: its stages' share of the FLOPs (:mod:`.compute`: uneven layer
@@ -178,8 +179,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         cache["flops"] = model_flops_per_token(cfg)
     f_tok = cache["flops"]
     share = time_sharing(device, world, gpus_per_node)
-    if efficiency is None:  # the device's GEMM curve at this layout's shapes, else the flat default
-        efficiency = shape_efficiency(cfg, layout, B, device.key, cache) or DEFAULT_EFFICIENCY
+    if efficiency is None:  # the default, lowered where this layout's GEMMs are smaller than the device's best
+        efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
     # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
     busiest = heaviest_share(cfg, layout, cache) * pp
     compute = (f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
