@@ -19,8 +19,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-batch-tokens", default=None,
                    help="tokens per optimizer step, e.g. 4M (= 4*2^20); default: the config's global batch")
     p.add_argument("--top", type=int, default=10, help="layouts to list")
-    p.add_argument("--efficiency", type=float, default=None, help="flat fraction of peak the matmuls reach (default: the device's GEMM curve by shape in "
-                        "meshforge/plan/efficiency.toml; 0.5 for a device without one)")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="flat fraction of peak a step's compute reaches (default: 0.5 at the device's best GEMM "
+                        "shapes, scaled by its GEMM curve in meshforge/plan/efficiency.toml at the layout's shapes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device and apply the real parallelize for the config's layout "

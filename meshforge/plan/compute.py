@@ -43,6 +43,15 @@ def block_weights(cfg: JobConfig) -> tuple[list[float], float]:
     return blocks, head
 
 
+def cached_block_weights(cfg: JobConfig, cache: dict | None) -> tuple[list[float], float]:
+    """:func:`block_weights`, computed once per plan (``cache``: the planner's shared dict)."""
+    if cache is None:
+        return block_weights(cfg)
+    if "block_weights" not in cache:
+        cache["block_weights"] = block_weights(cfg)
+    return cache["block_weights"]
+
+
 def heaviest_share(cfg: JobConfig, layout: Layout, cache: dict | None = None) -> float:
     """The fraction of the model's FLOPs per token that the busiest pipeline rank runs (1 without pp)."""
     if layout.pp == 1:
@@ -53,12 +62,7 @@ def heaviest_share(cfg: JobConfig, layout: Layout, cache: dict | None = None) ->
     key = ("heaviest", layout.pp, layout.spr)
     if cache is not None and key in cache:
         return cache[key]
-    if cache is not None and "block_weights" in cache:
-        blocks, head = cache["block_weights"]
-    else:
-        blocks, head = block_weights(cfg)
-        if cache is not None:
-            cache["block_weights"] = (blocks, head)
+    blocks, head = cached_block_weights(cfg, cache)
     n_stages = layout.pp * layout.spr
     ranges = split_layers(pipeline_layers(cfg.model)[0], n_stages, cfg.parallel.pp_split)
     per_rank = [0.0] * layout.pp
@@ -122,12 +126,7 @@ def shape_efficiency(cfg: JobConfig, layout: Layout, B: int, device_key: str, ca
     if cache is not None and key in cache:
         return cache[key]
     gemms = layout_gemms(cfg, layout, B)
-    if cache is not None and "block_weights" in cache:
-        blocks, head = cache["block_weights"]
-    else:
-        blocks, head = block_weights(cfg)
-        if cache is not None:
-            cache["block_weights"] = (blocks, head)
+    blocks, head = cached_block_weights(cfg, cache)
     *body, (head_call, _) = gemms
     work = sum(f * n for f, n in body)
     time = sum(f * n / gemm_efficiency(points, f) for f, n in body)
