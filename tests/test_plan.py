@@ -85,10 +85,11 @@ def test_dry_run_reports_fsdp_and_pipeline_collectives():
     res = dry_run(cfg, layout, 3)
     by_op = {(c["op"], c["group"]): c for c in res.collectives}
     mb = 16384 // 16  # local batch / micro-batch 1
-    # stage 0 holds 8 blocks (7 reshard after forward, the last does not) + the root (embedding)
+    # stage 0 holds 8 blocks (7 reshard after forward, the last does not) + the root (embedding); under
+    # pp gradients are reduced once per step, and a block gathered by a backward serves the next forward
     assert by_op[("reduce_scatter", "fsdp")]["group_size"] == 16
-    assert sum(c["count"] for c in res.collectives if c["op"] == "reduce_scatter") == 9 * mb
-    assert sum(c["count"] for c in res.collectives if c["op"] == "all_gather") == (7 * 2 + 1 + 1) * mb
+    assert sum(c["count"] for c in res.collectives if c["op"] == "reduce_scatter") == 9
+    assert sum(c["count"] for c in res.collectives if c["op"] == "all_gather") == 7 * (mb + 1) + 1 + 1
     assert by_op[("send/recv", "pp")]["count"] == 2 * mb
 
 
@@ -336,7 +337,8 @@ def test_plan_cli_json_ranked_with_kinds(capsys):
     out = json.loads(capsys.readouterr().out)
     rows = out["layouts"]
     assert len(rows) == 5 and out["global_batch_size"] == 64 and out["device"] == "h200"
-    assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
+    # by step time, ties (within planner.TIE) leanest first
+    assert all(a["step_s"] <= b["step_s"] * 1.002 for a, b in zip(rows, rows[1:]))
     for r in rows:
         assert {"params", "grads", "optimizer", "activations"} <= set(r)
         assert r["total"] <= out["usable_bytes"] and 0 < r["mfu"] < 1

@@ -22,24 +22,28 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-batch-tokens", default=None,
                    help="tokens per optimizer step, e.g. 4M (= 4*2^20); default: the config's global batch")
     p.add_argument("--top", type=int, default=10, help="layouts to list")
-    p.add_argument("--efficiency", type=float, default=None, help="fraction of peak the matmuls reach (default 0.5)")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="flat fraction of peak a step's compute reaches (default: 0.5 at the device's best GEMM "
+                        "shapes, scaled by its GEMM curve in meshforge/plan/efficiency.toml at the layout's shapes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device and apply the real parallelize for the config's layout "
                         "(its parallel.* keys) at the full world size in this process (fake process group)")
     p.add_argument("--rank", type=int, default=0, help="the rank a dry run plays")
+    p.add_argument("--why", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="list the time terms (compute, bubble, exposed communication by group) of the N-th "
+                        "layout of the table (default: the first; with --parallel.* overrides: the given one)")
 
 
 def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
     from .devices import get_device
-    from .planner import check_cluster, layout_of_config, plan_config, plan_job
-    from .report import dry_run_json, dry_run_text, plan_json, table
-    from .time_model import DEFAULT_EFFICIENCY
+    from .planner import check_cluster, layout_keys_given, layout_of_config, plan_config, plan_job, plan_layout
+    from .report import dry_run_json, dry_run_text, plan_json, table, why_text
 
     if args.top <= 0:
         raise ConfigError(f"--top must be positive, got {args.top}")
-    efficiency = DEFAULT_EFFICIENCY if args.efficiency is None else args.efficiency
-    if not 0 < efficiency <= 1:
+    efficiency = args.efficiency  # None: the device's GEMM curve (efficiency.toml), else a flat default
+    if efficiency is not None and not 0 < efficiency <= 1:
         raise ConfigError(f"--efficiency must be in (0, 1], got {efficiency}")
     device = get_device(args.gpu, args.devices)
     check_cluster(args.gpus, args.gpus_per_node)
@@ -53,8 +57,17 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
         est = state_bytes(cfg, layout, args.rank)
         emit((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
         return 0
-    plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
+    if layout_keys_given(rest):  # one layout given: price exactly that one
+        plan = plan_layout(cfg, args.gpus, args.gpus_per_node, device, efficiency)
+    else:
+        plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
     train_args = (["--config", args.config] if args.config else []) + list(rest)
+    if args.why is not None:
+        listed = plan.fitting or plan.overflowing
+        if not 1 <= args.why <= len(listed):
+            raise ConfigError(f"--why {args.why}: the plan lists layouts 1 to {len(listed)}")
+        emit(why_text(plan, listed[args.why - 1]))
+        return 0
     emit(plan_json(plan, args.top) if args.json else table(plan, args.top, train_args))
     return 0
 

@@ -16,7 +16,10 @@ exactly as on a cluster. What this rank then holds is measured from the tensors:
 Collectives of one step are read off the sharded model: one record per FSDP unit (the
 all-gather of its parameters in forward, again in backward when it reshards, as read off
 the unit (``apply_fsdp`` never reshards the last block or the root) -- and the
-reduce-scatter of its gradients, plus the all-reduce over ``dp_replicate`` under HSDP), per expert-parallel MoE layer (its all-to-alls), per pipeline
+reduce-scatter of its gradients, plus the all-reduce over ``dp_replicate`` under HSDP; under a
+pipeline as torch's ``PipelineStage`` runs them over the order of forwards and backwards that the
+schedule class itself computes (:func:`stage_actions`, :func:`pipeline_gathers`): gradients
+reduced once per step), per expert-parallel MoE layer (its all-to-alls), per pipeline
 stage boundary (send/recv), per context-parallel attention core (the ring's K/V hops or the
 all-to-alls, counted as ``ring_attention.py`` / ``ulysses.py`` issue them), and for dense models without pipeline the tensor-parallel
 collectives traced with ``CommDebugMode`` on a TP-only copy (FSDP2 refuses to run a forward on
@@ -135,7 +138,9 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
         out.append({"op": op, "group": group, "group_size": size, "bytes": nbytes, "count": count})
 
     experts = {id(e) for e in expert_modules(model)}
-    for root in getattr(model, "parts", None) or [model]:  # a PipelineModel: one FSDP root per stage
+    parts = getattr(model, "parts", None) or [model]  # a PipelineModel: one FSDP root per stage
+    orders = stage_actions(model.plan, model.stage_ids[0] % layout.pp) if layout.pp > 1 else {}
+    for k, root in enumerate(parts):
         for unit in (m for m in root.modules() if isinstance(m, FSDPModule)):
             group = unit._get_fsdp_state()._fsdp_param_group
             if group is None:
@@ -144,11 +149,15 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
             numel = sum(fp.padded_sharded_param_size.numel() * shard for fp in group.fsdp_params)
             name = "fsdp(experts)" if id(unit) in experts else "fsdp"
             reshard = group.post_forward_mesh_info is not None
-            add("all_gather", name, shard, width * numel, mb * (2 if reshard else 1))
-            add("reduce_scatter", name, shard, 4 * numel, mb)
+            if layout.pp > 1:  # as the stage's schedule runs it: gradients reduced once, after the last backward
+                gathers, reductions = pipeline_gathers(orders[model.stage_ids[k]], reshard), 1
+            else:
+                gathers, reductions = mb * (2 if reshard else 1), mb
+            add("all_gather", name, shard, width * numel, gathers)
+            add("reduce_scatter", name, shard, 4 * numel, reductions)
             replicate = getattr(group.mesh_info, "replicate_mesh_size", 1)
             if replicate > 1:
-                add("all_reduce", "dp_replicate", replicate, 4 * numel // shard, mb)
+                add("all_reduce", "dp_replicate", replicate, 4 * numel // shard, reductions)
     n_ep = sum(1 for e in expert_modules(model) if hasattr(_local(e.w1), "shape") and layout.ep > 1)
     if n_ep:
         add("all_to_all(counts+tokens)", "ep", layout.ep, 0, mb * n_ep * 5)
@@ -179,6 +188,48 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
     elif layout.tp > 1:
         notes.append("tp collectives not traced (pipeline or encoder-decoder model): see the estimate")
     return out
+
+
+def stage_actions(plan, pp_rank: int) -> dict[int, str]:
+    """The compute actions of each of ``pp_rank``'s stages in the order torch's schedule runs them
+    (``F`` forward, ``B`` full backward, ``I``/``W`` its input and weight halves), read from the
+    schedule class the runner builds (``pipeline_order``), given stand-in stages of the right indices."""
+    import torch
+
+    from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES, _schedule_class
+
+    class Stage:  # what the schedules read of a stage when they compute their order
+        def __init__(self, index: int):
+            self.stage_index, self.num_stages = index, plan.n_stages
+            self.group_size, self.group_rank = plan.pp, pp_rank
+            self.is_first, self.is_last = index == 0, index == plan.n_stages - 1
+            self.submod = torch.nn.Module()
+
+    stages = [Stage(s) for s in plan.stages_of_rank(pp_rank)]
+    cls = _schedule_class(plan.schedule)
+    single = plan.schedule in SINGLE_STAGE_SCHEDULES
+    schedule = cls(stages[0] if single else stages, plan.n_microbatches, loss_fn=None, scale_grads=False)
+    out = {s.stage_index: "" for s in stages}
+    for action in schedule.pipeline_order[pp_rank]:
+        kind = action.computation_type.value if action is not None else ""
+        if kind in ("F", "B", "I", "W"):
+            out[action.stage_index] += kind
+    return out
+
+
+def pipeline_gathers(actions: str, reshard: bool) -> int:
+    """All-gathers of one FSDP unit over its stage's actions under ``PipelineStage``: each backward runs
+    with reshard-after-backward off, so the unit stays gathered from a backward (``B``, ``I``) through
+    the forward after it; a forward reshards it (``reshard``: ZeRO-3 blocks but the last); the weight
+    half ``W`` uses what ``I`` left. The step ends resharded (``perform_reduce_grad``)."""
+    gathered, n = False, 0
+    for a in actions:
+        if a in "FBI" and not gathered:
+            n += 1
+            gathered = True
+        if a == "F" and reshard:
+            gathered = False
+    return n
 
 
 def narrow_copy(job: JobConfig, tp: int) -> JobConfig:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from ..config import ConfigError, JobConfig, validate
 from ..parallel.deepspeed_engine import check_deepspeed
 from ..parallel.job_checks import check_context_parallel, check_job
-from ..parallel.mesh import Degrees, resolve_degrees
+from ..parallel.mesh import Degrees, pipeline_layers, resolve_degrees
 
 ZERO_MODES = {
     "fsdp-zero3": ("fsdp2", True, 1),
@@ -28,6 +28,8 @@ ZERO_MODES = {
 """Data-parallel modes: name -> (parallel.dp_backend, parallel.fsdp_reshard_after_forward, parallel.zero_stage)."""
 AC_MODES = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe")
+SINGLE_STAGE = ("1f1b", "gpipe")
+"""Schedules that run one stage per rank (the others loop ``stages_per_rank`` stages over the ranks)."""
 CP_METHODS = ("ring", "alltoall")
 
 
@@ -49,6 +51,16 @@ class Layout:
     """Activation checkpointing mode."""
     cp_method: str = "ring"
     """Context-parallel attention, ``ring`` or ``alltoall`` (meaningless with cp = 1)."""
+    stages_per_rank: int = 0
+    """Virtual pipeline stages per rank (``parallel.pp_stages_per_rank``); 0: the schedule's default (2 for
+    the interleaved schedules, else 1)."""
+
+    @property
+    def spr(self) -> int:
+        """Stage modules per rank: 1 without a pipeline or under a one-stage schedule."""
+        if self.pp == 1 or self.schedule in SINGLE_STAGE:
+            return 1
+        return self.stages_per_rank or 2
 
     @property
     def degrees(self) -> Degrees:
@@ -73,6 +85,18 @@ class Layout:
         """Whether FSDP2 wraps the model (any data or context parallelism)."""
         return self.dp * self.cp > 1
 
+    @property
+    def label(self) -> str:
+        """What the data-parallel part is: ``no-dp`` (one data-parallel rank), ``replicated`` (FSDP2 with
+        nothing to shard: whole copies, gradients all-reduced), ``fsdp-zero3`` / ``fsdp-zero2`` (sharded
+        over ``dp_shard x cp``), ``hsdp-zero3`` / ``hsdp-zero2`` (sharded and replicated), or the DeepSpeed
+        stage (``ds-zero1/2/3``, partitioned over ``dp x cp``)."""
+        if self.zero.startswith("ds"):
+            return self.zero
+        if self.fsdp_shard == 1:
+            return "replicated" if self.dp_replicate > 1 else "no-dp"
+        return ("hsdp" if self.dp_replicate > 1 else "fsdp") + self.zero[len("fsdp"):]
+
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
         if self.cp > 1:
@@ -80,9 +104,9 @@ class Layout:
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
         parts.append(f"dp{self.dp_replicate}x{self.dp_shard}")
-        text = " ".join(parts) + f" {self.zero}"
+        text = " ".join(parts) + f" {self.label}"
         if self.pp > 1:
-            text += f" {self.schedule}"
+            text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE else "")
         return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"
 
     def overrides(self) -> dict[str, object]:
@@ -102,6 +126,7 @@ class Layout:
             out["parallel.zero_stage"] = stage
         if self.pp > 1:
             out["parallel.pp_schedule"] = self.schedule
+            out["parallel.pp_stages_per_rank"] = self.spr
             if self.schedule == "zero_bubble":
                 out["parallel.compile"] = "off"  # zero-bubble's split backward does not take compiled blocks
         return out
@@ -117,7 +142,6 @@ def apply_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
         setattr(getattr(out, sec), name, value)
     if layout.pp > 1:
         out.parallel.pp_microbatches = 0
-        out.parallel.pp_stages_per_rank = 0
         out.parallel.pp_split = ""
     return out
 
@@ -138,19 +162,30 @@ def divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+def virtual_stages(n_layers: int, pp: int, schedule: str) -> list[int]:
+    """Stages per rank the search tries: 0 (one) for a one-stage schedule or no pipeline; for the looping
+    schedules every count from 2 that leaves each stage a layer and either splits the layers evenly or is
+    a power of two (uneven splits are priced by their heaviest stage)."""
+    if pp == 1 or schedule in SINGLE_STAGE:
+        return [0]
+    per_rank = n_layers // pp
+    return [v for v in range(2, per_rank + 1) if n_layers % (pp * v) == 0 or v & (v - 1) == 0]
+
+
 def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC_MODES,
                       max_micro_batch: int = 16) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
     """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
 
     Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (ring
     and all-to-all attention), ep, dp_replicate dividing what is left; micro-batch sizes are
-    powers of two; every data-parallel mode of :data:`ZERO_MODES` (the DeepSpeed stages where
+    powers of two; stages per rank of the looping schedules (:func:`virtual_stages`); every data-parallel mode of :data:`ZERO_MODES` (the DeepSpeed stages where
     ``check_deepspeed`` accepts the degrees: today data x context parallel). On one rank only
     ``fsdp-zero3`` (nothing to shard: the other modes would be the same layout), and with only
     replicas (``dp_shard x cp = 1``) ``fsdp-zero2`` only where ``fsdp-zero3`` is refused.
     The second value counts the refusals by their first words (for the "no layout" message).
     """
     m = cfg.model
+    n_layers = pipeline_layers(m)[0]
     ok: list[tuple[Layout, JobConfig]] = []
     refused: dict[str, int] = {}
     gbs = cfg.train.global_batch_size
@@ -196,9 +231,11 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                                 continue
                         mbs = 1
                         while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
-                            for sched in (schedules if pp > 1 else ("1f1b",)):
+                            for sched, spr in ((s, v) for s in (schedules if pp > 1 else ("1f1b",))
+                                               for v in virtual_stages(n_layers, pp, s)):
                                 for ac in ac_modes:
-                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method)
+                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method,
+                                                    spr)
                                     try:
                                         ok.append((layout, check_layout(cfg, layout)))
                                     except ConfigError as e:

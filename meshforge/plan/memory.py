@@ -39,7 +39,8 @@ resharded) and the running block's while it gathers the next (compute dtype; ZeR
 reshard: every unit's), the root's output-side gradient from the start of backward to its end
 (the root reduces last), and one block's unsharded gradient plus the fp32 reduce-scatter input
 FSDP2 copies it into whatever the dtypes; pipeline send/recv buffers; DeepSpeed's
-reduce/all-gather buckets (5e8 elements).
+reduce/all-gather buckets (5e8 elements each), under ZeRO-3 the gather one at least the largest
+single parameter (gathered whole when its module runs).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from ..config import JobConfig
 from .layouts import ZERO_MODES, Layout
 from .state import state_bytes, unsharded_numel
 
+DS_BUCKET = 500_000_000
+"""DeepSpeed's default reduce and all-gather bucket, elements."""
 KINDS = ("params", "grads", "optimizer", "activations", "comm_buffers")
 """The per-GPU byte keys of an estimate (``--json`` prints them)."""
 
@@ -170,7 +173,12 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 
     B, T, tp, e = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)
-    per = [block_activation_bytes(cfg, i, B, T, tp, e) for i in sorted(held)]
+    kinds: dict[bool, dict[str, int]] = {}  # a dense and an MoE block: every block of a kind keeps the same
+    for i in held:
+        moe = cfg.model.is_moe_layer(i)
+        if moe not in kinds:
+            kinds[moe] = block_activation_bytes(cfg, i, B, T, tp, e)
+    per = [kinds[cfg.model.is_moe_layer(i)] for i in held]
     ac = layout.ac
     saved = sum(p[ac] for p in per)
     # with checkpointing, one block is rebuilt at a time in backward; its backward then also holds the
@@ -192,8 +200,8 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 
 def _cut_key(layout: Layout, rank: int) -> tuple:
     """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
-    spr = 2 if layout.pp > 1 and layout.schedule in ("interleaved_1f1b", "zero_bubble") else 1
-    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, spr, rank)
+    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, layout.spr,
+            rank)
 
 
 def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):
@@ -227,8 +235,11 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
         # block's unsharded gradient and FSDP2's fp32 reduce-scatter input it is copied into
         out += w * sizes["root_grad_early"] + (w + 4) * block
     elif backend == "deepspeed":
-        numel = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)["all"]
-        out += 2 * prec.compute_param * min(numel, 500_000_000)
+        sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
+        bucket = min(sizes["all"], DS_BUCKET)
+        # ZeRO-3 gathers each parameter whole when its module runs, however large the buckets are set
+        gathered = max(bucket, sizes["largest_param"]) if ZERO_MODES[layout.zero][2] == 3 else bucket
+        out += prec.compute_param * (bucket + gathered)
     return out
 
 
@@ -262,6 +273,20 @@ def _total(est: dict[str, int]) -> int:
     return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
 
 
+def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
+    """Pipeline ranks that can be the fullest. With blocks all alike (a decoder, all dense or all MoE) the
+    first rank holds at least as many blocks as any other (a split gives the first stages the extra
+    layers), the embedding, and the most microbatches in flight; the last holds the head: those two.
+    Otherwise (an encoder-decoder, MoE after dense layers) every rank."""
+    m = cfg.model
+    if layout.pp <= 2:
+        return list(range(layout.pp))
+    alike = len({m.is_moe_layer(i) for i in range(m.n_layers)}) == 1
+    if m.family == "decoder" and alike:
+        return [0, layout.pp - 1]
+    return list(range(layout.pp))
+
+
 def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
                     ) -> dict[str, int]:
     """Per-GPU bytes by :data:`KINDS` (and ``total``) on the fullest rank: the largest over pipeline stages
@@ -270,7 +295,7 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
     prec = Precision.for_device(device_type, cfg)
     best: dict[str, int] | None = None
     stride = layout.world_size // layout.pp
-    for pp_rank in range(layout.pp):
+    for pp_rank in candidate_stages(cfg, layout):
         rank = pp_rank * stride
         est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
         est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)

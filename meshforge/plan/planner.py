@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError, JobConfig, load_config
 from .devices import Device, get_device
-from .layouts import AC_MODES, ZERO_MODES, Layout, enumerate_layouts
+from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts
 from .memory import KINDS, estimate_memory
-from .time_model import DEFAULT_EFFICIENCY, TimeEstimate, estimate_time
+from .time_model import TimeEstimate, estimate_time
 
 HEADROOM = 0.9
 """Fraction of device memory a plan may fill: the rest is the CUDA context, NCCL, and allocator fragmentation."""
+TIE = 0.002
+"""Predicted step times within this fraction of each other rank as a tie (memory, then collectives decide)."""
 SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
@@ -100,11 +102,13 @@ def check_cluster(gpus: int, gpus_per_node: int) -> None:
                           f"use {below} or {above} GPUs, or set --gpus-per-node to what your nodes have")
 
 
-def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float) -> list[Priced]:
+def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float | None) -> list[Priced]:
     cache: dict = {}
     usable = HEADROOM * device.hbm_bytes
     out = []
-    for layout, job in layouts:
+    layouts.reverse()
+    while layouts:  # each job config is dropped once priced: a search at scale holds tens of thousands
+        layout, job = layouts.pop()
         mem = estimate_memory(job, layout, "cuda", cache)
         t = estimate_time(job, layout, device, gpus_per_node, efficiency, cache)
         fits = mem["total"] <= usable
@@ -114,12 +118,27 @@ def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficienc
             overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
                         f"{worst} {mem[worst] / 2**30:.1f} GiB")
         out.append(Priced(layout, mem, t, fits, overflow))
-    out.sort(key=lambda p: p.time.step_s)
+    return rank(out)
+
+
+def rank(priced: list[Priced]) -> list[Priced]:
+    """The table's order: by predicted step time; a run of layouts within :data:`TIE` of the fastest of
+    the run (far below the model's accuracy) is a tie, ordered by lower per-GPU memory, then by fewer
+    collective calls."""
+    priced = sorted(priced, key=lambda p: p.time.step_s)
+    out: list[Priced] = []
+    i = 0
+    while i < len(priced):
+        j = i
+        while j < len(priced) and priced[j].time.step_s <= priced[i].time.step_s * (1 + TIE):
+            j += 1
+        out += sorted(priced[i:j], key=lambda p: (p.memory["total"], p.time.n_collectives, p.time.step_s))
+        i = j
     return out
 
 
 def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
-             efficiency: float = DEFAULT_EFFICIENCY, ac_modes=AC_MODES) -> Plan:
+             efficiency: float | None = None, ac_modes=AC_MODES) -> Plan:
     check_cluster(gpus, gpus_per_node)
     layouts, refused = enumerate_layouts(cfg, gpus, gpus_per_node, ac_modes)
     plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
@@ -131,6 +150,37 @@ def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
     plan.overflowing = sorted((p for p in priced if not p.fits), key=lambda p: p.memory["total"])
     if not plan.fitting:
         raise ConfigError(too_large_message(cfg, gpus, gpus_per_node, device, plan.overflowing[0]))
+    return plan
+
+
+LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.dp_replicate", "parallel.dp_shard",
+               "parallel.dp_backend", "parallel.zero_stage", "parallel.fsdp_reshard_after_forward",
+               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches",
+               "parallel.activation_checkpointing", "parallel.cp_method", "train.micro_batch_size")
+"""Config keys that choose a layout: given on the command line, ``meshforge plan`` prices that layout only."""
+
+
+def layout_keys_given(args: list[str]) -> list[str]:
+    """The :data:`LAYOUT_KEYS` among command-line overrides (``--parallel.tp 8`` or ``--parallel.tp=8``)."""
+    given = [a[2:].split("=", 1)[0] for a in args if a.startswith("--")]
+    return [k for k in given if k in LAYOUT_KEYS]
+
+
+def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
+                efficiency: float | None = None) -> Plan:
+    """The plan of the one layout ``cfg``'s parallel and train sections give on ``gpus`` GPUs (the rest of
+    its degrees resolved as ``meshforge train`` resolves them): priced, fitting or not; ConfigError with the
+    project's own reason when the code would refuse it."""
+    check_cluster(gpus, gpus_per_node)
+    try:
+        layout = layout_of_config(cfg, gpus)
+        check_layout(cfg, layout)
+    except ConfigError as e:
+        raise ConfigError(f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: "
+                          f"{e}") from None
+    plan = Plan(cfg, device, gpus, gpus_per_node)
+    (priced,) = price(cfg, [(layout, check_layout(cfg, layout))], device, gpus_per_node, efficiency)
+    (plan.fitting if priced.fits else plan.overflowing).append(priced)
     return plan
 
 
@@ -167,7 +217,7 @@ def _group_reasons(refused: dict[str, int]) -> dict[str, int]:
 def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     """The layout ``cfg``'s parallel section describes on ``gpus`` ranks (dp_shard = -1 resolved)."""
     from ..config import micro_batch_size
-    from ..parallel.mesh import resolve_degrees
+    from ..parallel.mesh import pipeline_stages_per_rank, resolve_degrees
     from ..parallel.pipeline import plan_pipeline
 
     p = cfg.parallel
@@ -179,9 +229,10 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     mbs = micro_batch_size(cfg.train, d.dp)  # 0 resolves to the whole local batch
     if d.pp > 1:  # a pipeline's microbatch is the local batch over the job's microbatch count
         mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
+    spr = pipeline_stages_per_rank(p) if d.pp > 1 else 0
     return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
-                  p.activation_checkpointing, p.cp_method)
+                  p.activation_checkpointing, p.cp_method, spr)
 
 
-__all__ = ["HEADROOM", "Plan", "Priced", "check_cluster", "get_device", "layout_of_config", "parse_tokens",
-           "plan_config", "plan_job", "ZERO_MODES"]
+__all__ = ["HEADROOM", "LAYOUT_KEYS", "Plan", "Priced", "check_cluster", "get_device", "layout_keys_given",
+           "layout_of_config", "parse_tokens", "plan_config", "plan_job", "plan_layout", "ZERO_MODES"]

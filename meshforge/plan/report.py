@@ -27,7 +27,7 @@ def table(plan: Plan, top: int, train_args: list[str] | None = None) -> str:
         f"{len(plan.fitting)} layouts fit, {len(plan.overflowing)} do not; per-GPU memory in GiB on the fullest rank",
         "",
     ]
-    head = (f"{'#':>3}  {'layout':<52} {'step s':>8} {'MFU':>6} {'bubble':>6} "
+    head = (f"{'#':>3}  {'layout':<60} {'step s':>8} {'MFU':>6} {'bubble':>6} "
             f"{'params':>6} {'grads':>6} {'optim':>6} {'acts':>6} {'comm':>6} {'total':>6}")
     lines.append(head)
     for i, p in enumerate(plan.fitting[:top], 1):
@@ -35,7 +35,9 @@ def table(plan: Plan, top: int, train_args: list[str] | None = None) -> str:
     if plan.overflowing:
         lines += ["", "do not fit (leanest first):"]
         for p in plan.overflowing[:min(top, 5)]:
-            lines.append(f"     {p.layout.describe():<52} {p.overflow}")
+            lines.append(f"     {p.layout.describe():<60} {p.overflow}")
+    if not plan.fitting:  # one given layout that does not fit
+        return "\n".join(lines)
     best = plan.fitting[0]
     keys = {"data.seq_len": c.data.seq_len, "model.max_seq_len": c.model.max_seq_len,
             "train.global_batch_size": c.train.global_batch_size, **best.layout.overrides()}
@@ -47,8 +49,26 @@ def table(plan: Plan, top: int, train_args: list[str] | None = None) -> str:
 
 def _row(i: int, p: Priced) -> str:
     m, t = p.memory, p.time
-    return (f"{i:>3}  {p.layout.describe():<52} {t.step_s:8.3f} {100 * t.mfu:5.1f}% {100 * t.bubble_fraction:5.1f}% "
+    return (f"{i:>3}  {p.layout.describe():<60} {t.step_s:8.3f} {100 * t.mfu:5.1f}% {100 * t.bubble_fraction:5.1f}% "
             + " ".join(_gib(m[k]) for k in (*KINDS, "total")))
+
+
+def why_text(plan: Plan, p: Priced) -> str:
+    """The time terms of one layout, largest first, and what each is made of: compute, the pipeline bubble,
+    the exposed communication of each critical-path group, the data-parallel traffic beyond compute."""
+    t, d = p.time, plan.device
+    lines = [f"why {p.layout.describe()}: step {t.step_s:.4f} s on {plan.gpus} x {d.name}, MFU {100 * t.mfu:.1f}%"]
+    for name, secs in sorted(t.terms.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<24} {secs:10.4f} s  {100 * secs / t.step_s:5.1f}%")
+        group = name.removeprefix("exposed ")
+        calls = [c for c in t.comm if (c["group"] == group and c["exposed"])
+                 or (name == "exposed data parallel" and not c["exposed"])]
+        for c in sorted(calls, key=lambda c: -c["seconds"]):
+            lines.append(f"      {c['op']:<15} {c['group']:<13} n={c['group_size']:<6} {c['link']:<9} "
+                         f"{c['count']:>9,.0f} x {c['bytes']:>14,} B = {c['seconds']:.4f} s"
+                         + ("" if c["exposed"] else " (behind compute)"))
+    lines.append(f"  {'total':<24} {t.step_s:10.4f} s")
+    return "\n".join(lines)
 
 
 def plan_json(plan: Plan, top: int) -> str:

@@ -81,10 +81,15 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     return tuple(out)
 
 
-def param_table(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
-    from dataclasses import asdict
+def model_key(cfg: ModelConfig) -> tuple:
+    """The model config as a hashable key (its fields are plain values: a shallow copy is enough)."""
+    from dataclasses import fields
 
-    return _param_table_cached(tuple(sorted(asdict(cfg).items())))
+    return tuple(sorted((f.name, getattr(cfg, f.name)) for f in fields(cfg)))
+
+
+def param_table(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
+    return _param_table_cached(model_key(cfg))
 
 
 def chunk_len(n: int, k: int, i: int) -> int:
@@ -127,9 +132,7 @@ def rank_coords(layout: Layout, rank: int) -> Coords:
 
 def _tp_styles(cfg: JobConfig) -> dict[str, str]:
     """Module path -> ``colwise`` / ``rowwise`` / ``heads`` from the project's TP plan."""
-    from dataclasses import asdict
-
-    return _tp_styles_cached(tuple(sorted(asdict(cfg.model).items())), cfg.parallel.loss_parallel)
+    return _tp_styles_cached(model_key(cfg.model), cfg.parallel.loss_parallel)
 
 
 @lru_cache(maxsize=16)
@@ -237,12 +240,18 @@ def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]
     """Element counts on ``rank`` before FSDP's cut (tp/ep cuts applied): ``largest_unit`` (the
     largest FSDP unit: a block, or the root's embedding + norm + output), ``largest_block``,
     ``root``, ``root_grad_early`` (the root's parameters whose gradient backward makes first: the
-    final norm and output, the embedding too when tied to it), ``all`` and ``units`` (how many)."""
+    final norm and output, the embedding too when tied to it), ``all``, ``units`` (how many),
+    ``roots`` (stage modules whose root holds parameters) and ``largest_param`` (one parameter)."""
     per_layer: dict[int, int] = {}
-    for info, n in local_numels(cfg, layout, rank, fsdp=False):
+    held = local_numels(cfg, layout, rank, fsdp=False)
+    for info, n in held:
         per_layer[info.layer] = per_layer.get(info.layer, 0) + n
     blocks = [v for k, v in per_layer.items() if k >= 0]
     root = per_layer.get(-1, 0) + per_layer.get(-2, 0)
     early = per_layer.get(-2, 0) + (per_layer.get(-1, 0) if cfg.model.tie_embeddings and per_layer.get(-2) else 0)
+    # stage modules whose root holds parameters: one model without a pipeline; under one, the first and
+    # the last stage (embedding; final norm and output), never on one rank
+    roots = int(root > 0) if layout.pp == 1 else int(per_layer.get(-1, 0) > 0) + int(per_layer.get(-2, 0) > 0)
     return {"largest_unit": max([*blocks, root]), "largest_block": max(blocks, default=0), "root": root,
-            "root_grad_early": early, "all": sum(per_layer.values()), "units": len(blocks) + (root > 0)}
+            "root_grad_early": early, "all": sum(per_layer.values()), "units": len(blocks) + roots,
+            "roots": roots, "largest_param": max((n for _, n in held), default=0)}

@@ -4,10 +4,16 @@ alpha-beta cost on the link it crosses, the pipeline bubble, and stated overlap.
 Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 (:func:`meshforge.models.flops_per_token`: 6N + attention), the layout, ``gpus_per_node``.
 
-- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``, times
+- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``: by default
+  0.5 of peak for a whole step (GEMMs and everything else) at the device's best GEMM shapes, times
+  the device's GEMM curve (``efficiency.toml``) at the layout's shapes relative to its best -- each
+  projection at ``B T / cp`` tokens and its ``/ tp`` width, attention's products, the experts'
+  token share, the output projection, weighted by their FLOPs (:func:`.compute.shape_efficiency`);
+  ``--efficiency`` sets one flat fraction instead (devices without a curve: 0.5 flat); times
   4/3 under full activation checkpointing (one more forward) and 1.03 under selective
-  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Stages are assumed
-  balanced. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
+  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Under pp the
+  busiest rank sets the pace: its stages' share of the FLOPs (:mod:`.compute`: uneven layer
+  splits and the output projection on the last stage), not ``1 / pp``. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
   entry is one thread's measured matmul rate, ``bench/bench_plan_calibrate.py``).
 - Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
   once; with more, every rank's compute and communication stretch by ranks per node / cores.
@@ -25,7 +31,9 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
   microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
   (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
-  all-reduce of the shard over ``dp_replicate``; DeepSpeed ZeRO-1 one gradient all-reduce at
+  all-reduce of the shard over ``dp_replicate`` -- under pp once per step instead, and a
+  resharding unit gathered ``m + 1`` times, as torch's ``PipelineStage`` runs FSDP2
+  (:func:`fsdp_calls`; the dry run reads the same off the schedule's order); DeepSpeed ZeRO-1 one gradient all-reduce at
   the accumulation boundary, ZeRO-2 a reduce-scatter per microbatch (its gradient partitions
   are reduced in every backward), both one parameter all-gather per step, ZeRO-3 like
   FSDP2, all over ``dp x cp`` (the engine's group: cp ranks are data-parallel ranks to it); EP per MoE layer and microbatch 4
@@ -51,13 +59,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import JobConfig
+from .compute import heaviest_share, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
 from .state import param_table, unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
-"""Fraction of the dense bf16 peak that the matmuls reach (MFU of a well-tuned dense job ~40-55%)."""
+"""Fraction of the dense bf16 peak that the matmuls reach on a device without a GEMM curve in
+``efficiency.toml`` (MFU of a well-tuned dense job ~40-55%)."""
 AC_RECOMPUTE = {"none": 1.0, "selective": 1.03, "full": 4.0 / 3.0}
 
 
@@ -107,6 +117,32 @@ class TimeEstimate:
     tokens_per_s: float
     comm: list[dict] = field(default_factory=list)
     """``{group, op, bytes, count, link, seconds, exposed}`` per collective kind."""
+    terms: dict[str, float] = field(default_factory=dict)
+    """The step's seconds by term: ``compute``, ``bubble``, ``exposed <group>`` per critical-path group,
+    ``exposed data parallel`` (what data-parallel traffic adds beyond compute); they sum to ``step_s``."""
+
+    @property
+    def n_collectives(self) -> float:
+        """Collective calls of one step on the rank (every group and kind)."""
+        return sum(c["count"] for c in self.comm)
+
+
+def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) -> tuple[int, int]:
+    """FSDP2 all-gathers and reduce-scatters of one step on a rank holding ``units`` FSDP units (each
+    block one, each stage module's root one if it holds parameters), ``fixed`` of them never resharded
+    after forward (each stage's last block and its root).
+
+    Without a pipeline every microbatch gathers each unit in forward, again in backward under ZeRO-3
+    (``reshard``) except each stage's last block and root (never resharded), and reduce-scatters it.
+    Under a pipeline, torch's ``PipelineStage`` runs every backward with gradient sync and
+    reshard-after-backward off and reduces once per step (``perform_reduce_grad``): one reduce-scatter
+    per unit per step; a unit gathered by a backward stays gathered through the forward that follows
+    it, so over any schedule's order of forwards and backwards a resharding unit gathers ``mb + 1``
+    times (once per run of forwards or backwards, plus the forwards inside a run), the others once."""
+    resharding = units - fixed if reshard else 0
+    if not pipelined:
+        return mb * (units + resharding), mb * units
+    return resharding * (mb + 1) + (units - resharding), units
 
 
 def model_flops_per_token(cfg: JobConfig) -> float:
@@ -127,7 +163,7 @@ def model_flops_per_token(cfg: JobConfig) -> float:
 
 
 def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
-                  efficiency: float = DEFAULT_EFFICIENCY, cache: dict | None = None) -> TimeEstimate:
+                  efficiency: float | None = None, cache: dict | None = None, rank: int = 0) -> TimeEstimate:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
@@ -143,10 +179,13 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         cache["flops"] = model_flops_per_token(cfg)
     f_tok = cache["flops"]
     share = time_sharing(device, world, gpus_per_node)
-    compute = f_tok * tokens / world / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac] * share
-    from ..parallel.mesh import pipeline_stages_per_rank
-
-    spr = pipeline_stages_per_rank(cfg.parallel) if pp > 1 else 1
+    if efficiency is None:  # the default, lowered where this layout's GEMMs are smaller than the device's best
+        efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
+    # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
+    busiest = heaviest_share(cfg, layout, cache) * pp
+    compute = (f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
+               * share)
+    spr = layout.spr
     bubble = (pp - 1) / (mb * spr) if pp > 1 else 0.0
     if layout.schedule == "zero_bubble" and pp > 1:
         bubble /= 3
@@ -189,18 +228,16 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     backend, reshard, stage = ZERO_MODES[layout.zero]
     from .memory import _cached
 
-    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, 0)
+    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
     w = Precision.for_device(device_type(device), cfg).compute_param
     fs, fs_group = layout.fsdp_shard, ("dp_shard_cp" if cp > 1 else "dp_shard")
     if backend == "fsdp2" and layout.sharded:
-        # one collective per FSDP unit (each block and the root), of the mean unit size; under ZeRO-3 the
-        # blocks gather again in backward except the last block and the root, which do not reshard
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        gathers = max(2 * units - 2, units) if reshard else units
-        add(fs_group, "all_gather", fs, w * unit, mb * gathers, False)
-        add(fs_group, "reduce_scatter", fs, 4 * unit, mb * units, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, mb * units, False)
+        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1)
+        add(fs_group, "all_gather", fs, w * unit, gathers, False)
+        add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False)
     elif backend == "deepspeed":  # the engine's group is every rank, dp x cp (= dp_shard x cp: no tp/pp/HSDP)
         total = sizes["all"]
         if stage == 3:
@@ -225,5 +262,10 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         dp_exposed = max(first_gather * share, hidden - compute) if hidden else 0.0
     step = compute * (1 + bubble) + exposed + dp_exposed
     mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
-    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm)
+    terms = {"compute": compute, "bubble": compute * bubble}
+    for c in comm:
+        if c["exposed"]:
+            terms[f"exposed {c['group']}"] = terms.get(f"exposed {c['group']}", 0.0) + c["seconds"]
+    terms["exposed data parallel"] = dp_exposed
+    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms)
 

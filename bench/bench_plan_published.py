@@ -1,0 +1,117 @@
+"""The planner against published large runs: does it predict their throughput and rank their layout?
+
+Published figures (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
+Clusters Using Megatron-LM", arXiv 2104.04473): GPT models, vocabulary 51,200, sequence 2,048,
+A100-80GB (8 per node), full activation recomputation, data parallel replicas (no ZeRO). Table 1
+rows (parameters, heads, hidden, layers, TP, PP, GPUs, batch, achieved teraFLOP/s per GPU) and
+Table 2's PTD row for the 174.6B GPT-3 (model-parallel size 96 = TP 8 x PP 12, microbatch 1).
+Their teraFLOP/s count the recomputed forward: F = 96 B s l h^2 (1 + s/6h + V/16lh) per iteration
+(eq. 3), so the published tokens/s is ``TFLOP/s x GPUs / (F / B s)``; the model FLOPs (no
+recompute) are ``B s (72 l h^2 + 12 l s h + 6 h V)``.
+
+For each run: (1) the planner prices the published layout exactly (``plan_layout``: TP, PP, the
+rest replicas, microbatch 1, full recomputation, 1F1B) -- its predicted tokens/s against the
+published one; (2) with ``--search``, the planner searches every layout of that GPU count and we
+report where the best-ranked layout with the published degrees (TP, PP, DP; any schedule,
+microbatch, recomputation, data-parallel mode) lands. The GPT feed-forward (two h x 4h matrices)
+is written as a SwiGLU of width 8h/3 (the same FLOPs and parameters).
+
+Run: ``python bench/bench_plan_published.py [--search] [--record]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import loadavg, record  # noqa: E402
+
+SECTION = "## Planner vs published runs"
+# name, params (B), heads, hidden, layers, TP, PP, GPUs, batch, published TFLOP/s per GPU, source
+RUNS = [
+    ("GPT 18.4B", 18.4, 48, 6144, 40, 8, 1, 256, 1024, 135, "Table 1"),
+    ("GPT 39.1B", 39.1, 64, 8192, 48, 8, 2, 512, 1536, 138, "Table 1"),
+    ("GPT 145.6B", 145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148, "Table 1"),
+    ("GPT-3 174.6B", 174.6, 96, 12288, 96, 8, 12, 384, 1536, 153, "Table 2 (PTD, 384 GPUs)"),
+    ("GPT 1T", 1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163, "Table 1"),
+]
+SEQ, VOCAB = 2048, 51200
+
+
+def overrides(heads: int, hidden: int, layers: int, batch: int) -> list[str]:
+    ffn = -(-(8 * hidden // 3) // 64) * 64
+    return ["--model.dim", str(hidden), "--model.n_heads", str(heads), "--model.n_layers", str(layers),
+            "--model.ffn_dim", str(ffn), "--model.vocab_size", str(VOCAB), "--model.tie_embeddings", "true",
+            "--model.max_seq_len", str(SEQ), "--data.seq_len", str(SEQ), "--train.global_batch_size", str(batch),
+            "--train.micro_batch_size", "1"]
+
+
+def published_tokens_per_s(tflops: float, gpus: int, h: int, l: int) -> float:
+    per_token = 96 * l * h * h * (1 + SEQ / (6 * h) + VOCAB / (16 * l * h))  # eq. 3 over B s
+    return tflops * 1e12 * gpus / per_token
+
+
+def model_flops_per_token(h: int, l: int) -> float:
+    return 72 * l * h * h + 12 * l * SEQ * h + 6 * h * VOCAB
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--search", action="store_true", help="also search every layout and rank the published one")
+    ap.add_argument("--only", default="", help="comma-separated run names to keep (e.g. 'GPT 1T')")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    from meshforge.config import load_config
+    from meshforge.plan.devices import get_device
+    from meshforge.plan.planner import plan_job, plan_layout
+
+    a100 = get_device("a100-80gb")
+    lines = ["| run | GPUs | layout (TP x PP x DP) | published tokens/s | predicted tokens/s | error | published "
+             "model TFLOP/s/GPU | predicted | rank of the published degrees | layouts fitting | search CPU s | "
+             "planner's first (predicted tokens/s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, _, heads, h, l, tp, pp, gpus, batch, tflops, source in RUNS:
+        if args.only and name not in args.only.split(","):
+            continue
+        dp = gpus // (tp * pp)
+        base = overrides(heads, h, l, batch)
+        layout_args = ["--parallel.tp", str(tp), "--parallel.pp", str(pp), "--parallel.dp_replicate", str(dp),
+                       "--parallel.dp_shard", "1", "--parallel.activation_checkpointing", "full",
+                       "--parallel.pp_schedule", "1f1b", "--parallel.pp_stages_per_rank", "0"]
+        cfg = load_config("llama-1b", base + layout_args)
+        cfg.train.device = "cuda"
+        plan = plan_layout(cfg, gpus, 8, a100)
+        p = (plan.fitting or plan.overflowing)[0]
+        pub = published_tokens_per_s(tflops, gpus, h, l)
+        pred = p.time.tokens_per_s
+        mf = model_flops_per_token(h, l)
+        rank, n_fit, secs, first = "-", "-", "-", "-"
+        if args.search:
+            t0 = time.process_time()
+            search_cfg = load_config("llama-1b", base)
+            search_cfg.train.device = "cuda"
+            found = plan_job(search_cfg, gpus, 8, a100)
+            secs = f"{time.process_time() - t0:.0f}"
+            n_fit = str(len(found.fitting))
+            hits = [i for i, q in enumerate(found.fitting, 1)
+                    if (q.layout.tp, q.layout.pp, q.layout.dp, q.layout.cp) == (tp, pp, dp, 1)]
+            rank = str(hits[0]) if hits else "not fitting"
+            best = found.fitting[0]
+            first = f"{best.layout.describe()} ({best.time.tokens_per_s:,.0f})"
+        fit = "" if p.fits else " (predicted not to fit)"
+        lines.append(f"| {name} ({source}) | {gpus} | {tp} x {pp} x {dp} | {pub:,.0f} | {pred:,.0f}{fit} | "
+                     f"{100 * (pred / pub - 1):+.1f}% | {pub * mf / gpus / 1e12:.0f} | {pred * mf / gpus / 1e12:.0f} | "
+                     f"{rank} | {n_fit} | {secs} | {first} |")
+        print(lines[-1], flush=True)
+    lines.append("")
+    lines.append(f"load average {loadavg()}")
+    if args.record:
+        record(SECTION, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
