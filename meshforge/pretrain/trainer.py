@@ -113,7 +113,7 @@ class Trainer:
                 print(f"initialised from {self.init_from}", flush=True)
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         setup = StepSetup(cfg, self.degrees, self.mesh, self.device, self.data.objective, self.collectives,
-                          self.nonfinite, self.fused_loss)
+                          self.nonfinite, self.fused_loss, stop_signal=self._stop_signal)
         self.backend: TrainStep = build_step(setup, model)
         """How a step runs (plain/FSDP2, DeepSpeed engine, pipeline schedule): chosen here, once."""
         self.step = 0
@@ -140,6 +140,11 @@ class Trainer:
     def model(self) -> torch.nn.Module:
         """The weights under the single-process names (a pipeline rank: its stages' view)."""
         return self.backend.model
+
+    def _stop_signal(self) -> bool:
+        """This rank got a preemption signal (agreed on by all ranks through the step's loss all-reduce)."""
+        watcher = getattr(self, "preemption", None)
+        return watcher is not None and watcher.received is not None
 
     def train_step(self) -> dict:
         """Run the next training step; return its metrics record."""
@@ -214,8 +219,8 @@ class Trainer:
                 saved = last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
                 if saved:
                     self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
-                self.collectives.at(f"all_reduce of the preemption flag after step {self.step}")
-                if self.preemption is not None and self.preemption.should_stop(self.device):
+                # every rank's flag was reduced with this step's loss: all ranks agree, no collective here
+                if self.preemption is not None and self.backend.stop_requested:
                     if not saved:
                         self._checkpoint()
                     self.checkpointer.wait()
@@ -253,8 +258,10 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         log_every = self.cfg.logging.log_interval
         if self.env.is_main and (("val_loss" in record) or (log_every and record["step"] % log_every == 0)):
-            parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
-                     f"gnorm {record['grad_norm']:.3f}", f"tok/s {record['tokens_per_s']:,.0f}"]
+            parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}"]
+            if "grad_norm" in record:
+                parts.append(f"gnorm {record['grad_norm']:.3f}")
+            parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
             if "mfu" in record:
                 parts.append(f"mfu {100 * record['mfu']:.1f}%")
             if "val_loss" in record:
