@@ -218,7 +218,8 @@ class Trainer:
                 self._report(bar, record)
                 saved = last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
                 if saved:
-                    self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
+                    self._checkpoint()
+                self._log_saves()
                 # every rank's flag was reduced with this step's loss: all ranks agree, no collective here
                 if self.preemption is not None and self.backend.stop_requested:
                     if not saved:
@@ -232,6 +233,7 @@ class Trainer:
                     result.preempted = True
                     break
             self.checkpointer.close()  # the last checkpoint is complete before the run returns
+            self._log_saves()
             result.final_step = self.step
             if self.env.is_main and t.sample_prompt and t.sample_tokens and not result.preempted:
                 if self.env.world_size > 1:  # sharded weights: one process cannot run the model
@@ -251,6 +253,12 @@ class Trainer:
                 bar.close()
             self.metrics.close()
         return result
+
+    def _log_saves(self) -> None:
+        """A record per save completed since the last call: how long it held the training thread in all
+        (an asynchronous save: staging, then the polls and waits until it was complete)."""
+        for step, blocked in self.checkpointer.completed():
+            self.metrics.log({"step": step, "checkpoint_blocked_s": blocked})
 
     def _report(self, bar, record: dict) -> None:
         if bar is not None:
