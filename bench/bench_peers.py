@@ -62,7 +62,7 @@ _OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.te
         "--train.z_loss_coef", "0", "--optim.grad_clip", "1.0")
 
 
-def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False):
+def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False, scope: str = "model"):
     from meshforge.config import load_config
 
     overrides, batch = SHAPES[shape]
@@ -70,6 +70,7 @@ def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False):
         overrides, batch = ("--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4"), 2
     return load_config("small", [*overrides, *_OFF, "--train.global_batch_size", str(batch),
                                  "--parallel.compile", "on" if mode == "compiled" else "off",
+                                 "--parallel.compile_scope", scope if mode == "compiled" else "blocks",
                                  "--train.steps", str(steps + 10), "--train.output_dir", out])
 
 
@@ -151,11 +152,11 @@ def run_litgpt(cfg, warmup: int, steps: int) -> dict:
     return out
 
 
-def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int) -> dict:
+def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str) -> dict:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = job_config(shape, mode, tmp, warmup + steps)
+        cfg = job_config(shape, mode, tmp, warmup + steps, scope=scope)
         torch.manual_seed(0)
         if side == "meshforge":
             return run_meshforge(cfg, warmup, steps)
@@ -178,7 +179,8 @@ def spawn(side: str, shape: str, mode: str, args) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.litgpt_path), env.get("PYTHONPATH", "")]))
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", side, shape, mode, f.name, "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--threads", str(args.threads),
+               "--compile-scope", args.compile_scope]
         try:
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -267,6 +269,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of every side (0: torch's default; 1 keeps a shared, loaded box sane)")
+    ap.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                    help="meshforge's parallel.compile_scope in the compiled mode")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per process")
     ap.add_argument("--litgpt-path", type=Path, default=LITGPT_PATH,
                     help="a directory holding litgpt (pip install --target DIR litgpt ...), put before PYTHONPATH")
@@ -276,7 +280,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         side, shape, mode, path = args.worker
-        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads)))
+        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope)))
         return 0
     sides = list(SIDES)
     skipped = {}

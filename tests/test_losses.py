@@ -66,3 +66,21 @@ def test_lm_loss_upcasts_low_precision_logits():
         ce, z = reference(logits.float(), targets, coef)
         torch.testing.assert_close(parts.ce.double(), ce, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(parts.z_loss.double(), z, rtol=1e-5, atol=1e-9)
+
+
+def test_cpu_row_blocks_give_the_same_loss_and_grads(monkeypatch):
+    """Logits larger than four blocks are taken block by block on a CPU: same values, same gradients."""
+    from meshforge.models import losses
+
+    logits = torch.randn(40, 16)
+    targets = torch.randint(0, 16, (40,))
+    targets[5:9] = IGNORE_INDEX
+    whole = _grads(_ours, logits, targets, 0.0, seed=3)
+    monkeypatch.setattr(losses, "CPU_CHUNK_BYTES", 4 * 16 * 3)  # blocks of 3 rows: 14 of them
+    blocks = []
+    real = losses.F.cross_entropy
+    monkeypatch.setattr(losses.F, "cross_entropy", lambda x, *a, **k: blocks.append(len(x)) or real(x, *a, **k))
+    chunked = _grads(_ours, logits, targets, 0.0, seed=3)
+    assert blocks == [3] * 13 + [1]
+    for c, w in zip(chunked, whole):
+        torch.testing.assert_close(c, w, rtol=1e-6, atol=1e-7)
