@@ -62,31 +62,37 @@ _OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.te
         "--train.z_loss_coef", "0", "--optim.grad_clip", "1.0")
 
 
-def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False, scope: str = "model"):
+def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False, scope: str = "model",
+               device: str = "cpu", batch: int = 0):
     from meshforge.config import load_config
 
-    overrides, batch = SHAPES[shape]
+    overrides, default_batch = SHAPES[shape]
+    batch = batch or default_batch
     if dry:  # the GPU check's --dry: tiny, a few steps
         overrides, batch = ("--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4"), 2
-    return load_config("small", [*overrides, *_OFF, "--train.global_batch_size", str(batch),
+    return load_config("small", [*overrides, *_OFF, "--train.device", device, "--train.global_batch_size", str(batch),
                                  "--parallel.compile", "on" if mode == "compiled" else "off",
                                  "--parallel.compile_scope", scope if mode == "compiled" else "blocks",
                                  "--train.steps", str(steps + 10), "--train.output_dir", out])
 
 
-def _timed(step, warmup: int, steps: int) -> dict:
-    """Wall and CPU seconds per step (this process's CPU time: what a loaded machine disturbs least)."""
+def _timed(step, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Seconds per step: on a CPU this process's CPU time (what a loaded machine disturbs least; wall
+    time as ``wall_median_s``), on a GPU wall time with the device synchronized after each step."""
     wall, cpu = [], []
     for _ in range(warmup + steps):
         start, start_cpu = time.perf_counter(), time.process_time()
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return {"median_s": statistics.median(cpu[warmup:]), "min_s": min(cpu[warmup:]),
+    per_step = wall if device.type == "cuda" else cpu
+    return {"median_s": statistics.median(per_step[warmup:]), "min_s": min(per_step[warmup:]),
             "wall_median_s": statistics.median(wall[warmup:]), "first_s": wall[0]}
 
 
-def run_meshforge(cfg, warmup: int, steps: int) -> dict:
+def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
     from meshforge.pretrain.trainer import Trainer
 
     trainer = Trainer(cfg)
@@ -96,7 +102,7 @@ def run_meshforge(cfg, warmup: int, steps: int) -> dict:
         trainer.train_step()
         trainer.step += 1
 
-    out = _timed(step, warmup, steps)
+    out = _timed(step, warmup, steps, device)
     out["params"] = sum(p.numel() for p in trainer.model.parameters())
     return out
 
@@ -108,7 +114,7 @@ def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = Fals
     f = train_peer(m, cfg.data.seq_len + 1, cfg.train.global_batch_size, warmup, steps, device, bf16,
                    cfg.parallel.compile == "on", adamw="foreach")
     out = {"median_s": f["median_s"], "min_s": f["min_s"], "first_s": f["first_step_s"], "params": f["total_params"]}
-    if "cpu_median_s" in f:  # CPU time per step, as the other sides report it
+    if "cpu_median_s" in f and device.type == "cpu":  # CPU time per step, as the other sides report it
         out.update(median_s=f["cpu_median_s"], min_s=f["cpu_min_s"], wall_median_s=f["median_s"])
     return out
 
@@ -127,27 +133,30 @@ def litgpt_model(m, seq_len: int):
     return model
 
 
-def run_litgpt(cfg, warmup: int, steps: int) -> dict:
+def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict:
     from litgpt.utils import chunked_cross_entropy
 
     m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
     torch.manual_seed(0)
-    model = litgpt_model(m, seq)
+    with torch.device(device):
+        model = litgpt_model(m, seq)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     forward = torch.compile(model) if cfg.parallel.compile == "on" else model
 
     def step():
-        tokens = torch.randint(0, m.vocab_size, (batch, seq + 1))
-        loss = chunked_cross_entropy(forward(tokens[:, :-1]), tokens[:, 1:])
+        tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(tokens[:, :-1])
+        loss = chunked_cross_entropy(logits, tokens[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
 
-    out = _timed(step, warmup, steps)
+    out = _timed(step, warmup, steps, device)
     out["params"] = params
     return out
 
@@ -196,6 +205,42 @@ def ratios(rounds: list[dict], peer: str) -> list[float]:
     """peer / meshforge median step time of each round where both ran."""
     return [r[peer]["median_s"] / r["meshforge"]["median_s"] for r in rounds
             if "median_s" in r.get(peer, {}) and "median_s" in r.get("meshforge", {})]
+
+
+def peers_case(ctx) -> dict:
+    """The GPU check's ``peers`` case: the same comparison in one process on the GPU (bf16 autocast on
+    every side), shape 28m at batch 32 x 128, eager and compiled; litgpt where it imports (carry it
+    with ``--litgpt-path``'s directory on PYTHONPATH). ``--dry``: tiny shapes on the CPU, eager."""
+    import importlib.util
+    import math
+
+    from gpu_check_lib import check
+
+    dev = ctx.device
+    warmup, steps = (1, 2) if ctx.dry else (3, 8)
+    modes = ("eager",) if ctx.dry else MODES
+    sides = ["meshforge", "hf"] + (["litgpt"] if importlib.util.find_spec("litgpt") else [])
+    figures, checks = {}, []
+    for mode in modes:
+        with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
+            cfg = job_config("28m", mode, tmp, warmup + steps, dry=ctx.dry, device=dev.type, batch=32)
+            got = {"meshforge": lambda: run_meshforge(cfg, warmup, steps, dev),
+                   "hf": lambda: run_hf(cfg, warmup, steps, dev, bf16=dev.type == "cuda"),
+                   "litgpt": lambda: run_litgpt(cfg, warmup, steps, dev, bf16=dev.type == "cuda")}
+            runs = {side: got[side]() for side in sides}
+        tokens = cfg.train.global_batch_size * cfg.data.seq_len
+        for side, r in runs.items():
+            figures[f"{mode}_{side}_s"] = r["median_s"]
+            if side != "meshforge":
+                figures[f"{mode}_{side}_ratio"] = r["median_s"] / runs["meshforge"]["median_s"]
+                checks.append(check(f"{mode}: parameter count, {side} minus meshforge", abs(r["params"] - runs["meshforge"]["params"]), 0))
+        checks.append(check(f"{mode}: non-finite step times", sum(not math.isfinite(r["median_s"]) for r in runs.values()), 0))
+        if mode == "eager":
+            figures["tokens_per_step"] = tokens
+            figures["tokens_per_s"] = tokens / runs["meshforge"]["median_s"]
+    note = ("--dry: tiny shapes, CPU, eager" if ctx.dry else "28m, batch 32 x 128, bf16 autocast") + (
+        "" if "litgpt" in sides else "; litgpt not importable here: hf only")
+    return {"figures": figures, "checks": checks, "note": note}
 
 
 def fused_projection_bench(shape: str, reps: int = 20) -> dict:
