@@ -37,6 +37,7 @@ def test_async_save_writes_the_state_of_the_save_call(tmp_path, monkeypatch):
     meta = {"note": "async"}
     ck.save(1, model, opt, meta)
     meta["note"] = "changed after the save call"
+    ck.wait_staged()  # what the trainer's step does before its optimizer step
     # training goes on while the write runs: change every weight and optimizer moment in place
     with torch.no_grad():
         for p in model.parameters():

@@ -7,8 +7,10 @@ directory to ``step_N`` -- one atomic ``rename``. Deleting a checkpoint (keep-la
 pruning, or replacing one of the same step) first renames it to ``step_N.deleting.tmp``, so
 a kill during the deletion cannot leave a half-deleted directory that still looks complete.
 
-Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the step is blocked only
-while the state is copied into CPU staging buffers; a background thread writes the ``.tmp``
+Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the state is copied into
+CPU staging buffers by a staging thread while the next step's forward and backward run (the
+step waits for it, :meth:`Checkpointer.wait_staged`, only before its optimizer changes the
+weights in place); a background thread writes the ``.tmp``
 directory (DCP's collectives run on a separate gloo group, so they never interleave with the
 training's), and once the write has finished rank 0 finalizes -- extra files, meta.json and
 its fsync, rename, prune -- on a finalizer thread of its own, off the training thread
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from .checkpoint import CheckpointError, is_complete, list_checkpoints, rng_state
@@ -102,6 +105,7 @@ class Checkpointer:
         self._stager = None  # staging buffers reused across async saves
         self._finalizer: ThreadPoolExecutor | None = None  # waits for an async write, then finalizes (rank 0)
         self._completed: list[tuple[int, float]] = []  # (step, blocked s) of saves complete since completed()
+        self._staged: Future | None = None  # done when the async save's state is copied: the weights may change
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.root)
@@ -213,8 +217,11 @@ class Checkpointer:
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
                 meta = json.loads(json.dumps(meta))  # as of this call: training goes on while the finalizer runs
-                write = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._writer_group(),
-                                       async_stager=self._async_stager())
+                response = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._writer_group(),
+                                          async_stager=self._async_stager())
+                write = response
+                if isinstance(response, AsyncSaveResponse):  # staging runs on its own thread too
+                    self._staged, write = response.staging_completion, response.upload_completion
                 if self._finalizer is None:
                     self._finalizer = ThreadPoolExecutor(1, thread_name_prefix="meshforge-checkpoint-finalizer")
                 done = self._finalizer.submit(self._finish_async, write, step, tmp, final, meta, dict(files or {}))
@@ -235,6 +242,21 @@ class Checkpointer:
         write.result()  # re-raises a failed write (on the training thread, through this future)
         if self.rank == 0:
             self._finalize(step, tmp, final, meta, files)
+
+    def wait_staged(self) -> None:
+        """Block until an asynchronous save has copied the state it saves (call before changing the weights
+        or optimizer state in place: the trainer's step calls it before the optimizer step)."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        start = time.perf_counter()
+        try:
+            staged.result()
+        except (Exception, CheckpointException) as e:
+            p, self._pending = self._pending, None
+            raise self._write_failure(e, p.step if p else -1) from e
+        if self._pending is not None:
+            self._pending.blocked_s += time.perf_counter() - start
 
     def poll(self) -> bool:
         """Whether no asynchronous save is being written or finalized any more (never blocks on one).
@@ -266,6 +288,7 @@ class Checkpointer:
 
         Collective whenever a save was started since the last wait (the same on every rank).
         """
+        self.wait_staged()
         p = self._pending
         if p is None:
             return
@@ -296,13 +319,14 @@ class Checkpointer:
         return self._group
 
     def _async_stager(self):
-        """Staging into pinned CPU buffers on CUDA (fast device-to-host copies), plain copies on CPU."""
+        """Staging on a thread of its own (:meth:`wait_staged`), into pinned CPU buffers on CUDA (fast
+        device-to-host copies), plain copies on CPU."""
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             cuda = torch.cuda.is_available()
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
         return self._stager
 
     def _finalize(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], files: dict[str, Path]) -> None:

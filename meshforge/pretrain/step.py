@@ -74,6 +74,9 @@ class StepSetup:
     nonfinite: NonFiniteGuard
     fused_loss: bool
     """Loss from the final hidden states and the output weight in chunks (``kernels.fused_loss.use_fused_loss``)."""
+    before_update: Callable[[], None] = field(default=lambda: None)
+    """Called right before the optimizer changes the weights in place (an asynchronous checkpoint's staging
+    of them must be complete: ``Checkpointer.wait_staged``)."""
     stop_signal: Callable[[], bool] = field(default=lambda: False)
     """Whether this rank got a preemption signal; every rank's flag rides the step's loss all-reduce
     (:meth:`TrainStep.with_stop_flag`), so all agree on :attr:`TrainStep.stop_requested` at no extra collective."""
@@ -249,6 +252,7 @@ class TrainStep:
         record = {"loss": scalars["loss"], "z_loss": scalars["z_loss"], "lr": self.scheduler.get_last_lr()[0]}
         if "grad_norm" in scalars:
             record["grad_norm"] = scalars["grad_norm"]
+        self.setup.before_update()  # from here the weights (and MoE routing biases) change in place
         if self.setup.nonfinite.check(step, record["loss"], record.get("grad_norm", 0.0)):
             self.optimizer.step()
             if self.cfg.train.float8 != "off":  # FSDP2's float8 all-gather: all weight scales in one all-reduce

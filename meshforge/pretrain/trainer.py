@@ -113,7 +113,8 @@ class Trainer:
                 print(f"initialised from {self.init_from}", flush=True)
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         setup = StepSetup(cfg, self.degrees, self.mesh, self.device, self.data.objective, self.collectives,
-                          self.nonfinite, self.fused_loss, stop_signal=self._stop_signal)
+                          self.nonfinite, self.fused_loss, before_update=self.checkpointer.wait_staged,
+                          stop_signal=self._stop_signal)
         self.backend: TrainStep = build_step(setup, model)
         """How a step runs (plain/FSDP2, DeepSpeed engine, pipeline schedule): chosen here, once."""
         self.step = 0
