@@ -7,10 +7,11 @@ loop makes:
 
 - blocked s: how long the save held the training thread in all, as the trainer logs it
   (``checkpoint_blocked_s``, from ``Checkpointer.completed()``): sync, the whole write and its
-  finalisation; async, staging into CPU memory (pinned buffers on GPU) plus planning, plus
-  every poll and the final wait spent on it (finalisation -- meta.json, fsync, rename, pruning
-  the previous checkpoint -- runs on the finalizer thread, so it counts only where the loop
-  had to wait for it); "async / sync" is the ratio of the two medians;
+  finalisation; async, the save call (planning, starting the staging thread), the wait for
+  staging into CPU memory (pinned buffers on GPU) before the next optimizer step, every poll
+  and the final wait spent on it (finalisation -- meta.json, fsync, rename, pruning the
+  previous checkpoint -- runs on the finalizer thread, so it counts only where the loop had to
+  wait for it); "async / sync" is the ratio of the two medians;
 - visible after s: from the call until the checkpoint directory was complete and renamed
   (async: training steps run meanwhile; the loop polls after each step);
 - step during write: the median step time while an async write was in flight, against the
