@@ -7,7 +7,9 @@ AdamW multi-tensor (``foreach``) with gradient clipping at 1.0, one host read of
 - ``meshforge``: ``Trainer(cfg)._setup()`` then ``Trainer.train_step()`` (its loader included,
   z-loss 0 as the peers have none); compiled: ``--parallel.compile on`` (each block, the default scope);
 - ``hf``: ``bench/hf_peer.py``'s bare loop around transformers' ``LlamaForCausalLM`` (random tokens
-  made in the loop: no loader); compiled: each decoder layer, as ``hf_peer.py`` does;
+  made in the loop: no loader; ``labels=`` shifts inside the model, so it runs seq + 1 positions
+  for the same seq predicted tokens, 0.8% more at seq 128); compiled: each decoder layer, as
+  ``hf_peer.py`` does;
 - ``litgpt`` (optional: ``pip install --target .peers/litgpt litgpt`` and its dependencies, see
   ``--litgpt-path``): ``litgpt.model.GPT`` with litgpt's own loss (``chunked_cross_entropy``, as
   ``litgpt pretrain`` calls it); compiled: the whole model, as ``litgpt pretrain`` does.
