@@ -10,8 +10,13 @@ AdamW multi-tensor (``foreach``) with gradient clipping at 1.0, one host read of
   made in the loop: no loader; ``labels=`` shifts inside the model, so it runs seq + 1 positions
   for the same seq predicted tokens, 0.8% more at seq 128); compiled: each decoder layer, as
   ``hf_peer.py`` does;
-- ``litgpt`` (optional: ``pip install --target .peers/litgpt litgpt`` and its dependencies, see
-  ``--litgpt-path``): ``litgpt.model.GPT`` with litgpt's own loss (``chunked_cross_entropy``, as
+- ``litgpt`` (optional, kept out of the venv: litgpt 0.5.13 pins ``huggingface_hub<1.4``, which
+  breaks the installed transformers 5; so it goes into its own directory, put on PYTHONPATH for
+  its processes only (``--litgpt-path``), with the venv's huggingface_hub and torch 2.13:
+  ``pip install --target .peers/litgpt --no-deps litgpt==0.5.13 lightning==2.6.6
+  lightning-utilities==0.15.3 pytorch-lightning==2.6.6 torchmetrics==1.9.0 jsonargparse==4.41.0
+  typer-slim==0.24.0 docstring_parser typeshed_client httpx==0.29.0 httpcore==1.0.9``; it runs on
+  the CPU): ``litgpt.model.GPT`` with litgpt's own loss (``chunked_cross_entropy``, as
   ``litgpt pretrain`` calls it); compiled: the whole model, as ``litgpt pretrain`` does.
 
 Each (shape, mode, side) runs in a fresh process; a round runs every side once per shape and
