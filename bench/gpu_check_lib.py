@@ -65,6 +65,10 @@ CASES: list[Case] = [
     Case("peer", "peer", "hf_peer:peer_case", 150,
          "the same 1B architecture and batch in a bare loop around transformers' LlamaForCausalLM "
          "(SDPA, bf16 autocast, fused AdamW, per-layer torch.compile)", needs=("transformers",), dry_cap_s=90),
+    Case("peers", "peer", "bench_peers:peers_case", 150,
+         "bench_peers.py's comparison on the GPU: meshforge vs the bare HF loop (and litgpt when importable), "
+         "28m shape, batch 32 x 128, bf16 autocast, AdamW foreach, eager and compiled; ratio = peer / meshforge "
+         "step time", needs=("transformers",), dry_cap_s=90),
     Case("1b-fused-loss", "speed", "gpu_check_speed:fused_loss_toggle_case", 90,
          "as 1b with train.fused_loss the other way (on if auto chose off)"),
     Case("compile_model", "speed", "gpu_check_speed:compile_model_case", 210,

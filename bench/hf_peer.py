@@ -46,8 +46,9 @@ def llama_config(m):
 
 
 def train_peer(m, seq_len: int, micro: int, warmup: int, steps: int, device: torch.device, bf16: bool,
-               compile_layers: bool) -> dict:
-    """Build the peer of ``m`` on ``device`` and time ``steps`` steps after ``warmup``."""
+               compile_layers: bool, adamw: str = "fused") -> dict:
+    """Build the peer of ``m`` on ``device`` and time ``steps`` steps after ``warmup``; ``adamw``:
+    ``fused`` or ``foreach`` (meshforge's choice on CPU, for ``bench_peers.py``)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -58,13 +59,14 @@ def train_peer(m, seq_len: int, micro: int, warmup: int, steps: int, device: tor
     if compile_layers:
         for layer in model.model.layers:
             layer.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            **({"fused": True} if adamw == "fused" else {"foreach": True}))
     setup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         tokens = torch.randint(0, m.vocab_size, (micro, seq_len), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=tokens, labels=tokens).loss
@@ -76,12 +78,14 @@ def train_peer(m, seq_len: int, micro: int, warmup: int, steps: int, device: tor
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     timed = times[warmup:]
     med = statistics.median(timed)
     out = {"total_params": sum(p.numel() for p in model.parameters()), "micro_batch": micro,
            "tokens_per_step": micro * seq_len, "median_s": med, "min_s": min(timed),
            "tokens_per_s": micro * seq_len / med, "setup_s": setup_s, "first_step_s": times[0],
-           "loss_first": losses[0], "loss_last": losses[-1], "warmup_steps": warmup, "timed_steps": steps}
+           "loss_first": losses[0], "loss_last": losses[-1], "warmup_steps": warmup, "timed_steps": steps,
+           "cpu_median_s": statistics.median(cpu[warmup:]), "cpu_min_s": min(cpu[warmup:])}
     if device.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
     return out

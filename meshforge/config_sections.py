@@ -265,7 +265,9 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
+    """Clip the global gradient norm to this value; 0 disables clipping. The norm (``grad_norm`` in
+    metrics.jsonl, non-finite check) is computed every step while clipping is on; with 0, only on
+    ``logging.log_interval`` steps (other steps skip a non-finite update by its loss alone)."""
 
 
 @dataclass
@@ -335,7 +337,8 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under <output_dir>/tb."""
     log_interval: int = 10
-    """Print a metrics line every this many steps (metrics.jsonl gets every step)."""
+    """Print a metrics line every this many steps (metrics.jsonl gets every step; its ``grad_norm``
+    every step with ``optim.grad_clip`` > 0, else only on these steps)."""
 
 
 @dataclass

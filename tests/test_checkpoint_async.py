@@ -1,5 +1,7 @@
 """Asynchronous checkpoint saving: staged state, same atomic protocol, same resume."""
 
+import threading
+
 import torch
 
 from meshforge.pretrain import checkpoint_writer
@@ -18,20 +20,36 @@ def _model_and_optim(seed: int):
     return model, opt
 
 
-def test_async_save_writes_the_state_of_the_save_call(tmp_path):
+def test_async_save_writes_the_state_of_the_save_call(tmp_path, monkeypatch):
     model, opt = _model_and_optim(0)
     want = {k: v.clone() for k, v in model.state_dict().items()}
     want_exp_avg = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    release, finalizers = threading.Event(), []
+    real_finalize = Checkpointer._finalize
+
+    def gated_finalize(self, *args):
+        finalizers.append(threading.current_thread())
+        release.wait(60)
+        real_finalize(self, *args)
+
+    monkeypatch.setattr(Checkpointer, "_finalize", gated_finalize)
     ck = Checkpointer(tmp_path, keep_last=2, async_save=True)
-    ck.save(1, model, opt, {"note": "async"})
+    meta = {"note": "async"}
+    ck.save(1, model, opt, meta)
+    meta["note"] = "changed after the save call"
+    ck.wait_staged()  # what the trainer's step does before its optimizer step
     # training goes on while the write runs: change every weight and optimizer moment in place
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
             opt.state[p]["exp_avg"].mul_(-3.0)
-    assert list_checkpoints(ck.root) == []  # not visible until finalized on the main thread
+    assert not ck.poll() and list_checkpoints(ck.root) == []  # not visible until finalized
+    release.set()
     ck.wait()
+    assert finalizers and finalizers[0] is not threading.main_thread()  # meta.json, rename, prune: off this thread
     assert [p.name for p in list_checkpoints(ck.root)] == ["step_00000001"]
+    (step, blocked), = ck.completed()
+    assert step == 1 and blocked > 0 and ck.completed() == []
     fresh, fresh_opt = _model_and_optim(1)
     meta = load_checkpoint(ck.root / "step_00000001", fresh, fresh_opt)
     assert meta["step"] == 1 and meta["note"] == "async"

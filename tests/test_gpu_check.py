@@ -25,6 +25,7 @@ CPU_SKIPS = {
     "1b-fused-kernels": ("option not available in this build", "does not run on the CPU"),
     "grouped_mm": ("does not run on the CPU", "has no torch._grouped_mm"),
     "peer": ("needs the Python package",),
+    "peers": ("needs the Python package",),
     "kernels": ("needs the Python package",),
 }
 
@@ -59,6 +60,9 @@ def test_dry_run_exercises_every_case(tmp_path):
     assert by_name["1b-fused-loss"]["figures"]["fused_loss"] != by_name["1b"]["figures"]["fused_loss"]
     whole = by_name["compile_model"]  # compiled in the dry run too (Dynamo's eager backend), checked against 1b
     assert whole["figures"]["speedup_vs_1b"] > 0 and any("first-step loss" in k["what"] for k in whole["checks"])
+    if by_name["peers"]["status"] == "ok":  # bench_peers.py's comparison: meshforge and the HF loop, same parameters
+        peers = by_name["peers"]["figures"]
+        assert peers["eager_hf_ratio"] == pytest.approx(peers["eager_hf_s"] / peers["eager_meshforge_s"])
     if by_name["peer"]["status"] == "ok":
         peer = by_name["peer"]["figures"]
         assert peer["ratio"] == pytest.approx(by_name["1b"]["figures"]["tokens_per_s"] / peer["tokens_per_s"])

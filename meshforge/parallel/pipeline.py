@@ -416,14 +416,17 @@ class PipelineRunner:
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
         return local / self._loss_holders
 
-    def train_step(self, batch: torch.Tensor, stats: RouterStats | None = None) -> torch.Tensor:
+    def train_step(self, batch: torch.Tensor, stats: RouterStats | None = None,
+                   extend: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss].
 
         MoE router statistics go to ``stats``; with tied embeddings, the two copies' gradients
-        are summed before this returns."""
+        are summed before this returns. ``extend`` appends values of this rank to the local
+        [ce, z_loss] before the reduction (a flag: a sum over ranks > 0 iff any rank set it);
+        they come back after the means, divided as they are."""
         local = self._run(batch, train=True, stats=stats)
         self.tied.sum_()
-        return self._global_mean(local)
+        return self._global_mean(local if extend is None else extend(local))
 
     @torch.no_grad()
     def eval_losses(self, batches) -> float:

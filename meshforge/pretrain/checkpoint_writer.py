@@ -7,12 +7,20 @@ directory to ``step_N`` -- one atomic ``rename``. Deleting a checkpoint (keep-la
 pruning, or replacing one of the same step) first renames it to ``step_N.deleting.tmp``, so
 a kill during the deletion cannot leave a half-deleted directory that still looks complete.
 
-Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the step is blocked only
-while the state is copied into CPU staging buffers; a background thread writes the ``.tmp``
+Asynchronous saving (``checkpoint.async_save``) keeps that protocol: the state is copied into
+CPU staging buffers by a staging thread while the next step's forward and backward run (the
+step waits for it, :meth:`Checkpointer.wait_staged`, only before its optimizer changes the
+weights in place); a background thread writes the ``.tmp``
 directory (DCP's collectives run on a separate gloo group, so they never interleave with the
-training's), and rank 0 finalizes -- meta.json, rename, prune -- on the main thread once the
-write has finished (:meth:`Checkpointer.poll`, :meth:`Checkpointer.wait`). A kill at any
-point leaves at most a ``.tmp`` directory.
+training's), and once the write has finished rank 0 finalizes -- extra files, meta.json and
+its fsync, rename, prune -- on a finalizer thread of its own, off the training thread
+(:meth:`Checkpointer.poll` notices it is done, :meth:`Checkpointer.wait` waits for it). A kill
+at any point leaves at most a ``.tmp`` directory (or a ``.deleting.tmp`` one being pruned).
+
+Every save's cost to the training thread -- the save call, plus the polls and waits spent
+on it until it is complete -- is kept per save; :meth:`Checkpointer.completed` hands out
+``(step, blocked seconds)`` of the saves completed since it was last asked (the trainer logs
+them as ``checkpoint_blocked_s``).
 
 A write the file system refuses (disk full, quota, read-only) becomes one line naming the
 newest intact checkpoint, and the partial ``.tmp`` directory is removed.
@@ -23,7 +31,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import Future
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from . import dcp_io
@@ -72,14 +82,13 @@ def _retire(path: Path) -> Path:
 
 @dataclass
 class _PendingSave:
-    """An asynchronous save whose files are still being written."""
+    """An asynchronous save whose files are still being written (or finalized)."""
 
     step: int
-    tmp: Path
-    final: Path
-    meta: dict[str, Any]
-    files: dict[str, Path]
     future: Future
+    """Done once the files are written and (rank 0) the checkpoint is finalized: visible as ``step_N``."""
+    blocked_s: float = 0.0
+    """Seconds the training thread has spent on this save so far (the save call, polls, waits)."""
     finalized: bool = False
 
 
@@ -94,6 +103,9 @@ class Checkpointer:
         self._pending: _PendingSave | None = None
         self._group = None  # gloo group for the background writer's collectives (made at the first async save)
         self._stager = None  # staging buffers reused across async saves
+        self._finalizer: ThreadPoolExecutor | None = None  # waits for an async write, then finalizes (rank 0)
+        self._completed: list[tuple[int, float]] = []  # (step, blocked s) of saves complete since completed()
+        self._staged: Future | None = None  # done when the async save's state is copied: the weights may change
 
     def latest(self) -> Path | None:
         found = list_checkpoints(self.root)
@@ -153,10 +165,23 @@ class Checkpointer:
         the full fp32 weights under ``model``, so every reader of model weights works unchanged.
         """
         self.wait()  # one save in flight at a time; it also finishes before a newer one starts
+        start = time.perf_counter()
         try:
-            return self._save(step, model, optimizer, meta, files, engine)
+            path = self._save(step, model, optimizer, meta, files, engine)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise self._write_failure(e, step) from e
+        blocked = time.perf_counter() - start
+        if self._pending is not None:
+            self._pending.blocked_s += blocked
+        else:
+            self._completed.append((step, blocked))
+        return path
+
+    def completed(self) -> list[tuple[int, float]]:
+        """``(step, seconds the training thread was blocked by it)`` of each save completed since the last call:
+        a synchronous save's whole write; an asynchronous one's staging plus the polls and waits spent on it."""
+        done, self._completed = self._completed, []
+        return done
 
     def _write_failure(self, error: BaseException, step: int) -> BaseException:
         """A failed write of checkpoint ``step``: a one-line OutputError when the file system said why
@@ -191,8 +216,15 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             if self.async_save:
-                future = dcp_io.async_save(state, tmp, self._writer_group(), self._async_stager())
-                self._pending = _PendingSave(step, tmp, final, meta, dict(files or {}), future)
+                meta = json.loads(json.dumps(meta))  # as of this call: training goes on while the finalizer runs
+                response = dcp_io.async_save(state, tmp, self._writer_group(), self._async_stager())
+                write = response
+                if isinstance(response, AsyncSaveResponse):  # staging runs on its own thread too
+                    self._staged, write = response.staging_completion, response.upload_completion
+                if self._finalizer is None:
+                    self._finalizer = ThreadPoolExecutor(1, thread_name_prefix="meshforge-checkpoint-finalizer")
+                done = self._finalizer.submit(self._finish_async, write, step, tmp, final, meta, dict(files or {}))
+                self._pending = _PendingSave(step, done)
                 return final
             dcp_io.save(state, tmp)
         _barrier()
@@ -201,49 +233,81 @@ class Checkpointer:
         _barrier()
         return final
 
-    def poll(self) -> bool:
-        """Finalize a finished asynchronous save early (rank 0 renames it); True if none is in flight.
+    def _finish_async(self, write: Future, step: int, tmp: Path, final: Path, meta: dict[str, Any],
+                      files: dict[str, Path]) -> None:
+        """The finalizer thread: wait for the write, then (rank 0) finalize. No collective: DCP's future
+        completes on every rank only after the coordinator has written ``.metadata``, i.e. after all
+        ranks' data is on disk."""
+        write.result()  # re-raises a failed write (on the training thread, through this future)
+        if self.rank == 0:
+            self._finalize(step, tmp, final, meta, files)
 
-        Needs no collective: DCP's future completes on every rank only after the coordinator
-        has written ``.metadata``, i.e. after all ranks' data is on disk. The save stays
-        "in flight" for :meth:`wait` until then, on every rank alike: whether a future is done
-        is a matter of timing and differs between ranks, and the barrier in :meth:`wait` must
-        be entered by all of them or none.
+    def wait_staged(self) -> None:
+        """Block until an asynchronous save has copied the state it saves (call before changing the weights
+        or optimizer state in place: the trainer's step calls it before the optimizer step)."""
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        start = time.perf_counter()
+        try:
+            staged.result()
+        except (Exception, CheckpointException) as e:
+            p, self._pending = self._pending, None
+            raise self._write_failure(e, p.step if p else -1) from e
+        if self._pending is not None:
+            self._pending.blocked_s += time.perf_counter() - start
+
+    def poll(self) -> bool:
+        """Whether no asynchronous save is being written or finalized any more (never blocks on one).
+
+        The save stays "in flight" for :meth:`wait` until then, on every rank alike: whether a
+        future is done is a matter of timing and differs between ranks, and the barrier in
+        :meth:`wait` must be entered by all of them or none.
         """
         p = self._pending
         if p is None or p.finalized:
             return True
-        if not p.future.done():
-            return False
+        start = time.perf_counter()
         try:
-            p.future.result()  # re-raises a failed write
-            if self.rank == 0:
-                self._finalize(p.step, p.tmp, p.final, p.meta, p.files)
-        except (Exception, CheckpointException) as e:
-            self._pending = None
-            raise self._write_failure(e, p.step) from e
-        p.finalized = True
-        return True
+            if not p.future.done():
+                return False
+            try:
+                p.future.result()  # re-raises a failed write or finalization
+            except (Exception, CheckpointException) as e:
+                self._pending = None
+                raise self._write_failure(e, p.step) from e
+            p.finalized = True
+            self._completed.append((p.step, p.blocked_s))
+            return True
+        finally:
+            p.blocked_s += time.perf_counter() - start
 
     def wait(self) -> None:
         """Block until an asynchronous save in flight is complete and visible on every rank.
 
         Collective whenever a save was started since the last wait (the same on every rank).
         """
-        if self._pending is None:
+        self.wait_staged()
+        p = self._pending
+        if p is None:
             return
+        start = time.perf_counter()
         try:
-            self._pending.future.result()
+            p.future.result()
         except (Exception, CheckpointException) as e:
-            step, self._pending = self._pending.step, None
-            raise self._write_failure(e, step) from e
-        self.poll()
+            self._pending = None
+            raise self._write_failure(e, p.step) from e
         self._pending = None
         _barrier()
+        if not p.finalized:  # else a poll has reported it already (this wait then only meets the other ranks)
+            self._completed.append((p.step, p.blocked_s + time.perf_counter() - start))
 
     def close(self) -> None:
-        """Finish any save in flight and release the staging buffers."""
+        """Finish any save in flight and release the staging buffers and the finalizer thread."""
         self.wait()
+        if self._finalizer is not None:
+            self._finalizer.shutdown()
+            self._finalizer = None
         if self._stager is not None:
             self._stager.close()
             self._stager = None
@@ -254,13 +318,14 @@ class Checkpointer:
         return self._group
 
     def _async_stager(self):
-        """Staging into pinned CPU buffers on CUDA (fast device-to-host copies), plain copies on CPU."""
+        """Staging on a thread of its own (:meth:`wait_staged`), into pinned CPU buffers on CUDA (fast
+        device-to-host copies), plain copies on CPU."""
         if self._stager is None:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             cuda = torch.cuda.is_available()
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
         return self._stager
 
     def _finalize(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], files: dict[str, Path]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 # torch's notice on the no-process-group path (save and load, with and without "disabled, ")
 _SINGLE_PROCESS_NOTICE = (r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
@@ -46,8 +47,9 @@ def save(state: dict[str, Any], path: str | Path, alone: bool = False) -> None:
         dcp.save(state, checkpoint_id=str(path))
 
 
-def async_save(state: dict[str, Any], path: str | Path, process_group, async_stager) -> Future:
-    """``dcp.async_save`` over ``process_group`` (a job's writer group), or by this process alone."""
+def async_save(state: dict[str, Any], path: str | Path, process_group, async_stager) -> Future | AsyncSaveResponse:
+    """``dcp.async_save`` over ``process_group`` (a job's writer group), or by this process alone; what it
+    returns (an ``AsyncSaveResponse`` where the stager stages on a thread of its own)."""
     if single_process():
         return dcp.async_save(state, checkpoint_id=str(path), no_dist=True, async_stager=async_stager)
     return dcp.async_save(state, checkpoint_id=str(path), process_group=process_group, async_stager=async_stager)

@@ -3,6 +3,9 @@
 - :class:`PreemptionWatcher` turns SIGTERM (SLURM's warning before the time limit, or
   ``scancel --signal=TERM``) into a flag the loop checks after each step; all ranks agree
   on it, write a checkpoint and exit with :data:`EXIT_PREEMPTED` so a wrapper can requeue.
+  The trainer reduces every rank's flag with the step's losses (``TrainStep.with_stop_flag``:
+  no collective or device-to-host transfer of its own); :meth:`PreemptionWatcher.should_stop`
+  is the same agreement as a collective of its own, for loops outside the trainer.
 - :class:`NonFiniteGuard` skips an update whose loss or gradient norm is not finite and
   stops the run after too many in a row. No checkpoint is written while such a streak is
   open (a scheduled save waits for the next good step), so the newest checkpoint is always

@@ -5,8 +5,11 @@ The trainer knows a :class:`TrainStep` and nothing else about how a step runs:
 - ``train_step(batch, step)``: forward and backward of this rank's slice of one global
   batch over its micro-batches (MoE router statistics collected on the way), the optimizer
   step and the LR schedule; returns the step's metrics record (``loss``, ``z_loss``, ``lr``,
-  ``grad_norm``, and ``skipped``/``skipped_total`` or ``moe_*`` when they apply), the same
-  on every rank;
+  ``grad_norm`` where it is computed -- every step with clipping on, else on
+  ``logging.log_interval`` steps --, and ``skipped``/``skipped_total`` or ``moe_*`` when they
+  apply), the same on every rank, read from the device in one transfer
+  (:meth:`TrainStep.read_scalars`); it also sets :attr:`TrainStep.stop_requested`, the
+  preemption flag agreed through the step's loss all-reduce;
 - ``eval_loss(batches, step)``: the mean validation cross-entropy over the job;
 - ``save(checkpointer, step, meta, files)`` / ``load(path, rank)``: what a checkpoint holds;
 - ``model`` (the weights under the single-process names; a pipeline rank's
@@ -34,7 +37,7 @@ A new backend subclasses :class:`TrainStep` in its own file and adds one line to
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +74,12 @@ class StepSetup:
     nonfinite: NonFiniteGuard
     fused_loss: bool
     """Loss from the final hidden states and the output weight in chunks (``kernels.fused_loss.use_fused_loss``)."""
+    before_update: Callable[[], None] = field(default=lambda: None)
+    """Called right before the optimizer changes the weights in place (an asynchronous checkpoint's staging
+    of them must be complete: ``Checkpointer.wait_staged``)."""
+    stop_signal: Callable[[], bool] = field(default=lambda: False)
+    """Whether this rank got a preemption signal; every rank's flag rides the step's loss all-reduce
+    (:meth:`TrainStep.with_stop_flag`), so all agree on :attr:`TrainStep.stop_requested` at no extra collective."""
 
 
 def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
@@ -98,6 +107,8 @@ class TrainStep:
         self.optimizer = optimizer
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.steps)
         self.amp_dtype = autocast_dtype(self.cfg, self.device)
+        self.stop_requested = False
+        """Some rank got a preemption signal before this rank's last step reduced its losses (the same on every rank)."""
         p = self.cfg.parallel
         self.forward_loss = self._forward_loss
         """``(model, args, targets) -> LossParts``, compiled whole with ``parallel.compile_scope = model``."""
@@ -205,12 +216,44 @@ class TrainStep:
             value /= world
         return value
 
+    def needs_grad_norm(self, step: int) -> bool:
+        """Whether step ``step`` computes the global gradient norm: always with clipping on (it needs the
+        norm), else only where it is logged (``logging.log_interval`` steps)."""
+        every = self.cfg.logging.log_interval
+        return self.cfg.optim.grad_clip > 0 or bool(every and step % every == 0)
+
+    def with_stop_flag(self, losses: torch.Tensor) -> torch.Tensor:
+        """[ce, z_loss] -> [ce, z_loss, this rank's preemption flag]: reduced together (a mean over ranks
+        is > 0 when any rank has the flag), the flag costs no collective and no transfer of its own."""
+        flag = torch.full((1,), 1.0 if self.setup.stop_signal() else 0.0, device=losses.device, dtype=losses.dtype)
+        return torch.cat([losses, flag])
+
+    def read_scalars(self, losses: torch.Tensor, grad_norm) -> dict:
+        """The step's one device-to-host transfer: the reduced [ce, z_loss, stop flag] and the gradient norm
+        (a tensor, a float, or None where not computed) -> ``loss``, ``z_loss``, ``grad_norm`` (if any) of the
+        record; sets :attr:`stop_requested`."""
+        parts = [losses.detach().float().flatten()]
+        if isinstance(grad_norm, torch.Tensor):
+            parts.append(grad_norm.detach().float().reshape(1).to(losses.device))
+        values = torch.cat(parts).tolist()
+        self.stop_requested = len(values) > 2 and values[2] > 0
+        record = {"loss": values[0], "z_loss": values[1]}
+        if grad_norm is not None:
+            record["grad_norm"] = values[3] if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
+        return record
+
     def optimizer_update(self, losses: torch.Tensor, grad_norm, step: int) -> dict:
         """Step the optimizer unless the (global) loss or gradient norm is not finite; then the
-        update is skipped and counted (every rank agrees: both values are already reduced)."""
-        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm)}
-        if self.setup.nonfinite.check(step, record["loss"], record["grad_norm"]):
+        update is skipped and counted (every rank agrees: both values are already reduced).
+
+        ``losses``: the global [ce, z_loss, stop flag]; ``grad_norm``: None on a step that does not
+        compute it (:meth:`needs_grad_norm`), then only the loss is checked."""
+        scalars = self.read_scalars(losses, grad_norm)
+        record = {"loss": scalars["loss"], "z_loss": scalars["z_loss"], "lr": self.scheduler.get_last_lr()[0]}
+        if "grad_norm" in scalars:
+            record["grad_norm"] = scalars["grad_norm"]
+        self.setup.before_update()  # from here the weights (and MoE routing biases) change in place
+        if self.setup.nonfinite.check(step, record["loss"], record.get("grad_norm", 0.0)):
             self.optimizer.step()
             if self.cfg.train.float8 != "off":  # FSDP2's float8 all-gather: all weight scales in one all-reduce
                 precompute_float8_scales(self.model)

@@ -38,9 +38,9 @@ class DeepSpeedStep(TrainStep):
         losses, stats = self.forward_backward(self.engine, micro, backward)
         self.scheduler.step()
         grad_norm = self.engine.get_global_grad_norm()
-        losses = self.all_mean(losses, f"the loss at step {step}")
-        record = {"loss": losses[0].item(), "z_loss": losses[1].item(), "lr": lr,
-                  "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
+        losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
+        scalars = self.read_scalars(losses, float("nan") if grad_norm is None else grad_norm)
+        record = {"loss": scalars["loss"], "z_loss": scalars["z_loss"], "lr": lr, "grad_norm": scalars["grad_norm"]}
         if not math.isfinite(record["loss"]):  # the engine has stepped already: nothing left to skip
             self.setup.nonfinite.stop_after_this_step(  # the trainer logs this step's record, then stops
                 f"non-finite loss {record['loss']} at step {step} under the DeepSpeed engine, which applies the "

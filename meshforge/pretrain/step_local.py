@@ -2,7 +2,8 @@
 
 Each micro-batch's loss is divided by the micro-batch count before its backward, so the
 accumulated gradient is that of the mean loss over this rank's batch (FSDP2 then averages
-over the data-parallel ranks). The gradient norm is clipped over every shard; a step whose
+over the data-parallel ranks). The gradient norm is clipped over every shard (computed only
+where clipping or logging needs it); a step whose
 global loss or gradient norm is not finite is skipped and counted
 (:class:`~meshforge.pretrain.faults.NonFiniteGuard`), the LR schedule moving on regardless.
 """
@@ -22,8 +23,9 @@ class LocalStep(TrainStep):
     def train_step(self, batch, step: int) -> dict:
         micro = self.micro_batches(batch)
         losses, stats = self.forward_backward(self.model, micro, lambda parts: (parts.total / len(micro)).backward())
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
-        losses = self.all_mean(losses, f"the loss at step {step}")
+        grad_norm = (clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+                     if self.needs_grad_norm(step) else None)
+        losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
         record = self.optimizer_update(losses, grad_norm, step)
         record.update(self.moe_update(self.model, stats))
         return record

@@ -31,9 +31,12 @@ class PipelineStep(TrainStep):
 
     def train_step(self, batch, step: int) -> dict:
         stats = RouterStats(aux_grad_scale=1.0 / self.runner.plan.n_microbatches)  # as each microbatch's loss
-        losses = self.runner.train_step(self.to_device(batch), stats)  # global means, on every rank
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.runner.pp_group,
-                                   self.runner.tied.counted_elsewhere)
+        # global means, on every rank; this rank's preemption flag rides along
+        losses = self.runner.train_step(self.to_device(batch), stats, self.with_stop_flag)
+        grad_norm = None
+        if self.needs_grad_norm(step):
+            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.runner.pp_group,
+                                       self.runner.tied.counted_elsewhere)
         record = self.optimizer_update(losses, grad_norm, step)
         record.update(self.moe_update(self.model, stats, self.moe_layers))
         return record

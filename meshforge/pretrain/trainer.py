@@ -136,7 +136,8 @@ class Trainer:
                 print(f"initialised from {self.init_from}", flush=True)
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         setup = StepSetup(cfg, self.degrees, self.mesh, self.device, self.data.objective, self.collectives,
-                          self.nonfinite, self.fused_loss)
+                          self.nonfinite, self.fused_loss, before_update=self.checkpointer.wait_staged,
+                          stop_signal=self._stop_signal)
         self.backend: TrainStep = build_step(setup, model)
         """How a step runs (plain/FSDP2, DeepSpeed engine, pipeline schedule): chosen here, once."""
         self.step = 0
@@ -170,6 +171,11 @@ class Trainer:
     def model(self) -> torch.nn.Module:
         """The weights under the single-process names (a pipeline rank: its stages' view)."""
         return self.backend.model
+
+    def _stop_signal(self) -> bool:
+        """This rank got a preemption signal (agreed on by all ranks through the step's loss all-reduce)."""
+        watcher = getattr(self, "preemption", None)
+        return watcher is not None and watcher.received is not None
 
     def train_step(self) -> dict:
         """Run the next training step; return its metrics record."""
@@ -256,15 +262,16 @@ class Trainer:
                 save_due = save_due or scheduled
                 saved = save_due and not self.nonfinite.consecutive  # inside a streak the save waits for a good step
                 if saved:
-                    self.metrics.log({"step": self.step, "checkpoint_blocked_s": self._checkpoint()})
+                    self._checkpoint()
                     save_due = False
                 elif scheduled:
                     waits = ("the run ends inside it, without a final one" if last else
                              "the save waits for the next good step")
                     self._say(bar, f"step {self.step:>6} | no checkpoint inside a non-finite streak: {waits} "
                                    f"(newest: {self._newest_checkpoint() or 'none yet'})")
-                self.collectives.at(f"all_reduce of the preemption flag after step {self.step}")
-                if self.preemption is not None and self.preemption.should_stop(self.device):
+                self._log_saves()
+                # every rank's flag was reduced with this step's loss: all ranks agree, no collective here
+                if self.preemption is not None and self.backend.stop_requested:
                     if not saved and not self.nonfinite.consecutive:
                         self._checkpoint()
                     self.checkpointer.wait()
@@ -278,6 +285,7 @@ class Trainer:
                     result.preempted = True
                     break
             self.checkpointer.close()  # the last checkpoint is complete before the run returns
+            self._log_saves()
             result.final_step = self.step
             if self.env.is_main and t.sample_prompt and t.sample_tokens and not result.preempted:
                 if self.env.world_size > 1:  # sharded weights: one process cannot run the model
@@ -299,14 +307,22 @@ class Trainer:
             self.release()
         return result
 
+    def _log_saves(self) -> None:
+        """A record per save completed since the last call: how long it held the training thread in all
+        (an asynchronous save: staging, then the polls and waits until it was complete)."""
+        for step, blocked in self.checkpointer.completed():
+            self.metrics.log({"step": step, "checkpoint_blocked_s": blocked})
+
     def _report(self, bar, record: dict) -> None:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         log_every = self.cfg.logging.log_interval
         if self.env.is_main and (("val_loss" in record) or (log_every and record["step"] % log_every == 0)):
-            parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
-                     f"gnorm {record['grad_norm']:.3f}", f"tok/s {record['tokens_per_s']:,.0f}"]
+            parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}"]
+            if "grad_norm" in record:
+                parts.append(f"gnorm {record['grad_norm']:.3f}")
+            parts.append(f"tok/s {record['tokens_per_s']:,.0f}")
             if "mfu" in record:
                 parts.append(f"mfu {100 * record['mfu']:.1f}%")
             if "val_loss" in record:

@@ -1,0 +1,374 @@
+"""meshforge against its peers on the same work: a bare Hugging Face loop and litgpt, on CPU.
+
+Every side trains the same Llama-style decoder (same widths, heads, SwiGLU width, RoPE, RMSNorm,
+tied embeddings, vocabulary, sequence length, batch; parameter counts checked equal), fp32,
+AdamW multi-tensor (``foreach``) with gradient clipping at 1.0, one host read of the loss per step:
+
+- ``meshforge``: ``Trainer(cfg)._setup()`` then ``Trainer.train_step()`` (its loader included,
+  z-loss 0 as the peers have none); compiled: ``--parallel.compile on`` (each block, the default scope);
+- ``hf``: ``bench/hf_peer.py``'s bare loop around transformers' ``LlamaForCausalLM`` (random tokens
+  made in the loop: no loader; ``labels=`` shifts inside the model, so it runs seq + 1 positions
+  for the same seq predicted tokens, 0.8% more at seq 128); compiled: each decoder layer, as
+  ``hf_peer.py`` does;
+- ``litgpt`` (optional, kept out of the venv: litgpt 0.5.13 pins ``huggingface_hub<1.4``, which
+  breaks the installed transformers 5; so it goes into its own directory, put on PYTHONPATH for
+  its processes only (``--litgpt-path``), with the venv's huggingface_hub and torch 2.13:
+  ``pip install --target .peers/litgpt --no-deps litgpt==0.5.13 lightning==2.6.6
+  lightning-utilities==0.15.3 pytorch-lightning==2.6.6 torchmetrics==1.9.0 jsonargparse==4.41.0
+  typer-slim==0.24.0 docstring_parser typeshed_client httpx==0.29.0 httpcore==1.0.9``; it runs on
+  the CPU): ``litgpt.model.GPT`` with litgpt's own loss (``chunked_cross_entropy``, as
+  ``litgpt pretrain`` calls it); compiled: the whole model, as ``litgpt pretrain`` does.
+
+Each (shape, mode, side) runs in a fresh process; a round runs every side once per shape and
+mode, in a rotated order, and rounds repeat, so drift on a shared machine hits all sides alike.
+Per round: the median step time of each side over ``--steps`` timed steps after ``--warmup``,
+in this process's CPU seconds (one torch thread per process by default: on a shared, loaded
+2-core box wall time mostly measures the neighbours; the wall medians are reported too).
+Reported per shape and mode: the median and the min over rounds of peer time / meshforge time
+(> 1: meshforge is faster), next to the load averages before and after.
+
+``--fused-projections`` adds a micro-benchmark: forward + backward of separate q/k/v (and
+gate/up) matmuls against one fused matmul of the concatenated weights, at each shape's
+widths, to size what fusing the projections could gain (not done in meshforge yet).
+
+Run: ``python bench/bench_peers.py --record`` (~30 min on 2 busy cores);
+``--shapes 2m --rounds 1 --steps 3`` for a quick look. On a GPU the prepared GPU check runs the
+same comparison (``bench/gpu_check.sh``, case ``peers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import REPO, loadavg, record  # noqa: E402
+
+SECTION = "## Peers: meshforge vs a bare Hugging Face loop and litgpt"
+SIDES = ("meshforge", "hf", "litgpt")
+MODES = ("eager", "compiled")
+LITGPT_PATH = REPO / ".peers" / "litgpt"
+
+# name -> (overrides of the small preset, batch); parameter counts are printed by the run
+SHAPES: dict[str, tuple[tuple[str, ...], int]] = {
+    "2m": ((), 16),
+    "6m": (("--model.dim", "320", "--model.n_layers", "5", "--model.n_heads", "5"), 8),
+    "28m": (("--model.dim", "512", "--model.n_layers", "8", "--model.n_heads", "8"), 4),
+}
+_OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.tensorboard", "false",
+        "--train.progress", "false", "--checkpoint.interval", "0", "--train.device", "cpu",
+        "--train.z_loss_coef", "0", "--optim.grad_clip", "1.0")
+
+
+def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False, scope: str = "model",
+               device: str = "cpu", batch: int = 0):
+    from meshforge.config import load_config
+
+    overrides, default_batch = SHAPES[shape]
+    batch = batch or default_batch
+    if dry:  # the GPU check's --dry: tiny, a few steps
+        overrides, batch = ("--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4"), 2
+    return load_config("small", [*overrides, *_OFF, "--train.device", device, "--train.global_batch_size", str(batch),
+                                 "--parallel.compile", "on" if mode == "compiled" else "off",
+                                 "--parallel.compile_scope", scope if mode == "compiled" else "blocks",
+                                 "--train.steps", str(steps + 10), "--train.output_dir", out])
+
+
+def _timed(step, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Seconds per step: on a CPU this process's CPU time (what a loaded machine disturbs least; wall
+    time as ``wall_median_s``), on a GPU wall time with the device synchronized after each step."""
+    wall, cpu = [], []
+    for _ in range(warmup + steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    per_step = wall if device.type == "cuda" else cpu
+    return {"median_s": statistics.median(per_step[warmup:]), "min_s": min(per_step[warmup:]),
+            "wall_median_s": statistics.median(wall[warmup:]), "first_s": wall[0]}
+
+
+def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
+    from meshforge.pretrain.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer._setup()
+
+    def step():
+        trainer.train_step()
+        trainer.step += 1
+
+    out = _timed(step, warmup, steps, device)
+    out["params"] = sum(p.numel() for p in trainer.model.parameters())
+    return out
+
+
+def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = False) -> dict:
+    from hf_peer import train_peer
+
+    m = cfg.model
+    f = train_peer(m, cfg.data.seq_len + 1, cfg.train.global_batch_size, warmup, steps, device, bf16,
+                   cfg.parallel.compile == "on", adamw="foreach")
+    out = {"median_s": f["median_s"], "min_s": f["min_s"], "first_s": f["first_step_s"], "params": f["total_params"]}
+    if "cpu_median_s" in f and device.type == "cpu":  # CPU time per step, as the other sides report it
+        out.update(median_s=f["cpu_median_s"], min_s=f["cpu_min_s"], wall_median_s=f["median_s"])
+    return out
+
+
+def litgpt_model(m, seq_len: int):
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    c = Config(name="meshforge-shape", block_size=seq_len, vocab_size=m.vocab_size, padded_vocab_size=m.vocab_size,
+               n_layer=m.n_layers, n_head=m.n_heads, n_embd=m.dim, n_query_groups=m.kv_heads, head_size=m.head_dim,
+               rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
+               norm_eps=m.norm_eps, mlp_class_name="LLaMAMLP", intermediate_size=m.hidden_dim, rope_base=int(m.rope_theta))
+    model = GPT(c)
+    if m.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict:
+    from litgpt.utils import chunked_cross_entropy
+
+    m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = litgpt_model(m, seq)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    forward = torch.compile(model) if cfg.parallel.compile == "on" else model
+
+    def step():
+        tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = forward(tokens[:, :-1])
+        loss = chunked_cross_entropy(logits, tokens[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    out = _timed(step, warmup, steps, device)
+    out["params"] = params
+    return out
+
+
+def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = job_config(shape, mode, tmp, warmup + steps, scope=scope)
+        torch.manual_seed(0)
+        if side == "meshforge":
+            return run_meshforge(cfg, warmup, steps)
+        if side == "hf":
+            return run_hf(cfg, warmup, steps, torch.device("cpu"))
+        return run_litgpt(cfg, warmup, steps)
+
+
+def litgpt_available(path: Path) -> str | None:
+    """None if litgpt imports from ``path`` (or the environment), else why not."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH", "")]))}
+    p = subprocess.run([sys.executable, "-c", "import litgpt.model, litgpt.utils"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def spawn(side: str, shape: str, mode: str, args) -> dict:
+    env = dict(os.environ)
+    if side == "litgpt":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.litgpt_path), env.get("PYTHONPATH", "")]))
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--worker", side, shape, mode, f.name, "--warmup", str(args.warmup),
+               "--steps", str(args.steps), "--threads", str(args.threads),
+               "--compile-scope", args.compile_scope]
+        try:
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {args.timeout:.0f}s"}
+        if p.returncode == 0:
+            return json.loads(Path(f.name).read_text())
+        err = (p.stderr or "").strip().splitlines()
+        sys.stderr.write(f"--- {side} {shape} {mode} failed ---\n" + "\n".join(err[-20:]) + "\n")
+        return {"error": err[-1] if err else f"exit {p.returncode}"}
+
+
+def ratios(rounds: list[dict], peer: str) -> list[float]:
+    """peer / meshforge median step time of each round where both ran."""
+    return [r[peer]["median_s"] / r["meshforge"]["median_s"] for r in rounds
+            if "median_s" in r.get(peer, {}) and "median_s" in r.get("meshforge", {})]
+
+
+def peers_case(ctx) -> dict:
+    """The GPU check's ``peers`` case: the same comparison in one process on the GPU (bf16 autocast on
+    every side), shape 28m at batch 32 x 128, eager and compiled; litgpt where it imports (carry it
+    with ``--litgpt-path``'s directory on PYTHONPATH). ``--dry``: tiny shapes on the CPU, eager."""
+    import importlib.util
+    import math
+
+    from gpu_check_lib import check
+
+    dev = ctx.device
+    warmup, steps = (1, 2) if ctx.dry else (3, 8)
+    modes = ("eager",) if ctx.dry else MODES
+    sides = ["meshforge", "hf"] + (["litgpt"] if importlib.util.find_spec("litgpt") else [])
+    figures, checks = {}, []
+    for mode in modes:
+        with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
+            cfg = job_config("28m", mode, tmp, warmup + steps, dry=ctx.dry, device=dev.type, batch=32)
+            got = {"meshforge": lambda: run_meshforge(cfg, warmup, steps, dev),
+                   "hf": lambda: run_hf(cfg, warmup, steps, dev, bf16=dev.type == "cuda"),
+                   "litgpt": lambda: run_litgpt(cfg, warmup, steps, dev, bf16=dev.type == "cuda")}
+            runs = {side: got[side]() for side in sides}
+        tokens = cfg.train.global_batch_size * cfg.data.seq_len
+        for side, r in runs.items():
+            figures[f"{mode}_{side}_s"] = r["median_s"]
+            if side != "meshforge":
+                figures[f"{mode}_{side}_ratio"] = r["median_s"] / runs["meshforge"]["median_s"]
+                checks.append(check(f"{mode}: parameter count, {side} minus meshforge", abs(r["params"] - runs["meshforge"]["params"]), 0))
+        checks.append(check(f"{mode}: non-finite step times", sum(not math.isfinite(r["median_s"]) for r in runs.values()), 0))
+        if mode == "eager":
+            figures["tokens_per_step"] = tokens
+            figures["tokens_per_s"] = tokens / runs["meshforge"]["median_s"]
+    note = ("--dry: tiny shapes, CPU, eager" if ctx.dry else "28m, batch 32 x 128, bf16 autocast") + (
+        "" if "litgpt" in sides else "; litgpt not importable here: hf only")
+    return {"figures": figures, "checks": checks, "note": note}
+
+
+def fused_projection_bench(shape: str, reps: int = 20) -> dict:
+    """Forward + backward of x @ [Wq; Wk; Wv]^T as one matmul vs three (and gate/up), seconds per call."""
+    from meshforge.config import load_config
+
+    cfg = load_config("small", [*SHAPES[shape][0], "--train.global_batch_size", str(SHAPES[shape][1])])
+    m = cfg.model
+    n = cfg.train.global_batch_size * cfg.data.seq_len
+    x = torch.randn(n, m.dim, requires_grad=True)
+    out = {}
+    for name, rows in {"qkv": (m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.kv_heads * m.head_dim),
+                       "gate_up": (m.hidden_dim, m.hidden_dim)}.items():
+        ws = [torch.randn(r, m.dim, requires_grad=True) for r in rows]
+        fused = torch.cat([w.detach() for w in ws]).requires_grad_()
+
+        def separate():
+            sum(torch.nn.functional.linear(x, w).sum() for w in ws).backward()
+
+        def one():
+            sum(part.sum() for part in torch.nn.functional.linear(x, fused).split(rows, dim=-1)).backward()
+
+        best = {"separate": [], "fused": []}
+        for _ in range(reps):
+            for label, fn in (("separate", separate), ("fused", one)):
+                start = time.perf_counter()
+                fn()
+                best[label].append(time.perf_counter() - start)
+        out[name] = {k: statistics.median(v) for k, v in best.items()}
+    return out
+
+
+def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) -> list[str]:
+    lines = [f"{args.rounds} rounds, each side in a fresh process per round, order rotated; {args.warmup} warmup "
+             f"+ {args.steps} timed steps; fp32, AdamW foreach, clip 1.0, {args.threads or 'default'} torch "
+             f"thread(s) per process. Ratio = peer step time / meshforge "
+             f"step time (> 1: meshforge faster), median and min over rounds. Load average before: {loads[0]}; "
+             f"after: {loads[1]}.", "",
+             "| shape | params | batch x seq | mode | meshforge CPU s/step (wall) | hf | litgpt | hf / meshforge (median, min) | litgpt / meshforge (median, min) |",
+             "|---|---:|---|---|---:|---:|---:|---|---|"]
+    for (shape, mode), rounds in results.items():
+        med = {}
+        params = {}
+        for side in SIDES:
+            ok = [r[side] for r in rounds if "median_s" in r.get(side, {})]
+            med[side] = (f"{statistics.median(x['median_s'] for x in ok):.3f} "
+                         f"({statistics.median(x.get('wall_median_s', x['median_s']) for x in ok):.3f})") if ok else (
+                skipped.get(side) and "n/a" or next((r[side]["error"][:60] for r in rounds if side in r), "n/a"))
+            if ok:
+                params[side] = ok[0]["params"]
+        cells = []
+        for peer in ("hf", "litgpt"):
+            rs = ratios(rounds, peer)
+            cells.append(f"{statistics.median(rs):.3f}, {min(rs):.3f}" if rs else "n/a")
+        counts = sorted(set(params.values()))
+        pcell = f"{counts[0] / 1e6:.2f}M" if len(counts) == 1 else " / ".join(f"{k} {v / 1e6:.3f}M" for k, v in params.items())
+        batch = SHAPES[shape][1]
+        lines.append(f"| {shape} | {pcell} | {batch} x 128 | {mode} | {med['meshforge']} | {med['hf']} | "
+                     f"{med['litgpt']} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    lines += [f"- {side} not run: {why}" for side, why in skipped.items()]
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads of every side (0: torch's default; 1 keeps a shared, loaded box sane)")
+    ap.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                    help="meshforge's parallel.compile_scope in the compiled mode")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per process")
+    ap.add_argument("--litgpt-path", type=Path, default=LITGPT_PATH,
+                    help="a directory holding litgpt (pip install --target DIR litgpt ...), put before PYTHONPATH")
+    ap.add_argument("--fused-projections", action="store_true", help="add the fused vs separate projection micro-benchmark")
+    ap.add_argument("--record", action="store_true")
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        side, shape, mode, path = args.worker
+        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope)))
+        return 0
+    sides = list(SIDES)
+    skipped = {}
+    why = litgpt_available(args.litgpt_path)
+    if why:
+        sides.remove("litgpt")
+        skipped["litgpt"] = f"it does not import ({why})"
+    load_before = loadavg()
+    results: dict = {(s, m): [] for s in args.shapes for m in args.modes}
+    for r in range(args.rounds):
+        for (shape, mode), rounds in results.items():
+            this = {}
+            order = sides[r % len(sides):] + sides[:r % len(sides)]
+            for side in order:
+                this[side] = spawn(side, shape, mode, args)
+                print(json.dumps({"round": r, "shape": shape, "mode": mode, "side": side, **this[side]}), flush=True)
+            rounds.append(this)
+    lines = table(results, args, (load_before, loadavg()), skipped)
+    if args.fused_projections:
+        lines += ["", "Fused vs separate projections, forward + backward of the matmuls alone (median s per call):", "",
+                  "| shape | tokens | qkv separate | qkv fused | separate / fused | gate+up separate | gate+up fused | separate / fused |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for shape in args.shapes:
+            f = fused_projection_bench(shape)
+            q, g = f["qkv"], f["gate_up"]
+            lines.append(f"| {shape} | {SHAPES[shape][1] * 128} | {q['separate']:.4f} | {q['fused']:.4f} | "
+                         f"{q['separate'] / q['fused']:.3f} | {g['separate']:.4f} | {g['fused']:.4f} | "
+                         f"{g['separate'] / g['fused']:.3f} |")
+        lines.append("")
+    print("\n".join(lines))
+    if args.record:
+        record(SECTION, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
