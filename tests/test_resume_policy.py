@@ -56,6 +56,7 @@ def test_help_config_names_each_keys_resume_policy():
     assert "model.dim = 192" in text and "[on resume: a change is refused (it changes the model)]" in text
     assert resume_policy("optim.lr") == "applies" and resume_policy("data.blend") == "refused"
     assert resume_policy("checkpoint.init_from") == "ignored"
-    for line in text.splitlines():  # every key has its policy line right after its docstring
-        if line.startswith("  ") and " = " in line and not line.startswith("      "):
-            assert text.split(line, 1)[1].splitlines()[2].startswith("      [on resume: "), line
+    lines = text.splitlines()
+    keys = [i for i, line in enumerate(lines) if line.startswith("  ") and " = " in line and not line.startswith("    ")]
+    for i, end in zip(keys, keys[1:] + [len(lines)]):  # every key has its policy line after its docstring
+        assert any(line.startswith("      [on resume: ") for line in lines[i + 1:end]), lines[i]
