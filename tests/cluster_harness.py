@@ -68,12 +68,18 @@ def cluster_problem() -> str | None:
 
 
 def remove_stale() -> list[str]:
-    """Delete the namespaces (and hosts files) of clusters whose creating process is gone; return their names."""
+    """Delete the namespaces (and hosts files) of clusters whose creating process is gone, killing the
+    processes still running in them; return their names."""
     names = [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
     stale = []
     for name in names:
         m = re.fullmatch(rf"{PREFIX}(\d+)-.+", name)
         if m and not _pid_alive(int(m.group(1))):
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():  # its ranks outlive it
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             _ip("netns", "del", name, check=False)
             shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
             stale.append(name)

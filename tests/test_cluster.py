@@ -11,6 +11,7 @@ Needs root and network namespaces: skipped on a developer machine without them, 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,14 +45,15 @@ def launch_on(cluster: Cluster, node: int, train_argv: list[str], rdzv_id: str) 
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's output once it exits; one still running after ``timeout`` s in all is killed
+    with everything it started (its output so far is returned, its returncode is then negative)."""
     deadline, logs = time.monotonic() + timeout, []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            logs.append(p.communicate()[0])
     return logs
 
 
@@ -107,3 +109,4 @@ def test_a_killed_clusters_namespaces_are_removed_at_the_next_start(cluster):
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in left) and not any((NETNS_ETC / ns).exists() for ns in left)
     assert all(ns in listed for ns in cluster.namespaces)  # a live cluster's namespaces are kept
+
