@@ -96,9 +96,10 @@ def test_rendezvous_name_not_resolving_is_one_line(cluster, tiny_data, tmp_path)
 def test_a_killed_clusters_namespaces_are_removed_at_the_next_start(cluster):
     """SIGKILL skips every finalizer: the next cluster's start removes what the dead process left."""
     code = ("import sys, time; sys.path.insert(0, 'tests'); from cluster_harness import Cluster; "
-            "c = Cluster(1, tag='k').start(); print(*c.namespaces, c.switch, flush=True); time.sleep(60)")
+            "c = Cluster(1, tag='k').start(); r = c.popen(0, ['sleep', '60']); "
+            "print(r.pid, *c.namespaces, c.switch, flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    left = p.stdout.readline().split()
+    rank, *left = p.stdout.readline().split()  # a process on the node, like a rank, outlives its test
     p.kill()
     p.wait()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -106,6 +107,8 @@ def test_a_killed_clusters_namespaces_are_removed_at_the_next_start(cluster):
     from cluster_harness import NETNS_ETC, remove_stale
 
     assert set(left) <= set(remove_stale())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{rank}") or "Z" in open(f"/proc/{rank}/stat").read().split()[2], "not killed"
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in left) and not any((NETNS_ETC / ns).exists() for ns in left)
     assert all(ns in listed for ns in cluster.namespaces)  # a live cluster's namespaces are kept
