@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -123,6 +124,18 @@ def torchrun_plan(args: argparse.Namespace) -> Plan:
         if args.node_rank is not None:
             argv += ["--node-rank", str(args.node_rank)]
     return Plan(argv + ["-m", "meshforge", *cmd])
+
+
+def check_rendezvous_host(endpoint: str) -> None:
+    """Raise LaunchError unless the host of ``endpoint`` (HOST:PORT) resolves here: torchrun would
+    otherwise retry the name until its rendezvous timeout, with no line saying why."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise LaunchError(f"--rdzv-endpoint {endpoint}: the host name {host} does not resolve on this node "
+                          f"({socket.gethostname()}): {getattr(e, 'strerror', None) or e}; add it to /etc/hosts "
+                          "or DNS on every node, or give node 0's address") from None
 
 
 def mpi_flavor(mpiexec: str) -> str:
@@ -297,6 +310,12 @@ def run_launch(args: argparse.Namespace) -> int:
         state, rc = wait_for_job(job)
         print(f"job {job} {state} (exit {rc})", flush=True)
         return rc
+    if not args.dry_run and not args.mpi and args.rdzv_endpoint is not None:
+        try:
+            check_rendezvous_host(args.rdzv_endpoint)
+        except LaunchError as e:
+            print(f"meshforge launch: error: {e}", file=sys.stderr)
+            return 2
     print(shlex.join(plan.argv), flush=True)
     if args.dry_run:
         return 0
