@@ -133,8 +133,11 @@ def train_layout(data_dir: Path, out: Path, world_size: int, *overrides: str, ex
     return read_result(out)
 
 
-TP_ATOL = 3e-6
-"""Parameter tolerance of layouts with TP: it sums matmul partials in another order than one process."""
+TP_ATOL = 1e-5
+"""Parameter tolerance of layouts with TP: it sums matmul partials in another order than one process, and
+AdamW turns that rounding into up to ~lr-sized differences on elements whose gradient is near zero (on an AMD
+EPYC, pp2 x tp2 after 10 steps: one element of 2,048 in ``layers.3.attention.wv`` 4.2e-6 away, all others
+within 1e-6; losses and gradient norms stay within rtol 1e-5)."""
 
 
 def assert_parity(ref: RunResult, got: RunResult, rtol: float = 1e-5, atol: float = 1e-6, min_steps: int = 10) -> None:

@@ -291,7 +291,7 @@ def test_checkpoint_moves_tp2xdp2_to_pp2xdp2_to_one_process(tiny_data, untied_re
     assert (out / "checkpoints" / "step_00000007").is_dir()
     run_ranks(1, common)
     got = read_result(out)
-    assert_parity(untied_ref, got)
+    assert_parity(untied_ref, got, atol=TP_ATOL)  # steps 1-4 ran under TP
     want, have = _metric(untied_ref.output_dir, "grad_norm"), _metric(out, "grad_norm")
     assert sorted(have) == list(range(1, 11))
     assert [have[s] for s in sorted(have)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-5)

@@ -110,7 +110,8 @@ register(ModelSpec(
     stage=decoder_stage, stage_view=decoder_stage_view, stage_inputs=decoder_stage_inputs, flops_per_token=decoder_flops,
     objectives=("lm",), position_encodings=("rope",), hf_converter="hf_decoder",
     supports_moe_parallel=True, supports_context_parallel=True, supports_fused_loss=True, supports_mup=True,
-    supports_scaling_sweeps=True, supports_grow=True, model_options=ARCHITECTURE_OPTIONS))
+    supports_scaling_sweeps=True, supports_grow=True, model_options=ARCHITECTURE_OPTIONS,
+    uniform_blocks=lambda cfg: len({cfg.is_moe_layer(i) for i in range(cfg.n_layers)}) == 1))
 register(ModelSpec(
     "encoder_decoder", EncoderDecoder, blocks=encoder_decoder_blocks, tp_plan=encoder_decoder_tp_plan,
     pipeline_blocks=encoder_decoder_pipeline_blocks, stage=EncoderDecoderStage, stage_view=encoder_decoder_stage_view,

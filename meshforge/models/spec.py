@@ -69,6 +69,9 @@ class ModelSpec:
     model_options: tuple[str, ...] = ()
     """The ``model.*`` architecture options (of :data:`ARCHITECTURE_OPTIONS`) it implements; the others must
     keep their defaults."""
+    uniform_blocks: Callable[[ModelConfig], bool] = lambda cfg: False
+    """``uniform_blocks(cfg)``: every block of the pipeline sequence holds the same modules (all dense or all
+    MoE), so a split's first and last stages bound the memory of the others (the planner prices those two)."""
 
 
 ARCHITECTURE_OPTIONS = ("head_size", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",

@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import JobConfig
+from ..models import family_spec
 from .layouts import ZERO_MODES, Layout
 from .state import state_bytes, unsharded_numel
 
@@ -281,8 +282,7 @@ def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
     m = cfg.model
     if layout.pp <= 2:
         return list(range(layout.pp))
-    alike = len({m.is_moe_layer(i) for i in range(m.n_layers)}) == 1
-    if m.family == "decoder" and alike:
+    if family_spec(m.family).uniform_blocks(m):
         return [0, layout.pp - 1]
     return list(range(layout.pp))
 
