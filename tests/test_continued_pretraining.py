@@ -30,6 +30,16 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(TINY, head_dim=32)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(TINY, sliding_window=8, head_dim=32)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(TINY)),
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(TINY, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(TINY, head_dim=24, num_experts=4, norm_topk_prob=True,
+                                                                moe_intermediate_size=32, num_experts_per_tok=2)),
+    "glm4.5": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        TINY, head_dim=24, attention_bias=True, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=1, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True, moe_intermediate_size=32,
+        num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})),
 }
 """name -> (transformers config class, model class, config arguments besides the vocabulary and special ids)."""
 DEFAULT_SUITE = ("llama",)
