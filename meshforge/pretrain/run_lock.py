@@ -70,6 +70,36 @@ def _read_info(fd: int) -> dict:
         return {}
 
 
+def _names_live_holder(info: dict) -> bool:
+    """``info`` names a process that still runs (or one on another host, which cannot be checked from here)."""
+    if not info:
+        return False
+    if info.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (KeyError, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _holder_named(fd: int, wait_s: float = 2.0) -> dict:
+    """The lock holder's info. A holder that has just taken the lock writes its name a moment later (until
+    then the file is empty, or still names the process that held it before), so wait briefly for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = _read_info(fd)
+        if _names_live_holder(info):
+            return info
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.05)
+
+
 class RunLock:
     """The held lock of one output directory; :meth:`release` (or process exit) frees it."""
 
@@ -94,7 +124,7 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    holder = describe_holder(_read_info(fd))
+                    holder = describe_holder(_holder_named(fd))
                     os.close(fd)
                     raise OutputDirBusy(
                         f"output dir {self.output_dir} is in use by another meshforge train ({holder}); wait for it "
