@@ -40,6 +40,7 @@ IGNORED_HF = ("rotary_emb.inv_freq",)
 
 
 def read_hf_config(directory: Path):
+    """(the raw ``config.json``, transformers' config of it), after checking the architecture is one we map."""
     raw = read_config_json(directory)
     arch = (raw.get("architectures") or [""])[0]
     known = known_architectures()
@@ -49,7 +50,7 @@ def read_hf_config(directory: Path):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(directory))
+        return raw, AutoConfig.from_pretrained(str(directory))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ConvertError(f"transformers cannot read {Path(directory) / 'config.json'}: {e}") from None
 
@@ -58,7 +59,7 @@ def import_checks(directory: Path):
     """(converter, our config, name map, the opened files) of an HF directory, after every check that needs no
     tensor data: config, files whole, tensors present, none unknown, every shape as the config says."""
     directory = Path(directory)
-    raw, hf = read_config_json(directory), read_hf_config(directory)
+    raw, hf = read_hf_config(directory)
     files = SafetensorsDir(directory)
     shapes = check_safetensors_files(files)
     family = converter_for_architecture(hf.architectures[0])
@@ -154,7 +155,7 @@ def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
         check_vocab(tok, m.vocab_size)
     final_dir = output.resolve()  # model.toml names it, and the tokenizer in it, relative to itself
     cfg = job_config_for(m, final_dir, final_dir / tok.main_file if tok is not None else None)
-    hf_config = read_hf_config(hf_dir)  # its special ids go to the export when there is no tokenizer
+    _, hf_config = read_hf_config(hf_dir)  # its special ids go to the export when there is no tokenizer
     ids = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}, "hf_token_ids": ids}, tok)
     n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
