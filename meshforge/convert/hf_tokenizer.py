@@ -79,10 +79,13 @@ def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -
     ``tokenizer.json`` is then corrected to what sentencepiece does here: no whitespace
     collapsing, no dummy prefix, byte fallback, meshforge's unk id.
     """
+    from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import AutoTokenizer
 
     tok = load_tokenizer(tokenizer_file)
-    unigram = _is_unigram(tokenizer_file)
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(tokenizer_file).read_bytes())
+    unigram = proto.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM
     specials = _specials(tok, ("eos", "unk", "pad"))
     if unigram:  # transformers' T5 tokenizer rebuilds T5's own pipeline on load: ship a plain tokenizer.json
         shutil.copyfile(tokenizer_file, out / "spiece.model")
@@ -99,7 +102,7 @@ def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not unigram:
         AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(out))
-        if _dummy_prefix(tokenizer_file):  # Llama 2's models put a space before every text, as sentencepiece does
+        if proto.normalizer_spec.add_dummy_prefix:  # Llama 2's models put a space before every text, as sentencepiece does
             _fix_dummy_prefix_json(out / "tokenizer.json")
             config["tokenizer_class"] = "PreTrainedTokenizerFast"  # load tokenizer.json as it is
             (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -114,25 +117,6 @@ def _specials(tok: Tokenizer, roles: tuple[str, ...]) -> dict[str, str]:
     """``{"eos_token": piece, ...}`` for the roles the model has (a Llama 2 model has no pad: -1)."""
     ids = {role: getattr(tok, f"{role}_id") for role in roles}
     return {f"{role}_token": tok.id_to_piece(i) for role, i in ids.items() if i is not None}
-
-
-def _proto(tokenizer_file: Path):
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    m = pb.ModelProto()
-    m.ParseFromString(Path(tokenizer_file).read_bytes())
-    return m
-
-
-def _is_unigram(tokenizer_file: Path) -> bool:
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    return _proto(tokenizer_file).trainer_spec.model_type == pb.TrainerSpec.UNIGRAM
-
-
-def _dummy_prefix(tokenizer_file: Path) -> bool:
-    """Whether the model puts a space before the text (Llama 2's do; meshforge's never)."""
-    return bool(_proto(tokenizer_file).normalizer_spec.add_dummy_prefix)
 
 
 def _fix_dummy_prefix_json(path: Path) -> None:
