@@ -99,6 +99,14 @@ class GatheredSequenceParallel(SequenceParallel):
         return outputs.to_local() if use_local_output else outputs
 
 
+def _distribute_params(module: nn.Module, mesh: DeviceMesh, placement, src_data_rank) -> None:
+    """``module``'s own parameters made DTensors of ``placement`` on ``mesh``."""
+    for pname, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(pname, nn.Parameter(
+            distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank),
+            requires_grad=param.requires_grad))
+
+
 class HeadParallel(ParallelStyle):
     """A per-head table ``weight[entries, heads]`` looked up by integer ids (T5's relative position
     bias, whose forward maps bucket ids ``[q, k]`` to a bias ``[1, heads, q, k]``).
@@ -110,10 +118,7 @@ class HeadParallel(ParallelStyle):
     """
 
     def _partition(self, name, module: nn.Module, mesh: DeviceMesh) -> None:
-        for pname, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(pname, nn.Parameter(
-                distribute_tensor(param, mesh, [Shard(1)], src_data_rank=self.src_data_rank),
-                requires_grad=param.requires_grad))
+        _distribute_params(module, mesh, Shard(1), self.src_data_rank)
 
     @staticmethod
     def _prepare_input_fn(module, inputs, mesh):
@@ -137,10 +142,7 @@ class GatheredChannelNorm(ParallelStyle):
     """
 
     def _partition(self, name, module: nn.Module, mesh: DeviceMesh) -> None:
-        for pname, param in list(module.named_parameters(recurse=False)):
-            module.register_parameter(pname, nn.Parameter(
-                distribute_tensor(param, mesh, [Replicate()], src_data_rank=self.src_data_rank),
-                requires_grad=param.requires_grad))
+        _distribute_params(module, mesh, Replicate(), self.src_data_rank)
 
     @staticmethod
     def _prepare_input_fn(module, inputs, mesh):
