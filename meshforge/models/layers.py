@@ -30,6 +30,11 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+def rope_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's plain frequencies theta^(-2i/dim), i < dim / 2, in float64."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
                 inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [max_seq_len, head_dim] for the rotate-half convention.
@@ -38,7 +43,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
     its own, see ``models/rope_scaling.py``); ``scale`` multiplies cos and sin (YaRN's attention factor).
     """
     if inv_freq is None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+        inv_freq = rope_inv_freq(head_dim, theta, device)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq.to(device, torch.float64))
     angles = torch.cat([angles, angles], dim=-1)
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()

@@ -23,12 +23,13 @@ import math
 import torch
 
 from ..config import ModelConfig
+from .layers import rope_inv_freq
 
 
 def rope_frequencies(m: ModelConfig) -> tuple[torch.Tensor, float]:
     """(f [rope_dim / 2] in float64, the factor cos and sin are multiplied by) of ``m``."""
     d = m.rope_dim
-    inv_freq = 1.0 / (m.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv_freq = rope_inv_freq(d, m.rope_theta)
     s, original = m.rope_factor, m.rope_original_max_seq_len or m.max_seq_len
     if m.rope_scaling == "none":
         return inv_freq, 1.0
