@@ -43,7 +43,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         from meshforge.tokenizers.hf_json import HFTokenizer
 
         return HFTokenizer(main)
-    head = main.open("rb").read(512)
+    with main.open("rb") as f:
+        head = f.read(512)
     if looks_like_tiktoken(head):
         from meshforge.tokenizers.tiktoken_file import TiktokenTokenizer
 
