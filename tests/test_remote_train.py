@@ -98,12 +98,13 @@ def test_server_stopped_mid_run_continues_with_the_same_losses(shards_data, tmp_
     extra = ("--train.steps", "60", "--checkpoint.interval", "0")
     run_ranks(1, ["train", *PARITY_ARGS, "--data.path", str(shards_data), "--train.output_dir", str(tmp_path / "local"), *extra])
     server = Nginx(shards_data.parent, tmp_path / "ng").start()
-    out = tmp_path / "remote"
-    args = [sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", f"{server.url}/data",
-            "--train.output_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"), *extra]
-    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = None
     try:
+        out = tmp_path / "remote"
+        args = [sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", f"{server.url}/data",
+                "--train.output_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"), *extra]
+        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
@@ -114,7 +115,8 @@ def test_server_stopped_mid_run_continues_with_the_same_losses(shards_data, tmp_
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
     finally:
-        proc.kill()
+        if proc is not None:
+            proc.kill()
         server.stop()
     ref = [r["loss"] for r in read_metrics(tmp_path / "local") if "loss" in r]
     records = [r for r in read_metrics(out) if "loss" in r]

@@ -53,7 +53,7 @@ class _Uploader:
             return  # a marker of another plan, or a shard being replaced: the final sweep decides
         if self.replace:  # from here on the prefix is not a data set until the new manifest is up
             if self.store.exists(MANIFEST):
-                self.store.fs.rm_file(f"{self.store.root}/{MANIFEST}")
+                self.store.fs.rm_file(self.store._path(MANIFEST))
             self.replace = False
         if not (self.store.exists(name) and self.store.info(name)["size"] == size):
             self.store.put_file(local, name)
