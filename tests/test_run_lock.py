@@ -48,8 +48,14 @@ def test_two_trainers_started_at_once_one_runs_the_other_refuses(tiny_data, tmp_
     cmd = [sys.executable, "-m", "meshforge", *_args(tiny_data, out, "--train.steps", "30")]
     procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for _ in range(2)]
-    codes = [p.wait(timeout=300) for p in procs]
-    errs = [p.stderr.read().decode() for p in procs]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+        errs = [p.stderr.read().decode() for p in procs]
+    finally:  # a timeout or a failed read leaves no trainer running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert sorted(codes) == [0, 2], (codes, [e[-1500:] for e in errs])
     refused = errs[codes.index(2)]
     assert refused.startswith("meshforge: error: ") and refused.count("\n") == 1, refused

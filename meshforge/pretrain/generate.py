@@ -117,8 +117,8 @@ def generate_text(
     return tokenizer.decode(ids[len(bos):])
 
 
-def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, device: str) -> torch.device:
-    """Refuse sampling settings that cannot work (one line each, before the checkpoint is read); -> the device."""
+def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, device: str) -> None:
+    """Refuse sampling settings that cannot work (one line each, before the checkpoint is read)."""
     import math
 
     if max_new_tokens < 1:
@@ -137,7 +137,6 @@ def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, dev
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise UsageError(f"--device {device}: no CUDA GPU {dev.index or 0} here ({have} visible); use --device cpu"
                          if have else f"--device {device}: there is no CUDA GPU here; use --device cpu")
-    return dev
 
 
 def generate_from_checkpoint(
