@@ -75,15 +75,21 @@ def remove_stale() -> list[str]:
     for name in names:
         m = re.fullmatch(rf"{PREFIX}(\d+)-.+", name)
         if m and not _pid_alive(int(m.group(1))):
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():  # its ranks outlive it
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            _ip("netns", "del", name, check=False)
-            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+            _remove_namespace(name)
             stale.append(name)
     return stale
+
+
+def _remove_namespace(name: str) -> None:
+    """Kill every process still in namespace ``name`` (ranks outlive the launcher that started them),
+    then delete it and its hosts file."""
+    for pid in _ip("netns", "pids", name, check=False).stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _ip("netns", "del", name, check=False)
+    shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
 
 class Cluster:
@@ -158,8 +164,7 @@ class Cluster:
                     pass
                 p.wait()
         for ns in [*self.namespaces, self.switch]:
-            _ip("netns", "del", ns, check=False)
-            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+            _remove_namespace(ns)
         try:
             NETNS_ETC.rmdir()  # only if nothing else uses it
         except OSError:

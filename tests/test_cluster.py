@@ -98,18 +98,24 @@ def test_a_killed_clusters_namespaces_are_removed_at_the_next_start(cluster):
     code = ("import sys, time; sys.path.insert(0, 'tests'); from cluster_harness import Cluster; "
             "c = Cluster(1, tag='k').start(); r = c.popen(0, ['sleep', '60']); "
             "print(r.pid, *c.namespaces, c.switch, flush=True); time.sleep(60)")
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    rank, *left = p.stdout.readline().split()  # a process on the node, like a rank, outlives its test
-    p.kill()
-    p.wait()
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert len(left) == 2 and all(ns in listed for ns in left), (left, listed)
     from cluster_harness import NETNS_ETC, remove_stale
 
-    assert set(left) <= set(remove_stale())
-    time.sleep(0.2)
-    assert not os.path.exists(f"/proc/{rank}") or "Z" in open(f"/proc/{rank}/stat").read().split()[2], "not killed"
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not any(ns in listed for ns in left) and not any((NETNS_ETC / ns).exists() for ns in left)
-    assert all(ns in listed for ns in cluster.namespaces)  # a live cluster's namespaces are kept
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        rank, *left = p.stdout.readline().split()  # a process on the node, like a rank, outlives its test
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+    try:
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert len(left) == 2 and all(ns in listed for ns in left), (left, listed)
+        assert set(left) <= set(remove_stale())
+        time.sleep(0.2)
+        assert not os.path.exists(f"/proc/{rank}") or "Z" in open(f"/proc/{rank}/stat").read().split()[2], "not killed"
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(ns in listed for ns in left) and not any((NETNS_ETC / ns).exists() for ns in left)
+        assert all(ns in listed for ns in cluster.namespaces)  # a live cluster's namespaces are kept
+    finally:
+        remove_stale()  # what the dead process left, even when an assertion above failed
 

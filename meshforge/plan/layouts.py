@@ -17,6 +17,7 @@ from ..config import ConfigError, JobConfig, validate
 from ..parallel.deepspeed_engine import check_deepspeed
 from ..parallel.job_checks import check_context_parallel, check_job
 from ..parallel.mesh import Degrees, pipeline_layers, resolve_degrees
+from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES  # one stage per rank; the others loop several
 
 ZERO_MODES = {
     "fsdp-zero3": ("fsdp2", True, 1),
@@ -28,8 +29,6 @@ ZERO_MODES = {
 """Data-parallel modes: name -> (parallel.dp_backend, parallel.fsdp_reshard_after_forward, parallel.zero_stage)."""
 AC_MODES = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "gpipe")
-SINGLE_STAGE = ("1f1b", "gpipe")
-"""Schedules that run one stage per rank (the others loop ``stages_per_rank`` stages over the ranks)."""
 CP_METHODS = ("ring", "alltoall")
 
 
@@ -58,7 +57,7 @@ class Layout:
     @property
     def spr(self) -> int:
         """Stage modules per rank: 1 without a pipeline or under a one-stage schedule."""
-        if self.pp == 1 or self.schedule in SINGLE_STAGE:
+        if self.pp == 1 or self.schedule in SINGLE_STAGE_SCHEDULES:
             return 1
         return self.stages_per_rank or 2
 
@@ -106,7 +105,7 @@ class Layout:
         parts.append(f"dp{self.dp_replicate}x{self.dp_shard}")
         text = " ".join(parts) + f" {self.label}"
         if self.pp > 1:
-            text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE else "")
+            text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE_SCHEDULES else "")
         return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"
 
     def overrides(self) -> dict[str, object]:
@@ -166,7 +165,7 @@ def virtual_stages(n_layers: int, pp: int, schedule: str) -> list[int]:
     """Stages per rank the search tries: 0 (one) for a one-stage schedule or no pipeline; for the looping
     schedules every count from 2 that leaves each stage a layer and either splits the layers evenly or is
     a power of two (uneven splits are priced by their heaviest stage)."""
-    if pp == 1 or schedule in SINGLE_STAGE:
+    if pp == 1 or schedule in SINGLE_STAGE_SCHEDULES:
         return [0]
     per_rank = n_layers // pp
     return [v for v in range(2, per_rank + 1) if n_layers % (pp * v) == 0 or v & (v - 1) == 0]

@@ -174,12 +174,12 @@ def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
     check_cluster(gpus, gpus_per_node)
     try:
         layout = layout_of_config(cfg, gpus)
-        check_layout(cfg, layout)
+        job = check_layout(cfg, layout)
     except ConfigError as e:
         raise ConfigError(f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: "
                           f"{e}") from None
     plan = Plan(cfg, device, gpus, gpus_per_node)
-    (priced,) = price(cfg, [(layout, check_layout(cfg, layout))], device, gpus_per_node, efficiency)
+    (priced,) = price(cfg, [(layout, job)], device, gpus_per_node, efficiency)
     (plan.fitting if priced.fits else plan.overflowing).append(priced)
     return plan
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..config import ConfigError, config_from_dict
 
@@ -62,9 +63,11 @@ class Estimator:
                               f"{self.tokens_per_s}")
         if not (self.overhead_s >= 0 and math.isfinite(self.overhead_s)):
             raise ConfigError(f"--step-overhead-ms must be 0 or more, got {self.overhead_s * 1e3}")
-        self._device()
+        self._device  # ConfigError for an unknown device or a bad --devices file
 
+    @cached_property
     def _device(self):
+        """The device's entry, read once (every row's estimate uses it)."""
         from ..plan.devices import get_device
 
         return get_device(self.device, self.devices_file)
@@ -72,7 +75,7 @@ class Estimator:
     def describe(self) -> str:
         if self.tokens_per_s:
             return f"at a measured {self.tokens_per_s:,.0f} tokens/s per run on {self.gpus} GPU(s)"
-        d = self._device()
+        d = self._device
         return (f"on {self.gpus} x {d.name} per run: the planner's time model at {self.efficiency:.0%} of peak "
                 f"+ {self.overhead_s * 1e3:g} ms per step of software cost (no evaluation, checkpoints or start-up)")
 
@@ -96,7 +99,7 @@ class Estimator:
             from ..plan.time_model import estimate_time
 
             cfg = config_from_dict(row["config"])
-            device = self._device()
+            device = self._device
             try:
                 layout = layout_of_config(cfg, self.gpus)
             except ConfigError as e:
