@@ -75,3 +75,22 @@ def test_a_local_tokenizer_other_than_the_datas_is_refused_naming_the_remote_man
             open_remote_data_dir(f"{server.url}/data", str(other), tmp_path / "cache")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("text, message", [("{oops", "is not valid JSON"), ('{"shards": []}', "is not a meshforge")])
+def test_model_vocab_from_a_remote_manifest_checks_it_first(text, message, shards_data, tmp_path):
+    """``model.vocab_size = 0`` reads the vocabulary from the data's manifest: a URL's goes through the same check."""
+    from meshforge.config import load_config
+    from meshforge.pretrain.data import tokenizer_vocab_size
+
+    need_nginx()
+    served = tmp_path / "served" / "data"
+    shutil.copytree(shards_data, served)
+    (served / MANIFEST).write_text(text)
+    server = Nginx(served.parent, tmp_path / "ng").start()
+    try:
+        url = f"{server.url}/data"
+        with pytest.raises(DataError, match=f"^{url}/manifest.json {message}"):
+            tokenizer_vocab_size(load_config("tiny-test", {"data.path": url, "data.remote_retry_seconds": 1}))
+    finally:
+        server.stop()
