@@ -5,6 +5,8 @@ import os
 import signal
 import time
 
+import torch
+
 from meshforge.pretrain.faults import (PREEMPTED_MARKER_ENV, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
                                        TrainingDiverged)
 
