@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .config import describe, load_config
-from .errors import MeshforgeError
+from .errors import MeshforgeError, UsageError
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose own errors (a bad value, a missing or unknown argument) are one
+    ``meshforge: error:`` line and exit status 2, as every other bad input, instead of its usage block.
+    Every subcommand's parser is one (``add_subparsers`` makes them of its parser's class)."""
+
+    def error(self, message: str):
+        flag = re.match(r"argument (-[^\s/:]+).*: expected one argument$", message)
+        hint = f" (give it one; a value that starts with '-' is written {flag.group(1)}=VALUE)" if flag else ""
+        raise UsageError(f"{message}{hint}; see `{self.prog} --help`")
 
 
 def _where() -> str:
@@ -26,6 +37,12 @@ OPTIONAL_PACKAGES = {"transformers": "convert", "safetensors": "convert", "scipy
                      "matplotlib": "scaling", "threadpoolctl": "scaling", "zstandard": "data", "pyarrow": "data",
                      "datasets": "data", "mpi4py": "mpi", "torchao": "gpu", "liger_kernel": "gpu"}
 """Import name -> the pyproject extra that installs it (the quick start installs none of them)."""
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The subcommand's words, e.g. ``convert inspect``."""
+    return " ".join(filter(None, (getattr(args, k, None) for k in (
+        "command", "convert_command", "scaling_command", "data_command", "tokenizer_command"))))
 
 
 def _extra_for(error: BaseException) -> str | None:
@@ -168,7 +185,7 @@ def cmd_launch(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshforge", description="Pretrain transformer language models.")
+    parser = _Parser(prog="meshforge", description="Pretrain transformer language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -294,9 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.func not in (cmd_train, cmd_plan):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if rest and args.func not in (cmd_train, cmd_plan):
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}; see `meshforge {_command(args)} --help`")
+    except UsageError as e:
+        print(f"meshforge: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
     try:
         return args.func(args, rest)
     except MeshforgeError as e:  # bad input or a failed job: one line, no traceback
@@ -306,9 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         extra = _extra_for(e)
         if extra:  # an optional package this command needs: say which extra brings it
-            command = " ".join(filter(None, (getattr(args, k, None) for k in (
-                "command", "convert_command", "scaling_command", "data_command", "tokenizer_command"))))
-            print(f"meshforge: error: `meshforge {command}` needs {e.name}, which is not installed: "
+            print(f"meshforge: error: `meshforge {_command(args)}` needs {e.name}, which is not installed: "
                   f"pip install -e \".[{extra}]\" (in the meshforge checkout)", file=sys.stderr, flush=True)
             return 2
         # a bug: keep the traceback, but say where it happened

@@ -95,6 +95,29 @@ def test_wait_is_collective_whether_or_not_a_poll_saw_the_save_finish(tmp_path, 
         ck.close()
 
 
+def test_blocked_seconds_count_the_save_call_and_every_poll_including_the_last(tmp_path, monkeypatch):
+    """A clock that moves one second per reading: the save call, each poll that found the write running and
+    the poll that found it complete each cost the training thread one second."""
+    readings = iter(range(10**6))
+    monkeypatch.setattr(checkpoint_writer, "time", type("Clock", (), {"perf_counter": lambda: float(next(readings))}))
+    release = threading.Event()
+    real_finalize = Checkpointer._finalize
+    monkeypatch.setattr(Checkpointer, "_finalize", lambda self, *a: (release.wait(60), real_finalize(self, *a)))
+    model, opt = _model_and_optim(0)
+    ck = Checkpointer(tmp_path, keep_last=2, async_save=True)
+    ck.save(1, model, opt, {})
+    polls = 0
+    for _ in range(3):  # the write cannot finish: finalizing waits for release
+        polls += 1
+        assert not ck.poll()
+    release.set()
+    ck._pending.future.result()
+    polls += 1
+    assert ck.poll()
+    assert ck.completed() == [(1, 1.0 + polls)]
+    ck.close()
+
+
 def test_async_checkpoints_resume_exactly_on_two_ranks(tiny_data, tmp_path):
     """fsdp2 on 2 ranks, async saves every 2 steps, stopped at 6 and resumed: the same run as synchronous saves."""
     def train(out, steps, *extra):

@@ -11,16 +11,63 @@ from meshforge.pretrain.faults import (PREEMPTED_MARKER_ENV, NonFiniteGuard, Pre
                                        TrainingDiverged)
 
 
-def test_preemption_watcher_catches_sigterm():
+def test_preemption_watcher_catches_sigterm_and_restores_the_handler():
     w = PreemptionWatcher()
     try:
-        assert not w.should_stop(torch.device("cpu"))
+        assert w.received is None
         os.kill(os.getpid(), signal.SIGTERM)
         assert w.received == signal.SIGTERM
-        assert w.should_stop(torch.device("cpu"))
     finally:
         w.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# Each rank: a real TrainStep (the base class the backends share) whose stop signal is this rank's
+# PreemptionWatcher; the trainer's path for the flag is with_stop_flag -> the loss all_mean -> read_scalars.
+_AGREEMENT_RANK = """
+import os, signal, sys
+import torch, torch.distributed as dist
+from meshforge.config import load_config
+from meshforge.parallel.mesh import Degrees
+from meshforge.pretrain.faults import CollectiveWatch, NonFiniteGuard, PreemptionWatcher
+from meshforge.pretrain.step import StepSetup, TrainStep
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+watcher = PreemptionWatcher()
+setup = StepSetup(cfg=load_config("tiny-test"), degrees=Degrees(1, 1, world, 1, 1, 1), mesh=None,
+                  device=torch.device("cpu"), objective=None, collectives=CollectiveWatch(rank, world, 60.0),
+                  nonfinite=NonFiniteGuard(3), fused_loss=False, stop_signal=lambda: watcher.received is not None)
+model = torch.nn.Linear(2, 2)
+step = TrainStep(setup, model, torch.optim.SGD(model.parameters(), lr=0.1))
+seen = []
+for n in range(1, 4):
+    if n == 2 and rank == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    losses = torch.tensor([1.0 + rank, 0.5])
+    record = step.read_scalars(step.all_mean(step.with_stop_flag(losses), f"the loss at step {n}"), None)
+    seen.append(f"{int(step.stop_requested)}:{record['loss']}:{record['z_loss']}")
+print(" ".join(seen))
+dist.destroy_process_group()
+"""
+
+
+def test_one_ranks_signal_stops_every_rank_through_the_loss_reduction(tmp_path):
+    """Rank 1 alone gets SIGTERM before step 2: from step 2 on every rank reads stop_requested, and the
+    flag riding along leaves the reduced losses as they were."""
+    import subprocess
+
+    from parallel_harness import start_ranks
+
+    script = tmp_path / "rank.py"
+    script.write_text(_AGREEMENT_RANK)
+    procs = start_ranks(2, ["1"], script=[str(script)], stdout=subprocess.PIPE)
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()[-2000:]
+        outs.append(out.decode().split())
+    assert outs == [["0:1.5:0.5", "1:1.5:0.5", "1:1.5:0.5"]] * 2
 
 
 def test_non_finite_guard_counts_streaks_and_stops_after_the_limit():

@@ -163,7 +163,7 @@ def test_open_data_dir_and_tokenizer_mismatch(tmp_path, prepared, tiny_tokenizer
     assert info.vocab_size == 400 and info.tokenizer_fingerprint == m["tokenizer"]["fingerprint"]
     assert open_data_dir(prepared, str(tiny_tokenizer)).tokenizer_fingerprint == info.tokenizer_fingerprint
     other = train_tokenizer([small_corpus], tmp_path / "other", vocab_size=420)
-    with pytest.raises(DataError, match=r"vocab 420.*does not match the data manifest \(vocab 400.*use the tokenizer"):
+    with pytest.raises(DataError, match=r"vocab 420.*does not match the data manifest .*manifest\.json \(vocab 400.*use the tokenizer"):
         open_data_dir(prepared, str(other))
 
 

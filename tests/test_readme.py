@@ -14,6 +14,7 @@ import pytest
 from meshforge.cli import build_parser, cmd_plan, cmd_train
 from meshforge.config import ConfigError, JobConfig, parse_cli_overrides
 from meshforge.config import _set as set_config_key
+from meshforge.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -82,8 +83,8 @@ def check_command(argv: list[str]) -> str | None:
         argv, inner = argv[:cut], argv[cut + 1:]
     try:
         args, rest = parser.parse_known_args(argv)
-    except SystemExit:
-        return "the CLI's parser refused it"
+    except UsageError as e:
+        return f"the CLI's parser refused it: {e}"
     if rest and args.func not in (cmd_train, cmd_plan):
         return f"unrecognized arguments {rest}"
     if rest:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .safetensors_io import ConvertError, safetensors_header
+from .safetensors_io import ConvertError
 
 SIZE_KEYS = (
     ("q_norm", ("num_attention_heads", "head_dim")), ("k_norm", ("num_key_value_heads", "head_dim")),
@@ -54,7 +54,7 @@ def check_safetensors_files(files) -> dict[str, list[int]]:
     """Every tensor's shape (by name) of a :class:`SafetensorsDir`, each of its files checked whole."""
     shapes: dict[str, list[int]] = {}
     for fname in sorted(set(files.weight_map.values())):
-        header = safetensors_header(files.dir / fname)
+        header = files.header(fname)
         listed = [k for k, f in files.weight_map.items() if f == fname and k not in header]
         if listed:
             raise ConvertError(f"{files.dir / fname} lacks {listed[0]}, which model.safetensors.index.json puts there; "

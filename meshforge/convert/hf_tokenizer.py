@@ -54,24 +54,34 @@ def write_tokenizer(tok: Tokenizer, out: Path, seq2seq: bool = False) -> None:
     tiktoken file written as its equal ``tokenizer.json``.
     """
     if tok.kind == "sentencepiece" and set(tok.files()) == {"tokenizer.model"}:
-        write_hf_tokenizer(tok.path, out, seq2seq)
+        write_hf_tokenizer(tok, out, seq2seq)
         return
-    from transformers import AutoTokenizer
-
     if tok.kind == "tiktoken":
         tok.save_hf(out)  # the equal tokenizer.json: transformers does not read tiktoken files
     else:
         tok.save(out)
+    if tok.kind == "sentencepiece":  # written back as it came with its HF files: loaded, not compared
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(out))
+    else:
+        _check_encodes_alike(out, tok, "the tokenizer")
+
+
+def _check_encodes_alike(out: Path, tok: Tokenizer, what: str) -> None:
+    """transformers' tokenizer of ``out`` must encode :data:`SAMPLES` as ``tok`` does (``what``: ``tok`` in words)."""
+    from transformers import AutoTokenizer
+
     hf = AutoTokenizer.from_pretrained(str(out))
-    if tok.kind != "sentencepiece":
-        for sample in SAMPLES:
-            if hf.encode(sample, add_special_tokens=False) != tok.encode(sample):
-                raise ConvertError(f"transformers encodes text differently from the tokenizer {tok.path}; "
-                                   "the tokenizer cannot be exported faithfully")
+    for sample in SAMPLES:
+        if hf.encode(sample, add_special_tokens=False) != tok.encode(sample):
+            raise ConvertError(f"transformers encodes text differently from {what} {tok.path}; "
+                               "the tokenizer cannot be exported faithfully")
 
 
-def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -> None:
-    """The tokenizer files transformers loads (``AutoTokenizer``) in ``out``, checked to encode like ours.
+def write_hf_tokenizer(tok: Tokenizer, out: Path, seq2seq: bool = False) -> None:
+    """The tokenizer files transformers loads (``AutoTokenizer``) in ``out`` for the sentencepiece model ``tok``,
+    checked to encode like it.
 
     BPE models go through transformers' Llama tokenizer (``legacy = false``, no prefix space,
     no BOS/EOS added); a model with sentencepiece's dummy prefix (Llama 2's) then gets its
@@ -82,7 +92,7 @@ def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -
     from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import AutoTokenizer
 
-    tok = load_tokenizer(tokenizer_file)
+    tokenizer_file = tok.path
     proto = pb.ModelProto()
     proto.ParseFromString(Path(tokenizer_file).read_bytes())
     unigram = proto.trainer_spec.model_type == pb.TrainerSpec.UNIGRAM
@@ -106,11 +116,7 @@ def write_hf_tokenizer(tokenizer_file: Path, out: Path, seq2seq: bool = False) -
             _fix_dummy_prefix_json(out / "tokenizer.json")
             config["tokenizer_class"] = "PreTrainedTokenizerFast"  # load tokenizer.json as it is
             (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    hf = AutoTokenizer.from_pretrained(str(out))
-    for sample in SAMPLES:
-        if hf.encode(sample, add_special_tokens=False) != tok.encode(sample):
-            raise ConvertError(f"transformers encodes text differently from the sentencepiece model {tokenizer_file}; "
-                               "the tokenizer cannot be exported faithfully")
+    _check_encodes_alike(out, tok, "the sentencepiece model")
 
 
 def _specials(tok: Tokenizer, roles: tuple[str, ...]) -> dict[str, str]:

@@ -20,8 +20,9 @@ The whole model is held in memory once (DCP writes one state dict).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,9 +40,10 @@ IGNORED_HF = ("rotary_emb.inv_freq",)
 """HF tensors that are derived, not learned (old checkpoints store them)."""
 
 
-def read_hf_config(directory: Path):
-    """(the raw ``config.json``, transformers' config of it), after checking the architecture is one we map."""
-    raw = read_config_json(directory)
+def read_hf_config(directory: Path, raw: dict | None = None):
+    """(the raw ``config.json``, transformers' config of it), after checking the architecture is one we map;
+    ``raw``: the ``config.json`` already read (:func:`read_config_json`)."""
+    raw = read_config_json(directory) if raw is None else raw
     arch = (raw.get("architectures") or [""])[0]
     known = known_architectures()
     if arch not in known:
@@ -55,12 +57,27 @@ def read_hf_config(directory: Path):
         raise ConvertError(f"transformers cannot read {Path(directory) / 'config.json'}: {e}") from None
 
 
-def import_checks(directory: Path):
-    """(converter, our config, name map, the opened files) of an HF directory, after every check that needs no
-    tensor data: config, files whole, tensors present, none unknown, every shape as the config says."""
+@dataclass
+class HFImport:
+    """What :func:`import_checks` found in a Hugging Face directory, checked."""
+
+    family: Any
+    """The family's converter module (``convert/families.py``)."""
+    model: ModelConfig
+    pairs: list
+    """(HF name, our name, expert index or None) of every tensor to import."""
+    files: SafetensorsDir
+    hf_config: Any
+    """transformers' config of ``config.json`` (its special token ids go to the export without a tokenizer)."""
+
+
+def import_checks(directory: Path, raw: dict | None = None, files: SafetensorsDir | None = None) -> HFImport:
+    """An HF directory after every check that needs no tensor data: config, files whole, tensors present, none
+    unknown, every shape as the config says. ``raw`` and ``files``: its ``config.json`` and safetensors files,
+    where the caller has read them already."""
     directory = Path(directory)
-    raw, hf = read_hf_config(directory)
-    files = SafetensorsDir(directory)
+    raw, hf = read_hf_config(directory, raw)
+    files = SafetensorsDir(directory) if files is None else files
     shapes = check_safetensors_files(files)
     family = converter_for_architecture(hf.architectures[0])
     m, pairs, extra_ok, emb = family.import_plan(hf, set(shapes))
@@ -76,16 +93,17 @@ def import_checks(directory: Path):
     if rows != m.vocab_size:
         raise ConvertError(f"{emb} has {rows} rows but config.json says vocab_size = {m.vocab_size}")
     check_shapes(directory, hf, raw, m, pairs, shapes)
-    return family, m, pairs, files
+    return HFImport(family, m, pairs, files, hf)
 
 
-def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The ModelConfig and full meshforge state dict of an HF model directory (checked)."""
-    family, m, pairs, files = import_checks(directory)
-    state = family.import_state(files, m, pairs)
+def hf_to_meshforge(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], HFImport]:
+    """The ModelConfig and full meshforge state dict of an HF model directory (checked), and what the checks found."""
+    found = import_checks(directory)
+    m = found.model
+    state = found.family.import_state(found.files, m, found.pairs)
     if m.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    return m, state
+    return m, state, found
 
 
 def job_config_for(m: ModelConfig, init_dir: Path, tokenizer: Path | None) -> JobConfig:
@@ -149,14 +167,14 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
 def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
     hf_dir, output = Path(hf_dir), Path(output)
     check_output_dir(output)
-    m, state = hf_to_meshforge(hf_dir)
+    m, state, found = hf_to_meshforge(hf_dir)
     tok = tokenizer_of(hf_dir)
     if tok is not None:
         check_vocab(tok, m.vocab_size)
     final_dir = output.resolve()  # model.toml names it, and the tokenizer in it, relative to itself
     cfg = job_config_for(m, final_dir, final_dir / tok.main_file if tok is not None else None)
-    _, hf_config = read_hf_config(hf_dir)  # its special ids go to the export when there is no tokenizer
-    ids = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    # the HF config's special ids go to the export when there is no tokenizer
+    ids = {k: getattr(found.hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}, "hf_token_ids": ids}, tok)
     n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
     log(f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .hf_checks import read_config_json
-from .safetensors_io import ConvertError, SafetensorsDir, safetensors_header
+from .safetensors_io import ConvertError, SafetensorsDir
 
 
 def _count(shapes_dtypes) -> tuple[int, str]:
@@ -28,11 +28,10 @@ def inspect_hf(directory: Path) -> str:
     entries = []
     shards = sorted(set(files.weight_map.values()))
     for fname in shards:
-        entries += [(info["shape"], info["dtype"]) for info in safetensors_header(directory / fname).values()]
+        entries += [(info["shape"], info["dtype"]) for info in files.header(fname).values()]
     n, dtypes = _count(entries)
     try:
-        _, m, _, _ = import_checks(directory)
-        importable = f"yes, as {_architecture(m)}"
+        importable = f"yes, as {_architecture(import_checks(directory, cfg, files).model)}"
     except ConvertError as e:
         importable = f"no: {e}"
     lines = [f"Hugging Face model directory {directory}",

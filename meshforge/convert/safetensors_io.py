@@ -141,6 +141,7 @@ class SafetensorsDir:
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
+        self._headers: dict[str, dict] = {}
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -150,7 +151,7 @@ class SafetensorsDir:
                 raise ConvertError(f"{index} is not a safetensors index (JSON with a weight_map); re-download "
                                    "it") from None
         elif (self.dir / "model.safetensors").is_file():
-            weight_map = {k: "model.safetensors" for k in safetensors_header(self.dir / "model.safetensors")}
+            weight_map = {k: "model.safetensors" for k in self.header("model.safetensors")}
         else:
             raise ConvertError(f"{self.dir} holds no model.safetensors nor model.safetensors.index.json "
                                "(only safetensors weights are read; re-save the model with save_pretrained)")
@@ -160,6 +161,12 @@ class SafetensorsDir:
                                "are missing; copy the complete model directory")
         self.weight_map: dict[str, str] = weight_map
         self._open: dict[str, object] = {}
+
+    def header(self, fname: str) -> dict:
+        """The checked header of the file ``fname`` of this directory (:func:`safetensors_header`, read once)."""
+        if fname not in self._headers:
+            self._headers[fname] = safetensors_header(self.dir / fname)
+        return self._headers[fname]
 
     def keys(self) -> list[str]:
         return list(self.weight_map)

@@ -14,6 +14,7 @@ import shutil
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.indexed import IndexedShard
@@ -134,40 +135,63 @@ def load_manifest(data_dir: str | Path) -> dict:
     mp_ = d / MANIFEST
     if not mp_.is_file():
         raise DataError(f"data path {d} has no {MANIFEST}: prepare it with `meshforge data prepare`")
+    return parse_manifest(mp_.read_bytes(), str(mp_))
+
+
+def parse_manifest(data: bytes, where: str, fix: str = "re-run data preparation") -> dict:
+    """The manifest in ``data``, checked: JSON, a meshforge manifest, the keys training reads. ``where`` names
+    the file in the error, ``fix`` says what to do."""
     try:
-        manifest = json.loads(mp_.read_text())
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{mp_} is not valid JSON ({exc}): re-run data preparation") from None
+        raise DataError(f"{where} is not valid JSON ({exc}): {fix}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{mp_} is not a {FORMAT} manifest: re-run data preparation")
+        raise DataError(f"{where} is not a {FORMAT} manifest: {fix}")
     for key in ("tokenizer", "dtype", "num_documents", "num_tokens", "shards"):
         if key not in manifest:
-            raise DataError(f"{mp_} lacks the key {key!r}: re-run data preparation")
+            raise DataError(f"{where} lacks the key {key!r}: {fix}")
     return manifest
 
 
-def open_shards(data_dir: str | Path, manifest: dict) -> list[IndexedShard]:
-    """Open every shard of a manifest, checking dtype and document/token counts."""
+def open_shards(data_dir: str | Path, manifest: dict, remote_bins: bool = False,
+                name: Callable[[Path], str] = str) -> list[IndexedShard]:
+    """Open every shard of a manifest, checking dtype and document/token counts.
+
+    ``remote_bins``: only the ``.idx`` files are in ``data_dir`` (the ``.bin`` sizes come from the manifest);
+    ``name`` turns a shard's local prefix into how errors name it (a remote data dir: its URL)."""
     d = Path(data_dir)
     shards = []
     for entry in manifest["shards"]:
-        shard = IndexedShard(d / entry["prefix"])
+        shard = IndexedShard(d / entry["prefix"], bin_size=entry["bin_bytes"] if remote_bins else None)
         if shard.dtype.name != manifest["dtype"]:
-            raise DataError(f"shard {shard.prefix} has dtype {shard.dtype.name}, manifest says {manifest['dtype']}: re-run data preparation")
+            raise DataError(f"shard {name(shard.prefix)} has dtype {shard.dtype.name}, manifest says {manifest['dtype']}: "
+                            "re-run data preparation")
         if shard.num_documents != entry["documents"] or shard.num_tokens != entry["tokens"]:
             raise DataError(
-                f"shard {shard.prefix} holds {shard.num_documents} documents / {shard.num_tokens} tokens, "
+                f"shard {name(shard.prefix)} holds {shard.num_documents} documents / {shard.num_tokens} tokens, "
                 f"manifest says {entry['documents']} / {entry['tokens']}: re-run data preparation"
             )
         shards.append(shard)
     return shards
 
 
-def _load_tok(path: str | Path, what: str) -> Tokenizer:
+def load_data_tokenizer(path: str | Path, what: str) -> Tokenizer:
+    """``load_tokenizer(path)``, its error a :class:`DataError` that starts with ``what``."""
     try:
         return load_tokenizer(path)
     except TokenizerError as exc:
         raise DataError(f"{what}: {exc}") from None
+
+
+def check_tokenizer(tok: Tokenizer, manifest: dict, where: str) -> None:
+    """``tok`` must be the tokenizer the data of ``manifest`` (read from ``where``) was prepared with."""
+    mtok = manifest["tokenizer"]
+    if tok.fingerprint != mtok.get("fingerprint"):
+        raise DataError(
+            f"tokenizer {tok.path} (vocab {tok.vocab_size}, sha {tok.fingerprint[:12]}) does not match the data "
+            f"manifest {where} (vocab {mtok.get('vocab_size')}, sha {str(mtok.get('fingerprint'))[:12]}): "
+            f"use the tokenizer the data was prepared with"
+        )
 
 
 def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
@@ -182,18 +206,12 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
     if (d / MANIFEST).exists():
         manifest = load_manifest(d)
         shards = open_shards(d, manifest)
-        mtok = manifest["tokenizer"]
         if tokenizer_path:
-            tok = _load_tok(tokenizer_path, "data.tokenizer")
-            if tok.fingerprint != mtok.get("fingerprint"):
-                raise DataError(
-                    f"tokenizer {tok.path} (vocab {tok.vocab_size}, sha {tok.fingerprint[:12]}) does not match the data "
-                    f"manifest (vocab {mtok.get('vocab_size')}, sha {str(mtok.get('fingerprint'))[:12]}): "
-                    f"use the tokenizer the data was prepared with"
-                )
+            tok = load_data_tokenizer(tokenizer_path, "data.tokenizer")
+            check_tokenizer(tok, manifest, str(d / MANIFEST))
         else:
             local = any((d / name).is_file() for name in TOKENIZER_FILES)
-            tok = _load_tok(d if local else mtok.get("path", ""), f"tokenizer of {d}")
+            tok = load_data_tokenizer(d if local else manifest["tokenizer"].get("path", ""), f"tokenizer of {d}")
         return DataInfo(d, shards, manifest["num_documents"], manifest["num_tokens"],
                         str(tok.path), tok.fingerprint, tok.vocab_size, manifest)
     if not d.is_dir():
@@ -206,7 +224,7 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
             f"data path {d} holds Megatron shards but no {MANIFEST}: set data.tokenizer to the tokenizer (.model, "
             f"tokenizer.json or HF dir) the data was tokenized with"
         )
-    tok = _load_tok(tokenizer_path, "data.tokenizer")
+    tok = load_data_tokenizer(tokenizer_path, "data.tokenizer")
     shards = [IndexedShard(p) for p in prefixes]
     for s in shards:
         if s.dtype.kind not in "iu":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshforge.data_pipeline.errors import DataError
-from meshforge.data_pipeline.indexed import IndexedShard
 from meshforge.data_pipeline.layout import MANIFEST, TOKENIZER_FILE, atomic_write_json, read_json
-from meshforge.data_pipeline.manifest import DataInfo, open_shards
+from meshforge.data_pipeline.manifest import DataInfo, check_tokenizer, load_data_tokenizer, open_shards, parse_manifest
 from meshforge.data_pipeline.remote import RemoteError, RemoteStats, RemoteStore
 from meshforge.file_hash import file_sha256
-from meshforge.tokenizers import TokenizerError, load_tokenizer
 
 OBJECTS = "objects.json"
 _FETCHERS = 8
@@ -90,26 +87,17 @@ def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: s
             raise _cache_error(exc, local) from None
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    try:
-        tok = load_tokenizer(tokenizer_path or local)  # the cached copy: tokenizer.json or tokenizer.model
-    except TokenizerError as exc:
-        raise DataError(f"tokenizer of {store.url}: {exc}") from None
-    if tok.fingerprint != manifest["tokenizer"].get("fingerprint"):
-        raise DataError(f"tokenizer {tok.path} (sha {tok.fingerprint[:12]}) does not match the manifest of {store.url} "
-                        f"(sha {str(manifest['tokenizer'].get('fingerprint'))[:12]}): use the tokenizer the data was prepared with")
+    tok = load_data_tokenizer(tokenizer_path or local, f"tokenizer of {store.url}")  # else the cached copy
+    check_tokenizer(tok, manifest, store.url_of(MANIFEST))
     counts = (manifest["num_documents"], manifest["num_tokens"], str(tok.path), tok.fingerprint, tok.vocab_size, manifest)
+    shards = open_shards(local, manifest, remote_bins=mode != "download",
+                         name=lambda prefix: store.url_of(str(prefix.relative_to(local))))
     if mode == "download":
-        return DataInfo(local, open_shards(local, manifest), *counts)
-    shards = []
+        return DataInfo(local, shards, *counts)
     for e in manifest["shards"]:
-        shard = IndexedShard(local / e["prefix"], bin_size=e["bin_bytes"])
         if not isinstance(e.get("max_token_id"), int):  # a local shard is scanned instead; a remote one is not read whole
             raise DataError(f"the manifest of {store.url} records no max_token_id for {e['prefix']}: re-prepare the data "
                             "with this meshforge (or use data.remote_mode = download)")
-        if shard.num_documents != e["documents"] or shard.num_tokens != e["tokens"] or shard.dtype.name != manifest["dtype"]:
-            raise DataError(f"{store.url_of(e['prefix'] + '.idx')} does not match the manifest (documents, tokens or "
-                            "dtype): re-prepare the data")
-        shards.append(shard)
     return RemoteDataInfo(local, shards, *counts, store=store,
                           bin_names=[f"{e['prefix']}.bin" for e in manifest["shards"]], url=store.url,
                           etags={k: v.get("etag") for k, v in objects.items() if isinstance(v, dict) and v.get("etag")})
@@ -152,14 +140,10 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
 
 def _read_manifest(path: Path, store: RemoteStore) -> dict:
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        path.unlink()
-        raise RemoteError(f"{store.url_of(MANIFEST)} is not valid JSON ({exc}): re-upload the data") from None
-    for key in ("tokenizer", "dtype", "num_documents", "num_tokens", "shards"):
-        if key not in manifest:
-            raise RemoteError(f"{store.url_of(MANIFEST)} lacks the key {key!r}: re-prepare the data")
-    return manifest
+        return parse_manifest(path.read_bytes(), store.url_of(MANIFEST), "re-prepare or re-upload the data")
+    except DataError as exc:
+        path.unlink()  # fetched afresh next time
+        raise RemoteError(str(exc)) from None
 
 
 def _fetch_checked(store: RemoteStore, local: Path, entry: dict, ext: str) -> None:

@@ -268,19 +268,18 @@ class Checkpointer:
         if p is None or p.finalized:
             return True
         start = time.perf_counter()
-        try:
-            if not p.future.done():
-                return False
-            try:
-                p.future.result()  # re-raises a failed write or finalization
-            except (Exception, CheckpointException) as e:
-                self._pending = None
-                raise self._write_failure(e, p.step) from e
-            p.finalized = True
-            self._completed.append((p.step, p.blocked_s))
-            return True
-        finally:
+        if not p.future.done():
             p.blocked_s += time.perf_counter() - start
+            return False
+        try:
+            p.future.result()  # re-raises a failed write or finalization
+        except (Exception, CheckpointException) as e:
+            self._pending = None
+            raise self._write_failure(e, p.step) from e
+        p.finalized = True
+        p.blocked_s += time.perf_counter() - start  # this last poll counts too
+        self._completed.append((p.step, p.blocked_s))
+        return True
 
     def wait(self) -> None:
         """Block until an asynchronous save in flight is complete and visible on every rank.

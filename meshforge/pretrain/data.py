@@ -23,7 +23,7 @@ from ..data_pipeline.builtin import BUILTIN_PREFIX, resolve_cache_dir, resolve_d
 from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.loader import DistributedLoader
-from ..data_pipeline.manifest import DataInfo, load_manifest, open_data_dir
+from ..data_pipeline.manifest import DataInfo, load_manifest, open_data_dir, parse_manifest
 from ..data_pipeline.layout import MANIFEST
 from ..data_pipeline.remote import RemoteStats, RemoteStore, is_url
 from ..data_pipeline.remote_cache import RemoteDataInfo, open_remote_data_dir
@@ -116,12 +116,12 @@ def tokenizer_vocab_size(cfg: JobConfig) -> int:
     path = parse_blend(d.blend)[0][1] if d.blend else d.path
     if path.startswith(BUILTIN_PREFIX):
         return d.builtin_vocab_size
-    if is_url(path):
-        import json
-
-        size = json.loads(RemoteStore(path, d.remote_retry_seconds).cat(MANIFEST))["tokenizer"].get("vocab_size")
+    if is_url(path):  # read, not cached: the node cache is filled later, by every node's first rank
+        store = RemoteStore(path, d.remote_retry_seconds)
+        manifest = parse_manifest(store.cat(MANIFEST), store.url_of(MANIFEST), "re-prepare or re-upload the data")
     else:
-        size = load_manifest(path)["tokenizer"].get("vocab_size")
+        manifest = load_manifest(path)
+    size = manifest["tokenizer"].get("vocab_size")
     if not isinstance(size, int):
         raise DataError(f"the manifest of {path} records no tokenizer vocab_size: set model.vocab_size explicitly")
     return size

@@ -4,8 +4,7 @@
   ``scancel --signal=TERM``) into a flag the loop checks after each step; all ranks agree
   on it, write a checkpoint and exit with :data:`EXIT_PREEMPTED` so a wrapper can requeue.
   The trainer reduces every rank's flag with the step's losses (``TrainStep.with_stop_flag``:
-  no collective or device-to-host transfer of its own); :meth:`PreemptionWatcher.should_stop`
-  is the same agreement as a collective of its own, for loops outside the trainer.
+  no collective or device-to-host transfer of its own).
 - :class:`NonFiniteGuard` skips an update whose loss or gradient norm is not finite and
   stops the run after too many in a row. No checkpoint is written while such a streak is
   open (a scheduled save waits for the next good step), so the newest checkpoint is always
@@ -25,7 +24,6 @@ import signal
 from collections import deque
 from contextlib import contextmanager
 
-import torch
 import torch.distributed as dist
 
 from ..errors import MeshforgeError
@@ -56,7 +54,8 @@ class TrainingDiverged(MeshforgeError, RuntimeError):
 
 
 class PreemptionWatcher:
-    """Records SIGTERM/SIGUSR1 instead of dying; the loop polls :meth:`should_stop`."""
+    """Records SIGTERM/SIGUSR1 instead of dying (:attr:`received`); the step's loss all-reduce carries the flag
+    to every rank (``TrainStep.with_stop_flag``)."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None
@@ -69,13 +68,6 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-
-    def should_stop(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a signal (one small all-reduce when distributed)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

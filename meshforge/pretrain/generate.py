@@ -103,9 +103,22 @@ def generate_text(
     ...) and the result is the decoder's output: each sentinel followed by its filling. A
     decoder's prompt starts with BOS when the tokenizer's convention puts BOS before documents.
     """
+    return generate_from_ids(model, tokenizer, encode_prompt(tokenizer, prompt), max_new_tokens, top_k, temperature,
+                             seed, device)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids (none: a UsageError)."""
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise UsageError("the prompt encodes to no tokens: give a non-empty --prompt")
+    return prompt_ids
+
+
+def generate_from_ids(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
+                      top_k: int = 0, temperature: float = 0.0, seed: int = 0,
+                      device: torch.device | str = "cpu") -> str:
+    """:func:`generate_text` of a prompt already encoded (:func:`encode_prompt`)."""
     if hasattr(model, "encode"):
         out = generate_seq2seq_ids(model, prompt_ids + [tokenizer.eos_id], max_new_tokens, tokenizer.pad_id, top_k,
                                    temperature, tokenizer.eos_id, seed, device, vocab_limit=tokenizer.vocab_size)
@@ -165,7 +178,8 @@ def generate_from_checkpoint(
         raise CheckpointError(f"checkpoint {path} has no tokenizer (tokenizer.json or tokenizer.model)")
     tokenizer = load_tokenizer(path)
     model = build_model(cfg.model, device, init=False)
-    n_prompt = len(tokenizer.encode(prompt))
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    n_prompt = len(prompt_ids)
     if not hasattr(model, "encode") and n_prompt + max_new_tokens > cfg.model.max_seq_len:  # a decoder's positions
         raise UsageError(f"--max-new-tokens {max_new_tokens} after a {n_prompt}-token prompt goes beyond the model's "
                          f"max_seq_len ({cfg.model.max_seq_len}): ask for at most "
@@ -173,4 +187,4 @@ def generate_from_checkpoint(
     # RoPE tables are buffers, not weights: fill them by a normal init, then load the weights.
     model.init_weights()
     load_model_weights(path, model)
-    return generate_text(model, tokenizer, prompt, max_new_tokens, top_k, temperature, seed, device)
+    return generate_from_ids(model, tokenizer, prompt_ids, max_new_tokens, top_k, temperature, seed, device)

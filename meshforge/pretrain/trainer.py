@@ -186,10 +186,9 @@ class Trainer:
         loader = self.data.valid_loader_factory()
         return self.backend.eval_loss((loader.next_batch() for _ in range(self.cfg.train.eval_batches)), self.step)
 
-    def _checkpoint(self) -> float:
-        """Save a checkpoint of the current step; returns the seconds the training was blocked."""
+    def _checkpoint(self) -> None:
+        """Save a checkpoint of the current step (what it blocked the training: ``Checkpointer.completed``)."""
         self.collectives.at(f"checkpoint save at step {self.step}")
-        start = time.perf_counter()
         meta = {
             "scheduler": self.backend.scheduler.state_dict(),
             "loader": self.data.train_loader.state_dict(),
@@ -199,7 +198,6 @@ class Trainer:
             "world_size": self.env.world_size,
         }
         self.backend.save(self.checkpointer, self.step, meta, self.data.tokenizer.files())
-        return time.perf_counter() - start
 
     def _newest_checkpoint(self) -> str | None:
         """The newest complete checkpoint this run can resume from (its own, or the one it resumed from)."""
