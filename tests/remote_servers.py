@@ -54,8 +54,9 @@ def need_nginx() -> None:
 class Nginx:
     """``nginx`` serving ``root`` at ``http://127.0.0.1:<port>/`` (static files: ETag, ranges)."""
 
-    def __init__(self, root: Path, workdir: Path):
+    def __init__(self, root: Path, workdir: Path, max_ranges: int | None = None):
         self.root, self.workdir = Path(root), Path(workdir)
+        self.max_ranges = max_ranges  # nginx's max_ranges: a request with more is answered 200, the whole file
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.port}"
@@ -71,7 +72,8 @@ class Nginx:
             f"  access_log off; client_body_temp_path {w}/body; proxy_temp_path {w}/proxy;\n"
             f"  fastcgi_temp_path {w}/fcgi; uwsgi_temp_path {w}/uwsgi; scgi_temp_path {w}/scgi;\n"
             "  default_type application/octet-stream; keepalive_requests 100000;\n"
-            f"  server {{ listen 127.0.0.1:{self.port}; root {self.root}; }}\n"
+            f"  server {{ listen 127.0.0.1:{self.port}; root {self.root};"
+            + (f" max_ranges {self.max_ranges};" if self.max_ranges is not None else "") + " }\n"
             "}\n")
         self.proc = subprocess.Popen([nginx_binary(), "-p", str(w), "-c", str(w / "nginx.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
