@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--remote", action="store_true",
                     help="also serve the shards with nginx on localhost and compare range reads with the memory map")
     ap.add_argument("--step-ms", type=float, default=50.0, help="--remote: simulated training step between batches")
+    ap.add_argument("--step-batches", type=int, default=40, help="--remote: batches per row with a simulated step")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -111,3 +111,27 @@ def test_a_server_without_multi_range_is_read_range_by_range(shards_data, tmp_pa
         assert fetched <= 1.1 * sample
     finally:
         server.stop()
+
+
+def test_batches_read_four_at_once_are_the_local_batches_in_order(shards_data, http, tmp_path):
+    """The training loader's depth for remote data (``read_ahead`` batches, each in its own thread)
+    gives the local loader's batches, in order, and resumes from its state like it."""
+    from meshforge.data_pipeline import DistributedLoader
+
+    info = open_remote_data_dir(f"{http.url}/data", "", tmp_path / "cache")
+    k = RemoteTokenDataset.read_ahead
+    assert k > 1
+    local = DistributedLoader(TokenDataset(open_data_dir(shards_data), 32, seed=1), 12, prefetch=0)
+    remote = DistributedLoader(RemoteTokenDataset(info, 32, seed=1), 12, prefetch=k, workers=k)
+    try:
+        assert remote._pool._max_workers == k
+        for _ in range(9):
+            np.testing.assert_array_equal(local.next_batch().numpy(), remote.next_batch().numpy())
+        state = remote.state_dict()
+        resumed = DistributedLoader(RemoteTokenDataset(info, 32, seed=1), 12, prefetch=k, workers=k)
+        resumed.load_state_dict(state)
+        for _ in range(3):
+            np.testing.assert_array_equal(local.next_batch().numpy(), resumed.next_batch().numpy())
+        resumed.close()
+    finally:
+        remote.close()
