@@ -172,3 +172,71 @@ class TcpProxy:
             except OSError:
                 pass
         self._conns = []
+
+
+class GcsEmulator:
+    """``gcp-storage-emulator`` (PyPI) at ``http://127.0.0.1:<port>``; :meth:`env` points gcsfs at it
+    (``STORAGE_EMULATOR_HOST``: gcsfs then talks to it without credentials)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "GcsEmulator":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.workdir), "start",
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_up(self.endpoint + "/storage/v1/b", self.proc, "gcp-storage-emulator")
+        return self
+
+    def env(self) -> dict:
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+"""Azurite's fixed, published development account key (devstoreaccount1): not a secret."""
+
+
+def azurite_binary() -> str | None:
+    """``azurite-blob`` from ``npm install azurite`` (on PATH, or under $AZURITE_HOME/node_modules/.bin)."""
+    home = os.environ.get("AZURITE_HOME", "")
+    local = Path(home) / "node_modules" / ".bin" / "azurite-blob" if home else None
+    return shutil.which("azurite-blob") or (str(local) if local is not None and local.exists() else None)
+
+
+class Azurite:
+    """Azurite's blob service (npm ``azurite``) at ``http://127.0.0.1:<port>/devstoreaccount1``;
+    :meth:`env` gives adlfs its connection string."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.endpoint = f"http://127.0.0.1:{self.port}/devstoreaccount1"
+
+    def start(self) -> "Azurite":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([azurite_binary(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+                                      "--location", str(self.workdir), "--silent", "--skipApiVersionCheck"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_up(self.endpoint + "?comp=list", self.proc, "azurite")
+        return self
+
+    def env(self) -> dict:
+        return {"AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                                                   f"AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};"}
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.proc = None
