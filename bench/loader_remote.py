@@ -7,7 +7,9 @@ range) and after (one multi-range request per shard and batch), each without pre
 the loader's default prefetch and with the training loader's depth for remote data
 (``RemoteTokenDataset.read_ahead`` batches read at once): in a tight loop (the loader alone)
 and with a simulated training step of ``--step-ms`` between batches (what prefetch is for:
-the ``waited`` column is the time a step would stall). Also counts requests per batch and the
+the ``waited`` column is the time a step would stall), and through a loopback proxy that
+adds ``--latency-ms`` to every request (a remote store's latency, which only reading several
+batches at once hides when it exceeds the step). Also counts requests per batch and the
 bytes fetched against the bytes of the samples read (read amplification).
 """
 
@@ -30,7 +32,7 @@ from meshforge.file_hash import file_sha256
 from meshforge.tokenizers import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from remote_servers import Nginx  # noqa: E402 -- the tests' nginx wrapper
+from remote_servers import Nginx, TcpProxy  # noqa: E402 -- the tests' nginx wrapper and loopback proxy
 
 
 def write_manifest(shard_dir: Path, tok_path: str) -> None:
@@ -71,11 +73,33 @@ def _rate(loader: DistributedLoader, n: int, step_s: float) -> tuple[float, floa
 DEPTHS = ((0, 1), (2, 1), (RemoteTokenDataset.read_ahead, RemoteTokenDataset.read_ahead))
 
 
+def _rows(label: str, step_ms: float, n: int, depths, local_ds, remote_ds, stats: RemoteStats, B: int, S: int) -> list[str]:
+    """One table row per (depth, reader): the local memory map, then remote before/after multi-range."""
+    rows, toks = [], B * (S + 1)
+    for prefetch, workers in depths:
+        loader = DistributedLoader(local_ds, B, prefetch=prefetch)
+        local_s, _ = _rate(loader, n, step_ms / 1e3)
+        loader.close()
+        depth = f"{prefetch} / {workers if prefetch else '-'}"
+        rows.append(f"| {label} | {step_ms:.0f} | {depth} | local mmap | {toks / local_s / 1e6:.1f}M | 1 | - | - | - |")
+        for multi in (False, True):  # before (one request per range) / after (one per shard)
+            remote_ds.store.multi_range = multi
+            loader = DistributedLoader(remote_ds, B, prefetch=prefetch, workers=workers)
+            r0, b0 = stats.requests, stats.bytes_fetched
+            per, waited = _rate(loader, n, step_ms / 1e3)
+            loader.close()
+            read = n + 1 + prefetch  # batches read, the warm-up and those prefetched past the end included
+            rows.append(f"| {label} | {step_ms:.0f} | {depth} | {'multi-range' if multi else 'one request per range'} | "
+                        f"{toks / per / 1e6:.2f}M | {local_s / per:.3f}x | {waited * 1e3:.2f} | "
+                        f"{(stats.requests - r0) / read:.1f} | {(stats.bytes_fetched - b0) / (read * toks * 2):.3f} |")
+    return rows
+
+
 def run(args, tmp: Path, shard_dir: Path, tok_path: str, local_ds: TokenDataset) -> list[str]:
     write_manifest(shard_dir, tok_path)
     server = Nginx(shard_dir, tmp / "nginx").start()
+    proxy = TcpProxy(server.port, delay_s=args.latency_ms / 1e3).start()  # the same nginx behind a network's latency
     B, S = args.batch, args.seq_len
-    toks = B * (S + 1)
     try:
         stats = RemoteStats()
         info = open_remote_data_dir(server.url, "", tmp / "remote-cache", stats=stats)
@@ -84,33 +108,22 @@ def run(args, tmp: Path, shard_dir: Path, tok_path: str, local_ds: TokenDataset)
                    for k in (0, 5 * B))
         rows = []
         for step_ms, n in ((0.0, args.batches), (args.step_ms, args.step_batches)):
-            for prefetch, workers in DEPTHS:
-                loader = DistributedLoader(local_ds, B, prefetch=prefetch)
-                local_s, _ = _rate(loader, n, step_ms / 1e3)
-                loader.close()
-                rows.append(f"| {step_ms:.0f} | {prefetch} / {workers if prefetch else '-'} | local mmap | "
-                            f"{toks / local_s / 1e6:.1f}M | 1 | - | - | - |")
-                for multi in (False, True):  # before (one request per range) / after (one per shard)
-                    remote_ds.store.multi_range = multi
-                    loader = DistributedLoader(remote_ds, B, prefetch=prefetch, workers=workers)
-                    r0, b0 = stats.requests, stats.bytes_fetched
-                    per, waited = _rate(loader, n, step_ms / 1e3)
-                    loader.close()
-                    read = n + 1 + prefetch  # batches read, the warm-up and those prefetched past the end included
-                    rows.append(f"| {step_ms:.0f} | {prefetch} / {workers if prefetch else '-'} | "
-                                f"{'multi-range' if multi else 'one request per range'} | {toks / per / 1e6:.2f}M | "
-                                f"{local_s / per:.3f}x | {waited * 1e3:.2f} | {(stats.requests - r0) / read:.1f} | "
-                                f"{(stats.bytes_fetched - b0) / (read * toks * 2):.3f} |")
+            rows += _rows("0", step_ms, n, DEPTHS, local_ds, remote_ds, stats, B, S)
+        far = RemoteTokenDataset(open_remote_data_dir(proxy.url, "", tmp / "remote-cache", stats=stats), S, "train",
+                                 valid_fraction=0.01, seed=0)
+        rows += _rows(f"{args.latency_ms:g}", args.latency_step_ms, args.step_batches, DEPTHS[1:], local_ds, far, stats, B, S)
     finally:
+        proxy.stop()
         server.stop()
     return [
         f"remote: the same shards from nginx {os.popen('nginx -v 2>&1').read().strip().split('/')[-1]} on 127.0.0.1 "
         f"(HTTP range requests, fsspec + aiohttp); {args.batches} batches of {B} x {S + 1} per tight-loop row, "
-        f"{args.step_batches} per row with a simulated step; one process, one run; batches equal to the local ones: "
+        f"{args.step_batches} per row with a simulated step; the last rows through a loopback proxy that delays each "
+        f"request by {args.latency_ms:g} ms (a store's latency); one process, one run; batches equal to the local ones: "
         f"{same}; load average {os.getloadavg()[0]:.2f}",
         "",
-        "| simulated step ms | prefetch / workers | reader | tokens/s | / local (same prefetch) | waited in next_batch ms | "
-        "requests / batch | bytes fetched / sample bytes |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| added latency ms | simulated step ms | prefetch / workers | reader | tokens/s | / local (same prefetch) | "
+        "waited in next_batch ms | requests / batch | bytes fetched / sample bytes |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
         *rows,
     ]

@@ -116,8 +116,9 @@ class TcpProxy:
     """A loopback TCP forwarder to ``target_port``: stopping it takes the endpoint away from clients
     while the server behind it (moto, which keeps its objects only in memory) keeps running."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, delay_s: float = 0.0):
         self.target_port = target_port
+        self.delay_s = delay_s  # added before each chunk a client sends is passed on: a network's latency
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: socket.socket | None = None
@@ -144,13 +145,15 @@ class TcpProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, delay in ((client, upstream, self.delay_s), (upstream, client, 0.0)):
+                threading.Thread(target=self._pipe, args=(a, b, delay), daemon=True).start()
 
     @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
+    def _pipe(a: socket.socket, b: socket.socket, delay: float = 0.0) -> None:
         try:
             while data := a.recv(65536):
+                if delay:
+                    time.sleep(delay)
                 b.sendall(data)
         except OSError:
             pass
