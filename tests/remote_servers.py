@@ -87,29 +87,38 @@ class Nginx:
         self.proc = None
 
 
-class MotoS3:
-    """moto's S3 server (``moto[server]``) at ``http://127.0.0.1:<port>``; :meth:`env` points s3fs at it."""
+class _ServerProcess:
+    """A server process this module started: ``_launch`` starts it on ``self.port`` and waits until
+    ``probe`` answers; ``stop()`` terminates it and waits."""
 
-    def __init__(self):
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+    proc: subprocess.Popen | None = None
 
-    def start(self) -> "MotoS3":
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_up(self.endpoint + "/moto-api/", self.proc, "moto server")
-        return self
-
-    def env(self) -> dict:
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    def _launch(self, cmd: list[str], probe: str, what: str) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_up(probe, self.proc, what)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
         self.proc = None
+
+
+class MotoS3(_ServerProcess):
+    """moto's S3 server (``moto[server]``) at ``http://127.0.0.1:<port>``; :meth:`env` points s3fs at it."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MotoS3":
+        self._launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                     self.endpoint + "/moto-api/", "moto server")
+        return self
+
+    def env(self) -> dict:
+        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 class TcpProxy:
@@ -177,32 +186,22 @@ class TcpProxy:
         self._conns = []
 
 
-class GcsEmulator:
+class GcsEmulator(_ServerProcess):
     """``gcp-storage-emulator`` (PyPI) at ``http://127.0.0.1:<port>``; :meth:`env` points gcsfs at it
     (``STORAGE_EMULATOR_HOST``: gcsfs then talks to it without credentials)."""
 
     def __init__(self, workdir: Path):
-        self.workdir = Path(workdir)
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.workdir, self.port = Path(workdir), free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "GcsEmulator":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.workdir), "start",
-                                      "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_up(self.endpoint + "/storage/v1/b", self.proc, "gcp-storage-emulator")
+        self._launch([sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.workdir), "start", "--host", "127.0.0.1",
+                      "--port", str(self.port), "--in-memory"], self.endpoint + "/storage/v1/b", "gcp-storage-emulator")
         return self
 
     def env(self) -> dict:
         return {"STORAGE_EMULATOR_HOST": self.endpoint}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.proc = None
 
 
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -216,30 +215,20 @@ def azurite_binary() -> str | None:
     return shutil.which("azurite-blob") or (str(local) if local is not None and local.exists() else None)
 
 
-class Azurite:
+class Azurite(_ServerProcess):
     """Azurite's blob service (npm ``azurite``) at ``http://127.0.0.1:<port>/devstoreaccount1``;
     :meth:`env` gives adlfs its connection string."""
 
     def __init__(self, workdir: Path):
-        self.workdir = Path(workdir)
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.workdir, self.port = Path(workdir), free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}/devstoreaccount1"
 
     def start(self) -> "Azurite":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([azurite_binary(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-                                      "--location", str(self.workdir), "--silent", "--skipApiVersionCheck"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_up(self.endpoint + "?comp=list", self.proc, "azurite")
+        self._launch([azurite_binary(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location",
+                      str(self.workdir), "--silent", "--skipApiVersionCheck"], self.endpoint + "?comp=list", "azurite")
         return self
 
     def env(self) -> dict:
         return {"AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
                                                    f"AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};"}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.proc = None
