@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--remote", action="store_true",
                     help="also serve the shards with nginx on localhost and compare range reads with the memory map")
     ap.add_argument("--step-ms", type=float, default=50.0, help="--remote: simulated training step between batches")
+    ap.add_argument("--step-batches", type=int, default=40, help="--remote: batches per row with a simulated step")
+    ap.add_argument("--latency-ms", type=float, default=30.0, help="--remote: latency a proxy adds to each request")
+    ap.add_argument("--latency-step-ms", type=float, default=10.0, help="--remote: simulated step behind that latency")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -121,11 +121,15 @@ def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
                     add_bos=args.bos, append_eos=args.eos)
     if is_url(args.output):  # staged under the cache dir, uploaded as shards finish, manifest last
         manifest = prepare_to_url(args.output, resolve_cache_dir(args.cache_dir), prepare_data,
-                                  num_nodes=1 if args.num_nodes is None else args.num_nodes, **settings)
+                                  num_nodes=num_nodes, node_rank=node_rank, **settings)
     else:
         manifest = prepare_data(output_dir=args.output, node_rank=node_rank, num_nodes=num_nodes, merge=not args.no_merge,
                                 **settings)
-    if manifest.get("format") == "meshforge-node-partial-v1":
+    if manifest.get("format") == "meshforge-node-partial-v1" and is_url(args.output):
+        print(f"node {node_rank} of {num_nodes}: {len(manifest['slices'])} slices, {manifest['num_documents']} documents, "
+              f"{manifest['num_tokens']} tokens uploaded to {args.output}; node 0 writes the manifest once every node's "
+              "slices are up")
+    elif manifest.get("format") == "meshforge-node-partial-v1":
         print(f"node {node_rank} of {num_nodes}: {len(manifest['slices'])} slices, {manifest['num_documents']} documents, "
               f"{manifest['num_tokens']} tokens in {args.output}; run `meshforge data merge-manifest {args.output}` "
               f"once every node is done")

@@ -27,12 +27,14 @@ class DistributedLoader:
     A dataset whose samples are ``(tokens, segments)`` tuples (``return_segments=True``)
     gives ``(tokens [B, T+1] int64, segments [B, T+1] int32)`` batches instead.
 
-    ``prefetch`` batches ahead are read in one background thread; prefetching never changes
-    the batches or :meth:`state_dict` (which counts only batches returned).
+    ``prefetch`` batches ahead are read in the background, by ``workers`` threads at once (1 by
+    default; more only for a dataset whose reads wait on the network, and that is safe to read
+    from several threads, like :class:`RemoteTokenDataset`); prefetching never changes the
+    batches or :meth:`state_dict` (which counts only batches returned).
     """
 
     def __init__(self, dataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, prefetch: int = 2,
-                 vocab_size: int = 0, locate: Callable[[int], str] | None = None):
+                 vocab_size: int = 0, locate: Callable[[int], str] | None = None, workers: int = 1):
         if global_batch_size < 1:
             raise DataError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -52,7 +54,8 @@ class DistributedLoader:
         self.locate = locate
         """``locate(vocab_size)``: where the data holds an id beyond it (shard, document), for the error."""
         self.consumed_samples = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshforge-loader") if self.prefetch else None
+        self._pool = (ThreadPoolExecutor(max_workers=max(1, min(int(workers), self.prefetch)), thread_name_prefix="meshforge-loader")
+                      if self.prefetch else None)
         self._pending: dict[int, Future] = {}
 
     def _read(self, consumed: int) -> "torch.Tensor":

@@ -76,21 +76,7 @@ def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Pat
             f"inputs {[s['path'] for s in plan['slices']]} hold no documents (skipped: {skipped}): "
             f"check the files and text_field={plan['text_field']!r}"
         )
-    tok = load_tokenizer(work)
-    manifest = {
-        "format": FORMAT,
-        "tokenizer": {"path": str(out / tok.path.name), **tok.describe(), "files": sorted(tok.files())},
-        "dtype": plan["dtype"],
-        "append_eos": plan["append_eos"],
-        "add_bos": "bos_id" in plan,
-        "num_documents": num_docs,
-        "num_tokens": sum(m["tokens"] for m in markers),
-        "num_slices": n,
-        "plan": plan["hash"],
-        "shards": shards,
-        "sources": [{**m["source"], "documents": m["documents"], "skipped": m["skipped"]} for m in markers],
-        "skipped_records": skipped,
-    }
+    manifest = manifest_of(plan, markers, load_tokenizer(work), out)
     lock = work / WORK_DIR / "merge.lock"
     with open(lock, "a") as lf:
         fcntl.flock(lf, fcntl.LOCK_EX)
@@ -101,6 +87,25 @@ def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Pat
         finally:
             fcntl.flock(lf, fcntl.LOCK_UN)
     return manifest
+
+
+def manifest_of(plan: dict, markers: list[dict], tok: Tokenizer, out: Path) -> dict:
+    """The manifest of a finished preparation: its plan, every slice's done-marker (in slice order),
+    its tokenizer, and the dir it lives in (``out``)."""
+    return {
+        "format": FORMAT,
+        "tokenizer": {"path": str(out / tok.path.name), **tok.describe(), "files": sorted(tok.files())},
+        "dtype": plan["dtype"],
+        "append_eos": plan["append_eos"],
+        "add_bos": "bos_id" in plan,
+        "num_documents": sum(m["documents"] for m in markers),
+        "num_tokens": sum(m["tokens"] for m in markers),
+        "num_slices": len(plan["slices"]),
+        "plan": plan["hash"],
+        "shards": [s for m in markers for s in m["shards"]],
+        "sources": [{**m["source"], "documents": m["documents"], "skipped": m["skipped"]} for m in markers],
+        "skipped_records": sum_skips(m["skipped"] for m in markers),
+    }
 
 
 def _swap_into_place(staged: Path, out: Path) -> None:

@@ -8,9 +8,12 @@ one token consecutive samples share, neighbouring documents), fetches the merged
 concurrently (``RemoteStore.read_ranges``), and fills the rows from them. Nothing else is
 read: the bytes fetched are the bytes of the samples (plus at most ``max_gap`` per merge).
 
-The loader's background thread (``DistributedLoader(prefetch=k)``) reads the next ``k``
-batches this way while the current step runs; the fetched ranges live only as long as their
-batch is being assembled, so memory is bounded by the prefetch depth.
+Over HTTP a batch's ranges of one shard go in one multi-range request (``remote_http``), so a
+batch costs one request per shard it touches; over S3 (no multi-range) one per merged range,
+all at once. The training loader (``DistributedLoader(prefetch=k, workers=k)``, ``k =
+read_ahead``) reads the next ``k`` batches this way, concurrently, while the current step
+runs; the fetched ranges live only as long as their batch is being assembled, so memory is
+bounded by the prefetch depth.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class RemoteTokenDataset(TokenDataset):
     to the fetched ranges of the batch that thread is reading (the loader's prefetch thread and
     the main thread may read different batches at once).
     """
+
+    read_ahead = 4
+    """Batches a training loader prefetches, all read at once (each waits mostly on its requests)."""
 
     max_gap_tokens = 0
     """Ranges of one shard closer than this are fetched as one (0: only touching/overlapping ones)."""

@@ -195,7 +195,10 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
     objective = build_objective(cfg, tokenizer)
     train_ds = _dataset(cfg, infos, items, "train", objective, cfg.train.steps * cfg.train.global_batch_size)
     vocab = dict(vocab_size=cfg.model.vocab_size, locate=lambda v: locate_token_beyond(infos, v))  # checked per batch
-    train_loader = DistributedLoader(train_ds, cfg.train.global_batch_size, dp_rank, dp_size, **vocab)
+    # remote ranges: several batches ahead, read at once (the requests' latency overlaps)
+    ahead = RemoteTokenDataset.read_ahead if isinstance(train_ds, RemoteTokenDataset) else 0
+    depth = dict(prefetch=ahead, workers=ahead) if ahead else {}
+    train_loader = DistributedLoader(train_ds, cfg.train.global_batch_size, dp_rank, dp_size, **depth, **vocab)
     valid_ds = _dataset(cfg, infos, items, "valid", objective) if d.valid_fraction else None
 
     def valid_loader() -> DistributedLoader:
