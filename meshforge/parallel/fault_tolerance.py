@@ -16,7 +16,10 @@ Nothing here imports torchft at module level: a job without the option never loa
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import warnings
 from datetime import timedelta
 from typing import Callable
 
@@ -77,7 +80,7 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
 
 def require_torchft() -> None:
     try:
-        import torchft.manager  # noqa: F401
+        importlib.import_module("torchft.manager")
     except ImportError as e:
         raise ConfigError(f"parallel.fault_tolerance = 'torchft' needs the torchft package, which is not installed "
                           f"({e}); install the ft extra: {INSTALL_HINT}") from None
@@ -97,10 +100,17 @@ class ReplicaGroups:
 
     def __init__(self, p: ParallelConfig, rank: int, world_size: int,
                  state_dict: Callable[[], dict], load_state_dict: Callable[[dict], None]):
+        os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum and vote at info
         from torchft.manager import Manager
         from torchft.process_group import ProcessGroupGloo
 
+        # its own notes per quorum (no NCCL flight recorder on CPU, ...) at warning; errors still show
+        logging.getLogger("torchft").setLevel(logging.ERROR)
+        # torchft's HTTP transport deserialises a heal's tensors from a read-only buffer; they are copied at once
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
         self.group = p.ft_replica_group
+        self.lighthouse = p.ft_lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
         self.groups = p.ft_groups
         timeout = timedelta(seconds=p.ft_timeout_s)
         addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
@@ -113,17 +123,20 @@ class ReplicaGroups:
             min_replica_size=p.ft_min_replicas, timeout=timeout,
             quorum_timeout=timedelta(seconds=p.ft_quorum_timeout_s), connect_timeout=timeout,
             rank=rank, world_size=world_size, store_addr=addr, store_port=int(port),
-            lighthouse_addr=p.ft_lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE"),
+            lighthouse_addr=self.lighthouse,
             replica_id=f"meshforge_group_{self.group}",
-            init_sync=False)  # every group initialises the same weights from train.seed
+            # the quorum (and a heal) before the forward: a healed group trains its first step in full, on the
+            # batch its peer reads, and a peer with another layout is refused before any cross-group collective
+            use_async_quorum=False,
+            init_sync=True)  # at step 0 the groups heal from one of them too: that checks their layouts
 
     def start_step(self) -> None:
-        """Ask the lighthouse for this step's quorum (asynchronously: it runs while the forward does)."""
+        """Wait for this step's quorum from the lighthouse; a group behind it heals here (``load_state_dict``)."""
         self.manager.start_quorum()
 
     def average(self, tensors: list[torch.Tensor]) -> list[int]:
         """Average ``tensors`` in place over the groups of this step's quorum in one flat all-reduce;
-        -> the ids of the groups that contributed (a healing group contributes nothing: torchft zeroes it)."""
+        -> the ids of the groups that contributed."""
         flat = torch.cat([t.reshape(-1) for t in tensors] +
                          [torch.nn.functional.one_hot(torch.tensor(self.group), self.groups).to(tensors[0])])
         work = self.manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM)

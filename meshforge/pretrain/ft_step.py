@@ -2,24 +2,24 @@
 
 A step, on every rank of a group:
 
-1. the lighthouse's quorum for this step is asked for (it runs during the forward);
+1. the lighthouse's quorum for this step; a group behind the quorum heals here, before its forward;
 2. forward and backward of this rank's slice as :class:`~meshforge.pretrain.step_local.LocalStep`
    (FSDP2 averages the gradients inside the group), the loss averaged inside the group;
 3. one flat all-reduce over the groups of the quorum (torchft's managed Gloo group): every gradient
    shard, the loss and a one-hot of the group id, divided by the number of groups that contributed;
-   a group that is healing contributes zeros, a group that is gone contributes nothing, so a missing
-   group's share of the global batch is **skipped** (the batch shrinks; the record says which samples
+   a group that is gone contributes nothing, so its share of the global batch is **skipped** (the batch shrinks; the record says which samples
    were used);
 4. clipping over the averaged gradients, then the quorum's vote (``should_commit``): the optimizer
    steps only when it commits; a step that does not commit (a peer failed during it, or fewer than
    ``parallel.ft_min_replicas`` groups) is counted as skipped, like a non-finite one: the LR schedule
    and the data move on, the weights do not.
 
-Healing: a group that joins behind the quorum's step receives, at the vote of its first step, its
-peer's weights, optimizer moments, LR schedule, loader position, RNG and step number (each rank from
-the rank of the same number in the peer group: the same shards), then steps the optimizer with the
-same averaged gradients as its peer, so from that step on both hold the same bits. A peer with
-another layout inside its group is refused, naming both.
+Healing: a group that joins behind the quorum's step (or any group but one at step 0) receives, at
+the quorum of its first step, its peer's weights, optimizer moments, LR schedule, loader position,
+RNG and step number (each rank from the rank of the same number in the peer group: the same shards),
+re-reads the step's batch from that position and trains the step in full, so it holds its peer's bits
+from then on. A group with another layout inside it is refused there, naming both, before any
+cross-group collective.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
+from ..errors import MeshforgeError
 from ..parallel.fault_tolerance import ReplicaGroups, local
 from ..parallel.grad_norm import clip_grad_norm
 from .checkpoint import rng_state, set_rng_state
+from .faults import CollectiveError
 from .step import StepSetup
 from .step_local import LocalStep
 
@@ -47,20 +49,33 @@ class ReplicaGroupStep(LocalStep):
         """Every parameter and buffer, sharded, by its single-process name: taken once here, since torchft
         reads them from its own thread while FSDP2 may have swapped gathered copies into the modules."""
         self.layout = {"degrees": [d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep], "world": d.world_size}
-        self.replicas = ReplicaGroups(p, dist.get_rank() if dist.is_initialized() else 0, d.world_size, self.state_dict, self.load_state_dict)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.replicas = ReplicaGroups(p, rank, d.world_size, self.state_dict, self.load_state_dict)
 
     # ------------------------------------------------------------------ the step
 
     def train_step(self, batch, step: int) -> dict:
         self.healed_step = None
-        self.replicas.start_step()
+        self.setup.collectives.at(f"the quorum of replica groups at step {step}")
+        try:
+            self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
+        except RuntimeError as e:  # torchft's client gave up: the lighthouse is gone (a dead peer only fails the vote)
+            if isinstance(e, MeshforgeError):
+                raise
+            raise CollectiveError(
+                f"replica group {self.replicas.group}: no quorum from the torchft lighthouse at "
+                f"{self.replicas.lighthouse} within parallel.ft_quorum_timeout_s = {self.cfg.parallel.ft_quorum_timeout_s:g} s "
+                f"at step {step} ({str(e).splitlines()[0][:160]}); this group stops: restart the lighthouse, then the "
+                "group (it heals from a live peer, or resumes from its newest checkpoint)") from None
+        if self.healed_step is not None:
+            batch = self.setup.train_loader.next_batch()
         micro = self.micro_batches(batch)
         losses, stats = self.forward_backward(self.model, micro, lambda parts: (parts.total / len(micro)).backward())
         losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         self.setup.collectives.at(f"the all-reduce over replica groups at step {step}")
         loss_parts = losses[:2].clone()
-        groups = self.replicas.average(grads + [loss_parts])
+        groups = self.replicas.average(grads + [loss_parts])  # a peer failing in it: an error the vote sees
         losses = torch.cat([loss_parts, losses[2:]])
         grad_norm = (clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
                      if self.needs_grad_norm(step) else None)
@@ -96,14 +111,15 @@ class ReplicaGroupStep(LocalStep):
     # ------------------------------------------------------------------ healing
 
     def state_dict(self) -> dict:
-        """What a healing peer receives (read by torchft's thread while this group runs its forward: nothing
-        here changes until the vote, after which torchft serves no more)."""
+        """What a healing peer receives, as it is at the start of a step (the trainer has read the step's
+        batch: the loader position is the one before it). torchft serves it until this step's vote."""
+        loader = self.setup.train_loader
         return {
             "layout": self.layout,
             "model": {k: local(v).detach() for k, v in self.named_state.items()},
             "optimizer": _local_tree(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
-            "loader": self.setup.train_loader.state_dict(),
+            "loader": loader.state_dict(loader.consumed_samples - loader.global_batch_size),  # this step's batch on
             "rng": rng_state(),
             "step": self.setup.current_step(),
         }
