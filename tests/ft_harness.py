@@ -115,6 +115,8 @@ def replay(out: Path, group: int) -> tuple[list[float], list[float], dict[str, t
     cfg.parallel.fault_tolerance = "none"
     data = prepare_train_data(cfg, DistEnv(0, 1, 0), Degrees(1, 1, 1, 1, 1, 1))
     dataset = data.train_loader.dataset
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): on a busy machine more threads only wait
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, torch.device("cpu"))
     optimizer = build_optimizer(model, cfg.optim, "cpu", 1.0 / cfg.model.width_mult)
@@ -138,4 +140,5 @@ def replay(out: Path, group: int) -> tuple[list[float], list[float], dict[str, t
             want.append(ce)
         scheduler.step()
     data.train_loader.close()
+    torch.set_num_threads(threads)
     return got, want, {k: v.detach().clone() for k, v in model.state_dict().items()}

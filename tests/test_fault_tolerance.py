@@ -31,6 +31,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), f"{name} differs between the replica groups"
 
 
+def assert_all_finished(results: list) -> None:
+    failed = [f"group {g} rank {r} (exit {status}):\n{err[-2000:]}" for g, ranks in enumerate(results)
+              for r, (status, err) in enumerate(ranks) if status != 0]
+    assert not failed, "\n".join(failed)
+
+
 def assert_matches_reference(out) -> None:
     got, want, weights = replay(out, 0)
     assert len(got) >= 5
@@ -85,9 +91,7 @@ def test_two_groups_match_one_process(tiny_data, tmp_path):
         args = group_args(tiny_data, tmp_path, lh, 8)
         groups = [start_group(args, g) for g in range(2)]
         results = [finish(procs, 300) for procs in groups]
-    for g, ranks in enumerate(results):
-        for rank, (status, err) in enumerate(ranks):
-            assert status == 0, f"group {g} rank {rank}:\n{err[-3000:]}"
+    assert_all_finished(results)
     rows = records(tmp_path, 0)
     assert [r["ft_groups"] for r in rows] == [[0, 1]] * 8
     assert rows[0]["ft_samples"] == [[0, 4], [4, 8]] and rows[1]["ft_samples"] == [[8, 12], [12, 16]]
@@ -116,15 +120,17 @@ def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
         lost_at = len(records(tmp_path, 0))
         group1 = start_group(args, 1)  # the replacement: heals from group 0's live state
         results = [finish(group0, 600), finish(group1, 600)]
-    for g, ranks in enumerate(results):
-        for rank, (status, err) in enumerate(ranks):
-            assert status == 0, f"group {g} rank {rank}:\n{err[-3000:]}"
+    assert_all_finished(results)
     rows = records(tmp_path, 0)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # group 0 never restarted nor lost a step
     # the same processes from start to end, and no checkpoint to read but the final one
     assert [c.name for c in (tmp_path / "group_0" / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
-    alone = [r["step"] for r in rows if r["ft_groups"] == [0]]
-    assert alone and min(alone) >= lost_at - 1, "group 0 went on alone after the kill"
+    after = [r for r in rows if r["step"] >= lost_at - 1]
+    failed = [r for r in after if not r["ft_committed"]]  # the step the kill broke: not committed, its data skipped
+    assert len(failed) <= 2 and all(r["ft_samples"] == [] and r.get("skipped") for r in failed), failed
+    assert any(r["ft_groups"] == [0] and r["ft_committed"] for r in after), "group 0 trained on alone after the kill"
+    assert all(r["ft_samples"] == [[8 * (r["step"] - 1), 8 * (r["step"] - 1) + 4]]
+               for r in after if r["ft_groups"] == [0] and r["ft_committed"])  # group 1's share skipped
     healed = [r for r in records(tmp_path, 1) if "ft_healed_from_step" in r]
     assert healed and healed[-1]["step"] > lost_at, healed
     assert rows[-1]["ft_groups"] == [0, 1]  # together again at the end
@@ -177,3 +183,54 @@ def test_replacement_with_other_layout_is_refused(tiny_data, tmp_path):
     status, err = other[0]
     assert status != 0
     assert "cannot heal from its peer: the peer's layout inside its group is" in err, err[-3000:]
+
+
+# --------------------------------------------------------------------------- meshforge launch --ft-groups
+
+
+def test_launch_ft_dry_run():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--ft-groups",
+                          "2", "--ft-port", "29600", "--dry-run", "--", "train", "--config", "tiny-test"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].endswith("--bind '[::]:29600' --min_replicas 1")
+    for g, line in enumerate(lines[1:]):
+        assert "--nproc-per-node 2 --max-restarts 3" in line
+        assert line.endswith(f"--parallel.ft_groups 2 --parallel.ft_replica_group {g} "
+                             "--parallel.ft_lighthouse http://127.0.0.1:29600")
+    assert len(lines) == 3
+
+
+@pytest.mark.slow
+def test_launch_ft_restarts_a_killed_group(tiny_data, tmp_path):
+    """`meshforge launch --ft-groups 2`: a rank of group 1 SIGKILLed, torchrun restarts the group, it heals."""
+    import subprocess
+    import sys
+
+    from parallel_harness import PARITY_ARGS, free_port
+
+    cmd = [sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--ft-groups", "2",
+           "--ft-port", str(free_port()), "--", "train", *PARITY_ARGS, "--data.path", str(tiny_data),
+           "--train.output_dir", str(tmp_path), "--train.steps", str(STEPS), "--parallel.ft_timeout_s", "10"]
+    launch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_steps(tmp_path, 1, 10, 240)
+        ranks = subprocess.run(["pgrep", "-f", "--", "ft_replica_group 1 "], capture_output=True, text=True).stdout
+        pids = [int(p) for p in ranks.split() if int(p) != launch.pid]
+        workers = [p for p in pids if "torch.distributed.run" not in open(f"/proc/{p}/cmdline").read()]
+        assert workers, ranks
+        os.kill(workers[-1], signal.SIGKILL)
+        _, err = launch.communicate(timeout=900)
+    finally:
+        if launch.poll() is None:
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+    assert launch.returncode == 0, err.decode(errors="replace")[-3000:]
+    steps = [r["step"] for r in records(tmp_path, 0)]  # group 0 never restarted (it may have joined at step 2)
+    assert steps == list(range(steps[0], STEPS + 1)) and steps[0] <= 2
+    assert any("ft_healed_from_step" in r and r["step"] > 10 for r in records(tmp_path, 1))
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))

@@ -79,6 +79,7 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
 
 
 def require_torchft() -> None:
+    os.environ.setdefault("RUST_LOG", "warn")  # before torchft's first import: its Rust side logs each quorum and vote at info
     try:
         importlib.import_module("torchft.manager")
     except ImportError as e:
@@ -100,7 +101,7 @@ class ReplicaGroups:
 
     def __init__(self, p: ParallelConfig, rank: int, world_size: int,
                  state_dict: Callable[[], dict], load_state_dict: Callable[[dict], None]):
-        os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum and vote at info
+        require_torchft()
         from torchft.manager import Manager
         from torchft.process_group import ProcessGroupGloo
 
