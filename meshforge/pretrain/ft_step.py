@@ -59,7 +59,7 @@ class ReplicaGroupStep(LocalStep):
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
         try:
             self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
-        except RuntimeError as e:  # torchft's client gave up: the lighthouse is gone (a dead peer only fails the vote)
+        except (RuntimeError, TimeoutError) as e:  # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote)
             if isinstance(e, MeshforgeError):
                 raise
             raise CollectiveError(
