@@ -103,7 +103,12 @@ def lost_restart(data: str, tmp: Path, steps: int, kill_at: int, interval: int) 
         p.communicate()
     at = max(r["step"] for r in read_records(metrics))
     procs = start_ranks(4, args)  # restarted at once: resumes from the newest checkpoint
-    while not any(r["step"] >= at for r in read_records(metrics)[-3:]) or len(read_records(metrics)) < at:
+    resumed = False  # the resumed run first cuts metrics.jsonl back to its checkpoint's step
+    while True:
+        steps = [r["step"] for r in read_records(metrics)]
+        resumed = resumed or (bool(steps) and max(steps) < at)
+        if resumed and steps and max(steps) >= at:
+            break
         assert time.monotonic() < deadline + 900
         time.sleep(0.05)
     lost = time.perf_counter() - killed
