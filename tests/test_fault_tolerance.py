@@ -88,7 +88,7 @@ def test_two_groups_match_one_process(tiny_data, tmp_path):
     """Both groups in every step: they hold the same bits, and their losses and weights are one process's
     on the whole global batch."""
     with Lighthouse(min_replicas=2) as lh:  # no quorum until both groups are up
-        args = group_args(tiny_data, tmp_path, lh, 8)
+        args = group_args(tiny_data, tmp_path, lh, 8, 2, "--optim.warmup_steps", "2")  # the loss must fall in 8 steps
         groups = [start_group(args, g) for g in range(2)]
         results = [finish(procs, 300) for procs in groups]
     assert_all_finished(results)
