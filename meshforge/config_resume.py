@@ -45,7 +45,8 @@ REFUSED = {
 """Key -> what changing it would change (said in the refusal)."""
 
 IGNORED = {"checkpoint.init_from": "a resumed run takes its weights from the checkpoint"}
-QUIET = {"train.output_dir", "checkpoint.resume", "checkpoint.resume_from", "train.progress"}
+QUIET = {"train.output_dir", "checkpoint.resume", "checkpoint.resume_from", "train.progress",
+         "parallel.ft_replica_group", "parallel.ft_lighthouse"}
 
 APPLIES_NOTES = {
     "train.steps": "the LR schedule is stretched or cut to the new length",

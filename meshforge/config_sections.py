@@ -200,6 +200,20 @@ class ParallelConfig:
     """``torch.compile``: ``auto`` (on for GPU, off for CPU), ``on``, ``off``; what is compiled is parallel.compile_scope."""
     compile_scope: Literal["blocks", "model"] = "blocks"
     """What ``parallel.compile`` compiles: ``blocks``, each transformer block on its own (compile time flat in depth); ``model``, the whole forward of a micro-batch together with its loss (output projection and cross-entropy fuse too; the backward is AOT-autograd's of that graph). ``model`` needs parallel.compile on or auto and is refused with pipeline parallel, DeepSpeed, expert parallel and activation checkpointing; under FSDP2 the graph breaks at each sharded module (its hooks run eagerly)."""
+    fault_tolerance: Literal["none", "torchft"] = "none"
+    """``torchft``: this job is one of parallel.ft_groups replica groups (each its own torchrun job, with the usual mesh inside) coordinated by a torchft lighthouse; gradients are averaged over the groups alive at each step, the optimizer steps only when the quorum commits, a failed group's share of the batch is skipped (recorded in metrics.jsonl), and a restarted group heals from a live peer. Needs the ``ft`` extra; FSDP2, no pipeline (pp = 1) and dp_replicate = 1 (the groups are the replicated dimension)."""
+    ft_groups: int = 1
+    """torchft: how many replica groups the job has; each step's global batch is cut into ft_groups x (data-parallel ranks per group) slices, group g reading slices g*dp ... g*dp + dp - 1."""
+    ft_replica_group: int = 0
+    """torchft: this group's id, 0 ... ft_groups - 1 (its slices of every global batch; its output dir is train.output_dir/group_<id>)."""
+    ft_lighthouse: str = ""
+    """torchft: the lighthouse's address, ``http://host:port`` (``torchft_lighthouse --bind [::]:port``); empty takes $TORCHFT_LIGHTHOUSE."""
+    ft_min_replicas: int = 1
+    """torchft: fewest replica groups a step needs to commit (fewer: the step is not committed and retried on the next batch)."""
+    ft_timeout_s: float = 60.0
+    """torchft: seconds a cross-group collective, commit vote or state transfer may take before the peer counts as failed."""
+    ft_quorum_timeout_s: float = 60.0
+    """torchft: seconds a step waits for the lighthouse's quorum (a lighthouse gone longer than this ends the group with an error)."""
 
 
 @dataclass

@@ -105,11 +105,13 @@ class DistributedLoader:
         while True:
             yield self.next_batch()
 
-    def state_dict(self) -> dict:
-        """``{"consumed_samples": n}``, plus ``"blend"`` (its history) for a blended dataset."""
-        state = {"consumed_samples": int(self.consumed_samples)}
+    def state_dict(self, consumed: int | None = None) -> dict:
+        """``{"consumed_samples": n}``, plus ``"blend"`` (its history) for a blended dataset; ``consumed``: the
+        state at an earlier position instead (before the batch just read: ``consumed_samples - global_batch_size``)."""
+        consumed = self.consumed_samples if consumed is None else consumed
+        state = {"consumed_samples": int(consumed)}
         if hasattr(self.dataset, "consumed_per_source"):
-            state["blend"] = self.dataset.state_dict(self.consumed_samples)
+            state["blend"] = self.dataset.state_dict(consumed)
         return state
 
     def load_state_dict(self, state: dict) -> None:

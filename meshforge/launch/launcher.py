@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LaunchError  # a launch request that cannot work (says what to change)
+from .ft_launch import add_ft_arguments, run_ft
 
 EXIT_PREEMPTED = 42
 """The trainer's exit status after a preemption checkpoint (meshforge.pretrain.faults.EXIT_PREEMPTED)."""
@@ -69,6 +70,7 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-dir", default=None, help="where SLURM writes JOB_NAME-JOBID.out (default: cwd)")
     g.add_argument("--submit", action="store_true", help="submit the script with sbatch")
     g.add_argument("--wait", action="store_true", help="with --submit: wait until the job ends; exit with its status")
+    add_ft_arguments(p)
     g = p.add_argument_group("MPI (--mpi)")
     g.add_argument("--hosts", default=None, help="comma-separated hosts, one per node (default: the MPI default)")
     p.add_argument("command", nargs=argparse.REMAINDER,
@@ -284,6 +286,15 @@ def plan_launch(args: argparse.Namespace) -> Plan:
 
 def run_launch(args: argparse.Namespace) -> int:
     """The ``meshforge launch`` command."""
+    if args.ft_groups:  # a lighthouse and one torchrun per replica group (launch/ft_launch.py)
+        try:
+            _check_counts(args)
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", "1")
+            return run_ft(args, rank_command(args), env)
+        except LaunchError as e:
+            print(f"meshforge launch: error: {e}", file=sys.stderr)
+            return 2
     try:
         plan = plan_launch(args)
     except LaunchError as e:

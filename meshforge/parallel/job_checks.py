@@ -16,6 +16,7 @@ from ..config import ConfigError, JobConfig, ModelConfig, micro_batch_size
 from ..kernels.apply import check_fused_kernels
 from ..models import families_with, family_spec
 from .deepspeed_engine import check_deepspeed
+from .fault_tolerance import check_fault_tolerance
 from .mesh import Degrees
 from .pipeline import PipelinePlan, plan_pipeline, stage_takes_mesh
 
@@ -79,6 +80,7 @@ def check_job(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> Pip
     if p.dp_backend == "deepspeed":
         check_deepspeed(cfg, d)
     check_fused_kernels(cfg, device_type)
+    check_fault_tolerance(cfg, d, device_type)
     micro_batch_size(t, d.dp)  # the global batch splits into micro batches on d.dp ranks
     return plan_pipeline(cfg, d, device_type) if d.pp > 1 else None
 

@@ -29,6 +29,7 @@ from ..data_pipeline.remote import RemoteStats, RemoteStore, is_url
 from ..data_pipeline.remote_cache import RemoteDataInfo, open_remote_data_dir
 from ..data_pipeline.remote_dataset import RemoteTokenDataset
 from ..launch.env import DistEnv
+from ..parallel.fault_tolerance import data_coordinates
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
 from .objectives import LMObjective, SpanCorruptionObjective, Ul2Objective, build_objective
@@ -191,7 +192,7 @@ def prepare_train_data(cfg: JobConfig, env: DistEnv, degrees: Degrees) -> TrainD
     for i in infos:
         check_token_ids(i, cfg.model.vocab_size)
     d = cfg.data
-    dp_rank, dp_size = dp_coordinates(env.rank, degrees)
+    dp_rank, dp_size = data_coordinates(cfg.parallel, *dp_coordinates(env.rank, degrees))  # replica groups: theirs
     objective = build_objective(cfg, tokenizer)
     train_ds = _dataset(cfg, infos, items, "train", objective, cfg.train.steps * cfg.train.global_batch_size)
     vocab = dict(vocab_size=cfg.model.vocab_size, locate=lambda v: locate_token_beyond(infos, v))  # checked per batch

@@ -51,6 +51,7 @@ from ..models.losses import LossParts
 from ..models.moe import RouterStats, collect_router_stats
 from ..parallel.compile import compile_enabled, compile_loss
 from ..parallel.context_parallel import split_for_context_parallel
+from ..parallel.fault_tolerance import replica_groups
 from ..parallel.float8 import precompute_float8_scales
 from ..parallel.loss_parallel import fused_output_loss, lm_loss_fn
 from ..parallel.mesh import Degrees
@@ -80,6 +81,10 @@ class StepSetup:
     stop_signal: Callable[[], bool] = field(default=lambda: False)
     """Whether this rank got a preemption signal; every rank's flag rides the step's loss all-reduce
     (:meth:`TrainStep.with_stop_flag`), so all agree on :attr:`TrainStep.stop_requested` at no extra collective."""
+    train_loader: Any = None
+    """The training loader (its position is part of what a healing replica group receives: ``pretrain/ft_step.py``)."""
+    current_step: Callable[[], int] = field(default=lambda: 0)
+    """The trainer's step count (steps done so far)."""
 
 
 def autocast_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
@@ -129,6 +134,9 @@ class TrainStep:
         """Write checkpoint ``step`` (collective) with the trainer's ``meta`` and extra ``files``."""
         checkpointer.save(step, self.model, self.optimizer, meta, files)
 
+    def close(self) -> None:
+        """Release what the backend holds beyond the step (threads, servers); the run is over."""
+
     def load(self, path: Path, rank: int) -> dict:
         """Restore model, optimizer and this rank's RNG from checkpoint ``path``; return its meta.json."""
         return load_checkpoint(path, self.model, self.optimizer, rank)
@@ -149,7 +157,7 @@ class TrainStep:
     def micro_batches(self, batch) -> list:
         """This rank's batch, on the device, cut into ``train.micro_batch_size`` pieces."""
         batch = self.to_device(batch)
-        mbs = micro_batch_size(self.cfg.train, self.setup.degrees.dp)
+        mbs = micro_batch_size(self.cfg.train, self.setup.degrees.dp * replica_groups(self.cfg.parallel))
         if isinstance(batch, tuple):
             return list(zip(*(b.split(mbs) for b in batch)))
         return list(batch.split(mbs))
@@ -280,6 +288,10 @@ def build_step(setup: StepSetup, model: nn.Module) -> TrainStep:
         from .step_pipeline import PipelineStep
 
         return PipelineStep(setup, model)
+    if setup.cfg.parallel.fault_tolerance == "torchft":
+        from .ft_step import ReplicaGroupStep
+
+        return ReplicaGroupStep(setup, model)
     if setup.cfg.parallel.dp_backend == "deepspeed":
         from .step_deepspeed import DeepSpeedStep
 

@@ -82,6 +82,8 @@ class Trainer:
         self.fused_loss = use_fused_loss(cfg, self.degrees, self.device.type)
         """Loss from the final hidden states and the output weight in chunks (no [tokens, vocab] logits)."""
         self.output_dir = Path(cfg.train.output_dir)
+        if cfg.parallel.fault_tolerance == "torchft":  # each replica group has its own lock, metrics and checkpoints
+            self.output_dir = self.output_dir / f"group_{cfg.parallel.ft_replica_group}"
         check_writable(self.output_dir)
         # One trainer per output dir, from before anything is written until the run ends (rank 0 holds it;
         # a refusal reaches the other ranks at their check-in, before any of them writes).
@@ -137,7 +139,8 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         setup = StepSetup(cfg, self.degrees, self.mesh, self.device, self.data.objective, self.collectives,
                           self.nonfinite, self.fused_loss, before_update=self.checkpointer.wait_staged,
-                          stop_signal=self._stop_signal)
+                          stop_signal=self._stop_signal, train_loader=self.data.train_loader,
+                          current_step=lambda: self.step)
         self.backend: TrainStep = build_step(setup, model)
         """How a step runs (plain/FSDP2, DeepSpeed engine, pipeline schedule): chosen here, once."""
         self.step = 0
@@ -230,7 +233,8 @@ class Trainer:
                 self.collectives.at(f"forward/backward collectives of step {self.step + 1}")
                 record = self.train_step()
                 elapsed = time.perf_counter() - start
-                self.step += 1
+                # a replica group that healed in this step continues from its peer's step (parallel.fault_tolerance)
+                self.step = record.get("ft_healed_from_step", self.step) + 1
                 memory = self.memory_probe.after_step()  # measured once, after this process's second step
                 if memory and self.env.is_main:
                     _print(bar, self.memory_probe.measured_line(memory))
@@ -301,6 +305,7 @@ class Trainer:
                 self.preemption.restore()
             if bar is not None:
                 bar.close()
+            self.backend.close()
             self.metrics.close()
             self.release()
         return result

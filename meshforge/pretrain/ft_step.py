@@ -1,0 +1,169 @@
+"""The step of one replica group under ``parallel.fault_tolerance = "torchft"``; healing from a live peer.
+
+A step, on every rank of a group:
+
+1. the lighthouse's quorum for this step; a group behind the quorum heals here, before its forward;
+2. forward and backward of this rank's slice as :class:`~meshforge.pretrain.step_local.LocalStep`
+   (FSDP2 averages the gradients inside the group), the loss averaged inside the group;
+3. one flat all-reduce over the groups of the quorum (torchft's managed Gloo group): every gradient
+   shard, the loss and a one-hot of the group id, divided by the number of groups that contributed;
+   a group that is gone contributes nothing, so its share of the global batch is **skipped** (the batch shrinks; the record says which samples
+   were used);
+4. clipping over the averaged gradients, then the quorum's vote (``should_commit``): the optimizer
+   steps only when it commits; a step that does not commit (a peer failed during it, or fewer than
+   ``parallel.ft_min_replicas`` groups) is counted as skipped, like a non-finite one: the LR schedule
+   and the data move on, the weights do not.
+
+Healing: a group that joins behind the quorum's step (or any group but one at step 0) receives, at
+the quorum of its first step, its peer's weights, optimizer moments, LR schedule, loader position,
+RNG and step number (each rank from the rank of the same number in the peer group: the same shards),
+re-reads the step's batch from that position and trains the step in full, so it holds its peer's bits
+from then on. A group with another layout inside it is refused there, naming both, before any
+cross-group collective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..config import ConfigError
+from ..errors import MeshforgeError
+from ..parallel.fault_tolerance import ReplicaGroups, local
+from ..parallel.grad_norm import clip_grad_norm
+from .checkpoint import rng_state, set_rng_state
+from .faults import CollectiveError
+from .step import StepSetup
+from .step_local import LocalStep
+
+
+class ReplicaGroupStep(LocalStep):
+    def __init__(self, setup: StepSetup, model: nn.Module):
+        super().__init__(setup, model)
+        self.healed_step: int | None = None
+        """The step number taken from a peer at this step's heal (the trainer continues from it)."""
+        p, d = self.cfg.parallel, setup.degrees
+        self.named_state = dict(model.state_dict(keep_vars=True))
+        """Every parameter and buffer, sharded, by its single-process name: taken once here, since torchft
+        reads them from its own thread while FSDP2 may have swapped gathered copies into the modules."""
+        self.layout = {"degrees": [d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep], "world": d.world_size}
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.replicas = ReplicaGroups(p, rank, d.world_size, self.state_dict, self.load_state_dict)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, batch, step: int) -> dict:
+        self.healed_step = None
+        self.setup.collectives.at(f"the quorum of replica groups at step {step}")
+        try:
+            self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
+        except (RuntimeError, TimeoutError) as e:  # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote)
+            if isinstance(e, MeshforgeError):
+                raise
+            raise CollectiveError(
+                f"replica group {self.replicas.group}: no quorum from the torchft lighthouse at "
+                f"{self.replicas.lighthouse} within parallel.ft_quorum_timeout_s = {self.cfg.parallel.ft_quorum_timeout_s:g} s "
+                f"at step {step} ({str(e).splitlines()[0][:160]}); this group stops: restart the lighthouse, then the "
+                "group (it heals from a live peer, or resumes from its newest checkpoint)") from None
+        if self.healed_step is not None:
+            batch = self.setup.train_loader.next_batch()
+        micro = self.micro_batches(batch)
+        losses, stats = self.forward_backward(self.model, micro, lambda parts: (parts.total / len(micro)).backward())
+        losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        self.setup.collectives.at(f"the all-reduce over replica groups at step {step}")
+        loss_parts = losses[:2].clone()
+        groups = self.replicas.average(grads + [loss_parts])  # a peer failing in it: an error the vote sees
+        losses = torch.cat([loss_parts, losses[2:]])
+        grad_norm = (clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+                     if self.needs_grad_norm(step) else None)
+        committed = self.replicas.commit()  # a healing group loads its peer's state in here
+        if committed:
+            record = self.optimizer_update(losses, grad_norm, step)
+        else:
+            record = self.read_scalars(losses, grad_norm)
+            record.update(lr=self.scheduler.get_last_lr()[0], skipped=1)
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        record.update(self.moe_update(self.model, stats))
+        record.update(self.data_record(groups, committed))
+        return record
+
+    def data_record(self, groups: list[int], committed: bool) -> dict:
+        """What metrics.jsonl says about this step's data: the groups that contributed and the global
+        sample ranges ``[first, end)`` they trained on (none when the step did not commit)."""
+        loader = self.setup.train_loader
+        size = loader.global_batch_size
+        first = loader.consumed_samples - size  # this step's batch was the last one read
+        share = size // self.replicas.groups
+        used = [[first + g * share, first + (g + 1) * share] for g in groups] if committed else []
+        record = {"ft_groups": groups, "ft_committed": int(committed), "ft_samples": used,
+                  "ft_participants": len(groups)}
+        if self.healed_step is not None:
+            record["ft_healed_from_step"] = self.healed_step
+        return record
+
+    def close(self) -> None:
+        self.replicas.shutdown()
+
+    # ------------------------------------------------------------------ healing
+
+    def state_dict(self) -> dict:
+        """What a healing peer receives, as it is at the start of a step (the trainer has read the step's
+        batch: the loader position is the one before it). torchft serves it until this step's vote."""
+        loader = self.setup.train_loader
+        return {
+            "layout": self.layout,
+            "model": {k: local(v).detach() for k, v in self.named_state.items()},
+            "optimizer": _local_tree(self.optimizer.state_dict()),
+            "scheduler": self.scheduler.state_dict(),
+            "loader": loader.state_dict(loader.consumed_samples - loader.global_batch_size),  # this step's batch on
+            "rng": rng_state(),
+            "step": self.setup.current_step(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] != self.layout:
+            raise ConfigError(f"replica group {self.replicas.group} cannot heal from its peer: the peer's layout inside "
+                              f"its group is {_describe(state['layout'])}, this group's {_describe(self.layout)}; "
+                              "start every replica group with the same parallel degrees and world size")
+        with torch.no_grad():
+            for name, value in self.named_state.items():
+                local(value).copy_(state["model"][name])
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        optim = state["optimizer"]
+        for index, moments in optim["state"].items():
+            param = params[index]
+            if isinstance(param, DTensor):
+                moments = {k: _like(v, param) for k, v in moments.items()}
+            optim["state"][index] = moments
+        self.optimizer.load_state_dict(optim)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.setup.train_loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.healed_step = int(state["step"])
+
+
+def _local_tree(value):
+    if isinstance(value, dict):
+        return {k: _local_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_local_tree(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return local(value).detach()
+    return value
+
+
+def _like(value, param: DTensor):
+    """A received local moment as a DTensor sharded like ``param`` (a scalar such as Adam's step stays as is)."""
+    if isinstance(value, torch.Tensor) and value.shape == param.to_local().shape and value.dim() > 0:
+        return DTensor.from_local(value.clone(), param.device_mesh, param.placements, shape=param.shape,
+                                  stride=param.stride())
+    return value
+
+
+def _describe(layout: dict) -> str:
+    pp, rep, shard, cp, tp, ep = layout["degrees"]
+    return f"pp {pp} x dp_replicate {rep} x dp_shard {shard} x cp {cp} x tp {tp} (ep {ep}), {layout['world']} ranks"
