@@ -30,8 +30,9 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   +4 under full, which recompute them), one of each for the embedding and the head, 3
   all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
   microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
-  (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
-  all-reduce of the shard over ``dp_replicate`` -- under pp once per step instead, and a
+  (not the last block and the root); per step (``parallel.grad_sync = "step"``, the default; per
+  microbatch under ``"microbatch"``) a reduce-scatter of its fp32 gradient, and under HSDP an
+  all-reduce of the shard over ``dp_replicate`` -- under pp always once per step, and a
   resharding unit gathered ``m + 1`` times, as torch's ``PipelineStage`` runs FSDP2
   (:func:`fsdp_calls`; the dry run reads the same off the schedule's order); DeepSpeed ZeRO-1 one gradient all-reduce at
   the accumulation boundary, ZeRO-2 a reduce-scatter per microbatch (its gradient partitions
@@ -127,13 +128,16 @@ class TimeEstimate:
         return sum(c["count"] for c in self.comm)
 
 
-def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) -> tuple[int, int]:
+def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool, once: bool = True
+               ) -> tuple[int, int]:
     """FSDP2 all-gathers and reduce-scatters of one step on a rank holding ``units`` FSDP units (each
     block one, each stage module's root one if it holds parameters), ``fixed`` of them never resharded
     after forward (each stage's last block and its root).
 
     Without a pipeline every microbatch gathers each unit in forward, again in backward under ZeRO-3
-    (``reshard``) except each stage's last block and root (never resharded), and reduce-scatters it.
+    (``reshard``) except each stage's last block and root (never resharded), and reduce-scatters it
+    once per step (``once``: ``parallel.grad_sync = "step"``, every backward but the last unsynced) or
+    after every microbatch.
     Under a pipeline, torch's ``PipelineStage`` runs every backward with gradient sync and
     reshard-after-backward off and reduces once per step (``perform_reduce_grad``): one reduce-scatter
     per unit per step; a unit gathered by a backward stays gathered through the forward that follows
@@ -141,7 +145,7 @@ def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) 
     times (once per run of forwards or backwards, plus the forwards inside a run), the others once."""
     resharding = units - fixed if reshard else 0
     if not pipelined:
-        return mb * (units + resharding), mb * units
+        return mb * (units + resharding), units if once else mb * units
     return resharding * (mb + 1) + (units - resharding), units
 
 
@@ -234,7 +238,8 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if backend == "fsdp2" and layout.sharded:
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1)
+        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1,
+                                         cfg.parallel.grad_sync == "step")
         add(fs_group, "all_gather", fs, w * unit, gathers, False)
         add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False)
         add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False)
