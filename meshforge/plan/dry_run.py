@@ -198,7 +198,7 @@ def stage_actions(plan, pp_rank: int) -> dict[int, str]:
     schedule class the runner builds (``pipeline_order``), given stand-in stages of the right indices."""
     import torch
 
-    from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES, _schedule_class
+    from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES, schedule_class
 
     class Stage:  # what the schedules read of a stage when they compute their order
         def __init__(self, index: int):
@@ -208,7 +208,7 @@ def stage_actions(plan, pp_rank: int) -> dict[int, str]:
             self.submod = torch.nn.Module()
 
     stages = [Stage(s) for s in plan.stages_of_rank(pp_rank)]
-    cls = _schedule_class(plan.schedule)
+    cls = schedule_class(plan.schedule)
     single = plan.schedule in SINGLE_STAGE_SCHEDULES
     schedule = cls(stages[0] if single else stages, plan.n_microbatches, loss_fn=None, scale_grads=False)
     out = {s.stage_index: "" for s in stages}

@@ -2,7 +2,8 @@
 alpha-beta cost on the link it crosses, the pipeline bubble, and stated overlap.
 
 Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
-(:func:`meshforge.models.flops_per_token`: 6N + attention), the layout, ``gpus_per_node``.
+(:func:`.compute.model_flops_per_token`: 6N + attention, summed over the blocks and the head), the layout,
+``gpus_per_node``.
 
 - Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``: by default
   0.5 of peak for a whole step (GEMMs and everything else) at the device's best GEMM shapes, times
@@ -60,11 +61,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import JobConfig
-from .compute import heaviest_share, shape_efficiency
+from .compute import heaviest_share, model_flops_per_token, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
-from .state import param_table, unsharded_numel
+from .state import unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
 """Fraction of the dense bf16 peak that the matmuls reach on a device without a GEMM curve in
@@ -149,23 +150,6 @@ def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool, 
     return resharding * (mb + 1) + (units - resharding), units
 
 
-def model_flops_per_token(cfg: JobConfig) -> float:
-    from ..models import flops_per_token
-
-    m = cfg.model
-    active = 0
-    for info in param_table(m):
-        if info.name.startswith("tok_embeddings.") and not m.tie_embeddings:
-            continue
-        n = 1
-        for s in info.shape:
-            n *= s
-        if info.kind == "experts":
-            n = n // m.moe_experts * m.moe_top_k
-        active += n
-    return flops_per_token(m, active, cfg.data.seq_len)
-
-
 def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
                   efficiency: float | None = None, cache: dict | None = None, rank: int = 0) -> TimeEstimate:
     m = cfg.model
@@ -179,9 +163,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     tokens = cfg.train.global_batch_size * T
     if cache is None:
         cache = {}
-    if "flops" not in cache:
-        cache["flops"] = model_flops_per_token(cfg)
-    f_tok = cache["flops"]
+    f_tok = model_flops_per_token(cfg, cache)
     share = time_sharing(device, world, gpus_per_node)
     if efficiency is None:  # the default, lowered where this layout's GEMMs are smaller than the device's best
         efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
