@@ -67,7 +67,7 @@ def heaviest_share(cfg: JobConfig, layout: Layout, cache: dict | None = None) ->
     from ..parallel.mesh import pipeline_layers
     from ..parallel.pipeline import split_layers
 
-    key = ("heaviest", layout.pp, layout.spr)
+    key = ("heaviest", layout.pp, layout.spr, cfg.parallel.pp_split)
     if cache is not None and key in cache:
         return cache[key]
     blocks, head = cached_block_weights(cfg, cache)

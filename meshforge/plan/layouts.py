@@ -53,6 +53,9 @@ class Layout:
     stages_per_rank: int = 0
     """Virtual pipeline stages per rank (``parallel.pp_stages_per_rank``); 0: the schedule's default (2 for
     the interleaved schedules, else 1)."""
+    pp_split: str = ""
+    """First layer of each stage after the first (``parallel.pp_split``, e.g. ``"3,6"``); empty: balanced.
+    The search prices balanced splits; a layout given on the command line keeps the user's."""
 
     @property
     def spr(self) -> int:
@@ -106,6 +109,7 @@ class Layout:
         text = " ".join(parts) + f" {self.label}"
         if self.pp > 1:
             text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE_SCHEDULES else "")
+            text += f" split {self.pp_split}" if self.pp_split else ""
         return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"
 
     def overrides(self) -> dict[str, object]:
@@ -126,6 +130,7 @@ class Layout:
         if self.pp > 1:
             out["parallel.pp_schedule"] = self.schedule
             out["parallel.pp_stages_per_rank"] = self.spr
+            out["parallel.pp_split"] = self.pp_split
             if self.schedule == "zero_bubble":
                 out["parallel.compile"] = "off"  # zero-bubble's split backward does not take compiled blocks
         return out
@@ -140,7 +145,8 @@ def apply_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
         sec, name = key.split(".")
         setattr(getattr(out, sec), name, value)
     if layout.pp > 1:
-        out.parallel.pp_microbatches = 0
+        out.parallel.pp_microbatches = 0  # the layout's micro_batch_size sets the count
+    else:
         out.parallel.pp_split = ""
     return out
 

@@ -203,7 +203,7 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 def _cut_key(layout: Layout, rank: int) -> tuple:
     """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
     return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, layout.spr,
-            rank)
+            layout.pp_split, rank)
 
 
 def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):
@@ -295,11 +295,11 @@ def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
     """Pipeline ranks that can be the fullest. With blocks all alike (a decoder, all dense or all MoE) the
     first rank holds at least as many blocks as any other (a split gives the first stages the extra
     layers), the embedding, and the most microbatches in flight; the last holds the head: those two.
-    Otherwise (an encoder-decoder, MoE after dense layers) every rank."""
+    Otherwise (an encoder-decoder, MoE after dense layers, a user's ``pp_split``) every rank."""
     m = cfg.model
     if layout.pp <= 2:
         return list(range(layout.pp))
-    if family_spec(m.family).uniform_blocks(m):
+    if family_spec(m.family).uniform_blocks(m) and not cfg.parallel.pp_split:
         return [0, layout.pp - 1]
     return list(range(layout.pp))
 

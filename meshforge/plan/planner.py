@@ -155,7 +155,7 @@ def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
 
 LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.dp_replicate", "parallel.dp_shard",
                "parallel.dp_backend", "parallel.zero_stage", "parallel.fsdp_reshard_after_forward",
-               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches",
+               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches", "parallel.pp_split",
                "parallel.activation_checkpointing", "parallel.cp_method", "train.micro_batch_size")
 """Config keys that choose a layout: given on the command line, ``meshforge plan`` prices that layout only."""
 
@@ -231,7 +231,7 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
         mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
     spr = pipeline_stages_per_rank(p) if d.pp > 1 else 0
     return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
-                  p.activation_checkpointing, p.cp_method, spr)
+                  p.activation_checkpointing, p.cp_method, spr, p.pp_split if d.pp > 1 else "")
 
 
 __all__ = ["HEADROOM", "LAYOUT_KEYS", "Plan", "Priced", "check_cluster", "get_device", "layout_keys_given",
