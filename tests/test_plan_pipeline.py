@@ -114,3 +114,27 @@ def test_a_given_layouts_pp_split_is_kept():
     assert ratio == pytest.approx(6 * blocks[0] / (3 * blocks[0] + head))  # rank 0's six blocks set the pace
     assert priced["6,8,10"].memory["total"] > priced[""].memory["total"]
     assert priced["6,8,10"].memory["params"] > priced[""].memory["params"]
+
+
+def test_data_parallel_traffic_hides_only_behind_the_compute_it_runs_during():
+    """Under pp a ZeRO-2 stage gathers its weights in the first microbatch's forward and reduces in the last
+    microbatch's backward: only those microbatches' compute hides them, not the whole step's; per-microbatch
+    reductions (no pp, grad_sync = "microbatch") hide behind every backward."""
+    def dp_traffic(est, behind):
+        return sum(c["seconds"] for c in est.comm if not c["exposed"] and c["behind"] == behind)
+
+    cfg = load_config("llama-1b", {"train.global_batch_size": 256})
+    lay = Layout(1, 2, 1, 64, zero="fsdp-zero2", schedule="1f1b", micro_batch_size=1)
+    est = estimate_time(check_layout(cfg, lay), lay, H100, 8)
+    mb = 256 // 64
+    gathers, reductions = dp_traffic(est, "first forward"), dp_traffic(est, "last backward")
+    assert gathers > 0 and reductions > 0 and {c["behind"] for c in est.comm if not c["exposed"]} == \
+        {"first forward", "last backward"}
+    beyond = max(0, gathers - est.compute_s / (3 * mb)) + max(0, reductions - 2 * est.compute_s / (3 * mb))
+    assert beyond > 0 and est.terms["exposed data parallel"] == pytest.approx(
+        max(beyond, gathers + reductions - est.compute_s))
+    flat = Layout(1, 1, 1, 128, zero="fsdp-zero3", micro_batch_size=1)
+    for sync, window in (("step", "last backward"), ("microbatch", "backwards")):
+        job = check_layout(load_config("llama-1b", {"train.global_batch_size": 256, "parallel.grad_sync": sync}), flat)
+        t = estimate_time(job, flat, H100, 8)
+        assert dp_traffic(t, window) > 0 and dp_traffic(t, "step") > 0  # ZeRO-3's gathers: forwards and backwards

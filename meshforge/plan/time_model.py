@@ -44,8 +44,13 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   CP ``alltoall``: per layer all-to-alls of q, k, v and the output forward and again backward;
   FSDP2 under cp shards over ``dp_shard x cp``; activations at ``T / cp`` tokens; PP two
   point-to-point sends of ``B T D`` per microbatch and stage boundary.
-- Overlap: FSDP and DeepSpeed traffic runs behind compute (prefetch); only what exceeds the
-  compute time, and the first unit's all-gather, is exposed -- unless the device says
+- Overlap: FSDP and DeepSpeed traffic runs behind the compute that runs while it is issued
+  (prefetch, post-backward hooks): ZeRO-3 gathers behind the whole step, ZeRO-2's behind the
+  forwards (under pp: the first microbatch's forward, the only one that gathers), gradient
+  reductions behind the backwards -- or, reduced once per step (pp, ``grad_sync = "step"``,
+  DeepSpeed ZeRO-1), behind the last microbatch's backward only; DeepSpeed ZeRO-1/2's gather of
+  the updated parameters after the optimizer step behind nothing. What exceeds its window (and
+  at least what exceeds the whole compute, and the first unit's all-gather) is exposed -- unless the device says
   ``comm_overlap = false`` (the CPU: gloo collectives are issued inline), when all of it is.
   TP, EP, CP and PP traffic sits on the critical path (exposed in full).
 - Not modelled: per-operation software cost (Python, DTensor dispatch and sharding propagation,
@@ -182,13 +187,14 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
                "dp_shard_mod_ep": tp * ep}
     comm: list[dict] = []
 
-    def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool) -> None:
+    def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool, behind: str = "") -> None:
+        """``behind``: for traffic off the critical path, the compute it is issued during (:data:`WINDOWS`)."""
         if n <= 1 or count <= 0:
             return
         link = link_for(device, strides[group], n, gpus_per_node)
         secs = ring(op, n, nbytes, link) * count * share
         comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
-                     "link": link.name, "seconds": secs, "exposed": exposed})
+                     "link": link.name, "seconds": secs, "exposed": exposed, "behind": behind})
 
     act = B * Tl * m.dim * e
     # per block forward + backward: 4 all-gathers, and 4 reduce-scatters (2 in an MoE block, whose FFN
@@ -220,23 +226,28 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if backend == "fsdp2" and layout.sharded:
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1,
-                                         cfg.parallel.grad_sync == "step")
-        add(fs_group, "all_gather", fs, w * unit, gathers, False)
-        add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False)
+        once = pp > 1 or cfg.parallel.grad_sync == "step"
+        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1, once)
+        # ZeRO-3 gathers in forwards and backwards all step long; ZeRO-2 in each microbatch's forward, and under
+        # pp in the first microbatch's only; reductions in every backward, or once: in the last backward
+        gather_window = "step" if reshard else ("first forward" if pp > 1 else "forwards")
+        reduce_window = "last backward" if once else "backwards"
+        add(fs_group, "all_gather", fs, w * unit, gathers, False, gather_window)
+        add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False, reduce_window)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False, reduce_window)
     elif backend == "deepspeed":  # the engine's group is every rank, dp x cp (= dp_shard x cp: no tp/pp/HSDP)
         total = sizes["all"]
         if stage == 3:
-            add(fs_group, "all_gather", fs, w * total, 2 * mb, False)
-            add(fs_group, "reduce_scatter", fs, w * total, mb, False)
+            add(fs_group, "all_gather", fs, w * total, 2 * mb, False, "step")
+            add(fs_group, "reduce_scatter", fs, w * total, mb, False, "backwards")
         else:  # ZeRO-2 reduces its gradient partitions in every microbatch's backward; ZeRO-1 accumulates
             # whole gradients and all-reduces them once, at the accumulation boundary
             if stage == 2:
-                add(fs_group, "reduce_scatter", fs, w * total, mb, False)
+                add(fs_group, "reduce_scatter", fs, w * total, mb, False, "backwards")
             else:
-                add(fs_group, "all_reduce", fs, w * total, 1, False)
-            add(fs_group, "all_gather", fs, w * total, 1, False)  # the updated parameters, once per step
+                add(fs_group, "all_reduce", fs, w * total, 1, False, "last backward")
+            # the updated parameters, once per step, after the optimizer step: nothing left to hide behind
+            add(fs_group, "all_gather", fs, w * total, 1, False, "none")
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
@@ -246,7 +257,15 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if not device.comm_overlap:  # issued inline (gloo on the CPU): every second of it is on the critical path
         dp_exposed = hidden
     else:
-        dp_exposed = max(first_gather * share, hidden - compute) if hidden else 0.0
+        # each kind of traffic hides behind the compute running while it is issued; all of it behind the step
+        windows = {"step": compute, "forwards": compute / 3, "backwards": 2 * compute / 3,
+                   "first forward": compute / (3 * mb), "last backward": 2 * compute / (3 * mb), "none": 0.0}
+        by_window: dict[str, float] = {}
+        for c in comm:
+            if not c["exposed"]:
+                by_window[c["behind"]] = by_window.get(c["behind"], 0.0) + c["seconds"]
+        beyond = sum(max(0.0, secs - windows[name]) for name, secs in by_window.items())
+        dp_exposed = max(first_gather * share, hidden - compute, beyond) if hidden else 0.0
     step = compute * (1 + bubble) + exposed + dp_exposed
     mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
     terms = {"compute": compute, "bubble": compute * bubble}
