@@ -291,6 +291,21 @@ def _total(est: dict[str, int]) -> int:
     return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
 
 
+def _cached_activations(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, cache: dict | None
+                        ) -> tuple[int, int]:
+    """:func:`activation_bytes` at the in-flight peak and late, shared by layouts that differ only in their
+    data-parallel mode within a backend (FSDP2's ZeRO-3 / ZeRO-2, DeepSpeed's stages)."""
+    key = ("activations", layout.tp, layout.pp, layout.cp, layout.cp_method, layout.ep, layout.dp_replicate,
+           layout.dp_shard, ZERO_MODES[layout.zero][0], layout.schedule, layout.spr, layout.pp_split,
+           layout.micro_batch_size, layout.ac, pp_rank)
+    if cache is not None and key in cache:
+        return cache[key]
+    out = (activation_bytes(cfg, layout, pp_rank, prec), activation_bytes(cfg, layout, pp_rank, prec, late=True))
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
 def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
     """Pipeline ranks that can be the fullest. With blocks all alike (a decoder, all dense or all MoE) the
     first rank holds at least as many blocks as any other (a split gives the first stages the extra
@@ -315,8 +330,7 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
     for pp_rank in candidate_stages(cfg, layout):
         rank = pp_rank * stride
         est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
-        est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
-        est["activations_late"] = activation_bytes(cfg, layout, pp_rank, prec, late=True)
+        est["activations"], est["activations_late"] = _cached_activations(cfg, layout, pp_rank, prec, cache)
         est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
         est["grad_accum"] = accumulation_bytes(cfg, layout, rank, cache)
         est["optimizer_step"] = optimizer_step_bytes(est, device_type)
