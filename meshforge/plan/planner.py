@@ -111,7 +111,7 @@ def price_one(layout: Layout, job: JobConfig, device: Device, gpus_per_node: int
     fits = mem["total"] <= usable
     overflow = ""
     if not fits:
-        worst = max(KINDS, key=lambda k: mem[k])
+        worst = max((*KINDS, "grad_accum"), key=lambda k: mem[k])  # grad_accum: gradients kept unreduced
         overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
                     f"{worst} {mem[worst] / 2**30:.1f} GiB")
     return Priced(layout, mem, t, fits, overflow)
