@@ -180,6 +180,8 @@ class ParallelConfig:
     """First layer of each stage after the first, comma separated (e.g. ``"3,6"``; an encoder-decoder counts its encoder layers, then its decoder layers); empty means balanced."""
     dp_backend: Literal["fsdp2", "deepspeed"] = "fsdp2"
     """Data-parallel backend: ``fsdp2`` (torch FSDP2) or ``deepspeed`` (DeepSpeed engine)."""
+    grad_sync: Literal["step", "microbatch"] = "step"
+    """FSDP2 without a pipeline, when a rank accumulates several micro-batches: ``step`` reduces the gradients once per optimizer step (the reduce-scatter, and under HSDP the all-reduce over dp_replicate, skipped on every micro-batch but the last -- what Megatron-LM's and DDP's ``no_sync`` accumulation do; FSDP2 then keeps each unit's unsharded fp32 gradient between micro-batches: the rank's whole unsharded gradient, ``4 x params / (tp x pp)`` bytes); ``microbatch`` reduces after every micro-batch (gradients stay sharded: less memory, micro-batches times the traffic). Under pp torch's ``PipelineStage`` always reduces once per step; DeepSpeed follows its ZeRO stage."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered params after forward (ZeRO-3); false keeps them until backward (ZeRO-2-like). The ``zero_bubble`` pipeline schedule with data parallel needs false (its split backward finds only gathered params)."""
     fsdp_cpu_offload: bool = False

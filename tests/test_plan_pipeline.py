@@ -91,3 +91,50 @@ def test_uneven_stages_are_priced_by_the_heaviest():
     piped = estimate_time(check_layout(cfg, lay), lay, H100, 8)
     assert piped.compute_s == pytest.approx(flat.compute_s * 4 * heaviest_share(cfg, lay))
     assert piped.compute_s > flat.compute_s * 1.1
+
+
+def test_a_given_layouts_pp_split_is_kept():
+    """``--parallel.pp_split`` with a given layout prices that split (the busiest rank's FLOPs, the fullest
+    rank's memory, the train command's keys); without one, layouts are balanced."""
+    from meshforge.plan.compute import block_weights
+    from meshforge.plan.planner import layout_keys_given, plan_layout
+
+    base = {"train.global_batch_size": 64, "model.n_layers": 12, "parallel.pp": 4, "parallel.dp_shard": 2,
+            "train.micro_batch_size": 2}
+    assert layout_keys_given(["--parallel.pp_split", "6,8,10"]) == ["parallel.pp_split"]
+    priced = {}
+    for split in ("", "6,8,10"):  # 3/3/3/3 blocks, or 6/2/2/2
+        cfg = load_config("small", {**base, "parallel.pp_split": split})
+        (p,) = plan_layout(cfg, 8, 8, H100).fitting
+        assert p.layout.pp_split == split and p.layout.overrides()["parallel.pp_split"] == split
+        assert (f"split {split}" in p.layout.describe()) == bool(split)
+        priced[split] = p
+    blocks, head = block_weights(load_config("small", base))
+    ratio = priced["6,8,10"].time.compute_s / priced[""].time.compute_s
+    assert ratio == pytest.approx(6 * blocks[0] / (3 * blocks[0] + head))  # rank 0's six blocks set the pace
+    assert priced["6,8,10"].memory["total"] > priced[""].memory["total"]
+    assert priced["6,8,10"].memory["params"] > priced[""].memory["params"]
+
+
+def test_data_parallel_traffic_hides_only_behind_the_compute_it_runs_during():
+    """Under pp a ZeRO-2 stage gathers its weights in the first microbatch's forward and reduces in the last
+    microbatch's backward: only those microbatches' compute hides them, not the whole step's; per-microbatch
+    reductions (no pp, grad_sync = "microbatch") hide behind every backward."""
+    def dp_traffic(est, behind):
+        return sum(c["seconds"] for c in est.comm if not c["exposed"] and c["behind"] == behind)
+
+    cfg = load_config("llama-1b", {"train.global_batch_size": 256})
+    lay = Layout(1, 2, 1, 64, zero="fsdp-zero2", schedule="1f1b", micro_batch_size=1)
+    est = estimate_time(check_layout(cfg, lay), lay, H100, 8)
+    mb = 256 // 64
+    gathers, reductions = dp_traffic(est, "first forward"), dp_traffic(est, "last backward")
+    assert gathers > 0 and reductions > 0 and {c["behind"] for c in est.comm if not c["exposed"]} == \
+        {"first forward", "last backward"}
+    beyond = max(0, gathers - est.compute_s / (3 * mb)) + max(0, reductions - 2 * est.compute_s / (3 * mb))
+    assert beyond > 0 and est.terms["exposed data parallel"] == pytest.approx(
+        max(beyond, gathers + reductions - est.compute_s))
+    flat = Layout(1, 1, 1, 128, zero="fsdp-zero3", micro_batch_size=1)
+    for sync, window in (("step", "last backward"), ("microbatch", "backwards")):
+        job = check_layout(load_config("llama-1b", {"train.global_batch_size": 256, "parallel.grad_sync": sync}), flat)
+        t = estimate_time(job, flat, H100, 8)
+        assert dp_traffic(t, window) > 0 and dp_traffic(t, "step") > 0  # ZeRO-3's gathers: forwards and backwards

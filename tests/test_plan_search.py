@@ -112,3 +112,35 @@ def test_why_lists_the_time_terms_that_sum_to_the_step(capsys):
     assert "(behind compute)" in out and "reduce_scatter" in out
     assert main(["plan", "--config", "small", "--gpus", "2", "--why", "999"]) == 2
     assert "--why 999: the plan lists layouts 1 to" in capsys.readouterr().err
+
+
+def test_dominated_layouts_are_pruned_before_pricing():
+    """The search leaves out GPipe where 1F1B of the same layout is accepted and heavier activation
+    checkpointing where a lighter mode of the same layout fits; the layouts it prices rank as in the full
+    enumeration, its first is the full enumeration's first, and every pruned layout that fits is no faster
+    than the one that rules it out."""
+    import dataclasses
+
+    from meshforge.plan.layouts import enumerate_layouts
+    from meshforge.plan.planner import price
+
+    cfg = load_config("llama-1b", {"train.global_batch_size": 32, "data.seq_len": 4096, "model.max_seq_len": 4096})
+    h100 = get_device("h100-80gb")
+    pruned = plan_job(cfg, 16, 8, h100)
+    full = price(cfg, enumerate_layouts(cfg, 16, 8)[0], h100, 8, None)
+    kept = {p.layout for p in pruned.fitting + pruned.overflowing}
+    assert len(kept) < 0.7 * len(full)
+    # the same prices (the order within a tie may differ: a run of ties is cut where the fastest of it was)
+    same = {p.layout: (p.time.step_s, p.memory["total"]) for p in full if p.layout in kept and p.fits}
+    assert same == {p.layout: (p.time.step_s, p.memory["total"]) for p in pruned.fitting}
+    assert pruned.fitting[0].layout == next(p for p in full if p.fits).layout
+    by_layout = {p.layout: p for p in full}
+    dropped = [p for p in full if p.layout not in kept]
+    assert {p.layout.schedule for p in dropped} >= {"gpipe"} and {p.layout.ac for p in dropped} >= {"selective", "full"}
+    for p in dropped:
+        lay = p.layout
+        rivals = [by_layout.get(dataclasses.replace(lay, schedule="1f1b"))] if lay.schedule == "gpipe" else []
+        rivals += [by_layout.get(dataclasses.replace(lay, ac=a)) for a in ("none", "selective")[:("none", "selective",
+                                                                                                 "full").index(lay.ac)]]
+        rivals = [r for r in rivals if r is not None and r.layout in kept and (r.fits or not p.fits)]
+        assert rivals and min(r.time.step_s for r in rivals) <= p.time.step_s * (1 + 1e-9), lay.describe()

@@ -29,10 +29,11 @@ def _times(text: str) -> list[str]:
 
 
 def test_each_row_gets_its_steps_and_a_time_and_the_plan_a_total(tmp_path, capsys):
-    """On one H100 with no per-step cost, a run's time is its FLOPs at 50% of the bf16 peak (one GPU:
-    no communication); the total is the sum; a note says small steps make these lower bounds."""
-    rows, text = _plan(tmp_path, capsys, "--gpu", "h100-80gb")
-    est = Estimator("h100-80gb", 1)
+    """On one H100 with no per-step cost and ``--efficiency 0.5``, a run's time is its FLOPs at 50% of the
+    bf16 peak (one GPU: no communication); the total is the sum; a note says small steps make these lower
+    bounds."""
+    rows, text = _plan(tmp_path, capsys, "--gpu", "h100-80gb", "--efficiency", "0.5")
+    est = Estimator("h100-80gb", 1, efficiency=0.5)
     seconds = [est.row(r).seconds for r in rows]
     for r, s in zip(rows, seconds):
         assert s == pytest.approx(r["flops"] / (0.5 * H100_BF16), rel=0.02)
@@ -44,6 +45,23 @@ def test_each_row_gets_its_steps_and_a_time_and_the_plan_a_total(tmp_path, capsy
     assert int(total.group(1).replace(",", "")) == sum(r["steps"] for r in rows)
     assert total.group(2) == format_duration(sum(seconds))
     assert "note: 4 of 4 runs model under 10 ms per step" in text
+
+
+def test_default_efficiency_is_the_planners(tmp_path, capsys):
+    """Without ``--efficiency`` a row's step is ``meshforge plan``'s for the same layout: the device's GEMM curve
+    at the row's shapes, slower than a flat 0.5 for these small widths."""
+    from meshforge.config import config_from_dict
+    from meshforge.plan.devices import get_device
+    from meshforge.plan.planner import layout_of_config
+    from meshforge.plan.time_model import estimate_time
+
+    rows, text = _plan(tmp_path, capsys, "--gpu", "h100-80gb")
+    assert "compute efficiency for each run's GEMM shapes" in text
+    for r in rows:
+        cfg = config_from_dict(r["config"])
+        planned = estimate_time(cfg, layout_of_config(cfg, 1), get_device("h100-80gb"), 1).step_s
+        assert Estimator("h100-80gb", 1).row(r).model_step_s == pytest.approx(planned)
+        assert planned > Estimator("h100-80gb", 1, efficiency=0.5).row(r).model_step_s
 
 
 def test_a_measured_rate_gpus_and_per_step_cost(tmp_path, capsys):

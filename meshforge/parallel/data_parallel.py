@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from ..models import transformer_blocks
 
@@ -41,3 +41,12 @@ def apply_fsdp(
     # the dry run reads it from the module).
     fully_shard(model, **{**kwargs, "reshard_after_forward": False})
     return model
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Whether the next backward reduces ``model``'s FSDP2 gradients (reduce-scatter, and the all-reduce over
+    ``dp_replicate`` under HSDP) -- off, each unit accumulates its unsharded gradient until a backward with it
+    on; every FSDP2 unit below ``model`` (the blocks, the experts' own units) alike. A model without FSDP2
+    (one process, TP only) has nothing to reduce."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync, recurse=True)

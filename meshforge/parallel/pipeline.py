@@ -274,7 +274,9 @@ def apply_pipeline(model: nn.Module, mesh: DeviceMesh, plan: PipelinePlan,
 # --------------------------------------------------------------------------- running
 
 
-def _schedule_class(name: str):
+def schedule_class(name: str):
+    """The torch.distributed.pipelining class of ``parallel.pp_schedule`` ``name`` (the runner builds it; the dry
+    run asks it for its order of forwards and backwards)."""
     from torch.distributed.pipelining import (
         Schedule1F1B,
         ScheduleGPipe,
@@ -363,7 +365,7 @@ class PipelineRunner:
 
             shared = set(SHARED_KWARGS) | set(self.stage_kwargs)
             spec = {k: _Replicate() if k in shared else TensorChunkSpec(0) for k in kwargs}
-            cls, n = _schedule_class(self.plan.schedule), self.plan.n_microbatches
+            cls, n = schedule_class(self.plan.schedule), self.plan.n_microbatches
             stages = self.stages[0] if self.plan.schedule in SINGLE_STAGE_SCHEDULES else self.stages
             # The loss is already divided by the microbatch count: no extra scaling of the grads.
             self.schedule = cls(stages, n, loss_fn=self._loss, kwargs_chunk_spec=spec, scale_grads=False)

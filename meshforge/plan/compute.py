@@ -5,7 +5,8 @@ FLOPs per token by block (in pipeline order) and for the head, from the paramete
 (:mod:`.state`): 6 per weight per token (MoE experts at ``top_k / experts`` of theirs), plus
 attention's ``12 H Q T`` per block (PaLM appendix B), the output projection on the last stage
 (also when tied to the embedding: the weight is then a copy on the last stage), the embedding
-lookup none. A pipeline runs at the pace of its slowest rank, so a rank's share is that of the
+lookup none (nor any other lookup table); their sum is the model's FLOPs per token
+(:func:`model_flops_per_token`). A pipeline runs at the pace of its slowest rank, so a rank's share is that of the
 heaviest pipeline rank (its stages' blocks, the output on the last stage), which is ``1 / pp``
 only when the layers divide evenly and the head weighs nothing.
 """
@@ -43,6 +44,13 @@ def block_weights(cfg: JobConfig) -> tuple[list[float], float]:
     return blocks, head
 
 
+def model_flops_per_token(cfg: JobConfig, cache: dict | None = None) -> float:
+    """Training FLOPs per token of the whole model: the blocks' and the head's of :func:`block_weights` (the
+    one walk of the parameter table that the pipeline split is priced by too)."""
+    blocks, head = cached_block_weights(cfg, cache)
+    return sum(blocks) + head
+
+
 def cached_block_weights(cfg: JobConfig, cache: dict | None) -> tuple[list[float], float]:
     """:func:`block_weights`, computed once per plan (``cache``: the planner's shared dict)."""
     if cache is None:
@@ -59,7 +67,7 @@ def heaviest_share(cfg: JobConfig, layout: Layout, cache: dict | None = None) ->
     from ..parallel.mesh import pipeline_layers
     from ..parallel.pipeline import split_layers
 
-    key = ("heaviest", layout.pp, layout.spr)
+    key = ("heaviest", layout.pp, layout.spr, cfg.parallel.pp_split)
     if cache is not None and key in cache:
         return cache[key]
     blocks, head = cached_block_weights(cfg, cache)

@@ -16,7 +16,8 @@ exactly as on a cluster. What this rank then holds is measured from the tensors:
 Collectives of one step are read off the sharded model: one record per FSDP unit (the
 all-gather of its parameters in forward, again in backward when it reshards, as read off
 the unit (``apply_fsdp`` never reshards the last block or the root) -- and the
-reduce-scatter of its gradients, plus the all-reduce over ``dp_replicate`` under HSDP; under a
+reduce-scatter of its gradients, plus the all-reduce over ``dp_replicate`` under HSDP (once per step
+under ``parallel.grad_sync = "step"``, else per microbatch); under a
 pipeline as torch's ``PipelineStage`` runs them over the order of forwards and backwards that the
 schedule class itself computes (:func:`stage_actions`, :func:`pipeline_gathers`): gradients
 reduced once per step), per expert-parallel MoE layer (its all-to-alls), per pipeline
@@ -152,7 +153,8 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
             if layout.pp > 1:  # as the stage's schedule runs it: gradients reduced once, after the last backward
                 gathers, reductions = pipeline_gathers(orders[model.stage_ids[k]], reshard), 1
             else:
-                gathers, reductions = mb * (2 if reshard else 1), mb
+                gathers = mb * (2 if reshard else 1)
+                reductions = 1 if job.parallel.grad_sync == "step" else mb  # as LocalStep sets FSDP2's sync
             add("all_gather", name, shard, width * numel, gathers)
             add("reduce_scatter", name, shard, 4 * numel, reductions)
             replicate = getattr(group.mesh_info, "replicate_mesh_size", 1)
@@ -196,7 +198,7 @@ def stage_actions(plan, pp_rank: int) -> dict[int, str]:
     schedule class the runner builds (``pipeline_order``), given stand-in stages of the right indices."""
     import torch
 
-    from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES, _schedule_class
+    from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES, schedule_class
 
     class Stage:  # what the schedules read of a stage when they compute their order
         def __init__(self, index: int):
@@ -206,7 +208,7 @@ def stage_actions(plan, pp_rank: int) -> dict[int, str]:
             self.submod = torch.nn.Module()
 
     stages = [Stage(s) for s in plan.stages_of_rank(pp_rank)]
-    cls = _schedule_class(plan.schedule)
+    cls = schedule_class(plan.schedule)
     single = plan.schedule in SINGLE_STAGE_SCHEDULES
     schedule = cls(stages[0] if single else stages, plan.n_microbatches, loss_fn=None, scale_grads=False)
     out = {s.stage_index: "" for s in stages}

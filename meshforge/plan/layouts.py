@@ -11,6 +11,7 @@ so the planner never proposes what ``meshforge train`` would refuse.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from ..config import ConfigError, JobConfig, validate
@@ -53,6 +54,9 @@ class Layout:
     stages_per_rank: int = 0
     """Virtual pipeline stages per rank (``parallel.pp_stages_per_rank``); 0: the schedule's default (2 for
     the interleaved schedules, else 1)."""
+    pp_split: str = ""
+    """First layer of each stage after the first (``parallel.pp_split``, e.g. ``"3,6"``); empty: balanced.
+    The search prices balanced splits; a layout given on the command line keeps the user's."""
 
     @property
     def spr(self) -> int:
@@ -106,6 +110,7 @@ class Layout:
         text = " ".join(parts) + f" {self.label}"
         if self.pp > 1:
             text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE_SCHEDULES else "")
+            text += f" split {self.pp_split}" if self.pp_split else ""
         return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"
 
     def overrides(self) -> dict[str, object]:
@@ -126,6 +131,7 @@ class Layout:
         if self.pp > 1:
             out["parallel.pp_schedule"] = self.schedule
             out["parallel.pp_stages_per_rank"] = self.spr
+            out["parallel.pp_split"] = self.pp_split
             if self.schedule == "zero_bubble":
                 out["parallel.compile"] = "off"  # zero-bubble's split backward does not take compiled blocks
         return out
@@ -140,7 +146,8 @@ def apply_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
         sec, name = key.split(".")
         setattr(getattr(out, sec), name, value)
     if layout.pp > 1:
-        out.parallel.pp_microbatches = 0
+        out.parallel.pp_microbatches = 0  # the layout's micro_batch_size sets the count
+    else:
         out.parallel.pp_split = ""
     return out
 
@@ -173,6 +180,13 @@ def virtual_stages(n_layers: int, pp: int, schedule: str) -> list[int]:
 
 def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC_MODES,
                       max_micro_batch: int = 16) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
+    """:func:`iter_layouts` as a list, and the refusals counted by reason."""
+    refused: dict[str, int] = {}
+    return list(iter_layouts(cfg, gpus, gpus_per_node, refused, ac_modes, max_micro_batch)), refused
+
+
+def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[str, int], ac_modes=AC_MODES,
+                 max_micro_batch: int = 16, fits=None) -> Iterator[tuple[Layout, JobConfig]]:
     """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
 
     Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (ring
@@ -181,14 +195,22 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
     ``check_deepspeed`` accepts the degrees: today data x context parallel). On one rank only
     ``fsdp-zero3`` (nothing to shard: the other modes would be the same layout), and with only
     replicas (``dp_shard x cp = 1``) ``fsdp-zero2`` only where ``fsdp-zero3`` is refused.
-    The second value counts the refusals by their first words (for the "no layout" message).
+    ``refused`` counts the refusals by their first words (for the "no layout" message).
+
+    Dominated layouts are left out before they are priced: GPipe where 1F1B of the same layout is
+    accepted (the same bubble and collectives, every microbatch's activations held), and, given ``fits``
+    (``(layout, job) -> bool``: the planner's memory check), a heavier activation checkpointing mode
+    where a lighter one of the same layout fits (more compute, more recompute gathers, a bubble as large
+    a share of more compute; the exposed data-parallel traffic shrinks by at most the added compute:
+    never faster, and fitting either way). ``fits`` is asked after the caller has taken the layout (the
+    planner prices it in between), so a search holds one job config at a time.
     """
     m = cfg.model
     n_layers = pipeline_layers(m)[0]
-    ok: list[tuple[Layout, JobConfig]] = []
-    refused: dict[str, int] = {}
+    replicas_zero3: set[Layout] = set()  # accepted fsdp-zero3 layouts with nothing to shard
     gbs = cfg.train.global_batch_size
     schedules = SCHEDULES
+    ac_modes = sorted(ac_modes, key=AC_MODES.index)  # lightest first: a fitting one rules out the heavier
     for tp in divisors(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
@@ -230,20 +252,30 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
                                 continue
                         mbs = 1
                         while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
+                            one_f_one_b = set()  # AC modes 1F1B accepted at this micro-batch size
                             for sched, spr in ((s, v) for s in (schedules if pp > 1 else ("1f1b",))
                                                for v in virtual_stages(n_layers, pp, s)):
                                 for ac in ac_modes:
+                                    if sched == "gpipe" and any(AC_MODES.index(a) <= AC_MODES.index(ac)
+                                                                for a in one_f_one_b):
+                                        continue  # dominated by 1F1B at this or a lighter AC mode
                                     layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method,
                                                     spr)
                                     try:
-                                        ok.append((layout, check_layout(cfg, layout)))
+                                        job = check_layout(cfg, layout)
                                     except ConfigError as e:
                                         reason = str(e).split(":")[0][:80]
                                         refused[reason] = refused.get(reason, 0) + 1
+                                        continue
+                                    if sched == "1f1b":
+                                        one_f_one_b.add(ac)
+                                    if zero == "fsdp-zero2" and layout.fsdp_shard == 1 and any(
+                                            replace(layout, zero="fsdp-zero3", ac=a) in replicas_zero3
+                                            for a in AC_MODES[:AC_MODES.index(ac) + 1]):
+                                        continue  # only replicas: ZeRO-2 is ZeRO-3 plus a gathered copy
+                                    if zero == "fsdp-zero3" and layout.fsdp_shard == 1:
+                                        replicas_zero3.add(layout)
+                                    yield layout, job
+                                    if fits is not None and fits(layout, job):
+                                        break  # heavier recompute of a layout that fits is dominated
                             mbs *= 2
-    # with nothing to shard (dp_shard x cp = 1: only replicas) FSDP2's ZeRO-2 and ZeRO-3 differ only in
-    # ZeRO-2 keeping a second, gathered copy of the weights: keep it only where ZeRO-3 was refused
-    listed = {layout for layout, _ in ok}
-    ok = [(lay, job) for lay, job in ok
-          if not (lay.zero == "fsdp-zero2" and lay.fsdp_shard == 1 and replace(lay, zero="fsdp-zero3") in listed)]
-    return ok, refused

@@ -3,7 +3,8 @@
 peak of a step: the state plus the larger of the backward peak (activations, communication
 buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
 the multi-tensor AdamW off CUDA, none for the fused CUDA kernel). Gradients count in the backward
-peak only when a backward ran before it (:func:`grads_live_at_peak`); the backward peak is the larger
+peak only when a backward ran before it (:func:`grads_live_at_peak`) -- as FSDP2's unsharded fp32 gradients
+(``grad_accum``) where they accumulate unreduced over microbatches (:func:`accumulation_bytes`); the backward peak is the larger
 of the in-flight peak and the last microbatch's backward, when every gradient exists
 (:func:`backward_peak`).
 
@@ -202,7 +203,7 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 def _cut_key(layout: Layout, rank: int) -> tuple:
     """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
     return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, layout.spr,
-            rank)
+            layout.pp_split, rank)
 
 
 def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):
@@ -244,6 +245,19 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
     return out
 
 
+def accumulation_bytes(cfg: JobConfig, layout: Layout, rank: int, cache: dict | None = None) -> int:
+    """FSDP2's unsharded fp32 gradients kept between backwards when a rank's gradients are reduced once per
+    step over several microbatches -- under pp (torch's ``PipelineStage``) or ``parallel.grad_sync = "step"``:
+    every unit's whole gradient in the reduce dtype (fp32), from the first backward until the unit reduces in
+    the last one. None when each microbatch reduces, or nothing is sharded."""
+    backend = ZERO_MODES[layout.zero][0]
+    if backend != "fsdp2" or not layout.sharded or n_microbatches(cfg, layout) == 1:
+        return 0
+    if layout.pp == 1 and cfg.parallel.grad_sync != "step":
+        return 0
+    return 4 * _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)["all"]
+
+
 def optimizer_step_bytes(state: dict[str, int], device_type: str) -> int:
     """Temporaries of the optimizer step: the multi-tensor (foreach) AdamW used off CUDA allocates one
     parameter-sized buffer (the square roots of exp_avg_sq); the fused CUDA kernel none."""
@@ -264,8 +278,11 @@ def grads_live_at_peak(cfg: JobConfig, layout: Layout, pp_rank: int) -> bool:
 def backward_peak(est: dict[str, int]) -> int:
     """Memory on top of parameters and optimizer state at the backward peak: the in-flight peak, or
     the last microbatch's backward with every gradient allocated, whichever is larger."""
-    early = est["activations"] + (est["grads"] if est["grads_live"] else 0)
-    return max(early, est["grads"] + est["activations_late"]) + est["comm_buffers"]
+    # accumulating unreduced (``grad_accum``), the unsharded gradients stand where the sharded ones will be
+    # (those are set to None between steps and written as each unit reduces, its unsharded one then freed)
+    grads = max(est["grads"], est.get("grad_accum", 0))
+    early = est["activations"] + (grads if est["grads_live"] else 0)
+    return max(early, grads + est["activations_late"]) + est["comm_buffers"]
 
 
 def _total(est: dict[str, int]) -> int:
@@ -274,15 +291,30 @@ def _total(est: dict[str, int]) -> int:
     return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
 
 
+def _cached_activations(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, cache: dict | None
+                        ) -> tuple[int, int]:
+    """:func:`activation_bytes` at the in-flight peak and late, shared by layouts that differ only in their
+    data-parallel mode within a backend (FSDP2's ZeRO-3 / ZeRO-2, DeepSpeed's stages)."""
+    key = ("activations", layout.tp, layout.pp, layout.cp, layout.cp_method, layout.ep, layout.dp_replicate,
+           layout.dp_shard, ZERO_MODES[layout.zero][0], layout.schedule, layout.spr, layout.pp_split,
+           layout.micro_batch_size, layout.ac, pp_rank)
+    if cache is not None and key in cache:
+        return cache[key]
+    out = (activation_bytes(cfg, layout, pp_rank, prec), activation_bytes(cfg, layout, pp_rank, prec, late=True))
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
 def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
     """Pipeline ranks that can be the fullest. With blocks all alike (a decoder, all dense or all MoE) the
     first rank holds at least as many blocks as any other (a split gives the first stages the extra
     layers), the embedding, and the most microbatches in flight; the last holds the head: those two.
-    Otherwise (an encoder-decoder, MoE after dense layers) every rank."""
+    Otherwise (an encoder-decoder, MoE after dense layers, a user's ``pp_split``) every rank."""
     m = cfg.model
     if layout.pp <= 2:
         return list(range(layout.pp))
-    if family_spec(m.family).uniform_blocks(m):
+    if family_spec(m.family).uniform_blocks(m) and not cfg.parallel.pp_split:
         return [0, layout.pp - 1]
     return list(range(layout.pp))
 
@@ -298,9 +330,9 @@ def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", c
     for pp_rank in candidate_stages(cfg, layout):
         rank = pp_rank * stride
         est = dict(_cached(cache, "state", state_bytes, cfg, layout, rank))
-        est["activations"] = activation_bytes(cfg, layout, pp_rank, prec)
-        est["activations_late"] = activation_bytes(cfg, layout, pp_rank, prec, late=True)
+        est["activations"], est["activations_late"] = _cached_activations(cfg, layout, pp_rank, prec, cache)
         est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec, cache)
+        est["grad_accum"] = accumulation_bytes(cfg, layout, rank, cache)
         est["optimizer_step"] = optimizer_step_bytes(est, device_type)
         est["grads_live"] = int(grads_live_at_peak(cfg, layout, pp_rank))
         est["total"] = _total(est)
@@ -319,6 +351,7 @@ def estimate_rank(cfg: JobConfig, layout: Layout, rank: int, device_type: str) -
     est["activations"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec)
     est["activations_late"] = activation_bytes(cfg, layout, rank_coords(layout, rank).pp, prec, late=True)
     est["comm_buffers"] = comm_buffer_bytes(cfg, layout, rank, prec)
+    est["grad_accum"] = accumulation_bytes(cfg, layout, rank)
     est["optimizer_step"] = optimizer_step_bytes(est, device_type)
     est["grads_live"] = int(grads_live_at_peak(cfg, layout, rank_coords(layout, rank).pp))
     est["total"] = _total(est)

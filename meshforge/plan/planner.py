@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError, JobConfig, load_config
 from .devices import Device, get_device
-from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts
+from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts, iter_layouts
 from .memory import KINDS, estimate_memory
 from .time_model import TimeEstimate, estimate_time
 
@@ -102,23 +102,25 @@ def check_cluster(gpus: int, gpus_per_node: int) -> None:
                           f"use {below} or {above} GPUs, or set --gpus-per-node to what your nodes have")
 
 
-def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float | None) -> list[Priced]:
-    cache: dict = {}
+def price_one(layout: Layout, job: JobConfig, device: Device, gpus_per_node: int, efficiency: float | None,
+              cache: dict) -> Priced:
+    """Memory and step time of one layout (``cache``: the state arithmetic shared between layouts)."""
     usable = HEADROOM * device.hbm_bytes
-    out = []
-    layouts.reverse()
-    while layouts:  # each job config is dropped once priced: a search at scale holds tens of thousands
-        layout, job = layouts.pop()
-        mem = estimate_memory(job, layout, "cuda", cache)
-        t = estimate_time(job, layout, device, gpus_per_node, efficiency, cache)
-        fits = mem["total"] <= usable
-        overflow = ""
-        if not fits:
-            worst = max(KINDS, key=lambda k: mem[k])
-            overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
-                        f"{worst} {mem[worst] / 2**30:.1f} GiB")
-        out.append(Priced(layout, mem, t, fits, overflow))
-    return rank(out)
+    mem = estimate_memory(job, layout, "cuda", cache)
+    t = estimate_time(job, layout, device, gpus_per_node, efficiency, cache)
+    fits = mem["total"] <= usable
+    overflow = ""
+    if not fits:
+        worst = max((*KINDS, "grad_accum"), key=lambda k: mem[k])  # grad_accum: gradients kept unreduced
+        overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
+                    f"{worst} {mem[worst] / 2**30:.1f} GiB")
+    return Priced(layout, mem, t, fits, overflow)
+
+
+def price(cfg: JobConfig, layouts, device: Device, gpus_per_node: int, efficiency: float | None) -> list[Priced]:
+    """Every ``(layout, job)`` of ``layouts`` (an iterable: each job config is dropped once priced), ranked."""
+    cache: dict = {}
+    return rank([price_one(layout, job, device, gpus_per_node, efficiency, cache) for layout, job in layouts])
 
 
 def rank(priced: list[Priced]) -> list[Priced]:
@@ -140,12 +142,19 @@ def rank(priced: list[Priced]) -> list[Priced]:
 def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
              efficiency: float | None = None, ac_modes=AC_MODES) -> Plan:
     check_cluster(gpus, gpus_per_node)
-    layouts, refused = enumerate_layouts(cfg, gpus, gpus_per_node, ac_modes)
+    refused: dict[str, int] = {}
+    cache: dict = {}
+    priced: list[Priced] = []
+    # each layout priced as it is enumerated (one job config held at a time); whether it fits decides whether
+    # its heavier activation-checkpointing modes, which it dominates, are enumerated at all
+    for layout, job in iter_layouts(cfg, gpus, gpus_per_node, refused, ac_modes,
+                                    fits=lambda layout, job: priced[-1].fits):
+        priced.append(price_one(layout, job, device, gpus_per_node, efficiency, cache))
     plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
-    if not layouts:
+    if not priced:
         raise ConfigError(f"no layout of {gpus} GPUs is valid for this job: " + "; ".join(
             f"{reason} ({n}x)" for reason, n in sorted(plan.refused.items(), key=lambda kv: -kv[1])[:3]))
-    priced = price(cfg, layouts, device, gpus_per_node, efficiency)
+    priced = rank(priced)
     plan.fitting = [p for p in priced if p.fits]
     plan.overflowing = sorted((p for p in priced if not p.fits), key=lambda p: p.memory["total"])
     if not plan.fitting:
@@ -155,7 +164,7 @@ def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
 
 LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.dp_replicate", "parallel.dp_shard",
                "parallel.dp_backend", "parallel.zero_stage", "parallel.fsdp_reshard_after_forward",
-               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches",
+               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches", "parallel.pp_split",
                "parallel.activation_checkpointing", "parallel.cp_method", "train.micro_batch_size")
 """Config keys that choose a layout: given on the command line, ``meshforge plan`` prices that layout only."""
 
@@ -231,7 +240,7 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
         mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
     spr = pipeline_stages_per_rank(p) if d.pp > 1 else 0
     return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
-                  p.activation_checkpointing, p.cp_method, spr)
+                  p.activation_checkpointing, p.cp_method, spr, p.pp_split if d.pp > 1 else "")
 
 
 __all__ = ["HEADROOM", "LAYOUT_KEYS", "Plan", "Priced", "check_cluster", "get_device", "layout_keys_given",

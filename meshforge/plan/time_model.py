@@ -2,7 +2,8 @@
 alpha-beta cost on the link it crosses, the pipeline bubble, and stated overlap.
 
 Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
-(:func:`meshforge.models.flops_per_token`: 6N + attention), the layout, ``gpus_per_node``.
+(:func:`.compute.model_flops_per_token`: 6N + attention, summed over the blocks and the head), the layout,
+``gpus_per_node``.
 
 - Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``: by default
   0.5 of peak for a whole step (GEMMs and everything else) at the device's best GEMM shapes, times
@@ -30,8 +31,9 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   +4 under full, which recompute them), one of each for the embedding and the head, 3
   all-reduces of per-token numbers in the vocab-parallel loss (the dry run's trace); FSDP2 per
   microbatch one all-gather of each unit (compute dtype) forward, again backward under ZeRO-3
-  (not the last block and the root), a reduce-scatter of its fp32 gradient, and under HSDP an
-  all-reduce of the shard over ``dp_replicate`` -- under pp once per step instead, and a
+  (not the last block and the root); per step (``parallel.grad_sync = "step"``, the default; per
+  microbatch under ``"microbatch"``) a reduce-scatter of its fp32 gradient, and under HSDP an
+  all-reduce of the shard over ``dp_replicate`` -- under pp always once per step, and a
   resharding unit gathered ``m + 1`` times, as torch's ``PipelineStage`` runs FSDP2
   (:func:`fsdp_calls`; the dry run reads the same off the schedule's order); DeepSpeed ZeRO-1 one gradient all-reduce at
   the accumulation boundary, ZeRO-2 a reduce-scatter per microbatch (its gradient partitions
@@ -42,8 +44,13 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
   CP ``alltoall``: per layer all-to-alls of q, k, v and the output forward and again backward;
   FSDP2 under cp shards over ``dp_shard x cp``; activations at ``T / cp`` tokens; PP two
   point-to-point sends of ``B T D`` per microbatch and stage boundary.
-- Overlap: FSDP and DeepSpeed traffic runs behind compute (prefetch); only what exceeds the
-  compute time, and the first unit's all-gather, is exposed -- unless the device says
+- Overlap: FSDP and DeepSpeed traffic runs behind the compute that runs while it is issued
+  (prefetch, post-backward hooks): ZeRO-3 gathers behind the whole step, ZeRO-2's behind the
+  forwards (under pp: the first microbatch's forward, the only one that gathers), gradient
+  reductions behind the backwards -- or, reduced once per step (pp, ``grad_sync = "step"``,
+  DeepSpeed ZeRO-1), behind the last microbatch's backward only; DeepSpeed ZeRO-1/2's gather of
+  the updated parameters after the optimizer step behind nothing. What exceeds its window (and
+  at least what exceeds the whole compute, and the first unit's all-gather) is exposed -- unless the device says
   ``comm_overlap = false`` (the CPU: gloo collectives are issued inline), when all of it is.
   TP, EP, CP and PP traffic sits on the critical path (exposed in full).
 - Not modelled: per-operation software cost (Python, DTensor dispatch and sharding propagation,
@@ -59,11 +66,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import JobConfig
-from .compute import heaviest_share, shape_efficiency
+from .compute import heaviest_share, model_flops_per_token, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
-from .state import param_table, unsharded_numel
+from .state import unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
 """Fraction of the dense bf16 peak that the matmuls reach on a device without a GEMM curve in
@@ -127,13 +134,16 @@ class TimeEstimate:
         return sum(c["count"] for c in self.comm)
 
 
-def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) -> tuple[int, int]:
+def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool, once: bool = True
+               ) -> tuple[int, int]:
     """FSDP2 all-gathers and reduce-scatters of one step on a rank holding ``units`` FSDP units (each
     block one, each stage module's root one if it holds parameters), ``fixed`` of them never resharded
     after forward (each stage's last block and its root).
 
     Without a pipeline every microbatch gathers each unit in forward, again in backward under ZeRO-3
-    (``reshard``) except each stage's last block and root (never resharded), and reduce-scatters it.
+    (``reshard``) except each stage's last block and root (never resharded), and reduce-scatters it
+    once per step (``once``: ``parallel.grad_sync = "step"``, every backward but the last unsynced) or
+    after every microbatch.
     Under a pipeline, torch's ``PipelineStage`` runs every backward with gradient sync and
     reshard-after-backward off and reduces once per step (``perform_reduce_grad``): one reduce-scatter
     per unit per step; a unit gathered by a backward stays gathered through the forward that follows
@@ -141,25 +151,8 @@ def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool) 
     times (once per run of forwards or backwards, plus the forwards inside a run), the others once."""
     resharding = units - fixed if reshard else 0
     if not pipelined:
-        return mb * (units + resharding), mb * units
+        return mb * (units + resharding), units if once else mb * units
     return resharding * (mb + 1) + (units - resharding), units
-
-
-def model_flops_per_token(cfg: JobConfig) -> float:
-    from ..models import flops_per_token
-
-    m = cfg.model
-    active = 0
-    for info in param_table(m):
-        if info.name.startswith("tok_embeddings.") and not m.tie_embeddings:
-            continue
-        n = 1
-        for s in info.shape:
-            n *= s
-        if info.kind == "experts":
-            n = n // m.moe_experts * m.moe_top_k
-        active += n
-    return flops_per_token(m, active, cfg.data.seq_len)
 
 
 def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
@@ -175,9 +168,7 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     tokens = cfg.train.global_batch_size * T
     if cache is None:
         cache = {}
-    if "flops" not in cache:
-        cache["flops"] = model_flops_per_token(cfg)
-    f_tok = cache["flops"]
+    f_tok = model_flops_per_token(cfg, cache)
     share = time_sharing(device, world, gpus_per_node)
     if efficiency is None:  # the default, lowered where this layout's GEMMs are smaller than the device's best
         efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
@@ -196,13 +187,14 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
                "dp_shard_mod_ep": tp * ep}
     comm: list[dict] = []
 
-    def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool) -> None:
+    def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool, behind: str = "") -> None:
+        """``behind``: for traffic off the critical path, the compute it is issued during (:data:`WINDOWS`)."""
         if n <= 1 or count <= 0:
             return
         link = link_for(device, strides[group], n, gpus_per_node)
         secs = ring(op, n, nbytes, link) * count * share
         comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
-                     "link": link.name, "seconds": secs, "exposed": exposed})
+                     "link": link.name, "seconds": secs, "exposed": exposed, "behind": behind})
 
     act = B * Tl * m.dim * e
     # per block forward + backward: 4 all-gathers, and 4 reduce-scatters (2 in an MoE block, whose FFN
@@ -234,22 +226,28 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if backend == "fsdp2" and layout.sharded:
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1)
-        add(fs_group, "all_gather", fs, w * unit, gathers, False)
-        add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False)
-        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False)
+        once = pp > 1 or cfg.parallel.grad_sync == "step"
+        gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1, once)
+        # ZeRO-3 gathers in forwards and backwards all step long; ZeRO-2 in each microbatch's forward, and under
+        # pp in the first microbatch's only; reductions in every backward, or once: in the last backward
+        gather_window = "step" if reshard else ("first forward" if pp > 1 else "forwards")
+        reduce_window = "last backward" if once else "backwards"
+        add(fs_group, "all_gather", fs, w * unit, gathers, False, gather_window)
+        add(fs_group, "reduce_scatter", fs, 4 * unit, reductions, False, reduce_window)
+        add("dp_replicate", "all_reduce", layout.dp_replicate, 4 * unit / fs, reductions, False, reduce_window)
     elif backend == "deepspeed":  # the engine's group is every rank, dp x cp (= dp_shard x cp: no tp/pp/HSDP)
         total = sizes["all"]
         if stage == 3:
-            add(fs_group, "all_gather", fs, w * total, 2 * mb, False)
-            add(fs_group, "reduce_scatter", fs, w * total, mb, False)
+            add(fs_group, "all_gather", fs, w * total, 2 * mb, False, "step")
+            add(fs_group, "reduce_scatter", fs, w * total, mb, False, "backwards")
         else:  # ZeRO-2 reduces its gradient partitions in every microbatch's backward; ZeRO-1 accumulates
             # whole gradients and all-reduces them once, at the accumulation boundary
             if stage == 2:
-                add(fs_group, "reduce_scatter", fs, w * total, mb, False)
+                add(fs_group, "reduce_scatter", fs, w * total, mb, False, "backwards")
             else:
-                add(fs_group, "all_reduce", fs, w * total, 1, False)
-            add(fs_group, "all_gather", fs, w * total, 1, False)  # the updated parameters, once per step
+                add(fs_group, "all_reduce", fs, w * total, 1, False, "last backward")
+            # the updated parameters, once per step, after the optimizer step: nothing left to hide behind
+            add(fs_group, "all_gather", fs, w * total, 1, False, "none")
     exposed = sum(c["seconds"] for c in comm if c["exposed"])
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
@@ -259,7 +257,15 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     if not device.comm_overlap:  # issued inline (gloo on the CPU): every second of it is on the critical path
         dp_exposed = hidden
     else:
-        dp_exposed = max(first_gather * share, hidden - compute) if hidden else 0.0
+        # each kind of traffic hides behind the compute running while it is issued; all of it behind the step
+        windows = {"step": compute, "forwards": compute / 3, "backwards": 2 * compute / 3,
+                   "first forward": compute / (3 * mb), "last backward": 2 * compute / (3 * mb), "none": 0.0}
+        by_window: dict[str, float] = {}
+        for c in comm:
+            if not c["exposed"]:
+                by_window[c["behind"]] = by_window.get(c["behind"], 0.0) + c["seconds"]
+        beyond = sum(max(0.0, secs - windows[name]) for name, secs in by_window.items())
+        dp_exposed = max(first_gather * share, hidden - compute, beyond) if hidden else 0.0
     step = compute * (1 + bubble) + exposed + dp_exposed
     mfu = f_tok * tokens / (step * world * device.peak_bf16_flops)
     terms = {"compute": compute, "bubble": compute * bubble}

@@ -2,7 +2,8 @@
 
 Each micro-batch's loss is divided by the micro-batch count before its backward, so the
 accumulated gradient is that of the mean loss over this rank's batch (FSDP2 then averages
-over the data-parallel ranks). The gradient norm is clipped over every shard (computed only
+over the data-parallel ranks) -- once per step under ``parallel.grad_sync = "step"`` (every backward but
+the last leaves FSDP2's gradients unreduced), after each micro-batch under ``"microbatch"``. The gradient norm is clipped over every shard (computed only
 where clipping or logging needs it); a step whose
 global loss or gradient norm is not finite is skipped and counted
 (:class:`~meshforge.pretrain.faults.NonFiniteGuard`), the LR schedule moving on regardless.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..parallel.data_parallel import set_gradient_sync
 from ..parallel.grad_norm import clip_grad_norm
 from .step import StepSetup, TrainStep, new_optimizer
 
@@ -22,7 +24,16 @@ class LocalStep(TrainStep):
 
     def train_step(self, batch, step: int) -> dict:
         micro = self.micro_batches(batch)
-        losses, stats = self.forward_backward(self.model, micro, lambda parts: (parts.total / len(micro)).backward())
+        once = self.cfg.parallel.grad_sync == "step"
+        done = 0
+
+        def backward(parts) -> None:
+            nonlocal done
+            done += 1
+            set_gradient_sync(self.model, not once or done == len(micro))  # "step": reduce in the last backward only
+            (parts.total / len(micro)).backward()
+
+        losses, stats = self.forward_backward(self.model, micro, backward)
         grad_norm = (clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
                      if self.needs_grad_norm(step) else None)
         losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")

@@ -138,7 +138,9 @@ def add_scaling_parser(sub) -> None:
     p.add_argument("--gpu", default="h100-80gb", help="device the time estimate is for (`meshforge plan`'s device "
                    f"table: {', '.join(load_devices())}; more with --devices)")
     p.add_argument("--gpus", type=int, default=1, help="devices per run, for the estimate (default 1)")
-    p.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the matmuls reach (default 0.5)")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="a flat fraction of peak the matmuls reach (default: as `meshforge plan`, 0.5 at the device's "
+                        "best GEMM shapes scaled by its curve in plan/efficiency.toml at each run's shapes)")
     p.add_argument("--tokens-per-s", type=float, default=0.0,
                    help="a measured training rate per run: estimate D / rate instead of the time model")
     p.add_argument("--step-overhead-ms", type=float, default=None,

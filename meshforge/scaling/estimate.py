@@ -40,7 +40,9 @@ class Estimator:
 
     device: str = "h100-80gb"
     gpus: int = 1
-    efficiency: float = 0.5
+    efficiency: float | None = None
+    """A flat fraction of peak for the matmuls; None: ``meshforge plan``'s default (0.5 of peak at the device's
+    best GEMM shapes, scaled by its curve in ``plan/efficiency.toml`` at each run's shapes)."""
     tokens_per_s: float = 0.0
     """A measured training rate (tokens/s of one run); 0: the planner's time model."""
     devices_file: str | None = None
@@ -56,7 +58,7 @@ class Estimator:
     def check(self) -> None:
         if self.gpus < 1:
             raise ConfigError(f"--gpus (GPUs per run) must be at least 1, got {self.gpus}")
-        if not 0 < self.efficiency <= 1:
+        if self.efficiency is not None and not 0 < self.efficiency <= 1:
             raise ConfigError(f"--efficiency must be in (0, 1], got {self.efficiency}")
         if not (self.tokens_per_s >= 0 and math.isfinite(self.tokens_per_s)):
             raise ConfigError(f"--tokens-per-s must be a positive rate (or 0 for the time model), got "
@@ -76,7 +78,9 @@ class Estimator:
         if self.tokens_per_s:
             return f"at a measured {self.tokens_per_s:,.0f} tokens/s per run on {self.gpus} GPU(s)"
         d = self._device
-        return (f"on {self.gpus} x {d.name} per run: the planner's time model at {self.efficiency:.0%} of peak "
+        at = (f"at {self.efficiency:.0%} of peak" if self.efficiency is not None
+              else "at its compute efficiency for each run's GEMM shapes")
+        return (f"on {self.gpus} x {d.name} per run: the planner's time model {at} "
                 f"+ {self.overhead_s * 1e3:g} ms per step of software cost (no evaluation, checkpoints or start-up)")
 
     def notes(self, estimates: list[RunEstimate]) -> list[str]:
