@@ -54,7 +54,7 @@ def option_available(dotted: str) -> bool:
     """Whether this build's config has the key ``section.name``."""
     import typing
 
-    from meshforge.config_sections import section_types
+    from meshforge.config.sections import section_types
 
     sec, _, name = dotted.partition(".")
     types_ = section_types()

@@ -5,7 +5,7 @@ Each case builds ``Trainer(load_config(preset, overrides))``, runs ``WARMUP`` st
 per-block compile happens in the first) and times ``STEPS`` more (each ``train_step()`` reads
 its loss back, and the device is synchronized). The global batch is one micro batch (no
 accumulation); on out-of-memory the micro batch halves. The Trainer's memory probe
-(meshforge/plan/measure.py) measures step 2 against the planner's prediction. --dry runs the
+(meshforge/pretrain/memory_probe.py) measures step 2 against the planner's prediction. --dry runs the
 same code on the CPU with tiny models and no compile.
 """
 

@@ -10,7 +10,7 @@ import torch
 
 from meshforge.cli import main as cli_main
 from meshforge.config import load_config
-from meshforge.config_sections import ConfigError
+from meshforge.config.sections import ConfigError
 from meshforge.parallel.compile import compile_enabled
 from meshforge.pretrain.trainer import Trainer
 

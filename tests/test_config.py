@@ -144,7 +144,7 @@ def test_every_choice_field_is_checked_against_its_literal_type():
     import typing
 
     from meshforge.config import CHOICES
-    from meshforge.config_sections import section_types
+    from meshforge.config.sections import section_types
 
     literal_fields = {f"{sec}.{f.name}" for sec, cls in section_types().items() for f in dataclasses.fields(cls)
                       if typing.get_origin(typing.get_type_hints(cls)[f.name]) is typing.Literal}

@@ -10,7 +10,7 @@ import pytest
 
 from meshforge.data_pipeline import DataError, load_manifest, merge_manifest, prepare_data
 from meshforge.data_pipeline.shard_writer import SliceSink
-from meshforge.launch.node_rank import default_node_rank
+from meshforge.data_pipeline.node_rank import default_node_rank
 
 
 @pytest.fixture(scope="module")

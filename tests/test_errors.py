@@ -231,7 +231,7 @@ def test_an_internal_error_keeps_its_traceback_under_a_line_naming_the_rank(tiny
                                                                              monkeypatch):
     import meshforge.pretrain.trainer as trainer
 
-    def broken(cfg):
+    def broken(cfg, memory_plan=None):
         raise KeyError("a bug")
 
     monkeypatch.setattr(trainer, "train", broken)

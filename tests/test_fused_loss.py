@@ -220,7 +220,7 @@ def test_train_bf16_fused_on_matches_off(tiny_data, tmp_path):
 
 def test_fused_on_layouts_and_refusals():
     from meshforge.config import ConfigError, load_config
-    from meshforge.kernels.fused_loss import use_fused_loss
+    from meshforge.parallel.job_checks import use_fused_loss
     from meshforge.parallel.mesh import Degrees
 
     def deg(**kw):
@@ -245,7 +245,7 @@ def test_fused_on_layouts_and_refusals():
 
 def test_fused_on_refused_for_other_families():
     from meshforge.config import ConfigError, load_config
-    from meshforge.kernels.fused_loss import use_fused_loss
+    from meshforge.parallel.job_checks import use_fused_loss
     from meshforge.parallel.mesh import Degrees
 
     cfg = load_config("tiny-test", {"train.fused_loss": "on", "model.family": "encoder_decoder"})

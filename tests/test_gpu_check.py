@@ -113,7 +113,7 @@ def test_the_gpu_jobs_are_valid_configs():
     import gpu_check_speed as speed
 
     from meshforge.config import load_config
-    from meshforge.config_sections import ConfigError
+    from meshforge.config.sections import ConfigError
 
     for name, (preset, overrides, micro) in speed.GPU_JOBS.items():
         cfg = load_config(preset, [*speed.OFF, *overrides, "--train.global_batch_size", str(micro),

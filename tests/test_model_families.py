@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshforge.config import ConfigError, load_config
-from meshforge.models import MODEL_SPECS, family_spec, register
+from meshforge.models import MODEL_SPECS, check_config, family_spec, register
 from meshforge.models.decoder import Decoder
 
 PACKAGE = Path(__file__).resolve().parent.parent / "meshforge"
@@ -65,7 +65,7 @@ def variant_family():
 
 def test_unknown_family_names_the_registered_ones():
     with pytest.raises(ConfigError, match="model.family = 'nope' is not one of decoder, encoder_decoder"):
-        load_config("tiny-test", {"model.family": "nope"})
+        check_config(load_config("tiny-test", {"model.family": "nope"}))
     with pytest.raises(ConfigError, match="is not one of decoder, encoder_decoder"):
         family_spec("nope")
 
@@ -77,9 +77,9 @@ def test_a_registered_family_is_validated_and_checked_by_its_spec(variant_family
     cfg = load_config("tiny-test", {"model.family": "counting_decoder"})
     assert cfg.model.family == "counting_decoder"
     with pytest.raises(ConfigError, match="muP is for dense decoders"):  # its spec says no muP
-        load_config("tiny-test", {"model.family": "counting_decoder", "model.mup_base_dim": 16})
+        check_config(load_config("tiny-test", {"model.family": "counting_decoder", "model.mup_base_dim": 16}))
     with pytest.raises(ConfigError, match="does not fit model.family = 'counting_decoder'"):
-        load_config("tiny-test", {"model.family": "counting_decoder", "data.objective": "ul2"})
+        check_config(load_config("tiny-test", {"model.family": "counting_decoder", "data.objective": "ul2"}))
     cfg = load_config("tiny-test", {"model.family": "counting_decoder", "parallel.cp": 2})
     with pytest.raises(ConfigError, match="covers the decoder family only, not model.family = 'counting_decoder'"):
         check_job(cfg, resolve_degrees(cfg.parallel, 2))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from meshforge.config import ConfigError, load_config
+from meshforge.models import check_config
 
 T5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", "model.ffn_activation": "gelu",
       "model.attn_scale": 1.0, "model.n_kv_heads": 0, "model.qk_norm": False}
@@ -31,7 +32,7 @@ T5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", 
 ])
 def test_bad_model_option_is_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("tiny-test", overrides)
+        check_config(load_config("tiny-test", overrides))
 
 
 def test_encoder_decoder_takes_a_head_dim():

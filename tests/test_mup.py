@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meshforge.config import ConfigError, load_config
-from meshforge.models import build_model
+from meshforge.models import build_model, check_config
 from meshforge.pretrain.optim import build_optimizer, build_scheduler
 
 
@@ -58,6 +58,6 @@ def test_mup_gives_block_matrices_lr_over_m_and_keeps_the_rest():
 
 def test_mup_is_refused_where_it_is_not_defined():
     with pytest.raises(ConfigError, match="mup_base_dim"):
-        load_config("tiny-test", {"model.mup_base_dim": -1})
+        check_config(load_config("tiny-test", {"model.mup_base_dim": -1}))
     with pytest.raises(ConfigError, match="dense decoders"):
-        load_config("t5-small", {"model.mup_base_dim": 64})
+        check_config(load_config("t5-small", {"model.mup_base_dim": 64}))

@@ -9,7 +9,7 @@ import pytest
 
 from meshforge.cli import main as cli_main
 from meshforge.config import describe, load_config
-from meshforge.config_resume import resume_policy
+from meshforge.config.resume import resume_policy
 from meshforge.pretrain.checkpoint import list_checkpoints, read_meta
 from meshforge.pretrain.metrics import read_metrics
 from meshforge.pretrain.optim import lr_factor

@@ -11,6 +11,7 @@ import pytest
 
 from meshforge.cli import main as cli_main
 from meshforge.config import ConfigError, Denoiser, load_config, parse_denoisers
+from meshforge.models import check_config
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.loader import DistributedLoader
 from meshforge.data_pipeline.span_corruption import corrupted_lengths
@@ -242,7 +243,7 @@ def test_bad_denoiser_specs_are_rejected(text, match):
 ])
 def test_bad_configs_fail_up_front(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, overrides)
+        check_config(load_config(None, overrides))
 
 
 def test_good_configs_load():

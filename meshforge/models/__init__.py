@@ -20,6 +20,7 @@ from .decoder import Decoder
 from .decoder_stage import (decoder_blocks, decoder_pipeline_blocks, decoder_stage, decoder_stage_inputs,
                             decoder_stage_view)
 from .encoder_decoder import EncoderDecoder
+from .family_checks import check_config, resolve_objective
 from .encoder_decoder_stage import (EncoderDecoderStage, encoder_decoder_blocks, encoder_decoder_pipeline_blocks,
                                     encoder_decoder_stage_inputs, encoder_decoder_stage_view)
 from .spec import ARCHITECTURE_OPTIONS, MODEL_SPECS, ModelSpec, families_with, family_spec, register
@@ -120,6 +121,6 @@ register(ModelSpec(
     model_options=("head_size",)))
 
 
-__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model",
+__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "check_config",
            "encoder_decoder_flops_per_token", "families_with", "family_spec", "flops_per_token", "register",
-           "transformer_blocks"]
+           "resolve_objective", "transformer_blocks"]

@@ -14,8 +14,9 @@ import copy
 from dataclasses import dataclass, replace
 
 from ..config import ConfigError, JobConfig, validate
+from ..models import check_config
 from ..parallel.deepspeed_engine import check_deepspeed
-from ..parallel.job_checks import check_context_parallel, check_job
+from ..parallel.job_checks import check_context_parallel, check_job, use_fused_loss
 from ..parallel.mesh import Degrees, pipeline_layers, resolve_degrees
 from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES  # one stage per rank; the others loop several
 
@@ -149,10 +150,9 @@ def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
     """The job config of ``layout``, or ConfigError with the project's own reason for refusing it."""
     job = apply_layout(cfg, layout)
     validate(job)
+    check_config(job)
     d = resolve_degrees(job.parallel, layout.world_size)
     check_job(job, d)
-    from ..kernels.fused_loss import use_fused_loss
-
     use_fused_loss(job, d, job.train.device)  # train.fused_loss = on where the trainer refuses it
     return job
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from ..config import JobConfig
 from ..models import family_spec
+from ..parallel.job_checks import use_fused_loss
 from .layouts import ZERO_MODES, Layout
 from .state import state_bytes, unsharded_numel
 
@@ -128,8 +129,6 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused
 
 def fused_loss_on(cfg: JobConfig, layout: Layout) -> bool:
     """Whether the job runs the fused output + loss (``train.fused_loss``, resolved as the trainer does)."""
-    from ..kernels.fused_loss import use_fused_loss
-
     return use_fused_loss(cfg, layout.degrees, cfg.train.device)
 
 

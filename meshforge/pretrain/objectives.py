@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Denoiser, JobConfig, mode_token_pieces, parse_denoisers, resolve_objective
+from ..config import Denoiser, JobConfig, mode_token_pieces, parse_denoisers
+from ..models import resolve_objective
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.span_corruption import SpanCorruptionDataset, SpanCorruptionSpec, make_spec
 from ..data_pipeline.ul2 import Ul2Dataset, Ul2Spec, make_ul2_spec

@@ -1,6 +1,9 @@
 """What ``meshforge train`` prints about memory: the planner's prediction for its own layout at
 start, then what the run measures, so that every run checks the planner.
 
+The prediction is passed in (``train(cfg, memory_plan=...)``: the command passes
+:func:`meshforge.plan.planner.predict_run_memory`), so that training does not import the planner.
+
 Measured over step 2 (step 1 allocates the optimizer state and warms the allocators):
 
 - GPU: ``torch.cuda.max_memory_allocated`` over the step (reset after step 1) -- the whole
@@ -21,8 +24,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Callable
+
 from ..config import JobConfig
 
+MemoryPlan = Callable[[JobConfig, int, int, str], dict[str, int]]
+"""``memory_plan(cfg, world_size, rank, device_type)``: the planner's prediction for this rank (bytes by part,
+with ``backward`` and ``step`` peaks)."""
 GIB = 2**30
 
 
@@ -45,7 +53,7 @@ class MemoryProbe:
     """Prediction at construction; ``after_step()`` (after each step) returns the measured metrics once,
     after the second step of this process (``{}`` otherwise)."""
 
-    def __init__(self, cfg: JobConfig, degrees, rank: int, device, optimizer=None):
+    def __init__(self, cfg: JobConfig, degrees, rank: int, device, optimizer=None, memory_plan: MemoryPlan | None = None):
         self.device = device
         self.backward_peak = -1
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
@@ -54,14 +62,12 @@ class MemoryProbe:
         self.predicted: dict[str, int] | None = None
         self.baseline = 0
         self.calls = 0
-        try:
-            from .memory import estimate_rank
-            from .planner import layout_of_config
-
-            layout = layout_of_config(cfg, degrees.world_size)
-            self.predicted = estimate_rank(cfg, layout, rank, device.type)
-        except Exception as e:  # a prediction must never stop a run
-            self.error = f"{type(e).__name__}: {e}"
+        self.error = "no memory plan was given"
+        if memory_plan is not None:
+            try:
+                self.predicted = memory_plan(cfg, degrees.world_size, rank, device.type)
+            except Exception as e:  # a prediction must never stop a run
+                self.error = f"{type(e).__name__}: {e}"
 
     def _peak_now(self) -> int:
         import torch
@@ -108,10 +114,8 @@ class MemoryProbe:
         if self.predicted is not None:
             p = self.predicted
             out["mem_predicted_activations"] = p["activations"]
-            from .memory import backward_peak
-
-            out["mem_predicted_backward"] = backward_peak(p)
-            out["mem_predicted_step"] = max(backward_peak(p), p["grads"] + p["optimizer_step"])
+            out["mem_predicted_backward"] = p["backward"]
+            out["mem_predicted_step"] = p["step"]
             out["mem_predicted_total"] = p["total"]
         return out
 

@@ -2,7 +2,7 @@
 
 Every field carries a docstring (the string literal under it); ``meshforge train --help-config``
 prints them. A field with a fixed set of values is typed ``Literal[...]``: :data:`CHOICES`, which
-:func:`meshforge.config_checks.validate` checks, is read from those types, so they cannot disagree.
+:func:`meshforge.config.checks.validate` checks, is read from those types, so they cannot disagree.
 Loading (presets, CLI overrides) is :mod:`meshforge.config`.
 """
 
@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import MeshforgeError
+from ..errors import MeshforgeError
 
 
 class ConfigError(MeshforgeError, ValueError):

@@ -7,9 +7,9 @@ overrides, in that order. Unknown keys and values of the wrong type are errors t
 the key; :func:`validate` checks the relations between fields before any heavy work starts.
 
 The parts live in their own files and are re-exported here (``from meshforge.config import X``):
-the section dataclasses and ``CHOICES`` in :mod:`meshforge.config_sections`, :func:`validate`
-and :func:`micro_batch_size` in :mod:`meshforge.config_checks`, the objective and UL2 denoiser
-parsing in :mod:`meshforge.config_objectives`.
+the section dataclasses and ``CHOICES`` in :mod:`meshforge.config.sections`, :func:`validate`
+and :func:`micro_batch_size` in :mod:`meshforge.config.checks`, the objective and UL2 denoiser
+parsing in :mod:`meshforge.config.objectives`.
 
 Every field carries a docstring (the string literal under it); ``meshforge train
 --help-config`` prints them.
@@ -30,14 +30,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from .config_resume import resume_help
-from .config_checks import DEEPSPEED_ONLY, FSDP2_ONLY, micro_batch_size, validate
-from .config_objectives import (ENCODER_DECODER_OBJECTIVES, UL2_KINDS, Denoiser, mode_token_pieces, parse_denoisers,
-                                resolve_objective)
-from .config_sections import (CHOICES, CheckpointConfig, ConfigError, DataConfig, JobConfig, LoggingConfig,
-                              ModelConfig, OptimConfig, ParallelConfig, TrainConfig, section_types)
+from .resume import resume_help
+from .checks import ARCHITECTURE_OPTIONS, DEEPSPEED_ONLY, FSDP2_ONLY, micro_batch_size, validate
+from .objectives import ENCODER_DECODER_OBJECTIVES, UL2_KINDS, Denoiser, mode_token_pieces, parse_denoisers
+from .sections import (CHOICES, CheckpointConfig, ConfigError, DataConfig, JobConfig, LoggingConfig, ModelConfig,
+                       OptimConfig, ParallelConfig, TrainConfig, section_types)
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 """Where named presets (``--config small``) are looked up."""
 PRESET_RELATIVE_KEYS = ("data.path", "data.tokenizer", "checkpoint.init_from", "checkpoint.resume_from")
 """Path keys whose value in a preset file, when it is ``.`` or starts with ``./`` or ``../``, is
@@ -266,9 +265,9 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-__all__ = ["CHOICES", "DEEPSPEED_ONLY", "ENCODER_DECODER_OBJECTIVES", "FSDP2_ONLY", "REPO_CONFIGS", "RUN_IDENTITY_KEYS",
+__all__ = ["ARCHITECTURE_OPTIONS", "CHOICES", "DEEPSPEED_ONLY", "ENCODER_DECODER_OBJECTIVES", "FSDP2_ONLY", "REPO_CONFIGS", "RUN_IDENTITY_KEYS",
            "UL2_KINDS", "CheckpointConfig", "ConfigError", "DataConfig", "Denoiser", "JobConfig", "LoggingConfig",
            "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "config_from_dict", "config_to_dict",
            "describe", "field_docs", "fingerprint", "load_config", "micro_batch_size", "mode_token_pieces",
-           "padded_vocab_size", "parse_cli_overrides", "parse_denoisers", "resolve_objective", "resolve_preset",
+           "padded_vocab_size", "parse_cli_overrides", "parse_denoisers", "resolve_preset",
            "run_identity", "validate"]

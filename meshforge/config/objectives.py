@@ -1,19 +1,15 @@
-"""The objective settings of a job: which objective a config trains, UL2's denoiser mixture and mode tokens.
+"""The objective settings of a job: UL2's denoiser mixture and mode tokens.
 
-Parsed from ``data.objective``, ``data.ul2_denoisers`` and ``data.ul2_mode_tokens``; the
-objectives themselves are built in :mod:`meshforge.pretrain.objectives`.
+Parsed from ``data.ul2_denoisers`` and ``data.ul2_mode_tokens``; which objective ``data.objective = auto``
+trains is the family's (:func:`meshforge.models.resolve_objective`); the objectives themselves are built
+in :mod:`meshforge.pretrain.objectives`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .config_sections import ConfigError
-
-if TYPE_CHECKING:
-    from .config_sections import JobConfig
-
+from .sections import ConfigError
 
 ENCODER_DECODER_OBJECTIVES = ("span_corruption", "prefix_lm", "ul2")
 """Objectives whose samples are [encoder inputs | decoder targets]."""
@@ -85,10 +81,3 @@ def mode_token_pieces(text: str) -> tuple[str, str, str]:
                           "tokenizer pieces for R, X and S (e.g. '[NLU],[NLG],[S2S]'), or empty for none")
     return pieces  # type: ignore[return-value]
 
-
-def resolve_objective(cfg: JobConfig) -> str:
-    if cfg.data.objective != "auto":
-        return cfg.data.objective
-    from .models import family_spec  # the family registry (model code), loaded lazily
-
-    return family_spec(cfg.model.family).objectives[0]

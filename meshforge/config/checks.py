@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config_objectives import mode_token_pieces, parse_denoisers, resolve_objective
-from .config_sections import CHOICES, ConfigError, JobConfig, ParallelConfig, TrainConfig
+from .objectives import parse_denoisers
+from .sections import CHOICES, ConfigError, JobConfig, ParallelConfig, TrainConfig
 
 
 def validate(cfg: JobConfig) -> None:
@@ -21,9 +21,6 @@ def validate(cfg: JobConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
     m, t, d = cfg.model, cfg.train, cfg.data
-    from .models import MODEL_SPECS, families_with, family_spec  # the family registry (model code) is loaded lazily
-
-    spec = family_spec(m.family)  # ConfigError naming the registered families
     positive = {
         "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
@@ -49,17 +46,9 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
     _check_backend_options(cfg.parallel)
     _check_compile_scope(cfg.parallel)
-    if m.mup_base_dim < 0 or (m.mup_base_dim and (not spec.supports_mup or m.moe_experts)):
-        raise ConfigError(f"model.mup_base_dim = {m.mup_base_dim}: muP is for dense decoders (model.family = "
-                          f"{families_with('supports_mup')!r}, model.moe_experts = 0) and needs a positive base width, or 0 "
-                          "to turn it off")
-    _check_architecture_options(cfg, spec)
+    _check_architecture_options(cfg)
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
-    if m.position_encoding not in spec.position_encodings:
-        users = ", ".join(n for n, s in MODEL_SPECS.items() if m.position_encoding in s.position_encodings)
-        raise ConfigError(f"model.position_encoding = {m.position_encoding!r} is for {users} models; {m.family} models "
-                          f"use {', '.join(spec.position_encodings)}")
     if m.moe_experts:
         if not 1 <= m.moe_top_k <= m.moe_experts:
             raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
@@ -75,23 +64,10 @@ def validate(cfg: JobConfig) -> None:
     if not 0.0 < d.noise_density < 1.0 or d.mean_noise_span < 1.0:
         raise ConfigError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
                           f"{d.noise_density} and {d.mean_noise_span}")
-    objective = resolve_objective(cfg)
-    if objective not in spec.objectives:
-        fits = "; ".join(f"{', '.join(s.objectives)} train{'s' if len(s.objectives) == 1 else ''} {n} models"
-                         for n, s in MODEL_SPECS.items())
-        raise ConfigError(f"data.objective = {objective!r} does not fit model.family = {m.family!r}: {fits}")
-    if d.document_mask and objective != "lm":
-        raise ConfigError(f"data.document_mask applies to the decoder LM objective; {objective} windows are "
-                          "taken across document boundaries as in T5 (set data.document_mask = false)")
     if not 0.0 < d.prefix_lm_min <= d.prefix_lm_max < 1.0:
         raise ConfigError(f"data.prefix_lm_min and data.prefix_lm_max must satisfy 0 < min <= max < 1 (fractions of "
                           f"the window), got {d.prefix_lm_min} and {d.prefix_lm_max}")
     parse_denoisers(d.ul2_denoisers)
-    if d.ul2_mode_tokens:
-        if objective != "ul2":
-            raise ConfigError(f"data.ul2_mode_tokens is for data.objective = 'ul2' (got {objective!r}); "
-                              "set data.ul2_mode_tokens = '' or data.objective = 'ul2'")
-        mode_token_pieces(d.ul2_mode_tokens)
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
     if not 0.0 < cfg.optim.decay_fraction <= 1.0:
@@ -129,19 +105,16 @@ def _check_data_urls(d) -> None:
                               "them and give them through the environment or the filesystem's config file (e.g. AWS_PROFILE)")
 
 
-def _check_architecture_options(cfg: JobConfig, spec) -> None:
-    """Head width, biases, norm placement, RoPE scaling / partial rotary, sliding window: in range, and
-    implemented by the family (``ModelSpec.model_options``)."""
-    from .config_sections import ModelConfig
-    from .models import MODEL_SPECS
-    from .models.spec import ARCHITECTURE_OPTIONS
+ARCHITECTURE_OPTIONS = ("head_size", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
+                        "sliding_window")
+"""Model options that a family implements or refuses (``ModelSpec.model_options``; the family's check is
+:func:`meshforge.models.check_config`)."""
 
-    m, defaults = cfg.model, ModelConfig()
-    for option in ARCHITECTURE_OPTIONS:
-        if getattr(m, option) != getattr(defaults, option) and option not in spec.model_options:
-            users = ", ".join(n for n, s in MODEL_SPECS.items() if option in s.model_options)
-            raise ConfigError(f"model.{option} = {getattr(m, option)!r} is implemented by {users} models, not "
-                              f"{m.family}; leave it at {getattr(defaults, option)!r}")
+
+def _check_architecture_options(cfg: JobConfig) -> None:
+    """Head width, biases, norm placement, RoPE scaling / partial rotary, sliding window: in range (whether the
+    family implements them is :func:`meshforge.models.check_config`'s)."""
+    m = cfg.model
     if m.head_size < 0 or m.sliding_window < 0:
         raise ConfigError(f"model.head_size and model.sliding_window must be >= 0, got {m.head_size} and "
                           f"{m.sliding_window}")

@@ -1,6 +1,6 @@
 """Which node of a multi-node data preparation this process is (``meshforge data prepare``).
 
-Training ranks come from :mod:`meshforge.launch.env`; data preparation runs one process per
+Training ranks come from ``meshforge.launch.env`` (a room above); data preparation runs one process per
 node and only needs (node rank, node count), without mpi4py or torch unless they are there.
 """
 
