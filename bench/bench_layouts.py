@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 SECTION = "## Parallel layouts (CPU)"
 
 # name, world size, overrides, required (a failure of a required layout is an error, not "not available").

@@ -12,7 +12,6 @@ import tempfile
 import time
 
 import torch
-
 from gpu_check_lib import Skip, check, grads_rel_err, rel_err
 
 OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.tensorboard", "false",
@@ -106,8 +105,7 @@ def _segments(batch: int, seqlen: int, docs: int, gen: torch.Generator) -> torch
 
 def flex_case(ctx) -> dict:
     from meshforge.config import load_config
-    from meshforge.models import build_model
-    from meshforge.models import layers
+    from meshforge.models import build_model, layers
     from meshforge.models.losses import lm_loss
 
     dev = ctx.device

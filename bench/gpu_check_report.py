@@ -24,7 +24,6 @@ def _version(pkg: str) -> str:
 def machine_info() -> dict:
     """CPU, GPU, driver and the package versions that matter."""
     import torch
-
     from benchlib import cpu_model
 
     info = {"cpu": f"{cpu_model()}, {os.cpu_count()} CPUs", "platform": platform.platform(),

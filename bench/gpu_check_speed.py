@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from gpu_check_correct import OFF
 from gpu_check_lib import FLOAT8, FUSED_KERNELS, ONE_B, Skip, check
 

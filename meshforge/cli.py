@@ -9,7 +9,6 @@ from .config import describe, load_config
 from .errors import MeshforgeError
 
 
-
 def _where() -> str:
     """``rank R of N`` in a multi-process job (from the launcher's variables), else ``this process``."""
     import os
@@ -93,10 +92,10 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     from .data_pipeline.builtin import resolve_cache_dir
+    from .data_pipeline.node_rank import default_node_rank
     from .data_pipeline.prepare import prepare_data
     from .data_pipeline.remote import is_url
     from .data_pipeline.remote_upload import prepare_to_url
-    from .data_pipeline.node_rank import default_node_rank
 
     env_rank, env_nodes = default_node_rank() if args.node_rank is None or args.num_nodes is None else (0, 1)
     node_rank = env_rank if args.node_rank is None else args.node_rank

@@ -93,7 +93,7 @@ def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env:
                 q.kill()
             for q in procs:
                 q.wait()
-            raise RanksFailed(f"rank {rank} of {world_size} timed out after {timeout:.0f}s")
+            raise RanksFailed(f"rank {rank} of {world_size} timed out after {timeout:.0f}s") from None
         errs.append(err.decode(errors="replace"))
         if p.returncode != 0:
             failed.append(rank)

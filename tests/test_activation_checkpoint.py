@@ -5,8 +5,8 @@ import torch
 
 from meshforge.config import ModelConfig
 from meshforge.models import build_model
-from meshforge.parallel.activation_checkpoint import apply_activation_checkpointing
 from meshforge.models.losses import lm_loss
+from meshforge.parallel.activation_checkpoint import apply_activation_checkpointing
 
 
 def _loss_and_grads(mode: str):

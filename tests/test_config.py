@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from meshforge.config import (ConfigError, JobConfig, describe, field_docs, load_config, micro_batch_size,
-                              parse_cli_overrides)
+from meshforge.config import (
+    ConfigError,
+    JobConfig,
+    describe,
+    field_docs,
+    load_config,
+    micro_batch_size,
+    parse_cli_overrides,
+)
 from meshforge.parallel.job_checks import check_job
 from meshforge.parallel.mesh import resolve_degrees
 

@@ -219,9 +219,10 @@ def _hf_t5_dir(path: Path, tie: bool):
 
 @pytest.mark.parametrize("tie", [False, True], ids=["v1.1-untied", "tied"])
 def test_t5_directory_imports_matches_and_exports_back(tie, tmp_path):
+    from safetensors.torch import load_file
+
     from meshforge.pretrain.checkpoint import load_model_weights
     from meshforge.pretrain.generate import generate_seq2seq_ids
-    from safetensors.torch import load_file
 
     _hf_t5_dir(tmp_path / "hf", tie)
     import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)

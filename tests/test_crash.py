@@ -24,7 +24,8 @@ import pytest
 
 from meshforge.pretrain.checkpoint import list_checkpoints, read_meta
 from meshforge.pretrain.metrics import read_metrics
-from parallel_harness import PARITY_ARGS, REPO, start_ranks as start_harness_ranks
+from parallel_harness import PARITY_ARGS, REPO
+from parallel_harness import start_ranks as start_harness_ranks
 
 ARGS = tuple(a for a in PARITY_ARGS)  # tiny 4-layer decoder, no periodic checkpoints unless asked
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from meshforge.data_pipeline import DataError, load_manifest, merge_manifest, prepare_data
-from meshforge.data_pipeline.shard_writer import SliceSink
 from meshforge.data_pipeline.node_rank import default_node_rank
+from meshforge.data_pipeline.shard_writer import SliceSink
 
 
 @pytest.fixture(scope="module")

@@ -153,8 +153,8 @@ def test_dp_slices_concatenate_to_the_global_batch(train_ds, dp):
 def test_loader_gives_a_wrapping_datasets_own_samples(data_dir):
     """A wrapper that forwards unknown attributes to its TokenDataset (span corruption, UL2) is read
     sample by sample through the wrapper: never the base's raw windows by its batched read."""
-    from meshforge.data_pipeline.span_corruption import SpanCorruptionDataset, make_spec
     from meshforge.config import Denoiser
+    from meshforge.data_pipeline.span_corruption import SpanCorruptionDataset, make_spec
     from meshforge.data_pipeline.ul2 import Ul2Dataset, make_ul2_spec
 
     sentinels = list(range(500, 400, -1))

@@ -72,9 +72,9 @@ def test_t5_learns_evaluates_and_fills_sentinels(t5_data, tmp_path):
 def test_span_corrupted_batches_are_what_the_model_sees(t5_data, tmp_path):
     """Encoder inputs hold sentinels; targets start with a sentinel; the decoder reads them shifted right."""
     from meshforge.launch.env import DistEnv
+    from meshforge.models.losses import IGNORE_INDEX
     from meshforge.parallel.mesh import resolve_degrees
     from meshforge.pretrain.data import prepare_train_data
-    from meshforge.models.losses import IGNORE_INDEX
     from meshforge.pretrain.objectives import sentinel_ids
 
     cfg = _cfg(t5_data, tmp_path / "x")

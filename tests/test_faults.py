@@ -7,8 +7,13 @@ import time
 
 import torch
 
-from meshforge.pretrain.faults import (PREEMPTED_MARKER_ENV, NonFiniteGuard, PreemptionWatcher, SpikeDetector,
-                                       TrainingDiverged)
+from meshforge.pretrain.faults import (
+    PREEMPTED_MARKER_ENV,
+    NonFiniteGuard,
+    PreemptionWatcher,
+    SpikeDetector,
+    TrainingDiverged,
+)
 
 
 def test_preemption_watcher_catches_sigterm():

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from meshforge.config import ConfigError, load_config
-from parallel_harness import REPO, start_ranks
 from meshforge.models import build_model
 from meshforge.parallel.float8 import apply_float8, check_float8, float8_skip_reason
+from parallel_harness import REPO, start_ranks
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ def k():
     anything imports triton); this module's tests keep the variable set."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from meshforge.kernels import rmsnorm, rope, swiglu as fused_swiglu
+    from meshforge.kernels import rmsnorm, rope
+    from meshforge.kernels import swiglu as fused_swiglu
 
     if not isinstance(rmsnorm._rms_norm_fwd, InterpretedFunction):
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (the kernels would need a GPU)")

@@ -33,8 +33,8 @@ from meshforge.parallel.job_checks import check_job
 from meshforge.parallel.mesh import Degrees, resolve_degrees
 from meshforge.parallel.ring_attention import zigzag_merge
 from meshforge.pretrain.data import dp_coordinates
-from meshforge.pretrain.objectives import LMObjective
 from meshforge.pretrain.metrics import read_metrics
+from meshforge.pretrain.objectives import LMObjective
 from parallel_harness import PARITY_ARGS, TP_ATOL, assert_parity, read_result, run_ranks, train_layout
 
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from meshforge.cli import main as cli_main
-from parallel_harness import assert_parity, read_result, run_ranks, PARITY_ARGS
+from parallel_harness import PARITY_ARGS, assert_parity, read_result, run_ranks
 
 
 def _train(data, out, world, *extra):

@@ -13,8 +13,8 @@ from meshforge.config import ConfigError, load_config
 from meshforge.plan.devices import get_device
 from meshforge.plan.dry_run import dry_run
 from meshforge.plan.layouts import Layout, check_layout, enumerate_layouts
-from meshforge.plan.planner import layout_of_config
 from meshforge.plan.memory import block_activation_bytes, estimate_memory, in_flight
+from meshforge.plan.planner import layout_of_config
 from meshforge.plan.state import chunk_len, rank_coords, state_bytes
 from meshforge.plan.time_model import Link, estimate_time, link_for, ring
 
@@ -414,10 +414,10 @@ def test_train_prints_prediction_and_measurement(tiny_data, tmp_path):
 def test_layout_of_config_resolves_the_default_micro_batch():
     """train.micro_batch_size = 0 (the default) is the whole local batch; under pp the pipeline's microbatch
     (a run with the defaults on 2 ranks printed "no prediction: ZeroDivisionError" before)."""
-    from meshforge.plan.memory import estimate_rank
-    from meshforge.plan.planner import layout_of_config
     from meshforge.parallel.mesh import resolve_degrees
     from meshforge.parallel.pipeline import plan_pipeline
+    from meshforge.plan.memory import estimate_rank
+    from meshforge.plan.planner import layout_of_config
 
     cfg = load_config("small", {"train.micro_batch_size": 0})
     assert layout_of_config(cfg, 2).micro_batch_size == cfg.train.global_batch_size // 2

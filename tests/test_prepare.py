@@ -12,9 +12,9 @@ import pytest
 from meshforge.data_pipeline import (
     DataError,
     IndexedShard,
-    open_data_dir,
     ensure_builtin,
     load_manifest,
+    open_data_dir,
     open_shards,
     prepare_data,
     resolve_cache_dir,

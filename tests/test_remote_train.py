@@ -21,6 +21,7 @@ from meshforge.pretrain.metrics import read_metrics
 from parallel_harness import PARITY_ARGS, REPO, read_result, run_ranks
 from remote_servers import Nginx, need_nginx
 
+
 @pytest.mark.parametrize("path, message", [
     ("https://user:hunter2@127.0.0.1:1/data", "carries credentials"),
     ("http://127.0.0.1:1/data", "http://127.0.0.1:1/data/manifest.json: stat failed, retried for"),

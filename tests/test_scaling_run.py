@@ -8,11 +8,10 @@ import argparse
 import json
 from pathlib import Path
 
-from meshforge.config import config_from_dict
+from meshforge.config import config_from_dict, load_config
 from meshforge.pretrain.trainer import Trainer
 from meshforge.scaling.plan import PlanSpec, write_plan
 from meshforge.scaling.run import pending_rows, read_results, run_local, toml_text, write_slurm_array
-from meshforge.config import load_config
 
 
 def tiny_sweep(tmp_path: Path, data_dir: Path) -> Path:

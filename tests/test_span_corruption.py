@@ -5,7 +5,12 @@ import pytest
 
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.span_corruption import (
-    SpanCorruptionDataset, corrupt, corrupted_lengths, make_spec, noise_mask, raw_length_for,
+    SpanCorruptionDataset,
+    corrupt,
+    corrupted_lengths,
+    make_spec,
+    noise_mask,
+    raw_length_for,
 )
 
 SENTINELS = list(range(1000, 900, -1))  # <extra_id_0> = 1000, <extra_id_1> = 999, ...

@@ -11,11 +11,11 @@ import pytest
 
 from meshforge.cli import main as cli_main
 from meshforge.config import ConfigError, Denoiser, load_config, parse_denoisers
-from meshforge.models import check_config
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.loader import DistributedLoader
 from meshforge.data_pipeline.span_corruption import corrupted_lengths
 from meshforge.data_pipeline.ul2 import KIND_INDEX, Ul2Dataset, make_ul2_spec
+from meshforge.models import check_config
 
 SENTINELS = list(range(1000, 900, -1))  # <extra_id_0> = 1000, <extra_id_1> = 999, ...
 MODE = (1100, 1101, 1102)  # [R], [X], [S]

@@ -24,9 +24,9 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from meshforge.config import load_config
 from meshforge.models import build_model
+from meshforge.models.losses import lm_loss
 from meshforge.parallel.loss_parallel import vocab_parallel_lm_loss
 from meshforge.parallel.tensor_parallel import apply_tp
-from meshforge.models.losses import lm_loss
 
 VARIANTS = {
     # name: (loss_parallel, sequence_parallel, overrides)

@@ -30,11 +30,22 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from .resume import resume_help
 from .checks import ARCHITECTURE_OPTIONS, DEEPSPEED_ONLY, FSDP2_ONLY, micro_batch_size, validate
 from .objectives import ENCODER_DECODER_OBJECTIVES, UL2_KINDS, Denoiser, mode_token_pieces, parse_denoisers
-from .sections import (CHOICES, CheckpointConfig, ConfigError, DataConfig, JobConfig, LoggingConfig, ModelConfig,
-                       OptimConfig, ParallelConfig, TrainConfig, section_types)
+from .resume import resume_help
+from .sections import (
+    CHOICES,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    JobConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    section_types,
+)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 """Where named presets (``--config small``) are looked up."""

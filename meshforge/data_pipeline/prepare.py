@@ -42,9 +42,10 @@ from meshforge.data_pipeline.layout import (
 )
 from meshforge.data_pipeline.manifest import merge_manifest
 from meshforge.data_pipeline.shard_writer import SliceSink
-from .node_rank import default_node_rank
 from meshforge.text_inputs import Slice, expand_inputs, file_slice, hf_slices, no_skips, slice_documents, sum_skips
 from meshforge.tokenizers import Tokenizer, TokenizerError, load_tokenizer
+
+from .node_rank import default_node_rank
 
 _CHUNK_DOCS = 64
 

@@ -20,9 +20,9 @@ from typing import Callable
 
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.layout import MANIFEST, WORK_DIR, read_json
-from meshforge.tokenizers import TOKENIZER_FILES
 from meshforge.data_pipeline.remote import RemoteStore
 from meshforge.data_pipeline.remote_cache import cache_path
+from meshforge.tokenizers import TOKENIZER_FILES
 
 
 class _Uploader:

@@ -192,9 +192,9 @@ def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC
     for tp in divisors(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
-        for pp, cp, cp_method in ((pp, cp, meth) for pp in divisors(gpus // tp)
-                                  for cp in divisors(gpus // (tp * pp)) if cp & (cp - 1) == 0
-                                  for meth in (CP_METHODS if cp > 1 else ("ring",))):
+        for pp, cp, cp_method in ((p, c, meth) for p in divisors(gpus // tp)
+                                  for c in divisors(gpus // (tp * p)) if c & (c - 1) == 0
+                                  for meth in (CP_METHODS if c > 1 else ("ring",))):
             if pp > 1 and pp > m.n_layers:
                 continue
             dp = gpus // (tp * pp * cp)

@@ -168,8 +168,8 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists
     -- none when the rank runs a single microbatch without a pipeline: its gradients then appear only
     as its own backward frees its activations, so the two never add up."""
-    from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
+    from .state import _stage_layers
 
     B, T, tp, e = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)

@@ -45,7 +45,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import CheckpointError
-
 from . import dcp_io
 from .checkpoint_files import unreadable
 

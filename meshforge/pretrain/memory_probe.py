@@ -23,7 +23,6 @@ Measured over step 2 (step 1 allocates the optimizer state and warms the allocat
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Callable
 
 from ..config import JobConfig

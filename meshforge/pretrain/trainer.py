@@ -26,8 +26,8 @@ import torch
 
 from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..errors import MeshforgeError
-from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
+from ..launch.setup import share_failure
 from ..models import MODEL_SPECS, active_params, build_model, check_config, family_spec
 from ..parallel import build_mesh, parallelize
 from ..parallel.float8 import check_float8
@@ -36,15 +36,15 @@ from ..parallel.mesh import Degrees, resolve_degrees
 from ..parallel.pipeline import PipelinePlan
 from .checkpoint import check_init, check_resume_backend, load_model_weights
 from .checkpoint_writer import Checkpointer
-from .resume_policy import optimizer_settings, restore_optimizer_settings, resume_changes
-from .run_lock import RunLock
-from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
-from .generate import generate_text
 from .faults import EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector, mark_preempted
+from .generate import generate_text
+from .memory_probe import MemoryPlan, MemoryProbe
 from .metrics import MetricsLogger, peak_flops
 from .optim import schedule_notes
-from .memory_probe import MemoryPlan, MemoryProbe
+from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
+from .resume_policy import optimizer_settings, restore_optimizer_settings, resume_changes
+from .run_lock import RunLock
 from .step import StepSetup, TrainStep, build_step
 
 
