@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh: the --dry run exercises every case on the CPU; time caps, crashes, options
+"""bench/gpu_check/gpu_check.sh: the --dry run exercises every case on the CPU; time caps, crashes, options
 this build lacks and the report are handled as the GPU run will need them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO / "bench" / "gpu_check"), str(REPO / "bench")]
 
 import gpu_check  # noqa: E402
 import gpu_check_lib  # noqa: E402
@@ -33,7 +33,7 @@ CPU_SKIPS = {
 def _run(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MESHFORGE_CACHE": os.environ.get("MESHFORGE_CACHE", str(tmp_path / "cache"))}
     env.pop("OUT", None)
-    return subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_check" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -148,7 +148,7 @@ def _gpu_report() -> dict:
     skipped = {"name": "cp2", "kind": "speed", "what": "w", "status": "skipped", "wall_s": 0, "reason": "needs 2 GPUs"}
     bad = {"name": "compile", "kind": "correctness", "what": "w", "status": "failed", "wall_s": 9, "figures": {},
            "checks": [gpu_check_lib.check("losses", 0.5, 2e-3)]}
-    return {"command": "bash bench/gpu_check.sh", "dry": False, "budget_s": 450, "wall_s": 400, "machine": machine,
+    return {"command": "bash bench/gpu_check/gpu_check.sh", "dry": False, "budget_s": 450, "wall_s": 400, "machine": machine,
             "cases": [bad, one_b, peer, skipped]}
 
 
@@ -166,4 +166,4 @@ def test_report_renders_gpu_figures_and_records_into_results(tmp_path):
     gpu_check_report.record_from(src, results)
     text = results.read_text()
     assert "## Other\n\nkept\n" in text and text.count(gpu_check_report.SECTION) == 1
-    assert "### 2026-12-03 — `bash bench/gpu_check.sh`" in text
+    assert "### 2026-12-03 — `bash bench/gpu_check/gpu_check.sh`" in text

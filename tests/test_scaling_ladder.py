@@ -1,4 +1,4 @@
-"""The end-to-end CPU ladder (bench/scaling_ladder.sh): slow, ~10-20 minutes on 2 cores; and,
+"""The end-to-end CPU ladder (bench/scaling/scaling_ladder.sh): slow, ~10-20 minutes on 2 cores; and,
 fast, where the script writes by default and the time it states."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LADDER = REPO / "bench" / "scaling_ladder.sh"
+LADDER = REPO / "bench" / "scaling" / "scaling_ladder.sh"
 
 # stands in for `python -m meshforge scaling ...` (the script's plumbing is under test, not the ladder):
 # records each call and writes the files the real command would
@@ -67,7 +67,7 @@ def test_ladder_states_the_readmes_time():
 def test_cpu_ladder_fits_a_compute_optimal_n_that_grows_with_c(tmp_path):
     docs = tmp_path / "docs"
     env = {**os.environ, "DOCS": str(docs)}
-    subprocess.run(["bash", str(REPO / "bench" / "scaling_ladder.sh"), str(tmp_path / "sweep")], cwd=REPO, env=env,
+    subprocess.run(["bash", str(REPO / "bench" / "scaling" / "scaling_ladder.sh"), str(tmp_path / "sweep")], cwd=REPO, env=env,
                    check=True, timeout=3600)
     fit = json.loads((docs / "fit.json").read_text())
     n_opt = [b["N_opt"] for b in fit["budgets"]]

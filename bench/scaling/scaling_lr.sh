@@ -2,7 +2,7 @@
 # A small LR x size sweep with and without QK-layernorm + z-loss (Wortsman et al.), on the CPU:
 # 2 sizes x 3 learning rates x 2 variants, 1e5 tokens each; the LR-sensitivity figure and results.csv
 # into DOCS (default SWEEP_DIR/report; the recorded ones in docs/scaling/lr/ came from DOCS=docs/scaling/lr).
-#   bash bench/scaling_lr.sh [SWEEP_DIR]      (default runs/scaling_lr)
+#   bash bench/scaling/scaling_lr.sh [SWEEP_DIR]      (default runs/scaling_lr)
 set -euo pipefail
 SWEEP=${1:-runs/scaling_lr}
 DOCS=${DOCS:-$SWEEP/report}

@@ -3,7 +3,7 @@
 # budget's sizes centred on its expected optimum; run two at a time, fitted (approaches 1-3) and plotted.
 # 19 runs: 17.5 minutes with PARALLEL=2 on the shared 2-core box at load average 5-7 (README, "The CPU
 # ladder"). Rerunning resumes (finished rows are skipped).
-#   bash bench/scaling_ladder.sh [SWEEP_DIR]      (default runs/scaling_ladder)
+#   bash bench/scaling/scaling_ladder.sh [SWEEP_DIR]      (default runs/scaling_ladder)
 # The fit and the figures go to DOCS (default SWEEP_DIR/report, outside the tracked tree); the recorded
 # ones in the repository came from DOCS=docs/scaling.
 set -euo pipefail

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-SECTION = "## GPU check (bench/gpu_check.sh)"
+SECTION = "## GPU check (bench/gpu_check/gpu_check.sh)"
 PACKAGES = ("torch", "triton", "transformers", "torchao", "liger-kernel", "numpy")
 
 

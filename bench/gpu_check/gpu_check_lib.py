@@ -28,7 +28,7 @@ class Case:
     kind: str
     """``correctness``, ``speed``, ``kernels``, ``peer`` or ``selftest`` (never in the default list)."""
     func: str
-    """``module:function`` in bench/."""
+    """``module:function`` in bench/gpu_check/ or bench/."""
     cap_s: float
     """Time cap on a GPU machine (compile included)."""
     what: str

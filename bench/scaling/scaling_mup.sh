@@ -3,7 +3,7 @@
 # once in the standard parametrisation and once with muP relative to width 32; the two result
 # tables are merged (variant sp / mup) and plotted into DOCS (default ROOT/report; the recorded ones in
 # docs/scaling/mup/ came from DOCS=docs/scaling/mup).
-#   bash bench/scaling_mup.sh [ROOT]      (default runs/scaling_mup)
+#   bash bench/scaling/scaling_mup.sh [ROOT]      (default runs/scaling_mup)
 set -euo pipefail
 ROOT=${1:-runs/scaling_mup}
 DOCS=${DOCS:-$ROOT/report}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch, on a machine with a package registry, the wheels the GPU check (bench/gpu_check.sh) needs on the
+# Fetch, on a machine with a package registry, the wheels the GPU check (bench/gpu_check/gpu_check.sh) needs on the
 # GPU machine, which has none: Python 3.12, x86_64, torch 2.11.0, triton 3.6.0 and transformers 5.17.0
 # already installed (see README.md, section "GPU check"). Writes .whl/ at the repository root (ignored
 # through .git/info/exclude, added here if missing; never committed), one version of each package:
@@ -10,7 +10,7 @@
 # Neither needs a package the GPU machine lacks (torchao declares no requirement; liger-kernel torch and
 # triton). The device command then installs them with pip install --target /tmp/site .whl/*.whl.
 #
-#   bash bench/fetch_gpu_wheels.sh
+#   bash bench/gpu_check/fetch_gpu_wheels.sh
 set -euo pipefail
 WHEELS=(torchao==0.18.0 liger-kernel==0.8.5)
 LIMIT_MIB=16  # the device tool carries 64 MiB of working tree in all

@@ -17,7 +17,7 @@ Outputs, rewritten after every case (so a killed run keeps what it measured):
 ``OUT/gpu_check.log`` (the workers' output). ``--record-from OUT/gpu_check.json`` appends the
 section to bench/RESULTS.md on any machine.
 
-Run: ``bash bench/gpu_check.sh [--dry] [--out DIR] [--only a,b] [--budget 450]``.
+Run: ``bash bench/gpu_check/gpu_check.sh [--dry] [--out DIR] [--only a,b] [--budget 450]``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # its cases; bench/
 from gpu_check_lib import BY_NAME, CASES, DEFAULT, Ctx, Skip  # noqa: E402
 
 BUDGET_S = 450.0
@@ -292,7 +292,7 @@ def main() -> int:
         ap.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(c.name for c in CASES)}")
     args.only = names
     args.budget = args.budget or (DRY_BUDGET_S if args.dry else BUDGET_S)
-    args.command = "bash bench/gpu_check.sh " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    args.command = "bash bench/gpu_check/gpu_check.sh " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     import torch
 
     if not args.dry and not torch.cuda.is_available():

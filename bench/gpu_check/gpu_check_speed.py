@@ -207,7 +207,7 @@ def cp2_case(ctx) -> dict:
     if not ctx.dry and torch.cuda.device_count() < 2:
         raise Skip(f"context parallel needs 2 ranks, one GPU each (NCCL will not put two ranks on one device); "
                    f"this machine has {torch.cuda.device_count()} GPU")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
     import parallel_harness
 
     steps, warm = (3, 1) if ctx.dry else (WARMUP + STEPS, WARMUP)

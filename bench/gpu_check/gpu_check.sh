@@ -3,7 +3,7 @@
 # float8 and fused kernels where the build has them, the planner's memory prediction, and a
 # Hugging Face LlamaForCausalLM bare-loop peer -- every case under its own time cap, 450 s in all.
 #
-#   bash bench/gpu_check.sh [--dry] [--out DIR] [--only CASE,CASE] [--budget S]
+#   bash bench/gpu_check/gpu_check.sh [--dry] [--out DIR] [--only CASE,CASE] [--budget S]
 #
 # Writes DIR/gpu_check.json (every figure), DIR/gpu_check.md (a section ready for
 # bench/RESULTS.md) and DIR/gpu_check.log (the cases' output). DIR defaults to $OUT when set,
