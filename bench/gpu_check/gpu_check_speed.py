@@ -191,7 +191,7 @@ CP2 = (*LLAMA_1B, "--data.seq_len", "8192", "--model.max_seq_len", "8192", "--pa
 GPU_JOBS = {ONE_B: ("llama-1b", LLAMA_1B, ONE_B_MICRO), "compile_model": ("llama-1b", (*LLAMA_1B, *COMPILE_MODEL),
                                                                          ONE_B_MICRO), "moe": ("mixtral-8x", MOE, 2), "t5-base": ("t5-base", T5, 64),
             "cp2": ("llama-1b", CP2, 1)}
-"""Preset, overrides and micro batch of each GPU job (tests/test_gpu_check.py validates them on the CPU)."""
+"""Preset, overrides and micro batch of each GPU job (tests/project/test_gpu_check.py validates them on the CPU)."""
 
 
 def moe_case(ctx) -> dict:
@@ -207,7 +207,7 @@ def cp2_case(ctx) -> dict:
     if not ctx.dry and torch.cuda.device_count() < 2:
         raise Skip(f"context parallel needs 2 ranks, one GPU each (NCCL will not put two ranks on one device); "
                    f"this machine has {torch.cuda.device_count()} GPU")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "harness"))
     import parallel_harness
 
     steps, warm = (3, 1) if ctx.dry else (WARMUP + STEPS, WARMUP)
