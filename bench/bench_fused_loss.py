@@ -39,12 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch.nn.functional as F  # noqa: E402
 from benchlib import loadavg, record  # noqa: E402
 
 from meshforge.kernels.fused_loss import default_chunk, fused_linear_lm_loss  # noqa: E402
 from meshforge.models.losses import lm_loss  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
 
 SECTION = "## Fused linear + cross-entropy memory"
 TIME_SECTION = "## Fused linear + cross-entropy speed"
@@ -104,7 +103,7 @@ def time_paths(n: int, d: int, v: int, chunk: int, device: str, repeat: int, aut
     row = {}
     for name, fn in (("plain", plain), ("fused", fused)):
         times = []
-        for i in range(repeat + 1):  # the first is a warm-up
+        for _ in range(repeat + 1):  # the first is a warm-up
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()

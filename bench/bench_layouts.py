@@ -1,6 +1,6 @@
 """CPU step time of the small preset under each parallel layout of ``meshforge train`` (gloo).
 
-Every layout is launched as tests/parallel_harness.py does: ``world`` subprocesses of
+Every layout is launched as tests/harness/parallel_harness.py does: ``world`` subprocesses of
 ``python -m meshforge train`` with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT set and OMP_NUM_THREADS=1 (the single-process layout too, so each rank has one
 compute thread). ``step_time_s`` is read from rank 0's metrics.jsonl; the table gives the
@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 SECTION = "## Parallel layouts (CPU)"
 
 # name, world size, overrides, required (a failure of a required layout is an error, not "not available").
@@ -46,7 +45,7 @@ LAYOUTS = [
 
 from benchlib import REPO, loadavg, record  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "harness"))
 import parallel_harness  # noqa: E402  (the launcher the parity tests use)
 
 

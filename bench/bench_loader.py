@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from benchlib import record
-from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, open_data_dir, ensure_builtin
+
+from meshforge.data_pipeline import DistributedLoader, IndexedShardWriter, TokenDataset, ensure_builtin, open_data_dir
 
 
 def build_shards(out: Path, tokens: int, vocab: int, shards: int = 4) -> None:

@@ -33,7 +33,7 @@ widths, to size what fusing the projections could gain (not done in meshforge ye
 
 Run: ``python bench/bench_peers.py --record`` (~30 min on 2 busy cores);
 ``--shapes 2m --rounds 1 --steps 3`` for a quick look. On a GPU the prepared GPU check runs the
-same comparison (``bench/gpu_check.sh``, case ``peers``).
+same comparison (``bench/gpu_check/gpu_check.sh``, case ``peers``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "gpu_check")]
 from benchlib import REPO, loadavg, record  # noqa: E402
 
 SECTION = "## Peers: meshforge vs a bare Hugging Face loop and litgpt"

@@ -2,9 +2,9 @@
 
 1. Memory. For the small preset and llama-100m, under activation checkpointing none /
    selective / full, single process, tp2 and pp2 (1F1B), ``meshforge train`` runs 3 steps
-   (ranks started as tests/parallel_harness.py does, OMP_NUM_THREADS=1,
+   (ranks started as tests/harness/parallel_harness.py does, OMP_NUM_THREADS=1,
    MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed tensors to the OS at once). The trainer's
-   memory probe (meshforge/plan/measure.py) logs, on rank 0, the peak RSS above the RSS at the
+   memory probe (meshforge/pretrain/memory_probe.py) logs, on rank 0, the peak RSS above the RSS at the
    end of step 1 (parameters + optimizer state at rest) up to step 2's optimizer step (the
    backward peak) and over all of step 2, with the planner's predictions for that rank: the
    backward peak against activations + communication buffers (+ gradients when a backward ran

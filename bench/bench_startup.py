@@ -45,7 +45,6 @@ print(json.dumps({"import (torch + meshforge)": t1 - t0, "open_data_dir": t2 - t
 def build(root: Path, shards: int, tokenizer: Path) -> Path:
     from meshforge.data_pipeline import IndexedShardWriter
     from meshforge.data_pipeline.layout import FORMAT, TOKENIZER_FILE
-    from meshforge.file_hash import file_sha256 as _sha256
     from meshforge.tokenizers import load_tokenizer
 
     out = root / "data"

@@ -102,7 +102,7 @@ def run_case(name: str, warmup: int, steps: int, extra: list[str]) -> dict:
 def spawn(name: str, args, extra: list[str]) -> dict:
     """Run one case in a subprocess; on out-of-memory retry with half the micro batch."""
     mb = None
-    for attempt in range(3):
+    for _attempt in range(3):
         more = [*extra, *(["--train.micro_batch_size", str(mb)] if mb else [])]
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--case", name, "--json", f.name, "--warmup", str(args.warmup),

@@ -1,7 +1,7 @@
 """``bench_loader.py --remote``: the same shards served by nginx on localhost, read by range requests.
 
 Writes a manifest for the benchmark's shards (sizes, sha256, the tokenizer), serves the dir
-with nginx (``tests/remote_servers.py``: the tests' server), and times, in one process and one
+with nginx (``tests/harness/remote_servers.py``: the tests' server), and times, in one process and one
 run, the local memory-mapped loader against the remote one, before (one HTTP request per
 range) and after (one multi-range request per shard and batch), each without prefetch, with
 the loader's default prefetch and with the training loader's depth for remote data
@@ -31,7 +31,7 @@ from meshforge.data_pipeline.remote_dataset import RemoteTokenDataset
 from meshforge.file_hash import file_sha256
 from meshforge.tokenizers import load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "harness"))
 from remote_servers import Nginx, TcpProxy  # noqa: E402 -- the tests' nginx wrapper and loopback proxy
 
 

@@ -52,19 +52,22 @@ def _extra_for(error: BaseException) -> str | None:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .models import check_config  # torch: imported by the commands that need it, not by `meshforge --help`
+
     if args.help_config:
-        print(describe(load_config(args.config, rest)))
+        print(describe(check_config(load_config(args.config, rest))))
         return 0
     try:
-        cfg = load_config(args.config, rest)
+        cfg = check_config(load_config(args.config, rest))
     except MeshforgeError as e:  # every rank of a job reads the same bad config: print it once
         from .launch.setup import share_early_failure
 
         share_early_failure(e)
         raise
+    from .plan.planner import predict_run_memory
     from .pretrain.trainer import train
 
-    result = train(cfg)
+    result = train(cfg, memory_plan=predict_run_memory)
     if result.preempted:
         from .pretrain.faults import EXIT_PREEMPTED
 
@@ -107,10 +110,10 @@ def cmd_tokenizer_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace, rest: list[str]) -> int:
     from .data_pipeline.builtin import resolve_cache_dir
+    from .data_pipeline.node_rank import default_node_rank
     from .data_pipeline.prepare import prepare_data
     from .data_pipeline.remote import is_url
     from .data_pipeline.remote_upload import prepare_to_url
-    from .launch.node_rank import default_node_rank
 
     env_rank, env_nodes = default_node_rank() if args.node_rank is None or args.num_nodes is None else (0, 1)
     node_rank = env_rank if args.node_rank is None else args.node_rank

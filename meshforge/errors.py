@@ -5,8 +5,10 @@ with no traceback; the message says what is wrong and what to do. Anything else 
 is a bug: it keeps its traceback, under a line naming the rank it happened on.
 
 The subclasses live next to the code that raises them (``ConfigError`` in
-:mod:`meshforge.config`, ``CheckpointError`` in :mod:`meshforge.pretrain.checkpoint`, ...),
-except the few raised by more than one room: ``DataError`` (the input readers of
+:mod:`meshforge.config`, ``TokenizerError`` in :mod:`meshforge.tokenizers`, ...),
+except the few raised or named by more than one room: ``CollectiveError`` (raised in ``pretrain``, told apart
+by ``launch``), ``CheckpointError`` (raised by the checkpoint code of ``pretrain`` and by the DeepSpeed engine of
+``parallel``), ``DataError`` (the input readers of
 :mod:`meshforge.text_inputs`, shared by tokenizer training and the data pipeline) lives here.
 This module imports nothing, so the CLI can name the base class without loading torch.
 """
@@ -31,6 +33,17 @@ class UsageError(MeshforgeError, ValueError):
 
 class OutputError(MeshforgeError):
     """The output directory cannot be written (read-only, no permission, disk full)."""
+
+
+class CollectiveError(MeshforgeError, RuntimeError):
+    """A collective failed or timed out; the message names the operation and the ranks involved (raised by
+    :mod:`meshforge.pretrain.faults`; :mod:`meshforge.launch.setup` reports it without a grace period)."""
+
+    exit_status = 1  # the job failed, not its input
+
+
+class CheckpointError(MeshforgeError, ValueError):
+    """A checkpoint that cannot be used, or an output dir that belongs to another run."""
 
 
 class DataError(MeshforgeError, ValueError):

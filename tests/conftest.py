@@ -5,12 +5,20 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-# Triton's CPU interpreter for tests/test_fused_kernels.py. Triton reads the variable when it is first
+# The shared harness (parallel_harness, cluster_harness, remote_servers, torch_compat, the rank scripts) sits in
+# tests/harness/ and the tests are grouped by room in tests/<room>/; every one of these folders is on sys.path so
+# that a test imports the harness, or another room's test helpers, by bare name (module names are unique).
+TESTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(TESTS / "harness")] + sorted(str(d) for d in TESTS.iterdir() if d.is_dir() and d.name != "harness"
+                                                 and not d.name.startswith((".", "_")))
+
+# Triton's CPU interpreter for tests/kernels/test_fused_kernels.py. Triton reads the variable when it is first
 # imported (``import torch._dynamo`` imports it), so it is set here, before any test module; on CPU nothing
 # else uses Triton. On a GPU machine the kernels run natively.
 if not torch.cuda.is_available():

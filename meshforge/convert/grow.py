@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from ..config import validate
-from ..models import family_spec
+from ..models import check_config, family_spec
 from .dcp_reader import CheckpointReader, resolve_checkpoint
 from .export import check_output_dir
 from .hf_tokenizer import tokenizer_of
@@ -59,6 +59,7 @@ def grow_checkpoint(checkpoint: str | Path, output: str | Path, depth_factor: in
     if tok is not None:
         cfg.data = dataclasses.replace(cfg.data, tokenizer=str(output.resolve() / tok.main_file))
     validate(cfg)
+    check_config(cfg)
     write_init_checkpoint(output, cfg, state, {"source": {"grown_from": str(reader.path), "step": reader.step,
                                                          "depth_factor": depth_factor}}, tok)
     log(f"grew {reader.path} ({m.n_layers} layers, step {reader.step}) x{depth_factor} into {output} "

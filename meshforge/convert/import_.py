@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import JobConfig, ModelConfig, config_to_dict, validate
+from ..models import check_config
 from ..pretrain import dcp_io
 from ..pretrain.checkpoint_files import file_records
 from ..tokenizers import Tokenizer, load_tokenizer
@@ -113,6 +114,7 @@ def job_config_for(m: ModelConfig, init_dir: Path, tokenizer: Path | None) -> Jo
         cfg.data.tokenizer = str(tokenizer)
     cfg.checkpoint.init_from = str(init_dir)
     validate(cfg)
+    check_config(cfg)
     return cfg
 
 

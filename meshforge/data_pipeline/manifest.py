@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import json
-import shutil
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.indexed import IndexedShard
-from meshforge.file_hash import file_sha256
 from meshforge.data_pipeline.layout import (
     FORMAT,
     MANIFEST,
@@ -29,6 +28,7 @@ from meshforge.data_pipeline.layout import (
     read_json,
     slice_done,
 )
+from meshforge.file_hash import file_sha256
 from meshforge.text_inputs import sum_skips
 from meshforge.tokenizers import TOKENIZER_FILES, Tokenizer, TokenizerError, load_tokenizer
 

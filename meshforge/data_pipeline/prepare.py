@@ -42,9 +42,10 @@ from meshforge.data_pipeline.layout import (
 )
 from meshforge.data_pipeline.manifest import merge_manifest
 from meshforge.data_pipeline.shard_writer import SliceSink
-from meshforge.launch.node_rank import default_node_rank
 from meshforge.text_inputs import Slice, expand_inputs, file_slice, hf_slices, no_skips, slice_documents, sum_skips
 from meshforge.tokenizers import Tokenizer, TokenizerError, load_tokenizer
+
+from .node_rank import default_node_rank
 
 _CHUNK_DOCS = 64
 
@@ -147,7 +148,7 @@ def prepare_data(
     ``hf_dataset``: a local HF dataset, saved with ``save_to_disk`` (``hf_split`` picks the
     split of a DatasetDict; ``hf_rows_per_slice`` > 0 cuts it into slices) or, with
     ``hf_streaming``, a dir of data files read by ``load_dataset(dir, streaming=True)``.
-    ``node_rank``/``num_nodes`` default to :func:`meshforge.launch.node_rank.default_node_rank`
+    ``node_rank``/``num_nodes`` default to :func:`meshforge.data_pipeline.node_rank.default_node_rank`
     (the one arrow from this room into ``launch/``). Slices finished by an earlier (crashed)
     run with the same plan are skipped. When every slice is done and
     ``merge`` is on, writes ``manifest.json`` and returns it; otherwise returns this node's

@@ -29,9 +29,9 @@ from typing import Callable
 from meshforge.data_pipeline.errors import DataError
 from meshforge.data_pipeline.layout import MANIFEST, PLAN_FILE, WORK_DIR, atomic_write_json, marker_path, read_json
 from meshforge.data_pipeline.manifest import manifest_of
-from meshforge.tokenizers import TOKENIZER_FILES, load_tokenizer
 from meshforge.data_pipeline.remote import RemoteStore
 from meshforge.data_pipeline.remote_cache import cache_path
+from meshforge.tokenizers import TOKENIZER_FILES, load_tokenizer
 
 
 class _Uploader:

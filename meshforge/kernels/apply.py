@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor

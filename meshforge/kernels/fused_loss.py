@@ -44,11 +44,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, JobConfig
-from ..models import family_spec
 from ..models.layers import matmul_dtype
 from ..models.losses import IGNORE_INDEX, LossParts
-from ..parallel.mesh import Degrees
 
 
 def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
@@ -170,23 +167,3 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                                             torch.is_grad_enabled(), matmul_dtype(hidden, weight), group,
                                             int(vocab_start))
     return LossParts(total, ce, z)
-
-
-def use_fused_loss(cfg: JobConfig, degrees: Degrees, device_type: str) -> bool:
-    """Resolve ``train.fused_loss``; ``on`` in a layout it does not cover is a ConfigError naming why."""
-    setting = cfg.train.fused_loss
-    if setting == "off":
-        return False
-    unsupported = [why for bad, why in (
-        (not family_spec(cfg.model.family).supports_fused_loss, f"model.family = {cfg.model.family!r} (decoders only)"),
-        (degrees.tp > 1 and not cfg.parallel.loss_parallel,
-         f"parallel.tp = {degrees.tp} and parallel.loss_parallel = false (the fused loss is vocab-parallel)"),
-        (degrees.world_size > 1 and cfg.parallel.dp_backend == "deepspeed",
-         "parallel.dp_backend = 'deepspeed' (its ZeRO sharding of the output weight is not covered)"),
-    ) if bad]
-    if setting == "on" and unsupported:
-        raise ConfigError(f"train.fused_loss = 'on' is not supported with {'; '.join(unsupported)}; "
-                          "use train.fused_loss = 'auto' or 'off'")
-    # auto stays off until bench/ measures this pure-PyTorch version faster than the plain loss on a GPU
-    # (it saves memory for certain; its speed against one large cuBLAS matmul is not measured yet)
-    return not unsupported and setting == "on"

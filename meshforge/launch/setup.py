@@ -23,7 +23,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from ..errors import MeshforgeError
+from ..errors import CollectiveError, MeshforgeError
 from .env import DistEnv
 
 
@@ -157,8 +157,6 @@ def share_failure(error: MeshforgeError, env: DistEnv, during_setup: bool, timeo
         if env.rank != 0:
             error.reported_elsewhere = True
             return
-        from ..pretrain.faults import CollectiveError
-
         grace = REPORT_GRACE_S if during_setup else 0.0 if isinstance(error, CollectiveError) else RUN_REPORT_GRACE_S
         deadline = time.monotonic() + grace
         while store.add(f"{p}settled", 0) < env.world_size and time.monotonic() < deadline:

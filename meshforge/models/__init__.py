@@ -17,11 +17,22 @@ from torch import nn
 
 from ..config import ENCODER_DECODER_OBJECTIVES, ModelConfig
 from .decoder import Decoder
-from .decoder_stage import (decoder_blocks, decoder_pipeline_blocks, decoder_stage, decoder_stage_inputs,
-                            decoder_stage_view)
+from .decoder_stage import (
+    decoder_blocks,
+    decoder_pipeline_blocks,
+    decoder_stage,
+    decoder_stage_inputs,
+    decoder_stage_view,
+)
 from .encoder_decoder import EncoderDecoder
-from .encoder_decoder_stage import (EncoderDecoderStage, encoder_decoder_blocks, encoder_decoder_pipeline_blocks,
-                                    encoder_decoder_stage_inputs, encoder_decoder_stage_view)
+from .encoder_decoder_stage import (
+    EncoderDecoderStage,
+    encoder_decoder_blocks,
+    encoder_decoder_pipeline_blocks,
+    encoder_decoder_stage_inputs,
+    encoder_decoder_stage_view,
+)
+from .family_checks import check_config, resolve_objective
 from .spec import ARCHITECTURE_OPTIONS, MODEL_SPECS, ModelSpec, families_with, family_spec, register
 from .tp_plans import decoder_tp_plan, encoder_decoder_tp_plan
 
@@ -120,6 +131,6 @@ register(ModelSpec(
     model_options=("head_size",)))
 
 
-__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model",
+__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "check_config",
            "encoder_decoder_flops_per_token", "families_with", "family_spec", "flops_per_token", "register",
-           "transformer_blocks"]
+           "resolve_objective", "transformer_blocks"]

@@ -263,7 +263,7 @@ class RouterStats:
 
     def keep_last(self, n: int) -> None:
         """Keep each layer's last ``n`` rows (a pipeline schedule's extra shape-inference pass runs first)."""
-        for layer, rows in self.rows.items():
+        for rows in self.rows.values():
             del rows[:-n]
 
     def sums(self, layer: nn.Module) -> torch.Tensor | None:

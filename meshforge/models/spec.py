@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ARCHITECTURE_OPTIONS, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,6 @@ class ModelSpec:
     uniform_blocks: Callable[[ModelConfig], bool] = lambda cfg: False
     """``uniform_blocks(cfg)``: every block of the pipeline sequence holds the same modules (all dense or all
     MoE), so a split's first and last stages bound the memory of the others (the planner prices those two)."""
-
-
-ARCHITECTURE_OPTIONS = ("head_size", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
-                        "sliding_window")
-"""Model options that a family implements or refuses (``ModelSpec.model_options``)."""
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {}

@@ -197,12 +197,3 @@ def save_engine(engine, directory: Path) -> None:
     engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
 
-def load_engine(engine, directory: Path) -> None:
-    """Restore module and optimizer state written by :func:`save_engine` (same dp degree and stage)."""
-    path, _ = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
-    if path is None:
-        from ..pretrain.checkpoint import CheckpointError
-
-        raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}: the checkpoint is "
-                              "incomplete; resume from an older one with --checkpoint.resume_from")

@@ -124,3 +124,23 @@ def check_context_parallel(cfg: JobConfig, d: Degrees) -> None:
                 raise ConfigError(f"parallel.cp_method = 'alltoall' needs {name} = {value} divisible by tp*cp = "
                                   f"{d.tp}*{d.cp} = {d.tp * d.cp} (each cp rank takes a share of each tp rank's "
                                   "heads); use cp_method = 'ring'")
+
+
+def use_fused_loss(cfg: JobConfig, degrees: Degrees, device_type: str) -> bool:
+    """Resolve ``train.fused_loss``; ``on`` in a layout it does not cover is a ConfigError naming why."""
+    setting = cfg.train.fused_loss
+    if setting == "off":
+        return False
+    unsupported = [why for bad, why in (
+        (not family_spec(cfg.model.family).supports_fused_loss, f"model.family = {cfg.model.family!r} (decoders only)"),
+        (degrees.tp > 1 and not cfg.parallel.loss_parallel,
+         f"parallel.tp = {degrees.tp} and parallel.loss_parallel = false (the fused loss is vocab-parallel)"),
+        (degrees.world_size > 1 and cfg.parallel.dp_backend == "deepspeed",
+         "parallel.dp_backend = 'deepspeed' (its ZeRO sharding of the output weight is not covered)"),
+    ) if bad]
+    if setting == "on" and unsupported:
+        raise ConfigError(f"train.fused_loss = 'on' is not supported with {'; '.join(unsupported)}; "
+                          "use train.fused_loss = 'auto' or 'off'")
+    # auto stays off until bench/ measures this pure-PyTorch version faster than the plain loss on a GPU
+    # (it saves memory for certain; its speed against one large cuBLAS matmul is not measured yet)
+    return not unsupported and setting == "on"

@@ -34,7 +34,8 @@ import contextlib
 import warnings
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, JobConfig, resolve_objective
+from ..config import ConfigError, JobConfig
+from ..models import resolve_objective
 from .layouts import Layout, check_layout
 
 

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from ..config import ConfigError, JobConfig, validate
+from ..models import check_config
 from ..parallel.deepspeed_engine import check_deepspeed
-from ..parallel.job_checks import check_context_parallel, check_job
+from ..parallel.job_checks import check_context_parallel, check_job, use_fused_loss
 from ..parallel.mesh import Degrees, pipeline_layers, resolve_degrees
 from ..parallel.pipeline import SINGLE_STAGE_SCHEDULES  # one stage per rank; the others loop several
 
@@ -156,10 +157,9 @@ def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
     """The job config of ``layout``, or ConfigError with the project's own reason for refusing it."""
     job = apply_layout(cfg, layout)
     validate(job)
+    check_config(job)
     d = resolve_degrees(job.parallel, layout.world_size)
     check_job(job, d)
-    from ..kernels.fused_loss import use_fused_loss
-
     use_fused_loss(job, d, job.train.device)  # train.fused_loss = on where the trainer refuses it
     return job
 
@@ -214,9 +214,9 @@ def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[st
     for tp in divisors(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
-        for pp, cp, cp_method in ((pp, cp, meth) for pp in divisors(gpus // tp)
-                                  for cp in divisors(gpus // (tp * pp)) if cp & (cp - 1) == 0
-                                  for meth in (CP_METHODS if cp > 1 else ("ring",))):
+        for pp, cp, cp_method in ((p, c, meth) for p in divisors(gpus // tp)
+                                  for c in divisors(gpus // (tp * p)) if c & (c - 1) == 0
+                                  for meth in (CP_METHODS if c > 1 else ("ring",))):
             if pp > 1 and pp > m.n_layers:
                 continue
             dp = gpus // (tp * pp * cp)

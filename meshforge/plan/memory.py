@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 from ..config import JobConfig
 from ..models import family_spec
+from ..parallel.job_checks import use_fused_loss
 from .layouts import ZERO_MODES, Layout
 from .state import state_bytes, unsharded_numel
 
@@ -129,8 +130,6 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused
 
 def fused_loss_on(cfg: JobConfig, layout: Layout) -> bool:
     """Whether the job runs the fused output + loss (``train.fused_loss``, resolved as the trainer does)."""
-    from ..kernels.fused_loss import use_fused_loss
-
     return use_fused_loss(cfg, layout.degrees, cfg.train.device)
 
 
@@ -170,8 +169,8 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
     microbatch's saved activations, the rebuilt block and one stage input), when every gradient exists
     -- none when the rank runs a single microbatch without a pipeline: its gradients then appear only
     as its own backward frees its activations, so the two never add up."""
-    from .state import _stage_layers
     from ..parallel.mesh import pipeline_stages_per_rank
+    from .state import _stage_layers
 
     B, T, tp, e = microbatch_samples(cfg, layout), local_seq_len(cfg, layout), layout.tp, prec.act
     held, first, last = _stage_layers(cfg, layout, pp_rank)

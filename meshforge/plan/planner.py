@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, JobConfig, load_config
+from ..models import check_config
 from .devices import Device, get_device
 from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts, iter_layouts
-from .memory import KINDS, estimate_memory
+from .memory import KINDS, backward_peak, estimate_memory, estimate_rank
 from .time_model import TimeEstimate, estimate_time
 
 HEADROOM = 0.9
@@ -75,6 +76,7 @@ def plan_config(preset: str, overrides: list[str], seq_len: int | None, batch_to
         if seq_len > base.model.max_seq_len:
             extra += ["--model.max_seq_len", str(seq_len)]
         cfg = load_config(preset, [*overrides, *extra])
+    check_config(cfg)
     if batch_tokens is not None:
         tokens, seq = parse_tokens(batch_tokens), cfg.data.seq_len
         given = batch_tokens.strip() + ("" if batch_tokens.strip() == str(tokens) else f" ({tokens} tokens)")
@@ -243,5 +245,12 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
                   p.activation_checkpointing, p.cp_method, spr, p.pp_split if d.pp > 1 else "")
 
 
+def predict_run_memory(cfg: JobConfig, world_size: int, rank: int, device_type: str) -> dict[str, int]:
+    """The memory ``meshforge train`` predicts for ``rank`` of its own layout (bytes by part, and the
+    ``backward`` and ``step`` peaks it compares with its measurement; see pretrain/memory_probe.py)."""
+    est = estimate_rank(cfg, layout_of_config(cfg, world_size), rank, device_type)
+    return {**est, "backward": backward_peak(est), "step": max(backward_peak(est), est["grads"] + est["optimizer_step"])}
+
+
 __all__ = ["HEADROOM", "LAYOUT_KEYS", "Plan", "Priced", "check_cluster", "get_device", "layout_keys_given",
-           "layout_of_config", "parse_tokens", "plan_config", "plan_job", "plan_layout", "ZERO_MODES"]
+           "layout_of_config", "parse_tokens", "predict_run_memory", "plan_config", "plan_job", "plan_layout", "ZERO_MODES"]

@@ -32,7 +32,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -44,16 +44,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..errors import MeshforgeError
-
+from ..errors import CheckpointError
 from . import dcp_io
 from .checkpoint_files import unreadable
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(MeshforgeError, ValueError):
-    """A checkpoint that cannot be used, or an output dir that belongs to another run."""
 
 
 def is_complete(path: Path) -> bool:
@@ -113,14 +108,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
-                    engine=None) -> dict:
-    """Load model + optimizer (any saved layout; a DeepSpeed ``engine``: the same layout) and this rank's RNG; return meta.json."""
+                    load_state: Callable[[Path], None] | None = None) -> dict:
+    """Load model + optimizer (any saved layout; ``load_state(path)`` instead: a step backend's own files, such as
+    the DeepSpeed engine's in the same layout) and this rank's RNG; return meta.json."""
     meta = read_meta(path)
     with unreadable(path, "--checkpoint.resume_from DIR"):
-        if engine is not None:
-            from ..parallel.deepspeed_engine import load_engine
-
-            load_engine(engine, path)
+        if load_state is not None:
+            load_state(path)
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}

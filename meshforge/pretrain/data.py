@@ -22,9 +22,9 @@ from ..data_pipeline.blend import BlendedDataset, parse_blend
 from ..data_pipeline.builtin import BUILTIN_PREFIX, resolve_cache_dir, resolve_data_path
 from ..data_pipeline.dataset import TokenDataset
 from ..data_pipeline.errors import DataError
+from ..data_pipeline.layout import MANIFEST
 from ..data_pipeline.loader import DistributedLoader
 from ..data_pipeline.manifest import DataInfo, load_manifest, open_data_dir, parse_manifest
-from ..data_pipeline.layout import MANIFEST
 from ..data_pipeline.remote import RemoteStats, RemoteStore, is_url
 from ..data_pipeline.remote_cache import RemoteDataInfo, open_remote_data_dir
 from ..data_pipeline.remote_dataset import RemoteTokenDataset
@@ -33,6 +33,7 @@ from ..parallel.fault_tolerance import data_coordinates
 from ..parallel.mesh import Degrees
 from ..tokenizers import Tokenizer, load_tokenizer
 from .objectives import LMObjective, SpanCorruptionObjective, Ul2Objective, build_objective
+
 
 @dataclass
 class TrainData:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
-from ..errors import MeshforgeError
+from ..errors import CollectiveError, MeshforgeError
 
 EXIT_PREEMPTED = 42
 """Exit status of a run that stopped on a preemption signal after writing a checkpoint."""
@@ -145,12 +145,6 @@ class SpikeDetector:
         if math.isfinite(loss) and not spike:
             self.history.append(loss)
         return spike
-
-
-class CollectiveError(MeshforgeError, RuntimeError):
-    """A collective failed or timed out; the message names the operation and the ranks involved."""
-
-    exit_status = 1  # the job failed, not its input
 
 
 def is_collective_failure(error: BaseException) -> bool:

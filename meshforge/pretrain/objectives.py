@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Denoiser, JobConfig, mode_token_pieces, parse_denoisers, resolve_objective
+from ..config import Denoiser, JobConfig, mode_token_pieces, parse_denoisers
 from ..data_pipeline.errors import DataError
 from ..data_pipeline.span_corruption import SpanCorruptionDataset, SpanCorruptionSpec, make_spec
 from ..data_pipeline.ul2 import Ul2Dataset, Ul2Spec, make_ul2_spec
-from ..tokenizers import Tokenizer
+from ..models import resolve_objective
 from ..models.losses import IGNORE_INDEX
+from ..tokenizers import Tokenizer
 
 SENTINEL_PIECE = "<extra_id_{}>"
 

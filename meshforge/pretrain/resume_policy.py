@@ -1,6 +1,6 @@
 """Resuming with changed settings: refuse what would change the run, apply the rest and say so.
 
-The policy per key is :mod:`meshforge.config_resume`'s table (``--help-config`` prints it).
+The policy per key is :mod:`meshforge.config.resume`'s table (``--help-config`` prints it).
 :func:`resume_changes` compares the config of the checkpoint to resume with this run's, before
 anything is written: a refused change raises :class:`CheckpointError` naming it; every other
 change becomes a line the trainer prints. The config the run records (``config.json``,
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import JobConfig, config_to_dict
-from ..config_resume import IGNORED, REFUSED, resume_policy
+from ..config.resume import IGNORED, REFUSED, resume_policy
 from .checkpoint import CheckpointError, read_meta
 
 

@@ -74,7 +74,7 @@ class StepSetup:
     collectives: CollectiveWatch
     nonfinite: NonFiniteGuard
     fused_loss: bool
-    """Loss from the final hidden states and the output weight in chunks (``kernels.fused_loss.use_fused_loss``)."""
+    """Loss from the final hidden states and the output weight in chunks (``parallel.job_checks.use_fused_loss``)."""
     before_update: Callable[[], None] = field(default=lambda: None)
     """Called right before the optimizer changes the weights in place (an asynchronous checkpoint's staging
     of them must be complete: ``Checkpointer.wait_staged``)."""

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..parallel.deepspeed_engine import build_deepspeed_engine
+from ..errors import CheckpointError
+from ..parallel.deepspeed_engine import CHECKPOINT_TAG, build_deepspeed_engine
 from .checkpoint import load_checkpoint
 from .step import StepSetup, TrainStep, new_optimizer
 
@@ -56,4 +57,12 @@ class DeepSpeedStep(TrainStep):
         checkpointer.save(step, self.engine, self.optimizer, meta, files, engine=self.engine)
 
     def load(self, path: Path, rank: int) -> dict:
-        return load_checkpoint(path, self.engine, self.optimizer, rank, engine=self.engine)
+        return load_checkpoint(path, self.engine, self.optimizer, rank, load_state=self._load_engine)
+
+    def _load_engine(self, directory: Path) -> None:
+        """Restore module and optimizer state written by the engine (``save_engine``: same dp degree and stage)."""
+        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}: the checkpoint is "
+                                  "incomplete; resume from an older one with --checkpoint.resume_from")

@@ -26,26 +26,25 @@ import torch
 
 from ..config import JobConfig, config_to_dict, fingerprint, run_identity
 from ..errors import MeshforgeError
-from ..launch.setup import share_failure
 from ..launch.env import DistEnv, discover, init_distributed, resolve_device, shutdown_distributed
-from ..models import MODEL_SPECS, active_params, build_model, family_spec
+from ..launch.setup import share_failure
+from ..models import MODEL_SPECS, active_params, build_model, check_config, family_spec
 from ..parallel import build_mesh, parallelize
-from ..kernels.fused_loss import use_fused_loss
 from ..parallel.float8 import check_float8
-from ..parallel.job_checks import check_job
+from ..parallel.job_checks import check_job, use_fused_loss
 from ..parallel.mesh import Degrees, resolve_degrees
 from ..parallel.pipeline import PipelinePlan
 from .checkpoint import check_init, check_resume_backend, load_model_weights
 from .checkpoint_writer import Checkpointer
-from .resume_policy import optimizer_settings, restore_optimizer_settings, resume_changes
-from .run_lock import RunLock
-from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
 from .data import TrainData, prepare_train_data, resolve_vocab_size
-from .generate import generate_text
 from .faults import EXIT_PREEMPTED, CollectiveWatch, NonFiniteGuard, PreemptionWatcher, SpikeDetector, mark_preempted
+from .generate import generate_text
+from .memory_probe import MemoryPlan, MemoryProbe
 from .metrics import MetricsLogger, peak_flops
 from .optim import schedule_notes
-from ..plan.measure import MemoryProbe
+from .output_dir import ACCESS_ERRNOS, SPACE_ERRNOS, check_writable, storage_error
+from .resume_policy import optimizer_settings, restore_optimizer_settings, resume_changes
+from .run_lock import RunLock
 from .step import StepSetup, TrainStep, build_step
 
 
@@ -66,11 +65,13 @@ class TrainResult:
 class Trainer:
     """One training run; ``run()`` executes it. Build with :func:`train` or directly."""
 
-    def __init__(self, cfg: JobConfig, env: DistEnv | None = None):
+    def __init__(self, cfg: JobConfig, env: DistEnv | None = None, memory_plan: MemoryPlan | None = None):
+        check_config(cfg)  # the model family's checks (config.validate ran when the config was loaded)
         if cfg.model.vocab_size == 0:  # the tokenizer's size, padded: the run (and its checkpoints) hold the number
             cfg = copy.deepcopy(cfg)
             resolve_vocab_size(cfg)
         self.cfg = cfg
+        self.memory_plan = memory_plan
         self.env = env or discover()
         self.device = resolve_device(cfg.train.device, self.env)
         self.started = False
@@ -162,7 +163,8 @@ class Trainer:
         if self.env.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
         self.peak = peak_flops(self.device)
-        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer)  # planner vs measured
+        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer,
+                                        self.memory_plan)  # planner vs measured
         if self.env.is_main:
             print(self.memory_probe.start_line(), flush=True)
             for note in schedule_notes(cfg.train.steps, cfg.optim):
@@ -352,8 +354,9 @@ def _print(bar, text: str) -> None:
         print(text, flush=True)
 
 
-def train(cfg: JobConfig) -> TrainResult:
-    """Run a training job in this process (one rank of it under torchrun).
+def train(cfg: JobConfig, memory_plan: MemoryPlan | None = None) -> TrainResult:
+    """Run a training job in this process (one rank of it under torchrun); ``memory_plan``: the planner's
+    prediction, printed at start and compared with the measured memory (``meshforge train`` passes it).
 
     A :class:`~meshforge.errors.MeshforgeError` of a multi-rank job is shared through the
     rendezvous store so that the job prints it once (rank 0 speaks; see :mod:`meshforge.launch.setup`).
@@ -362,7 +365,7 @@ def train(cfg: JobConfig) -> TrainResult:
     trainer = None
     try:
         try:
-            trainer = Trainer(cfg, env)
+            trainer = Trainer(cfg, env, memory_plan)
             with trainer.collectives.explain_failures():  # a dead or stalled peer: one line naming the operation
                 result = trainer.run()
                 trainer.collectives.at("the barrier before shutdown")

@@ -17,7 +17,6 @@ from functools import cached_property
 
 from ..config import ConfigError, config_from_dict
 
-
 CPU_STEP_OVERHEAD_S = 0.032
 """Per-step cost beyond the time model on the ``cpu`` device: the median over the 19 runs of the CPU
 ladder (``docs/scaling/results.csv``, 1.3-18 ms of modelled compute per step, 26-69 ms measured;
@@ -65,7 +64,7 @@ class Estimator:
                               f"{self.tokens_per_s}")
         if not (self.overhead_s >= 0 and math.isfinite(self.overhead_s)):
             raise ConfigError(f"--step-overhead-ms must be 0 or more, got {self.overhead_s * 1e3}")
-        self._device  # ConfigError for an unknown device or a bad --devices file
+        _ = self._device  # ConfigError for an unknown device or a bad --devices file
 
     @cached_property
     def _device(self):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..config import JobConfig, config_from_dict, config_to_dict, load_config
+from ..models import check_config
 from . import ScalingError
 from .flops import flops_per_token, tokens_per_step
 from .shapes import count_params, shape_for, smallest_n
@@ -76,7 +77,7 @@ class PlanSpec:
 
 
 def _base(spec: PlanSpec) -> JobConfig:
-    cfg = load_config(spec.base_config, dict(spec.overrides))
+    cfg = check_config(load_config(spec.base_config, dict(spec.overrides)))
     count_params(cfg.model)  # dense decoder, or a clear error
     return cfg
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ScalingError
-from .fit import (Points, approach1, approach2, approach3, envelope_points, predict_power, read_points,
-                  resolve_inputs)
+from .fit import Points, approach1, approach2, approach3, envelope_points, predict_power, read_points, resolve_inputs
 
 
 def _pyplot():

@@ -1,0 +1,204 @@
+"""parallel.fault_tolerance = torchft: replica groups (2 x 2 ranks, FSDP2 inside) under a real lighthouse.
+
+Default suite: the option's config errors, and two groups that train together matching one process.
+``-m slow``: a rank of group 1 SIGKILLed mid-run (group 0 trains on alone, group 1 is restarted and
+heals from group 0's live state), a group lost for good, the lighthouse dying, a replacement group
+with another layout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+pytest.importorskip("torchft")
+
+from ft_harness import Lighthouse, final_weights, finish, group_args, records, replay, start_group, wait_for_steps  # noqa: E402
+from meshforge.config import ConfigError, load_config  # noqa: E402
+from meshforge.parallel.job_checks import check_job  # noqa: E402
+from meshforge.parallel.mesh import resolve_degrees  # noqa: E402
+
+LOSS_ATOL = 1e-6
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs between the replica groups"
+
+
+def assert_all_finished(results: list) -> None:
+    failed = [f"group {g} rank {r} (exit {status}):\n{err[-2000:]}" for g, ranks in enumerate(results)
+              for r, (status, err) in enumerate(ranks) if status != 0]
+    assert not failed, "\n".join(failed)
+
+
+def assert_matches_reference(out) -> None:
+    got, want, weights = replay(out, 0)
+    assert len(got) >= 5
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=LOSS_ATOL)
+    for name, value in final_weights(out, 0).items():
+        torch.testing.assert_close(value, weights[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert want[-1] < want[0]
+
+
+# --------------------------------------------------------------------------- config errors (table)
+
+BAD = [
+    (["parallel.ft_groups=2", "parallel.ft_replica_group=2"], "is not a group of parallel.ft_groups = 2"),
+    (["parallel.ft_groups=2", "parallel.ft_min_replicas=3"], "ft_min_replicas = 3 must be between 1"),
+    (["parallel.ft_groups=2", "parallel.ft_timeout_s=0"], "must be > 0"),
+    (["parallel.ft_groups=2", "parallel.pp=2", "model.n_layers=4"], "does not work with parallel.pp = 2"),
+    (["parallel.ft_groups=2", "parallel.dp_replicate=2"], "does not work with parallel.dp_replicate = 2"),
+    (["parallel.ft_groups=2", "parallel.dp_backend=deepspeed"], "does not work with parallel.dp_backend = 'deepspeed'"),
+    (["parallel.ft_groups=4", "train.micro_batch_size=0", "train.global_batch_size=4"], "does not divide"),
+    (["parallel.ft_groups=2", "parallel.ft_lighthouse="], "needs the lighthouse's address"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m for _, m in BAD])
+def test_config_errors(overrides, message, monkeypatch):
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    args = ["parallel.fault_tolerance=torchft", "parallel.ft_lighthouse=http://127.0.0.1:1", "train.micro_batch_size=2",
+            *overrides]
+    cfg = load_config("tiny-test", [f"--{a.split('=')[0]}={a.split('=', 1)[1]}" for a in args])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_job(cfg, resolve_degrees(cfg.parallel, 2), "cpu")
+
+
+def test_missing_extra_is_one_line(monkeypatch):
+    import sys
+
+    from meshforge.parallel.fault_tolerance import require_torchft
+
+    monkeypatch.setitem(sys.modules, "torchft.manager", None)  # as if the ft extra were not installed
+    with pytest.raises(ConfigError, match=r"install the ft extra: pip install -e \"\.\[ft\]\""):
+        require_torchft()
+
+
+# --------------------------------------------------------------------------- two groups, no failure
+
+
+def test_two_groups_match_one_process(tiny_data, tmp_path):
+    """Both groups in every step: they hold the same bits, and their losses and weights are one process's
+    on the whole global batch."""
+    with Lighthouse(min_replicas=2) as lh:  # no quorum until both groups are up
+        args = group_args(tiny_data, tmp_path, lh, 8, 2, "--optim.warmup_steps", "2")  # the loss must fall in 8 steps
+        groups = [start_group(args, g) for g in range(2)]
+        results = [finish(procs, 300) for procs in groups]
+    assert_all_finished(results)
+    rows = records(tmp_path, 0)
+    assert [r["ft_groups"] for r in rows] == [[0, 1]] * 8
+    assert rows[0]["ft_samples"] == [[0, 4], [4, 8]] and rows[1]["ft_samples"] == [[8, 12], [12, 16]]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in records(tmp_path, 1)]
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
+    assert_matches_reference(tmp_path)
+
+
+# --------------------------------------------------------------------------- failures (slow)
+
+STEPS = 300
+"""Long enough for group 1 to be restarted while group 0 trains on alone (~0.1 s a step here)."""
+
+
+@pytest.mark.slow
+def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
+    with Lighthouse() as lh:
+        args = group_args(tiny_data, tmp_path, lh, STEPS)
+        group0 = start_group(args, 0)
+        wait_for_steps(tmp_path, 0, 1, 180)  # group 0 trains from step 1 (the one the reference replays)
+        group1 = start_group(args, 1)
+        wait_for_steps(tmp_path, 1, 10, 180)
+        os.kill(group1[1].pid, signal.SIGKILL)  # one rank of group 1 dies mid-run
+        first = finish(group1, 120)  # its peer rank stops on the broken collective (torchrun would restart both)
+        assert first[1][0] == -signal.SIGKILL and first[0][0] != 0
+        lost_at = len(records(tmp_path, 0))
+        group1 = start_group(args, 1)  # the replacement: heals from group 0's live state
+        results = [finish(group0, 600), finish(group1, 600)]
+    assert_all_finished(results)
+    rows = records(tmp_path, 0)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # group 0 never restarted nor lost a step
+    # the same processes from start to end, and no checkpoint to read but the final one
+    assert [c.name for c in (tmp_path / "group_0" / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
+    after = [r for r in rows if r["step"] >= lost_at - 1]
+    failed = [r for r in after if not r["ft_committed"]]  # the step the kill broke: not committed, its data skipped
+    assert len(failed) <= 2 and all(r["ft_samples"] == [] and r.get("skipped") for r in failed), failed
+    assert any(r["ft_groups"] == [0] and r["ft_committed"] for r in after), "group 0 trained on alone after the kill"
+    assert all(r["ft_samples"] == [[8 * (r["step"] - 1), 8 * (r["step"] - 1) + 4]]
+               for r in after if r["ft_groups"] == [0] and r["ft_committed"])  # group 1's share skipped
+    healed = [r for r in records(tmp_path, 1) if "ft_healed_from_step" in r]
+    assert healed and healed[-1]["step"] > lost_at, healed
+    assert rows[-1]["ft_groups"] == [0, 1]  # together again at the end
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
+    assert_matches_reference(tmp_path)
+
+
+@pytest.mark.slow
+def test_group_lost_for_good(tiny_data, tmp_path):
+    with Lighthouse() as lh:
+        args = group_args(tiny_data, tmp_path, lh, 60)
+        group0 = start_group(args, 0)
+        wait_for_steps(tmp_path, 0, 1, 180)
+        group1 = start_group(args, 1)
+        wait_for_steps(tmp_path, 1, 5, 180)
+        for p in group1:
+            p.kill()
+        finish(group1, 60)
+        results = finish(group0, 600)
+    assert all(status == 0 for status, _ in results), results[0][1][-3000:]
+    rows = records(tmp_path, 0)
+    assert [r["step"] for r in rows] == list(range(1, 61)) and rows[-1]["ft_groups"] == [0]
+    assert_matches_reference(tmp_path)
+
+
+@pytest.mark.slow
+def test_lighthouse_dying_stops_groups_with_one_line(tiny_data, tmp_path):
+    with Lighthouse() as lh:
+        args = group_args(tiny_data, tmp_path, lh, STEPS)
+        groups = [start_group(args, g) for g in range(2)]
+        wait_for_steps(tmp_path, 0, 5, 180)
+        lh.kill()
+        results = [finish(procs, 120) for procs in groups]  # within the quorum timeout (15 s), no hang
+    for ranks in results:
+        status, err = ranks[0]
+        assert status == 1, err[-3000:]
+        assert "no quorum from the torchft lighthouse" in err.strip().splitlines()[-1], err[-3000:]
+
+
+@pytest.mark.slow
+def test_replacement_with_other_layout_is_refused(tiny_data, tmp_path):
+    with Lighthouse() as lh:
+        args = group_args(tiny_data, tmp_path, lh, STEPS, 2, "--train.micro_batch_size", "1")
+        group0 = start_group(args, 0)
+        wait_for_steps(tmp_path, 0, 3, 180)
+        other = finish(start_group(args, 1, ranks=4), 120)  # 4 ranks where group 0 has 2
+        for p in group0:
+            p.kill()
+        finish(group0, 60)
+    status, err = other[0]
+    assert status != 0
+    assert "cannot heal from its peer: the peer's layout inside its group is" in err, err[-3000:]
+
+
+# --------------------------------------------------------------------------- meshforge launch --ft-groups
+
+
+def test_launch_ft_dry_run():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--ft-groups",
+                          "2", "--ft-port", "29600", "--dry-run", "--", "train", "--config", "tiny-test"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].endswith("--bind '[::]:29600' --min_replicas 1")
+    for g, line in enumerate(lines[1:]):
+        assert "--nproc-per-node 2 --max-restarts 3" in line
+        assert line.endswith(f"--parallel.ft_groups 2 --parallel.ft_replica_group {g} "
+                             "--parallel.ft_lighthouse http://127.0.0.1:29600")
+    assert len(lines) == 3
