@@ -375,4 +375,6 @@ def train(cfg: JobConfig) -> TrainResult:
     finally:
         if trainer is not None:
             trainer.release()
+            if hasattr(trainer, "collectives"):
+                trainer.collectives.close()
         shutdown_distributed()
