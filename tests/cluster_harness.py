@@ -80,14 +80,19 @@ def remove_stale() -> list[str]:
     return stale
 
 
-def _remove_namespace(name: str) -> None:
-    """Kill every process still in namespace ``name`` (ranks outlive the launcher that started them),
-    then delete it and its hosts file."""
+def _kill_all_in(name: str) -> None:
+    """SIGKILL every process in namespace ``name`` (ranks outlive the launcher that started them: torchrun
+    puts them in sessions of their own)."""
     for pid in _ip("netns", "pids", name, check=False).stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _remove_namespace(name: str) -> None:
+    """Kill every process still in namespace ``name``, then delete it and its hosts file."""
+    _kill_all_in(name)
     _ip("netns", "del", name, check=False)
     shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
@@ -147,6 +152,10 @@ class Cluster:
     def set_link(self, node: int, up: bool) -> None:
         """Take ``node``'s interface down (its cable pulled) or up again."""
         _ip("-n", self.namespaces[node], "link", "set", "eth0", "up" if up else "down")
+
+    def kill_node(self, node: int) -> None:
+        """SIGKILL every process on ``node`` (the host is gone), whatever process group it is in."""
+        _kill_all_in(self.namespaces[node])
 
     def rx_bytes(self, node: int) -> int:
         """Bytes ``node`` received on its interface."""
