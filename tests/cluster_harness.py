@@ -158,8 +158,15 @@ class Cluster:
         _kill_all_in(self.namespaces[node])
 
     def rx_bytes(self, node: int) -> int:
-        """Bytes ``node`` received on its interface."""
-        return int(_ip("netns", "exec", self.namespaces[node], "cat", "/sys/class/net/eth0/statistics/rx_bytes").stdout)
+        """Bytes ``node`` received on its interface (Ethernet frames: headers included)."""
+        return self._counter(node, "rx_bytes")
+
+    def tx_bytes(self, node: int) -> int:
+        """Bytes ``node`` sent on its interface (Ethernet frames: headers included)."""
+        return self._counter(node, "tx_bytes")
+
+    def _counter(self, node: int, name: str) -> int:
+        return int(_ip("netns", "exec", self.namespaces[node], "cat", f"/sys/class/net/eth0/statistics/{name}").stdout)
 
     def close(self) -> None:
         if self._closed:
