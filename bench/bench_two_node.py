@@ -112,7 +112,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.record:
-        record("Two nodes: bytes on the link per step vs the planner", lines)
+        record("## Two nodes: bytes on the link per step vs the planner", lines)
 
 
 if __name__ == "__main__":
