@@ -31,7 +31,10 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MeshforgeError
-from .heartbeat import Heartbeat, name_by_host
+from .heartbeat import STOPPED_AFTER, Heartbeat, name_by_host, within
+
+STORE_READ_S = 5.0
+"""How long a failing rank waits for the store's answers before saying the others' progress is unknown."""
 
 EXIT_PREEMPTED = 42
 """Exit status of a run that stopped on a preemption signal after writing a checkpoint."""
@@ -255,10 +258,12 @@ class CollectiveWatch:
     def _laggards(self, show: int = 8) -> str:
         """Which ranks stopped answering (heartbeat gone: named with their hosts), and which of the others
         never reached this rank's operation, with where they were last."""
-        marks = self.others()
+        marks = within(STORE_READ_S, self.others)
         if marks is None:
             return "the other ranks' progress is unknown (the rendezvous store is unreachable)"
-        lost = (self.heartbeat.stopped() if self.heartbeat is not None else None) or {}
+        lost = {}
+        if self.heartbeat is not None:
+            lost = within(STORE_READ_S + STOPPED_AFTER * self.heartbeat.interval_s, self.heartbeat.stopped) or {}
         behind = sorted(r for r, (seq, _) in marks.items() if seq < self.seq and r not in lost)
         parts = []
         if lost:

@@ -24,6 +24,10 @@ class Heartbeat:
     """This rank's heartbeat thread (started at once) and the reading of the others'."""
 
     def __init__(self, store, rank: int, world_size: int, interval_s: float = 1.0):
+        try:  # a connection of its own: a beat stuck on a lost link must not hold the trainer's store calls
+            store = store.clone()
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
         self.store = store
         self.rank = rank
         self.world_size = world_size
@@ -64,6 +68,17 @@ class Heartbeat:
         except Exception:
             return None
         return {r: bytes(h).decode(errors="replace") for r, h in zip(stopped, hosts)}
+
+
+def within(seconds: float, call, default=None):
+    """``call()``'s result, or ``default`` when it has not returned within ``seconds`` (a store call on a
+    node that lost its link to the store's host blocks far longer than the job's timeouts; it is left to
+    finish, or not, on a daemon thread)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()), name="meshforge-store-read", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result[0] if result else default
 
 
 def name_by_host(ranks: dict[int, str], show: int = 8) -> str:
