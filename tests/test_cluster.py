@@ -4,6 +4,8 @@ hosts file per node), each running `meshforge launch` as a user would on each no
 - 2 nodes x 2 ranks meet at c10d rendezvous on node 0's hostname; TP (tp=2) inside each node, data
   parallel (HSDP dp_replicate=2) across the link; losses and final weights equal one process's.
 - A planted fault: node 0's name does not resolve on node 1, which says so in one line, at once.
+- SLURM (slow): slurmctld on node 0, a slurmd per node; `meshforge launch --slurm --nodes 2 --submit --wait`
+  trains the same layout through sbatch + srun.
 - Node 1's link goes down mid-run: node 0's ranks stop within train.collective_timeout_s plus a margin
   with one line naming the lost ranks and their host, the checkpoints stay intact, and a relaunch on
   node 0 alone (2 ranks instead of 4) resumes from the newest one, matching one process step for step.
@@ -27,7 +29,7 @@ from meshforge.config import config_from_dict
 from meshforge.models import build_model
 from meshforge.pretrain.checkpoint import list_checkpoints, load_model_weights, read_meta
 from meshforge.pretrain.metrics import read_metrics
-from parallel_harness import PARITY_ARGS, REPO, TP_ATOL, assert_parity, read_result, train_layout
+from parallel_harness import PARITY_ARGS, REPO, TP_ATOL, assert_parity, read_result
 
 TIMEOUT = 300
 PORT = "29400"
@@ -141,13 +143,12 @@ LINK_TIMEOUT_S = 8
 
 
 def test_link_down_stops_the_other_node_naming_the_lost_host_and_a_smaller_relaunch_resumes(
-        cluster, tiny_data, tmp_path):
-    constant = ("--optim.schedule", "constant")  # the LR does not depend on train.steps, which the relaunch sets
-    ref = train_layout(tiny_data, tmp_path / "ref", 1, *constant, "--train.steps", "10")
+        cluster, tiny_data, single_process_ref, tmp_path):
+    ref = single_process_ref
     out = tmp_path / "run"
-    train = ["train", *PARITY_ARGS, *constant, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-             "--parallel.tp", "2", "--parallel.dp_replicate", "2", "--train.steps", "1000",
-             "--checkpoint.interval", "2", "--train.collective_timeout_s", str(LINK_TIMEOUT_S)]
+    train = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
+             "--parallel.tp", "2", "--parallel.dp_replicate", "2", "--checkpoint.interval", "2",
+             "--train.collective_timeout_s", str(LINK_TIMEOUT_S)]
     procs = [launch_on(cluster, node, train, f"linkdown-{os.getpid()}") for node in (0, 1)]
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -155,7 +156,7 @@ def test_link_down_stops_the_other_node_naming_the_lost_host_and_a_smaller_relau
             assert all(p.poll() is None for p in procs), finish(procs, 1)
             assert time.monotonic() < deadline, "the run did not reach step 5"
             time.sleep(0.05)
-        cluster.set_link(1, up=False)  # node 1's cable pulled
+        cluster.set_link(1, up=False)  # node 1's cable pulled, 5 steps before the end (a step takes ~0.3 s)
         down = time.monotonic()
         log = finish(procs[:1], LINK_TIMEOUT_S + 60)[0]
         stopped_after = time.monotonic() - down
@@ -177,7 +178,7 @@ def test_link_down_stops_the_other_node_naming_the_lost_host_and_a_smaller_relau
         load_model_weights(ckpt, build_model(config_from_dict(read_meta(ckpt)["config"]).model, "cpu"))
 
     # node 0 alone, 2 ranks (tp 2, no data parallel): resumes the newest checkpoint, the same data order
-    relaunch = [*train, "--parallel.dp_replicate", "1", "--train.steps", "10"]
+    relaunch = [*train, "--parallel.dp_replicate", "1"]
     p = launch_on(cluster, 0, relaunch, "", nodes=1)
     log = finish([p], TIMEOUT)[0]
     assert p.returncode == 0, log[-4000:]
@@ -229,3 +230,30 @@ def load_manifest_partial(data_dir, node: int) -> dict:
     import json
 
     return json.loads((data_dir / ".prepare" / f"node_{node:05d}-of-00002.json").read_text())
+
+
+@pytest.mark.slow
+def test_slurm_on_two_nodes_trains_and_matches_single_process(cluster, tiny_data, single_process_ref, tmp_path):
+    """slurmctld on node 0 and a slurmd per node (tests/cluster_slurm.py); `meshforge launch --slurm --nodes 2`
+    submitted on node 0 runs 2 srun tasks on each node: TP inside a node, HSDP across the link."""
+    from cluster_slurm import slurm_problem, start_slurm
+
+    problem = slurm_problem()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run this test, but {problem}")
+        pytest.skip(problem)
+    env = start_slurm(cluster, tmp_path / "slurm")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "meshforge", "launch", "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "2",
+            "--job-name", "mft2", "--time", "00:15:00", "--script", str(tmp_path / "job.sbatch"), "--log-dir",
+            str(tmp_path), "--submit", "--wait", "--", "train", *PARITY_ARGS, "--data.path", str(tiny_data),
+            "--train.output_dir", str(out), "--parallel.tp", "2", "--parallel.dp_replicate", "2"]
+    before = cluster.rx_bytes(1)
+    p = cluster.popen(0, argv, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True)
+    log = finish([p], TIMEOUT)[0]
+    job_log = "".join(f.read_text() for f in tmp_path.glob("mft2-*.out"))
+    assert p.returncode == 0, f"{log[-3000:]}\n{job_log[-4000:]}"
+    assert cluster.rx_bytes(1) - before > 100_000  # node 1's ranks took part: the gradients crossed the link
+    assert_parity(single_process_ref, read_result(out), atol=TP_ATOL)
