@@ -5,7 +5,8 @@ hosts file per node), each running `meshforge launch` as a user would on each no
   parallel (HSDP dp_replicate=2) across the link; losses and final weights equal one process's.
 - A planted fault: node 0's name does not resolve on node 1, which says so in one line, at once.
 - SLURM (slow): slurmctld on node 0, a slurmd per node; `meshforge launch --slurm --nodes 2 --submit --wait`
-  trains the same layout through sbatch + srun.
+  trains the same layout through sbatch + srun; a preemption signal requeues it and the resumed run's
+  losses equal an uninterrupted run's bit for bit.
 - Node 1's link goes down mid-run: node 0's ranks stop within train.collective_timeout_s plus a margin
   with one line naming the lost ranks and their host, the checkpoints stay intact, and a relaunch on
   node 0 alone (2 ranks instead of 4) resumes from the newest one, matching one process step for step.
@@ -16,6 +17,7 @@ Needs root and network namespaces: skipped on a developer machine without them, 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,3 +259,60 @@ def test_slurm_on_two_nodes_trains_and_matches_single_process(cluster, tiny_data
     assert p.returncode == 0, f"{log[-3000:]}\n{job_log[-4000:]}"
     assert cluster.rx_bytes(1) - before > 100_000  # node 1's ranks took part: the gradients crossed the link
     assert_parity(single_process_ref, read_result(out), atol=TP_ATOL)
+
+
+def on_node0(cluster: Cluster, env: dict, *argv: str) -> str:
+    """Run a SLURM client command on node 0 (where the cluster's slurmctld answers); its output."""
+    p = cluster.popen(0, list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return p.communicate(timeout=60)[0]
+
+
+@pytest.mark.slow
+def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster, tiny_data, tmp_path):
+    """`scancel --signal=TERM` mid-run on the two-node SLURM cluster: every rank checkpoints and exits 42, the
+    batch script requeues the job, the requeued run resumes, and each step's loss equals an uninterrupted
+    4-rank run's of the same layout (on this machine's loopback), bit for bit."""
+    from cluster_slurm import slurm_problem, start_slurm
+
+    from meshforge.pretrain.metrics import read_metrics
+    from parallel_harness import run_ranks
+
+    problem = slurm_problem()
+    if problem:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must run this test, but {problem}")
+        pytest.skip(problem)
+    env = start_slurm(cluster, tmp_path / "slurm")
+    out, ref_out = tmp_path / "run", tmp_path / "ref"
+    train = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--parallel.tp", "2", "--parallel.dp_replicate",
+             "2", "--train.steps", "30"]
+    argv = [sys.executable, "-m", "meshforge", "launch", "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "2",
+            "--job-name", "mft2pre", "--time", "00:15:00", "--script", str(tmp_path / "job.sbatch"), "--log-dir",
+            str(tmp_path), "--submit", "--wait", "--", *train, "--train.output_dir", str(out)]
+    p = cluster.popen(0, argv, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True)
+    head = []
+    while not any("submitted job" in line for line in head):
+        line = p.stdout.readline()
+        assert line, "".join(head)
+        head.append(line)
+    job = re.search(r"submitted job (\d+)", "".join(head)).group(1)
+    deadline = time.monotonic() + TIMEOUT
+    while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 3 for r in read_metrics(out))):
+        assert time.monotonic() < deadline and p.poll() is None, "the job never reached step 3"
+        time.sleep(0.1)
+    on_node0(cluster, env, "scancel", "--signal=TERM", job)
+    # SLURM holds a requeued job back for two minutes (its BeginTime); release it at once
+    while "Restarts=0" in (info := on_node0(cluster, env, "scontrol", "-o", "show", "job", job)) \
+            or "JobState=PENDING" not in info:
+        assert time.monotonic() < deadline and "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, info
+        time.sleep(0.2)
+    on_node0(cluster, env, "scontrol", "update", f"JobId={job}", "BeginTime=now")
+    log = "".join(head) + finish([p], TIMEOUT)[0]
+    job_log = "".join(f.read_text() for f in tmp_path.glob("mft2pre-*.out"))
+    assert p.returncode == 0, f"{log[-2000:]}\n{job_log[-4000:]}"
+    assert "meshforge: preempted" in job_log and "(restart 1)" in job_log, job_log[-4000:]
+    run_ranks(4, [*train, "--train.output_dir", str(ref_out)])
+    got, want = losses_by_step(out), losses_by_step(ref_out)
+    assert sorted(got) == sorted(want) == list(range(1, 31))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
