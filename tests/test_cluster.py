@@ -234,10 +234,9 @@ def load_manifest_partial(data_dir, node: int) -> dict:
     return json.loads((data_dir / ".prepare" / f"node_{node:05d}-of-00002.json").read_text())
 
 
-@pytest.mark.slow
-def test_slurm_on_two_nodes_trains_and_matches_single_process(cluster, tiny_data, single_process_ref, tmp_path):
-    """slurmctld on node 0 and a slurmd per node (tests/cluster_slurm.py); `meshforge launch --slurm --nodes 2`
-    submitted on node 0 runs 2 srun tasks on each node: TP inside a node, HSDP across the link."""
+@pytest.fixture
+def slurm_env(cluster, tmp_path) -> dict:
+    """slurmctld on node 0 and a slurmd per node (tests/cluster_slurm.py); the environment for SLURM commands."""
     from cluster_slurm import slurm_problem, start_slurm
 
     problem = slurm_problem()
@@ -245,14 +244,21 @@ def test_slurm_on_two_nodes_trains_and_matches_single_process(cluster, tiny_data
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI must run this test, but {problem}")
         pytest.skip(problem)
-    env = start_slurm(cluster, tmp_path / "slurm")
+    return start_slurm(cluster, tmp_path / "slurm")
+
+
+@pytest.mark.slow
+def test_slurm_on_two_nodes_trains_and_matches_single_process(cluster, slurm_env, tiny_data, single_process_ref,
+                                                              tmp_path):
+    """slurmctld on node 0 and a slurmd per node (tests/cluster_slurm.py); `meshforge launch --slurm --nodes 2`
+    submitted on node 0 runs 2 srun tasks on each node: TP inside a node, HSDP across the link."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "meshforge", "launch", "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "2",
             "--job-name", "mft2", "--time", "00:15:00", "--script", str(tmp_path / "job.sbatch"), "--log-dir",
             str(tmp_path), "--submit", "--wait", "--", "train", *PARITY_ARGS, "--data.path", str(tiny_data),
             "--train.output_dir", str(out), "--parallel.tp", "2", "--parallel.dp_replicate", "2"]
     before = cluster.rx_bytes(1)
-    p = cluster.popen(0, argv, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+    p = cluster.popen(0, argv, cwd=REPO, env={**slurm_env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                       stderr=subprocess.STDOUT, text=True)
     log = finish([p], TIMEOUT)[0]
     job_log = "".join(f.read_text() for f in tmp_path.glob("mft2-*.out"))
@@ -268,28 +274,20 @@ def on_node0(cluster: Cluster, env: dict, *argv: str) -> str:
 
 
 @pytest.mark.slow
-def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster, tiny_data, tmp_path):
+def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster, slurm_env, tiny_data, tmp_path):
     """`scancel --signal=TERM` mid-run on the two-node SLURM cluster: every rank checkpoints and exits 42, the
     batch script requeues the job, the requeued run resumes, and each step's loss equals an uninterrupted
     4-rank run's of the same layout (on this machine's loopback), bit for bit."""
-    from cluster_slurm import slurm_problem, start_slurm
-
     from meshforge.pretrain.metrics import read_metrics
     from parallel_harness import run_ranks
 
-    problem = slurm_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run this test, but {problem}")
-        pytest.skip(problem)
-    env = start_slurm(cluster, tmp_path / "slurm")
     out, ref_out = tmp_path / "run", tmp_path / "ref"
     train = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--parallel.tp", "2", "--parallel.dp_replicate",
              "2", "--train.steps", "30"]
     argv = [sys.executable, "-m", "meshforge", "launch", "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "2",
             "--job-name", "mft2pre", "--time", "00:15:00", "--script", str(tmp_path / "job.sbatch"), "--log-dir",
             str(tmp_path), "--submit", "--wait", "--", *train, "--train.output_dir", str(out)]
-    p = cluster.popen(0, argv, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+    p = cluster.popen(0, argv, cwd=REPO, env={**slurm_env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                       stderr=subprocess.STDOUT, text=True)
     head = []
     while not any("submitted job" in line for line in head):
@@ -301,13 +299,13 @@ def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster,
     while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 3 for r in read_metrics(out))):
         assert time.monotonic() < deadline and p.poll() is None, "the job never reached step 3"
         time.sleep(0.1)
-    on_node0(cluster, env, "scancel", "--signal=TERM", job)
+    on_node0(cluster, slurm_env, "scancel", "--signal=TERM", job)
     # SLURM holds a requeued job back for two minutes (its BeginTime); release it at once
-    while "Restarts=0" in (info := on_node0(cluster, env, "scontrol", "-o", "show", "job", job)) \
+    while "Restarts=0" in (info := on_node0(cluster, slurm_env, "scontrol", "-o", "show", "job", job)) \
             or "JobState=PENDING" not in info:
         assert time.monotonic() < deadline and "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, info
         time.sleep(0.2)
-    on_node0(cluster, env, "scontrol", "update", f"JobId={job}", "BeginTime=now")
+    on_node0(cluster, slurm_env, "scontrol", "update", f"JobId={job}", "BeginTime=now")
     log = "".join(head) + finish([p], TIMEOUT)[0]
     job_log = "".join(f.read_text() for f in tmp_path.glob("mft2pre-*.out"))
     assert p.returncode == 0, f"{log[-2000:]}\n{job_log[-4000:]}"
