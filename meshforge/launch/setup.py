@@ -163,6 +163,7 @@ def share_failure(error: MeshforgeError, env: DistEnv, during_setup: bool, timeo
             time.sleep(POLL_S)  # the others usually fail alike, a moment later: one report for all
         failures = _failures(store, env.world_size)
     except Exception:  # no store to share through: this rank speaks for itself
-        error.args = (f"rank {env.rank} of {env.world_size}: {error}",)
+        head = f"rank {env.rank} of {env.world_size}:"
+        error.args = (str(error) if str(error).startswith(head) else f"{head} {error}",)
         return
     error.args = (describe_failures(failures, env.world_size),)

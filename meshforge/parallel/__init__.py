@@ -20,6 +20,7 @@ from .compile import apply_compile, compile_enabled
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp
 from .expert_parallel import apply_ep, apply_expert_fsdp, build_ep_mesh, expert_dp_mesh
+from .group_timeout import group_timeout, mesh_group_options, mesh_overrides
 from .float8 import apply_float8, float8_fsdp_all_gather, float8_tp
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
 from .tensor_parallel import apply_tp
@@ -35,9 +36,10 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
     if d.ep > 1:  # dp_shard x cp split into an outer part and ep, re-flattened under the usual names
         return build_ep_mesh(d, device.type)
     shape = tuple(getattr(d, name) for name in MESH_DIMS)
-    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+    # each dim's groups time out as the default group does (train.collective_timeout_s), not in torch's 30 min
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS, backend_override=mesh_overrides(shape, MESH_DIMS))
     if d.cp > 1:  # FSDP shards parameters over dp_shard x cp
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=mesh_group_options(group_timeout()))
     return mesh
 
 

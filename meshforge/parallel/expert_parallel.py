@@ -211,10 +211,12 @@ def build_ep_mesh(d, device_type: str) -> DeviceMesh:
     """
     from torch.distributed.device_mesh import init_device_mesh
 
+    from .group_timeout import group_timeout, mesh_group_options, mesh_overrides
+
     shape, names, flat = ep_mesh_layout(d)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=mesh_overrides(shape, names))
     for name, dims in flat.items():
-        mesh[dims if len(dims) > 1 else dims[0]]._flatten(name)
+        mesh[dims if len(dims) > 1 else dims[0]]._flatten(name, backend_override=mesh_group_options(group_timeout()))
     return mesh
 
 

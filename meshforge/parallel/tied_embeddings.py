@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from .group_timeout import group_timeout
+
 
 class TiedEmbeddingGrads:
     """Sums the gradients of the shared matrix's two copies over {first stage, last stage}.
@@ -46,7 +48,8 @@ class TiedEmbeddingGrads:
         if weight is not None:
             ranks = dist.get_process_group_ranks(pp_group)
             # only the two members create (and synchronise on) their pair group
-            self.group = dist.new_group([ranks[0], ranks[-1]], use_local_synchronization=True)
+            self.group = dist.new_group([ranks[0], ranks[-1]], use_local_synchronization=True,
+                                         timeout=group_timeout(pp_group))
 
     @torch.no_grad()
     def sum_(self) -> None:

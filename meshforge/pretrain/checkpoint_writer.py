@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
+from ..parallel.group_timeout import group_timeout
 from . import dcp_io
 from .checkpoint import CheckpointError, is_complete, list_checkpoints, rng_state
 from .checkpoint_files import file_records, verify_checkpoint
@@ -313,7 +314,7 @@ class Checkpointer:
 
     def _writer_group(self):
         if self._group is None and dist.is_available() and dist.is_initialized():
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=group_timeout())  # the job's collective timeout
         return self._group
 
     def _async_stager(self):

@@ -13,7 +13,9 @@
 - :class:`CollectiveWatch` marks, in the rendezvous store, which group of collectives each
   rank is entering; when a collective fails (a peer died) or times out (a peer stalls for
   ``train.collective_timeout_s``), it turns the backend's error into a one-line
-  :class:`CollectiveError` naming the operation, this rank and the ranks that never got there.
+  :class:`CollectiveError` naming the operation, this rank and the ranks that never got there;
+  with each rank's :class:`~meshforge.pretrain.heartbeat.Heartbeat`, the ranks that stopped
+  answering (a lost link or host) are named with their hosts, apart from those merely behind.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from contextlib import contextmanager
 import torch.distributed as dist
 
 from ..errors import CollectiveError, MeshforgeError
+from .heartbeat import STOPPED_AFTER, Heartbeat, name_by_host, within
+
+STORE_READ_S = 5.0
+"""How long a failing rank waits for the store's answers before saying the others' progress is unknown."""
 
 EXIT_PREEMPTED = 42
 """Exit status of a run that stopped on a preemption signal after writing a checkpoint."""
@@ -176,17 +182,24 @@ class CollectiveWatch:
     The trainer calls :meth:`at` before each group of collectives ("all_reduce of the loss at
     step 7"); every rank makes the same calls in the same order, so their sequence numbers line
     up. Inside :meth:`explain_failures`, a backend error becomes a :class:`CollectiveError` that
-    names the operation this rank was in and the ranks whose last mark is older: the ones that
-    never reached it (stalled or dead). A mark is one store write (no reply awaited).
+    names the operation this rank was in, the ranks whose heartbeat stopped (with their hosts: a
+    lost link, a dead host) and, of the others, those whose last mark is older: the ones that never
+    reached it (stalled). A mark is one store write (no reply awaited).
     """
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float, store=None):
+    def __init__(self, rank: int, world_size: int, timeout_s: float, store=None, heartbeat_s: float = 1.0):
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
         self.store = store
         self.seq = 0
         self.label = "startup"
+        self.heartbeat = Heartbeat(store, rank, world_size, heartbeat_s) if store is not None and world_size > 1 else None
+
+    def close(self) -> None:
+        """Stop this rank's heartbeat (the end of the run)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
 
     def at(self, label: str) -> None:
         """Record that this rank now enters ``label`` (the collectives up to the next mark)."""
@@ -229,16 +242,27 @@ class CollectiveWatch:
         return f"{text}; {self._laggards()}; {type(error).__name__}: {_backend_reason(error)}"
 
     def _laggards(self, show: int = 8) -> str:
-        """Which ranks never reached this rank's operation, with where they were last."""
-        marks = self.others()
+        """Which ranks stopped answering (heartbeat gone: named with their hosts), and which of the others
+        never reached this rank's operation, with where they were last."""
+        marks = within(STORE_READ_S, self.others)
         if marks is None:
             return "the other ranks' progress is unknown (the rendezvous store is unreachable)"
-        behind = sorted(r for r, (seq, _) in marks.items() if seq < self.seq)
-        if not behind:
-            return "every rank reached it"
-        names = ", ".join(str(r) for r in behind[:show]) + (f" and {len(behind) - show} more" if len(behind) > show else "")
-        where = "; ".join(f"rank {r} last at: {marks[r][1]}" for r in behind[:show])
-        return f"rank{'s' if len(behind) > 1 else ''} {names} never reached it ({where})"
+        lost = {}
+        if self.heartbeat is not None:
+            lost = within(STORE_READ_S + STOPPED_AFTER * self.heartbeat.interval_s, self.heartbeat.stopped) or {}
+        behind = sorted(r for r, (seq, _) in marks.items() if seq < self.seq and r not in lost)
+        parts = []
+        if lost:
+            several = len(lost) > 1
+            parts.append(f"{name_by_host(lost, show)} stopped answering: {'their' if several else 'its'} heartbeat in "
+                         f"the rendezvous store stopped (a lost network link, a host that went down, or a frozen "
+                         f"process; rank{'s' if several else ''} {', '.join(map(str, sorted(lost)[:show]))} "
+                         f"last at: {marks[sorted(lost)[0]][1]})")
+        if behind:
+            names = ", ".join(str(r) for r in behind[:show]) + (f" and {len(behind) - show} more" if len(behind) > show else "")
+            where = "; ".join(f"rank {r} last at: {marks[r][1]}" for r in behind[:show])
+            parts.append(f"rank{'s' if len(behind) > 1 else ''} {names} never reached it ({where})")
+        return "; ".join(parts) or "every rank reached it"
 
     @contextmanager
     def explain_failures(self):

@@ -381,4 +381,6 @@ def train(cfg: JobConfig, memory_plan: MemoryPlan | None = None) -> TrainResult:
     finally:
         if trainer is not None:
             trainer.release()
+            if hasattr(trainer, "collectives"):
+                trainer.collectives.close()
         shutdown_distributed()

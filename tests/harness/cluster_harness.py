@@ -80,14 +80,19 @@ def remove_stale() -> list[str]:
     return stale
 
 
-def _remove_namespace(name: str) -> None:
-    """Kill every process still in namespace ``name`` (ranks outlive the launcher that started them),
-    then delete it and its hosts file."""
+def _kill_all_in(name: str) -> None:
+    """SIGKILL every process in namespace ``name`` (ranks outlive the launcher that started them: torchrun
+    puts them in sessions of their own)."""
     for pid in _ip("netns", "pids", name, check=False).stdout.split():
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _remove_namespace(name: str) -> None:
+    """Kill every process still in namespace ``name``, then delete it and its hosts file."""
+    _kill_all_in(name)
     _ip("netns", "del", name, check=False)
     shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
 
@@ -148,9 +153,20 @@ class Cluster:
         """Take ``node``'s interface down (its cable pulled) or up again."""
         _ip("-n", self.namespaces[node], "link", "set", "eth0", "up" if up else "down")
 
+    def kill_node(self, node: int) -> None:
+        """SIGKILL every process on ``node`` (the host is gone), whatever process group it is in."""
+        _kill_all_in(self.namespaces[node])
+
     def rx_bytes(self, node: int) -> int:
-        """Bytes ``node`` received on its interface."""
-        return int(_ip("netns", "exec", self.namespaces[node], "cat", "/sys/class/net/eth0/statistics/rx_bytes").stdout)
+        """Bytes ``node`` received on its interface (Ethernet frames: headers included)."""
+        return self._counter(node, "rx_bytes")
+
+    def tx_bytes(self, node: int) -> int:
+        """Bytes ``node`` sent on its interface (Ethernet frames: headers included)."""
+        return self._counter(node, "tx_bytes")
+
+    def _counter(self, node: int, name: str) -> int:
+        return int(_ip("netns", "exec", self.namespaces[node], "cat", f"/sys/class/net/eth0/statistics/{name}").stdout)
 
     def close(self) -> None:
         if self._closed:
