@@ -20,8 +20,8 @@ output is whole:
 - MoE block (replicated over tp): the gathered input, router logits and probabilities (fp32),
   the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
   shared experts like a dense FFN;
-- the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
-  the loss's logits-sized temporaries (:func:`head_activation_bytes`); under ``train.fused_loss``
+- the head: final norm input/output and the loss's fp32 logits-sized buffers at their peak
+  (``BTV/tp`` each, :func:`head_activation_bytes`); under ``train.fused_loss``
   no logits, but ``dh``, an fp32 ``dW`` and one chunk of logits;
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
@@ -106,11 +106,12 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
 
 
 def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused: bool = False) -> int:
-    """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
-    loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
-    exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
-    backward ``grad * (x - lse).exp()`` (the difference, its exponential, the product) and the
-    target gather's scatter (5 in all).
+    """Final norm, output projection and loss at their peak, in fp32 ``BTV/tp`` logits-sized buffers
+    (the logits themselves are freed after the forward) -- vocab-parallel loss (tp > 1): the logits,
+    the shifted logits and their exponentials in forward (3; its backward works in place);
+    ``lm_loss`` without z-loss (``F.cross_entropy``): log-softmax's saved output, then in backward
+    the NLL's gradient and log-softmax's (3; on a CPU, over row blocks, 2); with z-loss: the saved
+    logits and the gradient written in place (2).
 
     ``fused`` (``train.fused_loss`` on, ``kernels/fused_loss.py``): no ``[tokens, vocab]`` logits.
     The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD/tp``); in 16 bits (``e``
@@ -122,7 +123,7 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused
     if fused:  # under tp the fused loss is vocab-parallel: the weight, dW and a chunk's logits are V / tp wide
         Vl, low = V // tp, e if e != 4 else 0
         return norm + e * BT * D + 4 * Vl * D + low * Vl * D + (4 + low) * BT * D // tp
-    buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
+    buffers = 3 if (tp > 1 and cfg.parallel.loss_parallel) or not cfg.train.z_loss_coef else 2
     return norm + buffers * 4 * BT * V // tp
 
 
