@@ -30,6 +30,11 @@ Reported per shape and mode: the median and the min over rounds of peer time / m
 ``--fused-projections`` adds a micro-benchmark: forward + backward of separate q/k/v (and
 gate/up) matmuls against one fused matmul of the concatenated weights, at each shape's
 widths, to size what fusing the projections could gain (not done in meshforge yet).
+``--fused-prototype`` adds a side ``fused`` to the rounds: meshforge with fused q/k/v and gate/up weights
+(``bench/fused_prototype.py``, the same initial weights), and a table of unfused / fused step time per
+round with the two sides' largest loss difference (the whole step, not the matmuls alone);
+``--sides`` picks the peers (``--sides`` alone: meshforge only, e.g. with ``--fused-prototype``).
+``bench/profile_peers.py`` compares meshforge's step with the HF loop's op by op.
 
 Run: ``python bench/bench_peers.py --record`` (~30 min on 2 busy cores);
 ``--shapes 2m --rounds 1 --steps 3`` for a quick look. On a GPU the prepared GPU check runs the
@@ -105,12 +110,15 @@ def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.dev
     trainer = Trainer(cfg)
     trainer._setup()
 
+    losses = []
+
     def step():
-        trainer.train_step()
+        losses.append(trainer.train_step()["loss"])
         trainer.step += 1
 
     out = _timed(step, warmup, steps, device)
     out["params"] = sum(p.numel() for p in trainer.model.parameters())
+    out["losses"] = losses
     return out
 
 
@@ -175,6 +183,11 @@ def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: i
         cfg = job_config(shape, mode, tmp, warmup + steps, scope=scope)
         torch.manual_seed(0)
         if side == "meshforge":
+            return run_meshforge(cfg, warmup, steps)
+        if side == "fused":  # --fused-prototype: meshforge with fused q/k/v and gate/up weights
+            import fused_prototype
+
+            fused_prototype.install()
             return run_meshforge(cfg, warmup, steps)
         if side == "hf":
             return run_hf(cfg, warmup, steps, torch.device("cpu"))
@@ -312,6 +325,26 @@ def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) 
     return lines
 
 
+def fused_table(results: dict) -> list[str]:
+    """``--fused-prototype``: unfused / fused meshforge step time per round, and whether their losses agree."""
+    lines = ["", "meshforge unfused vs the fused-projection prototype (`bench/fused_prototype.py`), same weights; "
+             "ratio = unfused / fused step time (> 1: fusing pays), per round in run order:", "",
+             "| shape | mode | unfused CPU s/step | fused CPU s/step | unfused / fused (median, min, max) | rounds | max loss diff |",
+             "|---|---|---:|---:|---|---|---:|"]
+    for (shape, mode), rounds in results.items():
+        both = [r for r in rounds if "median_s" in r.get("fused", {}) and "median_s" in r.get("meshforge", {})]
+        if not both:
+            lines.append(f"| {shape} | {mode} | n/a | n/a | n/a | | |")
+            continue
+        rs = [r["meshforge"]["median_s"] / r["fused"]["median_s"] for r in both]
+        diff = max(abs(a - b) for r in both for a, b in zip(r["meshforge"]["losses"], r["fused"]["losses"]))
+        lines.append(f"| {shape} | {mode} | {statistics.median(r['meshforge']['median_s'] for r in both):.4f} | "
+                     f"{statistics.median(r['fused']['median_s'] for r in both):.4f} | "
+                     f"{statistics.median(rs):.3f}, {min(rs):.3f}, {max(rs):.3f} | "
+                     f"{' '.join(f'{x:.3f}' for x in rs)} | {diff:.1e} |")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -327,6 +360,9 @@ def main() -> int:
     ap.add_argument("--litgpt-path", type=Path, default=LITGPT_PATH,
                     help="a directory holding litgpt (pip install --target DIR litgpt ...), put before PYTHONPATH")
     ap.add_argument("--fused-projections", action="store_true", help="add the fused vs separate projection micro-benchmark")
+    ap.add_argument("--fused-prototype", action="store_true",
+                    help="add a side: meshforge with fused q/k/v and gate/up projections (bench/fused_prototype.py)")
+    ap.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES), help="which peers run")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -334,9 +370,9 @@ def main() -> int:
         side, shape, mode, path = args.worker
         Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope)))
         return 0
-    sides = list(SIDES)
+    sides = [s for s in SIDES if s in args.sides or s == "meshforge"] + (["fused"] if args.fused_prototype else [])
     skipped = {}
-    why = litgpt_available(args.litgpt_path)
+    why = litgpt_available(args.litgpt_path) if "litgpt" in sides else None
     if why:
         sides.remove("litgpt")
         skipped["litgpt"] = f"it does not import ({why})"
@@ -351,6 +387,8 @@ def main() -> int:
                 print(json.dumps({"round": r, "shape": shape, "mode": mode, "side": side, **this[side]}), flush=True)
             rounds.append(this)
     lines = table(results, args, (load_before, loadavg()), skipped)
+    if args.fused_prototype:
+        lines += fused_table(results)
     if args.fused_projections:
         lines += ["", "Fused vs separate projections, forward + backward of the matmuls alone (median s per call):", "",
                   "| shape | tokens | qkv separate | qkv fused | separate / fused | gate+up separate | gate+up fused | separate / fused |",
