@@ -1,8 +1,8 @@
 """Per-GPU memory of a layout, by kind: ``params``, ``grads``, ``optimizer`` (exact, from
 :mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below), and ``total``, the
 peak of a step: the state plus the larger of the backward peak (activations, communication
-buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
-the multi-tensor AdamW off CUDA, none for the fused CUDA kernel). Gradients count in the backward
+buffers) and the optimizer step's temporaries (``optimizer_step``: none for the fused AdamW that
+meshforge runs on CUDA and CPU, one parameter-sized buffer for the multi-tensor one elsewhere). Gradients count in the backward
 peak only when a backward ran before it (:func:`grads_live_at_peak`); the backward peak is the larger
 of the in-flight peak and the last microbatch's backward, when every gradient exists
 (:func:`backward_peak`).
@@ -246,9 +246,9 @@ def comm_buffer_bytes(cfg: JobConfig, layout: Layout, rank: int, prec: Precision
 
 
 def optimizer_step_bytes(state: dict[str, int], device_type: str) -> int:
-    """Temporaries of the optimizer step: the multi-tensor (foreach) AdamW used off CUDA allocates one
-    parameter-sized buffer (the square roots of exp_avg_sq); the fused CUDA kernel none."""
-    return 0 if device_type == "cuda" else state["params"]
+    """Temporaries of the optimizer step: the fused AdamW (``pretrain/optim.py``, on CUDA and CPU) none;
+    the multi-tensor (foreach) one used elsewhere one parameter-sized buffer (the square roots of exp_avg_sq)."""
+    return 0 if device_type in ("cuda", "cpu") else state["params"]
 
 
 def grads_live_at_peak(cfg: JobConfig, layout: Layout, pp_rank: int) -> bool:
