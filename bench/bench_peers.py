@@ -2,7 +2,10 @@
 
 Every side trains the same Llama-style decoder (same widths, heads, SwiGLU width, RoPE, RMSNorm,
 tied embeddings, vocabulary, sequence length, batch; parameter counts checked equal), fp32,
-AdamW multi-tensor (``foreach``) with gradient clipping at 1.0, one host read of the loss per step:
+AdamW with gradient clipping at 1.0, one host read of the loss per step (meshforge's AdamW is torch's
+fused kernel on CPU and GPU; the peers' is the multi-tensor (``foreach``) one, what a bare loop on a CPU
+gets by asking for speed -- torch's default there is the slower per-tensor loop; ``--peer-adamw fused``
+gives the peers the fused kernel too, for a like-for-like comparison):
 
 - ``meshforge``: ``Trainer(cfg)._setup()`` then ``Trainer.train_step()`` (its loader included,
   z-loss 0 as the peers have none); compiled: ``--parallel.compile on`` (each block, the default scope);
@@ -122,12 +125,12 @@ def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.dev
     return out
 
 
-def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = False) -> dict:
+def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = False, adamw: str = "foreach") -> dict:
     from hf_peer import train_peer
 
     m = cfg.model
     f = train_peer(m, cfg.data.seq_len + 1, cfg.train.global_batch_size, warmup, steps, device, bf16,
-                   cfg.parallel.compile == "on", adamw="foreach")
+                   cfg.parallel.compile == "on", adamw=adamw)
     out = {"median_s": f["median_s"], "min_s": f["min_s"], "first_s": f["first_step_s"], "params": f["total_params"]}
     if "cpu_median_s" in f and device.type == "cpu":  # CPU time per step, as the other sides report it
         out.update(median_s=f["cpu_median_s"], min_s=f["cpu_min_s"], wall_median_s=f["median_s"])
@@ -148,7 +151,8 @@ def litgpt_model(m, seq_len: int):
     return model
 
 
-def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict:
+def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
+               adamw: str = "foreach") -> dict:
     from litgpt.utils import chunked_cross_entropy
 
     m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
@@ -157,7 +161,7 @@ def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device
         model = litgpt_model(m, seq)
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, **{adamw: True})
     forward = torch.compile(model) if cfg.parallel.compile == "on" else model
 
     def step():
@@ -176,7 +180,8 @@ def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device
     return out
 
 
-def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str) -> dict:
+def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str,
+           adamw: str = "foreach") -> dict:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,8 +195,8 @@ def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: i
             fused_prototype.install()
             return run_meshforge(cfg, warmup, steps)
         if side == "hf":
-            return run_hf(cfg, warmup, steps, torch.device("cpu"))
-        return run_litgpt(cfg, warmup, steps)
+            return run_hf(cfg, warmup, steps, torch.device("cpu"), adamw=adamw)
+        return run_litgpt(cfg, warmup, steps, adamw=adamw)
 
 
 def litgpt_available(path: Path) -> str | None:
@@ -209,7 +214,7 @@ def spawn(side: str, shape: str, mode: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", side, shape, mode, f.name, "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--threads", str(args.threads),
-               "--compile-scope", args.compile_scope]
+               "--compile-scope", args.compile_scope, "--peer-adamw", args.peer_adamw]
         try:
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -295,7 +300,7 @@ def fused_projection_bench(shape: str, reps: int = 20) -> dict:
 
 def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) -> list[str]:
     lines = [f"{args.rounds} rounds, each side in a fresh process per round, order rotated; {args.warmup} warmup "
-             f"+ {args.steps} timed steps; fp32, AdamW foreach, clip 1.0, {args.threads or 'default'} torch "
+             f"+ {args.steps} timed steps; fp32, AdamW (meshforge fused, peers {args.peer_adamw}), clip 1.0, {args.threads or 'default'} torch "
              f"thread(s) per process. Ratio = peer step time / meshforge "
              f"step time (> 1: meshforge faster), median and min over rounds. Load average before: {loads[0]}; "
              f"after: {loads[1]}.", "",
@@ -363,12 +368,15 @@ def main() -> int:
     ap.add_argument("--fused-prototype", action="store_true",
                     help="add a side: meshforge with fused q/k/v and gate/up projections (bench/fused_prototype.py)")
     ap.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES), help="which peers run")
+    ap.add_argument("--peer-adamw", choices=("foreach", "fused"), default="foreach",
+                    help="the peers' AdamW kernel (meshforge's is fused)")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         side, shape, mode, path = args.worker
-        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope)))
+        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope,
+                                                args.peer_adamw)))
         return 0
     sides = [s for s in SIDES if s in args.sides or s == "meshforge"] + (["fused"] if args.fused_prototype else [])
     skipped = {}
