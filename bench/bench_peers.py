@@ -2,7 +2,10 @@
 
 Every side trains the same Llama-style decoder (same widths, heads, SwiGLU width, RoPE, RMSNorm,
 tied embeddings, vocabulary, sequence length, batch; parameter counts checked equal), fp32,
-AdamW multi-tensor (``foreach``) with gradient clipping at 1.0, one host read of the loss per step:
+AdamW with gradient clipping at 1.0, one host read of the loss per step (meshforge's AdamW is torch's
+fused kernel on CPU and GPU; the peers' is the multi-tensor (``foreach``) one, what a bare loop on a CPU
+gets by asking for speed -- torch's default there is the slower per-tensor loop; ``--peer-adamw fused``
+gives the peers the fused kernel too, for a like-for-like comparison):
 
 - ``meshforge``: ``Trainer(cfg)._setup()`` then ``Trainer.train_step()`` (its loader included,
   z-loss 0 as the peers have none); compiled: ``--parallel.compile on`` (each block, the default scope);
@@ -30,6 +33,11 @@ Reported per shape and mode: the median and the min over rounds of peer time / m
 ``--fused-projections`` adds a micro-benchmark: forward + backward of separate q/k/v (and
 gate/up) matmuls against one fused matmul of the concatenated weights, at each shape's
 widths, to size what fusing the projections could gain (not done in meshforge yet).
+``--fused-prototype`` adds a side ``fused`` to the rounds: meshforge with fused q/k/v and gate/up weights
+(``bench/fused_prototype.py``, the same initial weights), and a table of unfused / fused step time per
+round with the two sides' largest loss difference (the whole step, not the matmuls alone);
+``--sides`` picks the peers (``--sides`` alone: meshforge only, e.g. with ``--fused-prototype``).
+``bench/profile_peers.py`` compares meshforge's step with the HF loop's op by op.
 
 Run: ``python bench/bench_peers.py --record`` (~30 min on 2 busy cores);
 ``--shapes 2m --rounds 1 --steps 3`` for a quick look. On a GPU the prepared GPU check runs the
@@ -105,21 +113,24 @@ def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.dev
     trainer = Trainer(cfg)
     trainer._setup()
 
+    losses = []
+
     def step():
-        trainer.train_step()
+        losses.append(trainer.train_step()["loss"])
         trainer.step += 1
 
     out = _timed(step, warmup, steps, device)
     out["params"] = sum(p.numel() for p in trainer.model.parameters())
+    out["losses"] = losses
     return out
 
 
-def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = False) -> dict:
+def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = False, adamw: str = "foreach") -> dict:
     from hf_peer import train_peer
 
     m = cfg.model
     f = train_peer(m, cfg.data.seq_len + 1, cfg.train.global_batch_size, warmup, steps, device, bf16,
-                   cfg.parallel.compile == "on", adamw="foreach")
+                   cfg.parallel.compile == "on", adamw=adamw)
     out = {"median_s": f["median_s"], "min_s": f["min_s"], "first_s": f["first_step_s"], "params": f["total_params"]}
     if "cpu_median_s" in f and device.type == "cpu":  # CPU time per step, as the other sides report it
         out.update(median_s=f["cpu_median_s"], min_s=f["cpu_min_s"], wall_median_s=f["median_s"])
@@ -140,7 +151,8 @@ def litgpt_model(m, seq_len: int):
     return model
 
 
-def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict:
+def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
+               adamw: str = "foreach") -> dict:
     from litgpt.utils import chunked_cross_entropy
 
     m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
@@ -149,7 +161,7 @@ def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device
         model = litgpt_model(m, seq)
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, **{adamw: True})
     forward = torch.compile(model) if cfg.parallel.compile == "on" else model
 
     def step():
@@ -168,7 +180,8 @@ def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device
     return out
 
 
-def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str) -> dict:
+def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str,
+           adamw: str = "foreach") -> dict:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,9 +189,14 @@ def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: i
         torch.manual_seed(0)
         if side == "meshforge":
             return run_meshforge(cfg, warmup, steps)
+        if side == "fused":  # --fused-prototype: meshforge with fused q/k/v and gate/up weights
+            import fused_prototype
+
+            fused_prototype.install()
+            return run_meshforge(cfg, warmup, steps)
         if side == "hf":
-            return run_hf(cfg, warmup, steps, torch.device("cpu"))
-        return run_litgpt(cfg, warmup, steps)
+            return run_hf(cfg, warmup, steps, torch.device("cpu"), adamw=adamw)
+        return run_litgpt(cfg, warmup, steps, adamw=adamw)
 
 
 def litgpt_available(path: Path) -> str | None:
@@ -196,7 +214,7 @@ def spawn(side: str, shape: str, mode: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", side, shape, mode, f.name, "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--threads", str(args.threads),
-               "--compile-scope", args.compile_scope]
+               "--compile-scope", args.compile_scope, "--peer-adamw", args.peer_adamw]
         try:
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -282,7 +300,7 @@ def fused_projection_bench(shape: str, reps: int = 20) -> dict:
 
 def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) -> list[str]:
     lines = [f"{args.rounds} rounds, each side in a fresh process per round, order rotated; {args.warmup} warmup "
-             f"+ {args.steps} timed steps; fp32, AdamW foreach, clip 1.0, {args.threads or 'default'} torch "
+             f"+ {args.steps} timed steps; fp32, AdamW (meshforge fused, peers {args.peer_adamw}), clip 1.0, {args.threads or 'default'} torch "
              f"thread(s) per process. Ratio = peer step time / meshforge "
              f"step time (> 1: meshforge faster), median and min over rounds. Load average before: {loads[0]}; "
              f"after: {loads[1]}.", "",
@@ -312,6 +330,26 @@ def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) 
     return lines
 
 
+def fused_table(results: dict) -> list[str]:
+    """``--fused-prototype``: unfused / fused meshforge step time per round, and whether their losses agree."""
+    lines = ["", "meshforge unfused vs the fused-projection prototype (`bench/fused_prototype.py`), same weights; "
+             "ratio = unfused / fused step time (> 1: fusing pays), per round in run order:", "",
+             "| shape | mode | unfused CPU s/step | fused CPU s/step | unfused / fused (median, min, max) | rounds | max loss diff |",
+             "|---|---|---:|---:|---|---|---:|"]
+    for (shape, mode), rounds in results.items():
+        both = [r for r in rounds if "median_s" in r.get("fused", {}) and "median_s" in r.get("meshforge", {})]
+        if not both:
+            lines.append(f"| {shape} | {mode} | n/a | n/a | n/a | | |")
+            continue
+        rs = [r["meshforge"]["median_s"] / r["fused"]["median_s"] for r in both]
+        diff = max(abs(a - b) for r in both for a, b in zip(r["meshforge"]["losses"], r["fused"]["losses"]))
+        lines.append(f"| {shape} | {mode} | {statistics.median(r['meshforge']['median_s'] for r in both):.4f} | "
+                     f"{statistics.median(r['fused']['median_s'] for r in both):.4f} | "
+                     f"{statistics.median(rs):.3f}, {min(rs):.3f}, {max(rs):.3f} | "
+                     f"{' '.join(f'{x:.3f}' for x in rs)} | {diff:.1e} |")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -327,16 +365,22 @@ def main() -> int:
     ap.add_argument("--litgpt-path", type=Path, default=LITGPT_PATH,
                     help="a directory holding litgpt (pip install --target DIR litgpt ...), put before PYTHONPATH")
     ap.add_argument("--fused-projections", action="store_true", help="add the fused vs separate projection micro-benchmark")
+    ap.add_argument("--fused-prototype", action="store_true",
+                    help="add a side: meshforge with fused q/k/v and gate/up projections (bench/fused_prototype.py)")
+    ap.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES), help="which peers run")
+    ap.add_argument("--peer-adamw", choices=("foreach", "fused"), default="foreach",
+                    help="the peers' AdamW kernel (meshforge's is fused)")
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         side, shape, mode, path = args.worker
-        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope)))
+        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope,
+                                                args.peer_adamw)))
         return 0
-    sides = list(SIDES)
+    sides = [s for s in SIDES if s in args.sides or s == "meshforge"] + (["fused"] if args.fused_prototype else [])
     skipped = {}
-    why = litgpt_available(args.litgpt_path)
+    why = litgpt_available(args.litgpt_path) if "litgpt" in sides else None
     if why:
         sides.remove("litgpt")
         skipped["litgpt"] = f"it does not import ({why})"
@@ -351,6 +395,8 @@ def main() -> int:
                 print(json.dumps({"round": r, "shape": shape, "mode": mode, "side": side, **this[side]}), flush=True)
             rounds.append(this)
     lines = table(results, args, (load_before, loadavg()), skipped)
+    if args.fused_prototype:
+        lines += fused_table(results)
     if args.fused_projections:
         lines += ["", "Fused vs separate projections, forward + backward of the matmuls alone (median s per call):", "",
                   "| shape | tokens | qkv separate | qkv fused | separate / fused | gate+up separate | gate+up fused | separate / fused |",

@@ -107,7 +107,7 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
         for p in params:
             p.grad = torch.zeros_like(p)
         state["grads"] = sum(_nbytes(p.grad) for p in params)
-        optimizer = build_optimizer(model, job.optim, "cpu")
+        optimizer = build_optimizer(model, job.optim, "meta")  # foreach: the fused kernel takes no meta tensors; same state
         optimizer.step()
         state["optimizer"] = sum(_nbytes(v) for s in optimizer.state.values() for v in s.values()
                                  if isinstance(v, torch.Tensor))

@@ -1,8 +1,8 @@
 """Per-GPU memory of a layout, by kind: ``params``, ``grads``, ``optimizer`` (exact, from
 :mod:`.state`), ``activations`` and ``comm_buffers`` (modelled, stated below), and ``total``, the
 peak of a step: the state plus the larger of the backward peak (activations, communication
-buffers) and the optimizer step's temporaries (``optimizer_step``: one parameter-sized buffer for
-the multi-tensor AdamW off CUDA, none for the fused CUDA kernel). Gradients count in the backward
+buffers) and the optimizer step's temporaries (``optimizer_step``: none for the fused AdamW that
+meshforge runs on CUDA and CPU, one parameter-sized buffer for the multi-tensor one elsewhere). Gradients count in the backward
 peak only when a backward ran before it (:func:`grads_live_at_peak`) -- as FSDP2's unsharded fp32 gradients
 (``grad_accum``) where they accumulate unreduced over microbatches (:func:`accumulation_bytes`); the backward peak is the larger
 of the in-flight peak and the last microbatch's backward, when every gradient exists
@@ -21,8 +21,8 @@ output is whole:
 - MoE block (replicated over tp): the gathered input, router logits and probabilities (fp32),
   the expert-sorted tokens and the expert outputs (``2 e N k D``), four ``N k F`` per SwiGLU,
   shared experts like a dense FFN;
-- the head: final norm input/output and the fp32 logits ``BTV/tp`` that the loss keeps, plus
-  the loss's logits-sized temporaries (:func:`head_activation_bytes`); under ``train.fused_loss``
+- the head: final norm input/output and the loss's fp32 logits-sized buffers at their peak
+  (``BTV/tp`` each, :func:`head_activation_bytes`); under ``train.fused_loss``
   no logits, but ``dh``, an fp32 ``dW`` and one chunk of logits;
 - activation checkpointing: ``full`` keeps each block's input; ``selective`` keeps the block
   input and the outputs of the matmuls and attention (``SAVE_OPS``); both rebuild one block's
@@ -108,11 +108,12 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
 
 
 def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused: bool = False) -> int:
-    """Final norm, output projection and loss at their peak: the fp32 logits ``BTV/tp`` plus the
-    loss's logits-sized temporaries -- vocab-parallel loss (tp > 1): the shifted logits and their
-    exponentials in forward (3 in all; its backward works in place); ``lm_loss``: logsumexp's
-    backward ``grad * (x - lse).exp()`` (the difference, its exponential, the product) and the
-    target gather's scatter (5 in all).
+    """Final norm, output projection and loss at their peak, in fp32 ``BTV/tp`` logits-sized buffers
+    (the logits themselves are freed after the forward) -- vocab-parallel loss (tp > 1): the logits,
+    the shifted logits and their exponentials in forward (3; its backward works in place);
+    ``lm_loss`` without z-loss (``F.cross_entropy``): log-softmax's saved output, then in backward
+    the NLL's gradient and log-softmax's (3; on a CPU, over row blocks, 2); with z-loss: the saved
+    logits and the gradient written in place (2).
 
     ``fused`` (``train.fused_loss`` on, ``kernels/fused_loss.py``): no ``[tokens, vocab]`` logits.
     The loss keeps ``dh`` (``BTD``, hidden dtype) and an fp32 ``dW`` (``VD/tp``); in 16 bits (``e``
@@ -124,7 +125,7 @@ def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused
     if fused:  # under tp the fused loss is vocab-parallel: the weight, dW and a chunk's logits are V / tp wide
         Vl, low = V // tp, e if e != 4 else 0
         return norm + e * BT * D + 4 * Vl * D + low * Vl * D + (4 + low) * BT * D // tp
-    buffers = 3 if tp > 1 and cfg.parallel.loss_parallel else 5
+    buffers = 3 if (tp > 1 and cfg.parallel.loss_parallel) or not cfg.train.z_loss_coef else 2
     return norm + buffers * 4 * BT * V // tp
 
 
@@ -258,9 +259,9 @@ def accumulation_bytes(cfg: JobConfig, layout: Layout, rank: int, cache: dict | 
 
 
 def optimizer_step_bytes(state: dict[str, int], device_type: str) -> int:
-    """Temporaries of the optimizer step: the multi-tensor (foreach) AdamW used off CUDA allocates one
-    parameter-sized buffer (the square roots of exp_avg_sq); the fused CUDA kernel none."""
-    return 0 if device_type == "cuda" else state["params"]
+    """Temporaries of the optimizer step: the fused AdamW (``pretrain/optim.py``, on CUDA and CPU) none;
+    the multi-tensor (foreach) one used elsewhere one parameter-sized buffer (the square roots of exp_avg_sq)."""
+    return 0 if device_type in ("cuda", "cpu") else state["params"]
 
 
 def grads_live_at_peak(cfg: JobConfig, layout: Layout, pp_rank: int) -> bool:

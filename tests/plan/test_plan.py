@@ -441,7 +441,7 @@ def test_plan_output_to_a_closed_pipe_exits_quietly(monkeypatch):
 
 
 def test_fused_loss_has_no_logits_in_the_activation_estimate():
-    """train.fused_loss = on: the head keeps dh, an fp32 dW and one chunk of logits, not 5 [tokens, vocab] buffers;
+    """train.fused_loss = on: the head keeps dh, an fp32 dW and one chunk of logits, not the 2 [tokens, vocab] buffers of lm_loss with z-loss (the preset's);
     where the trainer refuses the fused loss (tp > 1 without loss parallel), the planner does too."""
     from meshforge.plan.memory import head_activation_bytes
 
@@ -449,14 +449,17 @@ def test_fused_loss_has_no_logits_in_the_activation_estimate():
     B, T, D, V = 16, 128, cfg.model.dim, cfg.model.vocab_size
     plain = head_activation_bytes(cfg, B, T, 1, 4)
     fused = head_activation_bytes(cfg, B, T, 1, 4, fused=True)
-    assert plain - fused == 5 * 4 * B * T * V - (4 * B * T * D + 4 * V * D + 4 * B * T * D)
+    assert plain - fused == 2 * 4 * B * T * V - (4 * B * T * D + 4 * V * D + 4 * B * T * D)
     # bf16: dh in bf16, a bf16 copy of the weight for the matmuls, the chunk's fp32 logits and their bf16 copy
     bf16 = head_activation_bytes(cfg, B, T, 1, 2, fused=True) - head_activation_bytes(cfg, B, T, 1, 2)
-    assert bf16 == (2 * B * T * D + 4 * V * D + 2 * V * D + (4 + 2) * B * T * D) - 5 * 4 * B * T * V
+    assert bf16 == (2 * B * T * D + 4 * V * D + 2 * V * D + (4 + 2) * B * T * D) - 2 * 4 * B * T * V
     on = estimate_memory(cfg, Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")["activations"]
     off = estimate_memory(load_config("small", {"train.fused_loss": "off"}), Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")
     assert off["activations"] - on == plain - fused
     assert head_activation_bytes(cfg, B, T, 2, 4, fused=True) < fused  # vocab-parallel under tp
+    # z-loss: the saved logits and the in-place gradient, one buffer fewer than F.cross_entropy's three
+    no_z = load_config("small", {"train.z_loss_coef": 0.0})
+    assert head_activation_bytes(no_z, B, T, 1, 4) - head_activation_bytes(cfg, B, T, 1, 4) == 4 * B * T * V
     no_lp = load_config("small", {"train.fused_loss": "on", "parallel.loss_parallel": False})
     with pytest.raises(ConfigError, match="fused_loss"):
         check_layout(no_lp, Layout(2, 1, 1, 1))
