@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "harne
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import REPO, loadavg, record  # noqa: E402
+
 from cluster_harness import Cluster, cluster_problem  # noqa: E402
 
 JOB = ["--config", "tiny-test", "--model.n_layers", "4", "--train.global_batch_size", "8",

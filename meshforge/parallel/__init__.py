@@ -20,8 +20,8 @@ from .compile import apply_compile, compile_enabled
 from .context_parallel import apply_context_parallel
 from .data_parallel import apply_fsdp
 from .expert_parallel import apply_ep, apply_expert_fsdp, build_ep_mesh, expert_dp_mesh
-from .group_timeout import group_timeout, mesh_group_options, mesh_overrides
 from .float8 import apply_float8, float8_fsdp_all_gather, float8_tp
+from .group_timeout import group_timeout, mesh_group_options, mesh_overrides
 from .mesh import MESH_DIMS, Degrees, resolve_degrees
 from .tensor_parallel import apply_tp
 

@@ -55,7 +55,7 @@ def start_slurm(cluster: Cluster, root: Path, cpus: int = 2, timeout: float = 60
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster.popen(0, ["slurmctld", "-D", "-i", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
                   stderr=subprocess.DEVNULL)
-    for node, (ns, host) in enumerate(zip(cluster.namespaces, cluster.hostnames)):
+    for ns, host in zip(cluster.namespaces, cluster.hostnames):
         (root / f"spool-{host}").mkdir(exist_ok=True)
         script = (f"mount --bind /etc/netns/{ns}/hosts /etc/hosts && hostname {host} && "
                   f"exec slurmd -D -N {host} -f {conf}")
