@@ -60,8 +60,12 @@ def main() -> int:
         n = sum(p.numel() for p in model.parameters())
         lines.append(f"| {shape} | {n / 1e6:.2f}M | {each:.4f} | {fused:.4f} | {each / fused:.2f} |")
         print(lines[-1], flush=True)
-    lines = [f"One torch thread, CPU seconds, median over {args.rounds} alternating rounds of {args.reps} steps. "
-             f"Load average before: {before}; after: {loadavg()}.", "", *lines]
+    lines = [
+        f"One torch thread, CPU seconds, median over {args.rounds} alternating rounds of {args.reps} steps. "
+        f"Load average before: {before}; after: {loadavg()}.",
+        "",
+        *lines,
+    ]
     print("\n".join(lines))
     if args.record:
         record(SECTION, lines)

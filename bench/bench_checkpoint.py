@@ -39,26 +39,85 @@ from benchlib import REPO, RESULTS, record  # noqa: E402
 
 SECTION = "## Checkpoint saving: synchronous vs asynchronous"
 
-_OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.tensorboard", "false",
-        "--train.progress", "false", "--checkpoint.interval", "0", "--checkpoint.keep_last", "1")
+_OFF = (
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--logging.tensorboard",
+    "false",
+    "--train.progress",
+    "false",
+    "--checkpoint.interval",
+    "0",
+    "--checkpoint.keep_last",
+    "1",
+)
 
 CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "small": ("small", (), "small preset (2.2M params), batch 16 x 128"),
-    "llama-1b": ("llama-1b", ("--train.global_batch_size", "2", "--train.micro_batch_size", "2",
-                              "--parallel.compile", "off"),
-                 "1.14B params, fp32 weights + AdamW moments (13.7 GB of state), seq 4096, bf16 autocast"),
-    "llama-1b-cpu": ("llama-1b", ("--train.device", "cpu", "--data.seq_len", "128", "--train.global_batch_size", "1",
-                                  "--train.micro_batch_size", "1"),
-                     "the same 1.14B model on the CPU (fp32), batch 1 x 128"),
-    "llama-0.1b-cpu": ("llama-1b", ("--model.dim", "768", "--model.n_layers", "12", "--model.n_heads", "12",
-                                    "--model.n_kv_heads", "4", "--model.ffn_dim", "2048", "--model.tie_embeddings", "true",
-                                    "--train.device", "cpu", "--data.seq_len", "128", "--train.global_batch_size", "1",
-                                    "--train.micro_batch_size", "1"),
-                       "llama-1b's shapes cut to dim 768, 12 layers, 12 heads (4 KV), FFN 2048, tied (0.10B params) "
-                       "on the CPU (fp32), batch 1 x 128"),
-    "llama-0.5b-cpu": ("llama-1b", ("--model.n_layers", "6", "--train.device", "cpu", "--data.seq_len", "128",
-                                    "--train.global_batch_size", "1", "--train.micro_batch_size", "1"),
-                       "llama-1b with 6 of its 16 layers (0.51B params) on the CPU (fp32), batch 1 x 128"),
+    "llama-1b": (
+        "llama-1b",
+        ("--train.global_batch_size", "2", "--train.micro_batch_size", "2", "--parallel.compile", "off"),
+        "1.14B params, fp32 weights + AdamW moments (13.7 GB of state), seq 4096, bf16 autocast",
+    ),
+    "llama-1b-cpu": (
+        "llama-1b",
+        (
+            "--train.device",
+            "cpu",
+            "--data.seq_len",
+            "128",
+            "--train.global_batch_size",
+            "1",
+            "--train.micro_batch_size",
+            "1",
+        ),
+        "the same 1.14B model on the CPU (fp32), batch 1 x 128",
+    ),
+    "llama-0.1b-cpu": (
+        "llama-1b",
+        (
+            "--model.dim",
+            "768",
+            "--model.n_layers",
+            "12",
+            "--model.n_heads",
+            "12",
+            "--model.n_kv_heads",
+            "4",
+            "--model.ffn_dim",
+            "2048",
+            "--model.tie_embeddings",
+            "true",
+            "--train.device",
+            "cpu",
+            "--data.seq_len",
+            "128",
+            "--train.global_batch_size",
+            "1",
+            "--train.micro_batch_size",
+            "1",
+        ),
+        "llama-1b's shapes cut to dim 768, 12 layers, 12 heads (4 KV), FFN 2048, tied (0.10B params) "
+        "on the CPU (fp32), batch 1 x 128",
+    ),
+    "llama-0.5b-cpu": (
+        "llama-1b",
+        (
+            "--model.n_layers",
+            "6",
+            "--train.device",
+            "cpu",
+            "--data.seq_len",
+            "128",
+            "--train.global_batch_size",
+            "1",
+            "--train.micro_batch_size",
+            "1",
+        ),
+        "llama-1b with 6 of its 16 layers (0.51B params) on the CPU (fp32), batch 1 x 128",
+    ),
 }
 
 
@@ -99,14 +158,21 @@ def run_case(name: str, reps: int, extra: list[str]) -> dict:
                     n += 1
                 trainer.checkpointer.wait()
                 visible = time.perf_counter() - start
-                (_, blocked), = trainer.checkpointer.completed()  # staging + polls + wait: what the trainer logs
+                ((_, blocked),) = trainer.checkpointer.completed()  # staging + polls + wait: what the trainer logs
                 rows[mode].append({"blocked_s": blocked, "visible_s": visible, "steps_during": n})
                 idle.append(timed_step())
         trainer.checkpointer.close()
         size = _dir_bytes(list_checkpoints(trainer.checkpointer.root)[-1])
-    return {"case": name, "note": note, "params": trainer.n_params, "device": str(trainer.device),
-            "bytes": size, "idle_step_s": statistics.median(idle),
-            "busy_step_s": statistics.median(busy) if busy else None, "rows": rows}
+    return {
+        "case": name,
+        "note": note,
+        "params": trainer.n_params,
+        "device": str(trainer.device),
+        "bytes": size,
+        "idle_step_s": statistics.median(idle),
+        "busy_step_s": statistics.median(busy) if busy else None,
+        "rows": rows,
+    }
 
 
 def spawn(name: str, args) -> dict:
@@ -124,9 +190,12 @@ def spawn(name: str, args) -> dict:
 
 
 def table(results: list[dict], reps: int) -> list[str]:
-    lines = [f"{reps} saves per mode, alternating; medians. Checkpoints written to the local disk under the repo.", "",
-             "| case | device | state | mode | blocked s | async / sync | visible after s | steps during write | step s (idle → during write) |",
-             "|---|---|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"{reps} saves per mode, alternating; medians. Checkpoints written to the local disk under the repo.",
+        "",
+        "| case | device | state | mode | blocked s | async / sync | visible after s | steps during write | step s (idle → during write) |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['case']} | FAILED: {r['error'][:160]} ||||||||")
@@ -136,10 +205,15 @@ def table(results: list[dict], reps: int) -> list[str]:
             rows = r["rows"][mode]
             med = {k: statistics.median(x[k] for x in rows) for k in ("blocked_s", "visible_s", "steps_during")}
             ratio = f"{med['blocked_s'] / sync_blocked:.3f}" if mode == "async" else ""
-            steps = (f"{r['idle_step_s']:.3f} → {r['busy_step_s']:.3f}" if mode == "async" and r["busy_step_s"]
-                     else f"{r['idle_step_s']:.3f}")
-            lines.append(f"| {r['case']} | {r['device']} | {r['bytes'] / 1e9:.2f} GB | {mode} | {med['blocked_s']:.3f} | {ratio} | "
-                         f"{med['visible_s']:.3f} | {med['steps_during']:.0f} | {steps} |")
+            steps = (
+                f"{r['idle_step_s']:.3f} → {r['busy_step_s']:.3f}"
+                if mode == "async" and r["busy_step_s"]
+                else f"{r['idle_step_s']:.3f}"
+            )
+            lines.append(
+                f"| {r['case']} | {r['device']} | {r['bytes'] / 1e9:.2f} GB | {mode} | {med['blocked_s']:.3f} | {ratio} | "
+                f"{med['visible_s']:.3f} | {med['steps_during']:.0f} | {steps} |"
+            )
     lines.append("")
     lines += [f"- {r['case']}: {r['note']}" for r in results if "note" in r]
     return lines

@@ -49,11 +49,18 @@ def make_checkpoint(preset: str, path: Path) -> None:
 
 def timed_export(ckpt: Path, out: Path, shard_mb: int, dtype: str) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of one export in a fresh child process."""
-    code = ("import resource, sys, time; from meshforge.convert.export import export_hf; t = time.perf_counter(); "
-            "export_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[4], max_shard_mb=int(sys.argv[3]), log=lambda *_: None); "
-            "print(time.perf_counter() - t); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    res = subprocess.run([sys.executable, "-c", code, str(ckpt), str(out), str(shard_mb), dtype], check=True,
-                         cwd=REPO, capture_output=True, text=True)
+    code = (
+        "import resource, sys, time; from meshforge.convert.export import export_hf; t = time.perf_counter(); "
+        "export_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[4], max_shard_mb=int(sys.argv[3]), log=lambda *_: None); "
+        "print(time.perf_counter() - t); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(ckpt), str(out), str(shard_mb), dtype],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall, rss_kb = res.stdout.split()[-2:]
     return float(wall), int(rss_kb) / 2**20
 
@@ -76,7 +83,11 @@ def main() -> None:
         from meshforge.convert.dcp_reader import CheckpointReader
 
         reader = CheckpointReader(root / "ckpt")
-        params = sum(math.prod(reader.shape(k)) for k in reader.entries if k != "output.weight" or not reader.config.model.tie_embeddings)
+        params = sum(
+            math.prod(reader.shape(k))
+            for k in reader.entries
+            if k != "output.weight" or not reader.config.model.tie_embeddings
+        )
         largest = max(math.prod(reader.shape(k)) * 4 for k in reader.entries) / 2**30
         disk = _dir_bytes(root / "ckpt") / 2**30
         rows = []
@@ -85,8 +96,10 @@ def main() -> None:
             wall, rss = timed_export(root / "ckpt", out, mb, args.dtype)
             n_shards = len(list(out.glob("*.safetensors")))
             bound = 2 * mb / 1024 + largest
-            rows.append(f"| {mb} | {n_shards} | {_dir_bytes(out) / 2**30:.2f} | {wall:.1f} | {rss:.2f} | "
-                        f"{rss - base_rss:.2f} | {bound:.2f} |")
+            rows.append(
+                f"| {mb} | {n_shards} | {_dir_bytes(out) / 2**30:.2f} | {wall:.1f} | {rss:.2f} | "
+                f"{rss - base_rss:.2f} | {bound:.2f} |"
+            )
             print(rows[-1], flush=True)
     lines = [
         f"checkpoint: preset {args.preset} ({params / 1e9:.2f}B params, fp32 DCP, one process) {disk:.2f} GiB on disk, "

@@ -127,22 +127,29 @@ def main() -> None:
     # peak depends on the allocator's history more than on the layer)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     load_start = loadavg()
-    lines = [f"one Attention layer: dim {args.dim}, {args.heads} heads, {args.kv_heads} KV heads, QK-norm, fp32, "
-             f"batch 1; cp > 1: `{args.method}` core; 1 torch thread per rank; per-rank maxima over the ranks; "
-             f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}",
-             "", "| seq | cp | saved activations MiB | vs cp 1 | peak RSS increase MiB | vs cp 1 | fwd+bwd s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"one Attention layer: dim {args.dim}, {args.heads} heads, {args.kv_heads} KV heads, QK-norm, fp32, "
+        f"batch 1; cp > 1: `{args.method}` core; 1 torch thread per rank; per-rank maxima over the ranks; "
+        f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}",
+        "",
+        "| seq | cp | saved activations MiB | vs cp 1 | peak RSS increase MiB | vs cp 1 | fwd+bwd s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for seqlen in args.seq:
         base = None
         for cp in args.cp:
             saved, peak, seconds = measure(seqlen, cp, args)
             base = base or (saved, peak)
-            lines.append(f"| {seqlen} | {cp} | {saved:.1f} | {saved / base[0]:.2f} | {peak:.1f} | "
-                         f"{peak / base[1]:.2f} | {seconds:.2f} |")
+            lines.append(
+                f"| {seqlen} | {cp} | {saved:.1f} | {saved / base[0]:.2f} | {peak:.1f} | "
+                f"{peak / base[1]:.2f} | {seconds:.2f} |"
+            )
             print(lines[-1], flush=True)
     lines.append("")
-    lines.append(f"load average at start / end: {load_start} / {loadavg()} (times indicative only; memory is not "
-                 "affected by load)")
+    lines.append(
+        f"load average at start / end: {load_start} / {loadavg()} (times indicative only; memory is not "
+        "affected by load)"
+    )
     print("\n".join(lines))
     if args.record:
         record(SECTION, lines)

@@ -39,8 +39,21 @@ SECTION = "## Fault-tolerant replica groups (torchft)"
 
 
 def hsdp_args(data: str, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["train", *PARITY_ARGS, "--data.path", data, "--train.output_dir", str(out), "--train.steps", str(steps),
-            "--parallel.dp_replicate", "2", "--train.collective_timeout_s", "20", *extra]
+    return [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        data,
+        "--train.output_dir",
+        str(out),
+        "--train.steps",
+        str(steps),
+        "--parallel.dp_replicate",
+        "2",
+        "--train.collective_timeout_s",
+        "20",
+        *extra,
+    ]
 
 
 def median_step(rows: list[dict], warmup: int) -> float:
@@ -82,9 +95,15 @@ def lost_torchft(data: str, tmp: Path, steps: int, kill_at: int) -> dict:
     window = [r for r in rows if first_bad <= r["step"] <= back]
     skipped = sum(batch - sum(e - s for s, e in r["ft_samples"]) for r in window)
     stall = sum(max(0.0, r["step_time_s"] - full) for r in window)
-    return {"full_step_s": full, "skipped_samples": skipped, "batch": batch, "steps_away": len(window),
-            "uncommitted": sum(1 for r in window if not r["ft_committed"]), "stall_s": stall,
-            "lost_s": skipped / batch * full + stall}
+    return {
+        "full_step_s": full,
+        "skipped_samples": skipped,
+        "batch": batch,
+        "steps_away": len(window),
+        "uncommitted": sum(1 for r in window if not r["ft_committed"]),
+        "stall_s": stall,
+        "lost_s": skipped / batch * full + stall,
+    }
 
 
 def lost_restart(data: str, tmp: Path, steps: int, kill_at: int, interval: int) -> dict:
@@ -124,7 +143,10 @@ def main() -> int:
     ap.add_argument("--failure-steps", type=int, default=300, help="steps of the torchft failure run")
     ap.add_argument("--kill-at", type=int, default=75, help="the step after which the failure happens")
     ap.add_argument("--interval", type=int, default=50, help="checkpoint.interval of the restart run")
-    ap.add_argument("--cache", default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"))
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
+    )
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
     os.environ["MESHFORGE_CACHE"] = args.cache
@@ -136,8 +158,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mf-ft-") as tmp:
         tmp = Path(tmp)
         plain, ft = overhead(data, tmp, args.steps, args.warmup)
-        print(f"no failure: HSDP 2x2 {plain * 1e3:.1f} ms/step, torchft 2 groups x 2 {ft * 1e3:.1f} ms/step "
-              f"({(ft / plain - 1) * 100:+.1f}%)", flush=True)
+        print(
+            f"no failure: HSDP 2x2 {plain * 1e3:.1f} ms/step, torchft 2 groups x 2 {ft * 1e3:.1f} ms/step "
+            f"({(ft / plain - 1) * 100:+.1f}%)",
+            flush=True,
+        )
         t = lost_torchft(data, tmp, args.failure_steps, args.kill_at)
         print(f"torchft, one failure: {t}", flush=True)
         r = lost_restart(data, tmp, args.kill_at + 2 * args.interval, args.kill_at, args.interval)

@@ -72,8 +72,10 @@ def measure(n: int, d: int, v: int, chunk: int, device: str, dtype: torch.dtype 
     w = torch.randn(v, d, device=device, dtype=dtype, requires_grad=True)
     y = torch.randint(0, v, (n,), device=device)
     row = {}
-    for name, fn in (("plain", lambda: lm_loss(h @ w.t(), y, 1e-4)),
-                     ("fused", lambda: fused_linear_lm_loss(h, w, y, 1e-4, chunk_size=chunk))):
+    for name, fn in (
+        ("plain", lambda: lm_loss(h @ w.t(), y, 1e-4)),
+        ("fused", lambda: fused_linear_lm_loss(h, w, y, 1e-4, chunk_size=chunk)),
+    ):
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -88,7 +90,7 @@ def measure(n: int, d: int, v: int, chunk: int, device: str, dtype: torch.dtype 
 def time_paths(n: int, d: int, v: int, chunk: int, device: str, repeat: int, autocast: bool) -> dict:
     """Median ms of forward + backward of the plain and the fused path, fp32 parameters, bf16 autocast or not."""
     h = torch.randn(n, d, device=device, requires_grad=True)
-    w = (torch.randn(v, d, device=device) / d ** 0.5).requires_grad_()
+    w = (torch.randn(v, d, device=device) / d**0.5).requires_grad_()
     y = torch.randint(0, v, (n,), device=device)
 
     def plain():
@@ -117,38 +119,46 @@ def time_paths(n: int, d: int, v: int, chunk: int, device: str, repeat: int, aut
 
 
 def time_table(a) -> list[str]:
-    lines = [f"N = {a.tokens} tokens, D = {a.dim}, chunk = {a.chunk or 'default_chunk'}, device = {a.device}, "
-             f"median of {a.repeat} forward + backward after one warm-up, fp32 parameters and h; bf16 = under "
-             f"bf16 autocast (matmuls in bf16, softmax in fp32); load average at the start {loadavg()}", "",
-             "| vocab | precision | plain ms | fused ms | fused chunks | fused ms per chunk | fused / plain |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"N = {a.tokens} tokens, D = {a.dim}, chunk = {a.chunk or 'default_chunk'}, device = {a.device}, "
+        f"median of {a.repeat} forward + backward after one warm-up, fp32 parameters and h; bf16 = under "
+        f"bf16 autocast (matmuls in bf16, softmax in fp32); load average at the start {loadavg()}",
+        "",
+        "| vocab | precision | plain ms | fused ms | fused chunks | fused ms per chunk | fused / plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for v in a.vocab:
         chunk = a.chunk or default_chunk(a.tokens, a.dim, v)
         chunks = -(-a.tokens // chunk)
         for precision in ("fp32", "bf16"):
             r = time_paths(a.tokens, a.dim, v, chunk, a.device, a.repeat, precision == "bf16")
-            lines.append(f"| {v} | {precision} | {r['plain']:.1f} | {r['fused']:.1f} | {chunks} x {chunk} "
-                         f"| {r['fused'] / chunks:.2f} | {r['fused'] / r['plain']:.2f} |")
+            lines.append(
+                f"| {v} | {precision} | {r['plain']:.1f} | {r['fused']:.1f} | {chunks} x {chunk} "
+                f"| {r['fused'] / chunks:.2f} | {r['fused'] / r['plain']:.2f} |"
+            )
     return lines
 
 
 def memory_table(a) -> list[str]:
-    mib = 2 ** 20
+    mib = 2**20
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     dz_bytes = 4 + (2 if a.dtype == "bf16" else 0)  # fp32 logits / dz, plus dz's bf16 copy for the matmuls
-    lines = [f"N = {a.tokens} tokens, D = {a.dim}, chunk = {a.chunk or 'default_chunk'}, h and W {a.dtype}, "
-             f"device = {a.device} (saved = bytes kept for backward besides h and W, counted with saved_tensors_hooks)",
-             "",
-             "| vocab | plain saved MiB | fused saved MiB (dh + dW) | saved by fusing MiB | plain [N,V] transient MiB "
-             "| fused chunk | fused [chunk,V] transient MiB |"
-             + (" plain / fused peak MiB |" if a.device == "cuda" else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if a.device == "cuda" else "")]
+    lines = [
+        f"N = {a.tokens} tokens, D = {a.dim}, chunk = {a.chunk or 'default_chunk'}, h and W {a.dtype}, "
+        f"device = {a.device} (saved = bytes kept for backward besides h and W, counted with saved_tensors_hooks)",
+        "",
+        "| vocab | plain saved MiB | fused saved MiB (dh + dW) | saved by fusing MiB | plain [N,V] transient MiB "
+        "| fused chunk | fused [chunk,V] transient MiB |" + (" plain / fused peak MiB |" if a.device == "cuda" else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if a.device == "cuda" else ""),
+    ]
     for v in a.vocab:
         chunk = a.chunk or default_chunk(a.tokens, a.dim, v)
         r = measure(a.tokens, a.dim, v, chunk, a.device, dtype)
         peak = f" {r['plain_peak'] / mib:.1f} / {r['fused_peak'] / mib:.1f} |" if a.device == "cuda" else ""
-        lines.append(f"| {v} | {r['plain'] / mib:.1f} | {r['fused'] / mib:.1f} | {(r['plain'] - r['fused']) / mib:.1f} "
-                     f"| {a.tokens * v * 4 / mib:.1f} | {chunk} | {min(chunk, a.tokens) * v * dz_bytes / mib:.1f} |{peak}")
+        lines.append(
+            f"| {v} | {r['plain'] / mib:.1f} | {r['fused'] / mib:.1f} | {(r['plain'] - r['fused']) / mib:.1f} "
+            f"| {a.tokens * v * 4 / mib:.1f} | {chunk} | {min(chunk, a.tokens) * v * dz_bytes / mib:.1f} |{peak}"
+        )
     return lines
 
 
@@ -159,8 +169,12 @@ def main() -> None:
     p.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--chunk", type=int, default=0, help="tokens per chunk; 0: the library default (default_chunk)")
     p.add_argument("--device", default="meta", help="meta (shapes only, default), cpu or cuda")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="memory table: the dtype of h and W (bf16: FSDP2 param_dtype bf16)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="memory table: the dtype of h and W (bf16: FSDP2 param_dtype bf16)",
+    )
     p.add_argument("--time", action="store_true", help="time both paths in fp32 and under bf16 autocast (cpu, cuda)")
     p.add_argument("--repeat", type=int, default=3, help="--time: timed runs per case")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")

@@ -140,11 +140,14 @@ def run(args) -> tuple[list[str], list[dict]]:
     device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     impls = implementations("aot_eager" if args.dry else "inductor")
-    lines = [f"preset {args.preset}: {tokens} tokens ({args.micro_batch} x {seq}), dim {m.dim}, heads {m.n_heads}/"
-             f"{m.kv_heads} x {m.head_dim}, FFN {m.hidden_dim}, {args.dtype}, device {device}, median of {args.iters}"
-             + (" -- DRY RUN on Triton's CPU interpreter: the times mean nothing" if args.dry else ""), "",
-             "| kernel | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | max abs err vs fp32 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"preset {args.preset}: {tokens} tokens ({args.micro_batch} x {seq}), dim {m.dim}, heads {m.n_heads}/"
+        f"{m.kv_heads} x {m.head_dim}, FFN {m.hidden_dim}, {args.dtype}, device {device}, median of {args.iters}"
+        + (" -- DRY RUN on Triton's CPU interpreter: the times mean nothing" if args.dry else ""),
+        "",
+        "| kernel | impl | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | max abs err vs fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
     rows, best = [], []
     for kernel, fns in impls.items():
         inputs, grad_inputs = make_inputs(kernel, tokens, seq, m, dtype, device)
@@ -154,8 +157,16 @@ def run(args) -> tuple[list[str], list[dict]]:
             both = timed(lambda: forward_backward(fn, inputs, grad_inputs), args.iters, device)
             peak = peak_mib(lambda: forward_backward(fn, inputs, grad_inputs), device)
             err = _error(fn, inputs, grad_inputs, ref)
-            rows.append({"kernel": kernel, "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": both, "peak_mib": peak,
-                         "max_abs_err": err})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "impl": name,
+                    "fwd_ms": fwd,
+                    "fwd_bwd_ms": both,
+                    "peak_mib": peak,
+                    "max_abs_err": err,
+                }
+            )
             peak_text = "-" if peak is None else f"{peak:.1f}"
             lines.append(f"| {kernel} | {name} | {fwd:.3f} | {both:.3f} | {peak_text} | {err:.2e} |")
         fastest = min((r for r in rows if r["kernel"] == kernel), key=lambda r: r["fwd_bwd_ms"])
@@ -197,8 +208,11 @@ def main() -> int:
         a.preset, a.micro_batch, a.seq, a.iters = "tiny-test", 1, 8, 1
         a.dtype = "fp32"
     elif not torch.cuda.is_available():
-        print("bench_kernels.py measures GPU kernels and needs CUDA; on this machine run it with --dry "
-              "(a smoke check on Triton's CPU interpreter)", file=sys.stderr)
+        print(
+            "bench_kernels.py measures GPU kernels and needs CUDA; on this machine run it with --dry "
+            "(a smoke check on Triton's CPU interpreter)",
+            file=sys.stderr,
+        )
         return 2
     lines, rows = run(a)
     print("\n".join(lines))

@@ -33,12 +33,28 @@ SECTION = "## Parallel layouts (CPU)"
 LAYOUTS = [
     ("single process", 1, (), True),
     ("fsdp2 (dp_shard 2)", 2, ("--train.micro_batch_size", "8"), True),
-    ("hsdp 2x2 (dp_replicate 2, dp_shard 2)", 4, ("--parallel.dp_replicate", "2", "--parallel.dp_shard", "2",
-                                                  "--train.micro_batch_size", "4"), True),
+    (
+        "hsdp 2x2 (dp_replicate 2, dp_shard 2)",
+        4,
+        ("--parallel.dp_replicate", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "4"),
+        True,
+    ),
     ("tp2", 2, ("--parallel.tp", "2"), False),
-    ("pp2 1f1b (untied, 4 microbatches)", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
-                                              "--parallel.pp_microbatches", "4", "--model.tie_embeddings", "false"),
-     False),
+    (
+        "pp2 1f1b (untied, 4 microbatches)",
+        2,
+        (
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_schedule",
+            "1f1b",
+            "--parallel.pp_microbatches",
+            "4",
+            "--model.tie_embeddings",
+            "false",
+        ),
+        False,
+    ),
     ("tp2 x fsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2", "--train.micro_batch_size", "8"), False),
 ]
 
@@ -69,8 +85,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=4, help="leading steps left out of the median")
     ap.add_argument("--only", nargs="*", default=None, help="run only layouts whose name starts with one of these")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per layout")
-    ap.add_argument("--cache", default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
-                    help="MESHFORGE_CACHE for the builtin corpus (prepared once, before the layouts)")
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
+        help="MESHFORGE_CACHE for the builtin corpus (prepared once, before the layouts)",
+    )
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
     if args.steps <= args.warmup:
@@ -79,13 +98,31 @@ def main() -> int:
     from meshforge.data_pipeline.builtin import ensure_builtin
 
     ensure_builtin("shakespeare", args.cache, 2048, progress=False)  # so no layout pays for it
-    common = ["train", "--config", "small", "--train.steps", str(args.steps), "--train.eval_interval", "0",
-              "--train.sample_prompt", "", "--checkpoint.interval", "0", "--train.progress", "false",
-              "--logging.tensorboard", "false", "--train.device", "cpu"]
+    common = [
+        "train",
+        "--config",
+        "small",
+        "--train.steps",
+        str(args.steps),
+        "--train.eval_interval",
+        "0",
+        "--train.sample_prompt",
+        "",
+        "--checkpoint.interval",
+        "0",
+        "--train.progress",
+        "false",
+        "--logging.tensorboard",
+        "false",
+        "--train.device",
+        "cpu",
+    ]
     load_start = loadavg()
     cores = os.cpu_count() or 1
-    print(f"{cores} CPU cores; OMP_NUM_THREADS=1 per rank; MESHFORGE_CACHE={args.cache}; load average {load_start}",
-          flush=True)
+    print(
+        f"{cores} CPU cores; OMP_NUM_THREADS=1 per rank; MESHFORGE_CACHE={args.cache}; load average {load_start}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="mf-layouts-") as tmp:
         for name, world, extra, required in LAYOUTS:
@@ -94,9 +131,13 @@ def main() -> int:
             out = Path(tmp) / f"layout{len(rows)}"
             t0 = time.perf_counter()
             try:
-                run_ranks(world, [*common, "--train.output_dir", str(out), *extra], args.timeout,
-                          {"MESHFORGE_CACHE": args.cache})
-                st = step_times(out)[args.warmup:]
+                run_ranks(
+                    world,
+                    [*common, "--train.output_dir", str(out), *extra],
+                    args.timeout,
+                    {"MESHFORGE_CACHE": args.cache},
+                )
+                st = step_times(out)[args.warmup :]
                 if not st:
                     raise RuntimeError("no step_time_s after the warmup in metrics.jsonl")
             except Exception as e:  # noqa: BLE001 -- a layout not implemented yet must not stop the others
@@ -107,8 +148,11 @@ def main() -> int:
                 continue
             wall = time.perf_counter() - t0
             med = statistics.median(st)
-            print(f"{name}: {world} rank(s), median {med * 1e3:.1f} ms/step over {len(st)} steps "
-                  f"(min {min(st) * 1e3:.1f}, max {max(st) * 1e3:.1f}); wall {wall:.0f} s", flush=True)
+            print(
+                f"{name}: {world} rank(s), median {med * 1e3:.1f} ms/step over {len(st)} steps "
+                f"(min {min(st) * 1e3:.1f}, max {max(st) * 1e3:.1f}); wall {wall:.0f} s",
+                flush=True,
+            )
             rows.append((name, world, extra, (med, min(st), max(st), len(st), wall), ""))
     load_end = loadavg()
 
@@ -130,8 +174,10 @@ def main() -> int:
             continue
         med, lo, hi, n, _ = res
         rel = f"{med / ref:.2f}x" if ref else "—"
-        lines.append(f"| {name} | {world} | {med * 1e3:.1f} | {lo * 1e3:.1f} – {hi * 1e3:.1f} | "
-                     f"{tokens / med:,.0f} | {rel} | {ov} |")
+        lines.append(
+            f"| {name} | {world} | {med * 1e3:.1f} | {lo * 1e3:.1f} – {hi * 1e3:.1f} | "
+            f"{tokens / med:,.0f} | {rel} | {ov} |"
+        )
     lines += [
         "",
         f"{cores} cores: layouts with more than {cores} ranks oversubscribe them (each rank computes with one "

@@ -60,8 +60,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved passes per reader (the best counts)")
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
-    ap.add_argument("--remote", action="store_true",
-                    help="also serve the shards with nginx on localhost and compare range reads with the memory map")
+    ap.add_argument(
+        "--remote",
+        action="store_true",
+        help="also serve the shards with nginx on localhost and compare range reads with the memory map",
+    )
     ap.add_argument("--step-ms", type=float, default=50.0, help="--remote: simulated training step between batches")
     ap.add_argument("--step-batches", type=int, default=40, help="--remote: batches per row with a simulated step")
     ap.add_argument("--latency-ms", type=float, default=30.0, help="--remote: latency a proxy adds to each request")
@@ -134,11 +137,15 @@ def main() -> None:
         "|---|---:|---:|",
     ]
     lines += [f"| {name} | {toks / t / 1e6:.1f}M | {t / args.batches * 1e3:.2f} |" for name, t in rows]
-    check = {k: best[f"DistributedLoader prefetch={k}, id check"] / best[f"DistributedLoader prefetch={k}"]
-             for k in (0, 2)}
-    lines += ["", "time with the token-id check / without: "
-              + ", ".join(f"prefetch={k}: {r:.3f}x" for k, r in check.items())
-              + f"; the check alone (one max over a {B} x {S + 1} int64 batch): {t_check * 1e6:.1f} us"]
+    check = {
+        k: best[f"DistributedLoader prefetch={k}, id check"] / best[f"DistributedLoader prefetch={k}"] for k in (0, 2)
+    }
+    lines += [
+        "",
+        "time with the token-id check / without: "
+        + ", ".join(f"prefetch={k}: {r:.3f}x" for k, r in check.items())
+        + f"; the check alone (one max over a {B} x {S + 1} int64 batch): {t_check * 1e6:.1f} us",
+    ]
     lines += remote
     print("\n".join(lines))
     if args.record:

@@ -29,9 +29,9 @@ from meshforge.models.moe import MoE
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 SHAPES = [  # (dim, experts, hidden per expert, top_k)
-    (256, 8, 512, 2),     # Mixtral-like, small
-    (256, 16, 256, 4),    # finer experts, same active width
-    (256, 64, 128, 8),    # fine-grained
+    (256, 8, 512, 2),  # Mixtral-like, small
+    (256, 16, 256, 4),  # finer experts, same active width
+    (256, 64, 128, 8),  # fine-grained
 ]
 
 
@@ -62,22 +62,30 @@ def run(tokens: int, warmup: int, iters: int) -> list[dict]:
         x = torch.randn(tokens, dim)
         t_moe = time_fwd_bwd(moe, x, warmup, iters)
         t_dense = time_fwd_bwd(dense, x, warmup, iters)
-        rows.append({
-            "shape": f"D={dim} E={experts} H={hidden} k={top_k}",
-            "active": 3 * dim * top_k * hidden + dim * experts,
-            "total": sum(p.numel() for p in moe.parameters()),
-            "moe_tps": tokens / t_moe, "dense_tps": tokens / t_dense,
-        })
+        rows.append(
+            {
+                "shape": f"D={dim} E={experts} H={hidden} k={top_k}",
+                "active": 3 * dim * top_k * hidden + dim * experts,
+                "total": sum(p.numel() for p in moe.parameters()),
+                "moe_tps": tokens / t_moe,
+                "dense_tps": tokens / t_dense,
+            }
+        )
     return rows
 
 
 def table(rows: list[dict], tokens: int) -> str:
-    lines = [f"fp32, {tokens} tokens per forward+backward, dense baseline = SwiGLU FFN of width k*H", "",
-             "| MoE shape | active params | total params | MoE tokens/s | dense tokens/s | MoE / dense |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"fp32, {tokens} tokens per forward+backward, dense baseline = SwiGLU FFN of width k*H",
+        "",
+        "| MoE shape | active params | total params | MoE tokens/s | dense tokens/s | MoE / dense |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['active'] / 1e6:.2f}M | {r['total'] / 1e6:.2f}M | {r['moe_tps']:,.0f} | "
-                     f"{r['dense_tps']:,.0f} | {r['moe_tps'] / r['dense_tps']:.2f} |")
+        lines.append(
+            f"| {r['shape']} | {r['active'] / 1e6:.2f}M | {r['total'] / 1e6:.2f}M | {r['moe_tps']:,.0f} | "
+            f"{r['dense_tps']:,.0f} | {r['moe_tps'] / r['dense_tps']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -92,13 +100,17 @@ def main() -> None:
     text = table(rows, args.tokens)
     print(text)
     if args.record:
-        machine = (f"machine: {torch.get_num_threads()} threads, {platform.platform()}, {platform.machine()}; "
-                   f"python {platform.python_version()}, torch {torch.__version__}")
+        machine = (
+            f"machine: {torch.get_num_threads()} threads, {platform.platform()}, {platform.machine()}; "
+            f"python {platform.python_version()}, torch {torch.__version__}"
+        )
         cmd = "python bench/bench_moe.py " + " ".join(sys.argv[1:])
         block = [f"\n### {date.today().isoformat()} — `{cmd.strip()}`", "", machine, "", text, ""]
         existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
         if "\n## MoE\n" not in existing:
-            block.insert(0, "\n## MoE\n\nMoE feed-forward vs a dense FFN of equal active parameters (`bench/bench_moe.py`).")
+            block.insert(
+                0, "\n## MoE\n\nMoE feed-forward vs a dense FFN of equal active parameters (`bench/bench_moe.py`)."
+            )
         RESULTS.write_text(existing.rstrip("\n") + "\n" + "\n".join(block))
 
 

@@ -72,23 +72,61 @@ SHAPES: dict[str, tuple[tuple[str, ...], int]] = {
     "6m": (("--model.dim", "320", "--model.n_layers", "5", "--model.n_heads", "5"), 8),
     "28m": (("--model.dim", "512", "--model.n_layers", "8", "--model.n_heads", "8"), 4),
 }
-_OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.tensorboard", "false",
-        "--train.progress", "false", "--checkpoint.interval", "0", "--train.device", "cpu",
-        "--train.z_loss_coef", "0", "--optim.grad_clip", "1.0")
+_OFF = (
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--logging.tensorboard",
+    "false",
+    "--train.progress",
+    "false",
+    "--checkpoint.interval",
+    "0",
+    "--train.device",
+    "cpu",
+    "--train.z_loss_coef",
+    "0",
+    "--optim.grad_clip",
+    "1.0",
+)
 
 
-def job_config(shape: str, mode: str, out: str, steps: int, dry: bool = False, scope: str = "model",
-               device: str = "cpu", batch: int = 0):
+def job_config(
+    shape: str,
+    mode: str,
+    out: str,
+    steps: int,
+    dry: bool = False,
+    scope: str = "model",
+    device: str = "cpu",
+    batch: int = 0,
+):
     from meshforge.config import load_config
 
     overrides, default_batch = SHAPES[shape]
     batch = batch or default_batch
     if dry:  # the GPU check's --dry: tiny, a few steps
         overrides, batch = ("--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4"), 2
-    return load_config("small", [*overrides, *_OFF, "--train.device", device, "--train.global_batch_size", str(batch),
-                                 "--parallel.compile", "on" if mode == "compiled" else "off",
-                                 "--parallel.compile_scope", scope if mode == "compiled" else "blocks",
-                                 "--train.steps", str(steps + 10), "--train.output_dir", out])
+    return load_config(
+        "small",
+        [
+            *overrides,
+            *_OFF,
+            "--train.device",
+            device,
+            "--train.global_batch_size",
+            str(batch),
+            "--parallel.compile",
+            "on" if mode == "compiled" else "off",
+            "--parallel.compile_scope",
+            scope if mode == "compiled" else "blocks",
+            "--train.steps",
+            str(steps + 10),
+            "--train.output_dir",
+            out,
+        ],
+    )
 
 
 def _timed(step, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
@@ -103,8 +141,12 @@ def _timed(step, warmup: int, steps: int, device: torch.device = torch.device("c
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     per_step = wall if device.type == "cuda" else cpu
-    return {"median_s": statistics.median(per_step[warmup:]), "min_s": min(per_step[warmup:]),
-            "wall_median_s": statistics.median(wall[warmup:]), "first_s": wall[0]}
+    return {
+        "median_s": statistics.median(per_step[warmup:]),
+        "min_s": min(per_step[warmup:]),
+        "wall_median_s": statistics.median(wall[warmup:]),
+        "first_s": wall[0],
+    }
 
 
 def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
@@ -129,8 +171,17 @@ def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = Fals
     from hf_peer import train_peer
 
     m = cfg.model
-    f = train_peer(m, cfg.data.seq_len + 1, cfg.train.global_batch_size, warmup, steps, device, bf16,
-                   cfg.parallel.compile == "on", adamw=adamw)
+    f = train_peer(
+        m,
+        cfg.data.seq_len + 1,
+        cfg.train.global_batch_size,
+        warmup,
+        steps,
+        device,
+        bf16,
+        cfg.parallel.compile == "on",
+        adamw=adamw,
+    )
     out = {"median_s": f["median_s"], "min_s": f["min_s"], "first_s": f["first_step_s"], "params": f["total_params"]}
     if "cpu_median_s" in f and device.type == "cpu":  # CPU time per step, as the other sides report it
         out.update(median_s=f["cpu_median_s"], min_s=f["cpu_min_s"], wall_median_s=f["median_s"])
@@ -141,18 +192,34 @@ def litgpt_model(m, seq_len: int):
     from litgpt.config import Config
     from litgpt.model import GPT
 
-    c = Config(name="meshforge-shape", block_size=seq_len, vocab_size=m.vocab_size, padded_vocab_size=m.vocab_size,
-               n_layer=m.n_layers, n_head=m.n_heads, n_embd=m.dim, n_query_groups=m.kv_heads, head_size=m.head_dim,
-               rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-               norm_eps=m.norm_eps, mlp_class_name="LLaMAMLP", intermediate_size=m.hidden_dim, rope_base=int(m.rope_theta))
+    c = Config(
+        name="meshforge-shape",
+        block_size=seq_len,
+        vocab_size=m.vocab_size,
+        padded_vocab_size=m.vocab_size,
+        n_layer=m.n_layers,
+        n_head=m.n_heads,
+        n_embd=m.dim,
+        n_query_groups=m.kv_heads,
+        head_size=m.head_dim,
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        bias=False,
+        norm_class_name="RMSNorm",
+        norm_eps=m.norm_eps,
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=m.hidden_dim,
+        rope_base=int(m.rope_theta),
+    )
     model = GPT(c)
     if m.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model
 
 
-def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False,
-               adamw: str = "foreach") -> dict:
+def run_litgpt(
+    cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False, adamw: str = "foreach"
+) -> dict:
     from litgpt.utils import chunked_cross_entropy
 
     m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
@@ -180,8 +247,9 @@ def run_litgpt(cfg, warmup: int, steps: int, device: torch.device = torch.device
     return out
 
 
-def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str,
-           adamw: str = "foreach") -> dict:
+def worker(
+    side: str, shape: str, mode: str, warmup: int, steps: int, threads: int, scope: str, adamw: str = "foreach"
+) -> dict:
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,8 +270,13 @@ def worker(side: str, shape: str, mode: str, warmup: int, steps: int, threads: i
 def litgpt_available(path: Path) -> str | None:
     """None if litgpt imports from ``path`` (or the environment), else why not."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(path), os.environ.get("PYTHONPATH", "")]))}
-    p = subprocess.run([sys.executable, "-c", "import litgpt.model, litgpt.utils"], env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", "import litgpt.model, litgpt.utils"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
@@ -212,9 +285,25 @@ def spawn(side: str, shape: str, mode: str, args) -> dict:
     if side == "litgpt":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.litgpt_path), env.get("PYTHONPATH", "")]))
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--worker", side, shape, mode, f.name, "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--threads", str(args.threads),
-               "--compile-scope", args.compile_scope, "--peer-adamw", args.peer_adamw]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            side,
+            shape,
+            mode,
+            f.name,
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--compile-scope",
+            args.compile_scope,
+            "--peer-adamw",
+            args.peer_adamw,
+        ]
         try:
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -228,8 +317,11 @@ def spawn(side: str, shape: str, mode: str, args) -> dict:
 
 def ratios(rounds: list[dict], peer: str) -> list[float]:
     """peer / meshforge median step time of each round where both ran."""
-    return [r[peer]["median_s"] / r["meshforge"]["median_s"] for r in rounds
-            if "median_s" in r.get(peer, {}) and "median_s" in r.get("meshforge", {})]
+    return [
+        r[peer]["median_s"] / r["meshforge"]["median_s"]
+        for r in rounds
+        if "median_s" in r.get(peer, {}) and "median_s" in r.get("meshforge", {})
+    ]
 
 
 def peers_case(ctx) -> dict:
@@ -249,22 +341,33 @@ def peers_case(ctx) -> dict:
     for mode in modes:
         with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
             cfg = job_config("28m", mode, tmp, warmup + steps, dry=ctx.dry, device=dev.type, batch=32)
-            got = {"meshforge": lambda: run_meshforge(cfg, warmup, steps, dev),
-                   "hf": lambda: run_hf(cfg, warmup, steps, dev, bf16=dev.type == "cuda"),
-                   "litgpt": lambda: run_litgpt(cfg, warmup, steps, dev, bf16=dev.type == "cuda")}
+            got = {
+                "meshforge": lambda: run_meshforge(cfg, warmup, steps, dev),
+                "hf": lambda: run_hf(cfg, warmup, steps, dev, bf16=dev.type == "cuda"),
+                "litgpt": lambda: run_litgpt(cfg, warmup, steps, dev, bf16=dev.type == "cuda"),
+            }
             runs = {side: got[side]() for side in sides}
         tokens = cfg.train.global_batch_size * cfg.data.seq_len
         for side, r in runs.items():
             figures[f"{mode}_{side}_s"] = r["median_s"]
             if side != "meshforge":
                 figures[f"{mode}_{side}_ratio"] = r["median_s"] / runs["meshforge"]["median_s"]
-                checks.append(check(f"{mode}: parameter count, {side} minus meshforge", abs(r["params"] - runs["meshforge"]["params"]), 0))
-        checks.append(check(f"{mode}: non-finite step times", sum(not math.isfinite(r["median_s"]) for r in runs.values()), 0))
+                checks.append(
+                    check(
+                        f"{mode}: parameter count, {side} minus meshforge",
+                        abs(r["params"] - runs["meshforge"]["params"]),
+                        0,
+                    )
+                )
+        checks.append(
+            check(f"{mode}: non-finite step times", sum(not math.isfinite(r["median_s"]) for r in runs.values()), 0)
+        )
         if mode == "eager":
             figures["tokens_per_step"] = tokens
             figures["tokens_per_s"] = tokens / runs["meshforge"]["median_s"]
     note = ("--dry: tiny shapes, CPU, eager" if ctx.dry else "28m, batch 32 x 128, bf16 autocast") + (
-        "" if "litgpt" in sides else "; litgpt not importable here: hf only")
+        "" if "litgpt" in sides else "; litgpt not importable here: hf only"
+    )
     return {"figures": figures, "checks": checks, "note": note}
 
 
@@ -277,8 +380,10 @@ def fused_projection_bench(shape: str, reps: int = 20) -> dict:
     n = cfg.train.global_batch_size * cfg.data.seq_len
     x = torch.randn(n, m.dim, requires_grad=True)
     out = {}
-    for name, rows in {"qkv": (m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.kv_heads * m.head_dim),
-                       "gate_up": (m.hidden_dim, m.hidden_dim)}.items():
+    for name, rows in {
+        "qkv": (m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.kv_heads * m.head_dim),
+        "gate_up": (m.hidden_dim, m.hidden_dim),
+    }.items():
         ws = [torch.randn(r, m.dim, requires_grad=True) for r in rows]
         fused = torch.cat([w.detach() for w in ws]).requires_grad_()
 
@@ -299,21 +404,29 @@ def fused_projection_bench(shape: str, reps: int = 20) -> dict:
 
 
 def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) -> list[str]:
-    lines = [f"{args.rounds} rounds, each side in a fresh process per round, order rotated; {args.warmup} warmup "
-             f"+ {args.steps} timed steps; fp32, AdamW (meshforge fused, peers {args.peer_adamw}), clip 1.0, {args.threads or 'default'} torch "
-             f"thread(s) per process. Ratio = peer step time / meshforge "
-             f"step time (> 1: meshforge faster), median and min over rounds. Load average before: {loads[0]}; "
-             f"after: {loads[1]}.", "",
-             "| shape | params | batch x seq | mode | meshforge CPU s/step (wall) | hf | litgpt | hf / meshforge (median, min) | litgpt / meshforge (median, min) |",
-             "|---|---:|---|---|---:|---:|---:|---|---|"]
+    lines = [
+        f"{args.rounds} rounds, each side in a fresh process per round, order rotated; {args.warmup} warmup "
+        f"+ {args.steps} timed steps; fp32, AdamW (meshforge fused, peers {args.peer_adamw}), clip 1.0, {args.threads or 'default'} torch "
+        f"thread(s) per process. Ratio = peer step time / meshforge "
+        f"step time (> 1: meshforge faster), median and min over rounds. Load average before: {loads[0]}; "
+        f"after: {loads[1]}.",
+        "",
+        "| shape | params | batch x seq | mode | meshforge CPU s/step (wall) | hf | litgpt | hf / meshforge (median, min) | litgpt / meshforge (median, min) |",
+        "|---|---:|---|---|---:|---:|---:|---|---|",
+    ]
     for (shape, mode), rounds in results.items():
         med = {}
         params = {}
         for side in SIDES:
             ok = [r[side] for r in rounds if "median_s" in r.get(side, {})]
-            med[side] = (f"{statistics.median(x['median_s'] for x in ok):.3f} "
-                         f"({statistics.median(x.get('wall_median_s', x['median_s']) for x in ok):.3f})") if ok else (
-                skipped.get(side) and "n/a" or next((r[side]["error"][:60] for r in rounds if side in r), "n/a"))
+            med[side] = (
+                (
+                    f"{statistics.median(x['median_s'] for x in ok):.3f} "
+                    f"({statistics.median(x.get('wall_median_s', x['median_s']) for x in ok):.3f})"
+                )
+                if ok
+                else (skipped.get(side) and "n/a" or next((r[side]["error"][:60] for r in rounds if side in r), "n/a"))
+            )
             if ok:
                 params[side] = ok[0]["params"]
         cells = []
@@ -321,10 +434,16 @@ def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) 
             rs = ratios(rounds, peer)
             cells.append(f"{statistics.median(rs):.3f}, {min(rs):.3f}" if rs else "n/a")
         counts = sorted(set(params.values()))
-        pcell = f"{counts[0] / 1e6:.2f}M" if len(counts) == 1 else " / ".join(f"{k} {v / 1e6:.3f}M" for k, v in params.items())
+        pcell = (
+            f"{counts[0] / 1e6:.2f}M"
+            if len(counts) == 1
+            else " / ".join(f"{k} {v / 1e6:.3f}M" for k, v in params.items())
+        )
         batch = SHAPES[shape][1]
-        lines.append(f"| {shape} | {pcell} | {batch} x 128 | {mode} | {med['meshforge']} | {med['hf']} | "
-                     f"{med['litgpt']} | {cells[0]} | {cells[1]} |")
+        lines.append(
+            f"| {shape} | {pcell} | {batch} x 128 | {mode} | {med['meshforge']} | {med['hf']} | "
+            f"{med['litgpt']} | {cells[0]} | {cells[1]} |"
+        )
     lines.append("")
     lines += [f"- {side} not run: {why}" for side, why in skipped.items()]
     return lines
@@ -332,10 +451,14 @@ def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) 
 
 def fused_table(results: dict) -> list[str]:
     """``--fused-prototype``: unfused / fused meshforge step time per round, and whether their losses agree."""
-    lines = ["", "meshforge unfused vs the fused-projection prototype (`bench/fused_prototype.py`), same weights; "
-             "ratio = unfused / fused step time (> 1: fusing pays), per round in run order:", "",
-             "| shape | mode | unfused CPU s/step | fused CPU s/step | unfused / fused (median, min, max) | rounds | max loss diff |",
-             "|---|---|---:|---:|---|---|---:|"]
+    lines = [
+        "",
+        "meshforge unfused vs the fused-projection prototype (`bench/fused_prototype.py`), same weights; "
+        "ratio = unfused / fused step time (> 1: fusing pays), per round in run order:",
+        "",
+        "| shape | mode | unfused CPU s/step | fused CPU s/step | unfused / fused (median, min, max) | rounds | max loss diff |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
     for (shape, mode), rounds in results.items():
         both = [r for r in rounds if "median_s" in r.get("fused", {}) and "median_s" in r.get("meshforge", {})]
         if not both:
@@ -343,10 +466,12 @@ def fused_table(results: dict) -> list[str]:
             continue
         rs = [r["meshforge"]["median_s"] / r["fused"]["median_s"] for r in both]
         diff = max(abs(a - b) for r in both for a, b in zip(r["meshforge"]["losses"], r["fused"]["losses"]))
-        lines.append(f"| {shape} | {mode} | {statistics.median(r['meshforge']['median_s'] for r in both):.4f} | "
-                     f"{statistics.median(r['fused']['median_s'] for r in both):.4f} | "
-                     f"{statistics.median(rs):.3f}, {min(rs):.3f}, {max(rs):.3f} | "
-                     f"{' '.join(f'{x:.3f}' for x in rs)} | {diff:.1e} |")
+        lines.append(
+            f"| {shape} | {mode} | {statistics.median(r['meshforge']['median_s'] for r in both):.4f} | "
+            f"{statistics.median(r['fused']['median_s'] for r in both):.4f} | "
+            f"{statistics.median(rs):.3f}, {min(rs):.3f}, {max(rs):.3f} | "
+            f"{' '.join(f'{x:.3f}' for x in rs)} | {diff:.1e} |"
+        )
     return lines
 
 
@@ -357,26 +482,50 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads of every side (0: torch's default; 1 keeps a shared, loaded box sane)")
-    ap.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
-                    help="meshforge's parallel.compile_scope in the compiled mode")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of every side (0: torch's default; 1 keeps a shared, loaded box sane)",
+    )
+    ap.add_argument(
+        "--compile-scope",
+        choices=("model", "blocks"),
+        default="model",
+        help="meshforge's parallel.compile_scope in the compiled mode",
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per process")
-    ap.add_argument("--litgpt-path", type=Path, default=LITGPT_PATH,
-                    help="a directory holding litgpt (pip install --target DIR litgpt ...), put before PYTHONPATH")
-    ap.add_argument("--fused-projections", action="store_true", help="add the fused vs separate projection micro-benchmark")
-    ap.add_argument("--fused-prototype", action="store_true",
-                    help="add a side: meshforge with fused q/k/v and gate/up projections (bench/fused_prototype.py)")
+    ap.add_argument(
+        "--litgpt-path",
+        type=Path,
+        default=LITGPT_PATH,
+        help="a directory holding litgpt (pip install --target DIR litgpt ...), put before PYTHONPATH",
+    )
+    ap.add_argument(
+        "--fused-projections", action="store_true", help="add the fused vs separate projection micro-benchmark"
+    )
+    ap.add_argument(
+        "--fused-prototype",
+        action="store_true",
+        help="add a side: meshforge with fused q/k/v and gate/up projections (bench/fused_prototype.py)",
+    )
     ap.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES), help="which peers run")
-    ap.add_argument("--peer-adamw", choices=("foreach", "fused"), default="foreach",
-                    help="the peers' AdamW kernel (meshforge's is fused)")
+    ap.add_argument(
+        "--peer-adamw",
+        choices=("foreach", "fused"),
+        default="foreach",
+        help="the peers' AdamW kernel (meshforge's is fused)",
+    )
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         side, shape, mode, path = args.worker
-        Path(path).write_text(json.dumps(worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope,
-                                                args.peer_adamw)))
+        Path(path).write_text(
+            json.dumps(
+                worker(side, shape, mode, args.warmup, args.steps, args.threads, args.compile_scope, args.peer_adamw)
+            )
+        )
         return 0
     sides = [s for s in SIDES if s in args.sides or s == "meshforge"] + (["fused"] if args.fused_prototype else [])
     skipped = {}
@@ -389,7 +538,7 @@ def main() -> int:
     for r in range(args.rounds):
         for (shape, mode), rounds in results.items():
             this = {}
-            order = sides[r % len(sides):] + sides[:r % len(sides)]
+            order = sides[r % len(sides) :] + sides[: r % len(sides)]
             for side in order:
                 this[side] = spawn(side, shape, mode, args)
                 print(json.dumps({"round": r, "shape": shape, "mode": mode, "side": side, **this[side]}), flush=True)
@@ -398,17 +547,23 @@ def main() -> int:
     if args.fused_prototype:
         lines += fused_table(results)
     if args.fused_projections:
-        lines += ["", "Fused vs separate projections, forward + backward of the matmuls alone (median s per call):", "",
-                  "| shape | tokens | qkv separate | qkv fused | separate / fused | gate+up separate | gate+up fused | separate / fused |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Fused vs separate projections, forward + backward of the matmuls alone (median s per call):",
+            "",
+            "| shape | tokens | qkv separate | qkv fused | separate / fused | gate+up separate | gate+up fused | separate / fused |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         if args.threads:
             torch.set_num_threads(args.threads)
         for shape in args.shapes:
             f = fused_projection_bench(shape)
             q, g = f["qkv"], f["gate_up"]
-            lines.append(f"| {shape} | {SHAPES[shape][1] * 128} | {q['separate']:.4f} | {q['fused']:.4f} | "
-                         f"{q['separate'] / q['fused']:.3f} | {g['separate']:.4f} | {g['fused']:.4f} | "
-                         f"{g['separate'] / g['fused']:.3f} |")
+            lines.append(
+                f"| {shape} | {SHAPES[shape][1] * 128} | {q['separate']:.4f} | {q['fused']:.4f} | "
+                f"{q['separate'] / q['fused']:.3f} | {g['separate']:.4f} | {g['fused']:.4f} | "
+                f"{g['separate'] / g['fused']:.3f} |"
+            )
         lines.append("")
     print("\n".join(lines))
     if args.record:

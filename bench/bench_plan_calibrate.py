@@ -124,17 +124,34 @@ def main() -> int:
     start = loadavg()
     rate = matmul_rate(args.repeats)
     alpha, bw, in_step, rows = link_fit()
-    lines = [f"load average at start / end: {start} / {loadavg()}", "",
-             "| gloo op (2 ranks, loopback) | bytes | median s per call |", "|---|---:|---:|"]
+    lines = [
+        f"load average at start / end: {start} / {loadavg()}",
+        "",
+        "| gloo op (2 ranks, loopback) | bytes | median s per call |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {op} | {nb:,} | {t:.6f} |" for op, nb, t in rows]
-    lines += ["", f"one-thread fp32 matmul rate (best of {args.repeats}): {rate:.3e} FLOP/s; "
-                  f"gloo fit t = alpha + moved/bw: alpha {alpha:.2e} s, bw {bw:.2e} B/s; "
-                  f"a 4 KiB all-reduce between compute (both ranks busy, as in a step) adds {in_step:.2e} s per call "
-                  "(the latency the cpu entry uses)", "",
-              "```toml", "[cpu-measured]", 'name = "CPU (measured)"', f"peak_bf16_flops = {rate:.3e}",
-              "peak_fp8_flops = 0.0", "hbm_bytes = 137_438_953_472", f"nvlink_bw = {bw:.3e}",
-              f"internode_bw = {bw:.3e}", f"nvlink_latency = {in_step:.2e}", f"internode_latency = {in_step:.2e}",
-              f"cores = {os.cpu_count()}", "comm_overlap = false", "```"]
+    lines += [
+        "",
+        f"one-thread fp32 matmul rate (best of {args.repeats}): {rate:.3e} FLOP/s; "
+        f"gloo fit t = alpha + moved/bw: alpha {alpha:.2e} s, bw {bw:.2e} B/s; "
+        f"a 4 KiB all-reduce between compute (both ranks busy, as in a step) adds {in_step:.2e} s per call "
+        "(the latency the cpu entry uses)",
+        "",
+        "```toml",
+        "[cpu-measured]",
+        'name = "CPU (measured)"',
+        f"peak_bf16_flops = {rate:.3e}",
+        "peak_fp8_flops = 0.0",
+        "hbm_bytes = 137_438_953_472",
+        f"nvlink_bw = {bw:.3e}",
+        f"internode_bw = {bw:.3e}",
+        f"nvlink_latency = {in_step:.2e}",
+        f"internode_latency = {in_step:.2e}",
+        f"cores = {os.cpu_count()}",
+        "comm_overlap = false",
+        "```",
+    ]
     print("\n".join(lines))
     if args.record:
         record(SECTION, lines)

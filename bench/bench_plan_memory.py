@@ -61,11 +61,28 @@ def mem_record(out: Path) -> dict:
 
 
 def measure_memory(presets, acs, layouts, cache: str, timeout: float, device: str = "cpu") -> list[str]:
-    common = ["train", "--train.steps", "3", "--train.eval_interval", "0", "--train.sample_prompt", "",
-              "--checkpoint.interval", "0", "--train.progress", "false", "--logging.tensorboard", "false",
-              "--train.device", device]
-    lines = ["| preset | layout | AC | backward peak MiB measured / predicted | error | step peak MiB measured / "
-             "predicted | error | predicted activations MiB |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    common = [
+        "train",
+        "--train.steps",
+        "3",
+        "--train.eval_interval",
+        "0",
+        "--train.sample_prompt",
+        "",
+        "--checkpoint.interval",
+        "0",
+        "--train.progress",
+        "false",
+        "--logging.tensorboard",
+        "false",
+        "--train.device",
+        device,
+    ]
+    lines = [
+        "| preset | layout | AC | backward peak MiB measured / predicted | error | step peak MiB measured / "
+        "predicted | error | predicted activations MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     errors = []
     with tempfile.TemporaryDirectory(prefix="mf-planmem-") as tmp:
         for preset in presets:
@@ -73,8 +90,17 @@ def measure_memory(presets, acs, layouts, cache: str, timeout: float, device: st
                 world, extra = LAYOUT_ARGS[name]
                 for ac in acs:
                     out = Path(tmp) / f"{preset}-{name}-{ac}"
-                    args = [*common, "--config", preset, *PRESET_ARGS[preset], *extra,
-                            "--parallel.activation_checkpointing", ac, "--train.output_dir", str(out)]
+                    args = [
+                        *common,
+                        "--config",
+                        preset,
+                        *PRESET_ARGS[preset],
+                        *extra,
+                        "--parallel.activation_checkpointing",
+                        ac,
+                        "--train.output_dir",
+                        str(out),
+                    ]
                     try:
                         run_ranks(world, args, timeout, {"MESHFORGE_CACHE": cache, "MALLOC_MMAP_THRESHOLD_": "65536"})
                         rec = mem_record(out)
@@ -86,9 +112,11 @@ def measure_memory(presets, acs, layouts, cache: str, timeout: float, device: st
                     step, step_pred = rec["mem_step_peak_bytes"], rec["mem_predicted_step"]
                     err = (bwd_pred - bwd) / bwd
                     errors.append(abs(err))
-                    row = (f"| {preset} | {name} | {ac} | {bwd / 2**20:.1f} / {bwd_pred / 2**20:.1f} | {100 * err:+.1f}% | "
-                           f"{step / 2**20:.1f} / {step_pred / 2**20:.1f} | {100 * (step_pred - step) / step:+.1f}% | "
-                           f"{rec['mem_predicted_activations'] / 2**20:.1f} |")
+                    row = (
+                        f"| {preset} | {name} | {ac} | {bwd / 2**20:.1f} / {bwd_pred / 2**20:.1f} | {100 * err:+.1f}% | "
+                        f"{step / 2**20:.1f} / {step_pred / 2**20:.1f} | {100 * (step_pred - step) / step:+.1f}% | "
+                        f"{rec['mem_predicted_activations'] / 2**20:.1f} |"
+                    )
                     print(row, flush=True)
                     lines.append(row)
     if errors:
@@ -99,8 +127,8 @@ def measure_memory(presets, acs, layouts, cache: str, timeout: float, device: st
 def recorded_layout_times() -> dict[str, float]:
     """Median ms/step per layout name from the newest 'Parallel layouts (CPU)' table of RESULTS.md."""
     text = RESULTS.read_text()
-    section = text[text.index("## Parallel layouts (CPU)"):]
-    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    section = text[text.index("## Parallel layouts (CPU)") :]
+    section = section[: section.find("\n## ", 1)] if "\n## " in section[1:] else section
     entries = section.split("\n### ")
     out = {}
     for row in entries[-1].splitlines():
@@ -113,9 +141,25 @@ def recorded_layout_times() -> dict[str, float]:
 def measure_layouts(repeats: int, cache: str, timeout: float) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Median step time (s) per layout name, once per repeat (7 steps, median of the last 4), and the
     fastest of those steps over all repeats (the least disturbed by other processes)."""
-    common = ["train", "--config", "small", "--train.steps", "7", "--train.eval_interval", "0",
-              "--train.sample_prompt", "", "--checkpoint.interval", "0", "--train.progress", "false",
-              "--logging.tensorboard", "false", "--train.device", "cpu"]
+    common = [
+        "train",
+        "--config",
+        "small",
+        "--train.steps",
+        "7",
+        "--train.eval_interval",
+        "0",
+        "--train.sample_prompt",
+        "",
+        "--checkpoint.interval",
+        "0",
+        "--train.progress",
+        "false",
+        "--logging.tensorboard",
+        "false",
+        "--train.device",
+        "cpu",
+    ]
     runs, fastest = [], {}
     with tempfile.TemporaryDirectory(prefix="mf-planrank-") as tmp:
         for r in range(repeats):
@@ -126,8 +170,10 @@ def measure_layouts(repeats: int, cache: str, timeout: float) -> tuple[list[dict
                 st = sorted(step_times(out)[3:])
                 measured[name] = st[len(st) // 2]
                 fastest[name] = min(fastest.get(name, st[0]), st[0])
-                print(f"repeat {r + 1}: {name}: {measured[name] * 1e3:.1f} ms/step (fastest {st[0] * 1e3:.1f})",
-                      flush=True)
+                print(
+                    f"repeat {r + 1}: {name}: {measured[name] * 1e3:.1f} ms/step (fastest {st[0] * 1e3:.1f})",
+                    flush=True,
+                )
             runs.append(measured)
     return runs, fastest
 
@@ -164,12 +210,17 @@ def ranking(repeats: int, cache: str, timeout: float, device: str = "cpu") -> li
 
     pred, plain = predict(cpu), predict(gpu_like)
     med = [statistics.median(r[n] for r in runs) for n in names]
-    rows = [f"| layout | ranks | measured ms/step: median (min – max over repeats) | predicted ms/step ({device}) | "
-            "predicted, GPU-like overlap and no time-sharing |", "|---|---:|---:|---:|---:|"]
+    rows = [
+        f"| layout | ranks | measured ms/step: median (min – max over repeats) | predicted ms/step ({device}) | "
+        "predicted, GPU-like overlap and no time-sharing |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for (name, world, _), t, t0 in zip(jobs, pred, plain):
         ms = [r[name] * 1e3 for r in runs]
-        rows.append(f"| {name} | {world} | {statistics.median(ms):.1f} ({min(ms):.1f} – {max(ms):.1f}) | "
-                    f"{t * 1e3:.1f} | {t0 * 1e3:.1f} |")
+        rows.append(
+            f"| {name} | {world} | {statistics.median(ms):.1f} ({min(ms):.1f} – {max(ms):.1f}) | "
+            f"{t * 1e3:.1f} | {t0 * 1e3:.1f} |"
+        )
 
     def rho(a, b) -> str:
         return f"{spearmanr(a, b).statistic:+.2f}"
@@ -177,17 +228,27 @@ def ranking(repeats: int, cache: str, timeout: float, device: str = "cpu") -> li
     per = ", ".join(rho([r[n] for n in names], pred) for r in runs)
     per_plain = ", ".join(rho([r[n] for n in names], plain) for r in runs)
     # the latency is the least certain input (bench_plan_calibrate.py measured 0-18 ms under load)
-    sens = ", ".join(f"{lat * 1e3:g} ms: " + rho(med, predict(dataclasses.replace(cpu, nvlink_latency=lat,
-                                                                                 internode_latency=lat)))
-                     for lat in (1e-3, 2e-3, 1e-2))
-    rows += ["", f"step times: {source}; Spearman rank correlation, predicted vs measured over {len(names)} "
-                 f"layouts: {rho(med, pred)} on the medians, per repeat {per}; GPU-like model: {rho(med, plain)} "
-                 f"on the medians, per repeat {per_plain}",
-             *([f"fastest step of each layout over all repeats (least disturbed by the load): Spearman "
+    sens = ", ".join(
+        f"{lat * 1e3:g} ms: " + rho(med, predict(dataclasses.replace(cpu, nvlink_latency=lat, internode_latency=lat)))
+        for lat in (1e-3, 2e-3, 1e-2)
+    )
+    rows += [
+        "",
+        f"step times: {source}; Spearman rank correlation, predicted vs measured over {len(names)} "
+        f"layouts: {rho(med, pred)} on the medians, per repeat {per}; GPU-like model: {rho(med, plain)} "
+        f"on the medians, per repeat {per_plain}",
+        *(
+            [
+                f"fastest step of each layout over all repeats (least disturbed by the load): Spearman "
                 f"{rho([fastest[n] for n in names], pred)} (GPU-like {rho([fastest[n] for n in names], plain)}); "
-                "ms " + ", ".join(f"{n.split(' (')[0]} {fastest[n] * 1e3:.0f}" for n in names)] if fastest else []),
-             f"with the {device} entry's latency ({cpu.nvlink_latency * 1e3:g} ms) replaced by {sens} "
-             "(Spearman on the medians)"]
+                "ms " + ", ".join(f"{n.split(' (')[0]} {fastest[n] * 1e3:.0f}" for n in names)
+            ]
+            if fastest
+            else []
+        ),
+        f"with the {device} entry's latency ({cpu.nvlink_latency * 1e3:g} ms) replaced by {sens} "
+        "(Spearman on the medians)",
+    ]
     return rows
 
 
@@ -197,12 +258,20 @@ def main() -> int:
     ap.add_argument("--ac", nargs="*", default=["none", "selective", "full"])
     ap.add_argument("--layouts", nargs="*", default=["single", "tp2", "pp2"], choices=list(LAYOUT_ARGS))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the same runs on GPUs (peak allocated above rest)")
-    ap.add_argument("--measure", type=int, default=0, metavar="REPEATS",
-                    help="time the bench_layouts layouts again, this many times (0: the newest table in RESULTS.md)")
+    ap.add_argument(
+        "--measure",
+        type=int,
+        default=0,
+        metavar="REPEATS",
+        help="time the bench_layouts layouts again, this many times (0: the newest table in RESULTS.md)",
+    )
     ap.add_argument("--rank-device", default="cpu", help="device entry the ranking prices with (cpu)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--timeout", type=float, default=1200)
-    ap.add_argument("--cache", default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"))
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
+    )
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
     from meshforge.data_pipeline.builtin import ensure_builtin
@@ -211,14 +280,24 @@ def main() -> int:
     start = loadavg()
     lines = []
     if not args.skip_memory:
-        lines += [f"Memory ({args.device}): rank 0, peak {'RSS' if args.device == 'cpu' else 'allocated'} in step 2 above the value after step 1 (3 steps of `meshforge train`, fp32, "
-                  "OMP_NUM_THREADS=1, MALLOC_MMAP_THRESHOLD_=65536); small: global batch 16 x 128, untied; "
-                  "llama-100m: global batch 4 x 256, micro-batch 2; pp2: 1F1B, 2 microbatches", "",
-                  *measure_memory(args.presets, args.ac, args.layouts, args.cache, args.timeout, args.device), ""]
-    lines += ["Ranking (small preset, the layouts of bench/bench_layouts.py):", "",
-              *ranking(args.measure, args.cache, args.timeout, args.rank_device)]
-    lines += ["", f"load average at start / end: {start} / {loadavg()} (the machine is shared by several engineers: "
-                  "step times are loaded, memory numbers are not affected)"]
+        lines += [
+            f"Memory ({args.device}): rank 0, peak {'RSS' if args.device == 'cpu' else 'allocated'} in step 2 above the value after step 1 (3 steps of `meshforge train`, fp32, "
+            "OMP_NUM_THREADS=1, MALLOC_MMAP_THRESHOLD_=65536); small: global batch 16 x 128, untied; "
+            "llama-100m: global batch 4 x 256, micro-batch 2; pp2: 1F1B, 2 microbatches",
+            "",
+            *measure_memory(args.presets, args.ac, args.layouts, args.cache, args.timeout, args.device),
+            "",
+        ]
+    lines += [
+        "Ranking (small preset, the layouts of bench/bench_layouts.py):",
+        "",
+        *ranking(args.measure, args.cache, args.timeout, args.rank_device),
+    ]
+    lines += [
+        "",
+        f"load average at start / end: {start} / {loadavg()} (the machine is shared by several engineers: "
+        "step times are loaded, memory numbers are not affected)",
+    ]
     print("\n".join(lines))
     if args.record:
         record(SECTION, lines)

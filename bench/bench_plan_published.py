@@ -43,10 +43,28 @@ SEQ, VOCAB = 2048, 51200
 
 def overrides(heads: int, hidden: int, layers: int, batch: int) -> list[str]:
     ffn = -(-(8 * hidden // 3) // 64) * 64
-    return ["--model.dim", str(hidden), "--model.n_heads", str(heads), "--model.n_layers", str(layers),
-            "--model.ffn_dim", str(ffn), "--model.vocab_size", str(VOCAB), "--model.tie_embeddings", "true",
-            "--model.max_seq_len", str(SEQ), "--data.seq_len", str(SEQ), "--train.global_batch_size", str(batch),
-            "--train.micro_batch_size", "1"]
+    return [
+        "--model.dim",
+        str(hidden),
+        "--model.n_heads",
+        str(heads),
+        "--model.n_layers",
+        str(layers),
+        "--model.ffn_dim",
+        str(ffn),
+        "--model.vocab_size",
+        str(VOCAB),
+        "--model.tie_embeddings",
+        "true",
+        "--model.max_seq_len",
+        str(SEQ),
+        "--data.seq_len",
+        str(SEQ),
+        "--train.global_batch_size",
+        str(batch),
+        "--train.micro_batch_size",
+        "1",
+    ]
 
 
 def published_tokens_per_s(tflops: float, gpus: int, h: int, l: int) -> float:
@@ -69,18 +87,33 @@ def main() -> int:
     from meshforge.plan.planner import plan_job, plan_layout
 
     a100 = get_device("a100-80gb")
-    lines = ["| run | GPUs | layout (TP x PP x DP) | published tokens/s | predicted tokens/s | error | published "
-             "model TFLOP/s/GPU | predicted | rank of the published degrees | layouts fitting | search CPU s | "
-             "planner's first (predicted tokens/s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | GPUs | layout (TP x PP x DP) | published tokens/s | predicted tokens/s | error | published "
+        "model TFLOP/s/GPU | predicted | rank of the published degrees | layouts fitting | search CPU s | "
+        "planner's first (predicted tokens/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, _, heads, h, l, tp, pp, gpus, batch, tflops, source in RUNS:
         if args.only and name not in args.only.split(","):
             continue
         dp = gpus // (tp * pp)
         base = overrides(heads, h, l, batch)
-        layout_args = ["--parallel.tp", str(tp), "--parallel.pp", str(pp), "--parallel.dp_replicate", str(dp),
-                       "--parallel.dp_shard", "1", "--parallel.activation_checkpointing", "full",
-                       "--parallel.pp_schedule", "1f1b", "--parallel.pp_stages_per_rank", "0"]
+        layout_args = [
+            "--parallel.tp",
+            str(tp),
+            "--parallel.pp",
+            str(pp),
+            "--parallel.dp_replicate",
+            str(dp),
+            "--parallel.dp_shard",
+            "1",
+            "--parallel.activation_checkpointing",
+            "full",
+            "--parallel.pp_schedule",
+            "1f1b",
+            "--parallel.pp_stages_per_rank",
+            "0",
+        ]
         cfg = load_config("llama-1b", base + layout_args)
         cfg.train.device = "cuda"
         plan = plan_layout(cfg, gpus, 8, a100)
@@ -96,15 +129,20 @@ def main() -> int:
             found = plan_job(search_cfg, gpus, 8, a100)
             secs = f"{time.process_time() - t0:.0f}"
             n_fit = str(len(found.fitting))
-            hits = [i for i, q in enumerate(found.fitting, 1)
-                    if (q.layout.tp, q.layout.pp, q.layout.dp, q.layout.cp) == (tp, pp, dp, 1)]
+            hits = [
+                i
+                for i, q in enumerate(found.fitting, 1)
+                if (q.layout.tp, q.layout.pp, q.layout.dp, q.layout.cp) == (tp, pp, dp, 1)
+            ]
             rank = str(hits[0]) if hits else "not fitting"
             best = found.fitting[0]
             first = f"{best.layout.describe()} ({best.time.tokens_per_s:,.0f})"
         fit = "" if p.fits else " (predicted not to fit)"
-        lines.append(f"| {name} ({source}) | {gpus} | {tp} x {pp} x {dp} | {pub:,.0f} | {pred:,.0f}{fit} | "
-                     f"{100 * (pred / pub - 1):+.1f}% | {pub * mf / gpus / 1e12:.0f} | {pred * mf / gpus / 1e12:.0f} | "
-                     f"{rank} | {n_fit} | {secs} | {first} |")
+        lines.append(
+            f"| {name} ({source}) | {gpus} | {tp} x {pp} x {dp} | {pub:,.0f} | {pred:,.0f}{fit} | "
+            f"{100 * (pred / pub - 1):+.1f}% | {pub * mf / gpus / 1e12:.0f} | {pred * mf / gpus / 1e12:.0f} | "
+            f"{rank} | {n_fit} | {secs} | {first} |"
+        )
         print(lines[-1], flush=True)
     lines.append("")
     lines.append(f"load average {loadavg()}")

@@ -22,10 +22,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import loadavg, record  # noqa: E402
 
 SECTION = "## Planner search speed"
-MODEL = ["--model.dim", "16384", "--model.n_layers", "126", "--model.n_heads", "128", "--model.n_kv_heads", "8",
-         "--model.ffn_dim", "53248", "--model.vocab_size", "128256", "--model.max_seq_len", "8192",
-         "--data.seq_len", "8192", "--train.global_batch_size", "2048", "--train.micro_batch_size", "1",
-         "--model.tie_embeddings", "false"]
+MODEL = [
+    "--model.dim",
+    "16384",
+    "--model.n_layers",
+    "126",
+    "--model.n_heads",
+    "128",
+    "--model.n_kv_heads",
+    "8",
+    "--model.ffn_dim",
+    "53248",
+    "--model.vocab_size",
+    "128256",
+    "--model.max_seq_len",
+    "8192",
+    "--data.seq_len",
+    "8192",
+    "--train.global_batch_size",
+    "2048",
+    "--train.micro_batch_size",
+    "1",
+    "--model.tie_embeddings",
+    "false",
+]
 
 
 def main() -> int:
@@ -44,10 +64,12 @@ def main() -> int:
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     best = plan.fitting[0]
-    lines = [f"405B-class decoder on {args.gpus} x H100 (8 per node): {cpu:.0f} s CPU ({wall:.0f} s wall), peak RSS "
-             f"{rss:.2f} GiB; {len(plan.fitting) + len(plan.overflowing):,} layouts priced "
-             f"({len(plan.fitting):,} fit); first: {best.layout.describe()} at {best.time.step_s:.2f} s/step, "
-             f"MFU {100 * best.time.mfu:.1f}%; load average {loadavg()}"]
+    lines = [
+        f"405B-class decoder on {args.gpus} x H100 (8 per node): {cpu:.0f} s CPU ({wall:.0f} s wall), peak RSS "
+        f"{rss:.2f} GiB; {len(plan.fitting) + len(plan.overflowing):,} layouts priced "
+        f"({len(plan.fitting):,} fit); first: {best.layout.describe()} at {best.time.step_s:.2f} s/step, "
+        f"MFU {100 * best.time.mfu:.1f}%; load average {loadavg()}"
+    ]
     print(lines[0])
     if args.record:
         record(SECTION, lines)

@@ -60,11 +60,17 @@ def build(root: Path, shards: int, tokenizer: Path) -> Path:
         entries.append({"prefix": prefix, "slice": k, "documents": w.num_documents, "tokens": w.num_tokens})
     tok = load_tokenizer(tokenizer)
     (out / TOKENIZER_FILE).write_bytes(tok.path.read_bytes())
-    manifest = {"format": FORMAT, "tokenizer": {"path": str(out / TOKENIZER_FILE), "fingerprint": tok.fingerprint,
-                                                "vocab_size": tok.vocab_size},
-                "dtype": "uint16", "append_eos": True, "num_documents": sum(e["documents"] for e in entries),
-                "num_tokens": sum(e["tokens"] for e in entries), "shards": entries, "sources": [],
-                "skipped_records": {}}
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": {"path": str(out / TOKENIZER_FILE), "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size},
+        "dtype": "uint16",
+        "append_eos": True,
+        "num_documents": sum(e["documents"] for e in entries),
+        "num_tokens": sum(e["tokens"] for e in entries),
+        "shards": entries,
+        "sources": [],
+        "skipped_records": {},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -103,8 +109,17 @@ def main() -> None:
         "",
         "| step | seconds |",
         "|---|---:|",
-    ] + [f"| {k} | {best[k]:.3f} |" for k in ("import (torch + meshforge)", "open_data_dir", "TokenDataset", "first_batch", "second_batch",
-                                              "to_first_batch")]
+    ] + [
+        f"| {k} | {best[k]:.3f} |"
+        for k in (
+            "import (torch + meshforge)",
+            "open_data_dir",
+            "TokenDataset",
+            "first_batch",
+            "second_batch",
+            "to_first_batch",
+        )
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:

@@ -29,31 +29,96 @@ from benchlib import REPO, RESULTS, record  # noqa: E402
 
 SECTION = "## Training throughput and MFU"
 
-_OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.tensorboard", "false",
-        "--train.progress", "false", "--checkpoint.interval", "0")
+_OFF = (
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--logging.tensorboard",
+    "false",
+    "--train.progress",
+    "false",
+    "--checkpoint.interval",
+    "0",
+)
 
 # name -> (preset, overrides, note); micro-batch fallbacks are tried in order on out-of-memory.
 CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "small": ("small", ("--train.global_batch_size", "16", "--train.micro_batch_size", "16"),
-              "the CPU preset (2.2M params), as a smoke case"),
-    "llama-1b": ("llama-1b", ("--train.global_batch_size", "8", "--train.micro_batch_size", "4",
-                              "--parallel.activation_checkpointing", "selective", "--parallel.compile", "on"),
-                 "1.14B params, seq 4096, bf16 autocast, per-block compile, selective AC, 2 microbatches of 4"),
-    "llama-1b-noac": ("llama-1b", ("--train.global_batch_size", "8", "--train.micro_batch_size", "2",
-                                   "--parallel.activation_checkpointing", "none", "--parallel.compile", "on"),
-                      "as llama-1b without activation checkpointing, 4 microbatches of 2"),
-    "mixtral-2l": ("mixtral-8x", ("--model.n_layers", "2", "--parallel.ep", "1", "--train.global_batch_size", "4",
-                                  "--train.micro_batch_size", "2", "--parallel.activation_checkpointing", "selective",
-                                  "--parallel.compile", "on"),
-                   "the mixtral-8x preset's layer shape (dim 4096, 8 experts x 14336, top-2) cut to 2 layers to fit "
-                   "one GPU; MFU on active parameters"),
-    "moe-64e": ("moe-64e", ("--model.n_layers", "4", "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
-                            "--parallel.ep", "1", "--parallel.activation_checkpointing", "selective",
-                            "--parallel.compile", "on"),
-                "the moe-64e preset (64 experts x 1408, top-6, 2 shared, first layer dense) cut to 4 layers to fit one GPU; MFU on active parameters"),
-    "t5-base": ("t5-base", ("--train.global_batch_size", "64", "--train.micro_batch_size", "64",
-                            "--parallel.compile", "on"),
-                "T5 v1.1 base, encoder 512 + decoder 114 tokens, span corruption, bf16 autocast"),
+    "small": (
+        "small",
+        ("--train.global_batch_size", "16", "--train.micro_batch_size", "16"),
+        "the CPU preset (2.2M params), as a smoke case",
+    ),
+    "llama-1b": (
+        "llama-1b",
+        (
+            "--train.global_batch_size",
+            "8",
+            "--train.micro_batch_size",
+            "4",
+            "--parallel.activation_checkpointing",
+            "selective",
+            "--parallel.compile",
+            "on",
+        ),
+        "1.14B params, seq 4096, bf16 autocast, per-block compile, selective AC, 2 microbatches of 4",
+    ),
+    "llama-1b-noac": (
+        "llama-1b",
+        (
+            "--train.global_batch_size",
+            "8",
+            "--train.micro_batch_size",
+            "2",
+            "--parallel.activation_checkpointing",
+            "none",
+            "--parallel.compile",
+            "on",
+        ),
+        "as llama-1b without activation checkpointing, 4 microbatches of 2",
+    ),
+    "mixtral-2l": (
+        "mixtral-8x",
+        (
+            "--model.n_layers",
+            "2",
+            "--parallel.ep",
+            "1",
+            "--train.global_batch_size",
+            "4",
+            "--train.micro_batch_size",
+            "2",
+            "--parallel.activation_checkpointing",
+            "selective",
+            "--parallel.compile",
+            "on",
+        ),
+        "the mixtral-8x preset's layer shape (dim 4096, 8 experts x 14336, top-2) cut to 2 layers to fit "
+        "one GPU; MFU on active parameters",
+    ),
+    "moe-64e": (
+        "moe-64e",
+        (
+            "--model.n_layers",
+            "4",
+            "--train.global_batch_size",
+            "8",
+            "--train.micro_batch_size",
+            "4",
+            "--parallel.ep",
+            "1",
+            "--parallel.activation_checkpointing",
+            "selective",
+            "--parallel.compile",
+            "on",
+        ),
+        "the moe-64e preset (64 experts x 1408, top-6, 2 shared, first layer dense) cut to 4 layers to fit one GPU; MFU on active parameters",
+    ),
+    "t5-base": (
+        "t5-base",
+        ("--train.global_batch_size", "64", "--train.micro_batch_size", "64", "--parallel.compile", "on"),
+        "T5 v1.1 base, encoder 512 + decoder 114 tokens, span corruption, bf16 autocast",
+    ),
 }
 DEFAULT_CASES = ["llama-1b", "llama-1b-noac", "mixtral-2l", "moe-64e", "t5-base"]
 
@@ -67,8 +132,9 @@ def run_case(name: str, warmup: int, steps: int, extra: list[str]) -> dict:
 
     preset, overrides, note = CASES[name]
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(preset, [*overrides, *_OFF, "--train.steps", str(warmup + steps),
-                                   "--train.output_dir", tmp, *extra])
+        cfg = load_config(
+            preset, [*overrides, *_OFF, "--train.steps", str(warmup + steps), "--train.output_dir", tmp, *extra]
+        )
         t0 = time.perf_counter()
         trainer = Trainer(cfg)
         trainer._setup()
@@ -86,11 +152,23 @@ def run_case(name: str, warmup: int, steps: int, extra: list[str]) -> dict:
             losses.append(rec["loss"])
         warm_s = time.perf_counter() - t0 - sum(times)
         med = statistics.median(times)
-        out = {"case": name, "preset": preset, "note": note, "params": trainer.n_params,
-               "tokens_per_step": tokens, "median_s": med, "min_s": min(times), "max_s": max(times),
-               "tokens_per_s": tokens / med, "setup_s": setup_s, "warmup_s": warm_s,
-               "loss_first": losses[0], "loss_last": losses[-1], "device": str(trainer.device),
-               "micro_batch": cfg.train.micro_batch_size}
+        out = {
+            "case": name,
+            "preset": preset,
+            "note": note,
+            "params": trainer.n_params,
+            "tokens_per_step": tokens,
+            "median_s": med,
+            "min_s": min(times),
+            "max_s": max(times),
+            "tokens_per_s": tokens / med,
+            "setup_s": setup_s,
+            "warmup_s": warm_s,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "device": str(trainer.device),
+            "micro_batch": cfg.train.micro_batch_size,
+        }
         if trainer.peak:
             out["mfu"] = trainer.flops_per_token * tokens / med / trainer.peak
             out["tflops"] = trainer.flops_per_token * tokens / med / 1e12
@@ -105,8 +183,20 @@ def spawn(name: str, args, extra: list[str]) -> dict:
     for _attempt in range(3):
         more = [*extra, *(["--train.micro_batch_size", str(mb)] if mb else [])]
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, __file__, "--case", name, "--json", f.name, "--warmup", str(args.warmup),
-                   "--steps", str(args.steps), "--", *more]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                name,
+                "--json",
+                f.name,
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                "--",
+                *more,
+            ]
             try:
                 p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
@@ -125,11 +215,14 @@ def spawn(name: str, args, extra: list[str]) -> dict:
 
 
 def table(rows: list[dict], warmup: int, steps: int) -> list[str]:
-    lines = [f"{steps} timed `Trainer.train_step()` calls after {warmup} warm-up steps (compile included there); "
-             "median step time.", "",
-             "| case | params | micro batch | tokens/step | median s/step | tokens/s | TFLOP/s | MFU | peak GPU mem | "
-             "loss first → last |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"{steps} timed `Trainer.train_step()` calls after {warmup} warm-up steps (compile included there); "
+        "median step time.",
+        "",
+        "| case | params | micro batch | tokens/step | median s/step | tokens/s | TFLOP/s | MFU | peak GPU mem | "
+        "loss first → last |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['case']} | FAILED: {r['error'][:160]} |||||||||")
@@ -137,9 +230,11 @@ def table(rows: list[dict], warmup: int, steps: int) -> list[str]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         tfl = f"{r['tflops']:.0f}" if "tflops" in r else "n/a"
         mem = f"{r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else "n/a"
-        lines.append(f"| {r['case']} | {r['params'] / 1e6:,.0f}M | {r['micro_batch']} | {r['tokens_per_step']:,} | "
-                     f"{r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | {tfl} | {mfu} | {mem} | "
-                     f"{r['loss_first']:.2f} → {r['loss_last']:.2f} |")
+        lines.append(
+            f"| {r['case']} | {r['params'] / 1e6:,.0f}M | {r['micro_batch']} | {r['tokens_per_step']:,} | "
+            f"{r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | {tfl} | {mfu} | {mem} | "
+            f"{r['loss_first']:.2f} → {r['loss_last']:.2f} |"
+        )
     lines.append("")
     lines += [f"- {r['case']}: {r.get('note', '')}" for r in rows if "note" in r]
     return lines

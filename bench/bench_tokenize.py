@@ -75,7 +75,9 @@ def tiktoken_rate(docs: list[str], repeats: int) -> str:
     except Exception as exc:  # no network here: report and skip
         return f"GPT-2 encoding not available offline ({type(exc).__name__})"
     n = sum(len(x) for x in enc.encode_ordinary_batch(docs, num_threads=1))
-    return f"{n / best_of(repeats, lambda: enc.encode_ordinary_batch(docs, num_threads=1)) / 1e6:.2f}M tokens/s (1 thread)"
+    return (
+        f"{n / best_of(repeats, lambda: enc.encode_ordinary_batch(docs, num_threads=1)) / 1e6:.2f}M tokens/s (1 thread)"
+    )
 
 
 def main() -> None:
@@ -114,8 +116,9 @@ def main() -> None:
 
                 def prepare():
                     out = root / f"out_{kind}_{w}_{len(outs)}"
-                    outs.append((out, prepare_data([str(root / "in_*.jsonl")], str(path), str(out), workers=w,
-                                                   progress=False)))
+                    outs.append(
+                        (out, prepare_data([str(root / "in_*.jsonl")], str(path), str(out), workers=w, progress=False))
+                    )
 
                 bare_s, prep_s = interleaved(args.repeats, bare, prepare)  # the same load for both
                 out, m = outs[-1]
@@ -124,7 +127,9 @@ def main() -> None:
                     shutil.rmtree(o)
                 tokens = m["num_tokens"] - m["num_documents"]  # without the appended EOS
                 rows.append((kind, w, m["num_documents"], tokens, bare_s, prep_s))
-            assert all(o == outputs[args.workers[0]] for o in outputs.values()), f"{kind}: outputs differ between workers"
+            assert all(o == outputs[args.workers[0]] for o in outputs.values()), (
+                f"{kind}: outputs differ between workers"
+            )
         os.environ.pop("RAYON_NUM_THREADS", None)
         os.environ.pop("TOKENIZERS_PARALLELISM", None)
         tk = tiktoken_rate(docs, args.repeats)
@@ -146,8 +151,11 @@ def main() -> None:
         "",
         "| backend | n | docs | tokens | bare tokens/s | bare per core | prepare tokens/s | prepare per core | prepare / bare |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ] + [f"| {k} | {w} | {d} | {t} | {t / b / 1e6:.2f}M | {t / b / w / 1e6:.2f}M | {t / p / 1e6:.2f}M | "
-         f"{t / p / w / 1e6:.2f}M | {b / p:.2f}x |" for k, w, d, t, b, p in rows]
+    ] + [
+        f"| {k} | {w} | {d} | {t} | {t / b / 1e6:.2f}M | {t / b / w / 1e6:.2f}M | {t / p / 1e6:.2f}M | "
+        f"{t / p / w / 1e6:.2f}M | {b / p:.2f}x |"
+        for k, w, d, t, b, p in rows
+    ]
     lines += ["", f"tiktoken (GPT-2 encoding, same text): {tk}"]
     text = "\n".join(lines) + "\n"
     print(text)

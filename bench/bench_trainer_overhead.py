@@ -81,9 +81,15 @@ class BareLoop:
         params = list(self.model.parameters())  # tied weights appear once
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=o.lr,
+            betas=(o.beta1, o.beta2),
+            eps=o.eps,
+            foreach=True,
+        )
         total = cfg.train.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, o))
         self.params = params
@@ -134,16 +140,27 @@ def profile_steps(label: str, fn, n: int, top: int) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch.set_num_threads (default 1: immune to OpenMP spin-wait on a shared box)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1: immune to OpenMP spin-wait on a shared box)",
+    )
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per side before timing")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     ap.add_argument("--reps", type=int, default=6, help="repetitions per side (interleaved A B B A ...)")
     ap.add_argument("--run-reps", type=int, default=2, help="fresh Trainer.run() per tensorboard setting (0: skip)")
-    ap.add_argument("--tensorboard", choices=("off", "on", "both"), default="both",
-                    help="logging.tensorboard for the run() measurement")
-    ap.add_argument("--cache", default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
-                    help="MESHFORGE_CACHE for the builtin corpus (prepared on first use)")
+    ap.add_argument(
+        "--tensorboard",
+        choices=("off", "on", "both"),
+        default="both",
+        help="logging.tensorboard for the run() measurement",
+    )
+    ap.add_argument(
+        "--cache",
+        default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
+        help="MESHFORGE_CACHE for the builtin corpus (prepared on first use)",
+    )
     ap.add_argument("--profile", action="store_true", help="print cProfile listings of both steps")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
@@ -155,8 +172,11 @@ def main() -> int:
     from meshforge.pretrain.trainer import Trainer
 
     load_start = loadavg()
-    print(f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}); "
-          f"MESHFORGE_CACHE={args.cache}; load average {load_start}", flush=True)
+    print(
+        f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}); "
+        f"MESHFORGE_CACHE={args.cache}; load average {load_start}",
+        flush=True,
+    )
     tb_settings = {"off": [False], "on": [True], "both": [False, True]}[args.tensorboard]
 
     with tempfile.TemporaryDirectory(prefix="mf-overhead-") as tmp:
@@ -170,8 +190,9 @@ def main() -> int:
         bare = BareLoop(cfg, trainer.data.train_loader.dataset)
         n_params = sum(p.numel() for p in bare.model.parameters())
         with torch.no_grad():
-            same_init = all(torch.equal(a, b) for a, b in zip(bare.model.state_dict().values(),
-                                                               trainer.model.state_dict().values()))
+            same_init = all(
+                torch.equal(a, b) for a, b in zip(bare.model.state_dict().values(), trainer.model.state_dict().values())
+            )
 
         sides = {"bare": bare.step, "trainer": trainer.train_step}
         times = {k: [] for k in sides}
@@ -187,13 +208,17 @@ def main() -> int:
                 timed(sides[name], args.steps, chunk, losses[name], cpu_times[name])
                 times[name] += chunk
                 rep_medians[name].append(statistics.median(chunk))
-            print(f"rep {rep + 1}/{args.reps}: bare {rep_medians['bare'][-1] * 1e3:.1f} ms, "
-                  f"trainer {rep_medians['trainer'][-1] * 1e3:.1f} ms", flush=True)
+            print(
+                f"rep {rep + 1}/{args.reps}: bare {rep_medians['bare'][-1] * 1e3:.1f} ms, "
+                f"trainer {rep_medians['trainer'][-1] * 1e3:.1f} ms",
+                flush=True,
+            )
 
         profile_text = ""
         if args.profile:
-            profile_text = (profile_steps("Trainer.train_step", trainer.train_step, args.profile_steps, 25)
-                            + profile_steps("bare step", bare.step, args.profile_steps, 25))
+            profile_text = profile_steps(
+                "Trainer.train_step", trainer.train_step, args.profile_steps, 25
+            ) + profile_steps("bare step", bare.step, args.profile_steps, 25)
         trainer.data.train_loader.close()
 
         # ---- whole run(): per-iteration time from consecutive metrics.log calls
@@ -225,13 +250,23 @@ def main() -> int:
                     rt._setup = setup_and_hook
                     rt.run()
                     rt.data.train_loader.close()
-                    run_times[tb] += list(np.diff(stamps)[args.warmup:])
+                    run_times[tb] += list(np.diff(stamps)[args.warmup :])
             b_med = statistics.median(bare_run)
             for tb in tb_settings:
                 med = statistics.median(run_times[tb])
                 lo, _, hi = quartiles(run_times[tb])
-                run_rows.append((f"Trainer.run() loop, tensorboard {'on' if tb else 'off'}", med, lo, hi,
-                                 min(run_times[tb]), max(run_times[tb]), len(run_times[tb]), b_med))
+                run_rows.append(
+                    (
+                        f"Trainer.run() loop, tensorboard {'on' if tb else 'off'}",
+                        med,
+                        lo,
+                        hi,
+                        min(run_times[tb]),
+                        max(run_times[tb]),
+                        len(run_times[tb]),
+                        b_med,
+                    )
+                )
         bare.loader.close()
 
     load_end = loadavg()
@@ -262,7 +297,9 @@ def main() -> int:
         row("Trainer.train_step(), process CPU time", cpu_times["trainer"]),
     ]
     for name, med, lo, hi, mn, mx, n, _ in run_rows:
-        lines.append(f"| {name} | {n} | {med * 1e3:.1f} | {lo * 1e3:.1f} – {hi * 1e3:.1f} | {mn * 1e3:.1f} – {mx * 1e3:.1f} |")
+        lines.append(
+            f"| {name} | {n} | {med * 1e3:.1f} | {lo * 1e3:.1f} – {hi * 1e3:.1f} | {mn * 1e3:.1f} – {mx * 1e3:.1f} |"
+        )
     lines += [
         "",
         f"**train_step overhead: {overhead:+.1f}%** ({(t_med - b_med) * 1e3:+.1f} ms/step; median over steps); "
@@ -273,8 +310,9 @@ def main() -> int:
         f"({(statistics.median(cpu_times['trainer']) - statistics.median(cpu_times['bare'])) * 1e3:+.1f} ms/step)",
     ]
     for name, med, *_rest, bm in run_rows:
-        lines.append(f"{name}: {(med / bm - 1) * 100:+.1f}% vs bare steps interleaved with it "
-                     f"(median {bm * 1e3:.1f} ms)")
+        lines.append(
+            f"{name}: {(med / bm - 1) * 100:+.1f}% vs bare steps interleaved with it (median {bm * 1e3:.1f} ms)"
+        )
     print()
     print("\n".join(lines))
     if profile_text:

@@ -37,21 +37,64 @@ from benchlib import REPO, loadavg, record  # noqa: E402
 
 from cluster_harness import Cluster, cluster_problem  # noqa: E402
 
-JOB = ["--config", "tiny-test", "--model.n_layers", "4", "--train.global_batch_size", "8",
-       "--train.micro_batch_size", "2"]
+JOB = [
+    "--config",
+    "tiny-test",
+    "--model.n_layers",
+    "4",
+    "--train.global_batch_size",
+    "8",
+    "--train.micro_batch_size",
+    "2",
+]
 LAYOUT = ["--parallel.tp", "2", "--parallel.dp_replicate", "2"]
-TRAIN = [*JOB, *LAYOUT, "--train.eval_interval", "0", "--train.sample_prompt", "", "--checkpoint.interval", "0",
-         "--train.progress", "false", "--logging.tensorboard", "false"]
+TRAIN = [
+    *JOB,
+    *LAYOUT,
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--checkpoint.interval",
+    "0",
+    "--train.progress",
+    "false",
+    "--logging.tensorboard",
+    "false",
+]
 RANKS_PER_NODE = 2
-RING_SHARE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-              "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "p2p": lambda n: 1.0}
+RING_SHARE = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
+    "p2p": lambda n: 1.0,
+}
 
 
 def predicted_bytes_per_step() -> tuple[float, list[dict]]:
     """Bytes node 1 sends across the link in one step, by the planner; and its inter-node collectives."""
-    out = subprocess.run([sys.executable, "-m", "meshforge", "plan", *JOB, *LAYOUT, "--gpus", "4",
-                          "--gpus-per-node", str(RANKS_PER_NODE), "--gpu", "cpu", "--json"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshforge",
+            "plan",
+            *JOB,
+            *LAYOUT,
+            "--gpus",
+            "4",
+            "--gpus-per-node",
+            str(RANKS_PER_NODE),
+            "--gpu",
+            "cpu",
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     layout = json.loads(out)["layouts"][0]
     internode = [c for c in layout["collectives"] if c["link"] == "internode"]
     per_rank = sum(RING_SHARE[c["op"]](c["group_size"]) * c["bytes"] * c["count"] for c in internode)
@@ -62,11 +105,33 @@ def run(cluster: Cluster, data: Path, out: Path, steps: int, tag: str) -> tuple[
     """Train ``steps`` steps on both nodes; node 1's (rx, tx) bytes during the run."""
     before = cluster.rx_bytes(1), cluster.tx_bytes(1)
     argv = ["train", *TRAIN, "--train.steps", str(steps), "--data.path", str(data), "--train.output_dir", str(out)]
-    procs = [cluster.popen(node, [sys.executable, "-m", "meshforge", "launch", "--nodes", "2", "--gpus-per-node",
-                                  str(RANKS_PER_NODE), "--rdzv-endpoint", f"{cluster.hostnames[0]}:29400",
-                                  "--rdzv-id", tag, "--", *argv],
-                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    procs = [
+        cluster.popen(
+            node,
+            [
+                sys.executable,
+                "-m",
+                "meshforge",
+                "launch",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                str(RANKS_PER_NODE),
+                "--rdzv-endpoint",
+                f"{cluster.hostnames[0]}:29400",
+                "--rdzv-id",
+                tag,
+                "--",
+                *argv,
+            ],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     for node, p in enumerate(procs):
         log = p.communicate(timeout=600)[0]
         if p.returncode != 0:
@@ -92,7 +157,9 @@ def main() -> None:
         cluster = Cluster(2, tag="b").start()
         try:
             t0 = time.monotonic()
-            measured = {n: run(cluster, data, Path(tmp) / f"run{n}", n, f"bench{n}-{os.getpid()}") for n in (short, long)}
+            measured = {
+                n: run(cluster, data, Path(tmp) / f"run{n}", n, f"bench{n}-{os.getpid()}") for n in (short, long)
+            }
             took = time.monotonic() - t0
         finally:
             cluster.close()
@@ -108,8 +175,10 @@ def main() -> None:
         f"| measured: node 1 tx (veth counter) | {tx:,.0f} | {tx / predicted:.3f} |",
         f"| measured: node 1 rx (veth counter) | {rx:,.0f} | {rx / predicted:.3f} |",
         "",
-        "planner's inter-node collectives (per rank, per step): " + "; ".join(
-            f"{c['group']} {c['op']} of {c['group_size']}: {c['count']:g} x {c['bytes']:,} B" for c in internode),
+        "planner's inter-node collectives (per rank, per step): "
+        + "; ".join(
+            f"{c['group']} {c['op']} of {c['group_size']}: {c['count']:g} x {c['bytes']:,} B" for c in internode
+        ),
     ]
     print("\n".join(lines))
     if args.record:

@@ -39,10 +39,14 @@ def machine_line() -> str:
     gpu = ""
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        gpu = (f"; GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
-               f"CUDA {torch.version.cuda}")
-    return (f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}{gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+        gpu = (
+            f"; GPU {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
+            f"CUDA {torch.version.cuda}"
+        )
+    return (
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}{gpu}; "
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+    )
 
 
 def command_line() -> str:
@@ -57,7 +61,11 @@ def record(section: str, lines: list[str], results: Path = RESULTS) -> None:
 
 def insert_entry(section: str, entry: list[str], results: Path = RESULTS) -> None:
     """Put the lines ``entry`` at the end of ``section`` of ``results`` (made if missing), atomically."""
-    text = results.read_text() if results.exists() else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
+    text = (
+        results.read_text()
+        if results.exists()
+        else "# Benchmark results\n\nNumbers recorded by the scripts in `bench/`.\n"
+    )
     if section not in text:
         text = text.rstrip("\n") + f"\n\n{section}\n"
     start = text.index(section)

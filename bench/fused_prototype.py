@@ -16,8 +16,13 @@ from torch import nn
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
-    out = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
-                    device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+    out = nn.Linear(
+        parts[0].in_features,
+        sum(p.out_features for p in parts),
+        bias=False,
+        device=parts[0].weight.device,
+        dtype=parts[0].weight.dtype,
+    )
     with torch.no_grad():
         out.weight.copy_(torch.cat([p.weight for p in parts]))
     return out
@@ -48,7 +53,9 @@ def install() -> None:
         plain_init(self)
         for block in self.layers.values():
             attn, ffn = block.attention, block.feed_forward
-            assert attn.q_norm is None and attn.wq.bias is None and self.rope_cos.shape[-1] == attn.head_dim, "prototype: plain Llama only"
+            assert attn.q_norm is None and attn.wq.bias is None and self.rope_cos.shape[-1] == attn.head_dim, (
+                "prototype: plain Llama only"
+            )
             attn.rows = (attn.wq.out_features, attn.wk.out_features, attn.wv.out_features)
             attn.wqkv = _fused_linear([attn.wq, attn.wk, attn.wv])
             del attn.wq, attn.wk, attn.wv
@@ -58,4 +65,3 @@ def install() -> None:
             ffn.forward = types.MethodType(_ffn_forward, ffn)
 
     Decoder.init_weights = init_weights
-

@@ -37,16 +37,37 @@ def llama_config(m):
 
     if m.family != "decoder" or m.moe_experts or m.qk_norm or m.ffn_activation != "silu" or m.mup_base_dim:
         raise ValueError("the peer covers the plain Llama architecture: a dense decoder, SwiGLU, no qk-norm, no muP")
-    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden_dim,
-                       num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads,
-                       max_position_embeddings=m.max_seq_len, head_dim=m.head_dim,
-                       rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, rms_norm_eps=m.norm_eps,
-                       tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
-                       initializer_range=m.init_std, attn_implementation="sdpa", use_cache=False)
+    return LlamaConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.dim,
+        intermediate_size=m.hidden_dim,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.kv_heads,
+        max_position_embeddings=m.max_seq_len,
+        head_dim=m.head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=m.init_std,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
 
 
-def train_peer(m, seq_len: int, micro: int, warmup: int, steps: int, device: torch.device, bf16: bool,
-               compile_layers: bool, adamw: str = "fused") -> dict:
+def train_peer(
+    m,
+    seq_len: int,
+    micro: int,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    bf16: bool,
+    compile_layers: bool,
+    adamw: str = "fused",
+) -> dict:
     """Build the peer of ``m`` on ``device`` and time ``steps`` steps after ``warmup``; ``adamw``:
     ``fused`` or ``foreach`` (meshforge's choice on CPU, for ``bench_peers.py``)."""
     from transformers import LlamaForCausalLM
@@ -59,8 +80,13 @@ def train_peer(m, seq_len: int, micro: int, warmup: int, steps: int, device: tor
     if compile_layers:
         for layer in model.model.layers:
             layer.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            **({"fused": True} if adamw == "fused" else {"foreach": True}))
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        **({"fused": True} if adamw == "fused" else {"foreach": True}),
+    )
     setup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -81,11 +107,22 @@ def train_peer(m, seq_len: int, micro: int, warmup: int, steps: int, device: tor
         cpu.append(time.process_time() - start_cpu)
     timed = times[warmup:]
     med = statistics.median(timed)
-    out = {"total_params": sum(p.numel() for p in model.parameters()), "micro_batch": micro,
-           "tokens_per_step": micro * seq_len, "median_s": med, "min_s": min(timed),
-           "tokens_per_s": micro * seq_len / med, "setup_s": setup_s, "first_step_s": times[0],
-           "loss_first": losses[0], "loss_last": losses[-1], "warmup_steps": warmup, "timed_steps": steps,
-           "cpu_median_s": statistics.median(cpu[warmup:]), "cpu_min_s": min(cpu[warmup:])}
+    out = {
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "micro_batch": micro,
+        "tokens_per_step": micro * seq_len,
+        "median_s": med,
+        "min_s": min(timed),
+        "tokens_per_s": micro * seq_len / med,
+        "setup_s": setup_s,
+        "first_step_s": times[0],
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "cpu_median_s": statistics.median(cpu[warmup:]),
+        "cpu_min_s": min(cpu[warmup:]),
+    }
     if device.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
@@ -132,9 +169,10 @@ def peer_case(ctx) -> dict:
         f["mfu"] = fpt * f["tokens_per_s"] / peak
         f["tflops"] = fpt * f["tokens_per_s"] / 1e12
     f["params"] = active
-    checks = [check("parameter count, peer minus meshforge (the same architecture)",
-                    abs(f["total_params"] - mf_total), 0),
-              check("non-finite losses", sum(not math.isfinite(v) for v in (f["loss_first"], f["loss_last"])), 0)]
+    checks = [
+        check("parameter count, peer minus meshforge (the same architecture)", abs(f["total_params"] - mf_total), 0),
+        check("non-finite losses", sum(not math.isfinite(v) for v in (f["loss_first"], f["loss_last"])), 0),
+    ]
     if one_b.get("tokens_per_s"):
         f["meshforge_tokens_per_s"] = one_b["tokens_per_s"]
         f["ratio"] = one_b["tokens_per_s"] / f["tokens_per_s"]
@@ -159,8 +197,18 @@ def main() -> None:
 
     cfg = load_config(a.config, ["--model.qk_norm", "false", *a.overrides])
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(train_peer(cfg.model, cfg.data.seq_len, a.micro_batch, a.warmup, a.steps, dev, dev.type == "cuda",
-                     not a.no_compile and dev.type == "cuda"))
+    print(
+        train_peer(
+            cfg.model,
+            cfg.data.seq_len,
+            a.micro_batch,
+            a.warmup,
+            a.steps,
+            dev,
+            dev.type == "cuda",
+            not a.no_compile and dev.type == "cuda",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,15 +43,33 @@ def write_manifest(shard_dir: Path, tok_path: str) -> None:
     for idx in sorted(shard_dir.glob("*.idx")):
         prefix = idx.with_suffix("")
         s = IndexedShard(prefix)
-        shards.append({"prefix": prefix.name, "documents": s.num_documents, "tokens": s.num_tokens,
-                       "bin_bytes": prefix.with_suffix(".bin").stat().st_size, "idx_bytes": idx.stat().st_size,
-                       "bin_sha256": file_sha256(prefix.with_suffix(".bin")), "idx_sha256": file_sha256(idx),
-                       "max_token_id": s.max_token_id()})
-    atomic_write_json(shard_dir / MANIFEST, {
-        "format": FORMAT, "tokenizer": {"path": str(shard_dir / TOKENIZER_FILE), "fingerprint": tok.fingerprint,
-                                        "vocab_size": tok.vocab_size},
-        "dtype": "uint16", "num_documents": sum(s["documents"] for s in shards),
-        "num_tokens": sum(s["tokens"] for s in shards), "shards": shards})
+        shards.append(
+            {
+                "prefix": prefix.name,
+                "documents": s.num_documents,
+                "tokens": s.num_tokens,
+                "bin_bytes": prefix.with_suffix(".bin").stat().st_size,
+                "idx_bytes": idx.stat().st_size,
+                "bin_sha256": file_sha256(prefix.with_suffix(".bin")),
+                "idx_sha256": file_sha256(idx),
+                "max_token_id": s.max_token_id(),
+            }
+        )
+    atomic_write_json(
+        shard_dir / MANIFEST,
+        {
+            "format": FORMAT,
+            "tokenizer": {
+                "path": str(shard_dir / TOKENIZER_FILE),
+                "fingerprint": tok.fingerprint,
+                "vocab_size": tok.vocab_size,
+            },
+            "dtype": "uint16",
+            "num_documents": sum(s["documents"] for s in shards),
+            "num_tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        },
+    )
 
 
 def _rate(loader: DistributedLoader, n: int, step_s: float) -> tuple[float, float]:
@@ -73,7 +91,9 @@ def _rate(loader: DistributedLoader, n: int, step_s: float) -> tuple[float, floa
 DEPTHS = ((0, 1), (2, 1), (RemoteTokenDataset.read_ahead, RemoteTokenDataset.read_ahead))
 
 
-def _rows(label: str, step_ms: float, n: int, depths, local_ds, remote_ds, stats: RemoteStats, B: int, S: int) -> list[str]:
+def _rows(
+    label: str, step_ms: float, n: int, depths, local_ds, remote_ds, stats: RemoteStats, B: int, S: int
+) -> list[str]:
     """One table row per (depth, reader): the local memory map, then remote before/after multi-range."""
     rows, toks = [], B * (S + 1)
     for prefetch, workers in depths:
@@ -89,9 +109,11 @@ def _rows(label: str, step_ms: float, n: int, depths, local_ds, remote_ds, stats
             per, waited = _rate(loader, n, step_ms / 1e3)
             loader.close()
             read = n + 1 + prefetch  # batches read, the warm-up and those prefetched past the end included
-            rows.append(f"| {label} | {step_ms:.0f} | {depth} | {'multi-range' if multi else 'one request per range'} | "
-                        f"{toks / per / 1e6:.2f}M | {local_s / per:.3f}x | {waited * 1e3:.2f} | "
-                        f"{(stats.requests - r0) / read:.1f} | {(stats.bytes_fetched - b0) / (read * toks * 2):.3f} |")
+            rows.append(
+                f"| {label} | {step_ms:.0f} | {depth} | {'multi-range' if multi else 'one request per range'} | "
+                f"{toks / per / 1e6:.2f}M | {local_s / per:.3f}x | {waited * 1e3:.2f} | "
+                f"{(stats.requests - r0) / read:.1f} | {(stats.bytes_fetched - b0) / (read * toks * 2):.3f} |"
+            )
     return rows
 
 
@@ -104,14 +126,23 @@ def run(args, tmp: Path, shard_dir: Path, tok_path: str, local_ds: TokenDataset)
         stats = RemoteStats()
         info = open_remote_data_dir(server.url, "", tmp / "remote-cache", stats=stats)
         remote_ds = RemoteTokenDataset(info, S, "train", valid_fraction=0.01, seed=0)
-        same = all(np.array_equal(local_ds.read_batch(np.arange(k, k + B)), remote_ds.read_batch(np.arange(k, k + B)))
-                   for k in (0, 5 * B))
+        same = all(
+            np.array_equal(local_ds.read_batch(np.arange(k, k + B)), remote_ds.read_batch(np.arange(k, k + B)))
+            for k in (0, 5 * B)
+        )
         rows = []
         for step_ms, n in ((0.0, args.batches), (args.step_ms, args.step_batches)):
             rows += _rows("0", step_ms, n, DEPTHS, local_ds, remote_ds, stats, B, S)
-        far = RemoteTokenDataset(open_remote_data_dir(proxy.url, "", tmp / "remote-cache", stats=stats), S, "train",
-                                 valid_fraction=0.01, seed=0)
-        rows += _rows(f"{args.latency_ms:g}", args.latency_step_ms, args.step_batches, DEPTHS[1:], local_ds, far, stats, B, S)
+        far = RemoteTokenDataset(
+            open_remote_data_dir(proxy.url, "", tmp / "remote-cache", stats=stats),
+            S,
+            "train",
+            valid_fraction=0.01,
+            seed=0,
+        )
+        rows += _rows(
+            f"{args.latency_ms:g}", args.latency_step_ms, args.step_batches, DEPTHS[1:], local_ds, far, stats, B, S
+        )
     finally:
         proxy.stop()
         server.stop()

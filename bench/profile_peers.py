@@ -85,9 +85,13 @@ def compare(shape: str, warmup: int, steps: int, top: int) -> list[str]:
         for name, v in table.items():
             rows[name][side] = v
     total = [sum(t[1] for t in table.values()) for table in (mf, hf)]
-    lines = [f"#### {shape}: self CPU ms per step, meshforge {total[0]:.1f}, HF {total[1]:.1f} "
-             f"(profiled: {steps} steps of each after {warmup}, alternating)", "",
-             "| op | meshforge calls | HF calls | meshforge ms | HF ms | difference ms |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"#### {shape}: self CPU ms per step, meshforge {total[0]:.1f}, HF {total[1]:.1f} "
+        f"(profiled: {steps} steps of each after {warmup}, alternating)",
+        "",
+        "| op | meshforge calls | HF calls | meshforge ms | HF ms | difference ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     ranked = sorted(rows.items(), key=lambda kv: -abs(kv[1][0][1] - kv[1][1][1]))
     for name, ((mc, mt), (hc, ht)) in ranked[:top]:
         lines.append(f"| `{name}` | {mc:g} | {hc:g} | {mt:.2f} | {ht:.2f} | {mt - ht:+.2f} |")

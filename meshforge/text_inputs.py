@@ -89,8 +89,10 @@ def file_slice(path: Path, text_field: str) -> Slice:
     if not path.is_file():
         raise DataError(f"input {path} does not exist: check the path")
     if not path.name.endswith(FILE_SUFFIXES):
-        raise DataError(f"input {path} is not {', '.join(FILE_SUFFIXES)}: convert it, or pass a local Hugging Face "
-                        "dataset with `meshforge data prepare --hf-dataset`")
+        raise DataError(
+            f"input {path} is not {', '.join(FILE_SUFFIXES)}: convert it, or pass a local Hugging Face "
+            "dataset with `meshforge data prepare --hf-dataset`"
+        )
     if path.name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -105,14 +107,18 @@ def file_slice(path: Path, text_field: str) -> Slice:
 
 def open_hf(path: Path, split: str, text_field: str, streaming: bool):
     if not path.exists():
-        raise DataError(f"HF dataset {path} does not exist: pass a local directory (save_to_disk output, or data files)")
+        raise DataError(
+            f"HF dataset {path} does not exist: pass a local directory (save_to_disk output, or data files)"
+        )
     import datasets  # optional dependency, only needed here
 
     if streaming:
         try:
             ds = datasets.load_dataset(str(path), split=split, streaming=True)
         except Exception as exc:  # datasets raises many kinds
-            raise DataError(f"{path} cannot be streamed as a local HF dataset ({exc}): pass a dir of jsonl/parquet/csv files") from None
+            raise DataError(
+                f"{path} cannot be streamed as a local HF dataset ({exc}): pass a dir of jsonl/parquet/csv files"
+            ) from None
         cols = ds.column_names
         if cols is not None and text_field not in cols:
             raise DataError(f"HF dataset {path} has no column {text_field!r} (columns: {cols}): set text_field")
@@ -120,7 +126,9 @@ def open_hf(path: Path, split: str, text_field: str, streaming: bool):
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError or its own errors
-        raise DataError(f"{path} is not a saved HF dataset ({exc}): write it with save_to_disk, or stream it (hf_streaming)") from None
+        raise DataError(
+            f"{path} is not a saved HF dataset ({exc}): write it with save_to_disk, or stream it (hf_streaming)"
+        ) from None
     chosen = None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -139,7 +147,9 @@ def hf_slices(path_str: str, split: str, text_field: str, streaming: bool, rows_
         return [Slice("hf_streaming", path, split=split, stream_shard=(i, n)) for i in range(n)]
     rows = len(ds)
     step = rows_per_slice if rows_per_slice > 0 else max(rows, 1)
-    return [Slice("hf_dataset", path, split=chosen, rows=(a, min(a + step, rows))) for a in range(0, max(rows, 1), step)]
+    return [
+        Slice("hf_dataset", path, split=chosen, rows=(a, min(a + step, rows))) for a in range(0, max(rows, 1), step)
+    ]
 
 
 def check_text(text: Any, skipped: dict) -> str | None:
@@ -234,10 +244,14 @@ def _jsonl_documents(path: Path, text_field: str, skipped: dict) -> Iterator[str
                 if text is not None:
                     yield text
     except (OSError, EOFError) as exc:
-        raise DataError(f"input {path} cannot be read to its end ({exc}): the file is truncated or corrupt, re-fetch it") from None
+        raise DataError(
+            f"input {path} cannot be read to its end ({exc}): the file is truncated or corrupt, re-fetch it"
+        ) from None
     except Exception as exc:
         if type(exc).__name__ == "ZstdError":
-            raise DataError(f"input {path} is not valid zstd ({exc}): the file is truncated or corrupt, re-fetch it") from None
+            raise DataError(
+                f"input {path} is not valid zstd ({exc}): the file is truncated or corrupt, re-fetch it"
+            ) from None
         raise
 
 
@@ -290,7 +304,7 @@ def slice_documents(sl: Slice, text_field: str, skipped: dict) -> Iterator[str]:
         return
     a, b = sl.rows
     for start in range(a, b, 1000):
-        for value in ds[start:min(start + 1000, b)][text_field]:
+        for value in ds[start : min(start + 1000, b)][text_field]:
             text = check_text(value, skipped)
             if text is not None:
                 yield text

@@ -15,8 +15,9 @@ import torch
 # tests/harness/ and the tests are grouped by room in tests/<room>/; every one of these folders is on sys.path so
 # that a test imports the harness, or another room's test helpers, by bare name (module names are unique).
 TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS / "harness")] + sorted(str(d) for d in TESTS.iterdir() if d.is_dir() and d.name != "harness"
-                                                 and not d.name.startswith((".", "_")))
+sys.path[:0] = [str(TESTS / "harness")] + sorted(
+    str(d) for d in TESTS.iterdir() if d.is_dir() and d.name != "harness" and not d.name.startswith((".", "_"))
+)
 
 # Triton's CPU interpreter for tests/kernels/test_fused_kernels.py. Triton reads the variable when it is first
 # imported (``import torch._dynamo`` imports it), so it is set here, before any test module; on CPU nothing
@@ -83,7 +84,7 @@ def jsonl_writer():
 
 def _corpus_slice(path: Path, start: int, n_docs: int) -> Path:
     with gzip.open(BUILTIN_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
-        lines = f.readlines()[start:start + n_docs]
+        lines = f.readlines()[start : start + n_docs]
     path.write_text("".join(lines))
     return path
 
@@ -128,7 +129,9 @@ def shards_data(tiny_data, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("remote_src")
     src = tiny_data.parent
-    prepare_data([str(src / "corpus.jsonl")], str(src / "tok.model"), str(root / "data"), docs_per_shard=40, progress=False)
+    prepare_data(
+        [str(src / "corpus.jsonl")], str(src / "tok.model"), str(root / "data"), docs_per_shard=40, progress=False
+    )
     return root / "data"
 
 
@@ -158,9 +161,15 @@ def s3(tiny_data, tmp_path_factory):
         store = RemoteStore("s3://bucket/data")
         store.fs.mkdir("bucket")
         # upload with the project's own path: prepared, staged and uploaded by data prepare --output s3://
-        prepare_to_url("s3://bucket/data", tmp_path_factory.mktemp("stage"), prepare_data,
-                       inputs=[str(tiny_data.parent / "corpus.jsonl")], tokenizer_path=str(tiny_data.parent / "tok.model"),
-                       docs_per_shard=40, progress=False)
+        prepare_to_url(
+            "s3://bucket/data",
+            tmp_path_factory.mktemp("stage"),
+            prepare_data,
+            inputs=[str(tiny_data.parent / "corpus.jsonl")],
+            tokenizer_path=str(tiny_data.parent / "tok.model"),
+            docs_per_shard=40,
+            progress=False,
+        )
         yield server
     finally:
         server.stop()

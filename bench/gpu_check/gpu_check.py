@@ -68,8 +68,10 @@ def pre_skip(name: str) -> str | None:
         return f"option not available in this build (no config key {case.option[0]})"
     missing = [m for m in case.needs if importlib.util.find_spec(m) is None]
     if missing:
-        return (f"needs the Python package(s) {', '.join(missing)}, not installed here "
-                "(carry the wheels: README.md, 'GPU check')")
+        return (
+            f"needs the Python package(s) {', '.join(missing)}, not installed here "
+            "(carry the wheels: README.md, 'GPU check')"
+        )
     return None
 
 
@@ -120,8 +122,10 @@ def run_worker(names: list[str], scratch: Path, cache: str, dry: bool, deadline:
         case = BY_NAME[name]
         left = deadline - time.time()
         if left < (MIN_START_S if not dry else 2.0):
-            _write_json(scratch / f"{name}.json", _result(name, "skipped", 0.0,
-                                                           reason=f"the time budget was spent ({left:.0f} s left)"))
+            _write_json(
+                scratch / f"{name}.json",
+                _result(name, "skipped", 0.0, reason=f"the time budget was spent ({left:.0f} s left)"),
+            )
             continue
         _write_json(scratch / f"{name}.start", time.time())  # atomically: the driver polls it
         print(f"=== {name}: {case.what}", flush=True)
@@ -131,8 +135,14 @@ def run_worker(names: list[str], scratch: Path, cache: str, dry: bool, deadline:
             out = getattr(importlib.import_module(module), fn)(ctx)
             checks = out.get("checks", [])
             status = "ok" if all(c["pass"] for c in checks) else "failed"
-            res = _result(name, status, time.perf_counter() - t0, figures=out.get("figures", {}), checks=checks,
-                          **({"note": out["note"]} if out.get("note") else {}))
+            res = _result(
+                name,
+                status,
+                time.perf_counter() - t0,
+                figures=out.get("figures", {}),
+                checks=checks,
+                **({"note": out["note"]} if out.get("note") else {}),
+            )
         except Skip as e:
             res = _result(name, "skipped", time.perf_counter() - t0, reason=str(e))
         except Exception as e:  # noqa: BLE001 - the report carries it; the next case still runs
@@ -189,21 +199,27 @@ class Driver:
         _write_json(self.scratch / f"{res['name']}.json", res)
         figs = res.get("figures", {})
         key = next((f"{k}={figs[k]:.4g}" for k in ("tokens_per_s", "ratio", "max_rel_err") if k in figs), "")
-        print(f"{res['name']:>18}  {res['status']:<8} {res['wall_s']:7.1f} s  {key}  {res.get('reason', '')}",
-              flush=True)
+        print(
+            f"{res['name']:>18}  {res['status']:<8} {res['wall_s']:7.1f} s  {key}  {res.get('reason', '')}", flush=True
+        )
         self.write()
 
     def write(self) -> None:
         from gpu_check_report import markdown
 
-        report = {"command": self.args.command, "dry": self.args.dry, "budget_s": self.args.budget,
-                  "wall_s": round(time.time() - self.t0, 1), "machine": self.machine,
-                  "cases": [self.results[n] for n in self.args.only if n in self.results]}
+        report = {
+            "command": self.args.command,
+            "dry": self.args.dry,
+            "budget_s": self.args.budget,
+            "wall_s": round(time.time() - self.t0, 1),
+            "machine": self.machine,
+            "cases": [self.results[n] for n in self.args.only if n in self.results],
+        }
         _write_json(self.out / "gpu_check.json", report)
         (self.out / "gpu_check.md").write_text("\n".join(markdown(report)) + "\n")
         if self.log.exists():
             data = self.log.read_bytes()
-            (self.out / "gpu_check.log").write_bytes(data[-8 * 2**20:])
+            (self.out / "gpu_check.log").write_bytes(data[-8 * 2**20 :])
 
     def run_group(self, names: list[str]) -> None:
         remaining = list(names)
@@ -216,8 +232,20 @@ class Driver:
 
     def _one_worker(self, names: list[str]) -> list[str]:
         """Run ``names`` in one worker until they finish or one times out/crashes; return those not run."""
-        cmd = [sys.executable, __file__, "--worker", "--cases", ",".join(names), "--scratch", str(self.scratch),
-               "--cache", self.cache, "--deadline", str(self.deadline), *(["--dry"] if self.args.dry else [])]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--cases",
+            ",".join(names),
+            "--scratch",
+            str(self.scratch),
+            "--cache",
+            self.cache,
+            "--deadline",
+            str(self.deadline),
+            *(["--dry"] if self.args.dry else []),
+        ]
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         seen = set()
@@ -243,18 +271,22 @@ class Driver:
                     proc.wait()
                 if (self.scratch / f"{current}.json").is_file():  # it finished just now
                     self.done(json.loads((self.scratch / f"{current}.json").read_text()))
-                    return names[names.index(current) + 1:]
+                    return names[names.index(current) + 1 :]
                 wall = now - began if began is not None else 0.0
                 if exited:
                     tail = self._log_tail()
-                    res = _result(current, "error", wall, reason=f"the worker exited (status {proc.returncode}) "
-                                                                 f"during this case: {tail}")
+                    res = _result(
+                        current,
+                        "error",
+                        wall,
+                        reason=f"the worker exited (status {proc.returncode}) during this case: {tail}",
+                    )
                 elif over_cap:
                     res = _result(current, "timeout", wall, reason=f"killed at its {self.cap(current):.0f} s cap")
                 else:
                     res = _result(current, "timeout", wall, reason=f"killed: the {self.args.budget:.0f} s budget ended")
                 self.done(res)
-                return names[names.index(current) + 1:]
+                return names[names.index(current) + 1 :]
             time.sleep(POLL_S)
 
     def _log_tail(self) -> str:
@@ -267,10 +299,18 @@ def main() -> int:
     ap.add_argument("--dry", action="store_true", help="CPU, tiny shapes, every case (under a minute)")
     ap.add_argument("--out", type=Path, default=None, help="output dir (default: $OUT, else ./gpu_check_out)")
     ap.add_argument("--only", default="", help="comma-separated case names (default: all): " + ", ".join(DEFAULT))
-    ap.add_argument("--budget", type=float, default=None,
-                    help=f"seconds for all cases (default {BUDGET_S:.0f}; --dry {DRY_BUDGET_S:.0f})")
-    ap.add_argument("--record-from", type=Path, default=None,
-                    help="append the section of this gpu_check.json to bench/RESULTS.md and exit")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for all cases (default {BUDGET_S:.0f}; --dry {DRY_BUDGET_S:.0f})",
+    )
+    ap.add_argument(
+        "--record-from",
+        type=Path,
+        default=None,
+        help="append the section of this gpu_check.json to bench/RESULTS.md and exit",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cases", default="", help=argparse.SUPPRESS)
     ap.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
@@ -321,8 +361,10 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     bad = [r["name"] for r in driver.results.values() if r["status"] in ("failed", "error", "timeout")]
-    print(f"gpu_check: {len(driver.results)} cases in {time.time() - driver.t0:.0f} s; "
-          f"{'not ok: ' + ', '.join(bad) if bad else 'no failures'}; results in {out}/gpu_check.json and .md")
+    print(
+        f"gpu_check: {len(driver.results)} cases in {time.time() - driver.t0:.0f} s; "
+        f"{'not ok: ' + ', '.join(bad) if bad else 'no failures'}; results in {out}/gpu_check.json and .md"
+    )
     return 1 if bad else 0
 
 

@@ -14,10 +14,30 @@ import time
 import torch
 from gpu_check_lib import Skip, check, grads_rel_err, rel_err
 
-OFF = ("--train.eval_interval", "0", "--train.sample_prompt", "", "--logging.tensorboard", "false",
-       "--train.progress", "false", "--checkpoint.interval", "0")
-SMALL_DRY = ("--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--data.seq_len", "32",
-             "--train.global_batch_size", "4")
+OFF = (
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--logging.tensorboard",
+    "false",
+    "--train.progress",
+    "false",
+    "--checkpoint.interval",
+    "0",
+)
+SMALL_DRY = (
+    "--model.dim",
+    "64",
+    "--model.n_layers",
+    "2",
+    "--model.n_heads",
+    "4",
+    "--data.seq_len",
+    "32",
+    "--train.global_batch_size",
+    "4",
+)
 """--dry: the small preset cut to a size a loaded 2-core CPU runs 20 steps of in a second."""
 STEPS = 20
 COMPILE_TOL = 2e-3
@@ -32,8 +52,20 @@ def small_losses(ctx, *overrides: str, steps: int = STEPS, preset: str = "small"
     from meshforge.pretrain.trainer import Trainer
 
     with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
-        cfg = load_config(preset, [*OFF, "--train.steps", str(steps), "--train.output_dir", tmp,
-                                   "--train.device", ctx.device.type, *(SMALL_DRY if ctx.dry else ()), *overrides])
+        cfg = load_config(
+            preset,
+            [
+                *OFF,
+                "--train.steps",
+                str(steps),
+                "--train.output_dir",
+                tmp,
+                "--train.device",
+                ctx.device.type,
+                *(SMALL_DRY if ctx.dry else ()),
+                *overrides,
+            ],
+        )
         trainer = Trainer(cfg)
         trainer._setup()
         t0 = time.perf_counter()
@@ -48,21 +80,36 @@ def compile_case(ctx) -> dict:
     dynamo_utils.counters.clear()
     compiled, t_compiled = small_losses(ctx, "--train.dtype", "fp32", "--parallel.compile", "on")
     graphs = dynamo_utils.counters["stats"]["unique_graphs"] or dynamo_utils.counters["frames"]["ok"]
-    return {"figures": {"max_rel_err": rel_err(compiled, eager), "loss_first": eager[0], "loss_last_eager": eager[-1],
-                        "loss_last_compiled": compiled[-1], "dynamo_graphs": graphs, "eager_s": t_eager,
-                        "compiled_s_with_compile": t_compiled},
-            "checks": [check(f"{STEPS} per-step losses, compiled vs eager (fp32)", rel_err(compiled, eager), COMPILE_TOL),
-                       check("graphs compiled by TorchDynamo (the blocks did not run eagerly)", graphs, 1,
-                             at_least=True)],
-            "note": "--dry compiles with the TorchDynamo eager backend" if ctx.dry else "Inductor"}
+    return {
+        "figures": {
+            "max_rel_err": rel_err(compiled, eager),
+            "loss_first": eager[0],
+            "loss_last_eager": eager[-1],
+            "loss_last_compiled": compiled[-1],
+            "dynamo_graphs": graphs,
+            "eager_s": t_eager,
+            "compiled_s_with_compile": t_compiled,
+        },
+        "checks": [
+            check(f"{STEPS} per-step losses, compiled vs eager (fp32)", rel_err(compiled, eager), COMPILE_TOL),
+            check("graphs compiled by TorchDynamo (the blocks did not run eagerly)", graphs, 1, at_least=True),
+        ],
+        "note": "--dry compiles with the TorchDynamo eager backend" if ctx.dry else "Inductor",
+    }
 
 
 def bf16_case(ctx) -> dict:
     fp32, _ = small_losses(ctx, "--train.dtype", "fp32", "--parallel.compile", "off")
     bf16, _ = small_losses(ctx, "--train.dtype", "bf16", "--parallel.compile", "off")
-    return {"figures": {"max_rel_err": rel_err(bf16, fp32), "loss_first": fp32[0], "loss_last_fp32": fp32[-1],
-                        "loss_last_bf16": bf16[-1]},
-            "checks": [check(f"{STEPS} per-step losses, bf16 autocast vs fp32", rel_err(bf16, fp32), BF16_TOL)]}
+    return {
+        "figures": {
+            "max_rel_err": rel_err(bf16, fp32),
+            "loss_first": fp32[0],
+            "loss_last_fp32": fp32[-1],
+            "loss_last_bf16": bf16[-1],
+        },
+        "checks": [check(f"{STEPS} per-step losses, bf16 autocast vs fp32", rel_err(bf16, fp32), BF16_TOL)],
+    }
 
 
 FLOAT8_STEPS = 50
@@ -75,8 +122,18 @@ def float8_loss_case(ctx) -> dict:
     """llama-100m, seq 256, batch 8, eager: 50 steps with train.float8 against bf16 alone."""
     from gpu_check_lib import FLOAT8
 
-    shape = ("--data.seq_len", "256", "--train.global_batch_size", "8", "--train.micro_batch_size", "8",
-             "--parallel.compile", "off", "--train.dtype", "bf16")
+    shape = (
+        "--data.seq_len",
+        "256",
+        "--train.global_batch_size",
+        "8",
+        "--train.micro_batch_size",
+        "8",
+        "--parallel.compile",
+        "off",
+        "--train.dtype",
+        "bf16",
+    )
     try:  # first: under --dry the CPU refuses it at once
         f8, _ = small_losses(ctx, *shape, f"--{FLOAT8[0]}", FLOAT8[1], steps=FLOAT8_STEPS, preset="llama-100m")
     except Exception as e:  # noqa: BLE001
@@ -85,18 +142,26 @@ def float8_loss_case(ctx) -> dict:
         raise
     bf16, _ = small_losses(ctx, *shape, steps=FLOAT8_STEPS, preset="llama-100m")
     tail = sum(f8[-10:]) / 10 / (sum(bf16[-10:]) / 10) - 1
-    return {"figures": {"max_rel_err": rel_err(f8, bf16), "last10_mean_rel_diff": tail, "loss_first": bf16[0],
-                        "loss_last_bf16": bf16[-1], "loss_last_float8": f8[-1]},
-            "checks": [check(f"{FLOAT8_STEPS} per-step losses, {FLOAT8[0]} = {FLOAT8[1]} vs bf16", rel_err(f8, bf16),
-                             FLOAT8_TOL)],
-            "note": "llama-100m, seq 256, batch 8, eager"}
+    return {
+        "figures": {
+            "max_rel_err": rel_err(f8, bf16),
+            "last10_mean_rel_diff": tail,
+            "loss_first": bf16[0],
+            "loss_last_bf16": bf16[-1],
+            "loss_last_float8": f8[-1],
+        },
+        "checks": [
+            check(f"{FLOAT8_STEPS} per-step losses, {FLOAT8[0]} = {FLOAT8[1]} vs bf16", rel_err(f8, bf16), FLOAT8_TOL)
+        ],
+        "note": "llama-100m, seq 256, batch 8, eager",
+    }
 
 
 def _segments(batch: int, seqlen: int, docs: int, gen: torch.Generator) -> torch.Tensor:
     """[batch, seqlen] document ids: ``docs`` documents of random lengths per row."""
     rows = []
     for _ in range(batch):
-        cuts = torch.randperm(seqlen - 1, generator=gen)[:docs - 1] + 1
+        cuts = torch.randperm(seqlen - 1, generator=gen)[: docs - 1] + 1
         flags = torch.zeros(seqlen, dtype=torch.long)
         flags[cuts] = 1
         rows.append(flags.cumsum(0))
@@ -137,14 +202,22 @@ def flex_case(ctx) -> dict:
     finally:
         layers.flex_attention = flex
     checks = [check("loss, FlexAttention vs dense mask", rel_err(flex_loss, dense_loss), 1e-4)]
-    figures = {"loss_rel_err": rel_err(flex_loss, dense_loss), "loss": float(dense_loss), "batch": batch,
-               "seq_len": seqlen, "documents_per_row": 5}
+    figures = {
+        "loss_rel_err": rel_err(flex_loss, dense_loss),
+        "loss": float(dense_loss),
+        "batch": batch,
+        "seq_len": seqlen,
+        "documents_per_row": 5,
+    }
     if backward:
         err, worst = grads_rel_err(flex_grads, dense_grads)
         checks.append(check(f"every gradient, FlexAttention vs dense mask (worst: {worst})", err, 2e-3))
         figures["grad_rel_err"] = err
-    return {"figures": figures, "checks": checks,
-            "note": "fp32" + ("" if backward else "; forward only: FlexAttention has no backward on the CPU")}
+    return {
+        "figures": figures,
+        "checks": checks,
+        "note": "fp32" + ("" if backward else "; forward only: FlexAttention has no backward on the CPU"),
+    }
 
 
 def grouped_mm_case(ctx) -> dict:
@@ -158,8 +231,11 @@ def grouped_mm_case(ctx) -> dict:
     counts = torch.multinomial(torch.ones(experts), tokens, replacement=True, generator=gen).bincount(minlength=experts)
     counts[1], counts[0] = 0, counts[0] + counts[1]  # an expert that gets no token
     x = torch.randn(tokens, dim, generator=gen)
-    ws = [torch.randn(experts, hidden, dim, generator=gen) / dim**0.5, torch.randn(experts, dim, hidden, generator=gen)
-          / hidden**0.5, torch.randn(experts, hidden, dim, generator=gen) / dim**0.5]
+    ws = [
+        torch.randn(experts, hidden, dim, generator=gen) / dim**0.5,
+        torch.randn(experts, dim, hidden, generator=gen) / hidden**0.5,
+        torch.randn(experts, hidden, dim, generator=gen) / dim**0.5,
+    ]
     grad_out = torch.randn(tokens, dim, generator=gen)
 
     def run(fn, dtype):
@@ -177,13 +253,23 @@ def grouped_mm_case(ctx) -> dict:
             raise
         raise Skip(f"torch._grouped_mm does not run on the CPU in torch {torch.__version__}: {str(e)[:120]}") from None
     g_err, g_worst = grads_rel_err(grads, ref_grads)
-    return {"figures": {"out_rel_err": rel_err(out, ref_out), "grad_rel_err": g_err,
-                        "bf16_loop_out_rel_err": rel_err(loop_out, ref_out),
-                        "bf16_loop_grad_rel_err": grads_rel_err(loop_grads, ref_grads)[0],
-                        "experts": experts, "tokens": tokens, "dim": dim, "hidden": hidden},
-            "checks": [check("output, grouped_mm bf16 vs loop fp32", rel_err(out, ref_out), 3e-2),
-                       check(f"gradients, grouped_mm bf16 vs loop fp32 (worst: {g_worst})", g_err, 3e-2)],
-            "note": "one expert gets no token; the bf16 loop's own error is in the figures for scale"}
+    return {
+        "figures": {
+            "out_rel_err": rel_err(out, ref_out),
+            "grad_rel_err": g_err,
+            "bf16_loop_out_rel_err": rel_err(loop_out, ref_out),
+            "bf16_loop_grad_rel_err": grads_rel_err(loop_grads, ref_grads)[0],
+            "experts": experts,
+            "tokens": tokens,
+            "dim": dim,
+            "hidden": hidden,
+        },
+        "checks": [
+            check("output, grouped_mm bf16 vs loop fp32", rel_err(out, ref_out), 3e-2),
+            check(f"gradients, grouped_mm bf16 vs loop fp32 (worst: {g_worst})", g_err, 3e-2),
+        ],
+        "note": "one expert gets no token; the bf16 loop's own error is in the figures for scale",
+    }
 
 
 def fused_loss_case(ctx) -> dict:
@@ -210,8 +296,10 @@ def fused_loss_case(ctx) -> dict:
     for label, chunk in (("default chunk", None), ("chunk 1000 (uneven)", 1000)):
         vals, grads = run(lambda h, w, t: fused_linear_lm_loss(h, w, t, z_coef, chunk_size=chunk))
         g_err, worst = grads_rel_err(grads, plain_grads)
-        checks += [check(f"total, ce, z-loss, fused ({label}) vs plain", rel_err(vals, plain_vals), 1e-5),
-                   check(f"gradients of h and W, fused ({label}) vs plain (worst: {worst})", g_err, 1e-4)]
+        checks += [
+            check(f"total, ce, z-loss, fused ({label}) vs plain", rel_err(vals, plain_vals), 1e-5),
+            check(f"gradients of h and W, fused ({label}) vs plain (worst: {worst})", g_err, 1e-4),
+        ]
         figures[f"value_rel_err_{'default' if chunk is None else chunk}"] = rel_err(vals, plain_vals)
         figures[f"grad_rel_err_{'default' if chunk is None else chunk}"] = g_err
 
@@ -219,17 +307,25 @@ def fused_loss_case(ctx) -> dict:
         def under(h, w, t):
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 return fn(h, w, t)
+
         return under
 
     plain16_vals, plain16_grads = run(bf16(lambda h, w, t: lm_loss(h @ w.t(), t, z_coef)))
     vals, grads = run(bf16(lambda h, w, t: fused_linear_lm_loss(h, w, t, z_coef)))
     g_err, worst = grads_rel_err(grads, plain16_grads)
-    checks += [check("total, ce, z-loss, fused vs plain, both under bf16 autocast", rel_err(vals, plain16_vals), 1e-4),
-               # a few bf16 ulps (2^-8 = 3.9e-3 of a value): the plain dW is one bf16 product, the fused one an
-               # fp32 sum of bf16 products (4.8e-3 measured in the --dry size)
-               check(f"gradients of h and W, fused vs plain under bf16 autocast (worst: {worst})", g_err, 2e-2)]
-    figures.update(value_rel_err_bf16=rel_err(vals, plain16_vals), grad_rel_err_bf16=g_err,
-                   plain_bf16_vs_fp32=rel_err(plain16_vals, plain_vals))
-    return {"figures": figures, "checks": checks,
-            "note": "fp32, then both under bf16 autocast; z-loss 1e-4, every 17th target ignored"}
-
+    checks += [
+        check("total, ce, z-loss, fused vs plain, both under bf16 autocast", rel_err(vals, plain16_vals), 1e-4),
+        # a few bf16 ulps (2^-8 = 3.9e-3 of a value): the plain dW is one bf16 product, the fused one an
+        # fp32 sum of bf16 products (4.8e-3 measured in the --dry size)
+        check(f"gradients of h and W, fused vs plain under bf16 autocast (worst: {worst})", g_err, 2e-2),
+    ]
+    figures.update(
+        value_rel_err_bf16=rel_err(vals, plain16_vals),
+        grad_rel_err_bf16=g_err,
+        plain_bf16_vs_fp32=rel_err(plain16_vals, plain_vals),
+    )
+    return {
+        "figures": figures,
+        "checks": checks,
+        "note": "fp32, then both under bf16 autocast; z-loss 1e-4, every 17th target ignored",
+    }

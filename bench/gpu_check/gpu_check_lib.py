@@ -47,46 +47,142 @@ FLOAT8 = ("train.float8", "tensorwise")
 FUSED_KERNELS = ("train.fused_kernels", "triton")
 
 CASES: list[Case] = [
-    Case("compile", "correctness", "gpu_check_correct:compile_case", 150,
-         "small preset, 20 steps, fp32: per-block torch.compile vs eager (per-step loss)"),
-    Case("bf16", "correctness", "gpu_check_correct:bf16_case", 60,
-         "small preset, 20 steps, eager: bf16 autocast vs fp32 (per-step loss)"),
-    Case("flex_doc_mask", "correctness", "gpu_check_correct:flex_case", 120,
-         "document mask: FlexAttention (compiled) vs the dense SDPA mask, loss and gradients, fp32"),
-    Case("grouped_mm", "correctness", "gpu_check_correct:grouped_mm_case", 45,
-         "MoE experts: torch._grouped_mm (bf16) vs the per-expert loop (fp32), outputs and gradients"),
-    Case("fused_loss", "correctness", "gpu_check_correct:fused_loss_case", 45,
-         "fused linear + cross-entropy vs plain logits + loss, fp32, values and gradients"),
-    Case("float8_loss", "correctness", "gpu_check_correct:float8_loss_case", 90,
-         "llama-100m, 50 steps: float8 (torchao, tensorwise) vs bf16 (per-step loss)", option=FLOAT8,
-         needs=("torchao",)),
-    Case(ONE_B, "speed", "gpu_check_speed:one_b_case", 150,
-         "llama-1b (Llama architecture: qk_norm off), seq 4096, bf16, per-block compile, no AC, train.fused_loss auto"),
-    Case("peer", "peer", "hf_peer:peer_case", 150,
-         "the same 1B architecture and batch in a bare loop around transformers' LlamaForCausalLM "
-         "(SDPA, bf16 autocast, fused AdamW, per-layer torch.compile)", needs=("transformers",), dry_cap_s=90),
-    Case("peers", "peer", "bench_peers:peers_case", 150,
-         "bench_peers.py's comparison on the GPU: meshforge vs the bare HF loop (and litgpt when importable), "
-         "28m shape, batch 32 x 128, bf16 autocast, AdamW foreach, eager and compiled; ratio = peer / meshforge "
-         "step time", needs=("transformers",), dry_cap_s=90),
-    Case("1b-fused-loss", "speed", "gpu_check_speed:fused_loss_toggle_case", 90,
-         "as 1b with train.fused_loss the other way (on if auto chose off)"),
-    Case("compile_model", "speed", "gpu_check_speed:compile_model_case", 210,
-         "as 1b with parallel.compile_scope = model: the whole forward + loss compiled as one graph (compile "
-         "time in first_step_s)", option=("parallel.compile_scope", "model")),
-    Case("1b-float8", "speed", "gpu_check_speed:float8_case", 120,
-         "as 1b with float8 matmuls (torchao, tensorwise scaling)", option=FLOAT8, needs=("torchao",)),
-    Case("1b-fused-kernels", "speed", "gpu_check_speed:fused_kernels_case", 120,
-         "as 1b with the fused RMSNorm / RoPE / SwiGLU kernels", option=FUSED_KERNELS),
-    Case("kernels", "kernels", "gpu_check_kernels:kernels_case", 90,
-         "RMSNorm / RoPE / SwiGLU at llama-1b shapes: eager vs torch.compile vs meshforge's Triton kernels "
-         "(vs liger-kernel's when installed), forward + backward time and error vs fp32", needs=("triton",)),
-    Case("moe", "speed", "gpu_check_speed:moe_case", 120,
-         "mixtral-8x layer shape (dim 4096, 8 experts x 14336, top-2) cut to 2 layers, seq 4096, bf16; MFU on active params"),
-    Case("t5-base", "speed", "gpu_check_speed:t5_case", 120,
-         "T5 v1.1 base, encoder 512 + decoder 114 tokens, span corruption, bf16, per-block compile"),
-    Case("cp2", "speed", "gpu_check_speed:cp2_case", 150,
-         "llama-1b architecture, seq 8192, context parallel over 2 ranks (ring)", dry_cap_s=90),
+    Case(
+        "compile",
+        "correctness",
+        "gpu_check_correct:compile_case",
+        150,
+        "small preset, 20 steps, fp32: per-block torch.compile vs eager (per-step loss)",
+    ),
+    Case(
+        "bf16",
+        "correctness",
+        "gpu_check_correct:bf16_case",
+        60,
+        "small preset, 20 steps, eager: bf16 autocast vs fp32 (per-step loss)",
+    ),
+    Case(
+        "flex_doc_mask",
+        "correctness",
+        "gpu_check_correct:flex_case",
+        120,
+        "document mask: FlexAttention (compiled) vs the dense SDPA mask, loss and gradients, fp32",
+    ),
+    Case(
+        "grouped_mm",
+        "correctness",
+        "gpu_check_correct:grouped_mm_case",
+        45,
+        "MoE experts: torch._grouped_mm (bf16) vs the per-expert loop (fp32), outputs and gradients",
+    ),
+    Case(
+        "fused_loss",
+        "correctness",
+        "gpu_check_correct:fused_loss_case",
+        45,
+        "fused linear + cross-entropy vs plain logits + loss, fp32, values and gradients",
+    ),
+    Case(
+        "float8_loss",
+        "correctness",
+        "gpu_check_correct:float8_loss_case",
+        90,
+        "llama-100m, 50 steps: float8 (torchao, tensorwise) vs bf16 (per-step loss)",
+        option=FLOAT8,
+        needs=("torchao",),
+    ),
+    Case(
+        ONE_B,
+        "speed",
+        "gpu_check_speed:one_b_case",
+        150,
+        "llama-1b (Llama architecture: qk_norm off), seq 4096, bf16, per-block compile, no AC, train.fused_loss auto",
+    ),
+    Case(
+        "peer",
+        "peer",
+        "hf_peer:peer_case",
+        150,
+        "the same 1B architecture and batch in a bare loop around transformers' LlamaForCausalLM "
+        "(SDPA, bf16 autocast, fused AdamW, per-layer torch.compile)",
+        needs=("transformers",),
+        dry_cap_s=90,
+    ),
+    Case(
+        "peers",
+        "peer",
+        "bench_peers:peers_case",
+        150,
+        "bench_peers.py's comparison on the GPU: meshforge vs the bare HF loop (and litgpt when importable), "
+        "28m shape, batch 32 x 128, bf16 autocast, AdamW foreach, eager and compiled; ratio = peer / meshforge "
+        "step time",
+        needs=("transformers",),
+        dry_cap_s=90,
+    ),
+    Case(
+        "1b-fused-loss",
+        "speed",
+        "gpu_check_speed:fused_loss_toggle_case",
+        90,
+        "as 1b with train.fused_loss the other way (on if auto chose off)",
+    ),
+    Case(
+        "compile_model",
+        "speed",
+        "gpu_check_speed:compile_model_case",
+        210,
+        "as 1b with parallel.compile_scope = model: the whole forward + loss compiled as one graph (compile "
+        "time in first_step_s)",
+        option=("parallel.compile_scope", "model"),
+    ),
+    Case(
+        "1b-float8",
+        "speed",
+        "gpu_check_speed:float8_case",
+        120,
+        "as 1b with float8 matmuls (torchao, tensorwise scaling)",
+        option=FLOAT8,
+        needs=("torchao",),
+    ),
+    Case(
+        "1b-fused-kernels",
+        "speed",
+        "gpu_check_speed:fused_kernels_case",
+        120,
+        "as 1b with the fused RMSNorm / RoPE / SwiGLU kernels",
+        option=FUSED_KERNELS,
+    ),
+    Case(
+        "kernels",
+        "kernels",
+        "gpu_check_kernels:kernels_case",
+        90,
+        "RMSNorm / RoPE / SwiGLU at llama-1b shapes: eager vs torch.compile vs meshforge's Triton kernels "
+        "(vs liger-kernel's when installed), forward + backward time and error vs fp32",
+        needs=("triton",),
+    ),
+    Case(
+        "moe",
+        "speed",
+        "gpu_check_speed:moe_case",
+        120,
+        "mixtral-8x layer shape (dim 4096, 8 experts x 14336, top-2) cut to 2 layers, seq 4096, bf16; MFU on active params",
+    ),
+    Case(
+        "t5-base",
+        "speed",
+        "gpu_check_speed:t5_case",
+        120,
+        "T5 v1.1 base, encoder 512 + decoder 114 tokens, span corruption, bf16, per-block compile",
+    ),
+    Case(
+        "cp2",
+        "speed",
+        "gpu_check_speed:cp2_case",
+        150,
+        "llama-1b architecture, seq 8192, context parallel over 2 ranks (ring)",
+        dry_cap_s=90,
+    ),
     # never in the default list: they prove the driver's time caps and crash handling
     Case("selftest-hang", "selftest", "gpu_check_lib:hang_case", 3, "sleeps past its cap", dry_cap_s=3),
     Case("selftest-crash", "selftest", "gpu_check_lib:crash_case", 5, "the process dies", dry_cap_s=5),
@@ -122,8 +218,14 @@ def check(what: str, value: float, tol: float, note: str = "", at_least: bool = 
     """``value`` (an error measure) must be at most ``tol`` (``at_least``: at least); NaN fails."""
     value = float(value)
     ok = math.isfinite(value) and (value >= tol if at_least else value <= tol)
-    return {"what": what, "value": value, "tol": tol, "op": ">=" if at_least else "<=", "pass": bool(ok),
-            **({"note": note} if note else {})}
+    return {
+        "what": what,
+        "value": value,
+        "tol": tol,
+        "op": ">=" if at_least else "<=",
+        "pass": bool(ok),
+        **({"note": note} if note else {}),
+    }
 
 
 def rel_err(a, b) -> float:

@@ -29,9 +29,28 @@ DRY_WARMUP, DRY_STEPS = 2, 2
 LLAMA_1B = ("--model.qk_norm", "false", "--parallel.compile", "on", "--parallel.activation_checkpointing", "none")
 """llama-1b as a plain Llama (the peer's architecture): no qk-norm; per-block compile, no activation checkpointing."""
 ONE_B_MICRO = 4
-DRY_DECODER = ("--model.vocab_size", "2048", "--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4",
-               "--model.n_kv_heads", "2", "--model.ffn_dim", "128", "--data.seq_len", "64", "--model.max_seq_len", "128",
-               "--parallel.compile", "off", "--train.dtype", "fp32")
+DRY_DECODER = (
+    "--model.vocab_size",
+    "2048",
+    "--model.dim",
+    "64",
+    "--model.n_layers",
+    "2",
+    "--model.n_heads",
+    "4",
+    "--model.n_kv_heads",
+    "2",
+    "--model.ffn_dim",
+    "128",
+    "--data.seq_len",
+    "64",
+    "--model.max_seq_len",
+    "128",
+    "--parallel.compile",
+    "off",
+    "--train.dtype",
+    "fp32",
+)
 """--dry: any decoder preset cut to a tiny size (the built-in tokenizer's 2048 tokens), eager, fp32."""
 
 
@@ -54,9 +73,23 @@ def time_trainer(ctx, preset: str, overrides: list[str], micro: int) -> dict:
 
     warmup, steps = (DRY_WARMUP, DRY_STEPS) if ctx.dry else (WARMUP, STEPS)
     with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
-        cfg = load_config(preset, [*OFF, *overrides, "--train.global_batch_size", str(micro),
-                                   "--train.micro_batch_size", str(micro), "--train.steps", str(warmup + steps),
-                                   "--train.output_dir", tmp, "--train.device", ctx.device.type])
+        cfg = load_config(
+            preset,
+            [
+                *OFF,
+                *overrides,
+                "--train.global_batch_size",
+                str(micro),
+                "--train.micro_batch_size",
+                str(micro),
+                "--train.steps",
+                str(warmup + steps),
+                "--train.output_dir",
+                tmp,
+                "--train.device",
+                ctx.device.type,
+            ],
+        )
         t0 = time.perf_counter()
         trainer = Trainer(cfg)
         trainer._setup()
@@ -75,11 +108,22 @@ def time_trainer(ctx, preset: str, overrides: list[str], micro: int) -> dict:
                 mem.update(probe.after_step())
         timed = times[warmup:]
         med = statistics.median(timed)
-        f = {"params": trainer.n_params, "total_params": sum(p.numel() for p in trainer.model.parameters()),
-             "micro_batch": micro, "tokens_per_step": tokens, "median_s": med, "min_s": min(timed),
-             "tokens_per_s": tokens / med, "setup_s": setup_s, "first_step_s": times[0], "loss_first": losses[0],
-             "loss_last": losses[-1], "fused_loss": bool(getattr(trainer, "fused_loss", False)),
-             "warmup_steps": warmup, "timed_steps": steps}
+        f = {
+            "params": trainer.n_params,
+            "total_params": sum(p.numel() for p in trainer.model.parameters()),
+            "micro_batch": micro,
+            "tokens_per_step": tokens,
+            "median_s": med,
+            "min_s": min(timed),
+            "tokens_per_s": tokens / med,
+            "setup_s": setup_s,
+            "first_step_s": times[0],
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "fused_loss": bool(getattr(trainer, "fused_loss", False)),
+            "warmup_steps": warmup,
+            "timed_steps": steps,
+        }
         if trainer.peak:
             f["mfu"] = trainer.flops_per_token * tokens / med / trainer.peak
             f["tflops"] = trainer.flops_per_token * tokens / med / 1e12
@@ -94,8 +138,15 @@ def time_trainer(ctx, preset: str, overrides: list[str], micro: int) -> dict:
         return f
 
 
-def speed(ctx, preset: str, overrides: list[str], dry_overrides: list[str], micro: int, dry_micro: int = 2,
-          option: tuple[str, str] | None = None) -> dict:
+def speed(
+    ctx,
+    preset: str,
+    overrides: list[str],
+    dry_overrides: list[str],
+    micro: int,
+    dry_micro: int = 2,
+    option: tuple[str, str] | None = None,
+) -> dict:
     """One speed case: figures and a finite-loss check; out-of-memory halves the micro batch.
 
     ``option``: the build's optional config key this case turns on; under --dry an error (the
@@ -135,8 +186,12 @@ def fused_loss_toggle_case(ctx) -> dict:
     prior = (ctx.prior(ONE_B) or {}).get("figures", {})
     setting = "off" if prior.get("fused_loss") else "on"
     out = speed(ctx, "llama-1b", [*LLAMA_1B, "--train.fused_loss", setting], list(DRY_DECODER), _one_b_micro(ctx))
-    out["note"] = "; ".join(filter(None, [f"train.fused_loss = {setting} (1b ran it "
-                                          f"{'on' if prior.get('fused_loss') else 'off'})", out["note"]]))
+    out["note"] = "; ".join(
+        filter(
+            None,
+            [f"train.fused_loss = {setting} (1b ran it {'on' if prior.get('fused_loss') else 'off'})", out["note"]],
+        )
+    )
     _vs_one_b(ctx, out)
     return out
 
@@ -148,15 +203,22 @@ def _vs_one_b(ctx, out: dict) -> None:
 
 
 def float8_case(ctx) -> dict:
-    out = speed(ctx, "llama-1b", [*LLAMA_1B, f"--{FLOAT8[0]}", FLOAT8[1]], list(DRY_DECODER), _one_b_micro(ctx),
-                option=FLOAT8)
+    out = speed(
+        ctx, "llama-1b", [*LLAMA_1B, f"--{FLOAT8[0]}", FLOAT8[1]], list(DRY_DECODER), _one_b_micro(ctx), option=FLOAT8
+    )
     _vs_one_b(ctx, out)
     return out
 
 
 def fused_kernels_case(ctx) -> dict:
-    out = speed(ctx, "llama-1b", [*LLAMA_1B, f"--{FUSED_KERNELS[0]}", FUSED_KERNELS[1]], list(DRY_DECODER),
-                _one_b_micro(ctx), option=FUSED_KERNELS)
+    out = speed(
+        ctx,
+        "llama-1b",
+        [*LLAMA_1B, f"--{FUSED_KERNELS[0]}", FUSED_KERNELS[1]],
+        list(DRY_DECODER),
+        _one_b_micro(ctx),
+        option=FUSED_KERNELS,
+    )
     _vs_one_b(ctx, out)
     return out
 
@@ -169,8 +231,9 @@ FIRST_LOSS_TOL = 1e-2
 
 def compile_model_case(ctx) -> dict:
     """As 1b with ``parallel.compile_scope = model``; --dry compiles too (TorchDynamo's eager backend)."""
-    out = speed(ctx, "llama-1b", [*LLAMA_1B, *COMPILE_MODEL], [*DRY_DECODER, "--parallel.compile", "on"],
-                _one_b_micro(ctx))
+    out = speed(
+        ctx, "llama-1b", [*LLAMA_1B, *COMPILE_MODEL], [*DRY_DECODER, "--parallel.compile", "on"], _one_b_micro(ctx)
+    )
     _vs_one_b(ctx, out)
     base = (ctx.prior(ONE_B) or {}).get("figures", {})
     if base.get("micro_batch") == out["figures"]["micro_batch"]:
@@ -179,18 +242,56 @@ def compile_model_case(ctx) -> dict:
     return out
 
 
-MOE = ("--model.n_layers", "2", "--parallel.ep", "1", "--parallel.compile", "on",
-       "--parallel.activation_checkpointing", "none")
+MOE = (
+    "--model.n_layers",
+    "2",
+    "--parallel.ep",
+    "1",
+    "--parallel.compile",
+    "on",
+    "--parallel.activation_checkpointing",
+    "none",
+)
 """mixtral-8x's layer shape on one GPU: 2 layers (~3.1B parameters, ~0.9B active), no expert parallel."""
 T5 = ("--parallel.compile", "on")
-DRY_T5 = ("--model.vocab_size", "2048", "--model.dim", "64", "--model.n_layers", "2", "--model.n_decoder_layers", "2",
-          "--model.n_heads", "4", "--model.ffn_dim", "128", "--data.seq_len", "64", "--parallel.compile", "off",
-          "--train.dtype", "fp32")
-CP2 = (*LLAMA_1B, "--data.seq_len", "8192", "--model.max_seq_len", "8192", "--parallel.cp", "2",
-       "--parallel.cp_method", "ring")
-GPU_JOBS = {ONE_B: ("llama-1b", LLAMA_1B, ONE_B_MICRO), "compile_model": ("llama-1b", (*LLAMA_1B, *COMPILE_MODEL),
-                                                                         ONE_B_MICRO), "moe": ("mixtral-8x", MOE, 2), "t5-base": ("t5-base", T5, 64),
-            "cp2": ("llama-1b", CP2, 1)}
+DRY_T5 = (
+    "--model.vocab_size",
+    "2048",
+    "--model.dim",
+    "64",
+    "--model.n_layers",
+    "2",
+    "--model.n_decoder_layers",
+    "2",
+    "--model.n_heads",
+    "4",
+    "--model.ffn_dim",
+    "128",
+    "--data.seq_len",
+    "64",
+    "--parallel.compile",
+    "off",
+    "--train.dtype",
+    "fp32",
+)
+CP2 = (
+    *LLAMA_1B,
+    "--data.seq_len",
+    "8192",
+    "--model.max_seq_len",
+    "8192",
+    "--parallel.cp",
+    "2",
+    "--parallel.cp_method",
+    "ring",
+)
+GPU_JOBS = {
+    ONE_B: ("llama-1b", LLAMA_1B, ONE_B_MICRO),
+    "compile_model": ("llama-1b", (*LLAMA_1B, *COMPILE_MODEL), ONE_B_MICRO),
+    "moe": ("mixtral-8x", MOE, 2),
+    "t5-base": ("t5-base", T5, 64),
+    "cp2": ("llama-1b", CP2, 1),
+}
 """Preset, overrides and micro batch of each GPU job (tests/project/test_gpu_check.py validates them on the CPU)."""
 
 
@@ -205,19 +306,40 @@ def t5_case(ctx) -> dict:
 def cp2_case(ctx) -> dict:
     """Two ranks, context parallel (ring): `meshforge train` under the test harness's launcher."""
     if not ctx.dry and torch.cuda.device_count() < 2:
-        raise Skip(f"context parallel needs 2 ranks, one GPU each (NCCL will not put two ranks on one device); "
-                   f"this machine has {torch.cuda.device_count()} GPU")
+        raise Skip(
+            f"context parallel needs 2 ranks, one GPU each (NCCL will not put two ranks on one device); "
+            f"this machine has {torch.cuda.device_count()} GPU"
+        )
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "harness"))
     import parallel_harness
 
     steps, warm = (3, 1) if ctx.dry else (WARMUP + STEPS, WARMUP)
     shape = [*CP2, *DRY_DECODER] if ctx.dry else list(CP2)
     out = ctx.scratch / "cp2"
-    args = ["train", "--config", "llama-1b", *OFF, *shape, "--train.global_batch_size", "1", "--train.micro_batch_size", "1", "--train.steps", str(steps),
-            "--train.output_dir", str(out), "--train.device", ctx.device.type]
+    args = [
+        "train",
+        "--config",
+        "llama-1b",
+        *OFF,
+        *shape,
+        "--train.global_batch_size",
+        "1",
+        "--train.micro_batch_size",
+        "1",
+        "--train.steps",
+        str(steps),
+        "--train.output_dir",
+        str(out),
+        "--train.device",
+        ctx.device.type,
+    ]
     try:
-        parallel_harness.run_ranks(2, args, timeout=ctx.extra.get("cp2_timeout", 600),
-                                   extra_env={"OMP_NUM_THREADS": "1"} if ctx.dry else {"OMP_NUM_THREADS": "4"})
+        parallel_harness.run_ranks(
+            2,
+            args,
+            timeout=ctx.extra.get("cp2_timeout", 600),
+            extra_env={"OMP_NUM_THREADS": "1"} if ctx.dry else {"OMP_NUM_THREADS": "4"},
+        )
     except parallel_harness.RanksFailed as e:
         raise RuntimeError(e.last_line()) from None
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -225,8 +347,15 @@ def cp2_case(ctx) -> dict:
     timed = steps_[warm:]
     med = statistics.median(r["step_time_s"] for r in timed)
     tps = statistics.median(r["tokens_per_s"] for r in timed)
-    f = {"tokens_per_s": tps, "median_s": med, "tokens_per_step": round(tps * med), "micro_batch": 1,
-         "loss_first": steps_[0]["loss"], "loss_last": steps_[-1]["loss"], "ranks": 2}
+    f = {
+        "tokens_per_s": tps,
+        "median_s": med,
+        "tokens_per_step": round(tps * med),
+        "micro_batch": 1,
+        "loss_first": steps_[0]["loss"],
+        "loss_last": steps_[-1]["loss"],
+        "ranks": 2,
+    }
     if "mfu" in timed[0]:
         f["mfu"] = statistics.median(r["mfu"] for r in timed)
     mem = next((r for r in recs if "mem_step_peak_bytes" in r), {})
@@ -234,5 +363,8 @@ def cp2_case(ctx) -> dict:
     if "mem_peak_bytes" in mem:
         f["peak_mem_bytes"] = mem["mem_peak_bytes"]
     bad = sum(not math.isfinite(r["loss"]) for r in steps_)
-    return {"figures": f, "checks": [check("non-finite losses", bad, 0)],
-            "note": "rank 0's metrics; tokens/s of the whole job"}
+    return {
+        "figures": f,
+        "checks": [check("non-finite losses", bad, 0)],
+        "note": "rank 0's metrics; tokens/s of the whole job",
+    }

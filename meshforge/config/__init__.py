@@ -93,8 +93,9 @@ def describe(cfg: JobConfig | None = None) -> str:
         lines.append(f"[{sec.name}]")
         for f in dataclasses.fields(section):
             key = f"{sec.name}.{f.name}"
-            lines.append(f"  {key} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}\n"
-                         f"      [{resume_help(key)}]")
+            lines.append(
+                f"  {key} = {getattr(section, f.name)!r}\n      {docs.get(f.name, '')}\n      [{resume_help(key)}]"
+            )
     return "\n".join(lines)
 
 
@@ -114,7 +115,11 @@ def _coerce(key: str, value: Any, typ: Any, from_cli: bool) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if (
+            from_cli
+            and isinstance(value, str)
+            and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off")
+        ):
             return value.lower() in ("true", "1", "yes", "on")
     elif typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -253,8 +258,15 @@ def padded_vocab_size(tokenizer_size: int, multiple_of: int) -> int:
 
 # --------------------------------------------------------------------------- identity
 
-RUN_IDENTITY_KEYS = ("model", "data.path", "data.seq_len", "data.valid_fraction", "data.tokenizer", "train.seed",
-                     "train.global_batch_size")
+RUN_IDENTITY_KEYS = (
+    "model",
+    "data.path",
+    "data.seq_len",
+    "data.valid_fraction",
+    "data.tokenizer",
+    "train.seed",
+    "train.global_batch_size",
+)
 """Keys that make two runs 'the same run' for resuming: changing them in an existing
 output dir is refused. Steps, intervals, logging and parallel layout may change."""
 
@@ -276,9 +288,37 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-__all__ = ["ARCHITECTURE_OPTIONS", "CHOICES", "DEEPSPEED_ONLY", "ENCODER_DECODER_OBJECTIVES", "FSDP2_ONLY", "REPO_CONFIGS", "RUN_IDENTITY_KEYS",
-           "UL2_KINDS", "CheckpointConfig", "ConfigError", "DataConfig", "Denoiser", "JobConfig", "LoggingConfig",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "config_from_dict", "config_to_dict",
-           "describe", "field_docs", "fingerprint", "load_config", "micro_batch_size", "mode_token_pieces",
-           "padded_vocab_size", "parse_cli_overrides", "parse_denoisers", "resolve_preset",
-           "run_identity", "validate"]
+__all__ = [
+    "ARCHITECTURE_OPTIONS",
+    "CHOICES",
+    "DEEPSPEED_ONLY",
+    "ENCODER_DECODER_OBJECTIVES",
+    "FSDP2_ONLY",
+    "REPO_CONFIGS",
+    "RUN_IDENTITY_KEYS",
+    "UL2_KINDS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "Denoiser",
+    "JobConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "describe",
+    "field_docs",
+    "fingerprint",
+    "load_config",
+    "micro_batch_size",
+    "mode_token_pieces",
+    "padded_vocab_size",
+    "parse_cli_overrides",
+    "parse_denoisers",
+    "resolve_preset",
+    "run_identity",
+    "validate",
+]

@@ -22,19 +22,31 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
     m, t, d = cfg.model, cfg.train, cfg.data
     positive = {
-        "model.dim": m.dim, "model.vocab_multiple_of": m.vocab_multiple_of, "model.n_layers": m.n_layers,
-        "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
-        "train.steps": t.steps, "train.global_batch_size": t.global_batch_size,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last, "data.remote_retry_seconds": d.remote_retry_seconds,
+        "model.dim": m.dim,
+        "model.vocab_multiple_of": m.vocab_multiple_of,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "train.steps": t.steps,
+        "train.global_batch_size": t.global_batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "data.remote_retry_seconds": d.remote_retry_seconds,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     non_negative = {
-        "model.vocab_size": m.vocab_size, "model.n_kv_heads": m.n_kv_heads, "model.ffn_dim": m.ffn_dim, "optim.warmup_steps": cfg.optim.warmup_steps,
-        "optim.grad_clip": cfg.optim.grad_clip, "train.eval_interval": t.eval_interval,
-        "train.z_loss_coef": t.z_loss_coef, "checkpoint.interval": cfg.checkpoint.interval,
-        "logging.log_interval": cfg.logging.log_interval, "train.sample_tokens": t.sample_tokens,
+        "model.vocab_size": m.vocab_size,
+        "model.n_kv_heads": m.n_kv_heads,
+        "model.ffn_dim": m.ffn_dim,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "train.eval_interval": t.eval_interval,
+        "train.z_loss_coef": t.z_loss_coef,
+        "checkpoint.interval": cfg.checkpoint.interval,
+        "logging.log_interval": cfg.logging.log_interval,
+        "train.sample_tokens": t.sample_tokens,
         "train.micro_batch_size": t.micro_batch_size,
     }
     for key, value in non_negative.items():
@@ -51,7 +63,9 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
     if m.moe_experts:
         if not 1 <= m.moe_top_k <= m.moe_experts:
-            raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})")
+            raise ConfigError(
+                f"model.moe_top_k ({m.moe_top_k}) must be between 1 and model.moe_experts ({m.moe_experts})"
+            )
         if m.moe_capacity_factor < 0 or m.moe_bias_update_rate < 0 or m.moe_shared_experts < 0:
             raise ConfigError("model.moe_capacity_factor, moe_bias_update_rate and moe_shared_experts must be >= 0")
         if not m.moe_routed_scale > 0:
@@ -62,11 +76,15 @@ def validate(cfg: JobConfig) -> None:
             "lower data.seq_len or raise model.max_seq_len"
         )
     if not 0.0 < d.noise_density < 1.0 or d.mean_noise_span < 1.0:
-        raise ConfigError(f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
-                          f"{d.noise_density} and {d.mean_noise_span}")
+        raise ConfigError(
+            f"data.noise_density must be in (0, 1) and data.mean_noise_span >= 1, got "
+            f"{d.noise_density} and {d.mean_noise_span}"
+        )
     if not 0.0 < d.prefix_lm_min <= d.prefix_lm_max < 1.0:
-        raise ConfigError(f"data.prefix_lm_min and data.prefix_lm_max must satisfy 0 < min <= max < 1 (fractions of "
-                          f"the window), got {d.prefix_lm_min} and {d.prefix_lm_max}")
+        raise ConfigError(
+            f"data.prefix_lm_min and data.prefix_lm_max must satisfy 0 < min <= max < 1 (fractions of "
+            f"the window), got {d.prefix_lm_min} and {d.prefix_lm_max}"
+        )
     parse_denoisers(d.ul2_denoisers)
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
@@ -88,9 +106,11 @@ def validate(cfg: JobConfig) -> None:
     if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
         raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
     if t.max_nonfinite_steps < 1 or t.spike_sigmas < 0 or t.collective_timeout_s <= 0 or t.setup_timeout_s <= 0:
-        raise ConfigError(f"train.max_nonfinite_steps must be >= 1, train.spike_sigmas >= 0 and "
-                          f"train.collective_timeout_s and train.setup_timeout_s > 0 (got {t.max_nonfinite_steps}, "
-                          f"{t.spike_sigmas}, {t.collective_timeout_s}, {t.setup_timeout_s})")
+        raise ConfigError(
+            f"train.max_nonfinite_steps must be >= 1, train.spike_sigmas >= 0 and "
+            f"train.collective_timeout_s and train.setup_timeout_s > 0 (got {t.max_nonfinite_steps}, "
+            f"{t.spike_sigmas}, {t.collective_timeout_s}, {t.setup_timeout_s})"
+        )
     if not t.output_dir:
         raise ConfigError("train.output_dir must be set")
 
@@ -101,12 +121,21 @@ def _check_data_urls(d) -> None:
 
     for path in [d.path] + [item.partition(":")[2].strip() for item in d.blend.split(",") if item.strip()]:
         if "://" in path and (urlsplit(path).username or urlsplit(path).password):
-            raise ConfigError(f"data URL {urlsplit(path).scheme}://...@{urlsplit(path).hostname} carries credentials: remove "
-                              "them and give them through the environment or the filesystem's config file (e.g. AWS_PROFILE)")
+            raise ConfigError(
+                f"data URL {urlsplit(path).scheme}://...@{urlsplit(path).hostname} carries credentials: remove "
+                "them and give them through the environment or the filesystem's config file (e.g. AWS_PROFILE)"
+            )
 
 
-ARCHITECTURE_OPTIONS = ("head_size", "qkv_bias", "qk_norm_scope", "norm_placement", "rope_scaling", "rope_fraction",
-                        "sliding_window")
+ARCHITECTURE_OPTIONS = (
+    "head_size",
+    "qkv_bias",
+    "qk_norm_scope",
+    "norm_placement",
+    "rope_scaling",
+    "rope_fraction",
+    "sliding_window",
+)
 """Model options that a family implements or refuses (``ModelSpec.model_options``; the family's check is
 :func:`meshforge.models.check_config`)."""
 
@@ -116,30 +145,42 @@ def _check_architecture_options(cfg: JobConfig) -> None:
     family implements them is :func:`meshforge.models.check_config`'s)."""
     m = cfg.model
     if m.head_size < 0 or m.sliding_window < 0:
-        raise ConfigError(f"model.head_size and model.sliding_window must be >= 0, got {m.head_size} and "
-                          f"{m.sliding_window}")
+        raise ConfigError(
+            f"model.head_size and model.sliding_window must be >= 0, got {m.head_size} and {m.sliding_window}"
+        )
     if not m.head_size and m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must divide by model.n_heads ({m.n_heads}), or set model.head_size")
     if m.head_dim % 2:
-        raise ConfigError(f"the head width ({m.head_dim}: model.head_size, or model.dim / model.n_heads) must be "
-                          "even for RoPE")
+        raise ConfigError(
+            f"the head width ({m.head_dim}: model.head_size, or model.dim / model.n_heads) must be even for RoPE"
+        )
     if not 0.0 < m.rope_fraction <= 1.0 or m.rope_dim < 2:
-        raise ConfigError(f"model.rope_fraction must be in (0, 1] and rotate at least 2 channels of the "
-                          f"{m.head_dim}-wide heads, got {m.rope_fraction}")
+        raise ConfigError(
+            f"model.rope_fraction must be in (0, 1] and rotate at least 2 channels of the "
+            f"{m.head_dim}-wide heads, got {m.rope_fraction}"
+        )
     if m.rope_scaling != "none":
         if not m.rope_factor >= 1.0 or m.rope_original_max_seq_len < 0:
-            raise ConfigError(f"model.rope_factor must be >= 1 and model.rope_original_max_seq_len >= 0 with "
-                              f"model.rope_scaling = {m.rope_scaling!r}, got {m.rope_factor} and "
-                              f"{m.rope_original_max_seq_len}")
+            raise ConfigError(
+                f"model.rope_factor must be >= 1 and model.rope_original_max_seq_len >= 0 with "
+                f"model.rope_scaling = {m.rope_scaling!r}, got {m.rope_factor} and "
+                f"{m.rope_original_max_seq_len}"
+            )
         if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
-            raise ConfigError(f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, "
-                              f"got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}")
+            raise ConfigError(
+                f"llama3 RoPE scaling needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, "
+                f"got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}"
+            )
         if m.rope_scaling == "yarn" and not 0 < m.rope_beta_slow < m.rope_beta_fast:
-            raise ConfigError(f"yarn RoPE scaling needs 0 < model.rope_beta_slow < model.rope_beta_fast, got "
-                              f"{m.rope_beta_slow} and {m.rope_beta_fast}")
+            raise ConfigError(
+                f"yarn RoPE scaling needs 0 < model.rope_beta_slow < model.rope_beta_fast, got "
+                f"{m.rope_beta_slow} and {m.rope_beta_fast}"
+            )
     if m.sliding_window and cfg.parallel.cp > 1:
-        raise ConfigError(f"model.sliding_window = {m.sliding_window} with parallel.cp = {cfg.parallel.cp}: the context "
-                          "parallel attention (ring and all-to-all) does not apply a window; use parallel.cp = 1")
+        raise ConfigError(
+            f"model.sliding_window = {m.sliding_window} with parallel.cp = {cfg.parallel.cp}: the context "
+            "parallel attention (ring and all-to-all) does not apply a window; use parallel.cp = 1"
+        )
 
 
 def _check_finite(cfg: JobConfig) -> None:
@@ -160,15 +201,19 @@ DEEPSPEED_ONLY = {"zero_stage": 1, "offload_optimizer": "none", "offload_param":
 
 def _check_backend_options(p: ParallelConfig) -> None:
     """A setting of one data-parallel backend given to the other would be silently ignored: refuse it."""
-    other, backend, instead = ((DEEPSPEED_ONLY, "deepspeed", "FSDP2's parallel.fsdp_reshard_after_forward / fsdp_cpu_offload")
-                               if p.dp_backend == "fsdp2" else
-                               (FSDP2_ONLY, "fsdp2", "parallel.zero_stage / offload_optimizer / offload_param, and train.dtype"))
+    other, backend, instead = (
+        (DEEPSPEED_ONLY, "deepspeed", "FSDP2's parallel.fsdp_reshard_after_forward / fsdp_cpu_offload")
+        if p.dp_backend == "fsdp2"
+        else (FSDP2_ONLY, "fsdp2", "parallel.zero_stage / offload_optimizer / offload_param, and train.dtype")
+    )
     changed = [f"parallel.{k} = {getattr(p, k)!r}" for k, default in other.items() if getattr(p, k) != default]
     if changed:
-        raise ConfigError(f"{', '.join(changed)} {'is a setting' if len(changed) == 1 else 'are settings'} of "
-                          f"parallel.dp_backend = '{backend}', which this job does not use (dp_backend = "
-                          f"'{p.dp_backend}'); remove {'it' if len(changed) == 1 else 'them'}, or set "
-                          f"parallel.dp_backend = '{backend}' (with '{p.dp_backend}' use {instead})")
+        raise ConfigError(
+            f"{', '.join(changed)} {'is a setting' if len(changed) == 1 else 'are settings'} of "
+            f"parallel.dp_backend = '{backend}', which this job does not use (dp_backend = "
+            f"'{p.dp_backend}'); remove {'it' if len(changed) == 1 else 'them'}, or set "
+            f"parallel.dp_backend = '{backend}' (with '{p.dp_backend}' use {instead})"
+        )
 
 
 def _check_compile_scope(p: ParallelConfig) -> None:
@@ -176,25 +221,37 @@ def _check_compile_scope(p: ParallelConfig) -> None:
     if p.compile_scope != "model":
         return
     if p.compile == "off":
-        raise ConfigError("parallel.compile_scope = 'model' says what to compile, but parallel.compile = 'off' compiles "
-                          "nothing; set parallel.compile = 'on' (or 'auto': GPU only), or leave compile_scope = 'blocks'")
+        raise ConfigError(
+            "parallel.compile_scope = 'model' says what to compile, but parallel.compile = 'off' compiles "
+            "nothing; set parallel.compile = 'on' (or 'auto': GPU only), or leave compile_scope = 'blocks'"
+        )
     why = None
     if p.pp > 1:
-        why = (f"parallel.pp = {p.pp}: the pipeline schedule runs each stage and the loss itself, so there is no "
-               "whole-model forward to compile")
+        why = (
+            f"parallel.pp = {p.pp}: the pipeline schedule runs each stage and the loss itself, so there is no "
+            "whole-model forward to compile"
+        )
     elif p.dp_backend == "deepspeed":
-        why = ("parallel.dp_backend = 'deepspeed': the step calls the DeepSpeed engine, whose ZeRO hooks and loss "
-               "scaling are its own, not the model (not tested under a compiled loss)")
+        why = (
+            "parallel.dp_backend = 'deepspeed': the step calls the DeepSpeed engine, whose ZeRO hooks and loss "
+            "scaling are its own, not the model (not tested under a compiled loss)"
+        )
     elif p.ep > 1:
-        why = (f"parallel.ep = {p.ep}: the experts' all-to-all inside the compiled forward hangs the ranks (tested: a "
-               "collective timeout in step 1, torch 2.13)")
+        why = (
+            f"parallel.ep = {p.ep}: the experts' all-to-all inside the compiled forward hangs the ranks (tested: a "
+            "collective timeout in step 1, torch 2.13)"
+        )
     elif p.activation_checkpointing != "none":
-        why = (f"parallel.activation_checkpointing = {p.activation_checkpointing!r}: torch's checkpoint hooks on the "
-               "blocks break the whole-model graph at every block and fail in backward under it (tested: recomputed "
-               "tensors differ in metadata, torch 2.13)")
+        why = (
+            f"parallel.activation_checkpointing = {p.activation_checkpointing!r}: torch's checkpoint hooks on the "
+            "blocks break the whole-model graph at every block and fail in backward under it (tested: recomputed "
+            "tensors differ in metadata, torch 2.13)"
+        )
     if why:
-        raise ConfigError(f"parallel.compile_scope = 'model' does not work with {why}; use parallel.compile_scope = "
-                          "'blocks' (each block compiled)")
+        raise ConfigError(
+            f"parallel.compile_scope = 'model' does not work with {why}; use parallel.compile_scope = "
+            "'blocks' (each block compiled)"
+        )
 
 
 def micro_batch_size(t: TrainConfig, dp: int) -> int:

@@ -43,8 +43,10 @@ def parse_denoisers(text: str) -> list[Denoiser]:
         parts = [p.strip() for p in spec.split(":")]
         kind = parts[0]
         if kind not in UL2_KINDS:
-            raise ConfigError(f"{key}: {entry!r} has kind {kind!r}; kinds are "
-                              + ", ".join(f"{k} ({v})" for k, v in UL2_KINDS.items()))
+            raise ConfigError(
+                f"{key}: {entry!r} has kind {kind!r}; kinds are "
+                + ", ".join(f"{k} ({v})" for k, v in UL2_KINDS.items())
+            )
         try:
             weight = float(weight_text) if weight_text.strip() else 1.0
             nums = [float(p) for p in parts[1:]]
@@ -54,19 +56,24 @@ def parse_denoisers(text: str) -> list[Denoiser]:
             raise ConfigError(f"{key}: {entry!r} has weight {weight_text.strip()}; weights must be positive")
         if kind == "S":
             if nums:
-                raise ConfigError(f"{key}: {entry!r}: the S denoiser takes no numbers (write S=WEIGHT); its split "
-                                  "bounds are data.prefix_lm_min and data.prefix_lm_max")
+                raise ConfigError(
+                    f"{key}: {entry!r}: the S denoiser takes no numbers (write S=WEIGHT); its split "
+                    "bounds are data.prefix_lm_min and data.prefix_lm_max"
+                )
             d = Denoiser("S", weight=weight)
         else:
             if len(nums) != 2:
                 raise ConfigError(f"{key}: {entry!r} needs a mean span and a density, e.g. {kind}:3:0.15=1")
             mean_span, density = nums
             if mean_span < 1.0 or not 0.0 < density < 1.0:
-                raise ConfigError(f"{key}: {entry!r} needs mean span >= 1 and density in (0, 1), got "
-                                  f"{mean_span:g} and {density:g}")
+                raise ConfigError(
+                    f"{key}: {entry!r} needs mean span >= 1 and density in (0, 1), got {mean_span:g} and {density:g}"
+                )
             d = Denoiser(kind, mean_span, density, weight)
         if any((o.kind, o.mean_span, o.density) == (d.kind, d.mean_span, d.density) for o in out):
-            raise ConfigError(f"{key}: denoiser {spec.strip()!r} is listed twice; give it one entry with the summed weight")
+            raise ConfigError(
+                f"{key}: denoiser {spec.strip()!r} is listed twice; give it one entry with the summed weight"
+            )
         out.append(d)
     return out
 
@@ -77,7 +84,8 @@ def mode_token_pieces(text: str) -> tuple[str, str, str]:
         return ("<reserved_0>", "<reserved_1>", "<reserved_2>")
     pieces = tuple(p.strip() for p in text.split(","))
     if len(pieces) != 3 or not all(pieces) or len(set(pieces)) != 3:
-        raise ConfigError(f"data.ul2_mode_tokens = {text!r} must be 'reserved' or three distinct comma-separated "
-                          "tokenizer pieces for R, X and S (e.g. '[NLU],[NLG],[S2S]'), or empty for none")
+        raise ConfigError(
+            f"data.ul2_mode_tokens = {text!r} must be 'reserved' or three distinct comma-separated "
+            "tokenizer pieces for R, X and S (e.g. '[NLU],[NLG],[S2S]'), or empty for none"
+        )
     return pieces  # type: ignore[return-value]
-

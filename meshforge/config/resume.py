@@ -45,15 +45,21 @@ REFUSED = {
 """Key -> what changing it would change (said in the refusal)."""
 
 IGNORED = {"checkpoint.init_from": "a resumed run takes its weights from the checkpoint"}
-QUIET = {"train.output_dir", "checkpoint.resume", "checkpoint.resume_from", "train.progress",
-         "parallel.ft_replica_group", "parallel.ft_lighthouse"}
+QUIET = {
+    "train.output_dir",
+    "checkpoint.resume",
+    "checkpoint.resume_from",
+    "train.progress",
+    "parallel.ft_replica_group",
+    "parallel.ft_lighthouse",
+}
 
 APPLIES_NOTES = {
     "train.steps": "the LR schedule is stretched or cut to the new length",
     "optim.lr": "the LR schedule is recomputed with it",
     "optim.schedule": "the LR from the next step on follows it at the current step",
     "parallel.zero_stage": "only under parallel.dp_backend = 'fsdp2', where it is unused; a DeepSpeed checkpoint "
-                           "needs its own stage and world size",
+    "needs its own stage and world size",
 }
 
 

@@ -40,13 +40,15 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
         p = root / f"step_{step:08d}"
         if not p.exists():
             if (root / f"step_{step:08d}.tmp").exists():
-                raise CheckpointError(f"checkpoint {p} is still being written (only {p.name}.tmp exists); "
-                                      "wait for the save to finish")
+                raise CheckpointError(
+                    f"checkpoint {p} is still being written (only {p.name}.tmp exists); wait for the save to finish"
+                )
             have = sorted(q.name for q in root.glob("step_*") if CHECKPOINT_RE.match(q.name))
             raise CheckpointError(f"no checkpoint of step {step} under {root} (have: {', '.join(have) or 'none'})")
     if p.name.endswith(".tmp") or ((p / ".metadata").exists() and not (p / "meta.json").is_file()):
-        raise CheckpointError(f"checkpoint {p} is still being written or was interrupted (no meta.json yet); "
-                              "use a complete checkpoint")
+        raise CheckpointError(
+            f"checkpoint {p} is still being written or was interrupted (no meta.json yet); use a complete checkpoint"
+        )
     if (p / "meta.json").is_file() and (p / ".metadata").is_file():
         return p  # a step_N checkpoint, or an init dir written by `convert import` / `convert grow`
     return find_checkpoint(p)
@@ -64,8 +66,10 @@ class CheckpointReader:
         with unreadable(self.path, "--checkpoint DIR"):
             md = FileSystemReader(str(self.path)).read_metadata()
         self.entries: dict[str, TensorStorageMetadata] = {
-            k[len(PREFIX):]: v for k, v in md.state_dict_metadata.items()
-            if k.startswith(PREFIX) and isinstance(v, TensorStorageMetadata)}
+            k[len(PREFIX) :]: v
+            for k, v in md.state_dict_metadata.items()
+            if k.startswith(PREFIX) and isinstance(v, TensorStorageMetadata)
+        }
         if not self.entries:
             raise CheckpointError(f"checkpoint {self.path} holds no model weights")
 
@@ -101,5 +105,6 @@ class CheckpointReader:
         if p.get("dp_backend") == "deepspeed":
             return f"DeepSpeed ZeRO-{p.get('zero_stage')} on {world} rank(s)"
         parts = [f"{k}={p[k]}" for k in ("pp", "tp", "ep", "dp_replicate") if p.get(k, 1) > 1]
-        return f"{world} rank(s)" + (f" ({', '.join(parts)}, rest FSDP2)" if parts else
-                                     (" (FSDP2)" if world > 1 else " (single process)"))
+        return f"{world} rank(s)" + (
+            f" ({', '.join(parts)}, rest FSDP2)" if parts else (" (FSDP2)" if world > 1 else " (single process)")
+        )

@@ -59,8 +59,14 @@ def staged_output(output: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = None, dtype: str = "fp32",
-              max_shard_mb: int = DEFAULT_SHARD_MB, log=print) -> Path:
+def export_hf(
+    checkpoint: str | Path,
+    output: str | Path,
+    step: int | None = None,
+    dtype: str = "fp32",
+    max_shard_mb: int = DEFAULT_SHARD_MB,
+    log=print,
+) -> Path:
     """Write the HF model directory ``output`` from ``checkpoint``; returns ``output``."""
     output = Path(output)
     if dtype not in EXPORT_DTYPES:
@@ -76,13 +82,20 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
     config.dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     missing = sorted({ours for _, ours, _ in mapping if ours not in reader.entries})
     if missing:
-        raise ConvertError(f"checkpoint {reader.path} lacks {len(missing)} weight(s) its config needs, e.g. {missing[0]}")
+        raise ConvertError(
+            f"checkpoint {reader.path} lacks {len(missing)} weight(s) its config needs, e.g. {missing[0]}"
+        )
     if tok is not None:
         check_vocab(tok, m.vocab_size)
     target = EXPORT_DTYPES[dtype]
-    planned = [PlannedTensor(hf, reader.shape(ours)[1:] if e is not None else reader.shape(ours),
-                             target if reader.dtype(ours).is_floating_point and ours not in keep else reader.dtype(ours))
-               for hf, ours, e in mapping]
+    planned = [
+        PlannedTensor(
+            hf,
+            reader.shape(ours)[1:] if e is not None else reader.shape(ours),
+            target if reader.dtype(ours).is_floating_point and ours not in keep else reader.dtype(ours),
+        )
+        for hf, ours, e in mapping
+    ]
     shards = plan_shards(planned, max_shard_mb * 2**20)
     names = shard_names(len(shards))
     by_hf = {hf: (ours, e) for hf, ours, e in mapping}
@@ -107,8 +120,12 @@ def export_hf(checkpoint: str | Path, output: str | Path, step: int | None = Non
             write_tokenizer(tok, tmp, seq2seq=family.SEQ2SEQ)
         else:
             log(f"note: checkpoint {reader.path} has no tokenizer; the export has no tokenizer")
-        (tmp / "meshforge_export.json").write_text(json.dumps(
-            {"checkpoint": str(reader.path), "step": reader.step, "layout": reader.layout(), "dtype": dtype}, indent=1))
+        (tmp / "meshforge_export.json").write_text(
+            json.dumps(
+                {"checkpoint": str(reader.path), "step": reader.step, "layout": reader.layout(), "dtype": dtype},
+                indent=1,
+            )
+        )
     log(f"exported {reader.path} (step {reader.step}, {reader.layout()}) as {config.architectures[0]} to {output}")
     return output
 

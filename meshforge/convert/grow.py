@@ -34,8 +34,9 @@ def grown_name(name: str, n_layers: int, copy: int) -> str:
     return name if m is None else f"layers.{int(m.group(1)) + copy * n_layers}.{m.group(2)}"
 
 
-def grow_checkpoint(checkpoint: str | Path, output: str | Path, depth_factor: int, step: int | None = None,
-                    log=print) -> Path:
+def grow_checkpoint(
+    checkpoint: str | Path, output: str | Path, depth_factor: int, step: int | None = None, log=print
+) -> Path:
     output = Path(output)
     check_output_dir(output)
     if depth_factor < 2:
@@ -45,8 +46,10 @@ def grow_checkpoint(checkpoint: str | Path, output: str | Path, depth_factor: in
     if not family_spec(m.family).supports_grow:
         raise ConvertError(f"grow stacks decoder layers; model.family = {m.family!r} is not supported")
     if m.moe_experts and m.moe_dense_layers:
-        raise ConvertError(f"grow cannot stack an MoE decoder with dense first layers (model.moe_dense_layers = "
-                           f"{m.moe_dense_layers}): they would sit in the middle of the grown stack")
+        raise ConvertError(
+            f"grow cannot stack an MoE decoder with dense first layers (model.moe_dense_layers = "
+            f"{m.moe_dense_layers}): they would sit in the middle of the grown stack"
+        )
     source = reader.load(sorted(reader.entries))
     state = {}
     for copy in range(depth_factor):
@@ -60,8 +63,15 @@ def grow_checkpoint(checkpoint: str | Path, output: str | Path, depth_factor: in
         cfg.data = dataclasses.replace(cfg.data, tokenizer=str(output.resolve() / tok.main_file))
     validate(cfg)
     check_config(cfg)
-    write_init_checkpoint(output, cfg, state, {"source": {"grown_from": str(reader.path), "step": reader.step,
-                                                         "depth_factor": depth_factor}}, tok)
-    log(f"grew {reader.path} ({m.n_layers} layers, step {reader.step}) x{depth_factor} into {output} "
-        f"({cfg.model.n_layers} layers); train from it with `meshforge train --config {output}/model.toml ...`")
+    write_init_checkpoint(
+        output,
+        cfg,
+        state,
+        {"source": {"grown_from": str(reader.path), "step": reader.step, "depth_factor": depth_factor}},
+        tok,
+    )
+    log(
+        f"grew {reader.path} ({m.n_layers} layers, step {reader.step}) x{depth_factor} into {output} "
+        f"({cfg.model.n_layers} layers); train from it with `meshforge train --config {output}/model.toml ...`"
+    )
     return output

@@ -19,7 +19,8 @@ import torch
 from .safetensors_io import ConvertError
 
 SIZE_KEYS = (
-    ("q_norm", ("num_attention_heads", "head_dim")), ("k_norm", ("num_key_value_heads", "head_dim")),
+    ("q_norm", ("num_attention_heads", "head_dim")),
+    ("k_norm", ("num_key_value_heads", "head_dim")),
     ("q_proj", ("num_attention_heads", "head_dim", "hidden_size")),
     ("k_proj", ("num_key_value_heads", "head_dim", "hidden_size")),
     ("v_proj", ("num_key_value_heads", "head_dim", "hidden_size")),
@@ -28,9 +29,12 @@ SIZE_KEYS = (
     ("mlp.gate.", ("num_experts", "n_routed_experts", "hidden_size")),
     ("block_sparse_moe.gate.", ("num_local_experts", "hidden_size")),
     ("mlp", ("intermediate_size", "hidden_size")),
-    ("embed_tokens", ("vocab_size", "hidden_size")), ("lm_head", ("vocab_size", "hidden_size", "d_model")),
-    ("shared", ("vocab_size", "d_model")), ("relative_attention_bias", ("relative_attention_num_buckets", "num_heads")),
-    ("Attention", ("num_heads", "d_kv", "d_model")), ("DenseReluDense", ("d_ff", "d_model")),
+    ("embed_tokens", ("vocab_size", "hidden_size")),
+    ("lm_head", ("vocab_size", "hidden_size", "d_model")),
+    ("shared", ("vocab_size", "d_model")),
+    ("relative_attention_bias", ("relative_attention_num_buckets", "num_heads")),
+    ("Attention", ("num_heads", "d_kv", "d_model")),
+    ("DenseReluDense", ("d_ff", "d_model")),
     ("norm", ("hidden_size", "d_model")),
 )
 """HF tensor name fragment -> the config keys its shape comes from (the first fragment found wins)."""
@@ -57,8 +61,10 @@ def check_safetensors_files(files) -> dict[str, list[int]]:
         header = files.header(fname)
         listed = [k for k, f in files.weight_map.items() if f == fname and k not in header]
         if listed:
-            raise ConvertError(f"{files.dir / fname} lacks {listed[0]}, which model.safetensors.index.json puts there; "
-                               "re-download the model")
+            raise ConvertError(
+                f"{files.dir / fname} lacks {listed[0]}, which model.safetensors.index.json puts there; "
+                "re-download the model"
+            )
         shapes.update({k: v["shape"] for k, v in header.items()})
     return shapes
 
@@ -69,8 +75,11 @@ def _keys_of(hf_name: str, hf_config, raw: dict) -> str:
     for k in keys:
         if not hasattr(hf_config, k):
             continue
-        said.append(f"{k} = {getattr(hf_config, k)}" if k in raw else
-                    f"{k} (not in config.json; transformers' default {getattr(hf_config, k)} was used)")
+        said.append(
+            f"{k} = {getattr(hf_config, k)}"
+            if k in raw
+            else f"{k} (not in config.json; transformers' default {getattr(hf_config, k)} was used)"
+        )
     return ", ".join(said) or "its sizes"
 
 
@@ -85,8 +94,10 @@ def check_shapes(directory: Path, hf_config, raw: dict, m, pairs, shapes: dict[s
         want = ours[name][1:] if e is not None else ours[name]
         have = shapes.get(hf_name)
         if have is not None and have != want:
-            raise ConvertError(f"{hf_name} in {directory} has shape {have}, but config.json makes it {want} "
-                               f"({_keys_of(hf_name, hf_config, raw)}); fix config.json to match the weights")
+            raise ConvertError(
+                f"{hf_name} in {directory} has shape {have}, but config.json makes it {want} "
+                f"({_keys_of(hf_name, hf_config, raw)}); fix config.json to match the weights"
+            )
 
 
 __all__ = ["check_safetensors_files", "check_shapes", "read_config_json"]

@@ -67,26 +67,38 @@ def name_map(m: ModelConfig, family: Family) -> list[tuple[str, str, int | None]
         if post:
             out.append((f"{h}.post_feedforward_layernorm.weight", f"{g}.ffn_norm.weight", None))
         if m.is_moe_layer(i) and family is GLM4_MOE:
-            out += [(f"{h}.mlp.gate.weight", f"{g}.feed_forward.router.weight", None),
-                    (f"{h}.mlp.gate.e_score_correction_bias", f"{g}.feed_forward.route_bias", None)]
+            out += [
+                (f"{h}.mlp.gate.weight", f"{g}.feed_forward.router.weight", None),
+                (f"{h}.mlp.gate.e_score_correction_bias", f"{g}.feed_forward.route_bias", None),
+            ]
             for e in range(m.moe_experts):
-                out += [(f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)
-                        for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
-            out += [(f"{h}.mlp.shared_experts.{p}.weight", f"{g}.feed_forward.shared.{w}.weight", None)
-                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+                out += [
+                    (f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)
+                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+                ]
+            out += [
+                (f"{h}.mlp.shared_experts.{p}.weight", f"{g}.feed_forward.shared.{w}.weight", None)
+                for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+            ]
         elif m.is_moe_layer(i) and family is QWEN3_MOE:
             out.append((f"{h}.mlp.gate.weight", f"{g}.feed_forward.router.weight", None))
             for e in range(m.moe_experts):
-                out += [(f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)
-                        for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+                out += [
+                    (f"{h}.mlp.experts.{e}.{p}.weight", f"{g}.feed_forward.experts.{w}", e)
+                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+                ]
         elif m.is_moe_layer(i):
             out.append((f"{h}.block_sparse_moe.gate.weight", f"{g}.feed_forward.router.weight", None))
             for e in range(m.moe_experts):
-                out += [(f"{h}.block_sparse_moe.experts.{e}.{w}.weight", f"{g}.feed_forward.experts.{w}", e)
-                        for w in ("w1", "w2", "w3")]
+                out += [
+                    (f"{h}.block_sparse_moe.experts.{e}.{w}.weight", f"{g}.feed_forward.experts.{w}", e)
+                    for w in ("w1", "w2", "w3")
+                ]
         else:
-            out += [(f"{h}.mlp.{p}.weight", f"{g}.feed_forward.{w}.weight", None)
-                    for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+            out += [
+                (f"{h}.mlp.{p}.weight", f"{g}.feed_forward.{w}.weight", None)
+                for p, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+            ]
     out.append(("model.norm.weight", "norm.weight", None))
     if not m.tie_embeddings:
         out.append(("lm_head.weight", "output.weight", None))
@@ -119,10 +131,14 @@ def export_plan(m: ModelConfig, token_ids: dict[str, int], dtype: str, reader) -
     config = hf_config(m, family, token_ids, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
     mapping = name_map(m, family)
     mapped = {ours for _, ours, _ in mapping}
-    nonzero = [n for n in routing_biases(m) if n not in mapped and n in reader.entries and reader.get(n).abs().max() > 0]
+    nonzero = [
+        n for n in routing_biases(m) if n not in mapped and n in reader.entries and reader.get(n).abs().max() > 0
+    ]
     if nonzero:
-        raise ConvertError(f"cannot export to Hugging Face: the routing bias {nonzero[0]} is not zero (aux-loss-free "
-                           "balancing); HF MoE classes have no routing bias")
+        raise ConvertError(
+            f"cannot export to Hugging Face: the routing bias {nonzero[0]} is not zero (aux-loss-free "
+            "balancing); HF MoE classes have no routing bias"
+        )
     return config, mapping, set(routing_biases(m))  # HF keeps the routing biases fp32
 
 
@@ -143,10 +159,12 @@ def import_state(files, m: ModelConfig, pairs) -> dict:
     """Our state dict from the HF tensors ``files`` (experts stacked, zero routing biases)."""
     import torch
 
-    if m.tie_embeddings and "lm_head.weight" in files and not torch.equal(
-            files.get("lm_head.weight"), files.get("model.embed_tokens.weight")):
-        raise ConvertError("config.json ties the embeddings but lm_head.weight differs from "
-                           "model.embed_tokens.weight")
+    if (
+        m.tie_embeddings
+        and "lm_head.weight" in files
+        and not torch.equal(files.get("lm_head.weight"), files.get("model.embed_tokens.weight"))
+    ):
+        raise ConvertError("config.json ties the embeddings but lm_head.weight differs from model.embed_tokens.weight")
     state: dict = {}
     experts: dict[str, dict[int, object]] = {}
     for hf_name, ours, e in pairs:

@@ -36,12 +36,17 @@ def token_ids(tok: Tokenizer | None, imported: dict | None = None) -> dict[str, 
 
 def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
     if tok.vocab_size > vocab_size:
-        raise ConvertError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {vocab_size}: "
-                           "the checkpoint and its tokenizer do not belong together")
+        raise ConvertError(
+            f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocab_size is {vocab_size}: "
+            "the checkpoint and its tokenizer do not belong together"
+        )
 
 
-SAMPLES = ("ROMEO: What light through  yonder window breaks?\n\n 12 e\u0301\t\U0001F600", " lead",
-           "Ünïcödé 日本語 🦜🚀    \n\n\t\t  3.14159 1234567 x")
+SAMPLES = (
+    "ROMEO: What light through  yonder window breaks?\n\n 12 e\u0301\t\U0001f600",
+    " lead",
+    "Ünïcödé 日本語 🦜🚀    \n\n\t\t  3.14159 1234567 x",
+)
 """Texts an exported tokenizer must encode as ours does: unicode, emoji, whitespace runs, digits."""
 
 
@@ -75,8 +80,10 @@ def _check_encodes_alike(out: Path, tok: Tokenizer, what: str) -> None:
     hf = AutoTokenizer.from_pretrained(str(out))
     for sample in SAMPLES:
         if hf.encode(sample, add_special_tokens=False) != tok.encode(sample):
-            raise ConvertError(f"transformers encodes text differently from {what} {tok.path}; "
-                               "the tokenizer cannot be exported faithfully")
+            raise ConvertError(
+                f"transformers encodes text differently from {what} {tok.path}; "
+                "the tokenizer cannot be exported faithfully"
+            )
 
 
 def write_hf_tokenizer(tok: Tokenizer, out: Path, seq2seq: bool = False) -> None:
@@ -99,20 +106,30 @@ def write_hf_tokenizer(tok: Tokenizer, out: Path, seq2seq: bool = False) -> None
     specials = _specials(tok, ("eos", "unk", "pad"))
     if unigram:  # transformers' T5 tokenizer rebuilds T5's own pipeline on load: ship a plain tokenizer.json
         shutil.copyfile(tokenizer_file, out / "spiece.model")
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "legacy": False, **specials}))
+        (out / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "legacy": False, **specials})
+        )
         AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(out))
         _fix_unigram_json(out / "tokenizer.json", tok.unk_id, keep_eos=seq2seq)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials}
     else:
         shutil.copyfile(tokenizer_file, out / "tokenizer.model")
-        config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
-                  "add_bos_token": False, "add_eos_token": False, **_specials(tok, ("bos",)), **specials}
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "legacy": False,
+            "add_prefix_space": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            **_specials(tok, ("bos",)),
+            **specials,
+        }
     config["model_max_length"] = 10**30
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if not unigram:
         AutoTokenizer.from_pretrained(str(out)).save_pretrained(str(out))
-        if proto.normalizer_spec.add_dummy_prefix:  # Llama 2's models put a space before every text, as sentencepiece does
+        if (
+            proto.normalizer_spec.add_dummy_prefix
+        ):  # Llama 2's models put a space before every text, as sentencepiece does
             _fix_dummy_prefix_json(out / "tokenizer.json")
             config["tokenizer_class"] = "PreTrainedTokenizerFast"  # load tokenizer.json as it is
             (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -128,13 +145,28 @@ def _specials(tok: Tokenizer, roles: tuple[str, ...]) -> dict[str, str]:
 def _fix_dummy_prefix_json(path: Path) -> None:
     """sentencepiece's dummy prefix: "▁" before the text always (HF's Metaspace skips it before a space)."""
     spec = json.loads(path.read_text())
-    spec["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
-    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": "\u2581"}, "behavior": "MergedWithNext",
-                             "invert": False}
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"},
-        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
+    spec["pre_tokenizer"] = {
+        "type": "Split",
+        "pattern": {"String": "\u2581"},
+        "behavior": "MergedWithNext",
+        "invert": False,
+    }
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
     path.write_text(json.dumps(spec, ensure_ascii=False))
 
 
@@ -142,10 +174,20 @@ def _fix_unigram_json(path: Path, unk_id: int, keep_eos: bool) -> None:
     spec = json.loads(path.read_text())
     spec["model"].update(byte_fallback=True, unk_id=unk_id)
     spec["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
-    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"String": "\u2581"}, "behavior": "MergedWithNext",
-                             "invert": False}
-    spec["decoder"] = {"type": "Sequence", "decoders": [
-        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]}
+    spec["pre_tokenizer"] = {
+        "type": "Split",
+        "pattern": {"String": "\u2581"},
+        "behavior": "MergedWithNext",
+        "invert": False,
+    }
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ],
+    }
     if not keep_eos:
         spec["post_processor"] = None
     path.write_text(json.dumps(spec, ensure_ascii=False))

@@ -48,8 +48,10 @@ def read_hf_config(directory: Path, raw: dict | None = None):
     arch = (raw.get("architectures") or [""])[0]
     known = known_architectures()
     if arch not in known:
-        raise ConvertError(f"unknown Hugging Face architecture {arch!r} in {Path(directory) / 'config.json'}; "
-                           f"supported: {', '.join(known)}")
+        raise ConvertError(
+            f"unknown Hugging Face architecture {arch!r} in {Path(directory) / 'config.json'}; "
+            f"supported: {', '.join(known)}"
+        )
     from transformers import AutoConfig
 
     try:
@@ -88,8 +90,10 @@ def import_checks(directory: Path, raw: dict | None = None, files: SafetensorsDi
         raise ConvertError(f"{directory} lacks {len(absent)} tensor(s) its config needs, e.g. {sorted(absent)[0]}")
     unexpected = sorted(k for k in files.keys() if k not in needed and k not in extra_ok and not k.endswith(IGNORED_HF))
     if unexpected:
-        raise ConvertError(f"{directory} has tensors meshforge's {hf.architectures[0]} mapping does not know, e.g. "
-                           f"{unexpected[0]}; refusing to drop them")
+        raise ConvertError(
+            f"{directory} has tensors meshforge's {hf.architectures[0]} mapping does not know, e.g. "
+            f"{unexpected[0]}; refusing to drop them"
+        )
     rows = shapes[emb][0]
     if rows != m.vocab_size:
         raise ConvertError(f"{emb} has {rows} rows but config.json says vocab_size = {m.vocab_size}")
@@ -150,8 +154,13 @@ def preset_toml(cfg: JobConfig, home: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.Tensor], extra_meta: dict,
-                          tokenizer: Tokenizer | Path | None = None) -> Path:
+def write_init_checkpoint(
+    output: Path,
+    cfg: JobConfig,
+    state: dict[str, torch.Tensor],
+    extra_meta: dict,
+    tokenizer: Tokenizer | Path | None = None,
+) -> Path:
     """A step-0 DCP checkpoint of ``state`` plus meta.json, model.toml and the tokenizer (its files), atomically."""
     output = Path(output)
     check_output_dir(output)
@@ -160,8 +169,13 @@ def write_init_checkpoint(output: Path, cfg: JobConfig, state: dict[str, torch.T
         if tokenizer is not None:
             (tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)).save(tmp)
         (tmp / "model.toml").write_text(preset_toml(cfg, output))
-        meta = {"step": 0, "config": config_to_dict(cfg), "world_size": 1, **extra_meta,
-                "files": file_records(tmp)}  # checked by train, generate and export, as a training checkpoint's
+        meta = {
+            "step": 0,
+            "config": config_to_dict(cfg),
+            "world_size": 1,
+            **extra_meta,
+            "files": file_records(tmp),
+        }  # checked by train, generate and export, as a training checkpoint's
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return output
 
@@ -179,7 +193,9 @@ def import_hf(hf_dir: str | Path, output: str | Path, log=print) -> Path:
     ids = {k: getattr(found.hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     write_init_checkpoint(output, cfg, state, {"source": {"hf_dir": str(hf_dir.resolve())}, "hf_token_ids": ids}, tok)
     n_params = sum(t.numel() for k, t in state.items() if not (m.tie_embeddings and k == "output.weight"))
-    log(f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "
+    log(
+        f"imported {hf_dir} ({n_params:,} parameters) to {output}; train from it with "
         f"`meshforge train --config {output}/model.toml --data.path ...`"
-        + ("" if tok else " (the HF dir has no tokenizer.json or tokenizer.model: pass --data.tokenizer)"))
+        + ("" if tok else " (the HF dir has no tokenizer.json or tokenizer.model: pass --data.tokenizer)")
+    )
     return output

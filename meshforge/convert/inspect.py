@@ -34,11 +34,13 @@ def inspect_hf(directory: Path) -> str:
         importable = f"yes, as {_architecture(import_checks(directory, cfg, files).model)}"
     except ConvertError as e:
         importable = f"no: {e}"
-    lines = [f"Hugging Face model directory {directory}",
-             f"  architecture: {(cfg.get('architectures') or ['?'])[0]} (model_type {cfg.get('model_type')})",
-             f"  parameters:   {n:,} in {len(entries)} tensors, {len(shards)} shard(s)",
-             f"  dtype:        {dtypes}",
-             f"  importable:   {importable}"]
+    lines = [
+        f"Hugging Face model directory {directory}",
+        f"  architecture: {(cfg.get('architectures') or ['?'])[0]} (model_type {cfg.get('model_type')})",
+        f"  parameters:   {n:,} in {len(entries)} tensors, {len(shards)} shard(s)",
+        f"  dtype:        {dtypes}",
+        f"  importable:   {importable}",
+    ]
     export = directory / "meshforge_export.json"
     if export.is_file():
         e = json.loads(export.read_text())
@@ -51,17 +53,23 @@ def _architecture(m) -> str:
     from ..models import family_spec
 
     second_stack = family_spec(m.family).pipeline_blocks(m)[0] - m.n_layers  # an encoder-decoder's decoder layers
-    options = [f"head_size {m.head_size}" if m.head_size else "",
-               f"MoE {m.moe_experts} experts top-{m.moe_top_k}" if m.moe_experts else "",
-               ("qk-norm" + (" over the projection" if m.qk_norm_scope == "projection" else "")) if m.qk_norm else "",
-               "q/k/v bias" if m.qkv_bias else "", "post-norm blocks" if m.norm_placement == "post" else "",
-               f"RoPE scaling {m.rope_scaling} x{m.rope_factor:g}" if m.rope_scaling != "none" else "",
-               f"partial rotary {m.rope_fraction:g}" if m.rope_fraction != 1.0 else "",
-               f"sliding window {m.sliding_window}" if m.sliding_window else "",
-               "tied embeddings" if m.tie_embeddings else ""]
-    return (f"{m.family}: {m.n_layers} layers" + (f" + {second_stack} decoder layers" if second_stack else "")
-            + f", dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), ffn {m.hidden_dim}, vocab {m.vocab_size}"
-            + "".join(f", {o}" for o in options if o))
+    options = [
+        f"head_size {m.head_size}" if m.head_size else "",
+        f"MoE {m.moe_experts} experts top-{m.moe_top_k}" if m.moe_experts else "",
+        ("qk-norm" + (" over the projection" if m.qk_norm_scope == "projection" else "")) if m.qk_norm else "",
+        "q/k/v bias" if m.qkv_bias else "",
+        "post-norm blocks" if m.norm_placement == "post" else "",
+        f"RoPE scaling {m.rope_scaling} x{m.rope_factor:g}" if m.rope_scaling != "none" else "",
+        f"partial rotary {m.rope_fraction:g}" if m.rope_fraction != 1.0 else "",
+        f"sliding window {m.sliding_window}" if m.sliding_window else "",
+        "tied embeddings" if m.tie_embeddings else "",
+    ]
+    return (
+        f"{m.family}: {m.n_layers} layers"
+        + (f" + {second_stack} decoder layers" if second_stack else "")
+        + f", dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), ffn {m.hidden_dim}, vocab {m.vocab_size}"
+        + "".join(f", {o}" for o in options if o)
+    )
 
 
 def inspect_checkpoint(path: Path) -> str:
@@ -78,15 +86,17 @@ def inspect_checkpoint(path: Path) -> str:
     except ConvertError as e:
         hf = f"none ({e})"
     source = reader.meta.get("source")
-    return "\n".join([
-        f"meshforge checkpoint {reader.path}",
-        f"  architecture: {_architecture(m)}",
-        f"  parameters:   {n:,}",
-        f"  dtype:        {dtypes}",
-        f"  step:         {reader.step}",
-        f"  layout:       {reader.layout()}" + (f"; made by convert from {_source(source)}" if source else ""),
-        f"  exports to:   {hf}",
-    ])
+    return "\n".join(
+        [
+            f"meshforge checkpoint {reader.path}",
+            f"  architecture: {_architecture(m)}",
+            f"  parameters:   {n:,}",
+            f"  dtype:        {dtypes}",
+            f"  step:         {reader.step}",
+            f"  layout:       {reader.layout()}" + (f"; made by convert from {_source(source)}" if source else ""),
+            f"  exports to:   {hf}",
+        ]
+    )
 
 
 def _source(source) -> str:

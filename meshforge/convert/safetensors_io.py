@@ -23,8 +23,17 @@ import torch
 
 from ..errors import MeshforgeError
 
-DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-          torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL"}
+DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.bool: "BOOL",
+}
 """torch dtype -> safetensors dtype name."""
 
 
@@ -71,7 +80,11 @@ class ShardWriter:
         header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for t in plan:
-            header[t.name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {
+                "dtype": DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
             offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -91,7 +104,7 @@ class ShardWriter:
 
     def close(self) -> None:
         if self._next != len(self._plan):
-            missing = [t.name for t in self._plan[self._next:]]
+            missing = [t.name for t in self._plan[self._next :]]
             raise RuntimeError(f"shard closed before tensors {missing[:3]} were written")
         self._file.flush()
         self._file.close()
@@ -148,17 +161,22 @@ class SafetensorsDir:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 assert isinstance(weight_map, dict)
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                raise ConvertError(f"{index} is not a safetensors index (JSON with a weight_map); re-download "
-                                   "it") from None
+                raise ConvertError(
+                    f"{index} is not a safetensors index (JSON with a weight_map); re-download it"
+                ) from None
         elif (self.dir / "model.safetensors").is_file():
             weight_map = {k: "model.safetensors" for k in self.header("model.safetensors")}
         else:
-            raise ConvertError(f"{self.dir} holds no model.safetensors nor model.safetensors.index.json "
-                               "(only safetensors weights are read; re-save the model with save_pretrained)")
+            raise ConvertError(
+                f"{self.dir} holds no model.safetensors nor model.safetensors.index.json "
+                "(only safetensors weights are read; re-save the model with save_pretrained)"
+            )
         missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
         if missing:
-            raise ConvertError(f"{self.dir}: shard(s) {', '.join(missing)} listed in model.safetensors.index.json "
-                               "are missing; copy the complete model directory")
+            raise ConvertError(
+                f"{self.dir}: shard(s) {', '.join(missing)} listed in model.safetensors.index.json "
+                "are missing; copy the complete model directory"
+            )
         self.weight_map: dict[str, str] = weight_map
         self._open: dict[str, object] = {}
 

@@ -56,10 +56,12 @@ def parse_blend(spec: str) -> list[tuple[float, str]]:
         except ValueError:
             w = float("nan")
         if not sep or not path or not math.isfinite(w) or w < 0:
-            raise DataError(f"data.blend item {part!r} is not WEIGHT:PATH with a weight >= 0, e.g. \"0.7:data/web,0.3:data/books\"")
+            raise DataError(
+                f'data.blend item {part!r} is not WEIGHT:PATH with a weight >= 0, e.g. "0.7:data/web,0.3:data/books"'
+            )
         items.append((w, path.strip()))
     if not items:
-        raise DataError(f"data.blend {spec!r} names no datasets: use \"WEIGHT:PATH,WEIGHT:PATH\"")
+        raise DataError(f'data.blend {spec!r} names no datasets: use "WEIGHT:PATH,WEIGHT:PATH"')
     paths = [p for _, p in items]
     if len(set(paths)) != len(paths):
         raise DataError(f"data.blend {spec!r} names a dataset twice: merge its weights into one item")
@@ -179,13 +181,21 @@ class _Segment:
     offsets: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"start": self.start, "sources": list(self.sources), "weights": list(self.weights),
-                "offsets": {k: int(v) for k, v in self.offsets.items()}}
+        return {
+            "start": self.start,
+            "sources": list(self.sources),
+            "weights": list(self.weights),
+            "offsets": {k: int(v) for k, v in self.offsets.items()},
+        }
 
     @staticmethod
     def from_dict(d: dict) -> "_Segment":
-        return _Segment(int(d["start"]), list(d["sources"]), [float(w) for w in d["weights"]],
-                        {k: int(v) for k, v in d.get("offsets", {}).items()})
+        return _Segment(
+            int(d["start"]),
+            list(d["sources"]),
+            [float(w) for w in d["weights"]],
+            {k: int(v) for k, v in d.get("offsets", {}).items()},
+        )
 
 
 class BlendedDataset:

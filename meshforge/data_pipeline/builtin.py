@@ -94,8 +94,16 @@ def ensure_builtin(name: str, cache_dir: str | Path, vocab_size: int, progress: 
                     special_tokens=settings["special_tokens"],
                 )
                 # one process prepares it (under the lock), whatever launcher variables say about ranks
-                prepare_data([str(BUILTIN_CORPORA[name])], str(model), str(out), workers=1,
-                             append_eos=settings["append_eos"], progress=progress, node_rank=0, num_nodes=1)
+                prepare_data(
+                    [str(BUILTIN_CORPORA[name])],
+                    str(model),
+                    str(out),
+                    workers=1,
+                    append_eos=settings["append_eos"],
+                    progress=progress,
+                    node_rank=0,
+                    num_nodes=1,
+                )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         finally:
@@ -106,5 +114,5 @@ def ensure_builtin(name: str, cache_dir: str | Path, vocab_size: int, progress: 
 def resolve_data_path(path: str, cache_dir: str = "", builtin_vocab_size: int = 2048, progress: bool = True) -> Path:
     """A data dir for ``data.path``: ``builtin:<name>`` is prepared on first use, anything else as is."""
     if path.startswith(BUILTIN_PREFIX):
-        return ensure_builtin(path[len(BUILTIN_PREFIX):], resolve_cache_dir(cache_dir), builtin_vocab_size, progress)
+        return ensure_builtin(path[len(BUILTIN_PREFIX) :], resolve_cache_dir(cache_dir), builtin_vocab_size, progress)
     return Path(path)

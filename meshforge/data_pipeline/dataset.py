@@ -151,8 +151,9 @@ class TokenDataset:
                 self._fill(out[r], None if segments is None else segments[r], order, offsets, start, d)
         return out if segments is None else (out, segments)
 
-    def _fill(self, row: np.ndarray, segments: np.ndarray | None, order: np.ndarray, offsets: np.ndarray,
-              start: int, d: int) -> None:
+    def _fill(
+        self, row: np.ndarray, segments: np.ndarray | None, order: np.ndarray, offsets: np.ndarray, start: int, d: int
+    ) -> None:
         """Copy stream positions ``[start, start + len(row))`` of the epoch's document order into ``row``;
         ``d`` is the ordered document holding ``start``."""
         end = start + len(row)

@@ -69,7 +69,9 @@ class IndexedShardWriter:
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
-            raise DataError(f"token dtype {self.dtype} cannot be stored: use one of {sorted(str(np.dtype(d)) for d in DTYPE_CODES.values())}")
+            raise DataError(
+                f"token dtype {self.dtype} cannot be stored: use one of {sorted(str(np.dtype(d)) for d in DTYPE_CODES.values())}"
+            )
         self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
         self._bin_tmp = Path(f"{bin_path(prefix)}.tmp")
         self._idx_tmp = Path(f"{idx_path(prefix)}.tmp")
@@ -161,8 +163,10 @@ class IndexedShard:
         with open(ip, "rb") as f:
             head = f.read(HEADER_SIZE)
         if len(head) < HEADER_SIZE or head[: len(MAGIC)] != MAGIC:
-            raise DataError(f"{ip} is not a Megatron indexed-dataset index (bad magic): the file is corrupt, re-run data preparation")
-        version, code, n_seq, n_doc_idx = struct.unpack("<QBQQ", head[len(MAGIC):])
+            raise DataError(
+                f"{ip} is not a Megatron indexed-dataset index (bad magic): the file is corrupt, re-run data preparation"
+            )
+        version, code, n_seq, n_doc_idx = struct.unpack("<QBQQ", head[len(MAGIC) :])
         if version != VERSION:
             raise DataError(f"{ip} has index version {version}, only {VERSION} is supported: re-run data preparation")
         if code not in DTYPE_CODES:
@@ -202,7 +206,9 @@ class IndexedShard:
             raise DataError(f"{ip} has negative sequence lengths: the file is corrupt")
         di = self.document_indices
         if di[0] != 0 or di[-1] != n_seq or (len(di) > 1 and np.any(np.diff(di) < 0)):
-            raise DataError(f"{ip} has an inconsistent document index (must rise from 0 to {n_seq}): the file is corrupt")
+            raise DataError(
+                f"{ip} has an inconsistent document index (must rise from 0 to {n_seq}): the file is corrupt"
+            )
         if n_seq:
             expect = np.zeros(n_seq, dtype=np.int64)
             np.cumsum(self.lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=expect[1:])

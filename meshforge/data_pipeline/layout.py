@@ -44,7 +44,6 @@ WORK_DIR = ".prepare"
 PLAN_FILE = "plan.json"
 
 
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
@@ -73,6 +72,11 @@ def slice_done(work: Path, i: int, plan_hash: str) -> dict | None:
         return None
     for s in m["shards"]:
         bp, ip = work / f"{s['prefix']}.bin", work / f"{s['prefix']}.idx"
-        if not (bp.is_file() and ip.is_file() and bp.stat().st_size == s["bin_bytes"] and ip.stat().st_size == s["idx_bytes"]):
+        if not (
+            bp.is_file()
+            and ip.is_file()
+            and bp.stat().st_size == s["bin_bytes"]
+            and ip.stat().st_size == s["idx_bytes"]
+        ):
             return None
     return m

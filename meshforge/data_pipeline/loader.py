@@ -33,8 +33,17 @@ class DistributedLoader:
     batches or :meth:`state_dict` (which counts only batches returned).
     """
 
-    def __init__(self, dataset, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1, prefetch: int = 2,
-                 vocab_size: int = 0, locate: Callable[[int], str] | None = None, workers: int = 1):
+    def __init__(
+        self,
+        dataset,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        prefetch: int = 2,
+        vocab_size: int = 0,
+        locate: Callable[[int], str] | None = None,
+        workers: int = 1,
+    ):
         if global_batch_size < 1:
             raise DataError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -54,8 +63,13 @@ class DistributedLoader:
         self.locate = locate
         """``locate(vocab_size)``: where the data holds an id beyond it (shard, document), for the error."""
         self.consumed_samples = 0
-        self._pool = (ThreadPoolExecutor(max_workers=max(1, min(int(workers), self.prefetch)), thread_name_prefix="meshforge-loader")
-                      if self.prefetch else None)
+        self._pool = (
+            ThreadPoolExecutor(
+                max_workers=max(1, min(int(workers), self.prefetch)), thread_name_prefix="meshforge-loader"
+            )
+            if self.prefetch
+            else None
+        )
         self._pending: dict[int, Future] = {}
 
     def _read(self, consumed: int) -> "torch.Tensor":

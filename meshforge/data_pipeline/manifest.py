@@ -46,12 +46,16 @@ def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Pat
     if plan is None:
         if (work / MANIFEST).is_file():
             return load_manifest(work)
-        raise DataError(f"{work} holds no {WORK_DIR}/{PLAN_FILE}: it is not a meshforge preparation, run `meshforge data prepare`")
+        raise DataError(
+            f"{work} holds no {WORK_DIR}/{PLAN_FILE}: it is not a meshforge preparation, run `meshforge data prepare`"
+        )
     n = len(plan["slices"])
     markers = [slice_done(work, i, plan["hash"]) for i in range(n)]
     missing = [i for i, m in enumerate(markers) if m is None]
     if missing:
-        nodes = sorted(read_json(p).get("num_nodes", 1) for p in (work / WORK_DIR).glob("node_*.json") if read_json(p)) or [1]
+        nodes = sorted(
+            read_json(p).get("num_nodes", 1) for p in (work / WORK_DIR).glob("node_*.json") if read_json(p)
+        ) or [1]
         nn = nodes[-1]
         owners = sorted({i % nn for i in missing})
         raise DataError(
@@ -62,8 +66,10 @@ def merge_manifest(data_dir: str | Path, verify: bool = False, target: str | Pat
     for s in shards if verify else []:
         for ext in ("bin", "idx"):
             if file_sha256(work / f"{s['prefix']}.{ext}") != s[f"{ext}_sha256"]:
-                raise DataError(f"{work / s['prefix']}.{ext} does not match its recorded sha256: the file changed or is "
-                                f"corrupt; delete {marker_path(work, s['slice']).name} in {WORK_DIR} and re-run its node")
+                raise DataError(
+                    f"{work / s['prefix']}.{ext} does not match its recorded sha256: the file changed or is "
+                    f"corrupt; delete {marker_path(work, s['slice']).name} in {WORK_DIR} and re-run its node"
+                )
     num_docs = sum(m["documents"] for m in markers)
     skipped = sum_skips(m["skipped"] for m in markers)
     if num_docs == 0:
@@ -158,8 +164,9 @@ def parse_manifest(data: bytes, where: str, fix: str = "re-run data preparation"
     return manifest
 
 
-def open_shards(data_dir: str | Path, manifest: dict, remote_bins: bool = False,
-                name: Callable[[Path], str] = str) -> list[IndexedShard]:
+def open_shards(
+    data_dir: str | Path, manifest: dict, remote_bins: bool = False, name: Callable[[Path], str] = str
+) -> list[IndexedShard]:
     """Open every shard of a manifest, checking dtype and document/token counts.
 
     ``remote_bins``: only the ``.idx`` files are in ``data_dir`` (the ``.bin`` sizes come from the manifest);
@@ -169,8 +176,10 @@ def open_shards(data_dir: str | Path, manifest: dict, remote_bins: bool = False,
     for entry in manifest["shards"]:
         shard = IndexedShard(d / entry["prefix"], bin_size=entry["bin_bytes"] if remote_bins else None)
         if shard.dtype.name != manifest["dtype"]:
-            raise DataError(f"shard {name(shard.prefix)} has dtype {shard.dtype.name}, manifest says {manifest['dtype']}: "
-                            "re-run data preparation")
+            raise DataError(
+                f"shard {name(shard.prefix)} has dtype {shard.dtype.name}, manifest says {manifest['dtype']}: "
+                "re-run data preparation"
+            )
         if shard.num_documents != entry["documents"] or shard.num_tokens != entry["tokens"]:
             raise DataError(
                 f"shard {name(shard.prefix)} holds {shard.num_documents} documents / {shard.num_tokens} tokens, "
@@ -217,13 +226,23 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
         else:
             local = any((d / name).is_file() for name in TOKENIZER_FILES)
             tok = load_data_tokenizer(d if local else manifest["tokenizer"].get("path", ""), f"tokenizer of {d}")
-        return DataInfo(d, shards, manifest["num_documents"], manifest["num_tokens"],
-                        str(tok.path), tok.fingerprint, tok.vocab_size, manifest)
+        return DataInfo(
+            d,
+            shards,
+            manifest["num_documents"],
+            manifest["num_tokens"],
+            str(tok.path),
+            tok.fingerprint,
+            tok.vocab_size,
+            manifest,
+        )
     if not d.is_dir():
         raise DataError(f"data path {d} is not a directory: point data.path at a prepared data dir")
     prefixes = sorted(p.with_suffix("") for p in d.glob("*.idx"))
     if not prefixes:
-        raise DataError(f"data path {d} holds neither {MANIFEST} nor .idx/.bin shards: prepare it with `meshforge data prepare`")
+        raise DataError(
+            f"data path {d} holds neither {MANIFEST} nor .idx/.bin shards: prepare it with `meshforge data prepare`"
+        )
     if not tokenizer_path:
         raise DataError(
             f"data path {d} holds Megatron shards but no {MANIFEST}: set data.tokenizer to the tokenizer (.model, "
@@ -234,5 +253,13 @@ def open_data_dir(data_dir: str | Path, tokenizer_path: str = "") -> DataInfo:
     for s in shards:
         if s.dtype.kind not in "iu":
             raise DataError(f"shard {s.prefix} stores {s.dtype} values, not token ids: re-tokenize it")
-    return DataInfo(d, shards, sum(s.num_documents for s in shards), sum(s.num_tokens for s in shards),
-                    str(tok.path), tok.fingerprint, tok.vocab_size, None)
+    return DataInfo(
+        d,
+        shards,
+        sum(s.num_documents for s in shards),
+        sum(s.num_tokens for s in shards),
+        str(tok.path),
+        tok.fingerprint,
+        tok.vocab_size,
+        None,
+    )

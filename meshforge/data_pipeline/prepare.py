@@ -70,8 +70,10 @@ def document_ends(tok: Tokenizer, add_bos: bool | None, append_eos: bool | None)
     append_eos = tok.eos_id is not None if append_eos is None else append_eos
     for wanted, role, i in ((add_bos, "BOS", tok.bos_id), (append_eos, "EOS", tok.eos_id)):
         if wanted and i is None:
-            raise DataError(f"tokenizer {tok.path} has no {role} token, so documents cannot get one: drop the "
-                            f"{role.lower()} override (or name the token in its tokenizer_config.json)")
+            raise DataError(
+                f"tokenizer {tok.path} has no {role} token, so documents cannot get one: drop the "
+                f"{role.lower()} override (or name the token in its tokenizer_config.json)"
+            )
     return (tok.bos_id if add_bos else None), (tok.eos_id if append_eos else None)
 
 
@@ -102,8 +104,9 @@ def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
         raise DataError(f"--output {out} exists and is not a directory: choose another path")
     if out.exists() and (out / MANIFEST).exists():
         if not overwrite:
-            raise DataError(f"--output {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose "
-                            "another directory")
+            raise DataError(
+                f"--output {out} already holds prepared data ({MANIFEST}): pass --overwrite or choose another directory"
+            )
         work = out.parent / f".{out.name}.overwrite"
     else:
         work = out
@@ -188,8 +191,22 @@ def prepare_data(
     existed = work.exists()
     fresh = num_nodes == 1 and not (existed and any(work.iterdir()))
     try:
-        return _prepare_in(work, out, slices, tok, dtype, plan, ends, text_field, docs_per_shard, workers,
-                           progress, node_rank, num_nodes, merge)
+        return _prepare_in(
+            work,
+            out,
+            slices,
+            tok,
+            dtype,
+            plan,
+            ends,
+            text_field,
+            docs_per_shard,
+            workers,
+            progress,
+            node_rank,
+            num_nodes,
+            merge,
+        )
     except DataError:  # bad input met while reading: what this run started holds nothing worth keeping
         if fresh:
             for p in list(work.iterdir()) if existed else [work]:
@@ -197,8 +214,22 @@ def prepare_data(
         raise
 
 
-def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, ends, text_field, docs_per_shard, workers,
-                progress, node_rank, num_nodes, merge) -> dict:
+def _prepare_in(
+    work: Path,
+    out: Path,
+    slices,
+    tok,
+    dtype,
+    plan,
+    ends,
+    text_field,
+    docs_per_shard,
+    workers,
+    progress,
+    node_rank,
+    num_nodes,
+    merge,
+) -> dict:
     (work / WORK_DIR).mkdir(parents=True, exist_ok=True)
     if not (work / WORK_DIR / PLAN_FILE).exists():
         atomic_write_json(work / WORK_DIR / PLAN_FILE, plan)
@@ -206,8 +237,20 @@ def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, ends, text_fiel
 
     mine = list(range(node_rank, len(slices), num_nodes))
     todo = [i for i in mine if slice_done(work, i, plan["hash"]) is None]
-    _tokenize_slices(work, slices, todo, plan["hash"], str(saved), ends, dtype, text_field, docs_per_shard,
-                     workers, progress, out.name)
+    _tokenize_slices(
+        work,
+        slices,
+        todo,
+        plan["hash"],
+        str(saved),
+        ends,
+        dtype,
+        text_field,
+        docs_per_shard,
+        workers,
+        progress,
+        out.name,
+    )
     markers = [slice_done(work, i, plan["hash"]) for i in mine]
     partial = {
         "format": "meshforge-node-partial-v1",
@@ -225,8 +268,9 @@ def _prepare_in(work: Path, out: Path, slices, tok, dtype, plan, ends, text_fiel
     return partial
 
 
-def _tokenize_slices(work, slices, todo, plan_hash, tok_path, ends, dtype, text_field, docs_per_shard,
-                     workers, progress, name) -> None:
+def _tokenize_slices(
+    work, slices, todo, plan_hash, tok_path, ends, dtype, text_field, docs_per_shard, workers, progress, name
+) -> None:
     if not todo:
         return
     skipped = {i: no_skips() for i in todo}
@@ -255,15 +299,18 @@ def _tokenize_slices(work, slices, todo, plan_hash, tok_path, ends, dtype, text_
         if last:
             shards = sink.finish()
             del sinks[i]
-            atomic_write_json(marker_path(work, i), {
-                "plan": plan_hash,
-                "slice": i,
-                "source": slices[i].describe(),
-                "documents": sum(s["documents"] for s in shards),
-                "tokens": sum(s["tokens"] for s in shards),
-                "skipped": skipped[i],
-                "shards": shards,
-            })
+            atomic_write_json(
+                marker_path(work, i),
+                {
+                    "plan": plan_hash,
+                    "slice": i,
+                    "source": slices[i].describe(),
+                    "documents": sum(s["documents"] for s in shards),
+                    "tokens": sum(s["tokens"] for s in shards),
+                    "skipped": skipped[i],
+                    "shards": shards,
+                },
+            )
 
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     window = 4 * workers

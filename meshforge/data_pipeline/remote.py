@@ -47,8 +47,10 @@ def check_url(url: str) -> str:
     """``url`` without a trailing slash; refuses credentials in it and a scheme fsspec lacks."""
     parts = urlsplit(url)
     if parts.username or parts.password:
-        raise RemoteError(f"data URL {parts.scheme}://...@{parts.hostname}{parts.path} carries credentials: remove them from "
-                          "the URL and give them through the environment or the filesystem's config file")
+        raise RemoteError(
+            f"data URL {parts.scheme}://...@{parts.hostname}{parts.path} carries credentials: remove them from "
+            "the URL and give them through the environment or the filesystem's config file"
+        )
     if parts.query or parts.fragment:
         raise RemoteError(f"data URL {url} has a query or fragment: give the prefix only (scheme://host/prefix)")
     if not parts.netloc:
@@ -60,8 +62,10 @@ def check_url(url: str) -> str:
     try:
         fsspec.get_filesystem_class(parts.scheme)
     except (ImportError, ValueError) as exc:
-        raise RemoteError(f"data URL {url}: no filesystem for {parts.scheme}:// ({str(exc).splitlines()[0]}): "
-                          f"{_EXTRA}, or the fsspec package of that scheme") from None
+        raise RemoteError(
+            f"data URL {url}: no filesystem for {parts.scheme}:// ({str(exc).splitlines()[0]}): "
+            f"{_EXTRA}, or the fsspec package of that scheme"
+        ) from None
     return url.rstrip("/")
 
 
@@ -82,8 +86,11 @@ class RemoteStats:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"data_requests": self.requests, "data_bytes_fetched": self.bytes_fetched,
-                    "data_retries": self.retries}
+            return {
+                "data_requests": self.requests,
+                "data_bytes_fetched": self.bytes_fetched,
+                "data_retries": self.retries,
+            }
 
 
 def _status(exc: BaseException | None) -> int | None:
@@ -123,7 +130,9 @@ class RemoteStore:
         import fsspec
 
         # retries are ours (one budget, counted); s3fs and botocore would otherwise add their own on top
-        options = {"config_kwargs": {"retries": {"max_attempts": 1}}} if self.url.startswith(("s3://", "s3a://")) else {}
+        options = (
+            {"config_kwargs": {"retries": {"max_attempts": 1}}} if self.url.startswith(("s3://", "s3a://")) else {}
+        )
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.retry_seconds = float(retry_seconds)
         self.stats = stats or RemoteStats()
@@ -150,7 +159,9 @@ class RemoteStore:
 
     def _fail_or_wait(self, exc: BaseException, what: str, name: str, deadline: float, delay: float) -> None:
         url = self.url_of(name)
-        if isinstance(exc, OSError) and (exc.errno in _LOCAL_ERRNOS or (isinstance(exc, PermissionError) and exc.filename)):
+        if isinstance(exc, OSError) and (
+            exc.errno in _LOCAL_ERRNOS or (isinstance(exc, PermissionError) and exc.filename)
+        ):
             raise exc  # the local side (cache dir full or read-only): the caller names the dir
         cause = exc.__cause__
         if isinstance(exc, FileNotFoundError) and cause is not None and _status(cause) != 404:
@@ -158,14 +169,20 @@ class RemoteStore:
         if isinstance(exc, FileNotFoundError):
             raise RemoteError(f"{url} does not exist ({what}): check data.path, or re-run the upload") from None
         if isinstance(exc, PermissionError) or _status(exc) in (401, 403):
-            raise RemoteError(f"{url}: access denied ({what}): give credentials through the environment or the "
-                              "filesystem's config file (e.g. AWS_PROFILE, ~/.aws/credentials)") from None
+            raise RemoteError(
+                f"{url}: access denied ({what}): give credentials through the environment or the "
+                "filesystem's config file (e.g. AWS_PROFILE, ~/.aws/credentials)"
+            ) from None
         if not is_transient(exc):
-            raise RemoteError(f"{url}: {what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise RemoteError(
+                f"{url}: {what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
         if time.monotonic() + delay > deadline:
-            raise RemoteError(f"{url}: {what} failed, retried for data.remote_retry_seconds = {self.retry_seconds:g} s ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}): is the server up? "
-                              "(data.remote_retry_seconds sets how long to keep trying)") from None
+            raise RemoteError(
+                f"{url}: {what} failed, retried for data.remote_retry_seconds = {self.retry_seconds:g} s ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no answer'}): is the server up? "
+                "(data.remote_retry_seconds sets how long to keep trying)"
+            ) from None
         self.stats.add(retries=1)
         time.sleep(delay)
 
@@ -187,7 +204,9 @@ class RemoteStore:
             self.stats.add(requests=len(todo))
 
             async def gather(ids=tuple(todo)):
-                return await asyncio.gather(*[self.fs._info(self._path(names[i]), **kw) for i in ids], return_exceptions=True)
+                return await asyncio.gather(
+                    *[self.fs._info(self._path(names[i]), **kw) for i in ids], return_exceptions=True
+                )
 
             got = sync(self.fs.loop, gather)
             failed = [(i, r) for i, r in zip(todo, got) if isinstance(r, BaseException)]
@@ -222,8 +241,10 @@ class RemoteStore:
                 return {"headers": {"If-Match": f'"{tag}"'}} if tag and not tag.startswith("W/") else {}
 
             async def gather():
-                return await asyncio.gather(*[self.fs._cat_file(self._path(n), start=s, end=e, **headers(n))
-                                              for n, s, e in ranges], return_exceptions=True)
+                return await asyncio.gather(
+                    *[self.fs._cat_file(self._path(n), start=s, end=e, **headers(n)) for n, s, e in ranges],
+                    return_exceptions=True,
+                )
 
             return sync(self.fs.loop, gather)
         if etags and type(self.fs).__name__ == "S3FileSystem":
@@ -232,7 +253,9 @@ class RemoteStore:
             async def get(name: str, start: int, end: int) -> bytes:
                 bucket, key, _ = self.fs.split_path(self._path(name))
                 tag = {"IfMatch": f'"{etags[name]}"'} if etags.get(name) else {}
-                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **tag)
+                resp = await self.fs._call_s3(
+                    "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **tag
+                )
                 try:
                     return await resp["Body"].read()
                 finally:
@@ -242,8 +265,12 @@ class RemoteStore:
                 return await asyncio.gather(*[get(*r) for r in ranges], return_exceptions=True)
 
             return sync(self.fs.loop, gather_s3)
-        return self.fs.cat_ranges([self._path(n) for n, _, _ in ranges], [s for _, s, _ in ranges],
-                                  [e for _, _, e in ranges], on_error="return")
+        return self.fs.cat_ranges(
+            [self._path(n) for n, _, _ in ranges],
+            [s for _, s, _ in ranges],
+            [e for _, _, e in ranges],
+            on_error="return",
+        )
 
     def _http_multi_range(self, ranges: list[tuple[str, int, int]], etags: dict) -> list:
         """:meth:`_cat_ranges` over HTTP: per object, its ranges in requests of up to ``MAX_RANGES``,
@@ -260,7 +287,7 @@ class RemoteStore:
         for name, ids in by_name.items():
             ids.sort(key=lambda i: ranges[i][1])
             for k in range(0, len(ids), MAX_RANGES):
-                chunk = ids[k:k + MAX_RANGES]
+                chunk = ids[k : k + MAX_RANGES]
                 requests.append((self._path(name), [ranges[i][1:] for i in chunk], etags.get(name)))
                 members.append(chunk)
         self.stats.add(requests=len(requests))
@@ -289,18 +316,24 @@ class RemoteStore:
                     failed.append((i, data))
                     continue
                 if len(data) != end - start:
-                    raise RemoteError(f"{self.url_of(name)} gave {len(data)} bytes for bytes {start}..{end}: the object "
-                                      "changed (shorter than the manifest says); re-prepare or re-upload the data")
+                    raise RemoteError(
+                        f"{self.url_of(name)} gave {len(data)} bytes for bytes {start}..{end}: the object "
+                        "changed (shorter than the manifest says); re-prepare or re-upload the data"
+                    )
                 self.stats.add(nbytes=len(data))
                 out[i] = data
             if failed:
                 i, exc = failed[0]
                 if _status(exc) == 412:
-                    raise RemoteError(f"{self.url_of(ranges[i][0])} changed (its ETag is no longer {etags.get(ranges[i][0])}, "
-                                      "the one first seen): re-prepare or re-upload the data")
+                    raise RemoteError(
+                        f"{self.url_of(ranges[i][0])} changed (its ETag is no longer {etags.get(ranges[i][0])}, "
+                        "the one first seen): re-prepare or re-upload the data"
+                    )
                 if _status(exc) == 416:
-                    raise RemoteError(f"{self.url_of(ranges[i][0])} refused bytes {ranges[i][1]}..{ranges[i][2]} (416): the "
-                                      "object changed (shorter than the manifest says); re-prepare or re-upload the data")
+                    raise RemoteError(
+                        f"{self.url_of(ranges[i][0])} refused bytes {ranges[i][1]}..{ranges[i][2]} (416): the "
+                        "object changed (shorter than the manifest says); re-prepare or re-upload the data"
+                    )
                 self._fail_or_wait(exc, "range read", ranges[i][0], deadline, delay)
                 delay = min(delay * 2, 5.0)
             todo = [i for i, _ in failed]

@@ -59,16 +59,26 @@ def cache_path(url: str, cache_dir: Path) -> Path:
 
 def _cache_error(exc: OSError, where: Path) -> DataError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DataError(f"the data cache dir {where} is full ({exc.strerror}): free space there or set data.cache_dir "
-                         "(or $MESHFORGE_CACHE) to a dir with room for the manifest and every .idx")
+        return DataError(
+            f"the data cache dir {where} is full ({exc.strerror}): free space there or set data.cache_dir "
+            "(or $MESHFORGE_CACHE) to a dir with room for the manifest and every .idx"
+        )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return DataError(f"the data cache dir {where} cannot be written ({exc.strerror}): set data.cache_dir "
-                         "(or $MESHFORGE_CACHE) to a writable dir")
+        return DataError(
+            f"the data cache dir {where} cannot be written ({exc.strerror}): set data.cache_dir "
+            "(or $MESHFORGE_CACHE) to a writable dir"
+        )
     return DataError(f"the data cache dir {where} failed: {exc.strerror or exc}: set data.cache_dir to a working dir")
 
 
-def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: str = "range",
-                         retry_seconds: float = 120.0, stats: RemoteStats | None = None) -> DataInfo:
+def open_remote_data_dir(
+    url: str,
+    tokenizer_path: str,
+    cache_dir: Path,
+    mode: str = "range",
+    retry_seconds: float = 120.0,
+    stats: RemoteStats | None = None,
+) -> DataInfo:
     """Open the prepared data dir at ``url`` (fetching its small files into the node cache)."""
     if mode not in REMOTE_MODES:
         raise DataError(f"data.remote_mode {mode!r} is not one of {', '.join(REMOTE_MODES)}")
@@ -89,18 +99,39 @@ def open_remote_data_dir(url: str, tokenizer_path: str, cache_dir: Path, mode: s
             fcntl.flock(lock, fcntl.LOCK_UN)
     tok = load_data_tokenizer(tokenizer_path or local, f"tokenizer of {store.url}")  # else the cached copy
     check_tokenizer(tok, manifest, store.url_of(MANIFEST))
-    counts = (manifest["num_documents"], manifest["num_tokens"], str(tok.path), tok.fingerprint, tok.vocab_size, manifest)
-    shards = open_shards(local, manifest, remote_bins=mode != "download",
-                         name=lambda prefix: store.url_of(str(prefix.relative_to(local))))
+    counts = (
+        manifest["num_documents"],
+        manifest["num_tokens"],
+        str(tok.path),
+        tok.fingerprint,
+        tok.vocab_size,
+        manifest,
+    )
+    shards = open_shards(
+        local,
+        manifest,
+        remote_bins=mode != "download",
+        name=lambda prefix: store.url_of(str(prefix.relative_to(local))),
+    )
     if mode == "download":
         return DataInfo(local, shards, *counts)
     for e in manifest["shards"]:
-        if not isinstance(e.get("max_token_id"), int):  # a local shard is scanned instead; a remote one is not read whole
-            raise DataError(f"the manifest of {store.url} records no max_token_id for {e['prefix']}: re-prepare the data "
-                            "with this meshforge (or use data.remote_mode = download)")
-    return RemoteDataInfo(local, shards, *counts, store=store,
-                          bin_names=[f"{e['prefix']}.bin" for e in manifest["shards"]], url=store.url,
-                          etags={k: v.get("etag") for k, v in objects.items() if isinstance(v, dict) and v.get("etag")})
+        if not isinstance(
+            e.get("max_token_id"), int
+        ):  # a local shard is scanned instead; a remote one is not read whole
+            raise DataError(
+                f"the manifest of {store.url} records no max_token_id for {e['prefix']}: re-prepare the data "
+                "with this meshforge (or use data.remote_mode = download)"
+            )
+    return RemoteDataInfo(
+        local,
+        shards,
+        *counts,
+        store=store,
+        bin_names=[f"{e['prefix']}.bin" for e in manifest["shards"]],
+        url=store.url,
+        etags={k: v.get("etag") for k, v in objects.items() if isinstance(v, dict) and v.get("etag")},
+    )
 
 
 def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
@@ -123,12 +154,16 @@ def _sync(store: RemoteStore, local: Path, mode: str) -> tuple[dict, dict]:
     names = [f"{e['prefix']}.bin" for e in manifest["shards"]]
     for e, name, info in zip(manifest["shards"], names, store.infos(names)):  # one concurrent round of HEADs
         if info["size"] != e["bin_bytes"]:
-            raise RemoteError(f"{store.url_of(name)} has {info['size']} bytes, the manifest says {e['bin_bytes']}: the object "
-                              "changed after preparation; re-prepare or re-upload the data")
+            raise RemoteError(
+                f"{store.url_of(name)} has {info['size']} bytes, the manifest says {e['bin_bytes']}: the object "
+                "changed after preparation; re-prepare or re-upload the data"
+            )
         seen = objects.get(name)
         if seen and seen.get("etag") and info["etag"] and seen["etag"] != info["etag"]:
-            raise RemoteError(f"{store.url_of(name)} changed (ETag {info['etag']}, was {seen['etag']}) while its manifest "
-                              "did not: re-prepare or re-upload the data")
+            raise RemoteError(
+                f"{store.url_of(name)} changed (ETag {info['etag']}, was {seen['etag']}) while its manifest "
+                "did not: re-prepare or re-upload the data"
+            )
         objects[name] = info
     if mode == "download":
         with ThreadPoolExecutor(_FETCHERS, thread_name_prefix="meshforge-fetch") as pool:
@@ -157,8 +192,10 @@ def _fetch_checked(store: RemoteStore, local: Path, entry: dict, ext: str) -> No
         store.get_file(name, tmp)
         size, sha = tmp.stat().st_size, file_sha256(tmp)
         if size != entry[f"{ext}_bytes"] or sha != entry[f"{ext}_sha256"]:
-            raise RemoteError(f"{store.url_of(name)} ({size} bytes, sha {sha[:12]}) does not match the manifest "
-                              f"({entry[f'{ext}_bytes']} bytes, sha {entry[f'{ext}_sha256'][:12]}): re-prepare or re-upload the data")
+            raise RemoteError(
+                f"{store.url_of(name)} ({size} bytes, sha {sha[:12]}) does not match the manifest "
+                f"({entry[f'{ext}_bytes']} bytes, sha {entry[f'{ext}_sha256'][:12]}): re-prepare or re-upload the data"
+            )
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

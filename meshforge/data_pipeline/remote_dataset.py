@@ -36,7 +36,7 @@ class _Ranges:
     def __getitem__(self, sl: slice) -> np.ndarray:
         k = bisect.bisect_right(self.starts, sl.start) - 1
         base = self.starts[k]
-        return self.arrays[k][sl.start - base: sl.stop - base]
+        return self.arrays[k][sl.start - base : sl.stop - base]
 
 
 def merge_pieces(pieces: list[tuple[int, int, int]], max_gap: int = 0) -> dict[int, list[tuple[int, int]]]:
@@ -119,7 +119,9 @@ class RemoteTokenDataset(TokenDataset):
         blobs = iter(self.store.read_ranges(requests, self._etags))
         tokens: list = [None] * len(self._names)
         for k, ranges in spans.items():
-            tokens[k] = _Ranges([s for s, _ in ranges], [np.frombuffer(next(blobs), dtype=self._dtypes[k]) for _ in ranges])
+            tokens[k] = _Ranges(
+                [s for s, _ in ranges], [np.frombuffer(next(blobs), dtype=self._dtypes[k]) for _ in ranges]
+            )
         self._tokens = tokens
 
     def read_batch(self, indices):

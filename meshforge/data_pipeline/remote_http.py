@@ -55,7 +55,7 @@ def _multipart(body: bytes, boundary: bytes) -> list[tuple[int, bytes]]:
         if pos < 0:
             raise ValueError("multipart/byteranges body ends without its closing boundary")
         pos += len(delim)
-        if body[pos:pos + 2] == b"--":
+        if body[pos : pos + 2] == b"--":
             return parts
         head_end = body.find(b"\r\n\r\n", pos)
         if head_end < 0:
@@ -68,7 +68,7 @@ def _multipart(body: bytes, boundary: bytes) -> list[tuple[int, bytes]]:
         if m is None:
             raise ValueError("multipart/byteranges part without a Content-Range")
         start, last = int(m.group(1)), int(m.group(2))
-        data = body[head_end + 4: head_end + 4 + last - start + 1]
+        data = body[head_end + 4 : head_end + 4 + last - start + 1]
         if len(data) != last - start + 1:
             raise ValueError(f"multipart/byteranges part {start}-{last} is cut short")
         parts.append((start, data))
@@ -79,7 +79,7 @@ def cut(parts: list[tuple[int, bytes]], start: int, end: int) -> bytes:
     """Bytes ``[start, end)`` from the part that covers them."""
     for first, data in parts:
         if first <= start and end <= first + len(data):
-            return data[start - first: end - first]
+            return data[start - first : end - first]
     raise ValueError(f"the server's answer does not cover bytes {start}..{end}")
 
 

@@ -92,8 +92,16 @@ NODE_WAIT_SECONDS = 24 * 3600.0
 """How long node 0 of a multi-node upload waits for the other nodes' slices before it gives up."""
 
 
-def prepare_to_url(url: str, cache_dir: Path, prepare: Callable[..., dict], overwrite: bool = False,
-                   num_nodes: int = 1, node_rank: int = 0, wait_seconds: float = NODE_WAIT_SECONDS, **kwargs) -> dict:
+def prepare_to_url(
+    url: str,
+    cache_dir: Path,
+    prepare: Callable[..., dict],
+    overwrite: bool = False,
+    num_nodes: int = 1,
+    node_rank: int = 0,
+    wait_seconds: float = NODE_WAIT_SECONDS,
+    **kwargs,
+) -> dict:
     """Run ``prepare(output_dir=staging, **kwargs)`` (``prepare_data``) and upload its result to ``url``.
 
     On ``num_nodes`` > 1 nodes, node ``r`` prepares and uploads its own slices (``prepare_data``'s
@@ -105,8 +113,10 @@ def prepare_to_url(url: str, cache_dir: Path, prepare: Callable[..., dict], over
     if num_nodes < 1 or not 0 <= node_rank < num_nodes:
         raise DataError(f"node_rank {node_rank} is not a rank of num_nodes {num_nodes}")
     if store.exists(MANIFEST) and not overwrite:
-        raise DataError(f"{store.url_of(MANIFEST)} exists: that prefix holds a data set; pass --overwrite to replace it "
-                        "or choose another prefix")
+        raise DataError(
+            f"{store.url_of(MANIFEST)} exists: that prefix holds a data set; pass --overwrite to replace it "
+            "or choose another prefix"
+        )
     staging = Path(cache_dir) / "upload" / cache_path(store.url, Path(cache_dir)).name
     if num_nodes > 1:  # nodes may share a cache dir (a shared filesystem)
         staging = staging.with_name(f"{staging.name}.node{node_rank}-of-{num_nodes}")
@@ -114,12 +124,20 @@ def prepare_to_url(url: str, cache_dir: Path, prepare: Callable[..., dict], over
         staging.mkdir(parents=True, exist_ok=True)
         (staging / MANIFEST).unlink(missing_ok=True)  # merged again from the kept markers (a re-run resumes)
     except OSError as exc:
-        raise DataError(f"the staging dir {staging} cannot be written ({exc.strerror}): set data.cache_dir / "
-                        "$MESHFORGE_CACHE to a writable dir with room for the shards") from None
+        raise DataError(
+            f"the staging dir {staging} cannot be written ({exc.strerror}): set data.cache_dir / "
+            "$MESHFORGE_CACHE to a writable dir with room for the shards"
+        ) from None
     uploader = _Uploader(store, staging, replace=overwrite).start()
     try:
-        result = prepare(output_dir=str(staging), overwrite=overwrite, num_nodes=num_nodes, node_rank=node_rank,
-                         merge=num_nodes == 1, **kwargs)
+        result = prepare(
+            output_dir=str(staging),
+            overwrite=overwrite,
+            num_nodes=num_nodes,
+            node_rank=node_rank,
+            merge=num_nodes == 1,
+            **kwargs,
+        )
     finally:
         uploader._stop.set()
     uploader.finish()
@@ -144,7 +162,9 @@ def _put_markers(store: RemoteStore, staging: Path, slices: list[int], uploaded:
         marker = read_json(marker_path(staging, i))
         names = [f"{s['prefix']}.{ext}" for s in marker["shards"] for ext in ("bin", "idx")]
         if any(n not in uploaded for n in names):
-            raise DataError(f"slice {i}'s shards in {staging} do not match its marker: remove {staging} and re-run this node")
+            raise DataError(
+                f"slice {i}'s shards in {staging} do not match its marker: remove {staging} and re-run this node"
+            )
         store.put_file(marker_path(staging, i), f"{WORK_DIR}/{marker_path(staging, i).name}")
 
 
@@ -165,18 +185,24 @@ def _remote_manifest(store: RemoteStore, staging: Path, wait_seconds: float, pol
             break
         if time.monotonic() + poll > deadline:
             nodes = read_json(next((staging / WORK_DIR).glob("node_*.json")))["num_nodes"]
-            raise DataError(f"{len(missing)} of {n} slices for {store.url} are not up after {wait_seconds:g} s (e.g. "
-                            f"{missing[:8]}, of node ranks {sorted({i % nodes for i in missing})[:16]}): run those nodes "
-                            "(finished slices are skipped), then node 0 again to write the manifest")
+            raise DataError(
+                f"{len(missing)} of {n} slices for {store.url} are not up after {wait_seconds:g} s (e.g. "
+                f"{missing[:8]}, of node ranks {sorted({i % nodes for i in missing})[:16]}): run those nodes "
+                "(finished slices are skipped), then node 0 again to write the manifest"
+            )
         time.sleep(poll)
     shards = [s for m in markers for s in m["shards"]]
     names = [f"{s['prefix']}.{ext}" for s in shards for ext in ("bin", "idx")]
     sizes = [s[f"{ext}_bytes"] for s in shards for ext in ("bin", "idx")]
     for name, size, info in zip(names, sizes, store.infos(names)):
         if info["size"] != size:
-            raise DataError(f"{store.url_of(name)} has {info['size']} bytes, its slice's marker says {size}: "
-                            "re-run the node that wrote it")
+            raise DataError(
+                f"{store.url_of(name)} has {info['size']} bytes, its slice's marker says {size}: "
+                "re-run the node that wrote it"
+            )
     if not sum(m["documents"] for m in markers):
-        raise DataError(f"inputs {[s['path'] for s in plan['slices']]} hold no documents: check the files and "
-                        f"text_field={plan['text_field']!r}")
+        raise DataError(
+            f"inputs {[s['path'] for s in plan['slices']]} hold no documents: check the files and "
+            f"text_field={plan['text_field']!r}"
+        )
     return manifest_of(plan, markers, load_tokenizer(staging), staging)

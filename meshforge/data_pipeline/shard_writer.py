@@ -51,9 +51,15 @@ class SliceSink:
         w, entry = self.writer, self.shards[-1]
         w.finalize()
         bp, ip = self.out / f"{entry['prefix']}.bin", self.out / f"{entry['prefix']}.idx"
-        entry.update(documents=w.num_documents, tokens=w.num_tokens, bin_bytes=bp.stat().st_size,
-                     idx_bytes=ip.stat().st_size, bin_sha256=file_sha256(bp), idx_sha256=file_sha256(ip),
-                     max_token_id=w.max_token_id)
+        entry.update(
+            documents=w.num_documents,
+            tokens=w.num_tokens,
+            bin_bytes=bp.stat().st_size,
+            idx_bytes=ip.stat().st_size,
+            bin_sha256=file_sha256(bp),
+            idx_sha256=file_sha256(ip),
+            max_token_id=w.max_token_id,
+        )
         self.writer = None
 
     def finish(self) -> list[dict]:

@@ -70,8 +70,7 @@ def corrupt(tokens: np.ndarray, mask: np.ndarray, sentinels: np.ndarray, eos_id:
     for s in range(n_spans):
         targets.append([sentinels[s]])
         targets.append(tokens[(span_id == s) & mask])
-    return (np.concatenate([inputs, [eos_id]]).astype(np.int64),
-            np.concatenate(targets + [[eos_id]]).astype(np.int64))
+    return (np.concatenate([inputs, [eos_id]]).astype(np.int64), np.concatenate(targets + [[eos_id]]).astype(np.int64))
 
 
 @dataclass
@@ -87,8 +86,10 @@ def make_spec(encoder_len: int, decoder_len: int, noise_density: float, mean_spa
     raw, targets_len = raw_length_for(encoder_len, noise_density, mean_span)
     decoder_len = decoder_len or targets_len
     if decoder_len < targets_len:
-        raise DataError(f"decoder length {decoder_len} is shorter than the {targets_len} target tokens span "
-                        f"corruption makes from encoder length {encoder_len}; raise data.decoder_seq_len")
+        raise DataError(
+            f"decoder length {decoder_len} is shorter than the {targets_len} target tokens span "
+            f"corruption makes from encoder length {encoder_len}; raise data.decoder_seq_len"
+        )
     return SpanCorruptionSpec(encoder_len, decoder_len, raw, noise_density, mean_span)
 
 
@@ -101,8 +102,10 @@ class SpanCorruptionDataset:
 
     def __init__(self, base, spec: SpanCorruptionSpec, sentinels: list[int], eos_id: int, pad_id: int, seed: int):
         if not sentinels:
-            raise DataError("span corruption needs sentinel tokens (<extra_id_0>, ...) in the tokenizer: train it "
-                            "with `meshforge tokenizer train --preset t5` or add them as special tokens")
+            raise DataError(
+                "span corruption needs sentinel tokens (<extra_id_0>, ...) in the tokenizer: train it "
+                "with `meshforge tokenizer train --preset t5` or add them as special tokens"
+            )
         self.base, self.spec, self.seed = base, spec, seed
         self.sentinels = np.asarray(sentinels, dtype=np.int64)
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -119,9 +122,10 @@ class SpanCorruptionDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         raw = np.asarray(self.base[i], dtype=np.int64)[: self.spec.raw_len]
         rng = np.random.default_rng([self.seed, i])
-        inputs, targets = corrupt(raw, noise_mask(len(raw), self.spec.noise_density, self.spec.mean_span, rng),
-                                  self.sentinels, self.eos_id)
+        inputs, targets = corrupt(
+            raw, noise_mask(len(raw), self.spec.noise_density, self.spec.mean_span, rng), self.sentinels, self.eos_id
+        )
         row = np.full(self.spec.encoder_len + self.spec.decoder_len, self.pad_id, dtype=np.int64)
         row[: len(inputs)] = inputs
-        row[self.spec.encoder_len: self.spec.encoder_len + len(targets)] = targets
+        row[self.spec.encoder_len : self.spec.encoder_len + len(targets)] = targets
         return row

@@ -113,34 +113,48 @@ def prefix_lm_plan(budget: int, lo_frac: float, hi_frac: float, weight: float = 
         window -= 1
     hi = min(int(math.floor(hi_frac * window)), window - 1)
     if budget < 2 or hi < 1:
-        raise DataError(f"the prefix LM with data.prefix_lm_max = {hi_frac:g} makes no split of a window that fills "
-                        f"{budget} encoder tokens; raise data.seq_len or lower data.prefix_lm_max")
+        raise DataError(
+            f"the prefix LM with data.prefix_lm_max = {hi_frac:g} makes no split of a window that fills "
+            f"{budget} encoder tokens; raise data.seq_len or lower data.prefix_lm_max"
+        )
     lo = min(max(1, int(math.ceil(lo_frac * window))), hi)
     return DenoiserPlan("S", 0.0, 0.0, weight, window, window - lo + 1, split_lo=lo, split_hi=hi)
 
 
-def make_ul2_spec(encoder_len: int, decoder_len: int, denoisers: list[Denoiser], prefix_min: float,
-                  prefix_max: float, mode_tokens: bool = False) -> Ul2Spec:
+def make_ul2_spec(
+    encoder_len: int,
+    decoder_len: int,
+    denoisers: list[Denoiser],
+    prefix_min: float,
+    prefix_max: float,
+    mode_tokens: bool = False,
+) -> Ul2Spec:
     """Lengths of every denoiser; ``decoder_len`` 0 means the longest target any of them makes."""
     if not denoisers:
         raise DataError("a denoiser mixture needs at least one denoiser (data.ul2_denoisers)")
     budget = encoder_len - (1 if mode_tokens else 0)
-    plans = tuple(prefix_lm_plan(budget, prefix_min, prefix_max, d.weight) if d.kind == "S" else span_plan(d, budget)
-                  for d in denoisers)
+    plans = tuple(
+        prefix_lm_plan(budget, prefix_min, prefix_max, d.weight) if d.kind == "S" else span_plan(d, budget)
+        for d in denoisers
+    )
     need = max(p.max_targets for p in plans)
     if decoder_len and decoder_len < need:
         longest = max(plans, key=lambda p: p.max_targets)
-        raise DataError(f"decoder length {decoder_len} is shorter than the {need} target tokens denoiser {longest} "
-                        f"makes from encoder length {encoder_len}; raise data.decoder_seq_len to at least {need} "
-                        "(or set it to 0 to derive it)")
+        raise DataError(
+            f"decoder length {decoder_len} is shorter than the {need} target tokens denoiser {longest} "
+            f"makes from encoder length {encoder_len}; raise data.decoder_seq_len to at least {need} "
+            "(or set it to 0 to derive it)"
+        )
     return Ul2Spec(encoder_len, decoder_len or need, plans, mode_tokens)
 
 
 def prefix_split(tokens: np.ndarray, split: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) = (tokens[:split] + EOS, tokens[split:] + EOS)."""
     tokens = np.asarray(tokens, dtype=np.int64)
-    return (np.concatenate([tokens[:split], [eos_id]]).astype(np.int64),
-            np.concatenate([tokens[split:], [eos_id]]).astype(np.int64))
+    return (
+        np.concatenate([tokens[:split], [eos_id]]).astype(np.int64),
+        np.concatenate([tokens[split:], [eos_id]]).astype(np.int64),
+    )
 
 
 class Ul2Dataset:
@@ -151,15 +165,25 @@ class Ul2Dataset:
     to prepend when ``spec.mode_tokens`` is on.
     """
 
-    def __init__(self, base, spec: Ul2Spec, sentinels: list[int], eos_id: int, pad_id: int, seed: int,
-                 mode_ids: tuple[int, int, int] | None = None):
+    def __init__(
+        self,
+        base,
+        spec: Ul2Spec,
+        sentinels: list[int],
+        eos_id: int,
+        pad_id: int,
+        seed: int,
+        mode_ids: tuple[int, int, int] | None = None,
+    ):
         if spec.mode_tokens and (mode_ids is None or len(mode_ids) != 3):
             raise DataError("UL2 mode tokens are on but no (R, X, S) token ids were given")
         spans = max((p.max_spans for p in spec.denoisers), default=0)
         if spans > len(sentinels):
-            raise DataError(f"the span-corruption denoisers make up to {spans} noise spans per sample but the "
-                            f"tokenizer has {len(sentinels)} sentinel tokens (<extra_id_0>, ...): train it with "
-                            "`meshforge tokenizer train --preset t5` or use fewer spans (longer mean span)")
+            raise DataError(
+                f"the span-corruption denoisers make up to {spans} noise spans per sample but the "
+                f"tokenizer has {len(sentinels)} sentinel tokens (<extra_id_0>, ...): train it with "
+                "`meshforge tokenizer train --preset t5` or use fewer spans (longer mean span)"
+            )
         self.base, self.spec, self.seed = base, spec, seed
         self.sentinels = np.asarray(sentinels, dtype=np.int64)
         self.eos_id, self.pad_id = eos_id, pad_id
@@ -205,5 +229,5 @@ class Ul2Dataset:
         enc, dec = self.spec.encoder_len, self.spec.decoder_len
         row = np.full(enc + dec, self.pad_id, dtype=np.int64)
         row[: len(inputs)] = inputs
-        row[enc: enc + len(targets)] = targets
+        row[enc : enc + len(targets)] = targets
         return row

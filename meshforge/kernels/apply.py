@@ -49,13 +49,18 @@ def check_fused_kernels(cfg: JobConfig, device_type: str | None = None) -> None:
         return
     package = PACKAGES[backend]
     if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"train.fused_kernels = {backend!r} needs the {package} package "
-                          f"(pip install -e \".[gpu]\"); use 'off' without it")
+        raise ConfigError(
+            f"train.fused_kernels = {backend!r} needs the {package} package "
+            f"(pip install -e \".[gpu]\"); use 'off' without it"
+        )
     if device_type != "cuda" and not (backend == "triton" and interpreting()):
-        only = ("runs on CUDA only" if backend == "liger"
-                else "runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (tests)")
-        raise ConfigError(f"train.fused_kernels = {backend!r} {only}, and this job runs on {device_type}; "
-                          "use train.fused_kernels = 'off'")
+        only = (
+            "runs on CUDA only" if backend == "liger" else "runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (tests)"
+        )
+        raise ConfigError(
+            f"train.fused_kernels = {backend!r} {only}, and this job runs on {device_type}; "
+            "use train.fused_kernels = 'off'"
+        )
 
 
 def fused_kernels_backend(cfg: JobConfig, device_type: str) -> str | None:

@@ -56,16 +56,37 @@ def default_chunk(n_tokens: int, dim: int, vocab: int) -> int:
 
 class _FusedLinearLMLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_loss_coef, logit_scale, chunk_size, grad_enabled, dtype,
-                group=None, vocab_start=0):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        z_loss_coef,
+        logit_scale,
+        chunk_size,
+        grad_enabled,
+        dtype,
+        group=None,
+        vocab_start=0,
+    ):
         # grad mode is off inside forward: grad_enabled says whether the caller records a graph (not in eval)
         want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         no_autocast = nullcontext() if hidden.is_meta else torch.autocast(hidden.device.type, enabled=False)
         with no_autocast:  # the dtypes below are explicit (meta: shapes only, for bench_fused_loss)
-            ce, z = _chunked_loss(hidden, weight.to(dtype), targets, z_loss_coef, logit_scale, chunk_size, grad_h,
-                                  grad_w, group, vocab_start)
+            ce, z = _chunked_loss(
+                hidden,
+                weight.to(dtype),
+                targets,
+                z_loss_coef,
+                logit_scale,
+                chunk_size,
+                grad_h,
+                grad_w,
+                group,
+                vocab_start,
+            )
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_w else None)
         ctx.mark_non_differentiable(ce, z)
         return ce + z, ce, z
@@ -78,8 +99,7 @@ class _FusedLinearLMLoss(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None, None, None
 
 
-def _chunked_loss(hidden, w, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w, group=None,
-                  vocab_start=0):
+def _chunked_loss(hidden, w, targets, z_loss_coef, logit_scale, chunk_size, grad_h, grad_w, group=None, vocab_start=0):
     """(ce, z_loss); fills grad_h [N, D] and accumulates grad_w [V, D] (fp32) unless they are None.
     The matmuls run in w's dtype (the compute dtype), everything else in fp32.
     With ``group``: w is the vocab slice from ``vocab_start``; lse and the target logit are reduced."""
@@ -127,7 +147,7 @@ def _accumulate_low_precision(grad_w, dz, h):
     (as the plain path's dW), a block of vocab rows at a time so that it never outgrows dz."""
     block = max(1, dz.numel() // h.shape[1])
     for v in range(0, grad_w.shape[0], block):
-        grad_w[v:v + block] += dz[:, v:v + block].t() @ h
+        grad_w[v : v + block] += dz[:, v : v + block].t() @ h
 
 
 def _vocab_parallel_lse(logits, y, vocab_start, group):
@@ -139,15 +159,23 @@ def _vocab_parallel_lse(logits, y, vocab_start, group):
     owned = owned.float()
     peak = logits.max(dim=-1).values
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
-    sums = torch.stack([(logits - peak[:, None]).exp().sum(dim=-1),
-                        logits.gather(1, local_y[:, None]).squeeze(1) * owned])
+    sums = torch.stack(
+        [(logits - peak[:, None]).exp().sum(dim=-1), logits.gather(1, local_y[:, None]).squeeze(1) * owned]
+    )
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     return local_y, owned, peak + sums[0].log(), sums[1]
 
 
-def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         z_loss_coef: float = 0.0, logit_scale: float = 1.0,
-                         chunk_size: int | None = None, group=None, vocab_start: int = 0) -> LossParts:
+def fused_linear_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    z_loss_coef: float = 0.0,
+    logit_scale: float = 1.0,
+    chunk_size: int | None = None,
+    group=None,
+    vocab_start: int = 0,
+) -> LossParts:
     """hidden [..., D] (after the final norm), weight [V, D], targets [...] -> LossParts,
     equal to ``lm_loss(logit_scale * hidden @ weight.T, targets, z_loss_coef)``.
     ``chunk_size``: tokens per chunk, default ``default_chunk``. The matmuls run in
@@ -162,8 +190,16 @@ def fused_linear_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on the token dims")
-    total, ce, z = _FusedLinearLMLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                            float(z_loss_coef), float(logit_scale), int(chunk_size),
-                                            torch.is_grad_enabled(), matmul_dtype(hidden, weight), group,
-                                            int(vocab_start))
+    total, ce, z = _FusedLinearLMLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        targets.reshape(-1),
+        float(z_loss_coef),
+        float(logit_scale),
+        int(chunk_size),
+        torch.is_grad_enabled(),
+        matmul_dtype(hidden, weight),
+        group,
+        int(vocab_start),
+    )
     return LossParts(total, ce, z)

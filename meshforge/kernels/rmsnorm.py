@@ -39,8 +39,9 @@ def _rms_norm_fwd(X, W, Y, R, N, D, eps, BLOCK_ROWS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _rms_norm_bwd(DY, X, W, R, DX, DW, N, D, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _rms_norm_bwd(
+    DY, X, W, R, DX, DW, N, D, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
@@ -83,8 +84,9 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     y = torch.empty_like(x2)
     r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     block, block_rows, warps = _tiles(d)
-    _rms_norm_fwd[(triton.cdiv(x2.shape[0], block_rows),)](x2, weight.contiguous(), y, r, x2.shape[0], d, eps,
-                                                           BLOCK_ROWS=block_rows, BLOCK=block, num_warps=warps)
+    _rms_norm_fwd[(triton.cdiv(x2.shape[0], block_rows),)](
+        x2, weight.contiguous(), y, r, x2.shape[0], d, eps, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=warps
+    )
     return y.view(x.shape), r
 
 
@@ -105,9 +107,20 @@ def _rms_norm_backward(grad_y: Tensor, x: Tensor, weight: Tensor, r: Tensor) -> 
     rows_per_program = triton.cdiv(triton.cdiv(n, programs), block_rows) * block_rows
     programs = triton.cdiv(n, rows_per_program)
     partial_dw = torch.empty(programs, d, dtype=torch.float32, device=x.device)
-    _rms_norm_bwd[(programs,)](dy, x2, weight.contiguous(), r, dx, partial_dw, n, d,
-                               ROWS_PER_PROGRAM=rows_per_program, BLOCK_ROWS=block_rows, BLOCK=block,
-                               num_warps=warps)
+    _rms_norm_bwd[(programs,)](
+        dy,
+        x2,
+        weight.contiguous(),
+        r,
+        dx,
+        partial_dw,
+        n,
+        d,
+        ROWS_PER_PROGRAM=rows_per_program,
+        BLOCK_ROWS=block_rows,
+        BLOCK=block,
+        num_warps=warps,
+    )
     return dx.view(x.shape), partial_dw.sum(0).to(weight.dtype)
 
 

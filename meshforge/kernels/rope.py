@@ -20,8 +20,7 @@ from torch import Tensor
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, T, H, HALF, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr):
+def _rope_kernel(X, COS, SIN, Y, T, H, HALF, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * T + t
     t = row % T
     heads = tl.arange(0, BLOCK_H)[:, None]
@@ -49,15 +48,27 @@ def _rope_kernel(X, COS, SIN, Y, T, H, HALF, BACKWARD: tl.constexpr, BLOCK_H: tl
 def _rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> Tensor:
     bsz, seqlen, heads, head_dim = x.shape
     if head_dim % 2 or cos.shape != (seqlen, head_dim) or sin.shape != cos.shape:
-        raise ValueError(f"rope: x {tuple(x.shape)} needs an even head dim and cos/sin of shape "
-                         f"({seqlen}, {head_dim}), got {tuple(cos.shape)} / {tuple(sin.shape)}")
+        raise ValueError(
+            f"rope: x {tuple(x.shape)} needs an even head dim and cos/sin of shape "
+            f"({seqlen}, {head_dim}), got {tuple(cos.shape)} / {tuple(sin.shape)}"
+        )
     x = x.contiguous()
     y = torch.empty_like(x)
     half = head_dim // 2
     block_h, block_half = triton.next_power_of_2(heads), triton.next_power_of_2(half)
-    _rope_kernel[(bsz * seqlen,)](x, cos.contiguous(), sin.contiguous(), y, seqlen, heads, half,
-                                  BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half,
-                                  num_warps=4 if block_h * block_half <= 2048 else 8)
+    _rope_kernel[(bsz * seqlen,)](
+        x,
+        cos.contiguous(),
+        sin.contiguous(),
+        y,
+        seqlen,
+        heads,
+        half,
+        BACKWARD=backward,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        num_warps=4 if block_h * block_half <= 2048 else 8,
+    )
     return y
 
 

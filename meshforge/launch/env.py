@@ -97,35 +97,59 @@ def discover(environ: MutableMapping[str, str] | None = None) -> DistEnv:
     if launcher == "torchrun":
         world = _num(environ, "WORLD_SIZE", 1)
         rank = _num(environ, "RANK", 0)
-        env = DistEnv(rank=rank, world_size=world, local_rank=_num(environ, "LOCAL_RANK", rank),
-                      local_world_size=_num(environ, "LOCAL_WORLD_SIZE", None), launcher="torchrun",
-                      master_addr=user_addr, master_port=user_port)
+        env = DistEnv(
+            rank=rank,
+            world_size=world,
+            local_rank=_num(environ, "LOCAL_RANK", rank),
+            local_world_size=_num(environ, "LOCAL_WORLD_SIZE", None),
+            launcher="torchrun",
+            master_addr=user_addr,
+            master_port=user_port,
+        )
     elif launcher == "slurm":
         task = slurm.read_slurm(environ)
-        env = DistEnv(rank=task.rank, world_size=task.world_size, local_rank=task.local_rank,
-                      local_world_size=task.local_world_size, launcher="slurm",
-                      master_addr=user_addr or task.master_addr, master_port=user_port or task.master_port)
+        env = DistEnv(
+            rank=task.rank,
+            world_size=task.world_size,
+            local_rank=task.local_rank,
+            local_world_size=task.local_world_size,
+            launcher="slurm",
+            master_addr=user_addr or task.master_addr,
+            master_port=user_port or task.master_port,
+        )
     elif launcher == "mpi":
         r = mpi.read_mpi(user_addr, user_port)
-        env = DistEnv(rank=r.rank, world_size=r.world_size, local_rank=r.local_rank,
-                      local_world_size=r.local_world_size, launcher="mpi",
-                      master_addr=r.master_addr, master_port=r.master_port)
+        env = DistEnv(
+            rank=r.rank,
+            world_size=r.world_size,
+            local_rank=r.local_rank,
+            local_world_size=r.local_world_size,
+            launcher="mpi",
+            master_addr=r.master_addr,
+            master_port=r.master_port,
+        )
     else:
         env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="none")
 
     if not 0 <= env.rank < env.world_size:
         raise LaunchError(f"rank {env.rank} is outside world size {env.world_size} (launcher: {env.launcher})")
     if env.world_size > 1 and launcher != "torchrun":
-        environ.update({
-            "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
-            "LOCAL_WORLD_SIZE": str(env.local_world_size or 1),
-            "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
-        })
+        environ.update(
+            {
+                "RANK": str(env.rank),
+                "WORLD_SIZE": str(env.world_size),
+                "LOCAL_RANK": str(env.local_rank),
+                "LOCAL_WORLD_SIZE": str(env.local_world_size or 1),
+                "MASTER_ADDR": env.master_addr,
+                "MASTER_PORT": str(env.master_port),
+            }
+        )
     return env
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.0,
-                     setup_timeout_s: float = 300.0) -> dist.Store | None:
+def init_distributed(
+    env: DistEnv, device: torch.device, timeout_s: float = 600.0, setup_timeout_s: float = 300.0
+) -> dist.Store | None:
     """Create the default process group when the job has more than one process.
 
     Every rank first checks in through the rendezvous store (:func:`meshforge.launch.setup.check_in`):
@@ -144,8 +168,9 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float = 600.
     store = connect_store(env, setup_timeout_s)
     check_in(store, env, setup_timeout_s)
     store.set_timeout(timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=env.rank,
-                            world_size=env.world_size, timeout=timeout)
+    dist.init_process_group(
+        backend, store=dist.PrefixStore("default_pg", store), rank=env.rank, world_size=env.world_size, timeout=timeout
+    )
     return dist.PrefixStore("meshforge", store)
 
 
@@ -171,7 +196,9 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device = 'cuda' but this machine has no CUDA device (torch sees none); use 'cpu' or 'auto'")
+            raise ConfigError(
+                "train.device = 'cuda' but this machine has no CUDA device (torch sees none); use 'cpu' or 'auto'"
+            )
         index = env.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)

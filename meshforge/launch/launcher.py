@@ -39,23 +39,27 @@ PREEMPT_WARNING_S = 120
 """``--signal=TERM@120``: SIGTERM two minutes before the time limit, time for a checkpoint."""
 
 
-
-
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=1,
-                   help="processes per node, one per GPU (default 1)")
-    p.add_argument("--cpu", action="store_true",
-                   help="a CPU job: --gpus-per-node processes per node, but ask the scheduler for no GPUs")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="processes per node, one per GPU (default 1)")
+    p.add_argument(
+        "--cpu",
+        action="store_true",
+        help="a CPU job: --gpus-per-node processes per node, but ask the scheduler for no GPUs",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--slurm", action="store_true", help="write an sbatch script (srun, one task per GPU)")
     mode.add_argument("--mpi", action="store_true", help="run with mpiexec (ranks find each other with mpi4py)")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun/mpiexec command instead of running it")
-    p.add_argument("--python", default=sys.executable, help="Python that runs meshforge on the nodes "
-                   "(default: this one)")
+    p.add_argument(
+        "--python", default=sys.executable, help="Python that runs meshforge on the nodes (default: this one)"
+    )
     g = p.add_argument_group("torchrun (default mode)")
-    g.add_argument("--rdzv-endpoint", default=None,
-                   help="HOST:PORT of the rendezvous (node 0's address); required with --nodes > 1")
+    g.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        help="HOST:PORT of the rendezvous (node 0's address); required with --nodes > 1",
+    )
     g.add_argument("--node-rank", type=int, default=None, help="this node's rank (0..nodes-1)")
     g.add_argument("--rdzv-id", default="meshforge", help="job id for the rendezvous (default meshforge)")
     g = p.add_argument_group("SLURM (--slurm)")
@@ -64,8 +68,13 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--account", default=None)
     g.add_argument("--job-name", default="meshforge")
     g.add_argument("--cpus-per-task", type=int, default=None)
-    g.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                   help="an extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    g.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)",
+    )
     g.add_argument("--script", default=None, help="where to write the sbatch script (default ./JOB_NAME.sbatch)")
     g.add_argument("--log-dir", default=None, help="where SLURM writes JOB_NAME-JOBID.out (default: cwd)")
     g.add_argument("--submit", action="store_true", help="submit the script with sbatch")
@@ -73,13 +82,17 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     add_ft_arguments(p)
     g = p.add_argument_group("MPI (--mpi)")
     g.add_argument("--hosts", default=None, help="comma-separated hosts, one per node (default: the MPI default)")
-    p.add_argument("command", nargs=argparse.REMAINDER,
-                   help="after --: the meshforge command each rank runs, e.g. -- train --config small")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="after --: the meshforge command each rank runs, e.g. -- train --config small",
+    )
 
 
 @dataclass
 class Plan:
     """What to run: an argv (torchrun/mpiexec/sbatch) and, for SLURM, a script to write first."""
+
     argv: list[str]
     script: str | None = None
     script_path: Path | None = None
@@ -94,8 +107,10 @@ def rank_command(args: argparse.Namespace) -> list[str]:
     if cmd and cmd[0] == "meshforge":
         cmd = cmd[1:]
     if not cmd:
-        raise LaunchError("nothing to launch: give the meshforge command after --, e.g. "
-                          "`meshforge launch --gpus-per-node 8 -- train --config small`")
+        raise LaunchError(
+            "nothing to launch: give the meshforge command after --, e.g. "
+            "`meshforge launch --gpus-per-node 8 -- train --config small`"
+        )
     if cmd[0] == "launch":
         raise LaunchError("the command after -- is what each rank runs; it cannot be `launch` itself")
     return cmd
@@ -115,14 +130,26 @@ def torchrun_plan(args: argparse.Namespace) -> Plan:
         argv += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.gpus_per_node)]
     else:
         if args.rdzv_endpoint is None:
-            raise LaunchError(f"--nodes {args.nodes} needs --rdzv-endpoint HOST:PORT (a port on node 0 that every "
-                              "node can reach), and run the same command on every node; or use --slurm / --mpi")
+            raise LaunchError(
+                f"--nodes {args.nodes} needs --rdzv-endpoint HOST:PORT (a port on node 0 that every "
+                "node can reach), and run the same command on every node; or use --slurm / --mpi"
+            )
         if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", args.rdzv_endpoint):
             raise LaunchError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT")
         if args.node_rank is not None and not 0 <= args.node_rank < args.nodes:
             raise LaunchError(f"--node-rank {args.node_rank} is outside --nodes {args.nodes}")
-        argv += ["--nnodes", str(args.nodes), "--nproc-per-node", str(args.gpus_per_node),
-                 "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+        argv += [
+            "--nnodes",
+            str(args.nodes),
+            "--nproc-per-node",
+            str(args.gpus_per_node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            args.rdzv_endpoint,
+            "--rdzv-id",
+            args.rdzv_id,
+        ]
         if args.node_rank is not None:
             argv += ["--node-rank", str(args.node_rank)]
     return Plan(argv + ["-m", "meshforge", *cmd])
@@ -135,9 +162,11 @@ def check_rendezvous_host(endpoint: str) -> None:
     try:
         socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError) as e:
-        raise LaunchError(f"--rdzv-endpoint {endpoint}: the host name {host} does not resolve on this node "
-                          f"({socket.gethostname()}): {getattr(e, 'strerror', None) or e}; add it to /etc/hosts "
-                          "or DNS on every node, or give node 0's address") from None
+        raise LaunchError(
+            f"--rdzv-endpoint {endpoint}: the host name {host} does not resolve on this node "
+            f"({socket.gethostname()}): {getattr(e, 'strerror', None) or e}; add it to /etc/hosts "
+            "or DNS on every node, or give node 0's address"
+        ) from None
 
 
 def mpi_flavor(mpiexec: str) -> str:
@@ -209,7 +238,7 @@ def sbatch_script(args: argparse.Namespace) -> str:
         f'rm -f "${PREEMPTED_MARKER_ENV}"',
         "rc=0",
         "srun --kill-on-bad-exit=1 " + shlex.join([args.python, "-m", "meshforge", *cmd]) + " || rc=$?",
-        f"if [ \"$rc\" -eq {EXIT_PREEMPTED} ] || {{ [ \"$rc\" -ne 0 ] && [ -e \"${PREEMPTED_MARKER_ENV}\" ]; }}; then",
+        f'if [ "$rc" -eq {EXIT_PREEMPTED} ] || {{ [ "$rc" -ne 0 ] && [ -e "${PREEMPTED_MARKER_ENV}" ]; }}; then',
         "  # SIGTERM before the time limit (or scancel --signal=TERM): the trainer saved a checkpoint;",
         "  # requeue, and the next run resumes from it",
         f'  rm -f "${PREEMPTED_MARKER_ENV}"',
@@ -230,8 +259,17 @@ def slurm_plan(args: argparse.Namespace) -> Plan:
     return Plan(argv, script=script, script_path=path)
 
 
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "SPECIAL_EXIT"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+}
 
 
 def job_state(job: str) -> tuple[str, int] | None:
@@ -365,7 +403,11 @@ def run_torchrun(argv: list[str], env: dict[str, str]) -> int:
                 signal.signal(sig, handler)
         if marker.exists():
             marker.unlink(missing_ok=True)
-            print(f"meshforge launch: the ranks wrote a checkpoint on a preemption signal; exiting with status "
-                  f"{EXIT_PREEMPTED} so a scheduler requeues (the rerun resumes)", file=sys.stderr, flush=True)
+            print(
+                f"meshforge launch: the ranks wrote a checkpoint on a preemption signal; exiting with status "
+                f"{EXIT_PREEMPTED} so a scheduler requeues (the rerun resumes)",
+                file=sys.stderr,
+                flush=True,
+            )
             return EXIT_PREEMPTED
         return rc

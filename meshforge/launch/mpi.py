@@ -66,5 +66,11 @@ def read_mpi(master_addr: str | None = None, master_port: int | None = None) -> 
     if world.Get_rank() == 0:
         rendezvous = (master_addr or socket.gethostname(), master_port or free_port())
     addr, port = world.bcast(rendezvous, root=0)
-    return MpiRank(rank=world.Get_rank(), world_size=world.Get_size(), local_rank=local_rank,
-                   local_world_size=local_size, master_addr=addr, master_port=int(port))
+    return MpiRank(
+        rank=world.Get_rank(),
+        world_size=world.Get_size(),
+        local_rank=local_rank,
+        local_world_size=local_size,
+        master_addr=addr,
+        master_port=int(port),
+    )

@@ -59,17 +59,28 @@ def connect_store(env: DistEnv, timeout_s: float) -> dist.TCPStore:
     addr = os.environ.get("MASTER_ADDR") or env.master_addr
     port = os.environ.get("MASTER_PORT") or env.master_port
     if not addr or not port:
-        raise SetupError(f"rank {env.rank} of {env.world_size}: MASTER_ADDR and MASTER_PORT are not set; start the job "
-                         "with torchrun, srun, mpiexec or `meshforge launch`")
+        raise SetupError(
+            f"rank {env.rank} of {env.world_size}: MASTER_ADDR and MASTER_PORT are not set; start the job "
+            "with torchrun, srun, mpiexec or `meshforge launch`"
+        )
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
-        return dist.TCPStore(addr, int(port), world_size=env.world_size, is_master=env.rank == 0 and not agent,
-                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=True)
+        return dist.TCPStore(
+            addr,
+            int(port),
+            world_size=env.world_size,
+            is_master=env.rank == 0 and not agent,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
     except (RuntimeError, dist.DistError) as e:
         who = "torchrun's agent" if agent else "rank 0"
-        raise SetupError(f"rank {env.rank} of {env.world_size}: cannot reach the job's rendezvous at {addr}:{port} "
-                         f"within {timeout_s:g} s ({who} hosts it: did it start, or fail? see its log); "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise SetupError(
+            f"rank {env.rank} of {env.world_size}: cannot reach the job's rendezvous at {addr}:{port} "
+            f"within {timeout_s:g} s ({who} hosts it: did it start, or fail? see its log); "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def _failures(store, world_size: int) -> dict[int, str]:
@@ -90,7 +101,7 @@ def describe_failures(failures: dict[int, str], world_size: int) -> str:
     for r, msg in sorted(failures.items()):
         by_message.setdefault(msg, []).append(r)
     if len(by_message) == 1:
-        (msg, ranks), = by_message.items()
+        ((msg, ranks),) = by_message.items()
         if len(ranks) == world_size:
             return msg
     return "; ".join(_tag(ranks, world_size, msg) for msg, ranks in by_message.items())
@@ -112,14 +123,18 @@ def check_in(store, env: DistEnv, timeout_s: float) -> None:
         if store.add(f"{p}failed", 0):
             failures = _failures(store, env.world_size)
             store.add(f"{p}settled", 1)
-            raise SetupError(f"the job could not start: {describe_failures(failures, env.world_size)}", seen_by_all=True)
+            raise SetupError(
+                f"the job could not start: {describe_failures(failures, env.world_size)}", seen_by_all=True
+            )
         if arrived >= env.world_size:
             return
         if time.monotonic() > deadline:
             missing = [r for r in range(env.world_size) if not store.check([f"{p}joined/{r}"])]
-            raise SetupError(f"rank {env.rank} of {env.world_size}: {_name(missing)} did not start within "
-                             f"{timeout_s:g} s (train.setup_timeout_s): it died before its first report (see its "
-                             "log), or it is still starting (raise train.setup_timeout_s)")
+            raise SetupError(
+                f"rank {env.rank} of {env.world_size}: {_name(missing)} did not start within "
+                f"{timeout_s:g} s (train.setup_timeout_s): it died before its first report (see its "
+                "log), or it is still starting (raise train.setup_timeout_s)"
+            )
         time.sleep(POLL_S)
         arrived = store.add(f"{p}joined", 0)
 

@@ -59,7 +59,7 @@ def _expand_one(item: str) -> list[str]:
     m = re.search(r"\[([^\[\]]*)\]", item)
     if m is None:
         return [item]
-    prefix, suffix = item[:m.start()], item[m.end():]
+    prefix, suffix = item[: m.start()], item[m.end() :]
     out = []
     for value in _expand_range_list(m.group(1), item):
         out.extend(prefix + value + rest for rest in _expand_one(suffix))
@@ -132,6 +132,7 @@ class SlurmTask:
 
 def read_slurm(env: Mapping[str, str]) -> SlurmTask:
     """This srun task's place in the step, from the environment srun gives it."""
+
     def num(*names: str, default: int | None = None) -> int:
         for name in names:
             value = env.get(name, "").strip()
@@ -150,7 +151,7 @@ def read_slurm(env: Mapping[str, str]) -> SlurmTask:
     node = num("SLURM_NODEID", default=0)
     job = num("SLURM_JOB_ID", "SLURM_JOBID")
     step = num("SLURM_STEP_ID", "SLURM_STEPID", default=0)
-    nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     hosts = tuple(expand_nodelist(nodelist)) if nodelist else ()
     if not hosts:
         raise LaunchError("SLURM step without SLURM_STEP_NODELIST / SLURM_JOB_NODELIST in its environment")
@@ -159,6 +160,14 @@ def read_slurm(env: Mapping[str, str]) -> SlurmTask:
     local_world = per_node[node] if node < len(per_node) else max(local + 1, 1)
     if not 0 <= rank < world:
         raise LaunchError(f"SLURM_PROCID={rank} is outside the step's {world} tasks")
-    return SlurmTask(rank=rank, world_size=world, local_rank=local, local_world_size=local_world,
-                     node_rank=node, hosts=hosts, master_addr=hosts[0], master_port=rendezvous_port(job, step),
-                     gpus_on_node=gpus_on_node(env))
+    return SlurmTask(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        local_world_size=local_world,
+        node_rank=node,
+        hosts=hosts,
+        master_addr=hosts[0],
+        master_port=rendezvous_port(job, step),
+        gpus_on_node=gpus_on_node(env),
+    )

@@ -93,13 +93,20 @@ def encoder_decoder_flops_per_token(model: nn.Module, cfg: ModelConfig, enc_len:
     for stack in by_stack:
         sub = getattr(model, stack)
         by_stack[stack] = active_params(sub, cfg)
-    cross_kv = sum(p.numel() for n, p in model.decoder.named_parameters()
-                   if ".cross_attention.wk." in f".{n}" or ".cross_attention.wv." in f".{n}")
+    cross_kv = sum(
+        p.numel()
+        for n, p in model.decoder.named_parameters()
+        if ".cross_attention.wk." in f".{n}" or ".cross_attention.wv." in f".{n}"
+    )
     n_dec = by_stack["decoder"] + model.output.weight.numel() - cross_kv
     hq = 12 * cfg.n_heads * cfg.head_dim
     n_dec_layers = cfg.n_decoder_layers or cfg.n_layers
-    flops = (6 * (by_stack["encoder"] + cross_kv) * enc_len + 6 * n_dec * dec_len
-             + hq * cfg.n_layers * enc_len * enc_len + hq * n_dec_layers * (dec_len * dec_len + dec_len * enc_len))
+    flops = (
+        6 * (by_stack["encoder"] + cross_kv) * enc_len
+        + 6 * n_dec * dec_len
+        + hq * cfg.n_layers * enc_len * enc_len
+        + hq * n_dec_layers * (dec_len * dec_len + dec_len * enc_len)
+    )
     return flops / (enc_len + dec_len)
 
 
@@ -116,21 +123,62 @@ def encoder_decoder_flops(model: nn.Module, cfg: ModelConfig, lengths: tuple[int
     return encoder_decoder_flops_per_token(model, cfg, *lengths)
 
 
-register(ModelSpec(
-    "decoder", Decoder, blocks=decoder_blocks, tp_plan=decoder_tp_plan, pipeline_blocks=decoder_pipeline_blocks,
-    stage=decoder_stage, stage_view=decoder_stage_view, stage_inputs=decoder_stage_inputs, flops_per_token=decoder_flops,
-    objectives=("lm",), position_encodings=("rope",), hf_converter="hf_decoder",
-    supports_moe_parallel=True, supports_context_parallel=True, supports_fused_loss=True, supports_mup=True,
-    supports_scaling_sweeps=True, supports_grow=True, model_options=ARCHITECTURE_OPTIONS,
-    uniform_blocks=lambda cfg: len({cfg.is_moe_layer(i) for i in range(cfg.n_layers)}) == 1))
-register(ModelSpec(
-    "encoder_decoder", EncoderDecoder, blocks=encoder_decoder_blocks, tp_plan=encoder_decoder_tp_plan,
-    pipeline_blocks=encoder_decoder_pipeline_blocks, stage=EncoderDecoderStage, stage_view=encoder_decoder_stage_view,
-    stage_inputs=encoder_decoder_stage_inputs, flops_per_token=encoder_decoder_flops,
-    objectives=ENCODER_DECODER_OBJECTIVES, position_encodings=("relative", "rope"), hf_converter="hf_t5",
-    model_options=("head_size",)))
+register(
+    ModelSpec(
+        "decoder",
+        Decoder,
+        blocks=decoder_blocks,
+        tp_plan=decoder_tp_plan,
+        pipeline_blocks=decoder_pipeline_blocks,
+        stage=decoder_stage,
+        stage_view=decoder_stage_view,
+        stage_inputs=decoder_stage_inputs,
+        flops_per_token=decoder_flops,
+        objectives=("lm",),
+        position_encodings=("rope",),
+        hf_converter="hf_decoder",
+        supports_moe_parallel=True,
+        supports_context_parallel=True,
+        supports_fused_loss=True,
+        supports_mup=True,
+        supports_scaling_sweeps=True,
+        supports_grow=True,
+        model_options=ARCHITECTURE_OPTIONS,
+        uniform_blocks=lambda cfg: len({cfg.is_moe_layer(i) for i in range(cfg.n_layers)}) == 1,
+    )
+)
+register(
+    ModelSpec(
+        "encoder_decoder",
+        EncoderDecoder,
+        blocks=encoder_decoder_blocks,
+        tp_plan=encoder_decoder_tp_plan,
+        pipeline_blocks=encoder_decoder_pipeline_blocks,
+        stage=EncoderDecoderStage,
+        stage_view=encoder_decoder_stage_view,
+        stage_inputs=encoder_decoder_stage_inputs,
+        flops_per_token=encoder_decoder_flops,
+        objectives=ENCODER_DECODER_OBJECTIVES,
+        position_encodings=("relative", "rope"),
+        hf_converter="hf_t5",
+        model_options=("head_size",),
+    )
+)
 
 
-__all__ = ["Decoder", "EncoderDecoder", "MODEL_SPECS", "ModelSpec", "active_params", "build_model", "check_config",
-           "encoder_decoder_flops_per_token", "families_with", "family_spec", "flops_per_token", "register",
-           "resolve_objective", "transformer_blocks"]
+__all__ = [
+    "Decoder",
+    "EncoderDecoder",
+    "MODEL_SPECS",
+    "ModelSpec",
+    "active_params",
+    "build_model",
+    "check_config",
+    "encoder_decoder_flops_per_token",
+    "families_with",
+    "family_spec",
+    "flops_per_token",
+    "register",
+    "resolve_objective",
+    "transformer_blocks",
+]

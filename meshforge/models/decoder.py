@@ -27,11 +27,20 @@ class DecoderBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.qk_norm, cfg.norm_eps,
-                                   head_dim=cfg.head_size, qkv_bias=cfg.qkv_bias, qk_norm_scope=cfg.qk_norm_scope)
+        self.attention = Attention(
+            cfg.dim,
+            cfg.n_heads,
+            cfg.kv_heads,
+            cfg.qk_norm,
+            cfg.norm_eps,
+            head_dim=cfg.head_size,
+            qkv_bias=cfg.qkv_bias,
+            qk_norm_scope=cfg.qk_norm_scope,
+        )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim,
-                                                                                       cfg.ffn_activation)
+        self.feed_forward = (
+            MoE(cfg) if cfg.is_moe_layer(layer_id) else FeedForward(cfg.dim, cfg.hidden_dim, cfg.ffn_activation)
+        )
         self.post_norm = cfg.norm_placement == "post"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
@@ -61,8 +70,13 @@ class Decoder(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, dim] on a later pipeline stage) -> logits [B, T, V].
 
         ``segments`` [B, T] (document id per position) restricts attention to each token's
@@ -100,8 +114,9 @@ class Decoder(nn.Module):
         """Explicit init (after ``to_empty`` from the meta device); uses torch's global RNG."""
         cfg = self.cfg
         inv_freq, scale = rope_frequencies(cfg)
-        cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
-                               inv_freq=inv_freq, scale=scale)
+        cos, sin = rope_tables(
+            cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device, inv_freq=inv_freq, scale=scale
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         if self.tok_embeddings is not None:

@@ -29,8 +29,9 @@ from .layers import FeedForward, RMSNorm, apply_rope, init_linear, output_std, r
 from .moe import MoE
 
 
-def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> torch.Tensor:
+def relative_position_bucket(
+    relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
     """T5's bucket of each (key - query) offset: exact for small distances, log-spaced up to max_distance."""
     buckets = torch.zeros_like(relative)
     if bidirectional:
@@ -41,10 +42,14 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
         distance = (-relative).clamp(min=0)
     max_exact = num_buckets // 2
     is_small = distance < max_exact
-    log_bucket = max_exact + (
-        torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact)
-    ).long()
+    log_bucket = (
+        max_exact
+        + (
+            torch.log(distance.float().clamp(min=1) / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
     log_bucket = log_bucket.clamp(max=num_buckets - 1)
     return buckets + torch.where(is_small, distance, log_bucket)
 
@@ -80,8 +85,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        bias: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         bsz, q_len, _ = x.shape
         k_len = context.shape[1]
         q = self.wq(x).view(bsz, q_len, -1, self.head_dim)
@@ -91,8 +101,14 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos[:q_len], sin[:q_len]), apply_rope(k, cos[:k_len], sin[:k_len])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
-                                             scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if bias is None else bias.to(q.dtype),
+            scale=self.scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, q_len, -1))
 
 
@@ -138,9 +154,11 @@ class Stack(nn.Module):
         super().__init__()
         self.causal = causal
         self.layers = nn.ModuleDict({str(i): block(cfg, i) for i in range(n_layers)})
-        self.rel_bias = (RelativePositionBias(cfg.n_heads, cfg.rel_pos_buckets, cfg.rel_pos_max_distance,
-                                              bidirectional=not causal)
-                         if cfg.position_encoding == "relative" else None)
+        self.rel_bias = (
+            RelativePositionBias(cfg.n_heads, cfg.rel_pos_buckets, cfg.rel_pos_max_distance, bidirectional=not causal)
+            if cfg.position_encoding == "relative"
+            else None
+        )
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def position_bias(self, length: int) -> torch.Tensor | None:
@@ -175,8 +193,9 @@ def padding_bias(key_padding: torch.Tensor | None) -> torch.Tensor | None:
     """Additive bias [B, 1, 1, S] of cross-attention: -inf at padded encoder positions."""
     if key_padding is None:
         return None
-    return torch.zeros(key_padding.shape, device=key_padding.device).masked_fill(
-        ~key_padding, float("-inf"))[:, None, None, :]
+    return torch.zeros(key_padding.shape, device=key_padding.device).masked_fill(~key_padding, float("-inf"))[
+        :, None, None, :
+    ]
 
 
 class EncoderDecoder(nn.Module):
@@ -216,8 +235,9 @@ class EncoderDecoder(nn.Module):
             x = block(x, bias, self._rope())
         return x
 
-    def decoder_layers(self, x: torch.Tensor, enc: torch.Tensor, self_bias: torch.Tensor | None,
-                       cross_bias: torch.Tensor | None) -> torch.Tensor:
+    def decoder_layers(
+        self, x: torch.Tensor, enc: torch.Tensor, self_bias: torch.Tensor | None, cross_bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """d_l for each decoder block (of this module: a pipeline stage holds some)."""
         for block in self.decoder.layers.values():
             x = block(x, enc, self_bias, cross_bias, self._rope())

@@ -66,10 +66,12 @@ class EncoderDecoderStage(EncoderDecoder):
         n_enc = len(model.encoder.layers)
         self.start, self.end, self.n_enc, self.first, self.last = start, end, n_enc, first, last
         self.tok_embeddings = model.tok_embeddings if first else None
-        self.encoder = StackPart(model.encoder, range(min(start, n_enc), min(end, n_enc)), rel_bias=first,
-                                 norm=start < n_enc <= end)
-        self.decoder = StackPart(model.decoder, range(max(start, n_enc) - n_enc, max(end, n_enc) - n_enc),
-                                 rel_bias=first, norm=last)
+        self.encoder = StackPart(
+            model.encoder, range(min(start, n_enc), min(end, n_enc)), rel_bias=first, norm=start < n_enc <= end
+        )
+        self.decoder = StackPart(
+            model.decoder, range(max(start, n_enc) - n_enc, max(end, n_enc) - n_enc), rel_bias=first, norm=last
+        )
         self.output = model.output if last else None
         self.rope_cos = model.rope_cos
         self.rope_sin = model.rope_sin
@@ -128,8 +130,14 @@ def encoder_decoder_stage_view(view: nn.Module, stages: list[nn.Module]) -> None
         names = _Names()
         names.layers = nn.ModuleDict({n: b for s in stages for n, b in getattr(s, stack).layers.items()})
         for name in ("rel_bias", "norm"):
-            setattr(names, name, next((getattr(getattr(s, stack), name) for s in stages
-                                       if getattr(getattr(s, stack), name) is not None), None))
+            setattr(
+                names,
+                name,
+                next(
+                    (getattr(getattr(s, stack), name) for s in stages if getattr(getattr(s, stack), name) is not None),
+                    None,
+                ),
+            )
         setattr(view, stack, names)
 
 
@@ -141,7 +149,9 @@ def encoder_decoder_stage_inputs(args: tuple) -> tuple[tuple, dict]:
 
 def encoder_decoder_blocks(model: nn.Module) -> dict[str, nn.Module]:
     """``encoder.layers.<i>`` then ``decoder.layers.<i>`` of an encoder-decoder or of a stage of one."""
-    return {f"{stack}.layers.{n}": b for stack in ("encoder", "decoder") for n, b in getattr(model, stack).layers.items()}
+    return {
+        f"{stack}.layers.{n}": b for stack in ("encoder", "decoder") for n, b in getattr(model, stack).layers.items()
+    }
 
 
 def encoder_decoder_pipeline_blocks(m: ModelConfig) -> tuple[int, str]:
@@ -150,5 +160,11 @@ def encoder_decoder_pipeline_blocks(m: ModelConfig) -> tuple[int, str]:
     return m.n_layers + n_dec, f"model.n_layers + decoder layers ({m.n_layers} + {n_dec})"
 
 
-__all__ = ["EncoderDecoderStage", "StackPart", "encoder_decoder_blocks", "encoder_decoder_pipeline_blocks",
-           "encoder_decoder_stage_inputs", "encoder_decoder_stage_view"]
+__all__ = [
+    "EncoderDecoderStage",
+    "StackPart",
+    "encoder_decoder_blocks",
+    "encoder_decoder_pipeline_blocks",
+    "encoder_decoder_stage_inputs",
+    "encoder_decoder_stage_view",
+]

@@ -35,8 +35,9 @@ def rope_inv_freq(dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
-                inv_freq: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device=None, inv_freq: torch.Tensor | None = None, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [max_seq_len, head_dim] for the rotate-half convention.
 
     ``inv_freq`` [head_dim / 2]: the frequencies (default theta^(-2i/head_dim); a scaled RoPE passes
@@ -44,7 +45,9 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
     """
     if inv_freq is None:
         inv_freq = rope_inv_freq(head_dim, theta, device)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq.to(device, torch.float64))
+    angles = torch.outer(
+        torch.arange(max_seq_len, dtype=torch.float64, device=device), inv_freq.to(device, torch.float64)
+    )
     angles = torch.cat([angles, angles], dim=-1)
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
@@ -72,8 +75,18 @@ class Attention(nn.Module):
     ``cos.shape[-1]`` channels of each head and passes the rest through (partial rotary).
     """
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qk_norm: bool, norm_eps: float, *,
-                 head_dim: int = 0, qkv_bias: bool = False, qk_norm_scope: str = "head"):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        qk_norm: bool,
+        norm_eps: float,
+        *,
+        head_dim: int = 0,
+        qkv_bias: bool = False,
+        qk_norm_scope: str = "head",
+    ):
         super().__init__()
         self.head_dim = head_dim or dim // n_heads
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=qkv_bias)
@@ -135,6 +148,7 @@ def document_mask(segments: torch.Tensor, use_flex: bool, window: int = 0):
     """
     bsz, seqlen = segments.shape
     if use_flex:
+
         def same_doc_causal(b, h, q_idx, kv_idx):
             keep = (q_idx >= kv_idx) & (segments[b, q_idx] == segments[b, kv_idx])
             return keep & (q_idx - kv_idx < window) if window else keep

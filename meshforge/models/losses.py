@@ -65,8 +65,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_coef: float = 0.
         if logits.device.type != "cpu" or logits.shape[0] <= 4 * rows:
             ce_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         else:
-            ce_sum = sum(F.cross_entropy(x, y, ignore_index=IGNORE_INDEX, reduction="sum")
-                         for x, y in zip(logits.split(rows), targets.split(rows)))
+            ce_sum = sum(
+                F.cross_entropy(x, y, ignore_index=IGNORE_INDEX, reduction="sum")
+                for x, y in zip(logits.split(rows), targets.split(rows))
+            )
         ce = ce_sum / count
         return LossParts(ce, ce, torch.zeros((), device=logits.device))
     lse, target_logit = _LogSumExpAndTarget.apply(logits, torch.where(mask, targets, 0))

@@ -69,8 +69,9 @@ def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if hasattr(w, "to_local") else w
 
 
-def swiglu_grouped(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                   counts: torch.Tensor) -> torch.Tensor:
+def swiglu_grouped(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
     """All experts' SwiGLU in three grouped GEMMs; ``x`` sorted by expert, ``counts`` per expert."""
     offs = torch.cumsum(counts, 0).to(torch.int32)
     h = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs))
@@ -78,8 +79,9 @@ def swiglu_grouped(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torc
     return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
 
 
-def swiglu_loop(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
+def swiglu_loop(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
     """The same, one expert at a time (any device and dtype)."""
     outs = []
     for e, chunk in enumerate(torch.split(x, counts.tolist())):
@@ -127,8 +129,7 @@ class MoE(nn.Module):
         self.z_coef = cfg.moe_z_loss_coef
         self.router = nn.Linear(cfg.dim, cfg.moe_experts, bias=False)
         self.experts = GroupedExperts(cfg.moe_experts, cfg.dim, cfg.expert_dim)
-        self.shared = (FeedForward(cfg.dim, cfg.expert_dim * cfg.moe_shared_experts)
-                       if cfg.moe_shared_experts else None)
+        self.shared = FeedForward(cfg.dim, cfg.expert_dim * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
         self.register_buffer("route_bias", torch.zeros(cfg.moe_experts), persistent=True)
         self.count_tokens = same_counts
         """Assignments per expert of this forward's tokens -> of all N tokens the balance loss is
@@ -228,11 +229,19 @@ STAT_KEYS = ("aux_loss", "z_loss", "dropped", "assigned", "passes")
 
 
 @torch.no_grad()
-def stats_row(kept_counts: torch.Tensor, assigned: torch.Tensor, balance: torch.Tensor, z: torch.Tensor
-              ) -> torch.Tensor:
+def stats_row(
+    kept_counts: torch.Tensor, assigned: torch.Tensor, balance: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
     """One forward pass of one layer as a row: the :data:`STAT_KEYS` sums, then the load per expert."""
-    scalars = torch.stack([balance.detach().float(), z.detach().float(), (assigned.sum() - kept_counts.sum()).float(),
-                           assigned.sum(), torch.ones((), device=assigned.device)])
+    scalars = torch.stack(
+        [
+            balance.detach().float(),
+            z.detach().float(),
+            (assigned.sum() - kept_counts.sum()).float(),
+            assigned.sum(),
+            torch.ones((), device=assigned.device),
+        ]
+    )
     return torch.cat([scalars, kept_counts.float()])
 
 
@@ -275,8 +284,7 @@ class RouterStats:
 @contextlib.contextmanager
 def collect_router_stats(modules: nn.Module | list[nn.Module], stats: RouterStats):
     """Lend ``stats`` to every MoE layer of ``modules`` for the forwards run inside the block."""
-    layers = [m for module in (modules if isinstance(modules, list) else [modules])
-              for _, m in moe_layers(module)]
+    layers = [m for module in (modules if isinstance(modules, list) else [modules]) for _, m in moe_layers(module)]
     for m in layers:
         m.collector = stats
     try:

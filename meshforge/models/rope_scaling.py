@@ -44,6 +44,7 @@ def rope_frequencies(m: ModelConfig) -> tuple[torch.Tensor, float]:
         medium = (wavelen >= original / high) & (wavelen <= original / low)
         return torch.where(medium, smooth, scaled), 1.0
     if m.rope_scaling == "yarn":
+
         def channel(rotations: float) -> float:  # the channel whose frequency turns `rotations` times over L
             return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(m.rope_theta))
 

@@ -61,9 +61,14 @@ def encoder_decoder_tp_plan(m: ModelConfig) -> dict[str, str]:
 
     ffn = {"feed_forward.w1": "colwise", "feed_forward.w3": "colwise", "feed_forward.w2": "rowwise"}
     encoder_block = {"attention_norm": "gathered_norm", **attention("attention"), "ffn_norm": "gathered_norm", **ffn}
-    decoder_block = {"self_attention_norm": "gathered_norm", **attention("self_attention"),
-                     "cross_attention_norm": "gathered_norm", **attention("cross_attention"),
-                     "ffn_norm": "gathered_norm", **ffn}
+    decoder_block = {
+        "self_attention_norm": "gathered_norm",
+        **attention("self_attention"),
+        "cross_attention_norm": "gathered_norm",
+        **attention("cross_attention"),
+        "ffn_norm": "gathered_norm",
+        **ffn,
+    }
     plan = {"tok_embeddings": "embedding", "encoder.rel_bias": "heads", "decoder.rel_bias": "heads"}
     plan.update({f"encoder.layers.*.{k}": v for k, v in encoder_block.items()})
     plan["encoder.norm"] = "gathered_norm"

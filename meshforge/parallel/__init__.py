@@ -37,14 +37,17 @@ def build_mesh(d: Degrees, device: torch.device) -> DeviceMesh | None:
         return build_ep_mesh(d, device.type)
     shape = tuple(getattr(d, name) for name in MESH_DIMS)
     # each dim's groups time out as the default group does (train.collective_timeout_s), not in torch's 30 min
-    mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS, backend_override=mesh_overrides(shape, MESH_DIMS))
+    mesh = init_device_mesh(
+        device.type, shape, mesh_dim_names=MESH_DIMS, backend_override=mesh_overrides(shape, MESH_DIMS)
+    )
     if d.cp > 1:  # FSDP shards parameters over dp_shard x cp
         mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=mesh_group_options(group_timeout()))
     return mesh
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig,
-                pipeline_plan: PipelinePlan | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobConfig, pipeline_plan: PipelinePlan | None = None
+) -> nn.Module:
     """Apply the job's parallelisms to ``model``; with ``parallel.pp > 1`` split it by ``pipeline_plan``
     (what :func:`~meshforge.parallel.job_checks.check_job` returned)."""
     if mesh is not None and d.pp > 1:
@@ -79,10 +82,16 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, d: Degrees, cfg: JobC
         shard = "dp_shard_cp" if d.cp > 1 else "dp_shard"
         dp_mesh = mesh["dp_replicate", shard] if d.dp_replicate > 1 else mesh[shard]
         if d.ep > 1:  # experts first: FSDP over the dp ranks outside their ep group; the blocks take the rest
-            apply_expert_fsdp(model, expert_dp_mesh(mesh, d), p.fsdp_reshard_after_forward,
-                              param_dtype(p.param_dtype, mesh), p.fsdp_cpu_offload)
-        model = apply_fsdp(model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype(p.param_dtype, mesh),
-                           p.fsdp_cpu_offload)
+            apply_expert_fsdp(
+                model,
+                expert_dp_mesh(mesh, d),
+                p.fsdp_reshard_after_forward,
+                param_dtype(p.param_dtype, mesh),
+                p.fsdp_cpu_offload,
+            )
+        model = apply_fsdp(
+            model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype(p.param_dtype, mesh), p.fsdp_cpu_offload
+        )
     return model
 
 

@@ -126,11 +126,19 @@ def split_for_context_parallel(args: tuple, targets: torch.Tensor, cp_rank: int,
     seqlen = tokens.shape[1]
     if seqlen % (2 * cp):
         raise ValueError(f"sequence of {seqlen} tokens does not split into 2*cp = {2 * cp} chunks")
-    local = (zigzag_split(tokens, cp_rank, cp),
-             None if segments is None else zigzag_split(segments, cp_rank, cp),
-             zigzag_positions(seqlen, cp_rank, cp, device=tokens.device))
+    local = (
+        zigzag_split(tokens, cp_rank, cp),
+        None if segments is None else zigzag_split(segments, cp_rank, cp),
+        zigzag_positions(seqlen, cp_rank, cp, device=tokens.device),
+    )
     return local, zigzag_split(targets, cp_rank, cp)
 
 
-__all__ = ["CP_METHODS", "ContextParallelCore", "apply_context_parallel", "context_parallel_inputs", "cp_submesh",
-           "split_for_context_parallel"]
+__all__ = [
+    "CP_METHODS",
+    "ContextParallelCore",
+    "apply_context_parallel",
+    "context_parallel_inputs",
+    "cp_submesh",
+    "split_for_context_parallel",
+]

@@ -68,8 +68,10 @@ def check_deepspeed(cfg: JobConfig, d: Degrees) -> None:
         )
     if "nvme" in (p.offload_optimizer, p.offload_param):
         if not p.nvme_path:
-            raise ConfigError("NVMe offload (parallel.offload_optimizer/offload_param = 'nvme') needs "
-                              "parallel.nvme_path: a directory on a fast local disk")
+            raise ConfigError(
+                "NVMe offload (parallel.offload_optimizer/offload_param = 'nvme') needs "
+                "parallel.nvme_path: a directory on a fast local disk"
+            )
         if not Path(p.nvme_path).is_dir():
             raise ConfigError(f"parallel.nvme_path = {p.nvme_path!r} is not an existing directory")
 
@@ -131,8 +133,7 @@ def _prepare_runtime(device: torch.device) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():  # one process: DeepSpeed still wants a (1-rank) process group
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timedelta(seconds=600))
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=600))
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
 
 
@@ -141,14 +142,18 @@ def _offload_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimize
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     d = optimizer.defaults
-    groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "lr", "betas", "eps")}
-              for g in optimizer.param_groups]
-    return DeepSpeedCPUAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
-                            adamw_mode=True)
+    groups = [
+        {k: v for k, v in g.items() if k in ("params", "weight_decay", "lr", "betas", "eps")}
+        for g in optimizer.param_groups
+    ]
+    return DeepSpeedCPUAdam(
+        groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], adamw_mode=True
+    )
 
 
-def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: JobConfig, dp: int,
-                           device: torch.device):
+def build_deepspeed_engine(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: JobConfig, dp: int, device: torch.device
+):
     """Wrap ``model`` and our AdamW in a DeepSpeed engine -> ``(engine, base optimizer)``.
 
     The base optimizer is the torch optimizer whose param groups DeepSpeed steps (ours, or
@@ -160,14 +165,17 @@ def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, c
 
     if cfg.parallel.offload_optimizer != "none":
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print("DeepSpeed CPU Adam (parallel.offload_optimizer): loading its C++ kernel; the first use on a "
-                  "machine compiles it, which takes about 2 minutes (cached in ~/.cache/torch_extensions after)",
-                  flush=True)
+            print(
+                "DeepSpeed CPU Adam (parallel.offload_optimizer): loading its C++ kernel; the first use on a "
+                "machine compiles it, which takes about 2 minutes (cached in ~/.cache/torch_extensions after)",
+                flush=True,
+            )
         optimizer = _offload_optimizer(optimizer)
     world = dist.get_world_size() if dist.is_initialized() else 1
     cp = world // dp  # DeepSpeed runs data (x context) parallel only: the rest of the world is cp
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, dp, device, cp))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp, device, cp)
+    )
     return engine, optimizer
 
 
@@ -195,5 +203,3 @@ def full_model_state_dict(engine) -> dict[str, torch.Tensor]:
 def save_engine(engine, directory: Path) -> None:
     """The engine's own files (module, ZeRO-partitioned optimizer state) under ``directory``; collective."""
     engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
-
-

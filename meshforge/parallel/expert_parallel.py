@@ -127,13 +127,17 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
         if n_experts % ep:
             raise ValueError(f"{n_experts} experts cannot be split over parallel.ep = {ep}")
         d = ExpertDispatcher(n_experts, ep_mesh)
-        distribute_module(experts, ep_mesh, partition_fn=_shard_over_experts,
-                          input_fn=d.dispatch, output_fn=d.combine)
+        distribute_module(experts, ep_mesh, partition_fn=_shard_over_experts, input_fn=d.dispatch, output_fn=d.combine)
     return model
 
 
-def apply_expert_fsdp(model: nn.Module, expert_dp_mesh: DeviceMesh, reshard_after_forward: bool = True,
-                      param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
+def apply_expert_fsdp(
+    model: nn.Module,
+    expert_dp_mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
+) -> nn.Module:
     """FSDP2 on each GroupedExperts over the data-parallel ranks outside the ep group.
 
     Runs right before :func:`~meshforge.parallel.data_parallel.apply_fsdp` (same options),
@@ -157,8 +161,11 @@ def apply_expert_fsdp(model: nn.Module, expert_dp_mesh: DeviceMesh, reshard_afte
     for experts in expert_modules(model):
         n_local = _local_rows(experts.w1)
         dim = 0 if n_local % shard_size == 0 else 1
-        fully_shard(experts, shard_placement_fn=lambda p, dim=dim: Shard(dim),
-                    **{**kwargs, "reshard_after_forward": reshard_after_forward and id(experts) not in last})
+        fully_shard(
+            experts,
+            shard_placement_fn=lambda p, dim=dim: Shard(dim),
+            **{**kwargs, "reshard_after_forward": reshard_after_forward and id(experts) not in last},
+        )
     return model
 
 
@@ -188,14 +195,21 @@ def ep_mesh_layout(d) -> tuple[tuple[int, ...], tuple[str, ...], dict[str, tuple
     """
     if d.ep % d.cp == 0:
         shape = (d.pp, d.dp_replicate, d.dp_shard * d.cp // d.ep, d.ep // d.cp, d.cp, d.tp)
-        flat = {"dp_shard": ("dp_shard_mod_ep", "dp_shard_in_ep"), "ep": ("dp_shard_in_ep", "cp"),
-                EXPERT_DP: ("dp_shard_mod_ep",)}
+        flat = {
+            "dp_shard": ("dp_shard_mod_ep", "dp_shard_in_ep"),
+            "ep": ("dp_shard_in_ep", "cp"),
+            EXPERT_DP: ("dp_shard_mod_ep",),
+        }
         if d.cp > 1:
             flat["dp_shard_cp"] = ("dp_shard_mod_ep", "dp_shard_in_ep", "cp")
         return shape, EP_MESH_DIMS, flat
     shape = (d.pp, d.dp_replicate, d.dp_shard, d.cp // d.ep, d.ep, d.tp)
-    flat = {"cp": ("cp_mod_ep", "cp_in_ep"), "ep": ("cp_in_ep",), EXPERT_DP: ("dp_shard", "cp_mod_ep"),
-            "dp_shard_cp": ("dp_shard", "cp_mod_ep", "cp_in_ep")}
+    flat = {
+        "cp": ("cp_mod_ep", "cp_in_ep"),
+        "ep": ("cp_in_ep",),
+        EXPERT_DP: ("dp_shard", "cp_mod_ep"),
+        "dp_shard_cp": ("dp_shard", "cp_mod_ep", "cp_in_ep"),
+    }
     return shape, EP_IN_CP_MESH_DIMS, flat
 
 
@@ -225,5 +239,14 @@ def expert_dp_mesh(mesh: DeviceMesh, d) -> DeviceMesh:
     return mesh["dp_replicate", EXPERT_DP] if d.dp_replicate > 1 else mesh[EXPERT_DP]
 
 
-__all__ = ["EP_IN_CP_MESH_DIMS", "EP_MESH_DIMS", "EXPERT_DP", "apply_ep", "apply_expert_fsdp", "build_ep_mesh",
-           "ep_mesh_layout", "expert_dp_mesh", "expert_modules"]
+__all__ = [
+    "EP_IN_CP_MESH_DIMS",
+    "EP_MESH_DIMS",
+    "EXPERT_DP",
+    "apply_ep",
+    "apply_expert_fsdp",
+    "build_ep_mesh",
+    "ep_mesh_layout",
+    "expert_dp_mesh",
+    "expert_modules",
+]

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ..config import ConfigError, JobConfig, ParallelConfig, micro_batch_size
 from .mesh import Degrees
 
-INSTALL_HINT = "pip install -e \".[ft]\" (the torchft-nightly wheel, Linux)"
+INSTALL_HINT = 'pip install -e ".[ft]" (the torchft-nightly wheel, Linux)'
 
 
 def replica_groups(p: ParallelConfig) -> int:
@@ -51,40 +51,63 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
     if p.fault_tolerance != "torchft":
         return
     if p.ft_groups < 1 or not 0 <= p.ft_replica_group < p.ft_groups:
-        raise ConfigError(f"parallel.ft_replica_group = {p.ft_replica_group} is not a group of parallel.ft_groups = "
-                          f"{p.ft_groups}; number the groups 0 ... ft_groups - 1")
+        raise ConfigError(
+            f"parallel.ft_replica_group = {p.ft_replica_group} is not a group of parallel.ft_groups = "
+            f"{p.ft_groups}; number the groups 0 ... ft_groups - 1"
+        )
     if not 1 <= p.ft_min_replicas <= p.ft_groups:
-        raise ConfigError(f"parallel.ft_min_replicas = {p.ft_min_replicas} must be between 1 and parallel.ft_groups "
-                          f"= {p.ft_groups}")
+        raise ConfigError(
+            f"parallel.ft_min_replicas = {p.ft_min_replicas} must be between 1 and parallel.ft_groups = {p.ft_groups}"
+        )
     if not (p.ft_timeout_s > 0 and p.ft_quorum_timeout_s > 0):
-        raise ConfigError(f"parallel.ft_timeout_s and parallel.ft_quorum_timeout_s must be > 0 (got {p.ft_timeout_s}, "
-                          f"{p.ft_quorum_timeout_s})")
-    unsupported = [(d.pp > 1, f"parallel.pp = {d.pp} (a healing group would need each stage's state from its peer "
-                              "stage; not built yet)"),
-                   (p.dp_backend != "fsdp2", f"parallel.dp_backend = {p.dp_backend!r} (the DeepSpeed engine owns its "
-                                             "gradient reduction and optimizer step)"),
-                   (d.dp_replicate > 1, f"parallel.dp_replicate = {d.dp_replicate} (the replica groups are the "
-                                        "replicated dimension: launch one group per replica instead)")]
+        raise ConfigError(
+            f"parallel.ft_timeout_s and parallel.ft_quorum_timeout_s must be > 0 (got {p.ft_timeout_s}, "
+            f"{p.ft_quorum_timeout_s})"
+        )
+    unsupported = [
+        (
+            d.pp > 1,
+            f"parallel.pp = {d.pp} (a healing group would need each stage's state from its peer stage; not built yet)",
+        ),
+        (
+            p.dp_backend != "fsdp2",
+            f"parallel.dp_backend = {p.dp_backend!r} (the DeepSpeed engine owns its "
+            "gradient reduction and optimizer step)",
+        ),
+        (
+            d.dp_replicate > 1,
+            f"parallel.dp_replicate = {d.dp_replicate} (the replica groups are the "
+            "replicated dimension: launch one group per replica instead)",
+        ),
+    ]
     for bad, what in unsupported:
         if bad:
-            raise ConfigError(f"parallel.fault_tolerance = 'torchft' does not work with {what}; use "
-                              "fault_tolerance = 'none' for this layout")
+            raise ConfigError(
+                f"parallel.fault_tolerance = 'torchft' does not work with {what}; use "
+                "fault_tolerance = 'none' for this layout"
+            )
     micro_batch_size(cfg.train, d.dp * p.ft_groups)  # the global batch splits over every group's ranks
     if device_type is not None:
         require_torchft()
         if not (p.ft_lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")):
-            raise ConfigError("parallel.fault_tolerance = 'torchft' needs the lighthouse's address: set "
-                              "parallel.ft_lighthouse = 'http://host:port' or $TORCHFT_LIGHTHOUSE (start it with "
-                              "`torchft_lighthouse --bind [::]:29510 --min_replicas 1`, or use `meshforge launch --ft`)")
+            raise ConfigError(
+                "parallel.fault_tolerance = 'torchft' needs the lighthouse's address: set "
+                "parallel.ft_lighthouse = 'http://host:port' or $TORCHFT_LIGHTHOUSE (start it with "
+                "`torchft_lighthouse --bind [::]:29510 --min_replicas 1`, or use `meshforge launch --ft`)"
+            )
 
 
 def require_torchft() -> None:
-    os.environ.setdefault("RUST_LOG", "warn")  # before torchft's first import: its Rust side logs each quorum and vote at info
+    os.environ.setdefault(
+        "RUST_LOG", "warn"
+    )  # before torchft's first import: its Rust side logs each quorum and vote at info
     try:
         importlib.import_module("torchft.manager")
     except ImportError as e:
-        raise ConfigError(f"parallel.fault_tolerance = 'torchft' needs the torchft package, which is not installed "
-                          f"({e}); install the ft extra: {INSTALL_HINT}") from None
+        raise ConfigError(
+            f"parallel.fault_tolerance = 'torchft' needs the torchft package, which is not installed "
+            f"({e}); install the ft extra: {INSTALL_HINT}"
+        ) from None
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -99,8 +122,14 @@ class ReplicaGroups:
     (the rank of the same number in the peer group), through torchft's HTTP transport.
     """
 
-    def __init__(self, p: ParallelConfig, rank: int, world_size: int,
-                 state_dict: Callable[[], dict], load_state_dict: Callable[[dict], None]):
+    def __init__(
+        self,
+        p: ParallelConfig,
+        rank: int,
+        world_size: int,
+        state_dict: Callable[[], dict],
+        load_state_dict: Callable[[dict], None],
+    ):
         require_torchft()
         from torchft.manager import Manager
         from torchft.process_group import ProcessGroupGloo
@@ -120,16 +149,24 @@ class ReplicaGroups:
             self._own_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
             addr, port = "127.0.0.1", self._own_store.port
         self.manager = Manager(
-            pg=ProcessGroupGloo(timeout=timeout), state_dict=state_dict, load_state_dict=load_state_dict,
-            min_replica_size=p.ft_min_replicas, timeout=timeout,
-            quorum_timeout=timedelta(seconds=p.ft_quorum_timeout_s), connect_timeout=timeout,
-            rank=rank, world_size=world_size, store_addr=addr, store_port=int(port),
+            pg=ProcessGroupGloo(timeout=timeout),
+            state_dict=state_dict,
+            load_state_dict=load_state_dict,
+            min_replica_size=p.ft_min_replicas,
+            timeout=timeout,
+            quorum_timeout=timedelta(seconds=p.ft_quorum_timeout_s),
+            connect_timeout=timeout,
+            rank=rank,
+            world_size=world_size,
+            store_addr=addr,
+            store_port=int(port),
             lighthouse_addr=self.lighthouse,
             replica_id=f"meshforge_group_{self.group}",
             # the quorum (and a heal) before the forward: a healed group trains its first step in full, on the
             # batch its peer reads, and a peer with another layout is refused before any cross-group collective
             use_async_quorum=False,
-            init_sync=True)  # at step 0 the groups heal from one of them too: that checks their layouts
+            init_sync=True,
+        )  # at step 0 the groups heal from one of them too: that checks their layouts
 
     def start_step(self) -> None:
         """Wait for this step's quorum from the lighthouse; a group behind it heals here (``load_state_dict``)."""
@@ -138,16 +175,18 @@ class ReplicaGroups:
     def average(self, tensors: list[torch.Tensor]) -> list[int]:
         """Average ``tensors`` in place over the groups of this step's quorum in one flat all-reduce;
         -> the ids of the groups that contributed."""
-        flat = torch.cat([t.reshape(-1) for t in tensors] +
-                         [torch.nn.functional.one_hot(torch.tensor(self.group), self.groups).to(tensors[0])])
+        flat = torch.cat(
+            [t.reshape(-1) for t in tensors]
+            + [torch.nn.functional.one_hot(torch.tensor(self.group), self.groups).to(tensors[0])]
+        )
         work = self.manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM)
         work.wait()
-        members = flat[-self.groups:]
+        members = flat[-self.groups :]
         count = max(int(members.sum().round().item()), 1)
         offset = 0
         for t in tensors:
             n = t.numel()
-            t.copy_(flat[offset:offset + n].view_as(t) / count)
+            t.copy_(flat[offset : offset + n].view_as(t) / count)
             offset += n
         return [g for g in range(self.groups) if members[g].item() > 0.5]
 

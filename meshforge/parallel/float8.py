@@ -42,15 +42,18 @@ def check_float8(cfg: JobConfig, device: torch.device) -> None:
     if recipe == "off":
         return
     if cfg.parallel.dp_backend == "deepspeed":
-        raise ConfigError(f"train.float8 = {recipe!r} is not supported with parallel.dp_backend = 'deepspeed' "
-                          "(torchao's float8 composes with FSDP2); use parallel.dp_backend = 'fsdp2'")
+        raise ConfigError(
+            f"train.float8 = {recipe!r} is not supported with parallel.dp_backend = 'deepspeed' "
+            "(torchao's float8 composes with FSDP2); use parallel.dp_backend = 'fsdp2'"
+        )
     where = f"train.float8 = {recipe!r} needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell)"
     if device.type != "cuda":
         raise ConfigError(f"{where}; this job runs on {device.type}: use train.float8 = 'off'")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ConfigError(f"{where}; {torch.cuda.get_device_name(device)} has {major}.{minor}: "
-                          "use train.float8 = 'off'")
+        raise ConfigError(
+            f"{where}; {torch.cuda.get_device_name(device)} has {major}.{minor}: use train.float8 = 'off'"
+        )
     try:
         import torchao.float8  # noqa: F401
     except ImportError as e:
@@ -83,8 +86,9 @@ def apply_float8(model: nn.Module, recipe: str, fsdp_float8_all_gather: bool = F
         if recipe != "tensorwise":
             raise ValueError("the float8 FSDP all-gather needs tensorwise scaling")
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)  # the tensorwise recipe is the default config
-    return convert_to_float8_training(model, config=config,
-                                      module_filter_fn=lambda module, name: float8_skip_reason(name, module) is None)
+    return convert_to_float8_training(
+        model, config=config, module_filter_fn=lambda module, name: float8_skip_reason(name, module) is None
+    )
 
 
 def float8_fsdp_all_gather(cfg: JobConfig, fsdp: bool) -> bool:

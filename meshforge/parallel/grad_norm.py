@@ -40,8 +40,9 @@ def total_grad_norm(parameters, pp_group: dist.ProcessGroup | None = None, count
     return total.sqrt()
 
 
-def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None,
-                   counted_elsewhere=()) -> torch.Tensor:
+def clip_grad_norm(
+    parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None, counted_elsewhere=()
+) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping); return the norm.
 
     ``counted_elsewhere`` are left out of the norm (see :func:`total_grad_norm`) but clipped."""

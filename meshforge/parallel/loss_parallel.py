@@ -89,12 +89,13 @@ def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_c
         return lm_loss(logits, targets, z_loss_coef)
     vocab_dim = logits.ndim - 1
     mesh = logits.device_mesh
-    shard_dims = [i for i, p in enumerate(logits.placements)
-                  if isinstance(p, Shard) and p.dim in (-1, vocab_dim)]
+    shard_dims = [i for i, p in enumerate(logits.placements) if isinstance(p, Shard) and p.dim in (-1, vocab_dim)]
     others = [p for i, p in enumerate(logits.placements) if i not in shard_dims and not p.is_replicate()]
     if len(shard_dims) != 1 or others:
-        raise ValueError(f"vocab_parallel_lm_loss needs logits sharded on the vocab dim over one mesh dim, "
-                         f"got placements {logits.placements}")
+        raise ValueError(
+            f"vocab_parallel_lm_loss needs logits sharded on the vocab dim over one mesh dim, "
+            f"got placements {logits.placements}"
+        )
     mesh_dim = shard_dims[0]
     local = logits.to_local()
     vocab = logits.shape[-1]
@@ -117,8 +118,13 @@ def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_c
     return LossParts(ce + z, ce, z)
 
 
-def fused_output_loss(module: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, z_loss_coef: float = 0.0,
-                      chunk_size: int | None = None) -> LossParts:
+def fused_output_loss(
+    module: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    z_loss_coef: float = 0.0,
+    chunk_size: int | None = None,
+) -> LossParts:
     """The LM loss of ``module`` (a decoder, or the last stage of one, after parallelize) computed from its
     final hidden states ``module(..., return_hidden=True)`` and its output weight in chunks, never
     materialising the logits; equal to the plain loss of the same layout (see the module docstring)."""
@@ -137,15 +143,25 @@ def _fused_output_loss(module, hidden, targets, z_loss_coef, chunk_size) -> Loss
         return fused_linear_lm_loss(hidden, weight, targets, z_loss_coef, module.logit_scale, chunk_size)
     mesh = weight.device_mesh
     if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),) or not isinstance(hidden, DTensor):
-        raise ValueError(f"the fused loss needs the output weight vocab-sharded on a 1-D tp mesh and DTensor hidden "
-                         f"states, got weight placements {weight.placements} on a {mesh.ndim}-D mesh")
+        raise ValueError(
+            f"the fused loss needs the output weight vocab-sharded on a 1-D tp mesh and DTensor hidden "
+            f"states, got weight placements {weight.placements} on a {mesh.ndim}-D mesh"
+        )
     vocab, tp = weight.shape[0], mesh.size()
     if vocab % tp:
         raise ValueError(f"vocab size {vocab} must shard evenly over {tp} ranks")
     # every token on every tp rank; the gradient that comes back is this rank's partial sum
     full = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
-    return fused_linear_lm_loss(full, weight.to_local(), targets, z_loss_coef, module.logit_scale, chunk_size,
-                                group=mesh.get_group(), vocab_start=mesh.get_local_rank() * (vocab // tp))
+    return fused_linear_lm_loss(
+        full,
+        weight.to_local(),
+        targets,
+        z_loss_coef,
+        module.logit_scale,
+        chunk_size,
+        group=mesh.get_group(),
+        vocab_start=mesh.get_local_rank() * (vocab // tp),
+    )
 
 
 def uses_loss_parallel(cfg: JobConfig, tp: int) -> bool:

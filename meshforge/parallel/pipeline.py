@@ -91,8 +91,9 @@ class PipelinePlan:
         return [pp_rank + k * self.pp for k in range(self.stages_per_rank)]
 
 
-def split_layers(n_layers: int, n_stages: int, pp_split: str = "", what: str = "model.n_layers",
-                 stages_from: str = "") -> tuple[tuple[int, int], ...]:
+def split_layers(
+    n_layers: int, n_stages: int, pp_split: str = "", what: str = "model.n_layers", stages_from: str = ""
+) -> tuple[tuple[int, int], ...]:
     """Layer ranges of ``n_stages`` stages: balanced, or from ``pp_split`` (first layer of each later stage).
 
     ``what`` names the layer count in errors (an encoder-decoder splits encoder + decoder layers),
@@ -103,8 +104,9 @@ def split_layers(n_layers: int, n_stages: int, pp_split: str = "", what: str = "
         try:
             starts = [int(s) for s in pp_split.split(",")]
         except ValueError:
-            raise ConfigError(f"parallel.pp_split = {pp_split!r} must be comma-separated layer numbers, e.g. '3,6'") \
-                from None
+            raise ConfigError(
+                f"parallel.pp_split = {pp_split!r} must be comma-separated layer numbers, e.g. '3,6'"
+            ) from None
         if len(starts) != n_stages - 1:
             raise ConfigError(
                 f"parallel.pp_split = {pp_split!r} gives {len(starts) + 1} stages but the pipeline has {n_stages} "
@@ -156,8 +158,10 @@ def schedule_refuses(schedule: str, n_microbatches: int, pp: int) -> str:
     if schedule in ("interleaved_1f1b", "zero_bubble"):
         rounds = max(1, n_microbatches // pp)
         if n_microbatches % rounds:
-            return (f"schedule {schedule!r} needs the microbatch count ({n_microbatches}) to be a multiple of {rounds} "
-                    f"(= microbatches // parallel.pp); a multiple of parallel.pp = {pp} always works")
+            return (
+                f"schedule {schedule!r} needs the microbatch count ({n_microbatches}) to be a multiple of {rounds} "
+                f"(= microbatches // parallel.pp); a multiple of parallel.pp = {pp} always works"
+            )
     return ""
 
 
@@ -180,8 +184,11 @@ def pipeline_microbatches(cfg: JobConfig, d: Degrees, stages_per_rank: int) -> i
         source = f"local batch {local_batch} / train.micro_batch_size {micro} = {n_mb} microbatches"
     else:
         target = 2 * d.pp * stages_per_rank
-        fits = [n for n in range(1, local_batch + 1)
-                if local_batch % n == 0 and not schedule_refuses(p.pp_schedule, n, d.pp)]
+        fits = [
+            n
+            for n in range(1, local_batch + 1)
+            if local_batch % n == 0 and not schedule_refuses(p.pp_schedule, n, d.pp)
+        ]
         if not fits:
             raise ConfigError(
                 f"no microbatch count suits schedule {p.pp_schedule!r} with parallel.pp = {d.pp} on a local batch of "
@@ -191,8 +198,10 @@ def pipeline_microbatches(cfg: JobConfig, d: Degrees, stages_per_rank: int) -> i
         return min(fits, key=lambda n: (abs(n - target), -n))
     why = schedule_refuses(p.pp_schedule, n_mb, d.pp)
     if why:
-        raise ConfigError(f"{source}: {why}; set a smaller train.micro_batch_size, parallel.pp_microbatches, or 0 "
-                          "for both to pick one that fits")
+        raise ConfigError(
+            f"{source}: {why}; set a smaller train.micro_batch_size, parallel.pp_microbatches, or 0 "
+            "for both to pick one that fits"
+        )
     return n_mb
 
 
@@ -257,12 +266,12 @@ class PipelineModel(nn.Module):
 def split_model(model: nn.Module, plan: PipelinePlan, pp_rank: int) -> list[nn.Module]:
     """The stage modules of ``pp_rank`` (in stage order); the rest of ``model`` is dropped."""
     last, stage = plan.n_stages - 1, family_spec(model.cfg.family).stage
-    return [stage(model, *plan.layer_ranges[s], first=s == 0, last=s == last)
-            for s in plan.stages_of_rank(pp_rank)]
+    return [stage(model, *plan.layer_ranges[s], first=s == 0, last=s == last) for s in plan.stages_of_rank(pp_rank)]
 
 
-def apply_pipeline(model: nn.Module, mesh: DeviceMesh, plan: PipelinePlan,
-                   parallelize_stage: Callable[[nn.Module], nn.Module]) -> PipelineModel:
+def apply_pipeline(
+    model: nn.Module, mesh: DeviceMesh, plan: PipelinePlan, parallelize_stage: Callable[[nn.Module], nn.Module]
+) -> PipelineModel:
     """Split ``model`` by ``plan`` (:func:`~meshforge.parallel.job_checks.check_job`'s) for this rank's
     pipeline coordinate, parallelize each stage, return the view."""
     pp_rank = mesh.get_local_rank("pp")
@@ -284,8 +293,12 @@ def schedule_class(name: str):
         ScheduleInterleavedZeroBubble,
     )
 
-    return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
-            "zero_bubble": ScheduleInterleavedZeroBubble}[name]
+    return {
+        "gpipe": ScheduleGPipe,
+        "1f1b": Schedule1F1B,
+        "interleaved_1f1b": ScheduleInterleaved1F1B,
+        "zero_bubble": ScheduleInterleavedZeroBubble,
+    }[name]
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], object]
@@ -319,9 +332,17 @@ class PipelineRunner:
     RoPE positions reach every stage as keyword inputs (``PipelineModel.stage_inputs``).
     """
 
-    def __init__(self, model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn,
-                 z_loss_coef: float, autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model: PipelineModel,
+        mesh: DeviceMesh,
+        device: torch.device,
+        loss_fn: LossFn,
+        z_loss_coef: float,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        model_inputs: InputsFn = lm_inputs,
+        stage_kwargs: dict | None = None,
+    ):
         from torch.distributed.pipelining import PipelineStage
 
         self.model = model
@@ -343,8 +364,10 @@ class PipelineRunner:
 
         # torch 2.11's PipelineStage takes no get_mesh: its stages pass plain tensors only (check_job)
         dtensor_kw = {"get_mesh": get_mesh} if stage_takes_mesh() else {}
-        self.stages = [PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, **dtensor_kw)
-                       for part, sid in zip(model.parts, model.stage_ids)]
+        self.stages = [
+            PipelineStage(part, sid, self.plan.n_stages, device, group=self.pp_group, **dtensor_kw)
+            for part, sid in zip(model.parts, model.stage_ids)
+        ]
         self.schedule = None  # built for the keyword inputs of the first batch (see _schedule_for)
         self._schedule_trains = True  # whether it was built for training (else for evaluation)
         # ranks holding the last stage: one per (dp, cp, tp) coordinate
@@ -418,8 +441,12 @@ class PipelineRunner:
         dist.all_reduce(local, op=dist.ReduceOp.SUM)
         return local / self._loss_holders
 
-    def train_step(self, batch: torch.Tensor, stats: RouterStats | None = None,
-                   extend: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def train_step(
+        self,
+        batch: torch.Tensor,
+        stats: RouterStats | None = None,
+        extend: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Forward + backward of ``batch`` (this data-parallel rank's slice); returns global [ce, z_loss].
 
         MoE router statistics go to ``stats``; with tied embeddings, the two copies' gradients
@@ -445,10 +472,27 @@ class PipelineRunner:
         return (self._global_mean(total) / max(count, 1))[0].item()
 
 
-def build_runner(model: PipelineModel, mesh: DeviceMesh, device: torch.device, loss_fn: LossFn, z_loss_coef: float,
-                 autocast=None, model_inputs: InputsFn = lm_inputs, stage_kwargs: dict | None = None) -> PipelineRunner:
+def build_runner(
+    model: PipelineModel,
+    mesh: DeviceMesh,
+    device: torch.device,
+    loss_fn: LossFn,
+    z_loss_coef: float,
+    autocast=None,
+    model_inputs: InputsFn = lm_inputs,
+    stage_kwargs: dict | None = None,
+) -> PipelineRunner:
     return PipelineRunner(model, mesh, device, loss_fn, z_loss_coef, autocast, model_inputs, stage_kwargs)
 
 
-__all__ = ["PipelineModel", "PipelinePlan", "PipelineRunner", "apply_pipeline", "build_runner",
-           "lm_inputs", "plan_pipeline", "split_layers", "split_model"]
+__all__ = [
+    "PipelineModel",
+    "PipelinePlan",
+    "PipelineRunner",
+    "apply_pipeline",
+    "build_runner",
+    "lm_inputs",
+    "plan_pipeline",
+    "split_layers",
+    "split_model",
+]

@@ -122,8 +122,9 @@ def _block_backward(do, q, k, v, out, lse, diagonal: bool, same_doc, scale: floa
     """(dq, dk, dv) of one block pair from the FINAL out and lse of the query rows."""
     if fused:
         causal = diagonal and same_doc is None
-        return _FLASH_CPU_BACKWARD(do, q, k, v, out, lse, 0.0, causal,
-                                   attn_mask=_fused_mask(diagonal, same_doc, q), scale=scale)
+        return _FLASH_CPU_BACKWARD(
+            do, q, k, v, out, lse, 0.0, causal, attn_mask=_fused_mask(diagonal, same_doc, q), scale=scale
+        )
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     mask = _math_mask(diagonal, same_doc, q.shape[2], q.device)
     if mask is not None:
@@ -209,8 +210,9 @@ class _RingAttention(torch.autograd.Function):
                 for kj, j in enumerate(zigzag_chunks(_visiting(ring, step), cp)):
                     if j > i:  # a later chunk: causally invisible
                         continue
-                    bo, bl = _block_forward(q_parts[qi], kf[kj], vf[kj], i == j, _doc_mask(seg_q[qi], seg_k[kj]),
-                                            scale, fused)
+                    bo, bl = _block_forward(
+                        q_parts[qi], kf[kj], vf[kj], i == j, _doc_mask(seg_q[qi], seg_k[kj]), scale, fused
+                    )
                     out[qi], lse[qi] = _merge(out[qi], lse[qi], bo, bl)
             if step < cp - 1:
                 kv = ring.shift(kv)
@@ -245,8 +247,18 @@ class _RingAttention(torch.autograd.Function):
                 for kj, j in enumerate(zigzag_chunks(_visiting(ring, step), cp)):
                     if j > i:
                         continue
-                    g = _block_backward(do_parts[qi], q_parts[qi], kf[kj], vf[kj], out_parts[qi], lse_parts[qi],
-                                        i == j, _doc_mask(seg_q[qi], seg_k[kj]), scale, ctx.fused)
+                    g = _block_backward(
+                        do_parts[qi],
+                        q_parts[qi],
+                        kf[kj],
+                        vf[kj],
+                        out_parts[qi],
+                        lse_parts[qi],
+                        i == j,
+                        _doc_mask(seg_q[qi], seg_k[kj]),
+                        scale,
+                        ctx.fused,
+                    )
                     dq[qi] += g[0]
                     dk_parts[kj].add_(_fold_kv_grad(g[1], groups))
                     dv_parts[kj].add_(_fold_kv_grad(g[2], groups))
@@ -258,8 +270,14 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                   segments: torch.Tensor | None = None, fused: bool | None = None) -> torch.Tensor:
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group,
+    segments: torch.Tensor | None = None,
+    fused: bool | None = None,
+) -> torch.Tensor:
     """Causal attention of this rank's zigzag chunks against the whole sequence held by ``group``.
 
     q [B, H, 2c, D], k/v [B, H_kv, 2c, D] (this rank's chunks r and 2*cp-1-r, concatenated);

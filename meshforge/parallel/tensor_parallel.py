@@ -102,9 +102,13 @@ class GatheredSequenceParallel(SequenceParallel):
 def _distribute_params(module: nn.Module, mesh: DeviceMesh, placement, src_data_rank) -> None:
     """``module``'s own parameters made DTensors of ``placement`` on ``mesh``."""
     for pname, param in list(module.named_parameters(recurse=False)):
-        module.register_parameter(pname, nn.Parameter(
-            distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank),
-            requires_grad=param.requires_grad))
+        module.register_parameter(
+            pname,
+            nn.Parameter(
+                distribute_tensor(param, mesh, [placement], src_data_rank=src_data_rank),
+                requires_grad=param.requires_grad,
+            ),
+        )
 
 
 class HeadParallel(ParallelStyle):
@@ -129,8 +133,7 @@ class HeadParallel(ParallelStyle):
         return output.redistribute(placements=[Shard(1)]).to_local()  # already Shard(1): no communication
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, self._partition, self._prepare_input_fn,
-                                 self._prepare_output_fn)
+        return distribute_module(module, device_mesh, self._partition, self._prepare_input_fn, self._prepare_output_fn)
 
 
 class GatheredChannelNorm(ParallelStyle):
@@ -146,35 +149,35 @@ class GatheredChannelNorm(ParallelStyle):
 
     @staticmethod
     def _prepare_input_fn(module, inputs, mesh):
-        return tuple(DTensor.from_local(t, mesh, [Shard(t.dim() - 1)], run_check=False).redistribute(
-            placements=[Replicate()]) for t in inputs)
+        return tuple(
+            DTensor.from_local(t, mesh, [Shard(t.dim() - 1)], run_check=False).redistribute(placements=[Replicate()])
+            for t in inputs
+        )
 
     @staticmethod
     def _prepare_output_fn(module, output, mesh):
         return output.redistribute(placements=[Shard(output.dim() - 1)]).to_local()
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        return distribute_module(module, device_mesh, self._partition, self._prepare_input_fn,
-                                 self._prepare_output_fn)
+        return distribute_module(module, device_mesh, self._partition, self._prepare_input_fn, self._prepare_output_fn)
 
 
 STYLE_NAMES = {
     "embedding": "vocab-sharded rows (RowwiseParallel): each rank looks up its own token ids, the partial sums "
-                 "are reduce-scattered onto the sequence dim (SP) or all-reduced",
+    "are reduce-scattered onto the sequence dim (SP) or all-reduced",
     "colwise": "ColwiseParallel: output features (heads) sharded; the input arrives gathered",
     "rowwise": "RowwiseParallel back onto the residual stream: reduce-scatter (SP) or all-reduce",
     "gather_input": "the module's input, the residual stream, gathered to the whole sequence (PrepareModuleInput); "
-                    "'gather_input:N' for a module of N positional inputs, the first the stream",
+    "'gather_input:N' for a module of N positional inputs, the first the stream",
     "norm": "SequenceParallel: a norm on this rank's sequence shard, weight replicated (dropped without SP)",
     "gathered_norm": "GatheredSequenceParallel: an SP norm whose output is gathered once for all its readers "
-                     "(needs SP)",
-    "head_norm": "a per-head norm on this rank's heads (input sharded on the head dim, weight gradient summed "
-                 "over tp)",
+    "(needs SP)",
+    "head_norm": "a per-head norm on this rank's heads (input sharded on the head dim, weight gradient summed over tp)",
     "channel_norm": "GatheredChannelNorm: a norm over a colwise projection's whole output (its channels gathered, "
-                    "the norm replicated, this rank's channels kept)",
+    "the norm replicated, this rank's channels kept)",
     "heads": "HeadParallel: a [entries, heads] table sharded by heads",
     "replicated_moe": "an MoE feed-forward run replicated over tp on the gathered sequence (a plain tensor), its "
-                      "output sliced back onto this rank's sequence shard",
+    "output sliced back onto this rank's sequence shard",
     "output": "ColwiseParallel from the stream to the logits: vocab-sharded DTensor (loss parallel) or gathered",
 }
 """The style names a family's TP plan may use (``ModelSpec.tp_plan``), and what each does."""
@@ -220,16 +223,25 @@ def _style(name: str, sequence_parallel: bool, loss_parallel: bool, float8: bool
         return HeadParallel()
     if base == "replicated_moe":
         return PrepareModuleInputOutput(
-            input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
-            output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=local)
+            input_layouts=(stream,),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=(Replicate(),),
+            desired_output_layouts=(stream,),
+            use_local_output=local,
+        )
     if base == "output":
-        return ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                               use_local_output=not loss_parallel)
+        return ColwiseParallel(
+            input_layouts=stream,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
     raise ValueError(f"TP plan style {name!r} is not one of {', '.join(STYLE_NAMES)}")
 
 
-def build_tp_plan(m: ModelConfig, loss_parallel: bool, sequence_parallel: bool = True,
-                  float8: bool = False) -> dict[str, ParallelStyle]:
+def build_tp_plan(
+    m: ModelConfig, loss_parallel: bool, sequence_parallel: bool = True, float8: bool = False
+) -> dict[str, ParallelStyle]:
     """The family's TP plan (``ModelSpec.tp_plan``) as ``{path pattern: ParallelStyle}``.
 
     ``loss_parallel`` keeps the logits vocab-sharded (``Shard(-1)`` DTensor); otherwise the output
@@ -253,13 +265,18 @@ def _resolves(model: nn.Module, pattern: str) -> bool:
 def _all_float8(blocks: dict[str, nn.Module], names: dict[str, str]) -> bool:
     """Every linear layer the plan splits column- or row-wise in the blocks (attention, dense FFN; an MoE
     runs replicated) is a torchao Float8Linear."""
-    linears = [m for name, b in blocks.items() for sub, m in b.named_modules() if isinstance(m, nn.Linear)
-               and names.get(f"{name}.{sub.split('.')[0]}") != "replicated_moe"]
+    linears = [
+        m
+        for name, b in blocks.items()
+        for sub, m in b.named_modules()
+        if isinstance(m, nn.Linear) and names.get(f"{name}.{sub.split('.')[0]}") != "replicated_moe"
+    ]
     return bool(linears) and all(type(m).__name__ == "Float8Linear" for m in linears)
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True,
-             float8: bool = False) -> nn.Module:
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequence_parallel: bool = True, float8: bool = False
+) -> nn.Module:
     """Shard ``model`` (a decoder or an encoder-decoder, or a pipeline stage of one) over the 1-D ``tp_mesh``
     in place. ``float8``: torchao's float8 TP styles for the block projections (tensorwise float8), where
     all of them were converted."""
@@ -272,10 +289,16 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
         if names.get(f"{name}.feed_forward") == "replicated_moe":
             continue  # replicated over tp (see STYLE_NAMES)
         if not all(isinstance(getattr(block.feed_forward, w, None), nn.Linear) for w in ("w1", "w2", "w3")):
-            raise ValueError(f"apply_tp: {name}.feed_forward is a {type(block.feed_forward).__name__}, "
-                             "not a dense gated FFN; the TP plans do not cover it (MoE needs its own plan)")
-    tied = bool(getattr(model.cfg, "tie_embeddings", False)) and model.tok_embeddings is not None \
-        and model.output is not None and model.output.weight is model.tok_embeddings.weight
+            raise ValueError(
+                f"apply_tp: {name}.feed_forward is a {type(block.feed_forward).__name__}, "
+                "not a dense gated FFN; the TP plans do not cover it (MoE needs its own plan)"
+            )
+    tied = (
+        bool(getattr(model.cfg, "tie_embeddings", False))
+        and model.tok_embeddings is not None
+        and model.output is not None
+        and model.output.weight is model.tok_embeddings.weight
+    )
     plan = build_tp_plan(model.cfg, cfg.loss_parallel, sequence_parallel, float8=float8 and _all_float8(blocks, names))
     plan = {k: v for k, v in plan.items() if _resolves(model, k)}  # a pipeline stage holds only some modules
     parallelize_module(model, tp_mesh, plan)
@@ -286,4 +309,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, cfg: ParallelConfig, sequenc
     return model
 
 
-__all__ = ["STYLE_NAMES", "GatheredChannelNorm", "GatheredSequenceParallel", "HeadParallel", "apply_tp", "build_tp_plan"]
+__all__ = [
+    "STYLE_NAMES",
+    "GatheredChannelNorm",
+    "GatheredSequenceParallel",
+    "HeadParallel",
+    "apply_tp",
+    "build_tp_plan",
+]

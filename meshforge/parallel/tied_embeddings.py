@@ -48,8 +48,9 @@ class TiedEmbeddingGrads:
         if weight is not None:
             ranks = dist.get_process_group_ranks(pp_group)
             # only the two members create (and synchronise on) their pair group
-            self.group = dist.new_group([ranks[0], ranks[-1]], use_local_synchronization=True,
-                                         timeout=group_timeout(pp_group))
+            self.group = dist.new_group(
+                [ranks[0], ranks[-1]], use_local_synchronization=True, timeout=group_timeout(pp_group)
+            )
 
     @torch.no_grad()
     def sum_(self) -> None:

@@ -79,8 +79,9 @@ def _rank_order(x: torch.Tensor, cp: int, dim: int) -> torch.Tensor:
     return torch.cat([zigzag_split(x, r, cp, dim=dim) for r in range(cp)], dim=dim)
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                      segments: torch.Tensor | None = None) -> torch.Tensor:
+def ulysses_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """Causal attention for this rank's zigzag chunks via head/sequence all-to-all.
 
     Same contract as ``ring_attention``: q [B, H, 2c, D], k/v [B, H_kv, 2c, D], ``segments``
@@ -88,8 +89,10 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
     """
     cp = dist.get_world_size(group)
     if q.shape[1] % cp or k.shape[1] % cp:
-        raise ValueError(f"all-to-all context parallel needs heads ({q.shape[1]}) and key/value heads "
-                         f"({k.shape[1]}) divisible by cp = {cp}")
+        raise ValueError(
+            f"all-to-all context parallel needs heads ({q.shape[1]}) and key/value heads "
+            f"({k.shape[1]}) divisible by cp = {cp}"
+        )
     q, k, v = (_natural_order(_SeqToHeads.apply(t, group), cp, dim=2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if segments is None:

@@ -15,24 +15,42 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=8)
     from .devices import load_devices
 
-    p.add_argument("--gpu", default="h100-80gb", help=f"device from the table ({', '.join(load_devices())}; "
-                   "more with --devices)")
+    p.add_argument(
+        "--gpu", default="h100-80gb", help=f"device from the table ({', '.join(load_devices())}; more with --devices)"
+    )
     p.add_argument("--devices", default=None, help="a TOML file of extra or changed devices (same keys)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the config's data.seq_len)")
-    p.add_argument("--global-batch-tokens", default=None,
-                   help="tokens per optimizer step, e.g. 4M (= 4*2^20); default: the config's global batch")
+    p.add_argument(
+        "--global-batch-tokens",
+        default=None,
+        help="tokens per optimizer step, e.g. 4M (= 4*2^20); default: the config's global batch",
+    )
     p.add_argument("--top", type=int, default=10, help="layouts to list")
-    p.add_argument("--efficiency", type=float, default=None,
-                   help="flat fraction of peak a step's compute reaches (default: 0.5 at the device's best GEMM "
-                        "shapes, scaled by its GEMM curve in meshforge/plan/efficiency.toml at the layout's shapes)")
+    p.add_argument(
+        "--efficiency",
+        type=float,
+        default=None,
+        help="flat fraction of peak a step's compute reaches (default: 0.5 at the device's best GEMM "
+        "shapes, scaled by its GEMM curve in meshforge/plan/efficiency.toml at the layout's shapes)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build the model on the meta device and apply the real parallelize for the config's layout "
-                        "(its parallel.* keys) at the full world size in this process (fake process group)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model on the meta device and apply the real parallelize for the config's layout "
+        "(its parallel.* keys) at the full world size in this process (fake process group)",
+    )
     p.add_argument("--rank", type=int, default=0, help="the rank a dry run plays")
-    p.add_argument("--why", type=int, nargs="?", const=1, default=None, metavar="N",
-                   help="list the time terms (compute, bubble, exposed communication by group) of the N-th "
-                        "layout of the table (default: the first; with --parallel.* overrides: the given one)")
+    p.add_argument(
+        "--why",
+        type=int,
+        nargs="?",
+        const=1,
+        default=None,
+        metavar="N",
+        help="list the time terms (compute, bubble, exposed communication by group) of the N-th "
+        "layout of the table (default: the first; with --parallel.* overrides: the given one)",
+    )
 
 
 def run_plan(args: argparse.Namespace, rest: list[str]) -> int:

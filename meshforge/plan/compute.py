@@ -109,8 +109,11 @@ def layout_gemms(cfg: JobConfig, layout: Layout, B: int) -> list[tuple[float, fl
     m = cfg.model
     tp, M = layout.tp, B * cfg.data.seq_len // layout.cp
     D, Dkv, Hl = m.dim, m.kv_heads * m.head_dim, max(1, m.n_heads // tp)
-    out = [(2.0 * M * (D + 2 * Dkv) / tp * D, 1), (2.0 * M * D * D / tp, 1),
-           (2.0 * 2 * B * Hl * (cfg.data.seq_len // layout.cp) * cfg.data.seq_len * m.head_dim, 1)]
+    out = [
+        (2.0 * M * (D + 2 * Dkv) / tp * D, 1),
+        (2.0 * M * D * D / tp, 1),
+        (2.0 * 2 * B * Hl * (cfg.data.seq_len // layout.cp) * cfg.data.seq_len * m.head_dim, 1),
+    ]
     if m.moe_experts:
         tokens = max(1.0, M * m.moe_top_k / m.moe_experts)
         out.append((2.0 * tokens * m.expert_dim * D, 3 * m.moe_experts / layout.ep))
@@ -120,8 +123,9 @@ def layout_gemms(cfg: JobConfig, layout: Layout, B: int) -> list[tuple[float, fl
     return out
 
 
-def shape_efficiency(cfg: JobConfig, layout: Layout, B: int, device_key: str, cache: dict | None = None
-                     ) -> float | None:
+def shape_efficiency(
+    cfg: JobConfig, layout: Layout, B: int, device_key: str, cache: dict | None = None
+) -> float | None:
     """How fast the layout's GEMMs run on ``device_key`` relative to the device's largest ones: the
     FLOP-weighted (harmonic) efficiency of its GEMMs (the flat fraction of peak that takes as long as the
     GEMMs at their own efficiencies) over the curve's top value, at most 1; None when the device has no

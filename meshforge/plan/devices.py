@@ -75,10 +75,17 @@ def _device(key: str, table: dict, source: str) -> Device:
     missing = [k for k in _KEYS if k not in table]
     unknown = [k for k in table if k not in _KEYS]
     if missing or unknown:
-        raise ConfigError(f"{where}: " + "; ".join(
-            part for part in (f"missing {', '.join(missing)}" if missing else "",
-                              f"unknown keys {', '.join(unknown)} (known: {', '.join(_KEYS)})" if unknown else "")
-            if part))
+        raise ConfigError(
+            f"{where}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"unknown keys {', '.join(unknown)} (known: {', '.join(_KEYS)})" if unknown else "",
+                )
+                if part
+            )
+        )
     values: dict = {}
     for k in _KEYS:
         v = table[k]
@@ -95,8 +102,9 @@ def _device(key: str, table: dict, source: str) -> Device:
         elif k in _POSITIVE and v <= 0:
             raise ConfigError(f"{where}: {k} must be positive, got {v!r}")
         elif v < 0:
-            raise ConfigError(f"{where}: {k} must be 0 or positive, got {v!r}"
-                              + (" (0: one per rank)" if k == "cores" else ""))
+            raise ConfigError(
+                f"{where}: {k} must be 0 or positive, got {v!r}" + (" (0: one per rank)" if k == "cores" else "")
+            )
         values[k] = v if k in ("comm_overlap", "name") else int(v) if k in ("cores", "hbm_bytes") else float(v)
     return Device(key=key, **values)
 
@@ -105,9 +113,12 @@ def get_device(key: str, extra: str | Path | None = None) -> Device:
     devices = load_devices(extra)
     if key not in devices:
         low = key.lower()
-        close = ([k for k in sorted(devices) if k.startswith(low)]
-                 or difflib.get_close_matches(low, list(devices), n=1, cutoff=0.75))
+        close = [k for k in sorted(devices) if k.startswith(low)] or difflib.get_close_matches(
+            low, list(devices), n=1, cutoff=0.75
+        )
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(f"unknown device '{key}' for --gpu ({hint}known: {', '.join(sorted(devices))}; add one "
-                          "with --devices FILE.toml)")
+        raise ConfigError(
+            f"unknown device '{key}' for --gpu ({hint}known: {', '.join(sorted(devices))}; add one "
+            "with --devices FILE.toml)"
+        )
     return devices[key]

@@ -88,10 +88,12 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
         raise ConfigError(f"--rank {rank} is outside the world of {layout.world_size} ranks")
     job = check_layout(cfg, layout)
     if job.parallel.dp_backend == "deepspeed":
-        raise ConfigError("the dry run covers the fsdp2 backend; DeepSpeed's engine cannot be built on the meta "
-                          "device (deepspeed.initialize copies the model to its device, which meta tensors cannot "
-                          "do; with real weights the whole model would sit in this process), so its ZeRO numbers "
-                          "are the estimator's only")
+        raise ConfigError(
+            "the dry run covers the fsdp2 backend; DeepSpeed's engine cannot be built on the meta "
+            "device (deepspeed.initialize copies the model to its device, which meta tensors cannot "
+            "do; with real weights the whole model would sit in this process), so its ZeRO numbers "
+            "are the estimator's only"
+        )
     job.parallel.compile = "off"  # compiling changes no shapes; keep the dry run fast
     d = resolve_degrees(job.parallel, layout.world_size)
     plan = plan_pipeline(job, d) if d.pp > 1 else None  # the split check_layout accepted
@@ -107,10 +109,13 @@ def dry_run(cfg: JobConfig, layout: Layout, rank: int) -> DryRunResult:
         for p in params:
             p.grad = torch.zeros_like(p)
         state["grads"] = sum(_nbytes(p.grad) for p in params)
-        optimizer = build_optimizer(model, job.optim, "meta")  # foreach: the fused kernel takes no meta tensors; same state
+        optimizer = build_optimizer(
+            model, job.optim, "meta"
+        )  # foreach: the fused kernel takes no meta tensors; same state
         optimizer.step()
-        state["optimizer"] = sum(_nbytes(v) for s in optimizer.state.values() for v in s.values()
-                                 if isinstance(v, torch.Tensor))
+        state["optimizer"] = sum(
+            _nbytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        )
         result = DryRunResult(rank, layout.world_size, state)
         result.collectives = _collectives(model, job, layout, d, mesh, result.notes)
     return result
@@ -128,8 +133,11 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
     from ..parallel.expert_parallel import expert_modules
 
     mb = _n_microbatches(model, job, layout)
-    width = 2 if job.parallel.param_dtype == "bf16" or (job.parallel.param_dtype == "auto"
-                                                        and job.train.device == "cuda") else 4
+    width = (
+        2
+        if job.parallel.param_dtype == "bf16" or (job.parallel.param_dtype == "auto" and job.train.device == "cuda")
+        else 4
+    )
     out: list[dict] = []
 
     def add(op: str, group: str, size: int, nbytes: int, count: int) -> None:
@@ -169,8 +177,15 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
         from ..parallel.context_parallel import ContextParallelCore
 
         cores = sum(1 for m in model.modules() if isinstance(m, ContextParallelCore))
-        kv = job.train.micro_batch_size * job.data.seq_len // layout.cp * job.model.kv_heads * job.model.head_dim \
-            // layout.tp * width
+        kv = (
+            job.train.micro_batch_size
+            * job.data.seq_len
+            // layout.cp
+            * job.model.kv_heads
+            * job.model.head_dim
+            // layout.tp
+            * width
+        )
         fwd = 2 if job.parallel.activation_checkpointing == "full" else 1
         if job.parallel.cp_method == "ring":  # the ring's hops, as ring_attention.py sends them
             add("send/recv(K,V)", "cp", layout.cp, 2 * kv, mb * cores * (fwd + 1) * (layout.cp - 1))
@@ -186,8 +201,10 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
         for op, size, count in _trace_tp(job, mesh):
             add(op, "tp", layout.tp, size, count * mb)
         if job.model.moe_experts:
-            notes.append("tp collectives of the MoE model traced on a narrow copy with real values (routing needs "
-                         "them); the counts do not depend on the widths")
+            notes.append(
+                "tp collectives of the MoE model traced on a narrow copy with real values (routing needs "
+                "them); the counts do not depend on the widths"
+            )
     elif layout.tp > 1:
         notes.append("tp collectives not traced (pipeline or encoder-decoder model): see the estimate")
     return out
@@ -242,8 +259,14 @@ def narrow_copy(job: JobConfig, tp: int) -> JobConfig:
     from dataclasses import replace
 
     m = job.model
-    narrow = replace(m, dim=4 * m.n_heads, ffn_dim=4 * tp, moe_ffn_dim=4 * tp if m.moe_experts else 0,
-                     vocab_size=8 * tp, max_seq_len=max(2 * tp, 8))
+    narrow = replace(
+        m,
+        dim=4 * m.n_heads,
+        ffn_dim=4 * tp,
+        moe_ffn_dim=4 * tp if m.moe_experts else 0,
+        vocab_size=8 * tp,
+        max_seq_len=max(2 * tp, 8),
+    )
     out = copy.copy(job)
     out.model, out.data = narrow, replace(job.data, seq_len=2 * tp)
     return out
@@ -273,8 +296,9 @@ def _trace_tp(job: JobConfig, mesh) -> list[tuple[str, int, int]]:
     # ids) needs no gradient, so torch notes that its full backward hook fires on outputs only --
     # expected here, and nothing a user can act on
     with mode, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed",
-                                category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing when gradients are computed", category=UserWarning
+        )
         logits = model(tokens)
         lm_loss_fn(job, mesh["tp"].size())(logits, tokens, job.train.z_loss_coef).total.backward()
     return [(str(op).split(".")[-1].rstrip("_"), 0, n) for op, n in mode.get_comm_counts().items()]

@@ -99,7 +99,7 @@ class Layout:
             return self.zero
         if self.fsdp_shard == 1:
             return "replicated" if self.dp_replicate > 1 else "no-dp"
-        return ("hsdp" if self.dp_replicate > 1 else "fsdp") + self.zero[len("fsdp"):]
+        return ("hsdp" if self.dp_replicate > 1 else "fsdp") + self.zero[len("fsdp") :]
 
     def describe(self) -> str:
         parts = [f"tp{self.tp}", f"pp{self.pp}"]
@@ -118,9 +118,14 @@ class Layout:
         """The dotted config keys that select this layout (``--section.key value`` of ``meshforge train``)."""
         backend, reshard, stage = ZERO_MODES[self.zero]
         out: dict[str, object] = {
-            "parallel.tp": self.tp, "parallel.pp": self.pp, "parallel.cp": self.cp, "parallel.ep": self.ep,
-            "parallel.dp_replicate": self.dp_replicate, "parallel.dp_shard": self.dp_shard,
-            "parallel.dp_backend": backend, "parallel.activation_checkpointing": self.ac,
+            "parallel.tp": self.tp,
+            "parallel.pp": self.pp,
+            "parallel.cp": self.cp,
+            "parallel.ep": self.ep,
+            "parallel.dp_replicate": self.dp_replicate,
+            "parallel.dp_shard": self.dp_shard,
+            "parallel.dp_backend": backend,
+            "parallel.activation_checkpointing": self.ac,
             "train.micro_batch_size": self.micro_batch_size,
         }
         if self.cp > 1:
@@ -178,15 +183,23 @@ def virtual_stages(n_layers: int, pp: int, schedule: str) -> list[int]:
     return [v for v in range(2, per_rank + 1) if n_layers % (pp * v) == 0 or v & (v - 1) == 0]
 
 
-def enumerate_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC_MODES,
-                      max_micro_batch: int = 16) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
+def enumerate_layouts(
+    cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC_MODES, max_micro_batch: int = 16
+) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
     """:func:`iter_layouts` as a list, and the refusals counted by reason."""
     refused: dict[str, int] = {}
     return list(iter_layouts(cfg, gpus, gpus_per_node, refused, ac_modes, max_micro_batch)), refused
 
 
-def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[str, int], ac_modes=AC_MODES,
-                 max_micro_batch: int = 16, fits=None) -> Iterator[tuple[Layout, JobConfig]]:
+def iter_layouts(
+    cfg: JobConfig,
+    gpus: int,
+    gpus_per_node: int,
+    refused: dict[str, int],
+    ac_modes=AC_MODES,
+    max_micro_batch: int = 16,
+    fits=None,
+) -> Iterator[tuple[Layout, JobConfig]]:
     """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
 
     Degrees: tp within a node (a divisor of ``gpus_per_node``), any pp, cp a power of two (ring
@@ -214,20 +227,27 @@ def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[st
     for tp in divisors(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
-        for pp, cp, cp_method in ((p, c, meth) for p in divisors(gpus // tp)
-                                  for c in divisors(gpus // (tp * p)) if c & (c - 1) == 0
-                                  for meth in (CP_METHODS if c > 1 else ("ring",))):
+        for pp, cp, cp_method in (
+            (p, c, meth)
+            for p in divisors(gpus // tp)
+            for c in divisors(gpus // (tp * p))
+            if c & (c - 1) == 0
+            for meth in (CP_METHODS if c > 1 else ("ring",))
+        ):
             if pp > 1 and pp > m.n_layers:
                 continue
             dp = gpus // (tp * pp * cp)
             if gbs % dp:
-                refused["global batch does not divide by the data-parallel degree"] = \
+                refused["global batch does not divide by the data-parallel degree"] = (
                     refused.get("global batch does not divide by the data-parallel degree", 0) + 1
+                )
                 continue
             if cp > 1:  # context parallel's own limits depend on the degrees only: check them once here
                 try:
-                    check_context_parallel(apply_layout(cfg, Layout(tp, pp, 1, dp, cp=cp, cp_method=cp_method)),
-                                           Degrees(pp, 1, dp, cp, tp, 1))
+                    check_context_parallel(
+                        apply_layout(cfg, Layout(tp, pp, 1, dp, cp=cp, cp_method=cp_method)),
+                        Degrees(pp, 1, dp, cp, tp, 1),
+                    )
                 except ConfigError as e:
                     reason = str(e).split(":")[0][:80]
                     refused[reason] = refused.get(reason, 0) + 1
@@ -244,8 +264,9 @@ def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[st
                         if zero.startswith("ds"):  # DeepSpeed's limits depend on the degrees only: check them once here
                             degrees = Degrees(pp, dp_rep, dp_shard, cp, tp, ep)
                             try:
-                                check_deepspeed(apply_layout(cfg, Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero)),
-                                                degrees)
+                                check_deepspeed(
+                                    apply_layout(cfg, Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero)), degrees
+                                )
                             except ConfigError as e:
                                 reason = str(e).split(":")[0][:80]
                                 refused[reason] = refused.get(reason, 0) + 1
@@ -253,14 +274,19 @@ def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[st
                         mbs = 1
                         while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
                             one_f_one_b = set()  # AC modes 1F1B accepted at this micro-batch size
-                            for sched, spr in ((s, v) for s in (schedules if pp > 1 else ("1f1b",))
-                                               for v in virtual_stages(n_layers, pp, s)):
+                            for sched, spr in (
+                                (s, v)
+                                for s in (schedules if pp > 1 else ("1f1b",))
+                                for v in virtual_stages(n_layers, pp, s)
+                            ):
                                 for ac in ac_modes:
-                                    if sched == "gpipe" and any(AC_MODES.index(a) <= AC_MODES.index(ac)
-                                                                for a in one_f_one_b):
+                                    if sched == "gpipe" and any(
+                                        AC_MODES.index(a) <= AC_MODES.index(ac) for a in one_f_one_b
+                                    ):
                                         continue  # dominated by 1F1B at this or a lighter AC mode
-                                    layout = Layout(tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method,
-                                                    spr)
+                                    layout = Layout(
+                                        tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method, spr
+                                    )
                                     try:
                                         job = check_layout(cfg, layout)
                                     except ConfigError as e:
@@ -269,9 +295,14 @@ def iter_layouts(cfg: JobConfig, gpus: int, gpus_per_node: int, refused: dict[st
                                         continue
                                     if sched == "1f1b":
                                         one_f_one_b.add(ac)
-                                    if zero == "fsdp-zero2" and layout.fsdp_shard == 1 and any(
+                                    if (
+                                        zero == "fsdp-zero2"
+                                        and layout.fsdp_shard == 1
+                                        and any(
                                             replace(layout, zero="fsdp-zero3", ac=a) in replicas_zero3
-                                            for a in AC_MODES[:AC_MODES.index(ac) + 1]):
+                                            for a in AC_MODES[: AC_MODES.index(ac) + 1]
+                                        )
+                                    ):
                                         continue  # only replicas: ZeRO-2 is ZeRO-3 plus a gathered copy
                                     if zero == "fsdp-zero3" and layout.fsdp_shard == 1:
                                         replicas_zero3.add(layout)

@@ -103,8 +103,12 @@ def block_activation_bytes(cfg: JobConfig, layer: int, B: int, T: int, tp: int, 
         mm_ffn = 2 * e * BT * F // tp + e * BT * D
     block_input = e * stream if e != 4 else 4 * stream
     temps = 2 * e * BT * (m.moe_top_k * m.expert_dim if m.is_moe_layer(layer) else m.hidden_dim // tp)
-    return {"none": attn + ffn, "selective": block_input + mm_attn + mm_ffn, "full": block_input,
-            "backward_temps": temps}
+    return {
+        "none": attn + ffn,
+        "selective": block_input + mm_attn + mm_ffn,
+        "full": block_input,
+        "backward_temps": temps,
+    }
 
 
 def head_activation_bytes(cfg: JobConfig, B: int, T: int, tp: int, e: int, fused: bool = False) -> int:
@@ -202,8 +206,18 @@ def activation_bytes(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precisi
 
 def _cut_key(layout: Layout, rank: int) -> tuple:
     """What the state of a rank depends on (not the AC mode, the micro-batch or an equal-split schedule)."""
-    return (layout.tp, layout.pp, layout.dp_replicate, layout.dp_shard, layout.ep, layout.cp, layout.zero, layout.spr,
-            layout.pp_split, rank)
+    return (
+        layout.tp,
+        layout.pp,
+        layout.dp_replicate,
+        layout.dp_shard,
+        layout.ep,
+        layout.cp,
+        layout.zero,
+        layout.spr,
+        layout.pp_split,
+        rank,
+    )
 
 
 def _cached(cache: dict | None, what: str, fn, cfg: JobConfig, layout: Layout, rank: int):
@@ -291,13 +305,28 @@ def _total(est: dict[str, int]) -> int:
     return est["params"] + est["optimizer"] + max(backward_peak(est), est["grads"] + est["optimizer_step"])
 
 
-def _cached_activations(cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, cache: dict | None
-                        ) -> tuple[int, int]:
+def _cached_activations(
+    cfg: JobConfig, layout: Layout, pp_rank: int, prec: Precision, cache: dict | None
+) -> tuple[int, int]:
     """:func:`activation_bytes` at the in-flight peak and late, shared by layouts that differ only in their
     data-parallel mode within a backend (FSDP2's ZeRO-3 / ZeRO-2, DeepSpeed's stages)."""
-    key = ("activations", layout.tp, layout.pp, layout.cp, layout.cp_method, layout.ep, layout.dp_replicate,
-           layout.dp_shard, ZERO_MODES[layout.zero][0], layout.schedule, layout.spr, layout.pp_split,
-           layout.micro_batch_size, layout.ac, pp_rank)
+    key = (
+        "activations",
+        layout.tp,
+        layout.pp,
+        layout.cp,
+        layout.cp_method,
+        layout.ep,
+        layout.dp_replicate,
+        layout.dp_shard,
+        ZERO_MODES[layout.zero][0],
+        layout.schedule,
+        layout.spr,
+        layout.pp_split,
+        layout.micro_batch_size,
+        layout.ac,
+        pp_rank,
+    )
     if cache is not None and key in cache:
         return cache[key]
     out = (activation_bytes(cfg, layout, pp_rank, prec), activation_bytes(cfg, layout, pp_rank, prec, late=True))
@@ -319,8 +348,9 @@ def candidate_stages(cfg: JobConfig, layout: Layout) -> list[int]:
     return list(range(layout.pp))
 
 
-def estimate_memory(cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
-                    ) -> dict[str, int]:
+def estimate_memory(
+    cfg: JobConfig, layout: Layout, device_type: str = "cuda", cache: dict | None = None
+) -> dict[str, int]:
     """Per-GPU bytes by :data:`KINDS` (and ``total``) on the fullest rank: the largest over pipeline stages
     (the first rank of each stage holds the largest pieces of every cut). ``cache`` (a dict) shares the
     state arithmetic between layouts that cut the model alike."""

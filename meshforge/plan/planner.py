@@ -34,11 +34,17 @@ class Priced:
     overflow: str = ""
 
     def record(self) -> dict:
-        rec = {"layout": self.layout.describe(), "overrides": self.layout.overrides(),
-               **{k: self.memory[k] for k in (*KINDS, "total")}, "fits": self.fits,
-               "step_s": self.time.step_s, "mfu": self.time.mfu, "bubble_fraction": self.time.bubble_fraction,
-               "tokens_per_s": self.time.tokens_per_s,
-               "collectives": [{k: v for k, v in c.items()} for c in self.time.comm]}
+        rec = {
+            "layout": self.layout.describe(),
+            "overrides": self.layout.overrides(),
+            **{k: self.memory[k] for k in (*KINDS, "total")},
+            "fits": self.fits,
+            "step_s": self.time.step_s,
+            "mfu": self.time.mfu,
+            "bubble_fraction": self.time.bubble_fraction,
+            "tokens_per_s": self.time.tokens_per_s,
+            "collectives": [{k: v for k, v in c.items()} for c in self.time.comm],
+        }
         if self.overflow:
             rec["overflow"] = self.overflow
         return rec
@@ -81,12 +87,15 @@ def plan_config(preset: str, overrides: list[str], seq_len: int | None, batch_to
         tokens, seq = parse_tokens(batch_tokens), cfg.data.seq_len
         given = batch_tokens.strip() + ("" if batch_tokens.strip() == str(tokens) else f" ({tokens} tokens)")
         if tokens < seq:
-            raise ConfigError(f"--global-batch-tokens {given} is less than one {seq}-token "
-                              f"sequence (data.seq_len or --seq-len)")
+            raise ConfigError(
+                f"--global-batch-tokens {given} is less than one {seq}-token sequence (data.seq_len or --seq-len)"
+            )
         if tokens % seq:
-            raise ConfigError(f"--global-batch-tokens {given} is not a whole number of "
-                              f"{seq}-token sequences (data.seq_len or --seq-len); use a multiple of {seq}, "
-                              f"e.g. {tokens // seq * seq} or {(tokens // seq + 1) * seq}")
+            raise ConfigError(
+                f"--global-batch-tokens {given} is not a whole number of "
+                f"{seq}-token sequences (data.seq_len or --seq-len); use a multiple of {seq}, "
+                f"e.g. {tokens // seq * seq} or {(tokens // seq + 1) * seq}"
+            )
         cfg.train.global_batch_size = tokens // cfg.data.seq_len
         cfg.train.micro_batch_size = 1
     cfg.train.device = "cuda"
@@ -100,12 +109,15 @@ def check_cluster(gpus: int, gpus_per_node: int) -> None:
             raise ConfigError(f"{flag} must be a positive number of GPUs, got {value}")
     if gpus > gpus_per_node and gpus % gpus_per_node:
         below, above = gpus // gpus_per_node * gpus_per_node, -(-gpus // gpus_per_node) * gpus_per_node
-        raise ConfigError(f"--gpus {gpus} is not a whole number of nodes of {gpus_per_node} GPUs (--gpus-per-node); "
-                          f"use {below} or {above} GPUs, or set --gpus-per-node to what your nodes have")
+        raise ConfigError(
+            f"--gpus {gpus} is not a whole number of nodes of {gpus_per_node} GPUs (--gpus-per-node); "
+            f"use {below} or {above} GPUs, or set --gpus-per-node to what your nodes have"
+        )
 
 
-def price_one(layout: Layout, job: JobConfig, device: Device, gpus_per_node: int, efficiency: float | None,
-              cache: dict) -> Priced:
+def price_one(
+    layout: Layout, job: JobConfig, device: Device, gpus_per_node: int, efficiency: float | None, cache: dict
+) -> Priced:
     """Memory and step time of one layout (``cache``: the state arithmetic shared between layouts)."""
     usable = HEADROOM * device.hbm_bytes
     mem = estimate_memory(job, layout, "cuda", cache)
@@ -114,8 +126,10 @@ def price_one(layout: Layout, job: JobConfig, device: Device, gpus_per_node: int
     overflow = ""
     if not fits:
         worst = max((*KINDS, "grad_accum"), key=lambda k: mem[k])  # grad_accum: gradients kept unreduced
-        overflow = (f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
-                    f"{worst} {mem[worst] / 2**30:.1f} GiB")
+        overflow = (
+            f"needs {mem['total'] / 2**30:.1f} GiB of {usable / 2**30:.1f} GiB usable; largest: "
+            f"{worst} {mem[worst] / 2**30:.1f} GiB"
+        )
     return Priced(layout, mem, t, fits, overflow)
 
 
@@ -141,21 +155,25 @@ def rank(priced: list[Priced]) -> list[Priced]:
     return out
 
 
-def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
-             efficiency: float | None = None, ac_modes=AC_MODES) -> Plan:
+def plan_job(
+    cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device, efficiency: float | None = None, ac_modes=AC_MODES
+) -> Plan:
     check_cluster(gpus, gpus_per_node)
     refused: dict[str, int] = {}
     cache: dict = {}
     priced: list[Priced] = []
     # each layout priced as it is enumerated (one job config held at a time); whether it fits decides whether
     # its heavier activation-checkpointing modes, which it dominates, are enumerated at all
-    for layout, job in iter_layouts(cfg, gpus, gpus_per_node, refused, ac_modes,
-                                    fits=lambda layout, job: priced[-1].fits):
+    for layout, job in iter_layouts(
+        cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda layout, job: priced[-1].fits
+    ):
         priced.append(price_one(layout, job, device, gpus_per_node, efficiency, cache))
     plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
     if not priced:
-        raise ConfigError(f"no layout of {gpus} GPUs is valid for this job: " + "; ".join(
-            f"{reason} ({n}x)" for reason, n in sorted(plan.refused.items(), key=lambda kv: -kv[1])[:3]))
+        raise ConfigError(
+            f"no layout of {gpus} GPUs is valid for this job: "
+            + "; ".join(f"{reason} ({n}x)" for reason, n in sorted(plan.refused.items(), key=lambda kv: -kv[1])[:3])
+        )
     priced = rank(priced)
     plan.fitting = [p for p in priced if p.fits]
     plan.overflowing = sorted((p for p in priced if not p.fits), key=lambda p: p.memory["total"])
@@ -164,10 +182,24 @@ def plan_job(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
     return plan
 
 
-LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.dp_replicate", "parallel.dp_shard",
-               "parallel.dp_backend", "parallel.zero_stage", "parallel.fsdp_reshard_after_forward",
-               "parallel.pp_schedule", "parallel.pp_stages_per_rank", "parallel.pp_microbatches", "parallel.pp_split",
-               "parallel.activation_checkpointing", "parallel.cp_method", "train.micro_batch_size")
+LAYOUT_KEYS = (
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.cp",
+    "parallel.ep",
+    "parallel.dp_replicate",
+    "parallel.dp_shard",
+    "parallel.dp_backend",
+    "parallel.zero_stage",
+    "parallel.fsdp_reshard_after_forward",
+    "parallel.pp_schedule",
+    "parallel.pp_stages_per_rank",
+    "parallel.pp_microbatches",
+    "parallel.pp_split",
+    "parallel.activation_checkpointing",
+    "parallel.cp_method",
+    "train.micro_batch_size",
+)
 """Config keys that choose a layout: given on the command line, ``meshforge plan`` prices that layout only."""
 
 
@@ -177,8 +209,7 @@ def layout_keys_given(args: list[str]) -> list[str]:
     return [k for k in given if k in LAYOUT_KEYS]
 
 
-def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
-                efficiency: float | None = None) -> Plan:
+def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device, efficiency: float | None = None) -> Plan:
     """The plan of the one layout ``cfg``'s parallel and train sections give on ``gpus`` GPUs (the rest of
     its degrees resolved as ``meshforge train`` resolves them): priced, fitting or not; ConfigError with the
     project's own reason when the code would refuse it."""
@@ -187,8 +218,9 @@ def plan_layout(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device,
         layout = layout_of_config(cfg, gpus)
         job = check_layout(cfg, layout)
     except ConfigError as e:
-        raise ConfigError(f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: "
-                          f"{e}") from None
+        raise ConfigError(
+            f"the layout given by the --parallel.* / --train.* overrides is refused on {gpus} GPUs: {e}"
+        ) from None
     plan = Plan(cfg, device, gpus, gpus_per_node)
     (priced,) = price(cfg, [(layout, job)], device, gpus_per_node, efficiency)
     (plan.fitting if priced.fits else plan.overflowing).append(priced)
@@ -211,10 +243,14 @@ def too_large_message(cfg: JobConfig, gpus: int, gpus_per_node: int, device: Dev
         if fitting:
             lay, mem = min(fitting, key=lambda lm: (lm[0].pp, lm[0].tp, lm[1]["total"]))
             how = " ".join(f"{k} {getattr(lay, k)}" for k in ("tp", "pp", "ep") if getattr(lay, k) > 1) or "fsdp"
-            return (f"the model does not fit {gpus} {device.name} in any layout (leanest: {leanest.layout.describe()}, "
-                    f"{leanest.overflow}); needs at least {n} {device.name} with {how}")
-    return (f"the model does not fit {gpus} {device.name} in any layout (leanest: {leanest.layout.describe()}, "
-            f"{leanest.overflow})")
+            return (
+                f"the model does not fit {gpus} {device.name} in any layout (leanest: {leanest.layout.describe()}, "
+                f"{leanest.overflow}); needs at least {n} {device.name} with {how}"
+            )
+    return (
+        f"the model does not fit {gpus} {device.name} in any layout (leanest: {leanest.layout.describe()}, "
+        f"{leanest.overflow})"
+    )
 
 
 def _group_reasons(refused: dict[str, int]) -> dict[str, int]:
@@ -241,16 +277,47 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
     if d.pp > 1:  # a pipeline's microbatch is the local batch over the job's microbatch count
         mbs = cfg.train.global_batch_size // d.dp // plan_pipeline(cfg, d).n_microbatches
     spr = pipeline_stages_per_rank(p) if d.pp > 1 else 0
-    return Layout(d.tp, d.pp, d.dp_replicate, d.dp_shard, d.ep, d.cp, zero, p.pp_schedule, mbs,
-                  p.activation_checkpointing, p.cp_method, spr, p.pp_split if d.pp > 1 else "")
+    return Layout(
+        d.tp,
+        d.pp,
+        d.dp_replicate,
+        d.dp_shard,
+        d.ep,
+        d.cp,
+        zero,
+        p.pp_schedule,
+        mbs,
+        p.activation_checkpointing,
+        p.cp_method,
+        spr,
+        p.pp_split if d.pp > 1 else "",
+    )
 
 
 def predict_run_memory(cfg: JobConfig, world_size: int, rank: int, device_type: str) -> dict[str, int]:
     """The memory ``meshforge train`` predicts for ``rank`` of its own layout (bytes by part, and the
     ``backward`` and ``step`` peaks it compares with its measurement; see pretrain/memory_probe.py)."""
     est = estimate_rank(cfg, layout_of_config(cfg, world_size), rank, device_type)
-    return {**est, "backward": backward_peak(est), "step": max(backward_peak(est), est["grads"] + est["optimizer_step"])}
+    return {
+        **est,
+        "backward": backward_peak(est),
+        "step": max(backward_peak(est), est["grads"] + est["optimizer_step"]),
+    }
 
 
-__all__ = ["HEADROOM", "LAYOUT_KEYS", "Plan", "Priced", "check_cluster", "get_device", "layout_keys_given",
-           "layout_of_config", "parse_tokens", "predict_run_memory", "plan_config", "plan_job", "plan_layout", "ZERO_MODES"]
+__all__ = [
+    "HEADROOM",
+    "LAYOUT_KEYS",
+    "Plan",
+    "Priced",
+    "check_cluster",
+    "get_device",
+    "layout_keys_given",
+    "layout_of_config",
+    "parse_tokens",
+    "predict_run_memory",
+    "plan_config",
+    "plan_job",
+    "plan_layout",
+    "ZERO_MODES",
+]

@@ -65,8 +65,15 @@ def _param_table_cached(key: tuple) -> tuple[ParamInfo, ...]:
     for name, p in model.named_parameters():  # a tied weight appears once
         mod = name.rsplit(".", 1)[0]
         m = modules[mod]
-        kind = ("linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding)
-                else "experts" if isinstance(m, GroupedExperts) else "other")
+        kind = (
+            "linear"
+            if isinstance(m, nn.Linear)
+            else "embedding"
+            if isinstance(m, nn.Embedding)
+            else "experts"
+            if isinstance(m, GroupedExperts)
+            else "other"
+        )
         parts = name.split(".")
         block = next((b for b in (".".join(parts[:k]) for k in range(2, len(parts))) if b in blocks), None)
         if block is not None:
@@ -184,8 +191,14 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
         fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.sharded
     out = []
     for info in param_table(cfg.model):
-        if info.layer >= 0 and info.layer not in held or info.layer == -1 and not first \
-                or info.layer == -2 and not last:
+        if (
+            info.layer >= 0
+            and info.layer not in held
+            or info.layer == -1
+            and not first
+            or info.layer == -2
+            and not last
+        ):
             continue
         shape = list(info.shape)
         style = styles.get(info.module)
@@ -252,6 +265,13 @@ def unsharded_numel(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]
     # stage modules whose root holds parameters: one model without a pipeline; under one, the first and
     # the last stage (embedding; final norm and output), never on one rank
     roots = int(root > 0) if layout.pp == 1 else int(per_layer.get(-1, 0) > 0) + int(per_layer.get(-2, 0) > 0)
-    return {"largest_unit": max([*blocks, root]), "largest_block": max(blocks, default=0), "root": root,
-            "root_grad_early": early, "all": sum(per_layer.values()), "units": len(blocks) + roots,
-            "roots": roots, "largest_param": max((n for _, n in held), default=0)}
+    return {
+        "largest_unit": max([*blocks, root]),
+        "largest_block": max(blocks, default=0),
+        "root": root,
+        "root_grad_early": early,
+        "all": sum(per_layer.values()),
+        "units": len(blocks) + roots,
+        "roots": roots,
+        "largest_param": max((n for _, n in held), default=0),
+    }

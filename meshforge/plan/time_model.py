@@ -134,8 +134,7 @@ class TimeEstimate:
         return sum(c["count"] for c in self.comm)
 
 
-def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool, once: bool = True
-               ) -> tuple[int, int]:
+def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool, once: bool = True) -> tuple[int, int]:
     """FSDP2 all-gathers and reduce-scatters of one step on a rank holding ``units`` FSDP units (each
     block one, each stage module's root one if it holds parameters), ``fixed`` of them never resharded
     after forward (each stage's last block and its root).
@@ -155,8 +154,15 @@ def fsdp_calls(units: int, fixed: int, reshard: bool, mb: int, pipelined: bool, 
     return resharding * (mb + 1) + (units - resharding), units
 
 
-def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node: int,
-                  efficiency: float | None = None, cache: dict | None = None, rank: int = 0) -> TimeEstimate:
+def estimate_time(
+    cfg: JobConfig,
+    layout: Layout,
+    device: Device,
+    gpus_per_node: int,
+    efficiency: float | None = None,
+    cache: dict | None = None,
+    rank: int = 0,
+) -> TimeEstimate:
     m = cfg.model
     world, tp, pp, cp, ep = layout.world_size, layout.tp, layout.pp, layout.cp, layout.ep
     B, T = microbatch_samples(cfg, layout), cfg.data.seq_len
@@ -174,17 +180,23 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
         efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
     # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
     busiest = heaviest_share(cfg, layout, cache) * pp
-    compute = (f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac]
-               * share)
+    compute = f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac] * share
     spr = layout.spr
     bubble = (pp - 1) / (mb * spr) if pp > 1 else 0.0
     if layout.schedule == "zero_bubble" and pp > 1:
         bubble /= 3
     layers = m.n_layers / pp
     moe_layers = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) / pp
-    strides = {"tp": 1, "cp": tp, "dp_shard": tp * cp, "dp_shard_cp": tp,
-               "dp_replicate": tp * cp * layout.dp_shard, "pp": tp * cp * layout.dp, "ep": tp,
-               "dp_shard_mod_ep": tp * ep}
+    strides = {
+        "tp": 1,
+        "cp": tp,
+        "dp_shard": tp * cp,
+        "dp_shard_cp": tp,
+        "dp_replicate": tp * cp * layout.dp_shard,
+        "pp": tp * cp * layout.dp,
+        "ep": tp,
+        "dp_shard_mod_ep": tp * ep,
+    }
     comm: list[dict] = []
 
     def add(group: str, op: str, n: int, nbytes: float, count: float, exposed: bool, behind: str = "") -> None:
@@ -193,8 +205,19 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
             return
         link = link_for(device, strides[group], n, gpus_per_node)
         secs = ring(op, n, nbytes, link) * count * share
-        comm.append({"group": group, "op": op, "group_size": n, "bytes": int(nbytes), "count": count,
-                     "link": link.name, "seconds": secs, "exposed": exposed, "behind": behind})
+        comm.append(
+            {
+                "group": group,
+                "op": op,
+                "group_size": n,
+                "bytes": int(nbytes),
+                "count": count,
+                "link": link.name,
+                "seconds": secs,
+                "exposed": exposed,
+                "behind": behind,
+            }
+        )
 
     act = B * Tl * m.dim * e
     # per block forward + backward: 4 all-gathers, and 4 reduce-scatters (2 in an MoE block, whose FFN
@@ -252,14 +275,21 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
     hidden = sum(c["seconds"] for c in comm if not c["exposed"])
     first_gather = 0.0
     if backend in ("fsdp2", "deepspeed") and layout.sharded:
-        first_gather = ring("all_gather", fs, w * sizes["largest_unit"],
-                            link_for(device, strides[fs_group], fs, gpus_per_node))
+        first_gather = ring(
+            "all_gather", fs, w * sizes["largest_unit"], link_for(device, strides[fs_group], fs, gpus_per_node)
+        )
     if not device.comm_overlap:  # issued inline (gloo on the CPU): every second of it is on the critical path
         dp_exposed = hidden
     else:
         # each kind of traffic hides behind the compute running while it is issued; all of it behind the step
-        windows = {"step": compute, "forwards": compute / 3, "backwards": 2 * compute / 3,
-                   "first forward": compute / (3 * mb), "last backward": 2 * compute / (3 * mb), "none": 0.0}
+        windows = {
+            "step": compute,
+            "forwards": compute / 3,
+            "backwards": 2 * compute / 3,
+            "first forward": compute / (3 * mb),
+            "last backward": 2 * compute / (3 * mb),
+            "none": 0.0,
+        }
         by_window: dict[str, float] = {}
         for c in comm:
             if not c["exposed"]:
@@ -274,4 +304,3 @@ def estimate_time(cfg: JobConfig, layout: Layout, device: Device, gpus_per_node:
             terms[f"exposed {c['group']}"] = terms.get(f"exposed {c['group']}", 0.0) + c["seconds"]
     terms["exposed data parallel"] = dp_exposed
     return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms)
-

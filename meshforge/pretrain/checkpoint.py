@@ -57,8 +57,12 @@ def is_complete(path: Path) -> bool:
 
 def is_init_dir(path: Path) -> bool:
     """A complete weights directory under another name: ``meshforge convert import`` / ``grow`` output."""
-    return (not path.name.endswith(".tmp") and not CHECKPOINT_RE.match(path.name) and (path / "meta.json").is_file()
-            and (path / ".metadata").is_file())
+    return (
+        not path.name.endswith(".tmp")
+        and not CHECKPOINT_RE.match(path.name)
+        and (path / "meta.json").is_file()
+        and (path / ".metadata").is_file()
+    )
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -107,8 +111,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
-                    load_state: Callable[[Path], None] | None = None) -> dict:
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int = 0,
+    load_state: Callable[[Path], None] | None = None,
+) -> dict:
     """Load model + optimizer (any saved layout; ``load_state(path)`` instead: a step backend's own files, such as
     the DeepSpeed engine's in the same layout) and this rank's RNG; return meta.json."""
     meta = read_meta(path)
@@ -174,8 +183,10 @@ def check_init(path: str | Path, model: torch.nn.Module) -> Path:
         try:
             p = find_checkpoint(p)
         except CheckpointError:
-            raise CheckpointError(f"checkpoint.init_from = {str(path)!r} holds no complete checkpoint (no meta.json "
-                                  "and .metadata: still being written, or not a checkpoint)") from None
+            raise CheckpointError(
+                f"checkpoint.init_from = {str(path)!r} holds no complete checkpoint (no meta.json "
+                "and .metadata: still being written, or not a checkpoint)"
+            ) from None
     md = FileSystemReader(str(p)).read_metadata().state_dict_metadata
     wrong = []
     for name, t in model.state_dict().items():
@@ -184,6 +195,8 @@ def check_init(path: str | Path, model: torch.nn.Module) -> Path:
             have = None if entry is None else tuple(entry.size)
             wrong.append(f"{name}: {have} there vs {tuple(t.shape)} here")
     if wrong:
-        raise CheckpointError(f"checkpoint.init_from = {str(path)!r} does not fit model config ({len(wrong)} weight(s) "
-                              f"differ, e.g. {wrong[0]}); use the preset written next to it (model.toml)")
+        raise CheckpointError(
+            f"checkpoint.init_from = {str(path)!r} does not fit model config ({len(wrong)} weight(s) "
+            f"differ, e.g. {wrong[0]}); use the preset written next to it (model.toml)"
+        )
     return p

@@ -86,8 +86,10 @@ def _pick_hint(ckpt: Path, how_to_pick: str) -> str:
     others = [p for p in intact_checkpoints(ckpt.parent) if p != ckpt]
     if not others:
         return f"; no intact checkpoint is left in {ckpt.parent} (move the damaged one away to start over)"
-    return (f"; intact: {', '.join(p.name for p in others)}: use one with {how_to_pick.replace('DIR', str(others[-1]))}"
-            f" (or move {ckpt.name} away)")
+    return (
+        f"; intact: {', '.join(p.name for p in others)}: use one with {how_to_pick.replace('DIR', str(others[-1]))}"
+        f" (or move {ckpt.name} away)"
+    )
 
 
 @contextmanager
@@ -110,5 +112,6 @@ def unreadable(path: Path, how_to_pick: str):
         if isinstance(inner, BaseException) and is_collective_failure(inner):
             raise
         reason = str(inner).strip().splitlines()[-1] if str(inner).strip() else type(inner).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(inner).__name__}: {reason[:300]})"
-                              f"{_pick_hint(path, how_to_pick)}") from e
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(inner).__name__}: {reason[:300]}){_pick_hint(path, how_to_pick)}"
+        ) from e

@@ -124,8 +124,10 @@ class Checkpointer:
         if resume_from:
             latest = Path(resume_from)
             if not is_complete(latest):
-                raise CheckpointError(f"checkpoint.resume_from = {resume_from} is not a complete checkpoint (a "
-                                      "step_NNNNNNNN dir holding meta.json and .metadata)")
+                raise CheckpointError(
+                    f"checkpoint.resume_from = {resume_from} is not a complete checkpoint (a "
+                    "step_NNNNNNNN dir holding meta.json and .metadata)"
+                )
         else:
             latest = self.latest()
         if latest is None:
@@ -193,8 +195,11 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(self.root / f"step_{step:08d}.tmp", ignore_errors=True)
         newest = self.latest()
-        kept = (f"; the newest complete checkpoint, {newest.name}, is intact and a rerun resumes from it" if newest
-                else "; no checkpoint of this run is complete yet")
+        kept = (
+            f"; the newest complete checkpoint, {newest.name}, is intact and a rerun resumes from it"
+            if newest
+            else "; no checkpoint of this run is complete yet"
+        )
         err = storage_error(os_error, f"writing checkpoint step_{step:08d} in {self.root} failed")
         return type(err)(f"{err}{kept}")
 
@@ -234,8 +239,9 @@ class Checkpointer:
         _barrier()
         return final
 
-    def _finish_async(self, write: Future, step: int, tmp: Path, final: Path, meta: dict[str, Any],
-                      files: dict[str, Path]) -> None:
+    def _finish_async(
+        self, write: Future, step: int, tmp: Path, final: Path, meta: dict[str, Any], files: dict[str, Path]
+    ) -> None:
         """The finalizer thread: wait for the write, then (rank 0) finalize. No collective: DCP's future
         completes on every rank only after the coordinator has written ``.metadata``, i.e. after all
         ranks' data is on disk."""
@@ -324,8 +330,11 @@ class Checkpointer:
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             cuda = torch.cuda.is_available()
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda
+                )
+            )
         return self._stager
 
     def _finalize(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], files: dict[str, Path]) -> None:

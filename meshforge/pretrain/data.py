@@ -71,12 +71,15 @@ def open_data(cfg: JobConfig, env: DistEnv, path: str | None = None, stats: Remo
     d = cfg.data
     path = d.path if path is None else path
     if is_url(path):
-        return open_remote_data_dir(path, d.tokenizer, resolve_cache_dir(d.cache_dir), d.remote_mode,
-                                    d.remote_retry_seconds, stats)
+        return open_remote_data_dir(
+            path, d.tokenizer, resolve_cache_dir(d.cache_dir), d.remote_mode, d.remote_retry_seconds, stats
+        )
     return open_data_dir(resolve_data_dir(cfg, env, path), d.tokenizer)
 
 
-def _blend_sources(cfg: JobConfig, env: DistEnv, stats: RemoteStats | None = None) -> tuple[list, list[tuple[float, str]]]:
+def _blend_sources(
+    cfg: JobConfig, env: DistEnv, stats: RemoteStats | None = None
+) -> tuple[list, list[tuple[float, str]]]:
     """(DataInfo per blend item, parsed blend); every item must use the same tokenizer."""
     items = parse_blend(cfg.data.blend)
     infos = [open_data(cfg, env, path, stats) for _, path in items]
@@ -96,8 +99,7 @@ def _dataset(cfg: JobConfig, infos, items, split: str, objective, prepare: int =
 
     def tokens(info) -> TokenDataset:
         cls = RemoteTokenDataset if isinstance(info, RemoteDataInfo) else TokenDataset
-        return cls(info, objective.window, split, d.valid_fraction, cfg.train.seed,
-                            return_segments=d.document_mask)
+        return cls(info, objective.window, split, d.valid_fraction, cfg.train.seed, return_segments=d.document_mask)
 
     if not items:
         return objective.wrap(tokens(infos[0]))
@@ -138,8 +140,10 @@ def resolve_vocab_size(cfg: JobConfig) -> None:
 def check_vocab_fits(model_vocab: int, tokens: int, source: str) -> None:
     """Refuse a model vocabulary smaller than the tokenizer's (``source`` says whose, before the count)."""
     if tokens > model_vocab:
-        raise ConfigError(f"{source} {tokens} tokens but model.vocab_size is {model_vocab}; raise model.vocab_size "
-                          f"to at least {tokens}")
+        raise ConfigError(
+            f"{source} {tokens} tokens but model.vocab_size is {model_vocab}; raise model.vocab_size "
+            f"to at least {tokens}"
+        )
 
 
 def check_token_ids(info: DataInfo, vocab_size: int) -> None:

@@ -22,8 +22,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 # torch's notice on the no-process-group path (save and load, with and without "disabled, ")
-_SINGLE_PROCESS_NOTICE = (r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
-                          r"assuming the intent is to (save|load) in a single process")
+_SINGLE_PROCESS_NOTICE = (
+    r"torch\.distributed is (disabled, )?unavailable or uninitialized, "
+    r"assuming the intent is to (save|load) in a single process"
+)
 
 
 def single_process(alone: bool = False) -> bool:

@@ -122,11 +122,16 @@ class NonFiniteGuard:
         """The stop, naming the newest checkpoint (written before the streak: none is written inside one)."""
         step, loss, grad_norm = self.last
         if self.stop_reason:
-            newest = f"the newest checkpoint is {newest_checkpoint}" if newest_checkpoint else "no checkpoint was written"
+            newest = (
+                f"the newest checkpoint is {newest_checkpoint}" if newest_checkpoint else "no checkpoint was written"
+            )
             return TrainingDiverged(f"{self.stop_reason}; {newest}")
-        where = (f"the newest checkpoint, {newest_checkpoint}, is from before them: lower the LR or check the data, "
-                 "then rerun the same command to resume from it" if newest_checkpoint else
-                 "no checkpoint was written before them: lower the LR or check the data, then start again")
+        where = (
+            f"the newest checkpoint, {newest_checkpoint}, is from before them: lower the LR or check the data, "
+            "then rerun the same command to resume from it"
+            if newest_checkpoint
+            else "no checkpoint was written before them: lower the LR or check the data, then start again"
+        )
         return TrainingDiverged(
             f"{self.consecutive} consecutive steps with non-finite loss/gradients (steps {self.first_bad_step}-{step}; "
             f"last: loss {loss}, grad norm {grad_norm}); stopping. The updates of those steps were skipped and "
@@ -194,7 +199,9 @@ class CollectiveWatch:
         self.store = store
         self.seq = 0
         self.label = "startup"
-        self.heartbeat = Heartbeat(store, rank, world_size, heartbeat_s) if store is not None and world_size > 1 else None
+        self.heartbeat = (
+            Heartbeat(store, rank, world_size, heartbeat_s) if store is not None and world_size > 1 else None
+        )
 
     def close(self) -> None:
         """Stop this rank's heartbeat (the end of the run)."""
@@ -254,12 +261,16 @@ class CollectiveWatch:
         parts = []
         if lost:
             several = len(lost) > 1
-            parts.append(f"{name_by_host(lost, show)} stopped answering: {'their' if several else 'its'} heartbeat in "
-                         f"the rendezvous store stopped (a lost network link, a host that went down, or a frozen "
-                         f"process; rank{'s' if several else ''} {', '.join(map(str, sorted(lost)[:show]))} "
-                         f"last at: {marks[sorted(lost)[0]][1]})")
+            parts.append(
+                f"{name_by_host(lost, show)} stopped answering: {'their' if several else 'its'} heartbeat in "
+                f"the rendezvous store stopped (a lost network link, a host that went down, or a frozen "
+                f"process; rank{'s' if several else ''} {', '.join(map(str, sorted(lost)[:show]))} "
+                f"last at: {marks[sorted(lost)[0]][1]})"
+            )
         if behind:
-            names = ", ".join(str(r) for r in behind[:show]) + (f" and {len(behind) - show} more" if len(behind) > show else "")
+            names = ", ".join(str(r) for r in behind[:show]) + (
+                f" and {len(behind) - show} more" if len(behind) > show else ""
+            )
             where = "; ".join(f"rank {r} last at: {marks[r][1]}" for r in behind[:show])
             parts.append(f"rank{'s' if len(behind) > 1 else ''} {names} never reached it ({where})")
         return "; ".join(parts) or "every rank reached it"

@@ -59,14 +59,18 @@ class ReplicaGroupStep(LocalStep):
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
         try:
             self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
-        except (RuntimeError, TimeoutError) as e:  # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote)
+        except (
+            RuntimeError,
+            TimeoutError,
+        ) as e:  # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote)
             if isinstance(e, MeshforgeError):
                 raise
             raise CollectiveError(
                 f"replica group {self.replicas.group}: no quorum from the torchft lighthouse at "
                 f"{self.replicas.lighthouse} within parallel.ft_quorum_timeout_s = {self.cfg.parallel.ft_quorum_timeout_s:g} s "
                 f"at step {step} ({str(e).splitlines()[0][:160]}); this group stops: restart the lighthouse, then the "
-                "group (it heals from a live peer, or resumes from its newest checkpoint)") from None
+                "group (it heals from a live peer, or resumes from its newest checkpoint)"
+            ) from None
         if self.healed_step is not None:
             batch = self.setup.train_loader.next_batch()
         micro = self.micro_batches(batch)
@@ -77,8 +81,9 @@ class ReplicaGroupStep(LocalStep):
         loss_parts = losses[:2].clone()
         groups = self.replicas.average(grads + [loss_parts])  # a peer failing in it: an error the vote sees
         losses = torch.cat([loss_parts, losses[2:]])
-        grad_norm = (clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
-                     if self.needs_grad_norm(step) else None)
+        grad_norm = (
+            clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
+        )
         committed = self.replicas.commit()  # a healing group loads its peer's state in here
         if committed:
             record = self.optimizer_update(losses, grad_norm, step)
@@ -99,8 +104,12 @@ class ReplicaGroupStep(LocalStep):
         first = loader.consumed_samples - size  # this step's batch was the last one read
         share = size // self.replicas.groups
         used = [[first + g * share, first + (g + 1) * share] for g in groups] if committed else []
-        record = {"ft_groups": groups, "ft_committed": int(committed), "ft_samples": used,
-                  "ft_participants": len(groups)}
+        record = {
+            "ft_groups": groups,
+            "ft_committed": int(committed),
+            "ft_samples": used,
+            "ft_participants": len(groups),
+        }
         if self.healed_step is not None:
             record["ft_healed_from_step"] = self.healed_step
         return record
@@ -126,9 +135,11 @@ class ReplicaGroupStep(LocalStep):
 
     def load_state_dict(self, state: dict) -> None:
         if state["layout"] != self.layout:
-            raise ConfigError(f"replica group {self.replicas.group} cannot heal from its peer: the peer's layout inside "
-                              f"its group is {_describe(state['layout'])}, this group's {_describe(self.layout)}; "
-                              "start every replica group with the same parallel degrees and world size")
+            raise ConfigError(
+                f"replica group {self.replicas.group} cannot heal from its peer: the peer's layout inside "
+                f"its group is {_describe(state['layout'])}, this group's {_describe(self.layout)}; "
+                "start every replica group with the same parallel degrees and world size"
+            )
         with torch.no_grad():
             for name, value in self.named_state.items():
                 local(value).copy_(state["model"][name])
@@ -159,8 +170,9 @@ def _local_tree(value):
 def _like(value, param: DTensor):
     """A received local moment as a DTensor sharded like ``param`` (a scalar such as Adam's step stays as is)."""
     if isinstance(value, torch.Tensor) and value.shape == param.to_local().shape and value.dim() > 0:
-        return DTensor.from_local(value.clone(), param.device_mesh, param.placements, shape=param.shape,
-                                  stride=param.stride())
+        return DTensor.from_local(
+            value.clone(), param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+        )
     return value
 
 

@@ -74,8 +74,9 @@ def generate_seq2seq_ids(
     return out[1:]
 
 
-def _pick(logits: torch.Tensor, top_k: int, temperature: float, gen: torch.Generator,
-          vocab_limit: int | None = None) -> int:
+def _pick(
+    logits: torch.Tensor, top_k: int, temperature: float, gen: torch.Generator, vocab_limit: int | None = None
+) -> int:
     if vocab_limit is not None and vocab_limit < logits.numel():  # padding rows of the embedding: not tokens
         logits = logits[:vocab_limit]
     if temperature <= 0 or top_k == 1:
@@ -103,8 +104,9 @@ def generate_text(
     ...) and the result is the decoder's output: each sentinel followed by its filling. A
     decoder's prompt starts with BOS when the tokenizer's convention puts BOS before documents.
     """
-    return generate_from_ids(model, tokenizer, encode_prompt(tokenizer, prompt), max_new_tokens, top_k, temperature,
-                             seed, device)
+    return generate_from_ids(
+        model, tokenizer, encode_prompt(tokenizer, prompt), max_new_tokens, top_k, temperature, seed, device
+    )
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -115,19 +117,46 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return prompt_ids
 
 
-def generate_from_ids(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int], max_new_tokens: int,
-                      top_k: int = 0, temperature: float = 0.0, seed: int = 0,
-                      device: torch.device | str = "cpu") -> str:
+def generate_from_ids(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> str:
     """:func:`generate_text` of a prompt already encoded (:func:`encode_prompt`)."""
     if hasattr(model, "encode"):
-        out = generate_seq2seq_ids(model, prompt_ids + [tokenizer.eos_id], max_new_tokens, tokenizer.pad_id, top_k,
-                                   temperature, tokenizer.eos_id, seed, device, vocab_limit=tokenizer.vocab_size)
+        out = generate_seq2seq_ids(
+            model,
+            prompt_ids + [tokenizer.eos_id],
+            max_new_tokens,
+            tokenizer.pad_id,
+            top_k,
+            temperature,
+            tokenizer.eos_id,
+            seed,
+            device,
+            vocab_limit=tokenizer.vocab_size,
+        )
         return tokenizer.decode([i for i in out if i != tokenizer.eos_id])
     max_seq_len = model.cfg.max_seq_len
     bos = [tokenizer.bos_id] if tokenizer.add_bos else []  # as the training documents began
-    ids = generate_ids(model, bos + prompt_ids, max_new_tokens, max_seq_len, top_k, temperature, tokenizer.eos_id,
-                       seed, device, vocab_limit=tokenizer.vocab_size)
-    return tokenizer.decode(ids[len(bos):])
+    ids = generate_ids(
+        model,
+        bos + prompt_ids,
+        max_new_tokens,
+        max_seq_len,
+        top_k,
+        temperature,
+        tokenizer.eos_id,
+        seed,
+        device,
+        vocab_limit=tokenizer.vocab_size,
+    )
+    return tokenizer.decode(ids[len(bos) :])
 
 
 def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, device: str) -> None:
@@ -148,8 +177,11 @@ def check_generate_args(max_new_tokens: int, top_k: int, temperature: float, dev
         raise UsageError(f"--device {device!r} is not a device meshforge generates on: use cpu, cuda or cuda:N")
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise UsageError(f"--device {device}: no CUDA GPU {dev.index or 0} here ({have} visible); use --device cpu"
-                         if have else f"--device {device}: there is no CUDA GPU here; use --device cpu")
+        raise UsageError(
+            f"--device {device}: no CUDA GPU {dev.index or 0} here ({have} visible); use --device cpu"
+            if have
+            else f"--device {device}: there is no CUDA GPU here; use --device cpu"
+        )
 
 
 def generate_from_checkpoint(
@@ -181,9 +213,11 @@ def generate_from_checkpoint(
     prompt_ids = encode_prompt(tokenizer, prompt)
     n_prompt = len(prompt_ids)
     if not hasattr(model, "encode") and n_prompt + max_new_tokens > cfg.model.max_seq_len:  # a decoder's positions
-        raise UsageError(f"--max-new-tokens {max_new_tokens} after a {n_prompt}-token prompt goes beyond the model's "
-                         f"max_seq_len ({cfg.model.max_seq_len}): ask for at most "
-                         f"{max(cfg.model.max_seq_len - n_prompt, 0)} new tokens (or a shorter prompt)")
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens} after a {n_prompt}-token prompt goes beyond the model's "
+            f"max_seq_len ({cfg.model.max_seq_len}): ask for at most "
+            f"{max(cfg.model.max_seq_len - n_prompt, 0)} new tokens (or a shorter prompt)"
+        )
     # RoPE tables are buffers, not weights: fill them by a normal init, then load the weights.
     model.init_weights()
     load_model_weights(path, model)

@@ -52,7 +52,9 @@ class MemoryProbe:
     """Prediction at construction; ``after_step()`` (after each step) returns the measured metrics once,
     after the second step of this process (``{}`` otherwise)."""
 
-    def __init__(self, cfg: JobConfig, degrees, rank: int, device, optimizer=None, memory_plan: MemoryPlan | None = None):
+    def __init__(
+        self, cfg: JobConfig, degrees, rank: int, device, optimizer=None, memory_plan: MemoryPlan | None = None
+    ):
         self.device = device
         self.backward_peak = -1
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
@@ -84,9 +86,11 @@ class MemoryProbe:
         if self.predicted is None:
             return f"memory plan: no prediction for this job ({self.error})"
         p = self.predicted
-        return (f"memory plan (rank {self.rank}): params {p['params'] / GIB:.3f} + grads {p['grads'] / GIB:.3f} + "
-                f"optimizer {p['optimizer'] / GIB:.3f} + activations {p['activations'] / GIB:.3f} + comm buffers "
-                f"{p['comm_buffers'] / GIB:.3f} = {p['total'] / GIB:.3f} GiB")
+        return (
+            f"memory plan (rank {self.rank}): params {p['params'] / GIB:.3f} + grads {p['grads'] / GIB:.3f} + "
+            f"optimizer {p['optimizer'] / GIB:.3f} + activations {p['activations'] / GIB:.3f} + comm buffers "
+            f"{p['comm_buffers'] / GIB:.3f} = {p['total'] / GIB:.3f} GiB"
+        )
 
     def after_step(self) -> dict:
         import torch
@@ -123,13 +127,22 @@ class MemoryProbe:
             return ""
         parts = [f"memory measured at step 2 (rank {self.rank}):"]
         if "mem_peak_bytes" in rec:
-            parts.append(f"peak allocated {rec['mem_peak_bytes'] / GIB:.3f} GiB"
-                         + (f" (predicted {rec['mem_predicted_total'] / GIB:.3f})" if "mem_predicted_total" in rec else "")
-                         + ";")
-        parts.append(f"step peak above the state at rest {rec['mem_step_peak_bytes'] / GIB:.3f} GiB"
-                     + (f" (predicted {rec['mem_predicted_step'] / GIB:.3f})" if "mem_predicted_step" in rec else ""))
+            parts.append(
+                f"peak allocated {rec['mem_peak_bytes'] / GIB:.3f} GiB"
+                + (f" (predicted {rec['mem_predicted_total'] / GIB:.3f})" if "mem_predicted_total" in rec else "")
+                + ";"
+            )
+        parts.append(
+            f"step peak above the state at rest {rec['mem_step_peak_bytes'] / GIB:.3f} GiB"
+            + (f" (predicted {rec['mem_predicted_step'] / GIB:.3f})" if "mem_predicted_step" in rec else "")
+        )
         if "mem_backward_peak_bytes" in rec:
-            parts.append(f"; up to the optimizer step {rec['mem_backward_peak_bytes'] / GIB:.3f} GiB"
-                         + (f" (predicted backward peak {rec['mem_predicted_backward'] / GIB:.3f})"
-                            if "mem_predicted_backward" in rec else ""))
+            parts.append(
+                f"; up to the optimizer step {rec['mem_backward_peak_bytes'] / GIB:.3f} GiB"
+                + (
+                    f" (predicted backward peak {rec['mem_predicted_backward'] / GIB:.3f})"
+                    if "mem_predicted_backward" in rec
+                    else ""
+                )
+            )
         return " ".join(parts)

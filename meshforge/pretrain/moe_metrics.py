@@ -16,8 +16,9 @@ from torch import nn
 from ..models.moe import STAT_KEYS, RouterStats, moe_layers
 
 
-def reduce_router_stats(model: nn.Module, stats: RouterStats, group: dist.ProcessGroup | None = None,
-                        all_layers: list[str] | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+def reduce_router_stats(
+    model: nn.Module, stats: RouterStats, group: dist.ProcessGroup | None = None, all_layers: list[str] | None = None
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """The metrics of the step ``stats`` collected, and the global expert load of each of this
     rank's MoE layers (by name), summed over the ranks of ``group`` (the world by default).
 
@@ -46,13 +47,13 @@ def reduce_router_stats(model: nn.Module, stats: RouterStats, group: dist.Proces
     out, loads = {}, {}
     aux = z = dropped = assigned = 0.0
     for name, row in zip(names, flat):
-        got = dict(zip(STAT_KEYS, row[:len(STAT_KEYS)].tolist()))
+        got = dict(zip(STAT_KEYS, row[: len(STAT_KEYS)].tolist()))
         passes = max(got["passes"], 1.0)
         aux += got["aux_loss"] / passes
         z += got["z_loss"] / passes
         dropped += got["dropped"]
         assigned += got["assigned"]
-        load = row[len(STAT_KEYS):]
+        load = row[len(STAT_KEYS) :]
         mean = load.mean().clamp(min=1e-9)
         short = name.replace(".feed_forward", "")
         out[f"moe_load_min/{short}"] = float(load.min() / mean)

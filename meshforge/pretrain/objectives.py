@@ -135,11 +135,16 @@ def mode_token_ids(tokenizer: Tokenizer, setting: str) -> tuple[int, int, int]:
     for kind, piece in zip("RXS", pieces):
         i = special_piece_id(tokenizer, piece)
         if i is None:
-            add = ("`meshforge tokenizer train ... --reserved 3`" if setting.strip() == "reserved"
-                   else f"`meshforge tokenizer train ... --special-tokens {' '.join(pieces)}`")
-            raise DataError(f"data.ul2_mode_tokens: tokenizer {tokenizer.path} has no single token {piece!r} for the "
-                            f"{kind} mode; train one with {add}, or set data.ul2_mode_tokens = '' to train without "
-                            "mode tokens")
+            add = (
+                "`meshforge tokenizer train ... --reserved 3`"
+                if setting.strip() == "reserved"
+                else f"`meshforge tokenizer train ... --special-tokens {' '.join(pieces)}`"
+            )
+            raise DataError(
+                f"data.ul2_mode_tokens: tokenizer {tokenizer.path} has no single token {piece!r} for the "
+                f"{kind} mode; train one with {add}, or set data.ul2_mode_tokens = '' to train without "
+                "mode tokens"
+            )
         if i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id, tokenizer.unk_id):
             raise DataError(f"data.ul2_mode_tokens: {piece!r} is a control token (pad/eos/bos/unk); name other pieces")
         ids.append(i)
@@ -148,8 +153,9 @@ def mode_token_ids(tokenizer: Tokenizer, setting: str) -> tuple[int, int, int]:
 
 def _check_positions(cfg: JobConfig, encoder_len: int, decoder_len: int) -> None:
     if max(decoder_len, encoder_len) > cfg.model.max_seq_len and cfg.model.position_encoding == "rope":
-        raise DataError(f"encoder/decoder lengths {encoder_len}/{decoder_len} exceed model.max_seq_len "
-                        f"{cfg.model.max_seq_len}")
+        raise DataError(
+            f"encoder/decoder lengths {encoder_len}/{decoder_len} exceed model.max_seq_len {cfg.model.max_seq_len}"
+        )
 
 
 def build_ul2_objective(cfg: JobConfig, tokenizer: Tokenizer) -> Ul2Objective:
@@ -160,13 +166,16 @@ def build_ul2_objective(cfg: JobConfig, tokenizer: Tokenizer) -> Ul2Objective:
     spec = make_ul2_spec(d.seq_len, d.decoder_seq_len, denoisers, d.prefix_lm_min, d.prefix_lm_max, mode)
     sentinels = sentinel_ids(tokenizer) if any(p.kind != "S" for p in spec.denoisers) else []
     if any(p.kind != "S" for p in spec.denoisers) and not sentinels:
-        raise DataError(f"tokenizer {tokenizer.path} has no sentinel pieces <extra_id_0>, ...: the R/X denoisers of "
-                        "data.ul2_denoisers need them (train it with `meshforge tokenizer train --preset t5`, or "
-                        "use only S)")
+        raise DataError(
+            f"tokenizer {tokenizer.path} has no sentinel pieces <extra_id_0>, ...: the R/X denoisers of "
+            "data.ul2_denoisers need them (train it with `meshforge tokenizer train --preset t5`, or "
+            "use only S)"
+        )
     mode_ids = mode_token_ids(tokenizer, d.ul2_mode_tokens) if mode else None
     if mode_ids is not None and set(mode_ids) & set(sentinels):
-        raise DataError(f"data.ul2_mode_tokens {d.ul2_mode_tokens!r} names sentinel tokens (<extra_id_i>); "
-                        "use pieces of their own")
+        raise DataError(
+            f"data.ul2_mode_tokens {d.ul2_mode_tokens!r} names sentinel tokens (<extra_id_i>); use pieces of their own"
+        )
     _check_positions(cfg, spec.encoder_len, spec.decoder_len)
     return Ul2Objective(spec, sentinels, tokenizer.eos_id, tokenizer.pad_id, cfg.train.seed, mode_ids)
 
@@ -177,14 +186,18 @@ def build_objective(cfg: JobConfig, tokenizer: Tokenizer):
         return LMObjective(cfg.data.seq_len, cfg.data.document_mask)
     missing = [role for role in ("eos", "pad") if getattr(tokenizer, f"{role}_id") is None]
     if missing:
-        raise DataError(f"tokenizer {tokenizer.path} has no {' or '.join(missing)} token: the {objective} objective "
-                        "ends and pads its samples with them; name them in its tokenizer_config.json")
+        raise DataError(
+            f"tokenizer {tokenizer.path} has no {' or '.join(missing)} token: the {objective} objective "
+            "ends and pads its samples with them; name them in its tokenizer_config.json"
+        )
     if objective in ("prefix_lm", "ul2"):
         return build_ul2_objective(cfg, tokenizer)
     spec = make_spec(cfg.data.seq_len, cfg.data.decoder_seq_len, cfg.data.noise_density, cfg.data.mean_noise_span)
     sentinels = sentinel_ids(tokenizer)
     if not sentinels:
-        raise DataError(f"tokenizer {tokenizer.path} has no sentinel pieces <extra_id_0>, ...: span corruption needs "
-                        "them (train it with `meshforge tokenizer train --preset t5`)")
+        raise DataError(
+            f"tokenizer {tokenizer.path} has no sentinel pieces <extra_id_0>, ...: span corruption needs "
+            "them (train it with `meshforge tokenizer train --preset t5`)"
+        )
     _check_positions(cfg, spec.encoder_len, spec.decoder_len)
     return SpanCorruptionObjective(spec, sentinels, tokenizer.eos_id, tokenizer.pad_id, cfg.train.seed)

@@ -45,14 +45,17 @@ def schedule_notes(total_steps: int, cfg: OptimConfig) -> list[str]:
     """What a user should know about this schedule over ``total_steps`` (nothing is wrong enough to refuse)."""
     if cfg.warmup_steps and cfg.warmup_steps >= total_steps:
         last = lr_factor(total_steps - 1, total_steps, cfg)
-        return [f"optim.warmup_steps = {cfg.warmup_steps} >= train.steps = {total_steps}: the LR never leaves warmup "
-                f"(it ends at {last:.0%} of optim.lr, with no {cfg.schedule} phase); lower it, e.g. "
-                f"--optim.warmup_steps {max(1, total_steps // 10)}"]
+        return [
+            f"optim.warmup_steps = {cfg.warmup_steps} >= train.steps = {total_steps}: the LR never leaves warmup "
+            f"(it ends at {last:.0%} of optim.lr, with no {cfg.schedule} phase); lower it, e.g. "
+            f"--optim.warmup_steps {max(1, total_steps // 10)}"
+        ]
     return []
 
 
-def param_groups(model: nn.Module, weight_decay: float, hidden_lr_scale: float = 1.0,
-                 lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, hidden_lr_scale: float = 1.0, lr: float | None = None
+) -> list[dict]:
     """Decay matrices (dim >= 2); leave norms, biases and other vectors undecayed.
 
     In an MoE model the MoE layers' parameters get their own two groups after those. Under
@@ -68,8 +71,9 @@ def param_groups(model: nn.Module, weight_decay: float, hidden_lr_scale: float =
     hidden = set()
     if hidden_lr_scale != 1.0:
         hidden = {id(p) for name, p in model.named_parameters() if p.dim() >= 2 and ".layers." in f".{name}"}
-    kinds: dict[tuple[bool, bool, bool], list] = {(moe, decay, hid): [] for moe in (False, True)
-                                                  for decay in (True, False) for hid in (False, True)}
+    kinds: dict[tuple[bool, bool, bool], list] = {
+        (moe, decay, hid): [] for moe in (False, True) for decay in (True, False) for hid in (False, True)
+    }
     seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -79,8 +83,9 @@ def param_groups(model: nn.Module, weight_decay: float, hidden_lr_scale: float =
     groups = []
     for (moe, decay, hid), params in kinds.items():
         if hid and params:
-            groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
-                           "lr": lr * hidden_lr_scale})
+            groups.append(
+                {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * hidden_lr_scale}
+            )
         elif not hid and (params or not moe):
             groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0})
     return groups

@@ -48,7 +48,7 @@ def check_writable(output_dir: str | Path) -> None:
 def storage_error(error: OSError, doing: str) -> OutputError:
     """One line for a failed write: ``doing`` (e.g. "writing checkpoint step_00000200") and the remedy."""
     if error.errno in SPACE_ERRNOS:
-        why = ("no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is exhausted")
+        why = "no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is exhausted"
         fix = "free space there (older runs, checkpoint.keep_last) or point train.output_dir at a larger disk"
     elif error.errno in ACCESS_ERRNOS:
         why = "read-only file system" if error.errno == errno.EROFS else "permission denied"

@@ -50,8 +50,9 @@ def resume_changes(path: Path | None, cfg: JobConfig) -> tuple[JobConfig, list[s
                 ignored.append(key)
                 lines.append(f"resume: {key} = {value!r} is ignored ({IGNORED[key]} {path.name})")
             elif policy == "applies":
-                lines.append(f"resume: {key} = {value!r} takes effect from step {nxt} (the checkpoint's run had "
-                             f"{old!r})")
+                lines.append(
+                    f"resume: {key} = {value!r} takes effect from step {nxt} (the checkpoint's run had {old!r})"
+                )
     if ignored:
         cfg = copy.deepcopy(cfg)
         for key in ignored:

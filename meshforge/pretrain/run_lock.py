@@ -153,11 +153,14 @@ class RunLock:
     def notice(self) -> str:
         """A line for the log when the lock was taken over or could not be taken; else empty."""
         if self.unsupported:
-            return (f"output dir lock: the file system of {self.output_dir} does not support flock "
-                    f"({self.unsupported}); running without it, so nothing stops a second trainer there")
+            return (
+                f"output dir lock: the file system of {self.output_dir} does not support flock "
+                f"({self.unsupported}); running without it, so nothing stops a second trainer there"
+            )
         if self.previous:
-            return (f"output dir lock: taken over from {describe_holder(self.previous)}, which ended without "
-                    "releasing it")
+            return (
+                f"output dir lock: taken over from {describe_holder(self.previous)}, which ended without releasing it"
+            )
         return ""
 
     def __del__(self):  # a Trainer dropped without finishing its run (tests, notebooks) frees the dir too

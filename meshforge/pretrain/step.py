@@ -170,8 +170,9 @@ class TrainStep:
         degrees = self.setup.degrees
         args, targets = self.setup.objective.model_inputs(batch)  # lm: shifted tokens; T5: src, tgt_in, src_mask
         if degrees.cp > 1:  # this rank's zigzag chunks of every sample, with their global positions
-            args, targets = split_for_context_parallel(args, targets, self.setup.mesh["cp"].get_local_rank(),
-                                                       degrees.cp)
+            args, targets = split_for_context_parallel(
+                args, targets, self.setup.mesh["cp"].get_local_rank(), degrees.cp
+            )
         return self.forward_loss(model, args, targets)
 
     def _forward_loss(self, model: Callable, args: tuple, targets: torch.Tensor) -> LossParts:
@@ -188,8 +189,9 @@ class TrainStep:
         loss_fn = lm_loss_fn(cfg, degrees.tp)
         return loss_fn(logits, targets, cfg.train.z_loss_coef)
 
-    def forward_backward(self, model: nn.Module, micro: list, backward: Callable[[LossParts], None]
-                         ) -> tuple[torch.Tensor, RouterStats]:
+    def forward_backward(
+        self, model: nn.Module, micro: list, backward: Callable[[LossParts], None]
+    ) -> tuple[torch.Tensor, RouterStats]:
         """Forward and ``backward`` of every micro-batch through ``model``; -> this rank's
         [ce, z_loss] means over them, and the MoE router statistics of the forwards."""
         stats = RouterStats(aux_grad_scale=1.0 / len(micro))  # the aux losses weigh as each microbatch's loss

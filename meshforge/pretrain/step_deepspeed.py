@@ -23,13 +23,17 @@ from .step import StepSetup, TrainStep, new_optimizer
 
 class DeepSpeedStep(TrainStep):
     def __init__(self, setup: StepSetup, model: nn.Module):
-        self.engine, optimizer = build_deepspeed_engine(model, new_optimizer(setup, model), setup.cfg,
-                                                        setup.degrees.dp, setup.device)
+        self.engine, optimizer = build_deepspeed_engine(
+            model, new_optimizer(setup, model), setup.cfg, setup.degrees.dp, setup.device
+        )
         super().__init__(setup, self.engine.module, optimizer)  # optimizer: the torch one the engine steps
 
     def train_step(self, batch, step: int) -> dict:
         micro = self.micro_batches(batch)
-        assert len(micro) == self.engine.gradient_accumulation_steps(), (len(micro), self.engine.gradient_accumulation_steps())
+        assert len(micro) == self.engine.gradient_accumulation_steps(), (
+            len(micro),
+            self.engine.gradient_accumulation_steps(),
+        )
         lr = self.scheduler.get_last_lr()[0]
 
         def backward(parts):
@@ -46,7 +50,8 @@ class DeepSpeedStep(TrainStep):
             self.setup.nonfinite.stop_after_this_step(  # the trainer logs this step's record, then stops
                 f"non-finite loss {record['loss']} at step {step} under the DeepSpeed engine, which applies the "
                 "update itself: resume from the newest checkpoint with a lower LR, or use parallel.dp_backend = "
-                "'fsdp2' to skip such steps")
+                "'fsdp2' to skip such steps"
+            )
         record.update(self.moe_update(self.engine.module, stats))  # metric names as in every other backend (layers.<i>)
         return record
 
@@ -61,8 +66,11 @@ class DeepSpeedStep(TrainStep):
 
     def _load_engine(self, directory: Path) -> None:
         """Restore module and optimizer state written by the engine (``save_engine``: same dp degree and stage)."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}: the checkpoint is "
-                                  "incomplete; resume from an older one with --checkpoint.resume_from")
+            raise CheckpointError(
+                f"DeepSpeed found no checkpoint under {directory}/{CHECKPOINT_TAG}: the checkpoint is "
+                "incomplete; resume from an older one with --checkpoint.resume_from"
+            )

@@ -34,8 +34,9 @@ class LocalStep(TrainStep):
             (parts.total / len(micro)).backward()
 
         losses, stats = self.forward_backward(self.model, micro, backward)
-        grad_norm = (clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
-                     if self.needs_grad_norm(step) else None)
+        grad_norm = (
+            clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
+        )
         losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
         record = self.optimizer_update(losses, grad_norm, step)
         record.update(self.moe_update(self.model, stats))

@@ -24,8 +24,16 @@ class PipelineStep(TrainStep):
         super().__init__(setup, model, new_optimizer(setup, model))  # model: this rank's PipelineModel
         cfg = setup.cfg
         loss_fn, stage_kwargs = pipeline_loss_fn(model, cfg, setup.degrees.tp, setup.fused_loss)
-        self.runner = build_runner(model, setup.mesh, setup.device, loss_fn, cfg.train.z_loss_coef, self.autocast,
-                                   setup.objective.model_inputs, stage_kwargs)
+        self.runner = build_runner(
+            model,
+            setup.mesh,
+            setup.device,
+            loss_fn,
+            cfg.train.z_loss_coef,
+            self.autocast,
+            setup.objective.model_inputs,
+            stage_kwargs,
+        )
         m = cfg.model
         self.moe_layers = [f"layers.{i}.feed_forward" for i in range(m.n_layers) if m.is_moe_layer(i)]
 
@@ -35,8 +43,12 @@ class PipelineStep(TrainStep):
         losses = self.runner.train_step(self.to_device(batch), stats, self.with_stop_flag)
         grad_norm = None
         if self.needs_grad_norm(step):
-            grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip, self.runner.pp_group,
-                                       self.runner.tied.counted_elsewhere)
+            grad_norm = clip_grad_norm(
+                self.model.parameters(),
+                self.cfg.optim.grad_clip,
+                self.runner.pp_group,
+                self.runner.tied.counted_elsewhere,
+            )
         record = self.optimizer_update(losses, grad_norm, step)
         record.update(self.moe_update(self.model, stats, self.moe_layers))
         return record

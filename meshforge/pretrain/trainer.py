@@ -99,11 +99,13 @@ class Trainer:
         if self.lock is not None and self.lock.notice():
             print(self.lock.notice(), flush=True)
         self.identity = run_identity(cfg)
-        self.checkpointer = Checkpointer(self.output_dir, cfg.checkpoint.keep_last, self.env.rank,
-                                        async_save=cfg.checkpoint.async_save)
+        self.checkpointer = Checkpointer(
+            self.output_dir, cfg.checkpoint.keep_last, self.env.rank, async_save=cfg.checkpoint.async_save
+        )
         # Everything above only reads. Validate data and output dir before writing anything.
-        self.resume_from = self.checkpointer.check_identity(self.identity, cfg.checkpoint.resume,
-                                                            cfg.checkpoint.resume_from)
+        self.resume_from = self.checkpointer.check_identity(
+            self.identity, cfg.checkpoint.resume, cfg.checkpoint.resume_from
+        )
         check_resume_backend(self.resume_from, cfg.parallel.dp_backend, cfg.parallel.zero_stage, self.env.world_size)
         self.cfg, self.resume_notes = resume_changes(self.resume_from, cfg)  # refused changes stop here
         cfg = self.cfg
@@ -138,10 +140,20 @@ class Trainer:
             if self.env.is_main:
                 print(f"initialised from {self.init_from}", flush=True)
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
-        setup = StepSetup(cfg, self.degrees, self.mesh, self.device, self.data.objective, self.collectives,
-                          self.nonfinite, self.fused_loss, before_update=self.checkpointer.wait_staged,
-                          stop_signal=self._stop_signal, train_loader=self.data.train_loader,
-                          current_step=lambda: self.step)
+        setup = StepSetup(
+            cfg,
+            self.degrees,
+            self.mesh,
+            self.device,
+            self.data.objective,
+            self.collectives,
+            self.nonfinite,
+            self.fused_loss,
+            before_update=self.checkpointer.wait_staged,
+            stop_signal=self._stop_signal,
+            train_loader=self.data.train_loader,
+            current_step=lambda: self.step,
+        )
         self.backend: TrainStep = build_step(setup, model)
         """How a step runs (plain/FSDP2, DeepSpeed engine, pipeline schedule): chosen here, once."""
         self.step = 0
@@ -163,8 +175,9 @@ class Trainer:
         if self.env.is_main:
             (self.output_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
         self.peak = peak_flops(self.device)
-        self.memory_probe = MemoryProbe(cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer,
-                                        self.memory_plan)  # planner vs measured
+        self.memory_probe = MemoryProbe(
+            cfg, self.degrees, self.env.rank, self.device, self.backend.optimizer, self.memory_plan
+        )  # planner vs measured
         if self.env.is_main:
             print(self.memory_probe.start_line(), flush=True)
             for note in schedule_notes(cfg.train.steps, cfg.optim):
@@ -240,8 +253,13 @@ class Trainer:
                 memory = self.memory_probe.after_step()  # measured once, after this process's second step
                 if memory and self.env.is_main:
                     _print(bar, self.memory_probe.measured_line(memory))
-                record = {"step": self.step, **record, **memory, "tokens_per_s": tokens_per_step / elapsed,
-                          "step_time_s": elapsed}
+                record = {
+                    "step": self.step,
+                    **record,
+                    **memory,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "step_time_s": elapsed,
+                }
                 if self.data.remote_stats is not None:  # remote data: requests, bytes, retries so far (this rank)
                     record.update(self.data.remote_stats.snapshot())
                 if self.peak:
@@ -254,8 +272,11 @@ class Trainer:
                     record["loss_spike"] = 1
                     self._say(bar, f"step {self.step:>6} | loss spike: {record['loss']:.4f}")
                 if record.get("skipped"):
-                    self._say(bar, f"step {self.step:>6} | non-finite loss/gradient: update skipped "
-                                f"({self.nonfinite.consecutive} in a row, {self.nonfinite.total_skipped} in all)")
+                    self._say(
+                        bar,
+                        f"step {self.step:>6} | non-finite loss/gradient: update skipped "
+                        f"({self.nonfinite.consecutive} in a row, {self.nonfinite.total_skipped} in all)",
+                    )
                 result.losses.append(record["loss"])
                 self.metrics.log(record)  # before the save: a kill after it cannot lose this step's record
                 self._report(bar, record)
@@ -269,10 +290,16 @@ class Trainer:
                     self._checkpoint()
                     save_due = False
                 elif scheduled:
-                    waits = ("the run ends inside it, without a final one" if last else
-                             "the save waits for the next good step")
-                    self._say(bar, f"step {self.step:>6} | no checkpoint inside a non-finite streak: {waits} "
-                                   f"(newest: {self._newest_checkpoint() or 'none yet'})")
+                    waits = (
+                        "the run ends inside it, without a final one"
+                        if last
+                        else "the save waits for the next good step"
+                    )
+                    self._say(
+                        bar,
+                        f"step {self.step:>6} | no checkpoint inside a non-finite streak: {waits} "
+                        f"(newest: {self._newest_checkpoint() or 'none yet'})",
+                    )
                 self._log_saves()
                 # every rank's flag was reduced with this step's loss: all ranks agree, no collective here
                 if self.preemption is not None and self.backend.stop_requested:
@@ -282,10 +309,16 @@ class Trainer:
                     if self.env.local_rank == 0:  # one per node: each node's `meshforge launch` looks for it
                         mark_preempted()  # the checkpoint is complete: a job script may requeue
                     if self.env.is_main:
-                        written = ("checkpoint written" if not self.nonfinite.consecutive else
-                                   f"no checkpoint inside a non-finite streak (newest: {self._newest_checkpoint()})")
-                        _print(bar, f"step {self.step:>6} | preemption signal: {written}, exiting with "
-                                    f"status {EXIT_PREEMPTED} (resume by rerunning the same command)")
+                        written = (
+                            "checkpoint written"
+                            if not self.nonfinite.consecutive
+                            else f"no checkpoint inside a non-finite streak (newest: {self._newest_checkpoint()})"
+                        )
+                        _print(
+                            bar,
+                            f"step {self.step:>6} | preemption signal: {written}, exiting with "
+                            f"status {EXIT_PREEMPTED} (resume by rerunning the same command)",
+                        )
                     result.preempted = True
                     break
             self.checkpointer.close()  # the last checkpoint is complete before the run returns
@@ -293,9 +326,12 @@ class Trainer:
             result.final_step = self.step
             if self.env.is_main and t.sample_prompt and t.sample_tokens and not result.preempted:
                 if self.env.world_size > 1:  # sharded weights: one process cannot run the model
-                    _print(bar, f"sample: the weights are sharded over {self.env.world_size} ranks; sample the "
-                                f"final checkpoint with `meshforge generate --checkpoint {self.output_dir} "
-                                f"--prompt {t.sample_prompt!r}`")
+                    _print(
+                        bar,
+                        f"sample: the weights are sharded over {self.env.world_size} ranks; sample the "
+                        f"final checkpoint with `meshforge generate --checkpoint {self.output_dir} "
+                        f"--prompt {t.sample_prompt!r}`",
+                    )
                 else:
                     result.sample = self.sample(t.sample_prompt, t.sample_tokens)
                     self.metrics.text("sample", result.sample, self.step)
@@ -343,8 +379,16 @@ class Trainer:
         """Generate from the trained model on rank 0 (the model must be unsharded)."""
         if self.env.world_size > 1:
             return ""  # sharded weights: use `meshforge generate` on the checkpoint instead
-        return generate_text(self.model, self.data.tokenizer, prompt, max_new_tokens, top_k=40, temperature=0.8,
-                             seed=self.cfg.train.seed, device=self.device)
+        return generate_text(
+            self.model,
+            self.data.tokenizer,
+            prompt,
+            max_new_tokens,
+            top_k=40,
+            temperature=0.8,
+            seed=self.cfg.train.seed,
+            device=self.device,
+        )
 
 
 def _print(bar, text: str) -> None:

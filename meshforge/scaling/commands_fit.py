@@ -12,8 +12,14 @@ def cmd_fit(args: argparse.Namespace, rest: list[str] | None = None) -> int:
     from .fit import fit_report, format_report
 
     budgets = positive_numbers("--budgets", args.budgets) if args.budgets is not None else None
-    report = fit_report(args.results, approach=args.approach, budgets=budgets, bootstrap=args.bootstrap,
-                        seed=args.seed, envelope=args.envelope)
+    report = fit_report(
+        args.results,
+        approach=args.approach,
+        budgets=budgets,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        envelope=args.envelope,
+    )
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
@@ -27,9 +33,13 @@ def cmd_plot(args: argparse.Namespace, rest: list[str] | None = None) -> int:
 
 
 def _envelope_arg(p) -> None:
-    p.add_argument("--envelope", choices=("final", "curves"), default="final",
-                   help="approach 1: envelope of each run's final loss (default; right for cosine runs), or of the "
-                   "training curves (curves.csv; only for schedules whose intermediate points are valid)")
+    p.add_argument(
+        "--envelope",
+        choices=("final", "curves"),
+        default="final",
+        help="approach 1: envelope of each run's final loss (default; right for cosine runs), or of the "
+        "training curves (curves.csv; only for schedules whose intermediate points are valid)",
+    )
 
 
 def add_fit_parsers(s) -> None:

@@ -60,8 +60,9 @@ class Estimator:
         if self.efficiency is not None and not 0 < self.efficiency <= 1:
             raise ConfigError(f"--efficiency must be in (0, 1], got {self.efficiency}")
         if not (self.tokens_per_s >= 0 and math.isfinite(self.tokens_per_s)):
-            raise ConfigError(f"--tokens-per-s must be a positive rate (or 0 for the time model), got "
-                              f"{self.tokens_per_s}")
+            raise ConfigError(
+                f"--tokens-per-s must be a positive rate (or 0 for the time model), got {self.tokens_per_s}"
+            )
         if not (self.overhead_s >= 0 and math.isfinite(self.overhead_s)):
             raise ConfigError(f"--step-overhead-ms must be 0 or more, got {self.overhead_s * 1e3}")
         _ = self._device  # ConfigError for an unknown device or a bad --devices file
@@ -77,20 +78,27 @@ class Estimator:
         if self.tokens_per_s:
             return f"at a measured {self.tokens_per_s:,.0f} tokens/s per run on {self.gpus} GPU(s)"
         d = self._device
-        at = (f"at {self.efficiency:.0%} of peak" if self.efficiency is not None
-              else "at its compute efficiency for each run's GEMM shapes")
-        return (f"on {self.gpus} x {d.name} per run: the planner's time model {at} "
-                f"+ {self.overhead_s * 1e3:g} ms per step of software cost (no evaluation, checkpoints or start-up)")
+        at = (
+            f"at {self.efficiency:.0%} of peak"
+            if self.efficiency is not None
+            else "at its compute efficiency for each run's GEMM shapes"
+        )
+        return (
+            f"on {self.gpus} x {d.name} per run: the planner's time model {at} "
+            f"+ {self.overhead_s * 1e3:g} ms per step of software cost (no evaluation, checkpoints or start-up)"
+        )
 
     def notes(self, estimates: list[RunEstimate]) -> list[str]:
         """What makes the estimate a lower bound: small steps with no per-step cost counted."""
         small = [e for e in estimates if 0 < e.model_step_s < SMALL_STEP_S]
         if not small or self.overhead_s or self.tokens_per_s:
             return []
-        return [f"{len(small)} of {len(estimates)} runs model under {SMALL_STEP_S * 1e3:g} ms per step: there "
-                "per-step software cost (Python, kernel launches) decides, and no figure for it on this device is "
-                "known, so these times are lower bounds; train a few steps of one row, then pass its tokens/s "
-                "(--tokens-per-s) or its extra ms per step (--step-overhead-ms)"]
+        return [
+            f"{len(small)} of {len(estimates)} runs model under {SMALL_STEP_S * 1e3:g} ms per step: there "
+            "per-step software cost (Python, kernel launches) decides, and no figure for it on this device is "
+            "known, so these times are lower bounds; train a few steps of one row, then pass its tokens/s "
+            "(--tokens-per-s) or its extra ms per step (--step-overhead-ms)"
+        ]
 
     def row(self, row: dict) -> RunEstimate:
         """The time of one sweep row (its ``D`` tokens in ``steps`` steps of its config)."""
@@ -106,8 +114,10 @@ class Estimator:
             try:
                 layout = layout_of_config(cfg, self.gpus)
             except ConfigError as e:
-                raise ConfigError(f"--gpus {self.gpus}: the estimate runs each row on {self.gpus} device(s) in "
-                                  f"the layout of its config, which refuses: {e}") from None
+                raise ConfigError(
+                    f"--gpus {self.gpus}: the estimate runs each row on {self.gpus} device(s) in "
+                    f"the layout of its config, which refuses: {e}"
+                ) from None
             step = estimate_time(cfg, layout, device, self.gpus, self.efficiency).step_s
             seconds = row["steps"] * (step + self.overhead_s)
         return RunEstimate(seconds, seconds * self.gpus / 3600, step)

@@ -72,12 +72,16 @@ def read_points(path: str | Path, compute_from: tuple[str, ...] = ("budget", "fl
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
         why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
-        raise ScalingError(f"{path} is not a CSV text file ({why}); pass a results CSV with columns "
-                           f"{', '.join(REQUIRED)}, or a sweep dir") from None
+        raise ScalingError(
+            f"{path} is not a CSV text file ({why}); pass a results CSV with columns "
+            f"{', '.join(REQUIRED)}, or a sweep dir"
+        ) from None
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise ScalingError(f"{path}: missing column(s) {', '.join(missing)}; a results file needs columns "
-                           f"{', '.join(REQUIRED)} (found: {', '.join(header) or 'none'})")
+        raise ScalingError(
+            f"{path}: missing column(s) {', '.join(missing)}; a results file needs columns "
+            f"{', '.join(REQUIRED)} (found: {', '.join(header) or 'none'})"
+        )
     dropped = 0
     if "status" in header:
         kept = [r for r in rows if r["status"] == "ok"]
@@ -97,8 +101,10 @@ def read_points(path: str | Path, compute_from: tuple[str, ...] = ("budget", "fl
             out.append(v)
         if bad:
             rows_text = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
-            raise ScalingError(f"{path}: column {name} has {len(bad)} missing, NaN, infinite or non-positive "
-                               f"value(s) (line {rows_text}); remove those rows or mark them with a status column")
+            raise ScalingError(
+                f"{path}: column {name} has {len(bad)} missing, NaN, infinite or non-positive "
+                f"value(s) (line {rows_text}); remove those rows or mark them with a status column"
+            )
         return np.array(out)
 
     n, d, loss = column("N"), column("D"), column("loss")
@@ -168,19 +174,36 @@ def approach2(pts: Points) -> dict:
             notes.append(f"C={c:.3g}: {e}: left out")
             continue
         inside = bool(pts.n[idx].min() <= math.exp(xn) <= pts.n[idx].max())
-        budgets.append({"C": c, "N_opt": math.exp(xn), "D_opt": math.exp(xd), "loss_opt": float(np.polyval(pn, xn)),
-                        "parabola_logN": pn.tolist(), "parabola_logD": pd.tolist(), "points": len(idx),
-                        "vertex_inside": inside})
+        budgets.append(
+            {
+                "C": c,
+                "N_opt": math.exp(xn),
+                "D_opt": math.exp(xd),
+                "loss_opt": float(np.polyval(pn, xn)),
+                "parabola_logN": pn.tolist(),
+                "parabola_logD": pd.tolist(),
+                "points": len(idx),
+                "vertex_inside": inside,
+            }
+        )
         if not inside:
             notes.append(f"C={c:.3g}: the minimum lies outside the sizes tried (extrapolated)")
     if len(budgets) < 2:
-        raise ScalingError(f"approach 2 needs at least 2 IsoFLOP budgets with 3 or more sizes each and a minimum; "
-                           f"{pts.source} has {len(budgets)} usable" + (f" ({'; '.join(notes)})" if notes else ""))
+        raise ScalingError(
+            f"approach 2 needs at least 2 IsoFLOP budgets with 3 or more sizes each and a minimum; "
+            f"{pts.source} has {len(budgets)} usable" + (f" ({'; '.join(notes)})" if notes else "")
+        )
     c = np.array([b["C"] for b in budgets])
     n_law = power_law(c, np.array([b["N_opt"] for b in budgets]))
     d_law = power_law(c, np.array([b["D_opt"] for b in budgets]))
-    return {"budgets": budgets, "N_opt": n_law, "D_opt": d_law, "a": n_law["exponent"], "b": d_law["exponent"],
-            "notes": notes}
+    return {
+        "budgets": budgets,
+        "N_opt": n_law,
+        "D_opt": d_law,
+        "a": n_law["exponent"],
+        "b": d_law["exponent"],
+        "notes": notes,
+    }
 
 
 def approach1(pts: Points, bins: int = 20) -> dict:
@@ -204,11 +227,18 @@ def approach1(pts: Points, bins: int = 20) -> dict:
         raise ScalingError("approach 1 needs points at 2 or more compute budgets")
     env_a = np.array(env)
     if len(set(env_a[:, 1].tolist())) < 2:
-        raise ScalingError("approach 1: one model size is best at every compute; the envelope has no slope "
-                           "(add smaller or larger sizes)")
+        raise ScalingError(
+            "approach 1: one model size is best at every compute; the envelope has no slope "
+            "(add smaller or larger sizes)"
+        )
     n_law, d_law = power_law(env_a[:, 0], env_a[:, 1]), power_law(env_a[:, 0], env_a[:, 2])
-    return {"envelope": [{"C": c, "N": n, "D": d, "loss": l} for c, n, d, l in env],
-            "N_opt": n_law, "D_opt": d_law, "a": n_law["exponent"], "b": d_law["exponent"]}
+    return {
+        "envelope": [{"C": c, "N": n, "D": d, "loss": l} for c, n, d, l in env],
+        "N_opt": n_law,
+        "D_opt": d_law,
+        "a": n_law["exponent"],
+        "b": d_law["exponent"],
+    }
 
 
 def approach3(pts: Points, bootstrap: int = 100, seed: int = 0):
@@ -235,8 +265,14 @@ def envelope_points(results: Path, curves: Path | None, envelope: str = "final")
     return read_points(curves, compute_from=("flops",))
 
 
-def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | None = None, bootstrap: int = 100,
-               seed: int = 0, envelope: str = "final") -> dict:
+def fit_report(
+    path: str | Path,
+    approach: str = "all",
+    budgets: list[float] | None = None,
+    bootstrap: int = 100,
+    seed: int = 0,
+    envelope: str = "final",
+) -> dict:
     """Everything ``meshforge scaling fit`` prints, as one JSON-able dict.
 
     One approach: its fit, or its ScalingError. ``all``: every approach that can be fitted, and
@@ -245,8 +281,11 @@ def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | N
     results, curves = resolve_inputs(path)
     pts = read_points(results)
     report: dict = {"source": str(results), "points": len(pts.n), "left_out_not_ok": pts.dropped}
-    fits = {"3": lambda: _report3(pts, budgets, bootstrap, seed), "2": lambda: _report2(pts, budgets),
-            "1": lambda: _report1(results, curves, envelope, budgets)}
+    fits = {
+        "3": lambda: _report3(pts, budgets, bootstrap, seed),
+        "2": lambda: _report2(pts, budgets),
+        "1": lambda: _report1(results, curves, envelope, budgets),
+    }
     which = ("1", "2", "3") if approach == "all" else (approach,)
     left_out = {}
     for name in sorted(which, reverse=True):
@@ -258,8 +297,9 @@ def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | N
             left_out[name] = str(e)
     if left_out:
         if len(left_out) == len(which):
-            raise ScalingError("no approach could be fitted: " + "; ".join(
-                f"approach {k}: {v}" for k, v in sorted(left_out.items())))
+            raise ScalingError(
+                "no approach could be fitted: " + "; ".join(f"approach {k}: {v}" for k, v in sorted(left_out.items()))
+            )
         report["left_out"] = dict(sorted(left_out.items()))
     return report
 
@@ -267,8 +307,9 @@ def fit_report(path: str | Path, approach: str = "all", budgets: list[float] | N
 def _report3(pts: Points, budgets, bootstrap: int, seed: int) -> dict:
     fit = approach3(pts, bootstrap=bootstrap, seed=seed)
     iv = fit.intervals
-    report = {name: _interval(float(getattr(fit, name)), iv.get(name)) for name in ("E", "A", "B", "alpha", "beta",
-                                                                                    "a", "b")}
+    report = {
+        name: _interval(float(getattr(fit, name)), iv.get(name)) for name in ("E", "A", "B", "alpha", "beta", "a", "b")
+    }
     k = float(np.median(pts.c / (pts.n * pts.d)))
     report["flops_per_param_token"] = k
     report["at_bound"] = [name for name in ("alpha", "beta") if not 1e-6 < getattr(fit, name) < 4 - 1e-6]
@@ -289,8 +330,10 @@ def _report3(pts: Points, budgets, bootstrap: int, seed: int) -> dict:
 
 def _report2(pts: Points, budgets) -> dict:
     a2 = approach2(pts)
-    a2["predictions"] = [{"C": c, "N_opt": float(predict_power(a2["N_opt"], c)),
-                          "D_opt": float(predict_power(a2["D_opt"], c))} for c in budgets or []]
+    a2["predictions"] = [
+        {"C": c, "N_opt": float(predict_power(a2["N_opt"], c)), "D_opt": float(predict_power(a2["D_opt"], c))}
+        for c in budgets or []
+    ]
     return {"approach2": a2}
 
 
@@ -298,8 +341,10 @@ def _report1(results: Path, curves: Path | None, envelope: str, budgets) -> dict
     cpts = envelope_points(results, curves, envelope)
     a1 = approach1(cpts)
     a1["source"], a1["envelope_of"] = cpts.source, envelope
-    a1["predictions"] = [{"C": c, "N_opt": float(predict_power(a1["N_opt"], c)),
-                          "D_opt": float(predict_power(a1["D_opt"], c))} for c in budgets or []]
+    a1["predictions"] = [
+        {"C": c, "N_opt": float(predict_power(a1["N_opt"], c)), "D_opt": float(predict_power(a1["D_opt"], c))}
+        for c in budgets or []
+    ]
     return {"approach1": a1}
 
 
@@ -311,31 +356,43 @@ def optimal_samples(sample: np.ndarray, c: float, k: float):
 
 def format_report(r: dict) -> str:
     """The report as text."""
+
     def iv(entry) -> str:
         i = entry.get("interval")
         return f"{entry['value']:.4g}" + (f"  [{i[0]:.4g}, {i[1]:.4g}]" if i else "")
 
-    lines = [f"{r['source']}: {r['points']} points" + (f" ({r['left_out_not_ok']} rows not ok left out)"
-                                                        if r["left_out_not_ok"] else "")]
+    lines = [
+        f"{r['source']}: {r['points']} points"
+        + (f" ({r['left_out_not_ok']} rows not ok left out)" if r["left_out_not_ok"] else "")
+    ]
     if "approach1" in r:
         a = r["approach1"]
         what = "final losses" if a.get("envelope_of", "final") == "final" else "training curves"
-        lines.append(f"approach 1 (min-loss envelope of the {what}, {len(a['envelope'])} compute bins): "
-                     f"N_opt ~ C^{a['a']:.3f}, D_opt ~ C^{a['b']:.3f}")
-        lines += [f"  best run at C={p['C']:.3g}: N={p['N']:.4g} D={p['D']:.4g} loss={p['loss']:.4f}"
-                  for p in a["envelope"]] if len(a["envelope"]) <= 8 else []
+        lines.append(
+            f"approach 1 (min-loss envelope of the {what}, {len(a['envelope'])} compute bins): "
+            f"N_opt ~ C^{a['a']:.3f}, D_opt ~ C^{a['b']:.3f}"
+        )
+        lines += (
+            [f"  best run at C={p['C']:.3g}: N={p['N']:.4g} D={p['D']:.4g} loss={p['loss']:.4f}" for p in a["envelope"]]
+            if len(a["envelope"]) <= 8
+            else []
+        )
         lines += [f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g}" for p in a["predictions"]]
     if "approach2" in r:
         a = r["approach2"]
         lines.append("approach 2 (IsoFLOP parabolas):")
         for b in a["budgets"]:
-            lines.append(f"  C={b['C']:.3g}: N_opt={b['N_opt']:.4g} D_opt={b['D_opt']:.4g} loss={b['loss_opt']:.4f}"
-                         f" ({b['points']} sizes)")
+            lines.append(
+                f"  C={b['C']:.3g}: N_opt={b['N_opt']:.4g} D_opt={b['D_opt']:.4g} loss={b['loss_opt']:.4f}"
+                f" ({b['points']} sizes)"
+            )
         for name in ("N_opt", "D_opt"):
             law = a[name]
             i = law["interval"]
-            lines.append(f"  {name} = {law['coefficient']:.4g} * C^{law['exponent']:.3f}"
-                         + (f"  [{i[0]:.3f}, {i[1]:.3f}]" if i else ""))
+            lines.append(
+                f"  {name} = {law['coefficient']:.4g} * C^{law['exponent']:.3f}"
+                + (f"  [{i[0]:.3f}, {i[1]:.3f}]" if i else "")
+            )
         lines += [f"  note: {n}" for n in a["notes"]]
         lines += [f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g}" for p in a["predictions"]]
     if "E" in r:
@@ -347,7 +404,8 @@ def format_report(r: dict) -> str:
             lines.append(f"  note: {', '.join(r['at_bound'])} at the bound of [0, 4]: the data do not determine it")
         lines.append(f"  compute-optimal with C = {r['flops_per_param_token']:.3g} N D:")
         for p in r["budgets"]:
-            lines.append(f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g} predicted loss "
-                         f"{p['loss']:.4f}")
+            lines.append(
+                f"  C={p['C']:.3g}: N_opt={p['N_opt']:.4g} D_opt={p['D_opt']:.4g} predicted loss {p['loss']:.4f}"
+            )
     lines += [f"approach {k} not fitted: {why}" for k, why in r.get("left_out", {}).items()]
     return "\n".join(lines)

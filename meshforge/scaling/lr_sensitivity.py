@@ -57,7 +57,9 @@ def read_lr_results(path: str | Path) -> dict[tuple[str, float], dict]:
         ok = r.get("status", "ok") == "ok"
         g["lr"].append(num(r["lr"]))
         g["loss"].append(num(r["loss"]) if ok else math.nan)
-        g["init_loss"] = init if math.isfinite(init) else (g["init_loss"] if math.isfinite(g["init_loss"]) else fallback)
+        g["init_loss"] = (
+            init if math.isfinite(init) else (g["init_loss"] if math.isfinite(g["init_loss"]) else fallback)
+        )
     for g in groups.values():
         order = np.argsort(g["lr"])
         g["lr"], g["loss"] = [g["lr"][i] for i in order], [g["loss"][i] for i in order]
@@ -80,8 +82,13 @@ def plot_lr(plt, results: str | Path, out: Path, save) -> list[Path]:
                 continue
             shown = [min(x, g["init_loss"]) if math.isfinite(x) else g["init_loss"] for x in g["loss"]]
             ax.plot(g["lr"], shown, "o-", color=colors[n], ms=3, label=f"N={n:.3g}")
-        ax.set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss", title=v or "runs",
-               ylim=(None, top * 1.02))
+        ax.set(
+            xscale="log",
+            xlabel="peak learning rate",
+            ylabel="final validation loss",
+            title=v or "runs",
+            ylim=(None, top * 1.02),
+        )
         ax.legend(fontsize=7)
     ax = axes[0][-1]
     for v in variants:

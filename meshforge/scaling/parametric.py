@@ -30,8 +30,11 @@ from . import ScalingError
 
 HUBER_DELTA = 1e-3
 GRID = {
-    "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5), "e": np.arange(-1.0, 1.01, 0.5),
-    "a": np.arange(0.0, 25.01, 5.0), "b": np.arange(0.0, 25.01, 5.0),
+    "alpha": np.arange(0.0, 2.01, 0.5),
+    "beta": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "a": np.arange(0.0, 25.01, 5.0),
+    "b": np.arange(0.0, 25.01, 5.0),
 }
 PARAMS = ("a", "b", "e", "alpha", "beta")
 N_PARAMS = 5
@@ -43,8 +46,9 @@ def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
 
 
-def objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-              delta: float = HUBER_DELTA) -> tuple[float, np.ndarray]:
+def objective(
+    theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float = HUBER_DELTA
+) -> tuple[float, np.ndarray]:
     """Mean Huber loss of the log residuals and its gradient in (a, b, e, alpha, beta)."""
     a, b, e, alpha, beta = theta
     u = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
@@ -53,8 +57,18 @@ def objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np
     r = lse - log_l
     dh = np.clip(r, -delta, delta)  # Huber'(r)
     n = len(r)
-    grad = np.array([(dh * w[0]).sum(), (dh * w[1]).sum(), (dh * w[2]).sum(),
-                     -(dh * w[0] * log_n).sum(), -(dh * w[1] * log_d).sum()]) / n
+    grad = (
+        np.array(
+            [
+                (dh * w[0]).sum(),
+                (dh * w[1]).sum(),
+                (dh * w[2]).sum(),
+                -(dh * w[0] * log_n).sum(),
+                -(dh * w[1] * log_d).sum(),
+            ]
+        )
+        / n
+    )
     return float(huber(r, delta).mean()), grad
 
 
@@ -71,8 +85,15 @@ def grid_losses(log_n, log_d, log_l, delta: float = HUBER_DELTA) -> tuple[np.nda
 def _minimise(starts, log_n, log_d, log_l, delta) -> np.ndarray:
     best = None
     for x0 in starts:
-        res = minimize(objective, x0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                       bounds=BOUNDS, options={"maxiter": 500, "ftol": 1e-13, "gtol": 1e-10})
+        res = minimize(
+            objective,
+            x0,
+            args=(log_n, log_d, log_l, delta),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=BOUNDS,
+            options={"maxiter": 500, "ftol": 1e-13, "gtol": 1e-10},
+        )
         if best is None or res.fun < best.fun:
             best = res
     return best.x
@@ -118,8 +139,9 @@ def optimal_allocation(params: np.ndarray, c, k: float = 6.0):
         return n, d, E + A / n**alpha + B / d**beta
 
 
-def fit_parametric(n, d, loss, starts: int = 8, bootstrap: int = 100, seed: int = 0,
-                   delta: float = HUBER_DELTA) -> ParametricFit:
+def fit_parametric(
+    n, d, loss, starts: int = 8, bootstrap: int = 100, seed: int = 0, delta: float = HUBER_DELTA
+) -> ParametricFit:
     """Approach 3 on points (N, D, loss); ``bootstrap`` resamples for the intervals (0: none)."""
     try:
         from threadpoolctl import threadpool_limits
@@ -132,15 +154,23 @@ def fit_parametric(n, d, loss, starts: int = 8, bootstrap: int = 100, seed: int 
 def _fit(n, d, loss, starts: int, bootstrap: int, seed: int, delta: float) -> ParametricFit:
     n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
     if len(n) <= N_PARAMS:
-        raise ScalingError(f"approach 3 fits {N_PARAMS} parameters (E, A, B, alpha, beta) and needs more points "
-                           f"than that; got {len(n)}")
+        raise ScalingError(
+            f"approach 3 fits {N_PARAMS} parameters (E, A, B, alpha, beta) and needs more points "
+            f"than that; got {len(n)}"
+        )
     log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
     pts, losses = grid_losses(log_n, log_d, log_l, delta)
     order = np.argsort(losses)
     theta = _minimise(pts[order[:starts]], log_n, log_d, log_l, delta)
-    fit = ParametricFit(E=float(np.exp(theta[2])), A=float(np.exp(theta[0])), B=float(np.exp(theta[1])),
-                        alpha=float(theta[3]), beta=float(theta[4]), n_points=len(n),
-                        loss=objective(theta, log_n, log_d, log_l, delta)[0])
+    fit = ParametricFit(
+        E=float(np.exp(theta[2])),
+        A=float(np.exp(theta[0])),
+        B=float(np.exp(theta[1])),
+        alpha=float(theta[3]),
+        beta=float(theta[4]),
+        n_points=len(n),
+        loss=objective(theta, log_n, log_d, log_l, delta)[0],
+    )
     if bootstrap:
         rng = np.random.default_rng(seed)
         restarts = [theta, pts[order[0]]]

@@ -82,8 +82,9 @@ def _base(spec: PlanSpec) -> JobConfig:
     return cfg
 
 
-def _row_config(base: JobConfig, shape, steps: int, out_dir: Path, extra: dict[str, Any],
-                warmup_fraction: float) -> JobConfig:
+def _row_config(
+    base: JobConfig, shape, steps: int, out_dir: Path, extra: dict[str, Any], warmup_fraction: float
+) -> JobConfig:
     cfg = config_from_dict(config_to_dict(base))
     cfg.model = shape.apply(cfg.model)
     t = cfg.train
@@ -125,10 +126,13 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
         centers = spec.centers or [0.0] * len(spec.budgets)
         if spec.centers and (spec.n_min or spec.n_max):
             raise ScalingError("--centers and --n-min/--n-max both place the size grid; give one of them")
-        if spec.centers and (len(centers) != len(spec.budgets)
-                             or any(not (c > 0 and math.isfinite(c)) for c in centers)):
-            raise ScalingError(f"--centers needs one positive N per budget: {len(spec.budgets)} budget(s), "
-                               f"got {', '.join(f'{c:g}' for c in spec.centers)}")
+        if spec.centers and (
+            len(centers) != len(spec.budgets) or any(not (c > 0 and math.isfinite(c)) for c in centers)
+        ):
+            raise ScalingError(
+                f"--centers needs one positive N per budget: {len(spec.budgets)} budget(s), "
+                f"got {', '.join(f'{c:g}' for c in spec.centers)}"
+            )
         for budget, center in zip(spec.budgets, centers):
             for n in _size_grid(spec, budget, center):
                 points.append({"target_N": n, "budget": budget})
@@ -142,8 +146,12 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
         for v in spec.variants:
             if v not in VARIANTS:
                 raise ScalingError(f"variant {v!r} is not one of {', '.join(VARIANTS)}")
-        points = [{"target_N": n, "tokens": spec.tokens[0], "lr": lr, "variant": v}
-                  for v in spec.variants for n in spec.sizes for lr in spec.lrs]
+        points = [
+            {"target_N": n, "tokens": spec.tokens[0], "lr": lr, "variant": v}
+            for v in spec.variants
+            for n in spec.sizes
+            for lr in spec.lrs
+        ]
     rows: list[dict] = []
     seen: set[tuple] = set()
     for p in points:
@@ -163,12 +171,19 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
         tokens = p["budget"] / fpt if "budget" in p else p["tokens"]
         steps = round(tokens / tps)
         if steps < spec.min_steps:
-            skipped.append({**p, "N": n, "reason": f"too large for the budget: {steps} steps of {tps} tokens "
-                                                   f"(< --min-steps {spec.min_steps})"})
+            skipped.append(
+                {
+                    **p,
+                    "N": n,
+                    "reason": f"too large for the budget: {steps} steps of {tps} tokens "
+                    f"(< --min-steps {spec.min_steps})",
+                }
+            )
             continue
         if spec.max_steps and steps > spec.max_steps:
-            skipped.append({**p, "N": n, "reason": f"too small for the budget: {steps} steps "
-                                                   f"(> --max-steps {spec.max_steps})"})
+            skipped.append(
+                {**p, "N": n, "reason": f"too small for the budget: {steps} steps (> --max-steps {spec.max_steps})"}
+            )
             continue
         key = (shape, steps, p.get("lr"), p.get("variant"))
         if key in seen:
@@ -181,12 +196,23 @@ def plan_rows(spec: PlanSpec) -> tuple[list[dict], list[dict]]:
         cfg = _row_config(base, shape, steps, runs_dir / rid, extra, spec.warmup_fraction)
         counts = count_params(cfg.model)
         d = steps * tps
-        rows.append({
-            "id": rid, "kind": spec.kind, "budget": p.get("budget"), "N": counts.non_embedding,
-            "N_total": counts.total, "D": d, "flops": flops_per_token(cfg.model, cfg.data.seq_len) * d,
-            "steps": steps, "lr": cfg.optim.lr, "variant": p.get("variant", ""), "width": cfg.model.dim,
-            "layers": cfg.model.n_layers, "config": config_to_dict(cfg),
-        })
+        rows.append(
+            {
+                "id": rid,
+                "kind": spec.kind,
+                "budget": p.get("budget"),
+                "N": counts.non_embedding,
+                "N_total": counts.total,
+                "D": d,
+                "flops": flops_per_token(cfg.model, cfg.data.seq_len) * d,
+                "steps": steps,
+                "lr": cfg.optim.lr,
+                "variant": p.get("variant", ""),
+                "width": cfg.model.dim,
+                "layers": cfg.model.n_layers,
+                "config": config_to_dict(cfg),
+            }
+        )
     return rows, skipped
 
 
@@ -204,9 +230,17 @@ def write_plan(spec: PlanSpec, overwrite: bool = False, check=None) -> tuple[lis
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "sweep.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    meta = {"kind": spec.kind, "base_config": spec.base_config, "overrides": spec.overrides,
-            "budgets": spec.budgets, "centers": spec.centers, "span": spec.span, "aspect": spec.aspect,
-            "rows": len(rows), "skipped": skipped}
+    meta = {
+        "kind": spec.kind,
+        "base_config": spec.base_config,
+        "overrides": spec.overrides,
+        "budgets": spec.budgets,
+        "centers": spec.centers,
+        "span": spec.span,
+        "aspect": spec.aspect,
+        "rows": len(rows),
+        "skipped": skipped,
+    }
     (out / "plan.json").write_text(json.dumps(meta, indent=1, default=float))
     tmp.replace(out / "sweep.jsonl")
     return rows, skipped

@@ -51,8 +51,12 @@ def plot_isoflop(plt, pts: Points, a2: dict, out: Path) -> list[Path]:
         x = np.linspace(min(lo, max(v, lo - 1.5)), max(hi, min(v, hi + 1.5)), 100)
         ax.plot(np.exp(x), np.polyval(b["parabola_logN"], x), color=color, lw=1)
         ax.scatter([b["N_opt"]], [b["loss_opt"]], color=color, marker="*", s=120, edgecolor="k", zorder=3)
-    ax.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="final validation loss",
-           title="IsoFLOP profiles (approach 2)")
+    ax.set(
+        xscale="log",
+        xlabel="parameters N (non-embedding)",
+        ylabel="final validation loss",
+        title="IsoFLOP profiles (approach 2)",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out, "isoflop")
 
@@ -81,12 +85,24 @@ def plot_optimal(plt, pts: Points, a1, a2, fit, k: float, out: Path) -> list[Pat
     c = np.geomspace(pts.c.min() / 3, pts.c.max() * 10, 50)
     for ax, key, idx in ((axes[0], "N_opt", 0), (axes[1], "D_opt", 1)):
         if a2 is not None:
-            ax.scatter([b["C"] for b in a2["budgets"]], [b[key] for b in a2["budgets"]], color="C0", zorder=3,
-                       label="IsoFLOP minima")
+            ax.scatter(
+                [b["C"] for b in a2["budgets"]],
+                [b[key] for b in a2["budgets"]],
+                color="C0",
+                zorder=3,
+                label="IsoFLOP minima",
+            )
             ax.plot(c, predict_power(a2[key], c), "C0-", label=f"approach 2: C^{a2[key]['exponent']:.2f}")
         if a1 is not None:
-            ax.scatter([e["C"] for e in a1["envelope"]], [e[key[0]] for e in a1["envelope"]], color="C1", marker="s",
-                       s=16, zorder=3, label="envelope (approach 1)")
+            ax.scatter(
+                [e["C"] for e in a1["envelope"]],
+                [e[key[0]] for e in a1["envelope"]],
+                color="C1",
+                marker="s",
+                s=16,
+                zorder=3,
+                label="envelope (approach 1)",
+            )
             ax.plot(c, predict_power(a1[key], c), "C1--", label=f"approach 1: C^{a1[key]['exponent']:.2f}")
         if fit is not None:
             exp = fit.a if idx == 0 else fit.b
@@ -136,8 +152,9 @@ def plot_residuals(plt, pts: Points, fit, out: Path) -> list[Path]:
     return paths
 
 
-def plot_all(results: str | Path, output: str | Path | None = None, bootstrap: int = 0, log=print,
-             envelope: str = "final") -> list[Path]:
+def plot_all(
+    results: str | Path, output: str | Path | None = None, bootstrap: int = 0, log=print, envelope: str = "final"
+) -> list[Path]:
     """Write every figure the results allow; returns the paths written."""
     results_path, curves_path = resolve_inputs(results)
     out = Path(output) if output else results_path.parent / "figures"

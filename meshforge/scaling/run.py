@@ -31,9 +31,31 @@ from pathlib import Path
 from . import ScalingError
 from .plan import read_sweep
 
-RESULT_FIELDS = ["id", "kind", "budget", "N", "N_total", "D", "flops", "steps", "lr", "variant", "width", "layers",
-                 "qk_norm", "z_loss_coef", "loss", "train_loss", "val_loss", "init_loss", "tokens_per_s", "wall_s",
-                 "train_s", "status", "error"]
+RESULT_FIELDS = [
+    "id",
+    "kind",
+    "budget",
+    "N",
+    "N_total",
+    "D",
+    "flops",
+    "steps",
+    "lr",
+    "variant",
+    "width",
+    "layers",
+    "qk_norm",
+    "z_loss_coef",
+    "loss",
+    "train_loss",
+    "val_loss",
+    "init_loss",
+    "tokens_per_s",
+    "wall_s",
+    "train_s",
+    "status",
+    "error",
+]
 """Columns of results.csv; ``loss`` is the final validation loss (the held-out split, the same for every row)."""
 CURVE_FIELDS = ["id", "budget", "N", "step", "D", "flops", "loss"]
 EXIT_PREEMPTED = 42
@@ -48,8 +70,11 @@ def toml_text(config: dict[str, dict]) -> str:
             if isinstance(value, bool):
                 text = "true" if value else "false"
             elif isinstance(value, (int, float)):
-                text = repr(value) if math.isfinite(value) else ("nan" if value != value else
-                                                                  ("inf" if value > 0 else "-inf"))
+                text = (
+                    repr(value)
+                    if math.isfinite(value)
+                    else ("nan" if value != value else ("inf" if value > 0 else "-inf"))
+                )
             else:
                 text = json.dumps(str(value))
             lines.append(f"{key} = {text}")
@@ -85,8 +110,10 @@ def collect(row: dict, rc: int, wall_s: float) -> tuple[dict, list[dict]]:
     steps = cfg["train"]["steps"]
     tps = cfg["train"]["global_batch_size"] * cfg["data"]["seq_len"]
     per_token = row["flops"] / row["D"]
-    result = {k: row.get(k) for k in ("id", "kind", "budget", "N", "N_total", "D", "flops", "steps", "lr", "variant",
-                                      "width", "layers")}
+    result = {
+        k: row.get(k)
+        for k in ("id", "kind", "budget", "N", "N_total", "D", "flops", "steps", "lr", "variant", "width", "layers")
+    }
     result.update(qk_norm=cfg["model"]["qk_norm"], z_loss_coef=cfg["train"]["z_loss_coef"], wall_s=round(wall_s, 2))
     records = []
     if (out / "metrics.jsonl").is_file():
@@ -114,8 +141,18 @@ def collect(row: dict, rc: int, wall_s: float) -> tuple[dict, list[dict]]:
         diverged = any(not math.isfinite(r["loss"]) for r in train) or (done and not math.isfinite(vals[steps]))
         result["status"] = "diverged" if diverged or (tail and "diverged" in tail[0].lower()) else "failed"
         result["error"] = f"exit {rc}: {tail[0][:300] if tail else 'no log'}"
-    curve = [{"id": row["id"], "budget": row.get("budget"), "N": row["N"], "step": r["step"], "D": r["step"] * tps,
-              "flops": per_token * r["step"] * tps, "loss": r["loss"]} for r in train]
+    curve = [
+        {
+            "id": row["id"],
+            "budget": row.get("budget"),
+            "N": row["N"],
+            "step": r["step"],
+            "D": r["step"] * tps,
+            "flops": per_token * r["step"] * tps,
+            "loss": r["loss"],
+        }
+        for r in train
+    ]
     return result, curve
 
 
@@ -147,8 +184,12 @@ class Runner:
             with self.lock:
                 if self.stopping:
                     return None
-                proc = subprocess.Popen([self.python, "-m", "meshforge", "train", "--config", str(job)],
-                                        stdout=log, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    [self.python, "-m", "meshforge", "train", "--config", str(job)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
                 self.children.add(proc)
             rc = proc.wait()
             with self.lock:
@@ -196,8 +237,11 @@ def run_local(sweep: str | Path, parallel: int = 1, max_runs: int = 0, log=print
                 if res is not None:
                     results.append(res)
                     loss = res.get("loss")
-                    log(f"{res['id']}: {res['status']}" + (f", val loss {loss:.4f}" if isinstance(loss, float) else "")
-                        + (f" ({res['error']})" if res.get("error") else ""))
+                    log(
+                        f"{res['id']}: {res['status']}"
+                        + (f", val loss {loss:.4f}" if isinstance(loss, float) else "")
+                        + (f" ({res['error']})" if res.get("error") else "")
+                    )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -222,11 +266,20 @@ def slurm_args(sweep_dir: Path, indices: list[int], opts: argparse.Namespace) ->
     """``meshforge launch --slurm`` arguments for a job array over ``indices`` (at most --parallel at once)."""
     array = ",".join(str(i) for i in indices) + (f"%{opts.parallel}" if opts.parallel else "")
     return argparse.Namespace(
-        nodes=opts.nodes, gpus_per_node=opts.gpus_per_node, cpu=opts.cpu, partition=opts.partition, time=opts.time,
-        account=opts.account, job_name=opts.job_name, cpus_per_task=opts.cpus_per_task,
-        sbatch_arg=[f"--array={array}", *opts.sbatch_arg], script=str(sweep_dir / "sweep.sbatch"),
-        log_dir=str(sweep_dir / "slurm-logs"), python=sys.executable,
-        command=["scaling", "run", str(sweep_dir.resolve()), "--array-task"])
+        nodes=opts.nodes,
+        gpus_per_node=opts.gpus_per_node,
+        cpu=opts.cpu,
+        partition=opts.partition,
+        time=opts.time,
+        account=opts.account,
+        job_name=opts.job_name,
+        cpus_per_task=opts.cpus_per_task,
+        sbatch_arg=[f"--array={array}", *opts.sbatch_arg],
+        script=str(sweep_dir / "sweep.sbatch"),
+        log_dir=str(sweep_dir / "slurm-logs"),
+        python=sys.executable,
+        command=["scaling", "run", str(sweep_dir.resolve()), "--array-task"],
+    )
 
 
 def write_slurm_array(sweep: str | Path, opts: argparse.Namespace) -> tuple[Path, list[int]]:

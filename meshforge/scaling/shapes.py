@@ -44,12 +44,18 @@ class ParamCounts:
 def count_params(m: ModelConfig) -> ParamCounts:
     """Exact parameter counts of a dense decoder config (checked against the built model in the tests)."""
     if not family_spec(m.family).supports_scaling_sweeps or m.moe_experts:
-        raise ScalingError(f"scaling sweeps plan dense decoders; model.family = {m.family!r}, "
-                           f"model.moe_experts = {m.moe_experts}")
+        raise ScalingError(
+            f"scaling sweeps plan dense decoders; model.family = {m.family!r}, model.moe_experts = {m.moe_experts}"
+        )
     d, q = m.dim, m.head_dim
     qk_norm = 2 * q if m.qk_norm_scope == "head" else (m.n_heads + m.kv_heads) * q
-    attn = (d * m.n_heads * q + 2 * d * m.kv_heads * q + m.n_heads * q * d + (qk_norm if m.qk_norm else 0)
-            + ((m.n_heads + 2 * m.kv_heads) * q if m.qkv_bias else 0))
+    attn = (
+        d * m.n_heads * q
+        + 2 * d * m.kv_heads * q
+        + m.n_heads * q * d
+        + (qk_norm if m.qk_norm else 0)
+        + ((m.n_heads + 2 * m.kv_heads) * q if m.qkv_bias else 0)
+    )
     block = attn + 3 * d * m.hidden_dim + 2 * d
     non_emb = m.n_layers * block + d
     emb = m.vocab_size * d
@@ -66,8 +72,14 @@ class Shape:
     ffn_dim: int
 
     def apply(self, m: ModelConfig) -> ModelConfig:
-        return dataclasses.replace(m, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
-                                   n_kv_heads=self.n_kv_heads, ffn_dim=self.ffn_dim)
+        return dataclasses.replace(
+            m,
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            ffn_dim=self.ffn_dim,
+        )
 
 
 def _block_without_ffn(base: ModelConfig, dim: int) -> int:
@@ -78,8 +90,9 @@ def _block_without_ffn(base: ModelConfig, dim: int) -> int:
     return dim * heads * q + 2 * dim * kv * q + heads * q * dim + (2 * q if base.qk_norm else 0) + 2 * dim
 
 
-def candidate_shapes(base: ModelConfig, aspect: float, n_target: float, max_dim: int = 8192, max_layers: int = 128,
-                     layers: int = 0):
+def candidate_shapes(
+    base: ModelConfig, aspect: float, n_target: float, max_dim: int = 8192, max_layers: int = 128, layers: int = 0
+):
     """For every (width, depth) the rule allows, the FFN width nearest ``n_target``: (Shape, non-embedding N).
     ``layers`` > 0 fixes the depth (any aspect ratio): the width alone varies, as a muP LR-transfer sweep wants."""
     q = base.head_dim
@@ -117,8 +130,11 @@ def shape_for(n_target: float, base: ModelConfig, aspect: float = 32.0, layers: 
     if layers:
         max_dim = int(2 * (n_target / (12 * layers)) ** 0.5) + 4 * base.head_dim
     for shape, n in candidate_shapes(base, aspect, n_target, max_dim=max_dim, layers=layers):
-        key = (round(abs(math.log(n / n_target)), 6), abs(math.log(shape.dim / shape.n_layers / aspect)),
-               abs(shape.ffn_dim - 8 * shape.dim / 3))
+        key = (
+            round(abs(math.log(n / n_target)), 6),
+            abs(math.log(shape.dim / shape.n_layers / aspect)),
+            abs(shape.ffn_dim - 8 * shape.dim / 3),
+        )
         if best is None or key < best[0]:
             best = (key, shape, n)
     assert best is not None

@@ -20,8 +20,10 @@ from typing import Sequence
 
 from meshforge.tokenizers.interface import TokenizerError
 
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 """Llama 3's (tiktoken cl100k-style) pre-tokenization regex."""
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 
@@ -38,8 +40,14 @@ def _atomic_text(path: Path, text: str) -> None:
         raise
 
 
-def train_byte_bpe(documents, output_dir: str | Path, vocab_size: int, special_tokens: Sequence[str] = (),
-                   n_reserved: int = 0, min_frequency: int = 2) -> Path:
+def train_byte_bpe(
+    documents,
+    output_dir: str | Path,
+    vocab_size: int,
+    special_tokens: Sequence[str] = (),
+    n_reserved: int = 0,
+    min_frequency: int = 2,
+) -> Path:
     """Train on an iterable of documents; writes ``output_dir/tokenizer.json`` (+ config), returns its path."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -48,16 +56,25 @@ def train_byte_bpe(documents, output_dir: str | Path, vocab_size: int, special_t
         raise TokenizerError(f"special tokens must be unique, got {specials}: remove the duplicates")
     smallest = len(specials) + 256 + 8
     if vocab_size < smallest:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small for a byte-level BPE with {len(specials)} special "
-                             f"tokens and 256 bytes: use at least {smallest}")
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small for a byte-level BPE with {len(specials)} special "
+            f"tokens and 256 bytes: use at least {smallest}"
+        )
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     seen = [0]
 
     def counted():
@@ -71,14 +88,27 @@ def train_byte_bpe(documents, output_dir: str | Path, vocab_size: int, special_t
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "tokenizer.json", tok.to_str(pretty=False))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-              "add_bos_token": False, "add_eos_token": False, "model_max_length": 10**30}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": 10**30,
+    }
     _atomic_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return out / "tokenizer.json"
 
 
-def train_byte_bpe_files(inputs: Sequence[str | Path], output_dir: str | Path, vocab_size: int,
-                         special_tokens: Sequence[str] = (), n_reserved: int = 0, text_field: str = "text") -> Path:
+def train_byte_bpe_files(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    vocab_size: int,
+    special_tokens: Sequence[str] = (),
+    n_reserved: int = 0,
+    text_field: str = "text",
+) -> Path:
     """:func:`train_byte_bpe` on the documents of .txt / .jsonl(.gz) files (read as sentencepiece training reads them)."""
     from meshforge.text_inputs import no_skips
     from meshforge.tokenizers.sentencepiece_tokenizer import check_inputs, iter_texts

@@ -55,8 +55,9 @@ class HFTokenizer(Tokenizer):
         try:
             from tokenizers import Tokenizer as RustTokenizer
         except ImportError:
-            raise TokenizerError(f"{path} is a Hugging Face tokenizer: install the `tokenizers` package "
-                                 "(pip install -e \".[hf]\")") from None
+            raise TokenizerError(
+                f'{path} is a Hugging Face tokenizer: install the `tokenizers` package (pip install -e ".[hf]")'
+            ) from None
         self.path = Path(path).resolve()
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer {self.path} does not exist: pass a tokenizer.json or an HF directory")
@@ -64,8 +65,10 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = RustTokenizer.from_str(data.decode("utf-8"))
         except Exception as exc:  # the Rust side raises a plain Exception on bad JSON or an unknown model
-            raise TokenizerError(f"{self.path} is not a Hugging Face tokenizer.json ({str(exc)[:200]}): "
-                                 "pass the tokenizer.json the model was trained with") from None
+            raise TokenizerError(
+                f"{self.path} is not a Hugging Face tokenizer.json ({str(exc)[:200]}): "
+                "pass the tokenizer.json the model was trained with"
+            ) from None
         self.fingerprint = hashlib.sha256(data).hexdigest()
         vocab = self._tok.get_vocab(with_added_tokens=True)
         if not vocab:
@@ -88,8 +91,10 @@ class HFTokenizer(Tokenizer):
                     text = _token_string(source[f"{role}_token"])
                     found = None if text is None else self._tok.token_to_id(text)
                     if text is not None and found is None:
-                        raise TokenizerError(f"{role}_token {text!r} of {here} is not in the vocabulary of "
-                                             f"{self.path.name}: the config files belong to another tokenizer")
+                        raise TokenizerError(
+                            f"{role}_token {text!r} of {here} is not in the vocabulary of "
+                            f"{self.path.name}: the config files belong to another tokenizer"
+                        )
                     break
             else:
                 for source in model_ids:

@@ -86,8 +86,15 @@ class Tokenizer:
 
     def describe(self) -> dict:
         """The manifest's record of this tokenizer (special ids and the document convention)."""
-        return {"kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
-                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "add_bos": self.add_bos}
+        return {
+            "kind": self.kind,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "add_bos": self.add_bos,
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={str(self.path)!r}, vocab_size={self.vocab_size})"

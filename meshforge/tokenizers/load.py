@@ -28,11 +28,15 @@ def tokenizer_file(path: str | Path) -> Path:
         for name in ("tokenizer.json", "tokenizer.model"):
             if (p / name).is_file():
                 return p / name
-        raise TokenizerError(f"{p} holds neither tokenizer.json nor tokenizer.model: pass a tokenizer file or an HF "
-                             "directory holding one")
+        raise TokenizerError(
+            f"{p} holds neither tokenizer.json nor tokenizer.model: pass a tokenizer file or an HF "
+            "directory holding one"
+        )
     if not p.is_file():
-        raise TokenizerError(f"tokenizer {p} does not exist: pass a sentencepiece .model, a tokenizer.json, or an HF "
-                             "directory holding one")
+        raise TokenizerError(
+            f"tokenizer {p} does not exist: pass a sentencepiece .model, a tokenizer.json, or an HF "
+            "directory holding one"
+        )
     return p
 
 

@@ -55,7 +55,9 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
         if not self.path.is_file():
-            raise TokenizerError(f"tokenizer model {self.path} does not exist: pass the path of a sentencepiece .model file")
+            raise TokenizerError(
+                f"tokenizer model {self.path} does not exist: pass the path of a sentencepiece .model file"
+            )
         data = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -140,8 +142,9 @@ def _lines(paths: list[Path], text_field: str, skipped: dict) -> Iterator[str]:
             yield from (line for line in text.split("\n") if line.strip())
 
 
-def _sentences(paths: list[Path], text_field: str, sample: int = 0,
-               skipped: dict | None = None) -> tuple[list[str], int]:
+def _sentences(
+    paths: list[Path], text_field: str, sample: int = 0, skipped: dict | None = None
+) -> tuple[list[str], int]:
     """(training lines, lines seen): non-empty lines of all documents (sentencepiece trains on lines).
 
     Records that give no document are counted in ``skipped`` by kind (see :func:`iter_texts`).
@@ -201,7 +204,8 @@ def train_tokenizer(
     byte_fallback = recipe["byte_fallback"] if byte_fallback is None else byte_fallback
     split_digits = recipe["split_digits"] if split_digits is None else split_digits
     special_tokens = [f"<extra_id_{i}>" for i in range(recipe["sentinels"])] + [
-        t for t in special_tokens if not (recipe["sentinels"] and t.startswith("<extra_id_"))]
+        t for t in special_tokens if not (recipe["sentinels"] and t.startswith("<extra_id_"))
+    ]
     if model_type not in MODEL_TYPES:
         raise TokenizerError(f"model_type {model_type!r} is not supported: use one of {', '.join(MODEL_TYPES)}")
     if n_reserved < 0:
@@ -219,8 +223,10 @@ def train_tokenizer(
     skipped = no_skips()
     sentences, _ = _sentences(paths, text_field, input_sentence_size, skipped)
     if not sentences:
-        raise TokenizerError(f"tokenizer training inputs {[str(p) for p in paths]} hold no text (skipped records: "
-                             f"{skipped}): check text_field={text_field!r}")
+        raise TokenizerError(
+            f"tokenizer training inputs {[str(p) for p in paths]} hold no text (skipped records: "
+            f"{skipped}): check text_field={text_field!r}"
+        )
 
     out_path = Path(f"{model_prefix}.model")
     out_path.parent.mkdir(parents=True, exist_ok=True)

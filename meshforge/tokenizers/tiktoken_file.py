@@ -24,9 +24,12 @@ from meshforge.tokenizers.hf_json import HFTokenizer
 from meshforge.tokenizers.interface import TokenizerError
 
 LLAMA3_RANKS = 128_000
-LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
-                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-                   + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
+LLAMA3_SPECIALS = (
+    ["<|begin_of_text|>", "<|end_of_text|>"]
+    + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+    + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+)
 
 
 def looks_like_tiktoken(data: bytes) -> bool:
@@ -43,7 +46,9 @@ def looks_like_tiktoken(data: bytes) -> bool:
 
 def _byte_chars() -> dict[int, str]:
     """GPT-2's reversible map of the 256 bytes to printable characters."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = iter(range(256, 512))
     return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
 
@@ -60,7 +65,7 @@ def _split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
         if best is None:
             return parts
         i = best[0]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
 
 
 def read_ranks(path: Path, data: bytes) -> dict[bytes, int]:
@@ -72,7 +77,9 @@ def read_ranks(path: Path, data: bytes) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise TokenizerError(f"{path} line {n} is not `<base64 token> <rank>`: the tiktoken file is corrupt") from None
+            raise TokenizerError(
+                f"{path} line {n} is not `<base64 token> <rank>`: the tiktoken file is corrupt"
+            ) from None
     if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
         raise TokenizerError(f"{path} is not a complete tiktoken BPE file (ranks 0..n-1 with all 256 bytes)")
     return ranks
@@ -94,15 +101,19 @@ def tokenizer_json(ranks: dict[bytes, int], specials: list[str]) -> str:
                 raise TokenizerError(f"tiktoken token of rank {rank} is not the merge of two lower-ranked tokens")
             merges.append((text[parts[0]], text[parts[1]]))
     bpe = Tokenizer(models.BPE({text[t]: r for t, r in ranks.items()}, merges, ignore_merges=True))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     bpe.add_special_tokens(specials)
     if specials:  # Llama 3: BOS before every text
         bos = specials[0]
-        bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
-                                                           special_tokens=[(bos, len(ranks))])
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, len(ranks))]
+        )
     return bpe.to_str()
 
 
@@ -124,8 +135,12 @@ class TiktokenTokenizer(HFTokenizer):
         self.fingerprint = hashlib.sha256(data).hexdigest()
         self._size = len(ranks) + len(specials)
         self.config = {"bos_token": specials[0], "eos_token": specials[1]} if specials else {}
-        self._ids = {"bos": LLAMA3_RANKS if specials else None, "eos": LLAMA3_RANKS + 1 if specials else None,
-                     "pad": None, "unk": None}
+        self._ids = {
+            "bos": LLAMA3_RANKS if specials else None,
+            "eos": LLAMA3_RANKS + 1 if specials else None,
+            "pad": None,
+            "unk": None,
+        }
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (self._ids[r] for r in ("bos", "eos", "pad", "unk"))
         self.add_bos = bool(specials)  # Meta's Llama 3 puts <|begin_of_text|> before every text
 
@@ -139,8 +154,11 @@ class TiktokenTokenizer(HFTokenizer):
         """The converted ``tokenizer.json`` and a ``tokenizer_config.json`` (for the Hugging Face export)."""
         directory = Path(directory)
         (directory / "tokenizer.json").write_text(self._json)
-        config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  **{k: v for k, v in self.special_tokens().items() if v is not None}, "model_max_length": 10**30}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{k: v for k, v in self.special_tokens().items() if v is not None},
+            "model_max_length": 10**30,
+        }
         tmp = directory / f".tokenizer_config.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         os.replace(tmp, directory / "tokenizer_config.json")

@@ -29,13 +29,29 @@ def made(tiny_data, tmp_path_factory):
     """A trained checkpoint (weights + optimizer state), its Hugging Face export, a prepared data dir."""
     root = tmp_path_factory.mktemp("bad_inputs")
     run = root / "run"
-    Trainer(load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(run), "train.steps": 2,
-                                      "train.eval_interval": 0, "train.sample_prompt": "", "checkpoint.interval": 2,
-                                      "train.progress": False})).run()
+    Trainer(
+        load_config(
+            "tiny-test",
+            {
+                "data.path": str(tiny_data),
+                "train.output_dir": str(run),
+                "train.steps": 2,
+                "train.eval_interval": 0,
+                "train.sample_prompt": "",
+                "checkpoint.interval": 2,
+                "train.progress": False,
+            },
+        )
+    ).run()
     hf = root / "hf"
     export_hf(run, hf, log=lambda *_: None)
-    return SimpleNamespace(run=run, ckpt=list_checkpoints(run / "checkpoints")[-1], hf=hf, data=tiny_data,
-                           tok=tiny_data / "tokenizer.model")
+    return SimpleNamespace(
+        run=run,
+        ckpt=list_checkpoints(run / "checkpoints")[-1],
+        hf=hf,
+        data=tiny_data,
+        tok=tiny_data / "tokenizer.model",
+    )
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -95,8 +111,17 @@ def tampered_data(m, t) -> Path:
 
 
 def prepare(m, t, *inputs: Path | str, extra=()) -> list[str]:
-    return ["data", "prepare", "--input", *map(str, inputs), "--tokenizer", str(m.tok), "--output", str(t / "out"),
-            *extra]
+    return [
+        "data",
+        "prepare",
+        "--input",
+        *map(str, inputs),
+        "--tokenizer",
+        str(m.tok),
+        "--output",
+        str(t / "out"),
+        *extra,
+    ]
 
 
 def generate(m, *extra: str) -> list[str]:
@@ -104,56 +129,131 @@ def generate(m, *extra: str) -> list[str]:
 
 
 GZ = gzip.compress(b'{"text": "hello world"}\n' * 200)
-TRAIN = ("--config", "tiny-test", "--train.steps", "4", "--train.eval_interval", "0", "--train.sample_prompt", "",
-         "--train.progress", "false")
+TRAIN = (
+    "--config",
+    "tiny-test",
+    "--train.steps",
+    "4",
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--train.progress",
+    "false",
+)
 
 CASES = [
     # id, argv from (fixtures m, case tmp dir t), message fragment, paths under t that must not exist afterwards
-    ("export-truncated-distcp", lambda m, t: ["convert", "export", "--checkpoint", str(ckpt_with(m, t, "model")),
-                                               "--output", str(t / "o")], "(truncated)", ["o"]),
-    ("export-cut-optimizer", lambda m, t: ["convert", "export", "--checkpoint", str(ckpt_with(m, t, "optim")),
-                                            "--output", str(t / "o")], "(truncated)", ["o"]),
-    ("import-truncated", lambda m, t: ["convert", "import", str(hf_with(m, t, "truncated")), "--output", str(t / "o")],
-     "is truncated", ["o"]),
-    ("import-garbage", lambda m, t: ["convert", "import", str(hf_with(m, t, "garbage")), "--output", str(t / "o")],
-     "is not a safetensors file", ["o"]),
-    ("import-config-not-json", lambda m, t: ["convert", "import", str(hf_with(m, t, "config")), "--output",
-                                              str(t / "o")], "config.json is not valid JSON", ["o"]),
-    ("import-shapes-disagree", lambda m, t: ["convert", "import", str(hf_with(m, t, "shapes")), "--output",
-                                              str(t / "o")], "but config.json makes it", ["o"]),
-    ("inspect-truncated", lambda m, t: ["convert", "inspect", str(hf_with(m, t, "truncated"))],
-     "is truncated", []),
-    ("inspect-garbage", lambda m, t: ["convert", "inspect", str(hf_with(m, t, "garbage"))],
-     "is not a safetensors file", []),
-    ("inspect-config-not-json", lambda m, t: ["convert", "inspect", str(hf_with(m, t, "config"))],
-     "config.json is not valid JSON", []),
-    ("scaling-fit-binary", lambda m, t: ["scaling", "fit", str(fake_archive(t, "r.csv", bytes(range(256)) * 4))],
-     "is not a CSV text file", []),
-    ("scaling-budgets-negative", lambda m, t: ["scaling", "plan", "--budgets=-1e15", "--output", str(t / "s")],
-     "--budgets", ["s"]),
-    ("scaling-budgets-nan", lambda m, t: ["scaling", "plan", "--budgets=nan", "--output", str(t / "s")],
-     "--budgets", ["s"]),
-    ("scaling-budgets-inf", lambda m, t: ["scaling", "plan", "--budgets=inf", "--output", str(t / "s")],
-     "--budgets", ["s"]),
-    ("prepare-fake-gz", lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.gz", b"not gzip at all" * 20)),
-     "a.jsonl.gz", ["out"]),
-    ("prepare-truncated-gz", lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.gz", GZ[: len(GZ) // 2])),
-     "a.jsonl.gz", ["out"]),
-    ("prepare-fake-zst", lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.zst", b"not zstd at all" * 20)),
-     "a.jsonl.zst", ["out"]),
+    (
+        "export-truncated-distcp",
+        lambda m, t: ["convert", "export", "--checkpoint", str(ckpt_with(m, t, "model")), "--output", str(t / "o")],
+        "(truncated)",
+        ["o"],
+    ),
+    (
+        "export-cut-optimizer",
+        lambda m, t: ["convert", "export", "--checkpoint", str(ckpt_with(m, t, "optim")), "--output", str(t / "o")],
+        "(truncated)",
+        ["o"],
+    ),
+    (
+        "import-truncated",
+        lambda m, t: ["convert", "import", str(hf_with(m, t, "truncated")), "--output", str(t / "o")],
+        "is truncated",
+        ["o"],
+    ),
+    (
+        "import-garbage",
+        lambda m, t: ["convert", "import", str(hf_with(m, t, "garbage")), "--output", str(t / "o")],
+        "is not a safetensors file",
+        ["o"],
+    ),
+    (
+        "import-config-not-json",
+        lambda m, t: ["convert", "import", str(hf_with(m, t, "config")), "--output", str(t / "o")],
+        "config.json is not valid JSON",
+        ["o"],
+    ),
+    (
+        "import-shapes-disagree",
+        lambda m, t: ["convert", "import", str(hf_with(m, t, "shapes")), "--output", str(t / "o")],
+        "but config.json makes it",
+        ["o"],
+    ),
+    ("inspect-truncated", lambda m, t: ["convert", "inspect", str(hf_with(m, t, "truncated"))], "is truncated", []),
+    (
+        "inspect-garbage",
+        lambda m, t: ["convert", "inspect", str(hf_with(m, t, "garbage"))],
+        "is not a safetensors file",
+        [],
+    ),
+    (
+        "inspect-config-not-json",
+        lambda m, t: ["convert", "inspect", str(hf_with(m, t, "config"))],
+        "config.json is not valid JSON",
+        [],
+    ),
+    (
+        "scaling-fit-binary",
+        lambda m, t: ["scaling", "fit", str(fake_archive(t, "r.csv", bytes(range(256)) * 4))],
+        "is not a CSV text file",
+        [],
+    ),
+    (
+        "scaling-budgets-negative",
+        lambda m, t: ["scaling", "plan", "--budgets=-1e15", "--output", str(t / "s")],
+        "--budgets",
+        ["s"],
+    ),
+    (
+        "scaling-budgets-nan",
+        lambda m, t: ["scaling", "plan", "--budgets=nan", "--output", str(t / "s")],
+        "--budgets",
+        ["s"],
+    ),
+    (
+        "scaling-budgets-inf",
+        lambda m, t: ["scaling", "plan", "--budgets=inf", "--output", str(t / "s")],
+        "--budgets",
+        ["s"],
+    ),
+    (
+        "prepare-fake-gz",
+        lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.gz", b"not gzip at all" * 20)),
+        "a.jsonl.gz",
+        ["out"],
+    ),
+    (
+        "prepare-truncated-gz",
+        lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.gz", GZ[: len(GZ) // 2])),
+        "a.jsonl.gz",
+        ["out"],
+    ),
+    (
+        "prepare-fake-zst",
+        lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.zst", b"not zstd at all" * 20)),
+        "a.jsonl.zst",
+        ["out"],
+    ),
     ("prepare-directory-input", lambda m, t: prepare(m, t, m.data), "is a directory", ["out"]),
-    ("prepare-docs-per-shard-negative", lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.gz", GZ),
-                                                             extra=("--docs-per-shard", "-1")),
-     "--docs-per-shard", ["out"]),
+    (
+        "prepare-docs-per-shard-negative",
+        lambda m, t: prepare(m, t, fake_archive(t, "a.jsonl.gz", GZ), extra=("--docs-per-shard", "-1")),
+        "--docs-per-shard",
+        ["out"],
+    ),
     ("generate-max-new-tokens-negative", lambda m, t: generate(m, "--max-new-tokens", "-1"), "--max-new-tokens", []),
     ("generate-max-new-tokens-too-many", lambda m, t: generate(m, "--max-new-tokens", "100000"), "max_seq_len", []),
     ("generate-top-k-negative", lambda m, t: generate(m, "--top-k", "-5"), "--top-k", []),
     ("generate-temperature-negative", lambda m, t: generate(m, "--temperature", "-1"), "--temperature", []),
     ("generate-temperature-nan", lambda m, t: generate(m, "--temperature", "nan"), "--temperature", []),
     ("generate-device-tpu", lambda m, t: generate(m, "--device", "tpu"), "--device", []),
-    ("train-shard-changed-after-manifest", lambda m, t: ["train", *TRAIN, "--data.path", str(tampered_data(m, t)),
-                                                         "--train.output_dir", str(t / "run")],
-     "(document 0 of it, token 0) holds token id 700, beyond the model's vocabulary", []),
+    (
+        "train-shard-changed-after-manifest",
+        lambda m, t: ["train", *TRAIN, "--data.path", str(tampered_data(m, t)), "--train.output_dir", str(t / "run")],
+        "(document 0 of it, token 0) holds token id 700, beyond the model's vocabulary",
+        [],
+    ),
 ]
 if not torch.cuda.is_available():
     CASES.append(("generate-device-cuda-without-gpu", lambda m, t: generate(m, "--device", "cuda"), "no CUDA GPU", []))

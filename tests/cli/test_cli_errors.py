@@ -10,26 +10,47 @@ from meshforge.cli import main
 
 CASES = [
     # (id, argv, fragments of the one line)
-    ("negative number taken for an option", ["scaling", "plan", "--budgets", "-1e15", "--output", "x"],
-     ["argument --budgets: expected one argument", "written --budgets=VALUE", "`meshforge scaling plan --help`"]),
-    ("invalid choice", ["scaling", "plan", "--kind", "zz", "--output", "x"],
-     ["argument --kind: invalid choice: 'zz'", "`meshforge scaling plan --help`"]),
+    (
+        "negative number taken for an option",
+        ["scaling", "plan", "--budgets", "-1e15", "--output", "x"],
+        ["argument --budgets: expected one argument", "written --budgets=VALUE", "`meshforge scaling plan --help`"],
+    ),
+    (
+        "invalid choice",
+        ["scaling", "plan", "--kind", "zz", "--output", "x"],
+        ["argument --kind: invalid choice: 'zz'", "`meshforge scaling plan --help`"],
+    ),
     ("no subcommand", [], ["the following arguments are required: command", "`meshforge --help`"]),
     ("unknown subcommand", ["nosuch"], ["invalid choice: 'nosuch'", "`meshforge --help`"]),
     ("unknown nested subcommand", ["convert", "nosuch"], ["invalid choice: 'nosuch'", "`meshforge convert --help`"]),
-    ("required option missing", ["generate", "--prompt", "x"],
-     ["the following arguments are required: --checkpoint", "`meshforge generate --help`"]),
+    (
+        "required option missing",
+        ["generate", "--prompt", "x"],
+        ["the following arguments are required: --checkpoint", "`meshforge generate --help`"],
+    ),
     ("value missing", ["train", "--config"], ["argument --config: expected one argument", "`meshforge train --help`"]),
-    ("not an int", ["data", "prepare", "--tokenizer", "t", "--output", "o", "--workers", "x"],
-     ["argument --workers: invalid int value: 'x'", "`meshforge data prepare --help`"]),
-    ("positional missing", ["convert", "inspect"],
-     ["the following arguments are required: path", "`meshforge convert inspect --help`"]),
-    ("unknown argument", ["generate", "--checkpoint", "c", "--prompt", "p", "--extra"],
-     ["unrecognized arguments: --extra", "`meshforge generate --help`"]),
+    (
+        "not an int",
+        ["data", "prepare", "--tokenizer", "t", "--output", "o", "--workers", "x"],
+        ["argument --workers: invalid int value: 'x'", "`meshforge data prepare --help`"],
+    ),
+    (
+        "positional missing",
+        ["convert", "inspect"],
+        ["the following arguments are required: path", "`meshforge convert inspect --help`"],
+    ),
+    (
+        "unknown argument",
+        ["generate", "--checkpoint", "c", "--prompt", "p", "--extra"],
+        ["unrecognized arguments: --extra", "`meshforge generate --help`"],
+    ),
     ("plan", ["plan", "--gpus", "many"], ["argument --gpus", "`meshforge plan --help`"]),
     ("launch", ["launch", "--nodes", "two"], ["argument --nodes", "`meshforge launch --help`"]),
-    ("tokenizer train", ["tokenizer", "train", "--input", "a.txt"],
-     ["required: --vocab-size", "`meshforge tokenizer train --help`"]),
+    (
+        "tokenizer train",
+        ["tokenizer", "train", "--input", "a.txt"],
+        ["required: --vocab-size", "`meshforge tokenizer train --help`"],
+    ),
 ]
 
 

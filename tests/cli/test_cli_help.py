@@ -31,8 +31,9 @@ def test_gpu_help_lists_every_device_of_the_table(capsys, argv):
     from meshforge.plan.devices import load_devices
 
     text = _help(capsys, *argv)
-    listed = re.search(r"--gpu GPU .*?\((?:`meshforge plan`'s device table: )?([a-z0-9, -]+); more with --devices\)",
-                       text).group(1)
+    listed = re.search(
+        r"--gpu GPU .*?\((?:`meshforge plan`'s device table: )?([a-z0-9, -]+); more with --devices\)", text
+    ).group(1)
     assert listed.split(", ") == list(load_devices()) and "cpu" in listed.split(", ")
 
 
@@ -47,8 +48,12 @@ def test_schedule_notes_a_run_that_never_leaves_warmup():
 def test_train_prints_the_warmup_note_at_start(tiny_data, tmp_path, capsys):
     from meshforge.pretrain.trainer import Trainer
 
-    over = {"data.path": str(tiny_data), "train.output_dir": str(tmp_path / "run"), "train.steps": 4,
-            "optim.warmup_steps": 6}
+    over = {
+        "data.path": str(tiny_data),
+        "train.output_dir": str(tmp_path / "run"),
+        "train.steps": 4,
+        "optim.warmup_steps": 6,
+    }
     trainer = Trainer(load_config("tiny-test", over))
     trainer._setup()
     trainer.metrics.close()
@@ -65,8 +70,10 @@ def test_a_missing_optional_package_names_its_extra(tmp_path, capsys, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert cli_main(["scaling", "plot", str(path), "--output", str(tmp_path / "figs")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("meshforge: error: `meshforge scaling plot` needs matplotlib, which is not installed: "
-                   'pip install -e ".[scaling]" (in the meshforge checkout)')
+    assert err == (
+        "meshforge: error: `meshforge scaling plot` needs matplotlib, which is not installed: "
+        'pip install -e ".[scaling]" (in the meshforge checkout)'
+    )
     assert not (tmp_path / "figs").exists()
 
 

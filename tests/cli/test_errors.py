@@ -46,25 +46,47 @@ def tree_digest(path: Path) -> dict[str, bytes]:
 
 
 def test_every_project_error_has_the_one_base_class():
-    for cls in (ConfigError, DataError, CheckpointError, TokenizerError, TrainingDiverged, CollectiveError,
-                LaunchError, OutputError, SetupError, UsageError, OutputDirBusy):
+    for cls in (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        TokenizerError,
+        TrainingDiverged,
+        CollectiveError,
+        LaunchError,
+        OutputError,
+        SetupError,
+        UsageError,
+        OutputDirBusy,
+    ):
         assert issubclass(cls, MeshforgeError), cls
     assert CollectiveError.exit_status == 1 and ConfigError.exit_status == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--optim.lr", "-0.001"), "optim.lr must be a positive number, got -0.001"),
-    (("--optim.lr", "nan"), "optim.lr must be a finite number, got nan"),
-    (("--optim.lr", "0"), "optim.lr must be a positive number, got 0.0 (0 would never change the weights)"),
-    (("--optim.grad_clip", "inf"), "optim.grad_clip must be a finite number"),
-    (("--parallel.zero_stage", "3"), "parallel.zero_stage = 3 is a setting of parallel.dp_backend = 'deepspeed'"),
-    (("--parallel.offload_optimizer", "cpu"), "parallel.offload_optimizer = 'cpu' is a setting of parallel.dp_backend"),
-    (("--parallel.nvme_path", "/tmp"), "parallel.nvme_path = '/tmp' is a setting of parallel.dp_backend = 'deepspeed'"),
-    (("--parallel.dp_backend", "deepspeed", "--parallel.param_dtype", "bf16"),
-     "parallel.param_dtype = 'bf16' is a setting of parallel.dp_backend = 'fsdp2'"),
-    (("--model.vocab_size", "-1"), "model.vocab_size must be >= 0"),
-    (("--model.vocab_multiple_of", "0"), "model.vocab_multiple_of must be positive"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--optim.lr", "-0.001"), "optim.lr must be a positive number, got -0.001"),
+        (("--optim.lr", "nan"), "optim.lr must be a finite number, got nan"),
+        (("--optim.lr", "0"), "optim.lr must be a positive number, got 0.0 (0 would never change the weights)"),
+        (("--optim.grad_clip", "inf"), "optim.grad_clip must be a finite number"),
+        (("--parallel.zero_stage", "3"), "parallel.zero_stage = 3 is a setting of parallel.dp_backend = 'deepspeed'"),
+        (
+            ("--parallel.offload_optimizer", "cpu"),
+            "parallel.offload_optimizer = 'cpu' is a setting of parallel.dp_backend",
+        ),
+        (
+            ("--parallel.nvme_path", "/tmp"),
+            "parallel.nvme_path = '/tmp' is a setting of parallel.dp_backend = 'deepspeed'",
+        ),
+        (
+            ("--parallel.dp_backend", "deepspeed", "--parallel.param_dtype", "bf16"),
+            "parallel.param_dtype = 'bf16' is a setting of parallel.dp_backend = 'fsdp2'",
+        ),
+        (("--model.vocab_size", "-1"), "model.vocab_size must be >= 0"),
+        (("--model.vocab_multiple_of", "0"), "model.vocab_multiple_of must be positive"),
+    ],
+)
 def test_bad_settings_are_one_line_before_anything_is_written(args, message, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     fails(capsys, train_args(tiny_data, out, *args), message)
@@ -72,10 +94,17 @@ def test_bad_settings_are_one_line_before_anything_is_written(args, message, tin
 
 
 def test_each_backend_accepts_its_own_options_and_the_defaults():
-    load_config("tiny-test", {"parallel.dp_backend": "deepspeed", "parallel.zero_stage": 3,
-                              "parallel.offload_optimizer": "cpu"})
-    load_config("tiny-test", {"parallel.fsdp_cpu_offload": True, "parallel.fsdp_reshard_after_forward": False,
-                              "parallel.param_dtype": "fp32"})
+    load_config(
+        "tiny-test", {"parallel.dp_backend": "deepspeed", "parallel.zero_stage": 3, "parallel.offload_optimizer": "cpu"}
+    )
+    load_config(
+        "tiny-test",
+        {
+            "parallel.fsdp_cpu_offload": True,
+            "parallel.fsdp_reshard_after_forward": False,
+            "parallel.param_dtype": "fp32",
+        },
+    )
     load_config("tiny-test", {"parallel.dp_backend": "deepspeed"})
 
 
@@ -86,13 +115,16 @@ def test_cuda_without_a_gpu(tiny_data, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"MESHFORGE_LAUNCHER": "pbs"}, "MESHFORGE_LAUNCHER='pbs': expected one of torchrun, slurm, mpi, none"),
-    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK='one' is not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
-    ({"RANK": "3", "WORLD_SIZE": "2"}, "rank 3 is outside world size 2"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MESHFORGE_LAUNCHER": "pbs"}, "MESHFORGE_LAUNCHER='pbs': expected one of torchrun, slurm, mpi, none"),
+        ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK='one' is not an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "rank 3 is outside world size 2"),
+    ],
+)
 def test_bad_launcher_environment(env, message, tiny_data, tmp_path, capsys, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -114,8 +146,12 @@ def test_read_only_output_dir(tiny_data, tmp_path, capsys, monkeypatch):
             return real_open(path, flags, *a, **k)
 
         monkeypatch.setattr(os, "open", refusing_open)
-    fails(capsys, train_args(tiny_data, parent / "run"), f"the output dir {parent / 'run'} (to be created in {parent}) "
-          "cannot be written: permission denied (EACCES)", "choose a train.output_dir this user can write to")
+    fails(
+        capsys,
+        train_args(tiny_data, parent / "run"),
+        f"the output dir {parent / 'run'} (to be created in {parent}) cannot be written: permission denied (EACCES)",
+        "choose a train.output_dir this user can write to",
+    )
     assert list(parent.iterdir()) == []
 
 
@@ -131,9 +167,14 @@ def test_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(tiny_data,
 
     monkeypatch.setattr(fs, "_write_item", write_item)
     out = tmp_path / "run"
-    err = fails(capsys, train_args(tiny_data, out, *QUICK), "writing checkpoint step_00000004",
-                "no space left on the device (ENOSPC)", "free space there",
-                "the newest complete checkpoint, step_00000002, is intact")
+    err = fails(
+        capsys,
+        train_args(tiny_data, out, *QUICK),
+        "writing checkpoint step_00000004",
+        "no space left on the device (ENOSPC)",
+        "free space there",
+        "the newest complete checkpoint, step_00000002, is intact",
+    )
     assert "Traceback" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]  # the partial write is gone
 
@@ -160,24 +201,37 @@ def _damaged_copy(src: Path, dst: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how, says", [("truncated", "(truncated)"), ("garbage", "does not match the sha256")])
-def test_damaged_newest_checkpoint_fails_naming_the_file_and_the_way_out(how, says, tiny_data, two_checkpoints,
-                                                                          tmp_path, capsys):
+def test_damaged_newest_checkpoint_fails_naming_the_file_and_the_way_out(
+    how, says, tiny_data, two_checkpoints, tmp_path, capsys
+):
     out = tmp_path / "run"
     victim = _damaged_copy(two_checkpoints, out, how)
     before = tree_digest(out)
     older = out / "checkpoints" / "step_00000002"
-    fails(capsys, train_args(tiny_data, out, *QUICK), f"checkpoint {victim.parent} is damaged: {victim}", says,
-          f"intact: step_00000002: use one with --checkpoint.resume_from {older}")
+    fails(
+        capsys,
+        train_args(tiny_data, out, *QUICK),
+        f"checkpoint {victim.parent} is damaged: {victim}",
+        says,
+        f"intact: step_00000002: use one with --checkpoint.resume_from {older}",
+    )
     assert tree_digest(out) == before  # nothing touched
-    fails(capsys, ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "2"],
-          f"{victim}", says, f"--checkpoint {older}")
+    fails(
+        capsys,
+        ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "2"],
+        f"{victim}",
+        says,
+        f"--checkpoint {older}",
+    )
     assert cli_main(["generate", "--checkpoint", str(older), "--prompt", "ROMEO:", "--max-new-tokens", "2"]) == 0
     if how == "truncated":  # the way out works: resume from the older one; the damaged step is written anew
         capsys.readouterr()
         assert cli_main(train_args(tiny_data, out, *QUICK, "--checkpoint.resume_from", str(older))) == 0
         assert "resuming from" in capsys.readouterr().out
         newest = out / "checkpoints" / "step_00000004"
-        assert read_meta(newest)["step"] == 4 and victim.stat().st_size == read_meta(newest)["files"][victim.name]["bytes"]
+        assert (
+            read_meta(newest)["step"] == 4 and victim.stat().st_size == read_meta(newest)["files"][victim.name]["bytes"]
+        )
 
 
 def test_unreadable_checkpoint_file_without_a_record_is_one_line(two_checkpoints, tmp_path, capsys):
@@ -188,8 +242,12 @@ def test_unreadable_checkpoint_file_without_a_record_is_one_line(two_checkpoints
     meta = json.loads(meta_file.read_text())
     del meta["files"]
     meta_file.write_text(json.dumps(meta))
-    fails(capsys, ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:"], f"checkpoint {victim.parent} cannot "
-          "be read", "intact: step_00000002")
+    fails(
+        capsys,
+        ["generate", "--checkpoint", str(out), "--prompt", "ROMEO:"],
+        f"checkpoint {victim.parent} cannot be read",
+        "intact: step_00000002",
+    )
 
 
 def _shard_with_large_id(data: Path, value: int) -> None:
@@ -222,13 +280,15 @@ def test_token_ids_beyond_the_model_vocabulary_fail_before_any_output(layout, ti
         (data / "manifest.json").write_text(json.dumps(manifest))
     _shard_with_large_id(data, 700)
     out = tmp_path / "run"
-    fails(capsys, train_args(data, out, *QUICK, *extra), "holds token id 700, beyond the model's vocabulary "
-          "(model.vocab_size = 512")
+    fails(
+        capsys,
+        train_args(data, out, *QUICK, *extra),
+        "holds token id 700, beyond the model's vocabulary (model.vocab_size = 512",
+    )
     assert not out.exists()
 
 
-def test_an_internal_error_keeps_its_traceback_under_a_line_naming_the_rank(tiny_data, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_an_internal_error_keeps_its_traceback_under_a_line_naming_the_rank(tiny_data, tmp_path, capsys, monkeypatch):
     import meshforge.pretrain.trainer as trainer
 
     def broken(cfg, memory_plan=None):
@@ -239,7 +299,10 @@ def test_an_internal_error_keeps_its_traceback_under_a_line_naming_the_rank(tiny
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(KeyError, match="a bug"):
         cli_main(train_args(tiny_data, tmp_path / "run"))
-    assert capsys.readouterr().err == "meshforge: internal error on rank 1 of 2 (a bug in meshforge; its traceback follows)\n"
+    assert (
+        capsys.readouterr().err
+        == "meshforge: internal error on rank 1 of 2 (a bug in meshforge; its traceback follows)\n"
+    )
 
 
 def test_deepspeed_cpu_adam_says_it_may_compile_before_it_starts(capsys, monkeypatch):

@@ -14,8 +14,15 @@ import torch
 from parallel_harness import PARITY_ARGS, start_ranks
 
 
-def spawn(data: Path, out: Path, per_rank: dict[int, list[str]] | None = None, env_of: dict[int, dict] | None = None,
-          *args: str, world: int = 2, timeout: float = 240) -> tuple[list[tuple[int, str, str]], float]:
+def spawn(
+    data: Path,
+    out: Path,
+    per_rank: dict[int, list[str]] | None = None,
+    env_of: dict[int, dict] | None = None,
+    *args: str,
+    world: int = 2,
+    timeout: float = 240,
+) -> tuple[list[tuple[int, str, str]], float]:
     """``world`` ranks of ``meshforge train`` (rank r gets ``per_rank[r]`` and ``env_of[r]`` on top);
     returns (exit status, stdout, stderr) of each and the seconds until the last one ended."""
     start = time.monotonic()
@@ -75,8 +82,20 @@ def test_a_rank_that_never_checks_in_is_named_after_the_setup_timeout(tiny_data,
 
 def test_a_two_rank_run_prints_its_lines_once(tiny_data, tmp_path):
     out = tmp_path / "run"
-    results, _ = spawn(tiny_data, out, None, None, "--train.steps", "2", "--train.eval_interval", "2",
-                       "--train.sample_prompt", "ROMEO:", "--logging.log_interval", "1")
+    results, _ = spawn(
+        tiny_data,
+        out,
+        None,
+        None,
+        "--train.steps",
+        "2",
+        "--train.eval_interval",
+        "2",
+        "--train.sample_prompt",
+        "ROMEO:",
+        "--logging.log_interval",
+        "1",
+    )
     assert [r[0] for r in results] == [0, 0], results
     (_, out0, _), (_, out1, _) = results
     assert out0.count("step      0 | val_loss") == 1 and "val_loss" not in out1, (out0, out1)

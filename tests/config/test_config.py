@@ -24,8 +24,9 @@ def test_small_preset_equals_defaults():
 
 
 def test_cli_overrides_are_typed():
-    cfg = load_config("small", ["--model.n_layers", "3", "--optim.lr=1e-3", "--model.qk_norm", "true",
-                                "--train.output_dir", "/tmp/x"])
+    cfg = load_config(
+        "small", ["--model.n_layers", "3", "--optim.lr=1e-3", "--model.qk_norm", "true", "--train.output_dir", "/tmp/x"]
+    )
     assert cfg.model.n_layers == 3 and cfg.optim.lr == 1e-3 and cfg.model.qk_norm is True
     assert cfg.train.output_dir == "/tmp/x"
 
@@ -63,14 +64,17 @@ def test_seq_len_beyond_positions():
         load_config(None, ["--data.seq_len", "2048", "--model.max_seq_len", "1024"])
 
 
-@pytest.mark.parametrize("override, message", [
-    (["--model.n_heads", "5"], "must divide by model.n_heads"),
-    (["--model.n_kv_heads", "4"], "must divide by model.n_kv_heads"),
-    (["--train.micro_batch_size", "5"], "must divide by train.micro_batch_size"),
-    (["--optim.schedule", "linear"], "optim.schedule = 'linear' is not one of"),
-    (["--train.steps", "0"], "train.steps must be positive"),
-    (["--parallel.dp_shard", "0"], "parallel.dp_shard must be"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.n_heads", "5"], "must divide by model.n_heads"),
+        (["--model.n_kv_heads", "4"], "must divide by model.n_kv_heads"),
+        (["--train.micro_batch_size", "5"], "must divide by train.micro_batch_size"),
+        (["--optim.schedule", "linear"], "optim.schedule = 'linear' is not one of"),
+        (["--train.steps", "0"], "train.steps must be positive"),
+        (["--parallel.dp_shard", "0"], "parallel.dp_shard must be"),
+    ],
+)
 def test_invalid_values(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override)
@@ -133,13 +137,19 @@ def test_micro_batch_size_zero_is_the_local_batch():
     assert JobConfig().train.micro_batch_size == 0
     t = load_config(None, {"train.global_batch_size": 16}).train
     assert [micro_batch_size(t, dp) for dp in (1, 2, 4, 16)] == [16, 8, 4, 1]
-    with pytest.raises(ConfigError, match=r"train.global_batch_size \(16\) does not divide by the data-parallel "
-                                          r"degree \(3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch_size \(16\) does not divide by the data-parallel "
+        r"degree \(3\)",
+    ):
         micro_batch_size(t, 3)
     t = load_config(None, {"train.global_batch_size": 16, "train.micro_batch_size": 4}).train
     assert [micro_batch_size(t, dp) for dp in (1, 2, 4)] == [4, 4, 4]  # positive: today's meaning
-    with pytest.raises(ConfigError, match=r"must divide by train.micro_batch_size \* data-parallel degree "
-                                          r"\(4 \* 8 = 32\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"must divide by train.micro_batch_size \* data-parallel degree "
+        r"\(4 \* 8 = 32\)",
+    ):
         micro_batch_size(t, 8)
     with pytest.raises(ConfigError, match="train.micro_batch_size must be >= 0, got -1"):
         load_config(None, {"train.micro_batch_size": -1})
@@ -153,8 +163,12 @@ def test_every_choice_field_is_checked_against_its_literal_type():
     from meshforge.config import CHOICES
     from meshforge.config.sections import section_types
 
-    literal_fields = {f"{sec}.{f.name}" for sec, cls in section_types().items() for f in dataclasses.fields(cls)
-                      if typing.get_origin(typing.get_type_hints(cls)[f.name]) is typing.Literal}
+    literal_fields = {
+        f"{sec}.{f.name}"
+        for sec, cls in section_types().items()
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(typing.get_type_hints(cls)[f.name]) is typing.Literal
+    }
     assert set(CHOICES) == literal_fields and "train.fused_loss" in CHOICES
     defaults = JobConfig()
     for key, allowed in CHOICES.items():
@@ -169,8 +183,10 @@ def test_preset_paths_starting_with_dot_are_relative_to_the_preset(tmp_path, mon
 
     preset = tmp_path / "presets" / "job.toml"
     preset.parent.mkdir()
-    preset.write_text('[data]\npath = "data/web"\ntokenizer = "../tok/a.model"\n[checkpoint]\ninit_from = "."\n'
-                      'resume_from = "./ck/step_00000010"\n')
+    preset.write_text(
+        '[data]\npath = "data/web"\ntokenizer = "../tok/a.model"\n[checkpoint]\ninit_from = "."\n'
+        'resume_from = "./ck/step_00000010"\n'
+    )
     monkeypatch.chdir(tmp_path)
     cfg = load_config(str(preset))
     assert cfg.data.path == "data/web"  # not ./-relative: the working directory's, as before

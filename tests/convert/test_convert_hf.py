@@ -31,14 +31,32 @@ FAMILIES = {
     "llama": ("LlamaForCausalLM", DENSE),
     "llama-untied": ("LlamaForCausalLM", {**DENSE, "model.tie_embeddings": False}),
     "qwen3": ("Qwen3ForCausalLM", {"model.qk_norm": True, "model.init_std": 0.1}),
-    "mixtral": ("MixtralForCausalLM", {**DENSE, "model.moe_experts": 4, "model.moe_top_k": 2,
-                                       "model.moe_ffn_dim": 32}),
-    "qwen3-moe": ("Qwen3MoeForCausalLM", {"model.qk_norm": True, "model.init_std": 0.1, "model.moe_experts": 4,
-                                          "model.moe_top_k": 2, "model.moe_ffn_dim": 32, "model.moe_dense_layers": 1,
-                                          "model.moe_norm_topk": False}),
-    "glm4-moe": ("Glm4MoeForCausalLM", {**DENSE, "model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_dim": 32,
-                                        "model.moe_score": "sigmoid", "model.moe_shared_experts": 1,
-                                        "model.moe_dense_layers": 1, "model.moe_bias_update_rate": 0.01}),
+    "mixtral": ("MixtralForCausalLM", {**DENSE, "model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_dim": 32}),
+    "qwen3-moe": (
+        "Qwen3MoeForCausalLM",
+        {
+            "model.qk_norm": True,
+            "model.init_std": 0.1,
+            "model.moe_experts": 4,
+            "model.moe_top_k": 2,
+            "model.moe_ffn_dim": 32,
+            "model.moe_dense_layers": 1,
+            "model.moe_norm_topk": False,
+        },
+    ),
+    "glm4-moe": (
+        "Glm4MoeForCausalLM",
+        {
+            **DENSE,
+            "model.moe_experts": 4,
+            "model.moe_top_k": 2,
+            "model.moe_ffn_dim": 32,
+            "model.moe_score": "sigmoid",
+            "model.moe_shared_experts": 1,
+            "model.moe_dense_layers": 1,
+            "model.moe_bias_update_rate": 0.01,
+        },
+    ),
 }
 
 
@@ -89,8 +107,9 @@ def test_export_loads_in_hf_matches_and_imports_back(name, tiny_tokenizer, tmp_p
     mine = generate_ids(ours, prompt, 32, cfg.model.max_seq_len)
     gen = transformers.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
-                             generation_config=gen)[0].tolist()
+        hf_out = hf.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long), generation_config=gen
+        )[0].tolist()
     assert len(mine) == len(hf_out) == 37 and mine == hf_out
 
     from meshforge.tokenizers import load_tokenizer
@@ -106,9 +125,17 @@ def test_export_loads_in_hf_matches_and_imports_back(name, tiny_tokenizer, tmp_p
     for key in a.entries:
         assert torch.equal(a.get(key), b.get(key)), key
     back = load_config(str(tmp_path / "back" / "model.toml")).model
-    training_only = ("ffn_dim", "ffn_multiple_of", "init_std", "moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate")
-    assert {k: v for k, v in vars(back).items() if k not in training_only} == \
-        {k: v for k, v in vars(cfg.model).items() if k not in training_only}
+    training_only = (
+        "ffn_dim",
+        "ffn_multiple_of",
+        "init_std",
+        "moe_aux_loss_coef",
+        "moe_z_loss_coef",
+        "moe_bias_update_rate",
+    )
+    assert {k: v for k, v in vars(back).items() if k not in training_only} == {
+        k: v for k, v in vars(cfg.model).items() if k not in training_only
+    }
 
 
 def test_bf16_export_and_sharding(tiny_tokenizer, tmp_path):
@@ -120,23 +147,36 @@ def test_bf16_export_and_sharding(tiny_tokenizer, tmp_path):
     hf = hf_load(tmp_path / "hf")
     assert all(p.dtype == torch.bfloat16 for p in hf.parameters())
     reader = CheckpointReader(tmp_path / "ckpt")
-    torch.testing.assert_close(hf.model.layers[1].mlp.down_proj.weight,
-                               reader.get("layers.1.feed_forward.w2.weight").bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        hf.model.layers[1].mlp.down_proj.weight,
+        reader.get("layers.1.feed_forward.w2.weight").bfloat16(),
+        rtol=0,
+        atol=0,
+    )
 
 
 # --------------------------------------------------------------------------- refusals, bad input
 
 
-@pytest.mark.parametrize("overrides, feature", [
-    ({"model.attn_scale": 0.5}, "attn_scale"),
-    ({"model.moe_experts": 4, "model.moe_shared_experts": 1, "model.qk_norm": False}, "shared experts with softmax"),
-    ({"model.moe_experts": 4, "model.moe_score": "sigmoid", "model.qk_norm": False}, "sigmoid routing without shared"),
-    ({"model.moe_experts": 4, "model.moe_capacity_factor": 1.25, "model.qk_norm": False}, "capacity"),
-    ({"model.moe_experts": 4, "model.moe_dense_layers": 1, "model.qk_norm": False}, "dense first layers"),
-    ({"model.moe_experts": 4, "model.moe_bias_update_rate": 0.01}, "routing bias"),
-    ({"model.ffn_activation": "gelu"}, "ffn_activation"),
-    ({"model.mup_base_dim": 32}, "mup_base_dim"),
-])
+@pytest.mark.parametrize(
+    "overrides, feature",
+    [
+        ({"model.attn_scale": 0.5}, "attn_scale"),
+        (
+            {"model.moe_experts": 4, "model.moe_shared_experts": 1, "model.qk_norm": False},
+            "shared experts with softmax",
+        ),
+        (
+            {"model.moe_experts": 4, "model.moe_score": "sigmoid", "model.qk_norm": False},
+            "sigmoid routing without shared",
+        ),
+        ({"model.moe_experts": 4, "model.moe_capacity_factor": 1.25, "model.qk_norm": False}, "capacity"),
+        ({"model.moe_experts": 4, "model.moe_dense_layers": 1, "model.qk_norm": False}, "dense first layers"),
+        ({"model.moe_experts": 4, "model.moe_bias_update_rate": 0.01}, "routing bias"),
+        ({"model.ffn_activation": "gelu"}, "ffn_activation"),
+        ({"model.mup_base_dim": 32}, "mup_base_dim"),
+    ],
+)
 def test_unrepresentable_decoder_is_refused_before_writing(overrides, feature, tmp_path):
     make_checkpoint(tmp_path / "ckpt", None, overrides)
     with pytest.raises(ConvertError, match=feature):
@@ -202,10 +242,23 @@ def test_cli_export_error_is_one_line(tmp_path, capsys):
 
 def _hf_t5_dir(path: Path, tie: bool):
     """A randomised T5 v1.1-style model saved the way users get one: save_pretrained of a directory."""
-    cfg = transformers.T5Config(vocab_size=512, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
-                                num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=tie, dropout_rate=0.0,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=3)
+    cfg = transformers.T5Config(
+        vocab_size=512,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=tie,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=3,
+    )
     cfg.tie_word_embeddings = tie  # transformers 5 forces True; an untied v1.1 model has its own lm_head
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(cfg).eval()
@@ -239,8 +292,9 @@ def test_t5_directory_imports_matches_and_exports_back(tie, tmp_path):
         got = ours(src, tgt, mask.bool())
     torch.testing.assert_close(got, theirs, rtol=1e-4, atol=1e-4)
     mine = generate_seq2seq_ids(ours, src[0].tolist(), 32, start_id=0)
-    gen = transformers.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, decoder_start_token_id=0,
-                                        pad_token_id=0, use_cache=False)  # HF's cache breaks with more decoder layers
+    gen = transformers.GenerationConfig(
+        max_new_tokens=32, do_sample=False, eos_token_id=None, decoder_start_token_id=0, pad_token_id=0, use_cache=False
+    )  # HF's cache breaks with more decoder layers
     with torch.no_grad():
         hf_out = hf.generate(src[:1], generation_config=gen)[0, 1:].tolist()
     assert len(mine) == 32 and mine == hf_out
@@ -253,14 +307,23 @@ def test_t5_directory_imports_matches_and_exports_back(tie, tmp_path):
     assert ("lm_head.weight" in b) == (not tie)
 
 
-@pytest.mark.parametrize("overrides, feature", [
-    ({"model.attn_scale": 0.0}, "attention scale"),
-    ({"model.n_kv_heads": 2}, "grouped-query attention"),
-    ({"model.position_encoding": "rope"}, "RoPE"),
-])
+@pytest.mark.parametrize(
+    "overrides, feature",
+    [
+        ({"model.attn_scale": 0.0}, "attention scale"),
+        ({"model.n_kv_heads": 2}, "grouped-query attention"),
+        ({"model.position_encoding": "rope"}, "RoPE"),
+    ],
+)
 def test_unrepresentable_t5_is_refused_before_writing(overrides, feature, tmp_path):
-    t5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", "model.ffn_activation": "gelu",
-          "model.attn_scale": 1.0, "model.n_kv_heads": 0, "model.qk_norm": False}
+    t5 = {
+        "model.family": "encoder_decoder",
+        "model.position_encoding": "relative",
+        "model.ffn_activation": "gelu",
+        "model.attn_scale": 1.0,
+        "model.n_kv_heads": 0,
+        "model.qk_norm": False,
+    }
     make_checkpoint(tmp_path / "ckpt", None, {**t5, **overrides})
     with pytest.raises(ConvertError, match=feature):
         export_hf(tmp_path / "ckpt", tmp_path / "hf", log=lambda *_: None)
@@ -271,8 +334,14 @@ def test_t5_checkpoint_exports_with_its_unigram_tokenizer(tmp_path, small_corpus
     from meshforge.tokenizers import load_tokenizer, train_tokenizer
 
     spm = train_tokenizer([small_corpus], tmp_path / "t5tok", 500, preset="t5")
-    t5 = {"model.family": "encoder_decoder", "model.position_encoding": "relative", "model.ffn_activation": "gelu",
-          "model.attn_scale": 1.0, "model.n_kv_heads": 0, "model.qk_norm": False}
+    t5 = {
+        "model.family": "encoder_decoder",
+        "model.position_encoding": "relative",
+        "model.ffn_activation": "gelu",
+        "model.attn_scale": 1.0,
+        "model.n_kv_heads": 0,
+        "model.qk_norm": False,
+    }
     make_checkpoint(tmp_path / "ckpt", spm, t5)
     export_hf(tmp_path / "ckpt", tmp_path / "hf", log=lambda *_: None)
     hf_load(tmp_path / "hf", seq2seq=True)

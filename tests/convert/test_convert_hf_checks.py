@@ -27,8 +27,16 @@ from meshforge.pretrain.checkpoint import CheckpointError, load_model_weights
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=48, max_position_embeddings=32, tie_word_embeddings=False)
+LLAMA = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +66,22 @@ def _truncate(d: Path):
 
 BROKEN = [
     ("kv-heads", lambda d: _edit_config(d, num_key_value_heads=4), r"k_proj\.weight .*num_key_value_heads = 4"),
-    ("no-intermediate-size", lambda d: _edit_config(d, intermediate_size=None),
-     r"mlp\.\w+_proj\.weight .*intermediate_size \(not in config\.json; transformers' default \d+ was used\)"),
-    ("config-not-json", lambda d: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],'),
-     r"config\.json is not valid JSON"),
+    (
+        "no-intermediate-size",
+        lambda d: _edit_config(d, intermediate_size=None),
+        r"mlp\.\w+_proj\.weight .*intermediate_size \(not in config\.json; transformers' default \d+ was used\)",
+    ),
+    (
+        "config-not-json",
+        lambda d: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],'),
+        r"config\.json is not valid JSON",
+    ),
     ("truncated-weights", _truncate, r"model\.safetensors is truncated"),
-    ("garbage-weights", lambda d: (d / "model.safetensors").write_bytes(b"\x00\xff" * 5000),
-     r"model\.safetensors is not a safetensors file"),
+    (
+        "garbage-weights",
+        lambda d: (d / "model.safetensors").write_bytes(b"\x00\xff" * 5000),
+        r"model\.safetensors is not a safetensors file",
+    ),
     ("empty-weights", lambda d: (d / "model.safetensors").write_bytes(b""), r"model\.safetensors is not a safetensors"),
 ]
 
@@ -112,10 +129,22 @@ def test_export_verifies_the_checkpoint_checksums(llama_dir, tmp_path):
 def test_transformers5_t5_v11_imports_with_its_tied_unscaled_head(tmp_path):
     """transformers 5 makes every T5 tie its head; a v1.1 config then says scale_decoder_outputs = false and the
     files hold no lm_head.weight. d_kv * num_heads (4 * 12) != d_model (32), as in google/t5-v1_1-small."""
-    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=12, d_ff=48, num_layers=2, num_heads=4,
-                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = transformers.T5Config(
+        vocab_size=96,
+        d_model=32,
+        d_kv=12,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(cfg).eval()
     with torch.no_grad():

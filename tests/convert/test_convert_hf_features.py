@@ -22,32 +22,78 @@ from meshforge.pretrain.checkpoint import load_model_weights
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+SMALL = dict(
+    vocab_size=160,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 MOE = dict(moe_intermediate_size=32, num_experts_per_tok=2)
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 CASES = {
     # name: (config class, its kwargs, what the imported [model] must say)
-    "llama3.1-rope-scaling": ("LlamaConfig", dict(rope_parameters=LLAMA3, tie_word_embeddings=True),
-                              {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_seq_len": 16}),
-    "llama-yarn-head_dim": ("LlamaConfig", dict(head_dim=8, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}),
-        {"rope_scaling": "yarn", "head_size": 8}),
+    "llama3.1-rope-scaling": (
+        "LlamaConfig",
+        dict(rope_parameters=LLAMA3, tie_word_embeddings=True),
+        {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_seq_len": 16},
+    ),
+    "llama-yarn-head_dim": (
+        "LlamaConfig",
+        dict(
+            head_dim=8,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        {"rope_scaling": "yarn", "head_size": 8},
+    ),
     "qwen2.5-qkv-bias": ("Qwen2Config", dict(tie_word_embeddings=True), {"qkv_bias": True}),
     "qwen3-head_dim": ("Qwen3Config", dict(head_dim=24), {"head_size": 24, "qk_norm": True}),
-    "qwen3-sliding": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0),
-                      {"sliding_window": 4}),
-    "qwen3-moe-head_dim": ("Qwen3MoeConfig", dict(head_dim=24, num_experts=4, norm_topk_prob=True, **MOE),
-                           {"head_size": 24, "moe_experts": 4}),
+    "qwen3-sliding": (
+        "Qwen3Config",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=0),
+        {"sliding_window": 4},
+    ),
+    "qwen3-moe-head_dim": (
+        "Qwen3MoeConfig",
+        dict(head_dim=24, num_experts=4, norm_topk_prob=True, **MOE),
+        {"head_size": 24, "moe_experts": 4},
+    ),
     "mistral-sliding": ("MistralConfig", dict(sliding_window=4, head_dim=32), {"sliding_window": 4, "head_size": 32}),
     "olmo2": ("Olmo2Config", {}, {"qk_norm_scope": "projection", "norm_placement": "post"}),
-    "glm4.5-partial-rotary": ("Glm4MoeConfig", dict(
-        head_dim=24, attention_bias=True, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-        n_group=1, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True, **MOE,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-        {"rope_fraction": 0.5, "qkv_bias": True, "moe_shared_experts": 1, "moe_routed_scale": 2.5}),
+    "glm4.5-partial-rotary": (
+        "Glm4MoeConfig",
+        dict(
+            head_dim=24,
+            attention_bias=True,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            use_qk_norm=True,
+            **MOE,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        ),
+        {"rope_fraction": 0.5, "qkv_bias": True, "moe_shared_experts": 1, "moe_routed_scale": 2.5},
+    ),
 }
 FAST = ("qwen3-moe-head_dim", "olmo2", "llama3.1-rope-scaling", "glm4.5-partial-rotary")
 """The default suite's cases (together every new option but the sliding window, which test_model.py and the
@@ -106,13 +152,19 @@ def test_hf_feature_imports_matches_and_exports_bit_exact(name, tmp_path):
     assert type(back) is type(hf.config)
 
 
-@pytest.mark.parametrize("cls, kwargs, feature", [
-    ("LlamaConfig", dict(attention_bias=True), "output-projection bias"),
-    ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "dynamic"),
-    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "some layers only"),
-    ("LlamaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
-     "partial rotary"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, feature",
+    [
+        ("LlamaConfig", dict(attention_bias=True), "output-projection bias"),
+        ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "dynamic"),
+        ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "some layers only"),
+        (
+            "LlamaConfig",
+            dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+            "partial rotary",
+        ),
+    ],
+)
 def test_unrepresentable_hf_feature_is_refused_by_name(cls, kwargs, feature, tmp_path):
     hf_dir(tmp_path / "hf", cls, kwargs)
     with pytest.raises(ConvertError, match=feature):
@@ -120,12 +172,27 @@ def test_unrepresentable_hf_feature_is_refused_by_name(cls, kwargs, feature, tmp
     assert not (tmp_path / "init").exists()
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8192},  # Llama 3.1 8B
-    {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen3
-    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
-], ids=["llama3.1", "yarn", "linear"])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },  # Llama 3.1 8B
+        {
+            "rope_type": "yarn",
+            "rope_theta": 1000000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32768,
+        },  # Qwen3
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    ],
+    ids=["llama3.1", "yarn", "linear"],
+)
 def test_rope_scaling_frequencies_of_full_size_configs_match_transformers(rope):
     """At real sizes (head_dim 128, 128k positions) the frequencies and the cos/sin factor are transformers'."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -133,8 +200,9 @@ def test_rope_scaling_frequencies_of_full_size_configs_match_transformers(rope):
     from meshforge.convert.hf_decoder_config import model_config_from_hf
     from meshforge.models.rope_scaling import rope_frequencies
 
-    hf = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
-                                  rope_parameters=rope)
+    hf = transformers.LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rope
+    )
     hf.architectures = ["LlamaForCausalLM"]
     m, _ = model_config_from_hf(hf)
     theirs, their_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
@@ -149,11 +217,17 @@ def test_glm_multi_token_prediction_layers_are_left_out_as_transformers_does(tmp
     cls, kwargs, _ = CASES["glm4.5-partial-rotary"]
     hf_dir(tmp_path / "hf", cls, {**kwargs, "num_nextn_predict_layers": 1})
     weights = load_file(tmp_path / "hf" / "model.safetensors")
-    save_file({**weights, "model.layers.2.eh_proj.weight": torch.zeros(64, 128)}, tmp_path / "hf" / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {**weights, "model.layers.2.eh_proj.weight": torch.zeros(64, 128)},
+        tmp_path / "hf" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
     assert load_config(str(tmp_path / "init" / "model.toml")).model.n_layers == 2
-    save_file({**weights, "model.layers.3.eh_proj.weight": torch.zeros(64, 128)}, tmp_path / "hf" / "model.safetensors",
-              metadata={"format": "pt"})  # beyond the prediction layers: unknown, refused
+    save_file(
+        {**weights, "model.layers.3.eh_proj.weight": torch.zeros(64, 128)},
+        tmp_path / "hf" / "model.safetensors",
+        metadata={"format": "pt"},
+    )  # beyond the prediction layers: unknown, refused
     with pytest.raises(ConvertError, match="model.layers.3.eh_proj.weight; refusing to drop them"):
         import_hf(tmp_path / "hf", tmp_path / "init2", log=lambda *_: None)

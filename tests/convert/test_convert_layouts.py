@@ -31,8 +31,19 @@ def _export_bytes(ckpt, out) -> bytes:
 
 
 def _reexport_under(layout_world, layout_args, ref_ckpt, data, tmp_path, *model_args) -> bytes:
-    ckpt = _train(data, tmp_path / "layout", layout_world, *model_args, "--train.steps", "1", "--optim.lr", "1e-30",
-                  "--checkpoint.init_from", str(ref_ckpt), *layout_args)
+    ckpt = _train(
+        data,
+        tmp_path / "layout",
+        layout_world,
+        *model_args,
+        "--train.steps",
+        "1",
+        "--optim.lr",
+        "1e-30",
+        "--checkpoint.init_from",
+        str(ref_ckpt),
+        *layout_args,
+    )
     return _export_bytes(ckpt, tmp_path / "layout_hf")
 
 
@@ -83,11 +94,15 @@ def test_init_from_that_does_not_fit_is_refused(dense_ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, layout", [
-    (4, ("--parallel.tp", "2", "--parallel.dp_shard", "2")),
-    (2, ("--parallel.pp", "2")),
-    (2, ("--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", "3")),
-], ids=["tp2xdp2", "pp2", "zero3"])
+@pytest.mark.parametrize(
+    "world, layout",
+    [
+        (4, ("--parallel.tp", "2", "--parallel.dp_shard", "2")),
+        (2, ("--parallel.pp", "2")),
+        (2, ("--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", "3")),
+    ],
+    ids=["tp2xdp2", "pp2", "zero3"],
+)
 def test_layout_checkpoint_exports_identically(world, layout, dense_ref, tiny_data, tmp_path):
     ref_ckpt, ref_bytes = dense_ref
     assert _reexport_under(world, layout, ref_ckpt, tiny_data, tmp_path, *DENSE) == ref_bytes

@@ -19,8 +19,11 @@ QUIET = {"train.eval_interval": 0, "train.sample_prompt": "", "checkpoint.interv
 @pytest.fixture(scope="module")
 def small_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("grow") / "small"
-    Trainer(load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out), "train.steps": 12,
-                                      **QUIET})).run()
+    Trainer(
+        load_config(
+            "tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out), "train.steps": 12, **QUIET}
+        )
+    ).run()
     return out
 
 
@@ -42,10 +45,13 @@ def test_grow_stacks_the_trained_layers_and_trains(small_run, tiny_data, tmp_pat
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, grown.get(name)), name
     trainer.metrics.close()
-    assert cli_main(["generate", "--checkpoint", str(tmp_path / "grown"), "--prompt", "ROMEO:",
-                     "--max-new-tokens", "4"]) == 0  # an init dir is a checkpoint to `meshforge generate` too
-    result = Trainer(load_config(str(tmp_path / "grown" / "model.toml"),
-                                 {**over, "train.output_dir": str(tmp_path / "b")})).run()
+    assert (
+        cli_main(["generate", "--checkpoint", str(tmp_path / "grown"), "--prompt", "ROMEO:", "--max-new-tokens", "4"])
+        == 0
+    )  # an init dir is a checkpoint to `meshforge generate` too
+    result = Trainer(
+        load_config(str(tmp_path / "grown" / "model.toml"), {**over, "train.output_dir": str(tmp_path / "b")})
+    ).run()
     assert result.final_step == 4 and result.losses[-1] < result.losses[0]
 
 
@@ -66,8 +72,12 @@ def test_inspect_checkpoint_and_hf_dir(small_run, tmp_path, capsys):
     reader = CheckpointReader(find_checkpoint(small_run))
     total = sum(torch.Size(reader.shape(k)).numel() for k in reader.entries if k != "output.weight")
     assert f"parameters:   {total:,}" in out and "single process" in out
-    assert cli_main(["convert", "export", "--checkpoint", str(small_run), "--output", str(tmp_path / "hf"),
-                     "--dtype", "bf16"]) == 0
+    assert (
+        cli_main(
+            ["convert", "export", "--checkpoint", str(small_run), "--output", str(tmp_path / "hf"), "--dtype", "bf16"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli_main(["convert", "inspect", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out

@@ -49,9 +49,17 @@ def _count_opens(fn) -> Counter:
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hf") / "llama"
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=32,
-                                   bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(path), max_shard_size="20KB")  # several shards
@@ -88,6 +96,8 @@ def test_generate_encodes_the_prompt_once(tiny_tokenizer, tmp_path, monkeypatch)
     expected = generate_text(model, tok, "In the year", 5)
     calls = []
     real = type(tok).encode
-    monkeypatch.setattr(type(tok), "encode", lambda self, text, *a, **k: calls.append(text) or real(self, text, *a, **k))
+    monkeypatch.setattr(
+        type(tok), "encode", lambda self, text, *a, **k: calls.append(text) or real(self, text, *a, **k)
+    )
     assert generate_from_checkpoint(str(tmp_path / "ckpt"), "In the year", 5) == expected
     assert calls == ["In the year"]

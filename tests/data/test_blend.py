@@ -43,7 +43,13 @@ def tagged(names):
 def test_parse_blend():
     assert parse_blend("0.7:data/web, 0.3:data/books") == [(0.7, "data/web"), (0.3, "data/books")]
     assert parse_blend("3:a,1:b") == [(0.75, "a"), (0.25, "b")]
-    for bad, msg in (("a,b", "WEIGHT:PATH"), ("-1:a", "WEIGHT:PATH"), ("1:a,2:a", "twice"), ("0:a", "no positive"), ("", "names no")):
+    for bad, msg in (
+        ("a,b", "WEIGHT:PATH"),
+        ("-1:a", "WEIGHT:PATH"),
+        ("1:a,2:a", "twice"),
+        ("0:a", "no positive"),
+        ("", "names no"),
+    ):
         with pytest.raises(DataError, match=msg):
             parse_blend(bad)
 
@@ -66,8 +72,12 @@ def test_blend_of_real_token_datasets(tmp_path, small_corpus, tiny_tokenizer, co
     a = tmp_path / "a"
     b = tmp_path / "b"
     prepare_data([str(small_corpus)], str(tiny_tokenizer), str(a), progress=False)
-    prepare_data([str(jsonl_writer(tmp_path / "b.jsonl", corpus_docs(30, skip=500)))], str(tiny_tokenizer), str(b),
-                 progress=False)
+    prepare_data(
+        [str(jsonl_writer(tmp_path / "b.jsonl", corpus_docs(30, skip=500)))],
+        str(tiny_tokenizer),
+        str(b),
+        progress=False,
+    )
     srcs = {"a": TokenDataset(a, SEQ, "train", 0.1, seed=3), "b": TokenDataset(b, SEQ, "train", 0.1, seed=3)}
     blend = BlendedDataset(srcs, {"a": 0.25, "b": 0.75}, cache_dir=tmp_path / "cache")
     n = 3 * (len(srcs["a"]) + len(srcs["b"]))  # several epochs of both
@@ -92,8 +102,10 @@ print(json.dumps([b.locate(i) for i in (0, 1, 99_999, 299_999)]))
 
 
 def test_cache_built_once_and_shared(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]  # two "ranks" race to build the same order
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # two "ranks" race to build the same order
     got = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert got[0] == got[1]
@@ -180,8 +192,10 @@ def test_resume_with_changed_weights(tmp_path):
 def test_blend_with_segments(tmp_path, small_corpus, tiny_tokenizer):
     out = tmp_path / "d"
     prepare_data([str(small_corpus)], str(tiny_tokenizer), str(out), docs_per_shard=20, progress=False)
-    srcs = {"a": TokenDataset(out, SEQ, "train", 0.1, seed=1, return_segments=True),
-            "b": TokenDataset(out, SEQ, "train", 0.1, seed=2, return_segments=True)}
+    srcs = {
+        "a": TokenDataset(out, SEQ, "train", 0.1, seed=1, return_segments=True),
+        "b": TokenDataset(out, SEQ, "train", 0.1, seed=2, return_segments=True),
+    }
     loader = DistributedLoader(BlendedDataset(srcs, {"a": 1, "b": 1}), 4, prefetch=0)
     tokens, segs = loader.next_batch()
     assert tokens.shape == segs.shape == (4, SEQ + 1) and segs.dtype == torch.int32
@@ -198,10 +212,21 @@ def test_trainer_wiring_with_data_blend(tmp_path, small_corpus, tiny_tokenizer, 
 
     a, b = tmp_path / "a", tmp_path / "b"
     prepare_data([str(small_corpus)], str(tiny_tokenizer), str(a), progress=False)
-    prepare_data([str(jsonl_writer(tmp_path / "b.jsonl", corpus_docs(30, skip=500)))], str(tiny_tokenizer), str(b),
-                 progress=False)
-    over = {"data.blend": f"3:{a},1:{b}", "data.seq_len": 16, "data.cache_dir": str(tmp_path / "cache"),
-            "model.vocab_size": 512, "train.global_batch_size": 8, "train.micro_batch_size": 8, "train.steps": 10}
+    prepare_data(
+        [str(jsonl_writer(tmp_path / "b.jsonl", corpus_docs(30, skip=500)))],
+        str(tiny_tokenizer),
+        str(b),
+        progress=False,
+    )
+    over = {
+        "data.blend": f"3:{a},1:{b}",
+        "data.seq_len": 16,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "model.vocab_size": 512,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 8,
+        "train.steps": 10,
+    }
     cfg = load_config(None, over)
     data = prepare_train_data(cfg, DistEnv(rank=0, world_size=1, local_rank=0), Degrees(1, 1, 1, 1, 1, 1))
     loader = data.train_loader

@@ -57,12 +57,22 @@ def test_zst_gz_jsonl_globs_and_bad_records(tmp_path, tiny_tokenizer, corpus_doc
     (d / "sub").mkdir(parents=True)
     (d / "a.jsonl").write_bytes(raw)
     (d / "sub" / "b.jsonl.gz").write_bytes(gzip.compress(raw.replace(good[0][:20].encode(), b"X")))
-    (d / "c.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(json.dumps({"text": good[2]}).encode() + b"\n" + raw))
+    (d / "c.jsonl.zst").write_bytes(
+        zstd.ZstdCompressor().compress(json.dumps({"text": good[2]}).encode() + b"\n" + raw)
+    )
     (d / "d.txt").write_bytes(b"\xff\xfe not utf-8")
-    m = prepare_data([str(d / "*.jsonl*"), str(d / "**" / "*.gz"), str(d / "d.txt")], str(tiny_tokenizer),
-                     str(tmp_path / "out"), progress=False)
-    assert [s["path"] for s in m["sources"]] == [str(d / "a.jsonl"), str(d / "c.jsonl.zst"), str(d / "sub" / "b.jsonl.gz"),
-                                                str(d / "d.txt")]
+    m = prepare_data(
+        [str(d / "*.jsonl*"), str(d / "**" / "*.gz"), str(d / "d.txt")],
+        str(tiny_tokenizer),
+        str(tmp_path / "out"),
+        progress=False,
+    )
+    assert [s["path"] for s in m["sources"]] == [
+        str(d / "a.jsonl"),
+        str(d / "c.jsonl.zst"),
+        str(d / "sub" / "b.jsonl.gz"),
+        str(d / "d.txt"),
+    ]
     assert [s["documents"] for s in m["sources"]] == [2, 3, 2, 0]
     assert m["sources"][0]["skipped"] == BAD_COUNTS and m["sources"][3]["skipped"]["invalid_utf8"] == 1
     assert m["skipped_records"] == {k: 3 * v + (k == "invalid_utf8") for k, v in BAD_COUNTS.items()}
@@ -85,11 +95,20 @@ def test_parquet(tmp_path, tiny_tokenizer, corpus_docs):
     pq = pytest.importorskip("pyarrow.parquet")
     texts = corpus_docs(5, max_chars=300, skip=220)
     pq.write_table(pa.table({"content": texts[:3] + [None, ""], "n": [1, 2, 3, 4, 5]}), tmp_path / "a.parquet")
-    pq.write_table(pa.table({"content": pa.array([t.encode() for t in texts[3:]] + [b"\xff"], pa.binary())}),
-                   tmp_path / "b.parquet")
-    m = prepare_data([str(tmp_path / "*.parquet")], str(tiny_tokenizer), str(tmp_path / "out"), text_field="content",
-                     progress=False)
-    assert m["skipped_records"] == {"empty": 1, "invalid_utf8": 1, "invalid_json": 0, "missing_field": 1, "non_string_field": 0}
+    pq.write_table(
+        pa.table({"content": pa.array([t.encode() for t in texts[3:]] + [b"\xff"], pa.binary())}),
+        tmp_path / "b.parquet",
+    )
+    m = prepare_data(
+        [str(tmp_path / "*.parquet")], str(tiny_tokenizer), str(tmp_path / "out"), text_field="content", progress=False
+    )
+    assert m["skipped_records"] == {
+        "empty": 1,
+        "invalid_utf8": 1,
+        "invalid_json": 0,
+        "missing_field": 1,
+        "non_string_field": 0,
+    }
     assert_docs(tmp_path / "out", tiny_tokenizer, texts)
     with pytest.raises(DataError, match="no column 'text'"):
         prepare_data([str(tmp_path / "a.parquet")], str(tiny_tokenizer), str(tmp_path / "o3"), progress=False)
@@ -103,7 +122,9 @@ def test_non_string_column_counted(tmp_path, tiny_tokenizer):
     m = prepare_data([str(tmp_path / "a.parquet")], str(tiny_tokenizer), str(tmp_path / "o1"), progress=False)
     assert m["num_documents"] == 2
     with pytest.raises(DataError, match="hold no documents.*'non_string_field': 2"):
-        prepare_data([str(tmp_path / "a.parquet")], str(tiny_tokenizer), str(tmp_path / "o2"), text_field="n", progress=False)
+        prepare_data(
+            [str(tmp_path / "a.parquet")], str(tiny_tokenizer), str(tmp_path / "o2"), text_field="n", progress=False
+        )
     assert not (tmp_path / "o2").exists()
 
 
@@ -117,7 +138,9 @@ def test_hf_streaming_local_files(tmp_path, tiny_tokenizer, corpus_docs, jsonl_w
         for t in texts[4:]:
             f.write(json.dumps({"text": t}) + "\n")
         f.write(json.dumps({"text": ""}) + "\n")
-    m = prepare_data([], str(tiny_tokenizer), str(tmp_path / "out"), hf_dataset=str(d), hf_streaming=True, progress=False)
+    m = prepare_data(
+        [], str(tiny_tokenizer), str(tmp_path / "out"), hf_dataset=str(d), hf_streaming=True, progress=False
+    )
     assert [s["type"] for s in m["sources"]] == ["hf_streaming", "hf_streaming"]
     assert [s["documents"] for s in m["sources"]] == [4, 3] and m["skipped_records"]["empty"] == 1
     assert_docs(tmp_path / "out", tiny_tokenizer, texts)
@@ -127,8 +150,14 @@ def test_hf_saved_dataset_in_row_slices(tmp_path, tiny_tokenizer, corpus_docs):
     datasets = pytest.importorskip("datasets")
     texts = corpus_docs(7, max_chars=300, skip=260)
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hf"))
-    m = prepare_data([], str(tiny_tokenizer), str(tmp_path / "out"), hf_dataset=str(tmp_path / "hf"),
-                     hf_rows_per_slice=3, progress=False)
+    m = prepare_data(
+        [],
+        str(tiny_tokenizer),
+        str(tmp_path / "out"),
+        hf_dataset=str(tmp_path / "hf"),
+        hf_rows_per_slice=3,
+        progress=False,
+    )
     assert [s["rows"] for s in m["sources"]] == [[0, 3], [3, 6], [6, 7]]
     assert [s["prefix"] for s in m["shards"]] == ["shard_00000", "shard_00001", "shard_00002"]
     assert_docs(tmp_path / "out", tiny_tokenizer, texts)

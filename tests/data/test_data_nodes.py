@@ -18,7 +18,7 @@ def inputs(tmp_path_factory, corpus_docs, jsonl_writer):
     d = tmp_path_factory.mktemp("node_inputs")
     docs = corpus_docs(25, max_chars=400, skip=300)
     for k in range(5):
-        jsonl_writer(d / f"part_{k}.jsonl", docs[5 * k: 5 * k + 5] + ([""] if k == 1 else []))
+        jsonl_writer(d / f"part_{k}.jsonl", docs[5 * k : 5 * k + 5] + ([""] if k == 1 else []))
     return str(d / "part_*.jsonl")
 
 
@@ -53,14 +53,25 @@ def test_two_nodes_merge_to_the_single_node_result(tmp_path, inputs, tiny_tokeni
     assert m["format"] == "meshforge-indexed-v1" and m["num_slices"] == 5
     assert m["skipped_records"]["empty"] == 1 and m["sources"][1]["skipped"]["empty"] == 1
     same_data(out, reference)
-    assert sorted(p.name for p in (out / ".prepare").glob("node_*")) == ["node_00000-of-00002.json", "node_00001-of-00002.json"]
+    assert sorted(p.name for p in (out / ".prepare").glob("node_*")) == [
+        "node_00000-of-00002.json",
+        "node_00001-of-00002.json",
+    ]
 
 
 def test_no_merge_then_merge_manifest_with_verify(tmp_path, inputs, tiny_tokenizer, reference):
     out = tmp_path / "data"
     for r in (1, 0):
-        prepare_data([inputs], str(tiny_tokenizer), str(out), docs_per_shard=2, progress=False, node_rank=r,
-                     num_nodes=2, merge=False)
+        prepare_data(
+            [inputs],
+            str(tiny_tokenizer),
+            str(out),
+            docs_per_shard=2,
+            progress=False,
+            node_rank=r,
+            num_nodes=2,
+            merge=False,
+        )
     assert not (out / "manifest.json").exists()
     merge_manifest(out, verify=True)
     same_data(out, reference)
@@ -131,7 +142,9 @@ def test_restart_after_crash_mid_shard(tmp_path, inputs, tiny_tokenizer, referen
         real_init(self, out_dir, index, *a, **kw)
 
     monkeypatch.setattr(SliceSink, "__init__", spy)
-    m = prepare_data([inputs], str(tiny_tokenizer), str(out), docs_per_shard=2, progress=False, node_rank=0, num_nodes=1)
+    m = prepare_data(
+        [inputs], str(tiny_tokenizer), str(out), docs_per_shard=2, progress=False, node_rank=0, num_nodes=1
+    )
     assert built == [2, 3, 4]  # finished slices are skipped, the crashed one is redone from scratch
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_0000[01]*")} == stamps
     assert m["num_documents"] == 25
@@ -156,7 +169,14 @@ def test_unfinished_dir_of_other_inputs_is_refused(tmp_path, inputs, tiny_tokeni
     with pytest.raises(DataError, match="unfinished preparation of other inputs or settings"):
         prepare_data([str(other)], str(tiny_tokenizer), str(out), progress=False, node_rank=0, num_nodes=1)
     with pytest.raises(DataError, match="unfinished preparation"):  # same inputs, other settings
-        prepare_data([inputs], str(tiny_tokenizer), str(out), docs_per_shard=3, progress=False, node_rank=0, num_nodes=1)
-    m = prepare_data([str(other)], str(tiny_tokenizer), str(out), progress=False, overwrite=True, node_rank=0, num_nodes=1)
-    assert m["num_documents"] == 3 and sorted(p.name for p in out.glob("shard_*")) == ["shard_00000.bin", "shard_00000.idx"]
+        prepare_data(
+            [inputs], str(tiny_tokenizer), str(out), docs_per_shard=3, progress=False, node_rank=0, num_nodes=1
+        )
+    m = prepare_data(
+        [str(other)], str(tiny_tokenizer), str(out), progress=False, overwrite=True, node_rank=0, num_nodes=1
+    )
+    assert m["num_documents"] == 3 and sorted(p.name for p in out.glob("shard_*")) == [
+        "shard_00000.bin",
+        "shard_00000.idx",
+    ]
     json.loads((out / "manifest.json").read_text())

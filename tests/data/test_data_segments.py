@@ -30,7 +30,7 @@ def all_docs(info):
     docs = []
     for shard in info.shards:
         starts, lengths = shard.document_token_ranges()
-        docs += [np.asarray(shard.tokens[s: s + n], dtype=np.int64) for s, n in zip(starts, lengths)]
+        docs += [np.asarray(shard.tokens[s : s + n], dtype=np.int64) for s, n in zip(starts, lengths)]
     return docs
 
 

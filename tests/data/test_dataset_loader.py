@@ -160,9 +160,12 @@ def test_loader_gives_a_wrapping_datasets_own_samples(data_dir):
     sentinels = list(range(500, 400, -1))
     spec = make_spec(24, 0, 0.15, 3.0)
     ul2 = make_ul2_spec(24, 0, [Denoiser("R", 3, 0.15, 0.5), Denoiser("S", weight=0.5)], 0.25, 0.75)
-    for ds in (SpanCorruptionDataset(TokenDataset(data_dir, spec.raw_len - 1, "train", 0.1, seed=3), spec,
-                                     sentinels, 3, 0, seed=1),
-               Ul2Dataset(TokenDataset(data_dir, ul2.raw_len - 1, "train", 0.1, seed=3), ul2, sentinels, 3, 0, seed=1)):
+    for ds in (
+        SpanCorruptionDataset(
+            TokenDataset(data_dir, spec.raw_len - 1, "train", 0.1, seed=3), spec, sentinels, 3, 0, seed=1
+        ),
+        Ul2Dataset(TokenDataset(data_dir, ul2.raw_len - 1, "train", 0.1, seed=3), ul2, sentinels, 3, 0, seed=1),
+    ):
         batch = DistributedLoader(ds, 4, prefetch=0).next_batch()
         np.testing.assert_array_equal(batch.numpy(), np.stack([ds[i] for i in range(4)]))
 

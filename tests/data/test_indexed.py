@@ -160,7 +160,7 @@ def test_corrupt_index(tmp_path):
     ip.write_bytes(good[:-16])
     with pytest.raises(DataError, match=r"s\.idx is truncated"):
         IndexedShard(tmp_path / "s")
-    ip.write_bytes(good[:HEADER_SIZE - 3])
+    ip.write_bytes(good[: HEADER_SIZE - 3])
     with pytest.raises(DataError, match="bad magic"):
         IndexedShard(tmp_path / "s")
     ip.write_bytes(good)

@@ -60,14 +60,27 @@ def test_prepare_txt_jsonl_gz(tmp_path, mixed_inputs, tiny_tokenizer):
     assert m == load_manifest(out)
     assert m["format"] == "meshforge-indexed-v1"
     assert m["num_documents"] == 12 and m["num_tokens"] == sum(len(w) for w in want)
-    assert m["skipped_records"] == {"empty": 2, "invalid_utf8": 0, "invalid_json": 1, "missing_field": 1,
-                                    "non_string_field": 0}
+    assert m["skipped_records"] == {
+        "empty": 2,
+        "invalid_utf8": 0,
+        "invalid_json": 1,
+        "missing_field": 1,
+        "non_string_field": 0,
+    }
     assert [s["documents"] for s in m["shards"]] == [1, 2, 9]  # one shard per non-empty input
     assert [s["documents"] for s in m["sources"]] == [1, 0, 2, 9]
     assert m["dtype"] == "uint16" and m["append_eos"] is True
-    assert m["tokenizer"] == {"path": str(out / "tokenizer.model"), "fingerprint": tok.fingerprint, "vocab_size": 400,
-                              "kind": "sentencepiece", "bos_id": 2, "eos_id": 3, "pad_id": 0, "add_bos": False,
-                              "files": ["tokenizer.model"]}
+    assert m["tokenizer"] == {
+        "path": str(out / "tokenizer.model"),
+        "fingerprint": tok.fingerprint,
+        "vocab_size": 400,
+        "kind": "sentencepiece",
+        "bos_id": 2,
+        "eos_id": 3,
+        "pad_id": 0,
+        "add_bos": False,
+        "files": ["tokenizer.model"],
+    }
     assert m["add_bos"] is False
     assert (out / "tokenizer.model").read_bytes() == tiny_tokenizer.read_bytes()
     got = shard_docs(out, m)
@@ -81,30 +94,50 @@ def test_hf_local_dataset(tmp_path, tiny_tokenizer, corpus_docs):
     datasets = pytest.importorskip("datasets")
     texts = corpus_docs(6, max_chars=500, skip=70)
     datasets.Dataset.from_dict({"content": texts + [""]}).save_to_disk(str(tmp_path / "hf"))
-    m = prepare_data([], str(tiny_tokenizer), str(tmp_path / "d1"), hf_dataset=str(tmp_path / "hf"),
-                     text_field="content", progress=False)
+    m = prepare_data(
+        [],
+        str(tiny_tokenizer),
+        str(tmp_path / "d1"),
+        hf_dataset=str(tmp_path / "hf"),
+        text_field="content",
+        progress=False,
+    )
     assert m["num_documents"] == 6 and m["skipped_records"]["empty"] == 1
     want = expected_tokens(load_tokenizer(tiny_tokenizer), texts)
     for g, w in zip(shard_docs(tmp_path / "d1", m), want):
         np.testing.assert_array_equal(g, w)
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts[:2]}),
-                               "validation": datasets.Dataset.from_dict({"text": texts[2:5]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": texts[:2]}),
+            "validation": datasets.Dataset.from_dict({"text": texts[2:5]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "hfdict"))
-    m2 = prepare_data([], str(tiny_tokenizer), str(tmp_path / "d2"), hf_dataset=str(tmp_path / "hfdict"),
-                      hf_split="validation", progress=False)
+    m2 = prepare_data(
+        [],
+        str(tiny_tokenizer),
+        str(tmp_path / "d2"),
+        hf_dataset=str(tmp_path / "hfdict"),
+        hf_split="validation",
+        progress=False,
+    )
     assert m2["num_documents"] == 3 and m2["sources"][0]["split"] == "validation"
     with pytest.raises(DataError, match="no split 'test'"):
-        prepare_data([], str(tiny_tokenizer), str(tmp_path / "d3"), hf_dataset=str(tmp_path / "hfdict"), hf_split="test")
+        prepare_data(
+            [], str(tiny_tokenizer), str(tmp_path / "d3"), hf_dataset=str(tmp_path / "hfdict"), hf_split="test"
+        )
     with pytest.raises(DataError, match="no column 'body'"):
         prepare_data([], str(tiny_tokenizer), str(tmp_path / "d3"), hf_dataset=str(tmp_path / "hf"), text_field="body")
     assert not (tmp_path / "d3").exists()
 
 
 def test_workers_output_identical(tmp_path, small_corpus, tiny_tokenizer):
-    m1 = prepare_data([str(small_corpus)], str(tiny_tokenizer), str(tmp_path / "w1"), workers=1,
-                      docs_per_shard=25, progress=False)
-    m2 = prepare_data([str(small_corpus)], str(tiny_tokenizer), str(tmp_path / "w2"), workers=2,
-                      docs_per_shard=25, progress=False)
+    m1 = prepare_data(
+        [str(small_corpus)], str(tiny_tokenizer), str(tmp_path / "w1"), workers=1, docs_per_shard=25, progress=False
+    )
+    m2 = prepare_data(
+        [str(small_corpus)], str(tiny_tokenizer), str(tmp_path / "w2"), workers=2, docs_per_shard=25, progress=False
+    )
     assert [s["documents"] for s in m1["shards"]] == [25, 25, 25, 5]
     assert m1["shards"] == m2["shards"]
     for name in sorted(p.name for p in (tmp_path / "w1").iterdir()):
@@ -163,7 +196,9 @@ def test_open_data_dir_and_tokenizer_mismatch(tmp_path, prepared, tiny_tokenizer
     assert info.vocab_size == 400 and info.tokenizer_fingerprint == m["tokenizer"]["fingerprint"]
     assert open_data_dir(prepared, str(tiny_tokenizer)).tokenizer_fingerprint == info.tokenizer_fingerprint
     other = train_tokenizer([small_corpus], tmp_path / "other", vocab_size=420)
-    with pytest.raises(DataError, match=r"vocab 420.*does not match the data manifest .*manifest\.json \(vocab 400.*use the tokenizer"):
+    with pytest.raises(
+        DataError, match=r"vocab 420.*does not match the data manifest .*manifest\.json \(vocab 400.*use the tokenizer"
+    ):
         open_data_dir(prepared, str(other))
 
 

@@ -69,7 +69,9 @@ def test_download_mode_memory_maps_checked_copies(shards_data, http, tmp_path):
     for p in shards_data.glob("*.bin"):
         assert (cached / p.name).read_bytes() == p.read_bytes()
     local = TokenDataset(open_data_dir(shards_data), 32, seed=1)
-    np.testing.assert_array_equal(local.read_batch(np.arange(40)), TokenDataset(info, 32, seed=1).read_batch(np.arange(40)))
+    np.testing.assert_array_equal(
+        local.read_batch(np.arange(40)), TokenDataset(info, 32, seed=1).read_batch(np.arange(40))
+    )
 
 
 def test_s3_upload_then_samples_match_local(shards_data, s3, tmp_path):
@@ -98,8 +100,9 @@ def test_s3_object_replaced_mid_run_is_one_line(shards_data, s3, tmp_path):
 
 def test_s3_upload_resumes_after_a_failed_run(tiny_data, shards_data, s3, tmp_path):
     src = tiny_data.parent
-    kwargs = dict(inputs=[str(src / "corpus.jsonl")], tokenizer_path=str(src / "tok.model"), docs_per_shard=40,
-                  progress=False)
+    kwargs = dict(
+        inputs=[str(src / "corpus.jsonl")], tokenizer_path=str(src / "tok.model"), docs_per_shard=40, progress=False
+    )
     with pytest.raises(DataError, match="s3://resume-bucket/web/"):  # no bucket yet: the uploads fail
         prepare_to_url("s3://resume-bucket/web", tmp_path, prepare_data, **kwargs)
     store = RemoteStore("s3://resume-bucket/web")
@@ -125,19 +128,25 @@ def test_s3_upload_resumes_after_a_failed_run(tiny_data, shards_data, s3, tmp_pa
 def test_s3_upload_refuses_or_keeps_an_existing_data_set(tiny_data, s3, tmp_path):
     store = RemoteStore("s3://bucket/data")
     before = store.cat("manifest.json")
-    good = dict(inputs=[str(tiny_data.parent / "corpus.jsonl")], tokenizer_path=str(tiny_data.parent / "tok.model"),
-                progress=False)
+    good = dict(
+        inputs=[str(tiny_data.parent / "corpus.jsonl")],
+        tokenizer_path=str(tiny_data.parent / "tok.model"),
+        progress=False,
+    )
     with pytest.raises(DataError, match="s3://bucket/data/manifest.json exists: .* pass --overwrite"):
         prepare_to_url(store.url, tmp_path, prepare_data, **good)
     with pytest.raises(DataError):  # bad input with --overwrite: refused before the old data set is touched
-        prepare_to_url(store.url, tmp_path, prepare_data, overwrite=True,
-                       **{**good, "inputs": [str(tmp_path / "missing.jsonl")]})
+        prepare_to_url(
+            store.url, tmp_path, prepare_data, overwrite=True, **{**good, "inputs": [str(tmp_path / "missing.jsonl")]}
+        )
     assert store.cat("manifest.json") == before
 
 
 def test_merge_pieces():
     assert merge_pieces([(1, 10, 20), (0, 5, 9), (1, 20, 25), (1, 3, 12), (1, 30, 31)]) == {
-        0: [(5, 9)], 1: [(3, 25), (30, 31)]}
+        0: [(5, 9)],
+        1: [(3, 25), (30, 31)],
+    }
     assert merge_pieces([(0, 0, 4), (0, 6, 8)], max_gap=2) == {0: [(0, 8)]}
 
 
@@ -155,7 +164,9 @@ def _read_across_an_outage(url: str, server, shards_data: Path, cache: Path) -> 
         back.cancel()  # if the read failed first, no server may start after the test's own stop()
         back.join()
     assert time.monotonic() - t0 >= 1.5 and stats.retries > 0
-    np.testing.assert_array_equal(got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116)))
+    np.testing.assert_array_equal(
+        got, TokenDataset(open_data_dir(shards_data), 48, seed=5).read_batch(np.arange(100, 116))
+    )
 
 
 def test_server_away_a_few_seconds_then_back(shards_data, tmp_path):
@@ -207,7 +218,10 @@ def _mount(target: Path, options: str) -> bool:
     target.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True).returncode
+        == 0
+    )
 
 
 FAILURES = [
@@ -228,7 +242,11 @@ FAILURES = [
 def test_failures_are_one_line_naming_the_url(case, message, shards_data, tmp_path):
     if case not in ("credentials in the URL", "unknown scheme"):
         need_nginx()
-    server, data = _served_copy(shards_data, tmp_path) if case not in ("credentials in the URL", "unknown scheme") else (None, None)
+    server, data = (
+        _served_copy(shards_data, tmp_path)
+        if case not in ("credentials in the URL", "unknown scheme")
+        else (None, None)
+    )
     cache = tmp_path / "cache"
     mounted = False
     try:
@@ -286,21 +304,33 @@ def _http_error(status: int):
 def _s3_error(code: str, status: int):
     from botocore.exceptions import ClientError
 
-    cause = ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                        "GetObject")
+    cause = ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
     err = OSError(22, code)  # how s3fs hands a botocore error on
     err.__cause__ = cause
     return err
 
 
-@pytest.mark.parametrize("make, transient", [
-    (lambda: _http_error(503), True), (lambda: _http_error(500), True), (lambda: _http_error(429), True),
-    (lambda: _http_error(404), False), (lambda: _http_error(403), False), (lambda: _http_error(400), False),
-    (lambda: _s3_error("SlowDown", 503), True), (lambda: _s3_error("InternalError", 500), True),
-    (lambda: _s3_error("AccessDenied", 403), False), (lambda: _s3_error("InvalidRange", 416), False),
-    (lambda: ConnectionResetError(104, "reset"), True), (lambda: TimeoutError(), True),
-    (lambda: FileNotFoundError("x"), False), (lambda: PermissionError(13, "no"), False),
-])
+@pytest.mark.parametrize(
+    "make, transient",
+    [
+        (lambda: _http_error(503), True),
+        (lambda: _http_error(500), True),
+        (lambda: _http_error(429), True),
+        (lambda: _http_error(404), False),
+        (lambda: _http_error(403), False),
+        (lambda: _http_error(400), False),
+        (lambda: _s3_error("SlowDown", 503), True),
+        (lambda: _s3_error("InternalError", 500), True),
+        (lambda: _s3_error("AccessDenied", 403), False),
+        (lambda: _s3_error("InvalidRange", 416), False),
+        (lambda: ConnectionResetError(104, "reset"), True),
+        (lambda: TimeoutError(), True),
+        (lambda: FileNotFoundError("x"), False),
+        (lambda: PermissionError(13, "no"), False),
+    ],
+)
 def test_which_errors_are_retried(make, transient):
     assert is_transient(make()) is transient
 
@@ -315,8 +345,15 @@ def test_s3_upload_of_hf_tokenized_data_carries_its_tokenizer(byte_bpe_tokenizer
     """A tokenizer.json data set: the upload carries tokenizer.json + its config, the node cache fetches them."""
     from meshforge.tokenizers import load_tokenizer
 
-    prepare_to_url("s3://bucket/hfdata", tmp_path / "stage", prepare_data, inputs=[str(tiny_data.parent / "corpus.jsonl")],
-                   tokenizer_path=str(byte_bpe_tokenizer.parent), docs_per_shard=40, progress=False)
+    prepare_to_url(
+        "s3://bucket/hfdata",
+        tmp_path / "stage",
+        prepare_data,
+        inputs=[str(tiny_data.parent / "corpus.jsonl")],
+        tokenizer_path=str(byte_bpe_tokenizer.parent),
+        docs_per_shard=40,
+        progress=False,
+    )
     info = open_remote_data_dir("s3://bucket/hfdata", "", tmp_path / "cache")
     tok = load_tokenizer(byte_bpe_tokenizer)
     assert (info.tokenizer_fingerprint, info.vocab_size) == (tok.fingerprint, 512)

@@ -52,8 +52,15 @@ def cloud(request, tiny_data, tmp_path_factory):
     try:
         store = RemoteStore(url)
         store.fs.mkdir(store.root.split("/")[0])
-        prepare_to_url(url, tmp_path_factory.mktemp("stage"), prepare_data, inputs=[str(tiny_data.parent / "corpus.jsonl")],
-                       tokenizer_path=str(tiny_data.parent / "tok.model"), docs_per_shard=40, progress=False)
+        prepare_to_url(
+            url,
+            tmp_path_factory.mktemp("stage"),
+            prepare_data,
+            inputs=[str(tiny_data.parent / "corpus.jsonl")],
+            tokenizer_path=str(tiny_data.parent / "tok.model"),
+            docs_per_shard=40,
+            progress=False,
+        )
         yield url
     finally:
         server.stop()

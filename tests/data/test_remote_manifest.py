@@ -22,22 +22,40 @@ def _edit(key: str, change):
     def apply(manifest: dict) -> dict:
         change(manifest[key] if key else manifest)
         return manifest
+
     return apply
 
 
 CASES = [
     # (case, how the served manifest.json is changed, what the one line says, what it names)
     ("not JSON", lambda m: "{oops", "is not valid JSON", MANIFEST),
-    ("another format", _edit("", lambda m: m.update(format="something-else")), "is not a meshforge-indexed-v1 manifest",
-     MANIFEST),
+    (
+        "another format",
+        _edit("", lambda m: m.update(format="something-else")),
+        "is not a meshforge-indexed-v1 manifest",
+        MANIFEST,
+    ),
     ("no format", _edit("", lambda m: m.pop("format")), "is not a meshforge-indexed-v1 manifest", MANIFEST),
     ("a key missing", _edit("", lambda m: m.pop("num_tokens")), "lacks the key 'num_tokens'", MANIFEST),
-    ("token count", _edit("shards", lambda s: s[1].update(tokens=s[1]["tokens"] + 1)), "manifest says",
-     "shard_00000_0001"),
+    (
+        "token count",
+        _edit("shards", lambda s: s[1].update(tokens=s[1]["tokens"] + 1)),
+        "manifest says",
+        "shard_00000_0001",
+    ),
     ("document count", _edit("shards", lambda s: s[2].update(documents=1)), "manifest says 1 /", "shard_00000_0002"),
-    ("dtype", _edit("", lambda m: m.update(dtype="int32")), "has dtype uint16, manifest says int32", "shard_00000_0000"),
-    ("tokenizer", _edit("tokenizer", lambda t: t.update(fingerprint="0" * 64)), "use the tokenizer the data was "
-     "prepared with", MANIFEST),
+    (
+        "dtype",
+        _edit("", lambda m: m.update(dtype="int32")),
+        "has dtype uint16, manifest says int32",
+        "shard_00000_0000",
+    ),
+    (
+        "tokenizer",
+        _edit("tokenizer", lambda t: t.update(fingerprint="0" * 64)),
+        "use the tokenizer the data was prepared with",
+        MANIFEST,
+    ),
 ]
 
 
@@ -64,14 +82,18 @@ def test_remote_manifest_checks_are_the_local_ones(case, change, message, named,
     assert not list(local.glob(".*.check"))
 
 
-def test_a_local_tokenizer_other_than_the_datas_is_refused_naming_the_remote_manifest(shards_data, small_corpus,
-                                                                                     tmp_path):
+def test_a_local_tokenizer_other_than_the_datas_is_refused_naming_the_remote_manifest(
+    shards_data, small_corpus, tmp_path
+):
     need_nginx()
     other = train_tokenizer([small_corpus], tmp_path / "other", vocab_size=420)
     server = Nginx(shards_data.parent, tmp_path / "ng").start()
     try:
-        with pytest.raises(DataError, match=rf"vocab 420.*does not match the data manifest {server.url}/data/"
-                                            r"manifest\.json \(vocab 512.*use the tokenizer"):
+        with pytest.raises(
+            DataError,
+            match=rf"vocab 420.*does not match the data manifest {server.url}/data/"
+            r"manifest\.json \(vocab 512.*use the tokenizer",
+        ):
             open_remote_data_dir(f"{server.url}/data", str(other), tmp_path / "cache")
     finally:
         server.stop()

@@ -24,20 +24,39 @@ OBJ = bytes(range(256)) * 4  # a 1024-byte object
 def _multipart(parts: list[tuple[int, int]], boundary: str = "3d6b6a416f9b5", total: str = "1024") -> bytes:
     out = b""
     for s, e in parts:  # inclusive, as on the wire
-        out += (f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
-                f"Content-Range: bytes {s}-{e}/{total}\r\n\r\n").encode() + OBJ[s:e + 1]
+        out += (
+            f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Range: bytes {s}-{e}/{total}\r\n\r\n"
+        ).encode() + OBJ[s : e + 1]
     return out + f"\r\n--{boundary}--\r\n".encode()
 
 
 MT = "multipart/byteranges; boundary=3d6b6a416f9b5"
 PARSE = [
     # (case, content type, content range, body, requested [start, end) spans)
-    ("one part per range", MT, None, _multipart([(0, 9), (100, 199), (1000, 1023)]), [(0, 10), (100, 200), (1000, 1024)]),
+    (
+        "one part per range",
+        MT,
+        None,
+        _multipart([(0, 9), (100, 199), (1000, 1023)]),
+        [(0, 10), (100, 200), (1000, 1024)],
+    ),
     ("parts in another order", MT, None, _multipart([(1000, 1023), (0, 9)]), [(0, 10), (1000, 1024)]),
     ("ranges merged into one part", MT, None, _multipart([(0, 299)]), [(0, 10), (100, 200), (290, 300)]),
-    ("a single plain 206 part", "application/octet-stream", "bytes 100-199/1024", OBJ[100:200], [(100, 120), (150, 200)]),
-    ("quoted boundary, unknown total", 'multipart/byteranges; boundary="3d6b6a416f9b5"', None,
-     _multipart([(5, 6), (7, 8)], total="*"), [(5, 7), (7, 9)]),
+    (
+        "a single plain 206 part",
+        "application/octet-stream",
+        "bytes 100-199/1024",
+        OBJ[100:200],
+        [(100, 120), (150, 200)],
+    ),
+    (
+        "quoted boundary, unknown total",
+        'multipart/byteranges; boundary="3d6b6a416f9b5"',
+        None,
+        _multipart([(5, 6), (7, 8)], total="*"),
+        [(5, 7), (7, 9)],
+    ),
 ]
 
 
@@ -59,8 +78,13 @@ BAD = [
     ("no boundary", "multipart/byteranges", None, _multipart([(0, 9)]), "without a boundary"),
     ("part cut short", MT, None, _multipart([(0, 99)])[:-60], "cut short"),
     ("no closing boundary", MT, None, _multipart([(0, 9)])[:-20], "closing boundary"),
-    ("part without Content-Range", MT, None, b"\r\n--3d6b6a416f9b5\r\nContent-Type: x\r\n\r\nab\r\n--3d6b6a416f9b5--",
-     "without a Content-Range"),
+    (
+        "part without Content-Range",
+        MT,
+        None,
+        b"\r\n--3d6b6a416f9b5\r\nContent-Type: x\r\n\r\nab\r\n--3d6b6a416f9b5--",
+        "without a Content-Range",
+    ),
     ("plain 206 without Content-Range", "application/octet-stream", None, OBJ[:10], "without a usable Content-Range"),
 ]
 
@@ -92,7 +116,9 @@ def test_one_request_per_shard_per_batch(shards_data, http, tmp_path):
     stats = RemoteStats()
     info = open_remote_data_dir(f"{http.url}/data", "", tmp_path / "cache", stats=stats)
     remote = RemoteTokenDataset(info, 48, seed=3)
-    requests, touched, fetched, sample = _batches(TokenDataset(open_data_dir(shards_data), 48, seed=3), remote, stats, 48)
+    requests, touched, fetched, sample = _batches(
+        TokenDataset(open_data_dir(shards_data), 48, seed=3), remote, stats, 48
+    )
     assert requests == touched and fetched <= 1.1 * sample
     assert remote.store.multi_range
 
@@ -106,7 +132,9 @@ def test_a_server_without_multi_range_is_read_range_by_range(shards_data, tmp_pa
         stats = RemoteStats()
         info = open_remote_data_dir(f"{server.url}/data", "", tmp_path / "cache", stats=stats)
         remote = RemoteTokenDataset(info, 48, seed=3)
-        requests, touched, fetched, sample = _batches(TokenDataset(open_data_dir(shards_data), 48, seed=3), remote, stats, 48)
+        requests, touched, fetched, sample = _batches(
+            TokenDataset(open_data_dir(shards_data), 48, seed=3), remote, stats, 48
+        )
         assert not remote.store.multi_range and requests > touched
         assert fetched <= 1.1 * sample
     finally:

@@ -42,8 +42,9 @@ def test_two_nodes_upload_their_slices_and_node_0_writes_the_manifest_last(tiny_
 
     def run_node0():
         try:
-            node0["manifest"] = prepare_to_url(url, tmp_path / "cache0", prepare_data, num_nodes=2, node_rank=0,
-                                               wait_seconds=120, **kwargs)
+            node0["manifest"] = prepare_to_url(
+                url, tmp_path / "cache0", prepare_data, num_nodes=2, node_rank=0, wait_seconds=120, **kwargs
+            )
         except BaseException as exc:  # noqa: BLE001 -- re-raised below
             node0["error"] = exc
 
@@ -87,13 +88,21 @@ def test_node_0_without_the_other_nodes_is_one_line_and_writes_no_manifest(tiny_
     assert not store.exists("manifest.json") and store.exists(".prepare/slice_00000.json")
     # node 1 runs, then node 0 again: its finished slices are skipped, the manifest goes up
     prepare_to_url(url, tmp_path / "cache1", prepare_data, num_nodes=2, node_rank=1, **kwargs)
-    manifest = prepare_to_url(url, tmp_path / "cache0", prepare_data, num_nodes=2, node_rank=0, wait_seconds=0, **kwargs)
+    manifest = prepare_to_url(
+        url, tmp_path / "cache0", prepare_data, num_nodes=2, node_rank=0, wait_seconds=0, **kwargs
+    )
     assert json.loads(store.cat("manifest.json")) == manifest and manifest["num_documents"] == 150
 
 
 @pytest.mark.parametrize("rank, nodes", [(2, 2), (-1, 2), (0, 0)])
 def test_bad_node_rank_is_refused_before_anything_is_written(rank, nodes, tiny_data, s3, tmp_path):
     with pytest.raises(DataError, match=f"node_rank {rank} is not a rank of num_nodes {nodes}"):
-        prepare_to_url("s3://bucket/bad-rank", tmp_path, prepare_data, num_nodes=nodes, node_rank=rank,
-                       **_inputs(tiny_data, tmp_path))
+        prepare_to_url(
+            "s3://bucket/bad-rank",
+            tmp_path,
+            prepare_data,
+            num_nodes=nodes,
+            node_rank=rank,
+            **_inputs(tiny_data, tmp_path),
+        )
     assert not (tmp_path / "upload").exists() and not RemoteStore("s3://bucket/bad-rank").exists(".prepare/plan.json")

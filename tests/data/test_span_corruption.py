@@ -85,7 +85,7 @@ def test_dataset_is_deterministic_by_index_and_padded():
     row = a[0]
     assert row.shape == (spec.encoder_len + spec.decoder_len,)
     inputs = row[: spec.encoder_len]
-    targets = row[spec.encoder_len:]
+    targets = row[spec.encoder_len :]
     targets = targets[: np.flatnonzero(targets == EOS)[0] + 1]
     inputs = inputs[: np.flatnonzero(inputs == EOS)[0] + 1]
     assert reconstruct(inputs, targets) == _Windows(spec.raw_len)[7].tolist()

@@ -20,7 +20,12 @@ from meshforge.models import check_config
 SENTINELS = list(range(1000, 900, -1))  # <extra_id_0> = 1000, <extra_id_1> = 999, ...
 MODE = (1100, 1101, 1102)  # [R], [X], [S]
 EOS, PAD = 3, 0
-MIXTURE = [Denoiser("R", 3, 0.15, 0.5), Denoiser("X", 32, 0.5, 0.2), Denoiser("X", 8, 0.5, 0.1), Denoiser("S", weight=0.2)]
+MIXTURE = [
+    Denoiser("R", 3, 0.15, 0.5),
+    Denoiser("X", 32, 0.5, 0.2),
+    Denoiser("X", 8, 0.5, 0.1),
+    Denoiser("S", weight=0.2),
+]
 
 
 class _Windows:
@@ -57,7 +62,7 @@ def reconstruct(inputs, targets) -> list[int]:
 
 def _unpad(row, spec):
     """(inputs, targets) of a padded row, cut after their EOS."""
-    enc, dec = row[: spec.encoder_len], row[spec.encoder_len:]
+    enc, dec = row[: spec.encoder_len], row[spec.encoder_len :]
     assert len(dec) == spec.decoder_len
     n_in, n_tgt = np.flatnonzero(enc == EOS)[0] + 1, np.flatnonzero(dec == EOS)[0] + 1
     assert (enc[n_in:] == PAD).all() and (dec[n_tgt:] == PAD).all()
@@ -198,26 +203,32 @@ def test_too_few_sentinels_fail_up_front():
 
 def test_denoiser_spec_parses():
     assert parse_denoisers("R:3:0.15=0.4, X:32:0.5=0.2,S=0.2") == [
-        Denoiser("R", 3.0, 0.15, 0.4), Denoiser("X", 32.0, 0.5, 0.2), Denoiser("S", weight=0.2)]
+        Denoiser("R", 3.0, 0.15, 0.4),
+        Denoiser("X", 32.0, 0.5, 0.2),
+        Denoiser("S", weight=0.2),
+    ]
     assert parse_denoisers("S") == [Denoiser("S")]
     assert [str(d) for d in parse_denoisers("R:3:0.15,S=2")] == ["R:3:0.15=1", "S=2"]
     assert parse_denoisers(load_config().data.ul2_denoisers)  # the default is valid
 
 
-@pytest.mark.parametrize("text, match", [
-    ("R:3:0.15=0", "weights must be positive"),
-    ("R:3:0.15=-1", "weights must be positive"),
-    ("R:3:0.15=nan", "weights must be positive"),
-    ("R:3:0.15=x", "is not KIND"),
-    ("Q:3:0.15", "kinds are R"),
-    ("R:3", "needs a mean span and a density"),
-    ("R:3:1.5", "density in"),
-    ("X:0.5:0.5", "mean span >= 1"),
-    ("S:0.5", "takes no numbers"),
-    ("R:3:0.15,,S", "empty entry"),
-    ("", "empty entry"),
-    ("S=1,S=2", "listed twice"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("R:3:0.15=0", "weights must be positive"),
+        ("R:3:0.15=-1", "weights must be positive"),
+        ("R:3:0.15=nan", "weights must be positive"),
+        ("R:3:0.15=x", "is not KIND"),
+        ("Q:3:0.15", "kinds are R"),
+        ("R:3", "needs a mean span and a density"),
+        ("R:3:1.5", "density in"),
+        ("X:0.5:0.5", "mean span >= 1"),
+        ("S:0.5", "takes no numbers"),
+        ("R:3:0.15,,S", "empty entry"),
+        ("", "empty entry"),
+        ("S=1,S=2", "listed twice"),
+    ],
+)
 def test_bad_denoiser_specs_are_rejected(text, match):
     with pytest.raises(ConfigError, match=match):
         parse_denoisers(text)
@@ -225,22 +236,48 @@ def test_bad_denoiser_specs_are_rejected(text, match):
         load_config("t5-small", {"data.objective": "ul2", "data.ul2_denoisers": text})
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"data.objective": "ul2"}, "does not fit model.family = 'decoder'"),
-    ({"data.objective": "prefix_lm"}, "does not fit model.family = 'decoder'"),
-    ({"model.family": "encoder_decoder", "data.objective": "ul2", "data.prefix_lm_min": 0.8,
-      "data.prefix_lm_max": 0.5}, "0 < min <= max < 1"),
-    ({"model.family": "encoder_decoder", "data.objective": "prefix_lm", "data.prefix_lm_max": 1.0}, "0 < min <= max < 1"),
-    ({"model.family": "encoder_decoder", "data.objective": "prefix_lm", "data.prefix_lm_min": 0.0}, "0 < min <= max < 1"),
-    ({"model.family": "encoder_decoder", "data.objective": "span_corruption", "data.ul2_mode_tokens": "reserved"},
-     "is for data.objective = 'ul2'"),
-    ({"model.family": "encoder_decoder", "data.objective": "ul2", "data.ul2_mode_tokens": "[NLU],[NLG]"},
-     "three distinct"),
-    ({"model.family": "encoder_decoder", "data.objective": "ul2", "data.ul2_mode_tokens": "[R],[R],[S]"},
-     "three distinct"),
-    ({"model.family": "encoder_decoder", "data.objective": "ul2", "data.document_mask": True}, "document_mask"),
-    ({"model.family": "encoder_decoder", "data.objective": "objective_x"}, "is not one of"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"data.objective": "ul2"}, "does not fit model.family = 'decoder'"),
+        ({"data.objective": "prefix_lm"}, "does not fit model.family = 'decoder'"),
+        (
+            {
+                "model.family": "encoder_decoder",
+                "data.objective": "ul2",
+                "data.prefix_lm_min": 0.8,
+                "data.prefix_lm_max": 0.5,
+            },
+            "0 < min <= max < 1",
+        ),
+        (
+            {"model.family": "encoder_decoder", "data.objective": "prefix_lm", "data.prefix_lm_max": 1.0},
+            "0 < min <= max < 1",
+        ),
+        (
+            {"model.family": "encoder_decoder", "data.objective": "prefix_lm", "data.prefix_lm_min": 0.0},
+            "0 < min <= max < 1",
+        ),
+        (
+            {
+                "model.family": "encoder_decoder",
+                "data.objective": "span_corruption",
+                "data.ul2_mode_tokens": "reserved",
+            },
+            "is for data.objective = 'ul2'",
+        ),
+        (
+            {"model.family": "encoder_decoder", "data.objective": "ul2", "data.ul2_mode_tokens": "[NLU],[NLG]"},
+            "three distinct",
+        ),
+        (
+            {"model.family": "encoder_decoder", "data.objective": "ul2", "data.ul2_mode_tokens": "[R],[R],[S]"},
+            "three distinct",
+        ),
+        ({"model.family": "encoder_decoder", "data.objective": "ul2", "data.document_mask": True}, "document_mask"),
+        ({"model.family": "encoder_decoder", "data.objective": "objective_x"}, "is not one of"),
+    ],
+)
 def test_bad_configs_fail_up_front(overrides, match):
     with pytest.raises(ConfigError, match=match):
         check_config(load_config(None, overrides))
@@ -250,8 +287,16 @@ def test_good_configs_load():
     for objective in ("prefix_lm", "ul2"):
         cfg = load_config("t5-small", {"data.objective": objective})
         assert cfg.data.objective == objective
-    cfg = load_config("t5-small", ["--data.objective", "ul2", "--data.ul2_mode_tokens", "[NLU], [NLG], [S2S]",
-                                   "--data.ul2_denoisers=R:3:0.15=2,S=1"])
+    cfg = load_config(
+        "t5-small",
+        [
+            "--data.objective",
+            "ul2",
+            "--data.ul2_mode_tokens",
+            "[NLU], [NLG], [S2S]",
+            "--data.ul2_denoisers=R:3:0.15=2,S=1",
+        ],
+    )
     assert cfg.data.ul2_denoisers == "R:3:0.15=2,S=1"
 
 
@@ -283,7 +328,14 @@ def test_objectives_against_a_real_tokenizer(tiny_tokenizer, ul2_tokenizer):
     # the prefix LM needs no sentinels; S-only UL2 with reserved mode tokens works on any tokenizer that has them
     obj = build(plain, **{"data.objective": "prefix_lm"})
     assert obj.sentinels == [] and obj.mode_ids is None and obj.spec.encoder_len == 32
-    obj = build(plain, **{"data.objective": "ul2", "data.ul2_denoisers": "S", "data.ul2_mode_tokens": "<|sep|>,<reserved_0>,<reserved_1>"})
+    obj = build(
+        plain,
+        **{
+            "data.objective": "ul2",
+            "data.ul2_denoisers": "S",
+            "data.ul2_mode_tokens": "<|sep|>,<reserved_0>,<reserved_1>",
+        },
+    )
     assert obj.mode_ids == tuple(plain.piece_to_id(p) for p in ("<|sep|>", "<reserved_0>", "<reserved_1>"))
     obj = build(t5, **{"data.objective": "ul2", "data.ul2_mode_tokens": "reserved"})
     assert obj.mode_ids == tuple(t5.piece_to_id(f"<reserved_{i}>") for i in range(3))
@@ -322,10 +374,30 @@ def test_meshforge_train_ul2_learns(ul2_data, tmp_path):
     from test_encoder_decoder_train import T5_ARGS
 
     out = tmp_path / "run"
-    rc = cli_main(["train", *T5_ARGS, "--data.path", str(ul2_data), "--train.output_dir", str(out),
-                   "--data.objective", "ul2", "--data.ul2_mode_tokens", "reserved",
-                   "--train.steps", "24", "--train.eval_interval", "24", "--train.eval_batches", "2",
-                   "--train.micro_batch_size", "4", "--logging.tensorboard", "false"])
+    rc = cli_main(
+        [
+            "train",
+            *T5_ARGS,
+            "--data.path",
+            str(ul2_data),
+            "--train.output_dir",
+            str(out),
+            "--data.objective",
+            "ul2",
+            "--data.ul2_mode_tokens",
+            "reserved",
+            "--train.steps",
+            "24",
+            "--train.eval_interval",
+            "24",
+            "--train.eval_batches",
+            "2",
+            "--train.micro_batch_size",
+            "4",
+            "--logging.tensorboard",
+            "false",
+        ]
+    )
     assert rc == 0
     records = read_metrics(out)
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
@@ -340,6 +412,20 @@ def test_train_fails_before_writing_without_mode_tokens(tiny_data, tmp_path):
     from test_encoder_decoder_train import T5_ARGS
 
     out = tmp_path / "run"
-    rc = cli_main(["train", *T5_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-                   "--data.objective", "ul2", "--data.ul2_denoisers", "S", "--data.ul2_mode_tokens", "[R],[X],[S]"])
+    rc = cli_main(
+        [
+            "train",
+            *T5_ARGS,
+            "--data.path",
+            str(tiny_data),
+            "--train.output_dir",
+            str(out),
+            "--data.objective",
+            "ul2",
+            "--data.ul2_denoisers",
+            "S",
+            "--data.ul2_mode_tokens",
+            "[R],[X],[S]",
+        ]
+    )
     assert rc == 2 and not out.exists()

@@ -58,8 +58,12 @@ def cluster_problem() -> str | None:
     if r.returncode != 0:
         return f"network namespaces are unavailable (`ip netns add`: {r.stderr.strip()})"
     try:
-        r = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "hostname", "probe"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["ip", "netns", "exec", probe, "unshare", "--uts", "hostname", "probe"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if r.returncode != 0:
             return f"UTS namespaces are unavailable (`unshare --uts`: {r.stderr.strip()})"
     finally:
@@ -143,8 +147,19 @@ class Cluster:
     def popen(self, node: int, argv: list[str], **kw) -> subprocess.Popen:
         """Start ``argv`` on ``node`` (its network namespace and hosts file, hostname ``node<i>``), in a
         process group of its own so that ``close`` can stop it and everything it started."""
-        wrapped = ["ip", "netns", "exec", self.namespaces[node], "unshare", "--uts", "sh", "-c",
-                   'hostname "$0" && exec "$@"', self.hostnames[node], *argv]
+        wrapped = [
+            "ip",
+            "netns",
+            "exec",
+            self.namespaces[node],
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            self.hostnames[node],
+            *argv,
+        ]
         p = subprocess.Popen(wrapped, start_new_session=True, **kw)
         self.procs.append(p)
         return p

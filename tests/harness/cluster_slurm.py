@@ -21,12 +21,28 @@ from pathlib import Path
 from cluster_harness import Cluster
 
 SETTINGS = [
-    "ClusterName=mft", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-    "MpiDefault=none", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SwitchType=switch/none",
-    "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "SchedulerType=sched/backfill",
-    "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-    "JobCompType=jobcomp/none", "ReturnToService=2", "SlurmdParameters=config_overrides", "SlurmctldTimeout=30",
-    "SlurmdTimeout=30", "InactiveLimit=0", "KillWait=5", "MinJobAge=300",
+    "ClusterName=mft",
+    "SlurmUser=root",
+    "SlurmdUser=root",
+    "AuthType=auth/munge",
+    "CredType=cred/munge",
+    "MpiDefault=none",
+    "ProctrackType=proctrack/linuxproc",
+    "TaskPlugin=task/none",
+    "SwitchType=switch/none",
+    "SelectType=select/cons_tres",
+    "SelectTypeParameters=CR_Core",
+    "SchedulerType=sched/backfill",
+    "JobAcctGatherType=jobacct_gather/none",
+    "AccountingStorageType=accounting_storage/none",
+    "JobCompType=jobcomp/none",
+    "ReturnToService=2",
+    "SlurmdParameters=config_overrides",
+    "SlurmctldTimeout=30",
+    "SlurmdTimeout=30",
+    "InactiveLimit=0",
+    "KillWait=5",
+    "MinJobAge=300",
 ]
 
 
@@ -46,30 +62,59 @@ def start_slurm(cluster: Cluster, root: Path, cpus: int = 2, timeout: float = 60
     root.mkdir(parents=True, exist_ok=True)
     (root / "ctld").mkdir(exist_ok=True)
     conf = root / "slurm.conf"
-    nodes = [f"NodeName={h} NodeAddr={a} CPUs={cpus} State=UNKNOWN" for h, a in zip(cluster.hostnames, cluster.addresses)]
-    conf.write_text("\n".join([
-        *SETTINGS, f"SlurmctldHost={cluster.hostnames[0]}({cluster.addresses[0]})",
-        f"StateSaveLocation={root}/ctld", f"SlurmdSpoolDir={root}/spool-%n", f"SlurmctldPidFile={root}/ctld.pid",
-        f"SlurmdPidFile={root}/slurmd-%n.pid", f"SlurmctldLogFile={root}/ctld.log", f"SlurmdLogFile={root}/slurmd-%n.log",
-        *nodes, "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"]) + "\n")
+    nodes = [
+        f"NodeName={h} NodeAddr={a} CPUs={cpus} State=UNKNOWN" for h, a in zip(cluster.hostnames, cluster.addresses)
+    ]
+    conf.write_text(
+        "\n".join(
+            [
+                *SETTINGS,
+                f"SlurmctldHost={cluster.hostnames[0]}({cluster.addresses[0]})",
+                f"StateSaveLocation={root}/ctld",
+                f"SlurmdSpoolDir={root}/spool-%n",
+                f"SlurmctldPidFile={root}/ctld.pid",
+                f"SlurmdPidFile={root}/slurmd-%n.pid",
+                f"SlurmctldLogFile={root}/ctld.log",
+                f"SlurmdLogFile={root}/slurmd-%n.log",
+                *nodes,
+                "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            ]
+        )
+        + "\n"
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    cluster.popen(0, ["slurmctld", "-D", "-i", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL,
-                  stderr=subprocess.DEVNULL)
+    cluster.popen(
+        0, ["slurmctld", "-D", "-i", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     for ns, host in zip(cluster.namespaces, cluster.hostnames):
         (root / f"spool-{host}").mkdir(exist_ok=True)
-        script = (f"mount --bind /etc/netns/{ns}/hosts /etc/hosts && hostname {host} && "
-                  f"exec slurmd -D -N {host} -f {conf}")
-        cluster.procs.append(subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts",
-                                               "sh", "-c", script], env=env, start_new_session=True,
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        script = (
+            f"mount --bind /etc/netns/{ns}/hosts /etc/hosts && hostname {host} && exec slurmd -D -N {host} -f {conf}"
+        )
+        cluster.procs.append(
+            subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts", "sh", "-c", script],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     deadline = time.monotonic() + timeout
     while True:
-        p = cluster.popen(0, ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+        p = cluster.popen(
+            0,
+            ["sinfo", "-h", "-N", "-o", "%N %t"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         states = p.communicate(timeout=30)[0]
         if states.count("idle") == cluster.n:
             return env
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the SLURM nodes did not become idle in {timeout:.0f} s: {states.strip()!r}; "
-                               f"see {root}/*.log")
+            raise RuntimeError(
+                f"the SLURM nodes did not become idle in {timeout:.0f} s: {states.strip()!r}; see {root}/*.log"
+            )
         time.sleep(0.5)

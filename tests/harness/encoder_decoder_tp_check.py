@@ -32,9 +32,18 @@ from tp_comm_check import _full, _local, _names
 N_ENC, N_DEC = 2, 2
 SRC_LEN, TGT_LEN = 12, 7  # the decoder length does not divide by tp: uneven sequence shards
 Z_COEF = 1e-3
-MODEL = {"model.vocab_size": 128, "model.dim": 32, "model.n_layers": N_ENC, "model.n_decoder_layers": N_DEC,
-         "model.n_heads": 4, "model.ffn_dim": 64, "model.max_seq_len": 64, "model.rel_pos_buckets": 8,
-         "model.rel_pos_max_distance": 16, "data.seq_len": 32}
+MODEL = {
+    "model.vocab_size": 128,
+    "model.dim": 32,
+    "model.n_layers": N_ENC,
+    "model.n_decoder_layers": N_DEC,
+    "model.n_heads": 4,
+    "model.ffn_dim": 64,
+    "model.max_seq_len": 64,
+    "model.rel_pos_buckets": 8,
+    "model.rel_pos_max_distance": 16,
+    "data.seq_len": 32,
+}
 
 
 def _track_reused_modules() -> None:
@@ -82,13 +91,22 @@ def run(mesh) -> dict:
     for name, p in model.named_parameters():
         g, rg = _full(p.grad), ref_params[name].grad
         grad_err[name] = ((g - rg).abs().max() / rg.abs().max()).item()
-    loss_err = {k: abs(getattr(parts, k).item() - getattr(ref_parts, k).item()) / abs(getattr(ref_parts, k).item())
-                for k in ("total", "ce", "z_loss")}
-    per_module = {fqn: {"forward": _names(passes["forward"]), "backward": _names(passes["backward"])}
-                  for fqn, passes in comm.comm_module_counts.items()}
-    params = {name: {"global": list(p.shape), "local": list(_local(p).shape),
-                     "placements": [str(pl) for pl in p.placements] if isinstance(p, DTensor) else None}
-              for name, p in model.named_parameters()}
+    loss_err = {
+        k: abs(getattr(parts, k).item() - getattr(ref_parts, k).item()) / abs(getattr(ref_parts, k).item())
+        for k in ("total", "ce", "z_loss")
+    }
+    per_module = {
+        fqn: {"forward": _names(passes["forward"]), "backward": _names(passes["backward"])}
+        for fqn, passes in comm.comm_module_counts.items()
+    }
+    params = {
+        name: {
+            "global": list(p.shape),
+            "local": list(_local(p).shape),
+            "placements": [str(pl) for pl in p.placements] if isinstance(p, DTensor) else None,
+        }
+        for name, p in model.named_parameters()
+    }
     return {
         "logits_is_dtensor": isinstance(logits, DTensor),
         "logits_local_shape": list(_local(logits).shape),

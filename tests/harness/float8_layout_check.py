@@ -26,8 +26,9 @@ from meshforge.parallel.mesh import resolve_degrees
 
 
 def build(overrides: dict):
-    cfg = load_config("tiny-test", {"model.vocab_size": 96, "model.n_layers": 2, "train.float8": "tensorwise",
-                                    **overrides})
+    cfg = load_config(
+        "tiny-test", {"model.vocab_size": 96, "model.n_layers": 2, "train.float8": "tensorwise", **overrides}
+    )
     d = resolve_degrees(cfg.parallel, dist.get_world_size())
     torch.manual_seed(0)
     reference = {k: v.detach().clone() for k, v in build_model(cfg.model).named_parameters(remove_duplicate=False)}
@@ -56,8 +57,11 @@ def main(out_path: str) -> None:
         local = weight._local_tensor
         scale = getattr(local, "_precomputed_scale", None)
         expect = torch.finfo(torch.float8_e4m3fn).max / reference[f"{name}.weight"].abs().max().double()
-        fsdp[name] = {"type": type(module).__name__, "local": type(local).__name__,
-                      "scale_err": None if scale is None else abs(scale.item() / expect.item() - 1)}
+        fsdp[name] = {
+            "type": type(module).__name__,
+            "local": type(local).__name__,
+            "scale_err": None if scale is None else abs(scale.item() / expect.item() - 1),
+        }
     report["fsdp2"] = fsdp
 
     model, _ = build({"parallel.tp": 2})
@@ -65,12 +69,17 @@ def main(out_path: str) -> None:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, DTensor) and "norm" not in name:
-            tp[name] = {"type": type(module).__name__, "placements": [str(p) for p in weight.placements],
-                        "local_rows": weight.to_local().shape[0], "rows": weight.shape[0]}
+            tp[name] = {
+                "type": type(module).__name__,
+                "placements": [str(p) for p in weight.placements],
+                "local_rows": weight.to_local().shape[0],
+                "rows": weight.shape[0],
+            }
         if name.endswith(("attention", "feed_forward", ".wq", ".w2")):  # which TP style prepares their inputs
             tp.setdefault(name, {})["input_hooks"] = " ".join(
                 f"{h!r} {[_describe(c.cell_contents) for c in getattr(h, '__closure__', None) or ()]}"
-                for h in module._forward_pre_hooks.values())  # a lambda around the style: the style's class
+                for h in module._forward_pre_hooks.values()
+            )  # a lambda around the style: the style's class
     report["tp2"] = tp
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:

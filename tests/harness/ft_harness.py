@@ -27,8 +27,17 @@ class Lighthouse:
 
     def __init__(self, heartbeat_ms: int = 1000, join_ms: int = 300, min_replicas: int = 1):
         self.port = free_port()
-        self.args = [LIGHTHOUSE, "--bind", f"127.0.0.1:{self.port}", "--min_replicas", str(min_replicas),
-                     "--join_timeout_ms", str(join_ms), "--heartbeat_timeout_ms", str(heartbeat_ms)]
+        self.args = [
+            LIGHTHOUSE,
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--min_replicas",
+            str(min_replicas),
+            "--join_timeout_ms",
+            str(join_ms),
+            "--heartbeat_timeout_ms",
+            str(heartbeat_ms),
+        ]
         self.proc = None
 
     @property
@@ -55,11 +64,32 @@ every few steps after warm-up (1e-2 in the loss by step 60); at 3e-4 a 150-step 
 within 7.2e-7 of the replay (measured), so 1e-6 tests the data and commit logic, not the rounding."""
 
 
-def group_args(data_dir: Path, out: Path, lighthouse: Lighthouse, steps: int, groups: int = 2, *extra: str) -> list[str]:
-    return ["train", *PARITY_ARGS, "--optim.lr", FT_LR, "--data.path", str(data_dir), "--train.output_dir", str(out),
-            "--train.steps", str(steps), "--parallel.fault_tolerance", "torchft", "--parallel.ft_groups", str(groups),
-            "--parallel.ft_lighthouse", lighthouse.address, "--parallel.ft_timeout_s", "10",
-            "--parallel.ft_quorum_timeout_s", "15", *extra]
+def group_args(
+    data_dir: Path, out: Path, lighthouse: Lighthouse, steps: int, groups: int = 2, *extra: str
+) -> list[str]:
+    return [
+        "train",
+        *PARITY_ARGS,
+        "--optim.lr",
+        FT_LR,
+        "--data.path",
+        str(data_dir),
+        "--train.output_dir",
+        str(out),
+        "--train.steps",
+        str(steps),
+        "--parallel.fault_tolerance",
+        "torchft",
+        "--parallel.ft_groups",
+        str(groups),
+        "--parallel.ft_lighthouse",
+        lighthouse.address,
+        "--parallel.ft_timeout_s",
+        "10",
+        "--parallel.ft_quorum_timeout_s",
+        "15",
+        *extra,
+    ]
 
 
 def start_group(args: list[str], group: int, ranks: int = 2) -> list[subprocess.Popen]:
@@ -137,8 +167,11 @@ def replay(out: Path, group: int) -> tuple[list[float], list[float], dict[str, t
     got, want = [], []
     for rec in records(out, group):
         if rec["ft_committed"]:
-            micro = [torch.from_numpy(__import__("numpy").stack([dataset[i] for i in range(s, s + mbs)]))
-                     for first, end in rec["ft_samples"] for s in range(first, end, mbs)]
+            micro = [
+                torch.from_numpy(__import__("numpy").stack([dataset[i] for i in range(s, s + mbs)]))
+                for first, end in rec["ft_samples"]
+                for s in range(first, end, mbs)
+            ]
             ce = 0.0
             for mb in micro:
                 args, targets = data.objective.model_inputs(mb)

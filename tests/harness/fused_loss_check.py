@@ -35,9 +35,18 @@ BATCH, SEQ, VOCAB, COEF = 4, 16, 1024, 1e-2
 
 
 def config(overrides: dict):
-    return load_config("tiny-test", {"model.vocab_size": VOCAB, "model.n_layers": 2, "data.seq_len": SEQ,
-                                     "train.global_batch_size": BATCH, "train.micro_batch_size": 1,
-                                     "train.z_loss_coef": COEF, **overrides})
+    return load_config(
+        "tiny-test",
+        {
+            "model.vocab_size": VOCAB,
+            "model.n_layers": 2,
+            "data.seq_len": SEQ,
+            "train.global_batch_size": BATCH,
+            "train.micro_batch_size": 1,
+            "train.z_loss_coef": COEF,
+            **overrides,
+        },
+    )
 
 
 def batch_and_targets():
@@ -76,8 +85,15 @@ def run_layout(name: str, fused: bool, batch, targets):
     model = parallelize(build_model(cfg.model), mesh, d, cfg, plan)
     if d.pp > 1:
         loss_fn, stage_kwargs = pipeline_loss_fn(model, cfg, d.tp, fused)
-        runner = build_runner(model, mesh, torch.device("cpu"), loss_fn, COEF,
-                              model_inputs=lambda b: ((b[:, :-1],), targets), stage_kwargs=stage_kwargs)
+        runner = build_runner(
+            model,
+            mesh,
+            torch.device("cpu"),
+            loss_fn,
+            COEF,
+            model_inputs=lambda b: ((b[:, :-1],), targets),
+            stage_kwargs=stage_kwargs,
+        )
         losses, saved = largest_saved(lambda: runner.train_step(batch))
         loss = losses[0] + losses[1]
     else:
@@ -106,7 +122,7 @@ def vocab_parallel_bf16() -> dict:
     g = torch.Generator().manual_seed(1)
     dim, rank, world = 32, dist.get_rank(), dist.get_world_size()
     hidden = torch.randn(BATCH * SEQ, dim, generator=g)
-    weight = torch.randn(VOCAB, dim, generator=g) * (2 / dim ** 0.5)  # logits of a few units
+    weight = torch.randn(VOCAB, dim, generator=g) * (2 / dim**0.5)  # logits of a few units
     targets = batch_and_targets()[1].flatten()
     rows = VOCAB // world
 
@@ -118,7 +134,7 @@ def vocab_parallel_bf16() -> dict:
         out.total.backward()
         return out.total.detach(), h.grad, w.grad
 
-    loss, gh, gw = run(weight[rank * rows:(rank + 1) * rows], True, group=dist.group.WORLD, vocab_start=rank * rows)
+    loss, gh, gw = run(weight[rank * rows : (rank + 1) * rows], True, group=dist.group.WORLD, vocab_start=rank * rows)
     dist.all_reduce(gh)  # the partial sums of the vocab slices
     slices = [torch.empty_like(gw) for _ in range(world)]
     dist.all_gather(slices, gw)
@@ -146,13 +162,18 @@ def main(out_path: str) -> None:
         fused_loss, fused_grads, fused_saved = run_layout(name, True, batch, targets)
         names = sorted(fused_grads)
         report[name] = {
-            "rank": dist.get_rank(), "n_grads": len(names), "grad_names_equal": names == sorted(plain_grads),
-            "loss_vs_ref": abs(fused_loss - ref.total.item()), "loss_vs_plain": abs(fused_loss - plain_loss),
+            "rank": dist.get_rank(),
+            "n_grads": len(names),
+            "grad_names_equal": names == sorted(plain_grads),
+            "loss_vs_ref": abs(fused_loss - ref.total.item()),
+            "loss_vs_plain": abs(fused_loss - plain_loss),
             "plain_loss_vs_ref": abs(plain_loss - ref.total.item()),
             "grad_vs_ref": max((fused_grads[k] - ref_grads[k]).abs().max().item() for k in names),
             "grad_vs_plain": max((fused_grads[k] - plain_grads[k]).abs().max().item() for k in names),
             "grad_scale": max(ref_grads[k].abs().max().item() for k in names),
-            "fused_saved": fused_saved, "plain_saved": plain_saved}
+            "fused_saved": fused_saved,
+            "plain_saved": plain_saved,
+        }
     report["vp_bf16"] = vocab_parallel_bf16()
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report)

@@ -35,8 +35,9 @@ def count_reductions() -> dict[str, int]:
 
 def main(argv: list[str]) -> int:
     counts = count_reductions()
-    atexit.register(lambda: print("grad_sync_rank: " + " ".join(f"{k}={v}" for k, v in counts.items()),
-                                  file=sys.stderr, flush=True))
+    atexit.register(
+        lambda: print("grad_sync_rank: " + " ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr, flush=True)
+    )
     from meshforge.cli import main as meshforge_main
 
     return meshforge_main(argv)

@@ -23,15 +23,24 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 PARITY_ARGS = (
-    "--config", "tiny-test",
-    "--model.n_layers", "4",
-    "--train.steps", "10",
-    "--train.global_batch_size", "8",
-    "--train.micro_batch_size", "2",
-    "--train.eval_interval", "0",
-    "--train.sample_prompt", "",
-    "--checkpoint.interval", "0",
-    "--train.progress", "false",
+    "--config",
+    "tiny-test",
+    "--model.n_layers",
+    "4",
+    "--train.steps",
+    "10",
+    "--train.global_batch_size",
+    "8",
+    "--train.micro_batch_size",
+    "2",
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--checkpoint.interval",
+    "0",
+    "--train.progress",
+    "false",
 )
 """A 4-layer fp32 decoder, 10 steps of 8 samples: small enough for 8 ranks on 2 cores."""
 
@@ -44,22 +53,43 @@ def free_port() -> int:
 
 def rank_env(rank: int, world_size: int, port: int, extra_env: dict | None = None) -> dict:
     """torchrun's environment for ``rank`` of ``world_size`` on this machine, one compute thread per rank."""
-    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return {
+        **os.environ,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
+    }
 
 
-def start_ranks(world_size: int, argv: list[str], extra_env: dict | None = None, script: list[str] | None = None,
-                stdout=subprocess.DEVNULL, rank_args: dict[int, list[str]] | None = None,
-                rank_extra_env: dict[int, dict] | None = None) -> list[subprocess.Popen]:
+def start_ranks(
+    world_size: int,
+    argv: list[str],
+    extra_env: dict | None = None,
+    script: list[str] | None = None,
+    stdout=subprocess.DEVNULL,
+    rank_args: dict[int, list[str]] | None = None,
+    rank_extra_env: dict[int, dict] | None = None,
+) -> list[subprocess.Popen]:
     """Start ``world_size`` ranks of ``python -m meshforge ARGV`` (or ``python SCRIPT... ARGV``); stderr is piped.
     Rank r gets ``rank_args[r]`` after ARGV and ``rank_extra_env[r]`` on top of its environment."""
     port = free_port()
     cmd = [sys.executable, *(script or ["-m", "meshforge"]), *argv]
     rank_args, rank_extra_env = rank_args or {}, rank_extra_env or {}
-    return [subprocess.Popen(cmd + rank_args.get(rank, []),
-                             env=rank_env(rank, world_size, port, {**(extra_env or {}), **rank_extra_env.get(rank, {})}),
-                             cwd=REPO, stdout=stdout, stderr=subprocess.PIPE) for rank in range(world_size)]
+    return [
+        subprocess.Popen(
+            cmd + rank_args.get(rank, []),
+            env=rank_env(rank, world_size, port, {**(extra_env or {}), **rank_extra_env.get(rank, {})}),
+            cwd=REPO,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(world_size)
+    ]
 
 
 class RanksFailed(AssertionError):
@@ -77,8 +107,13 @@ class RanksFailed(AssertionError):
         return f"rank {self.failed[0]} exited with an error: " + (tail[-1] if tail else "(no stderr)")
 
 
-def run_ranks(world_size: int, args: list[str], timeout: float = 600, extra_env: dict | None = None,
-              script: list[str] | None = None) -> list[str]:
+def run_ranks(
+    world_size: int,
+    args: list[str],
+    timeout: float = 600,
+    extra_env: dict | None = None,
+    script: list[str] | None = None,
+) -> list[str]:
     """Run ``world_size`` ranks of ``python -m meshforge <args>`` (or ``python SCRIPT... <args>``) to the end,
     within ``timeout`` seconds in all; return their stderr; raise RanksFailed if any fails or time runs out
     (every rank is then killed)."""
@@ -126,8 +161,15 @@ def read_result(out: Path) -> RunResult:
     return RunResult(losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, out)
 
 
-def train_layout(data_dir: Path, out: Path, world_size: int, *overrides: str, extra_args: tuple = PARITY_ARGS,
-                 timeout: float = 600, script: list[str] | None = None) -> RunResult:
+def train_layout(
+    data_dir: Path,
+    out: Path,
+    world_size: int,
+    *overrides: str,
+    extra_args: tuple = PARITY_ARGS,
+    timeout: float = 600,
+    script: list[str] | None = None,
+) -> RunResult:
     args = ["train", *extra_args, "--data.path", str(data_dir), "--train.output_dir", str(out), *overrides]
     run_ranks(world_size, args, timeout=timeout, script=script)
     return read_result(out)
@@ -143,8 +185,9 @@ within 1e-6; losses and gradient norms stay within rtol 1e-5)."""
 def assert_parity(ref: RunResult, got: RunResult, rtol: float = 1e-5, atol: float = 1e-6, min_steps: int = 10) -> None:
     """Per-step losses (at least ``min_steps``) and final parameters equal within fp32 tolerance."""
     assert len(got.losses) == len(ref.losses) >= min_steps, (len(ref.losses), len(got.losses))
-    torch.testing.assert_close(torch.tensor(got.losses, dtype=torch.float64),
-                               torch.tensor(ref.losses, dtype=torch.float64), rtol=rtol, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(got.losses, dtype=torch.float64), torch.tensor(ref.losses, dtype=torch.float64), rtol=rtol, atol=0
+    )
     assert ref.params.keys() == got.params.keys()
     for name, p in ref.params.items():
         torch.testing.assert_close(got.params[name], p, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

@@ -73,10 +73,15 @@ class Nginx:
             f"  fastcgi_temp_path {w}/fcgi; uwsgi_temp_path {w}/uwsgi; scgi_temp_path {w}/scgi;\n"
             "  default_type application/octet-stream; keepalive_requests 100000;\n"
             f"  server {{ listen 127.0.0.1:{self.port}; root {self.root};"
-            + (f" max_ranges {self.max_ranges};" if self.max_ranges is not None else "") + " }\n"
-            "}\n")
-        self.proc = subprocess.Popen([nginx_binary(), "-p", str(w), "-c", str(w / "nginx.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            + (f" max_ranges {self.max_ranges};" if self.max_ranges is not None else "")
+            + " }\n"
+            "}\n"
+        )
+        self.proc = subprocess.Popen(
+            [nginx_binary(), "-p", str(w), "-c", str(w / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_up(self.url + "/", self.proc, "nginx")
         return self
 
@@ -112,13 +117,21 @@ class MotoS3(_ServerProcess):
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "MotoS3":
-        self._launch([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                     self.endpoint + "/moto-api/", "moto server")
+        self._launch(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            self.endpoint + "/moto-api/",
+            "moto server",
+        )
         return self
 
     def env(self) -> dict:
-        return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
 
 class TcpProxy:
@@ -196,8 +209,23 @@ class GcsEmulator(_ServerProcess):
 
     def start(self) -> "GcsEmulator":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._launch([sys.executable, "-m", "gcp_storage_emulator", "-d", str(self.workdir), "start", "--host", "127.0.0.1",
-                      "--port", str(self.port), "--in-memory"], self.endpoint + "/storage/v1/b", "gcp-storage-emulator")
+        self._launch(
+            [
+                sys.executable,
+                "-m",
+                "gcp_storage_emulator",
+                "-d",
+                str(self.workdir),
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--in-memory",
+            ],
+            self.endpoint + "/storage/v1/b",
+            "gcp-storage-emulator",
+        )
         return self
 
     def env(self) -> dict:
@@ -225,10 +253,25 @@ class Azurite(_ServerProcess):
 
     def start(self) -> "Azurite":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._launch([azurite_binary(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location",
-                      str(self.workdir), "--silent", "--skipApiVersionCheck"], self.endpoint + "?comp=list", "azurite")
+        self._launch(
+            [
+                azurite_binary(),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.port),
+                "--location",
+                str(self.workdir),
+                "--silent",
+                "--skipApiVersionCheck",
+            ],
+            self.endpoint + "?comp=list",
+            "azurite",
+        )
         return self
 
     def env(self) -> dict:
-        return {"AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-                                                   f"AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};"}
+        return {
+            "AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint={self.endpoint};"
+        }

@@ -6,8 +6,11 @@ import pytest
 
 from meshforge.parallel.pipeline import stage_takes_mesh
 
-PP_TP = pytest.mark.skipif(not stage_takes_mesh(), reason="pp x tp passes DTensor activations between stages: this "
-                           "torch's PipelineStage takes no get_mesh (check_job refuses the layout: tests/parallel/test_parallel_pp.py)")
+PP_TP = pytest.mark.skipif(
+    not stage_takes_mesh(),
+    reason="pp x tp passes DTensor activations between stages: this "
+    "torch's PipelineStage takes no get_mesh (check_job refuses the layout: tests/parallel/test_parallel_pp.py)",
+)
 
 
 def pp_tp(*values, slow: bool = False) -> pytest.param:

@@ -38,9 +38,16 @@ VARIANTS = {
 N_LAYERS = 2
 Z_COEF = 1e-3
 
-OP_NAMES = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
-            "all_reduce": "all_reduce", "allreduce_": "all_reduce", "all_to_all_single": "all_to_all",
-            "broadcast_": "broadcast", "allgather_": "all_gather", "reduce_scatter_": "reduce_scatter"}
+OP_NAMES = {
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_reduce": "all_reduce",
+    "allreduce_": "all_reduce",
+    "all_to_all_single": "all_to_all",
+    "broadcast_": "broadcast",
+    "allgather_": "all_gather",
+    "reduce_scatter_": "reduce_scatter",
+}
 
 
 def _names(counts) -> dict[str, int]:
@@ -86,8 +93,10 @@ def run_variant(name: str, mesh) -> dict:
     for pname, p in model.named_parameters():
         g, rg = _full(p.grad), ref_params[pname].grad
         grad_err[pname] = ((g - rg).abs().max() / rg.abs().max()).item()
-    loss_err = {k: abs(getattr(parts, k).item() - getattr(ref_parts, k).item()) / abs(getattr(ref_parts, k).item())
-                for k in ("total", "ce", "z_loss")}
+    loss_err = {
+        k: abs(getattr(parts, k).item() - getattr(ref_parts, k).item()) / abs(getattr(ref_parts, k).item())
+        for k in ("total", "ce", "z_loss")
+    }
 
     per_module = {}
     for fqn, passes in comm.comm_module_counts.items():
@@ -95,8 +104,11 @@ def run_variant(name: str, mesh) -> dict:
 
     params = {}
     for pname, p in model.named_parameters():
-        params[pname] = {"global": list(p.shape), "local": list(_local(p).shape),
-                         "placements": [str(pl) for pl in p.placements] if isinstance(p, DTensor) else None}
+        params[pname] = {
+            "global": list(p.shape),
+            "local": list(_local(p).shape),
+            "placements": [str(pl) for pl in p.placements] if isinstance(p, DTensor) else None,
+        }
     return {
         "logits_is_dtensor": isinstance(logits, DTensor),
         "logits_local_shape": list(_local(logits).shape),

@@ -33,8 +33,15 @@ def k():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 (the kernels would need a GPU)")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
-        yield type("Kernels", (), {"rms_norm": staticmethod(rmsnorm.rms_norm), "rope_qk": staticmethod(rope.rope_qk),
-                                   "swiglu": staticmethod(fused_swiglu.swiglu)})
+        yield type(
+            "Kernels",
+            (),
+            {
+                "rms_norm": staticmethod(rmsnorm.rms_norm),
+                "rope_qk": staticmethod(rope.rope_qk),
+                "swiglu": staticmethod(fused_swiglu.swiglu),
+            },
+        )
 
 
 def _leaves(*shapes, dtype=torch.float32, seed=0):
@@ -138,8 +145,16 @@ def _decoder(fused: str):
     from meshforge.models import build_model
     from meshforge.parallel import parallelize
 
-    cfg = load_config("tiny-test", {"model.dim": 48, "model.n_heads": 6, "model.n_kv_heads": 2,
-                                    "train.fused_kernels": fused, "parallel.compile": "off"})
+    cfg = load_config(
+        "tiny-test",
+        {
+            "model.dim": 48,
+            "model.n_heads": 6,
+            "model.n_kv_heads": 2,
+            "train.fused_kernels": fused,
+            "parallel.compile": "off",
+        },
+    )
     torch.manual_seed(0)
     return parallelize(build_model(cfg.model, torch.device("cpu")), None, ONE, cfg), cfg
 
@@ -210,8 +225,14 @@ def test_kernels_compile_for_hopper():
     repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(repo / "tests" / "harness" / "triton_sm90_compile.py")], env=env, cwd=repo,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(repo / "tests" / "harness" / "triton_sm90_compile.py")],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert sum(line.startswith("ok ") for line in run.stdout.splitlines()) == 14, run.stdout
 
@@ -242,27 +263,48 @@ def test_trainer_refuses_before_writing(tmp_path, monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "run"
-    cfg = load_config("tiny-test", {"train.fused_kernels": "triton", "train.output_dir": str(out),
-                                    "train.device": "cpu"})
+    cfg = load_config(
+        "tiny-test", {"train.fused_kernels": "triton", "train.output_dir": str(out), "train.device": "cpu"}
+    )
     with pytest.raises(ConfigError, match=r"train.fused_kernels = 'triton'"):
         Trainer(cfg)
     assert not out.exists()
 
 
-SHORT_RUN = ("--config", "tiny-test", "--train.steps", "3", "--train.global_batch_size", "4",
-             "--train.micro_batch_size", "2", "--data.seq_len", "8", "--train.eval_interval", "0",
-             "--train.sample_prompt", "", "--checkpoint.interval", "0", "--train.progress", "false")
+SHORT_RUN = (
+    "--config",
+    "tiny-test",
+    "--train.steps",
+    "3",
+    "--train.global_batch_size",
+    "4",
+    "--train.micro_batch_size",
+    "2",
+    "--data.seq_len",
+    "8",
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--checkpoint.interval",
+    "0",
+    "--train.progress",
+    "false",
+)
 """3 steps of 4 sequences of 8 tokens: few kernel launches, as the interpreter is slow."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides", [
-    ("fsdp2", 2, ()),
-    ("pp2-1f1b", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b")),
-    ("tp2", 2, ("--parallel.tp", "2")),
-    ("cp2-ring", 2, ("--parallel.cp", "2")),
-    ("deepspeed-zero3", 2, ("--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", "3")),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("fsdp2", 2, ()),
+        ("pp2-1f1b", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b")),
+        ("tp2", 2, ("--parallel.tp", "2")),
+        ("cp2-ring", 2, ("--parallel.cp", "2")),
+        ("deepspeed-zero3", 2, ("--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", "3")),
+    ],
+)
 def test_layouts_with_kernels_match_plain_single_process(k, name, world, overrides, tiny_data, tmp_path):
     """With the kernels, FSDP2 (plain unsharded tensors in the forward), a pipeline (the swap runs per stage),
     tensor parallel (RoPE and SwiGLU on local heads / columns, the DTensor norms left to PyTorch) and context
@@ -272,8 +314,9 @@ def test_layouts_with_kernels_match_plain_single_process(k, name, world, overrid
     if "deepspeed" in name:
         pytest.importorskip("deepspeed")
     ref = train_layout(tiny_data, tmp_path / "ref", 1, "--train.fused_kernels", "off", extra_args=SHORT_RUN)
-    got = train_layout(tiny_data, tmp_path / name, world, "--train.fused_kernels", "triton", *overrides,
-                       extra_args=SHORT_RUN)
+    got = train_layout(
+        tiny_data, tmp_path / name, world, "--train.fused_kernels", "triton", *overrides, extra_args=SHORT_RUN
+    )
     assert len(got.losses) == 3  # the ranks inherit TRITON_INTERPRET=1; without it they would refuse to start
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), atol=1e-5, rtol=0)
     for name_, p in ref.params.items():

@@ -12,7 +12,7 @@ from meshforge.models.losses import IGNORE_INDEX, lm_loss
 def _inputs(n=37, d=16, v=53, seed=0, ignore_every=5):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g)
-    weight = torch.randn(v, d, generator=g) / d ** 0.5
+    weight = torch.randn(v, d, generator=g) / d**0.5
     targets = torch.randint(0, v, (n,), generator=g)
     if ignore_every:
         targets[::ignore_every] = IGNORE_INDEX
@@ -189,9 +189,19 @@ def _train_records(tiny_data, tmp_path, overrides: dict) -> dict:
     runs = {}
     for setting in ("off", "on"):
         out = tmp_path / setting
-        cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out),
-                                        "train.steps": 3, "train.eval_interval": 0, "train.sample_tokens": 0,
-                                        "train.z_loss_coef": 1e-2, "train.fused_loss": setting, **overrides})
+        cfg = load_config(
+            "tiny-test",
+            {
+                "data.path": str(tiny_data),
+                "train.output_dir": str(out),
+                "train.steps": 3,
+                "train.eval_interval": 0,
+                "train.sample_tokens": 0,
+                "train.z_loss_coef": 1e-2,
+                "train.fused_loss": setting,
+                **overrides,
+            },
+        )
         trainer = Trainer(cfg)
         assert trainer.fused_loss == (setting == "on")
         trainer.run()

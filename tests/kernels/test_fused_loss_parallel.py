@@ -55,15 +55,18 @@ def test_vocab_parallel_under_bf16_autocast(layout_report):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides, atol", [
-    ("fsdp2-with-eval", 2, ("--train.eval_interval", "5"), 1e-6),  # evaluation (no_grad) between steps too
-    ("tp2-loss-parallel", 2, ("--parallel.tp", "2"), TP_ATOL),
-    ("pp2", 2, ("--parallel.pp", "2"), 1e-6),
-    pp_tp("pp2-x-tp2", 4, ("--parallel.pp", "2", "--parallel.tp", "2"), TP_ATOL),
-    ("pp2-x-fsdp2", 4, ("--parallel.pp", "2", "--parallel.dp_shard", "2"), 1e-6),
-    ("fsdp2-x-tp2", 4, ("--parallel.dp_shard", "2", "--parallel.tp", "2"), TP_ATOL),
-    ("cp2", 2, ("--parallel.cp", "2"), TP_ATOL),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides, atol",
+    [
+        ("fsdp2-with-eval", 2, ("--train.eval_interval", "5"), 1e-6),  # evaluation (no_grad) between steps too
+        ("tp2-loss-parallel", 2, ("--parallel.tp", "2"), TP_ATOL),
+        ("pp2", 2, ("--parallel.pp", "2"), 1e-6),
+        pp_tp("pp2-x-tp2", 4, ("--parallel.pp", "2", "--parallel.tp", "2"), TP_ATOL),
+        ("pp2-x-fsdp2", 4, ("--parallel.pp", "2", "--parallel.dp_shard", "2"), 1e-6),
+        ("fsdp2-x-tp2", 4, ("--parallel.dp_shard", "2", "--parallel.tp", "2"), TP_ATOL),
+        ("cp2", 2, ("--parallel.cp", "2"), TP_ATOL),
+    ],
+)
 def test_fused_loss_runs_match_single_process(name, world, overrides, atol, tiny_data, single_process_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, "--train.fused_loss", "on", *overrides)
     assert_parity(single_process_ref, got, atol=atol)

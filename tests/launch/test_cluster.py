@@ -52,10 +52,28 @@ def cluster():
 def launch_on(cluster: Cluster, node: int, train_argv: list[str], rdzv_id: str, nodes: int = 2) -> subprocess.Popen:
     """``meshforge launch`` of 2 ranks on ``node``: one of ``nodes`` meeting at node 0's name, or alone."""
     multi = ["--rdzv-endpoint", f"{cluster.hostnames[0]}:{PORT}", "--rdzv-id", rdzv_id] if nodes > 1 else []
-    argv = [sys.executable, "-m", "meshforge", "launch", "--nodes", str(nodes), "--gpus-per-node", "2", *multi,
-            "--", *train_argv]
-    return cluster.popen(node, argv, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "meshforge",
+        "launch",
+        "--nodes",
+        str(nodes),
+        "--gpus-per-node",
+        "2",
+        *multi,
+        "--",
+        *train_argv,
+    ]
+    return cluster.popen(
+        node,
+        argv,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
@@ -73,8 +91,18 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 
 def test_two_nodes_tp_inside_hsdp_across_match_single_process(cluster, tiny_data, single_process_ref, tmp_path):
     out = tmp_path / "run"
-    train = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-             "--parallel.tp", "2", "--parallel.dp_replicate", "2"]
+    train = [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--parallel.tp",
+        "2",
+        "--parallel.dp_replicate",
+        "2",
+    ]
     before = cluster.rx_bytes(1)
     procs = [launch_on(cluster, node, train, f"parity-{os.getpid()}") for node in (0, 1)]
     logs = finish(procs, TIMEOUT)
@@ -92,8 +120,12 @@ def test_rendezvous_name_not_resolving_is_one_line(cluster, tiny_data, tmp_path)
     cluster.write_hosts(1, omit=(cluster.hostnames[0],))
     try:
         t0 = time.monotonic()
-        p = launch_on(cluster, 1, ["train", *PARITY_ARGS, "--data.path", str(tiny_data),
-                                   "--train.output_dir", str(out)], f"noname-{os.getpid()}")
+        p = launch_on(
+            cluster,
+            1,
+            ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out)],
+            f"noname-{os.getpid()}",
+        )
         log = finish([p], 60)[0]
         took = time.monotonic() - t0
     finally:
@@ -101,17 +133,21 @@ def test_rendezvous_name_not_resolving_is_one_line(cluster, tiny_data, tmp_path)
     assert p.returncode == 2, log
     errors = [line for line in log.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, log
-    assert errors[0].startswith("meshforge launch: error: --rdzv-endpoint node0:29400: the host name node0 "
-                                "does not resolve on this node (node1)"), log
+    assert errors[0].startswith(
+        "meshforge launch: error: --rdzv-endpoint node0:29400: the host name node0 "
+        "does not resolve on this node (node1)"
+    ), log
     assert took < 30, took
     assert not out.exists()
 
 
 def test_a_killed_clusters_namespaces_are_removed_at_the_next_start(cluster):
     """SIGKILL skips every finalizer: the next cluster's start removes what the dead process left."""
-    code = ("import sys, time; sys.path.insert(0, 'tests/harness'); from cluster_harness import Cluster; "
-            "c = Cluster(1, tag='k').start(); r = c.popen(0, ['sleep', '60']); "
-            "print(r.pid, *c.namespaces, c.switch, flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; sys.path.insert(0, 'tests/harness'); from cluster_harness import Cluster; "
+        "c = Cluster(1, tag='k').start(); r = c.popen(0, ['sleep', '60']); "
+        "print(r.pid, *c.namespaces, c.switch, flush=True); time.sleep(60)"
+    )
     from cluster_harness import NETNS_ETC, remove_stale
 
     p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -134,7 +170,6 @@ def test_a_killed_clusters_namespaces_are_removed_at_the_next_start(cluster):
         remove_stale()  # what the dead process left, even when an assertion above failed
 
 
-
 def losses_by_step(out) -> dict[int, float]:
     """step -> loss; a step run twice (before the fault and again after the resume) keeps its last record."""
     return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
@@ -145,12 +180,26 @@ LINK_TIMEOUT_S = 8
 
 
 def test_link_down_stops_the_other_node_naming_the_lost_host_and_a_smaller_relaunch_resumes(
-        cluster, tiny_data, single_process_ref, tmp_path):
+    cluster, tiny_data, single_process_ref, tmp_path
+):
     ref = single_process_ref
     out = tmp_path / "run"
-    train = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-             "--parallel.tp", "2", "--parallel.dp_replicate", "2", "--checkpoint.interval", "2",
-             "--train.collective_timeout_s", str(LINK_TIMEOUT_S)]
+    train = [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--parallel.tp",
+        "2",
+        "--parallel.dp_replicate",
+        "2",
+        "--checkpoint.interval",
+        "2",
+        "--train.collective_timeout_s",
+        str(LINK_TIMEOUT_S),
+    ]
     procs = [launch_on(cluster, node, train, f"linkdown-{os.getpid()}") for node in (0, 1)]
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -194,23 +243,49 @@ def test_link_down_stops_the_other_node_naming_the_lost_host_and_a_smaller_relau
         torch.testing.assert_close(final.params[name], param, rtol=1e-5, atol=TP_ATOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_data_prepare_on_two_nodes_is_byte_identical_to_one(cluster, tmp_path, corpus_docs, jsonl_writer,
-                                                          tiny_tokenizer):
+def test_data_prepare_on_two_nodes_is_byte_identical_to_one(
+    cluster, tmp_path, corpus_docs, jsonl_writer, tiny_tokenizer
+):
     """Each node runs `meshforge data prepare --node-rank r --num-nodes 2` into the same directory (a shared
     file system: the namespaces share this machine's), at the same time; whichever finishes last merges."""
     from meshforge.data_pipeline import load_manifest, prepare_data
 
     docs = corpus_docs(30, max_chars=400, skip=500)
     for k in range(6):  # 6 slices: node 0 tokenizes 0, 2, 4 and node 1 tokenizes 1, 3, 5
-        jsonl_writer(tmp_path / f"part_{k}.jsonl", docs[5 * k: 5 * k + 5])
+        jsonl_writer(tmp_path / f"part_{k}.jsonl", docs[5 * k : 5 * k + 5])
     inputs = str(tmp_path / "part_*.jsonl")
     one = tmp_path / "one"
     prepare_data([inputs], str(tiny_tokenizer), str(one), docs_per_shard=2, progress=False, node_rank=0, num_nodes=1)
     two = tmp_path / "two"
-    procs = [cluster.popen(node, [sys.executable, "-m", "meshforge", "data", "prepare", "--input", inputs,
-                                  "--tokenizer", str(tiny_tokenizer), "--output", str(two), "--docs-per-shard", "2",
-                                  "--node-rank", str(node), "--num-nodes", "2"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    procs = [
+        cluster.popen(
+            node,
+            [
+                sys.executable,
+                "-m",
+                "meshforge",
+                "data",
+                "prepare",
+                "--input",
+                inputs,
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--output",
+                str(two),
+                "--docs-per-shard",
+                "2",
+                "--node-rank",
+                str(node),
+                "--num-nodes",
+                "2",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     logs = finish(procs, 120)
     for node, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"node {node} failed:\n{log[-3000:]}"
@@ -248,18 +323,55 @@ def slurm_env(cluster, tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_slurm_on_two_nodes_trains_and_matches_single_process(cluster, slurm_env, tiny_data, single_process_ref,
-                                                              tmp_path):
+def test_slurm_on_two_nodes_trains_and_matches_single_process(
+    cluster, slurm_env, tiny_data, single_process_ref, tmp_path
+):
     """slurmctld on node 0 and a slurmd per node (tests/harness/cluster_slurm.py); `meshforge launch --slurm --nodes 2`
     submitted on node 0 runs 2 srun tasks on each node: TP inside a node, HSDP across the link."""
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "meshforge", "launch", "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "2",
-            "--job-name", "mft2", "--time", "00:15:00", "--script", str(tmp_path / "job.sbatch"), "--log-dir",
-            str(tmp_path), "--submit", "--wait", "--", "train", *PARITY_ARGS, "--data.path", str(tiny_data),
-            "--train.output_dir", str(out), "--parallel.tp", "2", "--parallel.dp_replicate", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "meshforge",
+        "launch",
+        "--slurm",
+        "--cpu",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--job-name",
+        "mft2",
+        "--time",
+        "00:15:00",
+        "--script",
+        str(tmp_path / "job.sbatch"),
+        "--log-dir",
+        str(tmp_path),
+        "--submit",
+        "--wait",
+        "--",
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--parallel.tp",
+        "2",
+        "--parallel.dp_replicate",
+        "2",
+    ]
     before = cluster.rx_bytes(1)
-    p = cluster.popen(0, argv, cwd=REPO, env={**slurm_env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                      stderr=subprocess.STDOUT, text=True)
+    p = cluster.popen(
+        0,
+        argv,
+        cwd=REPO,
+        env={**slurm_env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = finish([p], TIMEOUT)[0]
     job_log = "".join(f.read_text() for f in tmp_path.glob("mft2-*.out"))
     assert p.returncode == 0, f"{log[-3000:]}\n{job_log[-4000:]}"
@@ -282,13 +394,53 @@ def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster,
     from parallel_harness import run_ranks
 
     out, ref_out = tmp_path / "run", tmp_path / "ref"
-    train = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--parallel.tp", "2", "--parallel.dp_replicate",
-             "2", "--train.steps", "30"]
-    argv = [sys.executable, "-m", "meshforge", "launch", "--slurm", "--cpu", "--nodes", "2", "--gpus-per-node", "2",
-            "--job-name", "mft2pre", "--time", "00:15:00", "--script", str(tmp_path / "job.sbatch"), "--log-dir",
-            str(tmp_path), "--submit", "--wait", "--", *train, "--train.output_dir", str(out)]
-    p = cluster.popen(0, argv, cwd=REPO, env={**slurm_env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                      stderr=subprocess.STDOUT, text=True)
+    train = [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--parallel.tp",
+        "2",
+        "--parallel.dp_replicate",
+        "2",
+        "--train.steps",
+        "30",
+    ]
+    argv = [
+        sys.executable,
+        "-m",
+        "meshforge",
+        "launch",
+        "--slurm",
+        "--cpu",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "2",
+        "--job-name",
+        "mft2pre",
+        "--time",
+        "00:15:00",
+        "--script",
+        str(tmp_path / "job.sbatch"),
+        "--log-dir",
+        str(tmp_path),
+        "--submit",
+        "--wait",
+        "--",
+        *train,
+        "--train.output_dir",
+        str(out),
+    ]
+    p = cluster.popen(
+        0,
+        argv,
+        cwd=REPO,
+        env={**slurm_env, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     head = []
     while not any("submitted job" in line for line in head):
         line = p.stdout.readline()
@@ -301,8 +453,10 @@ def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster,
         time.sleep(0.1)
     on_node0(cluster, slurm_env, "scancel", "--signal=TERM", job)
     # SLURM holds a requeued job back for two minutes (its BeginTime); release it at once
-    while "Restarts=0" in (info := on_node0(cluster, slurm_env, "scontrol", "-o", "show", "job", job)) \
-            or "JobState=PENDING" not in info:
+    while (
+        "Restarts=0" in (info := on_node0(cluster, slurm_env, "scontrol", "-o", "show", "job", job))
+        or "JobState=PENDING" not in info
+    ):
         assert time.monotonic() < deadline and "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, info
         time.sleep(0.2)
     on_node0(cluster, slurm_env, "scontrol", "update", f"JobId={job}", "BeginTime=now")

@@ -12,8 +12,9 @@ from meshforge.pretrain.heartbeat import Heartbeat, name_by_host, within
 
 
 def test_a_rank_whose_beat_stops_is_named_with_its_host_and_a_beating_one_is_not():
-    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(seconds=10),
-                          wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size=1, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False
+    )
     beats = [Heartbeat(store, rank, 4, interval_s=0.1) for rank in range(3)]  # rank 3 never starts
     time.sleep(0.3)
     beats[2].close()  # rank 2's link goes down

@@ -16,16 +16,19 @@ from meshforge.launch.env import DistEnv, detect_launcher, discover
 # --------------------------------------------------------------------------- node lists
 
 
-@pytest.mark.parametrize("text, hosts", [
-    ("vm", ["vm"]),
-    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
-    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
-    ("n[08-11]", ["n08", "n09", "n10", "n11"]),
-    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
-    ("a[1,3]-ib,b2", ["a1-ib", "a3-ib", "b2"]),
-    ("gpu-[001-002],cpu-[1-4:2]", ["gpu-001", "gpu-002", "cpu-1", "cpu-3"]),
-    ("host1.example.com,host2.example.com", ["host1.example.com", "host2.example.com"]),
-])
+@pytest.mark.parametrize(
+    "text, hosts",
+    [
+        ("vm", ["vm"]),
+        ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("n[08-11]", ["n08", "n09", "n10", "n11"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+        ("a[1,3]-ib,b2", ["a1-ib", "a3-ib", "b2"]),
+        ("gpu-[001-002],cpu-[1-4:2]", ["gpu-001", "gpu-002", "cpu-1", "cpu-3"]),
+        ("host1.example.com,host2.example.com", ["host1.example.com", "host2.example.com"]),
+    ],
+)
 def test_expand_nodelist(text, hosts):
     assert slurm.expand_nodelist(text) == hosts
 
@@ -67,10 +70,18 @@ def test_gpus_on_node():
 def srun_env(procid: int, localid: int, nodeid: int, **extra) -> dict:
     """What srun gives task ``procid`` of a 2-node x 4-task step of job 4242."""
     return {
-        "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
-        "SLURM_NODEID": str(nodeid), "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8",
-        "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_NODELIST": "gpu[07-08]",
-        "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_GPUS_ON_NODE": "4", **extra,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(localid),
+        "SLURM_NODEID": str(nodeid),
+        "SLURM_NTASKS": "8",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_STEP_NODELIST": "gpu[07-08]",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+        "SLURM_GPUS_ON_NODE": "4",
+        **extra,
     }
 
 
@@ -82,8 +93,14 @@ def test_discover_single_process():
 
 
 def test_discover_torchrun():
-    environ = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    environ = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500",
+    }
     env = discover(environ)
     assert env == DistEnv(3, 4, 1, 2, "torchrun", "n1", 29500)
 
@@ -100,15 +117,26 @@ def test_discover_slurm_exports_rendezvous():
     env = discover(environ)
     port = slurm.rendezvous_port(4242, 0)
     assert env == DistEnv(6, 8, 2, 4, "slurm", "gpu07", port)
-    assert {k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                     "MASTER_PORT")} == {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2",
-                                                         "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu07",
-                                                         "MASTER_PORT": str(port)}
+    assert {
+        k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    } == {
+        "RANK": "6",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "2",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(port),
+    }
     # every task computes the same rendezvous; a second call reads it back unchanged
     assert discover(srun_env(0, 0, 0)).master_port == port
     again = discover(environ)
-    assert (again.rank, again.world_size, again.local_rank, again.master_addr, again.master_port) == \
-        (6, 8, 2, "gpu07", port)
+    assert (again.rank, again.world_size, again.local_rank, again.master_addr, again.master_port) == (
+        6,
+        8,
+        2,
+        "gpu07",
+        port,
+    )
 
 
 def test_discover_slurm_user_rendezvous_wins():
@@ -118,8 +146,14 @@ def test_discover_slurm_user_rendezvous_wins():
 
 def test_batch_script_is_not_a_rank():
     """The batch shell has SLURM_PROCID/SLURM_NTASKS but no step: a plain python run there is one process."""
-    batch = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "vm",
-             "SLURM_LOCALID": "0", "SLURM_TASKS_PER_NODE": "2"}
+    batch = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NODELIST": "vm",
+        "SLURM_LOCALID": "0",
+        "SLURM_TASKS_PER_NODE": "2",
+    }
     assert detect_launcher(batch) == "none"
     assert discover(batch).world_size == 1
 
@@ -157,16 +191,58 @@ TRAIN = ("--", "train", "--config", "small", "--train.steps", "5")
 
 def test_launch_torchrun_single_node():
     plan = launcher.plan_launch(launch_args("--gpus-per-node", "8", "--python", "py", *TRAIN))
-    assert plan.argv == ["py", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-                         "8", "-m", "meshforge", "train", "--config", "small", "--train.steps", "5"]
+    assert plan.argv == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "8",
+        "-m",
+        "meshforge",
+        "train",
+        "--config",
+        "small",
+        "--train.steps",
+        "5",
+    ]
 
 
 def test_launch_torchrun_multi_node():
-    plan = launcher.plan_launch(launch_args("--nodes", "4", "--gpus-per-node", "8", "--rdzv-endpoint", "n0:29400",
-                                            "--node-rank", "2", "--python", "py", *TRAIN))
-    assert plan.argv[:15] == ["py", "-m", "torch.distributed.run", "--nnodes", "4", "--nproc-per-node", "8",
-                              "--rdzv-backend", "c10d", "--rdzv-endpoint", "n0:29400", "--rdzv-id", "meshforge",
-                              "--node-rank", "2"]
+    plan = launcher.plan_launch(
+        launch_args(
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--rdzv-endpoint",
+            "n0:29400",
+            "--node-rank",
+            "2",
+            "--python",
+            "py",
+            *TRAIN,
+        )
+    )
+    assert plan.argv[:15] == [
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "4",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "n0:29400",
+        "--rdzv-id",
+        "meshforge",
+        "--node-rank",
+        "2",
+    ]
     with pytest.raises(launcher.LaunchError, match="needs --rdzv-endpoint"):
         launcher.plan_launch(launch_args("--nodes", "2", *TRAIN))
     with pytest.raises(launcher.LaunchError, match="outside --nodes 2"):
@@ -174,8 +250,9 @@ def test_launch_torchrun_multi_node():
 
 
 def test_launch_mpi_line():
-    plan = launcher.plan_launch(launch_args("--mpi", "--nodes", "2", "--gpus-per-node", "4", "--hosts", "a,b",
-                                            "--python", "py", *TRAIN))
+    plan = launcher.plan_launch(
+        launch_args("--mpi", "--nodes", "2", "--gpus-per-node", "4", "--hosts", "a,b", "--python", "py", *TRAIN)
+    )
     assert plan.argv[1:3] == ["-n", "8"]
     assert plan.argv[-8:] == ["py", "-m", "meshforge", "train", "--config", "small", "--train.steps", "5"]
     assert ("-hosts" in plan.argv) or ("--host" in plan.argv)
@@ -185,14 +262,35 @@ def test_launch_mpi_line():
 
 def test_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = launch_args("--slurm", "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "04:00:00",
-                       "--account", "proj", "--python", "/venv/bin/python", *TRAIN)
+    args = launch_args(
+        "--slurm",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+        "--partition",
+        "gpu",
+        "--time",
+        "04:00:00",
+        "--account",
+        "proj",
+        "--python",
+        "/venv/bin/python",
+        *TRAIN,
+    )
     plan = launcher.plan_launch(args)
     s = plan.script
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --account=proj",
-                 "#SBATCH --signal=TERM@120", "#SBATCH --requeue",
-                 "srun --kill-on-bad-exit=1 /venv/bin/python -m meshforge train --config small --train.steps 5"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --account=proj",
+        "#SBATCH --signal=TERM@120",
+        "#SBATCH --requeue",
+        "srun --kill-on-bad-exit=1 /venv/bin/python -m meshforge train --config small --train.steps 5",
+    ):
         assert line in s.splitlines() or any(x.startswith(line) for x in s.splitlines()), line
     assert plan.argv == ["sbatch", "--parsable", str(tmp_path / "meshforge.sbatch")]
     cpu = launcher.plan_launch(launch_args("--slurm", "--cpu", "--gpus-per-node", "2", *TRAIN)).script
@@ -209,13 +307,16 @@ def test_preempted_exit_status_matches_trainer():
     assert launcher.PREEMPTED_MARKER_ENV == PREEMPTED_MARKER_ENV
 
 
-@pytest.mark.parametrize("srun_exit, marks, requeued, script_exit", [
-    (0, False, False, 0),     # finished
-    (42, True, True, 0),      # every rank exited 42
-    (143, True, True, 0),     # rank 0 exited 42, --kill-on-bad-exit signalled a rank still exiting
-    (143, False, False, 143),  # killed without a preemption checkpoint: a failure, no requeue
-    (1, False, False, 1),
-])
+@pytest.mark.parametrize(
+    "srun_exit, marks, requeued, script_exit",
+    [
+        (0, False, False, 0),  # finished
+        (42, True, True, 0),  # every rank exited 42
+        (143, True, True, 0),  # rank 0 exited 42, --kill-on-bad-exit signalled a rank still exiting
+        (143, False, False, 143),  # killed without a preemption checkpoint: a failure, no requeue
+        (1, False, False, 1),
+    ],
+)
 def test_sbatch_script_requeues_only_after_a_preemption_checkpoint(tmp_path, srun_exit, marks, requeued, script_exit):
     """Run the generated batch script with stand-ins for srun (which plays rank 0: it may create
     the marker file, as the trainer does after its preemption checkpoint) and scontrol."""
@@ -240,8 +341,9 @@ def test_sbatch_script_requeues_only_after_a_preemption_checkpoint(tmp_path, sru
 
 
 def test_launch_cli_writes_script_and_refuses_empty(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "meshforge", "launch", *a], capture_output=True,
-                                    text=True, cwd=tmp_path, timeout=60)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "meshforge", "launch", *a], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     out = run("--slurm", "--cpu", "--gpus-per-node", "2", "--script", "j.sbatch", *TRAIN)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "j.sbatch").read_text().startswith("#!/bin/bash")

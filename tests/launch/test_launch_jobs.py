@@ -45,12 +45,16 @@ def launch(*argv: str) -> list[str]:
 def slurm_problem() -> str | None:
     """Why a SLURM job cannot run here, or None."""
     if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
-        return ("slurmctld is not installed (apt-get install slurmctld slurmd munge slurm-client, "
-                "then `sudo bash scripts/slurm/start.sh`)")
+        return (
+            "slurmctld is not installed (apt-get install slurmctld slurmd munge slurm-client, "
+            "then `sudo bash scripts/slurm/start.sh`)"
+        )
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "UP" not in ping.stdout:
-        return f"slurmctld is not running (`scontrol ping`: {(ping.stdout + ping.stderr).strip()!r}); " \
-               "start it with `sudo bash scripts/slurm/start.sh`"
+        return (
+            f"slurmctld is not running (`scontrol ping`: {(ping.stdout + ping.stderr).strip()!r}); "
+            "start it with `sudo bash scripts/slurm/start.sh`"
+        )
     states = subprocess.run(["sinfo", "-h", "-o", "%t %c"], capture_output=True, text=True, timeout=30).stdout
     if not any(s.split()[0] in ("idle", "mix") and int(s.split()[1].rstrip("+")) >= 2 for s in states.splitlines()):
         return f"no idle SLURM node with 2 CPUs (sinfo: {states.strip()!r})"
@@ -63,9 +67,26 @@ def test_slurm_sbatch_job_matches_single_process(tiny_data, single_process_ref, 
         unavailable(problem)
     out = tmp_path / "run"
     script = tmp_path / "job.sbatch"
-    cmd = launch("--slurm", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--job-name", "meshforge-test",
-                 "--time", "00:15:00", "--script", str(script), "--log-dir", str(tmp_path), "--submit", "--wait",
-                 "--", *train_args(tiny_data, out))
+    cmd = launch(
+        "--slurm",
+        "--cpu",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--job-name",
+        "meshforge-test",
+        "--time",
+        "00:15:00",
+        "--script",
+        str(script),
+        "--log-dir",
+        str(tmp_path),
+        "--submit",
+        "--wait",
+        "--",
+        *train_args(tiny_data, out),
+    )
     proc = subprocess.Popen(cmd, cwd=REPO, env=RANK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job = None
     try:
@@ -101,8 +122,14 @@ def test_mpiexec_job_matches_single_process(tiny_data, single_process_ref, tmp_p
         unavailable("mpiexec is not installed (pip install mpich)")
     out = tmp_path / "run"
     # mpiexec -n 2 -ppn 2 ... python -m meshforge train ...
-    r = subprocess.run(launch("--mpi", "--gpus-per-node", "2", "--", *train_args(tiny_data, out)), cwd=REPO,
-                       env=RANK_ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run(
+        launch("--mpi", "--gpus-per-node", "2", "--", *train_args(tiny_data, out)),
+        cwd=REPO,
+        env=RANK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "mpiexec -n 2" in r.stdout.splitlines()[0]
     assert_parity(single_process_ref, read_result(out))
@@ -111,11 +138,30 @@ def test_mpiexec_job_matches_single_process(tiny_data, single_process_ref, tmp_p
 def test_two_node_rendezvous_matches_single_process(tiny_data, single_process_ref, tmp_path):
     out = tmp_path / "run"
     endpoint = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen(launch("--nodes", "2", "--gpus-per-node", "1", "--rdzv-endpoint", endpoint,
-                                     "--rdzv-id", f"test-{os.getpid()}", "--node-rank", str(node), "--",
-                                     *train_args(tiny_data, out)),
-                              cwd=REPO, env=RANK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            launch(
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "1",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                f"test-{os.getpid()}",
+                "--node-rank",
+                str(node),
+                "--",
+                *train_args(tiny_data, out),
+            ),
+            cwd=REPO,
+            env=RANK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     logs = []
     try:
         for p in procs:
@@ -142,10 +188,33 @@ def test_slurm_preemption_requeues_and_resumes_exactly(tiny_data, tmp_path):
     steps = ("--train.steps", "60")
     out, ref_out = tmp_path / "run", tmp_path / "ref"
     script = tmp_path / "job.sbatch"
-    r = subprocess.run(launch("--slurm", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--job-name", "meshforge-pre",
-                              "--time", "00:15:00", "--script", str(script), "--log-dir", str(tmp_path), "--submit",
-                              "--", *train_args(tiny_data, out), *steps),
-                       cwd=REPO, env=RANK_ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        launch(
+            "--slurm",
+            "--cpu",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "2",
+            "--job-name",
+            "meshforge-pre",
+            "--time",
+            "00:15:00",
+            "--script",
+            str(script),
+            "--log-dir",
+            str(tmp_path),
+            "--submit",
+            "--",
+            *train_args(tiny_data, out),
+            *steps,
+        ),
+        cwd=REPO,
+        env=RANK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     m = re.search(r"submitted job (\d+)", r.stdout)
     assert r.returncode == 0 and m, r.stdout + r.stderr
     job = m.group(1)
@@ -156,9 +225,18 @@ def test_slurm_preemption_requeues_and_resumes_exactly(tiny_data, tmp_path):
             time.sleep(0.1)
         subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
         # SLURM holds a requeued job back for two minutes (its BeginTime); release it at once
-        while "Restarts=0" in (info := subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
-                                                      text=True, timeout=30).stdout) or "JobState=PENDING" not in info:
-            assert time.monotonic() < deadline and "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, info
+        while (
+            "Restarts=0"
+            in (
+                info := subprocess.run(
+                    ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30
+                ).stdout
+            )
+            or "JobState=PENDING" not in info
+        ):
+            assert time.monotonic() < deadline and "JobState=COMPLETED" not in info and "JobState=FAILED" not in info, (
+                info
+            )
             time.sleep(0.2)
         subprocess.run(["scontrol", "update", f"JobId={job}", "BeginTime=now"], timeout=30)
         state, rc = wait_for_job(job)

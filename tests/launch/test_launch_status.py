@@ -18,7 +18,8 @@ from parallel_harness import PARITY_ARGS, REPO
 # Stands in for torchrun: waits for SIGTERM (or exits at once with "now"), then does what the
 # ranks do after a preemption checkpoint (create the marker) and exits 1 as torchrun does when
 # any rank exited non-zero.
-FAKE_TORCHRUN = r"""
+FAKE_TORCHRUN = (
+    r"""
 import os, pathlib, signal, sys, time
 mode = sys.argv[1]
 def preempted(*_):
@@ -31,7 +32,9 @@ if mode in ("now", "fail"):
     preempted()
 time.sleep(60)
 sys.exit(3)
-""" % PREEMPTED_MARKER_ENV
+"""
+    % PREEMPTED_MARKER_ENV
+)
 
 LAUNCH = "import sys; from meshforge.launch.launcher import run_torchrun; import os; sys.exit(run_torchrun(sys.argv[1:], dict(os.environ)))"
 
@@ -40,8 +43,14 @@ def launch_fake(tmp_path: Path, mode: str) -> subprocess.Popen:
     script = tmp_path / "fake_torchrun.py"
     script.write_text(FAKE_TORCHRUN)
     env = {k: v for k, v in os.environ.items() if k != PREEMPTED_MARKER_ENV}
-    return subprocess.Popen([sys.executable, "-c", LAUNCH, sys.executable, str(script), mode], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, sys.executable, str(script), mode],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("mode, status", [("now", EXIT_PREEMPTED), ("fail", 1)])
@@ -64,11 +73,25 @@ def test_signals_to_the_launcher_reach_torchrun_and_42_comes_back(sig, tmp_path)
 @pytest.mark.slow
 def test_real_torchrun_job_preempted_exits_42_and_resumes(tiny_data, tmp_path):
     out = tmp_path / "run"
-    train = ["train", *PARITY_ARGS, "--train.steps", "400", "--data.path", str(tiny_data), "--train.output_dir",
-             str(out)]
+    train = [
+        "train",
+        *PARITY_ARGS,
+        "--train.steps",
+        "400",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+    ]
     env = {k: v for k, v in os.environ.items() if k != PREEMPTED_MARKER_ENV}
-    p = subprocess.Popen([sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--", *train],
-                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--", *train],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]

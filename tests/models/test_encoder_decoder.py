@@ -13,11 +13,22 @@ transformers = pytest.importorskip("transformers")
 def _hf_pair(tie: bool):
     from meshforge.convert.hf_t5 import from_hf, hf_t5_config_to_model_config
 
-    hf_cfg = transformers.T5Config(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
-                                   num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=tie,
-                                   dropout_rate=0.0, relative_attention_num_buckets=8,
-                                   relative_attention_max_distance=20, decoder_start_token_id=0,
-                                   scale_decoder_outputs=tie)
+    hf_cfg = transformers.T5Config(
+        vocab_size=120,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=tie,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+        scale_decoder_outputs=tie,
+    )
     hf_cfg.tie_word_embeddings = tie
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(hf_cfg).eval()
@@ -53,15 +64,24 @@ def test_buckets_match_hf():
 
     rel = torch.arange(-60, 61)[None, :]
     for bidirectional in (True, False):
-        theirs = T5Attention._relative_position_bucket(rel, bidirectional=bidirectional, num_buckets=32,
-                                                       max_distance=128)
+        theirs = T5Attention._relative_position_bucket(
+            rel, bidirectional=bidirectional, num_buckets=32, max_distance=128
+        )
         assert torch.equal(relative_position_bucket(rel, bidirectional, 32, 128), theirs)
 
 
 def test_decoder_is_causal_and_encoder_padding_is_ignored():
     torch.manual_seed(0)
-    cfg = ModelConfig(family="encoder_decoder", vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
-                      position_encoding="relative", ffn_activation="gelu")
+    cfg = ModelConfig(
+        family="encoder_decoder",
+        vocab_size=50,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=64,
+        position_encoding="relative",
+        ffn_activation="gelu",
+    )
     model = build_model(cfg).eval()
     src = torch.randint(1, 50, (1, 12))
     tgt = torch.randint(1, 50, (1, 9))
@@ -77,6 +97,7 @@ def test_decoder_is_causal_and_encoder_padding_is_ignored():
         out2 = model(src, tgt2, mask)
         assert torch.allclose(out2[:, :5], base[:, :5], atol=1e-6)
         assert not torch.allclose(out2[:, 5:], base[:, 5:])
-    rope = build_model(ModelConfig(family="encoder_decoder", vocab_size=50, dim=32, n_layers=1, n_heads=4,
-                                   max_seq_len=64))
+    rope = build_model(
+        ModelConfig(family="encoder_decoder", vocab_size=50, dim=32, n_layers=1, n_heads=4, max_seq_len=64)
+    )
     assert rope(src, tgt).shape == (1, 9, 50)

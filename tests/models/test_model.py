@@ -219,23 +219,43 @@ def test_flops_formula_matches_counted_flops_of_forward_and_backward():
 def test_encoder_decoder_flops_formula_matches_counted_flops():
     from meshforge.models import encoder_decoder_flops_per_token
 
-    cfg = ModelConfig(family="encoder_decoder", vocab_size=96, dim=32, n_layers=2, n_decoder_layers=3, n_heads=4,
-                      ffn_dim=48, ffn_activation="gelu", position_encoding="relative", max_seq_len=64,
-                      tie_embeddings=False)
+    cfg = ModelConfig(
+        family="encoder_decoder",
+        vocab_size=96,
+        dim=32,
+        n_layers=2,
+        n_decoder_layers=3,
+        n_heads=4,
+        ffn_dim=48,
+        ffn_activation="gelu",
+        position_encoding="relative",
+        max_seq_len=64,
+        tie_embeddings=False,
+    )
     model = build_model(cfg)
     src, tgt = torch.randint(0, 96, (2, 24)), torch.randint(0, 96, (2, 7))
     formula = encoder_decoder_flops_per_token(model, cfg, 24, 7) * 2 * (24 + 7)
     # the rule's 6N also counts norm weights and the relative-bias table, which do no matmul
-    no_matmul = sum(p.numel() * (24 if stack == "encoder" else 7)
-                    for stack in ("encoder", "decoder") for n, p in getattr(model, stack).named_parameters()
-                    if "norm" in n or "rel_bias" in n)
+    no_matmul = sum(
+        p.numel() * (24 if stack == "encoder" else 7)
+        for stack in ("encoder", "decoder")
+        for n, p in getattr(model, stack).named_parameters()
+        if "norm" in n or "rel_bias" in n
+    )
     assert _counted_train_flops(model, src, tgt) == formula - 6 * 2 * no_matmul
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Some Future GPU", None),
+    ],
+)
 def test_peak_flops_by_device_name(name, peak, monkeypatch):
     from meshforge.pretrain.metrics import peak_flops
 

@@ -54,8 +54,16 @@ def variant_family():
         flops_calls.append(lengths)
         return 1000.0
 
-    spec = register(dataclasses.replace(MODEL_SPECS["decoder"], name="counting_decoder", build=CountingDecoder,
-                                        flops_per_token=flops, supports_context_parallel=False, supports_mup=False))
+    spec = register(
+        dataclasses.replace(
+            MODEL_SPECS["decoder"],
+            name="counting_decoder",
+            build=CountingDecoder,
+            flops_per_token=flops,
+            supports_context_parallel=False,
+            supports_mup=False,
+        )
+    )
     CountingDecoder.forwards = 0
     try:
         yield spec, flops_calls
@@ -89,9 +97,17 @@ def test_a_registered_family_trains_through_its_spec(variant_family, tiny_data, 
     from meshforge.pretrain.trainer import train
 
     spec, flops_calls = variant_family
-    cfg = load_config("tiny-test", {"model.family": spec.name, "data.path": str(tiny_data),
-                                    "train.output_dir": str(tmp_path / "run"), "train.steps": 2,
-                                    "train.eval_interval": 0, "checkpoint.interval": 0})
+    cfg = load_config(
+        "tiny-test",
+        {
+            "model.family": spec.name,
+            "data.path": str(tiny_data),
+            "train.output_dir": str(tmp_path / "run"),
+            "train.steps": 2,
+            "train.eval_interval": 0,
+            "checkpoint.interval": 0,
+        },
+    )
     result = train(cfg)
     assert result.final_step == 2
     assert CountingDecoder.forwards >= 2  # its own class ran the steps

@@ -12,8 +12,9 @@ from meshforge.models.moe import STAT_KEYS, MoE, RouterStats, collect_router_sta
 
 
 def moe_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=97, dim=16, n_layers=2, n_heads=2, max_seq_len=32, moe_experts=4, moe_top_k=2,
-                moe_ffn_dim=24)
+    base = dict(
+        vocab_size=97, dim=16, n_layers=2, n_heads=2, max_seq_len=32, moe_experts=4, moe_top_k=2, moe_ffn_dim=24
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -30,7 +31,7 @@ def collected(m: MoE, x: torch.Tensor, aux_grad_scale: float = 1.0) -> tuple[tor
     with collect_router_stats(m, stats):
         y = m(x)
     sums = stats.sums(m)
-    got = {} if sums is None else {**dict(zip(STAT_KEYS, sums[:len(STAT_KEYS)])), "load": sums[len(STAT_KEYS):]}
+    got = {} if sums is None else {**dict(zip(STAT_KEYS, sums[: len(STAT_KEYS)])), "load": sums[len(STAT_KEYS) :]}
     return y, got
 
 
@@ -81,7 +82,7 @@ def test_capacity_keeps_highest_probability_tokens():
     assert keep.sum() == capacity
     assert keep[-capacity:].all() and not keep[:-capacity].any()  # the most confident tokens stay
     y, stats = collected(m, x)
-    dropped_rows = (y.abs().sum(-1) == 0)
+    dropped_rows = y.abs().sum(-1) == 0
     assert dropped_rows.sum() == n - capacity
     assert stats["dropped"] == n - capacity and stats["assigned"] == n
 
@@ -152,10 +153,19 @@ def test_moe_training_logs_router_metrics_and_resumes(tiny_data, tmp_path):
     from meshforge.pretrain.metrics import read_metrics
     from meshforge.pretrain.trainer import Trainer
 
-    over = {"data.path": str(tiny_data), "train.output_dir": str(tmp_path / "moe"), "train.steps": 12,
-            "train.eval_interval": 0, "train.sample_prompt": "", "checkpoint.interval": 6,
-            "model.moe_experts": 4, "model.moe_top_k": 2, "model.moe_dense_layers": 1,
-            "model.moe_capacity_factor": 1.0, "model.moe_bias_update_rate": 0.001}
+    over = {
+        "data.path": str(tiny_data),
+        "train.output_dir": str(tmp_path / "moe"),
+        "train.steps": 12,
+        "train.eval_interval": 0,
+        "train.sample_prompt": "",
+        "checkpoint.interval": 6,
+        "model.moe_experts": 4,
+        "model.moe_top_k": 2,
+        "model.moe_dense_layers": 1,
+        "model.moe_capacity_factor": 1.0,
+        "model.moe_bias_update_rate": 0.001,
+    }
     result = Trainer(load_config("tiny-test", over)).run()
     records = [r for r in read_metrics(tmp_path / "moe") if "loss" in r]
     assert len(records) == 12 and records[-1]["loss"] < records[0]["loss"]

@@ -11,8 +11,16 @@ from meshforge.pretrain.optim import build_optimizer, build_scheduler
 
 
 def mup_cfg(dim: int, base: int):
-    return load_config("tiny-test", {"model.dim": dim, "model.n_heads": dim // 16, "model.n_kv_heads": 0,
-                                     "model.mup_base_dim": base, "model.init_std": 0.02})
+    return load_config(
+        "tiny-test",
+        {
+            "model.dim": dim,
+            "model.n_heads": dim // 16,
+            "model.n_kv_heads": 0,
+            "model.mup_base_dim": base,
+            "model.init_std": 0.02,
+        },
+    )
 
 
 def test_mup_init_scales_hidden_matrices_by_one_over_sqrt_width_multiplier():

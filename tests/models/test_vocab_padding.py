@@ -56,14 +56,34 @@ def test_generation_never_picks_an_id_beyond_the_tokenizer(tiny_data):
 
 def test_train_with_a_padded_vocab_samples_and_generates(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-            "--model.vocab_size", "0", "--model.vocab_multiple_of", "96", "--train.steps", "3",
-            "--train.eval_interval", "0", "--checkpoint.interval", "0", "--train.sample_tokens", "24"]
+    argv = [
+        "train",
+        "--config",
+        "tiny-test",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--model.vocab_size",
+        "0",
+        "--model.vocab_multiple_of",
+        "96",
+        "--train.steps",
+        "3",
+        "--train.eval_interval",
+        "0",
+        "--checkpoint.interval",
+        "0",
+        "--train.sample_tokens",
+        "24",
+    ]
     assert cli_main(argv) == 0
     assert "sample> ROMEO:" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 576
     for args in ([], ["--top-k", "0", "--temperature", "2.0", "--seed", "5"]):
-        assert cli_main(["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "24", *args]) == 0
+        assert (
+            cli_main(["generate", "--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "24", *args]) == 0
+        )
         assert capsys.readouterr().out.startswith("ROMEO:")
     # the same run again resumes (its identity holds the resolved size, as an explicit 576 would)
     assert cli_main([*argv[:-2], "--train.steps", "4"]) == 0
@@ -71,8 +91,17 @@ def test_train_with_a_padded_vocab_samples_and_generates(tiny_data, tmp_path, ca
 
 def test_a_vocab_smaller_than_the_tokenizer_is_refused(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-            "--model.vocab_size", "500"]
+    argv = [
+        "train",
+        "--config",
+        "tiny-test",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--model.vocab_size",
+        "500",
+    ]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert "has 512 tokens but model.vocab_size is 500" in err and err.count("\n") == 1

@@ -11,8 +11,9 @@ from meshforge.parallel.activation_checkpoint import apply_activation_checkpoint
 
 def _loss_and_grads(mode: str):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, qk_norm=True,
-                                    max_seq_len=64))
+    model = build_model(
+        ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, qk_norm=True, max_seq_len=64)
+    )
     apply_activation_checkpointing(model, mode)
     x = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(1))
     loss = lm_loss(model(x[:, :-1]), x[:, 1:], 1e-3).total
@@ -71,8 +72,19 @@ def test_moe_router_stats_do_not_depend_on_recomputation(early_stop):
 
     def run(mode: str):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, max_seq_len=64, moe_experts=4,
-                                        moe_top_k=2, moe_capacity_factor=1.0, moe_dense_layers=1))
+        model = build_model(
+            ModelConfig(
+                vocab_size=97,
+                dim=32,
+                n_layers=3,
+                n_heads=4,
+                max_seq_len=64,
+                moe_experts=4,
+                moe_top_k=2,
+                moe_capacity_factor=1.0,
+                moe_dense_layers=1,
+            )
+        )
         apply_activation_checkpointing(model, mode)
         x = torch.randint(0, 97, (3, 17), generator=torch.Generator().manual_seed(1))
         stats = RouterStats(aux_grad_scale=0.5)

@@ -16,10 +16,20 @@ from meshforge.pretrain.trainer import Trainer
 
 RANK_SCRIPT = [str(Path(__file__).resolve().parents[1] / "harness" / "compile_backend_rank.py")]
 
-SMALL_SHRUNK = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.max_seq_len": 64,
-                "data.seq_len": 32, "train.global_batch_size": 8, "train.micro_batch_size": 4,
-                "train.eval_batches": 2, "train.eval_interval": 0, "train.sample_prompt": "",
-                "checkpoint.interval": 0, "train.progress": False}
+SMALL_SHRUNK = {
+    "model.dim": 64,
+    "model.n_layers": 2,
+    "model.n_heads": 4,
+    "model.max_seq_len": 64,
+    "data.seq_len": 32,
+    "train.global_batch_size": 8,
+    "train.micro_batch_size": 4,
+    "train.eval_batches": 2,
+    "train.eval_interval": 0,
+    "train.sample_prompt": "",
+    "checkpoint.interval": 0,
+    "train.progress": False,
+}
 """The small preset (tied embeddings, z-loss) cut to 2 layers of width 64, two micro-batches a step."""
 STEPS = 3
 LOSS_RTOL = 1e-5
@@ -36,9 +46,17 @@ def test_compile_setting():
 @pytest.mark.slow
 def test_compiled_blocks_match_eager(tiny_data, tmp_path):
     def losses(setting: str) -> list[float]:
-        cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(tmp_path / setting),
-                                        "train.steps": 4, "train.eval_interval": 0, "train.sample_prompt": "",
-                                        "parallel.compile": setting})
+        cfg = load_config(
+            "tiny-test",
+            {
+                "data.path": str(tiny_data),
+                "train.output_dir": str(tmp_path / setting),
+                "train.steps": 4,
+                "train.eval_interval": 0,
+                "train.sample_prompt": "",
+                "parallel.compile": setting,
+            },
+        )
         return Trainer(cfg).run().losses
 
     eager, compiled = losses("off"), losses("on")
@@ -47,8 +65,10 @@ def test_compiled_blocks_match_eager(tiny_data, tmp_path):
 
 def _steps(data: Path, out: Path, **overrides) -> tuple[list[float], list[dict], float]:
     """Per-step losses, per-step gradients (as the optimizer sees them) and a validation loss."""
-    cfg = load_config("small", {**SMALL_SHRUNK, "data.path": str(data), "train.output_dir": str(out),
-                                "train.steps": STEPS, **overrides})
+    cfg = load_config(
+        "small",
+        {**SMALL_SHRUNK, "data.path": str(data), "train.output_dir": str(out), "train.steps": STEPS, **overrides},
+    )
     trainer = Trainer(cfg)
     trainer._setup()
     grads, update = [], trainer.backend.optimizer_update
@@ -72,16 +92,18 @@ def _model_scope_matches_eager(data: Path, tmp_path: Path, **overrides) -> dict:
     eager = _steps(data, tmp_path / "eager", **{"parallel.compile": "off", **overrides})
     torch._dynamo.reset()
     counters.clear()
-    compiled = _steps(data, tmp_path / "model", **{"parallel.compile": "on", "parallel.compile_scope": "model",
-                                                   **overrides})
+    compiled = _steps(
+        data, tmp_path / "model", **{"parallel.compile": "on", "parallel.compile_scope": "model", **overrides}
+    )
     torch.testing.assert_close(torch.tensor(compiled[0]), torch.tensor(eager[0]), rtol=LOSS_RTOL, atol=0)
     assert eager[0][-1] < eager[0][0]  # it trained
     assert len(compiled[1]) == len(eager[1]) == STEPS
     for got, ref in zip(compiled[1], eager[1]):
         assert got.keys() == ref.keys()
         for name in ref:
-            torch.testing.assert_close(got[name], ref[name], rtol=GRAD_RTOL, atol=GRAD_ATOL,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                got[name], ref[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"{name}: {m}"
+            )
     torch.testing.assert_close(torch.tensor(compiled[2]), torch.tensor(eager[2]), rtol=LOSS_RTOL, atol=0)
     return {k: dict(v) for k, v in counters.items()}
 
@@ -120,14 +142,26 @@ def test_model_scope_fused_loss_matches_eager(tiny_data, tmp_path, monkeypatch):
 BLOCKS = "use parallel.compile_scope = 'blocks'"
 
 
-@pytest.mark.parametrize("overrides, says", [
-    ({"parallel.compile": "off"}, "parallel.compile = 'off' compiles nothing; set parallel.compile = 'on'"),
-    ({"parallel.pp": 2}, "parallel.pp = 2: the pipeline schedule runs each stage and the loss itself"),
-    ({"parallel.dp_backend": "deepspeed"}, "parallel.dp_backend = 'deepspeed': the step calls the DeepSpeed engine"),
-    ({"parallel.ep": 2, "model.moe_experts": 4}, "parallel.ep = 2: the experts' all-to-all inside the compiled"),
-    ({"parallel.activation_checkpointing": "full"}, "parallel.activation_checkpointing = 'full': torch's checkpoint"),
-    ({"parallel.activation_checkpointing": "selective"}, "parallel.activation_checkpointing = 'selective': torch's"),
-])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        ({"parallel.compile": "off"}, "parallel.compile = 'off' compiles nothing; set parallel.compile = 'on'"),
+        ({"parallel.pp": 2}, "parallel.pp = 2: the pipeline schedule runs each stage and the loss itself"),
+        (
+            {"parallel.dp_backend": "deepspeed"},
+            "parallel.dp_backend = 'deepspeed': the step calls the DeepSpeed engine",
+        ),
+        ({"parallel.ep": 2, "model.moe_experts": 4}, "parallel.ep = 2: the experts' all-to-all inside the compiled"),
+        (
+            {"parallel.activation_checkpointing": "full"},
+            "parallel.activation_checkpointing = 'full': torch's checkpoint",
+        ),
+        (
+            {"parallel.activation_checkpointing": "selective"},
+            "parallel.activation_checkpointing = 'selective': torch's",
+        ),
+    ],
+)
 def test_model_scope_refusals(overrides, says):
     with pytest.raises(ConfigError) as e:
         load_config("small", {"parallel.compile": "on", "parallel.compile_scope": "model", **overrides})
@@ -139,8 +173,10 @@ def test_model_scope_refusals(overrides, says):
 
 def test_model_scope_refused_before_writing(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli_main(["train", "--train.output_dir", str(out), "--parallel.compile_scope", "model",
-                     "--parallel.pp", "2"]) == 2
+    assert (
+        cli_main(["train", "--train.output_dir", str(out), "--parallel.compile_scope", "model", "--parallel.pp", "2"])
+        == 2
+    )
     assert "compile_scope = 'model' does not work with parallel.pp = 2" in capsys.readouterr().err
     assert not out.exists()
 
@@ -149,19 +185,41 @@ def test_model_scope_under_fsdp2_matches_single_process(tiny_data, single_proces
     """FSDP2 over 2 ranks: its hooks run eagerly (graph breaks around each sharded module), the rest compiled."""
     from parallel_harness import assert_parity, train_layout
 
-    got = train_layout(tiny_data, tmp_path / "fsdp2", 2, "--parallel.dp_shard", "2", "--parallel.compile", "on",
-                       "--parallel.compile_scope", "model", script=RANK_SCRIPT)
+    got = train_layout(
+        tiny_data,
+        tmp_path / "fsdp2",
+        2,
+        "--parallel.dp_shard",
+        "2",
+        "--parallel.compile",
+        "on",
+        "--parallel.compile_scope",
+        "model",
+        script=RANK_SCRIPT,
+    )
     assert_parity(single_process_ref, got)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, overrides, atol", [
-    ("tp2", ("--parallel.tp", "2", "--parallel.dp_shard", "1"), "tp"),
-    ("cp2", ("--parallel.cp", "2", "--parallel.dp_shard", "1"), ""),
-])
+@pytest.mark.parametrize(
+    "name, overrides, atol",
+    [
+        ("tp2", ("--parallel.tp", "2", "--parallel.dp_shard", "1"), "tp"),
+        ("cp2", ("--parallel.cp", "2", "--parallel.dp_shard", "1"), ""),
+    ],
+)
 def test_model_scope_layouts_match_single_process(name, overrides, atol, tiny_data, single_process_ref, tmp_path):
     from parallel_harness import TP_ATOL, assert_parity, train_layout
 
-    got = train_layout(tiny_data, tmp_path / name, 2, *overrides, "--parallel.compile", "on",
-                       "--parallel.compile_scope", "model", script=RANK_SCRIPT)
+    got = train_layout(
+        tiny_data,
+        tmp_path / name,
+        2,
+        *overrides,
+        "--parallel.compile",
+        "on",
+        "--parallel.compile_scope",
+        "model",
+        script=RANK_SCRIPT,
+    )
     assert_parity(single_process_ref, got, **({"atol": TP_ATOL} if atol else {}))

@@ -70,8 +70,14 @@ def _forbid_collectives():
     def refuse(*args, **kwargs):
         raise AssertionError("ring attention called a collective")
 
-    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "all_to_all_single",
-                 "reduce_scatter_tensor"):
+    for name in (
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "broadcast",
+        "all_to_all_single",
+        "reduce_scatter_tensor",
+    ):
         setattr(dist, name, refuse)
 
 
@@ -95,9 +101,13 @@ def _check(rank, cp, method, seqlen, count_bytes, fused):
             assert counter.sends == (cp - 1) * (2 + (seg is not None)) * 2 + 2 * cp
         got = [out.detach()] + [t.grad for t in local]
         for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
-            torch.testing.assert_close(g, zigzag_split(r, rank, cp, dim=2), rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{method} (fused {fused}) cp{cp} rank {rank} "
-                                                     f"segments={seg is not None} {name}: {m}")
+            torch.testing.assert_close(
+                g,
+                zigzag_split(r, rank, cp, dim=2),
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m: f"{method} (fused {fused}) cp{cp} rank {rank} segments={seg is not None} {name}: {m}",
+            )
 
 
 def _worker(rank, cp, port, cases):
@@ -106,8 +116,17 @@ def _worker(rank, cp, port, cases):
     try:
         for method, seqlen, count_bytes, fused in cases:
             if method == "ring" and count_bytes:
-                saved = {n: getattr(dist, n) for n in ("all_gather", "all_gather_into_tensor", "all_reduce",
-                                                       "broadcast", "all_to_all_single", "reduce_scatter_tensor")}
+                saved = {
+                    n: getattr(dist, n)
+                    for n in (
+                        "all_gather",
+                        "all_gather_into_tensor",
+                        "all_reduce",
+                        "broadcast",
+                        "all_to_all_single",
+                        "reduce_scatter_tensor",
+                    )
+                }
                 _forbid_collectives()
                 try:
                     _check(rank, cp, method, seqlen, count_bytes, fused)
@@ -120,10 +139,13 @@ def _worker(rank, cp, port, cases):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("cp, cases", [
-    (2, [("ring", 24, True, True), ("ring", 24, False, False), ("alltoall", 24, False, None)]),
-    (4, [("ring", 40, True, True), ("ring", 40, False, False)]),
-])
+@pytest.mark.parametrize(
+    "cp, cases",
+    [
+        (2, [("ring", 24, True, True), ("ring", 24, False, False), ("alltoall", 24, False, None)]),
+        (4, [("ring", 40, True, True), ("ring", 40, False, False)]),
+    ],
+)
 def test_cp_attention_matches_full_sequence(cp, cases):
     mp.start_processes(_worker, args=(cp, free_port(), cases), nprocs=cp, join=True, start_method="spawn")
 

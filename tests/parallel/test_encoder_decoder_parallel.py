@@ -58,22 +58,31 @@ def _assert_parity(ref, got, atol: float) -> None:
             assert have[step] == pytest.approx(v, rel=1e-5), (key, step)
 
 
-@pytest.mark.parametrize("name, world, overrides, atol", [
-    ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
-    ("fsdp2", 2, (), 1e-6),
-    pytest.param("tp2xfsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2"), TP_ATOL, marks=pytest.mark.slow),
-    # encoder (2 layers) | decoder (2 layers): the encoder output crosses once
-    ("pp2-1f1b", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"), 1e-6),
-    # 4 stages, one layer each: stage 0 hands the decoder stream and both biases through stage 1
-    ("pp2-interleaved", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"), 1e-6),
-    # the same with input and weight gradients computed apart, the passed-through tensors included
-    ("pp2-zero-bubble", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble"), 1e-6),
-    # encoder layer 0 | encoder layer 1 + decoder: DTensor activations and head-sharded biases cross
-    pp_tp("pp2xtp2-gpipe", 4, ("--parallel.pp", "2", "--parallel.pp_schedule", "gpipe", "--parallel.pp_split", "1",
-                               "--parallel.tp", "2"), TP_ATOL, slow=True),
-])
-def test_encoder_decoder_layouts_match_single_process(name, world, overrides, atol, t5_data, ref,  # noqa: F811
-                                                      tmp_path):
+@pytest.mark.parametrize(
+    "name, world, overrides, atol",
+    [
+        ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
+        ("fsdp2", 2, (), 1e-6),
+        pytest.param(
+            "tp2xfsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2"), TP_ATOL, marks=pytest.mark.slow
+        ),
+        # encoder (2 layers) | decoder (2 layers): the encoder output crosses once
+        ("pp2-1f1b", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"), 1e-6),
+        # 4 stages, one layer each: stage 0 hands the decoder stream and both biases through stage 1
+        ("pp2-interleaved", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"), 1e-6),
+        # the same with input and weight gradients computed apart, the passed-through tensors included
+        ("pp2-zero-bubble", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble"), 1e-6),
+        # encoder layer 0 | encoder layer 1 + decoder: DTensor activations and head-sharded biases cross
+        pp_tp(
+            "pp2xtp2-gpipe",
+            4,
+            ("--parallel.pp", "2", "--parallel.pp_schedule", "gpipe", "--parallel.pp_split", "1", "--parallel.tp", "2"),
+            TP_ATOL,
+            slow=True,
+        ),
+    ],
+)
+def test_encoder_decoder_layouts_match_single_process(name, world, overrides, atol, t5_data, ref, tmp_path):  # noqa: F811
     got = train_layout(t5_data, tmp_path / name, world, *overrides, extra_args=PAR_ARGS)
     _assert_parity(ref, got, atol)
 
@@ -84,8 +93,9 @@ def test_tied_encoder_decoder_pipeline_matches_single_process(t5_data, tmp_path)
     stage 0 embeds both streams, the last stage's copy projects; their gradients are summed."""
     tied = ("--model.tie_embeddings", "true")
     want = train_layout(t5_data, tmp_path / "ref", 1, *tied, extra_args=PAR_ARGS)
-    got = train_layout(t5_data, tmp_path / "pp2", 2, *tied, "--parallel.pp", "2", "--parallel.pp_schedule", "1f1b",
-                       extra_args=PAR_ARGS)
+    got = train_layout(
+        t5_data, tmp_path / "pp2", 2, *tied, "--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", extra_args=PAR_ARGS
+    )
     torch.testing.assert_close(got.params["output.weight"], got.params["tok_embeddings.weight"], rtol=0, atol=0)
     _assert_parity(want, got, 1e-6)
 
@@ -109,10 +119,23 @@ def comm_report(tmp_path_factory) -> dict:
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "harness" / "encoder_decoder_tp_check.py"), str(out)],
-                                      env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "harness" / "encoder_decoder_tp_check.py"), str(out)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
     errs = []
     for p in procs:
         try:
@@ -199,8 +222,20 @@ def test_encoder_decoder_tp_shards_weights_and_matches_reference_grads(comm_repo
 
 
 def _cfg(*overrides):
-    return load_config("t5-small", ["--model.n_layers", "3", "--model.n_decoder_layers", "2",
-                                    "--train.global_batch_size", "8", "--train.micro_batch_size", "2", *overrides])
+    return load_config(
+        "t5-small",
+        [
+            "--model.n_layers",
+            "3",
+            "--model.n_decoder_layers",
+            "2",
+            "--train.global_batch_size",
+            "8",
+            "--train.micro_batch_size",
+            "2",
+            *overrides,
+        ],
+    )
 
 
 def test_pipeline_split_counts_encoder_then_decoder_layers():
@@ -212,8 +247,18 @@ def test_pipeline_split_counts_encoder_then_decoder_layers():
     cfg = _cfg("--parallel.pp", "2", "--parallel.pp_split", "5")
     with pytest.raises(ConfigError, match=r"within 1\.\.4 \(model.n_layers \+ decoder layers \(3 \+ 2\) = 5\)"):
         plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2))
-    cfg = _cfg("--parallel.pp", "4", "--parallel.pp_schedule", "interleaved_1f1b", "--model.n_layers", "2",
-               "--model.n_decoder_layers", "1", "--train.micro_batch_size", "1")
+    cfg = _cfg(
+        "--parallel.pp",
+        "4",
+        "--parallel.pp_schedule",
+        "interleaved_1f1b",
+        "--model.n_layers",
+        "2",
+        "--model.n_decoder_layers",
+        "1",
+        "--train.micro_batch_size",
+        "1",
+    )
     with pytest.raises(ConfigError, match=r"model.n_layers \+ decoder layers \(2 \+ 1\) = 3 cannot cover 8 pipeline"):
         check_job(cfg, resolve_degrees(cfg.parallel, 4))
 
@@ -230,21 +275,35 @@ def test_moe_encoder_decoder_is_refused_for_tp_and_pp():
 
 
 @pytest.mark.parametrize("position", ["relative", "rope"])
-@pytest.mark.parametrize("layout", [
-    ("--parallel.pp", "2"),  # encoder | decoder
-    ("--parallel.pp", "2", "--parallel.pp_split", "1"),  # inside the encoder
-    ("--parallel.pp", "2", "--parallel.pp_split", "4"),  # inside the decoder
-    ("--parallel.pp", "3", "--parallel.pp_split", "2,3"),  # a stage that ends exactly with the encoder
-    ("--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"),  # loop placement, 4 stages
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("--parallel.pp", "2"),  # encoder | decoder
+        ("--parallel.pp", "2", "--parallel.pp_split", "1"),  # inside the encoder
+        ("--parallel.pp", "2", "--parallel.pp_split", "4"),  # inside the decoder
+        ("--parallel.pp", "3", "--parallel.pp_split", "2,3"),  # a stage that ends exactly with the encoder
+        ("--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"),  # loop placement, 4 stages
+    ],
+)
 def test_stages_hold_the_model_and_compose_to_its_forward(position, layout):
     """Every rank's view together holds exactly the model's parameters, by name and value, and
     running the stages one after another (activations, then logits) is the model's forward, bit for bit."""
     from meshforge.models import build_model
     from meshforge.parallel.pipeline import PipelineModel, split_model
 
-    cfg = _cfg("--model.vocab_size", "128", "--model.dim", "32", "--model.n_heads", "4", "--model.ffn_dim", "64",
-               "--model.position_encoding", position, *layout)
+    cfg = _cfg(
+        "--model.vocab_size",
+        "128",
+        "--model.dim",
+        "32",
+        "--model.n_heads",
+        "4",
+        "--model.ffn_dim",
+        "64",
+        "--model.position_encoding",
+        position,
+        *layout,
+    )
     plan = plan_pipeline(cfg, resolve_degrees(cfg.parallel, cfg.parallel.pp))
     torch.manual_seed(0)
     full = build_model(cfg.model)

@@ -31,16 +31,21 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def assert_all_finished(results: list) -> None:
-    failed = [f"group {g} rank {r} (exit {status}):\n{err[-2000:]}" for g, ranks in enumerate(results)
-              for r, (status, err) in enumerate(ranks) if status != 0]
+    failed = [
+        f"group {g} rank {r} (exit {status}):\n{err[-2000:]}"
+        for g, ranks in enumerate(results)
+        for r, (status, err) in enumerate(ranks)
+        if status != 0
+    ]
     assert not failed, "\n".join(failed)
 
 
 def assert_matches_reference(out) -> None:
     got, want, weights = replay(out, 0)
     assert len(got) >= 5
-    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
-                               rtol=0, atol=LOSS_ATOL)
+    torch.testing.assert_close(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64), rtol=0, atol=LOSS_ATOL
+    )
     for name, value in final_weights(out, 0).items():
         torch.testing.assert_close(value, weights[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert want[-1] < want[0]
@@ -63,8 +68,12 @@ BAD = [
 @pytest.mark.parametrize("overrides,message", BAD, ids=[m for _, m in BAD])
 def test_config_errors(overrides, message, monkeypatch):
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
-    args = ["parallel.fault_tolerance=torchft", "parallel.ft_lighthouse=http://127.0.0.1:1", "train.micro_batch_size=2",
-            *overrides]
+    args = [
+        "parallel.fault_tolerance=torchft",
+        "parallel.ft_lighthouse=http://127.0.0.1:1",
+        "train.micro_batch_size=2",
+        *overrides,
+    ]
     cfg = load_config("tiny-test", [f"--{a.split('=')[0]}={a.split('=', 1)[1]}" for a in args])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_job(cfg, resolve_degrees(cfg.parallel, 2), "cpu")
@@ -128,8 +137,11 @@ def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
     failed = [r for r in after if not r["ft_committed"]]  # the step the kill broke: not committed, its data skipped
     assert len(failed) <= 2 and all(r["ft_samples"] == [] and r.get("skipped") for r in failed), failed
     assert any(r["ft_groups"] == [0] and r["ft_committed"] for r in after), "group 0 trained on alone after the kill"
-    assert all(r["ft_samples"] == [[8 * (r["step"] - 1), 8 * (r["step"] - 1) + 4]]
-               for r in after if r["ft_groups"] == [0] and r["ft_committed"])  # group 1's share skipped
+    assert all(
+        r["ft_samples"] == [[8 * (r["step"] - 1), 8 * (r["step"] - 1) + 4]]
+        for r in after
+        if r["ft_groups"] == [0] and r["ft_committed"]
+    )  # group 1's share skipped
     healed = [r for r in records(tmp_path, 1) if "ft_healed_from_step" in r]
     assert healed and healed[-1]["step"] > lost_at, healed
     assert rows[-1]["ft_groups"] == [0, 1]  # together again at the end
@@ -191,14 +203,35 @@ def test_launch_ft_dry_run():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--ft-groups",
-                          "2", "--ft-port", "29600", "--dry-run", "--", "train", "--config", "tiny-test"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshforge",
+            "launch",
+            "--cpu",
+            "--gpus-per-node",
+            "2",
+            "--ft-groups",
+            "2",
+            "--ft-port",
+            "29600",
+            "--dry-run",
+            "--",
+            "train",
+            "--config",
+            "tiny-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].endswith("--bind '[::]:29600' --min_replicas 1")
     for g, line in enumerate(lines[1:]):
         assert "--nproc-per-node 2 --max-restarts 3" in line
-        assert line.endswith(f"--parallel.ft_groups 2 --parallel.ft_replica_group {g} "
-                             "--parallel.ft_lighthouse http://127.0.0.1:29600")
+        assert line.endswith(
+            f"--parallel.ft_groups 2 --parallel.ft_replica_group {g} --parallel.ft_lighthouse http://127.0.0.1:29600"
+        )
     assert len(lines) == 3

@@ -58,7 +58,9 @@ def test_moe_preset_keeps_router_and_experts_in_high_precision(Float8Linear):
     assert moe_layers
     for block in moe_layers:  # grouped expert weights are parameters, not linear layers: untouched
         assert not any(isinstance(m, Float8Linear) for m in block.feed_forward.experts.modules())
-    assert all(isinstance(linears[n], Float8Linear) for n in linears if n.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo"))
+    assert all(
+        isinstance(linears[n], Float8Linear) for n in linears if n.rsplit(".", 1)[-1] in ("wq", "wk", "wv", "wo")
+    )
 
 
 def test_dims_not_multiple_of_16_stay_high_precision(Float8Linear):
@@ -91,9 +93,20 @@ def test_parallelize_applies_float8_and_float8_tp_plan(Float8Linear):
     assert isinstance(model.layers["0"].attention.wq, Float8Linear) and type(model.output) is nn.Linear
     plan = build_tp_plan(cfg.model, loss_parallel=True, float8=True)
     float8_styles = {k: type(v).__name__ for k, v in plan.items() if "Float8" in type(v).__name__}
-    assert set(float8_styles) == {f"layers.*.{p}" for p in ("attention", "attention.wq", "attention.wk", "attention.wv",
-                                                            "attention.wo", "feed_forward", "feed_forward.w1",
-                                                            "feed_forward.w2", "feed_forward.w3")}
+    assert set(float8_styles) == {
+        f"layers.*.{p}"
+        for p in (
+            "attention",
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        )
+    }
     assert type(plan["output"]).__name__ == "ColwiseParallel"
     assert type(plan["tok_embeddings"]).__name__ == "RowwiseParallel"
     assert not any("Float8" in type(v).__name__ for v in build_tp_plan(cfg.model, loss_parallel=True).values())
@@ -122,8 +135,10 @@ def test_train_refuses_float8_on_cpu_before_writing(tiny_data, tmp_path):
     from meshforge.pretrain.trainer import Trainer
 
     out = tmp_path / "run"
-    cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out),
-                                    "train.device": "cpu", "train.float8": "rowwise"})
+    cfg = load_config(
+        "tiny-test",
+        {"data.path": str(tiny_data), "train.output_dir": str(out), "train.device": "cpu", "train.float8": "rowwise"},
+    )
     with pytest.raises(ConfigError, match="train.float8 = 'rowwise' needs a CUDA GPU"):
         Trainer(cfg)
     assert not out.exists()
@@ -149,8 +164,12 @@ def test_float8_fsdp2_and_tp2_layouts(tmp_path, Float8Linear):
     assert fsdp["output"]["type"] == "Linear"
     tp = report["tp2"]
     for layer in ("0", "1"):
-        for proj, placement in (("attention.wq", "S(0)"), ("attention.wo", "S(1)"), ("feed_forward.w1", "S(0)"),
-                                ("feed_forward.w2", "S(1)")):
+        for proj, placement in (
+            ("attention.wq", "S(0)"),
+            ("attention.wo", "S(1)"),
+            ("feed_forward.w1", "S(0)"),
+            ("feed_forward.w2", "S(1)"),
+        ):
             r = tp[f"layers.{layer}.{proj}"]
             assert r["type"] == "Float8Linear" and r["placements"] == [placement], (proj, r)
     assert "PrepareFloat8ModuleInput" in tp["layers.0.attention"]["input_hooks"]

@@ -13,15 +13,19 @@ STEPS, MICRO = 10, 2
 """PARITY_ARGS: 10 steps; 8 samples over 2 data-parallel ranks in micro-batches of 2."""
 
 
-@pytest.mark.parametrize("name, overrides, reduce_scatters, all_reduces", [
-    # FSDP2 over 2 ranks: one reduce-scatter per unit and step, or per unit and micro-batch
-    ("fsdp2-step", ("--parallel.grad_sync", "step"), UNITS * STEPS, 0),
-    ("fsdp2-microbatch", ("--parallel.grad_sync", "microbatch"), UNITS * STEPS * MICRO, 0),
-    # HSDP 2 x 1 (replicas of one shard): the all-reduce over dp_replicate, once per step by default
-    ("hsdp-2x1-step", ("--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"), None, UNITS * STEPS),
-])
-def test_grad_sync_matches_single_process(name, overrides, reduce_scatters, all_reduces, tiny_data,
-                                          single_process_ref, tmp_path):
+@pytest.mark.parametrize(
+    "name, overrides, reduce_scatters, all_reduces",
+    [
+        # FSDP2 over 2 ranks: one reduce-scatter per unit and step, or per unit and micro-batch
+        ("fsdp2-step", ("--parallel.grad_sync", "step"), UNITS * STEPS, 0),
+        ("fsdp2-microbatch", ("--parallel.grad_sync", "microbatch"), UNITS * STEPS * MICRO, 0),
+        # HSDP 2 x 1 (replicas of one shard): the all-reduce over dp_replicate, once per step by default
+        ("hsdp-2x1-step", ("--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"), None, UNITS * STEPS),
+    ],
+)
+def test_grad_sync_matches_single_process(
+    name, overrides, reduce_scatters, all_reduces, tiny_data, single_process_ref, tmp_path
+):
     out = tmp_path / name
     args = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *overrides]
     errs = run_ranks(2, args, script=[str(REPO / "tests" / "harness" / "grad_sync_rank.py")])
@@ -47,14 +51,15 @@ def test_planner_and_dry_run_price_the_trainers_grad_sync(grad_sync, zero, rep, 
     from meshforge.plan.layouts import Layout, check_layout
     from meshforge.plan.time_model import estimate_time
 
-    cfg = load_config("small", {"train.global_batch_size": 32, "model.n_layers": 4,
-                                "parallel.grad_sync": grad_sync})
+    cfg = load_config("small", {"train.global_batch_size": 32, "model.n_layers": 4, "parallel.grad_sync": grad_sync})
     layout = Layout(1, 1, rep, shard, zero=zero, micro_batch_size=2)
     job = check_layout(cfg, layout)
     mb, units = 32 // 4 // 2, 4 + 1
     counts = []
-    for collectives in (dry_run(cfg, layout, 0).collectives,
-                        estimate_time(job, layout, get_device("h100-80gb"), 8).comm):
+    for collectives in (
+        dry_run(cfg, layout, 0).collectives,
+        estimate_time(job, layout, get_device("h100-80gb"), 8).comm,
+    ):
         got: dict[str, float] = {}
         for c in collectives:
             if c["group"] in FSDP_GROUPS or c["group"].startswith("dp_shard"):

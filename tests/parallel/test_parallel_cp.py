@@ -63,14 +63,26 @@ def test_cp_config_is_checked_before_any_process_group():
     _check(2, parallel__cp=2, model__moe_experts=4)  # more in test_parallel_cp_moe.py
     _check(4, parallel__cp=2, parallel__pp=2)
     _check(4, parallel__cp=2, parallel__pp=2, data__document_mask=True)
-    with pytest.raises(ConfigError, match=r"parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel "
-                                          r"\(dp_replicate x dp_shard x cp = 1 x 1 x 2\) needs "
-                                          r"parallel.fsdp_reshard_after_forward = false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.pp_schedule = 'zero_bubble' with FSDP2 data parallel "
+        r"\(dp_replicate x dp_shard x cp = 1 x 1 x 2\) needs "
+        r"parallel.fsdp_reshard_after_forward = false",
+    ):
         _check(4, parallel__cp=2, parallel__pp=2, parallel__pp_schedule="zero_bubble")
-    _check(4, parallel__cp=2, parallel__pp=2, parallel__pp_schedule="zero_bubble",
-           parallel__fsdp_reshard_after_forward=False, model__n_layers=4)
-    with pytest.raises(ConfigError, match=r"data.document_mask does not work with tensor parallelism yet "
-                                          r"\(parallel.tp = 2\)"):
+    _check(
+        4,
+        parallel__cp=2,
+        parallel__pp=2,
+        parallel__pp_schedule="zero_bubble",
+        parallel__fsdp_reshard_after_forward=False,
+        model__n_layers=4,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data.document_mask does not work with tensor parallelism yet "
+        r"\(parallel.tp = 2\)",
+    ):
         _check(4, parallel__cp=2, parallel__tp=2, data__document_mask=True)
     _check(4, parallel__cp=2, parallel__dp_backend="deepspeed")
     with pytest.raises(ConfigError, match=r"supports data parallelism only .* got tp = 2, pp = 1"):
@@ -137,21 +149,49 @@ def test_cp2_x_pp2_matches_single_process(tiny_data, single_process_ref, tmp_pat
 def test_cp2_on_deepspeed_matches_single_process(stage, tiny_data, single_process_ref, tmp_path):
     """The DeepSpeed engine averages gradients over every rank: the cp ranks count as its data-parallel ranks."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[test]')")
-    got = train_layout(tiny_data, tmp_path / f"cp2-zero{stage}", 2, "--parallel.cp", "2",
-                       "--parallel.dp_backend", "deepspeed", "--parallel.zero_stage", str(stage))
+    got = train_layout(
+        tiny_data,
+        tmp_path / f"cp2-zero{stage}",
+        2,
+        "--parallel.cp",
+        "2",
+        "--parallel.dp_backend",
+        "deepspeed",
+        "--parallel.zero_stage",
+        str(stage),
+    )
     _assert_cp_parity(single_process_ref, got)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides", [
-    ("cp4-ring", 4, ("--parallel.cp", "4")),
-    ("cp2-x-tp2", 4, ("--parallel.cp", "2", "--parallel.tp", "2")),
-    ("cp2-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2")),
-    ("cp2-alltoall-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2", "--parallel.cp_method", "alltoall")),
-    # zero-bubble's split backward with the FSDP2 that cp brings: parameters gathered until the weight pass
-    ("cp2-x-pp2-zero-bubble", 4, ("--parallel.cp", "2", "--parallel.pp", "2", "--parallel.pp_schedule", "zero_bubble",
-                                  "--parallel.fsdp_reshard_after_forward", "false")),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("cp4-ring", 4, ("--parallel.cp", "4")),
+        ("cp2-x-tp2", 4, ("--parallel.cp", "2", "--parallel.tp", "2")),
+        ("cp2-x-fsdp2", 4, ("--parallel.cp", "2", "--parallel.dp_shard", "2")),
+        (
+            "cp2-alltoall-x-fsdp2",
+            4,
+            ("--parallel.cp", "2", "--parallel.dp_shard", "2", "--parallel.cp_method", "alltoall"),
+        ),
+        # zero-bubble's split backward with the FSDP2 that cp brings: parameters gathered until the weight pass
+        (
+            "cp2-x-pp2-zero-bubble",
+            4,
+            (
+                "--parallel.cp",
+                "2",
+                "--parallel.pp",
+                "2",
+                "--parallel.pp_schedule",
+                "zero_bubble",
+                "--parallel.fsdp_reshard_after_forward",
+                "false",
+            ),
+        ),
+    ],
+)
 def test_cp_layouts_match_single_process(name, world, overrides, tiny_data, single_process_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *overrides)
     _assert_cp_parity(single_process_ref, got)
@@ -167,12 +207,19 @@ def docs_ref(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides", [
-    ("cp2-docs", 2, ("--parallel.cp", "2")),
-    # the document ids reach every pipeline stage as a keyword input, split into microbatches with the tokens
-    ("pp2-docs", 2, ("--parallel.pp", "2")),
-    ("cp2-x-pp2-docs", 4, ("--parallel.cp", "2", "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b")),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("cp2-docs", 2, ("--parallel.cp", "2")),
+        # the document ids reach every pipeline stage as a keyword input, split into microbatches with the tokens
+        ("pp2-docs", 2, ("--parallel.pp", "2")),
+        (
+            "cp2-x-pp2-docs",
+            4,
+            ("--parallel.cp", "2", "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"),
+        ),
+    ],
+)
 def test_document_mask_and_validation_match_single_process(name, world, overrides, tiny_data, docs_ref, tmp_path):
     """Packed documents crossing the zigzag chunks (and the pipeline's stages)."""
     ref = docs_ref
@@ -180,15 +227,17 @@ def test_document_mask_and_validation_match_single_process(name, world, override
     _assert_cp_parity(ref, got)
     val = [[r["val_loss"] for r in read_metrics(run.output_dir) if "val_loss" in r] for run in (ref, got)]
     assert len(val[0]) == 3  # steps 0, 5, 10
-    torch.testing.assert_close(torch.tensor(val[1], dtype=torch.float64), torch.tensor(val[0], dtype=torch.float64),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(val[1], dtype=torch.float64), torch.tensor(val[0], dtype=torch.float64), rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.slow
 def test_cp2_with_activation_checkpointing_matches_single_process(tiny_data, single_process_ref, tmp_path):
     """Full recomputation re-runs the ring forward inside backward, on every rank in the same order."""
-    got = train_layout(tiny_data, tmp_path / "cp2-ac", 2, "--parallel.cp", "2",
-                       "--parallel.activation_checkpointing", "full")
+    got = train_layout(
+        tiny_data, tmp_path / "cp2-ac", 2, "--parallel.cp", "2", "--parallel.activation_checkpointing", "full"
+    )
     _assert_cp_parity(single_process_ref, got)
 
 
@@ -196,8 +245,16 @@ def test_cp2_with_activation_checkpointing_matches_single_process(tiny_data, sin
 def test_cp2_checkpoint_resumes_in_one_process(tiny_data, single_process_ref, tmp_path):
     """A cp2 ring run's step-5 checkpoint continued by one process to step 10."""
     out = tmp_path / "cp2-then-1"
-    args = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-            "--checkpoint.interval", "5"]
+    args = [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--checkpoint.interval",
+        "5",
+    ]
     run_ranks(2, [*args, "--parallel.cp", "2"])
     shutil.rmtree(out / "checkpoints" / "step_00000010")
     run_ranks(1, args)  # resumes at step 5 without cp
@@ -208,8 +265,16 @@ def test_cp2_checkpoint_resumes_in_one_process(tiny_data, single_process_ref, tm
 def test_single_process_checkpoint_resumes_under_cp2(tiny_data, single_process_ref, tmp_path):
     """One process's step-5 checkpoint continued by cp2 all-to-all ranks to step 10."""
     out = tmp_path / "1-then-cp2"
-    args = ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-            "--checkpoint.interval", "5"]
+    args = [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--checkpoint.interval",
+        "5",
+    ]
     run_ranks(1, args)
     shutil.rmtree(out / "checkpoints" / "step_00000010")
     run_ranks(2, [*args, "--parallel.cp", "2", "--parallel.cp_method", "alltoall"])

@@ -76,8 +76,11 @@ def test_cp_moe_config_is_checked_before_any_process_group():
     _check(8, parallel__cp=2, parallel__ep=4, model__moe_experts=4, train__micro_batch_size=0)
     with pytest.raises(ConfigError, match=r"parallel.cp = 2 with capacity routing \(model.moe_capacity_factor = 1.0\)"):
         _check(2, parallel__cp=2, model__moe_experts=4, model__moe_capacity_factor=1.0)
-    with pytest.raises(ConfigError, match=r"parallel.ep = 4 with parallel.cp = 3: an ep group is the innermost ranks "
-                                          r"of dp_shard x cp = 4 x 3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.ep = 4 with parallel.cp = 3: an ep group is the innermost ranks "
+        r"of dp_shard x cp = 4 x 3",
+    ):
         _check(12, parallel__cp=3, parallel__ep=4, model__moe_experts=4, data__seq_len=36)
     with pytest.raises(ConfigError, match=r"parallel.ep = 4 must divide dp_shard\*cp = 1\*2 = 2"):
         _check(2, parallel__cp=2, parallel__ep=4, model__moe_experts=4)
@@ -110,19 +113,23 @@ def _assert_moe_parity(ref, got, min_steps: int = 10) -> None:
 
 
 def test_cp2_x_ep2_moe_matches_single_process(tiny_data, short_moe_ref, tmp_path):
-    got = train_layout(tiny_data, tmp_path / "cp2-x-ep2", 4, *MOE_ARGS, *SHORT, "--parallel.cp", "2",
-                       "--parallel.ep", "2")
+    got = train_layout(
+        tiny_data, tmp_path / "cp2-x-ep2", 4, *MOE_ARGS, *SHORT, "--parallel.cp", "2", "--parallel.ep", "2"
+    )
     _assert_moe_parity(short_moe_ref, got, min_steps=6)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides", [
-    ("cp2-x-ep2", 4, ("--parallel.cp", "2", "--parallel.ep", "2")),  # the default test's layout over 10 steps
-    ("cp2-moe", 2, ("--parallel.cp", "2")),
-    ("cp4-x-ep2", 4, ("--parallel.cp", "4", "--parallel.ep", "2")),  # the ep group is half a cp group
-    ("cp2-x-ep4", 4, ("--parallel.cp", "2", "--parallel.ep", "4", "--parallel.cp_method", "alltoall")),
-    ("cp2-x-pp2-moe", 4, ("--parallel.cp", "2", "--parallel.pp", "2")),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("cp2-x-ep2", 4, ("--parallel.cp", "2", "--parallel.ep", "2")),  # the default test's layout over 10 steps
+        ("cp2-moe", 2, ("--parallel.cp", "2")),
+        ("cp4-x-ep2", 4, ("--parallel.cp", "4", "--parallel.ep", "2")),  # the ep group is half a cp group
+        ("cp2-x-ep4", 4, ("--parallel.cp", "2", "--parallel.ep", "4", "--parallel.cp_method", "alltoall")),
+        ("cp2-x-pp2-moe", 4, ("--parallel.cp", "2", "--parallel.pp", "2")),
+    ],
+)
 def test_cp_moe_layouts_match_single_process(name, world, overrides, tiny_data, moe_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *MOE_ARGS, *overrides)
     _assert_moe_parity(moe_ref, got)

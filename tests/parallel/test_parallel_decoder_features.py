@@ -13,10 +13,28 @@ import pytest
 
 from parallel_harness import TP_ATOL, assert_parity, train_layout
 
-FEATURES = ("--model.head_size", "24", "--model.qkv_bias", "true", "--model.rope_scaling", "llama3",
-            "--model.rope_factor", "4", "--model.rope_original_max_seq_len", "16", "--model.rope_fraction", "0.5",
-            "--model.sliding_window", "8", "--model.qk_norm_scope", "projection", "--model.norm_placement", "post",
-            "--model.tie_embeddings", "false")
+FEATURES = (
+    "--model.head_size",
+    "24",
+    "--model.qkv_bias",
+    "true",
+    "--model.rope_scaling",
+    "llama3",
+    "--model.rope_factor",
+    "4",
+    "--model.rope_original_max_seq_len",
+    "16",
+    "--model.rope_fraction",
+    "0.5",
+    "--model.sliding_window",
+    "8",
+    "--model.qk_norm_scope",
+    "projection",
+    "--model.norm_placement",
+    "post",
+    "--model.tie_embeddings",
+    "false",
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +42,21 @@ def features_ref(tiny_data, tmp_path_factory):
     return train_layout(tiny_data, tmp_path_factory.mktemp("features_ref") / "ref", 1, *FEATURES)
 
 
-@pytest.mark.parametrize("name, world, overrides, atol", [
-    ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
-    pytest.param("pp2", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"), 1e-6, marks=pytest.mark.slow),
-    pytest.param("fsdp2", 2, ("--parallel.dp_shard", "2"), 1e-6, marks=pytest.mark.slow),
-    pytest.param("tp2-no-loss-parallel", 2, ("--parallel.tp", "2", "--parallel.loss_parallel", "false"), TP_ATOL,
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides, atol",
+    [
+        ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
+        pytest.param("pp2", 2, ("--parallel.pp", "2", "--parallel.pp_schedule", "1f1b"), 1e-6, marks=pytest.mark.slow),
+        pytest.param("fsdp2", 2, ("--parallel.dp_shard", "2"), 1e-6, marks=pytest.mark.slow),
+        pytest.param(
+            "tp2-no-loss-parallel",
+            2,
+            ("--parallel.tp", "2", "--parallel.loss_parallel", "false"),
+            TP_ATOL,
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_decoder_features_match_single_process(name, world, overrides, atol, tiny_data, features_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *FEATURES, *overrides)
     assert_parity(features_ref, got, atol=atol)
@@ -41,23 +67,36 @@ def test_decoder_features_match_single_process(name, world, overrides, atol, tin
 def test_decoder_features_but_the_window_under_context_parallel(method, tiny_data, tmp_path):
     """cp refuses the sliding window (test_model_options.py); everything else runs under it."""
     i = FEATURES.index("--model.sliding_window")
-    features = FEATURES[:i] + FEATURES[i + 2:]
+    features = FEATURES[:i] + FEATURES[i + 2 :]
     ref = train_layout(tiny_data, tmp_path / "ref", 1, *features)
     got = train_layout(tiny_data, tmp_path / method, 2, *features, "--parallel.cp", "2", "--parallel.cp_method", method)
     assert_parity(ref, got, atol=TP_ATOL)
 
 
-GLM_MOE = ("--model.moe_experts", "4", "--model.moe_top_k", "2", "--model.moe_score", "sigmoid",
-           "--model.moe_shared_experts", "1", "--model.moe_routed_scale", "2.5", "--model.qkv_bias", "true",
-           "--model.rope_fraction", "0.5")
+GLM_MOE = (
+    "--model.moe_experts",
+    "4",
+    "--model.moe_top_k",
+    "2",
+    "--model.moe_score",
+    "sigmoid",
+    "--model.moe_shared_experts",
+    "1",
+    "--model.moe_routed_scale",
+    "2.5",
+    "--model.qkv_bias",
+    "true",
+    "--model.rope_fraction",
+    "0.5",
+)
 """GLM-4.5's MoE options: sigmoid routing with a shared expert, routed experts scaled by 2.5."""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides, atol", [
-    ("ep2", 2, ("--parallel.ep", "2", "--parallel.dp_shard", "2"), 1e-6),
-    ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides, atol",
+    [("ep2", 2, ("--parallel.ep", "2", "--parallel.dp_shard", "2"), 1e-6), ("tp2", 2, ("--parallel.tp", "2"), TP_ATOL)],
+)
 def test_glm_moe_options_match_single_process(name, world, overrides, atol, tiny_data, tmp_path):
     ref = train_layout(tiny_data, tmp_path / "ref", 1, *GLM_MOE)
     got = train_layout(tiny_data, tmp_path / name, world, *GLM_MOE, *overrides)
@@ -69,8 +108,16 @@ def test_feature_model_has_what_it_claims():
     from meshforge.config import load_config
     from meshforge.models import build_model
 
-    cfg = load_config("tiny-test", {"model.head_size": 24, "model.qkv_bias": True, "model.rope_fraction": 0.5,
-                                    "model.qk_norm_scope": "projection", "model.norm_placement": "post"})
+    cfg = load_config(
+        "tiny-test",
+        {
+            "model.head_size": 24,
+            "model.qkv_bias": True,
+            "model.rope_fraction": 0.5,
+            "model.qk_norm_scope": "projection",
+            "model.norm_placement": "post",
+        },
+    )
     model = build_model(cfg.model)
     attn = model.layers["0"].attention
     assert attn.wq.weight.shape == (4 * 24, 64) and attn.wq.bias is not None and attn.wo.bias is None

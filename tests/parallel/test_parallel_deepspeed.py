@@ -49,8 +49,7 @@ def test_zero_cpu_optimizer_offload_matches_single_process(stage, tiny_data, sin
     reason = _cpu_adam_buildable()
     if reason:
         pytest.skip(reason)
-    got = train_layout(tiny_data, tmp_path / f"offload{stage}", 2,
-                       *_zero(stage, "--parallel.offload_optimizer", "cpu"))
+    got = train_layout(tiny_data, tmp_path / f"offload{stage}", 2, *_zero(stage, "--parallel.offload_optimizer", "cpu"))
     assert_parity(single_process_ref, got)
 
 
@@ -62,8 +61,17 @@ def _losses_by_step(out) -> dict[int, float]:
 def test_zero2_resume_continues_exactly(tiny_data, tmp_path):
     """A 10-step ZeRO-2 run killed after its step-5 checkpoint (mid-way through writing step 10)
     and resumed equals the uninterrupted run, bit for bit."""
-    args = ["train", *PARITY_ARGS, *_zero(2), "--checkpoint.interval", "5", "--checkpoint.keep_last", "3",
-            "--data.path", str(tiny_data)]
+    args = [
+        "train",
+        *PARITY_ARGS,
+        *_zero(2),
+        "--checkpoint.interval",
+        "5",
+        "--checkpoint.keep_last",
+        "3",
+        "--data.path",
+        str(tiny_data),
+    ]
     whole = tmp_path / "whole"
     run_ranks(2, [*args, "--train.output_dir", str(whole)])
     full = read_result(whole)
@@ -99,17 +107,25 @@ def _fail_before_process_groups(tmp_path, capsys, monkeypatch, *args) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--parallel.offload_param", "cpu", "--parallel.zero_stage", "2"),
-     "parallel.offload_param = 'cpu' needs ZeRO stage 3"),
-    (("--parallel.offload_optimizer", "nvme", "--parallel.zero_stage", "3"),
-     "needs parallel.nvme_path"),
-    (("--parallel.offload_optimizer", "nvme", "--parallel.zero_stage", "1", "--parallel.nvme_path", "/tmp"),
-     "parallel.offload_optimizer = 'nvme' needs ZeRO stage 3"),
-    (("--parallel.offload_param", "nvme", "--parallel.zero_stage", "3", "--parallel.nvme_path", "/no/such/dir"),
-     "is not an existing directory"),
-    (("--parallel.fsdp_cpu_offload", "true",), "is a setting of parallel.dp_backend = 'fsdp2'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("--parallel.offload_param", "cpu", "--parallel.zero_stage", "2"),
+            "parallel.offload_param = 'cpu' needs ZeRO stage 3",
+        ),
+        (("--parallel.offload_optimizer", "nvme", "--parallel.zero_stage", "3"), "needs parallel.nvme_path"),
+        (
+            ("--parallel.offload_optimizer", "nvme", "--parallel.zero_stage", "1", "--parallel.nvme_path", "/tmp"),
+            "parallel.offload_optimizer = 'nvme' needs ZeRO stage 3",
+        ),
+        (
+            ("--parallel.offload_param", "nvme", "--parallel.zero_stage", "3", "--parallel.nvme_path", "/no/such/dir"),
+            "is not an existing directory",
+        ),
+        (("--parallel.fsdp_cpu_offload", "true"), "is a setting of parallel.dp_backend = 'fsdp2'"),
+    ],
+)
 def test_bad_deepspeed_config_fails_before_process_groups(args, message, tiny_data, tmp_path, capsys, monkeypatch):
     err = _fail_before_process_groups(tmp_path, capsys, monkeypatch, "--data.path", str(tiny_data), *args)
     assert message in err
@@ -126,13 +142,16 @@ def test_missing_deepspeed_is_a_clear_error(tiny_data, tmp_path, capsys, monkeyp
 
 def test_fsdp_checkpoint_is_not_resumed_by_deepspeed(tiny_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    run_ranks(1, ["train", *PARITY_ARGS, "--train.steps", "2", "--data.path", str(tiny_data),
-                  "--train.output_dir", str(out)])
+    run_ranks(
+        1, ["train", *PARITY_ARGS, "--train.steps", "2", "--data.path", str(tiny_data), "--train.output_dir", str(out)]
+    )
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     code = cli_main(["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *DS])
     assert code == 2
-    assert "written with parallel.dp_backend = 'fsdp2' and cannot be resumed with 'deepspeed'" in capsys.readouterr().err
+    assert (
+        "written with parallel.dp_backend = 'fsdp2' and cannot be resumed with 'deepspeed'" in capsys.readouterr().err
+    )
 
 
 def test_moe_metrics_match_fsdp2_names_and_values(tiny_data, tmp_path):
@@ -144,7 +163,9 @@ def test_moe_metrics_match_fsdp2_names_and_values(tiny_data, tmp_path):
     runs = {}
     for name, extra in (("fsdp2", ()), ("deepspeed", _zero(1))):
         out = tmp_path / name
-        run_ranks(2, ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *moe, *extra])
+        run_ranks(
+            2, ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out), *moe, *extra]
+        )
         runs[name] = [{k: v for k, v in r.items() if k.startswith("moe_")} for r in read_metrics(out) if "loss" in r]
     assert any(k.startswith("moe_load_max/") for k in runs["fsdp2"][0])  # per-layer metrics exist
     assert [sorted(r) for r in runs["deepspeed"]] == [sorted(r) for r in runs["fsdp2"]]
@@ -164,8 +185,26 @@ def test_one_process_without_a_launcher(tiny_data, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", str(tiny_data),
-                        "--train.output_dir", str(out), "--train.steps", "2", *_zero(1)],
-                       cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshforge",
+            "train",
+            *PARITY_ARGS,
+            "--data.path",
+            str(tiny_data),
+            "--train.output_dir",
+            str(out),
+            "--train.steps",
+            "2",
+            *_zero(1),
+        ],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert (out / "checkpoints" / "step_00000002" / "deepspeed").is_dir()

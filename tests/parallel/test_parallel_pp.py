@@ -56,20 +56,35 @@ def untied_ref(tiny_data, tmp_path_factory):
     return train_layout(tiny_data, tmp_path_factory.mktemp("pp_ref") / "ref", 1, *PP_ARGS)
 
 
-@pytest.mark.parametrize("name, world, overrides", [
-    ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
-    # layers 0 | 1 2 3: uneven, and the last stage holds three blocks plus the head
-    ("pp2-1f1b-uneven-split", 2, ("--parallel.pp_schedule", "1f1b", "--parallel.pp_split", "1")),
-    ("pp2-interleaved-1f1b", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
-    ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
-    ("pp2xfsdp2", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
-    # the split backward under FSDP2: every unit keeps its gathered parameters until the weight pass
-    ("pp2-zero-bubble-xfsdp2", 4, ("--parallel.pp_schedule", "zero_bubble", *ZB_FSDP)),
-    pytest.param("pp2-zero-bubble-xdp-replicate2", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.dp_replicate",
-                                                       "2", "--parallel.dp_shard", "1", *ZB_FSDP), marks=pytest.mark.slow),
-    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
-    pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2"), slow=True),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
+        # layers 0 | 1 2 3: uneven, and the last stage holds three blocks plus the head
+        ("pp2-1f1b-uneven-split", 2, ("--parallel.pp_schedule", "1f1b", "--parallel.pp_split", "1")),
+        ("pp2-interleaved-1f1b", 2, ("--parallel.pp_schedule", "interleaved_1f1b")),
+        ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
+        ("pp2xfsdp2", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
+        # the split backward under FSDP2: every unit keeps its gathered parameters until the weight pass
+        ("pp2-zero-bubble-xfsdp2", 4, ("--parallel.pp_schedule", "zero_bubble", *ZB_FSDP)),
+        pytest.param(
+            "pp2-zero-bubble-xdp-replicate2",
+            4,
+            (
+                "--parallel.pp_schedule",
+                "zero_bubble",
+                "--parallel.dp_replicate",
+                "2",
+                "--parallel.dp_shard",
+                "1",
+                *ZB_FSDP,
+            ),
+            marks=pytest.mark.slow,
+        ),
+        pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+        pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2"), slow=True),
+    ],
+)
 def test_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, untied_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, "--parallel.pp", "2", *PP_ARGS, *overrides)
     _assert_pp_parity(untied_ref, got, atol=TP_ATOL if "--parallel.tp" in overrides else 1e-6)
@@ -94,12 +109,30 @@ def test_too_few_layers_fails_before_process_groups(tiny_data, tmp_path, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     out = tmp_path / "run"
-    code = cli_main(["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-                     "--model.tie_embeddings", "false", "--model.n_layers", "3", "--parallel.pp", "2",
-                     "--parallel.pp_schedule", "interleaved_1f1b"])
+    code = cli_main(
+        [
+            "train",
+            "--config",
+            "tiny-test",
+            "--data.path",
+            str(tiny_data),
+            "--train.output_dir",
+            str(out),
+            "--model.tie_embeddings",
+            "false",
+            "--model.n_layers",
+            "3",
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_schedule",
+            "interleaved_1f1b",
+        ]
+    )
     assert code == 2
-    assert "model.n_layers = 3 cannot cover 4 pipeline stages (parallel.pp = 2 x 2 stages per rank)" \
+    assert (
+        "model.n_layers = 3 cannot cover 4 pipeline stages (parallel.pp = 2 x 2 stages per rank)"
         in capsys.readouterr().err
+    )
     assert not out.exists()
 
 
@@ -107,9 +140,25 @@ def test_bad_pipeline_split_fails_before_process_groups(tiny_data, tmp_path, mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     out = tmp_path / "run"
-    code = cli_main(["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-                     "--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp", "2",
-                     "--parallel.pp_split", "4"])
+    code = cli_main(
+        [
+            "train",
+            "--config",
+            "tiny-test",
+            "--data.path",
+            str(tiny_data),
+            "--train.output_dir",
+            str(out),
+            "--model.tie_embeddings",
+            "false",
+            "--model.n_layers",
+            "4",
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_split",
+            "4",
+        ]
+    )
     assert code == 2
     assert "split points must increase strictly within 1..3" in capsys.readouterr().err
     assert not out.exists()
@@ -125,8 +174,20 @@ def test_split_layers():
 
 
 def _plan(world, *overrides):
-    cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "8",
-                                    "--train.global_batch_size", "8", "--train.micro_batch_size", "2", *overrides])
+    cfg = load_config(
+        "tiny-test",
+        [
+            "--model.tie_embeddings",
+            "false",
+            "--model.n_layers",
+            "8",
+            "--train.global_batch_size",
+            "8",
+            "--train.micro_batch_size",
+            "2",
+            *overrides,
+        ],
+    )
     return plan_pipeline(cfg, resolve_degrees(cfg.parallel, world))
 
 
@@ -147,8 +208,21 @@ def test_pipeline_plan():
     with pytest.raises(ConfigError, match="runs one stage per rank"):
         _plan(2, "--parallel.pp", "2", "--parallel.pp_stages_per_rank", "2")
     assert _plan(2, "--parallel.pp", "2", "--model.moe_experts", "4").layer_ranges == ((0, 4), (4, 8))  # MoE decoder
-    cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp", "2",
-                                    "--parallel.pp_schedule", "zero_bubble", "--parallel.compile", "auto"])
+    cfg = load_config(
+        "tiny-test",
+        [
+            "--model.tie_embeddings",
+            "false",
+            "--model.n_layers",
+            "4",
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_schedule",
+            "zero_bubble",
+            "--parallel.compile",
+            "auto",
+        ],
+    )
     plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cpu")  # auto: no compile on CPU
     with pytest.raises(ConfigError, match="set parallel.compile = off"):
         plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2), "cuda")
@@ -161,16 +235,36 @@ def test_zero_bubble_with_fsdp_needs_gathered_params():
     from meshforge.parallel.job_checks import check_job
 
     def check(world: int, *args: str):
-        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp",
-                                        "2", "--parallel.pp_schedule", "zero_bubble", "--train.micro_batch_size", "1", *args])
+        cfg = load_config(
+            "tiny-test",
+            [
+                "--model.tie_embeddings",
+                "false",
+                "--model.n_layers",
+                "4",
+                "--parallel.pp",
+                "2",
+                "--parallel.pp_schedule",
+                "zero_bubble",
+                "--train.micro_batch_size",
+                "1",
+                *args,
+            ],
+        )
         return check_job(cfg, resolve_degrees(cfg.parallel, world), "cpu")
 
     assert check(2).schedule == "zero_bubble"
-    for world, extra, degrees in ((4, (), "1 x 2 x 1"), (4, ("--parallel.dp_replicate", "2"), "2 x 1 x 1"),
-                                  (8, ("--parallel.dp_replicate", "2"), "2 x 2 x 1")):
-        with pytest.raises(ConfigError, match=rf"zero_bubble' with FSDP2 data parallel \(dp_replicate x dp_shard x cp = "
-                                              rf"{degrees}\) needs parallel.fsdp_reshard_after_forward = false: .*"
-                                              rf"use parallel.pp_schedule = 'interleaved_1f1b'"):
+    for world, extra, degrees in (
+        (4, (), "1 x 2 x 1"),
+        (4, ("--parallel.dp_replicate", "2"), "2 x 1 x 1"),
+        (8, ("--parallel.dp_replicate", "2"), "2 x 2 x 1"),
+    ):
+        with pytest.raises(
+            ConfigError,
+            match=rf"zero_bubble' with FSDP2 data parallel \(dp_replicate x dp_shard x cp = "
+            rf"{degrees}\) needs parallel.fsdp_reshard_after_forward = false: .*"
+            rf"use parallel.pp_schedule = 'interleaved_1f1b'",
+        ):
             check(world, *extra)
         assert check(world, *extra, *ZB_FSDP).schedule == "zero_bubble"
     assert check(4, "--parallel.pp_schedule", "interleaved_1f1b").schedule == "interleaved_1f1b"
@@ -183,19 +277,38 @@ def test_zero_bubble_with_activation_checkpointing_is_refused():
     from meshforge.parallel.job_checks import check_job
 
     def check(*args: str):
-        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--parallel.pp",
-                                        "2", "--parallel.pp_schedule", "zero_bubble", *args])
+        cfg = load_config(
+            "tiny-test",
+            [
+                "--model.tie_embeddings",
+                "false",
+                "--model.n_layers",
+                "4",
+                "--parallel.pp",
+                "2",
+                "--parallel.pp_schedule",
+                "zero_bubble",
+                *args,
+            ],
+        )
         return check_job(cfg, resolve_degrees(cfg.parallel, 2), "cpu")
 
     for mode in ("full", "selective"):
-        with pytest.raises(ConfigError, match=rf"zero_bubble' with parallel.activation_checkpointing = '{mode}': "
-                                              r"torch's split backward recomputes a checkpointed block twice.*"
-                                              r"use activation_checkpointing = 'none' or pp_schedule = "
-                                              r"'interleaved_1f1b'"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"zero_bubble' with parallel.activation_checkpointing = '{mode}': "
+            r"torch's split backward recomputes a checkpointed block twice.*"
+            r"use activation_checkpointing = 'none' or pp_schedule = "
+            r"'interleaved_1f1b'",
+        ):
             check("--parallel.activation_checkpointing", mode)
     assert check().schedule == "zero_bubble"
-    assert check("--parallel.activation_checkpointing", "full", "--parallel.pp_schedule",
-                 "interleaved_1f1b").schedule == "interleaved_1f1b"
+    assert (
+        check("--parallel.activation_checkpointing", "full", "--parallel.pp_schedule", "interleaved_1f1b").schedule
+        == "interleaved_1f1b"
+    )
+
+
 def test_pp_x_tp_is_refused_where_stages_pass_no_dtensors(monkeypatch):
     """torch 2.11's PipelineStage takes no get_mesh and cannot pass TP + SP's DTensor activations: a pp x tp
     job there fails in check_job with the layout and the way out; pp or tp alone still plans, and the planner
@@ -204,14 +317,19 @@ def test_pp_x_tp_is_refused_where_stages_pass_no_dtensors(monkeypatch):
     from meshforge.parallel.job_checks import check_job
 
     def check(world: int, *args: str, device_type: str | None = "cpu"):
-        cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "4",
-                                        "--train.micro_batch_size", "1", *args])
+        cfg = load_config(
+            "tiny-test",
+            ["--model.tie_embeddings", "false", "--model.n_layers", "4", "--train.micro_batch_size", "1", *args],
+        )
         return check_job(cfg, resolve_degrees(cfg.parallel, world), device_type)
 
     pp_tp = ("--parallel.pp", "2", "--parallel.tp", "2", "--parallel.pp_schedule", "1f1b")
     monkeypatch.setattr(job_checks, "stage_takes_mesh", lambda: False)
-    with pytest.raises(ConfigError, match=r"parallel.pp = 2 with parallel.tp = 2: .*DTensor .*torch \d+\.\d+.*"
-                                          r"use parallel.pp or parallel.tp alone"):
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.pp = 2 with parallel.tp = 2: .*DTensor .*torch \d+\.\d+.*"
+        r"use parallel.pp or parallel.tp alone",
+    ):
         check(4, *pp_tp)
     assert check(4, *pp_tp, device_type=None).n_stages == 2
     assert check(2, "--parallel.pp", "2").n_stages == 2
@@ -233,14 +351,29 @@ def test_default_microbatches_follow_help_config():
     seen = set()
     for schedule in SCHEDULES:
         for pp, world, batch in ((2, 2, 16), (2, 4, 16), (3, 3, 16), (4, 4, 16), (4, 8, 24), (2, 2, 6)):
-            cfg = load_config("small", ["--model.tie_embeddings", "false", "--model.n_layers", "16",
-                                        "--parallel.pp", str(pp), "--parallel.pp_schedule", schedule,
-                                        "--train.global_batch_size", str(batch)])
+            cfg = load_config(
+                "small",
+                [
+                    "--model.tie_embeddings",
+                    "false",
+                    "--model.n_layers",
+                    "16",
+                    "--parallel.pp",
+                    str(pp),
+                    "--parallel.pp_schedule",
+                    schedule,
+                    "--train.global_batch_size",
+                    str(batch),
+                ],
+            )
             d = resolve_degrees(cfg.parallel, world)
             n = plan_pipeline(cfg, d).n_microbatches
             local, spr = batch // d.dp, 2 if schedule in ("interleaved_1f1b", "zero_bubble") else 1
-            runs = [k for k in range(1, local + 1) if local % k == 0 and (schedule == "gpipe" or k >= pp)
-                    and (spr == 1 or k % max(1, k // pp) == 0)]  # what each torch schedule accepts
+            runs = [
+                k
+                for k in range(1, local + 1)
+                if local % k == 0 and (schedule == "gpipe" or k >= pp) and (spr == 1 or k % max(1, k // pp) == 0)
+            ]  # what each torch schedule accepts
             assert n in runs, (schedule, pp, world, batch, n)
             assert n == min(runs, key=lambda k: (abs(k - 2 * pp * spr), -k)), (schedule, pp, world, batch, n)
             seen.add(n)
@@ -248,10 +381,17 @@ def test_default_microbatches_follow_help_config():
             cfg.train.micro_batch_size = local // n
             assert plan_pipeline(cfg, d).n_microbatches == n
     assert len(seen) > 3  # the grid exercises the rule, not one constant
-    with pytest.raises(ConfigError, match=r"no microbatch count suits schedule '1f1b' with parallel.pp = 4 on a "
-                                          r"local batch of 2"):
-        plan_pipeline(load_config("small", ["--model.tie_embeddings", "false", "--parallel.pp", "4",
-                                            "--train.global_batch_size", "4"]), resolve_degrees(ParallelConfig(pp=4), 8))
+    with pytest.raises(
+        ConfigError,
+        match=r"no microbatch count suits schedule '1f1b' with parallel.pp = 4 on a "
+        r"local batch of 2",
+    ):
+        plan_pipeline(
+            load_config(
+                "small", ["--model.tie_embeddings", "false", "--parallel.pp", "4", "--train.global_batch_size", "4"]
+            ),
+            resolve_degrees(ParallelConfig(pp=4), 8),
+        )
 
 
 def test_split_keeps_names_and_weights():
@@ -259,8 +399,19 @@ def test_split_keeps_names_and_weights():
     from meshforge.models import build_model
     from meshforge.parallel.pipeline import PipelineModel, split_model
 
-    cfg = load_config("tiny-test", ["--model.tie_embeddings", "false", "--model.n_layers", "5",
-                                    "--parallel.pp", "2", "--parallel.pp_schedule", "interleaved_1f1b"])
+    cfg = load_config(
+        "tiny-test",
+        [
+            "--model.tie_embeddings",
+            "false",
+            "--model.n_layers",
+            "5",
+            "--parallel.pp",
+            "2",
+            "--parallel.pp_schedule",
+            "interleaved_1f1b",
+        ],
+    )
     plan = plan_pipeline(cfg, resolve_degrees(cfg.parallel, 2))
     torch.manual_seed(0)
     full = {k: v.clone() for k, v in build_model(cfg.model).state_dict().items()}

@@ -47,8 +47,17 @@ def _assert_tied(got) -> None:
 
 @pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
 def test_tied_pipeline_matches_single_process(schedule, tiny_data, tied_ref, tmp_path):
-    got = train_layout(tiny_data, tmp_path / schedule, 2, "--parallel.pp", "2", "--parallel.pp_schedule", schedule,
-                       *TIED_ARGS, *DEFAULT_MICRO)
+    got = train_layout(
+        tiny_data,
+        tmp_path / schedule,
+        2,
+        "--parallel.pp",
+        "2",
+        "--parallel.pp_schedule",
+        schedule,
+        *TIED_ARGS,
+        *DEFAULT_MICRO,
+    )
     _assert_pp_parity(tied_ref, got)
     _assert_tied(got)
 
@@ -60,35 +69,55 @@ def test_tied_pipeline_checkpoint_resumes(tiny_data, tied_ref, tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
     out = tmp_path / "run"
-    common = ["train", *PARITY_ARGS, *TIED_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-              "--parallel.pp", "2", *DEFAULT_MICRO]
+    common = [
+        "train",
+        *PARITY_ARGS,
+        *TIED_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--parallel.pp",
+        "2",
+        *DEFAULT_MICRO,
+    ]
     run_ranks(2, [*common, "--parallel.pp_schedule", "1f1b", "--train.steps", "5"])
     run_ranks(2, [*common, "--parallel.pp_schedule", "interleaved_1f1b"])
     for step in (5, 10):
         keys = FileSystemReader(str(out / "checkpoints" / f"step_{step:08d}")).read_metadata().state_dict_metadata
         tied = sorted(k for k in keys if "tok_embeddings" in k or "output.weight" in k)
-        assert tied == ["model.output.weight", "model.tok_embeddings.weight",
-                        "optim.state.tok_embeddings.weight.exp_avg", "optim.state.tok_embeddings.weight.exp_avg_sq",
-                        "optim.state.tok_embeddings.weight.step"], tied
+        assert tied == [
+            "model.output.weight",
+            "model.tok_embeddings.weight",
+            "optim.state.tok_embeddings.weight.exp_avg",
+            "optim.state.tok_embeddings.weight.exp_avg_sq",
+            "optim.state.tok_embeddings.weight.step",
+        ], tied
     got = read_result(out)  # the pp2 checkpoint loaded into one process
     _assert_pp_parity(tied_ref, got)
     _assert_tied(got)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world, overrides", [
-    # both copies FSDP-sharded over dp_shard 2: each rank sums its rows with its partner's same rows
-    ("pp2xfsdp2-interleaved", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
-    # the embedding rowwise and the output colwise over tp 2: both shard the shared matrix's rows
-    # (the embedding's gradient comes back replicated over tp and is sliced to the weight's rows first)
-    pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
-    pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
-    ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
-    # the split backward under FSDP2 (which needs the parameters gathered until the weight pass)
-    ("pp2xfsdp2-zero-bubble", 4, ("--parallel.pp_schedule", "zero_bubble", "--parallel.fsdp_reshard_after_forward",
-                                  "false")),
-    ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        # both copies FSDP-sharded over dp_shard 2: each rank sums its rows with its partner's same rows
+        ("pp2xfsdp2-interleaved", 4, ("--parallel.pp_schedule", "interleaved_1f1b")),
+        # the embedding rowwise and the output colwise over tp 2: both shard the shared matrix's rows
+        # (the embedding's gradient comes back replicated over tp and is sliced to the weight's rows first)
+        pp_tp("pp2xtp2", 4, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+        pp_tp("pp2xtp2xfsdp2", 8, ("--parallel.pp_schedule", "1f1b", "--parallel.tp", "2")),
+        ("pp2-zero-bubble", 2, ("--parallel.pp_schedule", "zero_bubble")),
+        # the split backward under FSDP2 (which needs the parameters gathered until the weight pass)
+        (
+            "pp2xfsdp2-zero-bubble",
+            4,
+            ("--parallel.pp_schedule", "zero_bubble", "--parallel.fsdp_reshard_after_forward", "false"),
+        ),
+        ("pp2-gpipe", 2, ("--parallel.pp_schedule", "gpipe")),
+    ],
+)
 def test_tied_pipeline_layouts_match_single_process(name, world, overrides, tiny_data, tied_ref, tmp_path):
     from parallel_harness import TP_ATOL
 

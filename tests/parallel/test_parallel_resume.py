@@ -28,18 +28,22 @@ def test_single_process_checkpoint_resumes_on_hsdp(tiny_data, single_process_ref
     assert_parity(single_process_ref, read_result(out))
 
 
-@pytest.mark.parametrize("world, args, message", [
-    (3, ["--parallel.dp_shard", "2"], "= 2 but the world size is 3"),
-    (6, ["--parallel.tp", "4"], "world size 6 does not divide by pp*dp_replicate*cp*tp = 1*1*1*4 = 4"),
-])
+@pytest.mark.parametrize(
+    "world, args, message",
+    [
+        (3, ["--parallel.dp_shard", "2"], "= 2 but the world size is 3"),
+        (6, ["--parallel.tp", "4"], "world size 6 does not divide by pp*dp_replicate*cp*tp = 1*1*1*4 = 4"),
+    ],
+)
 def test_mis_sized_mesh_fails_before_process_groups(world, args, message, tiny_data, tmp_path, monkeypatch, capsys):
     # World size 3 or 6 with nobody else running: creating a process group would hang, so
     # returning at all proves the check came first.
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
     out = tmp_path / "run"
-    code = cli_main(["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-                     *args])
+    code = cli_main(
+        ["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out), *args]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

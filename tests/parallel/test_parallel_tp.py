@@ -44,11 +44,14 @@ def test_tiny_preset_exercises_qk_norm_and_gqa():
     assert (m.n_heads, m.kv_heads) == (4, 2)
 
 
-@pytest.mark.parametrize("name, world, overrides", [
-    ("tp2", 2, ("--parallel.tp", "2")),
-    ("tp2-no-loss-parallel", 2, ("--parallel.tp", "2", "--parallel.loss_parallel", "false")),
-    ("tp2-x-fsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2")),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [
+        ("tp2", 2, ("--parallel.tp", "2")),
+        ("tp2-no-loss-parallel", 2, ("--parallel.tp", "2", "--parallel.loss_parallel", "false")),
+        ("tp2-x-fsdp2", 4, ("--parallel.tp", "2", "--parallel.dp_shard", "2")),
+    ],
+)
 def test_tp_layouts_match_single_process(name, world, overrides, tiny_data, single_process_ref, tmp_path):
     got = train_layout(tiny_data, tmp_path / name, world, *overrides)
     assert_parity(single_process_ref, got, atol=TP_ATOL)
@@ -75,10 +78,23 @@ def comm_report(tmp_path_factory) -> dict:
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "harness" / "tp_comm_check.py"), str(out)], env=env,
-                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "harness" / "tp_comm_check.py"), str(out)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
     errs = []
     for p in procs:
         try:
@@ -178,13 +194,24 @@ def test_tp_shards_weights_and_matches_reference_grads(comm_report, variant):
 def test_tp_not_dividing_heads_fails_before_process_groups(tiny_data, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    for world, tp, message in ((3, 3, "model.n_heads = 4 does not divide by parallel.tp = 3"),
-                               (4, 4, "model.n_kv_heads = 2 does not divide by parallel.tp = 4")):
+    for world, tp, message in (
+        (3, 3, "model.n_heads = 4 does not divide by parallel.tp = 3"),
+        (4, 4, "model.n_kv_heads = 2 does not divide by parallel.tp = 4"),
+    ):
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", str(world))
         out = tmp_path / f"run-tp{tp}"
-        args = ["train", "--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-                "--parallel.tp", str(tp)]
+        args = [
+            "train",
+            "--config",
+            "tiny-test",
+            "--data.path",
+            str(tiny_data),
+            "--train.output_dir",
+            str(out),
+            "--parallel.tp",
+            str(tp),
+        ]
         assert cli_main(args) == 2
         err = capsys.readouterr().err
         assert message in err, err
@@ -198,8 +225,19 @@ def test_tp_with_an_moe_encoder_decoder_fails_before_process_groups(tiny_data, t
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "run"
-    args = ["train", "--config", "t5-small", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-            "--parallel.tp", "2", "--model.moe_experts", "4"]
+    args = [
+        "train",
+        "--config",
+        "t5-small",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--parallel.tp",
+        "2",
+        "--model.moe_experts",
+        "4",
+    ]
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "MoE feed-forwards in the decoder family only, not in an encoder_decoder" in err, err

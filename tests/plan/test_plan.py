@@ -57,13 +57,17 @@ def _check_equal(preset: str, layout: Layout, rank: int) -> None:
     assert real.state["params"] > 0 and real.state["optimizer"] > 2 * real.state["params"]
 
 
-@pytest.mark.parametrize("preset,layout,rank", FAST_CASES, ids=lambda x: x.describe() if isinstance(x, Layout) else str(x))
+@pytest.mark.parametrize(
+    "preset,layout,rank", FAST_CASES, ids=lambda x: x.describe() if isinstance(x, Layout) else str(x)
+)
 def test_estimated_state_equals_dry_run(preset, layout, rank):
     _check_equal(preset, layout, rank)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,layout,rank", SLOW_CASES, ids=lambda x: x.describe() if isinstance(x, Layout) else str(x))
+@pytest.mark.parametrize(
+    "preset,layout,rank", SLOW_CASES, ids=lambda x: x.describe() if isinstance(x, Layout) else str(x)
+)
 def test_estimated_state_equals_dry_run_at_scale(preset, layout, rank):
     """Each case in its own process, as `meshforge plan --dry-run` runs one: many 16,384-rank fake worlds in one
     process can leave a TP trace with a process-group name torch no longer resolves."""
@@ -72,9 +76,11 @@ def test_estimated_state_equals_dry_run_at_scale(preset, layout, rank):
     import sys
     from pathlib import Path
 
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_plan import _check_equal; "
-            f"from meshforge.plan.layouts import Layout; _check_equal({preset!r}, "
-            f"Layout(**{dataclasses.asdict(layout)!r}), {rank})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_plan import _check_equal; "
+        f"from meshforge.plan.layouts import Layout; _check_equal({preset!r}, "
+        f"Layout(**{dataclasses.asdict(layout)!r}), {rank})"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -199,9 +205,11 @@ def test_deepspeed_context_parallel_state_memory_and_time(stage):
     with torch.device("meta"):
         n = sum(p.numel() for p in MODEL_SPECS["decoder"].build(cfg.model).parameters())
     part = -(-n // 8)  # ZeRO's partition of the flat parameters over the engine's 8 data-parallel ranks
-    expected = {"params": 2 * (part if stage == 3 else n),  # bf16 model copy
-                "grads": 2 * (part if stage >= 2 else n),  # bf16 gradients
-                "optimizer": (4 + 4 + 4) * part}  # fp32 master, exp_avg, exp_avg_sq
+    expected = {
+        "params": 2 * (part if stage == 3 else n),  # bf16 model copy
+        "grads": 2 * (part if stage >= 2 else n),  # bf16 gradients
+        "optimizer": (4 + 4 + 4) * part,
+    }  # fp32 master, exp_avg, exp_avg_sq
     for rank in (0, 5):
         assert state_bytes(job, lay, rank) == expected
     no_cp = Layout(1, 1, 1, 8, zero=f"ds-zero{stage}", ac="full")
@@ -222,10 +230,17 @@ def test_deepspeed_context_parallel_state_memory_and_time(stage):
     # also gathers the parameters forward and backward; ZeRO-1/2 gather the updated ones once per step
     for x, mb in ((lay, 4), (no_cp, 2)):
         comm = [c for c in estimate_time(by_layout[x], x, h100, 8).comm if c["group"] != "cp"]
-        count = {op: sum(c["count"] for c in comm if c["op"] == op) for op in ("all_reduce", "reduce_scatter", "all_gather")}
-        assert count == {1: {"all_reduce": 1, "reduce_scatter": 0, "all_gather": 1},
-                         2: {"all_reduce": 0, "reduce_scatter": mb, "all_gather": 1},
-                         3: {"all_reduce": 0, "reduce_scatter": mb, "all_gather": 2 * mb}}[stage]
+        count = {
+            op: sum(c["count"] for c in comm if c["op"] == op) for op in ("all_reduce", "reduce_scatter", "all_gather")
+        }
+        assert (
+            count
+            == {
+                1: {"all_reduce": 1, "reduce_scatter": 0, "all_gather": 1},
+                2: {"all_reduce": 0, "reduce_scatter": mb, "all_gather": 1},
+                3: {"all_reduce": 0, "reduce_scatter": mb, "all_gather": 2 * mb},
+            }[stage]
+        )
         assert len({c["bytes"] for c in comm}) == 1  # the whole model's, in the compute dtype
 
 
@@ -237,10 +252,14 @@ def test_dry_run_traces_tp_collectives_as_the_time_model_counts(preset):
     layout = Layout(2, 1, 1, 2, ep=2) if preset == "moe-small" else Layout(2, 1, 1, 2)
     res = dry_run(cfg, layout, 1)
     traced = {c["op"]: c["count"] for c in res.collectives if c["group"] == "tp"}
-    est = {c["op"]: c["count"] for c in estimate_time(cfg, layout, get_device("h100-80gb"), 8).comm
-           if c["group"] == "tp"}
-    assert traced == {"all_gather_into_tensor": est["all_gather"], "reduce_scatter_tensor": est["reduce_scatter"],
-                      "allreduce": est["all_reduce"]}
+    est = {
+        c["op"]: c["count"] for c in estimate_time(cfg, layout, get_device("h100-80gb"), 8).comm if c["group"] == "tp"
+    }
+    assert traced == {
+        "all_gather_into_tensor": est["all_gather"],
+        "reduce_scatter_tensor": est["reduce_scatter"],
+        "allreduce": est["all_reduce"],
+    }
     if preset == "moe-small":
         assert est["all_gather"] > est["reduce_scatter"]  # MoE blocks hand their output back as a slice
 
@@ -250,8 +269,23 @@ def test_dry_run_of_deepspeed_is_refused_with_a_reason(capsys):
     cfg = load_config("llama-1b", {**BIG_BATCH, "parallel.dp_backend": "deepspeed", "parallel.zero_stage": 2})
     with pytest.raises(ConfigError, match="covers the fsdp2 backend; DeepSpeed"):
         dry_run(cfg, Layout(1, 1, 1, 8, zero="ds-zero2"), 0)
-    assert main(["plan", "--config", "llama-1b", "--gpus", "8", "--dry-run", "--parallel.dp_backend", "deepspeed",
-                 "--train.global_batch_size", "64"]) == 2
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                "llama-1b",
+                "--gpus",
+                "8",
+                "--dry-run",
+                "--parallel.dp_backend",
+                "deepspeed",
+                "--train.global_batch_size",
+                "64",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "DeepSpeed" in err and "\n" not in err
 
@@ -332,8 +366,27 @@ def test_time_model_links_costs_and_bubble():
 
 
 def test_plan_cli_json_ranked_with_kinds(capsys):
-    assert main(["plan", "--config", "llama-1b", "--gpus", "16", "--gpus-per-node", "8", "--gpu", "h200",
-                 "--global-batch-tokens", "256K", "--top", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                "llama-1b",
+                "--gpus",
+                "16",
+                "--gpus-per-node",
+                "8",
+                "--gpu",
+                "h200",
+                "--global-batch-tokens",
+                "256K",
+                "--top",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     rows = out["layouts"]
     assert len(rows) == 5 and out["global_batch_size"] == 64 and out["device"] == "h200"
@@ -345,8 +398,28 @@ def test_plan_cli_json_ranked_with_kinds(capsys):
 
 
 def test_plan_cli_table_lists_overflowing_layouts(capsys):
-    assert main(["plan", "--config", "llama-1b", "--gpus", "8", "--gpu", "a100-80gb", "--seq-len", "8192",
-                 "--global-batch-tokens", "256K", "--top", "3", "--optim.lr", "1e-4"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                "llama-1b",
+                "--gpus",
+                "8",
+                "--gpu",
+                "a100-80gb",
+                "--seq-len",
+                "8192",
+                "--global-batch-tokens",
+                "256K",
+                "--top",
+                "3",
+                "--optim.lr",
+                "1e-4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "A100-80GB" in out and "do not fit" in out and "needs" in out
     # the printed command, run as is, trains the top-ranked layout with the plan's own config and overrides
@@ -377,9 +450,30 @@ def test_cpu_device_time_sharing_and_no_overlap():
 
 
 def test_plan_dry_run_cli_json(capsys):
-    assert main(["plan", "--config", "llama-1b", "--gpus", "64", "--dry-run", "--rank", "9", "--json",
-                 "--parallel.tp", "4", "--parallel.pp", "2", "--train.global_batch_size", "64",
-                 "--train.micro_batch_size", "1"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                "llama-1b",
+                "--gpus",
+                "64",
+                "--dry-run",
+                "--rank",
+                "9",
+                "--json",
+                "--parallel.tp",
+                "4",
+                "--parallel.pp",
+                "2",
+                "--train.global_batch_size",
+                "64",
+                "--train.micro_batch_size",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["world_size"] == 64 and out["rank"] == 9
     for k in ("params", "grads", "optimizer"):
@@ -399,12 +493,32 @@ def test_train_prints_prediction_and_measurement(tiny_data, tmp_path):
     from meshforge.pretrain.metrics import read_metrics
 
     out = tmp_path / "run"
-    args = ["--config", "tiny-test", "--data.path", str(tiny_data), "--train.output_dir", str(out),
-            "--train.steps", "3", "--train.eval_interval", "0", "--train.sample_prompt", "",
-            "--checkpoint.interval", "0", "--train.progress", "false"]
+    args = [
+        "--config",
+        "tiny-test",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+        "--train.steps",
+        "3",
+        "--train.eval_interval",
+        "0",
+        "--train.sample_prompt",
+        "",
+        "--checkpoint.interval",
+        "0",
+        "--train.progress",
+        "false",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "meshforge", "train", *args], capture_output=True, text=True,
-                          timeout=600, env={**env, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshforge", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory plan (rank 0): params" in proc.stdout and "memory measured at step 2" in proc.stdout
     rec = next(r for r in read_metrics(out) if "mem_step_peak_bytes" in r)
@@ -454,7 +568,9 @@ def test_fused_loss_has_no_logits_in_the_activation_estimate():
     bf16 = head_activation_bytes(cfg, B, T, 1, 2, fused=True) - head_activation_bytes(cfg, B, T, 1, 2)
     assert bf16 == (2 * B * T * D + 4 * V * D + 2 * V * D + (4 + 2) * B * T * D) - 2 * 4 * B * T * V
     on = estimate_memory(cfg, Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")["activations"]
-    off = estimate_memory(load_config("small", {"train.fused_loss": "off"}), Layout(1, 1, 1, 1, micro_batch_size=16), "cpu")
+    off = estimate_memory(
+        load_config("small", {"train.fused_loss": "off"}), Layout(1, 1, 1, 1, micro_batch_size=16), "cpu"
+    )
     assert off["activations"] - on == plain - fused
     assert head_activation_bytes(cfg, B, T, 2, 4, fused=True) < fused  # vocab-parallel under tp
     # z-loss: the saved logits and the in-place gradient, one buffer fewer than F.cross_entropy's three

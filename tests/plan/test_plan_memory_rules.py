@@ -12,9 +12,18 @@ from meshforge.plan.memory import DS_BUCKET, estimate_memory
 def test_deepspeed_zero3_buffers_hold_the_largest_parameter_whole():
     """ZeRO-3 gathers a parameter whole when its module runs: a 131,072-wide FFN's 1.07e9-element weight needs
     that much gather buffer, more than the 5e8-element bucket (which ZeRO-1/2 keep)."""
-    cfg = load_config("small", {"model.dim": 8192, "model.n_heads": 64, "model.ffn_dim": 131072,
-                                "model.n_layers": 2, "train.global_batch_size": 8, "train.micro_batch_size": 1,
-                                "parallel.dp_backend": "deepspeed"})
+    cfg = load_config(
+        "small",
+        {
+            "model.dim": 8192,
+            "model.n_heads": 64,
+            "model.ffn_dim": 131072,
+            "model.n_layers": 2,
+            "train.global_batch_size": 8,
+            "train.micro_batch_size": 1,
+            "parallel.dp_backend": "deepspeed",
+        },
+    )
     largest = 8192 * 131072
     assert largest > DS_BUCKET
     z3, z2 = Layout(1, 1, 1, 8, zero="ds-zero3"), Layout(1, 1, 1, 8, zero="ds-zero2")
@@ -49,5 +58,6 @@ def test_compute_efficiency_follows_the_gemm_shapes():
     cpu_cfg = load_config("small", {"train.device": "cpu"})
     lay = Layout(1, 1, 1, 2)
     cpu = get_device("cpu")
-    assert estimate_time(cpu_cfg, lay, cpu, 2).compute_s == \
-        pytest.approx(estimate_time(cpu_cfg, lay, cpu, 2, efficiency=DEFAULT_EFFICIENCY).compute_s)
+    assert estimate_time(cpu_cfg, lay, cpu, 2).compute_s == pytest.approx(
+        estimate_time(cpu_cfg, lay, cpu, 2, efficiency=DEFAULT_EFFICIENCY).compute_s
+    )

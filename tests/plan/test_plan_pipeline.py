@@ -19,8 +19,13 @@ FSDP_GROUPS = ("fsdp", "fsdp(experts)", "dp_replicate")
 # FSDP2 without resharding: the weight half of its backward needs the gathered parameters)
 PIPELINE_CASES = [
     (sched, zero, rep, shard)
-    for sched, zero in (("1f1b", "fsdp-zero3"), ("gpipe", "fsdp-zero3"), ("interleaved_1f1b", "fsdp-zero3"),
-                        ("interleaved_1f1b", "fsdp-zero2"), ("zero_bubble", "fsdp-zero2"))
+    for sched, zero in (
+        ("1f1b", "fsdp-zero3"),
+        ("gpipe", "fsdp-zero3"),
+        ("interleaved_1f1b", "fsdp-zero3"),
+        ("interleaved_1f1b", "fsdp-zero2"),
+        ("zero_bubble", "fsdp-zero2"),
+    )
     for rep, shard in ((1, 2), (2, 2))
 ]
 
@@ -99,8 +104,13 @@ def test_a_given_layouts_pp_split_is_kept():
     from meshforge.plan.compute import block_weights
     from meshforge.plan.planner import layout_keys_given, plan_layout
 
-    base = {"train.global_batch_size": 64, "model.n_layers": 12, "parallel.pp": 4, "parallel.dp_shard": 2,
-            "train.micro_batch_size": 2}
+    base = {
+        "train.global_batch_size": 64,
+        "model.n_layers": 12,
+        "parallel.pp": 4,
+        "parallel.dp_shard": 2,
+        "train.micro_batch_size": 2,
+    }
     assert layout_keys_given(["--parallel.pp_split", "6,8,10"]) == ["parallel.pp_split"]
     priced = {}
     for split in ("", "6,8,10"):  # 3/3/3/3 blocks, or 6/2/2/2
@@ -120,6 +130,7 @@ def test_data_parallel_traffic_hides_only_behind_the_compute_it_runs_during():
     """Under pp a ZeRO-2 stage gathers its weights in the first microbatch's forward and reduces in the last
     microbatch's backward: only those microbatches' compute hides them, not the whole step's; per-microbatch
     reductions (no pp, grad_sync = "microbatch") hide behind every backward."""
+
     def dp_traffic(est, behind):
         return sum(c["seconds"] for c in est.comm if not c["exposed"] and c["behind"] == behind)
 
@@ -128,11 +139,15 @@ def test_data_parallel_traffic_hides_only_behind_the_compute_it_runs_during():
     est = estimate_time(check_layout(cfg, lay), lay, H100, 8)
     mb = 256 // 64
     gathers, reductions = dp_traffic(est, "first forward"), dp_traffic(est, "last backward")
-    assert gathers > 0 and reductions > 0 and {c["behind"] for c in est.comm if not c["exposed"]} == \
-        {"first forward", "last backward"}
+    assert (
+        gathers > 0
+        and reductions > 0
+        and {c["behind"] for c in est.comm if not c["exposed"]} == {"first forward", "last backward"}
+    )
     beyond = max(0, gathers - est.compute_s / (3 * mb)) + max(0, reductions - 2 * est.compute_s / (3 * mb))
     assert beyond > 0 and est.terms["exposed data parallel"] == pytest.approx(
-        max(beyond, gathers + reductions - est.compute_s))
+        max(beyond, gathers + reductions - est.compute_s)
+    )
     flat = Layout(1, 1, 1, 128, zero="fsdp-zero3", micro_batch_size=1)
     for sync, window in (("step", "last backward"), ("microbatch", "backwards")):
         job = check_layout(load_config("llama-1b", {"train.global_batch_size": 256, "parallel.grad_sync": sync}), flat)

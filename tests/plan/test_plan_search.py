@@ -22,8 +22,17 @@ def test_given_layout_is_priced_alone_as_the_search_prices_it(capsys):
     """`--parallel.tp 4 --parallel.pp 2` prices exactly that layout (dp_shard resolved as train resolves it),
     with the same numbers the search gives the same layout."""
     base = ["--config", "llama-1b", "--gpus", "16", "--global-batch-tokens", "256K"]
-    one = _plan_json(capsys, *base, "--parallel.tp", "4", "--parallel.pp=2", "--parallel.pp_schedule",
-                     "interleaved_1f1b", "--parallel.pp_stages_per_rank", "4")
+    one = _plan_json(
+        capsys,
+        *base,
+        "--parallel.tp",
+        "4",
+        "--parallel.pp=2",
+        "--parallel.pp_schedule",
+        "interleaved_1f1b",
+        "--parallel.pp_stages_per_rank",
+        "4",
+    )
     (rec,) = one["layouts"]
     assert rec["overrides"]["parallel.tp"] == 4 and rec["overrides"]["parallel.pp"] == 2
     assert rec["overrides"]["parallel.dp_shard"] == 2 and rec["overrides"]["parallel.pp_stages_per_rank"] == 4
@@ -36,18 +45,39 @@ def test_given_layout_is_priced_alone_as_the_search_prices_it(capsys):
 
 
 def test_given_layout_that_does_not_fit_is_priced_and_says_so(capsys):
-    assert main(["plan", "--config", "llama-70b", "--gpus", "8", "--global-batch-tokens", "1M",
-                 "--parallel.tp", "8", "--parallel.pp", "1"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                "llama-70b",
+                "--gpus",
+                "8",
+                "--global-batch-tokens",
+                "1M",
+                "--parallel.tp",
+                "8",
+                "--parallel.pp",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "0 layouts fit, 1 do not" in out and "tp8 pp1 dp1x1" in out and "needs" in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--parallel.tp", "3"], "refused on 64 GPUs: world size 64 does not divide by pp*dp_replicate*cp*tp"),
-    (["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--parallel.pp_stages_per_rank", "2"],
-     "refused on 64 GPUs: parallel.pp_schedule = '1f1b' runs one stage per rank"),
-    (["--parallel.pp", "32"], "refused on 64 GPUs: model.n_layers = 16 cannot cover 32 pipeline stages"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--parallel.tp", "3"], "refused on 64 GPUs: world size 64 does not divide by pp*dp_replicate*cp*tp"),
+        (
+            ["--parallel.pp", "2", "--parallel.pp_schedule", "1f1b", "--parallel.pp_stages_per_rank", "2"],
+            "refused on 64 GPUs: parallel.pp_schedule = '1f1b' runs one stage per rank",
+        ),
+        (["--parallel.pp", "32"], "refused on 64 GPUs: model.n_layers = 16 cannot cover 32 pipeline stages"),
+    ],
+)
 def test_given_layout_refused_in_one_line(capsys, argv, message):
     assert main(["plan", "--config", "llama-1b", "--gpus", "64", *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -55,8 +85,10 @@ def test_given_layout_refused_in_one_line(capsys, argv, message):
 
 
 def test_layout_keys_given():
-    assert layout_keys_given(["--parallel.tp", "8", "--optim.lr", "1e-4", "--train.micro_batch_size=2"]) == \
-        ["parallel.tp", "train.micro_batch_size"]
+    assert layout_keys_given(["--parallel.tp", "8", "--optim.lr", "1e-4", "--train.micro_batch_size=2"]) == [
+        "parallel.tp",
+        "train.micro_batch_size",
+    ]
     assert layout_keys_given(["--optim.lr", "1e-4", "--parallel.compile", "off"]) == []
     cfg = load_config("small", {"parallel.tp": 2})
     plan = plan_layout(cfg, 4, 4, get_device("h100-80gb"))
@@ -73,20 +105,23 @@ def test_ties_go_to_less_memory_then_fewer_collectives():
     rows = plan.fitting
     fastest = min(p.time.step_s for p in rows)
     tied = [p for p in rows if p.time.step_s <= fastest * (1 + TIE)]
-    assert len(tied) > 3 and rows[:len(tied)] == tied  # the case arises; the tie comes first
+    assert len(tied) > 3 and rows[: len(tied)] == tied  # the case arises; the tie comes first
     keys = [(p.memory["total"], p.time.n_collectives) for p in tied]
     assert keys == sorted(keys) and keys[0] < keys[-1]
     assert all(a.time.step_s <= b.time.step_s * (1 + TIE) for a, b in zip(rows, rows[1:]))
 
 
-@pytest.mark.parametrize("kwargs,label", [
-    (dict(dp_replicate=16, dp_shard=1), "replicated"),
-    (dict(dp_replicate=1, dp_shard=1, tp=8, pp=2), "no-dp"),
-    (dict(dp_replicate=1, dp_shard=16), "fsdp-zero3"),
-    (dict(dp_replicate=4, dp_shard=4, zero="fsdp-zero2"), "hsdp-zero2"),
-    (dict(dp_replicate=1, dp_shard=1, cp=2, tp=8), "fsdp-zero3"),  # sharded over cp
-    (dict(dp_replicate=1, dp_shard=16, zero="ds-zero1"), "ds-zero1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,label",
+    [
+        (dict(dp_replicate=16, dp_shard=1), "replicated"),
+        (dict(dp_replicate=1, dp_shard=1, tp=8, pp=2), "no-dp"),
+        (dict(dp_replicate=1, dp_shard=16), "fsdp-zero3"),
+        (dict(dp_replicate=4, dp_shard=4, zero="fsdp-zero2"), "hsdp-zero2"),
+        (dict(dp_replicate=1, dp_shard=1, cp=2, tp=8), "fsdp-zero3"),  # sharded over cp
+        (dict(dp_replicate=1, dp_shard=16, zero="ds-zero1"), "ds-zero1"),
+    ],
+)
 def test_layout_labels_say_replicated_or_sharded(kwargs, label):
     from meshforge.plan.layouts import Layout
 
@@ -96,8 +131,22 @@ def test_layout_labels_say_replicated_or_sharded(kwargs, label):
 
 
 def test_why_lists_the_time_terms_that_sum_to_the_step(capsys):
-    argv = ["plan", "--config", "llama-1b", "--gpus", "64", "--global-batch-tokens", "1M", "--parallel.tp", "4",
-            "--parallel.pp", "2", "--parallel.dp_replicate", "2", "--why"]
+    argv = [
+        "plan",
+        "--config",
+        "llama-1b",
+        "--gpus",
+        "64",
+        "--global-batch-tokens",
+        "1M",
+        "--parallel.tp",
+        "4",
+        "--parallel.pp",
+        "2",
+        "--parallel.dp_replicate",
+        "2",
+        "--why",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("why tp4 pp2 dp2x4 hsdp-zero3 1f1b")
@@ -140,7 +189,9 @@ def test_dominated_layouts_are_pruned_before_pricing():
     for p in dropped:
         lay = p.layout
         rivals = [by_layout.get(dataclasses.replace(lay, schedule="1f1b"))] if lay.schedule == "gpipe" else []
-        rivals += [by_layout.get(dataclasses.replace(lay, ac=a)) for a in ("none", "selective")[:("none", "selective",
-                                                                                                 "full").index(lay.ac)]]
+        rivals += [
+            by_layout.get(dataclasses.replace(lay, ac=a))
+            for a in ("none", "selective")[: ("none", "selective", "full").index(lay.ac)]
+        ]
         rivals = [r for r in rivals if r is not None and r.layout in kept and (r.fits or not p.fits)]
         assert rivals and min(r.time.step_s for r in rivals) <= p.time.step_s * (1 + 1e-9), lay.describe()

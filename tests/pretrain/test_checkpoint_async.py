@@ -48,7 +48,7 @@ def test_async_save_writes_the_state_of_the_save_call(tmp_path, monkeypatch):
     ck.wait()
     assert finalizers and finalizers[0] is not threading.main_thread()  # meta.json, rename, prune: off this thread
     assert [p.name for p in list_checkpoints(ck.root)] == ["step_00000001"]
-    (step, blocked), = ck.completed()
+    ((step, blocked),) = ck.completed()
     assert step == 1 and blocked > 0 and ck.completed() == []
     fresh, fresh_opt = _model_and_optim(1)
     meta = load_checkpoint(ck.root / "step_00000001", fresh, fresh_opt)
@@ -120,9 +120,24 @@ def test_blocked_seconds_count_the_save_call_and_every_poll_including_the_last(t
 
 def test_async_checkpoints_resume_exactly_on_two_ranks(tiny_data, tmp_path):
     """fsdp2 on 2 ranks, async saves every 2 steps, stopped at 6 and resumed: the same run as synchronous saves."""
+
     def train(out, steps, *extra):
-        run_ranks(2, ["train", *PARITY_ARGS, "--data.path", str(tiny_data), "--train.output_dir", str(out),
-                      "--checkpoint.interval", "2", "--train.steps", str(steps), *extra])
+        run_ranks(
+            2,
+            [
+                "train",
+                *PARITY_ARGS,
+                "--data.path",
+                str(tiny_data),
+                "--train.output_dir",
+                str(out),
+                "--checkpoint.interval",
+                "2",
+                "--train.steps",
+                str(steps),
+                *extra,
+            ],
+        )
 
     sync, asy = tmp_path / "sync", tmp_path / "async"
     train(sync, 10)

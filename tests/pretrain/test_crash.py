@@ -60,8 +60,9 @@ def wait_until(predicate, procs, timeout: float = 300, poll: float = 0.02) -> No
     deadline = time.monotonic() + timeout
     while not predicate():
         if any(p.poll() is not None for p in procs):
-            raise AssertionError("a rank ended early: " + "".join(
-                p.stderr.read().decode(errors="replace")[-2000:] for p in procs))
+            raise AssertionError(
+                "a rank ended early: " + "".join(p.stderr.read().decode(errors="replace")[-2000:] for p in procs)
+            )
         assert time.monotonic() < deadline, f"condition not met within {timeout} s"
         time.sleep(poll)
 
@@ -91,16 +92,29 @@ def check_every_checkpoint_loads(out: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def reference_2rank(tiny_data, tmp_path_factory) -> dict[int, float]:
     out = tmp_path_factory.mktemp("crash_ref") / "run"
-    results = finish(start_ranks(2, ["train", *ARGS, "--train.steps", "30", "--data.path", str(tiny_data),
-                                     "--train.output_dir", str(out)]))
+    results = finish(
+        start_ranks(
+            2, ["train", *ARGS, "--train.steps", "30", "--data.path", str(tiny_data), "--train.output_dir", str(out)]
+        )
+    )
     assert [r[0] for r in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     return losses_by_step(out)
 
 
 def test_kill_9_of_one_rank_stops_the_job_promptly_and_the_rerun_resumes_exactly(tiny_data, reference_2rank, tmp_path):
     out = tmp_path / "run"
-    argv = ["train", *ARGS, "--train.steps", "30", "--checkpoint.interval", "4", "--data.path", str(tiny_data),
-            "--train.output_dir", str(out)]
+    argv = [
+        "train",
+        *ARGS,
+        "--train.steps",
+        "30",
+        "--checkpoint.interval",
+        "4",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+    ]
     procs = start_ranks(2, argv)
     wait_until(lambda: steps_logged(out) >= 9, procs)
     os.kill(procs[1].pid, signal.SIGKILL)
@@ -129,8 +143,18 @@ def test_kill_9_of_one_rank_stops_the_job_promptly_and_the_rerun_resumes_exactly
 
 def test_stalled_rank_times_out_with_the_operation_and_the_missing_rank(tiny_data, tmp_path):
     out = tmp_path / "run"
-    argv = ["train", *ARGS, "--train.steps", "30", "--train.collective_timeout_s", "8", "--data.path",
-            str(tiny_data), "--train.output_dir", str(out)]
+    argv = [
+        "train",
+        *ARGS,
+        "--train.steps",
+        "30",
+        "--train.collective_timeout_s",
+        "8",
+        "--data.path",
+        str(tiny_data),
+        "--train.output_dir",
+        str(out),
+    ]
     # rank 1 sleeps 120 s after the gradient norm of step 3, before the all-reduce of the loss
     procs = start_ranks(2, argv, script=[str(REPO / "tests" / "harness" / "stalling_rank.py"), "1", "3", "120"])
     start = time.monotonic()

@@ -19,13 +19,38 @@ from meshforge.pretrain.trainer import train
 from parallel_harness import REPO, assert_parity, train_layout
 
 T5_ARGS = (
-    "--config", "t5-small",
-    "--model.vocab_size", "512", "--model.dim", "64", "--model.n_layers", "2", "--model.n_decoder_layers", "2",
-    "--model.n_heads", "4", "--model.ffn_dim", "128", "--model.max_seq_len", "64",
-    "--data.seq_len", "32",
-    "--train.steps", "10", "--train.global_batch_size", "8", "--train.micro_batch_size", "2",
-    "--train.eval_interval", "0", "--train.sample_prompt", "", "--checkpoint.interval", "0",
-    "--train.progress", "false",
+    "--config",
+    "t5-small",
+    "--model.vocab_size",
+    "512",
+    "--model.dim",
+    "64",
+    "--model.n_layers",
+    "2",
+    "--model.n_decoder_layers",
+    "2",
+    "--model.n_heads",
+    "4",
+    "--model.ffn_dim",
+    "128",
+    "--model.max_seq_len",
+    "64",
+    "--data.seq_len",
+    "32",
+    "--train.steps",
+    "10",
+    "--train.global_batch_size",
+    "8",
+    "--train.micro_batch_size",
+    "2",
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--checkpoint.interval",
+    "0",
+    "--train.progress",
+    "false",
 )
 """A 2+2-layer fp32 T5, 10 steps of 8 span-corrupted samples (32 encoder tokens)."""
 
@@ -56,15 +81,41 @@ def _cfg(data, out, *overrides):
 
 def test_t5_learns_evaluates_and_fills_sentinels(t5_data, tmp_path):
     out = tmp_path / "run"
-    result = train(_cfg(t5_data, out, "--train.steps", "30", "--train.eval_interval", "15",
-                        "--train.sample_prompt", "ROMEO: <extra_id_0> love <extra_id_1> night.",
-                        "--train.sample_tokens", "8"))
+    result = train(
+        _cfg(
+            t5_data,
+            out,
+            "--train.steps",
+            "30",
+            "--train.eval_interval",
+            "15",
+            "--train.sample_prompt",
+            "ROMEO: <extra_id_0> love <extra_id_1> night.",
+            "--train.sample_tokens",
+            "8",
+        )
+    )
     assert result.val_losses[30] < result.val_losses[0] - 1.5, result.val_losses
     assert result.sample  # a decoded fill of the sentinels
     # `meshforge generate` reloads the checkpoint as an encoder-decoder and decodes greedily
-    proc = subprocess.run([sys.executable, "-m", "meshforge", "generate", "--checkpoint", str(out), "--prompt",
-                           "ROMEO: <extra_id_0> love.", "--max-new-tokens", "6"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshforge",
+            "generate",
+            "--checkpoint",
+            str(out),
+            "--prompt",
+            "ROMEO: <extra_id_0> love.",
+            "--max-new-tokens",
+            "6",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
 
@@ -100,15 +151,28 @@ def test_tokenizer_without_sentinels_fails_before_writing(tiny_data, tmp_path):
 
 
 def test_t5_rejects_the_lm_objective_before_writing(t5_data, tmp_path):
-    assert cli_main(["train", *T5_ARGS, "--data.path", str(t5_data), "--train.output_dir", str(tmp_path / "a"),
-                     "--data.objective", "lm"]) == 2
+    assert (
+        cli_main(
+            [
+                "train",
+                *T5_ARGS,
+                "--data.path",
+                str(t5_data),
+                "--train.output_dir",
+                str(tmp_path / "a"),
+                "--data.objective",
+                "lm",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("name, world, overrides", [
-    ("fsdp2", 2, ()),
-    pytest.param("hsdp-2x2", 4, ("--parallel.dp_replicate", "2"), marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name, world, overrides",
+    [("fsdp2", 2, ()), pytest.param("hsdp-2x2", 4, ("--parallel.dp_replicate", "2"), marks=pytest.mark.slow)],
+)
 def test_t5_data_parallel_matches_single_process(name, world, overrides, t5_data, t5_ref, tmp_path):
     got = train_layout(t5_data, tmp_path / name, world, *overrides, extra_args=T5_ARGS)
     assert_parity(t5_ref, got)

@@ -93,7 +93,9 @@ def test_non_finite_guard_counts_streaks_and_stops_after_the_limit():
     assert "no checkpoint was written before them" in str(g.diverged_error(None))
     ds = NonFiniteGuard(max_consecutive=5)  # a backend that cannot skip (DeepSpeed) stops after the step's record
     ds.stop_after_this_step("non-finite loss nan at step 3 under the DeepSpeed engine")
-    assert ds.diverged and str(ds.diverged_error("c/step_00000002")).endswith("; the newest checkpoint is c/step_00000002")
+    assert ds.diverged and str(ds.diverged_error("c/step_00000002")).endswith(
+        "; the newest checkpoint is c/step_00000002"
+    )
 
 
 def test_spike_detector():
@@ -166,9 +168,24 @@ def test_non_finite_step_is_skipped_without_an_update(tiny_data, tmp_path, monke
 
     monkeypatch.setattr(TrainStep, "optimizer_update", optimizer_update)
     out = tmp_path / "run"
-    trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data),
-                                                "--train.output_dir", str(out), "--train.steps", "5",
-                                                "--checkpoint.interval", "1", "--checkpoint.keep_last", "10"]))
+    trainer_mod.train(
+        load_config(
+            "tiny-test",
+            [
+                *PARITY_ARGS[2:],
+                "--data.path",
+                str(tiny_data),
+                "--train.output_dir",
+                str(out),
+                "--train.steps",
+                "5",
+                "--checkpoint.interval",
+                "1",
+                "--checkpoint.keep_last",
+                "10",
+            ],
+        )
+    )
     records = {r["step"]: r for r in read_metrics(out) if "loss" in r}
     assert records[3].get("skipped") == 1 and records[3]["skipped_total"] == 1 and math.isnan(records[3]["loss"])
     assert all("skipped" not in records[s] and math.isfinite(records[s]["loss"]) for s in (1, 2, 4, 5))
@@ -186,24 +203,54 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tiny_data,
 
     _poison(monkeypatch, {4, 5, 6})
     out = tmp_path / "run"
-    rc = cli_main(["train", "--config", "tiny-test", *PARITY_ARGS[2:], "--data.path", str(tiny_data),
-                   "--train.output_dir", str(out), "--checkpoint.interval", "3", "--train.max_nonfinite_steps", "3"])
+    rc = cli_main(
+        [
+            "train",
+            "--config",
+            "tiny-test",
+            *PARITY_ARGS[2:],
+            "--data.path",
+            str(tiny_data),
+            "--train.output_dir",
+            str(out),
+            "--checkpoint.interval",
+            "3",
+            "--train.max_nonfinite_steps",
+            "3",
+        ]
+    )
     assert rc == 2
     assert "3 consecutive steps with non-finite loss" in capsys.readouterr().err
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000003"]
     assert all(math.isfinite(v.abs().max().item()) for v in _weights(out / "checkpoints" / "step_00000003").values())
 
 
-def test_a_non_finite_streak_writes_no_checkpoint_and_resume_matches_a_run_without_it(tiny_data, tmp_path,
-                                                                                         monkeypatch, capsys):
+def test_a_non_finite_streak_writes_no_checkpoint_and_resume_matches_a_run_without_it(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     """NaN at steps 3-7 with checkpoints every 2 steps and keep_last = 2: the saves of steps 4 and 6
     wait (none is written inside the streak), so step 2 survives pruning; every step has its record;
     the stop names step 2; the rerun resumes from it and matches a run that never saw the streak."""
     from meshforge.cli import main as cli_main
 
-    args = ["train", "--config", "tiny-test", *PARITY_ARGS[2:], "--data.path", str(tiny_data),
-            "--checkpoint.interval", "2", "--checkpoint.keep_last", "2", "--train.max_nonfinite_steps", "5",
-            "--train.steps", "8", "--model.n_layers", "2"]
+    args = [
+        "train",
+        "--config",
+        "tiny-test",
+        *PARITY_ARGS[2:],
+        "--data.path",
+        str(tiny_data),
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.keep_last",
+        "2",
+        "--train.max_nonfinite_steps",
+        "5",
+        "--train.steps",
+        "8",
+        "--model.n_layers",
+        "2",
+    ]
     out, ref = tmp_path / "run", tmp_path / "ref"
     with monkeypatch.context() as m:
         _poison(m, {3, 4, 5, 6, 7})
@@ -226,11 +273,29 @@ def test_a_non_finite_streak_writes_no_checkpoint_and_resume_matches_a_run_witho
 def test_a_save_due_inside_a_streak_waits_for_the_next_good_step(tiny_data, tmp_path, monkeypatch):
     _poison(monkeypatch, {4, 5})
     out = tmp_path / "run"
-    trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data), "--train.steps", "7",
-                                                "--train.output_dir", str(out), "--checkpoint.interval", "2",
-                                                "--checkpoint.keep_last", "10"]))
+    trainer_mod.train(
+        load_config(
+            "tiny-test",
+            [
+                *PARITY_ARGS[2:],
+                "--data.path",
+                str(tiny_data),
+                "--train.steps",
+                "7",
+                "--train.output_dir",
+                str(out),
+                "--checkpoint.interval",
+                "2",
+                "--checkpoint.keep_last",
+                "10",
+            ],
+        )
+    )
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
-        "step_00000002", "step_00000006", "step_00000007"]  # step 4's save was written after step 6 (good) only
+        "step_00000002",
+        "step_00000006",
+        "step_00000007",
+    ]  # step 4's save was written after step 6 (good) only
     assert [r["step"] for r in read_metrics(out) if "checkpoint_blocked_s" in r] == [2, 6, 7]
 
 
@@ -241,8 +306,12 @@ def test_loss_spike_is_logged(tiny_data, tmp_path, monkeypatch):
 
     _change_training_loss(monkeypatch, spike)
     out = tmp_path / "run"
-    trainer_mod.train(load_config("tiny-test", [*PARITY_ARGS[2:], "--data.path", str(tiny_data),
-                                                "--train.output_dir", str(out), "--train.steps", "16"]))
+    trainer_mod.train(
+        load_config(
+            "tiny-test",
+            [*PARITY_ARGS[2:], "--data.path", str(tiny_data), "--train.output_dir", str(out), "--train.steps", "16"],
+        )
+    )
     spikes = [r["step"] for r in read_metrics(out) if r.get("loss_spike")]
     assert spikes == [14]
 

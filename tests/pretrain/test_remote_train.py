@@ -22,22 +22,37 @@ from parallel_harness import PARITY_ARGS, REPO, read_result, run_ranks
 from remote_servers import Nginx, need_nginx
 
 
-@pytest.mark.parametrize("path, message", [
-    ("https://user:hunter2@127.0.0.1:1/data", "carries credentials"),
-    ("http://127.0.0.1:1/data", "http://127.0.0.1:1/data/manifest.json: stat failed, retried for"),
-    ("0.5:http://127.0.0.1:1/a,0.5:s3://user:hunter2@b/c", "carries credentials"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("https://user:hunter2@127.0.0.1:1/data", "carries credentials"),
+        ("http://127.0.0.1:1/data", "http://127.0.0.1:1/data/manifest.json: stat failed, retried for"),
+        ("0.5:http://127.0.0.1:1/a,0.5:s3://user:hunter2@b/c", "carries credentials"),
+    ],
+)
 def test_train_from_a_bad_url_is_one_line_before_any_output(path, message, tmp_path, capsys):
     from meshforge.cli import main as cli_main
 
     key = "--data.blend" if path.startswith("0.5:") else "--data.path"
     out = tmp_path / "run"
-    code = cli_main(["train", "--config", "tiny-test", key, path, "--train.output_dir", str(out),
-                     "--data.remote_retry_seconds", "1", "--data.cache_dir", str(tmp_path / "cache")])
+    code = cli_main(
+        [
+            "train",
+            "--config",
+            "tiny-test",
+            key,
+            path,
+            "--train.output_dir",
+            str(out),
+            "--data.remote_retry_seconds",
+            "1",
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert "hunter2" not in err and not out.exists()
-
 
 
 STEPS = ("--train.steps", "20", "--checkpoint.interval", "10")
@@ -76,8 +91,23 @@ def test_train_from_http_equals_local(shards_data, http, tmp_path):
 @pytest.mark.slow
 def test_s3_prepare_then_train_1_to_2_ranks_equals_local(shards_data, s3, tiny_data, tmp_path):
     src = tiny_data.parent
-    cmd = [sys.executable, "-m", "meshforge", "data", "prepare", "--input", str(src / "corpus.jsonl"), "--tokenizer",
-           str(src / "tok.model"), "--output", "s3://bucket/cli", "--docs-per-shard", "40", "--cache-dir", str(tmp_path / "stage")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshforge",
+        "data",
+        "prepare",
+        "--input",
+        str(src / "corpus.jsonl"),
+        "--tokenizer",
+        str(src / "tok.model"),
+        "--output",
+        "s3://bucket/cli",
+        "--docs-per-shard",
+        "40",
+        "--cache-dir",
+        str(tmp_path / "stage"),
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
     ref = _resumed_run(shards_data, tmp_path / "local", (1, 2))
     got = _resumed_run("s3://bucket/cli", tmp_path / "remote", (1, 2), "--data.cache_dir", str(tmp_path / "cache"))
@@ -88,8 +118,15 @@ def test_s3_prepare_then_train_1_to_2_ranks_equals_local(shards_data, s3, tiny_d
 @pytest.mark.parametrize("mode", ["range", "download"])
 def test_http_resume_on_2_ranks_equals_local(mode, shards_data, http, tmp_path):
     ref = _resumed_run(shards_data, tmp_path / "local", (1, 2))
-    got = _resumed_run(f"{http.url}/data", tmp_path / "remote", (1, 2), "--data.cache_dir", str(tmp_path / "cache"),
-                       "--data.remote_mode", mode)
+    got = _resumed_run(
+        f"{http.url}/data",
+        tmp_path / "remote",
+        (1, 2),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--data.remote_mode",
+        mode,
+    )
     assert_identical(ref, got)
 
 
@@ -97,15 +134,35 @@ def test_http_resume_on_2_ranks_equals_local(mode, shards_data, http, tmp_path):
 def test_server_stopped_mid_run_continues_with_the_same_losses(shards_data, tmp_path):
     need_nginx()
     extra = ("--train.steps", "60", "--checkpoint.interval", "0")
-    run_ranks(1, ["train", *PARITY_ARGS, "--data.path", str(shards_data), "--train.output_dir", str(tmp_path / "local"), *extra])
+    run_ranks(
+        1,
+        ["train", *PARITY_ARGS, "--data.path", str(shards_data), "--train.output_dir", str(tmp_path / "local"), *extra],
+    )
     server = Nginx(shards_data.parent, tmp_path / "ng").start()
     proc = None
     try:
         out = tmp_path / "remote"
-        args = [sys.executable, "-m", "meshforge", "train", *PARITY_ARGS, "--data.path", f"{server.url}/data",
-                "--train.output_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"), *extra]
-        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        args = [
+            sys.executable,
+            "-m",
+            "meshforge",
+            "train",
+            *PARITY_ARGS,
+            "--data.path",
+            f"{server.url}/data",
+            "--train.output_dir",
+            str(out),
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+            *extra,
+        ]
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]

@@ -19,23 +19,41 @@ from test_errors import fails, tree_digest
 
 
 def _args(data, out, *extra):
-    return ["train", *PARITY_ARGS, "--data.path", str(data), "--train.output_dir", str(out),
-            "--checkpoint.interval", "2", "--optim.warmup_steps", "2", *extra]
+    return [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(data),
+        "--train.output_dir",
+        str(out),
+        "--checkpoint.interval",
+        "2",
+        "--optim.warmup_steps",
+        "2",
+        *extra,
+    ]
 
 
-def test_a_refused_change_then_a_changed_lr_that_takes_effect_and_config_json_tells_the_truth(tiny_data, tmp_path,
-                                                                                             capsys):
+def test_a_refused_change_then_a_changed_lr_that_takes_effect_and_config_json_tells_the_truth(
+    tiny_data, tmp_path, capsys
+):
     out = tmp_path / "run"
     assert cli_main(_args(tiny_data, out, "--train.steps", "4")) == 0
     capsys.readouterr()
     before = tree_digest(out)  # a change that would make another run: refused, nothing written
-    fails(capsys, _args(tiny_data, out, "--train.steps", "8", "--data.document_mask", "true"),
-          "was written with data.document_mask = False and this run sets True, which would change what each token "
-          "attends to; resume with data.document_mask = False")
+    fails(
+        capsys,
+        _args(tiny_data, out, "--train.steps", "8", "--data.document_mask", "true"),
+        "was written with data.document_mask = False and this run sets True, which would change what each token "
+        "attends to; resume with data.document_mask = False",
+    )
     assert tree_digest(out) == before
     capsys.readouterr()
-    trainer = Trainer(load_config("tiny-test", _args(tiny_data, out, "--train.steps", "8", "--optim.lr", "0.001",
-                                                     "--optim.beta2", "0.9")[3:]))
+    trainer = Trainer(
+        load_config(
+            "tiny-test", _args(tiny_data, out, "--train.steps", "8", "--optim.lr", "0.001", "--optim.beta2", "0.9")[3:]
+        )
+    )
     trainer.run()
     assert {g["betas"] for g in trainer.backend.optimizer.param_groups} == {(0.9, 0.9)}  # not the checkpoint's
     said = capsys.readouterr().out
@@ -57,6 +75,8 @@ def test_help_config_names_each_keys_resume_policy():
     assert resume_policy("optim.lr") == "applies" and resume_policy("data.blend") == "refused"
     assert resume_policy("checkpoint.init_from") == "ignored"
     lines = text.splitlines()
-    keys = [i for i, line in enumerate(lines) if line.startswith("  ") and " = " in line and not line.startswith("    ")]
+    keys = [
+        i for i, line in enumerate(lines) if line.startswith("  ") and " = " in line and not line.startswith("    ")
+    ]
     for i, end in zip(keys, keys[1:] + [len(lines)]):  # every key has its policy line after its docstring
-        assert any(line.startswith("      [on resume: ") for line in lines[i + 1:end]), lines[i]
+        assert any(line.startswith("      [on resume: ") for line in lines[i + 1 : end]), lines[i]

@@ -27,8 +27,12 @@ def test_a_second_trainer_is_refused_naming_the_holder_before_writing(tiny_data,
     held = RunLock(out).acquire()  # the first trainer (this process) is running
     try:
         before = tree_digest(out)
-        fails(capsys, _args(tiny_data, out), f"output dir {out} is in use by another meshforge train",
-              f"host {socket.gethostname()}, pid {os.getpid()}, SLURM job 4242")
+        fails(
+            capsys,
+            _args(tiny_data, out),
+            f"output dir {out} is in use by another meshforge train",
+            f"host {socket.gethostname()}, pid {os.getpid()}, SLURM job 4242",
+        )
         assert tree_digest(out) == before  # nothing written, nothing removed
         procs = start_ranks(2, _args(tiny_data, out))  # a whole job: every rank stops before any writes
         codes = [p.wait(timeout=300) for p in procs]
@@ -46,8 +50,9 @@ def test_two_trainers_started_at_once_one_runs_the_other_refuses(tiny_data, tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "meshforge", *_args(tiny_data, out, "--train.steps", "30")]
-    procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)
+    ]
     try:
         codes = [p.wait(timeout=300) for p in procs]
         errs = [p.stderr.read().decode() for p in procs]

@@ -21,8 +21,14 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__")
 
 
 def _cfg(data, out, **over):
-    base = {"data.path": str(data), "train.output_dir": str(out), "train.eval_interval": 0,
-            "train.sample_prompt": "", "checkpoint.interval": 0, "logging.tensorboard": False}
+    base = {
+        "data.path": str(data),
+        "train.output_dir": str(out),
+        "train.eval_interval": 0,
+        "train.sample_prompt": "",
+        "checkpoint.interval": 0,
+        "logging.tensorboard": False,
+    }
     return load_config("tiny-test", {**base, **over})
 
 
@@ -81,8 +87,11 @@ def test_grad_norm_only_where_clipping_or_logging_needs_it(tiny_data, tmp_path, 
     runs = {}
     for name, every in {"every": 1, "third": 3}.items():  # clipping off (with it on: every step, test_train)
         calls.clear()
-        Trainer(_cfg(tiny_data, tmp_path / name, **{"train.steps": 7, "optim.grad_clip": 0.0,
-                                                    "logging.log_interval": every})).run()
+        Trainer(
+            _cfg(
+                tiny_data, tmp_path / name, **{"train.steps": 7, "optim.grad_clip": 0.0, "logging.log_interval": every}
+            )
+        ).run()
         runs[name] = [r for r in read_metrics(tmp_path / name) if "loss" in r]
         assert len(calls) == {"every": 7, "third": 2}[name], name
     assert [r["step"] for r in runs["third"] if "grad_norm" in r] == [3, 6]

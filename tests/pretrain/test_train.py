@@ -89,9 +89,23 @@ def test_generate_from_checkpoint_matches_trained_model(tiny_data, tmp_path, cap
 
 
 def _train_proc(data_dir: Path, out: Path, steps: int, interval: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "meshforge", *cli_args(data_dir, out, "--train.steps", str(steps),
-                                                         "--checkpoint.interval", str(interval),
-                                                         "--train.eval_interval", "0", "--train.sample_prompt", "")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meshforge",
+        *cli_args(
+            data_dir,
+            out,
+            "--train.steps",
+            str(steps),
+            "--checkpoint.interval",
+            str(interval),
+            "--train.eval_interval",
+            "0",
+            "--train.sample_prompt",
+            "",
+        ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
 
@@ -190,7 +204,9 @@ def test_truncated_shard(tiny_data, tmp_path, capsys):
 
 def test_tokenizer_not_matching_manifest(tiny_data, other_tokenizer, tmp_path, capsys):
     out = tmp_path / "run"
-    _fails(capsys, cli_args(tiny_data, out, "--data.tokenizer", str(other_tokenizer)), "does not match the data manifest")
+    _fails(
+        capsys, cli_args(tiny_data, out, "--data.tokenizer", str(other_tokenizer)), "does not match the data manifest"
+    )
     assert not out.exists()
 
 
@@ -205,8 +221,11 @@ def test_output_dir_of_another_run_is_refused_and_untouched(tiny_data, tmp_path,
     over = ["--train.steps", "10", "--train.eval_interval", "0", "--train.sample_prompt", ""]
     assert cli_main(cli_args(tiny_data, out, *over)) == 0
     before = tree_digest(out)
-    _fails(capsys, cli_args(tiny_data, out, *over, "--model.dim", "32", "--model.n_heads", "2"),
-           "holds checkpoints of a different run (model.dim: 64 there vs 32 here")
+    _fails(
+        capsys,
+        cli_args(tiny_data, out, *over, "--model.dim", "32", "--model.n_heads", "2"),
+        "holds checkpoints of a different run (model.dim: 64 there vs 32 here",
+    )
     _fails(capsys, cli_args(tiny_data, out, *over, "--checkpoint.resume", "false"), "already holds checkpoints")
     assert tree_digest(out) == before
 
@@ -248,5 +267,7 @@ def test_trains_on_shards_written_by_megatron_core(tiny_data, tmp_path):
         builder.finalize(str(mega / f"{idx.stem}.idx"))
     over = {"train.steps": 3, "train.eval_interval": 0, "train.sample_prompt": ""}
     ref = Trainer(tiny_cfg(tiny_data, tmp_path / "a", **over)).run().losses
-    got = Trainer(tiny_cfg(mega, tmp_path / "b", **over, **{"data.tokenizer": str(tiny_data / "tokenizer.model")})).run()
+    got = Trainer(
+        tiny_cfg(mega, tmp_path / "b", **over, **{"data.tokenizer": str(tiny_data / "tokenizer.model")})
+    ).run()
     assert got.losses == ref

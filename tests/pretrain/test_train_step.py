@@ -36,9 +36,20 @@ class ShiftStep(TrainStep):
 
 def _run(tiny_data, out, steps: int, monkeypatch):
     monkeypatch.setattr(trainer_mod, "build_step", ShiftStep)
-    cfg = load_config("tiny-test", {"data.path": str(tiny_data), "train.output_dir": str(out), "train.steps": steps,
-                                    "train.eval_interval": 2, "train.eval_batches": 3, "checkpoint.interval": 2,
-                                    "checkpoint.keep_last": 10, "train.sample_prompt": "", "train.progress": False})
+    cfg = load_config(
+        "tiny-test",
+        {
+            "data.path": str(tiny_data),
+            "train.output_dir": str(out),
+            "train.steps": steps,
+            "train.eval_interval": 2,
+            "train.eval_batches": 3,
+            "checkpoint.interval": 2,
+            "checkpoint.keep_last": 10,
+            "train.sample_prompt": "",
+            "train.progress": False,
+        },
+    )
     trainer_mod.Trainer(cfg).run()
     return {r["step"]: r for r in read_metrics(out) if "loss" in r or "val_loss" in r}
 

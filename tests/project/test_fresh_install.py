@@ -24,8 +24,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-TEST_ONLY = {"deepspeed", "megatron-core", "transformers", "datasets", "triton", "torchao", "mpich", "mpi4py",
-             "scipy", "matplotlib", "pytest"}
+TEST_ONLY = {
+    "deepspeed",
+    "megatron-core",
+    "transformers",
+    "datasets",
+    "triton",
+    "torchao",
+    "mpich",
+    "mpi4py",
+    "scipy",
+    "matplotlib",
+    "pytest",
+}
 
 
 def _norm(name: str) -> str:
@@ -35,7 +46,7 @@ def _norm(name: str) -> str:
 def _quick_start() -> str:
     text = README.read_text()
     start = text.index("## Quick start")
-    return text[start:text.index("\n## ", start + 1)]
+    return text[start : text.index("\n## ", start + 1)]
 
 
 def readme_install_lines() -> tuple[str, str]:
@@ -70,16 +81,24 @@ def test_readme_install_lines_are_the_script():
     assert line == "bash scripts/setup.sh && meshforge train"
 
 
-@pytest.mark.parametrize("env, args, message", [
-    ({"MESHFORGE_TORCH": "gpu"}, [], "MESHFORGE_TORCH must be auto, cpu, cuda, skip or a version"),
-    ({}, ["--tests"], "usage: bash scripts/setup.sh [--test]"),
-])
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({"MESHFORGE_TORCH": "gpu"}, [], "MESHFORGE_TORCH must be auto, cpu, cuda, skip or a version"),
+        ({}, ["--tests"], "usage: bash scripts/setup.sh [--test]"),
+    ],
+)
 def test_setup_refuses_a_bad_choice_before_installing(env, args, message, tmp_path):
     fake_python = tmp_path / "python"  # a pip that would record any install
-    fake_python.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls'}\n")
+    fake_python.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
     fake_python.chmod(0o755)
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": str(fake_python), **env}, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(fake_python), **env},
+        timeout=60,
+    )
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "calls").exists()
 
@@ -98,15 +117,18 @@ exit 0
 CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
 
 
-@pytest.mark.parametrize("gpu, offered, env, args, torch_install, dry_run", [
-    (False, "cuda", {}, [], f"-m pip install -q {CPU_INDEX} torch==2.13.0", True),   # PyPI on Linux: CUDA build
-    (False, "cpu", {}, [], "-m pip install -q torch==2.13.0", True),                # the index holds a +cpu wheel
-    (False, "cuda", {"MESHFORGE_TORCH_INDEX": "registry"}, [], "-m pip install -q torch==2.13.0", False),
-    (True, "cuda", {}, [], "-m pip install -q torch==2.13.0", False),               # a GPU: the index's CUDA build
-    (False, "cuda", {"MESHFORGE_TORCH": "cuda"}, [], "-m pip install -q torch==2.13.0", False),
-    (False, "cuda", {"MESHFORGE_TORCH": "2.11.0"}, [], f"-m pip install -q {CPU_INDEX} torch==2.11.0", True),
-    (False, "cuda", {"MESHFORGE_TORCH": "skip"}, ["--test"], None, False),
-])
+@pytest.mark.parametrize(
+    "gpu, offered, env, args, torch_install, dry_run",
+    [
+        (False, "cuda", {}, [], f"-m pip install -q {CPU_INDEX} torch==2.13.0", True),  # PyPI on Linux: CUDA build
+        (False, "cpu", {}, [], "-m pip install -q torch==2.13.0", True),  # the index holds a +cpu wheel
+        (False, "cuda", {"MESHFORGE_TORCH_INDEX": "registry"}, [], "-m pip install -q torch==2.13.0", False),
+        (True, "cuda", {}, [], "-m pip install -q torch==2.13.0", False),  # a GPU: the index's CUDA build
+        (False, "cuda", {"MESHFORGE_TORCH": "cuda"}, [], "-m pip install -q torch==2.13.0", False),
+        (False, "cuda", {"MESHFORGE_TORCH": "2.11.0"}, [], f"-m pip install -q {CPU_INDEX} torch==2.11.0", True),
+        (False, "cuda", {"MESHFORGE_TORCH": "skip"}, ["--test"], None, False),
+    ],
+)
 def test_setup_chooses_the_torch_build(tmp_path, gpu, offered, env, args, torch_install, dry_run):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -117,14 +139,21 @@ def test_setup_chooses_the_torch_build(tmp_path, gpu, offered, env, args, torch_
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
         (bin_dir / "nvidia-smi").chmod(0o755)
     calls = tmp_path / "calls"
-    path = os.pathsep.join([str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep)
-                                              if not (Path(p) / "nvidia-smi").exists()])
-    full = {**{k: v for k, v in os.environ.items() if not k.startswith("MESHFORGE_TORCH")}, "PATH": path,
-            "PYTHON": str(fake), "CALLS": str(calls), "REAL_PYTHON": sys.executable,
-            "REQUIRES": '"filelock", "nvidia-cublas-cu12==12.9.1.4"' if offered == "cuda" else '"filelock", "sympy"',
-            **env}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
-                          env=full, timeout=60)
+    path = os.pathsep.join(
+        [str(bin_dir)] + [p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists()]
+    )
+    full = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MESHFORGE_TORCH")},
+        "PATH": path,
+        "PYTHON": str(fake),
+        "CALLS": str(calls),
+        "REAL_PYTHON": sys.executable,
+        "REQUIRES": '"filelock", "nvidia-cublas-cu12==12.9.1.4"' if offered == "cuda" else '"filelock", "sympy"',
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup.sh"), *args], capture_output=True, text=True, env=full, timeout=60
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     lines = calls.read_text().splitlines()
     installs = [c for c in lines if c.startswith("-m pip install") and "--dry-run" not in c]
@@ -177,8 +206,10 @@ def test_fresh_clone_quick_start_installs_what_the_readme_says(tmp_path):
             shutil.copy2(src, clone / rel)
     venv_line, line = readme_install_lines()
     short = "--train.steps 2 --train.eval_interval 0 --checkpoint.interval 2 --optim.warmup_steps 1"
-    script = (f"set -euo pipefail\n{venv_line}\n{line} {short}\n"
-              f"python - > {tmp_path / 'inventory.json'} <<'EOF'\n{_INVENTORY}\nEOF\n")
+    script = (
+        f"set -euo pipefail\n{venv_line}\n{line} {short}\n"
+        f"python - > {tmp_path / 'inventory.json'} <<'EOF'\n{_INVENTORY}\nEOF\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(sys.prefix))
     env.setdefault("MESHFORGE_TORCH_INDEX", "registry")

@@ -31,10 +31,20 @@ CPU_SKIPS = {
 
 
 def _run(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MESHFORGE_CACHE": os.environ.get("MESHFORGE_CACHE", str(tmp_path / "cache"))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MESHFORGE_CACHE": os.environ.get("MESHFORGE_CACHE", str(tmp_path / "cache")),
+    }
     env.pop("OUT", None)
-    return subprocess.run(["bash", str(REPO / "bench" / "gpu_check" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check" / "gpu_check.sh"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_dry_run_exercises_every_case(tmp_path):
@@ -54,8 +64,18 @@ def test_dry_run_exercises_every_case(tmp_path):
         assert c["checks"] and all(k["pass"] for k in c["checks"]), (name, c["checks"])
         if c["kind"] in ("speed", "peer"):
             assert figures["tokens_per_s"] > 0 and figures["tokens_per_step"] > 0, name
-    for name in ("compile", "bf16", "flex_doc_mask", "fused_loss", "1b", "1b-fused-loss", "compile_model", "moe",
-                 "t5-base", "cp2"):
+    for name in (
+        "compile",
+        "bf16",
+        "flex_doc_mask",
+        "fused_loss",
+        "1b",
+        "1b-fused-loss",
+        "compile_model",
+        "moe",
+        "t5-base",
+        "cp2",
+    ):
         assert by_name[name]["status"] == "ok", by_name[name]  # nothing the CPU can run was skipped
     assert by_name["1b-fused-loss"]["figures"]["fused_loss"] != by_name["1b"]["figures"]["fused_loss"]
     whole = by_name["compile_model"]  # compiled in the dry run too (Dynamo's eager backend), checked against 1b
@@ -98,9 +118,11 @@ def test_options_and_packages_this_build_lacks_are_skipped(monkeypatch):
     assert gpu_check.option_available("train.fused_loss") and gpu_check.option_available("parallel.compile")
     assert not gpu_check.option_available("train.no_such_option")
     assert not gpu_check.option_available("nosection.key")
-    fake = {"opt": gpu_check_lib.Case("opt", "speed", "m:f", 1, "x", option=("train.no_such_option", "on")),
-            "pkg": gpu_check_lib.Case("pkg", "speed", "m:f", 1, "x", needs=("no_such_module_4711",)),
-            "fine": gpu_check_lib.Case("fine", "speed", "m:f", 1, "x", option=("train.fused_loss", "on"))}
+    fake = {
+        "opt": gpu_check_lib.Case("opt", "speed", "m:f", 1, "x", option=("train.no_such_option", "on")),
+        "pkg": gpu_check_lib.Case("pkg", "speed", "m:f", 1, "x", needs=("no_such_module_4711",)),
+        "fine": gpu_check_lib.Case("fine", "speed", "m:f", 1, "x", option=("train.fused_loss", "on")),
+    }
     monkeypatch.setattr(gpu_check, "BY_NAME", fake)
     assert gpu_check.pre_skip("opt") == "option not available in this build (no config key train.no_such_option)"
     assert "no_such_module_4711" in gpu_check.pre_skip("pkg")
@@ -116,8 +138,19 @@ def test_the_gpu_jobs_are_valid_configs():
     from meshforge.config.sections import ConfigError
 
     for name, (preset, overrides, micro) in speed.GPU_JOBS.items():
-        cfg = load_config(preset, [*speed.OFF, *overrides, "--train.global_batch_size", str(micro),
-                                   "--train.micro_batch_size", str(micro), "--train.device", "cuda"])
+        cfg = load_config(
+            preset,
+            [
+                *speed.OFF,
+                *overrides,
+                "--train.global_batch_size",
+                str(micro),
+                "--train.micro_batch_size",
+                str(micro),
+                "--train.device",
+                "cuda",
+            ],
+        )
         assert cfg.parallel.compile == "on" and cfg.parallel.ep == 1, name
     one_b = load_config("llama-1b", list(speed.LLAMA_1B))
     assert not one_b.model.qk_norm and one_b.data.seq_len == 4096 and not one_b.model.tie_embeddings
@@ -133,23 +166,75 @@ def test_on_a_gpu_each_measurement_gets_a_fresh_worker():
 
 
 def _gpu_report() -> dict:
-    machine = {"cpu": "x", "platform": "Linux", "python": "3.12.3", "cuda": "13.0", "date": "2026-12-03 10:00 UTC",
-               "packages": {"torch": "2.11.0"}, "gpu": "NVIDIA H200", "gpu_count": 1, "gpu_mem_gib": 139.8, "sms": 132,
-               "capability": "9.0", "driver": "580"}
-    one_b = {"name": "1b", "kind": "speed", "what": "w", "status": "ok", "wall_s": 60,
-             "figures": {"params": 1.07e9, "micro_batch": 4, "tokens_per_step": 16384, "tokens_per_s": 50000.0,
-                         "tflops": 400.0, "mfu": 0.404, "peak_mem_bytes": 60 * 2**30, "loss_first": 10.4,
-                         "loss_last": 9.9, "mem_predicted_backward": 40 * 2**30, "mem_backward_peak_bytes": 44 * 2**30,
-                         "mem_backward_rel_err": 40 / 44 - 1},
-             "checks": [gpu_check_lib.check("non-finite losses", 0, 0)]}
-    peer = {"name": "peer", "kind": "peer", "what": "w", "status": "ok", "wall_s": 50,
-            "figures": {"tokens_per_s": 40000.0, "meshforge_tokens_per_s": 50000.0, "ratio": 1.25, "params": 1.07e9,
-                        "tokens_per_step": 16384}, "checks": []}
+    machine = {
+        "cpu": "x",
+        "platform": "Linux",
+        "python": "3.12.3",
+        "cuda": "13.0",
+        "date": "2026-12-03 10:00 UTC",
+        "packages": {"torch": "2.11.0"},
+        "gpu": "NVIDIA H200",
+        "gpu_count": 1,
+        "gpu_mem_gib": 139.8,
+        "sms": 132,
+        "capability": "9.0",
+        "driver": "580",
+    }
+    one_b = {
+        "name": "1b",
+        "kind": "speed",
+        "what": "w",
+        "status": "ok",
+        "wall_s": 60,
+        "figures": {
+            "params": 1.07e9,
+            "micro_batch": 4,
+            "tokens_per_step": 16384,
+            "tokens_per_s": 50000.0,
+            "tflops": 400.0,
+            "mfu": 0.404,
+            "peak_mem_bytes": 60 * 2**30,
+            "loss_first": 10.4,
+            "loss_last": 9.9,
+            "mem_predicted_backward": 40 * 2**30,
+            "mem_backward_peak_bytes": 44 * 2**30,
+            "mem_backward_rel_err": 40 / 44 - 1,
+        },
+        "checks": [gpu_check_lib.check("non-finite losses", 0, 0)],
+    }
+    peer = {
+        "name": "peer",
+        "kind": "peer",
+        "what": "w",
+        "status": "ok",
+        "wall_s": 50,
+        "figures": {
+            "tokens_per_s": 40000.0,
+            "meshforge_tokens_per_s": 50000.0,
+            "ratio": 1.25,
+            "params": 1.07e9,
+            "tokens_per_step": 16384,
+        },
+        "checks": [],
+    }
     skipped = {"name": "cp2", "kind": "speed", "what": "w", "status": "skipped", "wall_s": 0, "reason": "needs 2 GPUs"}
-    bad = {"name": "compile", "kind": "correctness", "what": "w", "status": "failed", "wall_s": 9, "figures": {},
-           "checks": [gpu_check_lib.check("losses", 0.5, 2e-3)]}
-    return {"command": "bash bench/gpu_check/gpu_check.sh", "dry": False, "budget_s": 450, "wall_s": 400, "machine": machine,
-            "cases": [bad, one_b, peer, skipped]}
+    bad = {
+        "name": "compile",
+        "kind": "correctness",
+        "what": "w",
+        "status": "failed",
+        "wall_s": 9,
+        "figures": {},
+        "checks": [gpu_check_lib.check("losses", 0.5, 2e-3)],
+    }
+    return {
+        "command": "bash bench/gpu_check/gpu_check.sh",
+        "dry": False,
+        "budget_s": 450,
+        "wall_s": 400,
+        "machine": machine,
+        "cases": [bad, one_b, peer, skipped],
+    }
 
 
 def test_report_renders_gpu_figures_and_records_into_results(tmp_path):

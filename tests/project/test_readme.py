@@ -68,7 +68,7 @@ def meshforge_argv(command: list[str]) -> list[str] | None:
     """The arguments after ``meshforge`` (``meshforge X``, ``python -m meshforge X``, ``torchrun ... -m meshforge X``)."""
     for i, tok in enumerate(command):
         if tok == "meshforge" and (i == 0 or command[i - 1] == "-m"):
-            args = command[i + 1:]
+            args = command[i + 1 :]
             # README notation: [optional] flags and "..." for "and the rest"
             return [a.strip("[]") for a in args if a not in ("...", "[...]")]
     return None
@@ -80,7 +80,7 @@ def check_command(argv: list[str]) -> str | None:
     inner = None
     if argv[:1] == ["launch"] and "--" in argv:
         cut = argv.index("--")
-        argv, inner = argv[:cut], argv[cut + 1:]
+        argv, inner = argv[:cut], argv[cut + 1 :]
     try:
         args, rest = parser.parse_known_args(argv)
     except UsageError as e:
@@ -135,26 +135,31 @@ def test_the_readme_links_and_paths_exist():
     assert link_problems(README.read_text(), REPO) == []
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("```bash\nmeshforge train\n", "never closed"),
-    ("```bash\nmeshforge train --config small\n## GPU check\n\n```bash\nls\n```\n", "section heading inside"),
-    ("```bash\nmeshforge train --train.stepz 10\n```\n", "unknown config key 'train.stepz'"),
-    ("```bash\nmeshforge train --train.steps ten\n```\n", "expected int"),
-    ("```bash\nmeshforge generate --prompt hi\n```\n", "parser refused"),
-    ("```bash\nmeshforge scaling fit d --approach 4\n```\n", "parser refused"),
-    ("```bash\nmeshforge convert export --checkpoint a --output b --bogus\n```\n", "unrecognized"),
-    ("```bash\nmeshforge launch --gpus-per-node 8 -- train --modle.dim 3\n```\n", "unknown config key"),
-    ("```bash\ntorchrun --nproc-per-node 2 -m meshforge train --parallel.tpp 2\n```\n", "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("```bash\nmeshforge train\n", "never closed"),
+        ("```bash\nmeshforge train --config small\n## GPU check\n\n```bash\nls\n```\n", "section heading inside"),
+        ("```bash\nmeshforge train --train.stepz 10\n```\n", "unknown config key 'train.stepz'"),
+        ("```bash\nmeshforge train --train.steps ten\n```\n", "expected int"),
+        ("```bash\nmeshforge generate --prompt hi\n```\n", "parser refused"),
+        ("```bash\nmeshforge scaling fit d --approach 4\n```\n", "parser refused"),
+        ("```bash\nmeshforge convert export --checkpoint a --output b --bogus\n```\n", "unrecognized"),
+        ("```bash\nmeshforge launch --gpus-per-node 8 -- train --modle.dim 3\n```\n", "unknown config key"),
+        ("```bash\ntorchrun --nproc-per-node 2 -m meshforge train --parallel.tpp 2\n```\n", "unknown config key"),
+    ],
+)
 def test_the_checker_finds_each_kind_of_mistake(text, expected):
     problems = readme_problems(text)
     assert problems and expected in problems[0], problems
 
 
 def test_the_checker_passes_good_commands_and_sees_missing_files(tmp_path):
-    good = ("```bash\n# a comment\nmeshforge train --config small --train.steps 10 \\\n    --optim.lr 3e-3 && echo ok\n"
-            "meshforge scaling fit sweeps/iso --approach all [--json]\nmeshforge plan --config small --gpus 8 "
-            "--parallel.tp 2 | head\n```\n")
+    good = (
+        "```bash\n# a comment\nmeshforge train --config small --train.steps 10 \\\n    --optim.lr 3e-3 && echo ok\n"
+        "meshforge scaling fit sweeps/iso --approach all [--json]\nmeshforge plan --config small --gpus 8 "
+        "--parallel.tp 2 | head\n```\n"
+    )
     assert readme_problems(good) == []
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "here.md").write_text("x")

@@ -10,8 +10,22 @@ import pytest
 from meshforge.cli import main as cli_main
 from meshforge.scaling.estimate import Estimator, format_duration
 
-PLAN = ["scaling", "plan", "--kind", "tokens", "--sizes", "2e5,8e5", "--tokens", "4e6,1.6e7",
-        "--set", "model.dim=64", "--set", "model.n_heads=4", "--set", "model.ffn_multiple_of=16"]
+PLAN = [
+    "scaling",
+    "plan",
+    "--kind",
+    "tokens",
+    "--sizes",
+    "2e5,8e5",
+    "--tokens",
+    "4e6,1.6e7",
+    "--set",
+    "model.dim=64",
+    "--set",
+    "model.n_heads=4",
+    "--set",
+    "model.ffn_multiple_of=16",
+]
 H100_BF16 = 989e12
 
 
@@ -40,8 +54,9 @@ def test_each_row_gets_its_steps_and_a_time_and_the_plan_a_total(tmp_path, capsy
     shown = _times(text)
     assert [int(s.replace(",", "")) for s, _ in shown] == [r["steps"] for r in rows]
     assert [t for _, t in shown] == [format_duration(s) for s in seconds]
-    total = re.search(r"estimated: ([\d,]+) steps, (.+) one run after another, ([\d.,]+) GPU-hours, on 1 x H100-80GB",
-                      text)
+    total = re.search(
+        r"estimated: ([\d,]+) steps, (.+) one run after another, ([\d.,]+) GPU-hours, on 1 x H100-80GB", text
+    )
     assert int(total.group(1).replace(",", "")) == sum(r["steps"] for r in rows)
     assert total.group(2) == format_duration(sum(seconds))
     assert "note: 4 of 4 runs model under 10 ms per step" in text
@@ -79,15 +94,21 @@ def test_a_measured_rate_gpus_and_per_step_cost(tmp_path, capsys):
     assert cpu.row(rows[0]).seconds == pytest.approx(rows[0]["steps"] * (cpu.row(rows[0]).model_step_s + 0.032))
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--gpu", "h1000"], "unknown device 'h1000'"),
-    (["--gpus", "0"], "--gpus (GPUs per run) must be at least 1"),
-    (["--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
-    (["--tokens-per-s", "nan"], "--tokens-per-s must be a positive rate"),
-    (["--step-overhead-ms", "-1"], "--step-overhead-ms must be 0 or more"),
-    (["--gpus", "3"], "--gpus 3: the estimate runs each row on 3 device(s) in the layout of its config, which "
-                      "refuses: train.global_batch_size (16) does not divide"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--gpu", "h1000"], "unknown device 'h1000'"),
+        (["--gpus", "0"], "--gpus (GPUs per run) must be at least 1"),
+        (["--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
+        (["--tokens-per-s", "nan"], "--tokens-per-s must be a positive rate"),
+        (["--step-overhead-ms", "-1"], "--step-overhead-ms must be 0 or more"),
+        (
+            ["--gpus", "3"],
+            "--gpus 3: the estimate runs each row on 3 device(s) in the layout of its config, which "
+            "refuses: train.global_batch_size (16) does not divide",
+        ),
+    ],
+)
 def test_bad_estimate_options_are_refused_before_writing(tmp_path, capsys, extra, message):
     out = tmp_path / "sweep"
     assert cli_main([*PLAN, "--output", str(out), *extra]) == 2

@@ -90,8 +90,17 @@ def test_shape_rule_hits_the_requested_n():
 
 
 def test_isoflop_plan_rows_hold_resolved_configs_and_report_skipped_sizes(tmp_path):
-    spec = PlanSpec("isoflop", tmp_path / "sweep", None, {**FINE, "model.vocab_size": 512}, budgets=[1e12, 4e12],
-                    n_sizes=7, n_min=2e3, n_max=2e6, min_steps=60)
+    spec = PlanSpec(
+        "isoflop",
+        tmp_path / "sweep",
+        None,
+        {**FINE, "model.vocab_size": 512},
+        budgets=[1e12, 4e12],
+        n_sizes=7,
+        n_min=2e3,
+        n_max=2e6,
+        min_steps=60,
+    )
     rows, skipped = plan_rows(spec)
     assert rows and skipped
     reasons = " ".join(s["reason"] for s in skipped)
@@ -103,8 +112,16 @@ def test_isoflop_plan_rows_hold_resolved_configs_and_report_skipped_sizes(tmp_pa
         assert r["D"] == r["steps"] * cfg.train.global_batch_size * cfg.data.seq_len
         assert r["N"] == count_params(cfg.model).non_embedding
         assert cfg.train.eval_interval == r["steps"] and Path(cfg.train.output_dir).name == r["id"]
-    same = {(r["config"]["data"]["seq_len"], r["config"]["train"]["seed"], r["config"]["train"]["global_batch_size"],
-             r["config"]["train"]["eval_batches"], r["config"]["data"]["valid_fraction"]) for r in rows}
+    same = {
+        (
+            r["config"]["data"]["seq_len"],
+            r["config"]["train"]["seed"],
+            r["config"]["train"]["global_batch_size"],
+            r["config"]["train"]["eval_batches"],
+            r["config"]["data"]["valid_fraction"],
+        )
+        for r in rows
+    }
     assert len(same) == 1  # one held-out set for every run
     write_plan(spec)
     assert len((tmp_path / "sweep" / "sweep.jsonl").read_text().splitlines()) == len(rows)
@@ -115,8 +132,16 @@ def test_isoflop_plan_rows_hold_resolved_configs_and_report_skipped_sizes(tmp_pa
 
 def test_isoflop_plan_centres_each_budgets_grid_on_its_own_n_star(tmp_path):
     """--centers: budget i's sizes span centers[i]/span .. centers[i]*span (each within the shape rule's 25%)."""
-    spec = PlanSpec("isoflop", tmp_path / "sweep", None, {**FINE, "model.vocab_size": 512}, budgets=[1e13, 1e14],
-                    centers=[1e5, 4e5], n_sizes=3, span=2.0)
+    spec = PlanSpec(
+        "isoflop",
+        tmp_path / "sweep",
+        None,
+        {**FINE, "model.vocab_size": 512},
+        budgets=[1e13, 1e14],
+        centers=[1e5, 4e5],
+        n_sizes=3,
+        span=2.0,
+    )
     rows, skipped = plan_rows(spec)
     assert not skipped
     for budget, center in ((1e13, 1e5), (1e14, 4e5)):
@@ -124,9 +149,11 @@ def test_isoflop_plan_centres_each_budgets_grid_on_its_own_n_star(tmp_path):
         assert len(got) == 3
         for n, want in zip(got, (center / 2, center, center * 2)):
             assert abs(n / want - 1) < 0.25, (budget, got)
-    for centers, extra, message in (([1e5], {}, "one positive N per budget: 2 budget"),
-                                    ([1e5, -1.0], {}, "one positive N per budget"),
-                                    ([1e5, 4e5], {"n_min": 1e4, "n_max": 1e6}, "give one of them")):
+    for centers, extra, message in (
+        ([1e5], {}, "one positive N per budget: 2 budget"),
+        ([1e5, -1.0], {}, "one positive N per budget"),
+        ([1e5, 4e5], {"n_min": 1e4, "n_max": 1e6}, "give one of them"),
+    ):
         bad = PlanSpec("isoflop", tmp_path / "bad", None, FINE, budgets=[1e13, 1e14], centers=centers, **extra)
         with pytest.raises(ScalingError, match=message):
             write_plan(bad)
@@ -136,8 +163,18 @@ def test_isoflop_plan_centres_each_budgets_grid_on_its_own_n_star(tmp_path):
 def test_token_and_lr_plans(tmp_path):
     rows, _ = plan_rows(PlanSpec("tokens", tmp_path, None, FINE, sizes=[2e5], tokens=[1e5, 4e5]))
     assert [r["D"] for r in rows] == [49 * 2048, 195 * 2048] and len({r["N"] for r in rows}) == 1
-    rows, _ = plan_rows(PlanSpec("lr", tmp_path, None, FINE, sizes=[1e5, 4e5], tokens=[1e5], lrs=[1e-3, 1e-2],
-                                 variants=["plain", "qk_norm+z_loss"]))
+    rows, _ = plan_rows(
+        PlanSpec(
+            "lr",
+            tmp_path,
+            None,
+            FINE,
+            sizes=[1e5, 4e5],
+            tokens=[1e5],
+            lrs=[1e-3, 1e-2],
+            variants=["plain", "qk_norm+z_loss"],
+        )
+    )
     assert len(rows) == 8
     for r in rows:
         qk, z = r["config"]["model"]["qk_norm"], r["config"]["train"]["z_loss_coef"]
@@ -204,15 +241,23 @@ def test_approach1_reads_each_runs_final_loss_not_its_mid_schedule_points(tmp_pa
     the schedule and the larger the model (the LR has not decayed there): the default envelope of final
     losses picks each budget's best run and recovers a within 0.06; ``envelope="curves"`` reads the biased
     curves and its a falls more than 0.07 below the truth; curves without a curves.csv are refused."""
-    rows = [{**r, "status": "ok", "flops": r["budget"]}
-            for r in isoflop_rows(budgets=(1e18, 1e19, 1e20, 1e21), sizes=13)]
+    rows = [
+        {**r, "status": "ok", "flops": r["budget"]} for r in isoflop_rows(budgets=(1e18, 1e19, 1e20, 1e21), sizes=13)
+    ]
     write_csv(tmp_path / "results.csv", rows)
     curves = []
     for i, r in enumerate(rows):
         for t in np.linspace(0.05, 1, 20):  # fraction of the run's schedule
             d = r["D"] * t
-            curves.append({"id": f"r{i}", "N": r["N"], "D": d, "flops": 6 * r["N"] * d,
-                           "loss": float(law(r["N"], d)) + (1 - t) * (r["N"] / 1e9) ** 0.3})
+            curves.append(
+                {
+                    "id": f"r{i}",
+                    "N": r["N"],
+                    "D": d,
+                    "flops": 6 * r["N"] * d,
+                    "loss": float(law(r["N"], d)) + (1 - t) * (r["N"] / 1e9) ** 0.3,
+                }
+            )
     write_csv(tmp_path / "curves.csv", curves)
     out = fit_report(tmp_path, approach="1")
     a1 = out["approach1"]
@@ -233,10 +278,11 @@ def test_approach1_reads_each_runs_final_loss_not_its_mid_schedule_points(tmp_pa
 
 
 def test_fit_cli_json_and_text(tmp_path, capsys):
-    path = write_csv(tmp_path / "published.csv",
-                     [{**r, "other": "x"} for r in isoflop_rows(sizes=7, noise=0.002)])
-    assert cli_main(["scaling", "fit", str(path), "--approach", "all", "--bootstrap", "4", "--budgets", "1e21",
-                     "--json"]) == 0
+    path = write_csv(tmp_path / "published.csv", [{**r, "other": "x"} for r in isoflop_rows(sizes=7, noise=0.002)])
+    assert (
+        cli_main(["scaling", "fit", str(path), "--approach", "all", "--bootstrap", "4", "--budgets", "1e21", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     for key in ("E", "A", "B", "alpha", "beta", "a"):
         assert set(out[key]) == {"value", "interval"} and len(out[key]["interval"]) == 2, key
@@ -263,12 +309,15 @@ def test_fit_all_fits_what_it_can_and_names_what_it_could_not(tmp_path, capsys):
         fit_report(write_csv(tmp_path / "few.csv", rows[:3]), approach="all", bootstrap=0)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "missing column\\(s\\) loss"),
-    ("nan", "column loss has 1 missing, NaN"),
-    ("one_budget", "approach 2 needs at least 2 IsoFLOP budgets"),
-    ("few", "needs more points than that; got 4"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "missing column\\(s\\) loss"),
+        ("nan", "column loss has 1 missing, NaN"),
+        ("one_budget", "approach 2 needs at least 2 IsoFLOP budgets"),
+        ("few", "needs more points than that; got 4"),
+    ],
+)
 def test_fit_refuses_bad_results_with_one_clear_line(tmp_path, capsys, case, message):
     rows = isoflop_rows(sizes=5)
     approach = "all"

@@ -49,16 +49,22 @@ def test_ladder_writes_outside_the_tracked_docs_by_default(tmp_path):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c[1] for c in calls] == ["plan", "run", "fit", "fit", "plot"]
     report = work / "runs" / "scaling_ladder" / "report"
-    assert sorted(p.name for p in report.iterdir()) == ["curves.csv", "fit.json", "fit.txt", "isoflop.png",
-                                                        "results.csv"]
+    assert sorted(p.name for p in report.iterdir()) == [
+        "curves.csv",
+        "fit.json",
+        "fit.txt",
+        "isoflop.png",
+        "results.csv",
+    ]
     assert not (work / "docs").exists()
 
 
 def test_ladder_states_the_readmes_time():
     def minutes(text: str) -> list[str]:
         return re.findall(r"(\d+(?:\.\d+)?) minutes", text)
+
     readme = (REPO / "README.md").read_text()
-    paragraph = readme[readme.index("**The CPU ladder**"):]
+    paragraph = readme[readme.index("**The CPU ladder**") :]
     header = "".join(line for line in LADDER.read_text().splitlines(True) if line.startswith("#"))
     assert minutes(header)[0] == minutes(paragraph)[0]
 
@@ -67,8 +73,13 @@ def test_ladder_states_the_readmes_time():
 def test_cpu_ladder_fits_a_compute_optimal_n_that_grows_with_c(tmp_path):
     docs = tmp_path / "docs"
     env = {**os.environ, "DOCS": str(docs)}
-    subprocess.run(["bash", str(REPO / "bench" / "scaling" / "scaling_ladder.sh"), str(tmp_path / "sweep")], cwd=REPO, env=env,
-                   check=True, timeout=3600)
+    subprocess.run(
+        ["bash", str(REPO / "bench" / "scaling" / "scaling_ladder.sh"), str(tmp_path / "sweep")],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=3600,
+    )
     fit = json.loads((docs / "fit.json").read_text())
     n_opt = [b["N_opt"] for b in fit["budgets"]]
     assert n_opt == sorted(n_opt) and n_opt[-1] > n_opt[0]  # approach 3: N_opt grows with C

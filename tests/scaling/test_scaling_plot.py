@@ -16,8 +16,17 @@ from test_scaling_fit import isoflop_rows, write_csv
 def test_plot_writes_every_figure_from_synthetic_results(tmp_path, capsys):
     rows = isoflop_rows(sizes=6, noise=0.002)
     results = write_csv(tmp_path / "results.csv", [{"id": f"r{i}", **r, "status": "ok"} for i, r in enumerate(rows)])
-    curves = [{"id": f"r{i}", "N": r["N"], "D": r["D"] * f, "flops": 6 * r["N"] * r["D"] * f,
-               "loss": r["loss"] + 0.5 * (1 - f)} for i, r in enumerate(rows) for f in (0.25, 0.5, 1.0)]
+    curves = [
+        {
+            "id": f"r{i}",
+            "N": r["N"],
+            "D": r["D"] * f,
+            "flops": 6 * r["N"] * r["D"] * f,
+            "loss": r["loss"] + 0.5 * (1 - f),
+        }
+        for i, r in enumerate(rows)
+        for f in (0.25, 0.5, 1.0)
+    ]
     write_csv(tmp_path / "curves.csv", curves)
     out = tmp_path / "figs"
     assert cli_main(["scaling", "plot", str(tmp_path), "--output", str(out)]) == 0
@@ -49,8 +58,16 @@ def test_lr_sweep_results_give_sensitivity_per_size_and_variant_and_a_figure(tmp
             for lr in lrs:  # a parabola in log LR around an optimum that moves with N; wider with qk-norm
                 loss = 3.0 + ((np.log10(lr) + 2.5 - shift) / width) ** 2
                 diverged = variant == "plain" and lr > 0.05
-                rows.append({"N": n, "lr": lr, "variant": variant, "loss": "" if diverged else loss,
-                             "init_loss": 6.5, "status": "diverged" if diverged else "ok"})
+                rows.append(
+                    {
+                        "N": n,
+                        "lr": lr,
+                        "variant": variant,
+                        "loss": "" if diverged else loss,
+                        "init_loss": 6.5,
+                        "status": "diverged" if diverged else "ok",
+                    }
+                )
     path = write_csv(tmp_path / "results.csv", rows)
     groups = read_lr_results(path)
     assert set(groups) == {(v, n) for v in ("plain", "qk_norm+z_loss") for n in (1e5, 1e6)}
@@ -77,8 +94,11 @@ class _KeepFigures:
 def _drawn_tick_labels(axis, renderer):
     lo, hi = sorted(axis.get_view_interval())
     ticks = axis.get_major_ticks() + axis.get_minor_ticks()
-    return [t.label1.get_window_extent(renderer) for t in ticks
-            if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+    return [
+        t.label1.get_window_extent(renderer)
+        for t in ticks
+        if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi
+    ]
 
 
 def test_residual_figure_labels_do_not_overlap(tmp_path):
@@ -101,7 +121,7 @@ def test_residual_figure_labels_do_not_overlap(tmp_path):
         boxes = _drawn_tick_labels(ax.xaxis, renderer)
         assert len(boxes) >= 2
         for i, a in enumerate(boxes):
-            assert not any(a.overlaps(b) for b in boxes[i + 1:]), f"overlapping tick labels on {ax.get_xlabel()}"
+            assert not any(a.overlaps(b) for b in boxes[i + 1 :]), f"overlapping tick labels on {ax.get_xlabel()}"
     for ax in panels:
         if not ax.get_ylabel():
             continue

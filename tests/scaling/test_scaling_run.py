@@ -16,8 +16,15 @@ from meshforge.scaling.run import pending_rows, read_results, run_local, toml_te
 
 def tiny_sweep(tmp_path: Path, data_dir: Path) -> Path:
     sweep = tmp_path / "sweep"
-    spec = PlanSpec("tokens", sweep, "tiny-test", {"data.path": str(data_dir), "train.eval_batches": 1},
-                    sizes=[2e4], tokens=[1536, 2560, 3584], min_steps=2)
+    spec = PlanSpec(
+        "tokens",
+        sweep,
+        "tiny-test",
+        {"data.path": str(data_dir), "train.eval_batches": 1},
+        sizes=[2e4],
+        tokens=[1536, 2560, 3584],
+        min_steps=2,
+    )
     rows, _ = write_plan(spec)
     assert [r["steps"] for r in rows] == [6, 10, 14]
     bad = json.loads(json.dumps(rows[0]))  # a row whose data is missing: it must fail, alone
@@ -70,8 +77,18 @@ def test_interrupted_sweep_resumes_skipping_finished_rows(tiny_data, tmp_path):
 
 def test_slurm_array_script_covers_the_pending_rows(tiny_data, tmp_path):
     sweep = tiny_sweep(tmp_path, tiny_data)
-    opts = argparse.Namespace(nodes=1, gpus_per_node=2, cpu=True, partition="debug", time="01:00:00", account=None,
-                              job_name="ladder", cpus_per_task=4, sbatch_arg=[], parallel=2)
+    opts = argparse.Namespace(
+        nodes=1,
+        gpus_per_node=2,
+        cpu=True,
+        partition="debug",
+        time="01:00:00",
+        account=None,
+        job_name="ladder",
+        cpus_per_task=4,
+        sbatch_arg=[],
+        parallel=2,
+    )
     path, indices = write_slurm_array(sweep, opts)
     script = path.read_text()
     assert indices == [0, 1, 2, 3]

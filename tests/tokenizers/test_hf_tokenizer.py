@@ -19,8 +19,12 @@ from meshforge.cli import main  # noqa: E402
 from meshforge.data_pipeline import DataError, open_data_dir, open_shards, prepare_data  # noqa: E402
 from meshforge.tokenizers import TokenizerError, load_tokenizer  # noqa: E402
 
-TEXTS = ["Ünïcödé 日本語, emoji 🦜🚀", "   long   runs\n\n\n\t\t of whitespace", "digits 3.14159 and 1234567890.",
-         "ROMEO: But soft, what light through yonder window breaks?"]
+TEXTS = [
+    "Ünïcödé 日本語, emoji 🦜🚀",
+    "   long   runs\n\n\n\t\t of whitespace",
+    "digits 3.14159 and 1234567890.",
+    "ROMEO: But soft, what light through yonder window breaks?",
+]
 
 
 def hf_dir_with(tmp_path, tokenizer_json, name="tok", config=None, files=None, post_bos=False):
@@ -29,12 +33,17 @@ def hf_dir_with(tmp_path, tokenizer_json, name="tok", config=None, files=None, p
     d.mkdir()
     spec = json.loads(tokenizer_json.read_text())
     if post_bos:  # Llama 3's convention: the tokenizer itself puts BOS first
-        spec["post_processor"] = {"type": "TemplateProcessing",
-                                  "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
-                                             {"Sequence": {"id": "A", "type_id": 0}}],
-                                  "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                                  "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [0],
-                                                                           "tokens": ["<|begin_of_text|>"]}}}
+        spec["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {
+                "<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [0], "tokens": ["<|begin_of_text|>"]}
+            },
+        }
     (d / "tokenizer.json").write_text(json.dumps(spec))
     if config is not None:
         (d / "tokenizer_config.json").write_text(json.dumps(config))
@@ -45,15 +54,30 @@ def hf_dir_with(tmp_path, tokenizer_json, name="tok", config=None, files=None, p
 
 SPECIAL_CASES = {
     # name: (config, other files, post-processor BOS, (bos, eos, pad, add_bos))
-    "qwen-like: no BOS": ({"bos_token": None, "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"}, {}, False,
-                          (None, 1, 2, False)),
-    "llama3-like: BOS by post-processor": ({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, {}, True,
-                                           (0, 1, None, True)),
-    "ids from generation_config": (None, {"generation_config.json": {"bos_token_id": 0, "eos_token_id": [1, 5]},
-                                          "config.json": {"pad_token_id": 2}}, False, (0, 1, 2, False)),
-    "special_tokens_map + add_bos_token": ({"add_bos_token": True},
-                                           {"special_tokens_map.json": {"bos_token": {"content": "<|begin_of_text|>"},
-                                                                        "eos_token": "<|pad|>"}}, False, (0, 2, None, True)),
+    "qwen-like: no BOS": (
+        {"bos_token": None, "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"},
+        {},
+        False,
+        (None, 1, 2, False),
+    ),
+    "llama3-like: BOS by post-processor": (
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        {},
+        True,
+        (0, 1, None, True),
+    ),
+    "ids from generation_config": (
+        None,
+        {"generation_config.json": {"bos_token_id": 0, "eos_token_id": [1, 5]}, "config.json": {"pad_token_id": 2}},
+        False,
+        (0, 1, 2, False),
+    ),
+    "special_tokens_map + add_bos_token": (
+        {"add_bos_token": True},
+        {"special_tokens_map.json": {"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|pad|>"}},
+        False,
+        (0, 2, None, True),
+    ),
 }
 
 
@@ -67,8 +91,13 @@ def test_special_tokens_come_from_the_tokenizer_and_its_config(case, byte_bpe_to
     copy = tmp_path / "copy"
     copy.mkdir()
     again = load_tokenizer(tok.save(copy).parent)
-    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.fingerprint) == \
-        (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.fingerprint)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.add_bos, again.fingerprint) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.add_bos,
+        tok.fingerprint,
+    )
 
     data = tmp_path / "data"
     prepare_data([str(write_jsonl(tmp_path / "in.jsonl", TEXTS))], str(d), str(data), progress=False)
@@ -83,8 +112,13 @@ def test_special_tokens_come_from_the_tokenizer_and_its_config(case, byte_bpe_to
 def test_bos_override_on_a_tokenizer_without_bos_is_refused(byte_bpe_tokenizer, tmp_path):
     d = hf_dir_with(tmp_path, byte_bpe_tokenizer, config={"bos_token": None, "eos_token": "<|end_of_text|>"})
     with pytest.raises(DataError, match="has no BOS token"):
-        prepare_data([str(write_jsonl(tmp_path / "in.jsonl", TEXTS))], str(d), str(tmp_path / "data"), add_bos=True,
-                     progress=False)
+        prepare_data(
+            [str(write_jsonl(tmp_path / "in.jsonl", TEXTS))],
+            str(d),
+            str(tmp_path / "data"),
+            add_bos=True,
+            progress=False,
+        )
     assert not (tmp_path / "data").exists()
 
 
@@ -93,8 +127,11 @@ BAD_TOKENIZERS = {
     "missing path": ({}, "nope.json", "does not exist"),
     "dir without a tokenizer": ({}, "", "holds neither tokenizer.json nor tokenizer.model"),
     "garbage tokenizer.json": ({"tokenizer.json": "{not json"}, "", "not a Hugging Face tokenizer.json"),
-    "config token not in the vocabulary": ({"tokenizer.json": None, "tokenizer_config.json": '{"eos_token": "</s>"}'},
-                                           "", "not in the vocabulary"),
+    "config token not in the vocabulary": (
+        {"tokenizer.json": None, "tokenizer_config.json": '{"eos_token": "</s>"}'},
+        "",
+        "not in the vocabulary",
+    ),
     "broken tokenizer_config.json": ({"tokenizer.json": None, "tokenizer_config.json": "{"}, "", "not valid JSON"),
     "garbage .model": ({"x.model": "garbage"}, "x.model", "is not a sentencepiece model"),
 }
@@ -111,7 +148,9 @@ def test_bad_tokenizer_is_one_line_before_anything_is_written(case, byte_bpe_tok
     with pytest.raises(TokenizerError, match=message):
         load_tokenizer(path)
     src = write_jsonl(tmp_path / "in.jsonl", TEXTS)
-    assert main(["data", "prepare", "--input", str(src), "--tokenizer", str(path), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["data", "prepare", "--input", str(src), "--tokenizer", str(path), "--output", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("meshforge: error:") and message in err[0]
     assert not (tmp_path / "o").exists()
@@ -119,10 +158,12 @@ def test_bad_tokenizer_is_one_line_before_anything_is_written(case, byte_bpe_tok
 
 def test_hf_prepare_identical_for_any_worker_count_and_mismatch_refused(byte_bpe_tokenizer, other_tokenizer, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", builtin_docs(40, skip=300))
-    m1 = prepare_data([str(src)], str(byte_bpe_tokenizer), str(tmp_path / "w1"), workers=1, docs_per_shard=16,
-                      progress=False)
-    m2 = prepare_data([str(src)], str(byte_bpe_tokenizer.parent), str(tmp_path / "w2"), workers=2, docs_per_shard=16,
-                      progress=False)
+    m1 = prepare_data(
+        [str(src)], str(byte_bpe_tokenizer), str(tmp_path / "w1"), workers=1, docs_per_shard=16, progress=False
+    )
+    m2 = prepare_data(
+        [str(src)], str(byte_bpe_tokenizer.parent), str(tmp_path / "w2"), workers=2, docs_per_shard=16, progress=False
+    )
     assert [s["bin_sha256"] for s in m1["shards"]] == [s["bin_sha256"] for s in m2["shards"]]
     assert len(m1["shards"]) == 3 and m1["tokenizer"]["fingerprint"] == load_tokenizer(byte_bpe_tokenizer).fingerprint
     assert open_data_dir(tmp_path / "w1", str(byte_bpe_tokenizer.parent)).vocab_size == 512
@@ -138,7 +179,9 @@ def test_vocabulary_beyond_uint16_writes_int32_and_trains(tmp_path):
     from meshforge.pretrain.trainer import Trainer
 
     words = [f"w{i}" for i in range(152_000)]
-    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="<unk>"))
+    tok = Tokenizer(
+        models.WordLevel({"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="<unk>")
+    )
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     d = tmp_path / "big"
     d.mkdir()
@@ -153,10 +196,23 @@ def test_vocabulary_beyond_uint16_writes_int32_and_trains(tmp_path):
     first = np.asarray(open_shards(tmp_path / "data", m)[0][0])
     assert first.tolist() == load_tokenizer(d).encode(texts[0]) + [1]
 
-    cfg = load_config("tiny-test", {"data.path": str(tmp_path / "data"), "train.output_dir": str(tmp_path / "run"),
-                                    "model.vocab_size": 0, "model.dim": 16, "model.n_layers": 1, "train.steps": 1,
-                                    "train.global_batch_size": 2, "train.micro_batch_size": 2, "train.eval_interval": 0,
-                                    "checkpoint.interval": 0, "train.sample_tokens": 0, "data.valid_fraction": 0.0})
+    cfg = load_config(
+        "tiny-test",
+        {
+            "data.path": str(tmp_path / "data"),
+            "train.output_dir": str(tmp_path / "run"),
+            "model.vocab_size": 0,
+            "model.dim": 16,
+            "model.n_layers": 1,
+            "train.steps": 1,
+            "train.global_batch_size": 2,
+            "train.micro_batch_size": 2,
+            "train.eval_interval": 0,
+            "checkpoint.interval": 0,
+            "train.sample_tokens": 0,
+            "data.valid_fraction": 0.0,
+        },
+    )
     trainer = Trainer(cfg)
     batch = trainer.data.train_loader.next_batch()
     assert batch.max() > 65_535 and info.vocab_size == 152_002
@@ -169,10 +225,22 @@ def llama2_style_sentencepiece(path):
 
     lines = [line for t in builtin_docs(60) for line in t.split("\n") if line.strip()]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=600, model_type="bpe",
-                                   byte_fallback=True, split_digits=True, pad_id=-1, unk_id=0, bos_id=1, eos_id=2,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   add_dummy_prefix=True, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        minloglevel=2,
+    )
     path.write_bytes(model.getvalue())
 
 
@@ -183,9 +251,18 @@ def test_llama2_sentencepiece_without_pad_imports_and_exports(tmp_path):
     src = tmp_path / "hf"
     src.mkdir()
     llama2_style_sentencepiece(src / "tokenizer.model")
-    cfg = transformers.LlamaConfig(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=600,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(src))
     import_hf(src, tmp_path / "init", log=lambda *_: None)
@@ -223,8 +300,11 @@ def tiktoken_file_of(tokenizer_json, path):
 
     vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
     byte_of = {c: b for b, c in _byte_chars().items()}
-    lines = [f"{base64.b64encode(bytes(byte_of[c] for c in tok)).decode()} {i - 3}"
-             for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i >= 3]
+    lines = [
+        f"{base64.b64encode(bytes(byte_of[c] for c in tok)).decode()} {i - 3}"
+        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])
+        if i >= 3
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -257,16 +337,25 @@ def test_tiktoken_file_encodes_like_its_bpe_and_exports(llama3, byte_bpe_tokeniz
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
     assert [hf.encode(t, add_special_tokens=False) for t in TEXTS] == [tok.encode(t) for t in TEXTS]
     assert (hf.bos_token_id, hf.eos_token_id) == ((509, 510) if llama3 else (None, None))
-    assert hf.encode("a")[: 1] == ([509] if llama3 else tok.encode("a"))
+    assert hf.encode("a")[:1] == ([509] if llama3 else tok.encode("a"))
 
 
 def test_export_without_tokenizer_keeps_the_source_special_ids(tmp_path):
     from meshforge.convert.export import export_hf
     from meshforge.convert.import_ import import_hf
 
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=5, eos_token_id=7, pad_token_id=None)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=5,
+        eos_token_id=7,
+        pad_token_id=None,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "hf"))
     import_hf(tmp_path / "hf", tmp_path / "init", log=lambda *_: None)
     export_hf(tmp_path / "init", tmp_path / "out", log=lambda *_: None)

@@ -6,7 +6,9 @@ import pytest
 
 from meshforge.tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TokenizerError, load_tokenizer, train_tokenizer
 
-UNUSUAL = "Ünïcödé  spaces\ttab\nnew line — “quotes” ﬁ ligature, 日本語, 한국어, emoji 🦜🚀, math 𝔘 ∮, zero\u200bwidth, é"
+UNUSUAL = (
+    "Ünïcödé  spaces\ttab\nnew line — “quotes” ﬁ ligature, 日本語, 한국어, emoji 🦜🚀, math 𝔘 ∮, zero\u200bwidth, é"
+)
 
 
 def test_bpe_fixed_ids_and_vocab(tiny_tokenizer):
@@ -42,7 +44,9 @@ def test_digit_splitting(tmp_path, small_corpus, tiny_tokenizer, jsonl_writer):
     numbers = ["2024 1999 2024 31415 2024 1999 " * 4 for _ in range(200)]
     src = jsonl_writer(tmp_path / "nums.jsonl", numbers)
     split = load_tokenizer(train_tokenizer([src, small_corpus], tmp_path / "split", vocab_size=350))
-    joined = load_tokenizer(train_tokenizer([src, small_corpus], tmp_path / "joined", vocab_size=350, split_digits=False))
+    joined = load_tokenizer(
+        train_tokenizer([src, small_corpus], tmp_path / "joined", vocab_size=350, split_digits=False)
+    )
     assert _max_digits_per_piece(split, "2024 31415") == 1
     assert _max_digits_per_piece(joined, "2024 31415") > 1
     assert _max_digits_per_piece(load_tokenizer(tiny_tokenizer), "In the year 1537") == 1
@@ -56,9 +60,13 @@ def test_special_and_reserved_tokens(tiny_tokenizer):
 
 
 def test_retrain_gives_same_fingerprint(tmp_path, small_corpus, tiny_tokenizer):
-    again = train_tokenizer([small_corpus], tmp_path / "again", vocab_size=400, special_tokens=["<|sep|>"], n_reserved=2)
+    again = train_tokenizer(
+        [small_corpus], tmp_path / "again", vocab_size=400, special_tokens=["<|sep|>"], n_reserved=2
+    )
     assert load_tokenizer(again).fingerprint == load_tokenizer(tiny_tokenizer).fingerprint
-    other = train_tokenizer([small_corpus], tmp_path / "other", vocab_size=410, special_tokens=["<|sep|>"], n_reserved=2)
+    other = train_tokenizer(
+        [small_corpus], tmp_path / "other", vocab_size=410, special_tokens=["<|sep|>"], n_reserved=2
+    )
     assert load_tokenizer(other).fingerprint != load_tokenizer(tiny_tokenizer).fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.model", "other.model"]  # no temp files left
 
@@ -97,8 +105,23 @@ def test_errors(tmp_path, small_corpus):
 def test_llama_preset_keeps_whitespace_and_splits_digits(tmp_path, small_corpus):
     from meshforge.cli import main
 
-    assert main(["tokenizer", "train", "--preset", "llama", "--input", str(small_corpus), "--model-prefix",
-                 str(tmp_path / "ll"), "--vocab-size", "400"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--preset",
+                "llama",
+                "--input",
+                str(small_corpus),
+                "--model-prefix",
+                str(tmp_path / "ll"),
+                "--vocab-size",
+                "400",
+            ]
+        )
+        == 0
+    )
     tok = load_tokenizer(tmp_path / "ll.model")
     text = "  two  leading spaces,\ttabs\t and 12345 digits  \n\n"
     assert tok.decode(tok.encode(text)) == text
@@ -129,9 +152,11 @@ def test_input_sentence_size_samples_reproducibly(tmp_path, small_corpus):
     everything, seen = _sentences([small_corpus], "text")
     sample, seen2 = _sentences([small_corpus], "text", 150)
     assert seen == seen2 == len(everything) > 300
-    assert len(sample) == 150 and set(sample) <= set(everything) and sample == _sentences([small_corpus], "text", 150)[0]
+    assert (
+        len(sample) == 150 and set(sample) <= set(everything) and sample == _sentences([small_corpus], "text", 150)[0]
+    )
     assert sample != everything[:150]  # a sample from the whole corpus, shuffled
-    assert _sentences([small_corpus], "text", 10 ** 6)[0] == everything  # small corpus: all lines, in order
+    assert _sentences([small_corpus], "text", 10**6)[0] == everything  # small corpus: all lines, in order
     a = train_tokenizer([small_corpus], tmp_path / "a", vocab_size=350, input_sentence_size=150)
     b = train_tokenizer([small_corpus], tmp_path / "b", vocab_size=350, input_sentence_size=150)
     full = train_tokenizer([small_corpus], tmp_path / "full", vocab_size=350)
@@ -149,7 +174,10 @@ def test_bad_records_are_counted_as_data_prepare_counts_them(tmp_path, corpus_do
     good = corpus_docs(12)
     src = tmp_path / "mixed.jsonl"
     lines = [json.dumps({"text": t}) for t in good] + [
-        "{not json", json.dumps({"body": "x"}), json.dumps({"text": 7}), json.dumps({"text": "  "}),
+        "{not json",
+        json.dumps({"body": "x"}),
+        json.dumps({"text": 7}),
+        json.dumps({"text": "  "}),
         json.dumps({"text": "\ud800 lone surrogate"}),
     ]
     src.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe not utf-8\n")
@@ -162,7 +190,9 @@ def test_bad_records_are_counted_as_data_prepare_counts_them(tmp_path, corpus_do
 
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text("{not json\n" + json.dumps({"text": 3}) + "\n")
-    with pytest.raises(TokenizerError, match=r"hold no text \(skipped records: .*'invalid_json': 1.*'non_string_field': 1"):
+    with pytest.raises(
+        TokenizerError, match=r"hold no text \(skipped records: .*'invalid_json': 1.*'non_string_field': 1"
+    ):
         train_tokenizer([only_bad], tmp_path / "b", vocab_size=350)
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(gzip.compress("\n".join(lines[:12]).encode() * 20)[:-40])
