@@ -95,7 +95,9 @@ def _plan(slices: list[Slice], tok: Tokenizer, dtype, ends: tuple, text_field: s
 
 
 def _is_partial(d: Path) -> bool:
-    return (d / WORK_DIR / PLAN_FILE).is_file()
+    """``d`` holds an unfinished preparation: its plan, or only the work dir (another node that has just
+    created it and is writing its plan, when several nodes start at once)."""
+    return (d / WORK_DIR / PLAN_FILE).is_file() or [p.name for p in d.iterdir()] == [WORK_DIR]
 
 
 def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
@@ -113,7 +115,9 @@ def _work_dir(out: Path, overwrite: bool, num_nodes: int, plan: dict) -> Path:
     if work.exists() and any(work.iterdir()):
         if not _is_partial(work):
             raise DataError(f"--output {work} is not empty and holds no {MANIFEST}: choose an empty or new directory")
-        theirs = read_json(work / WORK_DIR / PLAN_FILE) or {}
+        plan_file = work / WORK_DIR / PLAN_FILE
+        # no plan yet: another node is writing it (the same plan, or the check below refuses on the next run)
+        theirs = (read_json(plan_file) or {}) if plan_file.exists() else {"hash": plan["hash"]}
         if theirs.get("hash") != plan["hash"]:
             if overwrite and num_nodes == 1:
                 shutil.rmtree(work)

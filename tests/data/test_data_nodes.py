@@ -59,6 +59,21 @@ def test_two_nodes_merge_to_the_single_node_result(tmp_path, inputs, tiny_tokeni
     ]
 
 
+def test_a_node_starting_while_another_creates_the_work_dir_joins_it(tmp_path, inputs, tiny_tokenizer, reference):
+    """Nodes started at once: node 1 may find node 0's empty `.prepare/` before node 0 wrote its plan there."""
+    out = tmp_path / "data"
+    (out / ".prepare").mkdir(parents=True)  # node 0 between creating the work dir and writing its plan
+    kw = dict(docs_per_shard=2, progress=False, num_nodes=2)
+    p1 = prepare_data([inputs], str(tiny_tokenizer), str(out), node_rank=1, **kw)
+    assert p1["slices"] == [1, 3]
+    prepare_data([inputs], str(tiny_tokenizer), str(out), node_rank=0, **kw)
+    same_data(out, reference)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")  # anything else in the dir is still refused
+    with pytest.raises(DataError, match="is not empty and holds no manifest.json"):
+        prepare_data([inputs], str(tiny_tokenizer), str(tmp_path / "other"), node_rank=0, **kw)
+
+
 def test_no_merge_then_merge_manifest_with_verify(tmp_path, inputs, tiny_tokenizer, reference):
     out = tmp_path / "data"
     for r in (1, 0):
