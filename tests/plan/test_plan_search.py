@@ -226,3 +226,27 @@ def test_search_checks_settings_once_with_the_same_result(monkeypatch, overrides
     slow = listing(plan_job(cfg, 16, 8, h100))
     assert len(fast[0]) > 100 and fast[1]
     assert fast == slow
+
+
+def test_a_layout_sets_only_layout_fields():
+    """``apply_layout`` changes no field outside ``config.LAYOUT_FIELDS`` (what the search checks once must
+    be the same for every candidate), whatever the backend, schedule and degrees."""
+    import dataclasses
+
+    from meshforge.config import LAYOUT_FIELDS
+    from meshforge.plan.layouts import Layout, apply_layout
+
+    cfg = load_config("llama-1b", {"train.global_batch_size": 64})
+    changed = set()
+    for layout in (
+        Layout(2, 2, 1, 4, zero="fsdp-zero2", schedule="zero_bubble", micro_batch_size=2, ac="full", pp_split="3"),
+        Layout(1, 1, 2, 4, cp=2, zero="ds-zero3", cp_method="alltoall", ac="selective"),
+        Layout(1, 4, 1, 4, schedule="interleaved_1f1b", stages_per_rank=4),
+    ):
+        job = apply_layout(cfg, layout)
+        for sec in dataclasses.fields(cfg):
+            for f in dataclasses.fields(getattr(cfg, sec.name)):
+                if getattr(getattr(job, sec.name), f.name) != getattr(getattr(cfg, sec.name), f.name):
+                    changed.add(f"{sec.name}.{f.name}")
+    assert "parallel.compile" in changed and "parallel.zero_stage" in changed  # the walk sees changes
+    assert changed <= LAYOUT_FIELDS, changed - LAYOUT_FIELDS
