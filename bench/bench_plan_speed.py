@@ -15,6 +15,8 @@ configs | tar -x -C DIR``), so that a before / after pair is measured under the 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import resource
@@ -78,21 +80,28 @@ def main() -> int:
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     best = plan.fitting[0]
+    # the whole ranked list (layout, step time to the last bit, memory, fits) and the refusals: equal digests
+    # before / after say a speed change priced, ranked and refused exactly the same
+    rows = [
+        (p.layout.describe(), repr(p.time.step_s), p.memory["total"], p.fits) for p in plan.fitting + plan.overflowing
+    ]
+    digest = hashlib.sha256(json.dumps([rows, sorted(plan.refused.items())]).encode()).hexdigest()[:16]
     lines = [
         f"405B-class decoder on {args.gpus} x H100 (8 per node): {cpu:.1f} s CPU ({wall:.0f} s wall), peak RSS "
         f"{rss:.2f} GiB; {len(plan.fitting) + len(plan.overflowing):,} layouts priced "
         f"({len(plan.fitting):,} fit); first: {best.layout.describe()} at {best.time.step_s:.2f} s/step, "
-        f"MFU {100 * best.time.mfu:.1f}%; load average {loadavg()}"
+        f"MFU {100 * best.time.mfu:.1f}%; ranked list and refusals digest {digest}; load average {loadavg()}"
     ]
     print(lines[0])
     if before is not None:
         cpu_before = float(re.search(r"([0-9.]+) s CPU", before).group(1))
+        same = re.search(r"digest (\w+)", before).group(1) == digest
         lines = [
             f"before (the tree at {args.before}): {before}",
             "",
             f"after: {lines[0]}",
             "",
-            f"CPU after / before: {cpu / cpu_before:.2f}",
+            f"CPU after / before: {cpu / cpu_before:.2f}; the same ranked list and refusals: {same}",
         ]
     if args.record:
         record(SECTION, lines)
