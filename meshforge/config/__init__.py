@@ -30,7 +30,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from .checks import ARCHITECTURE_OPTIONS, DEEPSPEED_ONLY, FSDP2_ONLY, micro_batch_size, validate
+from .checks import (
+    ARCHITECTURE_OPTIONS,
+    DEEPSPEED_ONLY,
+    FSDP2_ONLY,
+    LAYOUT_FIELDS,
+    micro_batch_size,
+    validate,
+    validate_layout,
+    validate_settings,
+)
 from .objectives import ENCODER_DECODER_OBJECTIVES, UL2_KINDS, Denoiser, mode_token_pieces, parse_denoisers
 from .resume import resume_help
 from .sections import (
@@ -294,6 +303,7 @@ __all__ = [
     "DEEPSPEED_ONLY",
     "ENCODER_DECODER_OBJECTIVES",
     "FSDP2_ONLY",
+    "LAYOUT_FIELDS",
     "REPO_CONFIGS",
     "RUN_IDENTITY_KEYS",
     "UL2_KINDS",
@@ -321,4 +331,6 @@ __all__ = [
     "resolve_preset",
     "run_identity",
     "validate",
+    "validate_layout",
+    "validate_settings",
 ]

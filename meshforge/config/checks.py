@@ -12,10 +12,78 @@ import math
 from .objectives import parse_denoisers
 from .sections import CHOICES, ConfigError, JobConfig, ParallelConfig, TrainConfig
 
+LAYOUT_FIELDS = frozenset(
+    {
+        "parallel.tp",
+        "parallel.pp",
+        "parallel.cp",
+        "parallel.ep",
+        "parallel.dp_replicate",
+        "parallel.dp_shard",
+        "parallel.dp_backend",
+        "parallel.zero_stage",
+        "parallel.fsdp_reshard_after_forward",
+        "parallel.pp_schedule",
+        "parallel.pp_stages_per_rank",
+        "parallel.pp_microbatches",
+        "parallel.pp_split",
+        "parallel.activation_checkpointing",
+        "parallel.cp_method",
+        "parallel.compile",
+        "train.micro_batch_size",
+    }
+)
+"""The fields a layout sets (the planner's ``apply_layout``): :func:`validate_layout` checks what reads them,
+:func:`validate_settings` the rest."""
+
 
 def validate(cfg: JobConfig) -> None:
     """Check value ranges and the relations between fields that need no world size."""
+    validate_settings(cfg)
+    validate_layout(cfg)
+
+
+def validate_layout(cfg: JobConfig) -> None:
+    """The checks of :func:`validate` that read a :data:`LAYOUT_FIELDS` field: a config that passed
+    :func:`validate_settings` passes :func:`validate` exactly when it passes these (the planner checks each
+    candidate layout with them alone)."""
     for key, allowed in CHOICES.items():
+        if key not in LAYOUT_FIELDS:
+            continue
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+    t, p = cfg.train, cfg.parallel
+    if t.micro_batch_size < 0:
+        raise ConfigError(f"train.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    _check_backend_options(p)
+    _check_compile_scope(p)
+    if cfg.model.sliding_window and p.cp > 1:
+        raise ConfigError(
+            f"model.sliding_window = {cfg.model.sliding_window} with parallel.cp = {p.cp}: the context "
+            "parallel attention (ring and all-to-all) does not apply a window; use parallel.cp = 1"
+        )
+    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size ({t.micro_batch_size})"
+        )
+    for name in ("pp", "dp_replicate", "cp", "tp", "ep"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
+    if p.pp_microbatches < 0 or p.pp_stages_per_rank < 0:
+        raise ConfigError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0")
+    if p.dp_shard == 0 or p.dp_shard < -1:
+        raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {p.dp_shard}")
+
+
+def validate_settings(cfg: JobConfig) -> None:
+    """The checks of :func:`validate` that read no :data:`LAYOUT_FIELDS` field."""
+    for key, allowed in CHOICES.items():
+        if key in LAYOUT_FIELDS:
+            continue
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if value not in allowed:
@@ -47,7 +115,6 @@ def validate(cfg: JobConfig) -> None:
         "checkpoint.interval": cfg.checkpoint.interval,
         "logging.log_interval": cfg.logging.log_interval,
         "train.sample_tokens": t.sample_tokens,
-        "train.micro_batch_size": t.micro_batch_size,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -56,8 +123,6 @@ def validate(cfg: JobConfig) -> None:
     _check_data_urls(d)
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be a positive number, got {cfg.optim.lr} (0 would never change the weights)")
-    _check_backend_options(cfg.parallel)
-    _check_compile_scope(cfg.parallel)
     _check_architecture_options(cfg)
     if m.n_heads % m.kv_heads:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must divide by model.n_kv_heads ({m.kv_heads})")
@@ -92,19 +157,6 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {cfg.optim.decay_fraction}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must divide by train.micro_batch_size ({t.micro_batch_size})"
-        )
-    for name in ("pp", "dp_replicate", "cp", "tp", "ep"):
-        if getattr(cfg.parallel, name) < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(cfg.parallel, name)}")
-    if cfg.parallel.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}")
-    if cfg.parallel.pp_microbatches < 0 or cfg.parallel.pp_stages_per_rank < 0:
-        raise ConfigError("parallel.pp_microbatches and parallel.pp_stages_per_rank must be >= 0")
-    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
-        raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {cfg.parallel.dp_shard}")
     if t.max_nonfinite_steps < 1 or t.spike_sigmas < 0 or t.collective_timeout_s <= 0 or t.setup_timeout_s <= 0:
         raise ConfigError(
             f"train.max_nonfinite_steps must be >= 1, train.spike_sigmas >= 0 and "
@@ -176,11 +228,6 @@ def _check_architecture_options(cfg: JobConfig) -> None:
                 f"yarn RoPE scaling needs 0 < model.rope_beta_slow < model.rope_beta_fast, got "
                 f"{m.rope_beta_slow} and {m.rope_beta_fast}"
             )
-    if m.sliding_window and cfg.parallel.cp > 1:
-        raise ConfigError(
-            f"model.sliding_window = {m.sliding_window} with parallel.cp = {cfg.parallel.cp}: the context "
-            "parallel attention (ring and all-to-all) does not apply a window; use parallel.cp = 1"
-        )
 
 
 def _check_finite(cfg: JobConfig) -> None:

@@ -14,7 +14,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from ..config import ConfigError, JobConfig, validate
+from ..config import ConfigError, JobConfig, validate, validate_layout, validate_settings
 from ..models import check_config
 from ..parallel.deepspeed_engine import check_deepspeed
 from ..parallel.job_checks import check_context_parallel, check_job, use_fused_loss
@@ -158,15 +158,33 @@ def apply_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
     return out
 
 
-def check_layout(cfg: JobConfig, layout: Layout) -> JobConfig:
-    """The job config of ``layout``, or ConfigError with the project's own reason for refusing it."""
+def check_layout(cfg: JobConfig, layout: Layout, settings_checked: bool = False) -> JobConfig:
+    """The job config of ``layout``, or ConfigError with the project's own reason for refusing it.
+
+    ``settings_checked``: ``cfg`` passed :func:`settings_pass`, whose checks read nothing a layout sets, so
+    only the layout's own checks run (the same verdict and reason as the full ones)."""
     job = apply_layout(cfg, layout)
-    validate(job)
-    check_config(job)
+    if settings_checked:
+        validate_layout(job)
+    else:
+        validate(job)
+        check_config(job)
     d = resolve_degrees(job.parallel, layout.world_size)
     check_job(job, d)
     use_fused_loss(job, d, job.train.device)  # train.fused_loss = on where the trainer refuses it
     return job
+
+
+def settings_pass(cfg: JobConfig) -> bool:
+    """Whether ``cfg`` passes the checks that read no layout field (``config.validate_settings``, the model
+    family's ``check_config``): then every candidate of a search needs only ``config.validate_layout``;
+    otherwise each runs the full checks, which give each its own first reason as before."""
+    try:
+        validate_settings(cfg)
+        check_config(cfg)
+    except ConfigError:
+        return False
+    return True
 
 
 def divisors(n: int) -> list[int]:
@@ -222,6 +240,7 @@ def iter_layouts(
     n_layers = pipeline_layers(m)[0]
     replicas_zero3: set[Layout] = set()  # accepted fsdp-zero3 layouts with nothing to shard
     gbs = cfg.train.global_batch_size
+    settings_checked = settings_pass(cfg)  # checked once here, not per candidate
     schedules = SCHEDULES
     ac_modes = sorted(ac_modes, key=AC_MODES.index)  # lightest first: a fitting one rules out the heavier
     for tp in divisors(min(gpus, gpus_per_node)):
@@ -288,7 +307,7 @@ def iter_layouts(
                                         tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method, spr
                                     )
                                     try:
-                                        job = check_layout(cfg, layout)
+                                        job = check_layout(cfg, layout, settings_checked)
                                     except ConfigError as e:
                                         reason = str(e).split(":")[0][:80]
                                         refused[reason] = refused.get(reason, 0) + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, JobConfig, load_config
+from ..config import LAYOUT_FIELDS, ConfigError, JobConfig, load_config
 from ..models import check_config
 from .devices import Device, get_device
 from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts, iter_layouts
@@ -182,25 +182,9 @@ def plan_job(
     return plan
 
 
-LAYOUT_KEYS = (
-    "parallel.tp",
-    "parallel.pp",
-    "parallel.cp",
-    "parallel.ep",
-    "parallel.dp_replicate",
-    "parallel.dp_shard",
-    "parallel.dp_backend",
-    "parallel.zero_stage",
-    "parallel.fsdp_reshard_after_forward",
-    "parallel.pp_schedule",
-    "parallel.pp_stages_per_rank",
-    "parallel.pp_microbatches",
-    "parallel.pp_split",
-    "parallel.activation_checkpointing",
-    "parallel.cp_method",
-    "train.micro_batch_size",
-)
-"""Config keys that choose a layout: given on the command line, ``meshforge plan`` prices that layout only."""
+LAYOUT_KEYS = tuple(sorted(LAYOUT_FIELDS - {"parallel.compile"}))
+"""Config keys that choose a layout (the fields a layout sets, less ``parallel.compile``, which a zero-bubble
+layout turns off): given on the command line, ``meshforge plan`` prices that layout only."""
 
 
 def layout_keys_given(args: list[str]) -> list[str]:

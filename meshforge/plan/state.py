@@ -190,6 +190,7 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
     if fsdp is None:
         fsdp = ZERO_MODES[layout.zero][0] == "fsdp2" and layout.sharded
     out = []
+    cut: dict[tuple, int] = {}  # (shape, kind, style) -> elements here: every block repeats the same few
     for info in param_table(cfg.model):
         if (
             info.layer >= 0
@@ -200,27 +201,35 @@ def local_numels(cfg: JobConfig, layout: Layout, rank: int, fsdp: bool | None = 
             and not last
         ):
             continue
-        shape = list(info.shape)
-        style = styles.get(info.module)
-        if style == "colwise" or (style == "rowwise" and info.kind == "embedding"):
-            shape[0] = chunk_len(shape[0], layout.tp, c.tp)
-        elif style == "rowwise":
-            shape[1] = chunk_len(shape[1], layout.tp, c.tp)
-        elif style == "heads":
-            shape[1] = chunk_len(shape[1], layout.tp, c.tp)
-        if info.kind == "experts" and layout.ep > 1:  # ep: consecutive ranks of dp_shard x cp
-            shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep, layout.cp))
-            if fsdp:
-                k = layout.fsdp_shard // layout.ep
-                dim = 0 if shape[0] % k == 0 else 1
-                shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep, layout.cp))
-        elif fsdp:  # over dp_shard x cp, flattened with cp inner
-            shape[0] = chunk_len(shape[0], layout.fsdp_shard, c.token_index(layout.cp))
-        n = 1
-        for s in shape:
-            n *= s
-        out.append((info, n))
+        key = (info.shape, info.kind, styles.get(info.module))
+        if key not in cut:
+            cut[key] = _local_numel(*key, layout, c, fsdp)
+        out.append((info, cut[key]))
     return out
+
+
+def _local_numel(shape: tuple[int, ...], kind: str, style: str | None, layout: Layout, c: Coords, fsdp: bool) -> int:
+    """Elements of one parameter of ``shape`` on the rank at ``c``: the tp cut of its ``style``, then ep's
+    (experts) and FSDP's."""
+    shape = list(shape)
+    if style == "colwise" or (style == "rowwise" and kind == "embedding"):
+        shape[0] = chunk_len(shape[0], layout.tp, c.tp)
+    elif style == "rowwise":
+        shape[1] = chunk_len(shape[1], layout.tp, c.tp)
+    elif style == "heads":
+        shape[1] = chunk_len(shape[1], layout.tp, c.tp)
+    if kind == "experts" and layout.ep > 1:  # ep: consecutive ranks of dp_shard x cp
+        shape[0] = chunk_len(shape[0], layout.ep, c.ep_index(layout.ep, layout.cp))
+        if fsdp:
+            k = layout.fsdp_shard // layout.ep
+            dim = 0 if shape[0] % k == 0 else 1
+            shape[dim] = chunk_len(shape[dim], k, c.mod_ep_index(layout.ep, layout.cp))
+    elif fsdp:  # over dp_shard x cp, flattened with cp inner
+        shape[0] = chunk_len(shape[0], layout.fsdp_shard, c.token_index(layout.cp))
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def state_bytes(cfg: JobConfig, layout: Layout, rank: int) -> dict[str, int]:

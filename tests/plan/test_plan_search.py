@@ -195,3 +195,58 @@ def test_dominated_layouts_are_pruned_before_pricing():
         ]
         rivals = [r for r in rivals if r is not None and r.layout in kept and (r.fits or not p.fits)]
         assert rivals and min(r.time.step_s for r in rivals) <= p.time.step_s * (1 + 1e-9), lay.describe()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train.global_batch_size": 64},
+        # refusals that config.validate_layout gives: the whole-model compile and a window under context parallel
+        {"train.global_batch_size": 64, "parallel.compile": "on", "parallel.compile_scope": "model"},
+        {"train.global_batch_size": 64, "model.sliding_window": 512, "data.seq_len": 2048, "model.max_seq_len": 2048},
+    ],
+)
+def test_search_checks_settings_once_with_the_same_result(monkeypatch, overrides):
+    """The search checks what no layout changes once (``settings_pass``) and each candidate with
+    ``config.validate_layout`` only: the full ranked list (layout, step time, memory, fits) and the
+    refusals by reason equal those of the full per-candidate checks (``settings_pass`` forced false)."""
+    from meshforge.plan import layouts
+
+    cfg = load_config("llama-1b", overrides)
+    assert layouts.settings_pass(cfg)
+    h100 = get_device("h100-80gb")
+
+    def listing(plan):
+        return [
+            (p.layout, p.time.step_s, p.memory["total"], p.fits) for p in plan.fitting + plan.overflowing
+        ], plan.refused
+
+    fast = listing(plan_job(cfg, 16, 8, h100))
+    monkeypatch.setattr(layouts, "settings_pass", lambda cfg: False)
+    slow = listing(plan_job(cfg, 16, 8, h100))
+    assert len(fast[0]) > 100 and fast[1]
+    assert fast == slow
+
+
+def test_a_layout_sets_only_layout_fields():
+    """``apply_layout`` changes no field outside ``config.LAYOUT_FIELDS`` (what the search checks once must
+    be the same for every candidate), whatever the backend, schedule and degrees."""
+    import dataclasses
+
+    from meshforge.config import LAYOUT_FIELDS
+    from meshforge.plan.layouts import Layout, apply_layout
+
+    cfg = load_config("llama-1b", {"train.global_batch_size": 64})
+    changed = set()
+    for layout in (
+        Layout(2, 2, 1, 4, zero="fsdp-zero2", schedule="zero_bubble", micro_batch_size=2, ac="full", pp_split="3"),
+        Layout(1, 1, 2, 4, cp=2, zero="ds-zero3", cp_method="alltoall", ac="selective"),
+        Layout(1, 4, 1, 4, schedule="interleaved_1f1b", stages_per_rank=4),
+    ):
+        job = apply_layout(cfg, layout)
+        for sec in dataclasses.fields(cfg):
+            for f in dataclasses.fields(getattr(cfg, sec.name)):
+                if getattr(getattr(job, sec.name), f.name) != getattr(getattr(cfg, sec.name), f.name):
+                    changed.add(f"{sec.name}.{f.name}")
+    assert "parallel.compile" in changed and "parallel.zero_stage" in changed  # the walk sees changes
+    assert changed <= LAYOUT_FIELDS, changed - LAYOUT_FIELDS
