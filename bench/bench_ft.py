@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchlib import REPO, loadavg, record  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "harness"))
 from ft_harness import Lighthouse, finish, group_args, read_records, records, start_group, wait_for_steps  # noqa: E402
 from parallel_harness import PARITY_ARGS, run_ranks, start_ranks  # noqa: E402
 
@@ -60,16 +60,24 @@ def median_step(rows: list[dict], warmup: int) -> float:
     return statistics.median(r["step_time_s"] for r in rows[warmup:])
 
 
-def overhead(data: str, tmp: Path, steps: int, warmup: int) -> tuple[float, float]:
+PIECES = ("ft_quorum_s", "ft_allreduce_s", "ft_commit_s")
+"""The parts of a torchft step its records time: the quorum, the cross-group all-reduce, the commit vote."""
+
+
+def plain_step(data: str, tmp: Path, steps: int, warmup: int) -> float:
     run_ranks(4, hsdp_args(data, tmp / "hsdp", steps), timeout=900)
-    plain = median_step(read_records(tmp / "hsdp" / "metrics.jsonl"), warmup)
-    with Lighthouse(min_replicas=2) as lh:
-        args = group_args(Path(data), tmp / "ft", lh, steps)
+    return median_step(read_records(tmp / "hsdp" / "metrics.jsonl"), warmup)
+
+
+def ft_step(data: str, out: Path, steps: int, warmup: int, tick_ms: int) -> dict:
+    """Median step time and median of each timed piece, 2 groups x 2 ranks, no failure."""
+    with Lighthouse(min_replicas=2, tick_ms=tick_ms) as lh:
+        args = group_args(Path(data), out, lh, steps)
         groups = [start_group(args, g) for g in range(2)]
         for procs in groups:
             assert all(status == 0 for status, _ in finish(procs, 900))
-    ft = median_step(records(tmp / "ft", 0), warmup)
-    return plain, ft
+    rows = records(out, 0)[warmup:]
+    return {"step_time_s": median_step(rows, 0), **{k: statistics.median(r[k] for r in rows) for k in PIECES}}
 
 
 def lost_torchft(data: str, tmp: Path, steps: int, kill_at: int) -> dict:
@@ -147,6 +155,10 @@ def main() -> int:
         "--cache",
         default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
     )
+    ap.add_argument(
+        "--ticks", default="100,10", help="lighthouse --quorum_tick_ms values of the overhead runs (the last is used)"
+    )
+    ap.add_argument("--overhead-only", action="store_true", help="the no-failure runs only (not recordable)")
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
     os.environ["MESHFORGE_CACHE"] = args.cache
@@ -157,12 +169,19 @@ def main() -> int:
     load_start = loadavg()
     with tempfile.TemporaryDirectory(prefix="mf-ft-") as tmp:
         tmp = Path(tmp)
-        plain, ft = overhead(data, tmp, args.steps, args.warmup)
-        print(
-            f"no failure: HSDP 2x2 {plain * 1e3:.1f} ms/step, torchft 2 groups x 2 {ft * 1e3:.1f} ms/step "
-            f"({(ft / plain - 1) * 100:+.1f}%)",
-            flush=True,
-        )
+        plain = plain_step(data, tmp, args.steps, args.warmup)
+        ticks = [int(t) for t in args.ticks.split(",")]
+        runs = {tick: ft_step(data, tmp / f"ft_{tick}", args.steps, args.warmup, tick) for tick in ticks}
+        for tick, run in runs.items():
+            print(
+                f"no failure: HSDP 2x2 {plain * 1e3:.1f} ms/step, torchft 2 groups x 2, quorum tick {tick} ms: "
+                + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in run.items())
+                + f" ({run['step_time_s'] / plain:.3f}x)",
+                flush=True,
+            )
+        ft = runs[ticks[-1]]["step_time_s"]
+        if args.overhead_only:
+            return 0
         t = lost_torchft(data, tmp, args.failure_steps, args.kill_at)
         print(f"torchft, one failure: {t}", flush=True)
         r = lost_restart(data, tmp, args.kill_at + 2 * args.interval, args.kill_at, args.interval)
