@@ -15,6 +15,10 @@
      the restarted job has trained that step again (process start, checkpoint load, redone steps);
      the time a scheduler needs to notice and restart is not counted, which favours this side.
 
+The no-failure runs alternate (``--rounds``, the order rotated each round) between HSDP and torchft
+with each lighthouse ``--quorum_tick_ms`` of ``--ticks``; the ratio is taken within a round, and the
+torchft records' timed pieces (quorum, cross-group all-reduce, commit vote) are reported per tick.
+
 Model: the tests' 4-layer tiny decoder, global batch 8, fp32, one thread per rank (``PARITY_ARGS``).
 """
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from benchlib import REPO, loadavg, record  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "harness"))
 from ft_harness import Lighthouse, finish, group_args, read_records, records, start_group, wait_for_steps  # noqa: E402
 from parallel_harness import PARITY_ARGS, run_ranks, start_ranks  # noqa: E402
 
@@ -60,16 +64,24 @@ def median_step(rows: list[dict], warmup: int) -> float:
     return statistics.median(r["step_time_s"] for r in rows[warmup:])
 
 
-def overhead(data: str, tmp: Path, steps: int, warmup: int) -> tuple[float, float]:
+PIECES = ("ft_quorum_s", "ft_allreduce_s", "ft_commit_s")
+"""The parts of a torchft step its records time: the quorum, the cross-group all-reduce, the commit vote."""
+
+
+def plain_step(data: str, tmp: Path, steps: int, warmup: int) -> float:
     run_ranks(4, hsdp_args(data, tmp / "hsdp", steps), timeout=900)
-    plain = median_step(read_records(tmp / "hsdp" / "metrics.jsonl"), warmup)
-    with Lighthouse(min_replicas=2) as lh:
-        args = group_args(Path(data), tmp / "ft", lh, steps)
+    return median_step(read_records(tmp / "hsdp" / "metrics.jsonl"), warmup)
+
+
+def ft_step(data: str, out: Path, steps: int, warmup: int, tick_ms: int) -> dict:
+    """Median step time and median of each timed piece, 2 groups x 2 ranks, no failure."""
+    with Lighthouse(min_replicas=2, tick_ms=tick_ms) as lh:
+        args = group_args(Path(data), out, lh, steps)
         groups = [start_group(args, g) for g in range(2)]
         for procs in groups:
             assert all(status == 0 for status, _ in finish(procs, 900))
-    ft = median_step(records(tmp / "ft", 0), warmup)
-    return plain, ft
+    rows = records(out, 0)[warmup:]
+    return {"step_time_s": median_step(rows, 0), **{k: statistics.median(r[k] for r in rows) for k in PIECES}}
 
 
 def lost_torchft(data: str, tmp: Path, steps: int, kill_at: int) -> dict:
@@ -103,6 +115,7 @@ def lost_torchft(data: str, tmp: Path, steps: int, kill_at: int) -> dict:
         "uncommitted": sum(1 for r in window if not r["ft_committed"]),
         "stall_s": stall,
         "lost_s": skipped / batch * full + stall,
+        "metrics_lost_s": rows[-1]["ft_lost_total_s"],  # group 0's own count (step time x share not trained)
     }
 
 
@@ -147,6 +160,11 @@ def main() -> int:
         "--cache",
         default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
     )
+    ap.add_argument(
+        "--ticks", default="100,10", help="lighthouse --quorum_tick_ms values of the overhead runs (the last is used)"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the no-failure runs (ratios within a round)")
+    ap.add_argument("--overhead-only", action="store_true", help="the no-failure runs only (not recordable)")
     ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     args = ap.parse_args()
     os.environ["MESHFORGE_CACHE"] = args.cache
@@ -157,12 +175,31 @@ def main() -> int:
     load_start = loadavg()
     with tempfile.TemporaryDirectory(prefix="mf-ft-") as tmp:
         tmp = Path(tmp)
-        plain, ft = overhead(data, tmp, args.steps, args.warmup)
-        print(
-            f"no failure: HSDP 2x2 {plain * 1e3:.1f} ms/step, torchft 2 groups x 2 {ft * 1e3:.1f} ms/step "
-            f"({(ft / plain - 1) * 100:+.1f}%)",
-            flush=True,
-        )
+        ticks = [int(t) for t in args.ticks.split(",")]
+        plains, runs = [], {tick: [] for tick in ticks}
+        for n in range(args.rounds):  # HSDP and each tick in turn, the order rotated: ratios within a round
+            jobs = [None, *ticks]
+            for job in jobs[n % len(jobs) :] + jobs[: n % len(jobs)]:
+                if job is None:
+                    plains.append(plain_step(data, tmp / f"hsdp_{n}", args.steps, args.warmup))
+                else:
+                    runs[job].append(ft_step(data, tmp / f"ft_{job}_{n}", args.steps, args.warmup, job))
+            print(
+                f"round {n}: HSDP 2x2 {plains[-1] * 1e3:.1f} ms/step; "
+                + "; ".join(
+                    f"torchft, quorum tick {tick} ms: "
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in run[-1].items())
+                    + f" ({run[-1]['step_time_s'] / plains[-1]:.3f}x)"
+                    for tick, run in runs.items()
+                ),
+                flush=True,
+            )
+        plain = statistics.median(plains)
+        ratio = {t: statistics.median(r["step_time_s"] / h for r, h in zip(rs, plains)) for t, rs in runs.items()}
+        pieces = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in runs.items()}
+        ft = pieces[ticks[-1]]["step_time_s"]
+        if args.overhead_only:
+            return 0
         t = lost_torchft(data, tmp, args.failure_steps, args.kill_at)
         print(f"torchft, one failure: {t}", flush=True)
         r = lost_restart(data, tmp, args.kill_at + 2 * args.interval, args.kill_at, args.interval)
@@ -174,15 +211,27 @@ def main() -> int:
         "",
         "| measure | HSDP 2 x 2 (one job) | torchft 2 groups x 2 | ratio |",
         "|---|---|---|---|",
-        f"| median step, no failure ({args.steps} steps, first {args.warmup} left out) | {plain * 1e3:.1f} ms | "
-        f"{ft * 1e3:.1f} ms | {ft / plain:.3f} |",
+        f"| median step, no failure ({args.steps} steps, first {args.warmup} left out; median of {args.rounds} "
+        f"rounds, ratio within a round) | {plain * 1e3:.1f} ms | {ft * 1e3:.1f} ms | {ratio[ticks[-1]]:.3f} |",
         f"| training lost by one failure (restart: checkpoint every {args.interval}, killed at step "
         f"{r['killed_at']}, {r['redone']} steps redone) | {r['lost_s']:.1f} s | {t['lost_s']:.1f} s | "
         f"{t['lost_s'] / r['lost_s']:.3f} |",
         "",
         f"torchft failure: group 1 away {t['steps_away']} steps ({t['uncommitted']} not committed), "
         f"{t['skipped_samples']} samples skipped = {t['skipped_samples'] / t['batch']:.1f} batches at "
-        f"{t['full_step_s'] * 1e3:.1f} ms, plus {t['stall_s']:.1f} s of stall in group 0.",
+        f"{t['full_step_s'] * 1e3:.1f} ms, plus {t['stall_s']:.1f} s of stall in group 0; group 0's metrics.jsonl "
+        f"says {t['metrics_lost_s']:.1f} s lost (`ft_lost_total_s`).",
+        "",
+        "torchft step pieces, no failure (medians; the lighthouse's `--quorum_tick_ms`, the last one in the table):",
+        "",
+        "| quorum tick | step | quorum | cross-group all-reduce | commit vote | ratio to HSDP |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {tick} ms | "
+            + " | ".join(f"{pieces[tick][k] * 1e3:.1f} ms" for k in ("step_time_s", *PIECES))
+            + f" | {ratio[tick]:.3f} |"
+            for tick in ticks
+        ),
     ]
     print("\n".join(lines))
     if args.record:

@@ -196,6 +196,7 @@ class ReplicaGroups:
         return self.manager.should_commit()
 
     def participants(self) -> int:
+        """Groups in this step's quorum (with the quorum taken before the forward, a healing one heals and joins)."""
         return self.manager.num_participants()
 
     def shutdown(self) -> None:

@@ -24,6 +24,8 @@ cross-group collective.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -51,12 +53,19 @@ class ReplicaGroupStep(LocalStep):
         self.layout = {"degrees": [d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep], "world": d.world_size}
         rank = dist.get_rank() if dist.is_initialized() else 0
         self.replicas = ReplicaGroups(p, rank, d.world_size, self.state_dict, self.load_state_dict)
+        self.last_groups: list[int] | None = None
+        self.quorum_changes = 0
+        """How often the set of contributing groups changed since this process started (the first quorum not counted)."""
+        self.lost_s = 0.0
+        """Seconds of training lost so far in this process: per step, its wall time times the share of the global
+        batch not trained (all of it when the step did not commit)."""
 
     # ------------------------------------------------------------------ the step
 
     def train_step(self, batch, step: int) -> dict:
         self.healed_step = None
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
+        start = time.perf_counter()
         try:
             self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
         except (
@@ -71,6 +80,7 @@ class ReplicaGroupStep(LocalStep):
                 f"at step {step} ({str(e).splitlines()[0][:160]}); this group stops: restart the lighthouse, then the "
                 "group (it heals from a live peer, or resumes from its newest checkpoint)"
             ) from None
+        quorum_s = time.perf_counter() - start
         if self.healed_step is not None:
             batch = self.setup.train_loader.next_batch()
         micro = self.micro_batches(batch)
@@ -79,12 +89,16 @@ class ReplicaGroupStep(LocalStep):
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         self.setup.collectives.at(f"the all-reduce over replica groups at step {step}")
         loss_parts = losses[:2].clone()
+        reduce_start = time.perf_counter()
         groups = self.replicas.average(grads + [loss_parts])  # a peer failing in it: an error the vote sees
+        allreduce_s = time.perf_counter() - reduce_start
         losses = torch.cat([loss_parts, losses[2:]])
         grad_norm = (
             clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
         )
+        vote_start = time.perf_counter()
         committed = self.replicas.commit()  # a healing group loads its peer's state in here
+        commit_s = time.perf_counter() - vote_start
         if committed:
             record = self.optimizer_update(losses, grad_norm, step)
         else:
@@ -94,7 +108,25 @@ class ReplicaGroupStep(LocalStep):
             self.optimizer.zero_grad(set_to_none=True)
         record.update(self.moe_update(self.model, stats))
         record.update(self.data_record(groups, committed))
+        record.update(self.health_record(groups, committed, time.perf_counter() - start))
+        record.update(ft_quorum_s=quorum_s, ft_allreduce_s=allreduce_s, ft_commit_s=commit_s)
         return record
+
+    def health_record(self, groups: list[int], committed: bool, elapsed: float) -> dict:
+        """The replica groups' health in metrics.jsonl: groups alive in this step's quorum, quorum changes
+        so far, and the seconds of training lost (this step's and, in this process, in all)."""
+        if self.last_groups is not None and groups != self.last_groups:
+            self.quorum_changes += 1
+        self.last_groups = groups
+        trained = len(groups) / self.replicas.groups if committed else 0.0
+        lost = elapsed * (1.0 - trained)
+        self.lost_s += lost
+        return {
+            "ft_groups_alive": self.replicas.participants(),
+            "ft_quorum_changes": self.quorum_changes,
+            "ft_lost_s": lost,
+            "ft_lost_total_s": self.lost_s,
+        }
 
     def data_record(self, groups: list[int], committed: bool) -> dict:
         """What metrics.jsonl says about this step's data: the groups that contributed and the global

@@ -25,7 +25,7 @@ LIGHTHOUSE = shutil.which("torchft_lighthouse")
 class Lighthouse:
     """``torchft_lighthouse`` on 127.0.0.1 (a free port) for the life of a ``with`` block."""
 
-    def __init__(self, heartbeat_ms: int = 1000, join_ms: int = 300, min_replicas: int = 1):
+    def __init__(self, heartbeat_ms: int = 1000, join_ms: int = 300, min_replicas: int = 1, tick_ms: int = 100):
         self.port = free_port()
         self.args = [
             LIGHTHOUSE,
@@ -37,6 +37,8 @@ class Lighthouse:
             str(join_ms),
             "--heartbeat_timeout_ms",
             str(heartbeat_ms),
+            "--quorum_tick_ms",
+            str(tick_ms),
         ]
         self.proc = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -103,6 +104,9 @@ def test_two_groups_match_one_process(tiny_data, tmp_path):
     rows = records(tmp_path, 0)
     assert [r["ft_groups"] for r in rows] == [[0, 1]] * 8
     assert rows[0]["ft_samples"] == [[0, 4], [4, 8]] and rows[1]["ft_samples"] == [[8, 12], [12, 16]]
+    # the health metrics: both groups alive, one quorum throughout, nothing lost
+    assert [(r["ft_groups_alive"], r["ft_quorum_changes"], r["ft_lost_s"]) for r in rows] == [(2, 0, 0.0)] * 8
+    assert all(r["ft_quorum_s"] >= 0 and r["ft_allreduce_s"] > 0 and r["ft_commit_s"] > 0 for r in rows)
     assert [r["loss"] for r in rows] == [r["loss"] for r in records(tmp_path, 1)]
     assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
     assert_matches_reference(tmp_path)
@@ -145,6 +149,56 @@ def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
     healed = [r for r in records(tmp_path, 1) if "ft_healed_from_step" in r]
     assert healed and healed[-1]["step"] > lost_at, healed
     assert rows[-1]["ft_groups"] == [0, 1]  # together again at the end
+    # health metrics: group 0 alone while group 1 was away, then both; two quorum changes (away, back) at
+    # least; the seconds lost are each step's time times the share not trained, summed
+    assert {r["ft_groups_alive"] for r in after} == {1, 2} and rows[-1]["ft_quorum_changes"] >= 2
+    for r in rows:
+        share = 0.0 if not r["ft_committed"] else len(r["ft_groups"]) / 2
+        assert r["ft_lost_s"] == pytest.approx(r["step_time_s"] * (1 - share), rel=0.2, abs=0.02), r
+    assert rows[-1]["ft_lost_total_s"] == pytest.approx(sum(r["ft_lost_s"] for r in rows))
+    assert rows[-1]["ft_lost_total_s"] > 0
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
+    assert_matches_reference(tmp_path)
+
+
+def wait_for_heal(out, after_step: int, more: int, timeout: float) -> None:
+    """Until group 1 has healed at a step past ``after_step`` and trained ``more`` steps beyond it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = records(out, 1)
+        healed = [r["step"] for r in rows if "ft_healed_from_step" in r and r["step"] > after_step]
+        if healed and rows[-1]["step"] >= healed[-1] + more:
+            return
+        assert time.monotonic() < deadline, f"group 1 did not heal past step {after_step} in {timeout:.0f}s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_two_failures_in_a_row(tiny_data, tmp_path):
+    """Group 1 loses a rank, heals, then loses the other rank and heals again; group 0 never stops."""
+    with Lighthouse() as lh:
+        args = group_args(tiny_data, tmp_path, lh, STEPS)
+        group0 = start_group(args, 0)
+        wait_for_steps(tmp_path, 0, 1, 180)
+        group1 = start_group(args, 1)
+        wait_for_steps(tmp_path, 1, 10, 180)
+        heals_at = []
+        for victim in (1, 0):  # a different rank of group 1 each time
+            os.kill(group1[victim].pid, signal.SIGKILL)
+            first = finish(group1, 120)
+            assert first[victim][0] == -signal.SIGKILL
+            heals_at.append(len(records(tmp_path, 0)))
+            group1 = start_group(args, 1)
+            wait_for_heal(tmp_path, heals_at[-1] - 1, 5, 300)
+        results = [finish(group0, 600), finish(group1, 600)]
+    assert_all_finished(results)
+    rows = records(tmp_path, 0)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # group 0: no restart, no step lost
+    assert [c.name for c in (tmp_path / "group_0" / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
+    for lost_at in heals_at:  # after each failure group 0 trained alone, then both again
+        after = [r for r in rows if r["step"] >= lost_at]
+        assert any(r["ft_groups"] == [0] and r["ft_committed"] for r in after), lost_at
+    assert rows[-1]["ft_groups"] == [0, 1] and rows[-1]["ft_quorum_changes"] >= 4
     assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
     assert_matches_reference(tmp_path)
 
