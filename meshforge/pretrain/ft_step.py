@@ -4,7 +4,7 @@ A step, on every rank of a group:
 
 1. the lighthouse's quorum for this step; a group behind the quorum heals here, before its forward;
 2. forward and backward of this rank's slice as :class:`~meshforge.pretrain.step_local.LocalStep`
-   (FSDP2 averages the gradients inside the group), the loss averaged inside the group;
+   (FSDP2 averages the gradients inside the group, as ``parallel.grad_sync`` says), the loss averaged inside the group;
 3. one flat all-reduce over the groups of the quorum (torchft's managed Gloo group): every gradient
    shard, the loss and a one-hot of the group id, divided by the number of groups that contributed;
    a group that is gone contributes nothing, so its share of the global batch is **skipped** (the batch shrinks; the record says which samples
@@ -68,10 +68,8 @@ class ReplicaGroupStep(LocalStep):
         start = time.perf_counter()
         try:
             self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
-        except (
-            RuntimeError,
-            TimeoutError,
-        ) as e:  # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote)
+        # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote instead)
+        except (RuntimeError, TimeoutError) as e:
             if isinstance(e, MeshforgeError):
                 raise
             raise CollectiveError(
@@ -83,8 +81,7 @@ class ReplicaGroupStep(LocalStep):
         quorum_s = time.perf_counter() - start
         if self.healed_step is not None:
             batch = self.setup.train_loader.next_batch()
-        micro = self.micro_batches(batch)
-        losses, stats = self.forward_backward(self.model, micro, lambda parts: (parts.total / len(micro)).backward())
+        losses, stats = self.accumulate(self.micro_batches(batch))
         losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         self.setup.collectives.at(f"the all-reduce over replica groups at step {step}")
@@ -99,13 +96,7 @@ class ReplicaGroupStep(LocalStep):
         vote_start = time.perf_counter()
         committed = self.replicas.commit()  # a healing group loads its peer's state in here
         commit_s = time.perf_counter() - vote_start
-        if committed:
-            record = self.optimizer_update(losses, grad_norm, step)
-        else:
-            record = self.read_scalars(losses, grad_norm)
-            record.update(lr=self.scheduler.get_last_lr()[0], skipped=1)
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        record = self.optimizer_update(losses, grad_norm, step, commit=committed)
         record.update(self.moe_update(self.model, stats))
         record.update(self.data_record(groups, committed))
         record.update(self.health_record(groups, committed, time.perf_counter() - start))

@@ -252,24 +252,26 @@ class TrainStep:
             record["grad_norm"] = values[3] if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
         return record
 
-    def optimizer_update(self, losses: torch.Tensor, grad_norm, step: int) -> dict:
+    def optimizer_update(self, losses: torch.Tensor, grad_norm, step: int, commit: bool = True) -> dict:
         """Step the optimizer unless the (global) loss or gradient norm is not finite; then the
         update is skipped and counted (every rank agrees: both values are already reduced).
 
         ``losses``: the global [ce, z_loss, stop flag]; ``grad_norm``: None on a step that does not
-        compute it (:meth:`needs_grad_norm`), then only the loss is checked."""
+        compute it (:meth:`needs_grad_norm`), then only the loss is checked. ``commit`` False (replica
+        groups whose vote failed): the update is skipped without being counted as non-finite."""
         scalars = self.read_scalars(losses, grad_norm)
         record = {"loss": scalars["loss"], "z_loss": scalars["z_loss"], "lr": self.scheduler.get_last_lr()[0]}
         if "grad_norm" in scalars:
             record["grad_norm"] = scalars["grad_norm"]
         self.setup.before_update()  # from here the weights (and MoE routing biases) change in place
-        if self.setup.nonfinite.check(step, record["loss"], record.get("grad_norm", 0.0)):
+        if commit and self.setup.nonfinite.check(step, record["loss"], record.get("grad_norm", 0.0)):
             self.optimizer.step()
             if self.cfg.train.float8 != "off":  # FSDP2's float8 all-gather: all weight scales in one all-reduce
                 precompute_float8_scales(self.model)
         else:
             record["skipped"] = 1
-            record["skipped_total"] = self.setup.nonfinite.total_skipped
+            if commit:
+                record["skipped_total"] = self.setup.nonfinite.total_skipped
         self.scheduler.step()  # the LR stays a function of the step, skipped or not
         self.optimizer.zero_grad(set_to_none=True)
         return record

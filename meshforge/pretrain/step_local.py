@@ -11,8 +11,10 @@ global loss or gradient norm is not finite is skipped and counted
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from ..models.moe import RouterStats
 from ..parallel.data_parallel import set_gradient_sync
 from ..parallel.grad_norm import clip_grad_norm
 from .step import StepSetup, TrainStep, new_optimizer
@@ -22,18 +24,22 @@ class LocalStep(TrainStep):
     def __init__(self, setup: StepSetup, model: nn.Module):
         super().__init__(setup, model, new_optimizer(setup, model))
 
-    def train_step(self, batch, step: int) -> dict:
-        micro = self.micro_batches(batch)
+    def accumulate(self, micro: list) -> tuple[torch.Tensor, RouterStats]:
+        """Forward and backward of every micro-batch through the model, each loss divided by their count;
+        FSDP2 reduces the gradients as ``parallel.grad_sync`` says (``"step"``: in the last backward only)."""
         once = self.cfg.parallel.grad_sync == "step"
         done = 0
 
         def backward(parts) -> None:
             nonlocal done
             done += 1
-            set_gradient_sync(self.model, not once or done == len(micro))  # "step": reduce in the last backward only
+            set_gradient_sync(self.model, not once or done == len(micro))
             (parts.total / len(micro)).backward()
 
-        losses, stats = self.forward_backward(self.model, micro, backward)
+        return self.forward_backward(self.model, micro, backward)
+
+    def train_step(self, batch, step: int) -> dict:
+        losses, stats = self.accumulate(self.micro_batches(batch))
         grad_norm = (
             clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
         )
