@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from meshforge.data_pipeline.errors import DataError
+from meshforge.data_pipeline.remote_http import MAX_RANGES, NoMultiRange, gather_ranges
 
 _EXTRA = 'pip install -e ".[remote]"'
 _LOCAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
@@ -276,9 +277,7 @@ class RemoteStore:
         """:meth:`_cat_ranges` over HTTP: per object, its ranges in requests of up to ``MAX_RANGES``,
         every request of the round at once; a server that would answer with the whole object makes
         this store ask range by range from then on."""
-        from fsspec.asyn import sync
-
-        from meshforge.data_pipeline.remote_http import MAX_RANGES, NoMultiRange, gather_ranges
+        from fsspec.asyn import sync  # fsspec: the optional `remote` extra
 
         by_name: dict[str, list[int]] = {}
         for i, (name, _, _) in enumerate(ranges):
