@@ -98,9 +98,8 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
 
 
 def require_torchft() -> None:
-    os.environ.setdefault(
-        "RUST_LOG", "warn"
-    )  # before torchft's first import: its Rust side logs each quorum and vote at info
+    # before torchft's first import: its Rust side logs each quorum and vote at info
+    os.environ.setdefault("RUST_LOG", "warn")
     try:
         importlib.import_module("torchft.manager")
     except ImportError as e:
@@ -181,14 +180,14 @@ class ReplicaGroups:
         )
         work = self.manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM)
         work.wait()
-        members = flat[-self.groups :]
-        count = max(int(members.sum().round().item()), 1)
+        members = [g for g, m in enumerate(flat[-self.groups :].tolist()) if m > 0.5]  # one host read
+        count = max(len(members), 1)
         offset = 0
         for t in tensors:
             n = t.numel()
             t.copy_(flat[offset : offset + n].view_as(t) / count)
             offset += n
-        return [g for g in range(self.groups) if members[g].item() > 0.5]
+        return members
 
     def commit(self) -> bool:
         """The quorum's vote on this step (the same on every rank of the group): step the optimizer only if True.

@@ -37,6 +37,22 @@ TIMEOUT = 300
 PORT = "29400"
 
 
+def two_node_train(tiny_data, *extra: str) -> list[str]:
+    """``train`` of the two-node layout -- TP 2 inside a node, HSDP (``dp_replicate`` 2) across the link --
+    on the tiny data, then ``extra``."""
+    return [
+        "train",
+        *PARITY_ARGS,
+        "--data.path",
+        str(tiny_data),
+        "--parallel.tp",
+        "2",
+        "--parallel.dp_replicate",
+        "2",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     problem = cluster_problem()
@@ -91,18 +107,7 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 
 def test_two_nodes_tp_inside_hsdp_across_match_single_process(cluster, tiny_data, single_process_ref, tmp_path):
     out = tmp_path / "run"
-    train = [
-        "train",
-        *PARITY_ARGS,
-        "--data.path",
-        str(tiny_data),
-        "--train.output_dir",
-        str(out),
-        "--parallel.tp",
-        "2",
-        "--parallel.dp_replicate",
-        "2",
-    ]
+    train = two_node_train(tiny_data, "--train.output_dir", str(out))
     before = cluster.rx_bytes(1)
     procs = [launch_on(cluster, node, train, f"parity-{os.getpid()}") for node in (0, 1)]
     logs = finish(procs, TIMEOUT)
@@ -184,22 +189,15 @@ def test_link_down_stops_the_other_node_naming_the_lost_host_and_a_smaller_relau
 ):
     ref = single_process_ref
     out = tmp_path / "run"
-    train = [
-        "train",
-        *PARITY_ARGS,
-        "--data.path",
-        str(tiny_data),
+    train = two_node_train(
+        tiny_data,
         "--train.output_dir",
         str(out),
-        "--parallel.tp",
-        "2",
-        "--parallel.dp_replicate",
-        "2",
         "--checkpoint.interval",
         "2",
         "--train.collective_timeout_s",
         str(LINK_TIMEOUT_S),
-    ]
+    )
     procs = [launch_on(cluster, node, train, f"linkdown-{os.getpid()}") for node in (0, 1)]
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -351,16 +349,7 @@ def test_slurm_on_two_nodes_trains_and_matches_single_process(
         "--submit",
         "--wait",
         "--",
-        "train",
-        *PARITY_ARGS,
-        "--data.path",
-        str(tiny_data),
-        "--train.output_dir",
-        str(out),
-        "--parallel.tp",
-        "2",
-        "--parallel.dp_replicate",
-        "2",
+        *two_node_train(tiny_data, "--train.output_dir", str(out)),
     ]
     before = cluster.rx_bytes(1)
     p = cluster.popen(
@@ -390,22 +379,10 @@ def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster,
     """`scancel --signal=TERM` mid-run on the two-node SLURM cluster: every rank checkpoints and exits 42, the
     batch script requeues the job, the requeued run resumes, and each step's loss equals an uninterrupted
     4-rank run's of the same layout (on this machine's loopback), bit for bit."""
-    from meshforge.pretrain.metrics import read_metrics
     from parallel_harness import run_ranks
 
     out, ref_out = tmp_path / "run", tmp_path / "ref"
-    train = [
-        "train",
-        *PARITY_ARGS,
-        "--data.path",
-        str(tiny_data),
-        "--parallel.tp",
-        "2",
-        "--parallel.dp_replicate",
-        "2",
-        "--train.steps",
-        "30",
-    ]
+    train = two_node_train(tiny_data, "--train.steps", "30")
     argv = [
         sys.executable,
         "-m",
