@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..config import LAYOUT_FIELDS, ConfigError, JobConfig, load_config
 from ..models import check_config
+from .constraints import Constraints, check_constraints, describe, nothing_satisfies
 from .devices import Device, get_device
 from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts, iter_layouts
 from .memory import KINDS, backward_peak, estimate_memory, estimate_rank
@@ -59,6 +60,8 @@ class Plan:
     fitting: list[Priced] = field(default_factory=list)
     overflowing: list[Priced] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    """The dimensions the search was constrained to (:mod:`.constraints`); empty: every layout."""
 
 
 def parse_tokens(text: str) -> int:
@@ -156,19 +159,31 @@ def rank(priced: list[Priced]) -> list[Priced]:
 
 
 def plan_job(
-    cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device, efficiency: float | None = None, ac_modes=AC_MODES
+    cfg: JobConfig,
+    gpus: int,
+    gpus_per_node: int,
+    device: Device,
+    efficiency: float | None = None,
+    ac_modes=AC_MODES,
+    fixed: Constraints | None = None,
 ) -> Plan:
+    """Every layout of ``gpus`` GPUs (those meeting ``fixed``, when given), priced and ranked."""
     check_cluster(gpus, gpus_per_node)
+    fixed = fixed or {}
+    if fixed:
+        check_constraints(fixed, gpus, cfg.model.n_layers)
     refused: dict[str, int] = {}
     cache: dict = {}
     priced: list[Priced] = []
     # each layout priced as it is enumerated (one job config held at a time); whether it fits decides whether
     # its heavier activation-checkpointing modes, which it dominates, are enumerated at all
     for layout, job in iter_layouts(
-        cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda layout, job: priced[-1].fits
+        cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda layout, job: priced[-1].fits, fixed=fixed
     ):
         priced.append(price_one(layout, job, device, gpus_per_node, efficiency, cache))
-    plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
+    plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused), fixed=fixed)
+    if not priced and fixed:
+        raise ConfigError(nothing_satisfies(fixed, gpus, refused))
     if not priced:
         raise ConfigError(
             f"no layout of {gpus} GPUs is valid for this job: "
@@ -177,6 +192,12 @@ def plan_job(
     priced = rank(priced)
     plan.fitting = [p for p in priced if p.fits]
     plan.overflowing = sorted((p for p in priced if not p.fits), key=lambda p: p.memory["total"])
+    if not plan.fitting and fixed:
+        leanest = plan.overflowing[0]
+        raise ConfigError(
+            f"no layout of {gpus} {device.name} with {describe(fixed)} fits (leanest: "
+            f"{leanest.layout.describe()}, {leanest.overflow}); drop or change one of those overrides"
+        )
     if not plan.fitting:
         raise ConfigError(too_large_message(cfg, gpus, gpus_per_node, device, plan.overflowing[0]))
     return plan
@@ -184,7 +205,8 @@ def plan_job(
 
 LAYOUT_KEYS = tuple(sorted(LAYOUT_FIELDS - {"parallel.compile"}))
 """Config keys that choose a layout (the fields a layout sets, less ``parallel.compile``, which a zero-bubble
-layout turns off): given on the command line, ``meshforge plan`` prices that layout only."""
+layout turns off): given on the command line, they constrain ``meshforge plan``'s search
+(:mod:`.constraints`); with ``--exact`` the layout they give (the rest at the config's values) is priced alone."""
 
 
 def layout_keys_given(args: list[str]) -> list[str]:
