@@ -134,6 +134,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes: list[str] = []
+    printed = 0
     for name, _, heads, h, l, tp, pp, gpus, batch, tflops, source in RUNS:
         if args.only and name not in args.only.split(","):
             continue
@@ -194,10 +195,10 @@ def main() -> int:
             f"{fam_rank} | {fam_first} | {all_rank} | {first} | {secs} |"
         )
         print(lines[-1], flush=True)
-        for note in notes:
+        for note in notes[printed:]:
             print("    " + note, flush=True)
-        lines += [""] + notes + [""] if notes else []
-        notes = []
+        printed = len(notes)
+    lines += [""] + [f"- {note}" for note in notes]  # after the table, which they would split
     lines.append("")
     lines.append(f"load average {loadavg()}")
     if args.record:
