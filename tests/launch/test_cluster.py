@@ -26,7 +26,7 @@ import time
 import pytest
 import torch
 
-from cluster_harness import Cluster, cluster_problem
+from cluster_harness import Cluster
 from meshforge.config import config_from_dict
 from meshforge.models import build_model
 from meshforge.pretrain.checkpoint import list_checkpoints, load_model_weights, read_meta
@@ -51,18 +51,6 @@ def two_node_train(tiny_data, *extra: str) -> list[str]:
         "2",
         *extra,
     ]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run this test, but {problem}")
-        pytest.skip(problem)
-    c = Cluster(2).start()
-    yield c
-    c.close()
 
 
 def launch_on(cluster: Cluster, node: int, train_argv: list[str], rdzv_id: str, nodes: int = 2) -> subprocess.Popen:
@@ -305,19 +293,6 @@ def load_manifest_partial(data_dir, node: int) -> dict:
     import json
 
     return json.loads((data_dir / ".prepare" / f"node_{node:05d}-of-00002.json").read_text())
-
-
-@pytest.fixture
-def slurm_env(cluster, tmp_path) -> dict:
-    """slurmctld on node 0 and a slurmd per node (tests/harness/cluster_slurm.py); the environment for SLURM commands."""
-    from cluster_slurm import slurm_problem, start_slurm
-
-    problem = slurm_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run this test, but {problem}")
-        pytest.skip(problem)
-    return start_slurm(cluster, tmp_path / "slurm")
 
 
 @pytest.mark.slow
