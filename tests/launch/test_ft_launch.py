@@ -217,3 +217,13 @@ def test_ft_launch_refused_with_one_line(options, message, capsys, tmp_path, mon
 def test_ft_launch_refuses_a_command_other_than_train(capsys):
     assert launcher.run_launch(launch_args("--ft-groups", "2", "--", "sample", "--config", "x")) == 2
     assert "--ft-groups launches `train`" in capsys.readouterr().err
+
+
+def test_ft_launch_host_that_does_not_resolve_is_one_line(capsys):
+    """Node 1 of 2, the hosts' names unknown: one line before anything starts (torchrun would retry the name)."""
+    args = launch_args(
+        "--nodes", "2", "--node-rank", "1", "--hosts", "n0.invalid,n1.invalid", "--ft-groups", "2", *TRAIN
+    )
+    assert launcher.run_launch(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("meshforge launch: error: --hosts n1.invalid:29401: the host name"), err
