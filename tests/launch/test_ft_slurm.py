@@ -12,19 +12,15 @@ Needs root and network namespaces (skipped without them, failed in CI), and the 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 
 pytest.importorskip("torchft")
 
+from cluster_harness import finish  # noqa: E402
+from cluster_slurm import job_log, submit_launch  # noqa: E402
 from ft_harness import FT_LR, final_weights, records, replay  # noqa: E402
-from parallel_harness import PARITY_ARGS, REPO  # noqa: E402
+from parallel_harness import PARITY_ARGS  # noqa: E402
 
 TIMEOUT = 300
 STEPS = 8
@@ -51,18 +47,6 @@ def ft_train(tiny_data, out) -> list[str]:
     ]
 
 
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Each process's output once it exits; after ``timeout`` s in all, the rest are killed with their children."""
-    deadline, logs = time.monotonic() + timeout, []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            logs.append(p.communicate()[0])
-    return logs
-
-
 def assert_groups_match_replay(out) -> None:
     rows = records(out, 0)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -80,42 +64,21 @@ def assert_groups_match_replay(out) -> None:
     assert want[-1] < want[0]
 
 
+FT_LAUNCH = ["--gpus-per-node", "2", "--ft-groups", "2", "--ft-min-replicas", "2"]
+"""Two groups of 2 ranks a node, both in every step."""
+
+
 def test_two_groups_on_two_nodes_without_a_scheduler(cluster, tiny_data, tmp_path):
     out = tmp_path / "run"
-    hosts = ",".join(cluster.hostnames)
+    before = cluster.rx_bytes(1)
     procs = [
-        cluster.popen(
+        cluster.meshforge(
             node,
-            [
-                sys.executable,
-                "-m",
-                "meshforge",
-                "launch",
-                "--cpu",
-                "--nodes",
-                "2",
-                "--node-rank",
-                str(node),
-                "--hosts",
-                hosts,
-                "--gpus-per-node",
-                "2",
-                "--ft-groups",
-                "2",
-                "--ft-min-replicas",
-                "2",
-                "--",
-                *ft_train(tiny_data, out),
-            ],
-            cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            ["launch", "--cpu", "--nodes", "2", "--node-rank", str(node), "--hosts", ",".join(cluster.hostnames)]
+            + [*FT_LAUNCH, "--", *ft_train(tiny_data, out)],
         )
         for node in (0, 1)
     ]
-    before = cluster.rx_bytes(1)
     logs = finish(procs, TIMEOUT)
     for node, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"node {node} failed:\n{log[-4000:]}"
@@ -126,46 +89,11 @@ def test_two_groups_on_two_nodes_without_a_scheduler(cluster, tiny_data, tmp_pat
 @pytest.mark.slow
 def test_two_groups_as_slurm_steps_on_two_nodes(cluster, slurm_env, tiny_data, tmp_path):
     out = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "meshforge",
-        "launch",
-        "--slurm",
-        "--cpu",
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "2",
-        "--ft-groups",
-        "2",
-        "--ft-min-replicas",
-        "2",
-        "--job-name",
-        "mftgroups",
-        "--time",
-        "00:15:00",
-        "--script",
-        str(tmp_path / "job.sbatch"),
-        "--log-dir",
-        str(tmp_path),
-        "--submit",
-        "--wait",
-        "--",
-        *ft_train(tiny_data, out),
-    ]
     before = cluster.rx_bytes(1)
-    p = cluster.popen(
-        0,
-        argv,
-        cwd=REPO,
-        env={**slurm_env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    p = submit_launch(cluster, slurm_env, tmp_path, "mftgroups", FT_LAUNCH[2:], ft_train(tiny_data, out))
     log = finish([p], TIMEOUT)[0]
-    job_log = "".join(f.read_text() for f in tmp_path.glob("mftgroups-*.out"))
-    assert p.returncode == 0, f"{log[-3000:]}\n{job_log[-6000:]}"
+    written = job_log(tmp_path, "mftgroups")
+    assert p.returncode == 0, f"{log[-3000:]}\n{written[-6000:]}"
+    assert "srun --overlap" in (tmp_path / "job.sbatch").read_text()  # the lighthouse step
     assert cluster.rx_bytes(1) - before > 100_000
     assert_groups_match_replay(out)
