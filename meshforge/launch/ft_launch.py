@@ -68,7 +68,10 @@ def add_ft_arguments(p: argparse.ArgumentParser) -> None:
         help="several nodes: group g's c10d rendezvous listens on its first node at this port + g (default 29400)",
     )
     g.add_argument(
-        "--ft-min-replicas", type=int, default=1, help="groups the lighthouse needs for a quorum (default 1)"
+        "--ft-min-replicas",
+        type=int,
+        default=1,
+        help="groups a step needs: the lighthouse's quorum and parallel.ft_min_replicas (default 1)",
     )
     g.add_argument(
         "--ft-max-restarts", type=int, default=3, help="torchrun restarts of each group after a failure (default 3)"

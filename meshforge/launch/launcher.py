@@ -75,7 +75,12 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", action="store_true", help="with --submit: wait until the job ends; exit with its status")
     add_ft_arguments(p)
     g = p.add_argument_group("MPI (--mpi)")
-    g.add_argument("--hosts", default=None, help="comma-separated hosts, one per node (default: the MPI default)")
+    g.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated hosts, one per node (default: the MPI default); --ft-groups without SLURM on "
+        "several nodes: the nodes in order, node 0 first (it runs the lighthouse)",
+    )
     p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
