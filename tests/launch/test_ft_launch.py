@@ -227,3 +227,32 @@ def test_ft_launch_host_that_does_not_resolve_is_one_line(capsys):
     assert launcher.run_launch(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("meshforge launch: error: --hosts n1.invalid:29401: the host name"), err
+
+
+@pytest.mark.parametrize(
+    "group_exits, marks, requeued, script_exit",
+    [((0, 0), False, False, 0), ((42, 143), True, True, 0), ((0, 1), False, False, 1), ((143, 143), False, False, 143)],
+)
+def test_ft_sbatch_script_requeues_after_a_preemption_checkpoint(tmp_path, group_exits, marks, requeued, script_exit):
+    """The groups' worst exit decides, as srun's does for a plain job: a preemption checkpoint (exit 42, or the
+    marker rank 0 writes) requeues the job; any other failure is the script's status."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mark = f'echo 42 > "${launcher.PREEMPTED_MARKER_ENV}"; ' if marks else ""
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\ncase "$*" in *torchft_lighthouse\\ *) exec sleep 60;; '
+        f"*ft_replica_group\\ 0*) exit {group_exits[0]};; *) {mark}exit {group_exits[1]};; esac\n"
+    )
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\n[ "$1" = show ] && printf "n0\\nn1\\n" || echo "$@" >> {tmp_path / "scontrol.log"}\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    args = launch_args("--slurm", "--cpu", "--nodes", "2", "--ft-groups", "2", "--log-dir", str(tmp_path), *TRAIN)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[0-1]"}
+    r = subprocess.run(
+        ["bash", "-c", launcher.plan_launch(args).script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == script_exit, r.stdout + r.stderr
+    log = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    assert ("requeue 7" in log) == requeued and ("meshforge: preempted" in r.stdout) == requeued, (log, r.stdout)
