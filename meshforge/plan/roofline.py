@@ -103,6 +103,7 @@ def roofline_terms(
     numel: dict,
     share: float,
     once: bool,
+    cache: dict | None = None,
 ) -> ComputeTerms | None:
     """One step's compute on the rank that runs ``share`` of the model (``B`` samples a microbatch, ``mb``
     microbatches, ``numel``: :func:`.state.unsharded_numel` of the rank, ``once``: gradients reduced once per
@@ -110,6 +111,29 @@ def roofline_terms(
     entry = efficiency_curves().get(device_key)
     if entry is None or hbm <= 0 or "attention" not in entry:
         return None
+    key = ("roofline", device_key, layout.tp, layout.cp, layout.ep, layout.ac, B)
+    if cache is not None and key in cache:
+        gemm, attention, memory = cache[key]
+    else:
+        gemm, attention, memory = microbatch_seconds(cfg, layout, B, peak, hbm, entry, e)
+        if cache is not None:
+            cache[key] = gemm, attention, memory
+    accumulated = numel["all"] if once else numel["all"] / layout.fsdp_shard
+    shard = numel["all"] / layout.fsdp_shard
+    k = entry["overhead"]
+    return ComputeTerms(
+        gemm=k * gemm * mb * share,
+        attention=k * attention * mb * share,
+        memory=k * (memory * mb * share + 8 * accumulated * (mb - 1) / hbm),
+        optimizer=k * shard * (ADAMW_BYTES + (4 if cfg.optim.grad_clip else 0)) / hbm,
+    )
+
+
+def microbatch_seconds(
+    cfg: JobConfig, layout: Layout, B: int, peak: float, hbm: float, entry: dict, e: int
+) -> tuple[float, float, float]:
+    """Seconds of one microbatch through the whole model on a rank of the tp x cp x ep group, before the
+    overhead: GEMMs, attention, memory-bound ops (forward, backward, recompute)."""
     m, tp, T = cfg.model, layout.tp, cfg.data.seq_len
     M = B * T // layout.cp  # tokens of a microbatch on the rank
     n_moe = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i))
@@ -133,12 +157,4 @@ def roofline_terms(
     bwd_bytes = n_dense * dense_fb[1] + n_moe * moe_fb[1]
     again = fwd_bytes if layout.ac in ("full", "selective") else 0.0
     memory = M * (fwd_bytes + bwd_bytes + again + model_bytes(cfg, layout, e)) / hbm
-    accumulated = numel["all"] if once else numel["all"] / layout.fsdp_shard
-    shard = numel["all"] / layout.fsdp_shard
-    k = entry["overhead"]
-    return ComputeTerms(
-        gemm=k * gemm * mb * share,
-        attention=k * attention * mb * share,
-        memory=k * (memory * mb * share + 8 * accumulated * (mb - 1) / hbm),
-        optimizer=k * shard * (ADAMW_BYTES + (4 if cfg.optim.grad_clip else 0)) / hbm,
-    )
+    return gemm, attention, memory

@@ -5,17 +5,18 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 (:func:`.compute.model_flops_per_token`: 6N + attention, summed over the blocks and the head), the layout,
 ``gpus_per_node``.
 
-- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``: by default
-  0.5 of peak for a whole step (GEMMs and everything else) at the device's best GEMM shapes, times
-  the device's GEMM curve (``efficiency.toml``) at the layout's shapes relative to its best -- each
-  projection at ``B T / cp`` tokens and its ``/ tp`` width, attention's products, the experts'
-  token share, the output projection, weighted by their FLOPs (:func:`.compute.shape_efficiency`);
-  ``--efficiency`` sets one flat fraction instead (devices without a curve: 0.5 flat); times
-  4/3 under full activation checkpointing (one more forward) and 1.03 under selective
-  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Under pp the
-  busiest rank sets the pace: its stages' share of the FLOPs (:mod:`.compute`: uneven layer
-  splits and the output projection on the last stage), not ``1 / pp``. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
-  entry is one thread's measured matmul rate, ``bench/bench_plan_calibrate.py``).
+- Compute: by default op by op (:mod:`.roofline`) where the device has GEMM and attention curves
+  (``efficiency.toml``) and ``hbm_bytes_per_s``: GEMMs and causal flash attention at their curves'
+  points, memory-bound ops and the AdamW step as bytes / HBM bandwidth, recompute per AC mode, times
+  the device's calibrated ``overhead``; the busiest pipeline rank's share (:mod:`.compute`: uneven
+  layer splits and the output projection on the last stage); its parts kept for ``--why``. Under
+  ``--efficiency F`` (and on a device without the curves or bandwidth: 0.5 of peak, times its GEMM
+  curve at the layout's shapes relative to its best where it has one,
+  :func:`.compute.shape_efficiency`): ``flops_per_token * tokens_per_step / world / (peak_bf16 * F)``
+  on the busiest rank's share, times 4/3 under full activation checkpointing (one more forward) and
+  1.03 under selective (norms, activations and RoPE again). The peak is the compute dtype's: bf16 on
+  GPUs, fp32 on the CPU (whose ``cpu`` entry is one thread's measured matmul rate,
+  ``bench/bench_plan_calibrate.py``).
 - Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
   once; with more, every rank's compute and communication stretch by ranks per node / cores.
 - Links: a mesh dim's group of ``n`` ranks at stride ``s`` (dims ``pp, dp_replicate,
@@ -190,7 +191,7 @@ def estimate_time(
     if efficiency is None:  # op by op where the device has the curves and bandwidth (roofline.py)
         by_op = roofline_terms(
             cfg, layout, B, mb, device.peak_bf16_flops, device.hbm_bytes_per_s, device.key, e, sizes,
-            heaviest_share(cfg, layout, cache), once,
+            heaviest_share(cfg, layout, cache), once, cache,
         )  # fmt: skip
     if by_op is not None:
         compute = by_op.total * share
