@@ -52,7 +52,7 @@ ADAMW_BYTES = 28
 """AdamW per parameter: fp32 parameter, first and second moment read and written (24), fp32 gradient read (4)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ComputeTerms:
     """Seconds of one step's compute on the busiest rank, by kind (recompute included)."""
 

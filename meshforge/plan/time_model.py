@@ -71,7 +71,7 @@ from .compute import heaviest_share, model_flops_per_token, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
-from .roofline import roofline_terms
+from .roofline import ComputeTerms, roofline_terms
 from .state import unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
@@ -129,9 +129,16 @@ class TimeEstimate:
     terms: dict[str, float] = field(default_factory=dict)
     """The step's seconds by term: ``compute``, ``bubble``, ``exposed <group>`` per critical-path group,
     ``exposed data parallel`` (what data-parallel traffic adds beyond compute); they sum to ``step_s``."""
-    compute_parts: dict[str, float] = field(default_factory=dict)
-    """The compute's seconds by kind when priced op by op (:mod:`.roofline`): ``gemm``, ``attention``,
-    ``memory`` (memory-bound ops), ``optimizer``; they sum to ``compute_s``. Empty under a flat efficiency."""
+    by_op: ComputeTerms | None = None
+    """The compute's parts when priced op by op (:mod:`.roofline`); None under a flat efficiency."""
+
+    @property
+    def compute_parts(self) -> dict[str, float]:
+        """The compute's seconds by kind when priced op by op: ``gemm``, ``attention``, ``memory``
+        (memory-bound ops), ``optimizer``; they sum to ``compute_s``. Empty under a flat efficiency."""
+        if self.by_op is None:
+            return {}
+        return {k: getattr(self.by_op, k) for k in ("gemm", "attention", "memory", "optimizer")}
 
     @property
     def n_collectives(self) -> float:
@@ -320,5 +327,6 @@ def estimate_time(
         if c["exposed"]:
             terms[f"exposed {c['group']}"] = terms.get(f"exposed {c['group']}", 0.0) + c["seconds"]
     terms["exposed data parallel"] = dp_exposed
-    parts = {k: v * share for k, v in vars(by_op).items()} if by_op is not None else {}
-    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms, parts)
+    if by_op is not None and share != 1:  # time-shared cores stretch every part
+        by_op = ComputeTerms(by_op.gemm * share, by_op.attention * share, by_op.memory * share, by_op.optimizer * share)
+    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms, by_op)
