@@ -321,3 +321,17 @@ def micro_batch_size(t: TrainConfig, dp: int) -> int:
             "global / data-parallel samples per rank"
         )
     return t.micro_batch_size
+
+
+def check_ft_groups(p: ParallelConfig) -> None:
+    """The replica-group counts of ``parallel.fault_tolerance = "torchft"`` (one ConfigError line each):
+    checked by the job (``parallel.fault_tolerance.check_fault_tolerance``) and by ``meshforge launch --ft-groups``."""
+    if p.ft_groups < 1 or not 0 <= p.ft_replica_group < p.ft_groups:
+        raise ConfigError(
+            f"parallel.ft_replica_group = {p.ft_replica_group} is not a group of parallel.ft_groups = "
+            f"{p.ft_groups}; number the groups 0 ... ft_groups - 1"
+        )
+    if not 1 <= p.ft_min_replicas <= p.ft_groups:
+        raise ConfigError(
+            f"parallel.ft_min_replicas = {p.ft_min_replicas} must be between 1 and parallel.ft_groups = {p.ft_groups}"
+        )

@@ -22,21 +22,15 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LaunchError  # a launch request that cannot work (says what to change)
-from .ft_launch import add_ft_arguments, run_ft
-
-EXIT_PREEMPTED = 42
-"""The trainer's exit status after a preemption checkpoint (meshforge.pretrain.faults.EXIT_PREEMPTED)."""
-PREEMPTED_MARKER_ENV = "MESHFORGE_PREEMPTED_MARKER"
-"""The file rank 0 creates after its preemption checkpoint (meshforge.pretrain.faults.PREEMPTED_MARKER_ENV)."""
-PREEMPT_WARNING_S = 120
-"""``--signal=TERM@120``: SIGTERM two minutes before the time limit, time for a checkpoint."""
+from .ft_launch import add_ft_arguments, ft_sbatch_script, run_ft
+from .sbatch import EXIT_PREEMPTED, PREEMPTED_MARKER_ENV, requeue_tail, sbatch_header
+from .torchrun_cmd import check_rendezvous_host, torchrun_argv
 
 
 def add_launch_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +75,12 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", action="store_true", help="with --submit: wait until the job ends; exit with its status")
     add_ft_arguments(p)
     g = p.add_argument_group("MPI (--mpi)")
-    g.add_argument("--hosts", default=None, help="comma-separated hosts, one per node (default: the MPI default)")
+    g.add_argument(
+        "--hosts",
+        default=None,
+        help="comma-separated hosts, one per node (default: the MPI default); --ft-groups without SLURM on "
+        "several nodes: the nodes in order, node 0 first (it runs the lighthouse)",
+    )
     p.add_argument(
         "command",
         nargs=argparse.REMAINDER,
@@ -125,48 +124,17 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def torchrun_plan(args: argparse.Namespace) -> Plan:
     cmd = rank_command(args)
-    argv = [args.python, "-m", "torch.distributed.run"]
     if args.nodes == 1 and args.rdzv_endpoint is None:
-        argv += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(args.gpus_per_node)]
-    else:
-        if args.rdzv_endpoint is None:
-            raise LaunchError(
-                f"--nodes {args.nodes} needs --rdzv-endpoint HOST:PORT (a port on node 0 that every "
-                "node can reach), and run the same command on every node; or use --slurm / --mpi"
-            )
-        if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", args.rdzv_endpoint):
-            raise LaunchError(f"--rdzv-endpoint {args.rdzv_endpoint!r}: expected HOST:PORT")
-        if args.node_rank is not None and not 0 <= args.node_rank < args.nodes:
-            raise LaunchError(f"--node-rank {args.node_rank} is outside --nodes {args.nodes}")
-        argv += [
-            "--nnodes",
-            str(args.nodes),
-            "--nproc-per-node",
-            str(args.gpus_per_node),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            args.rdzv_endpoint,
-            "--rdzv-id",
-            args.rdzv_id,
-        ]
-        if args.node_rank is not None:
-            argv += ["--node-rank", str(args.node_rank)]
-    return Plan(argv + ["-m", "meshforge", *cmd])
-
-
-def check_rendezvous_host(endpoint: str) -> None:
-    """Raise LaunchError unless the host of ``endpoint`` (HOST:PORT) resolves here: torchrun would
-    otherwise retry the name until its rendezvous timeout, with no line saying why."""
-    host = endpoint.rsplit(":", 1)[0].strip("[]")
-    try:
-        socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError) as e:
+        return Plan(torchrun_argv(args.python, args.gpus_per_node) + cmd)
+    if args.rdzv_endpoint is None:
         raise LaunchError(
-            f"--rdzv-endpoint {endpoint}: the host name {host} does not resolve on this node "
-            f"({socket.gethostname()}): {getattr(e, 'strerror', None) or e}; add it to /etc/hosts "
-            "or DNS on every node, or give node 0's address"
-        ) from None
+            f"--nodes {args.nodes} needs --rdzv-endpoint HOST:PORT (a port on node 0 that every "
+            "node can reach), and run the same command on every node; or use --slurm / --mpi"
+        )
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nodes:
+        raise LaunchError(f"--node-rank {args.node_rank} is outside --nodes {args.nodes}")
+    argv = torchrun_argv(args.python, args.gpus_per_node, args.nodes, args.rdzv_endpoint, args.rdzv_id, args.node_rank)
+    return Plan(argv + cmd)
 
 
 def mpi_flavor(mpiexec: str) -> str:
@@ -202,58 +170,22 @@ def mpi_plan(args: argparse.Namespace) -> Plan:
 
 def sbatch_script(args: argparse.Namespace) -> str:
     """The batch script: one srun task per GPU, preemption warning, requeue on a preemption exit."""
-    if args.time and not re.fullmatch(r"(\d+-)?\d+(:\d\d){0,2}", args.time):
-        raise LaunchError(f"--time {args.time!r}: expected [D-]HH:MM:SS")
+    header = sbatch_header(args)
     cmd = rank_command(args)
-    log_dir = Path(args.log_dir or ".").resolve()
-    lines = [
-        "#!/bin/bash",
-        "# written by `meshforge launch --slurm`; submit with sbatch",
-        f"#SBATCH --job-name={args.job_name}",
-        f"#SBATCH --nodes={args.nodes}",
-        f"#SBATCH --ntasks-per-node={args.gpus_per_node}",
-    ]
-    if not args.cpu:
-        lines.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
-    if args.cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={args.cpus_per_task}")
-    for flag, value in (("partition", args.partition), ("account", args.account), ("time", args.time)):
-        if value:
-            lines.append(f"#SBATCH --{flag}={value}")
-    lines += [
-        f"#SBATCH --signal=TERM@{PREEMPT_WARNING_S}",
-        "#SBATCH --requeue",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --output={log_dir / '%x-%j.out'}",
-        f"#SBATCH --chdir={Path.cwd()}",
-        *(f"#SBATCH {extra}" for extra in args.sbatch_arg),
-        "",
-        "# Each srun task is one rank; meshforge reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the",
-        "# node list itself (meshforge/launch/env.py): rendezvous on the first node, port from the job id.",
-        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
-        'echo "meshforge: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (restart ${SLURM_RESTART_COUNT:-0})"',
-        "# rank 0 creates this file once its preemption checkpoint is complete (the exit status alone",
-        "# is not enough: --kill-on-bad-exit signals the ranks still exiting and srun reports that)",
-        f"export {PREEMPTED_MARKER_ENV}={shlex.quote(str(log_dir))}/.meshforge-preempted-$SLURM_JOB_ID",
-        f'rm -f "${PREEMPTED_MARKER_ENV}"',
-        "rc=0",
-        "srun --kill-on-bad-exit=1 " + shlex.join([args.python, "-m", "meshforge", *cmd]) + " || rc=$?",
-        f'if [ "$rc" -eq {EXIT_PREEMPTED} ] || {{ [ "$rc" -ne 0 ] && [ -e "${PREEMPTED_MARKER_ENV}" ]; }}; then',
-        "  # SIGTERM before the time limit (or scancel --signal=TERM): the trainer saved a checkpoint;",
-        "  # requeue, and the next run resumes from it",
-        f'  rm -f "${PREEMPTED_MARKER_ENV}"',
-        '  echo "meshforge: preempted (srun exit $rc), requeueing job $SLURM_JOB_ID"',
-        '  scontrol requeue "$SLURM_JOB_ID"',
-        "  exit 0",
-        "fi",
-        'exit "$rc"',
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            *header,
+            "# Each srun task is one rank; meshforge reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the",
+            "# node list itself (meshforge/launch/env.py): rendezvous on the first node, port from the job id.",
+            "rc=0",
+            "srun --kill-on-bad-exit=1 " + shlex.join([args.python, "-m", "meshforge", *cmd]) + " || rc=$?",
+            *requeue_tail(),
+        ]
+    )
 
 
 def slurm_plan(args: argparse.Namespace) -> Plan:
-    script = sbatch_script(args)
+    script = ft_sbatch_script(args, rank_command(args)) if args.ft_groups else sbatch_script(args)
     path = Path(args.script or f"{args.job_name}.sbatch").resolve()
     argv = ["sbatch", "--parsable", str(path)]
     return Plan(argv, script=script, script_path=path)
@@ -324,7 +256,7 @@ def plan_launch(args: argparse.Namespace) -> Plan:
 
 def run_launch(args: argparse.Namespace) -> int:
     """The ``meshforge launch`` command."""
-    if args.ft_groups:  # a lighthouse and one torchrun per replica group (launch/ft_launch.py)
+    if args.ft_groups and not args.slurm:  # the lighthouse and this node's replica groups (launch/ft_launch.py)
         try:
             _check_counts(args)
             env = dict(os.environ)

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, JobConfig, ParallelConfig, micro_batch_size
+from ..config import ConfigError, JobConfig, ParallelConfig, check_ft_groups, micro_batch_size
 from .mesh import Degrees
 
 INSTALL_HINT = 'pip install -e ".[ft]" (the torchft-nightly wheel, Linux)'
@@ -50,15 +50,7 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
     p = cfg.parallel
     if p.fault_tolerance != "torchft":
         return
-    if p.ft_groups < 1 or not 0 <= p.ft_replica_group < p.ft_groups:
-        raise ConfigError(
-            f"parallel.ft_replica_group = {p.ft_replica_group} is not a group of parallel.ft_groups = "
-            f"{p.ft_groups}; number the groups 0 ... ft_groups - 1"
-        )
-    if not 1 <= p.ft_min_replicas <= p.ft_groups:
-        raise ConfigError(
-            f"parallel.ft_min_replicas = {p.ft_min_replicas} must be between 1 and parallel.ft_groups = {p.ft_groups}"
-        )
+    check_ft_groups(p)
     if not (p.ft_timeout_s > 0 and p.ft_quorum_timeout_s > 0):
         raise ConfigError(
             f"parallel.ft_timeout_s and parallel.ft_quorum_timeout_s must be > 0 (got {p.ft_timeout_s}, "

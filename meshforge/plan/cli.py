@@ -30,8 +30,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "--efficiency",
         type=float,
         default=None,
-        help="flat fraction of peak a step's compute reaches (default: 0.5 at the device's best GEMM "
-        "shapes, scaled by its GEMM curve in meshforge/plan/efficiency.toml at the layout's shapes)",
+        help="flat fraction of peak a step's compute reaches (default: priced op by op -- GEMMs and attention "
+        "at the device's curves in meshforge/plan/efficiency.toml, memory-bound ops at its HBM bandwidth; "
+        "0.5 on a device without them)",
     )
     p.add_argument(
         "--exact",
@@ -68,7 +69,7 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
 
     if args.top <= 0:
         raise ConfigError(f"--top must be positive, got {args.top}")
-    efficiency = args.efficiency  # None: the device's GEMM curve (efficiency.toml), else a flat default
+    efficiency = args.efficiency  # None: op by op (roofline.py) where the device allows, else a flat default
     if efficiency is not None and not 0 < efficiency <= 1:
         raise ConfigError(f"--efficiency must be in (0, 1], got {efficiency}")
     device = get_device(args.gpu, args.devices)

@@ -86,14 +86,27 @@ EFFICIENCY_TABLE = Path(__file__).with_name("efficiency.toml")
 
 
 @lru_cache(maxsize=4)
-def efficiency_curves(path: Path = EFFICIENCY_TABLE) -> dict[str, tuple[tuple[float, float], ...]]:
-    """Device key -> its GEMM efficiency points ``(FLOPs of one call, fraction of peak)`` (``efficiency.toml``)."""
+def efficiency_curves(path: Path = EFFICIENCY_TABLE) -> dict[str, dict]:
+    """Device key -> its entry of ``efficiency.toml``: ``gemm``, ``(FLOPs of one call, fraction of peak)``
+    points, and where given ``attention``, ``(sequence length, fraction of peak)`` points, and ``overhead``
+    (a float, 1 when absent)."""
     table = tomllib.loads(path.read_text())
-    return {key: tuple((float(f), float(e)) for f, e in entry["gemm"]) for key, entry in table.items()}
+    return {
+        key: {
+            **{
+                curve: tuple((float(x), float(e)) for x, e in entry[curve])
+                for curve in ("gemm", "attention")
+                if curve in entry
+            },
+            "overhead": float(entry.get("overhead", 1.0)),
+        }
+        for key, entry in table.items()
+    }
 
 
 def gemm_efficiency(points: tuple[tuple[float, float], ...], flops: float) -> float:
-    """The fraction of peak one GEMM of ``flops`` reaches: log-linear between the points, flat beyond them."""
+    """The fraction of peak one GEMM of ``flops`` reaches (or attention at sequence length ``flops``):
+    log-linear between the points, flat beyond them."""
     if flops <= points[0][0]:
         return points[0][1]
     for (f0, e0), (f1, e1) in zip(points, points[1:]):
@@ -131,9 +144,10 @@ def shape_efficiency(
     GEMMs at their own efficiencies) over the curve's top value, at most 1; None when the device has no
     curve. The time model multiplies its whole-step efficiency by it (a step also runs non-GEMM work --
     norms, activations, optimizer, launches -- which the curve of bare GEMMs does not see)."""
-    points = efficiency_curves().get(device_key)
-    if points is None:
+    entry = efficiency_curves().get(device_key)
+    if entry is None:
         return None
+    points = entry["gemm"]
     key = ("efficiency", device_key, layout.tp, layout.cp, layout.ep, B)
     if cache is not None and key in cache:
         return cache[key]

@@ -6,7 +6,7 @@ full recomputation only. A constraint maps a :class:`~.layouts.Layout` dimension
 Dimensions (their config keys in :data:`KEY_DIMS`): the degrees ``tp pp cp ep dp_replicate dp_shard``, the
 data-parallel mode ``zero`` (``parallel.dp_backend``, ``fsdp_reshard_after_forward`` and ``zero_stage`` each
 narrow it), ``schedule``, ``spr`` (stages per rank, 0 read as the schedule's default), ``microbatches``
-(``parallel.pp_microbatches``), ``micro_batch_size``, ``ac``, ``cp_method`` and ``pp_split``. The pipeline
+(``parallel.pp_microbatches``), ``micro_batch_size``, ``ac``, ``cp_method``, ``pp_split`` and ``grad_sync``. The pipeline
 ones (schedule, spr, microbatches, pp_split) bind only layouts with a pipeline and ``cp_method`` only those
 with cp > 1: a layout without a pipeline runs no schedule. A given tp may span nodes (priced over the
 inter-node link); the unconstrained search keeps tp within a node.
@@ -38,9 +38,12 @@ KEY_DIMS = {
     "parallel.activation_checkpointing": "ac",
     "parallel.cp_method": "cp_method",
     "train.micro_batch_size": "micro_batch_size",
+    "parallel.grad_sync": "grad_sync",
 }
 """Config key -> the layout dimension it constrains."""
 PIPELINE_DIMS = ("schedule", "spr", "microbatches", "pp_split")
+"""Dimensions that bind only layouts with a pipeline (``cp_method`` binds only cp > 1, ``grad_sync`` only FSDP2
+sharding without a pipeline: :attr:`~.layouts.Layout.sync_choice`)."""
 
 
 def _zero_modes(key: str, value) -> frozenset:
@@ -101,7 +104,7 @@ def satisfies(layout: Layout, fixed: Constraints, global_batch: int) -> bool:
     for dim, allowed in fixed.items():
         if dim in PIPELINE_DIMS and layout.pp == 1:
             continue
-        if dim == "cp_method" and layout.cp == 1:
+        if (dim == "cp_method" and layout.cp == 1) or (dim == "grad_sync" and not layout.sync_choice):
             continue
         if dim == "spr":
             ok = any(layout.spr == effective_spr(layout.schedule, v) for v in allowed)

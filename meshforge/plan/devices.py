@@ -1,6 +1,7 @@
 """Device and link specs for the planner: a small TOML table (``devices.toml``) users can extend.
 
-Each entry gives per-GPU peaks (dense bf16/fp8 FLOP/s), the memory a process can use, and
+Each entry gives per-GPU peaks (dense bf16/fp8 FLOP/s), the memory a process can use (and, optionally,
+its bandwidth), and
 the two links of the alpha-beta model: NVLink inside a node and the NIC between nodes
 (bandwidth one way per GPU, latency alpha).
 """
@@ -41,13 +42,16 @@ class Device:
     cores: int = 0
     """Compute slots per node (optional; 0: one per rank, as on GPUs). More ranks than this on a node
     time-share them: their compute and communication stretch by ranks per node / cores (the CPU)."""
+    hbm_bytes_per_s: float = 0.0
+    """Device memory bandwidth, bytes/s (optional; 0: unknown). With it and the device's GEMM and attention
+    curves (``efficiency.toml``) compute is priced op by op (:mod:`.roofline`): memory-bound ops at this rate."""
     comm_overlap: bool = True
     """Whether data-parallel traffic (FSDP2 / DeepSpeed gathers and reductions) runs behind compute
     (optional; GPUs: yes, on their own streams; the CPU: no, gloo collectives are issued inline)."""
 
 
 _KEYS = [f.name for f in fields(Device) if f.name != "key"]
-_OPTIONAL = {"cores": 0, "comm_overlap": True}
+_OPTIONAL = {"cores": 0, "comm_overlap": True, "hbm_bytes_per_s": 0.0}
 _POSITIVE = ("peak_bf16_flops", "hbm_bytes", "nvlink_bw", "internode_bw")
 """Keys that must be above 0 (the other numbers may be 0: no fp8, zero latency, one core per rank)."""
 

@@ -58,6 +58,10 @@ class Layout:
     pp_split: str = ""
     """First layer of each stage after the first (``parallel.pp_split``, e.g. ``"3,6"``); empty: balanced.
     The search prices balanced splits; a layout given on the command line keeps the user's."""
+    grad_sync: str = ""
+    """``parallel.grad_sync``: FSDP2 without a pipeline reduces gradients once per step (``step``) or after
+    every microbatch (``microbatch``: less memory, more traffic); empty: as the config says; meaningless
+    elsewhere (:attr:`sync_choice`)."""
 
     @property
     def spr(self) -> int:
@@ -65,6 +69,12 @@ class Layout:
         if self.pp == 1 or self.schedule in SINGLE_STAGE_SCHEDULES:
             return 1
         return self.stages_per_rank or 2
+
+    @property
+    def sync_choice(self) -> bool:
+        """Whether ``grad_sync`` changes anything: FSDP2 sharding without a pipeline (its microbatch count,
+        which must be above 1 too, is the job's: :func:`.planner.grad_sync_variant`)."""
+        return self.pp == 1 and self.sharded and ZERO_MODES[self.zero][0] == "fsdp2"
 
     @property
     def degrees(self) -> Degrees:
@@ -112,6 +122,7 @@ class Layout:
         if self.pp > 1:
             text += f" {self.schedule}" + (f" v{self.spr}" if self.schedule not in SINGLE_STAGE_SCHEDULES else "")
             text += f" split {self.pp_split}" if self.pp_split else ""
+        text += " sync:microbatch" if self.sync_choice and self.grad_sync == "microbatch" else ""
         return f"{text} mbs{self.micro_batch_size} ac:{self.ac}"
 
     def overrides(self) -> dict[str, object]:
@@ -132,6 +143,8 @@ class Layout:
             out["parallel.cp_method"] = self.cp_method
         if backend == "fsdp2":
             out["parallel.fsdp_reshard_after_forward"] = reshard
+            if self.sync_choice and self.grad_sync:
+                out["parallel.grad_sync"] = self.grad_sync
         else:
             out["parallel.zero_stage"] = stage
         if self.pp > 1:
@@ -343,6 +356,7 @@ def iter_layouts(
                                         cp_method,
                                         spr,
                                         next(iter(fixed["pp_split"])) if pp > 1 and "pp_split" in fixed else "",
+                                        next(iter(fixed["grad_sync"])) if "grad_sync" in fixed else "",
                                     )
                                     if fixed and not satisfies(layout, fixed, gbs):
                                         continue

@@ -8,6 +8,7 @@ checks the cluster (GPU counts, device), enumerates layouts (:mod:`.layouts`), p
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -15,8 +16,8 @@ from ..config import LAYOUT_FIELDS, ConfigError, JobConfig, load_config
 from ..models import check_config
 from .constraints import Constraints, check_constraints, describe, nothing_satisfies
 from .devices import Device, get_device
-from .layouts import AC_MODES, ZERO_MODES, Layout, check_layout, enumerate_layouts, iter_layouts
-from .memory import KINDS, backward_peak, estimate_memory, estimate_rank
+from .layouts import AC_MODES, ZERO_MODES, Layout, apply_layout, check_layout, enumerate_layouts, iter_layouts
+from .memory import KINDS, backward_peak, estimate_memory, estimate_rank, n_microbatches
 from .time_model import TimeEstimate, estimate_time
 
 HEADROOM = 0.9
@@ -158,6 +159,18 @@ def rank(priced: list[Priced]) -> list[Priced]:
     return out
 
 
+def grad_sync_variant(layout: Layout, job: JobConfig) -> tuple[Layout, JobConfig] | None:
+    """``layout`` with its gradients reduced after every microbatch (``parallel.grad_sync = "microbatch"``)
+    and its job config, where that differs from once per step: FSDP2 sharding, no pipeline, more than one
+    microbatch (:func:`.memory.accumulation_bytes`: per step keeps the unsharded gradients between them).
+    The search prices it only where per step does not fit: it is never faster (more traffic, the same
+    compute) and smaller only by those gradients."""
+    if not layout.sync_choice or job.parallel.grad_sync != "step" or n_microbatches(job, layout) == 1:
+        return None
+    variant = dataclasses.replace(layout, grad_sync="microbatch")
+    return variant, apply_layout(job, variant)
+
+
 def plan_job(
     cfg: JobConfig,
     gpus: int,
@@ -177,10 +190,18 @@ def plan_job(
     priced: list[Priced] = []
     # each layout priced as it is enumerated (one job config held at a time); whether it fits decides whether
     # its heavier activation-checkpointing modes, which it dominates, are enumerated at all
+    # parallel.grad_sync: as the config says (per step by default); per microbatch too where per step does not fit
+    lighter_fits = [True]  # whether the layout last enumerated fits: its heavier AC modes are then skipped
     for layout, job in iter_layouts(
-        cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda layout, job: priced[-1].fits, fixed=fixed
+        cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda *_: lighter_fits[0], fixed=fixed
     ):
-        priced.append(price_one(layout, job, device, gpus_per_node, efficiency, cache))
+        p = price_one(layout, job, device, gpus_per_node, efficiency, cache)
+        lighter_fits[0] = p.fits  # not the variant's: where per step does not fit, heavier AC may beat it
+        variant = None if p.fits or "grad_sync" in fixed else grad_sync_variant(layout, job)
+        if variant is not None:
+            q = price_one(*variant, device, gpus_per_node, efficiency, cache)
+            p = q if q.fits else p
+        priced.append(p)
     plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused), fixed=fixed)
     if not priced and fixed:
         raise ConfigError(nothing_satisfies(fixed, gpus, refused))
@@ -203,9 +224,9 @@ def plan_job(
     return plan
 
 
-LAYOUT_KEYS = tuple(sorted(LAYOUT_FIELDS - {"parallel.compile"}))
+LAYOUT_KEYS = tuple(sorted((LAYOUT_FIELDS - {"parallel.compile"}) | {"parallel.grad_sync"}))
 """Config keys that choose a layout (the fields a layout sets, less ``parallel.compile``, which a zero-bubble
-layout turns off): given on the command line, they constrain ``meshforge plan``'s search
+layout turns off; with ``parallel.grad_sync``, which a layout sets where it matters): given on the command line, they constrain ``meshforge plan``'s search
 (:mod:`.constraints`); with ``--exact`` the layout they give (the rest at the config's values) is priced alone."""
 
 
@@ -297,6 +318,7 @@ def layout_of_config(cfg: JobConfig, gpus: int) -> Layout:
         p.cp_method,
         spr,
         p.pp_split if d.pp > 1 else "",
+        p.grad_sync,
     )
 
 

@@ -81,6 +81,10 @@ def _row(i: int, p: Priced) -> str:
     )
 
 
+PARTS = {"gemm": "GEMMs", "attention": "attention", "memory": "memory-bound ops", "optimizer": "optimizer step"}
+"""The compute's parts under the op-by-op model (:mod:`.roofline`), as ``--why`` names them."""
+
+
 def why_text(plan: Plan, p: Priced) -> str:
     """The time terms of one layout, largest first, and what each is made of: compute, the pipeline bubble,
     the exposed communication of each critical-path group, the data-parallel traffic beyond compute."""
@@ -88,6 +92,11 @@ def why_text(plan: Plan, p: Priced) -> str:
     lines = [f"why {p.layout.describe()}: step {t.step_s:.4f} s on {plan.gpus} x {d.name}, MFU {100 * t.mfu:.1f}%"]
     for name, secs in sorted(t.terms.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<24} {secs:10.4f} s  {100 * secs / t.step_s:5.1f}%")
+        if name == "compute":
+            for part, label in PARTS.items():
+                if part in t.compute_parts:
+                    secs = t.compute_parts[part]
+                    lines.append(f"      {label:<20} {secs:10.4f} s  {100 * secs / t.step_s:5.1f}%")
         group = name.removeprefix("exposed ")
         calls = [
             c

@@ -5,17 +5,18 @@ Inputs: the device table (:mod:`.devices`), the model's FLOPs per token
 (:func:`.compute.model_flops_per_token`: 6N + attention, summed over the blocks and the head), the layout,
 ``gpus_per_node``.
 
-- Compute: ``flops_per_token * tokens_per_step / world / (peak_bf16 * efficiency)``: by default
-  0.5 of peak for a whole step (GEMMs and everything else) at the device's best GEMM shapes, times
-  the device's GEMM curve (``efficiency.toml``) at the layout's shapes relative to its best -- each
-  projection at ``B T / cp`` tokens and its ``/ tp`` width, attention's products, the experts'
-  token share, the output projection, weighted by their FLOPs (:func:`.compute.shape_efficiency`);
-  ``--efficiency`` sets one flat fraction instead (devices without a curve: 0.5 flat); times
-  4/3 under full activation checkpointing (one more forward) and 1.03 under selective
-  (norms, activations and RoPE again: cheap FLOPs, some memory traffic). Under pp the
-  busiest rank sets the pace: its stages' share of the FLOPs (:mod:`.compute`: uneven layer
-  splits and the output projection on the last stage), not ``1 / pp``. The peak is the compute dtype's: bf16 on GPUs, fp32 on the CPU (whose ``cpu``
-  entry is one thread's measured matmul rate, ``bench/bench_plan_calibrate.py``).
+- Compute: by default op by op (:mod:`.roofline`) where the device has GEMM and attention curves
+  (``efficiency.toml``) and ``hbm_bytes_per_s``: GEMMs and causal flash attention at their curves'
+  points, memory-bound ops and the AdamW step as bytes / HBM bandwidth, recompute per AC mode, times
+  the device's calibrated ``overhead``; the busiest pipeline rank's share (:mod:`.compute`: uneven
+  layer splits and the output projection on the last stage); its parts kept for ``--why``. Under
+  ``--efficiency F`` (and on a device without the curves or bandwidth: 0.5 of peak, times its GEMM
+  curve at the layout's shapes relative to its best where it has one,
+  :func:`.compute.shape_efficiency`): ``flops_per_token * tokens_per_step / world / (peak_bf16 * F)``
+  on the busiest rank's share, times 4/3 under full activation checkpointing (one more forward) and
+  1.03 under selective (norms, activations and RoPE again). The peak is the compute dtype's: bf16 on
+  GPUs, fp32 on the CPU (whose ``cpu`` entry is one thread's measured matmul rate,
+  ``bench/bench_plan_calibrate.py``).
 - Time-sharing: a device with ``cores`` set (the CPU) runs at most that many ranks of a node at
   once; with more, every rank's compute and communication stretch by ranks per node / cores.
 - Links: a mesh dim's group of ``n`` ranks at stride ``s`` (dims ``pp, dp_replicate,
@@ -70,6 +71,7 @@ from .compute import heaviest_share, model_flops_per_token, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
 from .memory import microbatch_samples, n_microbatches
+from .roofline import ComputeTerms, roofline_terms
 from .state import unsharded_numel
 
 DEFAULT_EFFICIENCY = 0.5
@@ -127,6 +129,16 @@ class TimeEstimate:
     terms: dict[str, float] = field(default_factory=dict)
     """The step's seconds by term: ``compute``, ``bubble``, ``exposed <group>`` per critical-path group,
     ``exposed data parallel`` (what data-parallel traffic adds beyond compute); they sum to ``step_s``."""
+    by_op: ComputeTerms | None = None
+    """The compute's parts when priced op by op (:mod:`.roofline`); None under a flat efficiency."""
+
+    @property
+    def compute_parts(self) -> dict[str, float]:
+        """The compute's seconds by kind when priced op by op: ``gemm``, ``attention``, ``memory``
+        (memory-bound ops), ``optimizer``; they sum to ``compute_s``. Empty under a flat efficiency."""
+        if self.by_op is None:
+            return {}
+        return {k: getattr(self.by_op, k) for k in ("gemm", "attention", "memory", "optimizer")}
 
     @property
     def n_collectives(self) -> float:
@@ -176,11 +188,27 @@ def estimate_time(
         cache = {}
     f_tok = model_flops_per_token(cfg, cache)
     share = time_sharing(device, world, gpus_per_node)
-    if efficiency is None:  # the default, lowered where this layout's GEMMs are smaller than the device's best
-        efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
-    # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
-    busiest = heaviest_share(cfg, layout, cache) * pp
-    compute = f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency) * AC_RECOMPUTE[layout.ac] * share
+    from .memory import _cached
+
+    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
+    backend, reshard, stage = ZERO_MODES[layout.zero]
+    # gradients accumulated unsharded and reduced once per step (else reduced into the shard every microbatch)
+    once = pp > 1 or cfg.parallel.grad_sync == "step" or not layout.sharded or (backend, stage) == ("deepspeed", 1)
+    by_op = None
+    if efficiency is None:  # op by op where the device has the curves and bandwidth (roofline.py)
+        by_op = roofline_terms(
+            cfg, layout, B, mb, device.peak_bf16_flops, device.hbm_bytes_per_s, device.key, e, sizes,
+            heaviest_share(cfg, layout, cache), once, cache,
+        )  # fmt: skip
+    if by_op is not None:
+        compute = by_op.total * share
+    else:
+        if efficiency is None:  # 0.5, lowered where this layout's GEMMs are smaller than the device's best
+            efficiency = DEFAULT_EFFICIENCY * (shape_efficiency(cfg, layout, B, device.key, cache) or 1.0)
+        # a pipeline goes at the pace of its busiest rank: its stages' share of the FLOPs (1 / pp when balanced)
+        busiest = heaviest_share(cfg, layout, cache) * pp
+        flat = f_tok * tokens / world * busiest / (device.peak_bf16_flops * efficiency)
+        compute = flat * AC_RECOMPUTE[layout.ac] * share
     spr = layout.spr
     bubble = (pp - 1) / (mb * spr) if pp > 1 else 0.0
     if layout.schedule == "zero_bubble" and pp > 1:
@@ -241,16 +269,12 @@ def estimate_time(
     if pp > 1:  # a stage's output is the residual stream, sequence-sharded over tp (SP): PipelineStage sends
         # each tp rank's local shard (torch.distributed.pipelining.stage: to_local_if_dtensor), act / tp
         add("pp", "p2p", 2, act // tp, mb * 2 * spr, True)
-    backend, reshard, stage = ZERO_MODES[layout.zero]
-    from .memory import _cached
-
-    sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
     w = Precision.for_device(device_type(device), cfg).compute_param
     fs, fs_group = layout.fsdp_shard, ("dp_shard_cp" if cp > 1 else "dp_shard")
     if backend == "fsdp2" and layout.sharded:
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        once = pp > 1 or cfg.parallel.grad_sync == "step"
+        once = pp > 1 or cfg.parallel.grad_sync == "step"  # FSDP2 (sharded here): the once of above
         gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1, once)
         # ZeRO-3 gathers in forwards and backwards all step long; ZeRO-2 in each microbatch's forward, and under
         # pp in the first microbatch's only; reductions in every backward, or once: in the last backward
@@ -304,4 +328,6 @@ def estimate_time(
         if c["exposed"]:
             terms[f"exposed {c['group']}"] = terms.get(f"exposed {c['group']}", 0.0) + c["seconds"]
     terms["exposed data parallel"] = dp_exposed
-    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms)
+    if by_op is not None and share != 1:  # time-shared cores stretch every part
+        by_op = ComputeTerms(by_op.gemm * share, by_op.attention * share, by_op.memory * share, by_op.optimizer * share)
+    return TimeEstimate(step, compute, bubble / (1 + bubble), mfu, tokens / step, comm, terms, by_op)

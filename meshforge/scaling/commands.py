@@ -182,8 +182,8 @@ def add_scaling_parser(sub) -> None:
         "--efficiency",
         type=float,
         default=None,
-        help="a flat fraction of peak the matmuls reach (default: as `meshforge plan`, 0.5 at the device's "
-        "best GEMM shapes scaled by its curve in plan/efficiency.toml at each run's shapes)",
+        help="a flat fraction of peak the matmuls reach (default: as `meshforge plan`, compute priced op by op "
+        "from the device's curves in plan/efficiency.toml and its memory bandwidth)",
     )
     p.add_argument(
         "--tokens-per-s",

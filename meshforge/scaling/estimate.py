@@ -40,8 +40,9 @@ class Estimator:
     device: str = "h100-80gb"
     gpus: int = 1
     efficiency: float | None = None
-    """A flat fraction of peak for the matmuls; None: ``meshforge plan``'s default (0.5 of peak at the device's
-    best GEMM shapes, scaled by its curve in ``plan/efficiency.toml`` at each run's shapes)."""
+    """A flat fraction of peak for the matmuls; None: ``meshforge plan``'s default (compute priced op by op:
+    GEMMs and attention at the device's curves in ``plan/efficiency.toml``, memory-bound ops at its bandwidth;
+    a flat 0.5 of peak on a device without them)."""
     tokens_per_s: float = 0.0
     """A measured training rate (tokens/s of one run); 0: the planner's time model."""
     devices_file: str | None = None
@@ -81,7 +82,7 @@ class Estimator:
         at = (
             f"at {self.efficiency:.0%} of peak"
             if self.efficiency is not None
-            else "at its compute efficiency for each run's GEMM shapes"
+            else "with compute priced op by op at each run's shapes"
         )
         return (
             f"on {self.gpus} x {d.name} per run: the planner's time model {at} "

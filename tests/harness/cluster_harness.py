@@ -25,8 +25,11 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
 PREFIX = "mft"
 NETNS_ETC = Path("/etc/netns")
 SUBNET = "198.18.0"
@@ -164,6 +167,19 @@ class Cluster:
         self.procs.append(p)
         return p
 
+    def meshforge(self, node: int, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        """``python -m meshforge ARGV`` on ``node`` from the repository, one compute thread per process, its
+        stdout and stderr together in ``.stdout`` (text)."""
+        return self.popen(
+            node,
+            [sys.executable, "-m", "meshforge", *argv],
+            cwd=REPO,
+            env={**(env or os.environ), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
     def set_link(self, node: int, up: bool) -> None:
         """Take ``node``'s interface down (its cable pulled) or up again."""
         _ip("-n", self.namespaces[node], "link", "set", "eth0", "up" if up else "down")
@@ -201,3 +217,16 @@ class Cluster:
         except OSError:
             pass
         atexit.unregister(self.close)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's output once it exits; one still running after ``timeout`` s in all is killed
+    with everything it started (its output so far is returned, its returncode is then negative)."""
+    deadline, logs = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            logs.append(p.communicate()[0])
+    return logs

@@ -118,3 +118,18 @@ def start_slurm(cluster: Cluster, root: Path, cpus: int = 2, timeout: float = 60
                 f"the SLURM nodes did not become idle in {timeout:.0f} s: {states.strip()!r}; see {root}/*.log"
             )
         time.sleep(0.5)
+
+
+def submit_launch(
+    cluster: Cluster, env: dict, log_dir: Path, job_name: str, launch: list[str], train: list[str]
+) -> subprocess.Popen:
+    """``meshforge launch --slurm --cpu --nodes N --gpus-per-node 2 LAUNCH ... --submit --wait -- TRAIN`` on
+    node 0 (where slurmctld answers); the script and the job's log (:func:`job_log`) in ``log_dir``."""
+    argv = ["launch", "--slurm", "--cpu", "--nodes", str(cluster.n), "--gpus-per-node", "2", *launch]
+    argv += ["--job-name", job_name, "--time", "00:15:00", "--script", str(log_dir / "job.sbatch")]
+    return cluster.meshforge(0, [*argv, "--log-dir", str(log_dir), "--submit", "--wait", "--", *train], env)
+
+
+def job_log(log_dir: Path, job_name: str) -> str:
+    """What the job of :func:`submit_launch` wrote to its SLURM output file(s)."""
+    return "".join(f.read_text() for f in log_dir.glob(f"{job_name}-*.out"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,8 @@ import time
 import pytest
 import torch
 
-from cluster_harness import Cluster, cluster_problem
+from cluster_harness import Cluster, finish
+from cluster_slurm import job_log, submit_launch
 from meshforge.config import config_from_dict
 from meshforge.models import build_model
 from meshforge.pretrain.checkpoint import list_checkpoints, load_model_weights, read_meta
@@ -53,56 +53,10 @@ def two_node_train(tiny_data, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run this test, but {problem}")
-        pytest.skip(problem)
-    c = Cluster(2).start()
-    yield c
-    c.close()
-
-
 def launch_on(cluster: Cluster, node: int, train_argv: list[str], rdzv_id: str, nodes: int = 2) -> subprocess.Popen:
     """``meshforge launch`` of 2 ranks on ``node``: one of ``nodes`` meeting at node 0's name, or alone."""
     multi = ["--rdzv-endpoint", f"{cluster.hostnames[0]}:{PORT}", "--rdzv-id", rdzv_id] if nodes > 1 else []
-    argv = [
-        sys.executable,
-        "-m",
-        "meshforge",
-        "launch",
-        "--nodes",
-        str(nodes),
-        "--gpus-per-node",
-        "2",
-        *multi,
-        "--",
-        *train_argv,
-    ]
-    return cluster.popen(
-        node,
-        argv,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Each process's output once it exits; one still running after ``timeout`` s in all is killed
-    with everything it started (its output so far is returned, its returncode is then negative)."""
-    deadline, logs = time.monotonic() + timeout, []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=max(0.1, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            logs.append(p.communicate()[0])
-    return logs
+    return cluster.meshforge(node, ["launch", "--nodes", str(nodes), "--gpus-per-node", "2", *multi, "--", *train_argv])
 
 
 def test_two_nodes_tp_inside_hsdp_across_match_single_process(cluster, tiny_data, single_process_ref, tmp_path):
@@ -256,12 +210,9 @@ def test_data_prepare_on_two_nodes_is_byte_identical_to_one(
     prepare_data([inputs], str(tiny_tokenizer), str(one), docs_per_shard=2, progress=False, node_rank=0, num_nodes=1)
     two = tmp_path / "two"
     procs = [
-        cluster.popen(
+        cluster.meshforge(
             node,
             [
-                sys.executable,
-                "-m",
-                "meshforge",
                 "data",
                 "prepare",
                 "--input",
@@ -277,10 +228,6 @@ def test_data_prepare_on_two_nodes_is_byte_identical_to_one(
                 "--num-nodes",
                 "2",
             ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
         )
         for node in (0, 1)
     ]
@@ -307,19 +254,6 @@ def load_manifest_partial(data_dir, node: int) -> dict:
     return json.loads((data_dir / ".prepare" / f"node_{node:05d}-of-00002.json").read_text())
 
 
-@pytest.fixture
-def slurm_env(cluster, tmp_path) -> dict:
-    """slurmctld on node 0 and a slurmd per node (tests/harness/cluster_slurm.py); the environment for SLURM commands."""
-    from cluster_slurm import slurm_problem, start_slurm
-
-    problem = slurm_problem()
-    if problem:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI must run this test, but {problem}")
-        pytest.skip(problem)
-    return start_slurm(cluster, tmp_path / "slurm")
-
-
 @pytest.mark.slow
 def test_slurm_on_two_nodes_trains_and_matches_single_process(
     cluster, slurm_env, tiny_data, single_process_ref, tmp_path
@@ -327,43 +261,13 @@ def test_slurm_on_two_nodes_trains_and_matches_single_process(
     """slurmctld on node 0 and a slurmd per node (tests/harness/cluster_slurm.py); `meshforge launch --slurm --nodes 2`
     submitted on node 0 runs 2 srun tasks on each node: TP inside a node, HSDP across the link."""
     out = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "meshforge",
-        "launch",
-        "--slurm",
-        "--cpu",
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "2",
-        "--job-name",
-        "mft2",
-        "--time",
-        "00:15:00",
-        "--script",
-        str(tmp_path / "job.sbatch"),
-        "--log-dir",
-        str(tmp_path),
-        "--submit",
-        "--wait",
-        "--",
-        *two_node_train(tiny_data, "--train.output_dir", str(out)),
-    ]
     before = cluster.rx_bytes(1)
-    p = cluster.popen(
-        0,
-        argv,
-        cwd=REPO,
-        env={**slurm_env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    p = submit_launch(
+        cluster, slurm_env, tmp_path, "mft2", [], two_node_train(tiny_data, "--train.output_dir", str(out))
     )
     log = finish([p], TIMEOUT)[0]
-    job_log = "".join(f.read_text() for f in tmp_path.glob("mft2-*.out"))
-    assert p.returncode == 0, f"{log[-3000:]}\n{job_log[-4000:]}"
+    job = job_log(tmp_path, "mft2")
+    assert p.returncode == 0, f"{log[-3000:]}\n{job[-4000:]}"
     assert cluster.rx_bytes(1) - before > 100_000  # node 1's ranks took part: the gradients crossed the link
     assert_parity(single_process_ref, read_result(out), atol=TP_ATOL)
 
@@ -383,41 +287,7 @@ def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster,
 
     out, ref_out = tmp_path / "run", tmp_path / "ref"
     train = two_node_train(tiny_data, "--train.steps", "30")
-    argv = [
-        sys.executable,
-        "-m",
-        "meshforge",
-        "launch",
-        "--slurm",
-        "--cpu",
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "2",
-        "--job-name",
-        "mft2pre",
-        "--time",
-        "00:15:00",
-        "--script",
-        str(tmp_path / "job.sbatch"),
-        "--log-dir",
-        str(tmp_path),
-        "--submit",
-        "--wait",
-        "--",
-        *train,
-        "--train.output_dir",
-        str(out),
-    ]
-    p = cluster.popen(
-        0,
-        argv,
-        cwd=REPO,
-        env={**slurm_env, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    p = submit_launch(cluster, slurm_env, tmp_path, "mft2pre", [], [*train, "--train.output_dir", str(out)])
     head = []
     while not any("submitted job" in line for line in head):
         line = p.stdout.readline()
@@ -438,9 +308,9 @@ def test_slurm_two_node_preemption_requeues_and_resumes_bit_identically(cluster,
         time.sleep(0.2)
     on_node0(cluster, slurm_env, "scontrol", "update", f"JobId={job}", "BeginTime=now")
     log = "".join(head) + finish([p], TIMEOUT)[0]
-    job_log = "".join(f.read_text() for f in tmp_path.glob("mft2pre-*.out"))
-    assert p.returncode == 0, f"{log[-2000:]}\n{job_log[-4000:]}"
-    assert "meshforge: preempted" in job_log and "(restart 1)" in job_log, job_log[-4000:]
+    written = job_log(tmp_path, "mft2pre")
+    assert p.returncode == 0, f"{log[-2000:]}\n{written[-4000:]}"
+    assert "meshforge: preempted" in written and "(restart 1)" in written, written[-4000:]
     run_ranks(4, [*train, "--train.output_dir", str(ref_out)])
     got, want = losses_by_step(out), losses_by_step(ref_out)
     assert sorted(got) == sorted(want) == list(range(1, 31))

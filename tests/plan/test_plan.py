@@ -358,8 +358,8 @@ def test_time_model_links_costs_and_bubble():
     assert t1.bubble_fraction == pytest.approx((3 / 32) / (1 + 3 / 32))  # (pp-1)/m, m = 64 / dp 2 / mbs 1
     tz = estimate_time(cfg, Layout(1, 4, 1, 2, schedule="zero_bubble"), h100, 8)
     assert tz.bubble_fraction < t1.bubble_fraction
-    full = estimate_time(cfg, Layout(1, 1, 1, 8, ac="full"), h100, 8)
-    none = estimate_time(cfg, Layout(1, 1, 1, 8, ac="none"), h100, 8)
+    full = estimate_time(cfg, Layout(1, 1, 1, 8, ac="full"), h100, 8, efficiency=0.5)
+    none = estimate_time(cfg, Layout(1, 1, 1, 8, ac="none"), h100, 8, efficiency=0.5)
     assert full.compute_s == pytest.approx(none.compute_s * 4 / 3)
     inter = estimate_time(cfg, Layout(8, 1, 1, 8), h100, 4)  # tp 8 over two 4-GPU nodes
     assert any(c["group"] == "tp" and c["link"] == "internode" for c in inter.comm)

@@ -93,7 +93,8 @@ def test_fully_given_layout_searches_to_the_exact_price():
     cfg, _, plan = _search(argv)
     (p,) = plan.fitting
     (q,) = plan_layout(cfg, 16, 8, H100).fitting
-    assert p.layout == q.layout and p.time.step_s == q.time.step_s and p.memory == q.memory
+    assert p.layout.describe() == q.layout.describe() and p.layout.overrides() == q.layout.overrides()
+    assert p.time.step_s == q.time.step_s and p.memory == q.memory
 
 
 def test_cli_lists_the_constrained_layouts(capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from meshforge.config import load_config
@@ -41,7 +43,7 @@ def test_compute_efficiency_follows_the_gemm_shapes():
     from meshforge.plan.devices import get_device
     from meshforge.plan.time_model import DEFAULT_EFFICIENCY, estimate_time
 
-    points = efficiency_curves()["b200"]
+    points = efficiency_curves()["b200"]["gemm"]
     assert gemm_efficiency(points, 1.0) == points[0][1] and gemm_efficiency(points, 1e15) == points[-1][1]
     mid = gemm_efficiency(points, (points[0][0] * points[1][0]) ** 0.5)
     assert mid == pytest.approx((points[0][1] + points[1][1]) / 2)
@@ -50,7 +52,7 @@ def test_compute_efficiency_follows_the_gemm_shapes():
     assert shape_efficiency(cfg, wide, 1, "h100-80gb") > shape_efficiency(cfg, narrow, 1, "h100-80gb")
     assert shape_efficiency(cfg, wide, 4, "h100-80gb") > shape_efficiency(cfg, wide, 1, "h100-80gb")
     assert shape_efficiency(cfg, wide, 1, "cpu") is None
-    h100 = get_device("h100-80gb")
+    h100 = dataclasses.replace(get_device("h100-80gb"), hbm_bytes_per_s=0.0)  # no bandwidth: no roofline
     by_shape = estimate_time(check_layout(cfg, wide), wide, h100, 8)
     flat = estimate_time(check_layout(cfg, wide), wide, h100, 8, efficiency=0.5)
     factor = shape_efficiency(cfg, wide, 1, "h100-80gb")

@@ -91,11 +91,16 @@ def test_uneven_stages_are_priced_by_the_heaviest():
     total = sum(blocks) + head
     assert heaviest_share(cfg, Layout(1, 4, 1, 1)) == pytest.approx(max(3 * blocks[0], 2 * blocks[0] + head) / total)
     assert heaviest_share(cfg, Layout(1, 5, 1, 1)) == pytest.approx((2 * blocks[0] + head) / total)
-    flat = estimate_time(check_layout(cfg, Layout(1, 1, 1, 4)), Layout(1, 1, 1, 4), H100, 8)
     lay = Layout(1, 4, 1, 1)
-    piped = estimate_time(check_layout(cfg, lay), lay, H100, 8)
-    assert piped.compute_s == pytest.approx(flat.compute_s * 4 * heaviest_share(cfg, lay))
-    assert piped.compute_s > flat.compute_s * 1.1
+    for eff in (0.5, None):  # a flat efficiency, and op by op (roofline.py: the GEMMs scale by the share)
+        flat = estimate_time(check_layout(cfg, Layout(1, 1, 1, 4)), Layout(1, 1, 1, 4), H100, 8, eff)
+        piped = estimate_time(check_layout(cfg, lay), lay, H100, 8, eff)
+        if eff:
+            assert piped.compute_s == pytest.approx(flat.compute_s * 4 * heaviest_share(cfg, lay))
+        else:
+            gemm = piped.compute_parts["gemm"]
+            assert gemm == pytest.approx(flat.compute_parts["gemm"] * 4 * heaviest_share(cfg, lay))
+        assert piped.compute_s > flat.compute_s * 1.1
 
 
 def test_a_given_layouts_pp_split_is_kept():
@@ -115,7 +120,7 @@ def test_a_given_layouts_pp_split_is_kept():
     priced = {}
     for split in ("", "6,8,10"):  # 3/3/3/3 blocks, or 6/2/2/2
         cfg = load_config("small", {**base, "parallel.pp_split": split})
-        (p,) = plan_layout(cfg, 8, 8, H100).fitting
+        (p,) = plan_layout(cfg, 8, 8, H100, 0.5).fitting  # a flat efficiency: compute in proportion to FLOPs
         assert p.layout.pp_split == split and p.layout.overrides()["parallel.pp_split"] == split
         assert (f"split {split}" in p.layout.describe()) == bool(split)
         priced[split] = p

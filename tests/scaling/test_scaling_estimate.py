@@ -63,7 +63,7 @@ def test_each_row_gets_its_steps_and_a_time_and_the_plan_a_total(tmp_path, capsy
 
 
 def test_default_efficiency_is_the_planners(tmp_path, capsys):
-    """Without ``--efficiency`` a row's step is ``meshforge plan``'s for the same layout: the device's GEMM curve
+    """Without ``--efficiency`` a row's step is ``meshforge plan``'s for the same layout: compute priced op by op
     at the row's shapes, slower than a flat 0.5 for these small widths."""
     from meshforge.config import config_from_dict
     from meshforge.plan.devices import get_device
@@ -71,7 +71,7 @@ def test_default_efficiency_is_the_planners(tmp_path, capsys):
     from meshforge.plan.time_model import estimate_time
 
     rows, text = _plan(tmp_path, capsys, "--gpu", "h100-80gb")
-    assert "compute efficiency for each run's GEMM shapes" in text
+    assert "with compute priced op by op at each run's shapes" in text
     for r in rows:
         cfg = config_from_dict(r["config"])
         planned = estimate_time(cfg, layout_of_config(cfg, 1), get_device("h100-80gb"), 1).step_s
