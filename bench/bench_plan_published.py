@@ -11,12 +11,19 @@ recompute) are ``B s (72 l h^2 + 12 l s h + 6 h V)``.
 
 For each run: (1) the planner prices the published layout exactly (``plan_layout``: TP, PP, the
 rest replicas, microbatch 1, full recomputation, 1F1B) -- its predicted tokens/s against the
-published one; (2) with ``--search``, the planner searches every layout of that GPU count and we
-report where the best-ranked layout with the published degrees (TP, PP, DP; any schedule,
-microbatch, recomputation, data-parallel mode) lands. The GPT feed-forward (two h x 4h matrices)
-is written as a SwiGLU of width 8h/3 (the same FLOPs and parameters).
+published one; (2) with ``--search``, where the published degrees (TP, PP, DP, no CP) rank, twice:
+within the family the published system could run (:data:`FAMILY`: the search constrained, as
+``meshforge plan --parallel.activation_checkpointing full ...`` constrains it, to full recomputation,
+plain data parallelism -- replicas, gradients all-reduced, no ZeRO, no context parallelism -- and
+Megatron-LM 2021's schedules, 1F1B and interleaved 1F1B; TP, PP, microbatch and virtual stages
+searched) and among every layout (unconstrained; skipped with ``--family-only``). Each rank is
+given two ways: among layouts (each row of the ranked list: degrees, data-parallel mode, schedule,
+virtual stages, microbatch, recomputation) and among degree sets (TP x PP x CP x DP, each counted
+once at its best row). ``--beaters N`` prints the family's first N layouts with their time terms
+(``meshforge plan --why``). The GPT feed-forward (two h x 4h matrices) is written as a SwiGLU of
+width 8h/3 (the same FLOPs and parameters).
 
-Run: ``python bench/bench_plan_published.py [--search] [--record]``
+Run: ``python bench/bench_plan_published.py [--search [--family-only] [--beaters N]] [--only NAME] [--record]``
 """
 
 from __future__ import annotations
@@ -39,6 +46,32 @@ RUNS = [
     ("GPT 1T", 1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163, "Table 1"),
 ]
 SEQ, VOCAB = 2048, 51200
+FAMILY = {
+    "ac": frozenset({"full"}),
+    "dp_shard": frozenset({1}),
+    "cp": frozenset({1}),
+    "zero": frozenset({"fsdp-zero3"}),  # with dp_shard x cp = 1: replicas, gradients all-reduced
+    "schedule": frozenset({"1f1b", "interleaved_1f1b"}),
+}
+"""What the published runs fixed besides TP and PP (Megatron-LM, 2021: full recomputation, data-parallel
+all-reduce, no ZeRO, no context parallelism; 1F1B or interleaved 1F1B)."""
+
+
+def ranks(plan, degrees: tuple[int, int, int, int]) -> tuple[str, str, int]:
+    """The rank of the first row with ``degrees`` (tp, pp, dp, cp) among layouts and among degree sets."""
+    seen: list[tuple] = []
+    for i, q in enumerate(plan.fitting, 1):
+        key = (q.layout.tp, q.layout.pp, q.layout.dp, q.layout.cp)
+        if key not in seen:
+            seen.append(key)
+        if key == degrees:
+            return str(i), str(len(seen)), len(plan.fitting)
+    return "not fitting", "not fitting", len(plan.fitting)
+
+
+def time_terms(p) -> str:
+    """``compute 9.1 + bubble 1.2 + exposed tp 0.8 ...`` (seconds, largest first)."""
+    return " + ".join(f"{k} {v:.2f}" for k, v in sorted(p.time.terms.items(), key=lambda kv: -kv[1]) if v >= 0.005)
 
 
 def overrides(heads: int, hidden: int, layers: int, batch: int) -> list[str]:
@@ -52,6 +85,10 @@ def overrides(heads: int, hidden: int, layers: int, batch: int) -> list[str]:
         str(layers),
         "--model.ffn_dim",
         str(ffn),
+        "--model.n_kv_heads",
+        str(heads),
+        "--model.qk_norm",
+        "false",
         "--model.vocab_size",
         str(VOCAB),
         "--model.tie_embeddings",
@@ -80,6 +117,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--search", action="store_true", help="also search every layout and rank the published one")
     ap.add_argument("--only", default="", help="comma-separated run names to keep (e.g. 'GPT 1T')")
+    ap.add_argument("--family-only", action="store_true", help="with --search: skip the unconstrained search")
+    ap.add_argument("--beaters", type=int, default=0, help="with --search: print the family's first N and their terms")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     from meshforge.config import load_config
@@ -89,10 +128,13 @@ def main() -> int:
     a100 = get_device("a100-80gb")
     lines = [
         "| run | GPUs | layout (TP x PP x DP) | published tokens/s | predicted tokens/s | error | published "
-        "model TFLOP/s/GPU | predicted | rank of the published degrees | layouts fitting | search CPU s | "
-        "planner's first (predicted tokens/s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "model TFLOP/s/GPU | predicted | rank in family: layouts / degree sets (of fitting) | family's first "
+        "(tokens/s vs published layout) | rank unconstrained: layouts / degree sets (of fitting) | planner's "
+        "first (tokens/s) | search CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
+    printed = 0
     for name, _, heads, h, l, tp, pp, gpus, batch, tflops, source in RUNS:
         if args.only and name not in args.only.split(","):
             continue
@@ -121,29 +163,42 @@ def main() -> int:
         pub = published_tokens_per_s(tflops, gpus, h, l)
         pred = p.time.tokens_per_s
         mf = model_flops_per_token(h, l)
-        rank, n_fit, secs, first = "-", "-", "-", "-"
+        fam_rank, fam_first, all_rank, first, secs = "-", "-", "-", "-", "-"
         if args.search:
             t0 = time.process_time()
             search_cfg = load_config("llama-1b", base)
             search_cfg.train.device = "cuda"
-            found = plan_job(search_cfg, gpus, 8, a100)
+            family = plan_job(search_cfg, gpus, 8, a100, fixed=FAMILY)
+            r_lay, r_deg, n = ranks(family, (tp, pp, dp, 1))
+            fam_rank = f"{r_lay} / {r_deg} ({n:,})"
+            best = family.fitting[0]
+            fam_first = (
+                f"{best.layout.describe()} ({best.time.tokens_per_s:,.0f}, {best.time.tokens_per_s / pred:.2f}x)"
+            )
+            for i, q in enumerate(family.fitting[: args.beaters], 1):
+                notes.append(f"{name} family #{i}: {q.layout.describe()}: {q.time.step_s:.2f} s = {time_terms(q)}")
+            if args.beaters:
+                notes.append(f"{name} published: {p.layout.describe()}: {p.time.step_s:.2f} s = {time_terms(p)}")
+            del family
+            if not args.family_only:
+                found = plan_job(search_cfg, gpus, 8, a100)
+                r_lay, r_deg, n = ranks(found, (tp, pp, dp, 1))
+                all_rank = f"{r_lay} / {r_deg} ({n:,})"
+                best = found.fitting[0]
+                first = f"{best.layout.describe()} ({best.time.tokens_per_s:,.0f})"
+                del found
             secs = f"{time.process_time() - t0:.0f}"
-            n_fit = str(len(found.fitting))
-            hits = [
-                i
-                for i, q in enumerate(found.fitting, 1)
-                if (q.layout.tp, q.layout.pp, q.layout.dp, q.layout.cp) == (tp, pp, dp, 1)
-            ]
-            rank = str(hits[0]) if hits else "not fitting"
-            best = found.fitting[0]
-            first = f"{best.layout.describe()} ({best.time.tokens_per_s:,.0f})"
         fit = "" if p.fits else " (predicted not to fit)"
         lines.append(
             f"| {name} ({source}) | {gpus} | {tp} x {pp} x {dp} | {pub:,.0f} | {pred:,.0f}{fit} | "
             f"{100 * (pred / pub - 1):+.1f}% | {pub * mf / gpus / 1e12:.0f} | {pred * mf / gpus / 1e12:.0f} | "
-            f"{rank} | {n_fit} | {secs} | {first} |"
+            f"{fam_rank} | {fam_first} | {all_rank} | {first} | {secs} |"
         )
         print(lines[-1], flush=True)
+        for note in notes[printed:]:
+            print("    " + note, flush=True)
+        printed = len(notes)
+    lines += [""] + [f"- {note}" for note in notes]  # after the table, which they would split
     lines.append("")
     lines.append(f"load average {loadavg()}")
     if args.record:

@@ -34,6 +34,13 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "at the device's curves in meshforge/plan/efficiency.toml, memory-bound ops at its HBM bandwidth; "
         "0.5 on a device without them)",
     )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="price the one layout the config and its --parallel.* / --train.* overrides give (keys not given at "
+        "their config values), as `meshforge train` would run it; without it those overrides only fix their "
+        "dimensions of the search",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--dry-run",
@@ -50,11 +57,12 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="list the time terms (compute, bubble, exposed communication by group) of the N-th "
-        "layout of the table (default: the first; with --parallel.* overrides: the given one)",
+        "layout of the table (default: the first; with --exact: the given one)",
     )
 
 
 def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from .constraints import constraints_of
     from .devices import get_device
     from .planner import check_cluster, layout_keys_given, layout_of_config, plan_config, plan_job, plan_layout
     from .report import dry_run_json, dry_run_text, plan_json, table, why_text
@@ -76,10 +84,11 @@ def run_plan(args: argparse.Namespace, rest: list[str]) -> int:
         est = state_bytes(cfg, layout, args.rank)
         emit((dry_run_json if args.json else dry_run_text)(res, est, layout.describe()))
         return 0
-    if layout_keys_given(rest):  # one layout given: price exactly that one
+    if args.exact:  # one layout given: price exactly that one
         plan = plan_layout(cfg, args.gpus, args.gpus_per_node, device, efficiency)
-    else:
-        plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency)
+    else:  # the layout keys given fix their dimensions; the rest is searched
+        fixed = constraints_of(cfg, layout_keys_given(rest))
+        plan = plan_job(cfg, args.gpus, args.gpus_per_node, device, efficiency, fixed=fixed)
     train_args = (["--config", args.config] if args.config else []) + list(rest)
     if args.why is not None:
         listed = plan.fitting or plan.overflowing

@@ -194,7 +194,9 @@ def _collectives(model, job: JobConfig, layout: Layout, d, mesh, notes: list[str
             add("all_to_all(q,k,v,out)", "cp", layout.cp, 0, mb * cores * 4 * (fwd + 1))
     if layout.pp > 1:
         plan = model.plan
-        act = job.train.micro_batch_size * job.data.seq_len * job.model.dim * width
+        # the residual stream crosses stages as a DTensor sequence-sharded over tp (SP); PipelineStage sends
+        # each rank's local shard (torch.distributed.pipelining.stage: to_local_if_dtensor)
+        act = job.train.micro_batch_size * job.data.seq_len // layout.cp * job.model.dim * width // layout.tp
         boundaries = sum((s > 0) + (s < plan.n_stages - 1) for s in model.stage_ids)
         add("send/recv", "pp", 2, act, mb * 2 * boundaries)
     if layout.tp > 1 and layout.pp == 1 and resolve_objective(job) == "lm":

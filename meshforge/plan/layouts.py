@@ -214,6 +214,15 @@ def virtual_stages(n_layers: int, pp: int, schedule: str) -> list[int]:
     return [v for v in range(2, per_rank + 1) if n_layers % (pp * v) == 0 or v & (v - 1) == 0]
 
 
+def micro_batch_sizes(global_batch: int, dp: int, largest: int) -> list[int]:
+    """Micro-batch sizes the search tries: powers of two up to ``largest`` while they divide the local batch."""
+    out, mbs = [], 1
+    while mbs <= largest and global_batch % (mbs * dp) == 0:
+        out.append(mbs)
+        mbs *= 2
+    return out
+
+
 def enumerate_layouts(
     cfg: JobConfig, gpus: int, gpus_per_node: int, ac_modes=AC_MODES, max_micro_batch: int = 16
 ) -> tuple[list[tuple[Layout, JobConfig]], dict[str, int]]:
@@ -230,6 +239,7 @@ def iter_layouts(
     ac_modes=AC_MODES,
     max_micro_batch: int = 16,
     fits=None,
+    fixed: dict | None = None,
 ) -> Iterator[tuple[Layout, JobConfig]]:
     """Every layout of ``gpus`` GPUs the code accepts, with its job config; and why the others were refused.
 
@@ -248,23 +258,35 @@ def iter_layouts(
     a share of more compute; the exposed data-parallel traffic shrinks by at most the added compute:
     never faster, and fitting either way). ``fits`` is asked after the caller has taken the layout (the
     planner prices it in between), so a search holds one job config at a time.
+
+    ``fixed`` (:mod:`.constraints`): the dimensions the user fixed; only layouts that meet them are
+    enumerated (a fixed tp may span nodes, a fixed micro-batch size exceed ``max_micro_batch``).
     """
     m = cfg.model
     n_layers = pipeline_layers(m)[0]
+    fixed = fixed or {}
+    if fixed:
+        from .constraints import satisfies, searched_values  # only a constrained search reads them
+    else:
+        satisfies = searched_values = None
+
+    def pick(dim: str, values):
+        return values if dim not in fixed else searched_values(dim, values, fixed)
+
     replicas_zero3: set[Layout] = set()  # accepted fsdp-zero3 layouts with nothing to shard
     gbs = cfg.train.global_batch_size
     settings_checked = settings_pass(cfg)  # checked once here, not per candidate
     schedules = SCHEDULES
     ac_modes = sorted(ac_modes, key=AC_MODES.index)  # lightest first: a fitting one rules out the heavier
-    for tp in divisors(min(gpus, gpus_per_node)):
+    for tp in pick("tp", divisors(min(gpus, gpus_per_node))):
         if gpus % tp:
             continue
         for pp, cp, cp_method in (
             (p, c, meth)
-            for p in divisors(gpus // tp)
-            for c in divisors(gpus // (tp * p))
+            for p in pick("pp", divisors(gpus // tp))
+            for c in pick("cp", divisors(gpus // (tp * p)))
             if c & (c - 1) == 0
-            for meth in (CP_METHODS if c > 1 else ("ring",))
+            for meth in (pick("cp_method", CP_METHODS) if c > 1 else ("ring",))
         ):
             if pp > 1 and pp > m.n_layers:
                 continue
@@ -285,12 +307,14 @@ def iter_layouts(
                     refused[reason] = refused.get(reason, 0) + 1
                     continue
             eps = [e for e in divisors(dp * cp) if m.moe_experts and m.moe_experts % e == 0] or [1]
-            for dp_rep in divisors(dp):
+            for dp_rep in pick("dp_replicate", divisors(dp)):
                 dp_shard = dp // dp_rep
-                for ep in eps:
+                if "dp_shard" in fixed and dp_shard not in fixed["dp_shard"]:
+                    continue
+                for ep in pick("ep", eps):
                     if (dp_shard * cp) % ep:
                         continue
-                    for zero in ZERO_MODES:
+                    for zero in pick("zero", tuple(ZERO_MODES)):
                         if zero != "fsdp-zero3" and dp * cp == 1:
                             continue  # one rank: nothing to shard, the same layout as fsdp-zero3 (unwrapped)
                         if zero.startswith("ds"):  # DeepSpeed's limits depend on the degrees only: check them once here
@@ -303,22 +327,39 @@ def iter_layouts(
                                 reason = str(e).split(":")[0][:80]
                                 refused[reason] = refused.get(reason, 0) + 1
                                 continue
-                        mbs = 1
-                        while mbs <= max_micro_batch and gbs % (mbs * dp) == 0:
+                        for mbs in pick("micro_batch_size", micro_batch_sizes(gbs, dp, max_micro_batch)):
+                            mbs = mbs or gbs // dp  # a fixed 0: the whole local batch
+                            if gbs % (mbs * dp):
+                                continue
                             one_f_one_b = set()  # AC modes 1F1B accepted at this micro-batch size
                             for sched, spr in (
                                 (s, v)
-                                for s in (schedules if pp > 1 else ("1f1b",))
-                                for v in virtual_stages(n_layers, pp, s)
+                                for s in (pick("schedule", schedules) if pp > 1 else ("1f1b",))
+                                for v in (pick("spr", virtual_stages(n_layers, pp, s)) if pp > 1 else [0])
                             ):
-                                for ac in ac_modes:
+                                for ac in pick("ac", ac_modes):
                                     if sched == "gpipe" and any(
                                         AC_MODES.index(a) <= AC_MODES.index(ac) for a in one_f_one_b
                                     ):
                                         continue  # dominated by 1F1B at this or a lighter AC mode
                                     layout = Layout(
-                                        tp, pp, dp_rep, dp_shard, ep, cp, zero, sched, mbs, ac, cp_method, spr
+                                        tp,
+                                        pp,
+                                        dp_rep,
+                                        dp_shard,
+                                        ep,
+                                        cp,
+                                        zero,
+                                        sched,
+                                        mbs,
+                                        ac,
+                                        cp_method,
+                                        spr,
+                                        next(iter(fixed["pp_split"])) if pp > 1 and "pp_split" in fixed else "",
+                                        next(iter(fixed["grad_sync"])) if "grad_sync" in fixed else "",
                                     )
+                                    if fixed and not satisfies(layout, fixed, gbs):
+                                        continue
                                     try:
                                         job = check_layout(cfg, layout, settings_checked)
                                     except ConfigError as e:
@@ -341,4 +382,3 @@ def iter_layouts(
                                     yield layout, job
                                     if fits is not None and fits(layout, job):
                                         break  # heavier recompute of a layout that fits is dominated
-                            mbs *= 2

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..config import LAYOUT_FIELDS, ConfigError, JobConfig, load_config
 from ..models import check_config
+from .constraints import Constraints, check_constraints, describe, nothing_satisfies
 from .devices import Device, get_device
 from .layouts import AC_MODES, ZERO_MODES, Layout, apply_layout, check_layout, enumerate_layouts, iter_layouts
 from .memory import KINDS, backward_peak, estimate_memory, estimate_rank, n_microbatches
@@ -60,6 +61,8 @@ class Plan:
     fitting: list[Priced] = field(default_factory=list)
     overflowing: list[Priced] = field(default_factory=list)
     refused: dict[str, int] = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    """The dimensions the search was constrained to (:mod:`.constraints`); empty: every layout."""
 
 
 def parse_tokens(text: str) -> int:
@@ -169,9 +172,19 @@ def grad_sync_variant(layout: Layout, job: JobConfig) -> tuple[Layout, JobConfig
 
 
 def plan_job(
-    cfg: JobConfig, gpus: int, gpus_per_node: int, device: Device, efficiency: float | None = None, ac_modes=AC_MODES
+    cfg: JobConfig,
+    gpus: int,
+    gpus_per_node: int,
+    device: Device,
+    efficiency: float | None = None,
+    ac_modes=AC_MODES,
+    fixed: Constraints | None = None,
 ) -> Plan:
+    """Every layout of ``gpus`` GPUs (those meeting ``fixed``, when given), priced and ranked."""
     check_cluster(gpus, gpus_per_node)
+    fixed = fixed or {}
+    if fixed:
+        check_constraints(fixed, gpus, cfg.model.n_layers)
     refused: dict[str, int] = {}
     cache: dict = {}
     priced: list[Priced] = []
@@ -179,15 +192,19 @@ def plan_job(
     # its heavier activation-checkpointing modes, which it dominates, are enumerated at all
     # parallel.grad_sync: as the config says (per step by default); per microbatch too where per step does not fit
     lighter_fits = [True]  # whether the layout last enumerated fits: its heavier AC modes are then skipped
-    for layout, job in iter_layouts(cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda *_: lighter_fits[0]):
+    for layout, job in iter_layouts(
+        cfg, gpus, gpus_per_node, refused, ac_modes, fits=lambda *_: lighter_fits[0], fixed=fixed
+    ):
         p = price_one(layout, job, device, gpus_per_node, efficiency, cache)
         lighter_fits[0] = p.fits  # not the variant's: where per step does not fit, heavier AC may beat it
-        variant = None if p.fits else grad_sync_variant(layout, job)
+        variant = None if p.fits or "grad_sync" in fixed else grad_sync_variant(layout, job)
         if variant is not None:
             q = price_one(*variant, device, gpus_per_node, efficiency, cache)
             p = q if q.fits else p
         priced.append(p)
-    plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused))
+    plan = Plan(cfg, device, gpus, gpus_per_node, refused=_group_reasons(refused), fixed=fixed)
+    if not priced and fixed:
+        raise ConfigError(nothing_satisfies(fixed, gpus, refused))
     if not priced:
         raise ConfigError(
             f"no layout of {gpus} GPUs is valid for this job: "
@@ -196,14 +213,21 @@ def plan_job(
     priced = rank(priced)
     plan.fitting = [p for p in priced if p.fits]
     plan.overflowing = sorted((p for p in priced if not p.fits), key=lambda p: p.memory["total"])
+    if not plan.fitting and fixed:
+        leanest = plan.overflowing[0]
+        raise ConfigError(
+            f"no layout of {gpus} {device.name} with {describe(fixed)} fits (leanest: "
+            f"{leanest.layout.describe()}, {leanest.overflow}); drop or change one of those overrides"
+        )
     if not plan.fitting:
         raise ConfigError(too_large_message(cfg, gpus, gpus_per_node, device, plan.overflowing[0]))
     return plan
 
 
-LAYOUT_KEYS = tuple(sorted(LAYOUT_FIELDS - {"parallel.compile"}))
+LAYOUT_KEYS = tuple(sorted((LAYOUT_FIELDS - {"parallel.compile"}) | {"parallel.grad_sync"}))
 """Config keys that choose a layout (the fields a layout sets, less ``parallel.compile``, which a zero-bubble
-layout turns off): given on the command line, ``meshforge plan`` prices that layout only."""
+layout turns off; with ``parallel.grad_sync``, which a layout sets where it matters): given on the command line, they constrain ``meshforge plan``'s search
+(:mod:`.constraints`); with ``--exact`` the layout they give (the rest at the config's values) is priced alone."""
 
 
 def layout_keys_given(args: list[str]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from .constraints import describe
 from .dry_run import DryRunResult
 from .memory import KINDS
 from .planner import HEADROOM, Plan, Priced
@@ -27,6 +28,8 @@ def table(plan: Plan, top: int, train_args: list[str] | None = None) -> str:
         f"{len(plan.fitting)} layouts fit, {len(plan.overflowing)} do not; per-GPU memory in GiB on the fullest rank",
         "",
     ]
+    if plan.fixed:
+        lines.insert(1, f"layouts with {describe(plan.fixed)} (given); the other dimensions searched")
     head = (
         f"{'#':>3}  {'layout':<60} {'step s':>8} {'MFU':>6} {'bubble':>6} "
         f"{'params':>6} {'grads':>6} {'optim':>6} {'acts':>6} {'comm':>6} {'total':>6}"
@@ -48,12 +51,26 @@ def table(plan: Plan, top: int, train_args: list[str] | None = None) -> str:
         **best.layout.overrides(),
     }
     layout_args = [a for k, v in keys.items() for a in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+    train_args = _without(train_args or [], set(keys))  # the layout's own keys replace the ones given
     lines += [
         "",
         f"run the best on {plan.gpus} ranks (one per GPU, under torchrun / srun / mpirun) with:",
-        "  meshforge train " + shlex.join([*(train_args or []), *layout_args]),
+        "  meshforge train " + shlex.join([*train_args, *layout_args]),
     ]
     return "\n".join(lines)
+
+
+def _without(args: list[str], keys: set[str]) -> list[str]:
+    """``args`` less the ``--key value`` / ``--key=value`` pairs of ``keys``."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a.startswith("--") and a[2:].split("=", 1)[0] in keys:
+            skip = "=" not in a
+        else:
+            out.append(a)
+    return out
 
 
 def _row(i: int, p: Priced) -> str:
@@ -105,6 +122,7 @@ def plan_json(plan: Plan, top: int) -> str:
             "seq_len": plan.cfg.data.seq_len,
             "global_batch_size": plan.cfg.train.global_batch_size,
             "usable_bytes": int(HEADROOM * plan.device.hbm_bytes),
+            "fixed": {dim: sorted(vals, key=str) for dim, vals in plan.fixed.items()},
             "layouts": [p.record() for p in plan.fitting[:top]],
             "overflowing": [p.record() for p in plan.overflowing[:top]],
         },

@@ -266,8 +266,9 @@ def estimate_time(
         add("cp", "all_to_all", cp, B * Tl * m.n_heads * m.head_dim * e // tp, mb * layers * 2 * (fwd + 1), True)
         add("cp", "all_to_all", cp, kv, mb * layers * 2 * (fwd + 1), True)
     add("ep", "all_to_all", ep, B * Tl * m.moe_top_k * m.dim * e, mb * moe_layers * 4, True)
-    if pp > 1:
-        add("pp", "p2p", 2, act, mb * 2 * spr, True)
+    if pp > 1:  # a stage's output is the residual stream, sequence-sharded over tp (SP): PipelineStage sends
+        # each tp rank's local shard (torch.distributed.pipelining.stage: to_local_if_dtensor), act / tp
+        add("pp", "p2p", 2, act // tp, mb * 2 * spr, True)
     w = Precision.for_device(device_type(device), cfg).compute_param
     fs, fs_group = layout.fsdp_shard, ("dp_shard_cp" if cp > 1 else "dp_shard")
     if backend == "fsdp2" and layout.sharded:

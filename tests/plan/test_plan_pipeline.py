@@ -158,3 +158,23 @@ def test_data_parallel_traffic_hides_only_behind_the_compute_it_runs_during():
         job = check_layout(load_config("llama-1b", {"train.global_batch_size": 256, "parallel.grad_sync": sync}), flat)
         t = estimate_time(job, flat, H100, 8)
         assert dp_traffic(t, window) > 0 and dp_traffic(t, "step") > 0  # ZeRO-3's gathers: forwards and backwards
+
+
+@pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (2, 2)])
+def test_stage_boundary_sends_the_sequence_shard(tp, cp):
+    """Under TP the residual stream crosses stages as a sequence-sharded DTensor (SP) and torch's
+    PipelineStage sends each rank's local shard: [mbs, seq / cp / tp, dim] per send, in the dry run and the
+    time model alike (before, both charged the whole [mbs, seq, dim] on every tp rank)."""
+    cfg = load_config("small", {"train.global_batch_size": 64, "model.n_layers": 8})
+    cfg.train.device = "cuda"  # bf16 activations, as the time model prices a GPU
+    sent = {}
+    for t, c in ((1, 1), (tp, cp)):
+        layout = Layout(t, 2, 1, 2, cp=c, micro_batch_size=2)
+        job = check_layout(cfg, layout)
+        (traced,) = [x for x in dry_run(cfg, layout, 0).collectives if x["group"] == "pp"]
+        (est,) = [x for x in estimate_time(job, layout, H100, 8).comm if x["group"] == "pp"]
+        assert traced["bytes"] == est["bytes"] and traced["count"] == est["count"]
+        sent[t, c] = traced["bytes"]
+    whole = 2 * cfg.data.seq_len * cfg.model.dim  # elements of one microbatch's [mbs, seq, dim]
+    assert sent[1, 1] == 2 * whole  # bf16
+    assert sent[tp, cp] * tp * cp == sent[1, 1]

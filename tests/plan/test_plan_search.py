@@ -19,12 +19,13 @@ def _plan_json(capsys, *argv: str) -> dict:
 
 
 def test_given_layout_is_priced_alone_as_the_search_prices_it(capsys):
-    """`--parallel.tp 4 --parallel.pp 2` prices exactly that layout (dp_shard resolved as train resolves it),
+    """`--exact --parallel.tp 4 --parallel.pp 2` prices exactly that layout (dp_shard resolved as train resolves it),
     with the same numbers the search gives the same layout."""
     base = ["--config", "llama-1b", "--gpus", "16", "--global-batch-tokens", "256K"]
     one = _plan_json(
         capsys,
         *base,
+        "--exact",
         "--parallel.tp",
         "4",
         "--parallel.pp=2",
@@ -55,6 +56,7 @@ def test_given_layout_that_does_not_fit_is_priced_and_says_so(capsys):
                 "8",
                 "--global-batch-tokens",
                 "1M",
+                "--exact",
                 "--parallel.tp",
                 "8",
                 "--parallel.pp",
@@ -79,7 +81,7 @@ def test_given_layout_that_does_not_fit_is_priced_and_says_so(capsys):
     ],
 )
 def test_given_layout_refused_in_one_line(capsys, argv, message):
-    assert main(["plan", "--config", "llama-1b", "--gpus", "64", *argv]) == 2
+    assert main(["plan", "--config", "llama-1b", "--gpus", "64", "--exact", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 
@@ -139,6 +141,7 @@ def test_why_lists_the_time_terms_that_sum_to_the_step(capsys):
         "64",
         "--global-batch-tokens",
         "1M",
+        "--exact",
         "--parallel.tp",
         "4",
         "--parallel.pp",
