@@ -37,7 +37,9 @@ widths, to size what fusing the projections could gain (not done in meshforge ye
 (``bench/fused_prototype.py``, the same initial weights), and a table of unfused / fused step time per
 round with the two sides' largest loss difference (the whole step, not the matmuls alone);
 ``--sides`` picks the peers (``--sides`` alone: meshforge only, e.g. with ``--fused-prototype``).
-``bench/profile_peers.py`` compares meshforge's step with the HF loop's op by op.
+``bench/profile_peers.py`` compares meshforge's step with the HF loop's or litgpt's (``--peer``) op by op, and
+(``--host``) where each side's host time outside the ops goes. The sides' steps are in ``peer_sides.py``,
+the tables in ``peer_report.py``.
 
 Run: ``python bench/bench_peers.py --record`` (~30 min on 2 busy cores);
 ``--shapes 2m --rounds 1 --steps 3`` for a quick look. On a GPU the prepared GPU check runs the
