@@ -37,7 +37,9 @@ widths, to size what fusing the projections could gain (not done in meshforge ye
 (``bench/fused_prototype.py``, the same initial weights), and a table of unfused / fused step time per
 round with the two sides' largest loss difference (the whole step, not the matmuls alone);
 ``--sides`` picks the peers (``--sides`` alone: meshforge only, e.g. with ``--fused-prototype``).
-``bench/profile_peers.py`` compares meshforge's step with the HF loop's op by op.
+``bench/profile_peers.py`` compares meshforge's step with the HF loop's or litgpt's (``--peer``) op by op, and
+(``--host``) where each side's host time outside the ops goes. The sides' steps are in ``peer_sides.py``,
+the tables in ``peer_report.py``.
 
 Run: ``python bench/bench_peers.py --record`` (~30 min on 2 busy cores);
 ``--shapes 2m --rounds 1 --steps 3`` for a quick look. On a GPU the prepared GPU check runs the
@@ -49,202 +51,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "gpu_check")]
 from benchlib import REPO, loadavg, record  # noqa: E402
+from peer_report import SIDES, fused_projection_bench, fused_table, table  # noqa: E402
+from peer_sides import SHAPES, job_config, run_hf, run_litgpt, run_meshforge  # noqa: E402, F401
 
 SECTION = "## Peers: meshforge vs a bare Hugging Face loop and litgpt"
-SIDES = ("meshforge", "hf", "litgpt")
 MODES = ("eager", "compiled")
 LITGPT_PATH = REPO / ".peers" / "litgpt"
-
-# name -> (overrides of the small preset, batch); parameter counts are printed by the run
-SHAPES: dict[str, tuple[tuple[str, ...], int]] = {
-    "2m": ((), 16),
-    "6m": (("--model.dim", "320", "--model.n_layers", "5", "--model.n_heads", "5"), 8),
-    "28m": (("--model.dim", "512", "--model.n_layers", "8", "--model.n_heads", "8"), 4),
-}
-_OFF = (
-    "--train.eval_interval",
-    "0",
-    "--train.sample_prompt",
-    "",
-    "--logging.tensorboard",
-    "false",
-    "--train.progress",
-    "false",
-    "--checkpoint.interval",
-    "0",
-    "--train.device",
-    "cpu",
-    "--train.z_loss_coef",
-    "0",
-    "--optim.grad_clip",
-    "1.0",
-)
-
-
-def job_config(
-    shape: str,
-    mode: str,
-    out: str,
-    steps: int,
-    dry: bool = False,
-    scope: str = "model",
-    device: str = "cpu",
-    batch: int = 0,
-):
-    from meshforge.config import load_config
-
-    overrides, default_batch = SHAPES[shape]
-    batch = batch or default_batch
-    if dry:  # the GPU check's --dry: tiny, a few steps
-        overrides, batch = ("--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4"), 2
-    return load_config(
-        "small",
-        [
-            *overrides,
-            *_OFF,
-            "--train.device",
-            device,
-            "--train.global_batch_size",
-            str(batch),
-            "--parallel.compile",
-            "on" if mode == "compiled" else "off",
-            "--parallel.compile_scope",
-            scope if mode == "compiled" else "blocks",
-            "--train.steps",
-            str(steps + 10),
-            "--train.output_dir",
-            out,
-        ],
-    )
-
-
-def _timed(step, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
-    """Seconds per step: on a CPU this process's CPU time (what a loaded machine disturbs least; wall
-    time as ``wall_median_s``), on a GPU wall time with the device synchronized after each step."""
-    wall, cpu = [], []
-    for _ in range(warmup + steps):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    per_step = wall if device.type == "cuda" else cpu
-    return {
-        "median_s": statistics.median(per_step[warmup:]),
-        "min_s": min(per_step[warmup:]),
-        "wall_median_s": statistics.median(wall[warmup:]),
-        "first_s": wall[0],
-    }
-
-
-def run_meshforge(cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu")) -> dict:
-    from meshforge.pretrain.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    trainer._setup()
-
-    losses = []
-
-    def step():
-        losses.append(trainer.train_step()["loss"])
-        trainer.step += 1
-
-    out = _timed(step, warmup, steps, device)
-    out["params"] = sum(p.numel() for p in trainer.model.parameters())
-    out["losses"] = losses
-    return out
-
-
-def run_hf(cfg, warmup: int, steps: int, device: torch.device, bf16: bool = False, adamw: str = "foreach") -> dict:
-    from hf_peer import train_peer
-
-    m = cfg.model
-    f = train_peer(
-        m,
-        cfg.data.seq_len + 1,
-        cfg.train.global_batch_size,
-        warmup,
-        steps,
-        device,
-        bf16,
-        cfg.parallel.compile == "on",
-        adamw=adamw,
-    )
-    out = {"median_s": f["median_s"], "min_s": f["min_s"], "first_s": f["first_step_s"], "params": f["total_params"]}
-    if "cpu_median_s" in f and device.type == "cpu":  # CPU time per step, as the other sides report it
-        out.update(median_s=f["cpu_median_s"], min_s=f["cpu_min_s"], wall_median_s=f["median_s"])
-    return out
-
-
-def litgpt_model(m, seq_len: int):
-    from litgpt.config import Config
-    from litgpt.model import GPT
-
-    c = Config(
-        name="meshforge-shape",
-        block_size=seq_len,
-        vocab_size=m.vocab_size,
-        padded_vocab_size=m.vocab_size,
-        n_layer=m.n_layers,
-        n_head=m.n_heads,
-        n_embd=m.dim,
-        n_query_groups=m.kv_heads,
-        head_size=m.head_dim,
-        rotary_percentage=1.0,
-        parallel_residual=False,
-        bias=False,
-        norm_class_name="RMSNorm",
-        norm_eps=m.norm_eps,
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=m.hidden_dim,
-        rope_base=int(m.rope_theta),
-    )
-    model = GPT(c)
-    if m.tie_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
-    return model
-
-
-def run_litgpt(
-    cfg, warmup: int, steps: int, device: torch.device = torch.device("cpu"), bf16: bool = False, adamw: str = "foreach"
-) -> dict:
-    from litgpt.utils import chunked_cross_entropy
-
-    m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch_size
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = litgpt_model(m, seq)
-    model.train()
-    params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, **{adamw: True})
-    forward = torch.compile(model) if cfg.parallel.compile == "on" else model
-
-    def step():
-        tokens = torch.randint(0, m.vocab_size, (batch, seq + 1), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = forward(tokens[:, :-1])
-        loss = chunked_cross_entropy(logits, tokens[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-
-    out = _timed(step, warmup, steps, device)
-    out["params"] = params
-    return out
 
 
 def worker(
@@ -315,15 +136,6 @@ def spawn(side: str, shape: str, mode: str, args) -> dict:
         return {"error": err[-1] if err else f"exit {p.returncode}"}
 
 
-def ratios(rounds: list[dict], peer: str) -> list[float]:
-    """peer / meshforge median step time of each round where both ran."""
-    return [
-        r[peer]["median_s"] / r["meshforge"]["median_s"]
-        for r in rounds
-        if "median_s" in r.get(peer, {}) and "median_s" in r.get("meshforge", {})
-    ]
-
-
 def peers_case(ctx) -> dict:
     """The GPU check's ``peers`` case: the same comparison in one process on the GPU (bf16 autocast on
     every side), shape 28m at batch 32 x 128, eager and compiled; litgpt where it imports (carry it
@@ -369,110 +181,6 @@ def peers_case(ctx) -> dict:
         "" if "litgpt" in sides else "; litgpt not importable here: hf only"
     )
     return {"figures": figures, "checks": checks, "note": note}
-
-
-def fused_projection_bench(shape: str, reps: int = 20) -> dict:
-    """Forward + backward of x @ [Wq; Wk; Wv]^T as one matmul vs three (and gate/up), seconds per call."""
-    from meshforge.config import load_config
-
-    cfg = load_config("small", [*SHAPES[shape][0], "--train.global_batch_size", str(SHAPES[shape][1])])
-    m = cfg.model
-    n = cfg.train.global_batch_size * cfg.data.seq_len
-    x = torch.randn(n, m.dim, requires_grad=True)
-    out = {}
-    for name, rows in {
-        "qkv": (m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.kv_heads * m.head_dim),
-        "gate_up": (m.hidden_dim, m.hidden_dim),
-    }.items():
-        ws = [torch.randn(r, m.dim, requires_grad=True) for r in rows]
-        fused = torch.cat([w.detach() for w in ws]).requires_grad_()
-
-        def separate():
-            sum(torch.nn.functional.linear(x, w).sum() for w in ws).backward()
-
-        def one():
-            sum(part.sum() for part in torch.nn.functional.linear(x, fused).split(rows, dim=-1)).backward()
-
-        best = {"separate": [], "fused": []}
-        for _ in range(reps):
-            for label, fn in (("separate", separate), ("fused", one)):
-                start = time.perf_counter()
-                fn()
-                best[label].append(time.perf_counter() - start)
-        out[name] = {k: statistics.median(v) for k, v in best.items()}
-    return out
-
-
-def table(results: dict, args, loads: tuple[str, str], skipped: dict[str, str]) -> list[str]:
-    lines = [
-        f"{args.rounds} rounds, each side in a fresh process per round, order rotated; {args.warmup} warmup "
-        f"+ {args.steps} timed steps; fp32, AdamW (meshforge fused, peers {args.peer_adamw}), clip 1.0, {args.threads or 'default'} torch "
-        f"thread(s) per process. Ratio = peer step time / meshforge "
-        f"step time (> 1: meshforge faster), median and min over rounds. Load average before: {loads[0]}; "
-        f"after: {loads[1]}.",
-        "",
-        "| shape | params | batch x seq | mode | meshforge CPU s/step (wall) | hf | litgpt | hf / meshforge (median, min) | litgpt / meshforge (median, min) |",
-        "|---|---:|---|---|---:|---:|---:|---|---|",
-    ]
-    for (shape, mode), rounds in results.items():
-        med = {}
-        params = {}
-        for side in SIDES:
-            ok = [r[side] for r in rounds if "median_s" in r.get(side, {})]
-            med[side] = (
-                (
-                    f"{statistics.median(x['median_s'] for x in ok):.3f} "
-                    f"({statistics.median(x.get('wall_median_s', x['median_s']) for x in ok):.3f})"
-                )
-                if ok
-                else (skipped.get(side) and "n/a" or next((r[side]["error"][:60] for r in rounds if side in r), "n/a"))
-            )
-            if ok:
-                params[side] = ok[0]["params"]
-        cells = []
-        for peer in ("hf", "litgpt"):
-            rs = ratios(rounds, peer)
-            cells.append(f"{statistics.median(rs):.3f}, {min(rs):.3f}" if rs else "n/a")
-        counts = sorted(set(params.values()))
-        pcell = (
-            f"{counts[0] / 1e6:.2f}M"
-            if len(counts) == 1
-            else " / ".join(f"{k} {v / 1e6:.3f}M" for k, v in params.items())
-        )
-        batch = SHAPES[shape][1]
-        lines.append(
-            f"| {shape} | {pcell} | {batch} x 128 | {mode} | {med['meshforge']} | {med['hf']} | "
-            f"{med['litgpt']} | {cells[0]} | {cells[1]} |"
-        )
-    lines.append("")
-    lines += [f"- {side} not run: {why}" for side, why in skipped.items()]
-    return lines
-
-
-def fused_table(results: dict) -> list[str]:
-    """``--fused-prototype``: unfused / fused meshforge step time per round, and whether their losses agree."""
-    lines = [
-        "",
-        "meshforge unfused vs the fused-projection prototype (`bench/fused_prototype.py`), same weights; "
-        "ratio = unfused / fused step time (> 1: fusing pays), per round in run order:",
-        "",
-        "| shape | mode | unfused CPU s/step | fused CPU s/step | unfused / fused (median, min, max) | rounds | max loss diff |",
-        "|---|---|---:|---:|---|---|---:|",
-    ]
-    for (shape, mode), rounds in results.items():
-        both = [r for r in rounds if "median_s" in r.get("fused", {}) and "median_s" in r.get("meshforge", {})]
-        if not both:
-            lines.append(f"| {shape} | {mode} | n/a | n/a | n/a | | |")
-            continue
-        rs = [r["meshforge"]["median_s"] / r["fused"]["median_s"] for r in both]
-        diff = max(abs(a - b) for r in both for a, b in zip(r["meshforge"]["losses"], r["fused"]["losses"]))
-        lines.append(
-            f"| {shape} | {mode} | {statistics.median(r['meshforge']['median_s'] for r in both):.4f} | "
-            f"{statistics.median(r['fused']['median_s'] for r in both):.4f} | "
-            f"{statistics.median(rs):.3f}, {min(rs):.3f}, {max(rs):.3f} | "
-            f"{' '.join(f'{x:.3f}' for x in rs)} | {diff:.1e} |"
-        )
-    return lines
 
 
 def main() -> int:

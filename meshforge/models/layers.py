@@ -52,18 +52,33 @@ def rope_tables(
     return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) of x [B, T, H, D] by the position angles."""
+def rope_factors(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, D] -> what ``apply_rope`` multiplies by, [T, 1, D] in ``dtype`` (broadcast over [B, T, H, D]):
+    cos, and sin with rotate-half's sign on its first half (-sin_i, i < D / 2), negated once on the table
+    rather than on every query and key."""
+    d = sin.shape[-1] // 2
+    signed_sin = torch.cat([-sin[:, :d], sin[:, d:]], dim=-1)
+    return cos[:, None, :].to(dtype), signed_sin[:, None, :].to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., d:], x[..., :d]], dim=-1)
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat([x[..., d:], x[..., :d]], dim=-1) * signed_sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) of x [B, T, H, D] by the position angles:
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x_{d/2:}, x_{:d/2}) (the sign is carried by sin,
+    :func:`rope_factors`: the same numbers, one op fewer per tensor)."""
+    return _rotate(x, *rope_factors(cos, sin, x.dtype))
 
 
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """``apply_rope`` to queries and keys, as one call (a fused kernel may take both at once)."""
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    """``apply_rope`` to queries and keys, as one call (a fused kernel may take both at once); the tables
+    are shaped once for both."""
+    cos_q, sin_q = rope_factors(cos, sin, q.dtype)
+    cos_k, sin_k = (cos_q, sin_q) if k.dtype == q.dtype else rope_factors(cos, sin, k.dtype)
+    return _rotate(q, cos_q, sin_q), _rotate(k, cos_k, sin_k)
 
 
 class Attention(nn.Module):
