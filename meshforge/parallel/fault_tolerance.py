@@ -161,15 +161,38 @@ class ReplicaGroups:
             store_port=int(port),
             lighthouse_addr=self.lighthouse,
             replica_id=f"meshforge_group_{self.group}",
-            # the quorum (and a heal) before the forward: a healed group trains its first step in full, on the
-            # batch its peer reads, and a peer with another layout is refused before any cross-group collective
-            use_async_quorum=False,
+            # later quorums run in torchft's thread while the forward and backward run (start_step says why)
+            use_async_quorum=True,
             init_sync=True,
         )  # at step 0 the groups heal from one of them too: that checks their layouts
+        self._quorums = 0
 
     def start_step(self) -> None:
-        """Wait for this step's quorum from the lighthouse; a group behind it heals here (``load_state_dict``)."""
-        self.manager.start_quorum()
+        """Ask the lighthouse for this step's quorum.
+
+        A process's first quorum is waited for here: a group that joins (a replacement, or any group but
+        one at step 0) heals before its forward, trains that step in full, and a peer with another layout
+        is refused before any cross-group collective. Every later quorum runs in torchft's thread while
+        this rank computes its forward and backward (:meth:`wait_quorum` joins it before the all-reduce);
+        a group that must heal then (it missed a commit its peers made) contributes zeros to that step's
+        all-reduce and loads its peer's state in :meth:`commit`.
+        """
+        first = self._quorums == 0
+        self._quorums += 1
+        if not first:
+            self.manager.start_quorum()
+            return
+        # torchft has the choice per Manager only; the pinned wheel reads this flag per quorum, in start_quorum
+        # (wait, then apply a heal at once) and in its quorum thread (a healed group counts as a participant)
+        self.manager._use_async_quorum = False
+        try:
+            self.manager.start_quorum()
+        finally:
+            self.manager._use_async_quorum = True
+
+    def wait_quorum(self) -> None:
+        """Until this step's quorum is in (the cross-group process group is configured for it)."""
+        self.manager.wait_quorum()
 
     def average(self, tensors: list[torch.Tensor]) -> list[int]:
         """Average ``tensors`` in place over the groups of this step's quorum in one flat all-reduce;
@@ -191,11 +214,11 @@ class ReplicaGroups:
 
     def commit(self) -> bool:
         """The quorum's vote on this step (the same on every rank of the group): step the optimizer only if True.
-        A group that heals this step loads its peer's state in here."""
+        A group that heals at this step (after its first) loads its peer's state in here, before the vote."""
         return self.manager.should_commit()
 
     def participants(self) -> int:
-        """Groups in this step's quorum (with the quorum taken before the forward, a healing one heals and joins)."""
+        """Groups in this step's quorum at its newest step (torchft's count: a group healing in the step is not one)."""
         return self.manager.num_participants()
 
     def shutdown(self) -> None:
