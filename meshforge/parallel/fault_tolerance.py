@@ -142,11 +142,7 @@ class ReplicaGroups:
         self.lighthouse = p.ft_lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
         self.groups = p.ft_groups
         timeout = timedelta(seconds=p.ft_timeout_s)
-        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-        self._own_store = None
-        if world_size == 1 or not (addr and port):  # one rank: a store of its own for the group's manager
-            self._own_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-            addr, port = "127.0.0.1", self._own_store.port
+        addr, port, self._own_store = self._manager_store(rank, world_size)
         self.manager = Manager(
             pg=ProcessGroupGloo(timeout=timeout),
             state_dict=state_dict,
@@ -166,6 +162,21 @@ class ReplicaGroups:
             init_sync=True,
         )  # at step 0 the groups heal from one of them too: that checks their layouts
         self._quorums = 0
+
+    def _manager_store(self, rank: int, world_size: int) -> tuple[str, int, dist.TCPStore | None]:
+        """A store of this group's own for torchft's Manager, hosted by rank 0 (its port sent to the others
+        over the group's process group); -> (address, port, the server on rank 0).
+
+        The Manager keeps its keys (rank 0's manager address) unprefixed; in the job's store, which torchrun
+        keeps across its restarts, a restarted rank could read the dead attempt's address and wait on it.
+        """
+        addr = os.environ.get("MASTER_ADDR") if world_size > 1 else None
+        addr = addr or "127.0.0.1"
+        server = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False) if rank == 0 else None
+        port = [server.port if server is not None else None]
+        if world_size > 1:
+            dist.broadcast_object_list(port, src=0)
+        return addr, int(port[0]), server
 
     def start_step(self) -> None:
         """Ask the lighthouse for this step's quorum.
