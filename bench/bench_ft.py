@@ -169,7 +169,9 @@ def main() -> int:
         default=os.environ.get("MESHFORGE_CACHE") or str(Path(tempfile.gettempdir()) / "meshforge-bench-cache"),
     )
     ap.add_argument(
-        "--ticks", default="100,10", help="lighthouse --quorum_tick_ms values of the overhead runs (the last is used)"
+        "--ticks",
+        default="10,100",
+        help="lighthouse --quorum_tick_ms values of the overhead runs (the last is used: 100, torchft's default, as `launch --ft-groups` runs it)",
     )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the no-failure runs (ratios within a round)")
     ap.add_argument("--overhead-only", action="store_true", help="the no-failure runs only (not recordable)")

@@ -13,19 +13,8 @@ from parallel_harness import REPO
 
 def test_process_group_after_a_torchrun_restart():
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes",
-            "1",
-            "--nproc-per-node",
-            "2",
-            "--max-restarts",
-            "1",
-            str(REPO / "tests" / "harness" / "restart_rank.py"),
-        ],
+        [sys.executable, *"-m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 1".split()]
+        + [str(REPO / "tests" / "harness" / "restart_rank.py")],
         capture_output=True,
         text=True,
         timeout=240,

@@ -356,3 +356,76 @@ def test_launch_ft_dry_run():
             f"--parallel.ft_groups 2 --parallel.ft_replica_group {g} --parallel.ft_lighthouse http://127.0.0.1:29600"
         )
     assert len(lines) == 3
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, deepest first."""
+    found = []
+    for kid in children(pid):
+        found += [*descendants(kid), kid]
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_launch_restarts_a_killed_group(tiny_data, tmp_path):
+    """``meshforge launch --ft-groups 2``: a rank of group 1 SIGKILLed; torchrun restarts the group (a new
+    attempt on the store it keeps), which heals from group 0; the run ends with both groups' weights equal."""
+    import subprocess
+    import sys
+
+    from ft_harness import FT_LR
+    from parallel_harness import PARITY_ARGS, free_port
+
+    steps = 600  # group 0 must still be training when torchrun has restarted group 1 (~0.1 s a step alone)
+    log = (tmp_path / "launch.log").open("w")
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--ft-groups", "2"]
+        + ["--ft-port", str(free_port()), "--", "train", *PARITY_ARGS, "--optim.lr", FT_LR]
+        + ["--data.path", str(tiny_data), "--train.output_dir", str(tmp_path), "--train.steps", str(steps)]
+        + ["--parallel.ft_timeout_s", "10", "--parallel.ft_quorum_timeout_s", "15"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+    )
+    try:
+        wait_for_steps(tmp_path, 1, 10, 300)
+        agent = next(p for p in children(launch.pid) if "--parallel.ft_replica_group 1" in cmdline(p))
+        killed_at = len(records(tmp_path, 0))
+        os.kill(children(agent)[0], signal.SIGKILL)
+        assert launch.wait(900) == 0, (tmp_path / "launch.log").read_text()[-6000:]
+    finally:
+        for pid in [*descendants(launch.pid), launch.pid] if launch.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launch.wait()
+        log.close()
+    rows = records(tmp_path, 0)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # group 0 never restarted
+    healed = [r for r in records(tmp_path, 1) if r.get("ft_healed_from_step", -1) >= killed_at - 1]
+    assert healed, (tmp_path / "launch.log").read_text()[-6000:]
+    assert rows[-1]["ft_groups"] == [0, 1]
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
