@@ -169,9 +169,13 @@ def read_records(path: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def wait_for_steps(out: Path, group: int, steps: int, timeout: float) -> None:
+def wait_for_steps(out: Path, group: int, steps: int, timeout: float, peer: list | None = None) -> None:
+    """Until group ``group`` has ``steps`` records; ``peer``: ranks that must still run meanwhile."""
     deadline = time.monotonic() + timeout
     while len(records(out, group)) < steps:
+        assert peer is None or all(p.poll() is None for p in peer), (
+            f"the peer group ended before group {group} reached step {steps}"
+        )
         assert time.monotonic() < deadline, f"group {group} did not reach step {steps} in {timeout:.0f}s"
         time.sleep(0.2)
 

@@ -272,19 +272,22 @@ def test_two_failures_in_a_row(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_group_lost_for_good(tiny_data, tmp_path):
+    script, pacing = paced(tmp_path)
+    pacing.touch()  # group 0 (paced: >= 50 s for its steps) must still train when group 1 has trained 5 steps
     with Lighthouse() as lh:
-        args = group_args(tiny_data, tmp_path, lh, 60)
-        group0 = start_group(args, 0)
+        args = group_args(tiny_data, tmp_path, lh, 200)
+        group0 = start_group(args, 0, script=script)
         wait_for_steps(tmp_path, 0, 1, 180)
         group1 = start_group(args, 1)
-        wait_for_steps(tmp_path, 1, 5, 180)
+        wait_for_steps(tmp_path, 1, 5, 180, peer=group0)
         for p in group1:
             p.kill()
         finish(group1, 60)
+        pacing.unlink()
         results = finish(group0, 600)
     assert all(status == 0 for status, _ in results), results[0][1][-3000:]
     rows = records(tmp_path, 0)
-    assert [r["step"] for r in rows] == list(range(1, 61)) and rows[-1]["ft_groups"] == [0]
+    assert [r["step"] for r in rows] == list(range(1, 201)) and rows[-1]["ft_groups"] == [0]
     assert_matches_reference(tmp_path)
 
 
