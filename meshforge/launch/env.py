@@ -158,6 +158,12 @@ def init_distributed(
     prefix (for small coordination keys, such as where each rank is among its collectives), or
     None with one process or when a process group already exists. The group is made on the
     store ``init_process_group``'s own ``env://`` path would use (same ``default_pg/`` prefix).
+
+    torchrun keeps one store for all the restarts of its workers (its agent's, shared since torch 2.4),
+    and it still holds the keys of the attempt that died: gloo's (and NCCL's) addresses of the dead
+    ranks. A restarted rank reading its peer's old address before the peer has written the new one
+    connects to a dead port (refused, or a hang when the port has been reused). So after the first
+    attempt both prefixes carry the restart count (``default_pg/restart_<n>``, ``meshforge/restart_<n>``).
     """
     if env.world_size == 1 or dist.is_initialized():
         return None
@@ -168,10 +174,16 @@ def init_distributed(
     store = connect_store(env, setup_timeout_s)
     check_in(store, env, setup_timeout_s)
     store.set_timeout(timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    scope = "" if attempt == "0" else f"/restart_{attempt}"
     dist.init_process_group(
-        backend, store=dist.PrefixStore("default_pg", store), rank=env.rank, world_size=env.world_size, timeout=timeout
+        backend,
+        store=dist.PrefixStore("default_pg" + scope, store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
     )
-    return dist.PrefixStore("meshforge", store)
+    return dist.PrefixStore("meshforge" + scope, store)
 
 
 def shutdown_distributed(barrier: bool = False) -> None:

@@ -134,11 +134,7 @@ class ReplicaGroups:
         self.lighthouse = p.ft_lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
         self.groups = p.ft_groups
         timeout = timedelta(seconds=p.ft_timeout_s)
-        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-        self._own_store = None
-        if world_size == 1 or not (addr and port):  # one rank: a store of its own for the group's manager
-            self._own_store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-            addr, port = "127.0.0.1", self._own_store.port
+        addr, port, self._own_store = self._manager_store(rank, world_size)
         self.manager = Manager(
             pg=ProcessGroupGloo(timeout=timeout),
             state_dict=state_dict,
@@ -153,15 +149,53 @@ class ReplicaGroups:
             store_port=int(port),
             lighthouse_addr=self.lighthouse,
             replica_id=f"meshforge_group_{self.group}",
-            # the quorum (and a heal) before the forward: a healed group trains its first step in full, on the
-            # batch its peer reads, and a peer with another layout is refused before any cross-group collective
-            use_async_quorum=False,
+            # later quorums run in torchft's thread while the forward and backward run (start_step says why)
+            use_async_quorum=True,
             init_sync=True,
         )  # at step 0 the groups heal from one of them too: that checks their layouts
+        self._quorums = 0
+
+    def _manager_store(self, rank: int, world_size: int) -> tuple[str, int, dist.TCPStore | None]:
+        """A store of this group's own for torchft's Manager, hosted by rank 0 (its port sent to the others
+        over the group's process group); -> (address, port, the server on rank 0).
+
+        The Manager keeps its keys (rank 0's manager address) unprefixed; in the job's store, which torchrun
+        keeps across its restarts, a restarted rank could read the dead attempt's address and wait on it.
+        """
+        addr = os.environ.get("MASTER_ADDR") if world_size > 1 else None
+        addr = addr or "127.0.0.1"
+        server = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False) if rank == 0 else None
+        port = [server.port if server is not None else None]
+        if world_size > 1:
+            dist.broadcast_object_list(port, src=0)
+        return addr, int(port[0]), server
 
     def start_step(self) -> None:
-        """Wait for this step's quorum from the lighthouse; a group behind it heals here (``load_state_dict``)."""
-        self.manager.start_quorum()
+        """Ask the lighthouse for this step's quorum.
+
+        A process's first quorum is waited for here: a group that joins (a replacement, or any group but
+        one at step 0) heals before its forward, trains that step in full, and a peer with another layout
+        is refused before any cross-group collective. Every later quorum runs in torchft's thread while
+        this rank computes its forward and backward (:meth:`wait_quorum` joins it before the all-reduce);
+        a group that must heal then (it missed a commit its peers made) contributes zeros to that step's
+        all-reduce and loads its peer's state in :meth:`commit`.
+        """
+        first = self._quorums == 0
+        self._quorums += 1
+        if not first:
+            self.manager.start_quorum()
+            return
+        # torchft has the choice per Manager only; the pinned wheel reads this flag per quorum, in start_quorum
+        # (wait, then apply a heal at once) and in its quorum thread (a healed group counts as a participant)
+        self.manager._use_async_quorum = False
+        try:
+            self.manager.start_quorum()
+        finally:
+            self.manager._use_async_quorum = True
+
+    def wait_quorum(self) -> None:
+        """Until this step's quorum is in (the cross-group process group is configured for it)."""
+        self.manager.wait_quorum()
 
     def average(self, tensors: list[torch.Tensor]) -> list[int]:
         """Average ``tensors`` in place over the groups of this step's quorum in one flat all-reduce;
@@ -183,11 +217,11 @@ class ReplicaGroups:
 
     def commit(self) -> bool:
         """The quorum's vote on this step (the same on every rank of the group): step the optimizer only if True.
-        A group that heals this step loads its peer's state in here."""
+        A group that heals at this step (after its first) loads its peer's state in here, before the vote."""
         return self.manager.should_commit()
 
     def participants(self) -> int:
-        """Groups in this step's quorum (with the quorum taken before the forward, a healing one heals and joins)."""
+        """Groups in this step's quorum at its newest step (torchft's count: a group healing in the step is not one)."""
         return self.manager.num_participants()
 
     def shutdown(self) -> None:

@@ -2,9 +2,11 @@
 
 A step, on every rank of a group:
 
-1. the lighthouse's quorum for this step; a group behind the quorum heals here, before its forward;
+1. the lighthouse's quorum for this step, asked for at once; a process's first quorum is waited for (a
+   group that joins heals here, before its forward), every later one runs in torchft's thread while
 2. forward and backward of this rank's slice as :class:`~meshforge.pretrain.step_local.LocalStep`
    (FSDP2 averages the gradients inside the group, as ``parallel.grad_sync`` says), the loss averaged inside the group;
+   then the quorum is joined;
 3. one flat all-reduce over the groups of the quorum (torchft's managed Gloo group): every gradient
    shard, the loss and a one-hot of the group id, divided by the number of groups that contributed;
    a group that is gone contributes nothing, so its share of the global batch is **skipped** (the batch shrinks; the record says which samples
@@ -16,10 +18,14 @@ A step, on every rank of a group:
 
 Healing: a group that joins behind the quorum's step (or any group but one at step 0) receives, at
 the quorum of its first step, its peer's weights, optimizer moments, LR schedule, loader position,
-RNG and step number (each rank from the rank of the same number in the peer group: the same shards),
-re-reads the step's batch from that position and trains the step in full, so it holds its peer's bits
-from then on. A group with another layout inside it is refused there, naming both, before any
-cross-group collective.
+RNG and step number as they were at the start of the step (each rank from the rank of the same number
+in the peer group: the same shards), re-reads the step's batch from that position and trains the step
+in full, so it holds its peer's bits from then on. A group with another layout inside it is refused
+there, naming both, before any cross-group collective. A running group that falls behind (its vote
+failed where its peers' passed) heals at a later step's vote instead, since that quorum overlapped its
+forward: its own gradients of the step are discarded (it sends zeros, so ``ft_groups`` and
+``ft_samples`` leave its share out), it loads the same state with the loader past the step's batch, and
+its optimizer step applies the others' average, as its peer's does (``ft_heal_at`` says which).
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ class ReplicaGroupStep(LocalStep):
         super().__init__(setup, model)
         self.healed_step: int | None = None
         """The step number taken from a peer at this step's heal (the trainer continues from it)."""
+        self.phase = "start"
+        """Where the step is: "start" (its quorum, waited for) or "commit" (the vote): where a heal lands."""
+        self.heal_at: str | None = None
+        """The phase of this step's heal, if it healed."""
+        self.step_rng: dict | None = None
+        """The RNG state at the start of the running step: what a healing peer gets, whenever torchft asks."""
         p, d = self.cfg.parallel, setup.degrees
         self.named_state = dict(model.state_dict(keep_vars=True))
         """Every parameter and buffer, sharded, by its single-process name: taken once here, since torchft
@@ -63,27 +75,20 @@ class ReplicaGroupStep(LocalStep):
     # ------------------------------------------------------------------ the step
 
     def train_step(self, batch, step: int) -> dict:
-        self.healed_step = None
+        self.healed_step, self.phase, self.step_rng = None, "start", rng_state()
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
         start = time.perf_counter()
-        try:
-            self.replicas.start_step()  # may heal: then this step's batch is the one the peer's loader reads
-        # torchft's client gave up: the lighthouse is gone (a dead peer fails the vote instead)
-        except (RuntimeError, TimeoutError) as e:
-            if isinstance(e, MeshforgeError):
-                raise
-            raise CollectiveError(
-                f"replica group {self.replicas.group}: no quorum from the torchft lighthouse at "
-                f"{self.replicas.lighthouse} within parallel.ft_quorum_timeout_s = {self.cfg.parallel.ft_quorum_timeout_s:g} s "
-                f"at step {step} ({str(e).splitlines()[0][:160]}); this group stops: restart the lighthouse, then the "
-                "group (it heals from a live peer, or resumes from its newest checkpoint)"
-            ) from None
+        self.quorum(self.replicas.start_step, step)  # a first quorum may heal: then the batch is the peer's
         quorum_s = time.perf_counter() - start
         if self.healed_step is not None:
             batch = self.setup.train_loader.next_batch()
         losses, stats = self.accumulate(self.micro_batches(batch))
         losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        self.setup.collectives.at(f"the quorum of replica groups at step {step}")
+        wait_start = time.perf_counter()
+        self.quorum(self.replicas.wait_quorum, step)  # what of it the forward and backward did not hide
+        quorum_s += time.perf_counter() - wait_start
         self.setup.collectives.at(f"the all-reduce over replica groups at step {step}")
         loss_parts = losses[:2].clone()
         reduce_start = time.perf_counter()
@@ -94,7 +99,8 @@ class ReplicaGroupStep(LocalStep):
             clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
         )
         vote_start = time.perf_counter()
-        committed = self.replicas.commit()  # a healing group loads its peer's state in here
+        self.phase = "commit"
+        committed = self.replicas.commit()  # a group healing after its first step loads its peer's state in here
         commit_s = time.perf_counter() - vote_start
         record = self.optimizer_update(losses, grad_norm, step, commit=committed)
         record.update(self.moe_update(self.model, stats))
@@ -102,6 +108,21 @@ class ReplicaGroupStep(LocalStep):
         record.update(self.health_record(groups, committed, time.perf_counter() - start))
         record.update(ft_quorum_s=quorum_s, ft_allreduce_s=allreduce_s, ft_commit_s=commit_s)
         return record
+
+    def quorum(self, call, step: int) -> None:
+        """``call()`` (starting or joining the quorum); torchft's client giving up (the lighthouse is gone: a
+        dead peer fails the vote instead) stops this group with one line."""
+        try:
+            call()
+        except (RuntimeError, TimeoutError) as e:
+            if isinstance(e, MeshforgeError):
+                raise
+            raise CollectiveError(
+                f"replica group {self.replicas.group}: no quorum from the torchft lighthouse at "
+                f"{self.replicas.lighthouse} within parallel.ft_quorum_timeout_s = {self.cfg.parallel.ft_quorum_timeout_s:g} s "
+                f"at step {step} ({str(e).splitlines()[0][:160]}); this group stops: restart the lighthouse, then the "
+                "group (it heals from a live peer, or resumes from its newest checkpoint)"
+            ) from None
 
     def health_record(self, groups: list[int], committed: bool, elapsed: float) -> dict:
         """The replica groups' health in metrics.jsonl: groups alive in this step's quorum, quorum changes
@@ -135,6 +156,7 @@ class ReplicaGroupStep(LocalStep):
         }
         if self.healed_step is not None:
             record["ft_healed_from_step"] = self.healed_step
+            record["ft_heal_at"] = self.heal_at  # "commit": this group's own gradients of the step were discarded
         return record
 
     def close(self) -> None:
@@ -144,7 +166,10 @@ class ReplicaGroupStep(LocalStep):
 
     def state_dict(self) -> dict:
         """What a healing peer receives, as it is at the start of a step (the trainer has read the step's
-        batch: the loader position is the one before it). torchft serves it until this step's vote."""
+        batch: the loader position is the one before it, and the one after it for a heal at the vote).
+        torchft calls it from its quorum thread, while this rank runs the forward and backward, and serves
+        it until this step's vote; the weights and moments change only after the vote, and a healing peer
+        has fetched them before the all-reduce this group waits on."""
         loader = self.setup.train_loader
         return {
             "layout": self.layout,
@@ -152,7 +177,8 @@ class ReplicaGroupStep(LocalStep):
             "optimizer": _local_tree(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "loader": loader.state_dict(loader.consumed_samples - loader.global_batch_size),  # this step's batch on
-            "rng": rng_state(),
+            "loader_after": loader.state_dict(),  # past it: a heal at the vote does not train the batch
+            "rng": self.step_rng if self.step_rng is not None else rng_state(),
             "step": self.setup.current_step(),
         }
 
@@ -175,7 +201,8 @@ class ReplicaGroupStep(LocalStep):
             optim["state"][index] = moments
         self.optimizer.load_state_dict(optim)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.setup.train_loader.load_state_dict(state["loader"])
+        self.heal_at = self.phase
+        self.setup.train_loader.load_state_dict(state["loader_after" if self.phase == "commit" else "loader"])
         set_rng_state(state["rng"])
         self.healed_step = int(state["step"])
 

@@ -9,9 +9,12 @@ not commit moves only the schedule.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +26,8 @@ LIGHTHOUSE = shutil.which("torchft_lighthouse")
 
 
 class Lighthouse:
-    """``torchft_lighthouse`` on 127.0.0.1 (a free port) for the life of a ``with`` block."""
+    """``torchft_lighthouse`` on 127.0.0.1 (a free port) for the life of a ``with`` block; its log (stdout and
+    stderr, RUST_LOG=info: each quorum it forms) goes to a temporary file, :meth:`log_tail` reads it."""
 
     def __init__(self, heartbeat_ms: int = 1000, join_ms: int = 300, min_replicas: int = 1, tick_ms: int = 100):
         self.port = free_port()
@@ -41,13 +45,18 @@ class Lighthouse:
             str(tick_ms),
         ]
         self.proc = None
+        self.log = tempfile.NamedTemporaryFile(prefix="torchft-lighthouse-", suffix=".log")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-chars:]
 
     @property
     def address(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Lighthouse":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "RUST_LOG": "info"}
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         return self
 
     def kill(self) -> None:
@@ -57,6 +66,7 @@ class Lighthouse:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+        self.log.close()
 
 
 FT_LR = "3e-4"
@@ -94,8 +104,8 @@ def group_args(
     ]
 
 
-def start_group(args: list[str], group: int, ranks: int = 2) -> list[subprocess.Popen]:
-    return start_ranks(ranks, args + ["--parallel.ft_replica_group", str(group)])
+def start_group(args: list[str], group: int, ranks: int = 2, script: list[str] | None = None) -> list[subprocess.Popen]:
+    return start_ranks(ranks, args + ["--parallel.ft_replica_group", str(group)], script=script)
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
@@ -111,6 +121,34 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str
             _, err = p.communicate()
         out.append((p.returncode, err.decode(errors="replace")))
     return out
+
+
+@contextlib.contextmanager
+def logs_on_failure(lighthouse: Lighthouse, groups: dict, finished: dict, chars: int = 3000):
+    """A failure inside the block (an assertion, a timeout) ends every rank still running and fails with each
+    rank's exit status and stderr tail and the lighthouse's log tail appended. ``groups``: the running ranks
+    by name, ``finished``: :func:`finish`'s results by name, both kept up to date by the block."""
+    try:
+        yield
+    except BaseException as e:
+        parts = [
+            f"--- {name} rank {r} (exit {status}):\n{err[-chars:]}"
+            for name, ranks in finished.items()
+            for r, (status, err) in enumerate(ranks)
+        ]
+        for name, procs in groups.items():
+            for r, p in enumerate(procs):
+                if p.poll() is None:
+                    p.kill()
+                try:
+                    _, err = p.communicate(timeout=30)
+                except (subprocess.TimeoutExpired, ValueError):  # ValueError: its stderr was read already
+                    err = b""
+                parts.append(
+                    f"--- {name} rank {r} (exit {p.returncode}):\n{(err or b'').decode(errors='replace')[-chars:]}"
+                )
+        parts.append(f"--- lighthouse:\n{lighthouse.log_tail(chars)}")
+        raise AssertionError(f"{e!r}\n" + "\n".join(parts)) from e
 
 
 def records(out: Path, group: int) -> list[dict]:
@@ -131,9 +169,13 @@ def read_records(path: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def wait_for_steps(out: Path, group: int, steps: int, timeout: float) -> None:
+def wait_for_steps(out: Path, group: int, steps: int, timeout: float, peer: list | None = None) -> None:
+    """Until group ``group`` has ``steps`` records; ``peer``: ranks that must still run meanwhile."""
     deadline = time.monotonic() + timeout
     while len(records(out, group)) < steps:
+        assert peer is None or all(p.poll() is None for p in peer), (
+            f"the peer group ended before group {group} reached step {steps}"
+        )
         assert time.monotonic() < deadline, f"group {group} did not reach step {steps} in {timeout:.0f}s"
         time.sleep(0.2)
 

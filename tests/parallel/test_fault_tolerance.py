@@ -11,16 +11,28 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("torchft")
 
-from ft_harness import Lighthouse, final_weights, finish, group_args, records, replay, start_group, wait_for_steps  # noqa: E402
+from ft_harness import (  # noqa: E402
+    Lighthouse,
+    final_weights,
+    finish,
+    group_args,
+    logs_on_failure,
+    records,
+    replay,
+    start_group,
+    wait_for_steps,
+)
 from meshforge.config import ConfigError, load_config  # noqa: E402
 from meshforge.parallel.job_checks import check_job  # noqa: E402
 from meshforge.parallel.mesh import resolve_degrees  # noqa: E402
+from parallel_harness import REPO  # noqa: E402
 
 LOSS_ATOL = 1e-6
 
@@ -112,25 +124,70 @@ def test_two_groups_match_one_process(tiny_data, tmp_path):
     assert_matches_reference(tmp_path)
 
 
+FAILED_VOTE = 4
+"""The step whose vote group 1 fails (tests/harness/ft_rank.py fail-vote)."""
+
+
+def test_group_behind_heals_at_the_vote(tiny_data, tmp_path):
+    """Group 1's vote fails at one step while group 0's passes: at the next step group 1 is behind the
+    quorum and heals at the vote (its quorum ran during its forward). Its own gradients of that step are
+    discarded (it sends zeros: both groups' records leave its samples out), it loads group 0's state with
+    the loader past the step's batch, and from then on both hold the same bits."""
+    script = [str(REPO / "tests" / "harness" / "ft_rank.py"), "fail-vote", "1", str(FAILED_VOTE)]
+    with Lighthouse(min_replicas=2) as lh:
+        args = group_args(tiny_data, tmp_path, lh, 10)
+        groups = [start_group(args, g, script=script) for g in range(2)]
+        results = [finish(procs, 300) for procs in groups]
+    assert_all_finished(results)
+    rows0, rows1 = records(tmp_path, 0), records(tmp_path, 1)
+    assert [r["step"] for r in rows0] == [r["step"] for r in rows1] == list(range(1, 11))
+    failed, healed = rows1[FAILED_VOTE - 1], rows1[FAILED_VOTE]
+    assert (failed["ft_committed"], failed["ft_samples"]) == (0, [])
+    assert rows0[FAILED_VOTE - 1]["ft_committed"] == 1  # group 0 committed: its record names both shares
+    assert "ft_healed_from_step" not in rows1[FAILED_VOTE - 1]
+    assert (healed["ft_heal_at"], healed["ft_healed_from_step"]) == ("commit", FAILED_VOTE)
+    batch = 8 * FAILED_VOTE  # step FAILED_VOTE + 1 reads samples from here
+    for rows in (rows0, rows1):  # the heal's step: group 0's share only, in both records
+        assert rows[FAILED_VOTE]["ft_groups"] == [0] and rows[FAILED_VOTE]["ft_samples"] == [[batch, batch + 4]]
+        assert all(r["ft_groups"] == [0, 1] for r in rows[:FAILED_VOTE] + rows[FAILED_VOTE + 1 :])
+    assert [r["loss"] for r in rows0[FAILED_VOTE:]] == [r["loss"] for r in rows1[FAILED_VOTE:]]
+    assert rows1[-1]["ft_samples"] == rows0[-1]["ft_samples"] == [[72, 76], [76, 80]]  # the loader followed
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
+    assert_matches_reference(tmp_path)
+
+
 # --------------------------------------------------------------------------- failures (slow)
 
 STEPS = 300
 """Long enough for group 1 to be restarted while group 0 trains on alone (~0.1 s a step here)."""
+PACE_S = 0.25
+"""Group 0's extra time per step while a peer restarts (tests/harness/ft_rank.py pace): under load a
+replacement can take longer to start than group 0 needs to finish, and would then train alone from step 0."""
+
+
+def paced(tmp_path: Path) -> tuple[list[str], Path]:
+    """The script that paces a group while the returned file exists (it does not yet)."""
+    flag = tmp_path / "pace"
+    return [str(REPO / "tests" / "harness" / "ft_rank.py"), "pace", str(flag), str(PACE_S)], flag
 
 
 @pytest.mark.slow
 def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
+    script, pacing = paced(tmp_path)
     with Lighthouse() as lh:
         args = group_args(tiny_data, tmp_path, lh, STEPS)
-        group0 = start_group(args, 0)
+        group0 = start_group(args, 0, script=script)
         wait_for_steps(tmp_path, 0, 1, 180)  # group 0 trains from step 1 (the one the reference replays)
         group1 = start_group(args, 1)
         wait_for_steps(tmp_path, 1, 10, 180)
+        pacing.touch()
         os.kill(group1[1].pid, signal.SIGKILL)  # one rank of group 1 dies mid-run
         first = finish(group1, 120)  # its peer rank stops on the broken collective (torchrun would restart both)
         assert first[1][0] == -signal.SIGKILL and first[0][0] != 0
         lost_at = len(records(tmp_path, 0))
         group1 = start_group(args, 1)  # the replacement: heals from group 0's live state
+        wait_for_heal(tmp_path, group0, lost_at - 1, 1, 300)
+        pacing.unlink()
         results = [finish(group0, 600), finish(group1, 600)]
     assert_all_finished(results)
     rows = records(tmp_path, 0)
@@ -161,63 +218,76 @@ def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
     assert_matches_reference(tmp_path)
 
 
-def wait_for_heal(out, after_step: int, more: int, timeout: float) -> None:
-    """Until group 1 has healed at a step past ``after_step`` and trained ``more`` steps beyond it."""
+def wait_for_heal(out, group0, after_step: int, more: int, timeout: float) -> None:
+    """Until group 1 has healed at a step past ``after_step`` and trained ``more`` steps beyond it, while
+    group 0 (its ranks ``group0``) still runs."""
     deadline = time.monotonic() + timeout
     while True:
         rows = records(out, 1)
         healed = [r["step"] for r in rows if "ft_healed_from_step" in r and r["step"] > after_step]
         if healed and rows[-1]["step"] >= healed[-1] + more:
             return
+        assert all(p.poll() is None for p in group0), (
+            f"group 0 ended (at step {len(records(out, 0))}) before group 1 healed past step {after_step}"
+        )
         assert time.monotonic() < deadline, f"group 1 did not heal past step {after_step} in {timeout:.0f}s"
         time.sleep(0.2)
 
 
 @pytest.mark.slow
 def test_two_failures_in_a_row(tiny_data, tmp_path):
-    """Group 1 loses a rank, heals, then loses the other rank and heals again; group 0 never stops."""
-    with Lighthouse() as lh:
+    """Group 1 loses a rank, heals, then loses the other rank and heals again; group 0 never stops.
+    On a failure the message carries every rank's stderr tail and the lighthouse's log."""
+    running, finished = {}, {}
+    script, pacing = paced(tmp_path)
+    with Lighthouse() as lh, logs_on_failure(lh, running, finished):
         args = group_args(tiny_data, tmp_path, lh, STEPS)
-        group0 = start_group(args, 0)
+        running["group 0"] = start_group(args, 0, script=script)
         wait_for_steps(tmp_path, 0, 1, 180)
-        group1 = start_group(args, 1)
+        running["group 1"] = start_group(args, 1)
         wait_for_steps(tmp_path, 1, 10, 180)
         heals_at = []
-        for victim in (1, 0):  # a different rank of group 1 each time
-            os.kill(group1[victim].pid, signal.SIGKILL)
-            first = finish(group1, 120)
+        for n, victim in enumerate((1, 0)):  # a different rank of group 1 each time
+            pacing.touch()
+            os.kill(running["group 1"][victim].pid, signal.SIGKILL)
+            finished[f"group 1, run {n}"] = first = finish(running.pop("group 1"), 120)
             assert first[victim][0] == -signal.SIGKILL
             heals_at.append(len(records(tmp_path, 0)))
-            group1 = start_group(args, 1)
-            wait_for_heal(tmp_path, heals_at[-1] - 1, 5, 300)
-        results = [finish(group0, 600), finish(group1, 600)]
-    assert_all_finished(results)
-    rows = records(tmp_path, 0)
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # group 0: no restart, no step lost
-    assert [c.name for c in (tmp_path / "group_0" / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
-    for lost_at in heals_at:  # after each failure group 0 trained alone, then both again
-        after = [r for r in rows if r["step"] >= lost_at]
-        assert any(r["ft_groups"] == [0] and r["ft_committed"] for r in after), lost_at
-    assert rows[-1]["ft_groups"] == [0, 1] and rows[-1]["ft_quorum_changes"] >= 4
-    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
-    assert_matches_reference(tmp_path)
+            running["group 1"] = start_group(args, 1)
+            wait_for_heal(tmp_path, running["group 0"], heals_at[-1] - 1, 5, 300)
+            pacing.unlink()
+        results = [finish(running.pop(f"group {g}"), 600) for g in range(2)]
+        finished.update({"group 0": results[0], "group 1, last run": results[1]})
+        assert_all_finished(results)
+        rows = records(tmp_path, 0)
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # group 0: no restart, no step lost
+        assert [c.name for c in (tmp_path / "group_0" / "checkpoints").iterdir()] == [f"step_{STEPS:08d}"]
+        for lost_at in heals_at:  # after each failure group 0 trained alone, then both again
+            after = [r for r in rows if r["step"] >= lost_at]
+            assert any(r["ft_groups"] == [0] and r["ft_committed"] for r in after), lost_at
+        assert rows[-1]["ft_groups"] == [0, 1] and rows[-1]["ft_quorum_changes"] >= 4
+        assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
+        assert_matches_reference(tmp_path)
 
 
 @pytest.mark.slow
 def test_group_lost_for_good(tiny_data, tmp_path):
+    script, pacing = paced(tmp_path)
+    pacing.touch()  # group 0 (paced: >= 50 s for its steps) must still train when group 1 has trained 5 steps
     with Lighthouse() as lh:
-        args = group_args(tiny_data, tmp_path, lh, 60)
-        group0 = start_group(args, 0)
+        args = group_args(tiny_data, tmp_path, lh, 200)
+        group0 = start_group(args, 0, script=script)
         wait_for_steps(tmp_path, 0, 1, 180)
         group1 = start_group(args, 1)
-        wait_for_steps(tmp_path, 1, 5, 180)
+        wait_for_steps(tmp_path, 1, 5, 180, peer=group0)
         for p in group1:
             p.kill()
         finish(group1, 60)
+        pacing.unlink()
         results = finish(group0, 600)
     assert all(status == 0 for status, _ in results), results[0][1][-3000:]
     rows = records(tmp_path, 0)
-    assert [r["step"] for r in rows] == list(range(1, 61)) and rows[-1]["ft_groups"] == [0]
+    assert [r["step"] for r in rows] == list(range(1, 201)) and rows[-1]["ft_groups"] == [0]
     assert_matches_reference(tmp_path)
 
 
@@ -248,3 +318,79 @@ def test_replacement_with_other_layout_is_refused(tiny_data, tmp_path):
     status, err = other[0]
     assert status != 0
     assert "cannot heal from its peer: the peer's layout inside its group is" in err, err[-3000:]
+
+
+# --------------------------------------------------------------------------- meshforge launch --ft-groups
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, deepest first."""
+    found = []
+    for kid in children(pid):
+        found += [*descendants(kid), kid]
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_launch_restarts_a_killed_group(tiny_data, tmp_path):
+    """``meshforge launch --ft-groups 2``: a rank of group 1 SIGKILLed; torchrun restarts the group (a new
+    attempt on the store it keeps), which heals from group 0; the run ends with both groups' weights equal."""
+    import subprocess
+    import sys
+
+    from ft_harness import FT_LR
+    from parallel_harness import PARITY_ARGS, free_port
+
+    steps = 600  # group 0 must still be training when torchrun has restarted group 1 (~0.1 s a step alone)
+    log = (tmp_path / "launch.log").open("w")
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "meshforge", "launch", "--cpu", "--gpus-per-node", "2", "--ft-groups", "2"]
+        + ["--ft-port", str(free_port()), "--", "train", *PARITY_ARGS, "--optim.lr", FT_LR]
+        + ["--data.path", str(tiny_data), "--train.output_dir", str(tmp_path), "--train.steps", str(steps)]
+        + ["--parallel.ft_timeout_s", "10", "--parallel.ft_quorum_timeout_s", "15"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+    )
+    try:
+        wait_for_steps(tmp_path, 1, 10, 300)
+        agent = next(p for p in children(launch.pid) if "--parallel.ft_replica_group 1" in cmdline(p))
+        killed_at = len(records(tmp_path, 0))
+        os.kill(children(agent)[0], signal.SIGKILL)
+        assert launch.wait(900) == 0, (tmp_path / "launch.log").read_text()[-6000:]
+    finally:
+        for pid in [*descendants(launch.pid), launch.pid] if launch.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launch.wait()
+        log.close()
+    rows = records(tmp_path, 0)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # group 0 never restarted
+    healed = [r for r in records(tmp_path, 1) if r.get("ft_healed_from_step", -1) >= killed_at - 1]
+    assert healed, (tmp_path / "launch.log").read_text()[-6000:]
+    assert rows[-1]["ft_groups"] == [0, 1]
+    assert_same_weights(final_weights(tmp_path, 0), final_weights(tmp_path, 1))
