@@ -35,24 +35,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, RESULTS, record  # noqa: E402
+from benchlib import QUIET_TRAIN, REPO, RESULTS, record  # noqa: E402
 
 SECTION = "## Checkpoint saving: synchronous vs asynchronous"
 
-_OFF = (
-    "--train.eval_interval",
-    "0",
-    "--train.sample_prompt",
-    "",
-    "--logging.tensorboard",
-    "false",
-    "--train.progress",
-    "false",
-    "--checkpoint.interval",
-    "0",
-    "--checkpoint.keep_last",
-    "1",
-)
+_OFF = (*QUIET_TRAIN, "--checkpoint.keep_last", "1")
 
 CASES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "small": ("small", (), "small preset (2.2M params), batch 16 x 128"),

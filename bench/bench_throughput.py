@@ -25,22 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, RESULTS, record  # noqa: E402
+from benchlib import QUIET_TRAIN, REPO, RESULTS, record  # noqa: E402
 
 SECTION = "## Training throughput and MFU"
 
-_OFF = (
-    "--train.eval_interval",
-    "0",
-    "--train.sample_prompt",
-    "",
-    "--logging.tensorboard",
-    "false",
-    "--train.progress",
-    "false",
-    "--checkpoint.interval",
-    "0",
-)
+_OFF = QUIET_TRAIN
 
 # name -> (preset, overrides, note); micro-batch fallbacks are tried in order on out-of-memory.
 CASES: dict[str, tuple[str, tuple[str, ...], str]] = {

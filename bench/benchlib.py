@@ -15,6 +15,21 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
 
+# train overrides that switch off what a timed run should not do: evaluation, samples, TensorBoard, the progress
+# line, periodic checkpoints
+QUIET_TRAIN = (
+    "--train.eval_interval",
+    "0",
+    "--train.sample_prompt",
+    "",
+    "--logging.tensorboard",
+    "false",
+    "--train.progress",
+    "false",
+    "--checkpoint.interval",
+    "0",
+)
+
 
 def cpu_model() -> str:
     try:

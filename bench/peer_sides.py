@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from benchlib import QUIET_TRAIN
 
 # name -> (overrides of the small preset, batch); parameter counts are printed by the run
 SHAPES: dict[str, tuple[tuple[str, ...], int]] = {
@@ -20,24 +21,7 @@ SHAPES: dict[str, tuple[tuple[str, ...], int]] = {
     "6m": (("--model.dim", "320", "--model.n_layers", "5", "--model.n_heads", "5"), 8),
     "28m": (("--model.dim", "512", "--model.n_layers", "8", "--model.n_heads", "8"), 4),
 }
-_OFF = (
-    "--train.eval_interval",
-    "0",
-    "--train.sample_prompt",
-    "",
-    "--logging.tensorboard",
-    "false",
-    "--train.progress",
-    "false",
-    "--checkpoint.interval",
-    "0",
-    "--train.device",
-    "cpu",
-    "--train.z_loss_coef",
-    "0",
-    "--optim.grad_clip",
-    "1.0",
-)
+_OFF = (*QUIET_TRAIN, "--train.device", "cpu", "--train.z_loss_coef", "0", "--optim.grad_clip", "1.0")
 
 
 def job_config(
