@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,28 +23,7 @@ sys.path[:0] = [str(TESTS / "harness")] + sorted(
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from meshforge.data_pipeline.builtin import BUILTIN_CORPORA
-
-
-def builtin_docs(n: int, max_chars: int = 1500, skip: int = 0) -> list[str]:
-    """The first ``n`` documents of the built-in corpus (after ``skip``), cut to ``max_chars``."""
-    out = []
-    with gzip.open(BUILTIN_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i < skip:
-                continue
-            if len(out) == n:
-                break
-            out.append(json.loads(line)["text"][:max_chars])
-    return out
-
-
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "wt", encoding="utf-8") as f:
-        for t in texts:
-            f.write(json.dumps({field: t}) + "\n")
-    return path
+from corpus_files import _corpus_slice, builtin_docs, write_jsonl  # noqa: E402 (tests/harness, on sys.path above)
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +57,6 @@ def jsonl_writer():
 
 
 # --------------------------------------------------------------------------- training data
-
-
-def _corpus_slice(path: Path, start: int, n_docs: int) -> Path:
-    with gzip.open(BUILTIN_CORPORA["shakespeare"], "rt", encoding="utf-8") as f:
-        lines = f.readlines()[start : start + n_docs]
-    path.write_text("".join(lines))
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -349,7 +349,7 @@ def test_objectives_against_a_real_tokenizer(tiny_tokenizer, ul2_tokenizer):
 @pytest.fixture(scope="module")
 def ul2_tokenizer(tmp_path_factory):
     """A 512-piece T5-preset tokenizer (100 sentinels) with <reserved_0..2> for the UL2 mode tokens."""
-    from conftest import _corpus_slice
+    from corpus_files import _corpus_slice
     from meshforge.tokenizers import train_tokenizer
 
     root = tmp_path_factory.mktemp("ul2_tok")
@@ -359,7 +359,7 @@ def ul2_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ul2_data(ul2_tokenizer, tmp_path_factory):
     """150 Shakespeare documents prepared with :func:`ul2_tokenizer`."""
-    from conftest import _corpus_slice
+    from corpus_files import _corpus_slice
     from meshforge.data_pipeline.prepare import prepare_data
 
     root = tmp_path_factory.mktemp("ul2_data")

@@ -18,7 +18,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import builtin_docs  # noqa: E402
+from corpus_files import builtin_docs  # noqa: E402
 from meshforge.cli import main  # noqa: E402
 from meshforge.tokenizers import load_tokenizer  # noqa: E402
 

@@ -58,7 +58,7 @@ T5_ARGS = (
 @pytest.fixture(scope="module")
 def t5_data(tmp_path_factory):
     """150 Shakespeare documents prepared with a 512-piece T5-preset tokenizer."""
-    from conftest import _corpus_slice
+    from corpus_files import _corpus_slice
     from meshforge.data_pipeline.prepare import prepare_data
     from meshforge.tokenizers import train_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import builtin_docs, write_jsonl  # noqa: E402
+from corpus_files import builtin_docs, write_jsonl  # noqa: E402
 from meshforge.cli import main  # noqa: E402
 from meshforge.data_pipeline import DataError, open_data_dir, open_shards, prepare_data  # noqa: E402
 from meshforge.tokenizers import TokenizerError, load_tokenizer  # noqa: E402
