@@ -67,6 +67,11 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
             "gradient reduction and optimizer step)",
         ),
         (
+            cfg.model.moe_experts > 0 and cfg.model.moe_bias_update_rate > 0,
+            f"model.moe_bias_update_rate = {cfg.model.moe_bias_update_rate:g} (each group would move its routing "
+            "biases by its own expert loads, and the groups' weights would drift apart; balance with the aux loss)",
+        ),
+        (
             d.dp_replicate > 1,
             f"parallel.dp_replicate = {d.dp_replicate} (the replica groups are the "
             "replicated dimension: launch one group per replica instead)",
