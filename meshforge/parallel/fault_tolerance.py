@@ -58,10 +58,6 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
         )
     unsupported = [
         (
-            d.pp > 1,
-            f"parallel.pp = {d.pp} (a healing group would need each stage's state from its peer stage; not built yet)",
-        ),
-        (
             p.dp_backend != "fsdp2",
             f"parallel.dp_backend = {p.dp_backend!r} (the DeepSpeed engine owns its "
             "gradient reduction and optimizer step)",

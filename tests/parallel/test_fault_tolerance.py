@@ -70,7 +70,6 @@ BAD = [
     (["parallel.ft_groups=2", "parallel.ft_replica_group=2"], "is not a group of parallel.ft_groups = 2"),
     (["parallel.ft_groups=2", "parallel.ft_min_replicas=3"], "ft_min_replicas = 3 must be between 1"),
     (["parallel.ft_groups=2", "parallel.ft_timeout_s=0"], "must be > 0"),
-    (["parallel.ft_groups=2", "parallel.pp=2", "model.n_layers=4"], "does not work with parallel.pp = 2"),
     (["parallel.ft_groups=2", "parallel.dp_replicate=2"], "does not work with parallel.dp_replicate = 2"),
     (["parallel.ft_groups=2", "parallel.dp_backend=deepspeed"], "does not work with parallel.dp_backend = 'deepspeed'"),
     (
@@ -131,6 +130,7 @@ def test_two_groups_match_one_process(tiny_data, tmp_path):
 LAYOUTS = [
     pytest.param(("--parallel.dp_shard", "1", "--parallel.tp", "2"), id="tp2"),
     pytest.param(("--parallel.dp_shard", "1", "--parallel.cp", "2"), id="cp2"),
+    pytest.param(("--parallel.dp_shard", "1", "--parallel.pp", "2"), id="pp2"),
     # EP: the experts over the group's 2 ranks, FSDP2 shards the rest; slow to keep the default suite's share ~40 s
     pytest.param(("--parallel.ep", "2", "--model.moe_experts", "4"), id="ep2", marks=pytest.mark.slow),
 ]
@@ -158,14 +158,22 @@ FAILED_VOTE = 4
 """The step whose vote group 1 fails (tests/harness/ft_rank.py fail-vote)."""
 
 
-def test_group_behind_heals_at_the_vote(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param((), id="fsdp2"),
+        pytest.param(("--parallel.dp_shard", "1", "--parallel.pp", "2"), id="pp2", marks=pytest.mark.slow),
+    ],
+)
+def test_group_behind_heals_at_the_vote(layout, tiny_data, tmp_path):
     """Group 1's vote fails at one step while group 0's passes: at the next step group 1 is behind the
     quorum and heals at the vote (its quorum ran during its forward). Its own gradients of that step are
     discarded (it sends zeros: both groups' records leave its samples out), it loads group 0's state with
-    the loader past the step's batch, and from then on both hold the same bits."""
+    the loader past the step's batch, and from then on both hold the same bits. Under pp 2 each stage heals
+    from the same stage of group 0."""
     script = [str(REPO / "tests" / "harness" / "ft_rank.py"), "fail-vote", "1", str(FAILED_VOTE)]
     with Lighthouse(min_replicas=2) as lh:
-        args = group_args(tiny_data, tmp_path, lh, 10)
+        args = group_args(tiny_data, tmp_path, lh, 10, 2, *layout)
         groups = [start_group(args, g, script=script) for g in range(2)]
         results = [finish(procs, 300) for procs in groups]
     assert_all_finished(results)
@@ -202,10 +210,14 @@ def paced(tmp_path: Path) -> tuple[list[str], Path]:
 
 
 @pytest.mark.slow
-def test_killed_rank_heals_from_live_peer(tiny_data, tmp_path):
+@pytest.mark.parametrize(
+    "layout", [pytest.param((), id="fsdp2"), pytest.param(("--parallel.dp_shard", "1", "--parallel.pp", "2"), id="pp2")]
+)
+def test_killed_rank_heals_from_live_peer(layout, tiny_data, tmp_path):
+    """Under pp 2 the restarted group's stages heal each from the same stage of group 0."""
     script, pacing = paced(tmp_path)
     with Lighthouse() as lh:
-        args = group_args(tiny_data, tmp_path, lh, STEPS)
+        args = group_args(tiny_data, tmp_path, lh, STEPS, 2, *layout)
         group0 = start_group(args, 0, script=script)
         wait_for_steps(tmp_path, 0, 1, 180)  # group 0 trains from step 1 (the one the reference replays)
         group1 = start_group(args, 1)
