@@ -1,9 +1,10 @@
 """parallel.fault_tolerance = torchft: replica groups (2 x 2 ranks, FSDP2 inside) under a real lighthouse.
 
-Default suite: the option's config errors, and two groups that train together matching one process.
+Default suite: the option's config errors, and two groups that train together matching one process
+(FSDP2, TP 2, CP 2 or PP 2 inside each; EP 2 in the slow set), and a group healing at the vote.
 ``-m slow``: a rank of group 1 SIGKILLed mid-run (group 0 trains on alone, group 1 is restarted and
-heals from group 0's live state), a group lost for good, the lighthouse dying, a replacement group
-with another layout.
+heals from group 0's live state; also under PP 2), a group lost for good, the lighthouse dying, a
+replacement group with another layout.
 """
 
 from __future__ import annotations
