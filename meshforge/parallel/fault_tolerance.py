@@ -58,13 +58,14 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
         )
     unsupported = [
         (
-            d.pp > 1,
-            f"parallel.pp = {d.pp} (a healing group would need each stage's state from its peer stage; not built yet)",
-        ),
-        (
             p.dp_backend != "fsdp2",
             f"parallel.dp_backend = {p.dp_backend!r} (the DeepSpeed engine owns its "
             "gradient reduction and optimizer step)",
+        ),
+        (
+            cfg.model.moe_experts > 0 and cfg.model.moe_bias_update_rate > 0,
+            f"model.moe_bias_update_rate = {cfg.model.moe_bias_update_rate:g} (each group would move its routing "
+            "biases by its own expert loads, and the groups' weights would drift apart; balance with the aux loss)",
         ),
         (
             d.dp_replicate > 1,

@@ -4,14 +4,15 @@ A step, on every rank of a group:
 
 1. the lighthouse's quorum for this step, asked for at once; a process's first quorum is waited for (a
    group that joins heals here, before its forward), every later one runs in torchft's thread while
-2. forward and backward of this rank's slice as :class:`~meshforge.pretrain.step_local.LocalStep`
-   (FSDP2 averages the gradients inside the group, as ``parallel.grad_sync`` says), the loss averaged inside the group;
-   then the quorum is joined;
+2. forward and backward of this rank's slice by the inner step, :class:`~meshforge.pretrain.step_local.LocalStep`
+   (FSDP2 averages the gradients inside the group, as ``parallel.grad_sync`` says) or, under pipeline parallel,
+   :class:`~meshforge.pretrain.step_pipeline.PipelineStep` (the schedule; the loss is the last stage's, which
+   every pipeline rank receives), the loss averaged inside the group; then the quorum is joined;
 3. one flat all-reduce over the groups of the quorum (torchft's managed Gloo group): every gradient
    shard, the loss and a one-hot of the group id, divided by the number of groups that contributed;
    a group that is gone contributes nothing, so its share of the global batch is **skipped** (the batch shrinks; the record says which samples
    were used);
-4. clipping over the averaged gradients, then the quorum's vote (``should_commit``): the optimizer
+4. clipping over the averaged gradients (the inner step's norm: over the pipeline ranks under pp), then the quorum's vote (``should_commit``): the optimizer
    steps only when it commits; a step that does not commit (a peer failed during it, or fewer than
    ``parallel.ft_min_replicas`` groups) is counted as skipped, like a non-finite one: the LR schedule
    and the data move on, the weights do not.
@@ -26,6 +27,11 @@ failed where its peers' passed) heals at a later step's vote instead, since that
 forward: its own gradients of the step are discarded (it sends zeros, so ``ft_groups`` and
 ``ft_samples`` leave its share out), it loads the same state with the loader past the step's batch, and
 its optimizer step applies the others' average, as its peer's does (``ft_heal_at`` says which).
+
+Every rank averages, votes and heals with the rank of the same number in the other groups (torchft's
+pairing): under pipeline parallel that is the same stage, so each stage's shards meet their own kind.
+:class:`ReplicaGroupLogic` is all of the above, once; :class:`ReplicaGroupStep` and
+:class:`ReplicaGroupPipelineStep` put it over the two inner steps.
 """
 
 from __future__ import annotations
@@ -40,14 +46,20 @@ from torch.distributed.tensor import DTensor
 from ..config import ConfigError
 from ..errors import MeshforgeError
 from ..parallel.fault_tolerance import ReplicaGroups, local
-from ..parallel.grad_norm import clip_grad_norm
 from .checkpoint import rng_state, set_rng_state
 from .faults import CollectiveError
 from .step import StepSetup
 from .step_local import LocalStep
+from .step_pipeline import PipelineStep
 
 
-class ReplicaGroupStep(LocalStep):
+class ReplicaGroupLogic:
+    """The replica-group logic over an inner step (a :class:`LocalStep` or :class:`PipelineStep`, after this
+    class in the bases): quorum, cross-group average, vote, heal and records around the inner step's
+    ``batch_losses`` (forward and backward inside the group), ``clipped_norm`` and ``router_update``. Each
+    rank averages, votes and heals with the rank of the same number in the other groups: under pipeline
+    parallel, the same stage."""
+
     def __init__(self, setup: StepSetup, model: nn.Module):
         super().__init__(setup, model)
         self.healed_step: int | None = None
@@ -82,8 +94,7 @@ class ReplicaGroupStep(LocalStep):
         quorum_s = time.perf_counter() - start
         if self.healed_step is not None:
             batch = self.setup.train_loader.next_batch()
-        losses, stats = self.accumulate(self.micro_batches(batch))
-        losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
+        losses, stats = self.batch_losses(batch, step)  # the group's [ce, z_loss, stop flag] means
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
         wait_start = time.perf_counter()
@@ -95,15 +106,13 @@ class ReplicaGroupStep(LocalStep):
         groups = self.replicas.average(grads + [loss_parts])  # a peer failing in it: an error the vote sees
         allreduce_s = time.perf_counter() - reduce_start
         losses = torch.cat([loss_parts, losses[2:]])
-        grad_norm = (
-            clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
-        )
+        grad_norm = self.clipped_norm() if self.needs_grad_norm(step) else None
         vote_start = time.perf_counter()
         self.phase = "commit"
         committed = self.replicas.commit()  # a group healing after its first step loads its peer's state in here
         commit_s = time.perf_counter() - vote_start
         record = self.optimizer_update(losses, grad_norm, step, commit=committed)
-        record.update(self.moe_update(self.model, stats))
+        record.update(self.router_update(stats))
         record.update(self.data_record(groups, committed))
         record.update(self.health_record(groups, committed, time.perf_counter() - start))
         record.update(ft_quorum_s=quorum_s, ft_allreduce_s=allreduce_s, ft_commit_s=commit_s)
@@ -205,6 +214,15 @@ class ReplicaGroupStep(LocalStep):
         self.setup.train_loader.load_state_dict(state["loader_after" if self.phase == "commit" else "loader"])
         set_rng_state(state["rng"])
         self.healed_step = int(state["step"])
+
+
+class ReplicaGroupStep(ReplicaGroupLogic, LocalStep):
+    """A replica group's step with the model called directly (FSDP2, TP, CP, EP inside the group)."""
+
+
+class ReplicaGroupPipelineStep(ReplicaGroupLogic, PipelineStep):
+    """A replica group's step under pipeline parallel: each stage averages with the same stage of the other
+    groups; the loss is the last stage's, as every pipeline rank receives it."""
 
 
 def _local_tree(value):

@@ -24,7 +24,9 @@ Backends, one per file, picked once by :func:`build_step`:
   DeepSpeed engine runs backward, ZeRO and the optimizer step (a non-finite loss is
   :class:`~meshforge.pretrain.faults.TrainingDiverged`: the update is already applied);
 - :class:`~meshforge.pretrain.step_pipeline.PipelineStep` (``step_pipeline.py``): a
-  ``torch.distributed.pipelining`` schedule runs the micro-batches through this rank's stages.
+  ``torch.distributed.pipelining`` schedule runs the micro-batches through this rank's stages;
+- :mod:`~meshforge.pretrain.ft_step` (``ft_step.py``): under ``parallel.fault_tolerance = "torchft"``,
+  the replica-group logic around the parts of ``LocalStep`` or ``PipelineStep``.
 
 The loss of one micro-batch is computed in one place, :meth:`TrainStep.microbatch_loss`
 (objective inputs, the context-parallel split, the fused or plain loss); under pipeline
@@ -288,6 +290,10 @@ class TrainStep:
 
 def build_step(setup: StepSetup, model: nn.Module) -> TrainStep:
     """The backend of this job for ``model`` (already parallelized): chosen once, here."""
+    if setup.degrees.pp > 1 and setup.cfg.parallel.fault_tolerance == "torchft":
+        from .ft_step import ReplicaGroupPipelineStep
+
+        return ReplicaGroupPipelineStep(setup, model)
     if setup.degrees.pp > 1:
         from .step_pipeline import PipelineStep
 

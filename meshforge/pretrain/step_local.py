@@ -39,14 +39,26 @@ class LocalStep(TrainStep):
         return self.forward_backward(self.model, micro, backward)
 
     def train_step(self, batch, step: int) -> dict:
-        losses, stats = self.accumulate(self.micro_batches(batch))
-        grad_norm = (
-            clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip) if self.needs_grad_norm(step) else None
-        )
-        losses = self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
+        losses, stats = self.batch_losses(batch, step)
+        grad_norm = self.clipped_norm() if self.needs_grad_norm(step) else None
         record = self.optimizer_update(losses, grad_norm, step)
-        record.update(self.moe_update(self.model, stats))
+        record.update(self.router_update(stats))
         return record
+
+    # the step's parts, which a replica group's step (pretrain/ft_step.py) runs with its own between them
+
+    def batch_losses(self, batch, step: int) -> tuple[torch.Tensor, RouterStats]:
+        """Forward and backward of this rank's batch; -> [ce, z_loss, stop flag] means over the job's ranks
+        (a replica group's), and the step's router statistics."""
+        losses, stats = self.accumulate(self.micro_batches(batch))
+        return self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}"), stats
+
+    def clipped_norm(self) -> torch.Tensor:
+        """Clip the gradients (over every shard); -> their norm before clipping."""
+        return clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+
+    def router_update(self, stats: RouterStats) -> dict:
+        return self.moe_update(self.model, stats)
 
     def eval_loss(self, batches, step: int) -> float:
         return self.forward_eval(self.model, batches, step)

@@ -10,6 +10,7 @@ MoE layer of the model, of which this rank holds some or none.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..models.moe import RouterStats
@@ -38,20 +39,28 @@ class PipelineStep(TrainStep):
         self.moe_layers = [f"layers.{i}.feed_forward" for i in range(m.n_layers) if m.is_moe_layer(i)]
 
     def train_step(self, batch, step: int) -> dict:
-        stats = RouterStats(aux_grad_scale=1.0 / self.runner.plan.n_microbatches)  # as each microbatch's loss
-        # global means, on every rank; this rank's preemption flag rides along
-        losses = self.runner.train_step(self.to_device(batch), stats, self.with_stop_flag)
-        grad_norm = None
-        if self.needs_grad_norm(step):
-            grad_norm = clip_grad_norm(
-                self.model.parameters(),
-                self.cfg.optim.grad_clip,
-                self.runner.pp_group,
-                self.runner.tied.counted_elsewhere,
-            )
+        losses, stats = self.batch_losses(batch, step)
+        grad_norm = self.clipped_norm() if self.needs_grad_norm(step) else None
         record = self.optimizer_update(losses, grad_norm, step)
-        record.update(self.moe_update(self.model, stats, self.moe_layers))
+        record.update(self.router_update(stats))
         return record
+
+    # the step's parts, which a replica group's step (pretrain/ft_step.py) runs with its own between them
+
+    def batch_losses(self, batch, step: int) -> tuple[torch.Tensor, RouterStats]:
+        """The schedule over this rank's batch; -> global [ce, z_loss, stop flag] means (on every rank; this
+        rank's preemption flag rides along), and the step's router statistics."""
+        stats = RouterStats(aux_grad_scale=1.0 / self.runner.plan.n_microbatches)  # as each microbatch's loss
+        return self.runner.train_step(self.to_device(batch), stats, self.with_stop_flag), stats
+
+    def clipped_norm(self) -> torch.Tensor:
+        """Clip the gradients; the norm summed over the pipeline ranks, a tied embedding counted once."""
+        return clip_grad_norm(
+            self.model.parameters(), self.cfg.optim.grad_clip, self.runner.pp_group, self.runner.tied.counted_elsewhere
+        )
+
+    def router_update(self, stats: RouterStats) -> dict:
+        return self.moe_update(self.model, stats, self.moe_layers)
 
     def eval_loss(self, batches, step: int) -> float:
         # forward-only schedule; the mean is already global

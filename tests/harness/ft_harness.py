@@ -3,7 +3,7 @@
 A group is ``python -m meshforge train`` on N ranks with torchrun's variables (its own MASTER_PORT, as
 each torchrun job has), ``parallel.fault_tolerance = torchft`` and its group id. The reference
 replays one group's metrics.jsonl in one process: per committed step the samples the record names
-(``ft_samples``), the same micro-batches, loss, clipping, AdamW and LR schedule; a step that did
+(``ft_samples``), the same micro-batches, loss (with a MoE's aux losses), clipping, AdamW and LR schedule; a step that did
 not commit moves only the schedule.
 """
 
@@ -193,6 +193,7 @@ def replay(out: Path, group: int) -> tuple[list[float], list[float], dict[str, t
     from meshforge.launch.env import DistEnv
     from meshforge.models import build_model
     from meshforge.models.losses import lm_loss
+    from meshforge.models.moe import RouterStats, collect_router_stats
     from meshforge.parallel.mesh import Degrees
     from meshforge.pretrain.data import prepare_train_data
     from meshforge.pretrain.optim import build_optimizer, build_scheduler
@@ -217,11 +218,12 @@ def replay(out: Path, group: int) -> tuple[list[float], list[float], dict[str, t
                 for s in range(first, end, mbs)
             ]
             ce = 0.0
-            for mb in micro:
-                args, targets = data.objective.model_inputs(mb)
-                parts = lm_loss(model(*args), targets, cfg.train.z_loss_coef)
-                (parts.total / len(micro)).backward()
-                ce += parts.ce.item() / len(micro)
+            with collect_router_stats(model, RouterStats(aux_grad_scale=1.0 / len(micro))):  # MoE: the aux losses
+                for mb in micro:
+                    args, targets = data.objective.model_inputs(mb)
+                    parts = lm_loss(model(*args), targets, cfg.train.z_loss_coef)
+                    (parts.total / len(micro)).backward()
+                    ce += parts.ce.item() / len(micro)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
