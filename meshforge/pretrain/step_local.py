@@ -39,8 +39,9 @@ class LocalStep(TrainStep):
         return self.forward_backward(self.model, micro, backward)
 
     def train_step(self, batch, step: int) -> dict:
-        losses, stats = self.batch_losses(batch, step)
+        losses, stats = self.accumulate(self.micro_batches(batch))
         grad_norm = self.clipped_norm() if self.needs_grad_norm(step) else None
+        losses = self.loss_mean(losses, step)  # the loss after the norm, as it always was
         record = self.optimizer_update(losses, grad_norm, step)
         record.update(self.router_update(stats))
         return record
@@ -51,7 +52,11 @@ class LocalStep(TrainStep):
         """Forward and backward of this rank's batch; -> [ce, z_loss, stop flag] means over the job's ranks
         (a replica group's), and the step's router statistics."""
         losses, stats = self.accumulate(self.micro_batches(batch))
-        return self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}"), stats
+        return self.loss_mean(losses, step), stats
+
+    def loss_mean(self, losses: torch.Tensor, step: int) -> torch.Tensor:
+        """[ce, z_loss] of this rank -> [ce, z_loss, stop flag] means over the job's ranks (a replica group's)."""
+        return self.all_mean(self.with_stop_flag(losses), f"the loss at step {step}")
 
     def clipped_norm(self) -> torch.Tensor:
         """Clip the gradients (over every shard); -> their norm before clipping."""
