@@ -266,7 +266,7 @@ def iter_layouts(
     n_layers = pipeline_layers(m)[0]
     fixed = fixed or {}
     if fixed:
-        from .constraints import satisfies, searched_values  # only a constrained search reads them
+        from .constraints import satisfies, searched_values  # here, not at the top: constraints imports this module
     else:
         satisfies = searched_values = None
 

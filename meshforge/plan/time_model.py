@@ -70,7 +70,7 @@ from ..config import JobConfig
 from .compute import heaviest_share, model_flops_per_token, shape_efficiency
 from .devices import Device
 from .layouts import ZERO_MODES, Layout
-from .memory import microbatch_samples, n_microbatches
+from .memory import _cached, microbatch_samples, n_microbatches
 from .roofline import ComputeTerms, roofline_terms
 from .state import unsharded_numel
 
@@ -188,8 +188,6 @@ def estimate_time(
         cache = {}
     f_tok = model_flops_per_token(cfg, cache)
     share = time_sharing(device, world, gpus_per_node)
-    from .memory import _cached
-
     sizes = _cached(cache, "unsharded", unsharded_numel, cfg, layout, rank)
     backend, reshard, stage = ZERO_MODES[layout.zero]
     # gradients accumulated unsharded and reduced once per step (else reduced into the shard every microbatch)
@@ -274,7 +272,6 @@ def estimate_time(
     if backend == "fsdp2" and layout.sharded:
         total, units = sizes["all"], sizes["units"]
         unit = total / units
-        once = pp > 1 or cfg.parallel.grad_sync == "step"  # FSDP2 (sharded here): the once of above
         gathers, reductions = fsdp_calls(units, min(units, spr + sizes["roots"]), reshard, mb, pp > 1, once)
         # ZeRO-3 gathers in forwards and backwards all step long; ZeRO-2 in each microbatch's forward, and under
         # pp in the first microbatch's only; reductions in every backward, or once: in the last backward
