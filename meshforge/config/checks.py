@@ -326,10 +326,15 @@ def micro_batch_size(t: TrainConfig, dp: int) -> int:
 def check_ft_groups(p: ParallelConfig) -> None:
     """The replica-group counts of ``parallel.fault_tolerance = "torchft"`` (one ConfigError line each):
     checked by the job (``parallel.fault_tolerance.check_fault_tolerance``) and by ``meshforge launch --ft-groups``."""
-    if p.ft_groups < 1 or not 0 <= p.ft_replica_group < p.ft_groups:
+    if p.ft_spares < 0:
+        raise ConfigError(f"parallel.ft_spares = {p.ft_spares} must be >= 0 (standby replica groups)")
+    total = p.ft_groups + p.ft_spares
+    if p.ft_groups < 1 or not 0 <= p.ft_replica_group < total:
         raise ConfigError(
             f"parallel.ft_replica_group = {p.ft_replica_group} is not a group of parallel.ft_groups = "
-            f"{p.ft_groups}; number the groups 0 ... ft_groups - 1"
+            f"{p.ft_groups}"
+            + (f" + ft_spares = {p.ft_spares}" if p.ft_spares else "")
+            + f"; number the groups 0 ... {max(total, 1) - 1}"
         )
     if not 1 <= p.ft_min_replicas <= p.ft_groups:
         raise ConfigError(

@@ -203,11 +203,13 @@ class ParallelConfig:
     compile_scope: Literal["blocks", "model"] = "blocks"
     """What ``parallel.compile`` compiles: ``blocks``, each transformer block on its own (compile time flat in depth); ``model``, the whole forward of a micro-batch together with its loss (output projection and cross-entropy fuse too; the backward is AOT-autograd's of that graph). ``model`` needs parallel.compile on or auto and is refused with pipeline parallel, DeepSpeed, expert parallel and activation checkpointing; under FSDP2 the graph breaks at each sharded module (its hooks run eagerly)."""
     fault_tolerance: Literal["none", "torchft"] = "none"
-    """``torchft``: this job is one of parallel.ft_groups replica groups (each its own torchrun job, with the usual mesh inside) coordinated by a torchft lighthouse; gradients are averaged over the groups alive at each step, the optimizer steps only when the quorum commits, a failed group's share of the batch is skipped (recorded in metrics.jsonl), and a restarted group heals from a live peer. Needs the ``ft`` extra; FSDP2, no pipeline (pp = 1) and dp_replicate = 1 (the groups are the replicated dimension)."""
+    """``torchft``: this job is one of parallel.ft_groups replica groups (each its own torchrun job, with the usual mesh inside) coordinated by a torchft lighthouse; gradients are averaged over the groups alive at each step, the optimizer steps only when the quorum commits, a failed group's share of the batch is skipped (recorded in metrics.jsonl) or, with parallel.ft_spares, trained by a standby group, and a restarted group heals from a live peer. Needs the ``ft`` extra; FSDP2 (with TP, CP, EP or PP inside a group) and dp_replicate = 1 (the groups are the replicated dimension)."""
     ft_groups: int = 1
-    """torchft: how many replica groups the job has; each step's global batch is cut into ft_groups x (data-parallel ranks per group) slices, group g reading slices g*dp ... g*dp + dp - 1."""
+    """torchft: how many replica groups train the job's data; each step's global batch is cut into ft_groups x (data-parallel ranks per group) slices, group g reading slices g*dp ... g*dp + dp - 1 (its slot)."""
+    ft_spares: int = 0
+    """torchft: standby replica groups beyond ft_groups (ids ft_groups ... ft_groups + ft_spares - 1). A standby holds the live weights and steps with the others but trains no data until a step's quorum lacks a group: then, at that step, it trains the missing group's slot (standbys in id order take the missing slots in order), so a failure costs the batch only until the quorum drops the dead group, not until it is back. Not with pipeline parallel or MoE."""
     ft_replica_group: int = 0
-    """torchft: this group's id, 0 ... ft_groups - 1 (its slices of every global batch; its output dir is train.output_dir/group_<id>)."""
+    """torchft: this group's id, 0 ... ft_groups + ft_spares - 1 (ids below ft_groups own that slot of every global batch, the others are standbys; its output dir is train.output_dir/group_<id>)."""
     ft_lighthouse: str = ""
     """torchft: the lighthouse's address, ``http://host:port`` (``torchft_lighthouse --bind [::]:port``); empty takes $TORCHFT_LIGHTHOUSE."""
     ft_min_replicas: int = 1

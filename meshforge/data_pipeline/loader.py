@@ -74,9 +74,16 @@ class DistributedLoader:
 
     def _read(self, consumed: int) -> "torch.Tensor":
         """This rank's slice of the global batch starting at sample ``consumed``."""
+        return self.read_slice(consumed, self.dp_rank)
+
+    def read_slice(self, consumed: int, dp_rank: int) -> "torch.Tensor":
+        """Slice ``dp_rank`` (of ``dp_size``) of the global batch starting at sample ``consumed``; the
+        position does not move (a standby replica group reads a missing group's slice with it)."""
         import torch  # imported here so tokenizing worker processes need not load torch
 
-        first = consumed + self.dp_rank * self.local_batch_size
+        if not 0 <= dp_rank < self.dp_size:
+            raise DataError(f"dp_rank {dp_rank} is not a rank of dp_size {self.dp_size}")
+        first = consumed + dp_rank * self.local_batch_size
         # the whole slice in one call, no per-sample arrays; looked up on the class: a wrapper that
         # forwards unknown attributes to its base (span corruption, UL2) must not hand over the
         # base's raw windows instead of its own samples

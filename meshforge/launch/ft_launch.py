@@ -34,6 +34,16 @@ from ..errors import LaunchError
 from .sbatch import requeue_tail, sbatch_header
 from .torchrun_cmd import check_rendezvous_host, torchrun_argv
 
+HEARTBEAT_TIMEOUT_MS = 500
+"""The lighthouse's ``--heartbeat_timeout_ms`` under ``launch --ft-groups``: five of the Manager's 100 ms beats."""
+JOIN_TIMEOUT_MS = 60000
+"""The lighthouse's ``--join_timeout_ms`` under ``launch --ft-groups`` (torchft's default)."""
+
+
+def total_groups(args: argparse.Namespace) -> int:
+    """The groups ``--ft-groups N --ft-spares S`` starts: N + S."""
+    return args.ft_groups + args.ft_spares
+
 
 @dataclass
 class FtPlan:
@@ -74,17 +84,54 @@ def add_ft_arguments(p: argparse.ArgumentParser) -> None:
         help="groups a step needs: the lighthouse's quorum and parallel.ft_min_replicas (default 1)",
     )
     g.add_argument(
+        "--ft-spares",
+        type=int,
+        default=0,
+        metavar="S",
+        help="also start S standby groups (ids N ... N+S-1, placed after the N groups): each holds the live weights "
+        "and trains a failed group's share of every batch at once, until that group is back (parallel.ft_spares)",
+    )
+    g.add_argument(
         "--ft-max-restarts", type=int, default=3, help="torchrun restarts of each group after a failure (default 3)"
+    )
+    g.add_argument(
+        "--ft-heartbeat-timeout-ms",
+        type=int,
+        default=HEARTBEAT_TIMEOUT_MS,
+        help="the lighthouse counts a group gone this long after its last heartbeat (each group's rank 0 beats "
+        "every 100 ms): how long the others wait on a dead group before going on without it (default "
+        f"{HEARTBEAT_TIMEOUT_MS}; torchft's own is 5000)",
+    )
+    g.add_argument(
+        "--ft-join-timeout-ms",
+        type=int,
+        default=JOIN_TIMEOUT_MS,
+        help="how long a quorum waits for a group that still beats but has not asked (a slow or hung group) before "
+        f"going on without it (default {JOIN_TIMEOUT_MS}, torchft's)",
     )
 
 
 def check_ft_launch(args: argparse.Namespace, cmd: list[str]) -> int:
     """The checks every form of ``--ft-groups`` shares (LaunchError, one line); -> nodes per group."""
-    n = args.ft_groups
+    n = total_groups(args)
     try:
-        check_ft_groups(ParallelConfig(fault_tolerance="torchft", ft_groups=n, ft_min_replicas=args.ft_min_replicas))
+        check_ft_groups(
+            ParallelConfig(
+                fault_tolerance="torchft",
+                ft_groups=args.ft_groups,
+                ft_spares=args.ft_spares,
+                ft_min_replicas=args.ft_min_replicas,
+            )
+        )
     except ConfigError as e:
-        raise LaunchError(f"--ft-groups {n} --ft-min-replicas {args.ft_min_replicas}: {e}") from None
+        raise LaunchError(
+            f"--ft-groups {args.ft_groups} --ft-spares {args.ft_spares} --ft-min-replicas {args.ft_min_replicas}: {e}"
+        ) from None
+    if args.ft_heartbeat_timeout_ms < 1 or args.ft_join_timeout_ms < 1:
+        raise LaunchError(
+            f"--ft-heartbeat-timeout-ms {args.ft_heartbeat_timeout_ms} --ft-join-timeout-ms {args.ft_join_timeout_ms}: "
+            "both must be >= 1"
+        )
     if not cmd or cmd[0] != "train":
         raise LaunchError("--ft-groups launches `train` (give `-- train ...`)")
     if args.mpi:
@@ -98,7 +145,9 @@ def check_ft_launch(args: argparse.Namespace, cmd: list[str]) -> int:
         return 1
     if args.nodes % n:
         raise LaunchError(
-            f"--nodes {args.nodes} --ft-groups {n}: each replica group takes whole nodes; give a multiple of {n} "
+            f"--nodes {args.nodes} --ft-groups {args.ft_groups}"
+            + (f" --ft-spares {args.ft_spares}" if args.ft_spares else "")
+            + f": each replica group takes whole nodes; give a multiple of {n} "
             "nodes" + ("" if args.slurm else " (or --nodes 1: every group on this node)")
         )
     return args.nodes // n
@@ -112,6 +161,8 @@ def group_command(args: argparse.Namespace, cmd: list[str], group: int, lighthou
         "torchft",
         "--parallel.ft_groups",
         str(args.ft_groups),
+        "--parallel.ft_spares",
+        str(args.ft_spares),
         "--parallel.ft_replica_group",
         str(group),
         "--parallel.ft_min_replicas",
@@ -132,13 +183,17 @@ def lighthouse_argv(args: argparse.Namespace) -> list[str]:
         f"[::]:{args.ft_port}",
         "--min_replicas",
         str(args.ft_min_replicas),
+        "--heartbeat_timeout_ms",
+        str(args.ft_heartbeat_timeout_ms),
+        "--join_timeout_ms",
+        str(args.ft_join_timeout_ms),
     ]
 
 
 def ft_plan(args: argparse.Namespace, cmd: list[str]) -> FtPlan:
     """This node's part: the lighthouse (on node 0) and its groups' torchrun argv and extra environment."""
     per_group = check_ft_launch(args, cmd)
-    n, nproc = args.ft_groups, args.gpus_per_node
+    n, nproc = total_groups(args), args.gpus_per_node
     if args.nodes == 1:
         address = f"http://127.0.0.1:{args.ft_port}"
         groups = [
@@ -173,7 +228,7 @@ def ft_sbatch_script(args: argparse.Namespace, cmd: list[str]) -> str:
     """The batch script of replica groups: the lighthouse on the first node, one srun step per group (a
     torchrun task on each of its nodes, restarted by torchrun), waited for together; requeue as usual."""
     k = check_ft_launch(args, cmd)
-    n, nproc = args.ft_groups, args.gpus_per_node
+    n, nproc = total_groups(args), args.gpus_per_node
     cpus = nproc * (args.cpus_per_task or 1)
     house = shlex.join(["srun", "--overlap", "-N1", "-n1", "--kill-on-bad-exit=0"]) + ' -w "${hosts[0]}" '
     lines = [

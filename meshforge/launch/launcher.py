@@ -120,6 +120,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise LaunchError(f"--nodes {args.nodes}: need at least 1")
     if args.gpus_per_node < 1:
         raise LaunchError(f"--gpus-per-node {args.gpus_per_node}: need at least 1 process per node")
+    if args.ft_spares and not args.ft_groups:
+        raise LaunchError(f"--ft-spares {args.ft_spares} adds standbys to replica groups: give --ft-groups N too")
 
 
 def torchrun_plan(args: argparse.Namespace) -> Plan:

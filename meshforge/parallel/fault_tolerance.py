@@ -6,7 +6,9 @@ decides, step by step, which groups form the quorum; this module is the one plac
 torchft's :class:`~torchft.manager.Manager`:
 
 - :func:`replica_groups` and :func:`data_coordinates`: where this rank's slice of every global batch
-  lies (group ``g`` takes slices ``g*dp ... g*dp + dp - 1`` of ``ft_groups * dp``);
+  lies (group ``g`` takes slices ``g*dp ... g*dp + dp - 1`` of ``ft_groups * dp``: its slot);
+- :func:`slot_owners`: which group trains which slot in a step, from the quorum's members (a standby
+  group, ``parallel.ft_spares``, takes the slot of a group the quorum lacks);
 - :func:`check_fault_tolerance`: what the option needs, checked before any process group;
 - :class:`ReplicaGroups`: the quorum of a step, the average of one flat buffer over the groups of
   the quorum (a group that is healing sends zeros) and the commit vote.
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, JobConfig, ParallelConfig, check_ft_groups, micro_batch_size
+from .group_liveness import GroupLiveness
 from .mesh import Degrees
 
 INSTALL_HINT = 'pip install -e ".[ft]" (the torchft-nightly wheel, Linux)'
@@ -38,10 +41,22 @@ def replica_groups(p: ParallelConfig) -> int:
 
 
 def data_coordinates(p: ParallelConfig, dp_rank: int, dp_size: int) -> tuple[int, int]:
-    """(data rank, data size) of a rank that is ``dp_rank`` of ``dp_size`` inside its replica group."""
+    """(data rank, data size) of a rank that is ``dp_rank`` of ``dp_size`` inside its replica group (a
+    standby's: slot 0's, until a step gives it a slot to train)."""
     groups = replica_groups(p)
-    group = p.ft_replica_group if groups > 1 else 0
+    group = p.ft_replica_group if p.fault_tolerance == "torchft" and p.ft_replica_group < groups else 0
     return group * dp_size + dp_rank, groups * dp_size
+
+
+def slot_owners(members: list[int], groups: int) -> dict[int, int]:
+    """{slot: the group that trains it} in a step whose quorum holds the groups ``members``: a group with
+    an id below ``groups`` trains its own slot; the standbys present (ids ``groups`` and up), in id order,
+    take the slots whose groups are missing, in slot order. A slot left out is skipped this step."""
+    owners = {g: g for g in members if g < groups}
+    missing = [k for k in range(groups) if k not in owners]
+    standbys = sorted(g for g in members if g >= groups)
+    owners.update(zip(missing, standbys))
+    return dict(sorted(owners.items()))
 
 
 def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = None) -> None:
@@ -79,6 +94,12 @@ def check_fault_tolerance(cfg: JobConfig, d: Degrees, device_type: str | None = 
                 f"parallel.fault_tolerance = 'torchft' does not work with {what}; use "
                 "fault_tolerance = 'none' for this layout"
             )
+    if p.ft_spares > 0 and (d.pp > 1 or cfg.model.moe_experts > 0):
+        what = f"pipeline parallel (pp = {d.pp})" if d.pp > 1 else f"MoE (model.moe_experts = {cfg.model.moe_experts})"
+        raise ConfigError(
+            f"parallel.ft_spares = {p.ft_spares} does not work with {what}: a standby's idle step is built for the "
+            "plain step only; set ft_spares = 0 (launch one more training group instead)"
+        )
     micro_batch_size(cfg.train, d.dp * p.ft_groups)  # the global batch splits over every group's ranks
     if device_type is not None:
         require_torchft()
@@ -121,6 +142,7 @@ class ReplicaGroups:
         world_size: int,
         state_dict: Callable[[], dict],
         load_state_dict: Callable[[dict], None],
+        on_peer_death: Callable[[str], None] | None = None,
     ):
         require_torchft()
         from torchft.manager import Manager
@@ -134,6 +156,8 @@ class ReplicaGroups:
         self.group = p.ft_replica_group
         self.lighthouse = p.ft_lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
         self.groups = p.ft_groups
+        self.standby = self.group >= self.groups
+        """A standby group (``parallel.ft_spares``): it learns each step's quorum before its forward."""
         timeout = timedelta(seconds=p.ft_timeout_s)
         addr, port, self._own_store = self._manager_store(rank, world_size)
         self.manager = Manager(
@@ -155,6 +179,16 @@ class ReplicaGroups:
             init_sync=True,
         )  # at step 0 the groups heal from one of them too: that checks their layouts
         self._quorums = 0
+        self._stopped = False
+        # a rank of this group that dies takes the group out of the quorum at once (group_liveness.py says why)
+        self.liveness = (
+            GroupLiveness(rank, world_size, addr, _publish, on_peer_death, p.ft_timeout_s)
+            if on_peer_death is not None and world_size > 1
+            else None
+        )
+        # the quorum's members are not kept by the Manager: its client is wrapped to read them off each result
+        self._members = _QuorumMembers(self.manager._client)
+        self.manager._client = self._members
 
     def _manager_store(self, rank: int, world_size: int) -> tuple[str, int, dist.TCPStore | None]:
         """A store of this group's own for torchft's Manager, hosted by rank 0 (its port sent to the others
@@ -183,7 +217,7 @@ class ReplicaGroups:
         """
         first = self._quorums == 0
         self._quorums += 1
-        if not first:
+        if not first and not self.standby:  # a standby waits for every quorum: it decides what it trains
             self.manager.start_quorum()
             return
         # torchft has the choice per Manager only; the pinned wheel reads this flag per quorum, in start_quorum
@@ -198,13 +232,24 @@ class ReplicaGroups:
         """Until this step's quorum is in (the cross-group process group is configured for it)."""
         self.manager.wait_quorum()
 
-    def average(self, tensors: list[torch.Tensor]) -> list[int]:
-        """Average ``tensors`` in place over the groups of this step's quorum in one flat all-reduce;
-        -> the ids of the groups that contributed."""
-        flat = torch.cat(
-            [t.reshape(-1) for t in tensors]
-            + [torch.nn.functional.one_hot(torch.tensor(self.group), self.groups).to(tensors[0])]
-        )
+    def owners(self) -> dict[int, int]:
+        """{slot: group} for this step (its quorum joined): who trains which slot of the global batch."""
+        return slot_owners(self._members.members, self.groups)
+
+    def slot(self) -> int | None:
+        """The slot this group trains in this step (its quorum joined): its own, or for a standby the
+        missing group's it takes, or None (a standby with nothing to cover: it steps with zeros)."""
+        if not self.standby:
+            return self.group
+        return next((k for k, g in self.owners().items() if g == self.group), None)
+
+    def average(self, tensors: list[torch.Tensor], slot: int | None) -> list[int]:
+        """Average ``tensors`` in place over the groups of this step's quorum in one flat all-reduce, this
+        group having trained ``slot`` (None: it sends zeros); -> the slots trained."""
+        mark = torch.zeros(self.groups).to(tensors[0])
+        if slot is not None:
+            mark[slot] = 1.0
+        flat = torch.cat([t.reshape(-1) for t in tensors] + [mark])
         work = self.manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM)
         work.wait()
         members = [g for g, m in enumerate(flat[-self.groups :].tolist()) if m > 0.5]  # one host read
@@ -226,4 +271,40 @@ class ReplicaGroups:
         return self.manager.num_participants()
 
     def shutdown(self) -> None:
-        self.manager.shutdown(wait=False)
+        """Stop the Manager: its heartbeat to the lighthouse ends, so the others' next quorum goes on
+        without this group after the lighthouse's heartbeat timeout (once; later calls do nothing)."""
+        if not self._stopped:
+            self._stopped = True
+            if self.liveness is not None:
+                self.liveness.close()
+            self.manager.shutdown(wait=False)
+
+
+def _publish(port: int | None) -> int:
+    """Rank 0's ``port`` to every rank of this process's group (a broadcast inside the group)."""
+    box = [port]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+class _QuorumMembers:
+    """torchft's manager client, passed through, keeping the replica group ids of its newest quorum
+    (``members``; written in torchft's quorum thread, read after the quorum is joined). The pinned wheel
+    (torchft-nightly 2026.10.26) calls ``_client._quorum`` from ``Manager._async_quorum``."""
+
+    def __init__(self, client):
+        self._client = client
+        self.members: list[int] = []
+
+    def _quorum(self, *args, **kwargs):
+        result = self._client._quorum(*args, **kwargs)
+        self.members = sorted(group_of(r) for r in result.replica_ids)
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+
+def group_of(replica_id: str) -> int:
+    """The group id in a torchft replica id: ``meshforge_group_<g>`` plus the ``:<uuid>`` torchft appends."""
+    return int(replica_id.split(":", 1)[0].rsplit("_", 1)[1])

@@ -36,6 +36,8 @@ pairing): under pipeline parallel that is the same stage, so each stage's shards
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import torch
@@ -76,7 +78,7 @@ class ReplicaGroupLogic:
         reads them from its own thread while FSDP2 may have swapped gathered copies into the modules."""
         self.layout = {"degrees": [d.pp, d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep], "world": d.world_size}
         rank = dist.get_rank() if dist.is_initialized() else 0
-        self.replicas = ReplicaGroups(p, rank, d.world_size, self.state_dict, self.load_state_dict)
+        self.replicas = ReplicaGroups(p, rank, d.world_size, self.state_dict, self.load_state_dict, self.peer_died)
         self.last_groups: list[int] | None = None
         self.quorum_changes = 0
         """How often the set of contributing groups changed since this process started (the first quorum not counted)."""
@@ -87,6 +89,13 @@ class ReplicaGroupLogic:
     # ------------------------------------------------------------------ the step
 
     def train_step(self, batch, step: int) -> dict:
+        try:
+            return self.group_step(batch, step)
+        except BaseException:
+            self.replicas.shutdown()  # this group is going down: the others' quorum need not wait on its heartbeat
+            raise
+
+    def group_step(self, batch, step: int) -> dict:
         self.healed_step, self.phase, self.step_rng = None, "start", rng_state()
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
         start = time.perf_counter()
@@ -94,7 +103,13 @@ class ReplicaGroupLogic:
         quorum_s = time.perf_counter() - start
         if self.healed_step is not None:
             batch = self.setup.train_loader.next_batch()
-        losses, stats = self.batch_losses(batch, step)  # the group's [ce, z_loss, stop flag] means
+        slot = self.replicas.slot()  # a standby's: known now (it waited for its quorum)
+        if slot is None:  # a standby with no group to stand in for: zeros in, the average out
+            losses, stats = self.idle_losses(step), None
+        else:
+            if slot != self.replicas.group:  # a standby training a missing group's slot of this step's batch
+                batch = self.slot_batch(slot)
+            losses, stats = self.batch_losses(batch, step)  # the group's [ce, z_loss, stop flag] means
         grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         self.setup.collectives.at(f"the quorum of replica groups at step {step}")
         wait_start = time.perf_counter()
@@ -103,7 +118,7 @@ class ReplicaGroupLogic:
         self.setup.collectives.at(f"the all-reduce over replica groups at step {step}")
         loss_parts = losses[:2].clone()
         reduce_start = time.perf_counter()
-        groups = self.replicas.average(grads + [loss_parts])  # a peer failing in it: an error the vote sees
+        slots = self.replicas.average(grads + [loss_parts], slot)  # a peer failing in it: an error the vote sees
         allreduce_s = time.perf_counter() - reduce_start
         losses = torch.cat([loss_parts, losses[2:]])
         grad_norm = self.clipped_norm() if self.needs_grad_norm(step) else None
@@ -113,10 +128,38 @@ class ReplicaGroupLogic:
         commit_s = time.perf_counter() - vote_start
         record = self.optimizer_update(losses, grad_norm, step, commit=committed)
         record.update(self.router_update(stats))
-        record.update(self.data_record(groups, committed))
-        record.update(self.health_record(groups, committed, time.perf_counter() - start))
+        record.update(self.data_record(slots, committed))
+        record.update(self.health_record(slots, committed, time.perf_counter() - start))
         record.update(ft_quorum_s=quorum_s, ft_allreduce_s=allreduce_s, ft_commit_s=commit_s)
         return record
+
+    def idle_losses(self, step: int) -> torch.Tensor:
+        """A standby's step with nothing to train: zero gradients (the all-reduce brings the others' average)
+        and zero losses, with the group's stop flag, through the same collectives inside the group."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return self.loss_mean(torch.zeros(2, device=self.device), step)
+
+    def slot_batch(self, slot: int):
+        """This rank's slice of slot ``slot`` of the step's batch (the one the trainer just read)."""
+        loader = self.setup.train_loader
+        per_group = loader.dp_size // self.replicas.groups  # a standby's own coordinates are slot 0's
+        return loader.read_slice(loader.consumed_samples - loader.global_batch_size, slot * per_group + loader.dp_rank)
+
+    def peer_died(self, what: str) -> None:
+        """A rank of this group died (from the liveness thread): stop beating to the lighthouse, say so in one
+        line and leave at once, whatever the training thread waits on, so that torchrun restarts the group
+        and the other groups' next quorum goes on without it."""
+        self.replicas.shutdown()
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(
+            f"meshforge: error: replica group {self.replicas.group}, rank {rank}: {what}; this rank leaves at once "
+            "so that the group restarts (the other groups train on; it heals from them when it is back)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(CollectiveError.exit_status)
 
     def quorum(self, call, step: int) -> None:
         """``call()`` (starting or joining the quorum); torchft's client giving up (the lighthouse is gone: a
@@ -133,13 +176,15 @@ class ReplicaGroupLogic:
                 "group (it heals from a live peer, or resumes from its newest checkpoint)"
             ) from None
 
-    def health_record(self, groups: list[int], committed: bool, elapsed: float) -> dict:
+    def health_record(self, slots: list[int], committed: bool, elapsed: float) -> dict:
         """The replica groups' health in metrics.jsonl: groups alive in this step's quorum, quorum changes
         so far, and the seconds of training lost (this step's and, in this process, in all)."""
+        owners = self.replicas.owners()
+        groups = sorted(owners.get(k, k) for k in slots)  # a standby in a missing group's slot counts as itself
         if self.last_groups is not None and groups != self.last_groups:
             self.quorum_changes += 1
         self.last_groups = groups
-        trained = len(groups) / self.replicas.groups if committed else 0.0
+        trained = len(slots) / self.replicas.groups if committed else 0.0
         lost = elapsed * (1.0 - trained)
         self.lost_s += lost
         return {
@@ -149,20 +194,20 @@ class ReplicaGroupLogic:
             "ft_lost_total_s": self.lost_s,
         }
 
-    def data_record(self, groups: list[int], committed: bool) -> dict:
-        """What metrics.jsonl says about this step's data: the groups that contributed and the global
-        sample ranges ``[first, end)`` they trained on (none when the step did not commit)."""
+    def data_record(self, slots: list[int], committed: bool) -> dict:
+        """What metrics.jsonl says about this step's data: the slots trained (``ft_groups``, which are the
+        groups' ids; ``ft_standby`` says which standby trained a missing group's slot) and the global sample
+        ranges ``[first, end)`` they hold (none when the step did not commit)."""
         loader = self.setup.train_loader
         size = loader.global_batch_size
         first = loader.consumed_samples - size  # this step's batch was the last one read
         share = size // self.replicas.groups
-        used = [[first + g * share, first + (g + 1) * share] for g in groups] if committed else []
-        record = {
-            "ft_groups": groups,
-            "ft_committed": int(committed),
-            "ft_samples": used,
-            "ft_participants": len(groups),
-        }
+        used = [[first + k * share, first + (k + 1) * share] for k in slots] if committed else []
+        record = {"ft_groups": slots, "ft_committed": int(committed), "ft_samples": used, "ft_participants": len(slots)}
+        owners = self.replicas.owners()
+        standby = {str(k): owners[k] for k in slots if owners.get(k, k) != k}
+        if standby:
+            record["ft_standby"] = standby  # {slot: the standby group that trained it}
         if self.healed_step is not None:
             record["ft_healed_from_step"] = self.healed_step
             record["ft_heal_at"] = self.heal_at  # "commit": this group's own gradients of the step were discarded

@@ -24,12 +24,14 @@ def launch_args(*argv: str):
     return args
 
 
-def ft_tail(group: int, groups: int, lighthouse: str, min_replicas: int = 1) -> list[str]:
+def ft_tail(group: int, groups: int, lighthouse: str, min_replicas: int = 1, spares: int = 0) -> list[str]:
     return [
         "--parallel.fault_tolerance",
         "torchft",
         "--parallel.ft_groups",
         str(groups),
+        "--parallel.ft_spares",
+        str(spares),
         "--parallel.ft_replica_group",
         str(group),
         "--parallel.ft_min_replicas",
@@ -38,6 +40,18 @@ def ft_tail(group: int, groups: int, lighthouse: str, min_replicas: int = 1) -> 
         lighthouse,
     ]
 
+
+LIGHTHOUSE_ARGS = [
+    "--bind",
+    "[::]:29510",
+    "--min_replicas",
+    "1",
+    "--heartbeat_timeout_ms",
+    "500",
+    "--join_timeout_ms",
+    "60000",
+]
+"""The lighthouse's options by default: a group counts as gone 0.5 s after its last heartbeat."""
 
 # --------------------------------------------------------------------------- one node, several, per node rank
 
@@ -49,6 +63,14 @@ PLANS = [
         [
             ("--standalone --nnodes 1 --nproc-per-node 2 --max-restarts 3", None, 0, "http://127.0.0.1:29510"),
             ("--standalone --nnodes 1 --nproc-per-node 2 --max-restarts 3", None, 1, "http://127.0.0.1:29510"),
+        ],
+    ),
+    (
+        ("--cpu", "--ft-groups", "2", "--ft-spares", "1"),  # the standby is group 2, on this node too
+        True,
+        [
+            ("--standalone --nnodes 1 --nproc-per-node 1 --max-restarts 3", None, g, "http://127.0.0.1:29510")
+            for g in range(3)
         ],
     ),
     (
@@ -108,10 +130,10 @@ def test_ft_plan(options, lighthouse, groups):
     plan = ft_launch.ft_plan(args, launcher.rank_command(args))
     assert (plan.lighthouse is not None) == lighthouse
     if lighthouse:
-        assert plan.lighthouse[1:] == ["--bind", "[::]:29510", "--min_replicas", "1"]
+        assert plan.lighthouse[1:] == LIGHTHOUSE_ARGS
     assert len(plan.groups) == len(groups) == len(plan.envs)
     for argv, env, (torchrun, gpus, group, address) in zip(plan.groups, plan.envs, groups):
-        n = args.ft_groups
+        n, spares = args.ft_groups, args.ft_spares
         assert argv == [
             "py",
             "-m",
@@ -122,7 +144,7 @@ def test_ft_plan(options, lighthouse, groups):
             "train",
             "--config",
             "tiny-test",
-            *ft_tail(group, n, address),
+            *ft_tail(group, n, address, spares=spares),
         ]
         assert env == ({"CUDA_VISIBLE_DEVICES": gpus} if gpus else {})
 
@@ -132,9 +154,9 @@ def test_ft_dry_run_prints_the_commands(capsys):
         launcher.run_launch(launch_args("--dry-run", "--cpu", "--gpus-per-node", "2", "--ft-groups", "2", *TRAIN)) == 0
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3 and lines[0].endswith("--bind '[::]:29510' --min_replicas 1")
+    assert len(lines) == 3 and shlex.split(lines[0])[1:] == LIGHTHOUSE_ARGS
     for g, line in enumerate(lines[1:]):
-        assert shlex.split(line)[-10:] == ft_tail(g, 2, "http://127.0.0.1:29510")
+        assert shlex.split(line)[-12:] == ft_tail(g, 2, "http://127.0.0.1:29510")
 
 
 # --------------------------------------------------------------------------- SLURM
@@ -167,7 +189,7 @@ def test_ft_sbatch_script_runs_a_lighthouse_and_a_step_per_group(tmp_path):
     assert len(steps) == 3, steps
     group0, group1, house = steps[0], steps[1], steps[2]
     assert house.startswith("--overlap -N1 -n1 --kill-on-bad-exit=0 -w n0 ") and house.endswith(
-        "torchft_lighthouse --bind [::]:29510 --min_replicas 1"
+        "torchft_lighthouse " + " ".join(LIGHTHOUSE_ARGS)
     )
     for g, line in enumerate((group0, group1)):
         words = line.split()
@@ -186,7 +208,7 @@ def test_ft_sbatch_script_runs_a_lighthouse_and_a_step_per_group(tmp_path):
         ]
         assert words[11:14] == ["py", "-m", "torch.distributed.run"]
         assert f"--rdzv-endpoint n{2 * g}:{29400 + g} --rdzv-id meshforge-group{g} --max-restarts 3" in line
-        assert words[-10:] == ft_tail(g, 2, "http://n0:29510")
+        assert words[-12:] == ft_tail(g, 2, "http://n0:29510")
 
 
 # --------------------------------------------------------------------------- refused, one line each
@@ -196,6 +218,13 @@ REFUSED = [
     (("--slurm", "--nodes", "3", "--ft-groups", "2"), "--nodes 3 --ft-groups 2: each replica group takes whole nodes"),
     (("--slurm", "--ft-groups", "2"), "--nodes 1 --ft-groups 2: each replica group takes whole nodes"),
     (("--mpi", "--ft-groups", "2"), "use it without --mpi"),
+    (
+        ("--slurm", "--nodes", "4", "--ft-groups", "2", "--ft-spares", "1"),
+        "--ft-spares 1: each replica group takes whole",
+    ),
+    (("--ft-groups", "2", "--ft-spares", "-1"), "parallel.ft_spares = -1 must be >= 0"),
+    (("--ft-spares", "1"), "--ft-spares 1 adds standbys to replica groups: give --ft-groups N too"),
+    (("--ft-groups", "2", "--ft-heartbeat-timeout-ms", "0"), "both must be >= 1"),
     (("--ft-groups", "2", "--ft-min-replicas", "3"), "parallel.ft_min_replicas = 3 must be between 1 and"),
     (("--ft-groups", "2", "--rdzv-endpoint", "n0:1"), "drop --rdzv-endpoint"),
     (("--nodes", "2", "--ft-groups", "2"), "--hosts naming the 2 nodes in order"),
