@@ -79,6 +79,14 @@ BAD = [
     ),
     (["parallel.ft_groups=4", "train.micro_batch_size=0", "train.global_batch_size=4"], "does not divide"),
     (["parallel.ft_groups=2", "parallel.ft_lighthouse="], "needs the lighthouse's address"),
+    # standby groups (tests/parallel/test_ft_standby.py)
+    (["parallel.ft_groups=2", "parallel.ft_spares=-1"], "parallel.ft_spares = -1 must be >= 0"),
+    (["parallel.ft_groups=2", "parallel.ft_spares=1", "parallel.ft_replica_group=3"], "number the groups 0 ... 2"),
+    (
+        ["parallel.ft_groups=2", "parallel.ft_spares=1", "parallel.pp=2", "parallel.dp_shard=1"],
+        "ft_spares = 1 does not work with pipeline",
+    ),
+    (["parallel.ft_groups=2", "parallel.ft_spares=1", "model.moe_experts=4"], "ft_spares = 1 does not work with MoE"),
 ]
 
 

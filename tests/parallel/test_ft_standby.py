@@ -1,11 +1,11 @@
 """Standby replica groups (``parallel.ft_spares``): who trains which slot, and a standby taking a killed group's
-slot at once under a real lighthouse (groups of one rank each, to keep the default suite's share small).
+slot at once under a real lighthouse (groups of one rank each, to keep the default suite's share small). Their
+config errors are in test_fault_tolerance.py's table.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 
 import pytest
@@ -13,10 +13,7 @@ import pytest
 pytest.importorskip("torchft")
 
 from ft_harness import Lighthouse, final_weights, finish, group_args, records, start_group, wait_for_steps  # noqa: E402
-from meshforge.config import ConfigError, load_config  # noqa: E402
 from meshforge.parallel.fault_tolerance import group_of, slot_owners  # noqa: E402
-from meshforge.parallel.job_checks import check_job  # noqa: E402
-from meshforge.parallel.mesh import resolve_degrees  # noqa: E402
 from test_fault_tolerance import (  # noqa: E402
     assert_all_finished,
     assert_matches_reference,
@@ -46,26 +43,6 @@ def test_slot_owners(members, groups, owners):
 def test_group_of_reads_torchfts_replica_id():
     assert group_of("meshforge_group_12:0f1e2d3c-aaaa-bbbb-cccc-000000000000") == 12
     assert group_of("meshforge_group_0") == 0
-
-
-BAD = [
-    (["parallel.ft_spares=-1"], "parallel.ft_spares = -1 must be >= 0"),
-    (
-        ["parallel.ft_spares=1", "parallel.ft_replica_group=3"],
-        "is not a group of parallel.ft_groups = 2 + ft_spares = 1",
-    ),
-    (["parallel.ft_spares=1", "parallel.pp=2", "parallel.dp_shard=1"], "ft_spares = 1 does not work with pipeline"),
-    (["parallel.ft_spares=1", "model.moe_experts=4"], "ft_spares = 1 does not work with MoE"),
-]
-
-
-@pytest.mark.parametrize("overrides,message", BAD, ids=[m for _, m in BAD])
-def test_config_errors(overrides, message, monkeypatch):
-    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
-    args = ["parallel.fault_tolerance=torchft", "parallel.ft_groups=2", "train.micro_batch_size=2", *overrides]
-    cfg = load_config("tiny-test", [f"--{a.split('=')[0]}={a.split('=', 1)[1]}" for a in args])
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        check_job(cfg, resolve_degrees(cfg.parallel, 2), "cpu")
 
 
 STEPS = 120
