@@ -121,10 +121,20 @@ def host_tables(steps_by_side: list, steps: int) -> list[dict[str, float]]:
     return out
 
 
-def compare(shape: str, warmup: int, steps: int, top: int, peer: str, adamw: str, host: bool) -> list[str]:
+def compare(
+    shape: str,
+    warmup: int,
+    steps: int,
+    top: int,
+    peer: str,
+    adamw: str,
+    host: bool,
+    mode: str = "eager",
+    scope: str = "blocks",
+) -> list[str]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = job_config(shape, "eager", tmp, 2 * (warmup + steps))
+        cfg = job_config(shape, mode, tmp, 2 * (warmup + steps), scope=scope)
         sides = [meshforge_step(cfg), peer_step(peer, cfg, adamw)]
         mf, other = op_tables(sides, warmup, steps)
         hosts = host_tables(sides, steps) if host else None
@@ -165,11 +175,25 @@ def main() -> int:
     ap.add_argument("--peer", choices=("hf", "litgpt"), default="hf")
     ap.add_argument("--peer-adamw", choices=("foreach", "fused"), default="foreach")
     ap.add_argument("--host", action="store_true", help="add each side's host time by where it goes (cProfile)")
+    ap.add_argument("--mode", choices=("eager", "compiled"), default="eager", help="both sides eager, or both compiled")
+    ap.add_argument("--compile-scope", choices=("blocks", "model"), default="blocks", help="meshforge's, compiled")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for shape in args.shapes:
         print(
-            "\n".join(compare(shape, args.warmup, args.steps, args.top, args.peer, args.peer_adamw, args.host)),
+            "\n".join(
+                compare(
+                    shape,
+                    args.warmup,
+                    args.steps,
+                    args.top,
+                    args.peer,
+                    args.peer_adamw,
+                    args.host,
+                    args.mode,
+                    args.compile_scope,
+                )
+            ),
             flush=True,
         )
     return 0
