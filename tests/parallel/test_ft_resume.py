@@ -10,8 +10,11 @@ From group 0's step-4 checkpoint (``checkpoint.resume_from``), into a fresh outp
   2 groups x 2 ranks -- resumes it too: the same losses within 1e-6 and the same final weights within float
   tolerance (the gradient sum runs in another order).
 
-``-m slow`` (three 4-process runs: ~4 min on a loaded 2-core machine); the default suite runs two groups
-against the replay in tests/parallel/test_fault_tolerance.py and tests/launch/test_ft_slurm.py.
+Both with FSDP2 inside each group and with pipeline parallel (pp 2: each group's checkpoint holds both
+stages; the plain run is pp 2 x dp_shard 2).
+
+``-m slow`` (three 4-process runs per layout: ~4 min on a loaded 2-core machine); the default suite runs two
+groups against the replay in tests/parallel/test_fault_tolerance.py and tests/launch/test_ft_slurm.py.
 """
 
 from __future__ import annotations
@@ -54,25 +57,32 @@ def assert_close_losses(got: dict[int, float], want: dict[int, float]) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
-    """The uninterrupted 2 x 2 run (checkpoints at steps 4 and 8), checked against the one-process replay."""
-    out = tmp_path_factory.mktemp("ft_reference")
+LAYOUTS = {"fsdp2": (), "pp2": ("--parallel.dp_shard", "1", "--parallel.pp", "2")}
+"""Inside each group; ``PLAIN``: the same layout's plain run of 4 ranks (the same data slices per step)."""
+PLAIN = {"fsdp2": (), "pp2": ("--parallel.dp_shard", "2")}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def reference(request, tiny_data, tmp_path_factory):
+    """The uninterrupted 2 x 2 run (checkpoints at steps 4 and 8), checked against the one-process replay;
+    -> (its output dir, group 0's step-4 checkpoint, the layout's name)."""
+    out = tmp_path_factory.mktemp(f"ft_reference_{request.param}")
     with Lighthouse(min_replicas=2) as lh:  # both groups in every step
-        run_groups(group_args(tiny_data, out, lh, STEPS, 2, *CHECKPOINTS))
+        run_groups(group_args(tiny_data, out, lh, STEPS, 2, *CHECKPOINTS, *LAYOUTS[request.param]))
     got, want, weights = replay(out, 0)
     assert len(got) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=LOSS_ATOL)
     step4 = out / "group_0" / "checkpoints" / "step_00000004"
     assert step4 in list_checkpoints(out / "group_0" / "checkpoints") and read_meta(step4)["step"] == 4
-    return out, step4
+    return out, step4, request.param
 
 
 @pytest.mark.slow
 def test_whole_job_resumes_from_one_groups_checkpoint(tiny_data, reference, tmp_path):
-    ref, step4 = reference
+    ref, step4, layout = reference
     with Lighthouse(min_replicas=2) as lh:
-        run_groups(group_args(tiny_data, tmp_path, lh, STEPS, 2, *CHECKPOINTS, "--checkpoint.resume_from", str(step4)))
+        resume = ("--checkpoint.resume_from", str(step4))
+        run_groups(group_args(tiny_data, tmp_path, lh, STEPS, 2, *CHECKPOINTS, *LAYOUTS[layout], *resume))
     for g in (0, 1):
         rows = records(tmp_path, g)
         assert [r["ft_groups"] for r in rows] == [[0, 1]] * 4 and all(r["ft_committed"] for r in rows)
@@ -86,9 +96,10 @@ def test_whole_job_resumes_from_one_groups_checkpoint(tiny_data, reference, tmp_
 
 @pytest.mark.slow
 def test_plain_run_resumes_from_a_groups_checkpoint(tiny_data, reference, tmp_path):
-    ref, step4 = reference
-    args = group_args(tiny_data, tmp_path, Lighthouse(), STEPS, 2, *CHECKPOINTS, "--checkpoint.resume_from", str(step4))
-    args += ["--parallel.fault_tolerance", "none"]  # the last value wins: a plain FSDP2 job
+    ref, step4, layout = reference
+    resume = ("--checkpoint.resume_from", str(step4))
+    args = group_args(tiny_data, tmp_path, Lighthouse(), STEPS, 2, *CHECKPOINTS, *LAYOUTS[layout], *resume)
+    args += ["--parallel.fault_tolerance", "none", *PLAIN[layout]]  # the last value wins: a plain job
     run_ranks(4, args)
     assert_close_losses(losses(read_metrics(tmp_path)), losses(records(ref, 0)))
     got, want = read_result(tmp_path).params, final_weights(ref, 0)
