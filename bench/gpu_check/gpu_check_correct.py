@@ -12,20 +12,9 @@ import tempfile
 import time
 
 import torch
+from benchlib import QUIET_TRAIN  # bench/ is on sys.path (gpu_check.py, the tests)
 from gpu_check_lib import Skip, check, grads_rel_err, rel_err
 
-OFF = (
-    "--train.eval_interval",
-    "0",
-    "--train.sample_prompt",
-    "",
-    "--logging.tensorboard",
-    "false",
-    "--train.progress",
-    "false",
-    "--checkpoint.interval",
-    "0",
-)
 SMALL_DRY = (
     "--model.dim",
     "64",
@@ -55,7 +44,7 @@ def small_losses(ctx, *overrides: str, steps: int = STEPS, preset: str = "small"
         cfg = load_config(
             preset,
             [
-                *OFF,
+                *QUIET_TRAIN,
                 "--train.steps",
                 str(steps),
                 "--train.output_dir",

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_check_correct import OFF
+from benchlib import QUIET_TRAIN
 from gpu_check_lib import FLOAT8, FUSED_KERNELS, ONE_B, Skip, check
 
 WARMUP, STEPS = 3, 8
@@ -76,7 +76,7 @@ def time_trainer(ctx, preset: str, overrides: list[str], micro: int) -> dict:
         cfg = load_config(
             preset,
             [
-                *OFF,
+                *QUIET_TRAIN,
                 *overrides,
                 "--train.global_batch_size",
                 str(micro),
@@ -320,7 +320,7 @@ def cp2_case(ctx) -> dict:
         "train",
         "--config",
         "llama-1b",
-        *OFF,
+        *QUIET_TRAIN,
         *shape,
         "--train.global_batch_size",
         "1",

@@ -141,7 +141,7 @@ def test_the_gpu_jobs_are_valid_configs():
         cfg = load_config(
             preset,
             [
-                *speed.OFF,
+                *speed.QUIET_TRAIN,
                 *overrides,
                 "--train.global_batch_size",
                 str(micro),
