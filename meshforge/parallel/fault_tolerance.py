@@ -44,7 +44,7 @@ def data_coordinates(p: ParallelConfig, dp_rank: int, dp_size: int) -> tuple[int
     """(data rank, data size) of a rank that is ``dp_rank`` of ``dp_size`` inside its replica group (a
     standby's: slot 0's, until a step gives it a slot to train)."""
     groups = replica_groups(p)
-    group = p.ft_replica_group if p.fault_tolerance == "torchft" and p.ft_replica_group < groups else 0
+    group = p.ft_replica_group if p.ft_replica_group < groups else 0  # groups is 1 without torchft
     return group * dp_size + dp_rank, groups * dp_size
 
 
@@ -200,10 +200,8 @@ class ReplicaGroups:
         addr = os.environ.get("MASTER_ADDR") if world_size > 1 else None
         addr = addr or "127.0.0.1"
         server = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False) if rank == 0 else None
-        port = [server.port if server is not None else None]
-        if world_size > 1:
-            dist.broadcast_object_list(port, src=0)
-        return addr, int(port[0]), server
+        port = server.port if server is not None else None
+        return addr, _publish(port) if world_size > 1 else int(port), server
 
     def start_step(self) -> None:
         """Ask the lighthouse for this step's quorum.
@@ -252,14 +250,14 @@ class ReplicaGroups:
         flat = torch.cat([t.reshape(-1) for t in tensors] + [mark])
         work = self.manager.allreduce(flat, reduce_op=dist.ReduceOp.SUM)
         work.wait()
-        members = [g for g, m in enumerate(flat[-self.groups :].tolist()) if m > 0.5]  # one host read
-        count = max(len(members), 1)
+        slots = [k for k, m in enumerate(flat[-self.groups :].tolist()) if m > 0.5]  # one host read
+        count = max(len(slots), 1)
         offset = 0
         for t in tensors:
             n = t.numel()
             t.copy_(flat[offset : offset + n].view_as(t) / count)
             offset += n
-        return members
+        return slots
 
     def commit(self) -> bool:
         """The quorum's vote on this step (the same on every rank of the group): step the optimizer only if True.

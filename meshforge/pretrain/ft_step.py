@@ -128,8 +128,9 @@ class ReplicaGroupLogic:
         commit_s = time.perf_counter() - vote_start
         record = self.optimizer_update(losses, grad_norm, step, commit=committed)
         record.update(self.router_update(stats))
-        record.update(self.data_record(slots, committed))
-        record.update(self.health_record(slots, committed, time.perf_counter() - start))
+        owners = self.replicas.owners()
+        record.update(self.data_record(slots, owners, committed))
+        record.update(self.health_record(slots, owners, committed, time.perf_counter() - start))
         record.update(ft_quorum_s=quorum_s, ft_allreduce_s=allreduce_s, ft_commit_s=commit_s)
         return record
 
@@ -176,10 +177,10 @@ class ReplicaGroupLogic:
                 "group (it heals from a live peer, or resumes from its newest checkpoint)"
             ) from None
 
-    def health_record(self, slots: list[int], committed: bool, elapsed: float) -> dict:
+    def health_record(self, slots: list[int], owners: dict[int, int], committed: bool, elapsed: float) -> dict:
         """The replica groups' health in metrics.jsonl: groups alive in this step's quorum, quorum changes
-        so far, and the seconds of training lost (this step's and, in this process, in all)."""
-        owners = self.replicas.owners()
+        so far, and the seconds of training lost (this step's and, in this process, in all); ``owners``:
+        the step's {slot: group}."""
         groups = sorted(owners.get(k, k) for k in slots)  # a standby in a missing group's slot counts as itself
         if self.last_groups is not None and groups != self.last_groups:
             self.quorum_changes += 1
@@ -194,7 +195,7 @@ class ReplicaGroupLogic:
             "ft_lost_total_s": self.lost_s,
         }
 
-    def data_record(self, slots: list[int], committed: bool) -> dict:
+    def data_record(self, slots: list[int], owners: dict[int, int], committed: bool) -> dict:
         """What metrics.jsonl says about this step's data: the slots trained (``ft_groups``, which are the
         groups' ids; ``ft_standby`` says which standby trained a missing group's slot) and the global sample
         ranges ``[first, end)`` they hold (none when the step did not commit)."""
@@ -204,7 +205,6 @@ class ReplicaGroupLogic:
         share = size // self.replicas.groups
         used = [[first + k * share, first + (k + 1) * share] for k in slots] if committed else []
         record = {"ft_groups": slots, "ft_committed": int(committed), "ft_samples": used, "ft_participants": len(slots)}
-        owners = self.replicas.owners()
         standby = {str(k): owners[k] for k in slots if owners.get(k, k) != k}
         if standby:
             record["ft_standby"] = standby  # {slot: the standby group that trained it}
