@@ -31,8 +31,24 @@ time.sleep(60)
 """
 
 
-def start_peer(rank: int, port: int, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PEER, str(rank), str(port), mode], stdout=subprocess.PIPE, text=True)
+@pytest.fixture
+def start_peer():
+    """``start_peer(rank, port, mode)``: the other end as a real process (port 0: it is rank 0 and prints its
+    own); every one started is killed when the test ends, passed or not."""
+    started: list[subprocess.Popen] = []
+
+    def start(rank: int, port: int, mode: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PEER, str(rank), str(port), mode], stdout=subprocess.PIPE, text=True
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 class Here:
@@ -48,7 +64,7 @@ class Here:
 
 
 @pytest.mark.parametrize("mode", ["kill", "bye"])
-def test_rank_0_sees_rank_1(mode):
+def test_rank_0_sees_rank_1(mode, start_peer):
     here = Here()
     box = {}
 
@@ -69,13 +85,11 @@ def test_rank_0_sees_rank_1(mode):
         assert peer.wait(30) == 0
         assert not here.died.wait(1.0), here.deaths
         assert live._clean == {1}
-    peer.kill()
-    peer.wait()
     live.close()
 
 
-def test_rank_1_sees_rank_0_die_and_no_death_after_its_own_close():
-    rank0 = subprocess.Popen([sys.executable, "-c", PEER, "0", "0", "kill"], stdout=subprocess.PIPE, text=True)
+def test_rank_1_sees_rank_0_die_and_no_death_after_its_own_close(start_peer):
+    rank0 = start_peer(0, 0, "kill")
     port = int(rank0.stdout.readline())
     here = Here()
     live = GroupLiveness(1, 2, "127.0.0.1", lambda _: port, here.on_death, 30)
@@ -86,7 +100,7 @@ def test_rank_1_sees_rank_0_die_and_no_death_after_its_own_close():
     live.close()
 
     # a rank that is itself ending ignores its peers' ends
-    rank0 = subprocess.Popen([sys.executable, "-c", PEER, "0", "0", "kill"], stdout=subprocess.PIPE, text=True)
+    rank0 = start_peer(0, 0, "kill")
     port = int(rank0.stdout.readline())
     here = Here()
     live = GroupLiveness(1, 2, "127.0.0.1", lambda _: port, here.on_death, 30)
